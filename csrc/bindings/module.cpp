@@ -1,0 +1,70 @@
+// The _core extension: argument checks and conversions only; all compute lives in csrc/.
+#include <pybind11/stl.h>
+
+#include "bindings/common.h"
+#include "common/cpu_features.h"
+#ifdef DOVETAIL_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
+
+namespace dovetail::bind {
+namespace {
+
+bool cuda_compiled() {
+#ifdef DOVETAIL_WITH_CUDA
+  return cuda::compiled();
+#else
+  return false;
+#endif
+}
+
+int cuda_device_count() {
+#ifdef DOVETAIL_WITH_CUDA
+  return cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+}  // namespace dovetail::bind
+
+PYBIND11_MODULE(_core, m) {
+  using namespace dovetail;
+  m.doc() = "dovetail_ext native core (CPU kernels, LLaMA target engine, optional CUDA)";
+  m.attr("__version__") = DOVETAIL_VERSION;
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what());
+    } catch (const ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::bad_alloc&) {
+      PyErr_SetString(PyExc_MemoryError, "dovetail_ext: out of memory");
+    }
+  });
+
+  m.def("cpu_features", [] {
+    const auto& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
+    d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
+    return d;
+  }, "CPU features detected at run time.");
+  m.def("supported_isas", [] {
+    std::vector<std::string> out;
+    for (Isa i : supported_isas()) out.emplace_back(isa_name(i));
+    return out;
+  }, "Kernel paths this CPU can run, slowest first.");
+  m.def("get_isa", [] { return std::string(isa_name(active_isa())); }, "The kernel path in use.");
+  m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("name"),
+        "Force a kernel path: 'scalar', 'avx2' or 'avx512' (ValueError if unsupported here).");
+  m.def("cuda_compiled", &bind::cuda_compiled, "True when the CUDA sources were compiled in.");
+  m.def("cuda_device_count", &bind::cuda_device_count, "Number of usable CUDA devices (0 without a driver).");
+
+  bind::bind_ops(m);
+  bind::bind_engine(m);
+}

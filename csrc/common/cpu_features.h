@@ -1,0 +1,28 @@
+// Run-time CPU feature detection and the ISA switch that picks kernel paths.
+//
+// The wheel is built for baseline x86-64; files under cpu/x86/avx2 and cpu/x86/avx512 are
+// compiled with their own flags and only called when the running CPU (and OS) supports
+// them. `set_isa` forces a path (tests run every path; DOVETAIL_ISA sets it at start-up).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace dovetail {
+
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512bf16 = false;
+};
+
+const CpuFeatures& cpu_features();
+Isa best_isa();                       // best path this CPU supports
+std::vector<Isa> supported_isas();    // every path this CPU can run
+Isa active_isa();                     // the path kernels use now
+void set_isa(Isa isa);                // throws ValueError if unsupported here
+const char* isa_name(Isa isa);
+Isa isa_from_name(const std::string& name);  // throws ValueError on unknown names
+
+}  // namespace dovetail

@@ -1,0 +1,76 @@
+"""Typed model configuration shared by the loaders, the native engine and the reference.
+
+Legend used across the package: B batch, T new tokens in one target call, D hidden size,
+H query heads, KV key/value heads, Dh head dim, F FFN size, V vocab size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["LlamaConfig"]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a LLaMA-architecture decoder.
+
+    ``head_dim`` defaults to ``hidden_size // num_heads``. ``max_context`` is the context
+    the model was trained for (the engine may be loaded with a shorter one).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_context: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    architecture: str = "llama"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "max_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"LlamaConfig: hidden_size {self.hidden_size} is not divisible by "
+                    f"num_heads {self.num_heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be a positive even integer, got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: num_heads {self.num_heads} is not a multiple of "
+                f"num_kv_heads {self.num_kv_heads}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"LlamaConfig.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        for t in self.eos_token_ids + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"LlamaConfig: special token id {t} is outside the vocabulary "
+                                 f"(size {self.vocab_size})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (GQA ratio)."""
+        return self.num_heads // self.num_kv_heads

@@ -1,0 +1,106 @@
+"""What every loader returns: a config, weights in their stored format, a tokenizer.
+
+Weights use canonical GGUF-style names (no ``.weight`` suffix) and PyTorch's
+``[out_features, in_features]`` orientation. Query/key rows are in the rotate-half RoPE
+layout used by Hugging Face LLaMA (the GGUF loader undoes llama.cpp's interleaving).
+
+Canonical names::
+
+    token_embd                [V, D]
+    output                    [V, D]   absent when the LM head is tied to token_embd
+    output_norm               [D]
+    blk.{i}.attn_norm         [D]
+    blk.{i}.attn_q            [H*Dh, D]
+    blk.{i}.attn_k            [KV*Dh, D]
+    blk.{i}.attn_v            [KV*Dh, D]
+    blk.{i}.attn_output       [D, H*Dh]
+    blk.{i}.ffn_norm          [D]
+    blk.{i}.ffn_gate          [F, D]
+    blk.{i}.ffn_up            [F, D]
+    blk.{i}.ffn_down          [D, F]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import LlamaConfig
+
+__all__ = ["WEIGHT_DTYPES", "QUANT_BLOCK", "Weight", "ModelSource", "expected_weight_shapes",
+           "row_nbytes"]
+
+#: Storage formats the native engine executes directly.
+WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+#: Quantized formats: (values per block, bytes per block). Layouts follow GGUF:
+#: q8_0 = f16 d + 32 x int8; q4_0 = f16 d + 16 bytes of nibbles (value = (q - 8) * d);
+#: q4_1 = f16 d + f16 m + 16 bytes of nibbles (value = q * d + m). Low nibbles hold
+#: elements 0..15 of the block, high nibbles elements 16..31.
+QUANT_BLOCK = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20)}
+
+
+def row_nbytes(dtype: str, cols: int) -> int:
+    """Bytes one row of ``cols`` values takes in ``dtype``."""
+    if dtype in QUANT_BLOCK:
+        n, nbytes = QUANT_BLOCK[dtype]
+        if cols % n:
+            raise ValueError(f"{dtype} rows need a multiple of {n} columns, got {cols}")
+        return cols // n * nbytes
+    return cols * {"f32": 4, "f16": 2, "bf16": 2}[dtype]
+
+
+@dataclass
+class Weight:
+    """One tensor in its stored format.
+
+    ``data`` holds the raw storage: float32 for ``f32``, float16 for ``f16``, uint16 bit
+    patterns for ``bf16``, and for quantized types uint8 blocks shaped ``[rows, row_nbytes]``.
+    It may be a read-only memory map of the model file.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"unsupported weight dtype {self.dtype!r}; expected one of {WEIGHT_DTYPES}")
+        self.shape = tuple(int(s) for s in self.shape)
+        rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+        want = rows * row_nbytes(self.dtype, self.shape[-1])
+        if self.data.nbytes != want:
+            raise ValueError(f"weight of shape {self.shape} in {self.dtype} needs {want} bytes, "
+                             f"got {self.data.nbytes}")
+
+
+@dataclass
+class ModelSource:
+    """A loaded model file: everything the engine and the generator need."""
+
+    config: LlamaConfig
+    weights: dict[str, Weight]
+    tokenizer: Any  # dovetail_ext.formats.tokenizer.Tokenizer
+    chat_template: str | None = None
+    name: str = ""
+    path: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape for every tensor a model with ``cfg`` must have."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"token_embd": (V, D), "output_norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["output"] = (V, D)
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm": (D,), p + "ffn_norm": (D,),
+            p + "attn_q": (cfg.q_size, D), p + "attn_k": (cfg.kv_size, D),
+            p + "attn_v": (cfg.kv_size, D), p + "attn_output": (D, cfg.q_size),
+            p + "ffn_gate": (F, D), p + "ffn_up": (F, D), p + "ffn_down": (D, F),
+        })
+    return shapes
