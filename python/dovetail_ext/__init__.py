@@ -13,7 +13,7 @@ from .errors import DraftMismatchError, FormatError, ModelNotFoundError
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load", "Generator", "GenerationStats", "LlamaConfig",
-           "FormatError", "ModelNotFoundError", "DraftMismatchError", "get_include"]
+           "FormatError", "ModelNotFoundError", "DraftMismatchError"]
 
 _LAZY = {"load": "api", "Generator": "api", "GenerationStats": "api", "LlamaConfig": "config"}
 
@@ -23,8 +23,3 @@ def __getattr__(name: str) -> Any:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'dovetail_ext' has no attribute {name!r}")
 
-
-def get_include() -> str:
-    """Directory of the package's C/C++ headers (for embedding the native core)."""
-    from pathlib import Path
-    return str(Path(__file__).parent / "include")
