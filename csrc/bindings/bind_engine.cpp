@@ -1,0 +1,123 @@
+// The target engine binding: builds LlamaEngine from loader output and exposes
+// forward / commit with the GIL released around native compute.
+#include <pybind11/stl.h>
+
+#include "bindings/common.h"
+#include "model/llama.h"
+
+namespace dovetail::bind {
+
+namespace {
+
+int64_t get_int(const py::dict& d, const char* key) {
+  DT_CHECK(d.contains(key), std::string("model config is missing '") + key + "'");
+  return d[key].cast<int64_t>();
+}
+
+std::vector<int64_t> row_list(const py::handle& obj, const char* name) {
+  if (obj.is_none()) return {};
+  auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
+  DT_CHECK(a && a.ndim() == 1, std::string(name) + " must be a 1-D integer array");
+  return std::vector<int64_t>(a.data(), a.data() + a.size());
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  py::class_<LlamaEngine>(m, "LlamaEngine",
+      "Native LLaMA target engine (use dovetail_ext.target.TargetEngine, which builds it from a ModelSource).")
+      .def(py::init([](const py::dict& cfg, const py::dict& weights, int64_t context, int64_t max_batch,
+                       int threads, const std::string& kv_dtype) {
+             LlamaParams p;
+             p.vocab = get_int(cfg, "vocab_size");
+             p.dim = get_int(cfg, "hidden_size");
+             p.ffn = get_int(cfg, "intermediate_size");
+             p.layers = get_int(cfg, "num_layers");
+             p.heads = get_int(cfg, "num_heads");
+             p.kv_heads = get_int(cfg, "num_kv_heads");
+             p.head_dim = get_int(cfg, "head_dim");
+             p.rope_theta = cfg["rope_theta"].cast<float>();
+             p.eps = cfg["rms_norm_eps"].cast<float>();
+             EngineOptions o;
+             o.context = context;
+             o.max_batch = max_batch;
+             o.threads = threads;
+             DT_CHECK(kv_dtype == "f32" || kv_dtype == "bf16", "kv_dtype must be 'f32' or 'bf16', got '" + kv_dtype + "'");
+             o.kv_type = kv_dtype == "f32" ? KvType::F32 : KvType::BF16;
+             // weights: name -> (dtype, (rows, cols), buffer); arrays are kept alive until packed.
+             std::map<std::string, WeightView> views;
+             std::vector<py::array> keep;
+             for (auto item : weights) {
+               const std::string name = item.first.cast<std::string>();
+               auto tup = item.second.cast<py::tuple>();
+               DT_CHECK(tup.size() == 3, "weight '" + name + "' must be (dtype, shape, data)");
+               WeightView v;
+               v.type = wtype_from_name(tup[0].cast<std::string>());
+               auto shape = tup[1].cast<std::vector<int64_t>>();
+               DT_CHECK(shape.size() == 1 || shape.size() == 2, "weight '" + name + "' must be 1-D or 2-D");
+               v.rows = shape.size() == 2 ? shape[0] : 1;
+               v.cols = shape.back();
+               py::array arr = py::array::ensure(tup[2]);
+               DT_CHECK(arr && (arr.flags() & py::array::c_style), "weight '" + name + "' data must be a C-contiguous array");
+               v.data = arr.data();
+               v.nbytes = (size_t)arr.nbytes();
+               keep.push_back(arr);
+               views[name] = v;
+             }
+             py::gil_scoped_release nogil;
+             return std::make_unique<LlamaEngine>(p, o, views);
+           }),
+           py::arg("config"), py::arg("weights"), py::arg("context"), py::arg("max_batch") = 128,
+           py::arg("threads") = 1, py::arg("kv_dtype") = "f32")
+      .def("forward", [](LlamaEngine& e, const py::handle& tok_obj, const py::handle& pos_obj,
+                         const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
+             auto tokens = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(tok_obj);
+             auto positions = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(pos_obj);
+             DT_CHECK(tokens && tokens.ndim() == 1, "tokens must be a 1-D integer array");
+             DT_CHECK(positions && positions.ndim() == 1, "positions must be a 1-D integer array");
+             const int64_t T = tokens.size();
+             DT_CHECK(positions.size() == T, "positions has " + std::to_string(positions.size()) +
+                                                 " entries for " + std::to_string(T) + " tokens");
+             py::array_t<uint8_t, py::array::c_style> anc;
+             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T);
+             auto lrows = row_list(logit_obj, "logit_rows");
+             auto frows = row_list(feat_obj, "feature_rows");
+             DT_CHECK((int64_t)lrows.size() <= e.options().max_batch, "too many logit rows");
+             const int64_t V = e.params().vocab, D = e.params().dim;
+             py::array_t<float> logits({(int64_t)lrows.size(), V});
+             py::array_t<float> feats({(int64_t)frows.size(), D});
+             const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
+             {
+               py::gil_scoped_release nogil;
+               e.forward(tokens.data(), positions.data(), T, ap, lrows.data(), (int64_t)lrows.size(),
+                         logits.mutable_data(), frows.data(), (int64_t)frows.size(), feats.mutable_data());
+             }
+             return py::make_tuple(logits, feats);
+           },
+           py::arg("tokens"), py::arg("positions"), py::arg("ancestors") = py::none(),
+           py::arg("logit_rows") = py::none(), py::arg("feature_rows") = py::none(),
+           "Run T tokens; returns (logits [len(logit_rows), V], features [len(feature_rows), D]).")
+      .def("commit", [](LlamaEngine& e, const py::handle& kept_obj) {
+             auto kept = row_list(kept_obj, "kept");
+             py::gil_scoped_release nogil;
+             e.commit(kept.data(), (int64_t)kept.size());
+           }, py::arg("kept"), "Keep these rows of the last forward (strictly increasing) in the KV cache.")
+      .def("truncate", [](LlamaEngine& e, int64_t n) { e.truncate(n); }, py::arg("n"),
+           "Forget committed tokens past n.")
+      .def("read_kv", [](const LlamaEngine& e, int64_t layer) {
+             const int64_t n = e.n_past(), KV = e.params().kv_heads, Dh = e.params().head_dim;
+             py::array_t<float> k({KV, n, Dh}), v({KV, n, Dh});
+             e.kv().read(layer, n, k.mutable_data(), v.mutable_data());
+             return py::make_tuple(k, v);
+           }, py::arg("layer"), "Committed K and V of one layer as fp32 [KV, n_past, Dh].")
+      .def("set_threads", &LlamaEngine::set_threads, py::arg("threads"))
+      .def_property_readonly("n_past", &LlamaEngine::n_past)
+      .def_property_readonly("pending", &LlamaEngine::pending)
+      .def_property_readonly("context", [](const LlamaEngine& e) { return e.options().context; })
+      .def_property_readonly("max_batch", [](const LlamaEngine& e) { return e.options().max_batch; })
+      .def_property_readonly("threads", [](const LlamaEngine& e) { return e.options().threads; })
+      .def_property_readonly("weight_bytes", &LlamaEngine::weight_bytes)
+      .def_property_readonly("kv_bytes", [](const LlamaEngine& e) { return e.kv().bytes(); });
+}
+
+}  // namespace dovetail::bind

@@ -1,0 +1,161 @@
+// Op-level bindings: each native op callable on numpy arrays / CPU tensors, so it can be
+// tested against its PyTorch twin in dovetail_ext.reference and benchmarked alone.
+#include <pybind11/stl.h>
+
+#include "bindings/common.h"
+#include "cpu/ops.h"
+
+namespace dovetail::bind {
+
+namespace {
+
+// Raw bytes of any C-contiguous buffer.
+std::pair<const void*, size_t> raw_bytes(const py::handle& obj, const char* name) {
+  py::array arr = py::array::ensure(obj);
+  DT_CHECK(arr, std::string(name) + " must be an array");
+  DT_CHECK(arr.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
+  return {arr.data(), (size_t)arr.nbytes()};
+}
+
+}  // namespace
+
+// A [T, T] ancestor matrix given as bool or uint8.
+py::array_t<uint8_t, py::array::c_style> ancestor_matrix(const py::handle& obj, int64_t T) {
+  py::array arr = py::array::ensure(obj);
+  DT_CHECK(arr, "ancestors must be a [T, T] bool or uint8 array");
+  DT_CHECK(arr.dtype().kind() == 'b' || arr.dtype().is(py::dtype::of<uint8_t>()),
+           "ancestors must have dtype bool or uint8, got " + std::string(py::str(arr.dtype())));
+  auto u8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+  check_shape(u8, {T, T}, "ancestors");
+  return u8;
+}
+
+void bind_ops(py::module_& m) {
+  py::class_<PackedWeight, std::shared_ptr<PackedWeight>>(m, "PackedWeight",
+      "A weight matrix [rows, cols] in its stored format (f32, f16, bf16, q8_0, q4_0, q4_1), "
+      "copied once into aligned engine memory.")
+      .def(py::init([](const std::string& dtype, int64_t rows, int64_t cols, const py::handle& data) {
+             auto [ptr, n] = raw_bytes(data, "data");
+             return std::make_shared<PackedWeight>(pack_weight(wtype_from_name(dtype), rows, cols, ptr, n));
+           }),
+           py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("data"))
+      .def_property_readonly("dtype", [](const PackedWeight& w) { return std::string(wtype_name(w.type)); })
+      .def_readonly("rows", &PackedWeight::rows)
+      .def_readonly("cols", &PackedWeight::cols)
+      .def("dequantize_row", [](const PackedWeight& w, int64_t r) {
+             py::array_t<float> out(w.cols);
+             dequantize_row(w, r, out.mutable_data());
+             return out;
+           }, py::arg("row"), "Row `row` as fp32 [cols].");
+
+  m.def("linear", [](const py::handle& x_obj, const PackedWeight& w, int threads) {
+        auto x = as_array<float>(x_obj, "x");
+        check_shape(x, {-1, w.cols}, "x");
+        DT_CHECK(threads >= 1, "threads must be >= 1");
+        const int64_t T = x.shape(0);
+        py::array_t<float> y({T, w.rows});
+        QActs qa;
+        {
+          py::gil_scoped_release nogil;
+          if (is_quantized(w.type)) quantize_acts(x.data(), T, w.cols, qa, threads);
+          linear(w, x.data(), &qa, T, y.mutable_data(), w.rows, threads);
+        }
+        return y;
+      }, py::arg("x"), py::arg("weight"), py::arg("threads") = 1,
+      "y[T, N] = x[T, K] @ W[N, K]^T; quantized weights use int8-quantized activations.");
+
+  m.def("quantize_acts", [](const py::handle& x_obj) {
+        auto x = as_array<float>(x_obj, "x");
+        check_shape(x, {-1, -1}, "x");
+        const int64_t T = x.shape(0), K = x.shape(1);
+        QActs qa;
+        quantize_acts(x.data(), T, K, qa, 1);
+        py::array_t<int8_t> q({T, K});
+        py::array_t<float> d({T, K / 32}), ds({T, K / 32});
+        std::memcpy(q.mutable_data(), qa.q.data(), T * K);
+        std::memcpy(d.mutable_data(), qa.d.data(), T * (K / 32) * 4);
+        std::memcpy(ds.mutable_data(), qa.ds.data(), T * (K / 32) * 4);
+        return py::make_tuple(q, d, ds);
+      }, py::arg("x"), "Per-32-block int8 activation quantization: (q [T,K], d [T,K/32], d*sum(q) [T,K/32]).");
+
+  m.def("rmsnorm", [](const py::handle& x_obj, const py::handle& w_obj, float eps) {
+        auto x = as_array<float>(x_obj, "x");
+        auto w = as_array<float>(w_obj, "weight");
+        check_shape(x, {-1, -1}, "x");
+        check_shape(w, {x.shape(1)}, "weight");
+        py::array_t<float> y({x.shape(0), x.shape(1)});
+        rmsnorm(x.data(), w.data(), y.mutable_data(), x.shape(0), x.shape(1), eps);
+        return y;
+      }, py::arg("x"), py::arg("weight"), py::arg("eps"), "RMSNorm over the last axis of x [T, D].");
+
+  m.def("rope", [](const py::handle& x_obj, const py::handle& pos_obj, double theta, int64_t context) {
+        auto x = as_array<float>(x_obj, "x");
+        auto pos = as_array<int32_t>(pos_obj, "positions");
+        check_shape(x, {-1, -1, -1}, "x");
+        const int64_t T = x.shape(0), H = x.shape(1), Dh = x.shape(2);
+        check_shape(pos, {T}, "positions");
+        DT_CHECK(Dh % 2 == 0, "head dim must be even for RoPE, got " + std::to_string(Dh));
+        DT_CHECK(context >= 1, "context must be >= 1");
+        for (int64_t t = 0; t < T; ++t)
+          DT_CHECK(pos.data()[t] >= 0 && pos.data()[t] < context, "position " + std::to_string(pos.data()[t]) +
+                                                                     " outside [0, " + std::to_string(context) + ")");
+        std::vector<float> c, s;
+        rope_tables(theta, Dh, context, c, s);
+        py::array_t<float> y({T, H, Dh});
+        std::memcpy(y.mutable_data(), x.data(), sizeof(float) * T * H * Dh);
+        rope_inplace(y.mutable_data(), T, H, Dh, H * Dh, pos.data(), c.data(), s.data());
+        return y;
+      }, py::arg("x"), py::arg("positions"), py::arg("theta"), py::arg("context"),
+      "Rotate-half RoPE of x [T, H, Dh] at int32 positions [T].");
+
+  m.def("swiglu", [](const py::handle& g_obj, const py::handle& u_obj) {
+        auto g = as_array<float>(g_obj, "gate");
+        auto u = as_array<float>(u_obj, "up");
+        DT_CHECK(g.size() == u.size() && g.ndim() == u.ndim(), "gate and up must have the same shape");
+        std::vector<py::ssize_t> shape(g.shape(), g.shape() + g.ndim());
+        py::array_t<float> y(shape);
+        swiglu(g.data(), u.data(), y.mutable_data(), g.size());
+        return y;
+      }, py::arg("gate"), py::arg("up"), "silu(gate) * up.");
+
+  m.def("attention", [](const py::handle& q_obj, const py::array& k_obj, const py::array& v_obj,
+                        int64_t n_past, const py::handle& anc_obj, int threads) {
+        auto q = as_array<float>(q_obj, "q");
+        check_shape(q, {-1, -1, -1}, "q");
+        const int64_t T = q.shape(0), H = q.shape(1), Dh = q.shape(2);
+        const bool bf16 = py::array::ensure(k_obj).dtype().is(py::dtype::of<uint16_t>());
+        py::array k = bf16 ? py::array(as_array<uint16_t>(k_obj, "k")) : py::array(as_array<float>(k_obj, "k"));
+        py::array v = bf16 ? py::array(as_array<uint16_t>(v_obj, "v")) : py::array(as_array<float>(v_obj, "v"));
+        check_shape(k, {-1, -1, Dh}, "k");
+        check_shape(v, {k.shape(0), k.shape(1), Dh}, "v");
+        const int64_t KV = k.shape(0), S = k.shape(1);
+        DT_CHECK(KV >= 1 && H % KV == 0, "query heads must be a multiple of kv heads");
+        DT_CHECK(n_past >= 0 && n_past + T <= S, "k/v need n_past + T slots");
+        DT_CHECK(threads >= 1, "threads must be >= 1");
+        auto anc = ancestor_matrix(anc_obj, T);
+        const uint8_t* a = anc.data();
+        for (int64_t t = 0; t < T; ++t) {
+          DT_CHECK(a[t * T + t], "ancestors diagonal must be set");
+          for (int64_t j = t + 1; j < T; ++j) DT_CHECK(!a[t * T + j], "ancestors must be lower-triangular");
+        }
+        const int64_t words = (T + 63) / 64;
+        std::vector<uint64_t> bits(T * words, 0);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j <= t; ++j)
+            if (a[t * T + j]) bits[t * words + (j >> 6)] |= 1ull << (j & 63);
+        py::array_t<float> out({T, H, Dh});
+        std::vector<float> scratch((size_t)threads * (n_past + T));
+        AttentionArgs aa;
+        aa.q = q.data(); aa.k = k.data(); aa.v = v.data(); aa.kv_type = bf16 ? KvType::BF16 : KvType::F32;
+        aa.S = S; aa.n_past = n_past; aa.T = T; aa.H = H; aa.KV = KV; aa.Dh = Dh;
+        aa.anc = bits.data(); aa.anc_words = words; aa.out = out.mutable_data(); aa.scratch = scratch.data();
+        {
+          py::gil_scoped_release nogil;
+          attention(aa, threads);
+        }
+        return out;
+      }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_past"), py::arg("ancestors"), py::arg("threads") = 1,
+      "Tree attention: q [T,H,Dh] over k, v [KV,S,Dh] (fp32, or bf16 as uint16); slot n_past+j holds batch token j.");
+}
+
+}  // namespace dovetail::bind

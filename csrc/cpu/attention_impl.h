@@ -1,0 +1,64 @@
+// The attention body for one (token, head), shared by every ISA path. `Kern` supplies
+//   float dot(const float* q, const KvT* k, int64_t Dh)
+//   void  axpy(float* out, float p, const KvT* v, int64_t Dh)     out += p * v
+//   float exp(float)
+// Keys are visited in slot order (prefix, then ancestors in batch order), so a token
+// sees the same sequence of operations whether its ancestors are committed or in the batch.
+#pragma once
+#include <cmath>
+#include <cstring>
+
+#include "cpu/ops.h"
+
+namespace dovetail {
+
+template <typename KvT, typename Kern>
+inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, float* scores) {
+  const int64_t Dh = a.Dh, group = a.H / a.KV, kvh = h / group;
+  const float* q = a.q + (t * a.H + h) * Dh;
+  const KvT* kbase = static_cast<const KvT*>(a.k) + kvh * a.S * Dh;
+  const KvT* vbase = static_cast<const KvT*>(a.v) + kvh * a.S * Dh;
+  const uint64_t* bits = a.anc + t * a.anc_words;
+  const float scale = 1.0f / std::sqrt((float)Dh);
+
+  // Pass 1: scores of every visible key, in slot order.
+  int64_t n = 0;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < a.n_past; ++s) {
+    const float sc = Kern::dot(q, kbase + s * Dh, Dh) * scale;
+    scores[n++] = sc;
+    mx = sc > mx ? sc : mx;
+  }
+  for (int64_t j = 0; j <= t; ++j) {
+    if (!((bits[j >> 6] >> (j & 63)) & 1u)) continue;
+    const float sc = Kern::dot(q, kbase + (a.n_past + j) * Dh, Dh) * scale;
+    scores[n++] = sc;
+    mx = sc > mx ? sc : mx;
+  }
+  // Pass 2: softmax weights (sequential sum keeps the order fixed).
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    scores[i] = Kern::exp(scores[i] - mx);
+    sum += scores[i];
+  }
+  const float inv = 1.0f / sum;
+  // Pass 3: weighted sum of values.
+  float* out = a.out + (t * a.H + h) * Dh;
+  std::memset(out, 0, sizeof(float) * Dh);
+  n = 0;
+  for (int64_t s = 0; s < a.n_past; ++s) Kern::axpy(out, scores[n++] * inv, vbase + s * Dh, Dh);
+  for (int64_t j = 0; j <= t; ++j) {
+    if (!((bits[j >> 6] >> (j & 63)) & 1u)) continue;
+    Kern::axpy(out, scores[n++] * inv, vbase + (a.n_past + j) * Dh, Dh);
+  }
+}
+
+template <template <typename> class Kern>
+inline void attention_one_dispatch(const AttentionArgs& a, int64_t t, int64_t h, float* scores) {
+  if (a.kv_type == KvType::F32)
+    attention_one_impl<float, Kern<float>>(a, t, h, scores);
+  else
+    attention_one_impl<uint16_t, Kern<uint16_t>>(a, t, h, scores);
+}
+
+}  // namespace dovetail

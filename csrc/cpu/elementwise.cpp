@@ -1,0 +1,55 @@
+// Row-wise and element-wise ops (RMSNorm, RoPE, SwiGLU). Each row is reduced
+// sequentially in a fixed order, so results do not depend on how many rows there are.
+#include <cmath>
+
+#include "cpu/ops.h"
+
+namespace dovetail {
+
+void rmsnorm(const float* x, const float* w, float* y, int64_t T, int64_t D, float eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * D;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / (float)D + eps);
+    float* yr = y + t * D;
+    for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * w[i];
+  }
+}
+
+void rope_inplace(float* x, int64_t T, int64_t H, int64_t Dh, int64_t ld, const int32_t* positions,
+                  const float* cos_tab, const float* sin_tab) {
+  const int64_t half = Dh / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cos_tab + (int64_t)positions[t] * half;
+    const float* s = sin_tab + (int64_t)positions[t] * half;
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = x + t * ld + h * Dh;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x0 = v[i], x1 = v[i + half];
+        v[i] = x0 * c[i] - x1 * s[i];
+        v[i + half] = x1 * c[i] + x0 * s[i];
+      }
+    }
+  }
+}
+
+void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_tab, std::vector<float>& sin_tab) {
+  const int64_t half = Dh / 2;
+  cos_tab.assign((size_t)(S * half), 0.0f);
+  sin_tab.assign((size_t)(S * half), 0.0f);
+  for (int64_t i = 0; i < half; ++i) {
+    const double inv_freq = std::pow(theta, -2.0 * (double)i / (double)Dh);
+    for (int64_t pos = 0; pos < S; ++pos) {
+      const double ang = (double)pos * inv_freq;
+      cos_tab[pos * half + i] = (float)std::cos(ang);
+      sin_tab[pos * half + i] = (float)std::sin(ang);
+    }
+  }
+}
+
+void swiglu(const float* g, const float* u, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+}  // namespace dovetail

@@ -1,0 +1,92 @@
+// linear(): y = x W^T over every stored weight format. Scalar reference kernel and the
+// dispatcher; the AVX2 / AVX-512 kernels live in cpu/x86/.
+//
+// Each output row n is computed by one thread, the weight row is read once for all T
+// activation rows, and the per-element reduction order depends only on K: this is what
+// makes the engine batch invariant.
+#include <omp.h>
+
+#include <algorithm>
+
+#include "common/error.h"
+#include "cpu/ops.h"
+#include "cpu/quant_common.h"
+
+namespace dovetail {
+
+namespace scalar {
+
+void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1) {
+  const int64_t K = w.cols;
+  if (!is_quantized(w.type)) {
+    static thread_local Buffer<float> row_buf;
+    float* wr = tls_scratch(row_buf, (size_t)K);
+    for (int64_t r = r0; r < r1; ++r) {
+      dequantize_row(w, r, wr);  // exact: f16/bf16 -> f32 is lossless
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xt = x + t * K;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += xt[k] * wr[k];
+        y[t * ldy + r] = acc;
+      }
+    }
+    return;
+  }
+  const int64_t nb = K / kQBlock;
+  static thread_local Buffer<uint8_t> code_buf;
+  static thread_local Buffer<float> scale_buf;
+  uint8_t* codes = tls_scratch(code_buf, (size_t)K);
+  float* dw = tls_scratch(scale_buf, (size_t)(2 * nb));
+  float* cw = dw + nb;
+  for (int64_t r = r0; r < r1; ++r) {
+    unpack_row_scalar(w.type, w.row(r), K, codes, dw, cw);
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* q = qa->q.data() + t * K;
+      const float* da = qa->d.data() + t * nb;
+      const float* ds = qa->ds.data() + t * nb;
+      float acc = 0.0f, corr = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t isum = 0;
+        for (int i = 0; i < kQBlock; ++i) isum += (int32_t)codes[b * kQBlock + i] * q[b * kQBlock + i];
+        acc += da[b] * dw[b] * (float)isum;
+        corr += cw[b] * ds[b];
+      }
+      y[t * ldy + r] = acc + corr;
+    }
+  }
+}
+
+}  // namespace scalar
+
+void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+            int64_t ldy, int nthreads) {
+  if (T <= 0) return;
+  if (is_quantized(w.type)) {
+    DT_CHECK(qa && qa->T >= T && qa->K == w.cols, "linear: quantized activations missing or of the wrong shape");
+  }
+  using Fn = void (*)(const PackedWeight&, const float*, const QActs*, int64_t, float*, int64_t,
+                      int64_t, int64_t);
+  Fn fn = scalar::linear_rows;
+  switch (active_isa()) {
+    case Isa::Avx512: fn = avx512::linear_rows; break;
+    case Isa::Avx2: fn = avx2::linear_rows; break;
+    case Isa::Scalar: break;
+  }
+  // Rows are split in contiguous chunks of at least 16 so each thread streams its part of W.
+  const int64_t N = w.rows;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, (N + 15) / 16));
+  if (nt == 1) {
+    fn(w, x, qa, T, y, ldy, 0, N);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t chunk = (N + n - 1) / n;
+    const int64_t r0 = std::min(N, tid * chunk), r1 = std::min(N, r0 + chunk);
+    if (r0 < r1) fn(w, x, qa, T, y, ldy, r0, r1);
+  }
+}
+
+}  // namespace dovetail

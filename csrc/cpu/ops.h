@@ -1,0 +1,106 @@
+// CPU ops of the target engine. Each op has a scalar reference here (cpu/*.cpp) and
+// SIMD versions under cpu/x86/{avx2,avx512}/; the dispatcher picks by active_isa().
+//
+// Legend: T rows (tokens), K input features, N output features, H query heads,
+// KV key/value heads, Dh head dim, S KV slots.
+//
+// Batch invariance: every op computes each output row with the same sequence of
+// floating-point operations whatever T is, so a token's result is bitwise identical
+// alone, in a prefill chunk or inside a tree. Threads split rows, never reductions.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common/buffer.h"
+#include "common/cpu_features.h"
+#include "common/dtype.h"
+
+namespace dovetail {
+
+// A weight matrix [N, K] (PyTorch Linear layout) in its stored format, copied once into
+// engine-owned, 64-byte aligned rows. Quantized rows keep the GGUF block layout.
+struct PackedWeight {
+  WType type = WType::F32;
+  int64_t rows = 0, cols = 0;
+  int64_t row_bytes = 0;   // bytes of one row as stored
+  int64_t row_stride = 0;  // bytes between rows (row_bytes rounded up to 64)
+  Buffer<uint8_t> data;
+
+  const uint8_t* row(int64_t r) const { return data.data() + r * row_stride; }
+};
+
+// `src` holds rows*row_bytes bytes laid out like GGUF (rows contiguous).
+PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src, size_t src_bytes);
+
+// Activations quantized to int8 per block of 32 (for integer dot products against
+// quantized weights): q = rint(x * 127/amax), d = amax/127, ds = d * sum(q) per block.
+struct QActs {
+  int64_t T = 0, K = 0;
+  Buffer<int8_t> q;  // [T, K]
+  Buffer<float> d;   // [T, K/32]
+  Buffer<float> ds;  // [T, K/32]
+  void reserve(int64_t max_T, int64_t max_K);
+};
+void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads);
+
+// y[t, n] = sum_k x[t, k] * W[n, k] for t < T. `qa` must hold x quantized when W is
+// quantized (it may be null otherwise). y has leading dimension ldy.
+void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+            int64_t ldy, int nthreads);
+
+// One row of W as fp32 (embedding lookup).
+void dequantize_row(const PackedWeight& w, int64_t r, float* out);
+
+// y = x * rsqrt(mean(x^2) + eps) * w, rows of length D.
+void rmsnorm(const float* x, const float* w, float* y, int64_t T, int64_t D, float eps);
+
+// Rotate-half RoPE in place on x [T, H, Dh] (row stride ld floats) with tables
+// cos/sin [S, Dh/2] indexed by positions[t].
+void rope_inplace(float* x, int64_t T, int64_t H, int64_t Dh, int64_t ld, const int32_t* positions,
+                  const float* cos_tab, const float* sin_tab);
+
+// RoPE tables cos/sin [S, Dh/2] for positions 0..S-1: angle = pos * theta^(-2i/Dh),
+// computed in double precision and rounded once to fp32.
+void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_tab, std::vector<float>& sin_tab);
+
+// out = silu(g) * u, n values.
+void swiglu(const float* g, const float* u, float* out, int64_t n);
+
+enum class KvType : int { F32 = 0, BF16 = 1 };
+
+// Grouped-query attention over one layer's cache for a batch of T new tokens.
+// k, v: [KV, S, Dh] in kv_type; slots [0, n_past) are the committed prefix and slot
+// n_past + j holds batch token j. Token t attends to the prefix and to the batch tokens
+// whose bit is set in its ancestor bitset (anc + t * anc_words). q: [T, H*Dh] (roped),
+// out: [T, H*Dh]. scratch: nthreads * (n_past + T) floats.
+struct AttentionArgs {
+  const float* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  KvType kv_type = KvType::F32;
+  int64_t S = 0, n_past = 0, T = 0, H = 0, KV = 0, Dh = 0;
+  const uint64_t* anc = nullptr;
+  int64_t anc_words = 0;
+  float* out = nullptr;
+  float* scratch = nullptr;
+};
+void attention(const AttentionArgs& a, int nthreads);
+
+// --- ISA kernels (implemented in cpu/x86/*; declared here for the dispatchers) ----------
+namespace scalar {
+void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1);
+void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
+}  // namespace scalar
+namespace avx2 {
+void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1);
+void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
+}  // namespace avx2
+namespace avx512 {
+void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1);
+void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
+}  // namespace avx512
+
+}  // namespace dovetail

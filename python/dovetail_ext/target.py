@@ -1,0 +1,137 @@
+"""The target model on the CPU: a thin wrapper over the native ``LlamaEngine``.
+
+One call serves prefill, single-token decode and tree verification::
+
+    logits, feats = target.forward(tokens, positions, ancestors, logit_rows, feature_rows)
+    target.commit(kept_rows)
+
+No math happens here; this module converts a :class:`ModelSource` into the buffers the
+engine packs once, and gives the engine a Python-friendly surface.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import numpy as np
+
+from . import _core
+from .formats.base import ModelSource
+
+__all__ = ["TargetEngine", "default_threads"]
+
+
+def default_threads() -> int:
+    """Physical-core-sized default: all CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class TargetEngine:
+    """A LLaMA model executing its weights in their stored format.
+
+    Args:
+        source: what a loader returned (config, weights, tokenizer).
+        context: KV slots to preallocate (committed tokens plus one batch).
+        threads: OpenMP threads for native compute.
+        max_batch: the largest number of tokens one forward may take.
+        kv_dtype: ``"f32"`` or ``"bf16"`` KV cache.
+    """
+
+    def __init__(self, source: ModelSource, *, context: int | None = None, threads: int | None = None,
+                 max_batch: int = 128, kv_dtype: str = "f32") -> None:
+        cfg = source.config
+        self.config = cfg
+        self.source = source
+        if context is None:
+            context = min(cfg.max_context, 4096)
+        if not isinstance(context, int) or context < 1:
+            raise ValueError(f"context must be a positive integer, got {context!r}")
+        threads = default_threads() if threads is None else threads
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        weights = {}
+        for name, w in source.weights.items():
+            data = w.data
+            if len(w.shape) == 1 and w.dtype != "f32":  # norms run in fp32
+                from .quant import dequantize
+                data, dtype = np.ascontiguousarray(dequantize(w), dtype=np.float32), "f32"
+            else:
+                dtype = w.dtype
+            weights[name] = (dtype, tuple(w.shape), np.ascontiguousarray(data))
+        self._engine = _core.LlamaEngine(asdict(cfg), weights, context=context, max_batch=max_batch,
+                                         threads=threads, kv_dtype=kv_dtype)
+
+    # -- the one call --------------------------------------------------------------------
+    def forward(self, tokens, positions=None, ancestors=None, logit_rows=None,
+                feature_rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """Run T new tokens after the committed prefix.
+
+        Args:
+            tokens: int [T] token ids.
+            positions: int [T]; default ``n_past + arange(T)`` (causal continuation).
+            ancestors: bool [T, T], row t marks the batch tokens t attends to (diagonal set,
+                lower-triangular); None means causal within the batch.
+            logit_rows: batch rows whose logits to return; default: the last row.
+            feature_rows: batch rows whose final-norm hidden states to return; default none.
+
+        Returns:
+            (logits float32 [len(logit_rows), V], features float32 [len(feature_rows), D]).
+        """
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = tokens.shape[0]
+        if positions is None:
+            positions = self.n_past + np.arange(T)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        for name, arr in (("tokens", tokens), ("positions", positions)):
+            if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+                raise ValueError(f"{name} has values outside the int32 range")
+        if logit_rows is None:
+            logit_rows = [T - 1] if T else []
+        return self._engine.forward(tokens.astype(np.int32), positions.astype(np.int32), ancestors,
+                                    np.asarray(logit_rows, dtype=np.int64),
+                                    None if feature_rows is None else np.asarray(feature_rows, dtype=np.int64))
+
+    def commit(self, kept=None) -> None:
+        """Keep rows ``kept`` of the last forward (all rows when None), compacted after the prefix."""
+        if kept is None:
+            kept = np.arange(self._engine.pending)
+        self._engine.commit(np.asarray(kept, dtype=np.int64))
+
+    def truncate(self, n: int) -> None:
+        """Forget committed tokens past ``n``."""
+        self._engine.truncate(n)
+
+    def reset(self) -> None:
+        self._engine.truncate(0)
+
+    def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Committed keys and values of ``layer`` as fp32 [KV, n_past, Dh]."""
+        return self._engine.read_kv(layer)
+
+    @property
+    def n_past(self) -> int:
+        return self._engine.n_past
+
+    @property
+    def context(self) -> int:
+        return self._engine.context
+
+    @property
+    def max_batch(self) -> int:
+        return self._engine.max_batch
+
+    @property
+    def threads(self) -> int:
+        return self._engine.threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self._engine.set_threads(n)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._engine.weight_bytes
