@@ -1,0 +1,375 @@
+"""GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
+
+What it is: config from the ``llama.*`` metadata, every tensor as a zero-copy view of the
+file's memory map (F32, F16, BF16, Q8_0, Q4_0, Q4_1), the tokenizer and chat template from
+the ``tokenizer.*`` metadata. What it is not: a converter. Nothing is dequantized; the only
+copies are ``attn_q`` / ``attn_k`` (whose rows are reordered, see below) and 1-D norm
+weights that a file stores in another type than F32 (made F32, as the engine expects).
+
+GGUF writes shapes fastest-varying first (``ne0`` = columns); here shapes are PyTorch's
+``[rows, cols]``. Quantized data is ``uint8 [rows, row_nbytes]``; BF16 is ``uint16``.
+
+llama.cpp's RoPE rotates interleaved pairs (x0, x1), (x2, x3)... so the converter permuted
+the rows of ``attn_q`` / ``attn_k`` within each head. The loader undoes it to give the
+rotate-half layout of Hugging Face LLaMA (pairs (x_i, x_{i + Dh/2})); whole rows move, so
+this works on quantized row bytes unchanged.
+
+The header is checked before ``gguf.GGUFReader`` parses it: the reader walks metadata
+arrays element by element in Python trusting the counts, so a corrupted count could keep it
+busy for minutes or read past the end; the check bounds every count and offset by the file
+size first, and every problem surfaces as :class:`FormatError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import LlamaConfig
+from ..errors import FormatError
+from .base import ModelSource, Weight, expected_weight_shapes
+from .tokenizer import tokenizer_from_gguf_vocab
+
+__all__ = ["load_gguf", "GGUF_MAGIC"]
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF metadata value types -> byte size of a scalar (8 = string, 9 = array).
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+# Longest metadata array accepted: real vocabularies and merge lists stay far below.
+_MAX_ARRAY = 1 << 22
+_MAX_DIMS = 4
+
+
+def _ggml_types() -> dict[Any, str]:
+    from gguf import GGMLQuantizationType as Q
+    return {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q8_0: "q8_0", Q.Q4_0: "q4_0",
+            Q.Q4_1: "q4_1"}
+
+
+class _HeaderScan:
+    """Walks a GGUF header with bounds checks; raises FormatError on the first problem."""
+
+    def __init__(self, path: Path, buf: memoryview) -> None:
+        self.path, self.buf, self.size = path, buf, len(buf)
+
+    def fail(self, problem: str) -> FormatError:
+        return FormatError(f"{self.path}: {problem}")
+
+    def read(self, fmt: str, off: int, what: str) -> tuple[Any, int]:
+        n = struct.calcsize(fmt)
+        if off + n > self.size:
+            raise self.fail(f"file is truncated: it ends at byte {self.size} inside {what} "
+                            f"(needs {off + n})")
+        return struct.unpack_from(fmt, self.buf, off)[0], off + n
+
+    def string(self, off: int, what: str) -> tuple[bytes, int]:
+        n, off = self.read("<Q", off, what)
+        if off + n > self.size:
+            raise self.fail(f"file is truncated: {what} claims {n} bytes at offset {off}, "
+                            f"the file has {self.size}")
+        return bytes(self.buf[off:off + n]), off + n
+
+    def value(self, off: int, vtype: int, what: str, depth: int = 0) -> tuple[Any, int]:
+        """Skips one metadata value, returning it when it is a scalar (else None)."""
+        if vtype in _SCALAR_SIZE:
+            fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                   10: "<Q", 11: "<q", 12: "<d"}[vtype]
+            return self.read(fmt, off, what)
+        if vtype == _STRING:
+            return self.string(off, what)
+        if vtype != _ARRAY or depth > 1:
+            raise self.fail(f"{what} has unknown value type {vtype}")
+        itype, off = self.read("<I", off, what)
+        count, off = self.read("<Q", off, what)
+        if count > _MAX_ARRAY:
+            raise self.fail(f"{what} claims {count} array elements (limit {_MAX_ARRAY})")
+        if itype in _SCALAR_SIZE:
+            end = off + count * _SCALAR_SIZE[itype]
+            if end > self.size:
+                raise self.fail(f"file is truncated: {what} needs bytes up to {end}, the file has {self.size}")
+            return None, end
+        if count * 8 > self.size - off:  # every string or array element takes >= 8 bytes
+            raise self.fail(f"file is truncated: {what} claims {count} elements, more than the file holds")
+        for _ in range(count):
+            _, off = self.value(off, itype, what, depth + 1)
+        return None, off
+
+    def run(self) -> None:
+        magic = bytes(self.buf[:4])
+        if magic != GGUF_MAGIC:
+            raise self.fail(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        version, off = self.read("<I", 4, "the header")
+        if version & 0xFFFF == 0:
+            raise self.fail("big-endian GGUF files are not supported")
+        if version not in (2, 3):
+            raise self.fail(f"GGUF version {version} is not supported (2 or 3)")
+        n_tensors, off = self.read("<Q", off, "the header")
+        n_kv, off = self.read("<Q", off, "the header")
+        # Each entry takes at least 13 (metadata) / 24 (tensor info) bytes.
+        if n_kv * 13 + n_tensors * 24 > self.size:
+            raise self.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, "
+                            f"more than a {self.size}-byte file can hold")
+        alignment = 32
+        for k in range(n_kv):
+            key, off = self.string(off, f"metadata key #{k}")
+            name = key.decode("utf-8", "replace")
+            vtype, off = self.read("<I", off, f"metadata {name}")
+            value, off = self.value(off, vtype, f"metadata {name}")
+            if name == "general.alignment":
+                if vtype != 4 or value == 0 or value & (value - 1):
+                    raise self.fail(f"general.alignment must be a power of two uint32, got {value!r}")
+                alignment = value
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        infos = []
+        for k in range(n_tensors):
+            raw_name, off = self.string(off, f"tensor info #{k}")
+            name = raw_name.decode("utf-8", "replace")
+            n_dims, off = self.read("<I", off, f"tensor info of {name}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise self.fail(f"tensor {name} has {n_dims} dimensions")
+            dims = []
+            for _ in range(n_dims):
+                d, off = self.read("<Q", off, f"tensor info of {name}")
+                dims.append(d)
+            raw_type, off = self.read("<I", off, f"tensor info of {name}")
+            data_off, off = self.read("<Q", off, f"tensor info of {name}")
+            try:
+                qtype = GGMLQuantizationType(raw_type)
+            except ValueError:
+                raise self.fail(f"tensor {name} has unknown ggml type {raw_type}") from None
+            n_elems = int(np.prod(dims, dtype=object))
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            if n_elems <= 0 or n_elems > self.size * 8 or dims[0] % block:
+                raise self.fail(f"tensor {name} has invalid shape {dims} for type {qtype.name}")
+            infos.append((name, data_off, n_elems // block * type_size))
+        data_start = -(-off // alignment) * alignment
+        for name, data_off, nbytes in infos:
+            end = data_start + data_off + nbytes
+            if end > self.size:
+                raise self.fail(f"file is truncated: tensor {name} needs bytes up to {end}, "
+                                f"the file has {self.size}")
+
+
+def _open_reader(path: Path) -> Any:
+    """``GGUFReader`` over ``path`` after :class:`_HeaderScan`; errors become FormatError."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no such GGUF file: {path}")
+    if path.stat().st_size < 24:
+        raise FormatError(f"{path}: file is truncated ({path.stat().st_size} bytes; a GGUF header "
+                          f"alone takes 24)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        _HeaderScan(path, memoryview(mm)).run()
+    finally:
+        del mm
+    try:
+        return GGUFReader(path, "r")
+    # GGUFReader reports bad data with whatever numpy or struct raises on the way.
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: cannot parse GGUF: {type(e).__name__}: {e}") from e
+
+
+class _Metadata:
+    """Typed access to GGUF key/value fields, naming the key and file on a problem."""
+
+    def __init__(self, reader: Any, path: Path) -> None:
+        self.fields, self.path = reader.fields, path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fields
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None,
+            required: bool = False) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            if required:
+                raise FormatError(f"{self.path}: metadata key {key} is missing")
+            return default
+        value = field.contents()
+        if isinstance(value, np.generic):
+            value = value.item()
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise FormatError(f"{self.path}: metadata {key} = {value!r} has the wrong type "
+                              f"(expected {getattr(kind, '__name__', kind)})")
+        return value
+
+    def scalars(self) -> dict[str, Any]:
+        """Every non-array field, for ``ModelSource.metadata``."""
+        from gguf import GGUFValueType
+        out = {}
+        for key, field in self.fields.items():
+            if key.startswith("GGUF.") or not field.types or field.types[0] == GGUFValueType.ARRAY:
+                continue
+            if key == "tokenizer.chat_template":
+                continue
+            value = field.contents()
+            out[key] = value.item() if isinstance(value, np.generic) else value
+        return out
+
+
+def _f32_decimal(value: float) -> float:
+    """The shortest decimal that is the same float32 (GGUF stores 1e-5 as 9.99999975e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _config(meta: _Metadata, vocab_size: int, tied: bool) -> LlamaConfig:
+    arch = meta.get("general.architecture", str, required=True)
+    if arch != "llama":
+        raise FormatError(f"{meta.path}: architecture {arch!r} is not supported (only 'llama')")
+    rope_scaling = meta.get("llama.rope.scaling.type", str, "none")
+    if rope_scaling not in ("none", ""):
+        raise FormatError(f"{meta.path}: RoPE scaling {rope_scaling!r} is not supported")
+    if meta.get("llama.expert_count", int, 0):
+        raise FormatError(f"{meta.path}: mixture-of-experts LLaMA models are not supported")
+    hidden = meta.get("llama.embedding_length", int, required=True)
+    n_head = meta.get("llama.attention.head_count", int, required=True)
+    n_kv = meta.get("llama.attention.head_count_kv", int, n_head)
+    head_dim = meta.get("llama.attention.key_length", int, 0)
+    if meta.get("llama.attention.value_length", int, head_dim) != head_dim:
+        raise FormatError(f"{meta.path}: different key and value head sizes are not supported")
+    rot = meta.get("llama.rope.dimension_count", int, 0)
+    if rot and rot != (head_dim or hidden // max(n_head, 1)):
+        raise FormatError(f"{meta.path}: partial rotary embeddings (llama.rope.dimension_count = "
+                          f"{rot}) are not supported")
+    eos = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                "tokenizer.ggml.eom_token_id"):
+        t = meta.get(key, int)
+        if t is not None and t not in eos:
+            eos.append(t)
+    try:
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=meta.get("llama.feed_forward_length", int, required=True),
+            num_layers=meta.get("llama.block_count", int, required=True),
+            num_heads=n_head,
+            num_kv_heads=n_kv,
+            head_dim=head_dim,
+            rope_theta=_f32_decimal(meta.get("llama.rope.freq_base", (float, int), 10000.0)),
+            rms_norm_eps=_f32_decimal(meta.get("llama.attention.layer_norm_rms_epsilon", (float, int), 1e-5)),
+            max_context=meta.get("llama.context_length", int, 2048),
+            tie_word_embeddings=tied,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id", int),
+            eos_token_ids=tuple(eos),
+        )
+    except ValueError as e:
+        raise FormatError(f"{meta.path}: {e}") from e
+
+
+def _unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row interleave: ``[n_head*Dh, X]`` rows -> rotate-half order.
+
+    Within a head, GGUF row ``2i + j`` holds Hugging Face row ``i + j * Dh/2``. ``X`` may be
+    columns or quantized row bytes: rows move whole.
+    """
+    rows = data.shape[0]
+    return np.ascontiguousarray(
+        data.reshape(n_head, rows // n_head // 2, 2, -1).swapaxes(1, 2).reshape(data.shape))
+
+
+def _to_f32(data: np.ndarray, dtype: str) -> np.ndarray:
+    """A small tensor (a norm) as float32, from any stored type."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    if dtype == "f32":
+        return data
+    if dtype == "f16":
+        return data.astype(np.float32)
+    if dtype == "bf16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return quants.dequantize(data, {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[dtype]).astype(np.float32)
+
+
+def _weights(reader: Any, cfg: LlamaConfig, path: Path) -> dict[str, Weight]:
+    types = _ggml_types()
+    expected = expected_weight_shapes(cfg)
+    weights: dict[str, Weight] = {}
+    for t in reader.tensors:
+        name = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
+        if name not in expected:
+            raise FormatError(f"{path}: unexpected tensor {t.name} (not part of a plain LLaMA model)")
+        if t.tensor_type not in types:
+            raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which is not "
+                              f"supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+        dtype = types[t.tensor_type]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if shape != expected[name]:
+            raise FormatError(f"{path}: tensor {t.name} has shape {list(shape)}, expected "
+                              f"{list(expected[name])}")
+        # The reader's views are [rows, cols] for F32/F16, [rows, row bytes] uint8 otherwise.
+        data = t.data
+        if dtype == "bf16":
+            data = data.view(np.uint16)
+        if len(shape) == 1:
+            data, dtype = _to_f32(data, dtype).reshape(shape), "f32"
+        elif name.endswith(".attn_q"):
+            data = _unpermute_rows(data, cfg.num_heads)
+        elif name.endswith(".attn_k"):
+            data = _unpermute_rows(data, cfg.num_kv_heads)
+        try:
+            weights[name] = Weight(dtype, shape, data)
+        except ValueError as e:
+            raise FormatError(f"{path}: tensor {t.name}: {e}") from e
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FormatError(f"{path}: missing tensors {', '.join(n + '.weight' for n in missing[:5])}{more}")
+    return weights
+
+
+def load_gguf(path: str | Path) -> ModelSource:
+    """Loads a LLaMA-architecture GGUF file.
+
+    Returns:
+        ModelSource with ``weights`` under the canonical names of ``formats.base``:
+        matrices as stored (``f32``/``f16``/``bf16``/``q8_0``/``q4_0``/``q4_1``, read-only
+        views of the file except the re-ordered ``attn_q``/``attn_k``), norms as ``f32``;
+        ``config.tie_word_embeddings`` is True when the file has no ``output.weight``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        FormatError: not GGUF, truncated or corrupt, another architecture, a tensor of an
+            unsupported type, a missing tensor or one of the wrong shape.
+    """
+    path = Path(path)
+    reader = _open_reader(path)
+    meta = _Metadata(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise FormatError(f"{path}: missing tensor token_embd.weight")
+    tokens = meta.get("tokenizer.ggml.tokens", list, required=True)
+    vocab_size = int(embd.shape[1]) if len(embd.shape) == 2 else len(tokens)
+    if len(tokens) > vocab_size:
+        raise FormatError(f"{path}: {len(tokens)} tokens but token_embd.weight has {vocab_size} rows")
+
+    cfg = _config(meta, vocab_size, tied="output.weight" not in tensors)
+    weights = _weights(reader, cfg, path)
+
+    chat_template = meta.get("tokenizer.chat_template", str)
+    tokenizer = tokenizer_from_gguf_vocab(
+        model=meta.get("tokenizer.ggml.model", str, required=True),
+        tokens=tokens,
+        token_types=meta.get("tokenizer.ggml.token_type", list),
+        merges=meta.get("tokenizer.ggml.merges", list),
+        scores=meta.get("tokenizer.ggml.scores", list),
+        pre=meta.get("tokenizer.ggml.pre", str),
+        bos_id=cfg.bos_token_id,
+        eos_ids=cfg.eos_token_ids,
+        add_bos=meta.get("tokenizer.ggml.add_bos_token", bool),
+        add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", bool),
+        chat_template=chat_template,
+        source=str(path),
+    )
+    return ModelSource(config=cfg, weights=weights, tokenizer=tokenizer, chat_template=chat_template,
+                       name=meta.get("general.name", str, path.stem), path=str(path),
+                       metadata={"format": "gguf", **meta.scalars()})

@@ -1,0 +1,325 @@
+"""Hugging Face loader: a LLaMA checkpoint directory -> :class:`ModelSource`.
+
+What it is: ``config.json`` (``LlamaForCausalLM``) to :class:`LlamaConfig`, the weights of
+``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``, and the
+tokenizer (``tokenizer.json`` or ``tokenizer.model``, ``tokenizer_config.json``).
+What it is not: a PyTorch loader (``pytorch_model.bin`` is refused) or a general model zoo.
+
+Weights are memory-mapped: each safetensors header is parsed here (8-byte little-endian
+length, then JSON with ``dtype``, ``shape``, ``data_offsets`` per tensor) and checked
+against the file size before anything is mapped, so a truncated file or a header claiming
+a terabyte fails with :class:`FormatError` instead of an allocation. Reading the bytes
+directly also keeps bf16 (``uint16`` bit patterns), which numpy cannot hold as floats, and
+avoids the copy ``safetensors.safe_open(..., framework="numpy")`` makes of every tensor.
+
+``weights`` chooses the stored format of the matrices: ``"auto"`` keeps F32/F16/BF16 as
+stored (zero copy); ``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"``, ``"q4_0"``, ``"q4_1"``
+convert each matrix at load from a float32 copy of that one matrix (``gguf.quants``).
+1-D norm weights are always float32. Hugging Face q/k rows already are in rotate-half
+order, which is the canonical layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import LlamaConfig
+from ..errors import FormatError
+from .base import WEIGHT_DTYPES, ModelSource, Weight, expected_weight_shapes, row_nbytes
+from .tokenizer import tokenizer_from_hf_directory
+
+__all__ = ["load_hf", "HF_WEIGHT_CHOICES"]
+
+#: Accepted values of ``load_hf(weights=...)``.
+HF_WEIGHT_CHOICES = ("auto",) + WEIGHT_DTYPES
+
+_ST_DTYPES = {"F32": ("f32", np.float32), "F16": ("f16", np.float16), "BF16": ("bf16", np.uint16)}
+# A safetensors header is JSON text: even 100k tensors stay far below this.
+_MAX_HEADER = 100 << 20
+
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+
+
+def _canonical(hf_name: str) -> str | None:
+    """Canonical name of a Hugging Face tensor name (``formats.base``), or None if unknown."""
+    top = {"model.embed_tokens.weight": "token_embd", "lm_head.weight": "output",
+           "model.norm.weight": "output_norm"}
+    if hf_name in top:
+        return top[hf_name]
+    m = _LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file: the validated header and a read-only map of the data."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise FormatError(f"{path}: file is truncated ({size} bytes, no safetensors header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(_MAX_HEADER, size - 8):
+                    raise FormatError(f"{path}: header claims {n} bytes, but the file has {size} "
+                                      f"(limit {_MAX_HEADER}): truncated or not safetensors")
+                raw = f.read(n)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read: {e}") from e
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: the safetensors header is not valid JSON: {e}") from e
+        if not isinstance(header, dict):
+            raise FormatError(f"{path}: the safetensors header is not a JSON object")
+        self.data_start, self.size = 8 + n, size
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            self.entries[name] = self._check(name, entry)
+        self._map: np.memmap | None = None
+
+    def _check(self, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, after checking it against the file."""
+        bad = FormatError(f"{self.path}: tensor {name}: malformed header entry {entry!r}")
+        if not isinstance(entry, dict):
+            raise bad
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise bad
+        if dtype not in _ST_DTYPES:
+            raise FormatError(f"{self.path}: tensor {name} has dtype {dtype}, which is not supported "
+                              f"(supported: {', '.join(_ST_DTYPES)})")
+        itemsize = np.dtype(_ST_DTYPES[dtype][1]).itemsize
+        nbytes = int(np.prod(shape, dtype=object)) * itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise FormatError(f"{self.path}: tensor {name} of shape {shape} in {dtype} needs {nbytes} "
+                              f"bytes, its data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        if self.data_start + offsets[1] > self.size:
+            raise FormatError(f"{self.path}: tensor {name} ends at byte {self.data_start + offsets[1]}, "
+                              f"past the end of the file ({self.size} bytes): file is truncated")
+        return dtype, tuple(shape), offsets[0], offsets[1]
+
+    def tensor(self, name: str) -> tuple[str, np.ndarray]:
+        """(weight dtype, read-only array view) of ``name``; bf16 as uint16 bit patterns."""
+        dtype, shape, begin, end = self.entries[name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        wdtype, np_dtype = _ST_DTYPES[dtype]
+        raw = self._map[self.data_start + begin:self.data_start + end]
+        return wdtype, raw.view(np_dtype).reshape(shape)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FormatError(f"{path.parent}: missing {path.name}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _config(cfg: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
+    """LlamaConfig from a parsed config.json; every problem names the key."""
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type != "llama" and "LlamaForCausalLM" not in archs:
+        raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
+                          f"LLaMA model (only model_type 'llama', LlamaForCausalLM)")
+
+    def get(key: str, kind: type | tuple[type, ...], default: Any = ..., *, src: dict = cfg) -> Any:
+        if key not in src or src[key] is None:
+            if default is ...:
+                raise FormatError(f"{path}: missing key {key!r}")
+            return default
+        value = src[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise FormatError(f"{path}: {key} = {value!r} has the wrong type "
+                              f"(expected {getattr(kind, '__name__', 'a number')})")
+        return value
+
+    if get("hidden_act", str, "silu") != "silu":
+        raise FormatError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if get(flag, bool, False):
+            raise FormatError(f"{path}: {flag} = true is not supported")
+    # transformers >= 5 nests RoPE settings in rope_parameters; older files use top-level keys.
+    rope = get("rope_parameters", dict, {})
+    scaling = get("rope_scaling", dict, {}) or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise FormatError(f"{path}: RoPE scaling {rope_type!r} is not supported")
+    theta = get("rope_theta", (int, float), src=rope) if "rope_theta" in rope \
+        else get("rope_theta", (int, float), 10000.0)
+    eos = get("eos_token_id", (int, list), [])
+    eos = [eos] if isinstance(eos, int) else eos
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+        raise FormatError(f"{path}: eos_token_id = {eos!r} must be an int or a list of ints")
+    heads = get("num_attention_heads", int)
+    try:
+        return LlamaConfig(
+            vocab_size=get("vocab_size", int),
+            hidden_size=get("hidden_size", int),
+            intermediate_size=get("intermediate_size", int),
+            num_layers=get("num_hidden_layers", int),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads", int, heads),
+            head_dim=get("head_dim", int, 0),
+            rope_theta=float(theta),
+            rms_norm_eps=float(get("rms_norm_eps", (int, float), 1e-6)),
+            max_context=get("max_position_embeddings", int, 2048),
+            tie_word_embeddings=tied,
+            bos_token_id=get("bos_token_id", int, None),
+            eos_token_ids=tuple(eos),
+        )
+    except ValueError as e:
+        raise FormatError(f"{path}: {e}") from e
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index_path = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FormatError(f"{index_path}: 'weight_map' must map tensor names to file names")
+        files = {}
+        for name, file in weight_map.items():
+            shard = directory / file
+            if Path(file).name != file:
+                raise FormatError(f"{index_path}: shard {file!r} is not a file name in the directory")
+            files[name] = shard
+        return files
+    if single.is_file():
+        return {name: single for name in _SafetensorsFile(single).entries}
+    found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+    hint = f" (found {', '.join(found)}: only safetensors are read)" if found else ""
+    raise FormatError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _as_f32(dtype: str, data: np.ndarray) -> np.ndarray:
+    if dtype == "bf16":  # bf16 is the top half of a float32
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32)
+
+
+def _convert(dtype: str, data: np.ndarray, target: str) -> Weight:
+    """A matrix in ``target`` storage, made from a float32 copy of ``data`` (one matrix at a time)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if target == dtype:
+        return Weight(dtype, data.shape, data)
+    rows, cols = data.shape
+    if target in ("q8_0", "q4_0", "q4_1"):
+        row_nbytes(target, cols)  # raises on a column count that is not a multiple of 32
+    f32 = _as_f32(dtype, data)
+    if target == "f32":
+        out = f32
+    elif target == "f16":
+        out = f32.astype(np.float16)
+    elif target == "bf16":
+        out = quants.quantize(f32, Q.BF16).view(np.uint16)  # round to nearest even, NaN kept
+    else:
+        out = quants.quantize(f32, {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[target])
+    return Weight(target, (rows, cols), out)
+
+
+def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
+    """Loads a Hugging Face LLaMA checkpoint directory.
+
+    Args:
+        directory: holds config.json, model.safetensors (or shards and their index) and
+            tokenizer.json or tokenizer.model.
+        weights: storage of the matrices, one of :data:`HF_WEIGHT_CHOICES` (see module doc).
+
+    Returns:
+        ModelSource with weights under canonical names; matrices ``[out, in]``, norms f32.
+        The LM head is tied (no ``output`` weight) when config.json says
+        ``tie_word_embeddings`` or the checkpoint has no ``lm_head.weight``.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        FormatError: missing or malformed files, a non-LLaMA model, unsupported dtypes,
+            missing tensors or wrong shapes.
+        ValueError: an unknown ``weights`` choice.
+    """
+    if weights not in HF_WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {HF_WEIGHT_CHOICES}, got {weights!r}")
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"no such model directory: {directory}")
+    if not directory.is_dir():
+        raise FormatError(f"{directory}: not a directory (a Hugging Face checkpoint is a directory)")
+    config_path = directory / "config.json"
+    raw_cfg = _read_json(config_path)
+
+    files = _weight_files(directory)
+    readers: dict[Path, _SafetensorsFile] = {}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise FormatError(f"{directory}: missing weight shard {file.name}")
+        readers[file] = _SafetensorsFile(file)
+    by_name: dict[str, tuple[str, Path]] = {}  # canonical -> (hf name, file)
+    for hf_name, file in files.items():
+        if hf_name not in readers[file].entries:
+            raise FormatError(f"{file}: tensor {hf_name} is listed in the index but not in the file")
+        canonical = _canonical(hf_name)
+        if canonical is None:
+            if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
+                continue
+            raise FormatError(f"{file}: unexpected tensor {hf_name} (not part of a plain LLaMA model)")
+        by_name[canonical] = (hf_name, file)
+
+    tied = bool(raw_cfg.get("tie_word_embeddings", False)) or "output" not in by_name
+    cfg = _config(raw_cfg, config_path, tied)
+    if tied:
+        by_name.pop("output", None)  # transformers ignores a saved lm_head when tied
+
+    expected = expected_weight_shapes(cfg)
+    missing = [n for n in expected if n not in by_name]
+    if missing:
+        raise FormatError(f"{directory}: missing tensors for {', '.join(missing[:5])}"
+                          f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
+    loaded: dict[str, Weight] = {}
+    for name, shape in expected.items():
+        hf_name, file = by_name[name]
+        dtype, data = readers[file].tensor(hf_name)
+        if data.shape != shape:
+            raise FormatError(f"{file}: tensor {hf_name} has shape {list(data.shape)}, expected {list(shape)}")
+        try:
+            if len(shape) == 1:
+                loaded[name] = Weight("f32", shape, _as_f32(dtype, data) if dtype != "f32" else data)
+            else:
+                loaded[name] = _convert(dtype, data, dtype if weights == "auto" else weights)
+        except ValueError as e:
+            raise FormatError(f"{file}: tensor {hf_name}: cannot store as {weights}: {e}") from e
+
+    tokenizer = tokenizer_from_hf_directory(directory, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+    return ModelSource(config=cfg, weights=loaded, tokenizer=tokenizer,
+                       chat_template=tokenizer.chat_template, name=directory.name, path=str(directory),
+                       metadata={"format": "hf", "weights": weights,
+                                 "torch_dtype": raw_cfg.get("dtype", raw_cfg.get("torch_dtype"))})
