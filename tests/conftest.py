@@ -1,0 +1,143 @@
+"""Shared fixtures: the default model, and writers of small GGUF / Hugging Face models.
+
+No test may reach a model hub: HF_HUB_OFFLINE is set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+TINY = dict(n_layers=2, hidden=64, n_head=4, n_kv=2, ffn=96)
+
+
+def byte_level_vocab() -> dict[str, Any]:
+    """A small valid gpt2-type GGUF vocabulary: 3 control tokens, 256 bytes, 2 merges."""
+    from dovetail_ext.formats.tokenizer import _bytes_to_unicode
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens += [_bytes_to_unicode()[b] for b in range(256)] + ["Ġt", "he"]
+    types = [3, 3, 3] + [1] * 258
+    return dict(model="gpt2", pre="smollm", tokens=tokens, types=types, merges=["Ġ t", "h e"],
+                bos=1, eos=2)
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (rotate-half -> interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, vocab: dict | None = None,
+                     arch: str = "llama", skip: tuple[str, ...] = (),
+                     shapes: dict[str, tuple[int, ...]] | None = None,
+                     types: dict[str, Any] | None = None, meta: Callable[[Any], None] | None = None,
+                     seed: int = 0, **dims: int) -> dict[str, np.ndarray]:
+    """Writes a random LLaMA GGUF the way llama.cpp's converter does; returns the originals.
+
+    Matrices are stored as ``dtype`` (``types`` overrides per canonical name), norms F32,
+    q/k rows permuted. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
+    may add metadata. Returns canonical name -> float32 [rows, cols] in Hugging Face order.
+    """
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    d = {**TINY, **dims}
+    vocab = vocab or byte_level_vocab()
+    V, D, F, H, KV = len(vocab["tokens"]), d["hidden"], d["ffn"], d["n_head"], d["n_kv"]
+    Dh = D // H
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(d["n_layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(vocab["model"])
+    if vocab.get("pre"):
+        w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if vocab.get("merges") is not None:
+        w.add_token_merges(vocab["merges"])
+    if vocab.get("scores") is not None:
+        w.add_token_scores(vocab["scores"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    if "add_bos" in vocab:
+        w.add_add_bos_token(vocab["add_bos"])
+    if meta is not None:
+        meta(w)
+
+    want = {"token_embd": (V, D), "output_norm": (D,)}
+    if not tied:
+        want["output"] = (V, D)
+    for i in range(d["n_layers"]):
+        p = f"blk.{i}."
+        want.update({p + "attn_norm": (D,), p + "ffn_norm": (D,), p + "attn_q": (H * Dh, D),
+                     p + "attn_k": (KV * Dh, D), p + "attn_v": (KV * Dh, D), p + "attn_output": (D, H * Dh),
+                     p + "ffn_gate": (F, D), p + "ffn_up": (F, D), p + "ffn_down": (D, F)})
+    want.update(shapes or {})
+    qtypes = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+    originals = {}
+    for name, shape in want.items():
+        if name in skip:
+            continue
+        value = (rng.standard_normal(shape) * (0.02 if len(shape) == 2 else 1.0)).astype(np.float32)
+        if len(shape) == 1:
+            value = 1.0 + 0.1 * value
+        originals[name] = value
+        stored = value
+        if name.endswith("attn_q"):
+            stored = llama_permute(value, H)
+        elif name.endswith("attn_k"):
+            stored = llama_permute(value, KV)
+        qtype = (types or {}).get(name, Q.F32 if len(shape) == 1 else qtypes[dtype])
+        if qtype == Q.F32:
+            w.add_tensor(name + ".weight", stored)
+        elif qtype == Q.F16:
+            w.add_tensor(name + ".weight", stored.astype(np.float16))
+        elif qtype == Q.F64:
+            w.add_tensor(name + ".weight", stored.astype(np.float64))
+        else:
+            w.add_tensor(name + ".weight", gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return originals
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path() -> Path:
+    from dovetail_ext.models import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_source(default_gguf_path: Path) -> Any:
+    """The default model loaded once per session (about 2 s)."""
+    from dovetail_ext.formats import load_gguf
+    return load_gguf(default_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def llama_gguf_writer() -> Callable[..., dict[str, np.ndarray]]:
+    """:func:`write_llama_gguf`, as a fixture so test modules need not import conftest."""
+    return write_llama_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny_byte_vocab() -> dict[str, Any]:
+    return byte_level_vocab()

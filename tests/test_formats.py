@@ -1,0 +1,284 @@
+"""Loaders: the default GGUF against transformers' own GGUF loading, small GGUF files of
+every weight type, Hugging Face checkpoints (single, sharded, f32/f16/bf16, tied or not,
+converted to q8_0/q4_0/q4_1), and the dispatch of ``load_model_source``."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from dovetail_ext.formats import (ModelSource, Weight, expected_weight_shapes, load_gguf, load_hf,
+                                  load_model_source)
+from dovetail_ext.formats.tokenizer import Tokenizer
+
+GGML = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+
+
+def dequant(w: Weight) -> np.ndarray:
+    """float32 values of a Weight, whatever its storage."""
+    if w.dtype in GGML:
+        return quants.dequantize(w.data, GGML[w.dtype]).reshape(w.shape)
+    if w.dtype == "bf16":
+        return (w.data.astype(np.uint32) << 16).view(np.float32)
+    return w.data.astype(np.float32)
+
+
+# ------------------------------------------------------------------ the default model
+
+def test_default_config(default_source: ModelSource) -> None:
+    cfg = default_source.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
+    assert (cfg.intermediate_size, cfg.vocab_size, cfg.max_context) == (1536, 49152, 8192)
+    assert cfg.rope_theta == 100000.0 and cfg.rms_norm_eps == 1e-5
+    assert cfg.tie_word_embeddings and "output" not in default_source.weights
+    assert cfg.bos_token_id == 1 and cfg.eos_token_ids == (2,)
+    assert default_source.chat_template.startswith("{% for message in messages %}")
+    assert default_source.metadata["tokenizer.ggml.pre"] == "smollm"
+
+
+def test_default_dtypes_and_zero_copy(default_source: ModelSource) -> None:
+    w = default_source.weights
+    assert set(w) == set(expected_weight_shapes(default_source.config))
+    assert w["token_embd"].dtype == "q8_0" and w["token_embd"].data.shape == (49152, 576 // 32 * 34)
+    matrices = [n for n in w if n.startswith("blk.") and not n.endswith("norm")]
+    norms = [n for n in w if n.endswith("norm")]
+    assert len(matrices) == 210 and {w[n].dtype for n in matrices} == {"q4_1"}
+    assert len(norms) == 61 and {w[n].dtype for n in norms} == {"f32"}
+    assert all(w[n].data.dtype == np.float32 and w[n].data.shape == (576,) for n in norms)
+    # Views of the file's map (read-only), not copies: only q/k rows are re-ordered copies.
+    assert not w["token_embd"].data.flags.writeable
+    assert not w["blk.0.ffn_down"].data.flags.writeable
+    total = sum(x.data.nbytes for x in w.values())
+    assert total < 100_000_000  # about the file size: nothing was expanded to fp32
+
+
+@pytest.fixture(scope="module")
+def hf_from_gguf(default_gguf_path: Path):
+    """transformers' LlamaForCausalLM loaded from the default GGUF: fp32, un-permuted."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(str(default_gguf_path.parent),
+                                                          gguf_file=default_gguf_path.name)
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("layer", [0, 29])
+def test_qk_rows_match_transformers(default_source: ModelSource, hf_from_gguf, layer: int) -> None:
+    w = default_source.weights
+    p, hp = f"blk.{layer}.", f"model.layers.{layer}."
+    for ours, theirs in [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                         ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                         ("ffn_gate", "mlp.gate_proj"), ("ffn_down", "mlp.down_proj"),
+                         ("attn_norm", "input_layernorm")]:
+        np.testing.assert_array_equal(dequant(w[p + ours]), hf_from_gguf[hp + theirs + ".weight"],
+                                      err_msg=ours)
+
+
+def test_embedding_matches_transformers(default_source: ModelSource, hf_from_gguf) -> None:
+    np.testing.assert_array_equal(dequant(default_source.weights["token_embd"]),
+                                  hf_from_gguf["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(default_source.weights["output_norm"].data, hf_from_gguf["model.norm.weight"])
+
+
+# ------------------------------------------------------------------ small GGUF files
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+def test_tiny_gguf_every_type(tmp_path: Path, llama_gguf_writer, dtype: str) -> None:
+    path = tmp_path / "tiny.gguf"
+    tied = dtype in ("f32", "q4_1")
+    originals = llama_gguf_writer(path, dtype=dtype, tied=tied, n_layers=2, hidden=64, n_head=4, n_kv=2)
+    src = load_gguf(path)
+    cfg = src.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (2, 64, 4, 2, 16)
+    assert cfg.tie_word_embeddings == tied and ("output" in src.weights) != tied
+    assert set(src.weights) == set(originals)
+    for name, value in originals.items():
+        w = src.weights[name]
+        if value.ndim == 1:
+            assert w.dtype == "f32"
+            np.testing.assert_array_equal(w.data, value)
+            continue
+        assert w.dtype == dtype and w.shape == value.shape
+        if dtype in GGML:  # quantization is per row, so the row order survives it
+            want = quants.dequantize(quants.quantize(value, GGML[dtype]), GGML[dtype])
+        elif dtype == "bf16":
+            want = (quants.quantize(value, Q.BF16).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            want = value.astype(np.float16 if dtype == "f16" else np.float32).astype(np.float32)
+        np.testing.assert_array_equal(dequant(w), want, err_msg=name)
+
+
+def test_unpermute_is_inverse_of_llama_cpp(tmp_path: Path, llama_gguf_writer) -> None:
+    """With 8 heads of 8 rows a wrong permutation cannot pass by accident."""
+    originals = llama_gguf_writer(tmp_path / "t.gguf", dtype="f32", hidden=64, n_head=8, n_kv=4)
+    src = load_gguf(tmp_path / "t.gguf")
+    for name in ("blk.0.attn_q", "blk.0.attn_k", "blk.1.attn_k"):
+        np.testing.assert_array_equal(src.weights[name].data, originals[name])
+        assert src.weights[name].data.flags.c_contiguous
+
+
+def test_gguf_eot_is_an_eos(tmp_path: Path, llama_gguf_writer) -> None:
+    llama_gguf_writer(tmp_path / "t.gguf", meta=lambda w: w.add_eot_token_id(0))
+    src = load_gguf(tmp_path / "t.gguf")
+    assert src.config.eos_token_ids == (2, 0)
+    assert src.tokenizer.eos_ids == frozenset({0, 2})
+
+
+# ------------------------------------------------------------------ Hugging Face checkpoints
+
+def _mistral_spm() -> Path:
+    spec = importlib.util.find_spec("mistral_common")
+    assert spec is not None, "mistral-common (test dependency) ships the SentencePiece model"
+    return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+
+
+def save_tiny_llama(directory: Path, *, dtype: str = "float32", tied: bool = False,
+                    shard: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random tiny LlamaForCausalLM saved by transformers; returns its state as numpy
+    (bf16 as uint16 bit patterns)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                                   bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():  # norms are all ones at init: make them distinct
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    shutil.copy(_mistral_spm(), directory / "tokenizer.model")
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy()
+    return out
+
+
+HF_NAMES = {"token_embd": "model.embed_tokens.weight", "output": "lm_head.weight", "output_norm": "model.norm.weight"}
+for _ours, _theirs in [("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"),
+                       ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                       ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
+                       ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+    for _i in range(2):
+        HF_NAMES[f"blk.{_i}.{_ours}"] = f"model.layers.{_i}.{_theirs}.weight"
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.uint32) << 16).view(np.float32) if x.dtype == np.uint16 else x.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype,tied,shard", [("float32", False, None), ("float16", True, None),
+                                              ("bfloat16", False, "20KB"), ("bfloat16", True, None)])
+def test_hf_weights_bit_exact(tmp_path: Path, dtype: str, tied: bool, shard: str | None) -> None:
+    state = save_tiny_llama(tmp_path, dtype=dtype, tied=tied, shard=shard)
+    if shard:
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    src = load_hf(tmp_path)
+    cfg = src.config
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (96, 64, 2, 4, 2)
+    assert cfg.rope_theta == 5000.0 and cfg.rms_norm_eps == 1e-5 and cfg.max_context == 128
+    assert cfg.tie_word_embeddings == tied and ("output" in src.weights) != tied
+    want_dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+    for name, w in src.weights.items():
+        original = state[HF_NAMES[name]]
+        if original.ndim == 1:  # norms are float32 whatever the checkpoint stores
+            assert w.dtype == "f32"
+            np.testing.assert_array_equal(w.data, _f32(original), err_msg=name)
+        else:
+            assert w.dtype == want_dtype and w.data.dtype == original.dtype
+            np.testing.assert_array_equal(w.data, original, err_msg=name)  # raw bits (bf16 as uint16)
+            assert not w.data.flags.writeable  # a view of the file
+
+
+@pytest.mark.parametrize("target,nmse", [("q8_0", 1e-4), ("q4_0", 2e-2), ("q4_1", 2e-2)])
+def test_hf_quantize_at_load(tmp_path: Path, target: str, nmse: float) -> None:
+    state = save_tiny_llama(tmp_path, dtype="bfloat16")
+    src = load_hf(tmp_path, weights=target)
+    for name, w in src.weights.items():
+        original = _f32(state[HF_NAMES[name]])
+        if original.ndim == 1:
+            assert w.dtype == "f32"
+            continue
+        assert w.dtype == target and w.data.dtype == np.uint8
+        np.testing.assert_array_equal(w.data, quants.quantize(original, GGML[target]), err_msg=name)
+        err = np.mean((dequant(w) - original) ** 2) / np.mean(original ** 2)
+        assert err < nmse, (name, err)
+
+
+@pytest.mark.parametrize("target", ["f32", "f16", "bf16"])
+def test_hf_float_conversions(tmp_path: Path, target: str) -> None:
+    state = save_tiny_llama(tmp_path, dtype="float32")
+    src = load_hf(tmp_path, weights=target)
+    w, original = src.weights["blk.1.ffn_up"], state["model.layers.1.mlp.up_proj.weight"]
+    assert w.dtype == target
+    if target == "bf16":
+        import torch
+        want = torch.from_numpy(original).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(w.data, want)
+    else:
+        np.testing.assert_array_equal(w.data, original.astype(np.float16 if target == "f16" else np.float32))
+
+
+def test_hf_tokenizer_json_and_chat_template(tmp_path: Path, default_source: ModelSource) -> None:
+    """A checkpoint with tokenizer.json + tokenizer_config.json, written from the default
+    model's tokenizer: same ids, template from the config, no BOS by default."""
+    save_tiny_llama(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
+    default_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    import json
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": default_source.chat_template, "bos_token": "<|im_start|>",
+         "eos_token": "<|im_end|>", "add_bos_token": False}))
+    src = load_hf(tmp_path)
+    tok: Tokenizer = src.tokenizer
+    text = "<|im_start|>user\nPrint 12345 in Python:\n    print(12345)<|im_end|>"
+    assert tok.encode(text) == default_source.tokenizer.encode(text)
+    assert tok.bos_id == 1 and tok.eos_ids == frozenset({2}) and not tok.add_bos
+    assert src.chat_template == default_source.chat_template
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(msgs) == default_source.tokenizer.apply_chat_template(msgs)
+
+
+def test_hf_chat_template_file_wins(tmp_path: Path) -> None:
+    save_tiny_llama(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    src = load_hf(tmp_path)
+    assert src.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
+
+
+# ------------------------------------------------------------------ dispatch
+
+def test_load_model_source_dispatch(tmp_path: Path, llama_gguf_writer, monkeypatch) -> None:
+    gguf_path = tmp_path / "m.bin"  # the magic decides, not the file name
+    llama_gguf_writer(gguf_path)
+    assert load_model_source(gguf_path).metadata["format"] == "gguf"
+    with pytest.raises(ValueError, match="GGUF model is used as stored"):
+        load_model_source(gguf_path, weights="q8_0")
+
+    hf_dir = tmp_path / "hf"
+    save_tiny_llama(hf_dir)
+    src = load_model_source(hf_dir, weights="q4_0")
+    assert src.metadata["format"] == "hf" and src.weights["blk.0.ffn_up"].dtype == "q4_0"
+    assert load_model_source(hf_dir / "config.json").metadata["format"] == "hf"
+
+    import dovetail_ext.formats as formats
+    seen = []
+    monkeypatch.setattr(formats, "load_gguf", lambda p: seen.append(Path(p)) or "loaded")
+    assert load_model_source(None) == "loaded"
+    assert seen[0].name == "SmolLM2-135M-Instruct.Q4_1.gguf" and seen[0].is_file()
+
+    with pytest.raises(FileNotFoundError):
+        load_model_source(tmp_path / "nothing-here")
