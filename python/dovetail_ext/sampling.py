@@ -1,0 +1,85 @@
+"""Choosing tokens from the target's logits: greedy, and seeded sampling with
+temperature, top-k and top-p applied to the target distribution.
+
+The same :func:`target_probs` feeds plain sampling and the lossless speculative
+acceptance, so both sample from exactly one distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["SamplingParams", "target_probs", "TokenChooser"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution to sample from, float64 [..., V].
+
+    logits / temperature, then keep the top_k largest, then the smallest set of the most
+    likely tokens whose mass reaches top_p (ties at the boundary are kept), renormalized.
+    """
+    if params.greedy:
+        raise ValueError("greedy decoding has no sampling distribution (temperature is 0)")
+    z = np.asarray(logits, dtype=np.float64) / params.temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    if params.top_k and params.top_k < z.shape[-1]:
+        kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    if params.top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
+        keep_sorted = mass_before < params.top_p
+        # The smallest kept probability: everything at least this likely stays (ties).
+        threshold = np.min(np.where(keep_sorted, sorted_p, np.inf), axis=-1, keepdims=True)
+        p = np.where(p >= threshold, p, 0.0)
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+class TokenChooser:
+    """Picks the next token from one row of logits: argmax, or a seeded draw."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.params.greedy:
+            return int(np.argmax(logits))
+        return self.draw(target_probs(logits, self.params))
+
+    def draw(self, probs: np.ndarray) -> int:
+        """One token from a probability vector (inverse CDF on one uniform draw)."""
+        cdf = np.cumsum(probs)
+        u = self.rng.random() * cdf[-1]
+        return int(min(np.searchsorted(cdf, u, side="right"), len(probs) - 1))
