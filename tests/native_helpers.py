@@ -1,0 +1,95 @@
+"""Helpers for tests of the native core: ISA switching and tiny random models."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from dovetail_ext import _core
+from dovetail_ext.config import LlamaConfig
+from dovetail_ext.formats.base import ModelSource, expected_weight_shapes
+from dovetail_ext.quant import quantize
+
+ALL_ISAS = ("scalar", "avx2", "avx512")
+
+
+def isa_params() -> list:
+    """One pytest param per ISA path; paths this CPU lacks are skipped with the reason."""
+    have = set(_core.supported_isas())
+    return [pytest.param(i, marks=() if i in have else pytest.mark.skip(reason=f"CPU lacks {i}"), id=i)
+            for i in ALL_ISAS]
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    before = _core.get_isa()
+    _core.set_isa(name)
+    try:
+        yield
+    finally:
+        _core.set_isa(before)
+
+
+def tiny_config(*, gqa: int = 3, tied: bool = True, layers: int = 2, vocab: int = 301, heads: int = 6,
+                head_dim: int = 16, ffn: int = 160, theta: float = 10000.0) -> LlamaConfig:
+    """A small LLaMA config with awkward sizes (hidden 96 with 6 heads of 16 by default)."""
+    return LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=ffn, num_layers=layers,
+                       num_heads=heads, num_kv_heads=heads // gqa, head_dim=head_dim, rope_theta=theta,
+                       rms_norm_eps=1e-5, max_context=512, tie_word_embeddings=tied)
+
+
+def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 weights with LLaMA-like scales: unit-ish norms, 1/sqrt(fan_in) matrices."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_weight_shapes(cfg).items():
+        if len(shape) == 1:
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    out["token_embd"] *= 8.0  # embeddings are not fan-in scaled
+    return out
+
+
+def make_source(cfg: LlamaConfig, weights: dict[str, np.ndarray], dtype: str = "f32",
+                embd_dtype: str | None = None) -> ModelSource:
+    """A ModelSource with matrices stored as ``dtype`` (norms f32), no tokenizer."""
+    ws = {}
+    for name, w in weights.items():
+        if w.ndim == 1:
+            ws[name] = quantize(w, "f32")
+        elif name in ("token_embd", "output") and embd_dtype:
+            ws[name] = quantize(w, embd_dtype)
+        else:
+            ws[name] = quantize(w, dtype)
+    return ModelSource(config=cfg, weights=ws, tokenizer=None, name="tiny")
+
+
+def random_tree(rng: np.random.Generator, T: int) -> np.ndarray:
+    """parents[T] of a random tree rooted at 0 (parents[0] = -1, parents[i] < i)."""
+    parents = np.full(T, -1, dtype=np.int64)
+    for i in range(1, T):
+        parents[i] = rng.integers(0, i)
+    return parents
+
+
+def tree_ancestors(parents: np.ndarray) -> np.ndarray:
+    """bool [T, T]: row t marks t and all its ancestors."""
+    T = len(parents)
+    anc = np.zeros((T, T), dtype=bool)
+    for t in range(T):
+        j = t
+        while j >= 0:
+            anc[t, j] = True
+            j = parents[j]
+    return anc
+
+
+def tree_depths(parents: np.ndarray) -> np.ndarray:
+    d = np.zeros(len(parents), dtype=np.int64)
+    for i in range(1, len(parents)):
+        d[i] = d[parents[i]] + 1
+    return d

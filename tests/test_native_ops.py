@@ -1,0 +1,205 @@
+"""Each native op against its PyTorch twin (dovetail_ext.reference), at awkward sizes, for
+every weight format and every ISA path; fast paths against the scalar path; batch
+invariance; bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dovetail_ext import _core, reference
+from dovetail_ext.quant import quantize, quantize_activations_q8
+from native_helpers import isa_params, random_tree, tree_ancestors, use_isa
+
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+SHAPES = [(1, 32, 1), (3, 96, 7), (17, 160, 33), (5, 576, 100), (2, 1568, 19), (64, 288, 40)]  # (T, K, N)
+
+
+@pytest.fixture(params=isa_params())
+def isa(request):
+    with use_isa(request.param):
+        yield request.param
+
+
+def _packed(w):
+    return _core.PackedWeight(w.dtype, w.shape[0], w.shape[1], np.ascontiguousarray(w.data))
+
+
+def _rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,N", SHAPES)
+def test_linear_matches_twin(isa, dtype, T, K, N):
+    rng = np.random.default_rng(T * 1000 + K + N)
+    x = _rand(rng, T, K)
+    x[0, :5] *= 30.0  # an outlier block, as real activations have
+    w = quantize(_rand(rng, N, K, scale=K ** -0.5), dtype)
+    y = _core.linear(x, _packed(w), threads=2)
+    want = reference.linear_q8(torch.from_numpy(x).double(), w).numpy()
+    from dovetail_ext.quant import dequantize
+    bound = np.abs(x).astype(np.float64) @ np.abs(dequantize(w)).T.astype(np.float64)
+    # fp32 accumulation error grows ~ sqrt(K) * eps32 * sum |terms| (random rounding).
+    assert np.all(np.abs(y - want) <= 2 * np.sqrt(K) * 6e-8 * bound + 1e-6), f"max err {np.abs(y - want).max()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_batch_invariant(isa, dtype):
+    """A row's result is bitwise the same alone, in a batch of any size, with any threads."""
+    rng = np.random.default_rng(7)
+    K, N = 352, 45
+    x = _rand(rng, 33, K)
+    pw = _packed(quantize(_rand(rng, N, K, scale=0.1), dtype))
+    full = _core.linear(x, pw, threads=2)
+    for T in (1, 2, 5, 16):
+        part = _core.linear(x[:T], pw, threads=1)
+        np.testing.assert_array_equal(part, full[:T])
+    np.testing.assert_array_equal(_core.linear(x[7:8], pw), full[7:8])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simd_paths_match_scalar(dtype):
+    rng = np.random.default_rng(3)
+    x = _rand(rng, 9, 224)
+    pw = _packed(quantize(_rand(rng, 31, 224, scale=0.1), dtype))
+    with use_isa("scalar"):
+        ref = _core.linear(x, pw)
+    for name in _core.supported_isas():
+        with use_isa(name):
+            np.testing.assert_allclose(_core.linear(x, pw), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_acts_bitwise_twin():
+    rng = np.random.default_rng(1)
+    x = _rand(rng, 7, 256)
+    x[2, 32:64] = 0.0  # an all-zero block
+    x[3, :] *= 1e4
+    q, d, ds = _core.quantize_acts(x)
+    q2, d2, s2 = quantize_activations_q8(x)
+    np.testing.assert_array_equal(q, q2)
+    np.testing.assert_array_equal(d, d2)
+    np.testing.assert_allclose(ds, d2 * s2.astype(np.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_row(dtype):
+    from dovetail_ext.quant import dequantize
+    rng = np.random.default_rng(2)
+    w = quantize(_rand(rng, 5, 96), dtype)
+    pw = _packed(w)
+    for r in range(5):
+        np.testing.assert_array_equal(pw.dequantize_row(r), dequantize(w)[r])
+
+
+@pytest.mark.parametrize("T,D", [(1, 8), (3, 97), (4, 576)])
+def test_rmsnorm(T, D):
+    rng = np.random.default_rng(D)
+    x, w = _rand(rng, T, D, scale=3.0), _rand(rng, D)
+    y = _core.rmsnorm(x, w, 1e-5)
+    want = reference.rmsnorm(torch.from_numpy(x), torch.from_numpy(w), 1e-5).numpy()
+    np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("Dh", [2, 6, 16, 64, 128])
+def test_rope(Dh):
+    rng = np.random.default_rng(Dh)
+    T, H = 5, 3
+    x = _rand(rng, T, H, Dh)
+    pos = np.array([0, 1, 77, 4095, 8191], dtype=np.int32)
+    y = _core.rope(x, pos, 100000.0, 8192)
+    want = reference.rope(torch.from_numpy(x), torch.from_numpy(pos).long(), 100000.0).numpy()
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * np.abs(x).max() * 4)
+
+
+def test_swiglu():
+    rng = np.random.default_rng(0)
+    g, u = _rand(rng, 3, 101, scale=4.0), _rand(rng, 3, 101)
+    want = reference.swiglu(torch.from_numpy(g), torch.from_numpy(u)).numpy()
+    np.testing.assert_allclose(_core.swiglu(g, u), want, rtol=1e-6, atol=1e-6)
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    from dovetail_ext.quant import quantize as q
+    return q(a, "bf16").data.reshape(a.shape)
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("T,H,KV,Dh,n_past", [(1, 1, 1, 8, 0), (5, 9, 3, 64, 11), (16, 4, 4, 20, 3),
+                                              (33, 6, 2, 16, 0), (70, 2, 1, 24, 5)])
+def test_attention_matches_twin(isa, kv_dtype, T, H, KV, Dh, n_past):
+    rng = np.random.default_rng(T * H + Dh)
+    S = n_past + T + 3  # spare slots after the batch must be ignored
+    q = _rand(rng, T, H, Dh)
+    k, v = _rand(rng, KV, S, Dh), _rand(rng, KV, S, Dh)
+    anc = tree_ancestors(random_tree(rng, T))
+    if kv_dtype == "bf16":
+        kb, vb = _bf16(k), _bf16(v)
+        out = _core.attention(q, kb, vb, n_past, anc, threads=2)
+        k = (kb.astype(np.uint32) << 16).view(np.float32)
+        v = (vb.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out = _core.attention(q, k, v, n_past, anc, threads=2)
+    L = n_past + T
+    want = reference.attention(torch.from_numpy(q).double(), torch.from_numpy(k[:, :L]).double(),
+                               torch.from_numpy(v[:, :L]).double(), n_past, torch.from_numpy(anc)).numpy()
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * np.sqrt(L))
+
+
+def test_attention_batch_invariant(isa):
+    """A tree token's output is bitwise equal to computing it after committing its ancestors."""
+    rng = np.random.default_rng(5)
+    T, H, KV, Dh, n_past = 12, 6, 2, 32, 7
+    parents = random_tree(rng, T)
+    anc = tree_ancestors(parents)
+    q = _rand(rng, T, H, Dh)
+    k, v = _rand(rng, KV, n_past + T, Dh), _rand(rng, KV, n_past + T, Dh)
+    tree_out = _core.attention(q, k, v, n_past, anc)
+    for t in (0, 5, T - 1):
+        path = np.flatnonzero(anc[t])  # ancestors in batch order, t last
+        kk = np.concatenate([k[:, :n_past], k[:, n_past + path]], axis=1)
+        vv = np.concatenate([v[:, :n_past], v[:, n_past + path]], axis=1)
+        alone = _core.attention(q[t:t + 1], kk, vv, n_past + len(path) - 1, np.ones((1, 1), bool))
+        np.testing.assert_array_equal(alone[0], tree_out[t])
+
+
+def test_bad_inputs():
+    rng = np.random.default_rng(0)
+    w = quantize(_rand(rng, 4, 64), "q4_0")
+    pw = _packed(w)
+    with pytest.raises(ValueError, match="dtype float32"):
+        _core.linear(np.zeros((2, 64), np.float64), pw)
+    with pytest.raises(ValueError, match=r"shape \(2, 63\)"):
+        _core.linear(np.zeros((2, 63), np.float32), pw)
+    with pytest.raises(ValueError, match="needs 144 bytes"):
+        _core.PackedWeight("q4_0", 4, 64, np.zeros(100, np.uint8))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.PackedWeight("q8_0", 1, 40, np.zeros(40, np.uint8))
+    with pytest.raises(ValueError, match="unknown weight dtype"):
+        _core.PackedWeight("q5_k", 1, 32, np.zeros(32, np.uint8))
+    with pytest.raises(ValueError, match="unknown ISA"):
+        _core.set_isa("neon")
+    q = np.zeros((3, 2, 8), np.float32)
+    kv = np.zeros((1, 3, 8), np.float32)
+    with pytest.raises(ValueError, match="lower-triangular"):
+        _core.attention(q, kv, kv, 0, np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match="diagonal"):
+        _core.attention(q, kv, kv, 0, np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="ancestors has shape"):
+        _core.attention(q, kv, kv, 0, np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match="n_past"):
+        _core.attention(q, kv, kv, 1, np.tril(np.ones((3, 3), bool)))
+    with pytest.raises(ValueError, match="outside"):
+        _core.rope(np.zeros((1, 1, 4), np.float32), np.array([9], np.int32), 1e4, 8)
+    with pytest.raises(ValueError, match="even"):
+        _core.rope(np.zeros((1, 1, 5), np.float32), np.array([0], np.int32), 1e4, 8)
+
+
+def test_non_contiguous_input_is_handled():
+    rng = np.random.default_rng(0)
+    pw = _packed(quantize(_rand(rng, 8, 64), "f32"))
+    x = _rand(rng, 64, 4).T  # a transposed view
+    np.testing.assert_allclose(_core.linear(x, pw), _core.linear(np.ascontiguousarray(x), pw), rtol=0, atol=0)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    np.testing.assert_array_equal(_core.linear(xt, pw), _core.linear(np.ascontiguousarray(x), pw))
