@@ -1,0 +1,439 @@
+"""PyTorch twin of every native op and of the LLaMA target model.
+
+What it is: the executable specification the native ``_core`` ops and the native target
+engine are tested against, written to be obviously correct. What it is not: fast. Each op
+twin states its numerics (which dtype every step runs in) because the native kernels are
+held to them; the model twin is nothing but a composition of the op twins.
+
+Legend: T tokens in one call, D hidden size, H query heads, KV key/value heads, Dh head
+dim, G = H / KV query heads per KV head, L keys one query may see (n_prefix + T),
+F FFN size, V vocab size, K reduction size of a matmul, N its output features.
+
+One target call serves prefill, decode and tree verification::
+
+    logits, features = model(tokens, positions, ancestors, cache)   # batch written to scratch
+    cache.commit(kept)                                               # keep some rows, compacted
+
+Token ``t`` of the batch attends to the whole committed prefix plus the batch tokens ``j``
+with ``ancestors[t, j]`` (a tree's ancestor-or-self matrix; lower-triangular = causal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaConfig
+from .formats.base import QUANT_BLOCK, ModelSource, Weight, expected_weight_shapes
+from .quant import dequantize, quantize_activations_q8, unpack_blocks
+
+__all__ = ["rmsnorm", "rope_tables", "rope", "swiglu", "attention", "linear", "linear_q8",
+           "KVCache", "RMSNorm", "Attention", "FeedForward", "Block", "LlamaReference",
+           "causal_ancestors", "generate_greedy"]
+
+
+# ----------------------------------------------------------------------------------------
+# Op twins
+
+
+def rmsnorm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMS normalization: ``y = x * rsqrt(mean(x^2) + eps) * w``, computed in float32.
+
+    Args:
+        x: [T, D] float. w: [D] float. eps: added to the mean square.
+    Returns:
+        [T, D] in ``x.dtype``.
+    """
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (y * w.float()).to(x.dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Rotary-embedding cos/sin tables, as the native engine precomputes them.
+
+    ``inv_freq[i] = theta ** (-2 i / Dh)`` for ``i < Dh/2`` and ``angle = pos * inv_freq``,
+    both in float64; cos and sin of the float64 angle are then rounded once to ``dtype``
+    (float32 for the engine). Hugging Face computes the angle in float32, which at
+    position p is off by up to about ``1e-6 * p`` radians; float64 angles keep large
+    positions accurate to the final rounding.
+
+    Args:
+        positions: [T] integer. head_dim: Dh (even). theta: RoPE base.
+    Returns:
+        cos, sin: [T, Dh/2] in ``dtype``.
+    """
+    i = torch.arange(head_dim // 2, dtype=torch.float64)
+    inv_freq = float(theta) ** (-2.0 * i / head_dim)
+    angle = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotary position embedding in the rotate-half layout (Hugging Face LLaMA).
+
+    Element ``i < Dh/2`` pairs with ``i + Dh/2``; with c, s from :func:`rope_tables`
+    (rounded to ``x.dtype``)::
+
+        y[i]        = x[i] * c[i] - x[i + Dh/2] * s[i]
+        y[i + Dh/2] = x[i + Dh/2] * c[i] + x[i] * s[i]
+
+    each product and sum rounded in ``x.dtype`` (no fused multiply-add), as HF computes it.
+
+    Args:
+        x: [T, H, Dh] float. positions: [T] integer. theta: RoPE base.
+    Returns:
+        [T, H, Dh] in ``x.dtype``.
+    """
+    T, H, Dh = x.shape
+    if positions.shape != (T,):
+        raise ValueError(f"rope: positions must have shape ({T},), got {tuple(positions.shape)}")
+    cos, sin = rope_tables(positions, Dh, theta, x.dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU gate: ``silu(gate) * up`` with ``silu(g) = g * sigmoid(g)``.
+
+    Args:
+        gate, up: [T, F] float, same dtype.
+    Returns:
+        [T, F] in the input dtype.
+    """
+    return F.silu(gate) * up
+
+
+def causal_ancestors(T: int) -> Tensor:
+    """The ancestor matrix of a chain: bool [T, T], True on and below the diagonal."""
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor) -> Tensor:
+    """Grouped-query attention of a token batch over a committed prefix plus the batch.
+
+    Keys ``0 .. n_prefix-1`` are the committed cache and are visible to every query; key
+    ``n_prefix + j`` is batch token ``j``, visible to query ``t`` iff ``ancestors[t, j]``.
+    Query head ``h`` reads KV head ``h // G`` (K/V are indexed per group, never repeated).
+    ``softmax(q . k / sqrt(Dh))`` over the visible keys, then the weighted sum of values,
+    all in ``q.dtype`` (K/V are cast to it first).
+
+    Args:
+        q: [T, H, Dh]. k, v: [KV, L, Dh] with L = n_prefix + T.
+        n_prefix: committed keys in front of the batch's own.
+        ancestors: bool [T, T]; every query must see at least one key.
+    Returns:
+        [T, H, Dh] in ``q.dtype``.
+    """
+    T, H, Dh = q.shape
+    KV, L, _ = k.shape
+    if k.shape != v.shape or k.shape[2] != Dh:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                         f"[KV, L, {Dh}]")
+    if H % KV:
+        raise ValueError(f"attention: {H} query heads are not a multiple of {KV} KV heads")
+    if L != n_prefix + T:
+        raise ValueError(f"attention: {L} keys, expected n_prefix + T = {n_prefix} + {T}")
+    if ancestors.shape != (T, T) or ancestors.dtype != torch.bool:
+        raise ValueError(f"attention: ancestors must be bool [{T}, {T}], got "
+                         f"{ancestors.dtype} {tuple(ancestors.shape)}")
+    visible = torch.cat([torch.ones(T, n_prefix, dtype=torch.bool), ancestors], dim=1)  # [T, L]
+    if not visible.any(dim=1).all():
+        raise ValueError("attention: a query sees no key (empty prefix and no ancestors)")
+
+    G = H // KV
+    qg = q.reshape(T, KV, G, Dh)  # head h = kv * G + g
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    scores = torch.einsum("tkgd,kld->kgtl", qg, k) * Dh ** -0.5  # [KV, G, T, L]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("kgtl,kld->tkgd", probs, v)  # [T, KV, G, Dh]
+    return out.reshape(T, H, Dh)
+
+
+def _check_matmul(x: Tensor, shape: tuple[int, ...]) -> None:
+    if x.dim() != 2 or len(shape) != 2 or x.shape[1] != shape[1]:
+        raise ValueError(f"linear: x {tuple(x.shape)} does not match weight [N, K] {shape}")
+
+
+def linear(x: Tensor, w: Weight | Tensor) -> Tensor:
+    """``y = x @ W^T``, the exact answer: float64 arithmetic on the decoded weight.
+
+    Args:
+        x: [T, K] float. w: a :class:`Weight` of shape [N, K] (any dtype, decoded with
+            :func:`dovetail_ext.quant.dequantize`) or a float tensor [N, K].
+    Returns:
+        [T, N] in ``x.dtype`` (pass float64 ``x`` to keep the float64 result).
+    """
+    W = torch.from_numpy(dequantize(w)) if isinstance(w, Weight) else w
+    _check_matmul(x, tuple(W.shape))
+    return (x.double() @ W.double().T).to(x.dtype)
+
+
+def linear_q8(x: Tensor, w: Weight) -> Tensor:
+    """What the native int8 kernels compute for ``x @ W^T`` with a quantized weight.
+
+    Activations go through :func:`dovetail_ext.quant.quantize_activations_q8` (codes aq,
+    scales da, block sums sa); the weight is split by :func:`dovetail_ext.quant.unpack_blocks`
+    into unsigned codes wq, scales dw and offsets cw. Then, per output::
+
+        y[t, n] = sum_b da[t, b] * (dw[n, b] * isum[t, n, b] + cw[n, b] * sa[t, b])
+        isum[t, n, b] = sum_{i in block b} wq[n, i] * aq[t, i]     (an integer)
+
+    which is ``sum_i (da * aq_i) * (dw * wq_i + cw)``: the exact dot product of the
+    quantized activations with the decoded weight. Evaluated in float64 (isum is exact
+    there), as the reference for the native kernels that accumulate in float32.
+    Float weights (f32, f16, bf16) are not paired with quantized activations: for them this
+    is :func:`linear`.
+
+    Args:
+        x: [T, K] float (its values are taken as float32 for the quantization).
+        w: a :class:`Weight` [N, K].
+    Returns:
+        [T, N] in ``x.dtype``.
+    """
+    if w.dtype not in QUANT_BLOCK:
+        return linear(x, w)
+    _check_matmul(x, w.shape)
+    aq, da, sa = quantize_activations_q8(x.detach().cpu().float().numpy())
+    wq, dw, cw = unpack_blocks(w)
+    T, K = aq.shape
+    aq = torch.from_numpy(aq).double().reshape(T, K // 32, 32)
+    da, sa = torch.from_numpy(da).double(), torch.from_numpy(sa).double()
+    wq, dw, cw = (torch.from_numpy(a).double() for a in (wq, dw, cw))
+    y = torch.zeros(T, w.shape[0], dtype=torch.float64)
+    for b in range(K // 32):
+        isum = aq[:, b, :] @ wq[:, b, :].T  # [T, N]; |isum| < 2^20: exact in float64
+        y += da[:, b, None] * (dw[None, :, b] * isum + cw[None, :, b] * sa[:, b, None])
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of every layer: ``k``, ``v`` [layers, KV, max_len, Dh].
+
+    Slots ``[0, n_past)`` hold the committed tokens, in order. A forward writes its batch's
+    K/V (after RoPE) to the scratch slots ``[n_past, n_past + T)`` in batch order;
+    :meth:`commit` then keeps chosen batch rows, moved to sit right after the prefix.
+    """
+
+    def __init__(self, config: LlamaConfig, max_len: int, dtype: torch.dtype = torch.float32):
+        if max_len <= 0:
+            raise ValueError(f"KVCache: max_len must be positive, got {max_len}")
+        shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.n_past = 0     # committed tokens
+        self.n_pending = 0  # batch rows written by the last forward, not yet committed
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one layer's batch K/V to the scratch slots.
+
+        Args:
+            layer: layer index. k, v: [KV, T, Dh].
+        Returns:
+            keys, values: views [KV, n_past + T, Dh] (prefix, then the batch).
+        """
+        T = k.shape[1]
+        if self.n_past + T > self.max_len:
+            raise ValueError(f"KVCache: {self.n_past} committed + {T} new tokens exceed "
+                             f"max_len {self.max_len}")
+        end = self.n_past + T
+        self.k[layer, :, self.n_past:end] = k
+        self.v[layer, :, self.n_past:end] = v
+        self.n_pending = T
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def commit(self, kept: Sequence[int] | None = None) -> None:
+        """Keep batch rows ``kept`` of the last forward (None: all of them).
+
+        Row ``kept[i]`` moves to slot ``n_past + i`` in every layer, then ``n_past`` grows by
+        ``len(kept)``. Rows must be strictly increasing (a root-to-leaf path in a tree whose
+        parents come before their children), so an in-place forward copy is safe natively.
+        """
+        kept = list(range(self.n_pending)) if kept is None else [int(i) for i in kept]
+        if any(not 0 <= i < self.n_pending for i in kept):
+            raise ValueError(f"KVCache.commit: rows {kept} outside the last batch of "
+                             f"{self.n_pending}")
+        if any(a >= b for a, b in zip(kept, kept[1:])):
+            raise ValueError(f"KVCache.commit: rows must be strictly increasing, got {kept}")
+        src = torch.tensor(kept, dtype=torch.long) + self.n_past
+        dst = torch.arange(len(kept)) + self.n_past
+        self.k[:, :, dst] = self.k[:, :, src]  # the right side is gathered into a copy first
+        self.v[:, :, dst] = self.v[:, :, src]
+        self.n_past += len(kept)
+        self.n_pending = 0
+
+    def reset(self) -> None:
+        """Forget everything (buffers are kept)."""
+        self.n_past = 0
+        self.n_pending = 0
+
+
+# ----------------------------------------------------------------------------------------
+# Model twin (gpt-fast layout: RMSNorm, Attention, FeedForward, Block, Transformer)
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: Tensor, eps: float):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rmsnorm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor):
+        super().__init__()
+        self.config = config
+        self.wq, self.wk, self.wv, self.wo = (_frozen(w) for w in (wq, wk, wv, wo))
+
+    def forward(self, x: Tensor, positions: Tensor, ancestors: Tensor, cache: KVCache,
+                layer: int) -> Tensor:
+        c = self.config
+        T = x.shape[0]
+        q = rope(linear(x, self.wq).view(T, c.num_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(linear(x, self.wk).view(T, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        v = linear(x, self.wv).view(T, c.num_kv_heads, c.head_dim)
+        n_prefix = cache.n_past
+        keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1))  # [KV, L, Dh]
+        out = attention(q, keys, values, n_prefix, ancestors)  # [T, H, Dh]
+        return linear(out.reshape(T, c.q_size), self.wo)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, w_gate: Tensor, w_up: Tensor, w_down: Tensor):
+        super().__init__()
+        self.w_gate, self.w_up, self.w_down = (_frozen(w) for w in (w_gate, w_up, w_down))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(swiglu(linear(x, self.w_gate), linear(x, self.w_up)), self.w_down)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor], i: int):
+        super().__init__()
+        p = f"blk.{i}."
+        self.attention_norm = RMSNorm(weights[p + "attn_norm"], config.rms_norm_eps)
+        self.attention = Attention(config, weights[p + "attn_q"], weights[p + "attn_k"],
+                                   weights[p + "attn_v"], weights[p + "attn_output"])
+        self.ffn_norm = RMSNorm(weights[p + "ffn_norm"], config.rms_norm_eps)
+        self.feed_forward = FeedForward(weights[p + "ffn_gate"], weights[p + "ffn_up"],
+                                        weights[p + "ffn_down"])
+
+    def forward(self, x: Tensor, positions: Tensor, ancestors: Tensor, cache: KVCache,
+                layer: int) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, ancestors, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LlamaReference(nn.Module):
+    """The target model twin: a LLaMA decoder over a token batch and a :class:`KVCache`.
+
+    Weights are frozen parameters in ``dtype``; every matmul runs in float64 (see
+    :func:`linear`), everything else in the model dtype. The LM head is ``output``, or
+    ``token_embd`` when the config ties them (and ``output`` is then absent).
+
+    Args:
+        config: the model's shape and numerics.
+        weights: canonical name -> float tensor, exactly the names and shapes of
+            ``formats.base.expected_weight_shapes(config)``.
+        dtype: parameter and activation dtype.
+    """
+
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor],
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        expected = expected_weight_shapes(config)  # has "output" iff the head is untied
+        missing = sorted(set(expected) - set(weights))
+        unknown = sorted(set(weights) - set(expected))
+        if missing or unknown:
+            raise ValueError(f"LlamaReference: missing weights {missing}, unknown weights {unknown}")
+        for name, t in weights.items():
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"LlamaReference: {name} has shape {tuple(t.shape)}, "
+                                 f"expected {expected[name]}")
+        w = {name: t.detach().to(dtype) for name, t in weights.items()}
+        self.config = config
+        self.tok_embeddings = _frozen(w["token_embd"])
+        self.layers = nn.ModuleList(Block(config, w, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(w["output_norm"], config.rms_norm_eps)
+        self.output = _frozen(w["output"]) if "output" in w else None
+
+    @classmethod
+    def from_source(cls, src: ModelSource, dtype: torch.dtype = torch.float32) -> LlamaReference:
+        """Build from a loaded model file, decoding every weight to float32 once."""
+        weights = {name: torch.from_numpy(dequantize(w)) for name, w in src.weights.items()}
+        return cls(src.config, weights, dtype)
+
+    def new_cache(self, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for ``max_len`` tokens, in the model dtype unless told otherwise."""
+        return KVCache(self.config, max_len, dtype or self.tok_embeddings.dtype)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None, ancestors: Tensor | None,
+                cache: KVCache) -> tuple[Tensor, Tensor]:
+        """One target call: prefill, decode or tree verification.
+
+        Args:
+            tokens: long [T].
+            positions: long [T]; None means ``n_past + arange(T)``.
+            ancestors: bool [T, T], ``ancestors[t, j]`` = batch token j is visible to t
+                (include the diagonal: a token sees itself); None means causal.
+            cache: written at slots ``n_past .. n_past + T - 1``; not committed here.
+        Returns:
+            logits [T, V] and features [T, D] (final-norm hidden states, the LM head's input),
+            both in the model dtype.
+        """
+        c = self.config
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"forward: tokens must be a non-empty 1-D tensor, got {tuple(tokens.shape)}")
+        T = tokens.shape[0]
+        if int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size:
+            raise ValueError(f"forward: token ids must lie in [0, {c.vocab_size})")
+        if positions is None:
+            positions = cache.n_past + torch.arange(T)
+        if ancestors is None:
+            ancestors = causal_ancestors(T)
+        if cache.k.shape[:2] != (c.num_layers, c.num_kv_heads) or cache.k.shape[3] != c.head_dim:
+            raise ValueError(f"forward: cache of shape {tuple(cache.k.shape)} does not fit the model")
+
+        x = self.tok_embeddings[tokens]  # [T, D]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, ancestors, cache, i)
+        features = self.norm(x)
+        head = self.output if self.output is not None else self.tok_embeddings
+        return linear(features, head), features
+
+
+@torch.no_grad()
+def generate_greedy(model: LlamaReference, prompt_ids: Sequence[int], n: int) -> list[int]:
+    """Greedy decoding with the reference: prefill the prompt, then one token per call.
+
+    Returns:
+        the ``n`` new token ids (the prompt not included).
+    """
+    cache = model.new_cache(len(prompt_ids) + n)
+    logits, _ = model(torch.tensor(list(prompt_ids), dtype=torch.long), None, None, cache)
+    cache.commit()
+    out: list[int] = []
+    while len(out) < n:
+        out.append(int(logits[-1].argmax()))
+        if len(out) < n:
+            logits, _ = model(torch.tensor(out[-1:], dtype=torch.long), None, None, cache)
+            cache.commit()
+    return out
