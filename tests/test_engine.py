@@ -1,0 +1,226 @@
+"""The native target engine: full forward against Hugging Face and the reference twin,
+batch invariance across prefill / decode / trees, KV commit, bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from dovetail_ext import reference
+from dovetail_ext.target import TargetEngine
+from native_helpers import (isa_params, make_source, random_tree, random_weights, tiny_config, tree_ancestors,
+                            tree_depths, use_isa)
+
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+
+@pytest.fixture(params=isa_params())
+def isa(request):
+    with use_isa(request.param):
+        yield request.param
+
+
+def hf_model(cfg, weights):
+    """transformers LlamaForCausalLM with our canonical weights (fp32, eager attention)."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+    hc = HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+                  rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_context,
+                  tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager")
+    m = LlamaForCausalLM(hc).eval()
+    sd = {"model.embed_tokens.weight": weights["token_embd"], "model.norm.weight": weights["output_norm"]}
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = weights["output"]
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = weights[f"blk.{i}.{ours}"]
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    if cfg.tie_word_embeddings:
+        m.tie_weights()
+    return m
+
+
+@pytest.mark.parametrize("gqa,tied", [(1, True), (3, False), (3, True), (1, False)])
+def test_forward_matches_transformers(gqa, tied):
+    cfg = tiny_config(gqa=gqa, tied=tied, theta=100000.0 if gqa == 3 else 10000.0)
+    w = random_weights(cfg, seed=gqa + 2 * tied)
+    eng = TargetEngine(make_source(cfg, w, "f32"), context=64, threads=2)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 13)
+    logits, _ = eng.forward(ids, logit_rows=range(13))
+    with torch.no_grad():
+        want = hf_model(cfg, w)(torch.from_numpy(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(logits, want, rtol=0, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_reference_every_format(isa, dtype):
+    """Against the fp64-matmul twin on the same decoded weights; quantized formats add the
+    int8 activation rounding (about 1/254 of each block's max per element)."""
+    cfg = tiny_config(gqa=3, tied=False)
+    src = make_source(cfg, random_weights(cfg, seed=11), dtype, embd_dtype="q8_0" if dtype.startswith("q") else None)
+    eng = TargetEngine(src, context=64, threads=2)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 9)
+    logits, feats = eng.forward(ids, logit_rows=range(9), feature_rows=range(9))
+    model = reference.LlamaReference.from_source(src)
+    with torch.no_grad():
+        want_l, want_f = model(torch.from_numpy(ids), None, None, model.new_cache(16))
+    scale = np.abs(want_l.numpy()).max()
+    tol = 3e-4 if dtype in ("f32", "f16", "bf16") else 4e-2
+    np.testing.assert_allclose(logits, want_l.numpy(), rtol=0, atol=tol * scale)
+    np.testing.assert_allclose(feats, want_f.numpy(), rtol=0, atol=tol * np.abs(want_f.numpy()).max())
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q4_1", "q8_0"])
+@pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
+def test_batch_invariance(isa, dtype, kv_dtype):
+    """A token's logits and features are bitwise equal whether it runs alone, inside a
+    prefill chunk, or inside a tree, at several batch sizes and thread counts."""
+    cfg = tiny_config(gqa=3, tied=True)
+    src = make_source(cfg, random_weights(cfg, seed=5), dtype)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, cfg.vocab_size, 40)
+
+    def run(chunks, threads):
+        eng = TargetEngine(src, context=64, threads=threads, kv_dtype=kv_dtype)
+        out_l, out_f = [], []
+        start = 0
+        for n in chunks:
+            part = ids[start:start + n]
+            lg, ft = eng.forward(part, logit_rows=range(n), feature_rows=range(n))
+            eng.commit()
+            out_l.append(lg)
+            out_f.append(ft)
+            start += n
+        return np.concatenate(out_l), np.concatenate(out_f)
+
+    base_l, base_f = run([1] * 40, 1)
+    for chunks, threads in [([40], 2), ([16, 16, 8], 2), ([3, 1, 29, 7], 1), ([64 // 2, 8], 2)]:
+        got_l, got_f = run(chunks, threads)
+        np.testing.assert_array_equal(got_l, base_l)
+        np.testing.assert_array_equal(got_f, base_f)
+
+    # Trees: each tree token equals causal decoding of its root-to-node path.
+    eng = TargetEngine(src, context=64, threads=2, kv_dtype=kv_dtype)
+    eng.forward(ids[:10]); eng.commit()
+    for T in (2, 7, 16, 33):
+        parents = random_tree(rng, T)
+        anc = tree_ancestors(parents)
+        toks = rng.integers(0, cfg.vocab_size, T)
+        pos = 10 + tree_depths(parents)
+        lg, ft = eng.forward(toks, pos, anc, logit_rows=range(T), feature_rows=range(T))
+        ref = TargetEngine(src, context=64, threads=1, kv_dtype=kv_dtype)
+        ref.forward(ids[:10]); ref.commit()
+        for t in rng.choice(T, size=min(T, 4), replace=False):
+            path = np.flatnonzero(anc[t])
+            ref.truncate(10)
+            l2, f2 = ref.forward(toks[path], logit_rows=[len(path) - 1], feature_rows=[len(path) - 1])
+            np.testing.assert_array_equal(l2[0], lg[t])
+            np.testing.assert_array_equal(f2[0], ft[t])
+
+
+def test_commit_compacts_kv_like_plain_decoding():
+    cfg = tiny_config(gqa=3, tied=True)
+    src = make_source(cfg, random_weights(cfg, seed=9), "q4_0", embd_dtype="q8_0")
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(0, cfg.vocab_size, 6)
+    for trial in range(5):
+        T = int(rng.integers(2, 20))
+        parents = random_tree(rng, T)
+        toks = rng.integers(0, cfg.vocab_size, T)
+        leaf = int(rng.integers(0, T))
+        path = np.flatnonzero(tree_ancestors(parents)[leaf])
+        eng = TargetEngine(src, context=64, threads=2)
+        eng.forward(prompt); eng.commit()
+        eng.forward(toks, 6 + tree_depths(parents), tree_ancestors(parents))
+        eng.commit(path)
+        assert eng.n_past == 6 + len(path)
+        plain = TargetEngine(src, context=64, threads=2)
+        plain.forward(np.concatenate([prompt, toks[path]])); plain.commit()
+        for layer in range(cfg.num_layers):
+            for a, b in zip(eng.read_kv(layer), plain.read_kv(layer)):
+                np.testing.assert_array_equal(a, b)
+        # the next token's logits agree too
+        nxt = [int(rng.integers(0, cfg.vocab_size))]
+        np.testing.assert_array_equal(eng.forward(nxt)[0], plain.forward(nxt)[0])
+
+
+def test_reference_cache_agrees_on_tree_commit():
+    """The twin's commit and the engine's commit keep the same rows."""
+    cfg = tiny_config(gqa=1, tied=True, layers=1)
+    w = random_weights(cfg, seed=3)
+    src = make_source(cfg, w, "f32")
+    model = reference.LlamaReference.from_source(src)
+    eng = TargetEngine(src, context=32, threads=1)
+    rng = np.random.default_rng(8)
+    parents = random_tree(rng, 9)
+    anc = tree_ancestors(parents)
+    toks = rng.integers(0, cfg.vocab_size, 9)
+    pos = tree_depths(parents)
+    path = np.flatnonzero(anc[8])
+    cache = model.new_cache(32)
+    with torch.no_grad():
+        model(torch.from_numpy(toks), torch.from_numpy(pos), torch.from_numpy(anc), cache)
+    cache.commit(path.tolist())
+    eng.forward(toks, pos, anc)
+    eng.commit(path)
+    k, v = eng.read_kv(0)
+    np.testing.assert_allclose(k, cache.k[0, :, :len(path)].numpy(), atol=1e-5)
+    np.testing.assert_allclose(v, cache.v[0, :, :len(path)].numpy(), atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    cfg = tiny_config()
+    eng = TargetEngine(make_source(cfg, random_weights(cfg), "q8_0"), context=16, max_batch=8, threads=1)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.forward([cfg.vocab_size])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.forward([-1])
+    with pytest.raises(ValueError, match="position 16 .* outside the context"):
+        eng.forward([1], positions=[16])
+    with pytest.raises(ValueError, match="exceeds the engine's max_batch"):
+        eng.forward(list(range(9)))
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.forward([])
+    with pytest.raises(ValueError, match="must be set"):
+        eng.forward([1, 2], ancestors=np.array([[1, 0], [1, 0]], bool))
+    with pytest.raises(ValueError, match="earlier batch tokens"):
+        eng.forward([1, 2], ancestors=np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match="ancestors has shape"):
+        eng.forward([1, 2], ancestors=np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match="dtype bool or uint8"):
+        eng.forward([1, 2], ancestors=np.eye(2))
+    with pytest.raises(ValueError, match="positions has 1 entries for 2 tokens"):
+        eng.forward([1, 2], positions=[0])
+    with pytest.raises(ValueError, match="logit row 5"):
+        eng.forward([1, 2], logit_rows=[5])
+    with pytest.raises(ValueError, match="int32 range"):
+        eng.forward([2**40])
+    eng.forward([1, 2, 3])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        eng.commit([1, 0])
+    with pytest.raises(ValueError, match="outside the last batch"):
+        eng.commit([3])
+    eng.commit([0, 2])
+    with pytest.raises(ValueError, match="uncommitted rows"):
+        eng.commit([0])
+    for _ in range(2):
+        eng.forward(list(range(7))); eng.commit()
+    assert eng.n_past == 16
+    with pytest.raises(ValueError, match="context full"):
+        eng.forward([1])
+    with pytest.raises(ValueError, match="context must be a positive integer"):
+        TargetEngine(make_source(cfg, random_weights(cfg), "f32"), context=0)
+    bad = make_source(cfg, random_weights(cfg), "f32")
+    del bad.weights["blk.1.ffn_up"]
+    with pytest.raises(ValueError, match="missing weight 'blk.1.ffn_up'"):
+        TargetEngine(bad, context=8)
