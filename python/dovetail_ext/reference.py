@@ -288,6 +288,8 @@ def _frozen(t: Tensor) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
+    """:func:`rmsnorm` with a stored weight [D]: [T, D] -> [T, D]."""
+
     def __init__(self, weight: Tensor, eps: float):
         super().__init__()
         self.weight = _frozen(weight)
@@ -298,6 +300,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Self-attention of a batch over the cache: x [T, D] -> [T, D].
+
+    wq [H*Dh, D], wk and wv [KV*Dh, D], wo [D, H*Dh]. Writes the batch's K/V (after RoPE)
+    into ``cache`` for ``layer``; see :func:`attention` for what each token sees.
+    """
+
     def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor):
         super().__init__()
         self.config = config
@@ -317,6 +325,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU MLP: ``w_down @ (silu(w_gate @ x) * (w_up @ x))``, x [T, D] -> [T, D].
+
+    w_gate and w_up [F, D], w_down [D, F].
+    """
+
     def __init__(self, w_gate: Tensor, w_up: Tensor, w_down: Tensor):
         super().__init__()
         self.w_gate, self.w_up, self.w_down = (_frozen(w) for w in (w_gate, w_up, w_down))
@@ -326,6 +339,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm decoder layer, ``blk.{i}.*`` weights: x [T, D] -> [T, D]."""
+
     def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor], i: int):
         super().__init__()
         p = f"blk.{i}."
