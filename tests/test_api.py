@@ -1,0 +1,144 @@
+"""The generation API and the CLI on the default model, and sampling on small vectors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dovetail_ext.sampling import SamplingParams, TokenChooser, target_probs
+
+
+@pytest.fixture(scope="module")
+def gen():
+    import dovetail_ext
+    from dovetail_ext.models import default_model_path
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+    return dovetail_ext.load(context=256, threads=2)
+
+
+def test_greedy_is_deterministic_and_stream_matches(gen):
+    a = gen.generate("Name a fruit.", max_new_tokens=12)
+    b = gen.generate("Name a fruit.", max_new_tokens=12)
+    assert a.tokens == b.tokens and a.text == b.text and a.text
+    assert b.stats.cached_prompt_tokens == b.stats.prompt_tokens - 1  # prefix reused
+    streamed = "".join(gen.stream("Name a fruit.", max_new_tokens=12))
+    assert streamed == a.text
+    assert gen.last_stats.new_tokens == len(a.tokens)
+    assert a.text == gen.tokenizer.decode(a.tokens)
+    s = a.stats
+    assert s.prompt_tokens > 10 and s.new_tokens <= 12 and s.prefill_s > 0 and s.decode_s > 0
+    assert s.tokens_per_s == pytest.approx(s.new_tokens / s.decode_s)
+    assert s.mode == "plain" and s.stop_reason in ("eos", "length")
+
+
+def test_eos_stops_generation(gen):
+    r = gen.generate("What is the capital of France? Answer in one short sentence.", max_new_tokens=60)
+    assert r.stats.stop_reason == "eos"
+    assert "Paris" in r.text
+    assert not set(r.tokens) & gen.eos_ids
+
+
+def test_seeded_sampling_is_reproducible(gen):
+    kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=50)
+    a = gen.generate("Tell me a story.", seed=3, **kw)
+    b = gen.generate("Tell me a story.", seed=3, **kw)
+    c = gen.generate("Tell me a story.", seed=4, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_stop_strings_and_raw_prompts(gen):
+    r = gen.generate("1, 2, 3, 4, 5,", raw=True, max_new_tokens=40, stop=[" 8"])
+    assert r.stats.stop_reason == "stop"
+    assert r.text.endswith("7,") and " 8" not in r.text
+    pieces = list(gen.stream("1, 2, 3, 4, 5,", raw=True, max_new_tokens=40, stop=[" 8"]))
+    assert "".join(pieces) == r.text
+
+
+def test_edge_cases(gen):
+    r = gen.generate("hello", max_new_tokens=0)
+    assert r.text == "" and r.tokens == [] and r.stats.stop_reason == "length"
+    with pytest.raises(ValueError, match="does not fit the context"):
+        gen.generate("word " * 400, raw=True)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate("hi", max_new_tokens=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        gen.generate("hi", temperature=-0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate("hi", temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="raw=True takes a string"):
+        gen.generate([{"role": "user", "content": "hi"}], raw=True)
+    with pytest.raises(ValueError, match="role"):
+        gen.generate([{"content": "hi"}])
+
+
+def test_context_limit_is_a_clean_stop():
+    import dovetail_ext
+    g = dovetail_ext.load(context=48, threads=1)
+    r = g.generate("Write a long essay about the sea.", max_new_tokens=500)
+    assert r.stats.stop_reason in ("context", "eos")
+    assert g.target.n_past <= 48
+
+
+def test_target_probs_filters():
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    p = target_probs(logits, SamplingParams(temperature=1.0))
+    np.testing.assert_allclose(p, [0.5, 0.2, 0.15, 0.1, 0.05])
+    p = target_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    np.testing.assert_allclose(p, [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0])
+    p = target_probs(logits, SamplingParams(temperature=1.0, top_p=0.8))  # 0.5+0.2 < 0.8 -> keep 3
+    np.testing.assert_allclose(p, np.array([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    p = target_probs(logits, SamplingParams(temperature=0.5))
+    np.testing.assert_allclose(p, np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2 / np.sum(
+        np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2))
+    with pytest.raises(ValueError, match="greedy"):
+        target_probs(logits, SamplingParams())
+
+
+def test_token_chooser_distribution():
+    from scipy import stats
+    p = np.array([0.4, 0.3, 0.2, 0.1, 0.0])
+    ch = TokenChooser(SamplingParams(temperature=1.0, seed=0))
+    draws = np.array([ch.draw(p) for _ in range(20000)])
+    counts = np.bincount(draws, minlength=5)
+    assert counts[4] == 0
+    assert stats.chisquare(counts[:4], 20000 * p[:4]).pvalue > 1e-3
+
+
+def test_cli_generate_json_and_info(capsys):
+    from dovetail_ext.cli import main
+    from dovetail_ext.models import default_model_path
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+    assert main(["generate", "Name a fruit.", "--max-new-tokens", "8", "--json", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("text", "prompt_tokens", "new_tokens", "prefill_s", "decode_s", "tokens_per_s", "mode"):
+        assert key in out
+    assert out["new_tokens"] <= 8 and out["mode"] == "plain"
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpu_path"] in info["cpu_paths_supported"]
+    assert info["model"]["layers"] == 30
+    assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 2
+    assert "no such model file" in capsys.readouterr().err
+
+
+def test_cli_streams_text(capfd):
+    import subprocess
+    import sys
+    from dovetail_ext.models import default_model_path
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+    r = subprocess.run([sys.executable, "-m", "dovetail_ext.cli", "generate", "--raw", "The sky is",
+                        "--max-new-tokens", "6", "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "tok/s" in r.stderr and "[plain]" in r.stderr
