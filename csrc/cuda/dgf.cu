@@ -12,13 +12,13 @@ namespace {
 
 __global__ void silu_kernel(const float* __restrict__ a, float* __restrict__ h2, long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i < n) h2[i] = dgf_silu(a[i]);
+  if (i < n) h2[i] = ::dovetail::dgf_silu(a[i]);
 }
 
 __global__ void dgf_mix_kernel(const float* __restrict__ h1, const float* __restrict__ h2,
                                const float* __restrict__ zpre, float* __restrict__ g, long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i < n) g[i] = dgf_mix(h1[i], h2[i], zpre[i]);
+  if (i < n) g[i] = ::dovetail::dgf_mix(h1[i], h2[i], zpre[i]);
 }
 
 void check_launch(const char* what) {
