@@ -40,12 +40,12 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
                      arch: str = "llama", skip: tuple[str, ...] = (),
                      shapes: dict[str, tuple[int, ...]] | None = None,
                      types: dict[str, Any] | None = None, meta: Callable[[Any], None] | None = None,
-                     seed: int = 0, **dims: int) -> dict[str, np.ndarray]:
+                     omit_meta: tuple[str, ...] = (), seed: int = 0, **dims: int) -> dict[str, np.ndarray]:
     """Writes a random LLaMA GGUF the way llama.cpp's converter does; returns the originals.
 
     Matrices are stored as ``dtype`` (``types`` overrides per canonical name), norms F32,
     q/k rows permuted. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
-    may add metadata. Returns canonical name -> float32 [rows, cols] in Hugging Face order.
+    may add metadata, ``omit_meta`` leaves out model keys (``block_count``...). Returns canonical name -> float32 [rows, cols] in Hugging Face order.
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -56,14 +56,12 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
     Dh = D // H
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(d["n_layers"])
-    w.add_context_length(256)
-    w.add_embedding_length(D)
-    w.add_feed_forward_length(F)
-    w.add_head_count(H)
-    w.add_head_count_kv(KV)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    model_keys = {"block_count": d["n_layers"], "context_length": 256, "embedding_length": D,
+                  "feed_forward_length": F, "head_count": H, "head_count_kv": KV,
+                  "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-5}
+    for key, value in model_keys.items():
+        if key not in omit_meta:
+            getattr(w, "add_" + key)(value)
     w.add_tokenizer_model(vocab["model"])
     if vocab.get("pre"):
         w.add_tokenizer_pre(vocab["pre"])

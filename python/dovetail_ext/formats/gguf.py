@@ -192,14 +192,19 @@ class _Metadata:
             if required:
                 raise FormatError(f"{self.path}: metadata key {key} is missing")
             return default
-        value = field.contents()
-        if isinstance(value, np.generic):
-            value = value.item()
+        value = self._contents(key, field)
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
             raise FormatError(f"{self.path}: metadata {key} = {value!r} has the wrong type "
                               f"(expected {getattr(kind, '__name__', kind)})")
         return value
+
+    def _contents(self, key: str, field: Any) -> Any:
+        try:
+            value = field.contents()
+        except UnicodeDecodeError as e:  # strings are decoded only here
+            raise FormatError(f"{self.path}: metadata {key} holds a string that is not UTF-8: {e}") from e
+        return value.item() if isinstance(value, np.generic) else value
 
     def scalars(self) -> dict[str, Any]:
         """Every non-array field, for ``ModelSource.metadata``."""
@@ -210,8 +215,7 @@ class _Metadata:
                 continue
             if key == "tokenizer.chat_template":
                 continue
-            value = field.contents()
-            out[key] = value.item() if isinstance(value, np.generic) else value
+            out[key] = self._contents(key, field)
         return out
 
 
@@ -353,6 +357,9 @@ def load_gguf(path: str | Path) -> ModelSource:
         raise FormatError(f"{path}: {len(tokens)} tokens but token_embd.weight has {vocab_size} rows")
 
     cfg = _config(meta, vocab_size, tied="output.weight" not in tensors)
+    if cfg.num_layers * 9 > len(tensors):  # before expected_weight_shapes() builds 9 names per layer
+        raise FormatError(f"{path}: llama.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
+                          f"tensors, the file has {len(tensors)} tensors")
     weights = _weights(reader, cfg, path)
 
     chat_template = meta.get("tokenizer.chat_template", str)

@@ -299,6 +299,9 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
     if tied:
         by_name.pop("output", None)  # transformers ignores a saved lm_head when tied
 
+    if cfg.num_layers * 9 > len(by_name):  # before expected_weight_shapes() builds 9 names per layer
+        raise FormatError(f"{config_path}: num_hidden_layers = {cfg.num_layers} needs {cfg.num_layers * 9} "
+                          f"layer tensors, the checkpoint has {len(by_name)} tensors")
     expected = expected_weight_shapes(cfg)
     missing = [n for n in expected if n not in by_name]
     if missing:
