@@ -251,6 +251,7 @@ def test_hf_missing_and_malformed_json(tmp_path: Path) -> None:
     ({"attention_bias": True}, "attention_bias = true is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"eos_token_id": [2, "x"]}, "eos_token_id"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings = 'yes' has the wrong type"),
     ({"bos_token_id": 500}, "special token id 500 is outside the vocabulary"),
 ])
 def test_hf_bad_config(tmp_path: Path, change: dict, problem: str) -> None:

@@ -131,6 +131,7 @@ def test_gguf_eot_is_an_eos(tmp_path: Path, llama_gguf_writer) -> None:
     src = load_gguf(tmp_path / "t.gguf")
     assert src.config.eos_token_ids == (2, 0)
     assert src.tokenizer.eos_ids == frozenset({0, 2})
+    assert src.tokenizer.eos_token == "<|im_end|>"  # the file's EOS, not the lowest id
 
 
 # ------------------------------------------------------------------ Hugging Face checkpoints

@@ -141,8 +141,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _config(cfg: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
-    """LlamaConfig from a parsed config.json; every problem names the key."""
+def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
+    """LlamaConfig from a parsed config.json; every problem names the key.
+
+    The LM head is tied when config.json says so or the checkpoint has no ``lm_head``.
+    """
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type != "llama" and "LlamaForCausalLM" not in archs:
@@ -190,7 +193,7 @@ def _config(cfg: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
             rope_theta=float(theta),
             rms_norm_eps=float(get("rms_norm_eps", (int, float), 1e-6)),
             max_context=get("max_position_embeddings", int, 2048),
-            tie_word_embeddings=tied,
+            tie_word_embeddings=get("tie_word_embeddings", bool, False) or not has_lm_head,
             bos_token_id=get("bos_token_id", int, None),
             eos_token_ids=tuple(eos),
         )
@@ -198,23 +201,28 @@ def _config(cfg: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
         raise FormatError(f"{path}: {e}") from e
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
+def _open_weights(directory: Path) -> dict[str, _SafetensorsFile]:
+    """Tensor name -> the (header-checked) safetensors file holding it."""
     index_path = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index_path.is_file():
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise FormatError(f"{index_path}: 'weight_map' must map tensor names to file names")
-        files = {}
-        for name, file in weight_map.items():
-            shard = directory / file
+        shards: dict[str, _SafetensorsFile] = {}
+        for file in sorted(set(weight_map.values())):
             if Path(file).name != file:
                 raise FormatError(f"{index_path}: shard {file!r} is not a file name in the directory")
-            files[name] = shard
-        return files
+            if not (directory / file).is_file():
+                raise FormatError(f"{directory}: missing weight shard {file}")
+            shards[file] = _SafetensorsFile(directory / file)
+        for name, file in weight_map.items():
+            if name not in shards[file].entries:
+                raise FormatError(f"{shards[file].path}: tensor {name} is listed in the index but not in the file")
+        return {name: shards[file] for name, file in weight_map.items()}
     if single.is_file():
-        return {name: single for name in _SafetensorsFile(single).entries}
+        st = _SafetensorsFile(single)
+        return {name: st for name in st.entries}
     found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
     hint = f" (found {', '.join(found)}: only safetensors are read)" if found else ""
     raise FormatError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
@@ -277,26 +285,17 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
     config_path = directory / "config.json"
     raw_cfg = _read_json(config_path)
 
-    files = _weight_files(directory)
-    readers: dict[Path, _SafetensorsFile] = {}
-    for file in sorted(set(files.values())):
-        if not file.is_file():
-            raise FormatError(f"{directory}: missing weight shard {file.name}")
-        readers[file] = _SafetensorsFile(file)
-    by_name: dict[str, tuple[str, Path]] = {}  # canonical -> (hf name, file)
-    for hf_name, file in files.items():
-        if hf_name not in readers[file].entries:
-            raise FormatError(f"{file}: tensor {hf_name} is listed in the index but not in the file")
+    by_name: dict[str, tuple[str, _SafetensorsFile]] = {}  # canonical -> (hf name, file)
+    for hf_name, st in _open_weights(directory).items():
         canonical = _canonical(hf_name)
         if canonical is None:
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
                 continue
-            raise FormatError(f"{file}: unexpected tensor {hf_name} (not part of a plain LLaMA model)")
-        by_name[canonical] = (hf_name, file)
+            raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA model)")
+        by_name[canonical] = (hf_name, st)
 
-    tied = bool(raw_cfg.get("tie_word_embeddings", False)) or "output" not in by_name
-    cfg = _config(raw_cfg, config_path, tied)
-    if tied:
+    cfg = _config(raw_cfg, config_path, has_lm_head="output" in by_name)
+    if cfg.tie_word_embeddings:
         by_name.pop("output", None)  # transformers ignores a saved lm_head when tied
 
     if cfg.num_layers * 9 > len(by_name):  # before expected_weight_shapes() builds 9 names per layer
@@ -309,17 +308,17 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
                           f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
     loaded: dict[str, Weight] = {}
     for name, shape in expected.items():
-        hf_name, file = by_name[name]
-        dtype, data = readers[file].tensor(hf_name)
+        hf_name, st = by_name[name]
+        dtype, data = st.tensor(hf_name)
         if data.shape != shape:
-            raise FormatError(f"{file}: tensor {hf_name} has shape {list(data.shape)}, expected {list(shape)}")
+            raise FormatError(f"{st.path}: tensor {hf_name} has shape {list(data.shape)}, expected {list(shape)}")
         try:
             if len(shape) == 1:
                 loaded[name] = Weight("f32", shape, _as_f32(dtype, data) if dtype != "f32" else data)
             else:
                 loaded[name] = _convert(dtype, data, dtype if weights == "auto" else weights)
         except ValueError as e:
-            raise FormatError(f"{file}: tensor {hf_name}: cannot store as {weights}: {e}") from e
+            raise FormatError(f"{st.path}: tensor {hf_name}: cannot store as {weights}: {e}") from e
 
     tokenizer = tokenizer_from_hf_directory(directory, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
     return ModelSource(config=cfg, weights=loaded, tokenizer=tokenizer,

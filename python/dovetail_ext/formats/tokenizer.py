@@ -196,7 +196,8 @@ class Tokenizer:
 
     Attributes:
         bos_id: the BOS token id, or None.
-        eos_ids: every id that ends generation (EOS, end-of-turn), a frozenset.
+        eos_ids: every id that ends generation (EOS, end-of-turn), a frozenset; the first
+            id passed in is the main EOS (``eos_token`` in chat templates).
         add_bos: whether ``encode`` adds BOS by default.
         chat_template: the model's Jinja chat template, or None (ChatML is used then).
     """
@@ -206,12 +207,15 @@ class Tokenizer:
                  chat_template: str | None = None, source: str = "") -> None:
         self._backend = backend
         self.vocab_size = backend.vocab_size
-        for t in ([bos_id] if bos_id is not None else []) + list(eos_ids):
+        eos_ids = list(eos_ids)
+        for t in ([bos_id] if bos_id is not None else []) + eos_ids:
             if not 0 <= int(t) < self.vocab_size:
                 raise FormatError(f"{source or 'tokenizer'}: special token id {t} is outside the "
                                   f"vocabulary (size {self.vocab_size})")
         self.bos_id = None if bos_id is None else int(bos_id)
-        self.eos_ids = frozenset(int(t) for t in eos_ids)
+        eos_list = [int(t) for t in eos_ids]
+        self.eos_ids = frozenset(eos_list)
+        self._eos_main = eos_list[0] if eos_list else None
         self.add_bos = bool(add_bos)
         self.chat_template = chat_template
         self.source = source
@@ -239,8 +243,8 @@ class Tokenizer:
 
     @property
     def eos_token(self) -> str:
-        """The text of the main EOS token (the lowest id among ``eos_ids``), or ''."""
-        return self.id_to_piece(min(self.eos_ids)) if self.eos_ids else ""
+        """The text of the main EOS token, or ''."""
+        return "" if self._eos_main is None else self.id_to_piece(self._eos_main)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; special tokens in the text are parsed (see module doc).
@@ -536,8 +540,8 @@ def tokenizer_from_hf_directory(directory: str | Path, *, bos_id: int | None = N
 
     Reads ``tokenizer.json`` (``tokenizers``) or else ``tokenizer.model`` (SentencePiece),
     and ``tokenizer_config.json`` / ``chat_template.jinja`` for the chat template, the BOS
-    and EOS tokens and ``add_bos_token``. ``bos_id`` / ``eos_ids`` (from config.json) win
-    over the tokens named in tokenizer_config.json; EOS ids from both are kept.
+    and EOS tokens and ``add_bos_token``. ``bos_id`` (from config.json) wins over the BOS
+    named in tokenizer_config.json; EOS ids from both are kept, the named one first.
 
     Whether BOS is added by default: ``add_bos_token`` when given; otherwise, for
     ``tokenizer.json``, whether its post-processor prepends BOS; for SentencePiece, yes.
@@ -572,9 +576,8 @@ def tokenizer_from_hf_directory(directory: str | Path, *, bos_id: int | None = N
 
     if bos_id is None:
         bos_id = named_id("bos_token")
-    eos = list(eos_ids)
-    if (named := named_id("eos_token")) is not None and named not in eos:
-        eos.append(named)
+    named = named_id("eos_token")
+    eos = ([named] if named is not None else []) + [t for t in eos_ids if t != named]
 
     add_bos = tcfg.get("add_bos_token")
     if not isinstance(add_bos, bool):
