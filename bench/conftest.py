@@ -1,0 +1,71 @@
+"""Shared benchmark fixtures: the default model, thread count, and a results recorder.
+
+Every benchmark records its figures with ``record(group, name, **numbers)``; at the end of
+the session the figures are written to ``bench/results/latest.json`` and ratios between
+entries of one group are computed in the same process (timings on a shared machine move
+from run to run: only side-by-side ratios are meaningful).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+THREADS = int(os.environ.get("DOVETAIL_BENCH_THREADS", "2"))
+RESULTS = Path(__file__).parent / "results"
+_records: dict[str, dict[str, dict]] = {}
+
+
+@pytest.fixture(scope="session")
+def threads() -> int:
+    return THREADS
+
+
+@pytest.fixture(scope="session")
+def record():
+    def _record(group: str, name: str, **numbers):
+        _records.setdefault(group, {})[name] = numbers
+    return _record
+
+
+@pytest.fixture(scope="session")
+def default_source():
+    from dovetail_ext.formats import load_model_source
+    from dovetail_ext.models import default_model_path
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+    return load_model_source(None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _records or session.config.getoption("benchmark_disable", False):
+        return
+    RESULTS.mkdir(exist_ok=True)
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
+           "cpu": _cpu_name(), "threads": THREADS, "groups": _records}
+    path = RESULTS / "latest.json"
+    old = json.loads(path.read_text()) if path.exists() else {"groups": {}}
+    old_groups = old.get("groups", {})
+    old_groups.update(_records)  # a partial run keeps the other groups' last figures
+    out["groups"] = old_groups
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
