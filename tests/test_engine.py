@@ -208,7 +208,7 @@ def test_bad_inputs_raise_clear_errors():
     eng.forward([1, 2, 3])
     with pytest.raises(ValueError, match="strictly increasing"):
         eng.commit([1, 0])
-    with pytest.raises(ValueError, match="outside the last batch"):
+    with pytest.raises(ValueError, match="outside the pending rows"):
         eng.commit([3])
     eng.commit([0, 2])
     with pytest.raises(ValueError, match="uncommitted rows"):

@@ -1,8 +1,9 @@
-// The target engine binding: builds LlamaEngine from loader output and exposes
-// forward / commit with the GIL released around native compute.
+// Engine bindings: the target (LlamaEngine) and the CPU draft (DraftEngine), built from
+// loader output, with the GIL released around native compute.
 #include <pybind11/stl.h>
 
 #include "bindings/common.h"
+#include "model/draft.h"
 #include "model/llama.h"
 
 namespace dovetail::bind {
@@ -14,11 +15,67 @@ int64_t get_int(const py::dict& d, const char* key) {
   return d[key].cast<int64_t>();
 }
 
+float get_float(const py::dict& d, const char* key) {
+  DT_CHECK(d.contains(key), std::string("model config is missing '") + key + "'");
+  return d[key].cast<float>();
+}
+
+LayerDims layer_dims(const py::dict& cfg) {
+  LayerDims d;
+  d.dim = get_int(cfg, "hidden_size");
+  d.ffn = get_int(cfg, "intermediate_size");
+  d.heads = get_int(cfg, "num_heads");
+  d.kv_heads = get_int(cfg, "num_kv_heads");
+  d.head_dim = get_int(cfg, "head_dim");
+  d.rope_theta = get_float(cfg, "rope_theta");
+  d.eps = get_float(cfg, "rms_norm_eps");
+  return d;
+}
+
+EngineOptions engine_options(int64_t context, int64_t max_batch, int threads, const std::string& kv_dtype) {
+  DT_CHECK(kv_dtype == "f32" || kv_dtype == "bf16", "kv_dtype must be 'f32' or 'bf16', got '" + kv_dtype + "'");
+  EngineOptions o;
+  o.context = context;
+  o.max_batch = max_batch;
+  o.threads = threads;
+  o.kv_type = kv_dtype == "f32" ? KvType::F32 : KvType::BF16;
+  return o;
+}
+
+// weights: name -> (dtype, shape, buffer). The arrays in `keep` must outlive the map.
+WeightMap weight_map(const py::dict& weights, std::vector<py::array>& keep) {
+  WeightMap views;
+  for (auto item : weights) {
+    const std::string name = item.first.cast<std::string>();
+    auto tup = item.second.cast<py::tuple>();
+    DT_CHECK(tup.size() == 3, "weight '" + name + "' must be (dtype, shape, data)");
+    WeightView v;
+    v.type = wtype_from_name(tup[0].cast<std::string>());
+    auto shape = tup[1].cast<std::vector<int64_t>>();
+    DT_CHECK(shape.size() == 1 || shape.size() == 2, "weight '" + name + "' must be 1-D or 2-D");
+    v.rows = shape.size() == 2 ? shape[0] : 1;
+    v.cols = shape.back();
+    py::array arr = py::array::ensure(tup[2]);
+    DT_CHECK(arr && (arr.flags() & py::array::c_style), "weight '" + name + "' data must be a C-contiguous array");
+    v.data = arr.data();
+    v.nbytes = (size_t)arr.nbytes();
+    keep.push_back(arr);
+    views[name] = v;
+  }
+  return views;
+}
+
 std::vector<int64_t> row_list(const py::handle& obj, const char* name) {
   if (obj.is_none()) return {};
   auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
   DT_CHECK(a && a.ndim() == 1, std::string(name) + " must be a 1-D integer array");
   return std::vector<int64_t>(a.data(), a.data() + a.size());
+}
+
+py::array_t<int32_t, py::array::c_style> int32_vector(const py::handle& obj, const char* name) {
+  auto a = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(obj);
+  DT_CHECK(a && a.ndim() == 1, std::string(name) + " must be a 1-D integer array");
+  return a;
 }
 
 }  // namespace
@@ -28,42 +85,12 @@ void bind_engine(py::module_& m) {
       "Native LLaMA target engine (use dovetail_ext.target.TargetEngine, which builds it from a ModelSource).")
       .def(py::init([](const py::dict& cfg, const py::dict& weights, int64_t context, int64_t max_batch,
                        int threads, const std::string& kv_dtype) {
-             LlamaParams p;
-             p.vocab = get_int(cfg, "vocab_size");
-             p.dim = get_int(cfg, "hidden_size");
-             p.ffn = get_int(cfg, "intermediate_size");
-             p.layers = get_int(cfg, "num_layers");
-             p.heads = get_int(cfg, "num_heads");
-             p.kv_heads = get_int(cfg, "num_kv_heads");
-             p.head_dim = get_int(cfg, "head_dim");
-             p.rope_theta = cfg["rope_theta"].cast<float>();
-             p.eps = cfg["rms_norm_eps"].cast<float>();
-             EngineOptions o;
-             o.context = context;
-             o.max_batch = max_batch;
-             o.threads = threads;
-             DT_CHECK(kv_dtype == "f32" || kv_dtype == "bf16", "kv_dtype must be 'f32' or 'bf16', got '" + kv_dtype + "'");
-             o.kv_type = kv_dtype == "f32" ? KvType::F32 : KvType::BF16;
-             // weights: name -> (dtype, (rows, cols), buffer); arrays are kept alive until packed.
-             std::map<std::string, WeightView> views;
+             LayerDims d = layer_dims(cfg);
+             LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
+                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps};
+             EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
-             for (auto item : weights) {
-               const std::string name = item.first.cast<std::string>();
-               auto tup = item.second.cast<py::tuple>();
-               DT_CHECK(tup.size() == 3, "weight '" + name + "' must be (dtype, shape, data)");
-               WeightView v;
-               v.type = wtype_from_name(tup[0].cast<std::string>());
-               auto shape = tup[1].cast<std::vector<int64_t>>();
-               DT_CHECK(shape.size() == 1 || shape.size() == 2, "weight '" + name + "' must be 1-D or 2-D");
-               v.rows = shape.size() == 2 ? shape[0] : 1;
-               v.cols = shape.back();
-               py::array arr = py::array::ensure(tup[2]);
-               DT_CHECK(arr && (arr.flags() & py::array::c_style), "weight '" + name + "' data must be a C-contiguous array");
-               v.data = arr.data();
-               v.nbytes = (size_t)arr.nbytes();
-               keep.push_back(arr);
-               views[name] = v;
-             }
+             WeightMap views = weight_map(weights, keep);
              py::gil_scoped_release nogil;
              return std::make_unique<LlamaEngine>(p, o, views);
            }),
@@ -71,18 +98,17 @@ void bind_engine(py::module_& m) {
            py::arg("threads") = 1, py::arg("kv_dtype") = "f32")
       .def("forward", [](LlamaEngine& e, const py::handle& tok_obj, const py::handle& pos_obj,
                          const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
-             auto tokens = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(tok_obj);
-             auto positions = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(pos_obj);
-             DT_CHECK(tokens && tokens.ndim() == 1, "tokens must be a 1-D integer array");
-             DT_CHECK(positions && positions.ndim() == 1, "positions must be a 1-D integer array");
+             auto tokens = int32_vector(tok_obj, "tokens");
+             auto positions = int32_vector(pos_obj, "positions");
              const int64_t T = tokens.size();
              DT_CHECK(positions.size() == T, "positions has " + std::to_string(positions.size()) +
                                                  " entries for " + std::to_string(T) + " tokens");
              py::array_t<uint8_t, py::array::c_style> anc;
-             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T);
+             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, T);
              auto lrows = row_list(logit_obj, "logit_rows");
              auto frows = row_list(feat_obj, "feature_rows");
              DT_CHECK((int64_t)lrows.size() <= e.options().max_batch, "too many logit rows");
+             DT_CHECK((int64_t)frows.size() <= e.options().max_batch, "too many feature rows");
              const int64_t V = e.params().vocab, D = e.params().dim;
              py::array_t<float> logits({(int64_t)lrows.size(), V});
              py::array_t<float> feats({(int64_t)frows.size(), D});
@@ -118,6 +144,61 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("threads", [](const LlamaEngine& e) { return e.options().threads; })
       .def_property_readonly("weight_bytes", &LlamaEngine::weight_bytes)
       .def_property_readonly("kv_bytes", [](const LlamaEngine& e) { return e.kv().bytes(); });
+
+  py::class_<DraftEngine>(m, "DraftEngine",
+      "Native CPU Dovetail draft (use dovetail_ext.draft.Draft). Shares the target engine's embedding and LM head.")
+      .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t context,
+                       int64_t max_batch, int threads, const std::string& kv_dtype) {
+             LayerDims d = layer_dims(cfg);
+             EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
+             std::vector<py::array> keep;
+             WeightMap views = weight_map(weights, keep);
+             const int64_t layers = get_int(cfg, "num_layers");
+             py::gil_scoped_release nogil;
+             return std::make_unique<DraftEngine>(d, layers, o, views, target.token_embedding(), target.lm_head());
+           }),
+           py::arg("config"), py::arg("weights"), py::arg("target"), py::arg("context"), py::arg("max_batch") = 128,
+           py::arg("threads") = 1, py::arg("kv_dtype") = "f32", py::keep_alive<1, 4>())
+      .def("forward", [](DraftEngine& e, const py::handle& feat_obj, const py::handle& tok_obj,
+                         const py::handle& pos_obj, const py::handle& anc_obj, bool append,
+                         const py::handle& topk_obj, int64_t k) {
+             auto feats = as_array<float>(feat_obj, "features");
+             auto tokens = int32_vector(tok_obj, "tokens");
+             auto positions = int32_vector(pos_obj, "positions");
+             const int64_t T = tokens.size(), D = e.dims().dim;
+             check_shape(feats, {T, D}, "features");
+             DT_CHECK(positions.size() == T, "positions has " + std::to_string(positions.size()) +
+                                                 " entries for " + std::to_string(T) + " tokens");
+             const int64_t P = append ? e.pending() : 0;
+             py::array_t<uint8_t, py::array::c_style> anc;
+             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, P + T);
+             auto rows = row_list(topk_obj, "topk_rows");
+             py::array_t<float> hidden({T, D});
+             py::array_t<int32_t> ids({(int64_t)rows.size(), k});
+             py::array_t<float> logp({(int64_t)rows.size(), k});
+             const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
+             {
+               py::gil_scoped_release nogil;
+               e.forward(feats.data(), tokens.data(), positions.data(), T, ap, append, hidden.mutable_data(),
+                         rows.data(), (int64_t)rows.size(), k, ids.mutable_data(), logp.mutable_data());
+             }
+             return py::make_tuple(hidden, ids, logp);
+           },
+           py::arg("features"), py::arg("tokens"), py::arg("positions"), py::arg("ancestors") = py::none(),
+           py::arg("append") = false, py::arg("topk_rows") = py::none(), py::arg("k") = 1,
+           "Draft forward; returns (hidden [T, D], topk ids [len(topk_rows), k], topk logp [len(topk_rows), k]).")
+      .def("commit", [](DraftEngine& e, const py::handle& kept_obj) {
+             auto kept = row_list(kept_obj, "kept");
+             py::gil_scoped_release nogil;
+             e.commit(kept.data(), (int64_t)kept.size());
+           }, py::arg("kept"))
+      .def("truncate", [](DraftEngine& e, int64_t n) { e.truncate(n); }, py::arg("n"))
+      .def("set_threads", &DraftEngine::set_threads, py::arg("threads"))
+      .def_property_readonly("n_past", &DraftEngine::n_past)
+      .def_property_readonly("pending", &DraftEngine::pending)
+      .def_property_readonly("context", [](const DraftEngine& e) { return e.options().context; })
+      .def_property_readonly("max_batch", [](const DraftEngine& e) { return e.options().max_batch; })
+      .def_property_readonly("weight_bytes", &DraftEngine::weight_bytes);
 }
 
 }  // namespace dovetail::bind

@@ -19,14 +19,13 @@ std::pair<const void*, size_t> raw_bytes(const py::handle& obj, const char* name
 
 }  // namespace
 
-// A [T, T] ancestor matrix given as bool or uint8.
-py::array_t<uint8_t, py::array::c_style> ancestor_matrix(const py::handle& obj, int64_t T) {
+py::array_t<uint8_t, py::array::c_style> ancestor_matrix(const py::handle& obj, int64_t T, int64_t W) {
   py::array arr = py::array::ensure(obj);
-  DT_CHECK(arr, "ancestors must be a [T, T] bool or uint8 array");
+  DT_CHECK(arr, "ancestors must be a [T, W] bool or uint8 array");
   DT_CHECK(arr.dtype().kind() == 'b' || arr.dtype().is(py::dtype::of<uint8_t>()),
            "ancestors must have dtype bool or uint8, got " + std::string(py::str(arr.dtype())));
   auto u8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(arr);
-  check_shape(u8, {T, T}, "ancestors");
+  check_shape(u8, {T, W}, "ancestors");
   return u8;
 }
 
@@ -118,6 +117,34 @@ void bind_ops(py::module_& m) {
         return y;
       }, py::arg("gate"), py::arg("up"), "silu(gate) * up.");
 
+  m.def("dgf_gate", [](const py::handle& h1_obj, const py::handle& a_obj, const py::handle& z_obj) {
+        auto h1 = as_array<float>(h1_obj, "h1");
+        auto a = as_array<float>(a_obj, "a");
+        auto z = as_array<float>(z_obj, "zpre");
+        check_shape(h1, {-1, -1}, "h1");
+        check_shape(a, {h1.shape(0), h1.shape(1)}, "a");
+        check_shape(z, {h1.shape(0), h1.shape(1)}, "zpre");
+        const int64_t T = h1.shape(0), D = h1.shape(1);
+        py::array_t<float> h2({T, D}), g({T, D});
+        for (int64_t t = 0; t < T; ++t) {
+          dgf_silu_rows(a.data() + t * D, h2.mutable_data() + t * D, D);
+          dgf_mix_rows(h1.data() + t * D, h2.data() + t * D, z.data() + t * D, g.mutable_data() + t * D, D);
+        }
+        return py::make_tuple(h2, g);
+      }, py::arg("h1"), py::arg("a"), py::arg("zpre"),
+      "DGF gate on [T, D] rows: (h2 = SiLU(a), g = sigmoid(zpre) * h1 + (1 - sigmoid(zpre)) * h2).");
+
+  m.def("topk_log_softmax", [](const py::handle& x_obj, int64_t k) {
+        auto x = as_array<float>(x_obj, "logits");
+        check_shape(x, {-1, -1}, "logits");
+        const int64_t n = x.shape(0), V = x.shape(1);
+        DT_CHECK(k >= 1 && k <= V, "k must be in [1, V]");
+        py::array_t<int32_t> ids({n, k});
+        py::array_t<float> logp({n, k});
+        topk_log_softmax(x.data(), n, V, k, ids.mutable_data(), logp.mutable_data(), 1);
+        return py::make_tuple(ids, logp);
+      }, py::arg("logits"), py::arg("k"), "Per row: the k most likely tokens and their log-probabilities.");
+
   m.def("attention", [](const py::handle& q_obj, const py::array& k_obj, const py::array& v_obj,
                         int64_t n_past, const py::handle& anc_obj, int threads) {
         auto q = as_array<float>(q_obj, "q");
@@ -132,7 +159,7 @@ void bind_ops(py::module_& m) {
         DT_CHECK(KV >= 1 && H % KV == 0, "query heads must be a multiple of kv heads");
         DT_CHECK(n_past >= 0 && n_past + T <= S, "k/v need n_past + T slots");
         DT_CHECK(threads >= 1, "threads must be >= 1");
-        auto anc = ancestor_matrix(anc_obj, T);
+        auto anc = ancestor_matrix(anc_obj, T, T);
         const uint8_t* a = anc.data();
         for (int64_t t = 0; t < T; ++t) {
           DT_CHECK(a[t * T + t], "ancestors diagonal must be set");

@@ -35,8 +35,8 @@ inline void check_shape(const py::array& a, const std::vector<long>& want, const
   throw_value_error(std::string(name) + " has shape " + got + "), expected " + exp + ")");
 }
 
-// A [T, T] ancestor matrix given as bool or uint8 (shape and dtype checked).
-py::array_t<uint8_t, py::array::c_style> ancestor_matrix(const py::handle& obj, int64_t T);
+// A [T, W] ancestor matrix given as bool or uint8 (shape and dtype checked).
+py::array_t<uint8_t, py::array::c_style> ancestor_matrix(const py::handle& obj, int64_t T, int64_t W);
 
 void bind_ops(py::module_& m);
 void bind_engine(py::module_& m);

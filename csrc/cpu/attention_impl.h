@@ -2,7 +2,7 @@
 //   float dot(const float* q, const KvT* k, int64_t Dh)
 //   void  axpy(float* out, float p, const KvT* v, int64_t Dh)     out += p * v
 //   float exp(float)
-// Keys are visited in slot order (prefix, then ancestors in batch order), so a token
+// Keys are visited in slot order (prefix, then ancestors in scratch order), so a token
 // sees the same sequence of operations whether its ancestors are committed or in the batch.
 #pragma once
 #include <cmath>
@@ -29,7 +29,8 @@ inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, flo
     scores[n++] = sc;
     mx = sc > mx ? sc : mx;
   }
-  for (int64_t j = 0; j <= t; ++j) {
+  const int64_t last = a.n_prev + t;
+  for (int64_t j = 0; j <= last; ++j) {
     if (!((bits[j >> 6] >> (j & 63)) & 1u)) continue;
     const float sc = Kern::dot(q, kbase + (a.n_past + j) * Dh, Dh) * scale;
     scores[n++] = sc;
@@ -47,7 +48,7 @@ inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, flo
   std::memset(out, 0, sizeof(float) * Dh);
   n = 0;
   for (int64_t s = 0; s < a.n_past; ++s) Kern::axpy(out, scores[n++] * inv, vbase + s * Dh, Dh);
-  for (int64_t j = 0; j <= t; ++j) {
+  for (int64_t j = 0; j <= last; ++j) {
     if (!((bits[j >> 6] >> (j & 63)) & 1u)) continue;
     Kern::axpy(out, scores[n++] * inv, vbase + (a.n_past + j) * Dh, Dh);
   }

@@ -2,6 +2,7 @@
 // sequentially in a fixed order, so results do not depend on how many rows there are.
 #include <cmath>
 
+#include "common/dgf_math.h"
 #include "cpu/ops.h"
 
 namespace dovetail {
@@ -50,6 +51,14 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
 
 void swiglu(const float* g, const float* u, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void dgf_silu_rows(const float* a, float* h2, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) h2[i] = dgf_silu(a[i]);
+}
+
+void dgf_mix_rows(const float* h1, const float* h2, const float* zpre, float* g, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) g[i] = dgf_mix(h1[i], h2[i], zpre[i]);
 }
 
 }  // namespace dovetail

@@ -66,19 +66,30 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
 // out = silu(g) * u, n values.
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 
+// Dynamic Gating Fusion, row-wise over D channels (see common/dgf_math.h):
+// h2 = SiLU(a); g = sigmoid(zpre) * h1 + (1 - sigmoid(zpre)) * h2.
+void dgf_silu_rows(const float* a, float* h2, int64_t D);
+void dgf_mix_rows(const float* h1, const float* h2, const float* zpre, float* g, int64_t D);
+
+// For each of n rows of logits [n, V]: the k largest entries as log-probabilities
+// (logit - logsumexp), best first, ties broken by the lower token id.
+void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int32_t* ids, float* logp,
+                      int nthreads);
+
 enum class KvType : int { F32 = 0, BF16 = 1 };
 
 // Grouped-query attention over one layer's cache for a batch of T new tokens.
 // k, v: [KV, S, Dh] in kv_type; slots [0, n_past) are the committed prefix and slot
-// n_past + j holds batch token j. Token t attends to the prefix and to the batch tokens
+// n_past + j holds scratch row j: rows [0, n_prev) come from earlier calls, row n_prev + t
+// is batch token t. Token t attends to the prefix and to the scratch rows j <= n_prev + t
 // whose bit is set in its ancestor bitset (anc + t * anc_words). q: [T, H*Dh] (roped),
-// out: [T, H*Dh]. scratch: nthreads * (n_past + T) floats.
+// out: [T, H*Dh]. scratch: nthreads * (n_past + n_prev + T) floats.
 struct AttentionArgs {
   const float* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   KvType kv_type = KvType::F32;
-  int64_t S = 0, n_past = 0, T = 0, H = 0, KV = 0, Dh = 0;
+  int64_t S = 0, n_past = 0, n_prev = 0, T = 0, H = 0, KV = 0, Dh = 0;
   const uint64_t* anc = nullptr;
   int64_t anc_words = 0;
   float* out = nullptr;

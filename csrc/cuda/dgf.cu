@@ -4,7 +4,7 @@
 
 #include "common/error.h"
 #include "cuda/dgf.h"
-#include "cuda/dgf_math.h"
+#include "common/dgf_math.h"
 
 namespace dovetail::cuda {
 

@@ -1,0 +1,41 @@
+// Top-k of log-softmax per row, for tree expansion: one pass for the max, one for the sum
+// of exponentials (double), one selection pass keeping a sorted k-list.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/ops.h"
+
+namespace dovetail {
+
+void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int32_t* ids, float* logp,
+                      int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 1)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = logits + r * V;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i]);
+    double sum = 0.0;
+    for (int64_t i = 0; i < V; ++i) sum += std::exp((double)(x[i] - mx));
+    const float lse = mx + (float)std::log(sum);
+    int32_t* id = ids + r * k;
+    float* val = logp + r * k;
+    int64_t have = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      const float v = x[i];
+      if (have == k && v <= val[k - 1]) continue;  // strictly better than the worst kept
+      int64_t pos = have < k ? have++ : k - 1;
+      while (pos > 0 && val[pos - 1] < v) {  // equal values keep the earlier (lower) id first
+        val[pos] = val[pos - 1];
+        id[pos] = id[pos - 1];
+        --pos;
+      }
+      val[pos] = v;
+      id[pos] = (int32_t)i;
+    }
+    for (int64_t j = 0; j < k; ++j) val[j] -= lse;
+  }
+}
+
+}  // namespace dovetail

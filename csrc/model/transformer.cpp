@@ -1,0 +1,197 @@
+#include "model/transformer.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/error.h"
+
+namespace dovetail {
+
+namespace {
+
+const WeightView& need(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols) {
+  auto it = w.find(name);
+  DT_CHECK(it != w.end(), "missing weight '" + name + "'");
+  const WeightView& v = it->second;
+  DT_CHECK(v.rows == rows && v.cols == cols,
+           "weight '" + name + "' has shape (" + std::to_string(v.rows) + ", " + std::to_string(v.cols) +
+               "), expected (" + std::to_string(rows) + ", " + std::to_string(cols) + ")");
+  return v;
+}
+
+void add_inplace(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+}  // namespace
+
+PackedWeight pack_named(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols) {
+  const WeightView& v = need(w, name, rows, cols);
+  try {
+    return pack_weight(v.type, v.rows, v.cols, v.data, v.nbytes);
+  } catch (const ValueError& e) {
+    throw_value_error("weight '" + name + "': " + e.what());
+  }
+}
+
+std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n) {
+  const WeightView& v = need(w, name, 1, n);
+  DT_CHECK(v.type == WType::F32 && v.nbytes == (size_t)n * 4, "norm weight '" + name + "' must be f32");
+  const float* p = static_cast<const float*>(v.data);
+  return std::vector<float>(p, p + n);
+}
+
+std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers, bool first_has_norm) {
+  const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim;
+  std::vector<LayerWeights> layers(n_layers);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const std::string b = "blk." + std::to_string(l) + ".";
+    LayerWeights& L = layers[l];
+    if (l > 0 || first_has_norm) L.attn_norm = norm_named(w, b + "attn_norm", D);
+    L.ffn_norm = norm_named(w, b + "ffn_norm", D);
+    L.wq = pack_named(w, b + "attn_q", QD, D);
+    L.wk = pack_named(w, b + "attn_k", KD, D);
+    L.wv = pack_named(w, b + "attn_v", KD, D);
+    L.wo = pack_named(w, b + "attn_output", D, QD);
+    L.w_gate = pack_named(w, b + "ffn_gate", F, D);
+    L.w_up = pack_named(w, b + "ffn_up", F, D);
+    L.w_down = pack_named(w, b + "ffn_down", D, F);
+  }
+  return layers;
+}
+
+LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, const EngineOptions& o)
+    : d_(d), o_(o), layers_(std::move(layers)) {
+  DT_CHECK(d.dim > 0 && d.ffn > 0 && d.heads > 0 && d.kv_heads > 0 && d.head_dim > 0,
+           "model dimensions must be positive");
+  DT_CHECK(d.head_dim % 2 == 0, "head_dim must be even for RoPE");
+  DT_CHECK(d.heads % d.kv_heads == 0, "heads must be a multiple of kv_heads");
+  DT_CHECK(o.context >= 1 && o.context <= (1 << 24), "context must be in [1, 16777216], got " + std::to_string(o.context));
+  DT_CHECK(o.max_batch >= 1 && o.max_batch <= 4096, "max_batch must be in [1, 4096], got " + std::to_string(o.max_batch));
+  DT_CHECK(o.threads >= 1 && o.threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(o.threads));
+  const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim, B = o.max_batch;
+  kv_ = KvCache((int64_t)layers_.size(), d.kv_heads, o.context, d.head_dim, o.kv_type);
+  rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_);
+  xn_.resize(B * D); tmp_.resize(B * D);
+  q_.resize(B * QD); att_.resize(B * QD); k_.resize(B * KD); v_.resize(B * KD);
+  gate_.resize(B * F); up_.resize(B * F);
+  scores_.resize((size_t)o.threads * (o.context + B));
+  anc_bits_.resize((size_t)(B * ((B + 63) / 64)));
+  qa_.reserve(B, std::max({D, F, QD}));
+}
+
+void LayerStack::set_threads(int n) {
+  DT_CHECK(n >= 1 && n <= 1024, "threads must be in [1, 1024], got " + std::to_string(n));
+  if ((size_t)n * (o_.context + o_.max_batch) > scores_.size()) scores_.resize((size_t)n * (o_.context + o_.max_batch));
+  o_.threads = n;
+}
+
+size_t LayerStack::weight_bytes() const {
+  size_t total = 0;
+  for (const LayerWeights& L : layers_)
+    for (const PackedWeight* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) total += w->data.size();
+  return total;
+}
+
+void LayerStack::check(const int32_t* positions, int64_t T, const uint8_t* anc, bool append) const {
+  const int64_t P = append ? pending_ : 0, W = P + T;
+  DT_CHECK(T >= 1, "forward needs at least one token");
+  DT_CHECK(W <= o_.max_batch, "batch of " + std::to_string(T) + " tokens" +
+                                  (P ? " after " + std::to_string(P) + " scratch rows" : std::string()) +
+                                  " exceeds the engine's max_batch " + std::to_string(o_.max_batch));
+  DT_CHECK(n_past_ + W <= o_.context, "context full: " + std::to_string(n_past_) + " committed + " +
+                                          std::to_string(W) + " new tokens exceed the context of " +
+                                          std::to_string(o_.context));
+  for (int64_t t = 0; t < T; ++t)
+    DT_CHECK(positions[t] >= 0 && positions[t] < o_.context,
+             "position " + std::to_string(positions[t]) + " at index " + std::to_string(t) +
+                 " is outside the context [0, " + std::to_string(o_.context) + ")");
+  if (!anc) return;
+  for (int64_t t = 0; t < T; ++t) {
+    DT_CHECK(anc[t * W + P + t] == 1, "ancestors[" + std::to_string(t) + ", " + std::to_string(P + t) +
+                                          "] must be set: a token always sees itself");
+    for (int64_t j = 0; j < W; ++j) {
+      DT_CHECK(anc[t * W + j] <= 1, "ancestors must be a 0/1 matrix");
+      DT_CHECK(j <= P + t || anc[t * W + j] == 0,
+               "ancestors[" + std::to_string(t) + ", " + std::to_string(j) +
+                   "] is set but a token may only see earlier batch tokens");
+    }
+  }
+}
+
+void LayerStack::linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool quantize_input) {
+  if (quantize_input && is_quantized(w.type)) quantize_acts(x, T, w.cols, qa_, o_.threads);
+  linear(w, x, &qa_, T, y, w.rows, o_.threads);
+}
+
+void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_t* anc, bool append) {
+  const int64_t D = d_.dim, F = d_.ffn, H = d_.heads, KV = d_.kv_heads, Dh = d_.head_dim;
+  const int64_t QD = H * Dh, KD = KV * Dh;
+  if (!append) pending_ = 0;
+  const int64_t P = pending_, W = P + T, words = (W + 63) / 64;
+
+  // Ancestor sets as bitsets over the scratch rows (causal within the batch when none given).
+  uint64_t* bits = anc_bits_.data();
+  std::memset(bits, 0, sizeof(uint64_t) * T * words);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < W; ++j) {
+      const bool on = anc ? anc[t * W + j] != 0 : (j >= P && j <= P + t);
+      if (on) bits[t * words + (j >> 6)] |= 1ull << (j & 63);
+    }
+
+  AttentionArgs aa;
+  aa.q = q_.data(); aa.kv_type = kv_.type(); aa.S = kv_.slots(); aa.n_past = n_past_; aa.n_prev = P; aa.T = T;
+  aa.H = H; aa.KV = KV; aa.Dh = Dh; aa.anc = bits; aa.anc_words = words; aa.out = att_.data();
+  aa.scratch = scores_.data();
+
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    LayerWeights& L = layers_[l];
+    // Attention block: x += Wo . attn(rope(Wq xn), rope(Wk xn), Wv xn); xn = rmsnorm(x)
+    // (the draft's first layer has no input norm: xn = x).
+    const float* xin = x;
+    if (!L.attn_norm.empty()) {
+      rmsnorm(x, L.attn_norm.data(), xn_.data(), T, D, d_.eps);
+      xin = xn_.data();
+    }
+    linear_rows(L.wq, xin, T, q_.data(), true);
+    linear_rows(L.wk, xin, T, k_.data(), L.wk.type != L.wq.type);
+    linear_rows(L.wv, xin, T, v_.data(), L.wv.type != L.wk.type);
+    rope_inplace(q_.data(), T, H, Dh, QD, positions, cos_.data(), sin_.data());
+    rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos_.data(), sin_.data());
+    kv_.store((int64_t)l, n_past_ + P, k_.data(), v_.data(), T);
+    aa.k = kv_.k((int64_t)l);
+    aa.v = kv_.v((int64_t)l);
+    attention(aa, o_.threads);
+    linear_rows(L.wo, att_.data(), T, tmp_.data(), true);
+    add_inplace(x, tmp_.data(), T * D);
+    // FFN block: x += W_down (silu(W_gate xn) * W_up xn); xn = rmsnorm(x)
+    rmsnorm(x, L.ffn_norm.data(), xn_.data(), T, D, d_.eps);
+    linear_rows(L.w_gate, xn_.data(), T, gate_.data(), true);
+    linear_rows(L.w_up, xn_.data(), T, up_.data(), L.w_up.type != L.w_gate.type);
+    swiglu(gate_.data(), up_.data(), gate_.data(), T * F);
+    linear_rows(L.w_down, gate_.data(), T, tmp_.data(), true);
+    add_inplace(x, tmp_.data(), T * D);
+  }
+  pending_ = W;
+}
+
+void LayerStack::commit(const int64_t* kept, int64_t n) {
+  DT_CHECK(n <= pending_, "commit of " + std::to_string(n) + " rows but only " + std::to_string(pending_) +
+                              " uncommitted rows are pending");
+  for (int64_t i = 0; i < n; ++i) {
+    DT_CHECK(kept[i] >= 0 && kept[i] < pending_, "kept row " + std::to_string(kept[i]) +
+                                                     " outside the pending rows [0, " + std::to_string(pending_) + ")");
+    DT_CHECK(i == 0 || kept[i] > kept[i - 1], "kept rows must be strictly increasing");
+  }
+  kv_.compact(n_past_, kept, n);
+  n_past_ += n;
+  pending_ = 0;
+}
+
+void LayerStack::truncate(int64_t n) {
+  DT_CHECK(n >= 0 && n <= n_past_, "truncate to " + std::to_string(n) + " outside [0, " + std::to_string(n_past_) + "]");
+  n_past_ = n;
+  pending_ = 0;
+}
+
+}  // namespace dovetail

@@ -1,0 +1,90 @@
+// A stack of LLaMA decoder layers with its own KV cache: the part the target and the
+// draft share.
+//
+// KV slots: [0, n_past) committed; [n_past, n_past + pending) scratch rows written by the
+// forward calls since the last commit. A call with append=false first drops the scratch;
+// with append=true its tokens go after the existing scratch rows (tree expansion in the
+// draft). Batch token t (scratch row P + t, P = scratch rows before the call) attends to
+// the committed prefix and to the scratch rows j <= P + t marked in its ancestor bitset.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/buffer.h"
+#include "cpu/ops.h"
+#include "model/kv_cache.h"
+
+namespace dovetail {
+
+struct LayerDims {
+  int64_t dim = 0, ffn = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  float rope_theta = 10000.0f, eps = 1e-5f;
+};
+
+struct EngineOptions {
+  int64_t context = 2048;   // KV slots (committed + scratch)
+  int64_t max_batch = 128;  // most scratch rows at once (one forward, or one tree)
+  int threads = 1;
+  KvType kv_type = KvType::F32;
+};
+
+// A tensor handed over by the loader: raw storage, [rows, cols] (cols = 1-D length).
+struct WeightView {
+  WType type = WType::F32;
+  int64_t rows = 0, cols = 0;
+  const void* data = nullptr;
+  size_t nbytes = 0;
+};
+using WeightMap = std::map<std::string, WeightView>;
+
+PackedWeight pack_named(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols);
+std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n);
+
+struct LayerWeights {
+  std::vector<float> attn_norm;  // empty: no input norm (the draft's first layer)
+  std::vector<float> ffn_norm;
+  PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+// Reads blk.{i}.* for i < n_layers; `first_has_norm` false skips blk.0.attn_norm.
+std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers,
+                                      bool first_has_norm);
+
+class LayerStack {
+ public:
+  LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, const EngineOptions& o);
+
+  // Validates a batch: T tokens at `positions`, ancestors [T, P+T] (null = causal within
+  // the batch, no earlier scratch visible). Throws ValueError naming the problem.
+  void check(const int32_t* positions, int64_t T, const uint8_t* anc, bool append) const;
+  // x [T, D] in place through every layer (x holds the layer-0 input, then the output).
+  void run(float* x, const int32_t* positions, int64_t T, const uint8_t* anc, bool append);
+  void commit(const int64_t* kept, int64_t n);
+  void truncate(int64_t n);
+  void set_threads(int n);
+
+  int64_t n_past() const { return n_past_; }
+  int64_t pending() const { return pending_; }
+  const EngineOptions& options() const { return o_; }
+  const LayerDims& dims() const { return d_; }
+  const KvCache& kv() const { return kv_; }
+  size_t weight_bytes() const;
+  QActs& qacts() { return qa_; }
+  // y = x W^T with this stack's threads and activation buffer.
+  void linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool quantize_input);
+
+ private:
+  LayerDims d_;
+  EngineOptions o_;
+  std::vector<LayerWeights> layers_;
+  KvCache kv_;
+  std::vector<float> cos_, sin_;
+  int64_t n_past_ = 0, pending_ = 0;
+  Buffer<float> xn_, q_, k_, v_, att_, gate_, up_, tmp_, scores_;
+  Buffer<uint64_t> anc_bits_;
+  QActs qa_;
+};
+
+}  // namespace dovetail
