@@ -24,6 +24,7 @@ from .formats import load_model_source
 from .formats.base import ModelSource
 from .sampling import SamplingParams, TokenChooser
 from .target import TargetEngine
+from .tree import TreeParams
 
 __all__ = ["load", "Generator", "GenerationResult", "GenerationStats"]
 
@@ -39,10 +40,14 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     tokens_per_s: float = 0.0
-    mode: str = "plain"
+    mode: str = "plain"    # or "speculative"
     stop_reason: str = ""  # "eos", "stop", "length" or "context"
     cached_prompt_tokens: int = 0
-    target_calls: int = 0
+    target_calls: int = 0  # target forwards while decoding (prefill chunks not counted)
+    acceptance_length: float = 0.0  # tokens emitted per target call while decoding (tau)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accept_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,14 +94,22 @@ class Generator:
     prefix between consecutive calls, so a chat that grows turn by turn is not re-read.
     """
 
-    def __init__(self, source: ModelSource, target: TargetEngine) -> None:
+    def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
+                 tree: TreeParams | None = None) -> None:
         self.source = source
         self.target = target
+        self.draft = draft
+        self.tree = tree or TreeParams()
+        if draft is not None:
+            draft.check_tree(self.tree)
         self.tokenizer = source.tokenizer
         self.config = source.config
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
         self.last_stats = GenerationStats()
         self._kv_tokens: list[int] = []  # tokens whose K/V are committed in the target
+        # Target features of the first _n_feat rows of _kv_tokens (kept while speculating).
+        self._features = np.zeros((target.context, self.config.hidden_size), dtype=np.float32)
+        self._n_feat = 0
 
     # -- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
@@ -115,7 +128,8 @@ class Generator:
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: Sequence[str] | None = None, raw: bool = False) -> GenerationResult:
+                 stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
+                 tree: TreeParams | None = None) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
@@ -126,26 +140,36 @@ class Generator:
             seed: seeds sampling; the same seed gives the same output.
             stop: strings that end generation; the text stops before them.
             raw: encode a string prompt without the chat template.
+            speculative: use the draft (default: when the generator has one). The output
+                is the same as without it: greedy token for token, sampling in distribution.
+            tree: tree shape for this call (default: the generator's ``tree``).
         """
         tokens: list[int] = []
         text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                                 stop or (), raw, tokens))
+                                 stop or (), raw, tokens, speculative, tree))
         return GenerationResult(text=text, tokens=tokens, stats=self.last_stats)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: Sequence[str] | None = None, raw: bool = False) -> Iterator[str]:
+               stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
+               tree: TreeParams | None = None) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
         call are in ``last_stats`` once the iterator is exhausted."""
         return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                         stop or (), raw, [])
+                         stop or (), raw, [], speculative, tree)
 
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
-             raw: bool, out_tokens: list[int]) -> Iterator[str]:
+             raw: bool, out_tokens: list[int], speculative: bool | None, tree: TreeParams | None) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if isinstance(stop, str):
             stop = [stop]
+        spec = self.draft is not None if speculative is None else bool(speculative)
+        if spec and self.draft is None:
+            raise ValueError("speculative=True needs a draft: load(..., draft=PATH) or Generator(..., draft=...)")
+        tree = tree or self.tree
+        if spec:
+            self.draft.check_tree(tree)
         ids = self.encode_prompt(prompt, raw)
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
@@ -153,42 +177,59 @@ class Generator:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
                              f"{self.target.context} tokens (leave room for at least one new token; "
                              f"load with a larger context=)")
-        stats = GenerationStats(prompt_tokens=len(ids), mode="plain")
+        stats = GenerationStats(prompt_tokens=len(ids), mode="speculative" if spec else "plain")
         self.last_stats = stats
         if max_new_tokens == 0:
             stats.stop_reason = "length"
             return
 
         t0 = time.perf_counter()
-        logits = self._prefill(ids, stats)
+        logits = self._prefill(ids, stats, with_features=spec)
+        chooser = TokenChooser(params)
+        pending = [chooser(logits[0])]  # the target's own first token
+        if spec:
+            from .speculative import SpecState, SpecTimes, speculative_step
+            done = min(self.draft.n_past, len(ids) - 1)  # draft pairs still valid for this prompt
+            self.draft.truncate(done)
+            state = SpecState(root=pending[0], features=self._features[done:len(ids)].copy(),
+                              next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
+            times = SpecTimes()
         stats.prefill_s = time.perf_counter() - t0
 
-        choose = TokenChooser(params)
         decoder = self.tokenizer.stream_decoder()
         stops = _StopStrings(stop)
         t1 = time.perf_counter()
-        while True:
-            tok = choose(logits[0])
-            if tok in self.eos_ids:
-                stats.stop_reason = "eos"
-                break
-            out_tokens.append(tok)
-            piece, hit = stops.feed(decoder.push(tok))
-            if piece:
-                yield piece
-            if hit:
-                stats.stop_reason = "stop"
-                break
-            if len(out_tokens) >= max_new_tokens:
-                stats.stop_reason = "length"
+        while not stats.stop_reason:
+            for tok in pending:
+                if tok in self.eos_ids:
+                    stats.stop_reason = "eos"
+                    break
+                out_tokens.append(tok)
+                piece, hit = stops.feed(decoder.push(tok))
+                if piece:
+                    yield piece
+                if hit:
+                    stats.stop_reason = "stop"
+                    break
+                if len(out_tokens) >= max_new_tokens:
+                    stats.stop_reason = "length"
+                    break
+            if stats.stop_reason:
                 break
             if self.target.n_past >= self.target.context:
                 stats.stop_reason = "context"
                 break
-            logits, _ = self.target.forward([tok])
-            self.target.commit()
-            self._kv_tokens.append(tok)
             stats.target_calls += 1
+            root = pending[-1]
+            if spec:
+                pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser, times)
+                self._keep_features(committed)
+                self._kv_tokens.extend([root] + pending[:-1])
+            else:
+                logits, _ = self.target.forward([root])
+                self.target.commit()
+                self._kv_tokens.append(root)
+                pending = [chooser(logits[0])]
         if stats.stop_reason != "stop":
             tail, hit = stops.feed(decoder.flush())
             tail = tail + ("" if hit else stops.flush())
@@ -197,37 +238,57 @@ class Generator:
         stats.new_tokens = len(out_tokens)
         stats.decode_s = time.perf_counter() - t1
         stats.tokens_per_s = stats.new_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
+        if spec and times.steps:
+            stats.acceptance_length = sum(times.history) / times.steps
+            stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
+        elif stats.target_calls:
+            stats.acceptance_length = 1.0
 
-    def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
+    def _prefill(self, ids: list[int], stats: GenerationStats, with_features: bool = False) -> np.ndarray:
         """Commit the prompt's K/V, reusing the common prefix with the last call; returns
-        the logits [1, V] after the last prompt token."""
+        the logits [1, V] after the last prompt token. With ``with_features`` the target
+        features of every prompt row are kept for the draft."""
         common = 0
         for a, b in zip(self._kv_tokens, ids):
             if a != b:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # at least one token must run for its logits
+        if with_features:
+            common = min(common, self._n_feat)
         self.target.truncate(common)
         self._kv_tokens = list(ids[:common])
+        self._n_feat = min(self._n_feat, common)
         stats.cached_prompt_tokens = common
         logits = None
         chunk = self.target.max_batch
         for start in range(common, len(ids), chunk):
             part = ids[start:start + chunk]
-            logits, _ = self.target.forward(part)
+            logits, f = self.target.forward(part, feature_rows=np.arange(len(part)) if with_features else None)
             self.target.commit()
+            if with_features:
+                self._keep_features(f)
             self._kv_tokens.extend(part)
-            stats.target_calls += 1
         return logits
+
+    def _keep_features(self, rows: np.ndarray) -> None:
+        """Append target features of newly committed rows (only while they stay aligned)."""
+        if self._n_feat == len(self._kv_tokens):
+            self._features[self._n_feat:self._n_feat + len(rows)] = rows
+            self._n_feat += len(rows)
 
     def reset(self) -> None:
         """Drop the cached conversation."""
         self.target.reset()
         self._kv_tokens = []
+        self._n_feat = 0
+        if self.draft is not None:
+            self.draft.truncate(0)
 
 
-def load(model: str | Path | None = None, *, context: int | None = None, threads: int | None = None,
-         weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128) -> Generator:
+def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
+         threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
+         tree: TreeParams | None = None, draft_weights: str = "f32") -> Generator:
     """Load a model for generation.
 
     Args:
@@ -239,7 +300,15 @@ def load(model: str | Path | None = None, *, context: int | None = None, threads
             convert matrices to at load: ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"bf16"``, ...
         kv_dtype: ``"f32"`` or ``"bf16"`` KV cache.
         max_batch: the largest number of tokens one target call takes (prefill chunk).
+        draft: a draft checkpoint directory for speculative decoding (trained for this
+            model: a draft made for another target is refused).
+        tree: speculative tree shape (default ``TreeParams()``).
+        draft_weights: storage of the draft's matrices on the CPU (``"f32"``, ``"bf16"``, ``"q8_0"``).
     """
     source = load_model_source(model, weights=weights)
     target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch)
-    return Generator(source, target)
+    drafter = None
+    if draft is not None:
+        from .draft import Draft
+        drafter = Draft.load(draft, target, weights_dtype=draft_weights, max_batch=max_batch)
+    return Generator(source, target, drafter, tree)

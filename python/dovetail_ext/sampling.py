@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SamplingParams", "target_probs", "TokenChooser"]
+__all__ = ["SamplingParams", "target_probs", "TokenChooser", "accept_greedy", "accept_sampled"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,51 @@ class TokenChooser:
         cdf = np.cumsum(probs)
         u = self.rng.random() * cdf[-1]
         return int(min(np.searchsorted(cdf, u, side="right"), len(probs) - 1))
+
+
+def accept_greedy(tree, logits: np.ndarray) -> tuple[np.ndarray, int]:
+    """Greedy verification of a tree against the target's logits [K, V] at its nodes.
+
+    A drafted node is accepted when its token is the target's argmax at its parent and its
+    parent is accepted; siblings hold distinct tokens, so the accepted nodes form one
+    root-to-node path. Returns (path of node indices from the root, bonus token = the
+    target's argmax after the path's last node).
+    """
+    best = np.argmax(logits, axis=-1)
+    ok = np.ones(tree.size, dtype=bool)
+    ok[1:] = tree.tokens[1:] == best[tree.parents[1:]]
+    accepted = ~np.any(tree.ancestors & ~ok[None, :], axis=1)  # every node on the path agrees
+    last = int(np.flatnonzero(accepted)[np.argmax(tree.depths[accepted])])
+    return tree.path_to(last), int(best[last])
+
+
+def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: TokenChooser) -> tuple[np.ndarray, int]:
+    """Lossless verification for sampling (recursive rejection with deterministic drafts).
+
+    At node u with target distribution p (temperature / top-k / top-p applied), try u's
+    children in the draft's order: a drafted token x was proposed with probability q(x) = 1,
+    so accept it with probability min(1, p(x) / q(x)) = p(x); on rejection the residual is
+    norm(max(p - q, 0)), i.e. p with p(x) set to 0, renormalized, and the next child is
+    tried against it. If no child is accepted (or u is a leaf) the bonus token is drawn from
+    what remains of p. The emitted tokens then follow the target's distribution exactly.
+    """
+    u = 0
+    path = [0]
+    while True:
+        p = target_probs(logits[u], params)
+        moved = False
+        for c in tree.children(u):
+            x = int(tree.tokens[c])
+            if chooser.rng.random() < p[x]:
+                u, moved = int(c), True
+                path.append(u)
+                break
+            rest = p.sum() - p[x]
+            if rest <= 0.0:  # p(x) was 1 up to rounding: nothing else can be drawn
+                u, moved = int(c), True
+                path.append(u)
+                break
+            p[x] = 0.0
+            p /= rest
+        if not moved:
+            return np.asarray(path, dtype=np.int64), chooser.draw(p)

@@ -1,0 +1,177 @@
+"""The Dovetail draft at inference: a wrapper over the native draft engine and the
+EAGLE-2 tree growth that drives it.
+
+The draft shares the target engine's embedding table and LM head (the same packed memory).
+Per speculative step it makes one call over the newly accepted positions (committed) and
+one call per tree level over the frontier (scratch rows, dropped at the next step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .target import TargetEngine
+from .tree import CandidatePool, Tree, TreeParams
+
+__all__ = ["Draft"]
+
+
+class Draft:
+    """A Dovetail draft bound to one target engine.
+
+    Args:
+        config: a :class:`dovetail_ext.draft_model.DraftConfig`.
+        weights: canonical draft weight name -> float32 array (see draft_model).
+        target: the engine whose embedding and LM head the draft uses.
+        device: ``"cpu"`` (native CPU engine). ``"cuda"`` needs the CUDA draft engine.
+        weights_dtype: storage of the draft's matrices on the CPU (``"f32"``, ``"bf16"``,
+            ``"q8_0"``, ...); norms stay fp32.
+        max_batch: scratch rows (the largest prompt chunk or tree the draft handles).
+    """
+
+    def __init__(self, config, weights: dict[str, np.ndarray], target: TargetEngine, *, device: str = "cpu",
+                 weights_dtype: str = "f32", max_batch: int = 128, threads: int | None = None,
+                 check_target: bool = True) -> None:
+        if device != "cpu":
+            if device == "cuda" and not _core.cuda_compiled():
+                raise ValueError("device='cuda' needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none")
+            raise ValueError(f"unsupported draft device {device!r}: the draft runs on the CPU in this build")
+        from .draft_model import TargetSignature, expected_draft_shapes
+        from .errors import DraftMismatchError
+        from .quant import quantize
+
+        if check_target:
+            want = TargetSignature.from_source(target.source)
+            diff = config.target.differences(want)
+            if diff:
+                raise DraftMismatchError(
+                    f"this draft was trained for another target model ({'; '.join(diff)}); "
+                    f"the loaded model is {target.source.name or target.source.path}")
+        shapes = expected_draft_shapes(config)
+        missing = sorted(set(shapes) - set(weights))
+        unknown = sorted(set(weights) - set(shapes))
+        if missing or unknown:
+            raise ValueError(f"draft weights do not match its config: missing {missing}, unexpected {unknown}")
+        packed: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
+        for name, arr in weights.items():
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            if arr.shape != tuple(shapes[name]):
+                raise ValueError(f"draft weight {name} has shape {arr.shape}, expected {tuple(shapes[name])}")
+            dtype = "f32" if arr.ndim == 1 else weights_dtype
+            w = quantize(arr, dtype)
+            packed[name] = (w.dtype, w.shape, np.ascontiguousarray(w.data))
+        self.config = config
+        self.target = target
+        self.device = device
+        cfg = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+               "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
+               "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
+               "num_layers": config.num_layers}
+        # Committed draft positions never outnumber the target's; the tree adds scratch rows.
+        self._engine = _core.DraftEngine(cfg, packed, target._engine, context=target.context + max_batch,
+                                         max_batch=max_batch,
+                                         threads=threads or target.threads)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, target: TargetEngine, **kw: Any) -> Draft:
+        """Load a draft checkpoint directory (draft.json + draft.safetensors)."""
+        from .draft_model import load_draft_weights
+        config, weights = load_draft_weights(path)
+        return cls(config, weights, target, **kw)
+
+    @classmethod
+    def from_module(cls, module, target: TargetEngine, **kw: Any) -> Draft:
+        """From a :class:`dovetail_ext.draft_model.DovetailDraft` (e.g. freshly trained)."""
+        weights = {k: v.detach().float().cpu().numpy() for k, v in module.state_weights().items()}
+        return cls(module.config, weights, target, **kw)
+
+    # -- the engine ------------------------------------------------------------------------
+    def forward(self, features, tokens, positions, ancestors=None, append: bool = False, topk_rows=None,
+                k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One draft call: returns (hidden [T, D], top-k ids [R, k], top-k log-probs [R, k])."""
+        return self._engine.forward(np.ascontiguousarray(features, dtype=np.float32),
+                                    np.asarray(tokens, dtype=np.int32), np.asarray(positions, dtype=np.int32),
+                                    ancestors, append, None if topk_rows is None else np.asarray(topk_rows), k)
+
+    def commit(self, kept=None) -> None:
+        self._engine.commit(np.arange(self._engine.pending) if kept is None else np.asarray(kept, dtype=np.int64))
+
+    def truncate(self, n: int) -> None:
+        self._engine.truncate(n)
+
+    @property
+    def n_past(self) -> int:
+        return self._engine.n_past
+
+    @property
+    def max_batch(self) -> int:
+        return self._engine.max_batch
+
+    def check_tree(self, params: TreeParams) -> None:
+        """Refuse trees that do not fit the engines (a clear error instead of a failed call)."""
+        limit = min(self.target.max_batch, self._engine.max_batch)
+        if params.total_tokens > self.target.max_batch:
+            raise ValueError(f"tree of {params.total_tokens} tokens exceeds the target engine's max_batch "
+                             f"{self.target.max_batch}")
+        if params.scratch_rows > self._engine.max_batch:
+            raise ValueError(f"tree top_k {params.top_k} x depth {params.depth} needs {params.scratch_rows} draft "
+                             f"scratch rows, more than the draft engine's max_batch {self._engine.max_batch}")
+        if params.top_k > self.config.vocab_size:
+            raise ValueError(f"tree top_k {params.top_k} exceeds the vocabulary")
+        del limit
+
+    # -- one tree --------------------------------------------------------------------------
+    def propose(self, features: np.ndarray, tokens: np.ndarray, params: TreeParams) -> Tree:
+        """Take the newly accepted positions and grow a tree rooted at the last token.
+
+        Args:
+            features: target features [n, D] of the newly committed positions j.
+            tokens: the next tokens x_{j+1} [n]; ``tokens[-1]`` is the root (the last
+                accepted or bonus token, not yet seen by the target).
+            params: tree shape.
+        Returns:
+            the tree (root first) whose drafted nodes are the best candidates.
+        """
+        n, k, start = len(tokens), params.top_k, self.n_past
+        # 1. The new pairs (f_j, x_{j+1}) at positions start .. start+n-1, committed; the
+        #    last output predicts the root's successor: the first frontier.
+        for s in range(0, n, self.max_batch):
+            e = min(n, s + self.max_batch)
+            hidden, ids, logp = self.forward(features[s:e], tokens[s:e], np.arange(start + s, start + e),
+                                             topk_rows=[e - s - 1] if e == n else None, k=k)
+            self.commit()
+        root_pos = self.n_past  # the root's position; frontier level d runs at root_pos + d - 1
+
+        pool = CandidatePool(int(tokens[-1]))
+        frontier = pool.add(ids[0], np.zeros(k, dtype=np.int64), logp[0])
+        frontier_feat = np.repeat(hidden[-1:], k, axis=0)  # each node's input: its parent's output
+        scratch_anc = np.zeros((0, 0), dtype=bool)  # ancestor sets among expanded (scratch) nodes
+        row_of = np.full(1 + k + k * k * params.depth, -1, dtype=np.int64)  # pool index -> scratch row
+        # 2. Expand level by level: every child of every frontier node joins the pool; the
+        #    best top_k of them form the next frontier.
+        for level in range(1, params.depth):
+            # Children score at most their parent: once the frontier cannot beat the pool's
+            # (total_tokens-1)-th best, no later candidate can enter the tree.
+            if pool.scores[frontier].max() < pool.kth_best_score(params.total_tokens - 1):
+                break
+            P = scratch_anc.shape[0]
+            anc = np.zeros((k, P + k), dtype=bool)
+            parent_rows = row_of[pool.parents[frontier]]
+            has_parent = parent_rows >= 0
+            anc[has_parent, :P] = scratch_anc[parent_rows[has_parent]]
+            anc[np.arange(k), P + np.arange(k)] = True
+            hidden, ids, logp = self.forward(frontier_feat, pool.tokens[frontier], np.full(k, root_pos + level - 1),
+                                             anc, append=P > 0, topk_rows=np.arange(k), k=k)
+            scratch_anc = np.block([[scratch_anc, np.zeros((P, k), dtype=bool)], [anc]])
+            row_of[frontier] = P + np.arange(k)
+            cum = pool.scores[frontier][:, None] + logp  # [k, k] cumulative log-probabilities
+            cand = pool.add(ids.reshape(-1), np.repeat(frontier, k), cum.reshape(-1))
+            best = np.lexsort((np.arange(cum.size), -cum.reshape(-1)))[:k]
+            frontier, frontier_feat = cand[best], hidden[best // k]
+        # 3. The best total_tokens - 1 candidates, ancestors first.
+        return pool.select(params.total_tokens)

@@ -1,0 +1,138 @@
+"""Token trees for speculative decoding: parameters, the EAGLE-2 candidate pool, and the
+structures the target's one-pass verification needs.
+
+A tree is ``tokens[K]`` (root first) and ``parents[K]`` (``parents[0] = -1``, a parent
+always before its child). :func:`build_tree` derives, without Python loops over tokens:
+depths, the ancestor-or-self matrix (what each node may attend to), positions
+(prefix length + depth) and root-to-leaf paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TreeParams", "Tree", "build_tree", "CandidatePool"]
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    """EAGLE-2 dynamic tree shape: each expansion keeps the ``top_k`` best candidates,
+    the tree is at most ``depth`` drafted levels deep, and holds ``total_tokens`` nodes
+    including the root (so ``total_tokens - 1`` drafted tokens are verified)."""
+
+    top_k: int = 10
+    depth: int = 7
+    total_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "depth", "total_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"tree {name} must be a positive integer, got {v!r}")
+        if self.total_tokens < 2:
+            raise ValueError(f"tree total_tokens must be at least 2 (the root and one drafted token), "
+                             f"got {self.total_tokens}")
+        if self.top_k > 256:
+            raise ValueError(f"tree top_k must be at most 256, got {self.top_k}")
+
+    @property
+    def scratch_rows(self) -> int:
+        """Draft KV scratch rows one tree build uses (every expanded frontier node)."""
+        return self.top_k * (self.depth - 1)
+
+
+@dataclass
+class Tree:
+    tokens: np.ndarray     # int64 [K], root first
+    parents: np.ndarray    # int64 [K], -1 for the root
+    depths: np.ndarray     # int64 [K], 0 for the root
+    ancestors: np.ndarray  # bool [K, K], row i marks i and its ancestors
+    leaves: np.ndarray     # int64 [n_leaves] node indices with no child
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def positions(self, n_past: int) -> np.ndarray:
+        """Sequence positions when the root sits right after ``n_past`` committed tokens."""
+        return n_past + self.depths
+
+    def path_to(self, node: int) -> np.ndarray:
+        """Node indices from the root to ``node``, in order."""
+        return np.flatnonzero(self.ancestors[node])
+
+    def children(self, node: int) -> np.ndarray:
+        """Children of ``node`` in tree order (the draft's ranking among siblings)."""
+        return np.flatnonzero(self.parents == node)
+
+
+def build_tree(tokens, parents) -> Tree:
+    """Validate a (tokens, parents) tree and derive depths, ancestor sets and leaves."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    parents = np.asarray(parents, dtype=np.int64).reshape(-1)
+    K = len(tokens)
+    if K == 0:
+        raise ValueError("a tree needs at least its root")
+    if parents.shape != (K,):
+        raise ValueError(f"parents has {parents.shape[0]} entries for {K} tokens")
+    if parents[0] != -1:
+        raise ValueError("parents[0] must be -1: node 0 is the root")
+    idx = np.arange(K)
+    if K > 1 and not np.all((parents[1:] >= 0) & (parents[1:] < idx[1:])):
+        raise ValueError("every non-root node's parent must be an earlier node")
+    # Ancestor closure by repeated squaring of the parent relation: log2(K) boolean matmuls.
+    anc = np.eye(K, dtype=bool)
+    if K > 1:
+        anc[idx[1:], parents[1:]] = True
+        for _ in range(int(np.ceil(np.log2(K))) + 1):
+            anc = (anc.astype(np.uint8) @ anc.astype(np.uint8)) > 0
+    depths = anc.sum(axis=1) - 1
+    has_child = np.zeros(K, dtype=bool)
+    has_child[parents[1:]] = True
+    return Tree(tokens=tokens, parents=parents, depths=depths.astype(np.int64), ancestors=anc,
+                leaves=np.flatnonzero(~has_child))
+
+
+class CandidatePool:
+    """The EAGLE-2 pool: every drafted candidate with its parent and cumulative
+    log-probability. The final tree keeps the best ``total_tokens - 1`` of them; a child
+    never outscores its parent (log-probabilities are <= 0, ties rank the earlier, i.e.
+    the parent, first), so the kept set is closed under ancestors.
+
+    Index 0 is the root; ``tokens``, ``parents`` (pool indices) and ``scores`` are arrays
+    over the whole pool.
+    """
+
+    def __init__(self, root_token: int) -> None:
+        self.tokens = np.array([root_token], dtype=np.int64)
+        self.parents = np.array([-1], dtype=np.int64)
+        self.scores = np.array([0.0])
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def add(self, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Append candidates (parents are pool indices); returns their pool indices."""
+        start = self.size
+        self.tokens = np.concatenate([self.tokens, np.asarray(tokens, dtype=np.int64)])
+        self.parents = np.concatenate([self.parents, np.asarray(parents, dtype=np.int64)])
+        self.scores = np.concatenate([self.scores, np.asarray(scores, dtype=np.float64)])
+        return np.arange(start, self.size)
+
+    def kth_best_score(self, k: int) -> float:
+        """The k-th best drafted score so far (-inf when fewer than k candidates)."""
+        s = self.scores[1:]
+        return float(np.partition(s, -k)[-k]) if len(s) >= k else -np.inf
+
+    def select(self, total_tokens: int) -> Tree:
+        """The tree of the root and the best ``total_tokens - 1`` candidates."""
+        n = min(total_tokens - 1, self.size - 1)
+        order = np.lexsort((np.arange(1, self.size), -self.scores[1:])) + 1  # best first, ties by index
+        keep = np.sort(np.concatenate([[0], order[:n]]))
+        remap = np.full(self.size, -1, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        parents = self.parents[keep]
+        return build_tree(self.tokens[keep], np.where(parents >= 0, remap[np.maximum(parents, 0)], -1))
