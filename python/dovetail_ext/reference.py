@@ -16,6 +16,11 @@ One target call serves prefill, decode and tree verification::
 
 Token ``t`` of the batch attends to the whole committed prefix plus the batch tokens ``j``
 with ``ancestors[t, j]`` (a tree's ancestor-or-self matrix; lower-triangular = causal).
+
+Growing a tree level by level (the draft's expansion) calls the model several times on
+scratch without committing: with ``append=True`` the batch is written after the pending
+rows of the earlier calls, and ``ancestors`` is [T, n_pending + T] over all pending rows
+(earlier scratch, then this batch). ``commit(kept)`` indexes all pending rows.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from .quant import dequantize, quantize_activations_q8, unpack_blocks
 
 __all__ = ["rmsnorm", "rope_tables", "rope", "swiglu", "attention", "linear", "linear_q8",
            "KVCache", "RMSNorm", "Attention", "FeedForward", "Block", "LlamaReference",
-           "causal_ancestors", "generate_greedy"]
+           "causal_ancestors", "scratch_layout", "generate_greedy"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,9 +70,9 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float,
     Args:
         positions: [T] integer. head_dim: Dh (even). theta: RoPE base.
     Returns:
-        cos, sin: [T, Dh/2] in ``dtype``.
+        cos, sin: [T, Dh/2] in ``dtype``, on the device of ``positions``.
     """
-    i = torch.arange(head_dim // 2, dtype=torch.float64)
+    i = torch.arange(head_dim // 2, dtype=torch.float64, device=positions.device)
     inv_freq = float(theta) ** (-2.0 * i / head_dim)
     angle = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return angle.cos().to(dtype), angle.sin().to(dtype)
@@ -115,18 +120,20 @@ def causal_ancestors(T: int) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor) -> Tensor:
-    """Grouped-query attention of a token batch over a committed prefix plus the batch.
+    """Grouped-query attention of a token batch over a committed prefix plus scratch rows.
 
     Keys ``0 .. n_prefix-1`` are the committed cache and are visible to every query; key
-    ``n_prefix + j`` is batch token ``j``, visible to query ``t`` iff ``ancestors[t, j]``.
+    ``n_prefix + j`` is scratch row ``j``, visible to query ``t`` iff ``ancestors[t, j]``.
+    Usually the scratch is just the batch (S = T); in append mode it is the earlier
+    uncommitted rows followed by the batch (S > T, the batch being the last T rows).
     Query head ``h`` reads KV head ``h // G`` (K/V are indexed per group, never repeated).
     ``softmax(q . k / sqrt(Dh))`` over the visible keys, then the weighted sum of values,
     all in ``q.dtype`` (K/V are cast to it first).
 
     Args:
-        q: [T, H, Dh]. k, v: [KV, L, Dh] with L = n_prefix + T.
-        n_prefix: committed keys in front of the batch's own.
-        ancestors: bool [T, T]; every query must see at least one key.
+        q: [T, H, Dh]. k, v: [KV, L, Dh] with L = n_prefix + S.
+        n_prefix: committed keys in front of the scratch rows.
+        ancestors: bool [T, S], S >= T; every query must see at least one key.
     Returns:
         [T, H, Dh] in ``q.dtype``.
     """
@@ -137,10 +144,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor)
                          f"[KV, L, {Dh}]")
     if H % KV:
         raise ValueError(f"attention: {H} query heads are not a multiple of {KV} KV heads")
-    if L != n_prefix + T:
-        raise ValueError(f"attention: {L} keys, expected n_prefix + T = {n_prefix} + {T}")
-    if ancestors.shape != (T, T) or ancestors.dtype != torch.bool:
-        raise ValueError(f"attention: ancestors must be bool [{T}, {T}], got "
+    S = ancestors.shape[1] if ancestors.dim() == 2 else T  # scratch rows the batch may see
+    if L != n_prefix + S:
+        what = "T" if S == T else "scratch rows"
+        raise ValueError(f"attention: {L} keys, expected n_prefix + {what} = {n_prefix} + {S}")
+    if ancestors.dim() != 2 or ancestors.shape[0] != T or S < T or ancestors.dtype != torch.bool:
+        raise ValueError(f"attention: ancestors must be bool [{T}, S >= {T}], got "
                          f"{ancestors.dtype} {tuple(ancestors.shape)}")
     visible = torch.cat([torch.ones(T, n_prefix, dtype=torch.bool), ancestors], dim=1)  # [T, L]
     if not visible.any(dim=1).all():
@@ -223,6 +232,9 @@ class KVCache:
     Slots ``[0, n_past)`` hold the committed tokens, in order. A forward writes its batch's
     K/V (after RoPE) to the scratch slots ``[n_past, n_past + T)`` in batch order;
     :meth:`commit` then keeps chosen batch rows, moved to sit right after the prefix.
+    An appending forward instead writes after the ``n_pending`` rows already there (slots
+    ``[n_past + n_pending, n_past + n_pending + T)``), so that successive tree levels stay
+    in scratch together until one commit.
     """
 
     def __init__(self, config: LlamaConfig, max_len: int, dtype: torch.dtype = torch.float32):
@@ -233,28 +245,39 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
         self.n_past = 0     # committed tokens
-        self.n_pending = 0  # batch rows written by the last forward, not yet committed
+        self.n_pending = 0  # scratch rows: the last plain forward's batch + any appended after it
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write one layer's batch K/V to the scratch slots.
+    def update(self, layer: int, k: Tensor, v: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        """Write one layer's batch K/V to the scratch slots, from scratch row ``start`` on.
+
+        ``start = 0`` (a plain forward) replaces whatever was pending; an appending forward
+        passes the ``n_pending`` it found before its first layer, the same for every layer
+        (see :func:`scratch_layout`). Afterwards ``n_pending = start + T``.
 
         Args:
-            layer: layer index. k, v: [KV, T, Dh].
+            layer: layer index. k, v: [KV, T, Dh]. start: 0 <= start <= n_pending.
         Returns:
-            keys, values: views [KV, n_past + T, Dh] (prefix, then the batch).
+            keys, values: views [KV, n_past + start + T, Dh] (prefix, earlier scratch rows,
+            then the batch).
         """
         T = k.shape[1]
-        if self.n_past + T > self.max_len:
-            raise ValueError(f"KVCache: {self.n_past} committed + {T} new tokens exceed "
-                             f"max_len {self.max_len}")
-        end = self.n_past + T
-        self.k[layer, :, self.n_past:end] = k
-        self.v[layer, :, self.n_past:end] = v
-        self.n_pending = T
+        if not 0 <= start <= self.n_pending:
+            raise ValueError(f"KVCache: scratch start {start} outside [0, {self.n_pending}] "
+                             f"(the pending rows)")
+        end = self.n_past + start + T
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {self.n_past} committed + {start} pending + {T} new "
+                             f"tokens exceed max_len {self.max_len}")
+        self.k[layer, :, end - T:end] = k
+        self.v[layer, :, end - T:end] = v
+        self.n_pending = start + T
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
     def commit(self, kept: Sequence[int] | None = None) -> None:
         """Keep batch rows ``kept`` of the last forward (None: all of them).
+
+        After appending forwards, the rows are all pending rows in the order they were
+        written (the last plain forward's batch, then each appended batch).
 
         Row ``kept[i]`` moves to slot ``n_past + i`` in every layer, then ``n_past`` grows by
         ``len(kept)``. Rows must be strictly increasing (a root-to-leaf path in a tree whose
@@ -277,6 +300,27 @@ class KVCache:
         """Forget everything (buffers are kept)."""
         self.n_past = 0
         self.n_pending = 0
+
+
+def scratch_layout(cache: KVCache, T: int, positions: Tensor | None, ancestors: Tensor | None,
+                   append: bool) -> tuple[int, Tensor]:
+    """Where a forward of T tokens writes its K/V and which scratch rows each token sees.
+
+    Returns ``(start, ancestors)``: the batch goes to scratch rows ``start .. start + T - 1``
+    (``start`` is 0, or ``n_pending`` when appending) and ``ancestors`` is bool
+    [T, start + T]. ``ancestors=None`` means causal within the batch, with no earlier
+    scratch row visible (what the native engine does with a null ancestor matrix). An
+    appending call must give its positions: they are the tree depths, not slot indices.
+    """
+    start = cache.n_pending if append else 0
+    if append and positions is None:
+        raise ValueError("forward: append=True needs explicit positions")
+    if ancestors is None:
+        ancestors = torch.cat([torch.zeros(T, start, dtype=torch.bool), causal_ancestors(T)], dim=1)
+    if tuple(ancestors.shape) != (T, start + T):
+        raise ValueError(f"forward: with {start} earlier scratch rows (append={append}) ancestors "
+                         f"must be [{T}, {start + T}], got {tuple(ancestors.shape)}")
+    return start, ancestors
 
 
 # ----------------------------------------------------------------------------------------
@@ -312,14 +356,14 @@ class Attention(nn.Module):
         self.wq, self.wk, self.wv, self.wo = (_frozen(w) for w in (wq, wk, wv, wo))
 
     def forward(self, x: Tensor, positions: Tensor, ancestors: Tensor, cache: KVCache,
-                layer: int) -> Tensor:
+                layer: int, start: int = 0) -> Tensor:
         c = self.config
         T = x.shape[0]
         q = rope(linear(x, self.wq).view(T, c.num_heads, c.head_dim), positions, c.rope_theta)
         k = rope(linear(x, self.wk).view(T, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
         v = linear(x, self.wv).view(T, c.num_kv_heads, c.head_dim)
         n_prefix = cache.n_past
-        keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1))  # [KV, L, Dh]
+        keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1), start)  # [KV, L, Dh]
         out = attention(q, keys, values, n_prefix, ancestors)  # [T, H, Dh]
         return linear(out.reshape(T, c.q_size), self.wo)
 
@@ -352,8 +396,8 @@ class Block(nn.Module):
                                         weights[p + "ffn_down"])
 
     def forward(self, x: Tensor, positions: Tensor, ancestors: Tensor, cache: KVCache,
-                layer: int) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, ancestors, cache, layer)
+                layer: int, start: int = 0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, ancestors, cache, layer, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -401,15 +445,19 @@ class LlamaReference(nn.Module):
         return KVCache(self.config, max_len, dtype or self.tok_embeddings.dtype)
 
     def forward(self, tokens: Tensor, positions: Tensor | None, ancestors: Tensor | None,
-                cache: KVCache) -> tuple[Tensor, Tensor]:
+                cache: KVCache, append: bool = False) -> tuple[Tensor, Tensor]:
         """One target call: prefill, decode or tree verification.
 
         Args:
             tokens: long [T].
-            positions: long [T]; None means ``n_past + arange(T)``.
+            positions: long [T]; None means ``n_past + arange(T)`` (required when appending).
             ancestors: bool [T, T], ``ancestors[t, j]`` = batch token j is visible to t
-                (include the diagonal: a token sees itself); None means causal.
+                (include the diagonal: a token sees itself); None means causal. When
+                appending: bool [T, n_pending + T] over all pending rows (None: causal in
+                the batch, no earlier scratch row visible).
             cache: written at slots ``n_past .. n_past + T - 1``; not committed here.
+            append: write after the pending rows instead of replacing them (see
+                :class:`KVCache`).
         Returns:
             logits [T, V] and features [T, D] (final-norm hidden states, the LM head's input),
             both in the model dtype.
@@ -420,16 +468,15 @@ class LlamaReference(nn.Module):
         T = tokens.shape[0]
         if int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size:
             raise ValueError(f"forward: token ids must lie in [0, {c.vocab_size})")
+        start, ancestors = scratch_layout(cache, T, positions, ancestors, append)
         if positions is None:
             positions = cache.n_past + torch.arange(T)
-        if ancestors is None:
-            ancestors = causal_ancestors(T)
         if cache.k.shape[:2] != (c.num_layers, c.num_kv_heads) or cache.k.shape[3] != c.head_dim:
             raise ValueError(f"forward: cache of shape {tuple(cache.k.shape)} does not fit the model")
 
         x = self.tok_embeddings[tokens]  # [T, D]
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, ancestors, cache, i)
+            x = layer(x, positions, ancestors, cache, i, start)
         features = self.norm(x)
         head = self.output if self.output is not None else self.tok_embeddings
         return linear(features, head), features
