@@ -44,7 +44,8 @@ void attention(const AttentionArgs& a, int nthreads) {
     case Isa::Scalar: break;
   }
   const int64_t work = a.T * a.H, stride = a.n_past + a.n_prev + a.T;
-  const int nt = (int)std::min<int64_t>(nthreads, work);
+  const bool tiny = work * stride * a.Dh < (1 << 15);  // a parallel region would cost more
+  const int nt = tiny ? 1 : (int)std::min<int64_t>(nthreads, work);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t i = 0; i < work; ++i) fn(a, i / a.H, i % a.H, a.scratch + (int64_t)omp_get_thread_num() * stride);
 }

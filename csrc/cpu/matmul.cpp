@@ -73,9 +73,11 @@ void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, f
     case Isa::Avx2: fn = avx2::linear_rows; break;
     case Isa::Scalar: break;
   }
-  // Rows are split in contiguous chunks of at least 16 so each thread streams its part of W.
+  // Rows are split in contiguous chunks of at least 16 so each thread streams its part of W;
+  // below ~64K multiply-adds a parallel region costs more than it saves.
   const int64_t N = w.rows;
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, (N + 15) / 16));
+  const bool tiny = N * w.cols * T < (1 << 16);
+  const int nt = tiny ? 1 : (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, (N + 15) / 16));
   if (nt == 1) {
     fn(w, x, qa, T, y, ldy, 0, N);
     return;

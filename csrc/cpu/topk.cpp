@@ -11,7 +11,7 @@ namespace dovetail {
 
 void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int32_t* ids, float* logp,
                       int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 1)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 1 && n * V >= (1 << 16))
   for (int64_t r = 0; r < n; ++r) {
     const float* x = logits + r * V;
     float mx = -INFINITY;

@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--draft", metavar="PATH", default=None,
+                   help="draft checkpoint directory for speculative decoding")
+    g.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is loaded")
+    g.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 10)")
+    g.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 7)")
+    g.add_argument("--tree-tokens", type=int, default=None,
+                   help="tree size including the root, verified in one target call (default 16)")
     _add_model_args(g)
 
     i = sub.add_parser("info", help="version, CPU kernel path, CUDA, model summary")
@@ -64,9 +71,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
-    gen = load(args.model, context=args.context, threads=args.threads, weights=args.weights)
+    from .tree import TreeParams
+
+    base = TreeParams()
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    tree = TreeParams(top_k=pick(args.tree_topk, base.top_k), depth=pick(args.tree_depth, base.depth),
+                      total_tokens=pick(args.tree_tokens, base.total_tokens))
+    gen = load(args.model, draft=args.draft, context=args.context, threads=args.threads, weights=args.weights,
+               tree=tree)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw)
+              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
+              speculative=False if args.no_spec else None)
     if args.json:
         res = gen.generate(messages, **kw)
         print(json.dumps({"text": res.text, "tokens": res.tokens, **res.stats.as_dict()}))
@@ -76,8 +91,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     s = gen.last_stats
+    spec = (f" | tau {s.acceptance_length:.2f} over {s.target_calls} target calls, draft {s.draft_s:.3f} s, "
+            f"verify {s.verify_s:.3f} s" if s.mode == "speculative" else "")
     print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
-          f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s | stop: {s.stop_reason}", file=sys.stderr)
+          f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}", file=sys.stderr)
     return 0
 
 

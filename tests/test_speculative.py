@@ -1,0 +1,274 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy output token for
+token, sampled output has exactly the target's distribution; trees, acceptance and KV
+commit; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dovetail_ext.draft import Draft
+from dovetail_ext.draft_model import DovetailDraft, DraftConfig
+from dovetail_ext.sampling import SamplingParams, TokenChooser, accept_greedy, accept_sampled, target_probs
+from dovetail_ext.speculative import SpecState, SpecTimes, speculative_step
+from dovetail_ext.target import TargetEngine
+from dovetail_ext.tree import CandidatePool, TreeParams, build_tree
+from native_helpers import make_source, random_tree, random_weights, tiny_config, tree_ancestors, tree_depths
+
+SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 6, 7), TreeParams(6, 2, 12), TreeParams(3, 4, 9), TreeParams(2, 1, 2)]
+
+
+def tiny_target(vocab=301, seed=1, dtype="q8_0", context=256, embd_scale=1.0):
+    cfg = tiny_config(gqa=3, tied=True, vocab=vocab)
+    weights = random_weights(cfg, seed=seed)
+    weights["token_embd"] *= embd_scale  # smaller: a flatter next-token distribution
+    src = make_source(cfg, weights, dtype)
+    return src, TargetEngine(src, context=context, threads=1)  # tiny: threads would only add sync cost
+
+
+def random_draft(src, target, seed=0, std=0.2, layers=1):
+    return Draft.from_module(DovetailDraft.random(DraftConfig.for_target(src, num_layers=layers), seed=seed, std=std),
+                             target)
+
+
+def plain_greedy(target, prompt, n):
+    target.reset()
+    logits, _ = target.forward(prompt); target.commit()
+    out = [int(logits[0].argmax())]
+    while len(out) < n:
+        logits, _ = target.forward(out[-1:]); target.commit()
+        out.append(int(logits[0].argmax()))
+    return out
+
+
+def start_state(target, draft_or_none, prompt, first):
+    target.reset()
+    if draft_or_none is not None:
+        draft_or_none.truncate(0)
+    _, feats = target.forward(prompt, feature_rows=range(len(prompt))); target.commit()
+    return SpecState(root=first, features=feats, next_tokens=np.array(list(prompt[1:]) + [first]))
+
+
+class OracleDraft:
+    """Proposes random trees that contain the target's true greedy continuation with some
+    probability at random sibling ranks, so every acceptance length and branch occurs."""
+
+    def __init__(self, truth, rng, vocab):
+        self.truth, self.rng, self.vocab, self.k = truth, rng, vocab, 0
+
+    def propose(self, features, tokens, params):
+        root_index = self.k
+        toks, parents = [self.truth[root_index]], [-1]
+        cur, depth = 0, 0
+        while len(toks) < params.total_tokens and depth < params.depth:
+            depth += 1
+            want = self.truth[root_index + depth] if root_index + depth < len(self.truth) else None
+            n = int(self.rng.integers(1, 4))
+            pool = [t for t in self.rng.permutation(self.vocab)[:n + 1].tolist() if t != want][:n]
+            if want is not None and self.rng.random() < 0.8:
+                pool.insert(int(self.rng.integers(0, len(pool) + 1)), want)
+            nxt = None
+            for t in pool:
+                if len(toks) >= params.total_tokens:
+                    break
+                toks.append(t); parents.append(cur)
+                if t == want:
+                    nxt = len(toks) - 1
+            if nxt is None:
+                break
+            cur = nxt
+        return build_tree(toks, parents)
+
+    def advance(self, emitted):
+        self.k += emitted
+
+
+def test_build_tree_and_pool():
+    t = build_tree([5, 6, 7, 8, 9], [-1, 0, 0, 1, 3])
+    np.testing.assert_array_equal(t.depths, [0, 1, 1, 2, 3])
+    np.testing.assert_array_equal(t.leaves, [2, 4])
+    np.testing.assert_array_equal(t.path_to(4), [0, 1, 3, 4])
+    np.testing.assert_array_equal(t.ancestors, tree_ancestors(np.array([-1, 0, 0, 1, 3])))
+    rng = np.random.default_rng(0)
+    for T in (1, 2, 9, 40):
+        parents = random_tree(rng, T)
+        t = build_tree(np.arange(T), parents)
+        np.testing.assert_array_equal(t.ancestors, tree_ancestors(parents))
+        np.testing.assert_array_equal(t.depths, tree_depths(parents))
+    pool = CandidatePool(1)
+    pool.add([10, 11], [0, 0], [-0.1, -0.5])
+    pool.add([12, 13, 14, 15], [1, 1, 2, 2], [-0.2, -1.0, -0.6, -0.55])
+    tree = pool.select(4)
+    np.testing.assert_array_equal(tree.tokens, [1, 10, 11, 12])
+    np.testing.assert_array_equal(tree.parents, [-1, 0, 0, 1])
+    pool = CandidatePool(1)  # ties: a child with its parent's score still comes after it
+    pool.add([3], [0], [0.0]); pool.add([4], [1], [0.0]); pool.add([5], [0], [0.0])
+    np.testing.assert_array_equal(pool.select(3).tokens, [1, 3, 4])
+    for bad in ([[1, 2], [0, 0]], [[1, 2], [-1, 1]], [[1, 2, 3], [-1, 2, 0]]):
+        with pytest.raises(ValueError):
+            build_tree(*bad)
+    with pytest.raises(ValueError, match="total_tokens"):
+        TreeParams(total_tokens=0)
+    with pytest.raises(ValueError, match="top_k"):
+        TreeParams(top_k=0)
+
+
+@pytest.mark.parametrize("params", SHAPES[:4], ids=str)
+def test_greedy_with_oracle_trees_equals_plain(params):
+    """Random trees that contain the right continuation at random ranks and depths."""
+    src, target = tiny_target()
+    rng = np.random.default_rng(3)
+    lengths = []
+    for trial in range(6):
+        prompt = rng.integers(0, 301, int(rng.integers(3, 20))).tolist()
+        truth = plain_greedy(target, prompt, 80)
+        oracle = OracleDraft(truth, rng, 301)
+        state = start_state(target, None, prompt, truth[0])
+        out, times = [truth[0]], SpecTimes()
+        while len(out) < 60:
+            emitted, _ = speculative_step(state, target, oracle, params, SamplingParams(), TokenChooser(SamplingParams()),
+                                          times)
+            oracle.advance(len(emitted))
+            out += emitted
+        assert out[:60] == truth[:60]
+        lengths += times.history
+        # after speculation the target's KV equals plain decoding of the same tokens
+        n = target.n_past
+        plain = TargetEngine(src, context=256, threads=1)
+        plain.forward(prompt + out[:n - len(prompt)]); plain.commit()
+        for layer in range(src.config.num_layers):
+            for a, b in zip(target.read_kv(layer), plain.read_kv(layer)):
+                np.testing.assert_array_equal(a, b)
+    assert max(lengths) >= min(4, params.depth)  # long acceptances happened
+    assert np.mean(lengths) > 1.5
+
+
+@pytest.mark.parametrize("params", SHAPES, ids=str)
+def test_greedy_with_native_draft_equals_plain(params):
+    src, target = tiny_target()
+    draft = random_draft(src, target)
+    rng = np.random.default_rng(5)
+    for trial in range(4):
+        prompt = rng.integers(0, 301, int(rng.integers(2, 30))).tolist()
+        truth = plain_greedy(target, prompt, 40)
+        state = start_state(target, draft, prompt, truth[0])
+        out, times = [truth[0]], SpecTimes()
+        while len(out) < 40:
+            emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
+                                          TokenChooser(SamplingParams()), times)
+            out += emitted
+        assert out[:40] == truth
+
+
+def test_draft_tree_expansion_matches_reference_module():
+    """The native draft's tree scratch rows equal the PyTorch twin's append-mode calls."""
+    import torch
+    src, target = tiny_target(dtype="f32")
+    module = DovetailDraft.random(DraftConfig.for_target(src, num_layers=2), seed=4, std=0.2)
+    draft = Draft.from_module(module, target)
+    rng = np.random.default_rng(0)
+    D = src.config.hidden_size
+    feats = rng.standard_normal((6, D)).astype(np.float32)
+    toks = rng.integers(0, 301, 6)
+    embed = torch.from_numpy(__import__("dovetail_ext.quant", fromlist=["dequantize"]).dequantize(
+        src.weights["token_embd"]))
+    cache = module.new_cache(64)
+    h_native, _, _ = draft.forward(feats, toks, np.arange(6))
+    draft.commit()
+    with torch.no_grad():
+        h_ref = module(torch.from_numpy(feats), torch.from_numpy(toks), torch.arange(6), None, cache, embed)
+    cache.commit()
+    np.testing.assert_allclose(h_native, h_ref.numpy(), atol=2e-4 * np.abs(h_ref.numpy()).max())
+    # two append calls of a little tree at position 6 and 7
+    f2 = rng.standard_normal((3, D)).astype(np.float32)
+    t2 = rng.integers(0, 301, 3)
+    a2 = np.eye(3, dtype=bool)
+    n1, _, _ = draft.forward(f2, t2, np.full(3, 6), a2)
+    f3 = rng.standard_normal((2, D)).astype(np.float32)
+    t3 = rng.integers(0, 301, 2)
+    a3 = np.array([[1, 0, 0, 1, 0], [0, 0, 1, 0, 1]], dtype=bool)
+    n2, _, _ = draft.forward(f3, t3, np.full(2, 7), a3, append=True)
+    with torch.no_grad():
+        r1 = module(torch.from_numpy(f2), torch.from_numpy(t2), torch.full((3,), 6), torch.from_numpy(a2), cache, embed)
+        r2 = module(torch.from_numpy(f3), torch.from_numpy(t3), torch.full((2,), 7), torch.from_numpy(a3), cache, embed,
+                    append=True)
+    np.testing.assert_allclose(n1, r1.numpy(), atol=2e-4 * np.abs(r1.numpy()).max())
+    np.testing.assert_allclose(n2, r2.numpy(), atol=2e-4 * np.abs(r2.numpy()).max())
+
+
+def test_accept_sampled_first_token_is_exact():
+    """Unit level: whatever the drafted children, the first emitted token ~ p_root."""
+    rng = np.random.default_rng(0)
+    V = 6
+    for params in (SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_k=4, top_p=0.9, seed=2)):
+        tree = build_tree([0, 2, 0, 5, 1], [-1, 0, 0, 1, 0])  # root's children: 2, 0, 1 (in draft order)
+        logits = rng.standard_normal((5, V)) * 2
+        chooser = TokenChooser(params)
+        n = 40000
+        first = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            path, bonus = accept_sampled(tree, logits, params, chooser)
+            first[i] = tree.tokens[path[1]] if len(path) > 1 else bonus
+        p = target_probs(logits[0], params)
+        counts = np.bincount(first, minlength=V)
+        assert counts[p == 0].sum() == 0
+        assert stats.chisquare(counts[p > 0], n * p[p > 0]).pvalue > 1e-3
+
+
+def _exact_first3(target, prompt, params, V):
+    """P(x1, x2, x3) of plain sampling from the target, by enumeration."""
+    probs = np.zeros((V, V, V))
+    target.reset()
+    lg, _ = target.forward(prompt); target.commit()
+    p1 = target_probs(lg[0], params)
+    base = target.n_past
+    for a in np.flatnonzero(p1):
+        target.truncate(base)
+        lg, _ = target.forward([a]); target.commit()
+        p2 = target_probs(lg[0], params)
+        for b in np.flatnonzero(p2):
+            target.truncate(base + 1)
+            lg, _ = target.forward([b])
+            probs[a, b] = p1[a] * p2[b] * target_probs(lg[0], params)
+    return probs
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=11),
+                                    SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=12)],
+                         ids=["t1.0", "t0.7-topp0.9-topk5"])
+def test_speculative_sampling_has_the_target_distribution(params):
+    """End to end: the first three tokens under speculative sampling (a random draft that
+    disagrees with the target) follow the target's own distribution (G-test, 50,000 draws)."""
+    V = 8
+    src, target = tiny_target(vocab=V, seed=7, dtype="f32", context=64, embd_scale=0.1)
+    draft = random_draft(src, target, seed=9, std=0.5)
+    prompt = [1, 5, 2, 7, 3]
+    exact = _exact_first3(target, prompt, params, V)
+    # Prompt state shared by every draw: the target's prompt KV and the draft's pairs but the last.
+    target.reset(); draft.truncate(0)
+    lg, feats = target.forward(prompt, feature_rows=range(len(prompt))); target.commit()
+    draft.forward(feats[:-1], prompt[1:], np.arange(len(prompt) - 1)); draft.commit()
+    p1 = target_probs(lg[0], params)
+    tree = TreeParams(top_k=3, depth=3, total_tokens=6)
+    chooser = TokenChooser(params)
+    n = 50000
+    counts = np.zeros((V, V, V), dtype=np.int64)
+    times = SpecTimes()
+    for _ in range(n):
+        target.truncate(len(prompt)); draft.truncate(len(prompt) - 1)
+        first = chooser.draw(p1)
+        state = SpecState(root=first, features=feats[-1:], next_tokens=np.array([first]))
+        out = [first]
+        while len(out) < 3:
+            emitted, _ = speculative_step(state, target, draft, tree, params, chooser, times)
+            out += emitted
+        counts[out[0], out[1], out[2]] += 1
+    assert counts[exact == 0].sum() == 0, "a token outside the target's support was emitted"
+    assert np.mean(times.history) > 1.05  # the draft's tokens were accepted some of the time
+    e, c = exact[exact > 0].ravel() * n, counts[exact > 0].ravel()
+    small = e < 5  # pool rare cells so the G-test's approximation holds
+    if small.any():
+        e, c = np.append(e[~small], e[small].sum()), np.append(c[~small], c[small].sum())
+    g = stats.power_divergence(c, e, lambda_="log-likelihood")
+    assert g.pvalue > 1e-3, f"G-test p={g.pvalue:.2e}"
