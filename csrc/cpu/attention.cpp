@@ -1,9 +1,8 @@
 // Tree / causal attention over the KV cache: scalar kernels and the dispatcher.
-#include <omp.h>
-
 #include <cmath>
 
 #include "common/error.h"
+#include "common/thread_pool.h"
 #include "cpu/attention_impl.h"
 #include "cpu/ops.h"
 
@@ -43,11 +42,16 @@ void attention(const AttentionArgs& a, int nthreads) {
     case Isa::Avx2: fn = avx2::attention_one; break;
     case Isa::Scalar: break;
   }
+  // One (token, head) per item; each chunk uses its own slice of the score scratch.
   const int64_t work = a.T * a.H, stride = a.n_past + a.n_prev + a.T;
-  const bool tiny = work * stride * a.Dh < (1 << 15);  // a parallel region would cost more
+  const bool tiny = work * stride * a.Dh < (1 << 15);  // not worth another thread
   const int nt = tiny ? 1 : (int)std::min<int64_t>(nthreads, work);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < work; ++i) fn(a, i / a.H, i % a.H, a.scratch + (int64_t)omp_get_thread_num() * stride);
+  const int64_t chunks = std::min<int64_t>(work, nt);
+  const int64_t step = (work + chunks - 1) / chunks;
+  ThreadPool::instance().parallel_for(nt, chunks, [&](int64_t c) {
+    float* scores = a.scratch + c * stride;
+    for (int64_t i = c * step; i < std::min(work, (c + 1) * step); ++i) fn(a, i / a.H, i % a.H, scores);
+  });
 }
 
 }  // namespace dovetail

@@ -4,11 +4,10 @@
 // Each output row n is computed by one thread, the weight row is read once for all T
 // activation rows, and the per-element reduction order depends only on K: this is what
 // makes the engine batch invariant.
-#include <omp.h>
-
 #include <algorithm>
 
 #include "common/error.h"
+#include "common/thread_pool.h"
 #include "cpu/ops.h"
 #include "cpu/quant_common.h"
 
@@ -73,22 +72,11 @@ void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, f
     case Isa::Avx2: fn = avx2::linear_rows; break;
     case Isa::Scalar: break;
   }
-  // Rows are split in contiguous chunks of at least 16 so each thread streams its part of W;
-  // below ~64K multiply-adds a parallel region costs more than it saves.
+  // Rows are split in contiguous chunks so each thread streams its part of W; below ~64K
+  // multiply-adds, handing work to another thread costs more than it saves.
   const int64_t N = w.rows;
   const bool tiny = N * w.cols * T < (1 << 16);
-  const int nt = tiny ? 1 : (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, (N + 15) / 16));
-  if (nt == 1) {
-    fn(w, x, qa, T, y, ldy, 0, N);
-    return;
-  }
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t tid = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t chunk = (N + n - 1) / n;
-    const int64_t r0 = std::min(N, tid * chunk), r1 = std::min(N, r0 + chunk);
-    if (r0 < r1) fn(w, x, qa, T, y, ldy, r0, r1);
-  }
+  parallel_range(tiny ? 1 : nthreads, N, 16, [&](int64_t r0, int64_t r1) { fn(w, x, qa, T, y, ldy, r0, r1); });
 }
 
 }  // namespace dovetail

@@ -1,11 +1,10 @@
 // Weight packing, activation quantization and row dequantization (scalar; these run
 // once per weight or once per matmul input and are not on the inner loop).
-#include <omp.h>
-
 #include <cmath>
 #include <cstring>
 
 #include "common/error.h"
+#include "common/thread_pool.h"
 #include "cpu/ops.h"
 #include "cpu/quant_common.h"
 
@@ -64,8 +63,8 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
   out.T = T;
   out.K = K;
   const int64_t nb = K / kQBlock;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (T * K > 16384)
-  for (int64_t t = 0; t < T; ++t) {
+  parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + t * K + b * kQBlock;
       float amax = 0.0f;
@@ -84,6 +83,7 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
       out.ds[t * nb + b] = d * (float)sum;
     }
   }
+  });
 }
 
 void dequantize_row(const PackedWeight& w, int64_t r, float* out) {

@@ -1,18 +1,17 @@
 // Top-k of log-softmax per row, for tree expansion: one pass for the max, one for the sum
 // of exponentials (double), one selection pass keeping a sorted k-list.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 
+#include "common/thread_pool.h"
 #include "cpu/ops.h"
 
 namespace dovetail {
 
 void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int32_t* ids, float* logp,
                       int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 1 && n * V >= (1 << 16))
-  for (int64_t r = 0; r < n; ++r) {
+  parallel_range(n * V >= (1 << 16) ? nthreads : 1, n, 1, [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     const float* x = logits + r * V;
     float mx = -INFINITY;
     for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i]);
@@ -36,6 +35,7 @@ void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int3
     }
     for (int64_t j = 0; j < k; ++j) val[j] -= lse;
   }
+  });
 }
 
 }  // namespace dovetail

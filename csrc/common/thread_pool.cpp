@@ -1,0 +1,118 @@
+#include "common/thread_pool.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DT_PAUSE() _mm_pause()
+#else
+#define DT_PAUSE() std::this_thread::yield()
+#endif
+
+namespace dovetail {
+
+namespace {
+constexpr int kSpinBeforeSleep = 20000;  // polling for the next job (~50-300 us) before sleeping
+constexpr int kSpinBeforeYield = 2000;   // the caller's wait for started chunks
+constexpr int kMaxWorkers = 255;
+}  // namespace
+
+ThreadPool& ThreadPool::instance() {
+  static ThreadPool pool;
+  return pool;
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::ensure_workers(int n) {
+  n = std::min(n, kMaxWorkers);
+  while ((int)workers_.size() < n) {
+    const int index = (int)workers_.size();
+    workers_.emplace_back([this, index] { worker_loop(index); });
+  }
+}
+
+bool ThreadPool::claim(uint32_t tag, int64_t& chunk) {
+  uint64_t v = claim_.load(std::memory_order_acquire);
+  for (;;) {
+    if ((uint32_t)(v >> 32) != tag) return false;
+    const int64_t i = (int64_t)(v & 0xffffffffu);
+    if (i >= n_chunks_.load(std::memory_order_relaxed)) return false;
+    if (claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+      chunk = i;
+      return true;
+    }
+  }
+}
+
+void ThreadPool::work(uint32_t tag) {
+  int64_t c;
+  while (claim(tag, c)) {
+    fn_(ctx_, c);
+    done_.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::worker_loop(int index) {
+  uint32_t seen = 0;
+  for (;;) {
+    // Poll for a new job for a short while, then sleep until one is posted.
+    uint32_t gen = generation_.load(std::memory_order_acquire);
+    for (int spin = 0; gen == seen && spin < kSpinBeforeSleep; ++spin) {
+      DT_PAUSE();
+      gen = generation_.load(std::memory_order_acquire);
+    }
+    if (gen == seen) {
+      std::unique_lock<std::mutex> lock(mu_);
+      ++sleepers_;
+      cv_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_acquire) != seen; });
+      --sleepers_;
+      if (stop_) return;
+      gen = generation_.load(std::memory_order_acquire);
+    }
+    seen = gen;
+    if (index < active_workers_.load(std::memory_order_acquire)) work(gen);
+  }
+}
+
+void ThreadPool::run(int threads, int64_t n_chunks, ChunkFn fn, void* ctx) {
+  if (n_chunks <= 0) return;
+  std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+  if (threads <= 1 || n_chunks == 1 || !busy.owns_lock() || n_chunks > 0xffffffffLL) {
+    for (int64_t c = 0; c < n_chunks; ++c) fn(ctx, c);  // serial, or the pool is in use
+    return;
+  }
+  ensure_workers(threads - 1);
+  fn_ = fn;
+  ctx_ = ctx;
+  n_chunks_.store(n_chunks, std::memory_order_relaxed);
+  active_workers_.store(threads - 1, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  uint32_t tag;
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tag = generation_.load(std::memory_order_relaxed) + 1;
+    claim_.store((uint64_t)tag << 32, std::memory_order_release);
+    generation_.store(tag, std::memory_order_release);
+    wake = sleepers_ > 0;
+  }
+  if (wake) cv_.notify_all();
+  work(tag);
+  // Every chunk is claimed now; wait only for those a worker is still computing.
+  for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
+    if (spin < kSpinBeforeYield)
+      DT_PAUSE();
+    else
+      std::this_thread::yield();
+  }
+}
+
+}  // namespace dovetail
