@@ -58,7 +58,17 @@ def pytest_sessionfinish(session, exitstatus):
     old_groups = old.get("groups", {})
     old_groups.update(_records)  # a partial run keeps the other groups' last figures
     out["groups"] = old_groups
+    _add_ratios(old_groups)
     path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _add_ratios(groups: dict) -> None:
+    """Speculative vs plain from the same run; whether their outputs were identical."""
+    spec = groups.get("speculative", {})
+    if "plain" in spec and "speculative" in spec:
+        a, b = spec["plain"], spec["speculative"]
+        spec["ratio"] = {"speculative_over_plain": b["tokens_per_s"] / a["tokens_per_s"],
+                         "outputs_identical": a.get("tokens") == b.get("tokens")}
 
 
 def _cpu_name() -> str:

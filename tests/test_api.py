@@ -11,14 +11,9 @@ from dovetail_ext.sampling import SamplingParams, TokenChooser, target_probs
 
 
 @pytest.fixture(scope="module")
-def gen():
+def gen(default_gguf_path):
     import dovetail_ext
-    from dovetail_ext.models import default_model_path
-    try:
-        default_model_path()
-    except FileNotFoundError as e:
-        pytest.skip(f"default model not installed: {e}")
-    return dovetail_ext.load(context=256, threads=2)
+    return dovetail_ext.load(default_gguf_path, context=256, threads=2)
 
 
 def test_greedy_is_deterministic_and_stream_matches(gen):
@@ -77,9 +72,9 @@ def test_edge_cases(gen):
         gen.generate([{"content": "hi"}])
 
 
-def test_context_limit_is_a_clean_stop():
+def test_context_limit_is_a_clean_stop(default_gguf_path):
     import dovetail_ext
-    g = dovetail_ext.load(context=48, threads=1)
+    g = dovetail_ext.load(default_gguf_path, context=48, threads=1)
     r = g.generate("Write a long essay about the sea.", max_new_tokens=500)
     assert r.stats.stop_reason in ("context", "eos")
     assert g.target.n_past <= 48
@@ -110,13 +105,8 @@ def test_token_chooser_distribution():
     assert stats.chisquare(counts[:4], 20000 * p[:4]).pvalue > 1e-3
 
 
-def test_cli_generate_json_and_info(capsys):
+def test_cli_generate_json_and_info(capsys, default_gguf_path):
     from dovetail_ext.cli import main
-    from dovetail_ext.models import default_model_path
-    try:
-        default_model_path()
-    except FileNotFoundError as e:
-        pytest.skip(f"default model not installed: {e}")
     assert main(["generate", "Name a fruit.", "--max-new-tokens", "8", "--json", "--threads", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("text", "prompt_tokens", "new_tokens", "prefill_s", "decode_s", "tokens_per_s", "mode"):
@@ -130,14 +120,9 @@ def test_cli_generate_json_and_info(capsys):
     assert "no such model file" in capsys.readouterr().err
 
 
-def test_cli_streams_text(capfd):
+def test_cli_streams_text(default_gguf_path):
     import subprocess
     import sys
-    from dovetail_ext.models import default_model_path
-    try:
-        default_model_path()
-    except FileNotFoundError as e:
-        pytest.skip(f"default model not installed: {e}")
     r = subprocess.run([sys.executable, "-m", "dovetail_ext.cli", "generate", "--raw", "The sky is",
                         "--max-new-tokens", "6", "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

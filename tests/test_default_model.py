@@ -22,17 +22,6 @@ CLEAR_MARGIN = 2.0  # about 2x the largest difference measured at the top token 
 
 
 @pytest.fixture(scope="module")
-def default_source():
-    from dovetail_ext.formats import load_model_source
-    from dovetail_ext.models import default_model_path
-    try:
-        default_model_path()
-    except FileNotFoundError as e:
-        pytest.skip(f"default model not installed: {e}")
-    return load_model_source(None)
-
-
-@pytest.fixture(scope="module")
 def ref_model(default_source):
     return reference.LlamaReference.from_source(default_source)
 

@@ -10,7 +10,7 @@ from scipy import stats
 
 from dovetail_ext.draft import Draft
 from dovetail_ext.draft_model import DovetailDraft, DraftConfig
-from dovetail_ext.sampling import SamplingParams, TokenChooser, accept_greedy, accept_sampled, target_probs
+from dovetail_ext.sampling import SamplingParams, TokenChooser, accept_sampled, target_probs
 from dovetail_ext.speculative import SpecState, SpecTimes, speculative_step
 from dovetail_ext.target import TargetEngine
 from dovetail_ext.tree import CandidatePool, TreeParams, build_tree

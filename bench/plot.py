@@ -1,0 +1,66 @@
+"""Draw the README's benchmark figure from bench/results/latest.json.
+
+    python bench/plot.py [results.json] [out.png]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    here = Path(__file__).parent / "results"
+    src = Path(argv[1]) if len(argv) > 1 else here / "latest.json"
+    out = Path(argv[2]) if len(argv) > 2 else here / "summary.png"
+    data = json.loads(src.read_text())
+    g = data["groups"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+
+    ax = axes[0]
+    bars, labels = [], []
+    if "decode" in g:
+        d = next(iter(g["decode"].values()))
+        bars += [d["torch_fp32_tok_s"], d["native_tok_s"]]
+        labels += ["PyTorch fp32\n(transformers)", "dovetail\nnative"]
+    spec = g.get("speculative", {})
+    if "speculative" in spec:
+        bars.append(spec["speculative"]["tokens_per_s"])
+        labels.append(f"dovetail spec.\n(draft: {spec['speculative'].get('draft', '?')})")
+    ax.bar(labels, bars, color=["#999999", "#2a7ab0", "#e08a2c"][:len(bars)])
+    for i, v in enumerate(bars):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Greedy decode, default model")
+
+    ax = axes[1]
+    if "verify_cost" in g:
+        items = sorted(((int(k.split("=")[1]), v["ms"]) for k, v in g["verify_cost"].items()))
+        base = items[0][1]
+        ax.plot([t for t, _ in items], [ms / base for _, ms in items], "o-", color="#2a7ab0")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens verified in one target call (T)")
+        ax.set_ylabel("time relative to T = 1")
+        ax.set_title("Verify cost curve")
+        ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    if "linear" in g:
+        rows = [(k, v) for k, v in g["linear"].items() if k.endswith("T=1")]
+        ax.barh([k.replace(" T=1", "") for k, _ in rows], [v["GBps"] for _, v in rows], color="#2a7ab0")
+        ax.set_xlabel("weight GB/s at T = 1")
+        ax.set_title("Quantized linear, decode")
+    fig.suptitle(f"{data.get('cpu', '')}, {data.get('threads')} threads, {data.get('date', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

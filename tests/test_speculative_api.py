@@ -1,0 +1,129 @@
+"""Speculative decoding through the public API on the default model with an untrained
+draft: greedy output equals plain greedy output over many prompts and tree shapes, stats,
+the CLI, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dovetail_ext
+from dovetail_ext.api import Generator
+from dovetail_ext.draft import Draft
+from dovetail_ext.draft_model import DovetailDraft, DraftConfig
+from dovetail_ext.errors import DraftMismatchError
+from dovetail_ext.tree import TreeParams
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about autumn.", "Explain what a hash map is.",
+    "List three prime numbers.", "def fibonacci(n):", "Translate 'good morning' into Spanish.",
+    "Give me a short tip for sleeping better.", "What is 12 times 12?", "Name a famous painter.",
+    "Write one sentence about the ocean.", "How do I reverse a list in Python?", "What color is the sky?",
+    "Say hello.", "Summarize the plot of Romeo and Juliet in one sentence.", "What is photosynthesis?",
+    "Tell me a joke.", "Count from one to five.", "What does CPU stand for?", "Describe a cat in five words.",
+    "Why is the sea salty?", "Recommend a book.", "Write a SQL query that selects all rows from users.",
+]
+SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 5, 6), TreeParams(8, 2, 12)]
+
+
+@pytest.fixture(scope="module")
+def gen(default_gguf_path):
+    g = dovetail_ext.load(default_gguf_path, context=512, threads=2)
+    module = DovetailDraft.random(DraftConfig.for_target(g.source, num_layers=1), seed=0, std=0.05)
+    g.draft = Draft.from_module(module, g.target)
+    return g
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_greedy_speculative_equals_plain(gen, shape):
+    prompts = PROMPTS if shape == SHAPES[0] else PROMPTS[::4]
+    for prompt in prompts:
+        plain = gen.generate(prompt, max_new_tokens=24, speculative=False)
+        spec = gen.generate(prompt, max_new_tokens=24, speculative=True, tree=shape)
+        assert spec.tokens == plain.tokens, prompt
+        assert spec.text == plain.text
+        assert spec.stats.stop_reason == plain.stats.stop_reason
+        assert spec.stats.mode == "speculative" and plain.stats.mode == "plain"
+        assert spec.stats.acceptance_length >= 1.0 and spec.stats.target_calls >= 1
+
+
+def test_eos_stop_strings_and_streaming(gen):
+    r = gen.generate("What is the capital of France? Answer in one short sentence.", max_new_tokens=60,
+                     speculative=True)
+    p = gen.generate("What is the capital of France? Answer in one short sentence.", max_new_tokens=60,
+                     speculative=False)
+    assert r.stats.stop_reason == "eos" and r.tokens == p.tokens
+    for stop in ([" 8"], ["7,"], [" 6, 7"], ["9, 1"]):
+        r = gen.generate("1, 2, 3, 4, 5,", raw=True, max_new_tokens=40, stop=stop, speculative=True)
+        p = gen.generate("1, 2, 3, 4, 5,", raw=True, max_new_tokens=40, stop=stop, speculative=False)
+        assert r.text == p.text and r.stats.stop_reason == p.stats.stop_reason == "stop"
+    pieces = list(gen.stream("Write a haiku about autumn.", max_new_tokens=20, speculative=True))
+    assert "".join(pieces) == gen.generate("Write a haiku about autumn.", max_new_tokens=20, speculative=False).text
+
+
+def test_stats_and_seeded_sampling(gen):
+    r = gen.generate("Tell me a story.", max_new_tokens=16, temperature=0.8, top_p=0.95, seed=5, speculative=True)
+    again = gen.generate("Tell me a story.", max_new_tokens=16, temperature=0.8, top_p=0.95, seed=5, speculative=True)
+    assert r.tokens == again.tokens and len(r.tokens) == 16
+    s = r.stats
+    assert s.draft_s > 0 and s.verify_s > 0 and s.target_calls >= 1
+    assert 1.0 <= s.acceptance_length <= gen.tree.depth + 1
+
+
+def test_edge_cases(gen):
+    r = gen.generate("hello", max_new_tokens=0, speculative=True)
+    assert r.tokens == [] and r.stats.stop_reason == "length"
+    r = gen.generate("hello", max_new_tokens=1, speculative=True)
+    assert len(r.tokens) == 1
+    with pytest.raises(ValueError, match="does not fit the context"):
+        gen.generate("word " * 600, raw=True, speculative=True)
+    with pytest.raises(ValueError, match="exceeds the target engine's max_batch"):
+        gen.generate("hi", speculative=True, tree=TreeParams(4, 4, 200))
+    with pytest.raises(ValueError, match="draft scratch rows"):
+        gen.generate("hi", speculative=True, tree=TreeParams(40, 7, 16))
+    with pytest.raises(ValueError, match="total_tokens"):
+        TreeParams(10, 7, 0)
+    plain_gen = Generator(gen.source, gen.target)
+    with pytest.raises(ValueError, match="needs a draft"):
+        plain_gen.generate("hi", speculative=True)
+
+
+def test_context_fills_cleanly_while_speculating(default_gguf_path):
+    g = dovetail_ext.load(default_gguf_path, context=64, threads=1)
+    g.draft = Draft.from_module(DovetailDraft.random(DraftConfig.for_target(g.source), seed=1, std=0.05), g.target)
+    spec = g.generate("Write a long essay about the sea.", max_new_tokens=500, speculative=True)
+    plain = g.generate("Write a long essay about the sea.", max_new_tokens=500, speculative=False)
+    assert spec.stats.stop_reason == plain.stats.stop_reason
+    assert spec.tokens == plain.tokens
+
+
+def test_draft_for_another_target_is_refused(gen, tmp_path):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from native_helpers import make_source, random_weights, tiny_config
+    cfg = tiny_config(vocab=gen.config.vocab_size, heads=9, head_dim=64, gqa=3)
+    other = make_source(cfg, random_weights(cfg), "q8_0")
+    other.name = "tiny-other"
+    module = DovetailDraft.random(DraftConfig.for_target(other), seed=0)
+    module.save(tmp_path / "d")
+    with pytest.raises(DraftMismatchError, match="another target"):
+        Draft.load(tmp_path / "d", gen.target)
+
+
+def test_cli_with_a_draft(gen, tmp_path, capsys):
+    from dovetail_ext.cli import main
+    module = DovetailDraft.random(DraftConfig.for_target(gen.source), seed=0, std=0.05)
+    module.save(tmp_path / "draft", dtype="f32")
+    args = ["generate", "Name a fruit.", "--max-new-tokens", "8", "--threads", "1", "--json",
+            "--draft", str(tmp_path / "draft"), "--tree-topk", "4", "--tree-depth", "3", "--tree-tokens", "8"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "speculative"
+    for key in ("acceptance_length", "target_calls", "draft_s", "verify_s"):
+        assert key in out
+    assert main(args + ["--no-spec"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["mode"] == "plain" and plain["tokens"] == out["tokens"]
+    assert main(args[:-6] + ["--tree-tokens", "1"]) == 2
+    assert "total_tokens" in capsys.readouterr().err
