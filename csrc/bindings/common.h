@@ -37,5 +37,6 @@ inline void check_shape(const py::array& a, const std::vector<long>& want, const
 
 void bind_ops(py::module_& m);
 void bind_engine(py::module_& m);
+void bind_davit(py::module_& m);
 
 }  // namespace dovetail::bind

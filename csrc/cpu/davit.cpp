@@ -1,0 +1,481 @@
+// DaViT CPU kernels: scalar reference tile routines, the ISA dispatcher, and the fused
+// drivers (window attention, channel attention, MLP) that schedule GEMM tiles and attention
+// tasks over OpenMP threads. Layout and semantics: see davit.h.
+#include "cpu/davit.h"
+#include "cpu/davit_window.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "common/cpu_features.h"
+#include "common/error.h"
+
+namespace dovetail::davit {
+
+// ---- scalar reference ----------------------------------------------------------------------
+namespace scalar {
+
+void gemm_tile(const GemmTile& t) {
+  for (int i = 0; i < t.m; ++i) {
+    const float* a = t.a[i];
+    float* c = t.c[i];
+    const float* r = t.res ? t.res[i] : nullptr;
+    for (int j = 0; j < t.n; ++j) {
+      const float* b = t.b_panel ? t.b + (j / kPanel) * t.b_panel + j % kPanel : t.b + j;
+      const long ldb = t.b_panel ? kPanel : t.ldb;
+      float acc = 0.f;
+      for (int k = 0; k < t.k; ++k) acc += a[k * t.a_cs] * b[k * ldb];
+      if (t.bias) acc += t.bias[j];
+      if (r) acc += r[j];
+      if (t.gelu) acc = 0.5f * acc * (1.f + std::erf(acc * 0.70710678118654752f));
+      c[j] = acc;
+    }
+  }
+}
+
+void softmax_rows(float* s, int rows, int n, long ld, float scale) {
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    float mx = row[0];
+    for (int j = 1; j < n; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.f;
+    for (int j = 0; j < n; ++j) {
+      row[j] = std::exp(scale * (row[j] - mx));
+      sum += row[j];
+    }
+    const float inv = 1.f / sum;
+    for (int j = 0; j < n; ++j) row[j] *= inv;
+  }
+}
+
+}  // namespace scalar
+
+const Kernels& kernels() {
+  static const Kernels tables[] = {
+      {scalar::gemm_tile, scalar::softmax_rows},
+      {avx2::gemm_tile, avx2::softmax_rows},
+      {avx512::gemm_tile, avx512::softmax_rows},
+  };
+  return tables[static_cast<int>(active_isa())];
+}
+
+namespace {
+
+// GEMM tile extents for the work split; multiples of every ISA's micro-tile (8x32, 6x16).
+constexpr int kMC = 48;
+constexpr int kNC = 64;
+
+// Per-thread scratch that survives across calls (OpenMP threads are persistent).
+float* thread_scratch(int slot, size_t n) {
+  thread_local std::vector<float> bufs[3];
+  auto& v = bufs[slot];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// A GEMM over m rows given by pointer tables; columns [0, n) of B / bias / C / res.
+struct GemmSpec {
+  int m, n, k;
+  const float* const* a;
+  long a_cs;
+  const float* b;
+  long ldb;       // row-major B, or
+  long b_panel;   // panel-packed B (PackedLinear) when non-zero
+  float* const* c;
+  const float* const* res;
+  const float* bias;
+  bool gelu;
+};
+
+// Splits a GEMM into kMC x kNC tiles over the threads of the enclosing parallel region
+// (work-sharing loop: every thread must call it; ends with a barrier).
+void gemm_tiles(const GemmSpec& s) {
+  const int mt = (s.m + kMC - 1) / kMC, nt = (s.n + kNC - 1) / kNC;
+  const auto gemm = kernels().gemm_tile;
+#pragma omp for schedule(static)
+  for (int t = 0; t < mt * nt; ++t) {
+    const int i0 = (t / nt) * kMC, j0 = (t % nt) * kNC;
+    const int m = std::min(kMC, s.m - i0);
+    float* crow[kMC];
+    const float* rrow[kMC];
+    for (int i = 0; i < m; ++i) {
+      crow[i] = s.c[i0 + i] + j0;
+      if (s.res) rrow[i] = s.res[i0 + i] + j0;
+    }
+    GemmTile g;
+    g.m = m;
+    g.n = std::min(kNC, s.n - j0);
+    g.k = s.k;
+    g.a = s.a + i0;
+    g.a_cs = s.a_cs;
+    // kNC is a multiple of kPanel, so a tile starts on a panel boundary.
+    g.b = s.b_panel ? s.b + (j0 / kPanel) * s.b_panel : s.b + j0;
+    g.ldb = s.ldb;
+    g.b_panel = s.b_panel;
+    g.c = crow;
+    g.res = s.res ? rrow : nullptr;
+    g.bias = s.bias ? s.bias + j0 : nullptr;
+    g.gelu = s.gelu;
+    gemm(g);
+  }
+}
+
+// A serial GEMM on one thread (small attention products); rows are at most `kMaxRows`.
+constexpr int kMaxRows = 256;
+void small_gemm(int m, int n, int k, const float* a, long lda, long a_cs, const float* b, long ldb,
+                float* c, long ldc, bool accumulate) {
+  const float* arow[kMaxRows];
+  float* crow[kMaxRows];
+  for (int i = 0; i < m; ++i) {
+    arow[i] = a + i * lda;
+    crow[i] = c + i * ldc;
+  }
+  GemmTile g;
+  g.m = m; g.n = n; g.k = k;
+  g.a = arow; g.a_cs = a_cs;
+  g.b = b; g.ldb = ldb;
+  g.c = crow;
+  g.res = accumulate ? crow : nullptr;
+  kernels().gemm_tile(g);
+}
+
+// Output columns [o0, o1) of a packed layer, repacked as a layer of their own.
+PackedLinear sub_linear(const PackedLinear& l, int o0, int o1) {
+  PackedLinear s;
+  s.in = l.in;
+  s.out = o1 - o0;
+  const int panels = (s.out + kPanel - 1) / kPanel;
+  s.wt.assign((size_t)panels * l.in * kPanel, 0.f);
+  for (int o = 0; o < s.out; ++o) {
+    const int src = o0 + o;
+    const float* from = l.wt.data() + (size_t)(src / kPanel) * l.in * kPanel + src % kPanel;
+    float* to = s.wt.data() + (size_t)(o / kPanel) * l.in * kPanel + o % kPanel;
+    for (int i = 0; i < l.in; ++i) to[(size_t)i * kPanel] = from[(size_t)i * kPanel];
+  }
+  s.bias.assign(l.bias.begin() + o0, l.bias.begin() + o1);
+  return s;
+}
+
+void check_linear(const PackedLinear* l, int in, int out, const char* name) {
+  DT_CHECK(l != nullptr, std::string(name) + " weights are missing");
+  DT_CHECK(l->in == in && l->out == out,
+           std::string(name) + " maps " + std::to_string(l->in) + " -> " + std::to_string(l->out) +
+               " features, expected " + std::to_string(in) + " -> " + std::to_string(out));
+}
+
+}  // namespace
+
+PackedLinear pack_linear(const float* weight, const float* bias, int out, int in) {
+  DT_CHECK(out > 0 && in > 0, "linear layer must have positive sizes");
+  PackedLinear p;
+  p.in = in;
+  p.out = out;
+  const int panels = (out + kPanel - 1) / kPanel;
+  p.wt.assign(static_cast<size_t>(panels) * in * kPanel, 0.f);
+  p.bias.assign(out, 0.f);
+  for (int o = 0; o < out; ++o)
+    for (int i = 0; i < in; ++i)
+      p.wt[(static_cast<size_t>(o / kPanel) * in + i) * kPanel + o % kPanel] = weight[static_cast<size_t>(o) * in + i];
+  if (bias) std::copy(bias, bias + out, p.bias.begin());
+  return p;
+}
+
+void linear(const float* x, long rows, const PackedLinear& w, float* y, const float* res, bool gelu) {
+  if (rows <= 0) return;
+  std::vector<const float*> a(rows), r(res ? rows : 0);
+  std::vector<float*> c(rows);
+  for (long i = 0; i < rows; ++i) {
+    a[i] = x + i * w.in;
+    c[i] = y + i * w.out;
+    if (res) r[i] = res + i * w.out;
+  }
+  // Row blocks of at most INT_MAX rows are never needed at DaViT sizes; keep the check honest.
+  DT_CHECK(rows < (1L << 30), "too many rows for one linear call");
+#pragma omp parallel
+  gemm_tiles({(int)rows, w.out, w.in, a.data(), 1, w.wt.data(), 0, w.panel_stride(), c.data(),
+              res ? r.data() : nullptr, w.bias.data(), gelu});
+}
+
+// ---- window attention ------------------------------------------------------------------------
+void window_attention(const WindowAttentionParams& p) {
+  const int B = p.B, H = p.H, W = p.W, C = p.C, h = p.heads, ws = p.ws;
+  DT_CHECK(B > 0 && H > 0 && W > 0 && C > 0, "window_attention: empty input");
+  DT_CHECK(h > 0 && C % h == 0, "window_attention: C=" + std::to_string(C) +
+                                    " is not divisible by num_heads=" + std::to_string(h));
+  DT_CHECK(ws > 0 && ws * ws <= kMaxRows, "window_attention: window_size must be in [1, 16]");
+  check_linear(p.qkv, C, 3 * C, "qkv");
+  check_linear(p.proj, C, C, "proj");
+  const int d = C / h, L = ws * ws;
+  const long windows = (long)B * make_window_grid(H, W, ws).nW;
+  const float scale = 1.f / std::sqrt((float)d);
+
+  // Windows per chunk: ~384 token rows keep the chunk's qkv block cache-resident while the
+  // GEMMs still get enough rows to amortise reading the weights.
+  const int wpc = std::max(1, 384 / L);
+  const long nchunks = (windows + wpc - 1) / wpc;
+
+  // Row tables in padded window order (b, window row, window col, token row, token col).
+  // Padded tokens point at a zero row: after LayerNorm the pad value is exactly 0.
+  std::vector<float> zero_row(C, 0.f);
+  std::vector<const float*> a_rows(windows * L);
+  // proj rows: only real tokens, pointing into the chunk's o block and into out/res.
+  std::vector<const float*> o_rows;
+  std::vector<float*> out_rows;
+  std::vector<const float*> res_rows;
+  std::vector<long> chunk_real(nchunks + 1, 0);
+  o_rows.reserve((size_t)B * H * W);
+  out_rows.reserve((size_t)B * H * W);
+  if (p.res) res_rows.reserve((size_t)B * H * W);
+  std::vector<float> obuf((size_t)wpc * L * C), qkvbuf((size_t)wpc * L * 3 * C);
+  const WindowGrid grid = make_window_grid(H, W, ws);
+  for (long w = 0; w < windows; ++w) {
+    const long local = (w % wpc) * L;
+    for (int t = 0; t < L; ++t) {
+      const long tok = window_token(grid, w * L + t);
+      a_rows[w * L + t] = tok >= 0 ? p.x + tok * C : zero_row.data();
+      if (tok >= 0) {
+        o_rows.push_back(obuf.data() + (local + t) * C);
+        out_rows.push_back(p.out + tok * C);
+        if (p.res) res_rows.push_back(p.res + tok * C);
+      }
+    }
+    if ((w + 1) % wpc == 0 || w + 1 == windows) chunk_real[(w / wpc) + 1] = (long)o_rows.size();
+  }
+  std::vector<float*> qkv_rows((size_t)wpc * L);
+  for (int i = 0; i < wpc * L; ++i) qkv_rows[i] = qkvbuf.data() + (size_t)i * 3 * C;
+
+#pragma omp parallel
+  {
+    float* kt = thread_scratch(0, (size_t)d * L);
+    float* s = thread_scratch(1, (size_t)L * L);
+    for (long ch = 0; ch < nchunks; ++ch) {
+      const long w0 = ch * wpc;
+      const int nw = (int)std::min<long>(wpc, windows - w0);
+      // qkv = z W_qkv^T + b for every (padded) token of the chunk's windows.
+      gemm_tiles({nw * L, 3 * C, C, a_rows.data() + w0 * L, 1, p.qkv->wt.data(), 0,
+                  p.qkv->panel_stride(), qkv_rows.data(), nullptr, p.qkv->bias.data(), false});
+      // Per (window, head): S = q k^T, P = softmax(scale * S), o = P v.
+#pragma omp for schedule(static)
+      for (int task = 0; task < nw * h; ++task) {
+        const int wl = task / h, hd = task % h;
+        const float* base = qkvbuf.data() + (size_t)wl * L * 3 * C;
+        const float* q = base + hd * d;
+        const float* k = base + C + hd * d;
+        const float* v = base + 2 * C + hd * d;
+        for (int t = 0; t < L; ++t)
+          for (int j = 0; j < d; ++j) kt[j * L + t] = k[(size_t)t * 3 * C + j];
+        small_gemm(L, L, d, q, 3 * C, 1, kt, L, s, L, false);
+        kernels().softmax_rows(s, L, L, L, scale);
+        small_gemm(L, d, L, s, L, 1, v, 3 * C, obuf.data() + (size_t)wl * L * C + hd * d, C, false);
+      }
+      // out = res + o W_proj^T + b for the chunk's real tokens (crop = rows never listed).
+      const long r0 = chunk_real[ch], r1 = chunk_real[ch + 1];
+      gemm_tiles({(int)(r1 - r0), C, C, o_rows.data() + r0, 1, p.proj->wt.data(), 0,
+                  p.proj->panel_stride(), out_rows.data() + r0, p.res ? res_rows.data() + r0 : nullptr,
+                  p.proj->bias.data(), false});
+    }
+  }
+}
+
+// ---- channel attention ----------------------------------------------------------------------
+void channel_attention(const ChannelAttentionParams& p) {
+  const int B = p.B, N = p.N, C = p.C, G = p.groups;
+  DT_CHECK(B > 0 && N > 0 && C > 0, "channel_attention: empty input");
+  DT_CHECK(G > 0 && C % G == 0, "channel_attention: C=" + std::to_string(C) +
+                                    " is not divisible by num_groups=" + std::to_string(G));
+  check_linear(p.qkv, C, 3 * C, "qkv");
+  check_linear(p.proj, C, C, "proj");
+  const int d = C / G;
+  DT_CHECK(d <= kMaxRows, "channel_attention: group size above 256 channels is not supported");
+  const float scale = 1.f / std::sqrt((float)d);
+  const long rows = (long)B * N;
+  // Token rows per chunk: bounded so the k|v block (rows x 2C) stays within ~1.5 MB.
+  const int CH = (int)std::clamp<long>((3L << 17) / (2L * C) / 16 * 16, 64, 1024);
+  const long nchunks = (rows + CH - 1) / CH;
+  // Sub-tasks split each group's d x d map (pass 1) / each segment's rows (pass 2).
+  constexpr int kIB = 8;
+  const int ib = (d + kIB - 1) / kIB;
+
+  // The k|v columns [C, 3C) of the qkv layer as a layer of their own: they start on a panel
+  // boundary when C is a multiple of kPanel (every DaViT size); other C get a repacked copy.
+  PackedLinear kv_copy;
+  const bool aligned = C % kPanel == 0;
+  if (!aligned) kv_copy = sub_linear(*p.qkv, C, 3 * C);
+  const float* kv_w = aligned ? p.qkv->wt.data() + (C / kPanel) * p.qkv->panel_stride() : kv_copy.wt.data();
+  const float* kv_b = aligned ? p.qkv->bias.data() + C : kv_copy.bias.data();
+  std::vector<float> maps((size_t)B * G * d * d, 0.f);   // S, then A^T per (b, g)
+  std::vector<float> amap((size_t)B * G * d * d);
+  std::vector<float> kv((size_t)CH * 2 * C), qb((size_t)CH * C), ob((size_t)CH * C);
+  std::vector<const float*> x_rows(rows);
+  std::vector<float*> kv_c(CH), q_c(CH), o_c(CH), out_rows(rows);
+  std::vector<const float*> res_rows(p.res ? rows : 0);
+  for (long r = 0; r < rows; ++r) {
+    x_rows[r] = p.x + r * C;
+    out_rows[r] = p.out + r * C;
+    if (p.res) res_rows[r] = p.res + r * C;
+  }
+  std::vector<const float*> o_src(CH);
+  for (int i = 0; i < CH; ++i) {
+    kv_c[i] = kv.data() + (size_t)i * 2 * C;
+    q_c[i] = qb.data() + (size_t)i * C;
+    o_c[i] = ob.data() + (size_t)i * C;
+    o_src[i] = o_c[i];
+  }
+
+#pragma omp parallel
+  {
+    // Pass 1: S_g += K_g^T V_g over all tokens, chunk by chunk (k|v never fully stored).
+    for (long ch = 0; ch < nchunks; ++ch) {
+      const long r0 = ch * CH;
+      const int m = (int)std::min<long>(CH, rows - r0);
+      gemm_tiles({m, 2 * C, C, x_rows.data() + r0, 1, kv_w, 0, p.qkv->panel_stride(), kv_c.data(), nullptr,
+                  kv_b, false});
+      // Segments of the chunk that belong to one image; tasks = (segment, group, row block).
+      const int b_first = (int)(r0 / N), b_last = (int)((r0 + m - 1) / N);
+      const int nseg = b_last - b_first + 1;
+#pragma omp for schedule(static)
+      for (int task = 0; task < nseg * G * ib; ++task) {
+        const int b = b_first + task / (G * ib), g = (task / ib) % G, i0 = (task % ib) * kIB;
+        const long s0 = std::max<long>(r0, (long)b * N) - r0, s1 = std::min<long>(r0 + m, (long)(b + 1) * N) - r0;
+        const int mi = std::min(kIB, d - i0);
+        // A(i, n) = k[n][g d + i0 + i]: strided along tokens; B(n, j) = v[n][g d + j].
+        // Partial sums over kSub tokens are added to S, so fp32 rounding grows with
+        // N / kSub + kSub rather than with N (logits are sums over every token).
+        constexpr long kSub = 128;
+        for (long n0 = s0; n0 < s1; n0 += kSub)
+          small_gemm(mi, d, (int)std::min(kSub, s1 - n0), kv.data() + n0 * 2 * C + g * d + i0, 1, 2 * C,
+                     kv.data() + n0 * 2 * C + C + g * d, 2 * C,
+                     maps.data() + (((size_t)b * G + g) * d + i0) * d, d, true);
+      }
+    }
+    // A = softmax_rows(scale * S) in fp32; store A^T so that o = q A^T reads B row-major.
+#pragma omp for schedule(static)
+    for (int bg = 0; bg < B * G; ++bg) {
+      float* sm = maps.data() + (size_t)bg * d * d;
+      kernels().softmax_rows(sm, d, d, d, scale);
+      float* at = amap.data() + (size_t)bg * d * d;
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j) at[j * d + i] = sm[i * d + j];
+    }
+    // Pass 2: q for the chunk, o_g = q_g A_g^T, out = res + o W_proj^T + b.
+    for (long ch = 0; ch < nchunks; ++ch) {
+      const long r0 = ch * CH;
+      const int m = (int)std::min<long>(CH, rows - r0);
+      gemm_tiles({m, C, C, x_rows.data() + r0, 1, p.qkv->wt.data(), 0, p.qkv->panel_stride(), q_c.data(), nullptr,
+                  p.qkv->bias.data(), false});
+      const int nrb = (m + kMC - 1) / kMC;
+#pragma omp for schedule(static)
+      for (int task = 0; task < nrb * G; ++task) {
+        const int i0 = (task / G) * kMC, g = task % G, mi = std::min(kMC, m - i0);
+        // Row blocks never straddle images here: split them at the image boundary.
+        int done = 0;
+        while (done < mi) {
+          const long r = r0 + i0 + done;
+          const int b = (int)(r / N);
+          const int seg = (int)std::min<long>(mi - done, (long)(b + 1) * N - r);
+          small_gemm(seg, d, d, qb.data() + (size_t)(i0 + done) * C + g * d, C, 1,
+                     amap.data() + ((size_t)b * G + g) * d * d, d,
+                     ob.data() + (size_t)(i0 + done) * C + g * d, C, false);
+          done += seg;
+        }
+      }
+      gemm_tiles({m, C, C, o_src.data(), 1, p.proj->wt.data(), 0, p.proj->panel_stride(), out_rows.data() + r0,
+                  p.res ? res_rows.data() + r0 : nullptr, p.proj->bias.data(), false});
+    }
+  }
+}
+
+// ---- model helpers ----------------------------------------------------------------------------
+namespace {
+inline void layer_norm_row(const float* x, int C, const float* g, const float* b, float eps, float* y) {
+  // Two passes (mean, then centred variance) as PyTorch does; accumulate in double for rows
+  // up to 3072 wide so the statistics do not add error of their own.
+  double mean = 0.0;
+  for (int c = 0; c < C; ++c) mean += x[c];
+  mean /= C;
+  double var = 0.0;
+  for (int c = 0; c < C; ++c) {
+    const double t = x[c] - mean;
+    var += t * t;
+  }
+  var /= C;
+  const float inv = (float)(1.0 / std::sqrt(var + eps)), mu = (float)mean;
+  for (int c = 0; c < C; ++c) y[c] = (x[c] - mu) * inv * g[c] + b[c];
+}
+}  // namespace
+
+void layer_norm(const float* x, long rows, int C, const float* gamma, const float* beta, float eps,
+                float* y) {
+#pragma omp parallel for schedule(static)
+  for (long r = 0; r < rows; ++r) layer_norm_row(x + r * C, C, gamma, beta, eps, y + r * C);
+}
+
+void conv_pos_enc(const float* x, int B, int H, int W, int C, const float* weight, const float* bias,
+                  float* y) {
+  DT_CHECK(x != y, "conv_pos_enc: output must not alias the input");
+  // Weights as [tap][C] so the inner loop runs over contiguous channels.
+  std::vector<float> wt((size_t)9 * C);
+  for (int c = 0; c < C; ++c)
+    for (int t = 0; t < 9; ++t) wt[(size_t)t * C + c] = weight[(size_t)c * 9 + t];
+#pragma omp parallel for schedule(static)
+  for (long by = 0; by < (long)B * H; ++by) {
+    const int b = (int)(by / H), yy = (int)(by % H);
+    for (int xx = 0; xx < W; ++xx) {
+      const float* xc = x + (((long)b * H + yy) * W + xx) * C;
+      float* out = y + (((long)b * H + yy) * W + xx) * C;
+      for (int c = 0; c < C; ++c) out[c] = bias[c];
+      for (int dy = -1; dy <= 1; ++dy) {
+        const int sy = yy + dy;
+        if (sy < 0 || sy >= H) continue;
+        for (int dx = -1; dx <= 1; ++dx) {
+          const int sx = xx + dx;
+          if (sx < 0 || sx >= W) continue;
+          const float* src = x + (((long)b * H + sy) * W + sx) * C;
+          const float* w = wt.data() + (size_t)((dy + 1) * 3 + (dx + 1)) * C;
+          for (int c = 0; c < C; ++c) out[c] += w[c] * src[c];
+        }
+      }
+      for (int c = 0; c < C; ++c) out[c] += xc[c];
+    }
+  }
+}
+
+void mlp_block(const float* x, long rows, int C, const float* gamma, const float* beta, float eps,
+               const PackedLinear& fc1, const PackedLinear& fc2, float* y) {
+  DT_CHECK(fc1.in == C && fc2.out == C && fc2.in == fc1.out,
+           "mlp_block: fc1 must map C -> hidden and fc2 hidden -> C");
+  if (rows <= 0) return;
+  const int hid = fc1.out;
+  const int CH = 256;  // token rows per chunk: the hidden block (CH x 4C) stays in L2/L3
+  const long nchunks = (rows + CH - 1) / CH;
+  std::vector<float> z((size_t)CH * C), hbuf((size_t)CH * hid);
+  std::vector<const float*> z_a(CH), h_a(CH), x_rows(rows);
+  std::vector<float*> z_c(CH), h_c(CH), y_rows(rows);
+  for (int i = 0; i < CH; ++i) {
+    z_c[i] = z.data() + (size_t)i * C;
+    z_a[i] = z_c[i];
+    h_c[i] = hbuf.data() + (size_t)i * hid;
+    h_a[i] = h_c[i];
+  }
+  for (long r = 0; r < rows; ++r) {
+    x_rows[r] = x + r * C;
+    y_rows[r] = y + r * C;
+  }
+#pragma omp parallel
+  for (long ch = 0; ch < nchunks; ++ch) {
+    const long r0 = ch * CH;
+    const int m = (int)std::min<long>(CH, rows - r0);
+#pragma omp for schedule(static)
+    for (int i = 0; i < m; ++i) layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]);
+    gemm_tiles({m, hid, C, z_a.data(), 1, fc1.wt.data(), 0, fc1.panel_stride(), h_c.data(), nullptr,
+                fc1.bias.data(), true});
+    gemm_tiles({m, C, hid, h_a.data(), 1, fc2.wt.data(), 0, fc2.panel_stride(), y_rows.data() + r0, x_rows.data() + r0,
+                fc2.bias.data(), false});
+  }
+}
+
+}  // namespace dovetail::davit

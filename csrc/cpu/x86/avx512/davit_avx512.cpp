@@ -1,0 +1,168 @@
+// AVX-512 versions of the DaViT tile routines (built with -mavx512f/bw/vl/dq only here).
+// GEMM micro-tile: 12 rows x 32 columns (two zmm accumulators per row, 24 in all); column
+// tails use masked loads/stores, row tails a smaller instantiation of the same template.
+// GCC 12 warns -Wmaybe-uninitialized inside its own AVX-512 intrinsics (the undefined-vector
+// placeholder they pass through; GCC bug 105593, fixed in 13): a header false positive.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu/davit.h"
+
+namespace dovetail::davit::avx512 {
+
+namespace {
+
+// exp(x) to ~1 ulp: range reduction by ln2, Cephes degree-5 polynomial, scalef by 2^n.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Exact-form GELU 0.5 x (1 + erf(x / sqrt2)); erf by Abramowitz-Stegun 7.1.26
+// (|error| <= 1.5e-7, below fp32 resolution of the GELU output for |x| >= 1e-1).
+inline __m512 gelu_ps(__m512 x) {
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 az = _mm512_abs_ps(z);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                 _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), az), az));
+  __m512 erf_abs = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));
+  // copy the sign of z
+  const __m512 sign = _mm512_and_ps(z, _mm512_set1_ps(-0.f));
+  const __m512 erf = _mm512_or_ps(erf_abs, sign);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+
+// Rows per micro-tile: 12 x 2 zmm accumulators + 2 B vectors + 1 broadcast of 32 registers.
+constexpr int kMR = 12;
+
+inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+template <int MR, bool UNIT>
+void micro(int nr, const GemmTile& t, int i0, int j0) {
+  const __mmask16 m0 = tail_mask(nr), m1 = tail_mask(std::max(0, nr - 16));
+  __m512 acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  const float* ap[MR];
+  for (int i = 0; i < MR; ++i) ap[i] = t.a[i0 + i];
+  const float* b = t.b_panel ? t.b + (j0 / kPanel) * t.b_panel + j0 % kPanel : t.b + j0;
+  const long ldb = t.b_panel ? kPanel : t.ldb;
+  // Unit-stride A (every projection) lets the compiler fold k into the broadcast address.
+  const long cs = UNIT ? 1 : t.a_cs;
+  if (nr > 16) {
+    for (int k = 0; k < t.k; ++k) {
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(ap[i][k * cs]);
+        acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+        acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+      }
+      b += ldb;
+    }
+  } else {
+    for (int k = 0; k < t.k; ++k) {
+      const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
+      for (int i = 0; i < MR; ++i) acc0[i] = _mm512_fmadd_ps(_mm512_set1_ps(ap[i][k * cs]), b0, acc0[i]);
+      b += ldb;
+    }
+  }
+  __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+  if (t.bias) {
+    bias0 = _mm512_maskz_loadu_ps(m0, t.bias + j0);
+    bias1 = _mm512_maskz_loadu_ps(m1, t.bias + j0 + 16);
+  }
+  for (int i = 0; i < MR; ++i) {
+    __m512 v0 = _mm512_add_ps(acc0[i], bias0), v1 = _mm512_add_ps(acc1[i], bias1);
+    if (t.res) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, t.res[i0 + i] + j0));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, t.res[i0 + i] + j0 + 16));
+    }
+    if (t.gelu) {
+      v0 = gelu_ps(v0);
+      v1 = gelu_ps(v1);
+    }
+    float* c = t.c[i0 + i] + j0;
+    _mm512_mask_storeu_ps(c, m0, v0);
+    if (nr > 16) _mm512_mask_storeu_ps(c + 16, m1, v1);
+  }
+}
+
+}  // namespace
+
+// Row tail: the largest instantiation that fits the remaining rows.
+template <int R, bool UNIT>
+void row_tail(int rows, int nr, const GemmTile& t, int i0, int j0) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro<R, UNIT>(nr, t, i0, j0);
+    else
+      row_tail<R - 1, UNIT>(rows, nr, t, i0, j0);
+  }
+}
+
+template <bool UNIT>
+void gemm_tile_impl(const GemmTile& t) {
+  constexpr int MR = kMR, NR = 32;
+  for (int j0 = 0; j0 < t.n; j0 += NR) {
+    const int nr = std::min(NR, t.n - j0);
+    int i0 = 0;
+    for (; i0 + MR <= t.m; i0 += MR) micro<MR, UNIT>(nr, t, i0, j0);
+    row_tail<MR - 1, UNIT>(t.m - i0, nr, t, i0, j0);
+  }
+}
+
+void gemm_tile(const GemmTile& t) {
+  if (t.a_cs == 1)
+    gemm_tile_impl<true>(t);
+  else
+    gemm_tile_impl<false>(t);
+}
+
+void softmax_rows(float* s, int rows, int n, long ld, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    __m512 mx = _mm512_set1_ps(-3.0e38f);
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-3.0e38f), m, row + j));
+    }
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      const __m512 e = exp_ps(_mm512_mul_ps(sc, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vmax)));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+      _mm512_mask_storeu_ps(row + j, m, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv));
+    }
+  }
+}
+
+}  // namespace dovetail::davit::avx512
