@@ -91,13 +91,23 @@ struct GemmSpec {
   bool gelu;
 };
 
-// Splits a GEMM into kMC x kNC tiles over the threads of the enclosing parallel region
-// (work-sharing loop: every thread must call it; ends with a barrier).
-void gemm_tiles(const GemmSpec& s) {
+// Runs f(0..n-1): shared among the threads of the enclosing parallel region (a
+// work-sharing loop every thread must reach; ends with a barrier), or all on this thread.
+template <class F>
+void for_tasks(int n, bool shared, F&& f) {
+  if (shared) {
+#pragma omp for schedule(static)
+    for (int i = 0; i < n; ++i) f(i);
+  } else {
+    for (int i = 0; i < n; ++i) f(i);
+  }
+}
+
+// Splits a GEMM into kMC x kNC tiles, run as for_tasks(shared).
+void gemm_tiles(const GemmSpec& s, bool shared = true) {
   const int mt = (s.m + kMC - 1) / kMC, nt = (s.n + kNC - 1) / kNC;
   const auto gemm = kernels().gemm_tile;
-#pragma omp for schedule(static)
-  for (int t = 0; t < mt * nt; ++t) {
+  for_tasks(mt * nt, shared, [&](int t) {
     const int i0 = (t / nt) * kMC, j0 = (t % nt) * kNC;
     const int m = std::min(kMC, s.m - i0);
     float* crow[kMC];
@@ -121,8 +131,13 @@ void gemm_tiles(const GemmSpec& s) {
     g.bias = s.bias ? s.bias + j0 : nullptr;
     g.gelu = s.gelu;
     gemm(g);
-  }
+  });
 }
+
+// Two ways to spread a fused op over threads. With many chunks each thread owns whole
+// chunks and runs every phase alone (no barriers: they dominate once a core is contended);
+// with few chunks (late stages, batch 1) all threads share each phase of every chunk.
+bool own_chunks(long chunks) { return chunks >= 2L * omp_get_max_threads(); }
 
 // A serial GEMM on one thread (small attention products); rows are at most `kMaxRows`.
 constexpr int kMaxRows = 256;
@@ -213,56 +228,53 @@ void window_attention(const WindowAttentionParams& p) {
   const long windows = (long)B * make_window_grid(H, W, ws).nW;
   const float scale = 1.f / std::sqrt((float)d);
 
-  // Windows per chunk: ~384 token rows keep the chunk's qkv block cache-resident while the
-  // GEMMs still get enough rows to amortise reading the weights.
-  const int wpc = std::max(1, 384 / L);
+  // Windows per chunk: up to ~384 token rows (the chunk's qkv block stays cache-resident and
+  // the GEMMs get enough rows to amortise reading the weights), fewer so that every thread
+  // can own at least two chunks when the map is small.
+  const int nth = omp_get_max_threads();
+  const int wpc = (int)std::clamp<long>(windows / (2L * nth), 1, std::max(1, 384 / L));
   const long nchunks = (windows + wpc - 1) / wpc;
-
-  // Row tables in padded window order (b, window row, window col, token row, token col).
-  // Padded tokens point at a zero row: after LayerNorm the pad value is exactly 0.
+  const bool own = own_chunks(nchunks);
+  const int nbuf = own ? nth : 1;
+  const size_t rows_pc = (size_t)wpc * L;
   std::vector<float> zero_row(C, 0.f);
-  std::vector<const float*> a_rows(windows * L);
-  // proj rows: only real tokens, pointing into the chunk's o block and into out/res.
-  std::vector<const float*> o_rows;
-  std::vector<float*> out_rows;
-  std::vector<const float*> res_rows;
-  std::vector<long> chunk_real(nchunks + 1, 0);
-  o_rows.reserve((size_t)B * H * W);
-  out_rows.reserve((size_t)B * H * W);
-  if (p.res) res_rows.reserve((size_t)B * H * W);
-  std::vector<float> obuf((size_t)wpc * L * C), qkvbuf((size_t)wpc * L * 3 * C);
+  std::vector<float> qkvbuf(nbuf * rows_pc * 3 * C), obuf(nbuf * rows_pc * C);
   const WindowGrid grid = make_window_grid(H, W, ws);
-  for (long w = 0; w < windows; ++w) {
-    const long local = (w % wpc) * L;
-    for (int t = 0; t < L; ++t) {
-      const long tok = window_token(grid, w * L + t);
-      a_rows[w * L + t] = tok >= 0 ? p.x + tok * C : zero_row.data();
-      if (tok >= 0) {
-        o_rows.push_back(obuf.data() + (local + t) * C);
-        out_rows.push_back(p.out + tok * C);
-        if (p.res) res_rows.push_back(p.res + tok * C);
-      }
-    }
-    if ((w + 1) % wpc == 0 || w + 1 == windows) chunk_real[(w / wpc) + 1] = (long)o_rows.size();
-  }
-  std::vector<float*> qkv_rows((size_t)wpc * L);
-  for (int i = 0; i < wpc * L; ++i) qkv_rows[i] = qkvbuf.data() + (size_t)i * 3 * C;
 
 #pragma omp parallel
   {
+    const int tid = omp_get_thread_num();
     float* kt = thread_scratch(0, (size_t)d * L);
     float* s = thread_scratch(1, (size_t)L * L);
-    for (long ch = 0; ch < nchunks; ++ch) {
+    float* qkv = qkvbuf.data() + (own ? tid : 0) * rows_pc * 3 * C;
+    float* ob = obuf.data() + (own ? tid : 0) * rows_pc * C;
+    // Row tables for one chunk (built by every thread; a few hundred entries).
+    std::vector<const float*> a_rows(rows_pc), o_rows(rows_pc), res_rows(rows_pc);
+    std::vector<float*> qkv_rows(rows_pc), out_rows(rows_pc);
+    for (size_t i = 0; i < rows_pc; ++i) qkv_rows[i] = qkv + i * 3 * C;
+    const long first = own ? tid : 0, step = own ? nth : 1;
+    for (long ch = first; ch < nchunks; ch += step) {
       const long w0 = ch * wpc;
       const int nw = (int)std::min<long>(wpc, windows - w0);
+      // Padded tokens read a zero row (after LayerNorm the pad value is exactly 0); crop =
+      // padded tokens never listed as proj rows.
+      int real = 0;
+      for (int r = 0; r < nw * L; ++r) {
+        const long tok = window_token(grid, w0 * L + r);
+        a_rows[r] = tok >= 0 ? p.x + tok * C : zero_row.data();
+        if (tok < 0) continue;
+        o_rows[real] = ob + (size_t)r * C;
+        out_rows[real] = p.out + tok * C;
+        if (p.res) res_rows[real] = p.res + tok * C;
+        ++real;
+      }
       // qkv = z W_qkv^T + b for every (padded) token of the chunk's windows.
-      gemm_tiles({nw * L, 3 * C, C, a_rows.data() + w0 * L, 1, p.qkv->wt.data(), 0,
-                  p.qkv->panel_stride(), qkv_rows.data(), nullptr, p.qkv->bias.data(), false});
+      gemm_tiles({nw * L, 3 * C, C, a_rows.data(), 1, p.qkv->wt.data(), 0, p.qkv->panel_stride(),
+                  qkv_rows.data(), nullptr, p.qkv->bias.data(), false}, !own);
       // Per (window, head): S = q k^T, P = softmax(scale * S), o = P v.
-#pragma omp for schedule(static)
-      for (int task = 0; task < nw * h; ++task) {
+      for_tasks(nw * h, !own, [&](int task) {
         const int wl = task / h, hd = task % h;
-        const float* base = qkvbuf.data() + (size_t)wl * L * 3 * C;
+        const float* base = qkv + (size_t)wl * L * 3 * C;
         const float* q = base + hd * d;
         const float* k = base + C + hd * d;
         const float* v = base + 2 * C + hd * d;
@@ -270,13 +282,11 @@ void window_attention(const WindowAttentionParams& p) {
           for (int j = 0; j < d; ++j) kt[j * L + t] = k[(size_t)t * 3 * C + j];
         small_gemm(L, L, d, q, 3 * C, 1, kt, L, s, L, false);
         kernels().softmax_rows(s, L, L, L, scale);
-        small_gemm(L, d, L, s, L, 1, v, 3 * C, obuf.data() + (size_t)wl * L * C + hd * d, C, false);
-      }
-      // out = res + o W_proj^T + b for the chunk's real tokens (crop = rows never listed).
-      const long r0 = chunk_real[ch], r1 = chunk_real[ch + 1];
-      gemm_tiles({(int)(r1 - r0), C, C, o_rows.data() + r0, 1, p.proj->wt.data(), 0,
-                  p.proj->panel_stride(), out_rows.data() + r0, p.res ? res_rows.data() + r0 : nullptr,
-                  p.proj->bias.data(), false});
+        small_gemm(L, d, L, s, L, 1, v, 3 * C, ob + (size_t)wl * L * C + hd * d, C, false);
+      });
+      // out = res + o W_proj^T + b for the chunk's real tokens.
+      gemm_tiles({real, C, C, o_rows.data(), 1, p.proj->wt.data(), 0, p.proj->panel_stride(),
+                  out_rows.data(), p.res ? res_rows.data() : nullptr, p.proj->bias.data(), false}, !own);
     }
   }
 }
@@ -293,10 +303,15 @@ void channel_attention(const ChannelAttentionParams& p) {
   DT_CHECK(d <= kMaxRows, "channel_attention: group size above 256 channels is not supported");
   const float scale = 1.f / std::sqrt((float)d);
   const long rows = (long)B * N;
-  // Token rows per chunk: bounded so the k|v block (rows x 2C) stays within ~1.5 MB.
-  const int CH = (int)std::clamp<long>((3L << 17) / (2L * C) / 16 * 16, 64, 1024);
+  // Token rows per chunk: the k|v block (rows x 2C) stays within ~1.5 MB, and small inputs
+  // are cut finer so that every thread can own chunks (see own_chunks).
+  const int nth = omp_get_max_threads();
+  const long ch_max = std::clamp<long>((3L << 17) / (2L * C) / 16 * 16, 64, 1024);
+  const int CH = (int)std::clamp<long>((rows + 2L * nth - 1) / (2L * nth), 16, ch_max);
   const long nchunks = (rows + CH - 1) / CH;
-  // Sub-tasks split each group's d x d map (pass 1) / each segment's rows (pass 2).
+  const bool own = own_chunks(nchunks);
+  const int nbuf = own ? nth : 1;
+  // Sub-tasks split each group's d x d map (pass 1) into row blocks.
   constexpr int kIB = 8;
   const int ib = (d + kIB - 1) / kIB;
 
@@ -307,38 +322,45 @@ void channel_attention(const ChannelAttentionParams& p) {
   if (!aligned) kv_copy = sub_linear(*p.qkv, C, 3 * C);
   const float* kv_w = aligned ? p.qkv->wt.data() + (C / kPanel) * p.qkv->panel_stride() : kv_copy.wt.data();
   const float* kv_b = aligned ? p.qkv->bias.data() + C : kv_copy.bias.data();
-  std::vector<float> maps((size_t)B * G * d * d, 0.f);   // S, then A^T per (b, g)
-  std::vector<float> amap((size_t)B * G * d * d);
-  std::vector<float> kv((size_t)CH * 2 * C), qb((size_t)CH * C), ob((size_t)CH * C);
+  const size_t map_size = (size_t)B * G * d * d;
+  std::vector<float> maps(nbuf * map_size, 0.f);  // S per (b, g); one copy per owner thread
+  std::vector<float> amap(map_size);              // A^T per (b, g)
+  std::vector<float> kvbuf(nbuf * (size_t)CH * 2 * C), qbuf(nbuf * (size_t)CH * C), obuf(nbuf * (size_t)CH * C);
   std::vector<const float*> x_rows(rows);
-  std::vector<float*> kv_c(CH), q_c(CH), o_c(CH), out_rows(rows);
+  std::vector<float*> out_rows(rows);
   std::vector<const float*> res_rows(p.res ? rows : 0);
   for (long r = 0; r < rows; ++r) {
     x_rows[r] = p.x + r * C;
     out_rows[r] = p.out + r * C;
     if (p.res) res_rows[r] = p.res + r * C;
   }
-  std::vector<const float*> o_src(CH);
-  for (int i = 0; i < CH; ++i) {
-    kv_c[i] = kv.data() + (size_t)i * 2 * C;
-    q_c[i] = qb.data() + (size_t)i * C;
-    o_c[i] = ob.data() + (size_t)i * C;
-    o_src[i] = o_c[i];
-  }
 
 #pragma omp parallel
   {
+    const int tid = omp_get_thread_num(), slot = own ? tid : 0;
+    float* kv = kvbuf.data() + (size_t)slot * CH * 2 * C;
+    float* qb = qbuf.data() + (size_t)slot * CH * C;
+    float* ob = obuf.data() + (size_t)slot * CH * C;
+    float* sm = maps.data() + slot * map_size;
+    std::vector<float*> kv_c(CH), q_c(CH), o_c(CH);
+    std::vector<const float*> o_src(CH);
+    for (int i = 0; i < CH; ++i) {
+      kv_c[i] = kv + (size_t)i * 2 * C;
+      q_c[i] = qb + (size_t)i * C;
+      o_c[i] = ob + (size_t)i * C;
+      o_src[i] = o_c[i];
+    }
+    const long first = own ? tid : 0, step = own ? nth : 1;
     // Pass 1: S_g += K_g^T V_g over all tokens, chunk by chunk (k|v never fully stored).
-    for (long ch = 0; ch < nchunks; ++ch) {
+    for (long ch = first; ch < nchunks; ch += step) {
       const long r0 = ch * CH;
       const int m = (int)std::min<long>(CH, rows - r0);
       gemm_tiles({m, 2 * C, C, x_rows.data() + r0, 1, kv_w, 0, p.qkv->panel_stride(), kv_c.data(), nullptr,
-                  kv_b, false});
+                  kv_b, false}, !own);
       // Segments of the chunk that belong to one image; tasks = (segment, group, row block).
       const int b_first = (int)(r0 / N), b_last = (int)((r0 + m - 1) / N);
       const int nseg = b_last - b_first + 1;
-#pragma omp for schedule(static)
-      for (int task = 0; task < nseg * G * ib; ++task) {
+      for_tasks(nseg * G * ib, !own, [&](int task) {
         const int b = b_first + task / (G * ib), g = (task / ib) % G, i0 = (task % ib) * kIB;
         const long s0 = std::max<long>(r0, (long)b * N) - r0, s1 = std::min<long>(r0 + m, (long)(b + 1) * N) - r0;
         const int mi = std::min(kIB, d - i0);
@@ -347,44 +369,49 @@ void channel_attention(const ChannelAttentionParams& p) {
         // N / kSub + kSub rather than with N (logits are sums over every token).
         constexpr long kSub = 128;
         for (long n0 = s0; n0 < s1; n0 += kSub)
-          small_gemm(mi, d, (int)std::min(kSub, s1 - n0), kv.data() + n0 * 2 * C + g * d + i0, 1, 2 * C,
-                     kv.data() + n0 * 2 * C + C + g * d, 2 * C,
-                     maps.data() + (((size_t)b * G + g) * d + i0) * d, d, true);
-      }
+          small_gemm(mi, d, (int)std::min(kSub, s1 - n0), kv + n0 * 2 * C + g * d + i0, 1, 2 * C,
+                     kv + n0 * 2 * C + C + g * d, 2 * C, sm + (((size_t)b * G + g) * d + i0) * d, d, true);
+      });
     }
-    // A = softmax_rows(scale * S) in fp32; store A^T so that o = q A^T reads B row-major.
-#pragma omp for schedule(static)
-    for (int bg = 0; bg < B * G; ++bg) {
-      float* sm = maps.data() + (size_t)bg * d * d;
-      kernels().softmax_rows(sm, d, d, d, scale);
+    if (own) {
+#pragma omp barrier
+    }
+    // Sum the owners' partial maps in thread order, then A = softmax_rows(scale * S) in
+    // fp32; store A^T so that o = q A^T reads B row-major.
+    for_tasks(B * G, true, [&](int bg) {
+      float* s0 = maps.data() + (size_t)bg * d * d;
+      for (int t = 1; t < nbuf; ++t) {
+        const float* st = maps.data() + t * map_size + (size_t)bg * d * d;
+        for (int e = 0; e < d * d; ++e) s0[e] += st[e];
+      }
+      kernels().softmax_rows(s0, d, d, d, scale);
       float* at = amap.data() + (size_t)bg * d * d;
       for (int i = 0; i < d; ++i)
-        for (int j = 0; j < d; ++j) at[j * d + i] = sm[i * d + j];
-    }
+        for (int j = 0; j < d; ++j) at[j * d + i] = s0[i * d + j];
+    });
     // Pass 2: q for the chunk, o_g = q_g A_g^T, out = res + o W_proj^T + b.
-    for (long ch = 0; ch < nchunks; ++ch) {
+    for (long ch = first; ch < nchunks; ch += step) {
       const long r0 = ch * CH;
       const int m = (int)std::min<long>(CH, rows - r0);
-      gemm_tiles({m, C, C, x_rows.data() + r0, 1, p.qkv->wt.data(), 0, p.qkv->panel_stride(), q_c.data(), nullptr,
-                  p.qkv->bias.data(), false});
+      gemm_tiles({m, C, C, x_rows.data() + r0, 1, p.qkv->wt.data(), 0, p.qkv->panel_stride(), q_c.data(),
+                  nullptr, p.qkv->bias.data(), false}, !own);
       const int nrb = (m + kMC - 1) / kMC;
-#pragma omp for schedule(static)
-      for (int task = 0; task < nrb * G; ++task) {
+      for_tasks(nrb * G, !own, [&](int task) {
         const int i0 = (task / G) * kMC, g = task % G, mi = std::min(kMC, m - i0);
-        // Row blocks never straddle images here: split them at the image boundary.
+        // Row blocks are split at image boundaries (each image has its own maps).
         int done = 0;
         while (done < mi) {
           const long r = r0 + i0 + done;
           const int b = (int)(r / N);
           const int seg = (int)std::min<long>(mi - done, (long)(b + 1) * N - r);
-          small_gemm(seg, d, d, qb.data() + (size_t)(i0 + done) * C + g * d, C, 1,
-                     amap.data() + ((size_t)b * G + g) * d * d, d,
-                     ob.data() + (size_t)(i0 + done) * C + g * d, C, false);
+          small_gemm(seg, d, d, qb + (size_t)(i0 + done) * C + g * d, C, 1,
+                     amap.data() + ((size_t)b * G + g) * d * d, d, ob + (size_t)(i0 + done) * C + g * d, C,
+                     false);
           done += seg;
         }
-      }
+      });
       gemm_tiles({m, C, C, o_src.data(), 1, p.proj->wt.data(), 0, p.proj->panel_stride(), out_rows.data() + r0,
-                  p.res ? res_rows.data() + r0 : nullptr, p.proj->bias.data(), false});
+                  p.res ? res_rows.data() + r0 : nullptr, p.proj->bias.data(), false}, !own);
     }
   }
 }
@@ -450,31 +477,41 @@ void mlp_block(const float* x, long rows, int C, const float* gamma, const float
            "mlp_block: fc1 must map C -> hidden and fc2 hidden -> C");
   if (rows <= 0) return;
   const int hid = fc1.out;
-  const int CH = 256;  // token rows per chunk: the hidden block (CH x 4C) stays in L2/L3
+  // Token rows per chunk: the hidden block (CH x 4C) stays in L2/L3; small inputs are cut
+  // finer so that every thread can own chunks (see own_chunks).
+  const int nth = omp_get_max_threads();
+  const int CH = (int)std::clamp<long>((rows + 2L * nth - 1) / (2L * nth), 16, 256);
   const long nchunks = (rows + CH - 1) / CH;
-  std::vector<float> z((size_t)CH * C), hbuf((size_t)CH * hid);
-  std::vector<const float*> z_a(CH), h_a(CH), x_rows(rows);
-  std::vector<float*> z_c(CH), h_c(CH), y_rows(rows);
-  for (int i = 0; i < CH; ++i) {
-    z_c[i] = z.data() + (size_t)i * C;
-    z_a[i] = z_c[i];
-    h_c[i] = hbuf.data() + (size_t)i * hid;
-    h_a[i] = h_c[i];
-  }
+  const bool own = own_chunks(nchunks);
+  const int nbuf = own ? nth : 1;
+  std::vector<float> zbuf(nbuf * (size_t)CH * C), hbuf(nbuf * (size_t)CH * hid);
+  std::vector<const float*> x_rows(rows);
+  std::vector<float*> y_rows(rows);
   for (long r = 0; r < rows; ++r) {
     x_rows[r] = x + r * C;
     y_rows[r] = y + r * C;
   }
 #pragma omp parallel
-  for (long ch = 0; ch < nchunks; ++ch) {
-    const long r0 = ch * CH;
-    const int m = (int)std::min<long>(CH, rows - r0);
-#pragma omp for schedule(static)
-    for (int i = 0; i < m; ++i) layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]);
-    gemm_tiles({m, hid, C, z_a.data(), 1, fc1.wt.data(), 0, fc1.panel_stride(), h_c.data(), nullptr,
-                fc1.bias.data(), true});
-    gemm_tiles({m, C, hid, h_a.data(), 1, fc2.wt.data(), 0, fc2.panel_stride(), y_rows.data() + r0, x_rows.data() + r0,
-                fc2.bias.data(), false});
+  {
+    const int tid = omp_get_thread_num(), slot = own ? tid : 0;
+    std::vector<const float*> z_a(CH), h_a(CH);
+    std::vector<float*> z_c(CH), h_c(CH);
+    for (int i = 0; i < CH; ++i) {
+      z_c[i] = zbuf.data() + ((size_t)slot * CH + i) * C;
+      z_a[i] = z_c[i];
+      h_c[i] = hbuf.data() + ((size_t)slot * CH + i) * hid;
+      h_a[i] = h_c[i];
+    }
+    const long first = own ? tid : 0, step = own ? nth : 1;
+    for (long ch = first; ch < nchunks; ch += step) {
+      const long r0 = ch * CH;
+      const int m = (int)std::min<long>(CH, rows - r0);
+      for_tasks(m, !own, [&](int i) { layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]); });
+      gemm_tiles({m, hid, C, z_a.data(), 1, fc1.wt.data(), 0, fc1.panel_stride(), h_c.data(), nullptr,
+                  fc1.bias.data(), true}, !own);
+      gemm_tiles({m, C, hid, h_a.data(), 1, fc2.wt.data(), 0, fc2.panel_stride(), y_rows.data() + r0,
+                  x_rows.data() + r0, fc2.bias.data(), false}, !own);
+    }
   }
 }
 
