@@ -1,6 +1,6 @@
 // AVX-512 versions of the DaViT tile routines (built with -mavx512f/bw/vl/dq only here).
-// GEMM micro-tile: 12 rows x 32 columns (two zmm accumulators per row, 24 in all); column
-// tails use masked loads/stores, row tails a smaller instantiation of the same template.
+// GEMM micro-tile: 6 rows x 64 columns (four zmm accumulators per row, 24 in all); column
+// tails use masked loads/stores, row and column tails smaller instantiations of the template.
 // GCC 12 warns -Wmaybe-uninitialized inside its own AVX-512 intrinsics (the undefined-vector
 // placeholder they pass through; GCC bug 105593, fixed in 13): a header false positive.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
@@ -55,57 +55,75 @@ inline __m512 gelu_ps(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
 }
 
-// Rows per micro-tile: 12 x 2 zmm accumulators + 2 B vectors + 1 broadcast of 32 registers.
-constexpr int kMR = 12;
+// Rows per micro-tile: 6 rows x 4 zmm accumulators + 4 B vectors + 1 broadcast of 32
+// registers; 6 row pointers keep the A addresses in general registers (12 would spill).
+constexpr int kMR = 6;
 
 inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
-template <int MR, bool UNIT>
+// One micro-tile: MR rows x NV*16 columns (NV <= 4), accumulators in registers. Only the
+// last vector of a row can be partial (mask `last`).
+template <int MR, int NV, bool UNIT>
 void micro(int nr, const GemmTile& t, int i0, int j0) {
-  const __mmask16 m0 = tail_mask(nr), m1 = tail_mask(std::max(0, nr - 16));
-  __m512 acc0[MR], acc1[MR];
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
+  __m512 acc[MR][NV];
+  #pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   const float* ap[MR];
+  #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) ap[i] = t.a[i0 + i];
-  const float* b = t.b_panel ? t.b + (j0 / kPanel) * t.b_panel + j0 % kPanel : t.b + j0;
+  const float* bp[NV];
+  #pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const int j = j0 + 16 * v;
+    bp[v] = t.b_panel ? t.b + (j / kPanel) * t.b_panel + j % kPanel : t.b + j;
+  }
   const long ldb = t.b_panel ? kPanel : t.ldb;
   // Unit-stride A (every projection) lets the compiler fold k into the broadcast address.
   const long cs = UNIT ? 1 : t.a_cs;
-  if (nr > 16) {
-    for (int k = 0; k < t.k; ++k) {
-      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
-      for (int i = 0; i < MR; ++i) {
-        const __m512 av = _mm512_set1_ps(ap[i][k * cs]);
-        acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-        acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
-      }
-      b += ldb;
-    }
-  } else {
-    for (int k = 0; k < t.k; ++k) {
-      const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
-      for (int i = 0; i < MR; ++i) acc0[i] = _mm512_fmadd_ps(_mm512_set1_ps(ap[i][k * cs]), b0, acc0[i]);
-      b += ldb;
+  const int K = t.k;  // a local bound: no reload of t.k on every step
+  for (int k = 0; k < K; ++k) {
+    __m512 bv[NV];
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, bp[v] + k * ldb) : _mm512_loadu_ps(bp[v] + k * ldb);
+    #pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ap[i][k * cs]);
+      #pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
-  __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
-  if (t.bias) {
-    bias0 = _mm512_maskz_loadu_ps(m0, t.bias + j0);
-    bias1 = _mm512_maskz_loadu_ps(m1, t.bias + j0 + 16);
+  __m512 bias[NV];
+  #pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+    bias[v] = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0 + 16 * v) : _mm512_setzero_ps();
   }
+  #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    __m512 v0 = _mm512_add_ps(acc0[i], bias0), v1 = _mm512_add_ps(acc1[i], bias1);
-    if (t.res) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, t.res[i0 + i] + j0));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, t.res[i0 + i] + j0 + 16));
-    }
-    if (t.gelu) {
-      v0 = gelu_ps(v0);
-      v1 = gelu_ps(v1);
-    }
     float* c = t.c[i0 + i] + j0;
-    _mm512_mask_storeu_ps(c, m0, v0);
-    if (nr > 16) _mm512_mask_storeu_ps(c + 16, m1, v1);
+    const float* r = t.res ? t.res[i0 + i] + j0 : nullptr;
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+      __m512 x = _mm512_add_ps(acc[i][v], bias[v]);
+      if (r) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, r + 16 * v));
+      if (t.gelu) x = gelu_ps(x);
+      _mm512_mask_storeu_ps(c + 16 * v, m, x);
+    }
+  }
+}
+
+template <int MR, bool UNIT>
+void micro_cols(int nr, const GemmTile& t, int i0, int j0) {
+  switch ((nr + 15) / 16) {
+    case 4: micro<MR, 4, UNIT>(nr, t, i0, j0); break;
+    case 3: micro<MR, 3, UNIT>(nr, t, i0, j0); break;
+    case 2: micro<MR, 2, UNIT>(nr, t, i0, j0); break;
+    default: micro<MR, 1, UNIT>(nr, t, i0, j0); break;
   }
 }
 
@@ -116,7 +134,7 @@ template <int R, bool UNIT>
 void row_tail(int rows, int nr, const GemmTile& t, int i0, int j0) {
   if constexpr (R > 0) {
     if (rows == R)
-      micro<R, UNIT>(nr, t, i0, j0);
+      micro_cols<R, UNIT>(nr, t, i0, j0);
     else
       row_tail<R - 1, UNIT>(rows, nr, t, i0, j0);
   }
@@ -124,11 +142,11 @@ void row_tail(int rows, int nr, const GemmTile& t, int i0, int j0) {
 
 template <bool UNIT>
 void gemm_tile_impl(const GemmTile& t) {
-  constexpr int MR = kMR, NR = 32;
+  constexpr int MR = kMR, NR = 64;
   for (int j0 = 0; j0 < t.n; j0 += NR) {
     const int nr = std::min(NR, t.n - j0);
     int i0 = 0;
-    for (; i0 + MR <= t.m; i0 += MR) micro<MR, UNIT>(nr, t, i0, j0);
+    for (; i0 + MR <= t.m; i0 += MR) micro_cols<MR, UNIT>(nr, t, i0, j0);
     row_tail<MR - 1, UNIT>(t.m - i0, nr, t, i0, j0);
   }
 }
