@@ -2,6 +2,7 @@
 // drivers (window attention, channel attention, MLP) that schedule GEMM tiles and attention
 // tasks over OpenMP threads. Layout and semantics: see davit.h.
 #include "cpu/davit.h"
+#include "cpu/davit_rows.h"
 #include "cpu/davit_window.h"
 
 #include <omp.h>
@@ -52,13 +53,21 @@ void softmax_rows(float* s, int rows, int n, long ld, float scale) {
   }
 }
 
+void layer_norm_row(const float* x, int C, const float* g, const float* b, float eps, float* y) {
+  ln_row(x, C, g, b, eps, y);
+}
+
+void cpe_row(const float* img, int H, int W, int C, int yy, const float* wt, const float* bias, float* out) {
+  davit::cpe_row(img, H, W, C, yy, wt, bias, out);
+}
+
 }  // namespace scalar
 
 const Kernels& kernels() {
   static const Kernels tables[] = {
-      {scalar::gemm_tile, scalar::softmax_rows},
-      {avx2::gemm_tile, avx2::softmax_rows},
-      {avx512::gemm_tile, avx512::softmax_rows},
+      {scalar::gemm_tile, scalar::softmax_rows, scalar::layer_norm_row, scalar::cpe_row},
+      {avx2::gemm_tile, avx2::softmax_rows, avx2::layer_norm_row, avx2::cpe_row},
+      {avx512::gemm_tile, avx512::softmax_rows, avx512::layer_norm_row, avx512::cpe_row},
   };
   return tables[static_cast<int>(active_isa())];
 }
@@ -417,28 +426,12 @@ void channel_attention(const ChannelAttentionParams& p) {
 }
 
 // ---- model helpers ----------------------------------------------------------------------------
-namespace {
-inline void layer_norm_row(const float* x, int C, const float* g, const float* b, float eps, float* y) {
-  // Two passes (mean, then centred variance) as PyTorch does; accumulate in double for rows
-  // up to 3072 wide so the statistics do not add error of their own.
-  double mean = 0.0;
-  for (int c = 0; c < C; ++c) mean += x[c];
-  mean /= C;
-  double var = 0.0;
-  for (int c = 0; c < C; ++c) {
-    const double t = x[c] - mean;
-    var += t * t;
-  }
-  var /= C;
-  const float inv = (float)(1.0 / std::sqrt(var + eps)), mu = (float)mean;
-  for (int c = 0; c < C; ++c) y[c] = (x[c] - mu) * inv * g[c] + b[c];
-}
-}  // namespace
 
 void layer_norm(const float* x, long rows, int C, const float* gamma, const float* beta, float eps,
                 float* y) {
+  const auto ln = kernels().layer_norm_row;
 #pragma omp parallel for schedule(static)
-  for (long r = 0; r < rows; ++r) layer_norm_row(x + r * C, C, gamma, beta, eps, y + r * C);
+  for (long r = 0; r < rows; ++r) ln(x + r * C, C, gamma, beta, eps, y + r * C);
 }
 
 void conv_pos_enc(const float* x, int B, int H, int W, int C, const float* weight, const float* bias,
@@ -448,26 +441,12 @@ void conv_pos_enc(const float* x, int B, int H, int W, int C, const float* weigh
   std::vector<float> wt((size_t)9 * C);
   for (int c = 0; c < C; ++c)
     for (int t = 0; t < 9; ++t) wt[(size_t)t * C + c] = weight[(size_t)c * 9 + t];
+  const auto row = kernels().cpe_row;
 #pragma omp parallel for schedule(static)
   for (long by = 0; by < (long)B * H; ++by) {
     const int b = (int)(by / H), yy = (int)(by % H);
-    for (int xx = 0; xx < W; ++xx) {
-      const float* xc = x + (((long)b * H + yy) * W + xx) * C;
-      float* out = y + (((long)b * H + yy) * W + xx) * C;
-      for (int c = 0; c < C; ++c) out[c] = bias[c];
-      for (int dy = -1; dy <= 1; ++dy) {
-        const int sy = yy + dy;
-        if (sy < 0 || sy >= H) continue;
-        for (int dx = -1; dx <= 1; ++dx) {
-          const int sx = xx + dx;
-          if (sx < 0 || sx >= W) continue;
-          const float* src = x + (((long)b * H + sy) * W + sx) * C;
-          const float* w = wt.data() + (size_t)((dy + 1) * 3 + (dx + 1)) * C;
-          for (int c = 0; c < C; ++c) out[c] += w[c] * src[c];
-        }
-      }
-      for (int c = 0; c < C; ++c) out[c] += xc[c];
-    }
+    const long img = (long)b * H * W * C;
+    row(x + img, H, W, C, yy, wt.data(), bias, y + img + (long)yy * W * C);
   }
 }
 
@@ -506,7 +485,7 @@ void mlp_block(const float* x, long rows, int C, const float* gamma, const float
     for (long ch = first; ch < nchunks; ch += step) {
       const long r0 = ch * CH;
       const int m = (int)std::min<long>(CH, rows - r0);
-      for_tasks(m, !own, [&](int i) { layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]); });
+      for_tasks(m, !own, [&](int i) { kernels().layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]); });
       gemm_tiles({m, hid, C, z_a.data(), 1, fc1.wt.data(), 0, fc1.panel_stride(), h_c.data(), nullptr,
                   fc1.bias.data(), true}, !own);
       gemm_tiles({m, C, hid, h_a.data(), 1, fc2.wt.data(), 0, fc2.panel_stride(), y_rows.data() + r0,

@@ -39,14 +39,24 @@ struct GemmTile {
 
 // In-place row softmax of s[r*ld + j], j < n, of exp(scale * (s - max)).
 // Per-ISA function table; `kernels()` returns the one for the active ISA.
+// layer_norm_row / cpe_row: see davit_rows.h (the same plain C++ built once per ISA).
 struct Kernels {
   void (*gemm_tile)(const GemmTile&);
   void (*softmax_rows)(float* s, int rows, int n, long ld, float scale);
+  void (*layer_norm_row)(const float* x, int C, const float* g, const float* b, float eps, float* y);
+  void (*cpe_row)(const float* img, int H, int W, int C, int yy, const float* wt, const float* bias,
+                  float* out);
 };
 const Kernels& kernels();  // the active ISA's table
-namespace scalar { void gemm_tile(const GemmTile&); void softmax_rows(float*, int, int, long, float); }
-namespace avx2 { void gemm_tile(const GemmTile&); void softmax_rows(float*, int, int, long, float); }
-namespace avx512 { void gemm_tile(const GemmTile&); void softmax_rows(float*, int, int, long, float); }
+#define DOVETAIL_DAVIT_ISA_DECLS                                                                  \
+  void gemm_tile(const GemmTile&);                                                                \
+  void softmax_rows(float*, int, int, long, float);                                               \
+  void layer_norm_row(const float*, int, const float*, const float*, float, float*);              \
+  void cpe_row(const float*, int, int, int, int, const float*, const float*, float*);
+namespace scalar { DOVETAIL_DAVIT_ISA_DECLS }
+namespace avx2 { DOVETAIL_DAVIT_ISA_DECLS }
+namespace avx512 { DOVETAIL_DAVIT_ISA_DECLS }
+#undef DOVETAIL_DAVIT_ISA_DECLS
 
 // ---- packed linear layer -----------------------------------------------------------------
 // PyTorch Linear weight [out, in] repacked once into panels of kPanel output channels:

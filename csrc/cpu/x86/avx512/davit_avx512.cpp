@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "cpu/davit.h"
+#include "cpu/davit_rows.h"
 
 namespace dovetail::davit::avx512 {
 
@@ -181,6 +182,14 @@ void softmax_rows(float* s, int rows, int n, long ld, float scale) {
       _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv));
     }
   }
+}
+
+void layer_norm_row(const float* x, int C, const float* g, const float* b, float eps, float* y) {
+  ln_row(x, C, g, b, eps, y);
+}
+
+void cpe_row(const float* img, int H, int W, int C, int yy, const float* wt, const float* bias, float* out) {
+  davit::cpe_row(img, H, W, C, yy, wt, bias, out);
 }
 
 }  // namespace dovetail::davit::avx512
