@@ -300,6 +300,154 @@ void window_attention(const WindowAttentionParams& p) {
   }
 }
 
+// ---- channel attention, Gram form -----------------------------------------------------------
+// For many tokens per image (N >> C) the same result follows from X's Gram matrix, with X the
+// image's N x C (normalised) tokens, Gamma = X^T X, sigma = X^T 1 (derivation: davit.md §6):
+//   K_g^T V_g = Wk_g Gamma Wv_g^T + (Wk_g sigma) bv_g^T + bk_g (Wv_g sigma)^T + N bk_g bv_g^T
+//   y = X M + c,  M = sum_g Wq_g^T A_g^T Wp_g^T,  c = sum_g bq_g^T A_g^T Wp_g^T + bp
+// i.e. two N x C x C products (Gamma, then X M) instead of four plus the per-group maps,
+// and O(C^3) work per image on the side. Rounding differs from the direct form (sums are
+// grouped differently); both accumulate in fp32 with blocked partial sums.
+namespace {
+
+// W^T of a packed layer as a plain row-major [in][out] matrix.
+std::vector<float> unpack_wt(const PackedLinear& l) {
+  std::vector<float> out((size_t)l.in * l.out);
+  for (int i = 0; i < l.in; ++i)
+    for (int o = 0; o < l.out; ++o)
+      out[(size_t)i * l.out + o] = l.wt[((size_t)(o / kPanel) * l.in + i) * kPanel + o % kPanel];
+  return out;
+}
+
+// Row-major [k][n] matrix packed into kPanel-column panels (zero-padded), as PackedLinear::wt.
+void pack_panels(const float* src, int k, int n, float* dst) {
+  const int panels = (n + kPanel - 1) / kPanel;
+  for (int pnl = 0; pnl < panels; ++pnl)
+    for (int i = 0; i < k; ++i)
+      for (int j = 0; j < kPanel; ++j) {
+        const int col = pnl * kPanel + j;
+        dst[((size_t)pnl * k + i) * kPanel + j] = col < n ? src[(size_t)i * n + col] : 0.f;
+      }
+}
+
+std::vector<const float*> row_ptrs(const float* base, long rows, long ld) {
+  std::vector<const float*> r(rows);
+  for (long i = 0; i < rows; ++i) r[i] = base + i * ld;
+  return r;
+}
+std::vector<float*> row_ptrs(float* base, long rows, long ld) {
+  std::vector<float*> r(rows);
+  for (long i = 0; i < rows; ++i) r[i] = base + i * ld;
+  return r;
+}
+
+// Tokens per channel from which the Gram form is used (its O(C^3) side work is then small).
+constexpr long kGramTokensPerChannel = 4;
+
+void channel_attention_gram(const ChannelAttentionParams& p) {
+  const int N = p.N, C = p.C, G = p.groups, d = C / G;
+  const float scale = 1.f / std::sqrt((float)d);
+  const std::vector<float> wt = unpack_wt(*p.qkv);   // [C][3C]: columns q | k | v
+  const std::vector<float> pt = unpack_wt(*p.proj);  // [C][C]
+  const float* bq = p.qkv->bias.data();
+  const float* bk = bq + C;
+  const float* bv = bq + 2 * C;
+  const int panels = (C + kPanel - 1) / kPanel;
+  std::vector<float> gram((size_t)C * C), sigma(C), z((size_t)C * C), maps((size_t)G * d * d);
+  std::vector<float> ku(C), vu(C), t((size_t)C * C), m((size_t)C * C), mp((size_t)panels * C * kPanel), cvec(C);
+  const auto z_c = row_ptrs(z.data(), C, C);
+  const auto t_c = row_ptrs(t.data(), C, C);
+  const auto m_c = row_ptrs(m.data(), C, C);
+  const auto gram_a = row_ptrs(static_cast<const float*>(gram.data()), C, C);
+  const auto wt_a = row_ptrs(wt.data(), C, 3 * C);
+  std::vector<const float*> x_rows(N), res_rows(p.res ? N : 0);
+  std::vector<float*> out_rows(N);
+  constexpr long kSub = 256;  // tokens per fp32 partial sum of Gamma
+
+  for (int b = 0; b < p.B; ++b) {
+    const float* x = p.x + (size_t)b * N * C;
+    for (int n = 0; n < N; ++n) {
+      x_rows[n] = x + (size_t)n * C;
+      out_rows[n] = p.out + ((size_t)b * N + n) * C;
+      if (p.res) res_rows[n] = p.res + ((size_t)b * N + n) * C;
+    }
+#pragma omp parallel
+    {
+      // Gamma = X^T X: per output tile, fp32 products over blocks of kSub tokens summed in
+      // double (Gamma's entries are sums over every token and feed an exponential).
+      const int mt = (C + kMC - 1) / kMC, nt = (C + kNC - 1) / kNC;
+      for_tasks(mt * nt, true, [&](int tile) {
+        const int i0 = (tile / nt) * kMC, j0 = (tile % nt) * kNC;
+        const int mi = std::min(kMC, C - i0), nj = std::min(kNC, C - j0);
+        float part[kMC * kNC];
+        double acc[kMC * kNC] = {};
+        const float* arow[kMC];
+        float* crow[kMC];
+        for (int i = 0; i < mi; ++i) crow[i] = part + i * kNC;
+        for (long n0 = 0; n0 < N; n0 += kSub) {
+          for (int i = 0; i < mi; ++i) arow[i] = x + n0 * C + i0 + i;
+          GemmTile g;
+          g.m = mi; g.n = nj; g.k = (int)std::min(kSub, N - n0);
+          g.a = arow; g.a_cs = C;
+          g.b = x + n0 * C + j0; g.ldb = C;
+          g.c = crow;
+          kernels().gemm_tile(g);
+          for (int i = 0; i < mi; ++i)
+            for (int j = 0; j < nj; ++j) acc[i * kNC + j] += part[i * kNC + j];
+        }
+        for (int i = 0; i < mi; ++i)
+          for (int j = 0; j < nj; ++j) gram[(size_t)(i0 + i) * C + j0 + j] = (float)acc[i * kNC + j];
+      });
+      for_tasks(C, true, [&](int i) {
+        double s = 0.0;
+        for (int n = 0; n < N; ++n) s += x[(size_t)n * C + i];
+        sigma[i] = (float)s;
+      });
+      // Z = Gamma Wv^T (C x C); ku = Wk sigma, vu = Wv sigma.
+      gemm_tiles({C, C, C, gram_a.data(), 1, wt.data() + 2 * C, 3 * C, 0, z_c.data(), nullptr, nullptr, false});
+      for_tasks(C, true, [&](int o) {
+        float sk = 0.f, sv = 0.f;
+        for (int i = 0; i < C; ++i) {
+          sk += wt[(size_t)i * 3 * C + C + o] * sigma[i];
+          sv += wt[(size_t)i * 3 * C + 2 * C + o] * sigma[i];
+        }
+        ku[o] = sk;
+        vu[o] = sv;
+      });
+      // S_g = Wk_g Z_g + rank-one bias terms; A_g = softmax_rows(scale S_g); then
+      // T_g = A_g^T Wp_g^T (rows g d .. g d + d of T).
+      for_tasks(G, true, [&](int g) {
+        float* sg = maps.data() + (size_t)g * d * d;
+        small_gemm(d, d, C, wt.data() + C + g * d, 1, 3 * C, z.data() + g * d, C, sg, d, false);
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j)
+            sg[i * d + j] += ku[g * d + i] * bv[g * d + j] + bk[g * d + i] * vu[g * d + j] +
+                             (float)N * bk[g * d + i] * bv[g * d + j];
+        kernels().softmax_rows(sg, d, d, d, scale);
+        std::vector<float> at((size_t)d * d);
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) at[j * d + i] = sg[i * d + j];
+        small_gemm(d, C, d, at.data(), d, 1, pt.data() + (size_t)g * d * C, C, t.data() + (size_t)g * d * C, C,
+                   false);
+      });
+      // M = Wq^T T (C x C), packed into panels for the token GEMM; c = bq^T T + bp.
+      gemm_tiles({C, C, C, wt_a.data(), 1, t.data(), C, 0, m_c.data(), nullptr, nullptr, false});
+      for_tasks(C, true, [&](int j) {
+        float s = p.proj->bias[j];
+        for (int k = 0; k < C; ++k) s += bq[k] * t[(size_t)k * C + j];
+        cvec[j] = s;
+      });
+#pragma omp single
+      pack_panels(m.data(), C, C, mp.data());
+      // y = res + X M + c over the image's tokens.
+      gemm_tiles({N, C, C, x_rows.data(), 1, mp.data(), 0, (long)C * kPanel, out_rows.data(),
+                  p.res ? res_rows.data() : nullptr, cvec.data(), false});
+    }
+  }
+}
+
+}  // namespace
+
 // ---- channel attention ----------------------------------------------------------------------
 void channel_attention(const ChannelAttentionParams& p) {
   const int B = p.B, N = p.N, C = p.C, G = p.groups;
@@ -310,6 +458,8 @@ void channel_attention(const ChannelAttentionParams& p) {
   check_linear(p.proj, C, C, "proj");
   const int d = C / G;
   DT_CHECK(d <= kMaxRows, "channel_attention: group size above 256 channels is not supported");
+  // Many tokens per image: the Gram form does about half the work (see above).
+  if ((long)N >= kGramTokensPerChannel * C) return channel_attention_gram(p);
   const float scale = 1.f / std::sqrt((float)d);
   const long rows = (long)B * N;
   // Token rows per chunk: the k|v block (rows x 2C) stays within ~1.5 MB, and small inputs
