@@ -61,13 +61,18 @@ void cpe_row(const float* img, int H, int W, int C, int yy, const float* wt, con
   davit::cpe_row(img, H, W, C, yy, wt, bias, out);
 }
 
+void transpose(const float* src, long lds, int rows, int cols, float* dst, long ldd) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
 }  // namespace scalar
 
 const Kernels& kernels() {
   static const Kernels tables[] = {
-      {scalar::gemm_tile, scalar::softmax_rows, scalar::layer_norm_row, scalar::cpe_row},
-      {avx2::gemm_tile, avx2::softmax_rows, avx2::layer_norm_row, avx2::cpe_row},
-      {avx512::gemm_tile, avx512::softmax_rows, avx512::layer_norm_row, avx512::cpe_row},
+      {scalar::gemm_tile, scalar::softmax_rows, scalar::layer_norm_row, scalar::cpe_row, scalar::transpose},
+      {avx2::gemm_tile, avx2::softmax_rows, avx2::layer_norm_row, avx2::cpe_row, avx2::transpose},
+      {avx512::gemm_tile, avx512::softmax_rows, avx512::layer_norm_row, avx512::cpe_row, avx512::transpose},
   };
   return tables[static_cast<int>(active_isa())];
 }
@@ -287,8 +292,7 @@ void window_attention(const WindowAttentionParams& p) {
         const float* q = base + hd * d;
         const float* k = base + C + hd * d;
         const float* v = base + 2 * C + hd * d;
-        for (int t = 0; t < L; ++t)
-          for (int j = 0; j < d; ++j) kt[j * L + t] = k[(size_t)t * 3 * C + j];
+        kernels().transpose(k, 3 * C, L, d, kt, L);
         small_gemm(L, L, d, q, 3 * C, 1, kt, L, s, L, false);
         kernels().softmax_rows(s, L, L, L, scale);
         small_gemm(L, d, L, s, L, 1, v, 3 * C, ob + (size_t)wl * L * C + hd * d, C, false);

@@ -46,13 +46,16 @@ struct Kernels {
   void (*layer_norm_row)(const float* x, int C, const float* g, const float* b, float eps, float* y);
   void (*cpe_row)(const float* img, int H, int W, int C, int yy, const float* wt, const float* bias,
                   float* out);
+  // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols.
+  void (*transpose)(const float* src, long lds, int rows, int cols, float* dst, long ldd);
 };
 const Kernels& kernels();  // the active ISA's table
 #define DOVETAIL_DAVIT_ISA_DECLS                                                                  \
   void gemm_tile(const GemmTile&);                                                                \
   void softmax_rows(float*, int, int, long, float);                                               \
   void layer_norm_row(const float*, int, const float*, const float*, float, float*);              \
-  void cpe_row(const float*, int, int, int, int, const float*, const float*, float*);
+  void cpe_row(const float*, int, int, int, int, const float*, const float*, float*);          \
+  void transpose(const float*, long, int, int, float*, long);
 namespace scalar { DOVETAIL_DAVIT_ISA_DECLS }
 namespace avx2 { DOVETAIL_DAVIT_ISA_DECLS }
 namespace avx512 { DOVETAIL_DAVIT_ISA_DECLS }

@@ -1,10 +1,11 @@
 // AVX-512 versions of the DaViT tile routines (built with -mavx512f/bw/vl/dq only here).
 // GEMM micro-tile: 6 rows x 64 columns (four zmm accumulators per row, 24 in all); column
 // tails use masked loads/stores, row and column tails smaller instantiations of the template.
-// GCC 12 warns -Wmaybe-uninitialized inside its own AVX-512 intrinsics (the undefined-vector
+// GCC 12 warns -W(maybe-)uninitialized inside its own AVX-512 intrinsics (the undefined-vector
 // placeholder they pass through; GCC bug 105593, fixed in 13): a header false positive.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 
@@ -159,8 +160,62 @@ void gemm_tile(const GemmTile& t) {
     gemm_tile_impl<false>(t);
 }
 
+namespace {
+
+// R rows of up to NV*16 values each, held in registers from load to store. Several rows
+// at once: one row's max -> exp -> sum -> scale chain is latency-bound (~100 cycles), and
+// interleaving independent rows hides it.
+template <int NV, int R>
+void softmax_rows_regs(float* s, long ld, int n, __m512 sc) {
+  __m512 v[R][NV];
+  __m512 mx[R], sum[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    mx[r] = _mm512_set1_ps(-3.0e38f);
+    sum[r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      v[r][k] = _mm512_mask_loadu_ps(_mm512_set1_ps(-3.0e38f), tail_mask(n - 16 * k), s + r * ld + 16 * k);
+      mx[r] = _mm512_max_ps(mx[r], v[r][k]);
+    }
+    mx[r] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      v[r][k] = _mm512_maskz_mov_ps(tail_mask(n - 16 * k), exp_ps(_mm512_mul_ps(sc, _mm512_sub_ps(v[r][k], mx[r]))));
+      sum[r] = _mm512_add_ps(sum[r], v[r][k]);
+    }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum[r]));
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k)
+      _mm512_mask_storeu_ps(s + r * ld + 16 * k, tail_mask(n - 16 * k), _mm512_mul_ps(v[r][k], inv));
+  }
+}
+
+template <int NV>
+void softmax_block(float* s, int rows, long ld, int n, __m512 sc) {
+  constexpr int R = NV <= 2 ? 4 : NV <= 4 ? 3 : 1;
+  int r = 0;
+  for (; r + R <= rows; r += R) softmax_rows_regs<NV, R>(s + r * ld, ld, n, sc);
+  for (; r < rows; ++r) softmax_rows_regs<NV, 1>(s + r * ld, ld, n, sc);
+}
+
+}  // namespace
+
 void softmax_rows(float* s, int rows, int n, long ld, float scale) {
   const __m512 sc = _mm512_set1_ps(scale);
+  switch ((n + 15) / 16) {
+    case 1: return softmax_block<1>(s, rows, ld, n, sc);
+    case 2: return softmax_block<2>(s, rows, ld, n, sc);
+    case 3: return softmax_block<3>(s, rows, ld, n, sc);
+    case 4: return softmax_block<4>(s, rows, ld, n, sc);
+    case 5: case 6: case 7: case 8: return softmax_block<8>(s, rows, ld, n, sc);
+    default: break;
+  }
   for (int r = 0; r < rows; ++r) {
     float* row = s + r * ld;
     __m512 mx = _mm512_set1_ps(-3.0e38f);
@@ -190,6 +245,32 @@ void layer_norm_row(const float* x, int C, const float* g, const float* b, float
 
 void cpe_row(const float* img, int H, int W, int C, int yy, const float* wt, const float* bias, float* out) {
   davit::cpe_row(img, H, W, C, yy, wt, bias, out);
+}
+
+// 8 x 8 blocks transposed in registers (unpack, shuffle, 128-bit lane swap); edges scalar.
+void transpose(const float* src, long lds, int rows, int cols, float* dst, long ldd) {
+  const int r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int i = 0; i < r8; i += 8)
+    for (int j = 0; j < c8; j += 8) {
+      __m256 r[8], t[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (i + k) * lds + j);
+      for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+      }
+      for (int k = 0; k < 8; k += 4) {
+        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(dst + (j + k) * ldd + i, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (j + k + 4) * ldd + i, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+      }
+    }
+  for (int i = 0; i < rows; ++i)
+    for (int j = (i < r8 ? c8 : 0); j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 
 }  // namespace dovetail::davit::avx512
