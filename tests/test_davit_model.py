@@ -150,3 +150,20 @@ def test_native_path_refuses_other_dtypes(tiny_pair):
     _, ours = tiny_pair
     with pytest.raises(ValueError, match="CPU float32 image"):
         ours.forward_native(torch.zeros(1, 3, 32, 32, dtype=torch.float64))
+
+
+def test_tiny_bf16_within_pytorch_bf16_error(tiny_pair):
+    """bf16 projections + MLP (fp32 elsewhere) against float64 timm: no worse than timm run
+    under PyTorch's own bf16 autocast (matmuls and convolutions in bf16)."""
+    ref, ours = tiny_pair
+    x = torch.randn(1, 3, 231, 197, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            t_bf16 = ref(x).float()
+        t64 = ref.double()(x.double())
+        ref.float()
+        try:
+            native = ours.set_precision("bf16")(x)
+        finally:
+            ours.set_precision("fp32")
+    assert_derived(native, t64, t_bf16, factor=1.0, what="bf16 model")

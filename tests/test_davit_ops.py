@@ -293,3 +293,59 @@ def test_cuda_weights_on_other_device_are_refused():
     w = [torch.zeros(48, 16), torch.zeros(48), torch.zeros(16, 16), torch.zeros(16)]
     with pytest.raises(ValueError, match="must be a tensor on cuda"):
         ops.window_attention(torch.zeros(1, 7, 7, 16, device="cuda"), *w, 2)
+
+
+# ---- bf16 projections ----------------------------------------------------------------------------
+def _bf16_round(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(a).bfloat16().double().numpy()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 17), (13, 97, 33), (50, 64, 65), (97, 130, 100)])
+def test_linear_tile_bf16(isa, m, k, n):
+    """The bf16 tile must equal the product of the bf16-rounded operands up to fp32 summation."""
+    rng = np.random.default_rng(m * 7 + k * 3 + n)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32) * k ** -0.5
+    b = rng.standard_normal(n, dtype=np.float32)
+    xr, wr = _bf16_round(x), _bf16_round(w)
+    ref64 = xr @ wr.T + b
+    ref32 = (torch.from_numpy(xr).float() @ torch.from_numpy(wr).float().T + torch.from_numpy(b)).numpy()
+    with isa_path(isa):
+        y = _core.davit_linear(x, _core.davit_pack_linear(w, b, bf16=True))
+    assert_derived(y, ref64, ref32, what=f"bf16 linear {m}x{k}x{n} on {isa}")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+@pytest.mark.parametrize("case", [(2, 9, 16, 40, 5, 4), (1, 15, 13, 96, 3, 7)], ids=lambda c: "x".join(map(str, c)))
+def test_window_attention_bf16(isa, case):
+    """bf16 projections: error against the float64 op within 2x PyTorch's own bf16 matmuls."""
+    B, H, W, C, heads, ws = case
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(B, H, W, C, generator=gen)
+    w = _weights(C, gen)
+    ref64 = reference.window_attention(x.double(), *_f64(w), heads, ws)
+    torch_bf16 = reference.window_attention(x, *w, heads, ws, linear_dtype=torch.bfloat16)
+    with isa_path(isa):
+        y = ops.window_attention(x, *w, heads, ws, precision="bf16")
+    assert_derived(y, ref64, torch_bf16, factor=2.0, what=f"bf16 window {case} on {isa}")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+@pytest.mark.parametrize("case", [(3, 97, 36, 3), (2, 196, 384, 12)], ids=lambda c: "x".join(map(str, c)))
+def test_channel_attention_bf16(isa, case):
+    B, N, C, groups = case
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(B, N, C, generator=gen)
+    w = _weights(C, gen)
+    ref64 = reference.channel_attention(x.double(), *_f64(w), groups)
+    torch_bf16 = reference.channel_attention(x, *w, groups, linear_dtype=torch.bfloat16)
+    with isa_path(isa):
+        y = ops.channel_attention(x, *w, groups, precision="bf16")
+    assert_derived(y, ref64, torch_bf16, factor=2.0, what=f"bf16 channel {case} on {isa}")
+
+
+def test_bad_precision_is_refused():
+    w = [torch.zeros(48, 16), torch.zeros(48), torch.zeros(16, 16), torch.zeros(16)]
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        ops.window_attention(torch.zeros(1, 7, 7, 16), *w, 2, precision="fp16")

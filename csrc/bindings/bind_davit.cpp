@@ -37,7 +37,7 @@ const float* residual_ptr(const py::object& res, const FArray& x, FArray& keep) 
   return keep.data();
 }
 
-Linear pack(const py::object& weight, const py::object& bias) {
+Linear pack(const py::object& weight, const py::object& bias, bool bf16) {
   FArray w = as_array<float>(weight, "weight");
   DT_CHECK(w.ndim() == 2, "weight must be 2-D [out_features, in_features], got shape " + shape_str(w));
   const int out = (int)w.shape(0), in = (int)w.shape(1);
@@ -49,7 +49,7 @@ Linear pack(const py::object& weight, const py::object& bias) {
   auto p = std::make_shared<PackedLinear>();
   {
     py::gil_scoped_release nogil;
-    *p = davit::pack_linear(w.data(), bias.is_none() ? nullptr : b.data(), out, in);
+    *p = davit::pack_linear(w.data(), bias.is_none() ? nullptr : b.data(), out, in, bf16);
   }
   return p;
 }
@@ -160,10 +160,13 @@ void bind_davit(py::module_& m) {
   py::class_<PackedLinear, Linear>(m, "DavitLinear",
                                    "A Linear layer repacked once for the DaViT kernels (fp32).")
       .def_property_readonly("in_features", [](const PackedLinear& l) { return l.in; })
-      .def_property_readonly("out_features", [](const PackedLinear& l) { return l.out; });
+      .def_property_readonly("out_features", [](const PackedLinear& l) { return l.out; })
+      .def_property_readonly("bf16", [](const PackedLinear& l) { return l.bf16; },
+                             "True when the projections run in bf16 (fp32 sums).");
 
-  m.def("davit_pack_linear", &pack, py::arg("weight"), py::arg("bias") = py::none(),
-        "Repack a float32 Linear weight [out, in] (and bias [out]) for the DaViT kernels.");
+  m.def("davit_pack_linear", &pack, py::arg("weight"), py::arg("bias") = py::none(), py::arg("bf16") = false,
+        "Repack a float32 Linear weight [out, in] (and bias [out]) for the DaViT kernels; with bf16=True "
+        "the layer multiplies in bf16 (weights and activations rounded, sums in fp32).");
   m.def("davit_linear", &linear, py::arg("x"), py::arg("linear"), py::arg("residual") = py::none(),
         py::arg("gelu") = false, "y = residual + x W^T + b (optionally GELU), over the last axis.");
   m.def("davit_window_attention", &window_attention, py::arg("x"), py::arg("qkv"), py::arg("proj"),

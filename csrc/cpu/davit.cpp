@@ -17,6 +17,15 @@
 
 namespace dovetail::davit {
 
+uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+
 // ---- scalar reference ----------------------------------------------------------------------
 namespace scalar {
 
@@ -30,6 +39,40 @@ void gemm_tile(const GemmTile& t) {
       const long ldb = t.b_panel ? kPanel : t.ldb;
       float acc = 0.f;
       for (int k = 0; k < t.k; ++k) acc += a[k * t.a_cs] * b[k * ldb];
+      if (t.bias) acc += t.bias[j];
+      if (r) acc += r[j];
+      if (t.gelu) acc = 0.5f * acc * (1.f + std::erf(acc * 0.70710678118654752f));
+      c[j] = acc;
+    }
+  }
+}
+
+// bf16 products as the AVX-512 dot instruction forms them: both operands rounded to bf16,
+// each pair of products added to the fp32 sum.
+void gemm_tile_bf16(const GemmTile& t) {
+  auto bf = [](float x) {
+    const uint32_t u = (uint32_t)to_bf16(x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  auto bw = [](uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  for (int i = 0; i < t.m; ++i) {
+    const float* a = t.a[i];
+    float* c = t.c[i];
+    const float* r = t.res ? t.res[i] : nullptr;
+    for (int j = 0; j < t.n; ++j) {
+      const uint16_t* b = t.b16 + (j / kPanel) * t.b16_panel + (j % kPanel) * 2;
+      float acc = 0.f;
+      for (int k = 0; k < t.k; k += 2) {
+        const float a1 = k + 1 < t.k ? bf(a[(k + 1) * t.a_cs]) : 0.f;
+        acc += bf(a[k * t.a_cs]) * bw(b[(k / 2) * 2 * kPanel]) + a1 * bw(b[(k / 2) * 2 * kPanel + 1]);
+      }
       if (t.bias) acc += t.bias[j];
       if (r) acc += r[j];
       if (t.gelu) acc = 0.5f * acc * (1.f + std::erf(acc * 0.70710678118654752f));
@@ -70,9 +113,13 @@ void transpose(const float* src, long lds, int rows, int cols, float* dst, long 
 
 const Kernels& kernels() {
   static const Kernels tables[] = {
-      {scalar::gemm_tile, scalar::softmax_rows, scalar::layer_norm_row, scalar::cpe_row, scalar::transpose},
-      {avx2::gemm_tile, avx2::softmax_rows, avx2::layer_norm_row, avx2::cpe_row, avx2::transpose},
-      {avx512::gemm_tile, avx512::softmax_rows, avx512::layer_norm_row, avx512::cpe_row, avx512::transpose},
+      {scalar::gemm_tile, scalar::gemm_tile_bf16, scalar::softmax_rows, scalar::layer_norm_row,
+       scalar::cpe_row, scalar::transpose},
+      // AVX2 has no bf16 dot product: the bf16 option runs the scalar tile there.
+      {avx2::gemm_tile, scalar::gemm_tile_bf16, avx2::softmax_rows, avx2::layer_norm_row, avx2::cpe_row,
+       avx2::transpose},
+      {avx512::gemm_tile, avx512::gemm_tile_bf16, avx512::softmax_rows, avx512::layer_norm_row,
+       avx512::cpe_row, avx512::transpose},
   };
   return tables[static_cast<int>(active_isa())];
 }
@@ -103,7 +150,23 @@ struct GemmSpec {
   const float* const* res;
   const float* bias;
   bool gelu;
+  const uint16_t* b16 = nullptr;  // bf16 B (see GemmTile), used instead of b when set
+  long b16_panel = 0;
 };
+
+// B operand and bias from a packed layer from output column col0 (a multiple of kPanel),
+// in bf16 when the layer was packed so.
+GemmSpec with_weights(GemmSpec s, const PackedLinear& w, int col0) {
+  s.b = w.wt.data() + (col0 / kPanel) * w.panel_stride();
+  s.ldb = 0;
+  s.b_panel = w.panel_stride();
+  s.bias = w.bias.data() + col0;
+  if (w.bf16) {
+    s.b16 = w.wt16.data() + (col0 / kPanel) * w.panel_stride16();
+    s.b16_panel = w.panel_stride16();
+  }
+  return s;
+}
 
 // Runs f(0..n-1): shared among the threads of the enclosing parallel region (a
 // work-sharing loop every thread must reach; ends with a barrier), or all on this thread.
@@ -120,7 +183,7 @@ void for_tasks(int n, bool shared, F&& f) {
 // Splits a GEMM into kMC x kNC tiles, run as for_tasks(shared).
 void gemm_tiles(const GemmSpec& s, bool shared = true) {
   const int mt = (s.m + kMC - 1) / kMC, nt = (s.n + kNC - 1) / kNC;
-  const auto gemm = kernels().gemm_tile;
+  const auto gemm = s.b16 ? kernels().gemm_tile_bf16 : kernels().gemm_tile;
   for_tasks(mt * nt, shared, [&](int t) {
     const int i0 = (t / nt) * kMC, j0 = (t % nt) * kNC;
     const int m = std::min(kMC, s.m - i0);
@@ -144,6 +207,10 @@ void gemm_tiles(const GemmSpec& s, bool shared = true) {
     g.res = s.res ? rrow : nullptr;
     g.bias = s.bias ? s.bias + j0 : nullptr;
     g.gelu = s.gelu;
+    if (s.b16) {
+      g.b16 = s.b16 + (j0 / kPanel) * s.b16_panel;
+      g.b16_panel = s.b16_panel;
+    }
     gemm(g);
   });
 }
@@ -172,6 +239,19 @@ void small_gemm(int m, int n, int k, const float* a, long lda, long a_cs, const 
   kernels().gemm_tile(g);
 }
 
+// bf16 pair panels (PackedLinear::wt16) from the fp32 panels.
+void add_bf16(PackedLinear& p) {
+  const int panels = (p.out + kPanel - 1) / kPanel, k2 = (p.in + 1) / 2;
+  p.wt16.assign((size_t)panels * p.panel_stride16(), 0);
+  for (int pn = 0; pn < panels; ++pn)
+    for (int k = 0; k < p.in; ++k)
+      for (int j = 0; j < kPanel; ++j)
+        p.wt16[(size_t)pn * p.panel_stride16() + (size_t)(k / 2) * 2 * kPanel + j * 2 + k % 2] =
+            to_bf16(p.wt[((size_t)pn * p.in + k) * kPanel + j]);
+  (void)k2;
+  p.bf16 = true;
+}
+
 // Output columns [o0, o1) of a packed layer, repacked as a layer of their own.
 PackedLinear sub_linear(const PackedLinear& l, int o0, int o1) {
   PackedLinear s;
@@ -186,6 +266,7 @@ PackedLinear sub_linear(const PackedLinear& l, int o0, int o1) {
     for (int i = 0; i < l.in; ++i) to[(size_t)i * kPanel] = from[(size_t)i * kPanel];
   }
   s.bias.assign(l.bias.begin() + o0, l.bias.begin() + o1);
+  if (l.bf16) add_bf16(s);
   return s;
 }
 
@@ -198,7 +279,7 @@ void check_linear(const PackedLinear* l, int in, int out, const char* name) {
 
 }  // namespace
 
-PackedLinear pack_linear(const float* weight, const float* bias, int out, int in) {
+PackedLinear pack_linear(const float* weight, const float* bias, int out, int in, bool bf16) {
   DT_CHECK(out > 0 && in > 0, "linear layer must have positive sizes");
   PackedLinear p;
   p.in = in;
@@ -210,6 +291,7 @@ PackedLinear pack_linear(const float* weight, const float* bias, int out, int in
     for (int i = 0; i < in; ++i)
       p.wt[(static_cast<size_t>(o / kPanel) * in + i) * kPanel + o % kPanel] = weight[static_cast<size_t>(o) * in + i];
   if (bias) std::copy(bias, bias + out, p.bias.begin());
+  if (bf16) add_bf16(p);
   return p;
 }
 
@@ -225,8 +307,8 @@ void linear(const float* x, long rows, const PackedLinear& w, float* y, const fl
   // Row blocks of at most INT_MAX rows are never needed at DaViT sizes; keep the check honest.
   DT_CHECK(rows < (1L << 30), "too many rows for one linear call");
 #pragma omp parallel
-  gemm_tiles({(int)rows, w.out, w.in, a.data(), 1, w.wt.data(), 0, w.panel_stride(), c.data(),
-              res ? r.data() : nullptr, w.bias.data(), gelu});
+  gemm_tiles(with_weights({(int)rows, w.out, w.in, a.data(), 1, nullptr, 0, 0, c.data(),
+                           res ? r.data() : nullptr, nullptr, gelu}, w, 0));
 }
 
 // ---- window attention ------------------------------------------------------------------------
@@ -283,8 +365,8 @@ void window_attention(const WindowAttentionParams& p) {
         ++real;
       }
       // qkv = z W_qkv^T + b for every (padded) token of the chunk's windows.
-      gemm_tiles({nw * L, 3 * C, C, a_rows.data(), 1, p.qkv->wt.data(), 0, p.qkv->panel_stride(),
-                  qkv_rows.data(), nullptr, p.qkv->bias.data(), false}, !own);
+      gemm_tiles(with_weights({nw * L, 3 * C, C, a_rows.data(), 1, nullptr, 0, 0, qkv_rows.data(), nullptr,
+                               nullptr, false}, *p.qkv, 0), !own);
       // Per (window, head): S = q k^T, P = softmax(scale * S), o = P v.
       for_tasks(nw * h, !own, [&](int task) {
         const int wl = task / h, hd = task % h;
@@ -298,8 +380,8 @@ void window_attention(const WindowAttentionParams& p) {
         small_gemm(L, d, L, s, L, 1, v, 3 * C, ob + (size_t)wl * L * C + hd * d, C, false);
       });
       // out = res + o W_proj^T + b for the chunk's real tokens.
-      gemm_tiles({real, C, C, o_rows.data(), 1, p.proj->wt.data(), 0, p.proj->panel_stride(),
-                  out_rows.data(), p.res ? res_rows.data() : nullptr, p.proj->bias.data(), false}, !own);
+      gemm_tiles(with_weights({real, C, C, o_rows.data(), 1, nullptr, 0, 0, out_rows.data(),
+                               p.res ? res_rows.data() : nullptr, nullptr, false}, *p.proj, 0), !own);
     }
   }
 }
@@ -483,8 +565,8 @@ void channel_attention(const ChannelAttentionParams& p) {
   PackedLinear kv_copy;
   const bool aligned = C % kPanel == 0;
   if (!aligned) kv_copy = sub_linear(*p.qkv, C, 3 * C);
-  const float* kv_w = aligned ? p.qkv->wt.data() + (C / kPanel) * p.qkv->panel_stride() : kv_copy.wt.data();
-  const float* kv_b = aligned ? p.qkv->bias.data() + C : kv_copy.bias.data();
+  const PackedLinear& kv_layer = aligned ? *p.qkv : kv_copy;
+  const int kv_col0 = aligned ? C : 0;
   const size_t map_size = (size_t)B * G * d * d;
   std::vector<float> maps(nbuf * map_size, 0.f);  // S per (b, g); one copy per owner thread
   std::vector<float> amap(map_size);              // A^T per (b, g)
@@ -518,8 +600,8 @@ void channel_attention(const ChannelAttentionParams& p) {
     for (long ch = first; ch < nchunks; ch += step) {
       const long r0 = ch * CH;
       const int m = (int)std::min<long>(CH, rows - r0);
-      gemm_tiles({m, 2 * C, C, x_rows.data() + r0, 1, kv_w, 0, p.qkv->panel_stride(), kv_c.data(), nullptr,
-                  kv_b, false}, !own);
+      gemm_tiles(with_weights({m, 2 * C, C, x_rows.data() + r0, 1, nullptr, 0, 0, kv_c.data(), nullptr, nullptr,
+                               false}, kv_layer, kv_col0), !own);
       // Segments of the chunk that belong to one image; tasks = (segment, group, row block).
       const int b_first = (int)(r0 / N), b_last = (int)((r0 + m - 1) / N);
       const int nseg = b_last - b_first + 1;
@@ -556,8 +638,8 @@ void channel_attention(const ChannelAttentionParams& p) {
     for (long ch = first; ch < nchunks; ch += step) {
       const long r0 = ch * CH;
       const int m = (int)std::min<long>(CH, rows - r0);
-      gemm_tiles({m, C, C, x_rows.data() + r0, 1, p.qkv->wt.data(), 0, p.qkv->panel_stride(), q_c.data(),
-                  nullptr, p.qkv->bias.data(), false}, !own);
+      gemm_tiles(with_weights({m, C, C, x_rows.data() + r0, 1, nullptr, 0, 0, q_c.data(), nullptr, nullptr,
+                               false}, *p.qkv, 0), !own);
       const int nrb = (m + kMC - 1) / kMC;
       for_tasks(nrb * G, !own, [&](int task) {
         const int i0 = (task / G) * kMC, g = task % G, mi = std::min(kMC, m - i0);
@@ -573,8 +655,8 @@ void channel_attention(const ChannelAttentionParams& p) {
           done += seg;
         }
       });
-      gemm_tiles({m, C, C, o_src.data(), 1, p.proj->wt.data(), 0, p.proj->panel_stride(), out_rows.data() + r0,
-                  p.res ? res_rows.data() + r0 : nullptr, p.proj->bias.data(), false}, !own);
+      gemm_tiles(with_weights({m, C, C, o_src.data(), 1, nullptr, 0, 0, out_rows.data() + r0,
+                               p.res ? res_rows.data() + r0 : nullptr, nullptr, false}, *p.proj, 0), !own);
     }
   }
 }
@@ -640,10 +722,10 @@ void mlp_block(const float* x, long rows, int C, const float* gamma, const float
       const long r0 = ch * CH;
       const int m = (int)std::min<long>(CH, rows - r0);
       for_tasks(m, !own, [&](int i) { kernels().layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]); });
-      gemm_tiles({m, hid, C, z_a.data(), 1, fc1.wt.data(), 0, fc1.panel_stride(), h_c.data(), nullptr,
-                  fc1.bias.data(), true}, !own);
-      gemm_tiles({m, C, hid, h_a.data(), 1, fc2.wt.data(), 0, fc2.panel_stride(), y_rows.data() + r0,
-                  x_rows.data() + r0, fc2.bias.data(), false}, !own);
+      gemm_tiles(with_weights({m, hid, C, z_a.data(), 1, nullptr, 0, 0, h_c.data(), nullptr, nullptr, true},
+                              fc1, 0), !own);
+      gemm_tiles(with_weights({m, C, hid, h_a.data(), 1, nullptr, 0, 0, y_rows.data() + r0, x_rows.data() + r0,
+                               nullptr, false}, fc2, 0), !own);
     }
   }
 }

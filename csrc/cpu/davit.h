@@ -35,6 +35,11 @@ struct GemmTile {
   const float* const* res = nullptr;
   const float* bias = nullptr;
   bool gelu = false;
+  // bf16 variant (gemm_tile_bf16): B as bf16 pairs in panels, B(k,j) =
+  // b16[(j / kPanel) * b16_panel + (k / 2) * 2 * kPanel + (j % kPanel) * 2 + k % 2]; A is
+  // rounded to bf16 (nearest even) by the kernel; products summed in fp32.
+  const uint16_t* b16 = nullptr;
+  long b16_panel = 0;
 };
 
 // In-place row softmax of s[r*ld + j], j < n, of exp(scale * (s - max)).
@@ -42,6 +47,7 @@ struct GemmTile {
 // layer_norm_row / cpe_row: see davit_rows.h (the same plain C++ built once per ISA).
 struct Kernels {
   void (*gemm_tile)(const GemmTile&);
+  void (*gemm_tile_bf16)(const GemmTile&);
   void (*softmax_rows)(float* s, int rows, int n, long ld, float scale);
   void (*layer_norm_row)(const float* x, int C, const float* g, const float* b, float eps, float* y);
   void (*cpe_row)(const float* img, int H, int W, int C, int yy, const float* wt, const float* bias,
@@ -52,6 +58,7 @@ struct Kernels {
 const Kernels& kernels();  // the active ISA's table
 #define DOVETAIL_DAVIT_ISA_DECLS                                                                  \
   void gemm_tile(const GemmTile&);                                                                \
+  void gemm_tile_bf16(const GemmTile&);                                                           \
   void softmax_rows(float*, int, int, long, float);                                               \
   void layer_norm_row(const float*, int, const float*, const float*, float, float*);              \
   void cpe_row(const float*, int, int, int, int, const float*, const float*, float*);          \
@@ -65,13 +72,20 @@ namespace avx512 { DOVETAIL_DAVIT_ISA_DECLS }
 // PyTorch Linear weight [out, in] repacked once into panels of kPanel output channels:
 // panel p holds W^T[:, p*kPanel : (p+1)*kPanel] as [in][kPanel] (zero-padded past `out`),
 // so each GEMM k-step reads one contiguous 128-byte row of the panel.
+// With `bf16`, the projections use a bf16 copy (wt16: the same panels with the input axis in
+// pairs, see GemmTile::b16) and bf16 activations, summed in fp32; wt stays for fp32 uses.
 struct PackedLinear {
   int in = 0, out = 0;
   std::vector<float> wt;    // [ceil(out / kPanel)][in][kPanel]
   long panel_stride() const { return (long)in * kPanel; }
   std::vector<float> bias;  // [out] (zeros when the layer has none)
+  bool bf16 = false;
+  std::vector<uint16_t> wt16;  // [ceil(out / kPanel)][ceil(in / 2)][kPanel][2]
+  long panel_stride16() const { return (long)((in + 1) / 2) * 2 * kPanel; }
 };
-PackedLinear pack_linear(const float* weight, const float* bias, int out, int in);
+PackedLinear pack_linear(const float* weight, const float* bias, int out, int in, bool bf16 = false);
+// fp32 -> bf16, round to nearest even (NaN kept quiet).
+uint16_t to_bf16(float x);
 
 // y[r] = (res ? res[r] : 0) + x[r] W^T + b, optional GELU; rows of length in / out, contiguous.
 void linear(const float* x, long rows, const PackedLinear& w, float* y, const float* res, bool gelu);

@@ -114,20 +114,21 @@ class _SubBlock(nn.Module):
         x3 = _core.davit_conv_pos_enc(x2, *packed["cpe2"])
         return _core.davit_mlp(x3, *packed["norm2"], packed["fc1"], packed["fc2"], self.eps)
 
-    def pack(self) -> dict[str, Any]:
+    def pack(self, precision: str) -> dict[str, Any]:
         def h(t):
             return t.detach().contiguous().numpy()
 
+        bf16 = precision == "bf16"
         m = self.mlp
         return {
             "cpe1": (h(self.cpe1.proj.weight), h(self.cpe1.proj.bias)),
             "norm1": (h(self.norm1.weight), h(self.norm1.bias)),
             "attn": ops.PackedAttention(self.attn.qkv.weight, self.attn.qkv.bias,
-                                        self.attn.proj.weight, self.attn.proj.bias),
+                                        self.attn.proj.weight, self.attn.proj.bias, precision),
             "cpe2": (h(self.cpe2.proj.weight), h(self.cpe2.proj.bias)),
             "norm2": (h(self.norm2.weight), h(self.norm2.bias)),
-            "fc1": _core.davit_pack_linear(h(m.fc1.weight), h(m.fc1.bias)),
-            "fc2": _core.davit_pack_linear(h(m.fc2.weight), h(m.fc2.bias)),
+            "fc1": _core.davit_pack_linear(h(m.fc1.weight), h(m.fc1.bias), bf16),
+            "fc2": _core.davit_pack_linear(h(m.fc2.weight), h(m.fc2.bias), bf16),
         }
 
 
@@ -191,8 +192,17 @@ class DaViT(nn.Module):
         self.stem = _Stem(cfg.in_chans, cfg.embed_dims[0], cfg.eps)
         self.stages = nn.ModuleList(_Stage(i, cfg) for i in range(len(cfg.depths)))
         self.head = _Head(cfg.embed_dims[-1], cfg.num_classes, cfg.eps)
+        self.precision = "fp32"
         self._packed: list[dict[str, Any]] | None = None
         self._packed_key: tuple | None = None
+
+    def set_precision(self, precision: str) -> "DaViT":
+        """Native path precision: "fp32" (default) or "bf16" (the attention projections and
+        MLP run with bf16 weights and activations, fp32 sums; everything else fp32)."""
+        ops._precision_is_bf16(precision)  # validates the name
+        self.precision = precision
+        self._packed = None
+        return self
 
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
@@ -230,9 +240,9 @@ class DaViT(nn.Module):
 
     def _packed_blocks(self) -> list[dict[str, Any]]:
         # Repack when any parameter was replaced or modified in place since the last pack.
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = (self.precision,) + tuple((p.data_ptr(), p._version) for p in self.parameters())
         if self._packed is None or key != self._packed_key:
-            self._packed = [b.pack() for s in self.stages for pair in s.blocks for b in pair]
+            self._packed = [b.pack(self.precision) for s in self.stages for pair in s.blocks for b in pair]
             self._packed_key = key
         return self._packed
 

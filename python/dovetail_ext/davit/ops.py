@@ -7,6 +7,11 @@ argument, before any native code runs.
 
 For repeated calls with the same weights (a model), pack them once with
 :class:`PackedAttention`: the functional form repacks its weights on every call.
+
+``precision``: "fp32" (default) computes everything in fp32; "bf16" runs the qkv and output
+projections with bf16 weights and activations and fp32 sums (AVX512-BF16; elsewhere a slow
+scalar emulation), while attention maps, softmax and the channel maps stay fp32.
+Channel attention over many tokens per image (N >= 4C) uses its Gram form in fp32 either way.
 """
 
 from __future__ import annotations
@@ -67,14 +72,15 @@ class PackedAttention:
     [C] or None (torch tensors or numpy arrays, float32).
     """
 
-    def __init__(self, qkv_weight, qkv_bias, proj_weight, proj_bias):
+    def __init__(self, qkv_weight, qkv_bias, proj_weight, proj_bias, precision: str = "fp32"):
         if len(_shape(proj_weight)) != 2:
             raise ValueError(f"proj_weight must be 2-D [C, C], got shape {_shape(proj_weight)}")
         C = _shape(proj_weight)[1]
         _check_weights(C, 1, "num_heads", qkv_weight, qkv_bias, proj_weight, proj_bias)
         self.dim = C
-        self.qkv = _core.davit_pack_linear(_host(qkv_weight), _host(qkv_bias))
-        self.proj = _core.davit_pack_linear(_host(proj_weight), _host(proj_bias))
+        bf16 = _precision_is_bf16(precision)
+        self.qkv = _core.davit_pack_linear(_host(qkv_weight), _host(qkv_bias), bf16)
+        self.proj = _core.davit_pack_linear(_host(proj_weight), _host(proj_bias), bf16)
 
     def window(self, x: np.ndarray, num_heads: int, window_size: int = 7,
                residual: np.ndarray | None = None) -> np.ndarray:
@@ -84,6 +90,12 @@ class PackedAttention:
     def channel(self, x: np.ndarray, num_groups: int, residual: np.ndarray | None = None) -> np.ndarray:
         """Channel attention on a contiguous float32 [B, N, C] array (+ residual)."""
         return _core.davit_channel_attention(x, self.qkv, self.proj, num_groups, residual)
+
+
+def _precision_is_bf16(precision: str) -> bool:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return precision == "bf16"
 
 
 def _check_x(x: Any, ndim: int, layout: str) -> None:
@@ -115,44 +127,53 @@ def _cuda_call(fn_name: str, x, weights, dims: list[int]):
 
 
 def window_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads: int,
-                     window_size: int = 7):
+                     window_size: int = 7, precision: str = "fp32"):
     """DaViT window attention on a normalised channels-last map.
 
     x: [B, H, W, C] float32; qkv_weight [3C, C], qkv_bias [3C] or None, proj_weight [C, C],
     proj_bias [C] or None. Zero padding to multiples of ``window_size`` (no mask: padded
     tokens are keys/values), per-window per-head softmax(q k^T / sqrt(C / num_heads)) v,
     projection, crop. Returns [B, H, W, C] of the same kind (numpy / torch, device) as x.
+    ``precision``: "fp32" or "bf16" projections (see the module docstring; CUDA: fp32 only).
     """
     _check_x(x, 4, "[B, H, W, C]")
     C = _shape(x)[3]
     _check_weights(C, num_heads, "num_heads", qkv_weight, qkv_bias, proj_weight, proj_bias)
     if not isinstance(window_size, (int, np.integer)) or not 1 <= window_size <= 16:
         raise ValueError(f"window_size must be an integer in [1, 16], got {window_size!r}")
+    bf16 = _precision_is_bf16(precision)
     if _is_torch(x) and x.is_cuda:
+        if bf16:
+            raise ValueError("precision='bf16' is implemented for CPU inputs only")
         B, H, W, _ = _shape(x)
         return _cuda_call("davit_window_attention_cuda", x,
                           (qkv_weight, qkv_bias, proj_weight, proj_bias),
                           [B, H, W, C, int(num_heads), int(window_size)])
-    packed = PackedAttention(qkv_weight, qkv_bias, proj_weight, proj_bias)
+    packed = PackedAttention(qkv_weight, qkv_bias, proj_weight, proj_bias, precision)
     y = packed.window(_host(x), int(num_heads), int(window_size))
     return _like(x, y)
 
 
-def channel_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_groups: int):
+def channel_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_groups: int,
+                      precision: str = "fp32"):
     """DaViT channel-group attention on normalised tokens.
 
     x: [B, N, C] float32; weights as for :func:`window_attention`. Per group (C/num_groups
     channels): A = softmax_rows((C/num_groups)^-1/2 k^T v) accumulated over all N tokens in
     fp32, output q A^T, then the projection. Returns [B, N, C] like x.
+    ``precision``: "fp32" or "bf16" projections (see the module docstring; CUDA: fp32 only).
     """
     _check_x(x, 3, "[B, N, C]")
     C = _shape(x)[2]
     _check_weights(C, num_groups, "num_groups", qkv_weight, qkv_bias, proj_weight, proj_bias)
+    bf16 = _precision_is_bf16(precision)
     if _is_torch(x) and x.is_cuda:
+        if bf16:
+            raise ValueError("precision='bf16' is implemented for CPU inputs only")
         B, N, _ = _shape(x)
         return _cuda_call("davit_channel_attention_cuda", x,
                           (qkv_weight, qkv_bias, proj_weight, proj_bias), [B, N, C, int(num_groups)])
-    packed = PackedAttention(qkv_weight, qkv_bias, proj_weight, proj_bias)
+    packed = PackedAttention(qkv_weight, qkv_bias, proj_weight, proj_bias, precision)
     y = packed.channel(_host(x), int(num_groups))
     return _like(x, y)
 

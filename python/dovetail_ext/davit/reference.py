@@ -13,9 +13,17 @@ import torch.nn.functional as F
 __all__ = ["window_attention", "channel_attention", "conv_pos_enc", "mlp"]
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype | None):
+    """F.linear, or PyTorch's own `dtype` matmul (e.g. bf16) with the result back in x's dtype:
+    the twin of the native bf16 projections, for deriving their tolerance."""
+    if dtype is None:
+        return F.linear(x, w, b)
+    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)).to(x.dtype)
+
+
 def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
                      proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, num_heads: int,
-                     window_size: int = 7) -> torch.Tensor:
+                     window_size: int = 7, linear_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Window MHSA on a normalised map ``x`` [B, H, W, C]; returns [B, H, W, C].
 
     Zero padding (after the norm) to multiples of ``window_size``, no mask: padded tokens
@@ -28,11 +36,11 @@ def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.
     Hp, Wp = H + pad_b, W + pad_r
     # partition: (B, Hp/ws, ws, Wp/ws, ws, C) -> (B * nW, ws * ws, C)
     win = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-    qkv = F.linear(win, qkv_weight, qkv_bias).reshape(win.shape[0], ws * ws, 3, num_heads, d)
+    qkv = _linear(win, qkv_weight, qkv_bias, linear_dtype).reshape(win.shape[0], ws * ws, 3, num_heads, d)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     attn = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
     o = (attn @ v).transpose(1, 2).reshape(win.shape[0], ws * ws, C)
-    o = F.linear(o, proj_weight, proj_bias)
+    o = _linear(o, proj_weight, proj_bias, linear_dtype)
     # reverse and crop
     o = o.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
     return o[:, :H, :W, :].contiguous()
@@ -40,7 +48,7 @@ def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.
 
 def channel_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
                       proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-                      num_groups: int) -> torch.Tensor:
+                      num_groups: int, linear_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Channel-group attention on normalised tokens ``x`` [B, N, C]; returns [B, N, C].
 
     Per group g (C_g = C / num_groups channels): A_g = softmax_rows(C_g^-1/2 K_g^T V_g),
@@ -48,11 +56,11 @@ def channel_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch
     """
     B, N, C = x.shape
     d = C // num_groups
-    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(B, N, 3, num_groups, d).permute(2, 0, 3, 1, 4)
+    qkv = _linear(x, qkv_weight, qkv_bias, linear_dtype).reshape(B, N, 3, num_groups, d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     attn = ((k * d ** -0.5).transpose(-1, -2) @ v).softmax(dim=-1)
     o = (attn @ q.transpose(-1, -2)).transpose(-1, -2)
-    return F.linear(o.transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias)
+    return _linear(o.transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias, linear_dtype)
 
 
 def conv_pos_enc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,7 +70,8 @@ def conv_pos_enc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def mlp(x: torch.Tensor, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-        eps: float = 1e-5) -> torch.Tensor:
+        eps: float = 1e-5, linear_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x + fc2(GELU(fc1(LayerNorm(x)))) over the last axis (exact erf GELU)."""
     z = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-    return x + F.linear(F.gelu(F.linear(z, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    h = F.gelu(_linear(z, fc1_weight, fc1_bias, linear_dtype))
+    return x + _linear(h, fc2_weight, fc2_bias, linear_dtype)

@@ -61,10 +61,10 @@ void micro(int nr, const GemmTile& t, int i0, int j0) {
   const __m256i m0 = tail_mask(nr), m1 = tail_mask(nr - 8);
   const bool full = nr == 16;
   __m256 acc0[MR], acc1[MR];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   const float* ap[MR];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) ap[i] = t.a[i0 + i];
   const float* b = t.b_panel ? t.b + (j0 / kPanel) * t.b_panel + j0 % kPanel : t.b + j0;
   const long ldb = t.b_panel ? kPanel : t.ldb;
@@ -74,7 +74,7 @@ void micro(int nr, const GemmTile& t, int i0, int j0) {
   if (full) {
     for (int k = 0; k < K; ++k) {
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const __m256 av = _mm256_broadcast_ss(ap[i] + k * cs);
         acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
@@ -85,7 +85,7 @@ void micro(int nr, const GemmTile& t, int i0, int j0) {
   } else {
     for (int k = 0; k < K; ++k) {
       const __m256 b0 = _mm256_maskload_ps(b, m0), b1 = _mm256_maskload_ps(b + 8, m1);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const __m256 av = _mm256_broadcast_ss(ap[i] + k * cs);
         acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
@@ -99,7 +99,7 @@ void micro(int nr, const GemmTile& t, int i0, int j0) {
     bias0 = _mm256_maskload_ps(t.bias + j0, m0);
     bias1 = _mm256_maskload_ps(t.bias + j0 + 8, m1);
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     __m256 v0 = _mm256_add_ps(acc0[i], bias0), v1 = _mm256_add_ps(acc1[i], bias1);
     if (t.res) {

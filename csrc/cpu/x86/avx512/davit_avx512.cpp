@@ -10,6 +10,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include "cpu/davit.h"
 #include "cpu/davit_rows.h"
@@ -61,7 +63,33 @@ inline __m512 gelu_ps(__m512 x) {
 // registers; 6 row pointers keep the A addresses in general registers (12 would spill).
 constexpr int kMR = 6;
 
-inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+inline __mmask16 tail_mask(int n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+// Epilogue shared by the fp32 and bf16 tiles: + bias, + residual, GELU, masked store.
+template <int MR, int NV>
+inline void store_tile(const GemmTile& t, __m512 (&acc)[MR][NV], int i0, int j0, __mmask16 last) {
+  __m512 bias[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+    bias[v] = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0 + 16 * v) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    float* c = t.c[i0 + i] + j0;
+    const float* r = t.res ? t.res[i0 + i] + j0 : nullptr;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+      __m512 x = _mm512_add_ps(acc[i][v], bias[v]);
+      if (r) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, r + 16 * v));
+      if (t.gelu) x = gelu_ps(x);
+      _mm512_mask_storeu_ps(c + 16 * v, m, x);
+    }
+  }
+}
 
 // One micro-tile: MR rows x NV*16 columns (NV <= 4), accumulators in registers. Only the
 // last vector of a row can be partial (mask `last`).
@@ -69,15 +97,15 @@ template <int MR, int NV, bool UNIT>
 void micro(int nr, const GemmTile& t, int i0, int j0) {
   const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
   __m512 acc[MR][NV];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   const float* ap[MR];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) ap[i] = t.a[i0 + i];
   const float* bp[NV];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
     const int j = j0 + 16 * v;
     bp[v] = t.b_panel ? t.b + (j / kPanel) * t.b_panel + j % kPanel : t.b + j;
@@ -88,35 +116,17 @@ void micro(int nr, const GemmTile& t, int i0, int j0) {
   const int K = t.k;  // a local bound: no reload of t.k on every step
   for (int k = 0; k < K; ++k) {
     __m512 bv[NV];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
       bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, bp[v] + k * ldb) : _mm512_loadu_ps(bp[v] + k * ldb);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(ap[i][k * cs]);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
-  __m512 bias[NV];
-  #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
-    bias[v] = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0 + 16 * v) : _mm512_setzero_ps();
-  }
-  #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    float* c = t.c[i0 + i] + j0;
-    const float* r = t.res ? t.res[i0 + i] + j0 : nullptr;
-    #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
-      __m512 x = _mm512_add_ps(acc[i][v], bias[v]);
-      if (r) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, r + 16 * v));
-      if (t.gelu) x = gelu_ps(x);
-      _mm512_mask_storeu_ps(c + 16 * v, m, x);
-    }
-  }
+  store_tile<MR, NV>(t, acc, i0, j0, last);
 }
 
 template <int MR, bool UNIT>
@@ -150,6 +160,95 @@ void gemm_tile_impl(const GemmTile& t) {
     int i0 = 0;
     for (; i0 + MR <= t.m; i0 += MR) micro_cols<MR, UNIT>(nr, t, i0, j0);
     row_tail<MR - 1, UNIT>(t.m - i0, nr, t, i0, j0);
+  }
+}
+
+// ---- bf16 tile: vdpbf16ps on bf16 pairs, fp32 sums -------------------------------------------
+namespace {
+
+// MR rows x NV*16 columns; a16 holds the MR rows' activations as bf16 pairs (k2 per row).
+template <int MR, int NV>
+void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+  const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const uint16_t* bp[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const int j = j0 + 16 * v;
+    bp[v] = t.b16 + (j / kPanel) * t.b16_panel + (j % kPanel) * 2;
+  }
+  for (int kp = 0; kp < k2; ++kp) {
+    __m512bh bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(v == NV - 1 ? last : (__mmask16)0xFFFF, bp[v] + kp * 2 * kPanel);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a16[i * k2 + kp]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+    }
+  }
+  store_tile<MR, NV>(t, acc, i0, j0, last);
+}
+
+template <int MR>
+void micro_bf16_cols(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+  switch ((nr + 15) / 16) {
+    case 4: micro_bf16<MR, 4>(nr, t, a16, k2, i0, j0); break;
+    case 3: micro_bf16<MR, 3>(nr, t, a16, k2, i0, j0); break;
+    case 2: micro_bf16<MR, 2>(nr, t, a16, k2, i0, j0); break;
+    default: micro_bf16<MR, 1>(nr, t, a16, k2, i0, j0); break;
+  }
+}
+
+template <int R>
+void bf16_row_tail(int rows, int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro_bf16_cols<R>(nr, t, a16, k2, i0, j0);
+    else
+      bf16_row_tail<R - 1>(rows, nr, t, a16, k2, i0, j0);
+  }
+}
+
+// A row of k activations -> k2 bf16 pairs (round to nearest even, zero pad), 32 at a time.
+void row_to_bf16(const float* a, long cs, int k, uint32_t* out, int k2) {
+  if (cs == 1) {
+    for (int j = 0; j < 2 * k2; j += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(tail_mask(k - j), a + j);
+      const __m512 hi = _mm512_maskz_loadu_ps(tail_mask(k - j - 16), a + j + 16);
+      _mm512_mask_storeu_epi32(out + j / 2, tail_mask(k2 - j / 2), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return;
+  }
+  for (int j = 0; j < k2; ++j) {
+    const uint32_t lo = to_bf16(a[2 * j * cs]), hi = 2 * j + 1 < k ? to_bf16(a[(2 * j + 1) * cs]) : 0;
+    out[j] = lo | (hi << 16);
+  }
+}
+
+}  // namespace
+
+void gemm_tile_bf16(const GemmTile& t) {
+  constexpr int MR = kMR, NR = 64;
+  const int k2 = (t.k + 1) / 2;
+  thread_local std::vector<uint32_t> a16;
+  if (a16.size() < (size_t)MR * k2) a16.resize((size_t)MR * k2);
+  for (int i0 = 0; i0 < t.m; i0 += MR) {
+    const int mr = std::min(MR, t.m - i0);
+    for (int i = 0; i < mr; ++i) row_to_bf16(t.a[i0 + i], t.a_cs, t.k, a16.data() + (size_t)i * k2, k2);
+    for (int j0 = 0; j0 < t.n; j0 += NR) {
+      const int nr = std::min(NR, t.n - j0);
+      if (mr == MR)
+        micro_bf16_cols<MR>(nr, t, a16.data(), k2, i0, j0);
+      else
+        bf16_row_tail<MR - 1>(mr, nr, t, a16.data(), k2, i0, j0);
+    }
   }
 }
 
