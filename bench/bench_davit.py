@@ -1,9 +1,10 @@
 """DaViT benchmarks: native ops and the DaViT-Tiny forward against timm, in the same process.
 
 Run:  OMP_NUM_THREADS=2 pytest bench/bench_davit.py --benchmark-only -s
-Each case times the native call with pytest-benchmark and timm's eager equivalent with the
-same repeat count right after; `extra_info` records both medians and the speedup
-(timm / native). Shapes: DaViT-Tiny's four stages at 224x224 and the whole model, batch 1 and 8.
+Each case times the native call with pytest-benchmark and timm's eager equivalent (fp32)
+with the same repeat count right after; `extra_info` records both sides and the speedup
+(timm / native). Shapes: DaViT-Tiny's four stages at 224x224 and the whole model, batch 1
+and 8; native precision fp32 (same math as timm) and bf16 (bf16 projections/MLP, fp32 sums).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def _compare(benchmark, native, eager, rounds: int, flops: float | None = None):
     if flops:
         info["native_gflops_min"] = round(flops / native_min / 1e6, 1)
     benchmark.extra_info.update(info)
+    benchmark.extra_info["precision"] = benchmark.name.split("-")[-1].rstrip("]")
     print(f"\n  {benchmark.name}: min native {native_min:.3f} ms / timm {timm_min:.3f} ms = "
           f"x{timm_min / native_min:.2f}; median x{timm_med / native_med:.2f}"
           + (f"; {flops / native_min / 1e6:.0f} GFLOP/s" if flops else ""))
@@ -65,13 +67,17 @@ def _attn_flops(B, N, C, core):  # qkv + proj GEMMs + attention core (multiply-a
     return 2.0 * B * N * 4 * C * C + 4.0 * B * N * core * C
 
 
+PRECISIONS = ["fp32", "bf16"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"{s[0]}x{s[0]}x{s[1]}")
-def test_window_attention(benchmark, batch, stage):
+def test_window_attention(benchmark, batch, stage, precision):
     side, C, heads = stage
     torch.manual_seed(0)
     mod = timm_davit.WindowAttention(C, (7, 7), heads).eval()
-    packed = PackedAttention(mod.qkv.weight, mod.qkv.bias, mod.proj.weight, mod.proj.bias)
+    packed = PackedAttention(mod.qkv.weight, mod.qkv.bias, mod.proj.weight, mod.proj.bias, precision)
     x = torch.randn(batch, side, side, C)
     xn = x.numpy()
 
@@ -85,24 +91,26 @@ def test_window_attention(benchmark, batch, stage):
              flops=_attn_flops(batch, side * side, C, 49))
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"{s[0]}x{s[0]}x{s[1]}")
-def test_channel_attention(benchmark, batch, stage):
+def test_channel_attention(benchmark, batch, stage, precision):
     side, C, heads = stage
     torch.manual_seed(0)
     mod = timm_davit.ChannelAttention(C, heads, qkv_bias=True).eval()
-    packed = PackedAttention(mod.qkv.weight, mod.qkv.bias, mod.proj.weight, mod.proj.bias)
+    packed = PackedAttention(mod.qkv.weight, mod.qkv.bias, mod.proj.weight, mod.proj.bias, precision)
     x = torch.randn(batch, side * side, C)
     xn = x.numpy()
     _compare(benchmark, lambda: packed.channel(xn, heads), torch.no_grad()(lambda: mod(x)),
              rounds=40 if batch == 1 else 15, flops=_attn_flops(batch, side * side, C, C // heads))
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("batch", [1, 8])
-def test_davit_tiny_forward(benchmark, batch):
+def test_davit_tiny_forward(benchmark, batch, precision):
     torch.manual_seed(0)
     ref = timm.create_model("davit_tiny", pretrained=False).eval()
-    ours = load_timm_state_dict(create_model("davit_tiny"), ref.state_dict())
+    ours = load_timm_state_dict(create_model("davit_tiny"), ref.state_dict()).set_precision(precision)
     x = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():
         _compare(benchmark, lambda: ours(x), lambda: ref(x), rounds=15 if batch == 1 else 5,

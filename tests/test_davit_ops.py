@@ -21,9 +21,11 @@ WINDOW_CASES = [
     (1, 3, 5, 16, 2, 7),
     (2, 15, 8, 24, 2, 7),
 ]
-# (B, N, C, groups)
+# (B, N, C, groups). N >= 4C takes the Gram form (one image shared by all threads, or with
+# B >= 2 threads images owned by threads); smaller N the direct two-pass form.
 CHANNEL_CASES = [
     (1, 3136, 96, 3),
+    (5, 300, 24, 2),
     (3, 97, 36, 3),
     (2, 50, 40, 5),
     (1, 1, 32, 1),

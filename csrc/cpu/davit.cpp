@@ -439,30 +439,59 @@ void channel_attention_gram(const ChannelAttentionParams& p) {
   const float* bk = bq + C;
   const float* bv = bq + 2 * C;
   const int panels = (C + kPanel - 1) / kPanel;
-  std::vector<float> gram((size_t)C * C), sigma(C), z((size_t)C * C), maps((size_t)G * d * d);
-  std::vector<float> ku(C), vu(C), t((size_t)C * C), m((size_t)C * C), mp((size_t)panels * C * kPanel), cvec(C);
-  const auto z_c = row_ptrs(z.data(), C, C);
-  const auto t_c = row_ptrs(t.data(), C, C);
-  const auto m_c = row_ptrs(m.data(), C, C);
-  const auto gram_a = row_ptrs(static_cast<const float*>(gram.data()), C, C);
   const auto wt_a = row_ptrs(wt.data(), C, 3 * C);
-  std::vector<const float*> x_rows(N), res_rows(p.res ? N : 0);
-  std::vector<float*> out_rows(N);
   constexpr long kSub = 256;  // tokens per fp32 partial sum of Gamma
+  // Images are independent: with enough of them each thread owns whole images (no
+  // barriers), otherwise all threads share every phase of each image.
+  const int nth = omp_get_max_threads();
+  const bool own = p.B >= 2 * nth;
 
-  for (int b = 0; b < p.B; ++b) {
-    const float* x = p.x + (size_t)b * N * C;
-    for (int n = 0; n < N; ++n) {
-      x_rows[n] = x + (size_t)n * C;
-      out_rows[n] = p.out + ((size_t)b * N + n) * C;
-      if (p.res) res_rows[n] = p.res + ((size_t)b * N + n) * C;
-    }
+  // Work buffers for one image: one shared set, or one per thread when threads own images.
+  struct Work {
+    std::vector<float> gram, sigma, z, maps, ku, vu, t, m, mp, cvec;
+    std::vector<const float*> x_rows, res_rows, gram_a;
+    std::vector<float*> out_rows, z_c, m_c;
+  };
+  auto init = [&](Work& w) {
+    w.gram.resize((size_t)C * C); w.sigma.resize(C); w.z.resize((size_t)C * C); w.maps.resize((size_t)G * d * d);
+    w.ku.resize(C); w.vu.resize(C); w.t.resize((size_t)C * C); w.m.resize((size_t)C * C);
+    w.mp.resize((size_t)panels * C * kPanel); w.cvec.resize(C);
+    w.x_rows.resize(N); w.res_rows.resize(p.res ? N : 0); w.out_rows.resize(N);
+    w.gram_a = row_ptrs(static_cast<const float*>(w.gram.data()), C, C);
+    w.z_c = row_ptrs(w.z.data(), C, C);
+    w.m_c = row_ptrs(w.m.data(), C, C);
+  };
+  Work shared_work;
+  if (!own) init(shared_work);
+
 #pragma omp parallel
-    {
+  {
+    Work local;
+    if (own) init(local);
+    Work& wk = own ? local : shared_work;
+    auto& gram = wk.gram; auto& sigma = wk.sigma; auto& z = wk.z; auto& maps = wk.maps;
+    auto& ku = wk.ku; auto& vu = wk.vu; auto& t = wk.t; auto& m = wk.m; auto& mp = wk.mp; auto& cvec = wk.cvec;
+    const bool sh = !own;
+    const int first = own ? omp_get_thread_num() : 0, step = own ? nth : 1;
+    for (int b = first; b < p.B; b += step) {
+      const float* x = p.x + (size_t)b * N * C;
+      auto fill_rows = [&] {
+        for (int n = 0; n < N; ++n) {
+          wk.x_rows[n] = x + (size_t)n * C;
+          wk.out_rows[n] = p.out + ((size_t)b * N + n) * C;
+          if (p.res) wk.res_rows[n] = p.res + ((size_t)b * N + n) * C;
+        }
+      };
+      if (own) {
+        fill_rows();
+      } else {
+#pragma omp single
+        fill_rows();
+      }
       // Gamma = X^T X: per output tile, fp32 products over blocks of kSub tokens summed in
       // double (Gamma's entries are sums over every token and feed an exponential).
       const int mt = (C + kMC - 1) / kMC, nt = (C + kNC - 1) / kNC;
-      for_tasks(mt * nt, true, [&](int tile) {
+      for_tasks(mt * nt, sh, [&](int tile) {
         const int i0 = (tile / nt) * kMC, j0 = (tile % nt) * kNC;
         const int mi = std::min(kMC, C - i0), nj = std::min(kNC, C - j0);
         float part[kMC * kNC];
@@ -484,14 +513,14 @@ void channel_attention_gram(const ChannelAttentionParams& p) {
         for (int i = 0; i < mi; ++i)
           for (int j = 0; j < nj; ++j) gram[(size_t)(i0 + i) * C + j0 + j] = (float)acc[i * kNC + j];
       });
-      for_tasks(C, true, [&](int i) {
+      for_tasks(C, sh, [&](int i) {
         double s = 0.0;
         for (int n = 0; n < N; ++n) s += x[(size_t)n * C + i];
         sigma[i] = (float)s;
       });
       // Z = Gamma Wv^T (C x C); ku = Wk sigma, vu = Wv sigma.
-      gemm_tiles({C, C, C, gram_a.data(), 1, wt.data() + 2 * C, 3 * C, 0, z_c.data(), nullptr, nullptr, false});
-      for_tasks(C, true, [&](int o) {
+      gemm_tiles({C, C, C, wk.gram_a.data(), 1, wt.data() + 2 * C, 3 * C, 0, wk.z_c.data(), nullptr, nullptr, false}, sh);
+      for_tasks(C, sh, [&](int o) {
         float sk = 0.f, sv = 0.f;
         for (int i = 0; i < C; ++i) {
           sk += wt[(size_t)i * 3 * C + C + o] * sigma[i];
@@ -502,7 +531,7 @@ void channel_attention_gram(const ChannelAttentionParams& p) {
       });
       // S_g = Wk_g Z_g + rank-one bias terms; A_g = softmax_rows(scale S_g); then
       // T_g = A_g^T Wp_g^T (rows g d .. g d + d of T).
-      for_tasks(G, true, [&](int g) {
+      for_tasks(G, sh, [&](int g) {
         float* sg = maps.data() + (size_t)g * d * d;
         small_gemm(d, d, C, wt.data() + C + g * d, 1, 3 * C, z.data() + g * d, C, sg, d, false);
         for (int i = 0; i < d; ++i)
@@ -517,17 +546,21 @@ void channel_attention_gram(const ChannelAttentionParams& p) {
                    false);
       });
       // M = Wq^T T (C x C), packed into panels for the token GEMM; c = bq^T T + bp.
-      gemm_tiles({C, C, C, wt_a.data(), 1, t.data(), C, 0, m_c.data(), nullptr, nullptr, false});
-      for_tasks(C, true, [&](int j) {
+      gemm_tiles({C, C, C, wt_a.data(), 1, t.data(), C, 0, wk.m_c.data(), nullptr, nullptr, false}, sh);
+      for_tasks(C, sh, [&](int j) {
         float s = p.proj->bias[j];
         for (int k = 0; k < C; ++k) s += bq[k] * t[(size_t)k * C + j];
         cvec[j] = s;
       });
+      if (own) {
+        pack_panels(m.data(), C, C, mp.data());
+      } else {
 #pragma omp single
-      pack_panels(m.data(), C, C, mp.data());
+        pack_panels(m.data(), C, C, mp.data());
+      }
       // y = res + X M + c over the image's tokens.
-      gemm_tiles({N, C, C, x_rows.data(), 1, mp.data(), 0, (long)C * kPanel, out_rows.data(),
-                  p.res ? res_rows.data() : nullptr, cvec.data(), false});
+      gemm_tiles({N, C, C, wk.x_rows.data(), 1, mp.data(), 0, (long)C * kPanel, wk.out_rows.data(),
+                  p.res ? wk.res_rows.data() : nullptr, cvec.data(), false}, sh);
     }
   }
 }
