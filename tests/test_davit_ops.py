@@ -334,7 +334,8 @@ def test_window_attention_bf16(isa, case):
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx512"])
-@pytest.mark.parametrize("case", [(3, 97, 36, 3), (2, 196, 384, 12)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case", [(3, 97, 36, 3), (2, 196, 384, 12), (1, 800, 96, 3)],
+                         ids=lambda c: "x".join(map(str, c)))
 def test_channel_attention_bf16(isa, case):
     B, N, C, groups = case
     gen = torch.Generator().manual_seed(11)

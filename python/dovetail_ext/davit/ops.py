@@ -11,7 +11,8 @@ For repeated calls with the same weights (a model), pack them once with
 ``precision``: "fp32" (default) computes everything in fp32; "bf16" runs the qkv and output
 projections with bf16 weights and activations and fp32 sums (AVX512-BF16; elsewhere a slow
 scalar emulation), while attention maps, softmax and the channel maps stay fp32.
-Channel attention over many tokens per image (N >= 4C) uses its Gram form in fp32 either way.
+Channel attention over many tokens per image (N >= 4C in fp32, N >= 8C with bf16) uses an
+exact Gram-matrix rewrite that runs in fp32 either way.
 """
 
 from __future__ import annotations
