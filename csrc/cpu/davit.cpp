@@ -17,6 +17,7 @@
 
 namespace dovetail::davit {
 
+// Round to nearest even on the upper 16 bits, as the AVX512-BF16 conversion does.
 uint16_t to_bf16(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
@@ -24,7 +25,6 @@ uint16_t to_bf16(float x) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
-
 
 // ---- scalar reference ----------------------------------------------------------------------
 namespace scalar {
@@ -137,7 +137,8 @@ const Kernels& kernels() {
 
 namespace {
 
-// GEMM tile extents for the work split; multiples of every ISA's micro-tile (8x32, 6x16).
+// GEMM tile extents for the work split; multiples of every ISA's micro-tile (6x64, 6x16)
+// and of kPanel.
 constexpr int kMC = 48;
 constexpr int kNC = 64;
 
@@ -252,14 +253,13 @@ void small_gemm(int m, int n, int k, const float* a, long lda, long a_cs, const 
 
 // bf16 pair panels (PackedLinear::wt16) from the fp32 panels.
 void add_bf16(PackedLinear& p) {
-  const int panels = (p.out + kPanel - 1) / kPanel, k2 = (p.in + 1) / 2;
+  const int panels = (p.out + kPanel - 1) / kPanel;
   p.wt16.assign((size_t)panels * p.panel_stride16(), 0);
   for (int pn = 0; pn < panels; ++pn)
     for (int k = 0; k < p.in; ++k)
       for (int j = 0; j < kPanel; ++j)
         p.wt16[(size_t)pn * p.panel_stride16() + (size_t)(k / 2) * 2 * kPanel + j * 2 + k % 2] =
             to_bf16(p.wt[((size_t)pn * p.in + k) * kPanel + j]);
-  (void)k2;
   p.bf16 = true;
 }
 
