@@ -150,6 +150,21 @@ float* thread_scratch(int slot, size_t n) {
   return v.data();
 }
 
+// Work buffers of one op call, kept by the calling thread across calls: large per-call
+// allocations go through mmap/munmap and page faults on every call (glibc), which cost
+// more than the kernels at batch 1. Contents are not preserved; a slot only grows.
+struct CallBuffers {
+  std::vector<float> slot[5];
+  float* get(int i, size_t n) {
+    if (slot[i].size() < n) slot[i].resize(n);
+    return slot[i].data();
+  }
+};
+CallBuffers& call_buffers() {
+  thread_local CallBuffers b;
+  return b;
+}
+
 // A GEMM over m rows given by pointer tables; columns [0, n) of B / bias / C / res.
 struct GemmSpec {
   int m, n, k;
@@ -344,8 +359,11 @@ void window_attention(const WindowAttentionParams& p) {
   const bool own = own_chunks(nchunks);
   const int nbuf = own ? nth : 1;
   const size_t rows_pc = (size_t)wpc * L;
-  std::vector<float> zero_row(C, 0.f);
-  std::vector<float> qkvbuf(nbuf * rows_pc * 3 * C), obuf(nbuf * rows_pc * C);
+  CallBuffers& cb = call_buffers();
+  float* zero_row = cb.get(0, C);
+  std::fill(zero_row, zero_row + C, 0.f);
+  float* qkvbuf = cb.get(1, nbuf * rows_pc * 3 * C);
+  float* obuf = cb.get(2, nbuf * rows_pc * C);
   const WindowGrid grid = make_window_grid(H, W, ws);
 
 #pragma omp parallel
@@ -353,8 +371,8 @@ void window_attention(const WindowAttentionParams& p) {
     const int tid = omp_get_thread_num();
     float* kt = thread_scratch(0, (size_t)d * L);
     float* s = thread_scratch(1, (size_t)L * L);
-    float* qkv = qkvbuf.data() + (own ? tid : 0) * rows_pc * 3 * C;
-    float* ob = obuf.data() + (own ? tid : 0) * rows_pc * C;
+    float* qkv = qkvbuf + (own ? tid : 0) * rows_pc * 3 * C;
+    float* ob = obuf + (own ? tid : 0) * rows_pc * C;
     // Row tables for one chunk (built by every thread; a few hundred entries).
     std::vector<const float*> a_rows(rows_pc), o_rows(rows_pc), res_rows(rows_pc);
     std::vector<float*> qkv_rows(rows_pc), out_rows(rows_pc);
@@ -368,7 +386,7 @@ void window_attention(const WindowAttentionParams& p) {
       int real = 0;
       for (int r = 0; r < nw * L; ++r) {
         const long tok = window_token(grid, w0 * L + r);
-        a_rows[r] = tok >= 0 ? p.x + tok * C : zero_row.data();
+        a_rows[r] = tok >= 0 ? p.x + tok * C : zero_row;
         if (tok < 0) continue;
         o_rows[real] = ob + (size_t)r * C;
         out_rows[real] = p.out + tok * C;
@@ -613,9 +631,13 @@ void channel_attention(const ChannelAttentionParams& p) {
   const PackedLinear& kv_layer = aligned ? *p.qkv : kv_copy;
   const int kv_col0 = aligned ? C : 0;
   const size_t map_size = (size_t)B * G * d * d;
-  std::vector<float> maps(nbuf * map_size, 0.f);  // S per (b, g); one copy per owner thread
-  std::vector<float> amap(map_size);              // A^T per (b, g)
-  std::vector<float> kvbuf(nbuf * (size_t)CH * 2 * C), qbuf(nbuf * (size_t)CH * C), obuf(nbuf * (size_t)CH * C);
+  CallBuffers& cb = call_buffers();
+  float* maps = cb.get(0, nbuf * map_size);  // S per (b, g); one copy per owner thread
+  std::fill(maps, maps + nbuf * map_size, 0.f);
+  float* amap = cb.get(1, map_size);         // A^T per (b, g)
+  float* kvbuf = cb.get(2, nbuf * (size_t)CH * 2 * C);
+  float* qbuf = cb.get(3, nbuf * (size_t)CH * C);
+  float* obuf = cb.get(4, nbuf * (size_t)CH * C);
   std::vector<const float*> x_rows(rows);
   std::vector<float*> out_rows(rows);
   std::vector<const float*> res_rows(p.res ? rows : 0);
@@ -628,10 +650,10 @@ void channel_attention(const ChannelAttentionParams& p) {
 #pragma omp parallel
   {
     const int tid = omp_get_thread_num(), slot = own ? tid : 0;
-    float* kv = kvbuf.data() + (size_t)slot * CH * 2 * C;
-    float* qb = qbuf.data() + (size_t)slot * CH * C;
-    float* ob = obuf.data() + (size_t)slot * CH * C;
-    float* sm = maps.data() + slot * map_size;
+    float* kv = kvbuf + (size_t)slot * CH * 2 * C;
+    float* qb = qbuf + (size_t)slot * CH * C;
+    float* ob = obuf + (size_t)slot * CH * C;
+    float* sm = maps + slot * map_size;
     std::vector<float*> kv_c(CH), q_c(CH), o_c(CH);
     std::vector<const float*> o_src(CH);
     for (int i = 0; i < CH; ++i) {
@@ -669,13 +691,13 @@ void channel_attention(const ChannelAttentionParams& p) {
     // Sum the owners' partial maps in thread order, then A = softmax_rows(scale * S) in
     // fp32; store A^T so that o = q A^T reads B row-major.
     for_tasks(B * G, true, [&](int bg) {
-      float* s0 = maps.data() + (size_t)bg * d * d;
+      float* s0 = maps + (size_t)bg * d * d;
       for (int t = 1; t < nbuf; ++t) {
-        const float* st = maps.data() + t * map_size + (size_t)bg * d * d;
+        const float* st = maps + t * map_size + (size_t)bg * d * d;
         for (int e = 0; e < d * d; ++e) s0[e] += st[e];
       }
       kernels().softmax_rows(s0, d, d, d, scale);
-      float* at = amap.data() + (size_t)bg * d * d;
+      float* at = amap + (size_t)bg * d * d;
       for (int i = 0; i < d; ++i)
         for (int j = 0; j < d; ++j) at[j * d + i] = s0[i * d + j];
     });
@@ -695,7 +717,7 @@ void channel_attention(const ChannelAttentionParams& p) {
           const int b = (int)(r / N);
           const int seg = (int)std::min<long>(mi - done, (long)(b + 1) * N - r);
           small_gemm(seg, d, d, qb + (size_t)(i0 + done) * C + g * d, C, 1,
-                     amap.data() + ((size_t)b * G + g) * d * d, d, ob + (size_t)(i0 + done) * C + g * d, C,
+                     amap + ((size_t)b * G + g) * d * d, d, ob + (size_t)(i0 + done) * C + g * d, C,
                      false);
           done += seg;
         }
@@ -744,7 +766,9 @@ void mlp_block(const float* x, long rows, int C, const float* gamma, const float
   const long nchunks = (rows + CH - 1) / CH;
   const bool own = own_chunks(nchunks);
   const int nbuf = own ? nth : 1;
-  std::vector<float> zbuf(nbuf * (size_t)CH * C), hbuf(nbuf * (size_t)CH * hid);
+  CallBuffers& cb = call_buffers();
+  float* zbuf = cb.get(0, nbuf * (size_t)CH * C);
+  float* hbuf = cb.get(1, nbuf * (size_t)CH * hid);
   std::vector<const float*> x_rows(rows);
   std::vector<float*> y_rows(rows);
   for (long r = 0; r < rows; ++r) {
@@ -757,9 +781,9 @@ void mlp_block(const float* x, long rows, int C, const float* gamma, const float
     std::vector<const float*> z_a(CH), h_a(CH);
     std::vector<float*> z_c(CH), h_c(CH);
     for (int i = 0; i < CH; ++i) {
-      z_c[i] = zbuf.data() + ((size_t)slot * CH + i) * C;
+      z_c[i] = zbuf + ((size_t)slot * CH + i) * C;
       z_a[i] = z_c[i];
-      h_c[i] = hbuf.data() + ((size_t)slot * CH + i) * hid;
+      h_c[i] = hbuf + ((size_t)slot * CH + i) * hid;
       h_a[i] = h_c[i];
     }
     const long first = own ? tid : 0, step = own ? nth : 1;
