@@ -164,6 +164,9 @@ void bind_davit(py::module_& m) {
       .def_property_readonly("bf16", [](const PackedLinear& l) { return l.bf16; },
                              "True when the projections run in bf16 (fp32 sums).");
 
+  m.def("davit_get_num_threads", &davit::num_threads, "Threads the DaViT kernels use.");
+  m.def("davit_set_num_threads", &davit::set_num_threads, py::arg("n"),
+        "Set the threads the DaViT kernels use (default: OMP_NUM_THREADS, else all cores).");
   m.def("davit_pack_linear", &pack, py::arg("weight"), py::arg("bias") = py::none(), py::arg("bf16") = false,
         "Repack a float32 Linear weight [out, in] (and bias [out]) for the DaViT kernels; with bf16=True "
         "the layer multiplies in bf16 (weights and activations rounded, sums in fp32).");

@@ -5,12 +5,23 @@
 #include "cpu/davit_rows.h"
 #include "cpu/davit_window.h"
 
-#include <omp.h>
-
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
+
+// Threads: the project's contention-tolerant pool where it exists, else OpenMP. Either way
+// the drivers below only use fork-join parallel_for over independent tasks, each task
+// computing whole outputs, so results never depend on which thread ran what.
+#if __has_include("common/thread_pool.h")
+#include "common/thread_pool.h"
+#define DOVETAIL_DAVIT_POOL 1
+#else
+#include <omp.h>
+#endif
 
 #include "common/cpu_features.h"
 #include "common/error.h"
@@ -122,6 +133,31 @@ void transpose(const float* src, long lds, int rows, int cols, float* dst, long 
 
 }  // namespace scalar
 
+namespace {
+std::atomic<int>& thread_slot() {
+  static std::atomic<int> n{[] {
+#ifdef DOVETAIL_DAVIT_POOL
+    // OMP_NUM_THREADS is honoured here too, so one setting caps every backend.
+    if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) return v;
+    }
+    return (int)std::max(1u, std::thread::hardware_concurrency());
+#else
+    return omp_get_max_threads();
+#endif
+  }()};
+  return n;
+}
+}  // namespace
+
+int num_threads() { return thread_slot().load(std::memory_order_relaxed); }
+
+void set_num_threads(int n) {
+  DT_CHECK(n >= 1 && n <= 1024, "number of threads must be in [1, 1024], got " + std::to_string(n));
+  thread_slot().store(n, std::memory_order_relaxed);
+}
+
 const Kernels& kernels() {
   static const Kernels tables[] = {
       {scalar::gemm_tile, scalar::gemm_tile_bf16, scalar::softmax_rows, scalar::layer_norm_row,
@@ -142,12 +178,30 @@ namespace {
 constexpr int kMC = 48;
 constexpr int kNC = 64;
 
-// Per-thread scratch that survives across calls (OpenMP threads are persistent).
+// Per-thread scratch that survives across calls (pool / OpenMP threads are persistent).
+// Slots: 0, 1 attention core (k^T, logits); 2, 3, 4 a chunk's buffers when a task owns it.
 float* thread_scratch(int slot, size_t n) {
-  thread_local std::vector<float> bufs[3];
+  thread_local std::vector<float> bufs[5];
   auto& v = bufs[slot];
   if (v.size() < n) v.resize(n);
   return v.data();
+}
+
+// f(i) for i in [0, n) on the DaViT threads (the caller included); returns when all ran.
+template <class F>
+void parallel_for(long n, F&& f) {
+  const int nth = num_threads();
+  if (n <= 0) return;
+  if (n == 1 || nth == 1) {
+    for (long i = 0; i < n; ++i) f(i);
+    return;
+  }
+#ifdef DOVETAIL_DAVIT_POOL
+  ThreadPool::instance().parallel_for(nth, n, [&](int64_t i) { f((long)i); });
+#else
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+  for (long i = 0; i < n; ++i) f(i);
+#endif
 }
 
 // Work buffers of one op call, kept by the calling thread across calls: large per-call
@@ -195,15 +249,13 @@ GemmSpec with_weights(GemmSpec s, const PackedLinear& w, int col0) {
   return s;
 }
 
-// Runs f(0..n-1): shared among the threads of the enclosing parallel region (a
-// work-sharing loop every thread must reach; ends with a barrier), or all on this thread.
+// f(0..n-1): spread over the threads (shared) or all on this thread (inside a task).
 template <class F>
-void for_tasks(int n, bool shared, F&& f) {
+void for_tasks(long n, bool shared, F&& f) {
   if (shared) {
-#pragma omp for schedule(static)
-    for (int i = 0; i < n; ++i) f(i);
+    parallel_for(n, f);
   } else {
-    for (int i = 0; i < n; ++i) f(i);
+    for (long i = 0; i < n; ++i) f(i);
   }
 }
 
@@ -211,8 +263,8 @@ void for_tasks(int n, bool shared, F&& f) {
 void gemm_tiles(const GemmSpec& s, bool shared = true) {
   const int mt = (s.m + kMC - 1) / kMC, nt = (s.n + kNC - 1) / kNC;
   const auto gemm = s.b16 ? kernels().gemm_tile_bf16 : kernels().gemm_tile;
-  for_tasks(mt * nt, shared, [&](int t) {
-    const int i0 = (t / nt) * kMC, j0 = (t % nt) * kNC;
+  for_tasks(mt * nt, shared, [&](long t) {
+    const int i0 = (int)(t / nt) * kMC, j0 = (int)(t % nt) * kNC;
     const int m = std::min(kMC, s.m - i0);
     float* crow[kMC];
     const float* rrow[kMC];
@@ -242,10 +294,10 @@ void gemm_tiles(const GemmSpec& s, bool shared = true) {
   });
 }
 
-// Two ways to spread a fused op over threads. With many chunks each thread owns whole
-// chunks and runs every phase alone (no barriers: they dominate once a core is contended);
-// with few chunks (late stages, batch 1) all threads share each phase of every chunk.
-bool own_chunks(long chunks) { return chunks >= 2L * omp_get_max_threads(); }
+// Two ways to spread a fused op over threads. With many chunks each task owns a whole
+// chunk and runs every phase alone (one join per op: joins dominate once a core is
+// contended); with few chunks (late stages, batch 1) the threads share each phase.
+bool own_chunks(long chunks) { return chunks >= 2L * num_threads(); }
 
 // A serial GEMM on one thread (small attention products); rows are at most `kMaxRows`.
 constexpr int kMaxRows = 256;
@@ -332,7 +384,6 @@ void linear(const float* x, long rows, const PackedLinear& w, float* y, const fl
   }
   // Row blocks of at most INT_MAX rows are never needed at DaViT sizes; keep the check honest.
   DT_CHECK(rows < (1L << 30), "too many rows for one linear call");
-#pragma omp parallel
   gemm_tiles(with_weights({(int)rows, w.out, w.in, a.data(), 1, nullptr, 0, 0, c.data(),
                            res ? r.data() : nullptr, nullptr, gelu}, w, 0));
 }
@@ -353,65 +404,62 @@ void window_attention(const WindowAttentionParams& p) {
   // Windows per chunk: up to ~384 token rows (the chunk's qkv block stays cache-resident and
   // the GEMMs get enough rows to amortise reading the weights), fewer so that every thread
   // can own at least two chunks when the map is small.
-  const int nth = omp_get_max_threads();
+  const int nth = num_threads();
   const int wpc = (int)std::clamp<long>(windows / (2L * nth), 1, std::max(1, 384 / L));
   const long nchunks = (windows + wpc - 1) / wpc;
   const bool own = own_chunks(nchunks);
-  const int nbuf = own ? nth : 1;
   const size_t rows_pc = (size_t)wpc * L;
-  CallBuffers& cb = call_buffers();
-  float* zero_row = cb.get(0, C);
-  std::fill(zero_row, zero_row + C, 0.f);
-  float* qkvbuf = cb.get(1, nbuf * rows_pc * 3 * C);
-  float* obuf = cb.get(2, nbuf * rows_pc * C);
   const WindowGrid grid = make_window_grid(H, W, ws);
+  // Padded tokens read a zero row: after LayerNorm the pad value is exactly 0.
+  float* zero_row = call_buffers().get(0, C);
+  std::fill(zero_row, zero_row + C, 0.f);
 
-#pragma omp parallel
-  {
-    const int tid = omp_get_thread_num();
-    float* kt = thread_scratch(0, (size_t)d * L);
-    float* s = thread_scratch(1, (size_t)L * L);
-    float* qkv = qkvbuf + (own ? tid : 0) * rows_pc * 3 * C;
-    float* ob = obuf + (own ? tid : 0) * rows_pc * C;
-    // Row tables for one chunk (built by every thread; a few hundred entries).
-    std::vector<const float*> a_rows(rows_pc), o_rows(rows_pc), res_rows(rows_pc);
-    std::vector<float*> qkv_rows(rows_pc), out_rows(rows_pc);
-    for (size_t i = 0; i < rows_pc; ++i) qkv_rows[i] = qkv + i * 3 * C;
-    const long first = own ? tid : 0, step = own ? nth : 1;
-    for (long ch = first; ch < nchunks; ch += step) {
-      const long w0 = ch * wpc;
-      const int nw = (int)std::min<long>(wpc, windows - w0);
-      // Padded tokens read a zero row (after LayerNorm the pad value is exactly 0); crop =
-      // padded tokens never listed as proj rows.
-      int real = 0;
-      for (int r = 0; r < nw * L; ++r) {
-        const long tok = window_token(grid, w0 * L + r);
-        a_rows[r] = tok >= 0 ? p.x + tok * C : zero_row;
-        if (tok < 0) continue;
-        o_rows[real] = ob + (size_t)r * C;
-        out_rows[real] = p.out + tok * C;
-        if (p.res) res_rows[real] = p.res + tok * C;
-        ++real;
-      }
-      // qkv = z W_qkv^T + b for every (padded) token of the chunk's windows.
-      gemm_tiles(with_weights({nw * L, 3 * C, C, a_rows.data(), 1, nullptr, 0, 0, qkv_rows.data(), nullptr,
-                               nullptr, false}, *p.qkv, 0), !own);
-      // Per (window, head): S = q k^T, P = softmax(scale * S), o = P v.
-      for_tasks(nw * h, !own, [&](int task) {
-        const int wl = task / h, hd = task % h;
-        const float* base = qkv + (size_t)wl * L * 3 * C;
-        const float* q = base + hd * d;
-        const float* k = base + C + hd * d;
-        const float* v = base + 2 * C + hd * d;
-        kernels().transpose(k, 3 * C, L, d, kt, L);
-        small_gemm(L, L, d, q, 3 * C, 1, kt, L, s, L, false);
-        kernels().softmax_rows(s, L, L, L, scale);
-        small_gemm(L, d, L, s, L, 1, v, 3 * C, ob + (size_t)wl * L * C + hd * d, C, false);
-      });
-      // out = res + o W_proj^T + b for the chunk's real tokens.
-      gemm_tiles(with_weights({real, C, C, o_rows.data(), 1, nullptr, 0, 0, out_rows.data(),
-                               p.res ? res_rows.data() : nullptr, nullptr, false}, *p.proj, 0), !own);
+  // One chunk of windows: qkv GEMM, per-(window, head) attention, proj GEMM. `shared`: the
+  // phases are spread over the threads (buffers of the calling thread); otherwise the
+  // running thread does it all in its own buffers.
+  auto chunk = [&](long ch, bool shared) {
+    float* qkv = shared ? call_buffers().get(1, rows_pc * 3 * C) : thread_scratch(2, rows_pc * 3 * C);
+    float* ob = shared ? call_buffers().get(2, rows_pc * C) : thread_scratch(3, rows_pc * C);
+    const long w0 = ch * wpc;
+    const int nw = (int)std::min<long>(wpc, windows - w0);
+    std::vector<const float*> a_rows(nw * L), o_rows(nw * L), res_rows(p.res ? nw * L : 0);
+    std::vector<float*> qkv_rows(nw * L), out_rows(nw * L);
+    int real = 0;  // crop = padded tokens are never listed as proj rows
+    for (int r = 0; r < nw * L; ++r) {
+      qkv_rows[r] = qkv + (size_t)r * 3 * C;
+      const long tok = window_token(grid, w0 * L + r);
+      a_rows[r] = tok >= 0 ? p.x + tok * C : zero_row;
+      if (tok < 0) continue;
+      o_rows[real] = ob + (size_t)r * C;
+      out_rows[real] = p.out + tok * C;
+      if (p.res) res_rows[real] = p.res + tok * C;
+      ++real;
     }
+    // qkv = z W_qkv^T + b for every (padded) token of the chunk's windows.
+    gemm_tiles(with_weights({nw * L, 3 * C, C, a_rows.data(), 1, nullptr, 0, 0, qkv_rows.data(), nullptr,
+                             nullptr, false}, *p.qkv, 0), shared);
+    // Per (window, head): S = q k^T, P = softmax(scale * S), o = P v.
+    for_tasks(nw * h, shared, [&](long task) {
+      const int wl = (int)(task / h), hd = (int)(task % h);
+      float* kt = thread_scratch(0, (size_t)d * L);
+      float* s = thread_scratch(1, (size_t)L * L);
+      const float* base = qkv + (size_t)wl * L * 3 * C;
+      const float* q = base + hd * d;
+      const float* k = base + C + hd * d;
+      const float* v = base + 2 * C + hd * d;
+      kernels().transpose(k, 3 * C, L, d, kt, L);
+      small_gemm(L, L, d, q, 3 * C, 1, kt, L, s, L, false);
+      kernels().softmax_rows(s, L, L, L, scale);
+      small_gemm(L, d, L, s, L, 1, v, 3 * C, ob + (size_t)wl * L * C + hd * d, C, false);
+    });
+    // out = res + o W_proj^T + b for the chunk's real tokens.
+    gemm_tiles(with_weights({real, C, C, o_rows.data(), 1, nullptr, 0, 0, out_rows.data(),
+                             p.res ? res_rows.data() : nullptr, nullptr, false}, *p.proj, 0), shared);
+  };
+  if (own) {
+    parallel_for(nchunks, [&](long ch) { chunk(ch, false); });
+  } else {
+    for (long ch = 0; ch < nchunks; ++ch) chunk(ch, true);
   }
 }
 
@@ -470,12 +518,11 @@ void channel_attention_gram(const ChannelAttentionParams& p) {
   const int panels = (C + kPanel - 1) / kPanel;
   const auto wt_a = row_ptrs(wt.data(), C, 3 * C);
   constexpr long kSub = 256;  // tokens per fp32 partial sum of Gamma
-  // Images are independent: with enough of them each thread owns whole images (no
-  // barriers), otherwise all threads share every phase of each image.
-  const int nth = omp_get_max_threads();
-  const bool own = p.B >= 2 * nth;
+  // Images are independent: with enough of them each task owns a whole image, otherwise
+  // the threads share every phase of each image.
+  const bool own = p.B >= 2 * num_threads();
 
-  // Work buffers for one image: one shared set, or one per thread when threads own images.
+  // Work buffers for one image.
   struct Work {
     std::vector<float> gram, sigma, z, maps, ku, vu, t, m, mp, cvec;
     std::vector<const float*> x_rows, res_rows, gram_a;
@@ -490,107 +537,91 @@ void channel_attention_gram(const ChannelAttentionParams& p) {
     w.z_c = row_ptrs(w.z.data(), C, C);
     w.m_c = row_ptrs(w.m.data(), C, C);
   };
-  Work shared_work;
-  if (!own) init(shared_work);
 
-#pragma omp parallel
-  {
-    Work local;
-    if (own) init(local);
-    Work& wk = own ? local : shared_work;
+  auto image = [&](int b, bool sh) {
+    Work wk;
+    init(wk);
     auto& gram = wk.gram; auto& sigma = wk.sigma; auto& z = wk.z; auto& maps = wk.maps;
     auto& ku = wk.ku; auto& vu = wk.vu; auto& t = wk.t; auto& m = wk.m; auto& mp = wk.mp; auto& cvec = wk.cvec;
-    const bool sh = !own;
-    const int first = own ? omp_get_thread_num() : 0, step = own ? nth : 1;
-    for (int b = first; b < p.B; b += step) {
-      const float* x = p.x + (size_t)b * N * C;
-      auto fill_rows = [&] {
-        for (int n = 0; n < N; ++n) {
-          wk.x_rows[n] = x + (size_t)n * C;
-          wk.out_rows[n] = p.out + ((size_t)b * N + n) * C;
-          if (p.res) wk.res_rows[n] = p.res + ((size_t)b * N + n) * C;
-        }
-      };
-      if (own) {
-        fill_rows();
-      } else {
-#pragma omp single
-        fill_rows();
-      }
-      // Gamma = X^T X: per output tile, fp32 products over blocks of kSub tokens summed in
-      // double (Gamma's entries are sums over every token and feed an exponential).
-      const int mt = (C + kMC - 1) / kMC, nt = (C + kNC - 1) / kNC;
-      for_tasks(mt * nt, sh, [&](int tile) {
-        const int i0 = (tile / nt) * kMC, j0 = (tile % nt) * kNC;
-        const int mi = std::min(kMC, C - i0), nj = std::min(kNC, C - j0);
-        float part[kMC * kNC];
-        double acc[kMC * kNC] = {};
-        const float* arow[kMC];
-        float* crow[kMC];
-        for (int i = 0; i < mi; ++i) crow[i] = part + i * kNC;
-        for (long n0 = 0; n0 < N; n0 += kSub) {
-          for (int i = 0; i < mi; ++i) arow[i] = x + n0 * C + i0 + i;
-          GemmTile g;
-          g.m = mi; g.n = nj; g.k = (int)std::min(kSub, N - n0);
-          g.a = arow; g.a_cs = C;
-          g.b = x + n0 * C + j0; g.ldb = C;
-          g.c = crow;
-          kernels().gemm_tile(g);
-          for (int i = 0; i < mi; ++i)
-            for (int j = 0; j < nj; ++j) acc[i * kNC + j] += part[i * kNC + j];
-        }
-        for (int i = 0; i < mi; ++i)
-          for (int j = 0; j < nj; ++j) gram[(size_t)(i0 + i) * C + j0 + j] = (float)acc[i * kNC + j];
-      });
-      for_tasks(C, sh, [&](int i) {
-        double s = 0.0;
-        for (int n = 0; n < N; ++n) s += x[(size_t)n * C + i];
-        sigma[i] = (float)s;
-      });
-      // Z = Gamma Wv^T (C x C); ku = Wk sigma, vu = Wv sigma.
-      gemm_tiles({C, C, C, wk.gram_a.data(), 1, wt.data() + 2 * C, 3 * C, 0, wk.z_c.data(), nullptr, nullptr, false}, sh);
-      for_tasks(C, sh, [&](int o) {
-        float sk = 0.f, sv = 0.f;
-        for (int i = 0; i < C; ++i) {
-          sk += wt[(size_t)i * 3 * C + C + o] * sigma[i];
-          sv += wt[(size_t)i * 3 * C + 2 * C + o] * sigma[i];
-        }
-        ku[o] = sk;
-        vu[o] = sv;
-      });
-      // S_g = Wk_g Z_g + rank-one bias terms; A_g = softmax_rows(scale S_g); then
-      // T_g = A_g^T Wp_g^T (rows g d .. g d + d of T).
-      for_tasks(G, sh, [&](int g) {
-        float* sg = maps.data() + (size_t)g * d * d;
-        small_gemm(d, d, C, wt.data() + C + g * d, 1, 3 * C, z.data() + g * d, C, sg, d, false);
-        for (int i = 0; i < d; ++i)
-          for (int j = 0; j < d; ++j)
-            sg[i * d + j] += ku[g * d + i] * bv[g * d + j] + bk[g * d + i] * vu[g * d + j] +
-                             (float)N * bk[g * d + i] * bv[g * d + j];
-        kernels().softmax_rows(sg, d, d, d, scale);
-        std::vector<float> at((size_t)d * d);
-        for (int i = 0; i < d; ++i)
-          for (int j = 0; j < d; ++j) at[j * d + i] = sg[i * d + j];
-        small_gemm(d, C, d, at.data(), d, 1, pt.data() + (size_t)g * d * C, C, t.data() + (size_t)g * d * C, C,
-                   false);
-      });
-      // M = Wq^T T (C x C), packed into panels for the token GEMM; c = bq^T T + bp.
-      gemm_tiles({C, C, C, wt_a.data(), 1, t.data(), C, 0, wk.m_c.data(), nullptr, nullptr, false}, sh);
-      for_tasks(C, sh, [&](int j) {
-        float s = p.proj->bias[j];
-        for (int k = 0; k < C; ++k) s += bq[k] * t[(size_t)k * C + j];
-        cvec[j] = s;
-      });
-      if (own) {
-        pack_panels(m.data(), C, C, mp.data());
-      } else {
-#pragma omp single
-        pack_panels(m.data(), C, C, mp.data());
-      }
-      // y = res + X M + c over the image's tokens.
-      gemm_tiles({N, C, C, wk.x_rows.data(), 1, mp.data(), 0, (long)C * kPanel, wk.out_rows.data(),
-                  p.res ? wk.res_rows.data() : nullptr, cvec.data(), false}, sh);
+    const float* x = p.x + (size_t)b * N * C;
+    for (int n = 0; n < N; ++n) {
+      wk.x_rows[n] = x + (size_t)n * C;
+      wk.out_rows[n] = p.out + ((size_t)b * N + n) * C;
+      if (p.res) wk.res_rows[n] = p.res + ((size_t)b * N + n) * C;
     }
+    // Gamma = X^T X: per output tile, fp32 products over blocks of kSub tokens summed in
+    // double (Gamma's entries are sums over every token and feed an exponential).
+    const int mt = (C + kMC - 1) / kMC, nt = (C + kNC - 1) / kNC;
+    for_tasks(mt * nt, sh, [&](int tile) {
+      const int i0 = (tile / nt) * kMC, j0 = (tile % nt) * kNC;
+      const int mi = std::min(kMC, C - i0), nj = std::min(kNC, C - j0);
+      float part[kMC * kNC];
+      double acc[kMC * kNC] = {};
+      const float* arow[kMC];
+      float* crow[kMC];
+      for (int i = 0; i < mi; ++i) crow[i] = part + i * kNC;
+      for (long n0 = 0; n0 < N; n0 += kSub) {
+        for (int i = 0; i < mi; ++i) arow[i] = x + n0 * C + i0 + i;
+        GemmTile g;
+        g.m = mi; g.n = nj; g.k = (int)std::min(kSub, N - n0);
+        g.a = arow; g.a_cs = C;
+        g.b = x + n0 * C + j0; g.ldb = C;
+        g.c = crow;
+        kernels().gemm_tile(g);
+        for (int i = 0; i < mi; ++i)
+          for (int j = 0; j < nj; ++j) acc[i * kNC + j] += part[i * kNC + j];
+      }
+      for (int i = 0; i < mi; ++i)
+        for (int j = 0; j < nj; ++j) gram[(size_t)(i0 + i) * C + j0 + j] = (float)acc[i * kNC + j];
+    });
+    for_tasks(C, sh, [&](int i) {
+      double s = 0.0;
+      for (int n = 0; n < N; ++n) s += x[(size_t)n * C + i];
+      sigma[i] = (float)s;
+    });
+    // Z = Gamma Wv^T (C x C); ku = Wk sigma, vu = Wv sigma.
+    gemm_tiles({C, C, C, wk.gram_a.data(), 1, wt.data() + 2 * C, 3 * C, 0, wk.z_c.data(), nullptr, nullptr, false}, sh);
+    for_tasks(C, sh, [&](int o) {
+      float sk = 0.f, sv = 0.f;
+      for (int i = 0; i < C; ++i) {
+        sk += wt[(size_t)i * 3 * C + C + o] * sigma[i];
+        sv += wt[(size_t)i * 3 * C + 2 * C + o] * sigma[i];
+      }
+      ku[o] = sk;
+      vu[o] = sv;
+    });
+    // S_g = Wk_g Z_g + rank-one bias terms; A_g = softmax_rows(scale S_g); then
+    // T_g = A_g^T Wp_g^T (rows g d .. g d + d of T).
+    for_tasks(G, sh, [&](int g) {
+      float* sg = maps.data() + (size_t)g * d * d;
+      small_gemm(d, d, C, wt.data() + C + g * d, 1, 3 * C, z.data() + g * d, C, sg, d, false);
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j)
+          sg[i * d + j] += ku[g * d + i] * bv[g * d + j] + bk[g * d + i] * vu[g * d + j] +
+                           (float)N * bk[g * d + i] * bv[g * d + j];
+      kernels().softmax_rows(sg, d, d, d, scale);
+      std::vector<float> at((size_t)d * d);
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j) at[j * d + i] = sg[i * d + j];
+      small_gemm(d, C, d, at.data(), d, 1, pt.data() + (size_t)g * d * C, C, t.data() + (size_t)g * d * C, C,
+                 false);
+    });
+    // M = Wq^T T (C x C), packed into panels for the token GEMM; c = bq^T T + bp.
+    gemm_tiles({C, C, C, wt_a.data(), 1, t.data(), C, 0, wk.m_c.data(), nullptr, nullptr, false}, sh);
+    for_tasks(C, sh, [&](int j) {
+      float s = p.proj->bias[j];
+      for (int k = 0; k < C; ++k) s += bq[k] * t[(size_t)k * C + j];
+      cvec[j] = s;
+    });
+    pack_panels(m.data(), C, C, mp.data());
+    // y = res + X M + c over the image's tokens.
+    gemm_tiles({N, C, C, wk.x_rows.data(), 1, mp.data(), 0, (long)C * kPanel, wk.out_rows.data(),
+                p.res ? wk.res_rows.data() : nullptr, cvec.data(), false}, sh);
+  };
+  if (own) {
+    parallel_for(p.B, [&](long b) { image((int)b, false); });
+  } else {
+    for (int b = 0; b < p.B; ++b) image(b, true);
   }
 }
 
@@ -613,12 +644,11 @@ void channel_attention(const ChannelAttentionParams& p) {
   const long rows = (long)B * N;
   // Token rows per chunk: the k|v block (rows x 2C) stays within ~1.5 MB, and small inputs
   // are cut finer so that every thread can own chunks (see own_chunks).
-  const int nth = omp_get_max_threads();
+  const int nth = num_threads();
   const long ch_max = std::clamp<long>((3L << 17) / (2L * C) / 16 * 16, 64, 1024);
   const int CH = (int)std::clamp<long>((rows + 2L * nth - 1) / (2L * nth), 16, ch_max);
   const long nchunks = (rows + CH - 1) / CH;
   const bool own = own_chunks(nchunks);
-  const int nbuf = own ? nth : 1;
   // Sub-tasks split each group's d x d map (pass 1) into row blocks.
   constexpr int kIB = 8;
   const int ib = (d + kIB - 1) / kIB;
@@ -630,14 +660,14 @@ void channel_attention(const ChannelAttentionParams& p) {
   if (!aligned) kv_copy = sub_linear(*p.qkv, C, 3 * C);
   const PackedLinear& kv_layer = aligned ? *p.qkv : kv_copy;
   const int kv_col0 = aligned ? C : 0;
+  // S per (b, g): one partial set per chunk when tasks own chunks (summed in chunk order
+  // afterwards), else one set accumulated chunk after chunk.
   const size_t map_size = (size_t)B * G * d * d;
+  const long nmaps = own ? nchunks : 1;
   CallBuffers& cb = call_buffers();
-  float* maps = cb.get(0, nbuf * map_size);  // S per (b, g); one copy per owner thread
-  std::fill(maps, maps + nbuf * map_size, 0.f);
-  float* amap = cb.get(1, map_size);         // A^T per (b, g)
-  float* kvbuf = cb.get(2, nbuf * (size_t)CH * 2 * C);
-  float* qbuf = cb.get(3, nbuf * (size_t)CH * C);
-  float* obuf = cb.get(4, nbuf * (size_t)CH * C);
+  float* maps = cb.get(0, nmaps * map_size);
+  float* amap = cb.get(1, map_size);  // A^T per (b, g)
+  if (!own) std::fill(maps, maps + map_size, 0.f);
   std::vector<const float*> x_rows(rows);
   std::vector<float*> out_rows(rows);
   std::vector<const float*> res_rows(p.res ? rows : 0);
@@ -646,85 +676,104 @@ void channel_attention(const ChannelAttentionParams& p) {
     out_rows[r] = p.out + r * C;
     if (p.res) res_rows[r] = p.res + r * C;
   }
+  auto first_image = [&](long ch) { return (int)(ch * CH / N); };
+  auto last_image = [&](long ch) { return (int)((std::min<long>(rows, (ch + 1) * CH) - 1) / N); };
+  // Row pointers into a chunk buffer of `ld` floats per row.
+  auto rows_of = [&](float* buf, int m, long ld) {
+    std::vector<float*> r(m);
+    for (int i = 0; i < m; ++i) r[i] = buf + (size_t)i * ld;
+    return r;
+  };
 
-#pragma omp parallel
-  {
-    const int tid = omp_get_thread_num(), slot = own ? tid : 0;
-    float* kv = kvbuf + (size_t)slot * CH * 2 * C;
-    float* qb = qbuf + (size_t)slot * CH * C;
-    float* ob = obuf + (size_t)slot * CH * C;
-    float* sm = maps + slot * map_size;
-    std::vector<float*> kv_c(CH), q_c(CH), o_c(CH);
-    std::vector<const float*> o_src(CH);
-    for (int i = 0; i < CH; ++i) {
-      kv_c[i] = kv + (size_t)i * 2 * C;
-      q_c[i] = qb + (size_t)i * C;
-      o_c[i] = ob + (size_t)i * C;
-      o_src[i] = o_c[i];
-    }
-    const long first = own ? tid : 0, step = own ? nth : 1;
-    // Pass 1: S_g += K_g^T V_g over all tokens, chunk by chunk (k|v never fully stored).
-    for (long ch = first; ch < nchunks; ch += step) {
-      const long r0 = ch * CH;
-      const int m = (int)std::min<long>(CH, rows - r0);
-      gemm_tiles(with_weights({m, 2 * C, C, x_rows.data() + r0, 1, nullptr, 0, 0, kv_c.data(), nullptr, nullptr,
-                               false}, kv_layer, kv_col0), !own);
-      // Segments of the chunk that belong to one image; tasks = (segment, group, row block).
-      const int b_first = (int)(r0 / N), b_last = (int)((r0 + m - 1) / N);
-      const int nseg = b_last - b_first + 1;
-      for_tasks(nseg * G * ib, !own, [&](int task) {
-        const int b = b_first + task / (G * ib), g = (task / ib) % G, i0 = (task % ib) * kIB;
-        const long s0 = std::max<long>(r0, (long)b * N) - r0, s1 = std::min<long>(r0 + m, (long)(b + 1) * N) - r0;
-        const int mi = std::min(kIB, d - i0);
-        // A(i, n) = k[n][g d + i0 + i]: strided along tokens; B(n, j) = v[n][g d + j].
-        // Partial sums over kSub tokens are added to S, so fp32 rounding grows with
-        // N / kSub + kSub rather than with N (logits are sums over every token).
-        constexpr long kSub = 128;
-        for (long n0 = s0; n0 < s1; n0 += kSub)
-          small_gemm(mi, d, (int)std::min(kSub, s1 - n0), kv + n0 * 2 * C + g * d + i0, 1, 2 * C,
-                     kv + n0 * 2 * C + C + g * d, 2 * C, sm + (((size_t)b * G + g) * d + i0) * d, d, true);
-      });
-    }
-    if (own) {
-#pragma omp barrier
-    }
-    // Sum the owners' partial maps in thread order, then A = softmax_rows(scale * S) in
-    // fp32; store A^T so that o = q A^T reads B row-major.
-    for_tasks(B * G, true, [&](int bg) {
-      float* s0 = maps + (size_t)bg * d * d;
-      for (int t = 1; t < nbuf; ++t) {
-        const float* st = maps + t * map_size + (size_t)bg * d * d;
-        for (int e = 0; e < d * d; ++e) s0[e] += st[e];
-      }
-      kernels().softmax_rows(s0, d, d, d, scale);
-      float* at = amap + (size_t)bg * d * d;
-      for (int i = 0; i < d; ++i)
-        for (int j = 0; j < d; ++j) at[j * d + i] = s0[i * d + j];
+  // Pass 1 for one chunk: k|v for its tokens (never stored for all N), then
+  // S_g += K_g^T V_g for the images it covers, into `sm`.
+  auto pass1 = [&](long ch, bool shared, float* sm) {
+    float* kv = shared ? cb.get(2, (size_t)CH * 2 * C) : thread_scratch(2, (size_t)CH * 2 * C);
+    const long r0 = ch * CH;
+    const int m = (int)std::min<long>(CH, rows - r0);
+    const auto kv_c = rows_of(kv, m, 2 * C);
+    gemm_tiles(with_weights({m, 2 * C, C, x_rows.data() + r0, 1, nullptr, 0, 0, kv_c.data(), nullptr, nullptr,
+                             false}, kv_layer, kv_col0), shared);
+    // Tasks = (image segment of the chunk, group, row block of the map).
+    const int b_first = first_image(ch), nseg = last_image(ch) - b_first + 1;
+    for_tasks(nseg * G * ib, shared, [&](long task) {
+      const int b = b_first + (int)(task / (G * ib)), g = (int)(task / ib) % G, i0 = (int)(task % ib) * kIB;
+      const long s0 = std::max<long>(r0, (long)b * N) - r0, s1 = std::min<long>(r0 + m, (long)(b + 1) * N) - r0;
+      const int mi = std::min(kIB, d - i0);
+      // A(i, n) = k[n][g d + i0 + i]: strided along tokens; B(n, j) = v[n][g d + j].
+      // Partial sums over kSub tokens are added to S, so fp32 rounding grows with
+      // N / kSub + kSub rather than with N (logits are sums over every token).
+      constexpr long kSub = 128;
+      for (long n0 = s0; n0 < s1; n0 += kSub)
+        small_gemm(mi, d, (int)std::min(kSub, s1 - n0), kv + n0 * 2 * C + g * d + i0, 1, 2 * C,
+                   kv + n0 * 2 * C + C + g * d, 2 * C, sm + (((size_t)b * G + g) * d + i0) * d, d, true);
     });
-    // Pass 2: q for the chunk, o_g = q_g A_g^T, out = res + o W_proj^T + b.
-    for (long ch = first; ch < nchunks; ch += step) {
-      const long r0 = ch * CH;
-      const int m = (int)std::min<long>(CH, rows - r0);
-      gemm_tiles(with_weights({m, C, C, x_rows.data() + r0, 1, nullptr, 0, 0, q_c.data(), nullptr, nullptr,
-                               false}, *p.qkv, 0), !own);
-      const int nrb = (m + kMC - 1) / kMC;
-      for_tasks(nrb * G, !own, [&](int task) {
-        const int i0 = (task / G) * kMC, g = task % G, mi = std::min(kMC, m - i0);
-        // Row blocks are split at image boundaries (each image has its own maps).
-        int done = 0;
-        while (done < mi) {
-          const long r = r0 + i0 + done;
-          const int b = (int)(r / N);
-          const int seg = (int)std::min<long>(mi - done, (long)(b + 1) * N - r);
-          small_gemm(seg, d, d, qb + (size_t)(i0 + done) * C + g * d, C, 1,
-                     amap + ((size_t)b * G + g) * d * d, d, ob + (size_t)(i0 + done) * C + g * d, C,
-                     false);
-          done += seg;
+  };
+  if (own) {
+    parallel_for(nchunks, [&](long ch) {
+      float* sm = maps + ch * map_size;
+      const int b0 = first_image(ch), b1 = last_image(ch);
+      std::fill(sm + (size_t)b0 * G * d * d, sm + (size_t)(b1 + 1) * G * d * d, 0.f);
+      pass1(ch, false, sm);
+    });
+  } else {
+    for (long ch = 0; ch < nchunks; ++ch) pass1(ch, true, maps);
+  }
+  // Sum the chunks' partial maps in chunk order, then A = softmax_rows(scale * S) in fp32;
+  // store A^T so that o = q A^T reads B row-major.
+  parallel_for(B * G, [&](long bg) {
+    const int b = (int)(bg / G);
+    float* s0 = maps + (size_t)bg * d * d;
+    if (own) {
+      bool first = true;
+      for (long ch = 0; ch < nchunks; ++ch) {
+        if (b < first_image(ch) || b > last_image(ch)) continue;
+        const float* st = maps + ch * map_size + (size_t)bg * d * d;
+        if (first) {
+          if (ch) std::copy(st, st + d * d, s0);
+          first = false;
+        } else {
+          for (int e = 0; e < d * d; ++e) s0[e] += st[e];
         }
-      });
-      gemm_tiles(with_weights({m, C, C, o_src.data(), 1, nullptr, 0, 0, out_rows.data() + r0,
-                               p.res ? res_rows.data() + r0 : nullptr, nullptr, false}, *p.proj, 0), !own);
+      }
     }
+    kernels().softmax_rows(s0, d, d, d, scale);
+    float* at = amap + (size_t)bg * d * d;
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) at[j * d + i] = s0[i * d + j];
+  });
+  // Pass 2 for one chunk: q, o_g = q_g A_g^T, out = res + o W_proj^T + b.
+  auto pass2 = [&](long ch, bool shared) {
+    float* qb = shared ? cb.get(2, (size_t)CH * C) : thread_scratch(2, (size_t)CH * C);
+    float* ob = shared ? cb.get(3, (size_t)CH * C) : thread_scratch(3, (size_t)CH * C);
+    const long r0 = ch * CH;
+    const int m = (int)std::min<long>(CH, rows - r0);
+    const auto q_c = rows_of(qb, m, C);
+    const auto o_c = rows_of(ob, m, C);
+    const std::vector<const float*> o_src(o_c.begin(), o_c.end());
+    gemm_tiles(with_weights({m, C, C, x_rows.data() + r0, 1, nullptr, 0, 0, q_c.data(), nullptr, nullptr, false},
+                            *p.qkv, 0), shared);
+    const int nrb = (m + kMC - 1) / kMC;
+    for_tasks(nrb * G, shared, [&](long task) {
+      const int i0 = (int)(task / G) * kMC, g = (int)(task % G), mi = std::min(kMC, m - i0);
+      // Row blocks are split at image boundaries (each image has its own maps).
+      int done = 0;
+      while (done < mi) {
+        const long r = r0 + i0 + done;
+        const int b = (int)(r / N);
+        const int seg = (int)std::min<long>(mi - done, (long)(b + 1) * N - r);
+        small_gemm(seg, d, d, qb + (size_t)(i0 + done) * C + g * d, C, 1, amap + ((size_t)b * G + g) * d * d, d,
+                   ob + (size_t)(i0 + done) * C + g * d, C, false);
+        done += seg;
+      }
+    });
+    gemm_tiles(with_weights({m, C, C, o_src.data(), 1, nullptr, 0, 0, out_rows.data() + r0,
+                             p.res ? res_rows.data() + r0 : nullptr, nullptr, false}, *p.proj, 0), shared);
+  };
+  if (own) {
+    parallel_for(nchunks, [&](long ch) { pass2(ch, false); });
+  } else {
+    for (long ch = 0; ch < nchunks; ++ch) pass2(ch, true);
   }
 }
 
@@ -733,8 +782,10 @@ void channel_attention(const ChannelAttentionParams& p) {
 void layer_norm(const float* x, long rows, int C, const float* gamma, const float* beta, float eps,
                 float* y) {
   const auto ln = kernels().layer_norm_row;
-#pragma omp parallel for schedule(static)
-  for (long r = 0; r < rows; ++r) ln(x + r * C, C, gamma, beta, eps, y + r * C);
+  constexpr long kRows = 64;  // rows per task
+  parallel_for((rows + kRows - 1) / kRows, [&](long t) {
+    for (long r = t * kRows; r < std::min(rows, (t + 1) * kRows); ++r) ln(x + r * C, C, gamma, beta, eps, y + r * C);
+  });
 }
 
 void conv_pos_enc(const float* x, int B, int H, int W, int C, const float* weight, const float* bias,
@@ -745,12 +796,11 @@ void conv_pos_enc(const float* x, int B, int H, int W, int C, const float* weigh
   for (int c = 0; c < C; ++c)
     for (int t = 0; t < 9; ++t) wt[(size_t)t * C + c] = weight[(size_t)c * 9 + t];
   const auto row = kernels().cpe_row;
-#pragma omp parallel for schedule(static)
-  for (long by = 0; by < (long)B * H; ++by) {
+  parallel_for((long)B * H, [&](long by) {
     const int b = (int)(by / H), yy = (int)(by % H);
     const long img = (long)b * H * W * C;
     row(x + img, H, W, C, yy, wt.data(), bias, y + img + (long)yy * W * C);
-  }
+  });
 }
 
 void mlp_block(const float* x, long rows, int C, const float* gamma, const float* beta, float eps,
@@ -761,41 +811,41 @@ void mlp_block(const float* x, long rows, int C, const float* gamma, const float
   const int hid = fc1.out;
   // Token rows per chunk: the hidden block (CH x 4C) stays in L2/L3; small inputs are cut
   // finer so that every thread can own chunks (see own_chunks).
-  const int nth = omp_get_max_threads();
+  const int nth = num_threads();
   const int CH = (int)std::clamp<long>((rows + 2L * nth - 1) / (2L * nth), 16, 256);
   const long nchunks = (rows + CH - 1) / CH;
   const bool own = own_chunks(nchunks);
-  const int nbuf = own ? nth : 1;
-  CallBuffers& cb = call_buffers();
-  float* zbuf = cb.get(0, nbuf * (size_t)CH * C);
-  float* hbuf = cb.get(1, nbuf * (size_t)CH * hid);
   std::vector<const float*> x_rows(rows);
   std::vector<float*> y_rows(rows);
   for (long r = 0; r < rows; ++r) {
     x_rows[r] = x + r * C;
     y_rows[r] = y + r * C;
   }
-#pragma omp parallel
-  {
-    const int tid = omp_get_thread_num(), slot = own ? tid : 0;
-    std::vector<const float*> z_a(CH), h_a(CH);
-    std::vector<float*> z_c(CH), h_c(CH);
-    for (int i = 0; i < CH; ++i) {
-      z_c[i] = zbuf + ((size_t)slot * CH + i) * C;
+  // One chunk: z = LN(x), h = GELU(z W1^T + b1), y = x + h W2^T + b2 (y may alias x: a
+  // chunk reads its rows of x before writing the same rows of y).
+  auto chunk = [&](long ch, bool shared) {
+    float* zbuf = shared ? call_buffers().get(0, (size_t)CH * C) : thread_scratch(2, (size_t)CH * C);
+    float* hbuf = shared ? call_buffers().get(1, (size_t)CH * hid) : thread_scratch(3, (size_t)CH * hid);
+    const long r0 = ch * CH;
+    const int m = (int)std::min<long>(CH, rows - r0);
+    std::vector<const float*> z_a(m), h_a(m);
+    std::vector<float*> z_c(m), h_c(m);
+    for (int i = 0; i < m; ++i) {
+      z_c[i] = zbuf + (size_t)i * C;
       z_a[i] = z_c[i];
-      h_c[i] = hbuf + ((size_t)slot * CH + i) * hid;
+      h_c[i] = hbuf + (size_t)i * hid;
       h_a[i] = h_c[i];
     }
-    const long first = own ? tid : 0, step = own ? nth : 1;
-    for (long ch = first; ch < nchunks; ch += step) {
-      const long r0 = ch * CH;
-      const int m = (int)std::min<long>(CH, rows - r0);
-      for_tasks(m, !own, [&](int i) { kernels().layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]); });
-      gemm_tiles(with_weights({m, hid, C, z_a.data(), 1, nullptr, 0, 0, h_c.data(), nullptr, nullptr, true},
-                              fc1, 0), !own);
-      gemm_tiles(with_weights({m, C, hid, h_a.data(), 1, nullptr, 0, 0, y_rows.data() + r0, x_rows.data() + r0,
-                               nullptr, false}, fc2, 0), !own);
-    }
+    for_tasks(m, shared, [&](long i) { kernels().layer_norm_row(x + (r0 + i) * C, C, gamma, beta, eps, z_c[i]); });
+    gemm_tiles(with_weights({m, hid, C, z_a.data(), 1, nullptr, 0, 0, h_c.data(), nullptr, nullptr, true}, fc1, 0),
+               shared);
+    gemm_tiles(with_weights({m, C, hid, h_a.data(), 1, nullptr, 0, 0, y_rows.data() + r0, x_rows.data() + r0,
+                             nullptr, false}, fc2, 0), shared);
+  };
+  if (own) {
+    parallel_for(nchunks, [&](long ch) { chunk(ch, false); });
+  } else {
+    for (long ch = 0; ch < nchunks; ++ch) chunk(ch, true);
   }
 }
 

@@ -68,6 +68,10 @@ namespace avx2 { DOVETAIL_DAVIT_ISA_DECLS }
 namespace avx512 { DOVETAIL_DAVIT_ISA_DECLS }
 #undef DOVETAIL_DAVIT_ISA_DECLS
 
+// Threads used by the DaViT drivers (default: OMP_NUM_THREADS, else all hardware threads).
+int num_threads();
+void set_num_threads(int n);  // ValueError unless 1 <= n <= 1024
+
 // ---- packed linear layer -----------------------------------------------------------------
 // PyTorch Linear weight [out, in] repacked once into panels of kPanel output channels:
 // panel p holds W^T[:, p*kPanel : (p+1)*kPanel] as [in][kPanel] (zero-padded past `out`),
