@@ -40,5 +40,6 @@ py::array_t<uint8_t, py::array::c_style> ancestor_matrix(const py::handle& obj, 
 
 void bind_ops(py::module_& m);
 void bind_engine(py::module_& m);
+void bind_davit(py::module_& m);
 
 }  // namespace dovetail::bind

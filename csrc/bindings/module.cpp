@@ -67,4 +67,5 @@ PYBIND11_MODULE(_core, m) {
 
   bind::bind_ops(m);
   bind::bind_engine(m);
+  bind::bind_davit(m);
 }

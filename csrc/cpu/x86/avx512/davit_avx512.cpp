@@ -1,0 +1,375 @@
+// AVX-512 versions of the DaViT tile routines (built with -mavx512f/bw/vl/dq only here).
+// GEMM micro-tile: 6 rows x 64 columns (four zmm accumulators per row, 24 in all); column
+// tails use masked loads/stores, row and column tails smaller instantiations of the template.
+// GCC 12 warns -W(maybe-)uninitialized inside its own AVX-512 intrinsics (the undefined-vector
+// placeholder they pass through; GCC bug 105593, fixed in 13): a header false positive.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/davit.h"
+#include "cpu/davit_rows.h"
+
+namespace dovetail::davit::avx512 {
+
+namespace {
+
+// exp(x) to ~1 ulp: range reduction by ln2, Cephes degree-5 polynomial, scalef by 2^n.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Exact-form GELU 0.5 x (1 + erf(x / sqrt2)); erf by Abramowitz-Stegun 7.1.26
+// (|error| <= 1.5e-7, below fp32 resolution of the GELU output for |x| >= 1e-1).
+inline __m512 gelu_ps(__m512 x) {
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 az = _mm512_abs_ps(z);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                 _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), az), az));
+  __m512 erf_abs = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));
+  // copy the sign of z
+  const __m512 sign = _mm512_and_ps(z, _mm512_set1_ps(-0.f));
+  const __m512 erf = _mm512_or_ps(erf_abs, sign);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+
+// Rows per micro-tile: 6 rows x 4 zmm accumulators + 4 B vectors + 1 broadcast of 32
+// registers; 6 row pointers keep the A addresses in general registers (12 would spill).
+constexpr int kMR = 6;
+
+inline __mmask16 tail_mask(int n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+// Epilogue shared by the fp32 and bf16 tiles: + bias, + residual, GELU, masked store.
+template <int MR, int NV>
+inline void store_tile(const GemmTile& t, __m512 (&acc)[MR][NV], int i0, int j0, __mmask16 last) {
+  __m512 bias[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+    bias[v] = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0 + 16 * v) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    float* c = t.c[i0 + i] + j0;
+    const float* r = t.res ? t.res[i0 + i] + j0 : nullptr;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+      __m512 x = _mm512_add_ps(acc[i][v], bias[v]);
+      if (r) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, r + 16 * v));
+      if (t.gelu) x = gelu_ps(x);
+      _mm512_mask_storeu_ps(c + 16 * v, m, x);
+    }
+  }
+}
+
+// One micro-tile: MR rows x NV*16 columns (NV <= 4), accumulators in registers. Only the
+// last vector of a row can be partial (mask `last`).
+template <int MR, int NV, bool UNIT>
+void micro(int nr, const GemmTile& t, int i0, int j0) {
+  const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const float* ap[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) ap[i] = t.a[i0 + i];
+  const float* bp[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const int j = j0 + 16 * v;
+    bp[v] = t.b_panel ? t.b + (j / kPanel) * t.b_panel + j % kPanel : t.b + j;
+  }
+  const long ldb = t.b_panel ? kPanel : t.ldb;
+  // Unit-stride A (every projection) lets the compiler fold k into the broadcast address.
+  const long cs = UNIT ? 1 : t.a_cs;
+  const int K = t.k;  // a local bound: no reload of t.k on every step
+  for (int k = 0; k < K; ++k) {
+    __m512 bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, bp[v] + k * ldb) : _mm512_loadu_ps(bp[v] + k * ldb);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ap[i][k * cs]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+  store_tile<MR, NV>(t, acc, i0, j0, last);
+}
+
+template <int MR, bool UNIT>
+void micro_cols(int nr, const GemmTile& t, int i0, int j0) {
+  switch ((nr + 15) / 16) {
+    case 4: micro<MR, 4, UNIT>(nr, t, i0, j0); break;
+    case 3: micro<MR, 3, UNIT>(nr, t, i0, j0); break;
+    case 2: micro<MR, 2, UNIT>(nr, t, i0, j0); break;
+    default: micro<MR, 1, UNIT>(nr, t, i0, j0); break;
+  }
+}
+
+}  // namespace
+
+// Row tail: the largest instantiation that fits the remaining rows.
+template <int R, bool UNIT>
+void row_tail(int rows, int nr, const GemmTile& t, int i0, int j0) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro_cols<R, UNIT>(nr, t, i0, j0);
+    else
+      row_tail<R - 1, UNIT>(rows, nr, t, i0, j0);
+  }
+}
+
+template <bool UNIT>
+void gemm_tile_impl(const GemmTile& t) {
+  constexpr int MR = kMR, NR = 64;
+  for (int j0 = 0; j0 < t.n; j0 += NR) {
+    const int nr = std::min(NR, t.n - j0);
+    int i0 = 0;
+    for (; i0 + MR <= t.m; i0 += MR) micro_cols<MR, UNIT>(nr, t, i0, j0);
+    row_tail<MR - 1, UNIT>(t.m - i0, nr, t, i0, j0);
+  }
+}
+
+// ---- bf16 tile: vdpbf16ps on bf16 pairs, fp32 sums -------------------------------------------
+namespace {
+
+// MR rows x NV*16 columns; a16 holds the MR rows' activations as bf16 pairs (k2 per row).
+template <int MR, int NV>
+void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+  const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const uint16_t* bp[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const int j = j0 + 16 * v;
+    bp[v] = t.b16 + (j / kPanel) * t.b16_panel + (j % kPanel) * 2;
+  }
+  for (int kp = 0; kp < k2; ++kp) {
+    __m512bh bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(v == NV - 1 ? last : (__mmask16)0xFFFF, bp[v] + kp * 2 * kPanel);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a16[i * k2 + kp]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+    }
+  }
+  store_tile<MR, NV>(t, acc, i0, j0, last);
+}
+
+template <int MR>
+void micro_bf16_cols(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+  switch ((nr + 15) / 16) {
+    case 4: micro_bf16<MR, 4>(nr, t, a16, k2, i0, j0); break;
+    case 3: micro_bf16<MR, 3>(nr, t, a16, k2, i0, j0); break;
+    case 2: micro_bf16<MR, 2>(nr, t, a16, k2, i0, j0); break;
+    default: micro_bf16<MR, 1>(nr, t, a16, k2, i0, j0); break;
+  }
+}
+
+template <int R>
+void bf16_row_tail(int rows, int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro_bf16_cols<R>(nr, t, a16, k2, i0, j0);
+    else
+      bf16_row_tail<R - 1>(rows, nr, t, a16, k2, i0, j0);
+  }
+}
+
+// A row of k activations -> k2 bf16 pairs (round to nearest even, zero pad), 32 at a time.
+void row_to_bf16(const float* a, long cs, int k, uint32_t* out, int k2) {
+  if (cs == 1) {
+    for (int j = 0; j < 2 * k2; j += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(tail_mask(k - j), a + j);
+      const __m512 hi = _mm512_maskz_loadu_ps(tail_mask(k - j - 16), a + j + 16);
+      _mm512_mask_storeu_epi32(out + j / 2, tail_mask(k2 - j / 2), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return;
+  }
+  for (int j = 0; j < k2; ++j) {
+    const uint32_t lo = to_bf16(a[2 * j * cs]), hi = 2 * j + 1 < k ? to_bf16(a[(2 * j + 1) * cs]) : 0;
+    out[j] = lo | (hi << 16);
+  }
+}
+
+}  // namespace
+
+void gemm_tile_bf16(const GemmTile& t) {
+  constexpr int MR = kMR, NR = 64;
+  const int k2 = (t.k + 1) / 2;
+  thread_local std::vector<uint32_t> a16;
+  if (a16.size() < (size_t)MR * k2) a16.resize((size_t)MR * k2);
+  for (int i0 = 0; i0 < t.m; i0 += MR) {
+    const int mr = std::min(MR, t.m - i0);
+    for (int i = 0; i < mr; ++i) row_to_bf16(t.a[i0 + i], t.a_cs, t.k, a16.data() + (size_t)i * k2, k2);
+    for (int j0 = 0; j0 < t.n; j0 += NR) {
+      const int nr = std::min(NR, t.n - j0);
+      if (mr == MR)
+        micro_bf16_cols<MR>(nr, t, a16.data(), k2, i0, j0);
+      else
+        bf16_row_tail<MR - 1>(mr, nr, t, a16.data(), k2, i0, j0);
+    }
+  }
+}
+
+void gemm_tile(const GemmTile& t) {
+  if (t.a_cs == 1)
+    gemm_tile_impl<true>(t);
+  else
+    gemm_tile_impl<false>(t);
+}
+
+namespace {
+
+// R rows of up to NV*16 values each, held in registers from load to store. Several rows
+// at once: one row's max -> exp -> sum -> scale chain is latency-bound (~100 cycles), and
+// interleaving independent rows hides it.
+template <int NV, int R>
+void softmax_rows_regs(float* s, long ld, int n, __m512 sc) {
+  __m512 v[R][NV];
+  __m512 mx[R], sum[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    mx[r] = _mm512_set1_ps(-3.0e38f);
+    sum[r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      v[r][k] = _mm512_mask_loadu_ps(_mm512_set1_ps(-3.0e38f), tail_mask(n - 16 * k), s + r * ld + 16 * k);
+      mx[r] = _mm512_max_ps(mx[r], v[r][k]);
+    }
+    mx[r] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      v[r][k] = _mm512_maskz_mov_ps(tail_mask(n - 16 * k), exp_ps(_mm512_mul_ps(sc, _mm512_sub_ps(v[r][k], mx[r]))));
+      sum[r] = _mm512_add_ps(sum[r], v[r][k]);
+    }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum[r]));
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k)
+      _mm512_mask_storeu_ps(s + r * ld + 16 * k, tail_mask(n - 16 * k), _mm512_mul_ps(v[r][k], inv));
+  }
+}
+
+template <int NV>
+void softmax_block(float* s, int rows, long ld, int n, __m512 sc) {
+  constexpr int R = NV <= 2 ? 4 : NV <= 4 ? 3 : 1;
+  int r = 0;
+  for (; r + R <= rows; r += R) softmax_rows_regs<NV, R>(s + r * ld, ld, n, sc);
+  for (; r < rows; ++r) softmax_rows_regs<NV, 1>(s + r * ld, ld, n, sc);
+}
+
+}  // namespace
+
+void softmax_rows(float* s, int rows, int n, long ld, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  switch ((n + 15) / 16) {
+    case 1: return softmax_block<1>(s, rows, ld, n, sc);
+    case 2: return softmax_block<2>(s, rows, ld, n, sc);
+    case 3: return softmax_block<3>(s, rows, ld, n, sc);
+    case 4: return softmax_block<4>(s, rows, ld, n, sc);
+    case 5: case 6: case 7: case 8: return softmax_block<8>(s, rows, ld, n, sc);
+    default: break;
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    __m512 mx = _mm512_set1_ps(-3.0e38f);
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-3.0e38f), m, row + j));
+    }
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      const __m512 e = exp_ps(_mm512_mul_ps(sc, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vmax)));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+      _mm512_mask_storeu_ps(row + j, m, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv));
+    }
+  }
+}
+
+void layer_norm_row(const float* x, int C, const float* g, const float* b, float eps, float* y) {
+  ln_row(x, C, g, b, eps, y);
+}
+
+void cpe_row(const float* img, int H, int W, int C, int yy, const float* wt, const float* bias, float* out) {
+  davit::cpe_row(img, H, W, C, yy, wt, bias, out);
+}
+
+// 8 x 8 blocks transposed in registers (unpack, shuffle, 128-bit lane swap); edges scalar.
+void transpose(const float* src, long lds, int rows, int cols, float* dst, long ldd) {
+  const int r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int i = 0; i < r8; i += 8)
+    for (int j = 0; j < c8; j += 8) {
+      __m256 r[8], t[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (i + k) * lds + j);
+      for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+      }
+      for (int k = 0; k < 8; k += 4) {
+        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(dst + (j + k) * ldd + i, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (j + k + 4) * ldd + i, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+      }
+    }
+  for (int i = 0; i < rows; ++i)
+    for (int j = (i < r8 ? c8 : 0); j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
+}  // namespace dovetail::davit::avx512
