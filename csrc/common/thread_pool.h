@@ -69,7 +69,7 @@ class ThreadPool {
 template <typename F>
 void parallel_range(int threads, int64_t n, int64_t grain, F&& f) {
   if (n <= 0) return;
-  int64_t chunks = threads <= 1 ? 1 : std::min<int64_t>((n + grain - 1) / grain, 4 * (int64_t)threads);
+  int64_t chunks = threads <= 1 ? 1 : std::min<int64_t>((n + grain - 1) / grain, 2 * (int64_t)threads);
   if (chunks <= 1) {
     f((int64_t)0, n);
     return;
