@@ -39,6 +39,7 @@ struct QActs {
   Buffer<int8_t> q;  // [T, K]
   Buffer<float> d;   // [T, K/32]
   Buffer<float> ds;  // [T, K/32]
+  Buffer<float> dx;  // [T, K/32 * 8]: d of each block repeated over 8 lanes (SIMD scales)
   void reserve(int64_t max_T, int64_t max_K);
 };
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads);

@@ -55,6 +55,7 @@ void QActs::reserve(int64_t max_T, int64_t max_K) {
   if (q.size() < n) q.resize(n);
   if (d.size() < nb) d.resize(nb);
   if (ds.size() < nb) ds.resize(nb);
+  if (dx.size() < 8 * nb) dx.resize(8 * nb);
 }
 
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads) {
@@ -81,6 +82,7 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
       }
       out.d[t * nb + b] = d;
       out.ds[t * nb + b] = d * (float)sum;
+      for (int i = 0; i < 8; ++i) out.dx[(t * nb + b) * 8 + i] = d;
     }
   }
   });

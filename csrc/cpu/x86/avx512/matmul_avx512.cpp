@@ -58,39 +58,47 @@ inline float block_dot(const float* cw, const float* ds, int64_t nb) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// One activation row against one unpacked weight row: the same instruction sequence for
+// every row and every batch size (batch invariance). Per block pair p:
+//   acc += float(dpbusd(codes_p, q_p)) * (dw_p * da_p)   (16 lanes, 8 per block)
+inline float dot_row(const uint8_t* codes, const float* dwx, const int8_t* q, const float* dx, const float* cw,
+                     const float* ds, int64_t nb) {
+  const int64_t npair = nb / 2;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t p = 0; p < npair; ++p) {
+    const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + p * 64),
+                                             _mm512_loadu_si512(q + p * 64));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_load_ps(dwx + p * 16), _mm512_loadu_ps(dx + p * 16)), acc);
+  }
+  float tail = 0.0f;
+  if (nb & 1) {
+    const int64_t b = nb - 1;
+    const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i*)(codes + b * 32)),
+                                             _mm256_loadu_si256((const __m256i*)(q + b * 32)));
+    tail = hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_load_ps(dwx + npair * 16),
+                                                                          _mm256_loadu_ps(dx + b * 8))));
+  }
+  return _mm512_reduce_add_ps(acc) + tail + block_dot(cw, ds, nb);
+}
+
 void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
   const int64_t K = w.cols, nb = K / kQBlock, npair = nb / 2;
   static thread_local Buffer<uint8_t> code_buf;
   static thread_local Buffer<float> scale_buf;
+  static thread_local Buffer<float> dwx_buf;
   uint8_t* codes = tls_scratch(code_buf, (size_t)K + 64);
-  float* dw = tls_scratch(scale_buf, (size_t)(3 * nb + 16));
+  float* dw = tls_scratch(scale_buf, (size_t)(2 * nb + 16));
   float* cw = dw + nb;
-  float* sc = cw + nb;  // da[b] * dw[b] for the current activation row
+  float* dwx = tls_scratch(dwx_buf, (size_t)(npair + 1) * 16);  // dw of each block over 8 lanes
   for (int64_t r = r0; r < r1; ++r) {
     unpack_row(w.type, w.row(r), K, codes, dw, cw);
-    for (int64_t t = 0; t < T; ++t) {
-      const int8_t* q = qa->q.data() + t * K;
-      const float* da = qa->d.data() + t * nb;
-      for (int64_t b = 0; b < nb; ++b) sc[b] = da[b] * dw[b];
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t p = 0; p < npair; ++p) {
-        const __m512i c = _mm512_loadu_si512(codes + p * 64);
-        const __m512i a = _mm512_loadu_si512(q + p * 64);
-        const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, a);
-        const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(sc[2 * p]), _mm256_set1_ps(sc[2 * p + 1]), 1);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc);
-      }
-      float tail = 0.0f;
-      if (nb & 1) {
-        const int64_t b = nb - 1;
-        const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + b * 32));
-        const __m256i a = _mm256_loadu_si256((const __m256i*)(q + b * 32));
-        const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, a);
-        tail = hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(sc[b])));
-      }
-      y[t * ldy + r] = _mm512_reduce_add_ps(acc) + tail + block_dot(cw, qa->ds.data() + t * nb, nb);
-    }
+    for (int64_t p = 0; p < npair; ++p)
+      _mm512_store_ps(dwx + p * 16, _mm512_insertf32x8(_mm512_set1_ps(dw[2 * p]), _mm256_set1_ps(dw[2 * p + 1]), 1));
+    if (nb & 1) _mm512_store_ps(dwx + npair * 16, _mm512_set1_ps(dw[nb - 1]));
+    for (int64_t t = 0; t < T; ++t)
+      y[t * ldy + r] = dot_row(codes, dwx, qa->q.data() + t * K, qa->dx.data() + t * nb * 8, cw,
+                               qa->ds.data() + t * nb, nb);
   }
 }
 
