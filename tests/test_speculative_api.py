@@ -111,6 +111,19 @@ def test_draft_for_another_target_is_refused(gen, tmp_path):
         Draft.load(tmp_path / "d", gen.target)
 
 
+def test_draft_argument_of_generate(gen, tmp_path):
+    module = DovetailDraft.random(DraftConfig.for_target(gen.source), seed=2, std=0.05)
+    module.save(tmp_path / "d2", dtype="f32")
+    plain = gen.generate("Name a color.", max_new_tokens=10, speculative=False)
+    before = gen.draft
+    try:
+        r = gen.generate("Name a color.", max_new_tokens=10, draft=tmp_path / "d2")
+        assert r.stats.mode == "speculative" and r.tokens == plain.tokens
+        assert gen.draft is not before
+    finally:
+        gen.set_draft(before)
+
+
 def test_cli_with_a_draft(gen, tmp_path, capsys):
     from dovetail_ext.cli import main
     module = DovetailDraft.random(DraftConfig.for_target(gen.source), seed=0, std=0.05)

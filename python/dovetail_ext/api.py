@@ -129,7 +129,7 @@ class Generator:
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
-                 tree: TreeParams | None = None) -> GenerationResult:
+                 tree: TreeParams | None = None, draft=None) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
@@ -143,7 +143,10 @@ class Generator:
             speculative: use the draft (default: when the generator has one). The output
                 is the same as without it: greedy token for token, sampling in distribution.
             tree: tree shape for this call (default: the generator's ``tree``).
+            draft: a draft checkpoint path or a :class:`~dovetail_ext.draft.Draft` to use
+                from now on (replaces the generator's draft).
         """
+        self.set_draft(draft)
         tokens: list[int] = []
         text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
                                  stop or (), raw, tokens, speculative, tree))
@@ -152,11 +155,26 @@ class Generator:
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
-               tree: TreeParams | None = None) -> Iterator[str]:
+               tree: TreeParams | None = None, draft=None) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
         call are in ``last_stats`` once the iterator is exhausted."""
+        self.set_draft(draft)
         return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
                          stop or (), raw, [], speculative, tree)
+
+    def set_draft(self, draft) -> None:
+        """Attach a draft (a checkpoint path or a Draft bound to this generator's target);
+        None keeps the current one."""
+        if draft is None:
+            return
+        from .draft import Draft
+        if not isinstance(draft, Draft):
+            draft = Draft.load(draft, self.target, max_batch=self.target.max_batch)
+        elif draft.target is not self.target:
+            raise ValueError("this Draft is bound to another target engine; load it for this generator's target")
+        draft.check_tree(self.tree)
+        draft.truncate(0)  # its KV describes no conversation of this generator yet
+        self.draft = draft
 
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
              raw: bool, out_tokens: list[int], speculative: bool | None, tree: TreeParams | None) -> Iterator[str]:
