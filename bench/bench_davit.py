@@ -47,6 +47,8 @@ def _compare(benchmark, native, eager, rounds: int, flops: float | None = None):
         native()
         eager()
     benchmark.pedantic(native, rounds=rounds, iterations=1)
+    if not benchmark.enabled:  # --benchmark-disable: a smoke run, nothing to compare
+        return
     st = benchmark.stats.stats
     native_med, native_min = 1e3 * st.median, 1e3 * st.min
     timm_times = _times_ms(eager, rounds)
