@@ -117,6 +117,17 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
     return originals
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Keep torch to one thread for a module (small reference computations only lose to
+    thread start-up, and the 2 cores are shared)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:
     """The default model's GGUF file; tests that need it skip (saying why) without it."""

@@ -38,13 +38,7 @@ from native_helpers import make_source, random_weights, tiny_config, tree_ancest
 REL = 2e-5  # see the module docstring
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared with compilers: keep torch to one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

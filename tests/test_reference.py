@@ -37,13 +37,7 @@ U32 = 2.0 ** -24  # fp32 unit roundoff
 LOGIT_RTOL = 1e-5  # see the module docstring
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared with compilers: keep torch to one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ----------------------------------------------------------------------------------------

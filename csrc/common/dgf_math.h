@@ -5,11 +5,7 @@
 #pragma once
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define DT_HD __host__ __device__ __forceinline__
-#else
-#define DT_HD inline
-#endif
+#include "common/hd.h"
 
 namespace dovetail {
 

@@ -4,11 +4,7 @@
 // (row-major over the ceil(H/ws) x ceil(W/ws) grid), then row-major inside the window.
 #pragma once
 
-#if defined(__CUDACC__)
-#define DT_HD __host__ __device__ __forceinline__
-#else
-#define DT_HD inline
-#endif
+#include "common/hd.h"
 
 namespace dovetail::davit {
 
