@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "cpu/attention_impl.h"
+#include "cpu/x86/avx2_common.h"
 
 namespace dovetail::avx2 {
 
@@ -16,12 +17,7 @@ inline __m256 load8(const uint16_t* p) {
 inline float load1(float x) { return x; }
 inline float load1(uint16_t x) { return bf16_to_fp32(x); }
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using x86::hsum256;
 
 template <typename KvT>
 struct Kern {

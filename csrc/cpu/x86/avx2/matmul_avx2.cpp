@@ -3,18 +3,14 @@
 #include <immintrin.h>
 
 #include "cpu/ops.h"
+#include "cpu/x86/avx2_common.h"
 #include "cpu/quant_common.h"
 
 namespace dovetail::avx2 {
 
 namespace {
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using x86::hsum256;
 
 inline __m256i mask_tail(int64_t n) {  // first n of 8 int32 lanes set
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

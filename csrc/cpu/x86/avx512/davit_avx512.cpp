@@ -7,6 +7,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
+#include "cpu/x86/avx2_common.h"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -346,30 +347,8 @@ void cpe_row(const float* img, int H, int W, int C, int yy, const float* wt, con
   davit::cpe_row(img, H, W, C, yy, wt, bias, out);
 }
 
-// 8 x 8 blocks transposed in registers (unpack, shuffle, 128-bit lane swap); edges scalar.
 void transpose(const float* src, long lds, int rows, int cols, float* dst, long ldd) {
-  const int r8 = rows / 8 * 8, c8 = cols / 8 * 8;
-  for (int i = 0; i < r8; i += 8)
-    for (int j = 0; j < c8; j += 8) {
-      __m256 r[8], t[8];
-      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (i + k) * lds + j);
-      for (int k = 0; k < 8; k += 2) {
-        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-      }
-      for (int k = 0; k < 8; k += 4) {
-        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
-      }
-      for (int k = 0; k < 4; ++k) {
-        _mm256_storeu_ps(dst + (j + k) * ldd + i, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-        _mm256_storeu_ps(dst + (j + k + 4) * ldd + i, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-      }
-    }
-  for (int i = 0; i < rows; ++i)
-    for (int j = (i < r8 ? c8 : 0); j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+  x86::transpose_f32(src, lds, rows, cols, dst, ldd);
 }
 
 }  // namespace dovetail::davit::avx512

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "cpu/ops.h"
+#include "cpu/x86/avx2_common.h"
 #include "cpu/quant_common.h"
 
 namespace dovetail::avx512 {
@@ -39,12 +40,7 @@ void unpack_row(WType t, const uint8_t* row, int64_t K, uint8_t* codes, float* d
   }
 }
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using x86::hsum256;
 
 // sum_b cw[b] * ds[b] over nb blocks.
 inline float block_dot(const float* cw, const float* ds, int64_t nb) {
