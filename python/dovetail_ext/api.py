@@ -207,7 +207,9 @@ class Generator:
         pending = [chooser(logits[0])]  # the target's own first token
         if spec:
             from .speculative import SpecState, SpecTimes, speculative_step
-            done = min(self.draft.n_past, len(ids) - 1)  # draft pairs still valid for this prompt
+            # Draft pair j is (f_j, x_{j+1}): it stays valid while x_{j+1} lies in the prefix
+            # the target kept from the last call.
+            done = max(0, min(self.draft.n_past, stats.cached_prompt_tokens - 1))
             self.draft.truncate(done)
             state = SpecState(root=pending[0], features=self._features[done:len(ids)].copy(),
                               next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
