@@ -197,6 +197,47 @@ def test_draft_tree_expansion_matches_reference_module():
     np.testing.assert_allclose(n2, r2.numpy(), atol=2e-4 * np.abs(r2.numpy()).max())
 
 
+def _module_weights(module):
+    return {k: v.detach().float().numpy() for k, v in module.state_weights().items() if k != "vocab_map"}
+
+
+def test_reduced_vocabulary_draft_proposes_only_its_tokens():
+    """A draft with a vocab_map scores only those rows of the target's head: its top-k are
+    the log-softmax over them, returned as target ids; speculation stays exact."""
+    src, target = tiny_target(dtype="f32")
+    module = DovetailDraft.random(DraftConfig.for_target(src), seed=2, std=0.2)
+    rng = np.random.default_rng(3)
+    vmap = np.sort(rng.choice(301, 97, replace=False))
+    weights = _module_weights(module)
+    draft = Draft(module.config, {**weights, "vocab_map": vmap}, target)
+    feats = rng.standard_normal((5, src.config.hidden_size)).astype(np.float32)
+    toks = rng.integers(0, 301, 5)
+    hidden, ids, logp = draft.forward(feats, toks, np.arange(5), topk_rows=[1, 4], k=9)
+    head = src.weights["token_embd"].data.astype(np.float64)[vmap]
+    logits = hidden[[1, 4]].astype(np.float64) @ head.T
+    want_logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :9]
+    np.testing.assert_array_equal(ids, vmap[order])
+    np.testing.assert_allclose(logp, np.take_along_axis(want_logp, order, 1), atol=1e-4)
+
+    truth = plain_greedy(target, [5, 17, 3], 30)
+    state = start_state(target, draft, [5, 17, 3], truth[0])
+    out = [truth[0]]
+    while len(out) < 30:
+        emitted, _ = speculative_step(state, target, draft, TreeParams(4, 3, 8), SamplingParams(),
+                                      TokenChooser(SamplingParams()), SpecTimes())
+        out += emitted
+    assert out[:30] == truth
+
+    for bad, msg in [(vmap[::-1], "ascending"), (np.array([0, 5, 301]), r"\[0, 301\)"),
+                     (np.array([[1, 2]]), "1-D"), (np.array([1.0, 2.0]), "integer")]:
+        with pytest.raises(ValueError, match=msg):
+            Draft(module.config, {**weights, "vocab_map": bad}, target)
+    with pytest.raises(ValueError, match="top_k"):
+        Draft(module.config, {**weights, "vocab_map": np.arange(3)}, target).check_tree(TreeParams(4, 2, 5))
+
+
 def test_accept_sampled_first_token_is_exact():
     """Unit level: whatever the drafted children, the first emitted token ~ p_root."""
     rng = np.random.default_rng(0)

@@ -148,17 +148,24 @@ void bind_engine(py::module_& m) {
   py::class_<DraftEngine>(m, "DraftEngine",
       "Native CPU Dovetail draft (use dovetail_ext.draft.Draft). Shares the target engine's embedding and LM head.")
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t context,
-                       int64_t max_batch, int threads, const std::string& kv_dtype) {
+                       int64_t max_batch, int threads, const std::string& kv_dtype, const py::handle& vmap_obj) {
              LayerDims d = layer_dims(cfg);
+             std::vector<int32_t> vmap;
+             if (!vmap_obj.is_none()) {
+               auto a = int32_vector(vmap_obj, "vocab_map");
+               vmap.assign(a.data(), a.data() + a.size());
+             }
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
              const int64_t layers = get_int(cfg, "num_layers");
              py::gil_scoped_release nogil;
-             return std::make_unique<DraftEngine>(d, layers, o, views, target.token_embedding(), target.lm_head());
+             return std::make_unique<DraftEngine>(d, layers, o, views, target.token_embedding(), target.lm_head(),
+                                                  std::move(vmap));
            }),
            py::arg("config"), py::arg("weights"), py::arg("target"), py::arg("context"), py::arg("max_batch") = 128,
-           py::arg("threads") = 1, py::arg("kv_dtype") = "f32", py::keep_alive<1, 4>())
+           py::arg("threads") = 1, py::arg("kv_dtype") = "f32", py::arg("vocab_map") = py::none(),
+           py::keep_alive<1, 4>())
       .def("forward", [](DraftEngine& e, const py::handle& feat_obj, const py::handle& tok_obj,
                          const py::handle& pos_obj, const py::handle& anc_obj, bool append,
                          const py::handle& topk_obj, int64_t k) {
@@ -198,7 +205,8 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("pending", &DraftEngine::pending)
       .def_property_readonly("context", [](const DraftEngine& e) { return e.options().context; })
       .def_property_readonly("max_batch", [](const DraftEngine& e) { return e.options().max_batch; })
-      .def_property_readonly("weight_bytes", &DraftEngine::weight_bytes);
+      .def_property_readonly("weight_bytes", &DraftEngine::weight_bytes)
+      .def_property_readonly("draft_vocab", &DraftEngine::draft_vocab);
 }
 
 }  // namespace dovetail::bind

@@ -32,6 +32,9 @@ struct PackedWeight {
 // `src` holds rows*row_bytes bytes laid out like GGUF (rows contiguous).
 PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src, size_t src_bytes);
 
+// A new PackedWeight holding rows[0..n) of w, in that order (same format).
+PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n);
+
 // Activations quantized to int8 per block of 32 (for integer dot products against
 // quantized weights): q = rint(x * 127/amax), d = amax/127, ds = d * sum(q) per block.
 struct QActs {

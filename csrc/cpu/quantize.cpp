@@ -50,6 +50,22 @@ PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src
   return w;
 }
 
+PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n) {
+  DT_CHECK(n > 0, "select_rows: no rows");
+  PackedWeight out;
+  out.type = w.type;
+  out.rows = n;
+  out.cols = w.cols;
+  out.row_bytes = w.row_bytes;
+  out.row_stride = w.row_stride;
+  out.data.resize((size_t)(n * w.row_stride));
+  for (int64_t i = 0; i < n; ++i) {
+    DT_CHECK(rows[i] >= 0 && rows[i] < w.rows, "select_rows: row " + std::to_string(rows[i]) + " out of range");
+    std::memcpy(out.data.data() + i * w.row_stride, w.row(rows[i]), (size_t)w.row_bytes);
+  }
+  return out;
+}
+
 void QActs::reserve(int64_t max_T, int64_t max_K) {
   const size_t n = (size_t)(max_T * max_K), nb = (size_t)(max_T * ((max_K + kQBlock - 1) / kQBlock));
   if (q.size() < n) q.resize(n);

@@ -8,9 +8,20 @@
 namespace dovetail {
 
 DraftEngine::DraftEngine(const LayerDims& d, int64_t n_layers, const EngineOptions& o, const WeightMap& weights,
-                         std::shared_ptr<const PackedWeight> embedding, std::shared_ptr<const PackedWeight> lm_head)
-    : embed_(std::move(embedding)), head_(std::move(lm_head)) {
+                         std::shared_ptr<const PackedWeight> embedding, std::shared_ptr<const PackedWeight> lm_head,
+                         std::vector<int32_t> vocab_map)
+    : embed_(std::move(embedding)), head_(std::move(lm_head)), vocab_map_(std::move(vocab_map)) {
   DT_CHECK(embed_ && head_, "the draft needs the target's embedding and LM head");
+  if (!vocab_map_.empty()) {
+    const int64_t V = head_->rows, n = (int64_t)vocab_map_.size();
+    for (int64_t i = 0; i < n; ++i) {
+      DT_CHECK(vocab_map_[i] >= 0 && vocab_map_[i] < V, "vocab_map entry " + std::to_string(vocab_map_[i]) +
+                                                            " is outside the target vocabulary [0, " + std::to_string(V) + ")");
+      DT_CHECK(i == 0 || vocab_map_[i] > vocab_map_[i - 1], "vocab_map must be strictly ascending (index " +
+                                                                std::to_string(i) + ")");
+    }
+    head_ = std::make_shared<const PackedWeight>(select_rows(*head_, vocab_map_.data(), n));
+  }
   DT_CHECK(n_layers >= 1, "the draft needs at least one layer");
   const int64_t D = d.dim;
   DT_CHECK(embed_->cols == D && head_->cols == D,
@@ -31,7 +42,8 @@ void DraftEngine::set_threads(int n) {
 }
 
 size_t DraftEngine::weight_bytes() const {
-  return stack_->weight_bytes() + w1_.data.size() + w2_.data.size() + wz_.data.size();
+  return stack_->weight_bytes() + w1_.data.size() + w2_.data.size() + wz_.data.size() +
+         (vocab_map_.empty() ? 0 : head_->data.size());
 }
 
 void DraftEngine::forward(const float* features, const int32_t* tokens, const int32_t* positions, int64_t T,
@@ -45,7 +57,8 @@ void DraftEngine::forward(const float* features, const int32_t* tokens, const in
                                                   std::to_string(t) + " is outside the vocabulary [0, " +
                                                   std::to_string(V) + ")");
   DT_CHECK(n_topk <= T, "more top-k rows than batch rows");
-  DT_CHECK(n_topk == 0 || (k >= 1 && k <= 256 && k <= V), "top-k must be in [1, 256], got " + std::to_string(k));
+  DT_CHECK(n_topk == 0 || (k >= 1 && k <= 256 && k <= draft_vocab()),
+           "top-k must be in [1, min(256, " + std::to_string(draft_vocab()) + ")], got " + std::to_string(k));
   for (int64_t i = 0; i < n_topk; ++i)
     DT_CHECK(topk_rows[i] >= 0 && topk_rows[i] < T, "top-k row " + std::to_string(topk_rows[i]) +
                                                         " outside the batch [0, " + std::to_string(T) + ")");
@@ -70,7 +83,9 @@ void DraftEngine::forward(const float* features, const int32_t* tokens, const in
   if (n_topk > 0) {
     for (int64_t i = 0; i < n_topk; ++i) std::memcpy(e_.data() + i * D, hidden + topk_rows[i] * D, sizeof(float) * D);
     stack_->linear_rows(*head_, e_.data(), n_topk, logits_.data(), true);
-    topk_log_softmax(logits_.data(), n_topk, V, k, topk_ids, topk_logp, options().threads);
+    topk_log_softmax(logits_.data(), n_topk, draft_vocab(), k, topk_ids, topk_logp, options().threads);
+    if (!vocab_map_.empty())
+      for (int64_t i = 0; i < n_topk * k; ++i) topk_ids[i] = vocab_map_[topk_ids[i]];
   }
 }
 

@@ -6,7 +6,9 @@
 //   g = z * h1 + (1 - z) * h2   ->  layers  ->  hidden (predicted next feature)
 //
 // The embedding table and the LM head are the target's packed weights, shared, never
-// copied. The KV cache works as in LayerStack: tree expansion appends scratch rows
+// copied. A draft with a reduced vocabulary (vocab_map: ascending target ids) proposes only
+// those tokens: its head is a packed copy of just those rows of the target's head, so each
+// expansion step reads Vd rows instead of V, and returned ids are target ids. The KV cache works as in LayerStack: tree expansion appends scratch rows
 // (append=true) that later calls see through their ancestor sets; commit keeps chosen rows.
 #pragma once
 #include <cstdint>
@@ -21,7 +23,8 @@ namespace dovetail {
 class DraftEngine {
  public:
   DraftEngine(const LayerDims& d, int64_t n_layers, const EngineOptions& o, const WeightMap& weights,
-              std::shared_ptr<const PackedWeight> embedding, std::shared_ptr<const PackedWeight> lm_head);
+              std::shared_ptr<const PackedWeight> embedding, std::shared_ptr<const PackedWeight> lm_head,
+              std::vector<int32_t> vocab_map = {});
 
   // features [T, D] (f_j), tokens [T] (x_{j+1}), positions [T]; ancestors [T, P+T] over
   // the scratch rows (P = pending rows kept when append) or null (causal in the batch).
@@ -38,12 +41,14 @@ class DraftEngine {
   int64_t pending() const { return stack_->pending(); }
   const EngineOptions& options() const { return stack_->options(); }
   const LayerDims& dims() const { return stack_->dims(); }
-  int64_t vocab() const { return embed_->rows; }
+  int64_t vocab() const { return embed_->rows; }         // token ids accepted as input
+  int64_t draft_vocab() const { return head_->rows; }    // tokens the draft can propose
   const KvCache& kv() const { return stack_->kv(); }
   size_t weight_bytes() const;
 
  private:
   std::shared_ptr<const PackedWeight> embed_, head_;
+  std::vector<int32_t> vocab_map_;  // draft row -> target id; empty: identity
   std::vector<float> e_norm_;
   PackedWeight w1_, w2_, wz_;
   std::unique_ptr<LayerStack> stack_;

@@ -20,6 +20,25 @@ from .tree import CandidatePool, Tree, TreeParams
 __all__ = ["Draft"]
 
 
+def _check_vocab_map(config, vocab_map) -> np.ndarray | None:
+    """The draft vocabulary (ascending target ids, int32) or None for the full vocabulary."""
+    size = getattr(config, "draft_vocab_size", 0) or 0
+    if vocab_map is None:
+        if size:
+            raise ValueError(f"the draft's config has draft_vocab_size {size} but no vocab_map tensor")
+        return None
+    vm = np.asarray(vocab_map)
+    if vm.ndim != 1 or not np.issubdtype(vm.dtype, np.integer):
+        raise ValueError(f"vocab_map must be a 1-D integer array, got {vm.dtype} of shape {vm.shape}")
+    if size and len(vm) != size:
+        raise ValueError(f"vocab_map has {len(vm)} entries, the config says draft_vocab_size {size}")
+    if len(vm) == 0 or vm.min() < 0 or vm.max() >= config.vocab_size:
+        raise ValueError(f"vocab_map entries must lie in [0, {config.vocab_size})")
+    if np.any(np.diff(vm) <= 0):
+        raise ValueError("vocab_map must be strictly ascending")
+    return vm.astype(np.int32)
+
+
 class Draft:
     """A Dovetail draft bound to one target engine.
 
@@ -51,7 +70,9 @@ class Draft:
                 raise DraftMismatchError(
                     f"this draft was trained for another target model ({'; '.join(diff)}); "
                     f"the loaded model is {target.source.name or target.source.path}")
-        shapes = expected_draft_shapes(config)
+        weights = dict(weights)
+        vocab_map = _check_vocab_map(config, weights.pop("vocab_map", None))
+        shapes = {n: s for n, s in expected_draft_shapes(config).items() if n != "vocab_map"}
         missing = sorted(set(shapes) - set(weights))
         unknown = sorted(set(weights) - set(shapes))
         if missing or unknown:
@@ -73,8 +94,8 @@ class Draft:
                "num_layers": config.num_layers}
         # Committed draft positions never outnumber the target's; the tree adds scratch rows.
         self._engine = _core.DraftEngine(cfg, packed, target._engine, context=target.context + max_batch,
-                                         max_batch=max_batch,
-                                         threads=threads or target.threads)
+                                         max_batch=max_batch, threads=threads or target.threads,
+                                         vocab_map=vocab_map)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -87,7 +108,11 @@ class Draft:
     @classmethod
     def from_module(cls, module, target: TargetEngine, **kw: Any) -> Draft:
         """From a :class:`dovetail_ext.draft_model.DovetailDraft` (e.g. freshly trained)."""
-        weights = {k: v.detach().float().cpu().numpy() for k, v in module.state_weights().items()}
+        weights = {k: v.detach().float().cpu().numpy() for k, v in module.state_weights().items()
+                   if k != "vocab_map"}
+        vocab_map = getattr(module, "vocab_map", None)
+        if vocab_map is not None:
+            weights["vocab_map"] = vocab_map.detach().cpu().numpy().astype(np.int64)
         return cls(module.config, weights, target, **kw)
 
     # -- the engine ------------------------------------------------------------------------
@@ -121,8 +146,8 @@ class Draft:
         if params.scratch_rows > self._engine.max_batch:
             raise ValueError(f"tree top_k {params.top_k} x depth {params.depth} needs {params.scratch_rows} draft "
                              f"scratch rows, more than the draft engine's max_batch {self._engine.max_batch}")
-        if params.top_k > self.config.vocab_size:
-            raise ValueError(f"tree top_k {params.top_k} exceeds the vocabulary")
+        if params.top_k > self._engine.draft_vocab:
+            raise ValueError(f"tree top_k {params.top_k} exceeds the draft's vocabulary of {self._engine.draft_vocab}")
         del limit
 
     # -- one tree --------------------------------------------------------------------------
