@@ -3,6 +3,7 @@
     dovetail generate "Explain RoPE in one paragraph"      # chat template, streamed
     dovetail generate --raw "def fib(n):" --max-new-tokens 64 --json
     dovetail info
+    dovetail serve --port 8000                            # OpenAI-compatible HTTP API
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="tree size including the root, verified in one target call (default 16)")
     _add_model_args(g)
 
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--draft", metavar="PATH", default=None,
+                   help="draft checkpoint directory for speculative decoding")
+    s.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is loaded")
+    s.add_argument("--model-id", default=None, help="the model name clients use (default: the model file name)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_args(s)
+
     i = sub.add_parser("info", help="version, CPU kernel path, CUDA, model summary")
     i.add_argument("--json", action="store_true")
     i.add_argument("--model", metavar="PATH", default=None)
@@ -95,6 +106,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"verify {s.verify_s:.3f} s" if s.mode == "speculative" else "")
     print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
           f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import default_model_id, serve
+    except ImportError as e:
+        raise ValueError(f"serving needs the [serve] extra ({e}); install it with: "
+                         "pip install 'dovetail-ext[serve]'") from e
+    from .api import load
+
+    gen = load(args.model, draft=args.draft, context=args.context, threads=args.threads, weights=args.weights)
+    model_id = args.model_id or default_model_id(gen)
+    mode = "speculative" if gen.draft is not None and not args.no_spec else "plain"
+    print(f"dovetail: serving {model_id} ({mode} decoding, context {gen.target.context}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(gen, host=args.host, port=args.port, model_id=model_id, speculative=False if args.no_spec else None,
+          log_level=args.log_level)
     return 0
 
 
@@ -143,9 +172,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            return _cmd_generate(args)
-        return _cmd_info(args)
+        return {"generate": _cmd_generate, "serve": _cmd_serve, "info": _cmd_info}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,581 @@
+"""An OpenAI-compatible HTTP server over one :class:`~dovetail_ext.api.Generator`.
+
+    dovetail serve                          # the default model on http://127.0.0.1:8000/v1
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    r = client.chat.completions.create(model=client.models.list().data[0].id,
+                                       messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
+
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true``
+sends server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``. Responses carry OpenAI's
+``usage`` and a ``dovetail`` object with the timing of the call (tokens_per_s,
+acceptance_length, mode, prefill_s, decode_s, queue_s, ...).
+
+Stack: Starlette on uvicorn. Starlette is the small, actively maintained ASGI toolkit
+(routing, requests, responses; its only dependency is anyio) that FastAPI itself is built
+on; FastAPI's additions (pydantic request models, OpenAPI pages) would have to be undone
+here, since validation errors must come back in OpenAI's error shape rather than
+FastAPI's 422 body. uvicorn is the reference ASGI server from the same maintainers.
+
+One engine: a single worker thread takes requests from a FIFO queue and runs them one at
+a time, so native compute never blocks the event loop and requests are served in arrival
+order; text pieces come back to the event loop through an asyncio queue. Each request
+has a watcher on its ASGI receive channel: when the client goes away, the worker drops
+the generation at the next token (or skips it if it has not started) and takes the next
+request.
+
+What it is not: no batching of concurrent requests; ``n`` must be 1; no logprobs, tools,
+penalties, logit_bias, echo or suffix (rejected with 400 rather than silently ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .api import GenerationStats, Generator
+
+__all__ = ["create_app", "serve", "default_model_id"]
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# -- errors ------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _internal(e: BaseException) -> ApiError:
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+# -- request parsing ---------------------------------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v and abs(v) != float("inf")
+
+
+@dataclass
+class _Params:
+    """What one request asks of the engine."""
+
+    kind: str                       # "chat" or "completion"
+    prompt: Any                     # chat messages or a raw string
+    max_tokens: int | None          # None: up to the end of the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _parse(body: Any, kind: str, model_id: str) -> _Params:
+    """Validates a request body; raises :class:`ApiError` naming the offending field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    if model is not None and model != model_id:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_id}'",
+                       "model", "model_not_found")
+
+    def get(key: str, check: Callable[[Any], bool], what: str, default: Any = None) -> Any:
+        v = body.get(key)
+        if v is None:
+            return default
+        if not check(v):
+            raise ApiError(400, f"'{key}' must be {what}, got {json.dumps(v)[:80]}", key)
+        return v
+
+    n = get("n", _is_int, "an integer", 1)
+    if n != 1:
+        raise ApiError(400, f"only n=1 is supported, got n={n}", "n")
+    for key in ("frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias", "echo",
+                "suffix", "best_of", "tools", "functions"):
+        v = body.get(key)
+        if v not in (None, False, 0, "", [], {}) and not (key == "best_of" and v == 1):
+            raise ApiError(400, f"'{key}' is not supported by this server", key, "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format",
+                       "unsupported_parameter")
+
+    if kind == "chat":
+        prompt = _messages(body.get("messages"))
+        max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string (or a list of one string)" if prompt is not None
+                           else "'prompt' is required", "prompt")
+        if not prompt:
+            raise ApiError(400, "'prompt' must not be empty", "prompt")
+        max_key = "max_tokens"
+    max_tokens = get(max_key, _is_int, "an integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'{max_key}' must be at least 1, got {max_tokens}", max_key)
+    temperature = get("temperature", _is_num, "a number", 1.0)
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
+    top_p = get("top_p", _is_num, "a number", 1.0)
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+    top_k = get("top_k", _is_int, "an integer", 0)
+    if top_k < 0:
+        raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", "top_k")
+    seed = get("seed", _is_int, "an integer")
+    if seed is not None and seed < 0:
+        raise ApiError(400, f"'seed' must be >= 0, got {seed}", "seed")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is None:
+        stop = []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    stream = get("stream", lambda v: isinstance(v, bool), "a boolean", False)
+    opts = get("stream_options", lambda v: isinstance(v, dict), "an object", {})
+    include_usage = opts.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options")
+    return _Params(kind, prompt, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
+                   stream, include_usage)
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages -> the ``[{"role", "content"}]`` strings the chat template takes.
+    Content may be a string or a list of text parts; ``developer`` is a system turn."""
+    if messages is None:
+        raise ApiError(400, "'messages' is required", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of message objects", "messages")
+    out = []
+    for k, m in enumerate(messages):
+        where = f"messages[{k}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object", where)
+        role = m.get("role")
+        if role not in _ROLES:
+            raise ApiError(400, f"{where}.role must be one of {sorted(_ROLES)}, got {json.dumps(role)}",
+                           f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"{where}.content[{j}] must be a text part "
+                                   "({'type': 'text', 'text': ...}); other parts are not supported",
+                                   f"{where}.content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        out.append({"role": _ROLES[role], "content": content})
+    return out
+
+
+# -- the engine --------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    """One request on its way through the engine. Events go from the worker thread to the
+    request's event loop: ("start", prompt_tokens), ("piece", text), ("done", stats),
+    ("error", ApiError), and ("gone",) from the disconnect watcher."""
+
+    params: _Params
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+
+    def emit(self, event: tuple) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    """Runs jobs one at a time, in arrival order, on one worker thread.
+
+    ``history`` holds (job id, start, end) of recent jobs (``time.perf_counter``);
+    ``counts`` the number of served, cancelled and failed jobs.
+    """
+
+    def __init__(self, generator: Generator, speculative: bool | None = None) -> None:
+        self.generator = generator
+        self.speculative = speculative
+        self.counts = {"served": 0, "cancelled": 0, "failed": 0}
+        self.history: deque[tuple[str, float, float]] = deque(maxlen=256)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._current: _Job | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="dovetail-engine", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancels the running and waiting jobs and stops the worker."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
+        self._queue.put(None)
+        thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            self._current = job
+            job.started = time.perf_counter()
+            try:
+                self._run(job)
+            except Exception as e:  # noqa: BLE001 - any failure is answered, and the worker goes on
+                self.generator.reset()  # the cache may describe a half-run step
+                self.counts["failed"] += 1
+                job.emit(("error", _internal(e)))
+            finally:
+                self.history.append((job.id, job.started, time.perf_counter()))
+                self._current = None
+        # Jobs left behind by close() get an answer instead of waiting for ever.
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit(("error", ApiError(503, "the server is shutting down", type="server_error",
+                                            code="shutting_down")))
+
+    def _run(self, job: _Job) -> None:
+        if job.cancelled.is_set():
+            self.counts["cancelled"] += 1
+            return
+        gen, p = self.generator, job.params
+        raw = p.kind == "completion"
+        param = "messages" if p.kind == "chat" else "prompt"
+        try:
+            n_prompt = len(gen.encode_prompt(p.prompt, raw=raw))
+        except ValueError as e:
+            self.counts["failed"] += 1
+            job.emit(("error", ApiError(400, f"could not build the prompt: {e}", param)))
+            return
+        context = gen.target.context
+        if n_prompt >= context:
+            self.counts["failed"] += 1
+            job.emit(("error", ApiError(
+                400, f"the prompt has {n_prompt} tokens and does not fit this model's context of "
+                     f"{context} tokens (which must also hold at least one new token)", param,
+                "context_length_exceeded")))
+            return
+        job.emit(("start", n_prompt))
+        pieces = gen.stream(p.prompt, max_new_tokens=p.max_tokens or context - n_prompt,
+                            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+                            stop=p.stop, raw=raw, speculative=self.speculative)
+        try:
+            for piece in pieces:
+                if job.cancelled.is_set():  # checked between tokens: the client has gone
+                    pieces.close()
+                    self.counts["cancelled"] += 1
+                    return
+                job.emit(("piece", piece))
+        except ValueError as e:  # arguments the request parser let through
+            gen.reset()
+            self.counts["failed"] += 1
+            job.emit(("error", ApiError(400, str(e), param)))
+            return
+        self.counts["served"] += 1
+        job.emit(("done", replace(gen.last_stats)))
+
+
+# -- responses ---------------------------------------------------------------------------
+
+def _finish_reason(stats: GenerationStats) -> str:
+    return "length" if stats.stop_reason in ("length", "context") else "stop"
+
+
+def _usage(stats: GenerationStats) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens}
+
+
+def _timing(stats: GenerationStats, job: _Job) -> dict[str, Any]:
+    return {"mode": stats.mode, "tokens_per_s": stats.tokens_per_s, "acceptance_length": stats.acceptance_length,
+            "prefill_s": stats.prefill_s, "decode_s": stats.decode_s, "queue_s": job.started - job.submitted,
+            "cached_prompt_tokens": stats.cached_prompt_tokens, "target_calls": stats.target_calls,
+            "stop_reason": stats.stop_reason}
+
+
+class _Reply:
+    """OpenAI's objects for one request (ids, chunk and completion shapes)."""
+
+    def __init__(self, kind: str, model: str) -> None:
+        self.kind, self.model = kind, model
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def whole(self, text: str, stats: GenerationStats, job: _Job) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": _finish_reason(stats)}
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(stats)}
+            head = self._head("text_completion")
+        return {**head, "choices": [choice], "usage": _usage(stats), "dovetail": _timing(stats, job)}
+
+    def usage_chunk(self, stats: GenerationStats, job: _Job) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": _usage(stats), "dovetail": _timing(stats, job)}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _EventStream(Response):
+    """Server-sent events from an async iterator of bytes. Unlike Starlette's streaming
+    response it never reads the receive channel (the request's disconnect watcher owns
+    it) and calls ``on_close`` however the stream ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        self.events, self.on_close = events, on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.on_close()
+
+
+# -- the app -----------------------------------------------------------------------------
+
+def default_model_id(generator: Generator) -> str:
+    """The id a generator is served under: its model file or directory name."""
+    path = getattr(generator.source, "path", None)
+    if path:
+        p = Path(path)
+        return p.stem if p.suffix == ".gguf" else p.name
+    return generator.source.name or "dovetail"
+
+
+async def _watch_disconnect(receive: Receive, job: _Job) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled.set()
+            job.events.put_nowait(("gone",))
+            return
+
+
+def create_app(generator: Generator, model_id: str | None = None, speculative: bool | None = None) -> Starlette:
+    """The ASGI app serving ``generator``.
+
+    Args:
+        generator: from :func:`dovetail_ext.load`; only the app's worker thread uses it
+            from now on.
+        model_id: the name clients pass as ``model`` (default :func:`default_model_id`).
+        speculative: None speculates when the generator has a draft; False never does.
+
+    The engine is ``app.state.engine`` (:class:`Engine`); it stops with the app's lifespan.
+    """
+    model_id = model_id or default_model_id(generator)
+    engine = Engine(generator, speculative)
+    created = int(time.time())
+    model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "dovetail"}
+
+    async def completions(request: Request, kind: str) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        params = _parse(body, kind, model_id)
+        job = _Job(params, asyncio.get_running_loop())
+        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job))
+        handed_over = False
+        try:
+            engine.submit(job)
+            event = await job.events.get()
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "gone":
+                return Response(status_code=499)  # nobody reads it
+            reply = _Reply(kind, model_id)
+            if params.stream:
+                handed_over = True
+                return _EventStream(_stream(job, reply), watcher.cancel)
+            text = []
+            while True:
+                event = await job.events.get()
+                if event[0] == "piece":
+                    text.append(event[1])
+                elif event[0] == "done":
+                    return JSONResponse(reply.whole("".join(text), event[1], job))
+                elif event[0] == "error":
+                    raise event[1]
+                else:
+                    return Response(status_code=499)
+        finally:
+            if not handed_over:
+                watcher.cancel()
+
+    async def _stream(job: _Job, reply: _Reply) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            if reply.kind == "chat":
+                yield _sse(reply.chunk("", role=True))
+            while True:
+                event = await job.events.get()
+                if event[0] == "piece":
+                    yield _sse(reply.chunk(event[1]))
+                elif event[0] == "done":
+                    stats = event[1]
+                    yield _sse({**reply.chunk(None if reply.kind == "chat" else "", _finish_reason(stats)),
+                                "dovetail": _timing(stats, job)})
+                    if job.params.include_usage:
+                        yield _sse(reply.usage_chunk(stats, job))
+                    yield b"data: [DONE]\n\n"
+                    done = True
+                    return
+                elif event[0] == "error":
+                    done = True
+                    yield _sse(event[1].body())
+                    return
+                else:
+                    return
+        finally:
+            if not done:  # the client went away, or the server is stopping
+                job.cancelled.set()
+
+    async def chat(request: Request) -> Response:
+        return await completions(request, "chat")
+
+    async def completion(request: Request) -> Response:
+        return await completions(request, "completion")
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card]})
+
+    async def model(request: Request) -> Response:
+        if request.path_params["model"] != model_id:
+            raise ApiError(404, f"the model '{request.path_params['model']}' does not exist", "model",
+                           "model_not_found")
+        return JSONResponse(model_card)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": model_id, "busy": engine.busy, "queued": engine.queued,
+                             **engine.counts})
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        return exc.response() if isinstance(exc, ApiError) else _internal(exc).response()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind).response()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completion, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ], exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: api_error},
+        lifespan=lifespan)
+    app.state.engine = engine
+    app.state.model_id = model_id
+    return app
+
+
+def serve(generator: Generator, *, host: str = "127.0.0.1", port: int = 8000, model_id: str | None = None,
+          speculative: bool | None = None, log_level: str = "info") -> None:
+    """Serves ``generator`` with uvicorn until interrupted (blocks)."""
+    import uvicorn
+
+    uvicorn.run(create_app(generator, model_id, speculative), host=host, port=port, log_level=log_level)

@@ -1,0 +1,302 @@
+"""`dovetail serve`: the OpenAI-compatible server, driven by the official `openai` client.
+
+The server runs in a background thread on a free loopback port, serving the default model
+(loaded once for the module). Expected texts come from the same Generator called directly
+before the server starts, so every comparison is against `dovetail_ext.load().generate()`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the [serve] extra (starlette)")
+uvicorn = pytest.importorskip("uvicorn", reason="the server needs the [serve] extra (uvicorn)")
+openai = pytest.importorskip("openai", reason="the server tests use the official openai client")
+httpx = pytest.importorskip("httpx", reason="raw requests use httpx")
+
+import dovetail_ext  # noqa: E402
+from dovetail_ext.server import create_app  # noqa: E402
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
+SAY_HI = "Say hi"
+COUNT = "1, 2, 3, 4,"
+QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "What is 2 + 2?",
+             "Name a large animal."]
+N = 12  # new tokens per request: short, the 2 cores are shared
+
+
+@pytest.fixture(scope="module")
+def gen(default_gguf_path):
+    return dovetail_ext.load(default_gguf_path, context=512, threads=2)
+
+
+@pytest.fixture(scope="module")
+def refs(gen):
+    """Direct generations, made before the server owns the generator."""
+    return SimpleNamespace(
+        chat=gen.generate(CHAT, max_new_tokens=N),
+        hi=gen.generate(SAY_HI, max_new_tokens=N).text,
+        count_stop=gen.generate(COUNT, max_new_tokens=N, raw=True, stop=["7"]),
+        sampled=gen.generate(CHAT, max_new_tokens=N, temperature=0.8, top_p=0.9, seed=7).text,
+        questions=[gen.generate(q, max_new_tokens=N).text for q in QUESTIONS],
+        count_prompt_tokens=len(gen.encode_prompt(COUNT, raw=True)),
+    )
+
+
+@pytest.fixture(scope="module")
+def server(gen, refs):
+    app = create_app(gen)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, app=app, engine=app.state.engine, model=app.state.model_id, gen=gen)
+    srv.should_exit = True
+    thread.join(20)
+    sock.close()
+    assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def finish_reason(result) -> str:
+    return "length" if result.stats.stop_reason in ("length", "context") else "stop"
+
+
+def wait_idle(server, timeout=20.0) -> float:
+    """Seconds until the engine has nothing running or queued."""
+    t0 = time.monotonic()
+    while server.engine.busy or server.engine.queued:
+        assert time.monotonic() - t0 < timeout, "the engine did not become idle"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [server.model]
+    assert client.models.retrieve(server.model).id == server.model
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["model"] == server.model and h["busy"] is False
+
+
+def test_chat_matches_direct_generation(server, client, refs):
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0)
+    assert r.object == "chat.completion" and r.model == server.model
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == refs.chat.text
+    assert r.choices[0].finish_reason == finish_reason(refs.chat)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (refs.chat.stats.prompt_tokens,
+                                                                   refs.chat.stats.new_tokens)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    timing = r.model_extra["dovetail"]
+    assert timing["mode"] == "plain" and timing["tokens_per_s"] > 0 and timing["acceptance_length"] == 1.0
+    # max_completion_tokens is the newer name for the same bound
+    r2 = client.chat.completions.create(model=server.model, messages=CHAT, max_completion_tokens=4, temperature=0)
+    assert r2.usage.completion_tokens == 4 and r2.choices[0].finish_reason == "length"
+    assert refs.chat.text.startswith(r2.choices[0].message.content)
+
+
+def test_chat_stream_matches_direct_generation(server, client, refs):
+    chunks = list(client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == refs.chat.text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2  # streamed in pieces
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [finish_reason(refs.chat)]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == refs.chat.stats.new_tokens
+
+
+def test_completions_with_stop(server, client, refs):
+    ref = refs.count_stop
+    assert ref.stats.stop_reason == "stop"  # the case exercises a stop string
+    r = client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0, stop="7")
+    assert r.object == "text_completion"
+    assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "stop"
+    pieces = list(client.completions.create(model=server.model, prompt=[COUNT], max_tokens=N, temperature=0,
+                                            stop=["7", "never"], stream=True))
+    assert "".join(c.choices[0].text for c in pieces) == ref.text
+    assert pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_matches_direct_generation(server, client, refs):
+    for _ in range(2):
+        r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0.8,
+                                           top_p=0.9, seed=7)
+        assert r.choices[0].message.content == refs.sampled
+
+
+def test_greedy_matches_cli(server, client, capsys):
+    from dovetail_ext.cli import main
+
+    assert main(["generate", SAY_HI, "--max-new-tokens", str(N), "--json", "--threads", "2",
+                 "--context", "512"]) == 0
+    cli_text = json.loads(capsys.readouterr().out)["text"]
+    r = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": SAY_HI}],
+                                       max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == cli_text
+
+
+def test_concurrent_requests_are_served_one_at_a_time(server, refs):
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def ask(k: int) -> None:
+        try:
+            with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+                msgs = [{"role": "user", "content": QUESTIONS[k]}]
+                if k % 2:
+                    s = c.chat.completions.create(model=server.model, messages=msgs, max_tokens=N, temperature=0,
+                                                  stream=True)
+                    results[k] = "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+                else:
+                    r = c.chat.completions.create(model=server.model, messages=msgs, max_tokens=N, temperature=0)
+                    results[k] = r.choices[0].message.content
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    before = len(server.engine.history)
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    seen_busy = False
+    with httpx.Client(base_url=server.url) as h:
+        while any(t.is_alive() for t in threads):
+            seen_busy |= h.get("/health", timeout=10).json()["busy"]  # the event loop answers meanwhile
+            time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == dict(enumerate(refs.questions))
+    assert seen_busy
+    spans = sorted(list(server.engine.history)[before:], key=lambda s: s[1])
+    assert len(spans) == len(QUESTIONS)
+    assert all(a[2] <= b[1] for a, b in zip(spans, spans[1:])), "two generations overlapped"
+
+
+def test_disconnect_stops_generation_and_frees_the_engine(server, client, refs):
+    counts = dict(server.engine.counts)
+    long = 400  # far more than the few tokens read before disconnecting
+    stream = client.completions.create(model=server.model, prompt=COUNT, max_tokens=long, temperature=0,
+                                       stream=True)
+    got = [next(stream).choices[0].text for _ in range(3)]
+    assert "".join(got).strip().startswith("5")
+    # A second request waits behind it, and its client gives up before its turn.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", timeout=0.5,
+                   json={"model": server.model, "messages": CHAT, "max_tokens": N, "temperature": 0})
+    stream.close()
+    wait_idle(server)
+    assert server.engine.counts["cancelled"] == counts["cancelled"] + 2
+    assert server.engine.counts["served"] == counts["served"]
+    generated = server.gen.target.n_past - refs.count_prompt_tokens
+    assert generated < long // 4, f"{generated} tokens were generated after the client left"
+    # The engine is free and its cache consistent: the next request gets the right answer.
+    r = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": SAY_HI}],
+                                       max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == refs.hi
+
+
+LONG_PROMPT = "word " * 600  # more tokens than the 512-token context
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400, None, None),
+    ("/v1/chat/completions", [1, 2], 400, None, None),
+    ("/v1/chat/completions", {"max_tokens": 4}, 400, "messages", None),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages", None),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", None),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", None),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": CHAT}, 404, "model", "model_not_found"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", None),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -1}, 400, "max_tokens", None),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": "8"}, 400, "max_completion_tokens", None),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": 3}, 400, "temperature", None),
+    ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, 400, "top_p", None),
+    ("/v1/chat/completions", {"messages": CHAT, "seed": "7"}, 400, "seed", None),
+    ("/v1/chat/completions", {"messages": CHAT, "stop": 7}, 400, "stop", None),
+    ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "stream", None),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "context_length_exceeded"),
+]
+
+
+def check_error_body(resp, status, param=None, code=None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    assert (err["param"], err["code"]) == (param, code)
+
+
+def test_bad_requests_get_openai_errors(server, client):
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        for path, body, status, param, code in BAD:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            check_error_body(h.post(path, content=content, headers={"content-type": "application/json"}),
+                             status, param, code)
+        check_error_body(h.get("/v1/nothing"), 404)
+        check_error_body(h.get("/v1/chat/completions"), 405)
+        check_error_body(h.get("/v1/models/gpt-4o"), 404, "model", "model_not_found")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=server.model, messages=CHAT, n=2)
+    assert e.value.status_code == 400 and "n=1" in e.value.message
+    assert client.models.list().data[0].id == server.model  # still serving
+
+
+def test_internal_error_gives_500_and_the_server_keeps_serving(server, client, refs, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(server.gen, "stream", broken)
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": server.model, "messages": CHAT, "max_tokens": N})
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "the engine broke" in err["message"]
+    with pytest.raises(openai.APIError, match="the engine broke"):  # mid-stream: an error event
+        list(client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, stream=True))
+    monkeypatch.undo()
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == refs.chat.text
+
+
+def test_speculative_by_default_when_a_draft_is_loaded(server, client, refs, monkeypatch):
+    """An untrained draft changes the timing, never the greedy text; --no-spec turns it off."""
+    pytest.importorskip("torch", reason="the random test draft is built with the PyTorch draft model")
+    from dovetail_ext.draft import Draft
+    from dovetail_ext.draft_model import DovetailDraft, DraftConfig
+
+    module = DovetailDraft.random(DraftConfig.for_target(server.gen.source, num_layers=1), seed=0, std=0.05)
+    monkeypatch.setattr(server.gen, "draft", Draft.from_module(module, server.gen.target))
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0)
+    timing = r.model_extra["dovetail"]
+    assert r.choices[0].message.content == refs.chat.text
+    assert timing["mode"] == "speculative" and timing["target_calls"] > 0 and timing["acceptance_length"] >= 1.0
+    monkeypatch.setattr(server.engine, "speculative", False)  # what `dovetail serve --no-spec` sets
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == refs.chat.text and r.model_extra["dovetail"]["mode"] == "plain"
