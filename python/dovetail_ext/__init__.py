@@ -13,9 +13,10 @@ from .errors import DraftMismatchError, FormatError, ModelNotFoundError
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load", "Generator", "GenerationStats", "LlamaConfig",
-           "FormatError", "ModelNotFoundError", "DraftMismatchError"]
+           "FormatError", "ModelNotFoundError", "DraftMismatchError", "get_include", "get_library"]
 
-_LAZY = {"load": "api", "Generator": "api", "GenerationStats": "api", "LlamaConfig": "config"}
+_LAZY = {"load": "api", "Generator": "api", "GenerationStats": "api", "LlamaConfig": "config",
+         "get_include": "capi", "get_library": "capi"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,207 @@
+"""The C API's files and its weight container.
+
+``get_include()`` / ``get_library()`` locate ``dovetail/dovetail.h`` and ``libdovetail.so``
+(installed with the wheel under ``dovetail_ext/include`` and ``dovetail_ext/lib``; in a
+source checkout, ``include/`` and a CMake build directory). :func:`export_c_weights` writes
+a model's weights into a container that a C program reads without Python or a GGUF
+parser (``examples/c/greedy.c`` does).
+
+Weight container, format version 1 (all integers little-endian)::
+
+    offset  size        field
+    0       8           magic b"DTWEIGHT"
+    8       4           u32 format version (1)
+    12      4           u32 n_tensors
+    16      8           u64 data_offset: start of the tensor data (a multiple of 64)
+    24      7 x 8       i64 vocab_size, hidden_size, intermediate_size, num_layers,
+                            num_heads, num_kv_heads, head_dim
+    80      4           f32 rope_theta
+    84      4           f32 rms_norm_eps
+    88      8           i64 max_context
+    96      4           i32 bos_token_id (-1: none)
+    100     4           u32 n_eos (at most 8)
+    104     8 x 4       i32 eos_token_ids (the first n_eos are used)
+    136     ...         tensor table, n_tensors entries, each:
+                            u32 name_len, name (UTF-8, no terminator),
+                            u32 dtype (dt_dtype: f32 0, f16 1, bf16 2, q8_0 3, q4_0 4, q4_1 5),
+                            u32 ndim (1 or 2), i64 shape[ndim],
+                            u64 offset (from data_offset, a multiple of 64), u64 nbytes
+    data_offset ...     tensor data, each tensor 64-byte aligned, zero padding between
+
+Tensors carry the canonical names of :mod:`dovetail_ext.formats.base` in their stored
+format (the layout of ``dt_weight`` in ``dovetail.h``); norm vectors are float32.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["get_include", "get_library", "export_c_weights", "LIBRARY_ENV", "C_WEIGHTS_MAGIC",
+           "C_WEIGHTS_VERSION", "C_DTYPE_CODES"]
+
+#: Environment variable naming the shared library to use (overrides every other place).
+LIBRARY_ENV = "DOVETAIL_LIBRARY"
+C_WEIGHTS_MAGIC = b"DTWEIGHT"
+C_WEIGHTS_VERSION = 1
+#: Weight dtype name -> ``dt_dtype`` code.
+C_DTYPE_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
+_ALIGN = 64
+_MAX_EOS = 8
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _library_name() -> str:
+    if sys.platform == "darwin":
+        return "libdovetail.dylib"
+    if sys.platform == "win32":
+        return "dovetail.dll"
+    return "libdovetail.so"
+
+
+def _package_dirs() -> list[Path]:
+    """This package's directory, and the one holding ``_core`` when that differs (an
+    editable install keeps the compiled files in site-packages, the sources here)."""
+    dirs = [_PACKAGE_DIR]
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(f"{__package__}._core")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        core_dir = Path(spec.origin).resolve().parent
+        if core_dir != _PACKAGE_DIR:
+            dirs.append(core_dir)
+    return dirs
+
+
+def _source_root() -> Path | None:
+    """The repository root when running from a source checkout (``python/dovetail_ext``)."""
+    root = _PACKAGE_DIR.parents[1]
+    if (root / "CMakeLists.txt").is_file() and (root / "include" / "dovetail" / "dovetail.h").is_file():
+        return root
+    return None
+
+
+def _is_sanitizer_build(build_dir: Path) -> bool:
+    # A sanitizer build's library only loads with the sanitizer runtimes preloaded.
+    cache = build_dir / "CMakeCache.txt"
+    try:
+        return "DOVETAIL_SANITIZE:BOOL=ON" in cache.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def get_include() -> Path:
+    """Directory to put on the C compiler's include path (``-I``): it holds
+    ``dovetail/dovetail.h``.
+
+    Raises:
+        FileNotFoundError: neither an installed copy nor a source checkout has the header.
+    """
+    candidates = [d / "include" for d in _package_dirs()]
+    root = _source_root()
+    if root is not None:
+        candidates.append(root / "include")
+    for inc in candidates:
+        if (inc / "dovetail" / "dovetail.h").is_file():
+            return inc
+    raise FileNotFoundError("dovetail/dovetail.h not found (looked in " +
+                            ", ".join(str(c) for c in candidates) + "); install the package with pip")
+
+
+def get_library() -> Path:
+    """Path of the C API's shared library (``libdovetail.so`` on Linux).
+
+    Looked for in order: the file named by ``$DOVETAIL_LIBRARY``; ``lib/`` of the installed
+    package; in a source checkout, the newest ``build*/`` or ``build/*/`` CMake build
+    directory that has it (sanitizer builds are skipped).
+
+    Raises:
+        FileNotFoundError: ``$DOVETAIL_LIBRARY`` names no file, or no library was found.
+    """
+    name = _library_name()
+    env = os.environ.get(LIBRARY_ENV)
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise FileNotFoundError(f"{LIBRARY_ENV}={env} does not name a file")
+        return path.resolve()
+    for d in _package_dirs():
+        if (d / "lib" / name).is_file():
+            return d / "lib" / name
+    root = _source_root()
+    if root is not None:
+        built = [p for pattern in (f"build*/{name}", f"build/*/{name}") for p in root.glob(pattern)
+                 if p.is_file() and not _is_sanitizer_build(p.parent)]
+        if built:
+            return max(built, key=lambda p: p.stat().st_mtime)
+    hint = (f"build it with `cmake -S {root} -B {root}/build-capi -DDOVETAIL_CUDA=OFF && "
+            f"cmake --build {root}/build-capi --target dovetail`, or " if root else "")
+    raise FileNotFoundError(f"{name} not found: install the package with pip, {hint}"
+                            f"set {LIBRARY_ENV} to the library's path")
+
+
+def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
+    """Write a model's weights and config into the C weight container (see the module doc).
+
+    Args:
+        out: the file to write (replaced atomically).
+        model: a GGUF file or Hugging Face LLaMA directory; None for the default model.
+    Returns:
+        the path written.
+    Raises:
+        ModelNotFoundError / FileNotFoundError / FormatError: as
+            :func:`dovetail_ext.formats.load_model_source`.
+        ValueError: the model has more than 8 end-of-sequence ids.
+    """
+    from .formats import load_model_source
+    from .quant import dequantize
+
+    source = load_model_source(model)
+    cfg = source.config
+    eos = list(dict.fromkeys([*cfg.eos_token_ids, *(source.tokenizer.eos_ids if source.tokenizer else ())]))
+    if len(eos) > _MAX_EOS:
+        raise ValueError(f"the model has {len(eos)} end-of-sequence ids; the container holds at most {_MAX_EOS}")
+    tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]] = []
+    for name in sorted(source.weights):
+        w = source.weights[name]
+        if len(w.shape) == 1 and w.dtype != "f32":  # the engine reads norm vectors as float32
+            tensors.append((name, "f32", w.shape, np.ascontiguousarray(dequantize(w), dtype=np.float32)))
+        else:
+            tensors.append((name, w.dtype, w.shape, np.ascontiguousarray(w.data)))
+
+    table = bytearray()
+    offset = 0
+    offsets = []
+    for name, dtype, shape, data in tensors:
+        encoded = name.encode()
+        table += struct.pack("<I", len(encoded)) + encoded
+        table += struct.pack("<II", C_DTYPE_CODES[dtype], len(shape)) + struct.pack(f"<{len(shape)}q", *shape)
+        table += struct.pack("<QQ", offset, data.nbytes)
+        offsets.append(offset)
+        offset = _aligned(offset + data.nbytes)
+    header = struct.pack("<8sII", C_WEIGHTS_MAGIC, C_WEIGHTS_VERSION, len(tensors))
+    fixed = struct.pack("<7qffqiI8i", cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
+                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps,
+                        cfg.max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id, len(eos),
+                        *(eos + [0] * (_MAX_EOS - len(eos))))
+    data_offset = _aligned(len(header) + 8 + len(fixed) + len(table))
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header + struct.pack("<Q", data_offset) + fixed + table)
+        for (_, _, _, data), start in zip(tensors, offsets):
+            f.write(b"\0" * (data_offset + start - f.tell()))
+            f.write(data.reshape(-1).view(np.uint8).data)
+    os.replace(tmp, out)
+    return out
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
