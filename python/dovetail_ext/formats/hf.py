@@ -42,6 +42,9 @@ HF_WEIGHT_CHOICES = ("auto",) + WEIGHT_DTYPES
 _ST_DTYPES = {"F32": ("f32", np.float32), "F16": ("f16", np.float16), "BF16": ("bf16", np.uint16)}
 # A safetensors header is JSON text: even 100k tensors stay far below this.
 _MAX_HEADER = 100 << 20
+# Largest magnitude each conversion target holds: f16 values, and the f16 scales of the
+# quantized blocks (q8_0 d = amax / 127, q4_0 d = amax / 8, q4_1 m = min).
+_CONVERT_LIMIT = {"f16": 65504.0, "q8_0": 65504.0 * 127, "q4_0": 65504.0 * 8, "q4_1": 65504.0}
 
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -245,6 +248,13 @@ def _convert(dtype: str, data: np.ndarray, target: str) -> Weight:
     if target in ("q8_0", "q4_0", "q4_1"):
         row_nbytes(target, cols)  # raises on a column count that is not a multiple of 32
     f32 = _as_f32(dtype, data)
+    limit = _CONVERT_LIMIT.get(target)
+    if limit is not None:
+        # NaN, inf or a value past the range would be stored as inf / NaN without a word.
+        amax = float(np.max(np.abs(f32)))
+        if not amax <= limit:
+            raise ValueError(f"it holds values of magnitude {amax:g}, which {target} cannot store "
+                             f"(limit {limit:g})")
     if target == "f32":
         out = f32
     elif target == "f16":

@@ -565,6 +565,11 @@ def tokenizer_from_hf_directory(directory: str | Path, *, bos_id: int | None = N
             sp.load(str(spm_path))
         except (RuntimeError, OSError) as e:
             raise FormatError(f"{spm_path}: not a valid SentencePiece model: {e}") from e
+        for i in range(sp.get_piece_size()):  # the file does not guarantee it; decode() needs it
+            try:
+                sp.id_to_piece(i)
+            except UnicodeDecodeError as e:
+                raise FormatError(f"{spm_path}: piece {i} is not valid UTF-8: {e}") from e
         backend = _SentencePieceBackend(sp)
         source = str(spm_path)
     else:
