@@ -5,8 +5,9 @@
  * weights (GGUF-style names and block layouts, see dt_weight) and hands over buffers; the
  * Python package writes a simple container for them (python -m dovetail_ext.export_c_weights).
  *
- * Legend: T tokens in one call, V vocabulary size, D hidden size, P scratch rows already
- * held by the draft (tree expansion), K top-k.
+ * Legend: T tokens in one call, V vocabulary size, D hidden size, H query heads, KV
+ * key/value heads, Dh head dim, F FFN size, P scratch rows the draft already holds (tree
+ * expansion).
  *
  * Errors. Every function that can fail returns a dt_status. DT_OK is 0. On failure
  * dt_last_error() gives a message naming the problem, and the engine is as it was: every

@@ -140,8 +140,9 @@ def get_library() -> Path:
                  if p.is_file() and not _is_sanitizer_build(p.parent)]
         if built:
             return max(built, key=lambda p: p.stat().st_mtime)
-    hint = (f"build it with `cmake -S {root} -B {root}/build-capi -DDOVETAIL_CUDA=OFF && "
-            f"cmake --build {root}/build-capi --target dovetail`, or " if root else "")
+    hint = (f"build it with `cmake -S {root} -B {root}/build-capi -DDOVETAIL_CUDA=OFF "
+            f"-Dpybind11_DIR=$(python -m pybind11 --cmakedir) && cmake --build {root}/build-capi "
+            f"--target dovetail`, or " if root else "")
     raise FileNotFoundError(f"{name} not found: install the package with pip, {hint}"
                             f"set {LIBRARY_ENV} to the library's path")
 
