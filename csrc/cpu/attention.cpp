@@ -1,4 +1,5 @@
 // Tree / causal attention over the KV cache: scalar kernels and the dispatcher.
+#include <algorithm>
 #include <cmath>
 
 #include "common/error.h"
@@ -35,6 +36,18 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 }  // namespace scalar
 
 void attention(const AttentionArgs& a, int nthreads) {
+  if (active_isa() == Isa::Avx512 && a.Dh <= 128) {
+    // Items: runs of up to 16 query rows sharing a KV head (enough items to balance threads).
+    const int64_t G = a.H / a.KV, rows = a.T * G;
+    const int64_t per = std::clamp<int64_t>(rows * a.KV / (3 * std::max(nthreads, 1)), 1, 16);
+    const int64_t per_kv = (rows + per - 1) / per, items = per_kv * a.KV;
+    const bool tiny = a.T * a.H * (a.n_past + a.n_prev + a.T) * a.Dh < (1 << 15);
+    ThreadPool::instance().parallel_for(tiny ? 1 : (int)std::min<int64_t>(nthreads, items), items, [&](int64_t i) {
+      const int64_t kvh = i / per_kv, r0 = (i % per_kv) * per;
+      avx512::attention_rows(a, kvh, r0, std::min(rows, r0 + per));
+    });
+    return;
+  }
   using Fn = void (*)(const AttentionArgs&, int64_t, int64_t, float*);
   Fn fn = scalar::attention_one;
   switch (active_isa()) {
