@@ -146,7 +146,8 @@ def test_example_threads_and_chunked_prefill(greedy_bin, c_weights, generator):
 
 def test_example_refuses_bad_input(greedy_bin, c_weights, generator, tmp_path):
     truncated = tmp_path / "truncated.dtw"
-    truncated.write_bytes(c_weights.read_bytes()[:5000])
+    with open(c_weights, "rb") as f:
+        truncated.write_bytes(f.read(5000))
     for args, code, message in [
         ([str(truncated), "4", "1", "2"], 1, "not a valid weight container"),
         ([str(tmp_path / "missing.dtw"), "4", "1"], 1, "missing.dtw"),
@@ -156,6 +157,13 @@ def test_example_refuses_bad_input(greedy_bin, c_weights, generator, tmp_path):
     ]:
         r = subprocess.run([str(greedy_bin), *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == code and message in r.stderr, (args, r.returncode, r.stderr)
+
+
+def test_export_cli_reports_a_missing_model(tmp_path, capsys):
+    from dovetail_ext.export_c_weights import main
+    assert main([str(tmp_path / "out.dtw"), "--model", str(tmp_path / "missing.gguf")]) == 1
+    assert "missing.gguf" in capsys.readouterr().err
+    assert not (tmp_path / "out.dtw").exists()
 
 
 # ---- ctypes view of the API --------------------------------------------------------------
