@@ -306,7 +306,7 @@ class Generator:
             self.draft.truncate(0)
 
 
-def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
+def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | None = None, draft_weights: str = "f32") -> Generator:
     """Load a model for generation.
@@ -321,13 +321,18 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
         kv_dtype: ``"f32"`` or ``"bf16"`` KV cache.
         max_batch: the largest number of tokens one target call takes (prefill chunk).
         draft: a draft checkpoint directory for speculative decoding (trained for this
-            model: a draft made for another target is refused).
+            model: a draft made for another target is refused); ``"auto"`` (the default)
+            takes the draft shipped with the package for this exact model if there is one
+            (the default model has one), ``None`` loads no draft (plain decoding).
         tree: speculative tree shape (default ``TreeParams()``).
         draft_weights: storage of the draft's matrices on the CPU (``"f32"``, ``"bf16"``, ``"q8_0"``).
     """
     source = load_model_source(model, weights=weights)
     target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch)
     drafter = None
+    if isinstance(draft, str) and draft == "auto":
+        from .models import packaged_draft_for
+        draft = packaged_draft_for(source)
     if draft is not None:
         from .draft import Draft
         drafter = Draft.load(draft, target, weights_dtype=draft_weights, max_batch=max_batch)
