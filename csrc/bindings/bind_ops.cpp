@@ -50,7 +50,7 @@ void bind_ops(py::module_& m) {
   m.def("linear", [](const py::handle& x_obj, const PackedWeight& w, int threads) {
         auto x = as_array<float>(x_obj, "x");
         check_shape(x, {-1, w.cols}, "x");
-        DT_CHECK(threads >= 1, "threads must be >= 1");
+        DT_CHECK(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(threads));
         const int64_t T = x.shape(0);
         py::array_t<float> y({T, w.rows});
         QActs qa;
@@ -94,7 +94,7 @@ void bind_ops(py::module_& m) {
         const int64_t T = x.shape(0), H = x.shape(1), Dh = x.shape(2);
         check_shape(pos, {T}, "positions");
         DT_CHECK(Dh % 2 == 0, "head dim must be even for RoPE, got " + std::to_string(Dh));
-        DT_CHECK(context >= 1, "context must be >= 1");
+        DT_CHECK(context >= 1 && context <= (1 << 24), "context must be in [1, 16777216], got " + std::to_string(context));
         for (int64_t t = 0; t < T; ++t)
           DT_CHECK(pos.data()[t] >= 0 && pos.data()[t] < context, "position " + std::to_string(pos.data()[t]) +
                                                                      " outside [0, " + std::to_string(context) + ")");
@@ -158,7 +158,7 @@ void bind_ops(py::module_& m) {
         const int64_t KV = k.shape(0), S = k.shape(1);
         DT_CHECK(KV >= 1 && H % KV == 0, "query heads must be a multiple of kv heads");
         DT_CHECK(n_past >= 0 && n_past + T <= S, "k/v need n_past + T slots");
-        DT_CHECK(threads >= 1, "threads must be >= 1");
+        DT_CHECK(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(threads));
         auto anc = ancestor_matrix(anc_obj, T, T);
         const uint8_t* a = anc.data();
         for (int64_t t = 0; t < T; ++t) {

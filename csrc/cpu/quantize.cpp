@@ -34,6 +34,11 @@ PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src
   if (is_quantized(type))
     DT_CHECK(cols % kQBlock == 0, std::string(wtype_name(type)) + " weight needs a multiple of 32 "
                                   "columns, got " + std::to_string(cols));
+  // A caller's shape is not trusted: rows * row_stride must not wrap around (a wrapped
+  // size would pass the byte-count check below and the copy would read past the source).
+  constexpr int64_t kMaxBytes = int64_t(1) << 56;
+  DT_CHECK(cols <= kMaxBytes / 8 && rows <= kMaxBytes / ((cols * 4 + 63) / 64 * 64),
+           "weight shape (" + std::to_string(rows) + ", " + std::to_string(cols) + ") is too large");
   PackedWeight w;
   w.type = type;
   w.rows = rows;
