@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 
 from dovetail_ext import reference as ref
 from dovetail_ext.draft_model import (CONFIG_FILE, WEIGHTS_FILE, DovetailDraft, DraftConfig,
-                                      TargetSignature, expected_draft_shapes, load_draft,
-                                      load_draft_weights)
+                                      TargetSignature, check_vocab_map, expected_draft_shapes,
+                                      load_draft, load_draft_weights)
 from dovetail_ext.errors import DraftMismatchError, FormatError
 from dovetail_ext.quant import dequantize
 from native_helpers import make_source, random_weights, tiny_config, tree_ancestors
@@ -532,3 +532,88 @@ def test_config_round_trip_and_validation(target):
             dataclasses.replace(cfg, **change)
     with pytest.raises(ValueError, match="no token_embd"):
         TargetSignature.from_source(dataclasses.replace(target, weights={}))
+
+
+# ----------------------------------------------------------------------------------------
+# Reduced draft vocabulary (vocab_map)
+
+
+def _vocab_draft(target, size: int = 40, seed: int = 0) -> DovetailDraft:
+    cfg = DraftConfig.for_target(target, num_layers=1, intermediate_size=64, draft_vocab_size=size)
+    cfg = dataclasses.replace(cfg, eos_token_ids=(2,))  # the tiny config names no EOS
+    w = DovetailDraft.random(cfg, seed=seed, std=0.1).state_weights()
+    rng = np.random.default_rng(seed)
+    w["vocab_map"] = torch.from_numpy(np.sort(np.union1d(rng.choice(np.arange(3, 301), size - 1, replace=False), [2])))
+    return DovetailDraft(cfg, w)
+
+
+def test_vocab_map_logits_and_round_trip(target, embed, tmp_path):
+    draft = _vocab_draft(target)
+    assert draft.config.eos_token_ids == (2,) and draft.vocab_map.dtype == torch.int64
+    h = torch.randn(5, 96)
+    full = h @ embed.T
+    torch.testing.assert_close(draft.logits(h, embed), full[:, draft.vocab_map])  # column j: vocab_map[j]
+    with pytest.raises(ValueError, match="head must be the target's LM head"):
+        draft.logits(h, embed[draft.vocab_map])  # the caller passes the full head
+    for dtype in ("f32", "bf16"):
+        draft.save(tmp_path / dtype, dtype=dtype)
+        cfg, arrays = load_draft_weights(tmp_path / dtype)
+        assert cfg == draft.config and cfg.draft_vocab_size == 40 and list(arrays)[-1] == "vocab_map"
+        assert arrays["vocab_map"].dtype == np.int64
+        np.testing.assert_array_equal(arrays["vocab_map"], draft.vocab_map.numpy())
+        loaded = load_draft(tmp_path / dtype, target=target)
+        assert torch.equal(loaded.vocab_map, draft.vocab_map)
+    assert expected_draft_shapes(draft.config)["vocab_map"] == (40,)
+    # a full-vocabulary draft has no map, and its files have no such tensor
+    assert "vocab_map" not in expected_draft_shapes(DraftConfig.for_target(target))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m[::-1].copy(), "strictly ascending"),
+    (lambda m: np.concatenate([m[:-1], [301]]), r"outside \[0, 301\)"),
+    (lambda m: np.concatenate([m[:-2], [m[-1], m[-1]]]), "strictly ascending"),
+    (lambda m: np.sort(np.concatenate([[0], m[m != 2]])), r"lacks the EOS id\(s\) \[2\]"),
+    (lambda m: m[:-1], r"vocab_map has shape \(39,\), expected \(40,\)"),
+], ids=["unsorted", "out-of-range", "duplicate", "missing-eos", "wrong-length"])
+def test_bad_vocab_maps_are_refused(target, tmp_path, edit, match):
+    draft = _vocab_draft(target)
+    good = draft.vocab_map.numpy()
+    bad = torch.from_numpy(edit(good).astype(np.int64))
+    with pytest.raises(ValueError, match=match):
+        DovetailDraft(draft.config, {**draft.state_weights(), "vocab_map": bad})
+    draft.save(tmp_path / "ckpt", dtype="f32")
+    weights = {n: t.contiguous() for n, t in draft.state_weights().items()}
+    weights["vocab_map"] = bad
+    save_file(weights, str(tmp_path / "ckpt" / WEIGHTS_FILE))
+    _both_loaders_raise(tmp_path / "ckpt", FormatError, match.replace(r"\(39,\), expected \(40,\)",
+                                                                      r"\[39\], expected \[40\]"))
+
+
+def test_vocab_map_dtype_and_config_compatibility(target, tmp_path):
+    draft = _vocab_draft(target)
+    draft.save(tmp_path / "ckpt", dtype="f32")
+    weights = {n: t.contiguous() for n, t in draft.state_weights().items()}
+    save_file({**weights, "vocab_map": weights["vocab_map"].float()}, str(tmp_path / "ckpt" / WEIGHTS_FILE))
+    _both_loaders_raise(tmp_path / "ckpt", FormatError, "vocab_map must be I64")
+    save_file({**weights, "fuse.w1": weights["fuse.w1"].long()}, str(tmp_path / "ckpt" / WEIGHTS_FILE))
+    _both_loaders_raise(tmp_path / "ckpt", FormatError, "fuse.w1 has integer dtype")
+    save_file({n: t for n, t in weights.items() if n != "vocab_map"}, str(tmp_path / "ckpt" / WEIGHTS_FILE))
+    _both_loaders_raise(tmp_path / "ckpt", FormatError, r"missing tensor\(s\) vocab_map")
+    # draft.json files written before draft_vocab_size / eos_token_ids existed still load
+    old = make_draft(target, layers=1)
+    old.save(tmp_path / "old", dtype="f32")
+    doc = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    del doc["config"]["draft_vocab_size"], doc["config"]["eos_token_ids"]
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(doc))
+    loaded = load_draft(tmp_path / "old")
+    assert loaded.config.draft_vocab_size == 0 and loaded.config.eos_token_ids == () and loaded.vocab_map is None
+    cfg = DraftConfig.for_target(target)
+    for change, match in [({"draft_vocab_size": -1}, "draft_vocab_size must be an integer in"),
+                          ({"draft_vocab_size": 302}, "draft_vocab_size must be an integer in"),
+                          ({"eos_token_ids": (400,)}, "eos_token_ids must be token ids")]:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(cfg, **change)
+    with pytest.raises(ValueError, match=r"unexpected weights \['vocab_map'\]"):
+        DovetailDraft(cfg, {**DovetailDraft.random(cfg).state_weights(), "vocab_map": torch.arange(5)})
+    with pytest.raises(ValueError, match="vocab_map given for a full-vocabulary draft"):
+        check_vocab_map(cfg, np.arange(5))

@@ -64,15 +64,18 @@ if torch is not None:
 else:
     _Module = object  # the model classes then refuse to be built (see _need_torch)
 
-__all__ = ["TargetSignature", "DraftConfig", "expected_draft_shapes", "DGF", "DraftLayer",
-           "DovetailDraft", "load_draft", "load_draft_weights", "DRAFT_FORMAT",
-           "DRAFT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE"]
+__all__ = ["TargetSignature", "DraftConfig", "expected_draft_shapes", "check_vocab_map", "DGF",
+           "DraftLayer", "DovetailDraft", "load_draft", "load_draft_weights", "DRAFT_FORMAT",
+           "DRAFT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE", "VOCAB_MAP"]
 
 DRAFT_FORMAT = "dovetail-draft"
 DRAFT_VERSION = 1
 WEIGHTS_FILE = "draft.safetensors"
 CONFIG_FILE = "draft.json"
 _SAVE_DTYPES = ("f32", "bf16")
+#: Checkpoint tensor of a reduced-vocabulary draft: int64 [draft_vocab_size], the target
+#: token ids the draft can propose (strictly ascending, the EOS ids among them).
+VOCAB_MAP = "vocab_map"
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,6 +175,12 @@ class DraftConfig:
     ``hidden_size`` and ``vocab_size`` are the target's (the draft reads its features and
     shares its embedding and head); the layer dims default to the target's too
     (:meth:`for_target`) but may differ, except that D is fixed.
+
+    ``draft_vocab_size`` > 0 makes a reduced-vocabulary draft: its head is the target's
+    head restricted to the ``vocab_map`` rows (a checkpoint tensor), so it only proposes
+    those tokens; on a CPU the full head would dominate the draft's cost. 0 means the full
+    vocabulary. ``eos_token_ids`` are the target's end tokens, which every vocab map must
+    hold (empty in checkpoints written before these fields existed).
     """
 
     hidden_size: int
@@ -184,6 +193,8 @@ class DraftConfig:
     rms_norm_eps: float
     vocab_size: int
     target: TargetSignature
+    draft_vocab_size: int = 0
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -202,18 +213,31 @@ class DraftConfig:
             if getattr(self, name) != getattr(self.target, name):
                 raise ValueError(f"DraftConfig.{name} = {getattr(self, name)} differs from the "
                                  f"target's {getattr(self.target, name)}")
+        dv = self.draft_vocab_size
+        if not isinstance(dv, int) or isinstance(dv, bool) or not 0 <= dv <= self.vocab_size:
+            raise ValueError(f"DraftConfig.draft_vocab_size must be an integer in [0, {self.vocab_size}] "
+                             f"(0: the full vocabulary), got {dv!r}")
+        eos = self.eos_token_ids
+        if not isinstance(eos, (list, tuple)) or not all(
+                isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.vocab_size for e in eos):
+            raise ValueError(f"DraftConfig.eos_token_ids must be token ids in [0, {self.vocab_size}), got {eos!r}")
+        object.__setattr__(self, "eos_token_ids", tuple(sorted(set(eos))))
+        if dv and len(self.eos_token_ids) > dv:
+            raise ValueError(f"DraftConfig: draft_vocab_size {dv} cannot hold the {len(self.eos_token_ids)} EOS ids")
 
     @classmethod
     def for_target(cls, src: ModelSource, num_layers: int = 1,
-                   intermediate_size: int | None = None) -> DraftConfig:
-        """A draft shaped like the target's layers (``intermediate_size`` defaults to its F)."""
+                   intermediate_size: int | None = None, draft_vocab_size: int = 0) -> DraftConfig:
+        """A draft shaped like the target's layers (``intermediate_size`` defaults to its F),
+        with the target's EOS ids; ``draft_vocab_size`` 0 keeps the full vocabulary."""
         c = src.config
         return cls(hidden_size=c.hidden_size, num_layers=num_layers, num_heads=c.num_heads,
                    num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                    intermediate_size=c.intermediate_size if intermediate_size is None
                    else intermediate_size,
                    rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size,
-                   target=TargetSignature.from_source(src))
+                   target=TargetSignature.from_source(src), draft_vocab_size=draft_vocab_size,
+                   eos_token_ids=tuple(c.eos_token_ids))
 
     @property
     def q_size(self) -> int:
@@ -235,11 +259,13 @@ class DraftConfig:
         """JSON-safe dict; ``target`` nested as :meth:`TargetSignature.to_dict`."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["target"] = self.target.to_dict()
+        d["eos_token_ids"] = list(self.eos_token_ids)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DraftConfig:
-        _check_keys("DraftConfig", d, {f.name for f in fields(cls)})
+        optional = {"draft_vocab_size", "eos_token_ids"}  # absent from older draft.json files
+        _check_keys("DraftConfig", d, {f.name for f in fields(cls)} - optional, optional)
         return cls(**{**d, "target": TargetSignature.from_dict(d["target"])})
 
 
@@ -247,7 +273,8 @@ def expected_draft_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape of every draft-owned tensor, in checkpoint order.
 
     No ``token_embd`` or ``output``: those are the target's. ``blk.0.attn_norm`` is absent
-    (the fused input enters layer 0's attention un-normalized).
+    (the fused input enters layer 0's attention un-normalized). A reduced-vocabulary draft
+    ends with ``vocab_map`` [draft_vocab_size] (int64 token ids, not a float weight).
     """
     D, F_, QD, KVD = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     shapes: dict[str, tuple[int, ...]] = {
@@ -260,7 +287,38 @@ def expected_draft_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
             p + "attn_q": (QD, D), p + "attn_k": (KVD, D), p + "attn_v": (KVD, D),
             p + "attn_output": (D, QD), p + "ffn_norm": (D,),
             p + "ffn_gate": (F_, D), p + "ffn_up": (F_, D), p + "ffn_down": (D, F_)})
+    if cfg.draft_vocab_size:
+        shapes[VOCAB_MAP] = (cfg.draft_vocab_size,)
     return shapes
+
+
+def check_vocab_map(cfg: DraftConfig, vocab_map: Any) -> np.ndarray:
+    """A validated copy of a draft's vocabulary map as int64 [draft_vocab_size].
+
+    Raises:
+        ValueError: the config has no reduced vocabulary, or the map is not 1-D integral of
+            length ``draft_vocab_size``, not strictly ascending, outside [0, V), or lacks
+            one of the config's EOS ids (each named).
+    """
+    if not cfg.draft_vocab_size:
+        raise ValueError("vocab_map given for a full-vocabulary draft (draft_vocab_size is 0)")
+    vm = np.asarray(vocab_map.cpu().numpy() if torch is not None and isinstance(vocab_map, torch.Tensor)
+                    else vocab_map)
+    if vm.ndim != 1 or not (np.issubdtype(vm.dtype, np.integer)
+                            or (np.issubdtype(vm.dtype, np.floating) and np.all(vm == np.round(vm)))):
+        raise ValueError(f"vocab_map must be a 1-D array of integer token ids, got {vm.dtype} {list(vm.shape)}")
+    if vm.shape[0] != cfg.draft_vocab_size:
+        raise ValueError(f"vocab_map has {vm.shape[0]} entries, draft_vocab_size is {cfg.draft_vocab_size}")
+    vm = vm.astype(np.int64)
+    if vm.min() < 0 or vm.max() >= cfg.vocab_size:
+        raise ValueError(f"vocab_map has token ids outside [0, {cfg.vocab_size}): min {vm.min()}, max {vm.max()}")
+    if np.any(np.diff(vm) <= 0):
+        at = int(np.argmax(np.diff(vm) <= 0))
+        raise ValueError(f"vocab_map must be strictly ascending (entry {at + 1} = {vm[at + 1]} follows {vm[at]})")
+    missing = [e for e in cfg.eos_token_ids if e not in set(vm.tolist())]
+    if missing:
+        raise ValueError(f"vocab_map lacks the EOS id(s) {missing}: the draft could never propose the end")
+    return vm
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,11 +406,22 @@ class DraftLayer(_Module):
         return h + mm(swiglu(mm(hn, self.ffn_gate), mm(hn, self.ffn_up)), self.ffn_down)
 
 
+def _default_vocab_map(config: DraftConfig) -> Tensor:
+    """The EOS ids plus the lowest other ids, ascending (a placeholder for untrained drafts)."""
+    eos = set(config.eos_token_ids)
+    rest = [i for i in range(config.draft_vocab_size + len(eos)) if i not in eos]
+    return torch.tensor(sorted(eos | set(rest[:config.draft_vocab_size - len(eos)])), dtype=torch.int64)
+
+
 def _init_weights(config: DraftConfig, std: float, generator: Any) -> dict[str, Tensor]:
-    """Norm weights 1, matrices N(0, std^2) drawn from ``generator`` (None: torch's global)."""
-    return {name: torch.ones(shape) if len(shape) == 1
-            else torch.randn(shape, generator=generator) * std
-            for name, shape in expected_draft_shapes(config).items()}
+    """Norm weights 1, matrices N(0, std^2) drawn from ``generator`` (None: torch's global);
+    a reduced-vocabulary draft gets :func:`_default_vocab_map`."""
+    out = {name: torch.ones(shape) if len(shape) == 1
+           else torch.randn(shape, generator=generator) * std
+           for name, shape in expected_draft_shapes(config).items() if name != VOCAB_MAP}
+    if config.draft_vocab_size:
+        out[VOCAB_MAP] = _default_vocab_map(config)
+    return out
 
 
 class DovetailDraft(_Module):
@@ -363,10 +432,15 @@ class DovetailDraft(_Module):
     stored. Use :meth:`forward` for inference with a :class:`reference.KVCache` (the native
     engine's twin) and :meth:`forward_train` for teacher-forced training.
 
+    A reduced-vocabulary draft (``config.draft_vocab_size`` > 0) keeps its ``vocab_map``
+    (int64 [Vd]) as a buffer: :meth:`logits` then gives [..., Vd], column j for target
+    token ``vocab_map[j]``.
+
     Args:
         config: the draft's shape and its target.
         weights: canonical name -> tensor, exactly :func:`expected_draft_shapes`; copied to
-            float32. None: norms 1, matrices N(0, 0.02^2) from torch's global generator.
+            float32 (``vocab_map`` to int64, checked by :func:`check_vocab_map`). None: norms
+            1, matrices N(0, 0.02^2) from torch's global generator.
     """
 
     def __init__(self, config: DraftConfig, weights: Mapping[str, Tensor] | None = None):
@@ -383,10 +457,15 @@ class DovetailDraft(_Module):
             if tuple(weights[name].shape) != shape:
                 raise ValueError(f"DovetailDraft: weight {name} has shape {tuple(weights[name].shape)}, "
                                  f"expected {shape}")
+        vocab_map = None
+        if config.draft_vocab_size:
+            vocab_map = torch.from_numpy(check_vocab_map(config, weights[VOCAB_MAP]))
         self.config = config
         self.card: dict[str, Any] = {}  # free-form description, saved in draft.json
         self.fuse = DGF(config, weights)
         self.blk = nn.ModuleList(DraftLayer(config, weights, i) for i in range(config.num_layers))
+        self.vocab_map: Tensor | None
+        self.register_buffer("vocab_map", vocab_map)
 
     @classmethod
     def random(cls, config: DraftConfig, seed: int = 0, std: float = 0.02) -> DovetailDraft:
@@ -399,8 +478,12 @@ class DovetailDraft(_Module):
         return self.fuse.w1.dtype
 
     def state_weights(self) -> dict[str, Tensor]:
-        """Canonical name -> tensor (detached, sharing storage with the parameters)."""
-        return {name: p.detach() for name, p in self.named_parameters()}
+        """Canonical name -> tensor (detached, sharing storage with the parameters); with
+        ``vocab_map`` (int64) last for a reduced-vocabulary draft."""
+        out = {name: p.detach() for name, p in self.named_parameters()}
+        if self.vocab_map is not None:
+            out[VOCAB_MAP] = self.vocab_map
+        return out
 
     def new_cache(self, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty draft KV cache for ``max_len`` tokens, in the parameter dtype by default."""
@@ -497,13 +580,20 @@ class DovetailDraft(_Module):
         emb = F.embedding(next_tokens, embed).to(self.dtype)
         return self._run(features.to(self.dtype), emb, positions, attend, F.linear)
 
-    def logits(self, hidden: Tensor, head: Tensor) -> Tensor:
-        """``hidden @ head^T`` in ``hidden.dtype``: hidden [..., D], head [V, D] -> [..., V]."""
+    def draft_head(self, head: Tensor) -> Tensor:
+        """The rows of the target's LM head [V, D] the draft proposes from: [Vd, D] (all V
+        rows for a full-vocabulary draft)."""
         c = self.config
         if tuple(head.shape) != (c.vocab_size, c.hidden_size):
             raise ValueError(f"draft: head must be the target's LM head [{c.vocab_size}, "
                              f"{c.hidden_size}], got {tuple(head.shape)}")
-        return F.linear(hidden, head.to(hidden.dtype))
+        return head if self.vocab_map is None else head[self.vocab_map.to(head.device)]
+
+    def logits(self, hidden: Tensor, head: Tensor) -> Tensor:
+        """Draft logits in ``hidden.dtype``: hidden [..., D], head [V, D] (the target's full
+        head) -> [..., V], or [..., Vd] for a reduced-vocabulary draft (column j is target
+        token ``vocab_map[j]``)."""
+        return F.linear(hidden, self.draft_head(head).to(hidden.dtype))
 
     def save(self, directory: str | os.PathLike, dtype: str = "bf16",
              card: Mapping[str, Any] | None = None) -> Path:
@@ -528,7 +618,7 @@ class DovetailDraft(_Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        tensors = {n: t.to(device="cpu", dtype=torch_dtype).contiguous()
+        tensors = {n: t.to(device="cpu", dtype=torch.int64 if n == VOCAB_MAP else torch_dtype).contiguous()
                    for n, t in self.state_weights().items()}
         # Weights first, config last: an interrupted save leaves no loadable half-checkpoint.
         save_file(tensors, str(directory / (WEIGHTS_FILE + ".tmp")), metadata={"format": "pt"})
@@ -573,6 +663,34 @@ def _read_draft_json(directory: Path) -> tuple[DraftConfig, dict[str, Any]]:
     return cfg, card
 
 
+class _DraftSafetensors(_SafetensorsFile):
+    """The safetensors reader plus integer entries (``I64``/``I32``: only ``vocab_map``)."""
+
+    _INT = {"I64": np.int64, "I32": np.int32}
+
+    def _check(self, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+        if isinstance(entry, dict) and entry.get("dtype") in self._INT:
+            if name != VOCAB_MAP:
+                raise FormatError(f"{self.path}: tensor {name} has integer dtype {entry['dtype']}; "
+                                  f"only {VOCAB_MAP} may be integral")
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            itemsize = np.dtype(self._INT[entry["dtype"]]).itemsize
+            if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0
+                    and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] and offsets[1] - offsets[0] == shape[0] * itemsize
+                    and self.data_start + offsets[1] <= self.size):
+                raise FormatError(f"{self.path}: tensor {name}: malformed or truncated entry {entry!r}")
+            return entry["dtype"], (shape[0],), offsets[0], offsets[1]
+        return super()._check(name, entry)
+
+    def tensor(self, name: str) -> tuple[str, np.ndarray]:
+        dtype, shape, begin, end = self.entries[name]
+        if dtype not in self._INT:
+            return super().tensor(name)
+        raw = np.fromfile(self.path, dtype=np.uint8, count=end - begin, offset=self.data_start + begin)
+        return dtype.lower(), raw.view(self._INT[dtype]).reshape(shape)
+
+
 def _open_checkpoint(directory: str | os.PathLike) -> tuple[Path, DraftConfig, dict[str, Any],
                                                              dict[str, np.ndarray]]:
     directory = Path(directory)
@@ -584,7 +702,7 @@ def _open_checkpoint(directory: str | os.PathLike) -> tuple[Path, DraftConfig, d
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise FormatError(f"{directory}: missing {WEIGHTS_FILE}")
-    st = _SafetensorsFile(path)  # header checked against the file; bf16 kept as uint16 bits
+    st = _DraftSafetensors(path)  # header checked against the file; bf16 kept as uint16 bits
     expected = expected_draft_shapes(cfg)
     missing = [n for n in expected if n not in st.entries]
     unexpected = sorted(n for n in st.entries if n not in expected)
@@ -599,6 +717,16 @@ def _open_checkpoint(directory: str | os.PathLike) -> tuple[Path, DraftConfig, d
         if data.shape != shape:
             raise FormatError(f"{path}: tensor {name} has shape {list(data.shape)}, "
                               f"expected {list(shape)}")
+        if name == VOCAB_MAP:
+            if dtype not in ("i64", "i32"):
+                raise FormatError(f"{path}: tensor {VOCAB_MAP} must be I64 (token ids), got {dtype}")
+            try:
+                weights[name] = check_vocab_map(cfg, data)
+            except ValueError as e:
+                raise FormatError(f"{path}: {e}") from e
+            continue
+        if dtype in ("i64", "i32"):
+            raise FormatError(f"{path}: tensor {name} must be floating point, got {dtype}")
         weights[name] = _as_f32(dtype, data)  # a fresh float32 array, not a view of the file
     return directory, cfg, card, weights
 
@@ -607,7 +735,8 @@ def load_draft_weights(directory: str | os.PathLike) -> tuple[DraftConfig, dict[
     """Read a draft checkpoint with numpy only (the native engine's path).
 
     Returns:
-        the config and canonical name -> float32 array (bf16 and f16 widened exactly),
+        the config and canonical name -> float32 array (bf16 and f16 widened exactly;
+        ``vocab_map`` of a reduced-vocabulary draft as int64, checked),
         in :func:`expected_draft_shapes` order.
     Raises:
         FileNotFoundError: no such directory.
