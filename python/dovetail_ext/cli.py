@@ -3,6 +3,7 @@
     dovetail generate "Explain RoPE in one paragraph"      # chat template, streamed
     dovetail generate --raw "def fib(n):" --max-new-tokens 64 --json
     dovetail info
+    dovetail train-draft --data sharegpt --self-distill 256 --out my-draft
     dovetail serve --port 8000                            # OpenAI-compatible HTTP API
 """
 
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the model file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_args(s)
+
+    from .train import add_cli_arguments
+
+    t = sub.add_parser("train-draft", help="train a draft model for a target (needs PyTorch)")
+    add_cli_arguments(t)
 
     i = sub.add_parser("info", help="version, CPU kernel path, CUDA, model summary")
     i.add_argument("--json", action="store_true")
@@ -169,10 +175,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_draft(args: argparse.Namespace) -> int:
+    from .train import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _cmd_generate, "serve": _cmd_serve, "info": _cmd_info}[args.command](args)
+        return {"generate": _cmd_generate, "serve": _cmd_serve, "info": _cmd_info,
+                "train-draft": _cmd_train_draft}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

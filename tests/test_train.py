@@ -1,0 +1,301 @@
+"""Draft training (dovetail_ext.train): data rendering, the feature cache, the trainer, CLI.
+
+Most tests run on a tiny random GGUF target (hidden 64, byte-level vocabulary of 261 tokens,
+a ChatML template) written by the conftest writer, so the whole pipeline (native engine
+features, self-distillation, PyTorch training, export) runs in seconds. Oracles: the
+engine's own forward for features and greedy replies; ``forward_train`` on an explicitly
+built sequence for the rollout attention; a second, uninterrupted run for resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dovetail_ext.draft_model import load_draft, load_draft_weights
+from dovetail_ext.formats import load_model_source
+from dovetail_ext.target import TargetEngine
+from dovetail_ext.train import train_draft
+from dovetail_ext.train.data import first_turn, iter_jsonl, iter_sharegpt, iter_text, load_conversations, render
+from dovetail_ext.train.features import (FeatureCache, FeatureSettings, extract_features, from_bf16_bits,
+                                         to_bf16_bits)
+from dovetail_ext.train.trainer import Trainer, TrainConfig, _Data, choose_vocab_map, evaluate, rollout
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+CONVS = [
+    [{"role": "user", "content": f"question {i}: what is {i} plus {i}?"},
+     {"role": "assistant", "content": f"the answer is {2 * i}. " * (1 + i % 3)},
+     {"role": "user", "content": "thanks"},
+     {"role": "assistant", "content": "you are welcome"}]
+    for i in range(14)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory, llama_gguf_writer) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    llama_gguf_writer(path, dtype="f32", meta=lambda w: w.add_chat_template(CHATML), seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return load_model_source(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    return path
+
+
+def settings(**kw) -> FeatureSettings:
+    base = dict(data="chats", max_len=96, shard_size=3, val_conversations=2)
+    return FeatureSettings(**{**base, **kw})
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def test_render_masks_only_assistant_tokens(tiny):
+    tok = tiny.tokenizer
+    toks, mask = render(tok, CONVS[4])
+    assert toks.dtype == np.int32 and mask.dtype == np.uint8 and toks.shape == mask.shape
+    # the whole render is the template's text
+    assert tok.decode(toks.tolist()) == tok.apply_chat_template(CONVS[4], add_generation_prompt=False)
+    # masked runs are exactly the assistant replies, each with its end token
+    runs, cur = [], []
+    for t, m in zip(toks.tolist(), mask.tolist()):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    assert [tok.decode(r) for r in runs] == [m["content"] + "<|im_end|>" for m in CONVS[4]
+                                             if m["role"] == "assistant"]
+    short, smask = render(tok, CONVS[4], max_tokens=20)
+    assert np.array_equal(short, toks[:20]) and np.array_equal(smask, mask[:20])
+    gen, gmask = render(tok, CONVS[4][:1], add_generation_prompt=True)
+    assert tok.decode(gen.tolist()).endswith("<|im_start|>assistant\n") and not gmask.any()
+
+
+def test_render_default_model_chat_template(default_source):
+    tok = default_source.tokenizer
+    conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}]
+    toks, mask = render(tok, conv)
+    assert tok.encode(tok.apply_chat_template(conv, add_generation_prompt=False)) == toks.tolist()
+    assert tok.decode(toks[mask.astype(bool)].tolist()) == "Hello! How can I help?<|im_end|>"
+
+
+def test_sharegpt_reader_takes_whole_items_of_a_truncated_file(tmp_path):
+    items = [{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+             {"id": "b", "conversations": [{"from": "gpt", "value": "only me"}]},  # no user turn: dropped
+             {"id": "c", "conversations": [{"from": "gpt", "value": "part 2"}, {"from": "human", "value": "q"},
+                                           {"from": "gpt", "value": "a"}]}]
+    text = json.dumps(items, indent=1)
+    path = tmp_path / "sg.json"
+    path.write_text(text[:-40])  # cut inside the last item
+    convs = list(iter_sharegpt(path))
+    assert convs == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
+    path.write_text(text)
+    convs = list(iter_sharegpt(path))
+    assert len(convs) == 2 and first_turn(convs[1]) == [{"role": "user", "content": "q"}]
+
+
+def test_jsonl_and_text_sources(tmp_path, data_file):
+    assert list(iter_jsonl(data_file)) == CONVS
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n{"weird": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: unknown record shape"):
+        list(iter_jsonl(bad))
+    txt = tmp_path / "t.txt"
+    txt.write_text("para one\nline two\n\n\npara two\n")
+    assert [c[0]["content"] for c in iter_text(txt)] == ["para one\nline two", "para two"]
+    a, b = load_conversations(data_file, seed=1), load_conversations(data_file, seed=1)
+    assert a == b and sorted(map(str, a)) == sorted(map(str, CONVS)) and a != CONVS
+    with pytest.raises(FileNotFoundError):
+        load_conversations(tmp_path / "missing.jsonl")
+
+
+# -- features --------------------------------------------------------------------------------
+
+def test_bf16_bits_round_to_nearest_even():
+    x = np.array([1.0, -2.5, 1 + 2 ** -8, 1 + 3 * 2 ** -9, 3.0e38, 1e-30], np.float32)
+    y = from_bf16_bits(to_bf16_bits(x))
+    ref = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(y, ref)
+
+
+def test_feature_cache_round_trip_and_resume(tiny, tmp_path):
+    out = tmp_path / "f"
+    lines: list[str] = []
+    m1 = extract_features(tiny, CONVS, out, settings(), max_tokens=150, log=lines.append)
+    names1 = [s["name"] for s in m1["shards"]]
+    assert names1[0] == "val_00000" and 1 <= len(names1) - 1 < 4  # stopped early by the budget
+    stamp = {n: (out / f"{n}.npz").stat().st_mtime_ns for n in names1}
+    m2 = extract_features(tiny, CONVS, out, settings(), log=lines.append)
+    names2 = [s["name"] for s in m2["shards"]]
+    assert names2[:len(names1)] == names1 and len(names2) == 1 + 4  # 2 val + 12 train in shards of 3
+    assert all((out / f"{n}.npz").stat().st_mtime_ns == stamp[n] for n in names1)  # not recomputed
+    assert len(lines) == len(names2)
+    cache = FeatureCache(out)
+    train = cache.load("train")
+    assert cache.tokens("train") == len(train["tokens"]) == train["offsets"][-1]
+    # the stored features are the engine's final-norm features, rounded to bf16
+    conv = CONVS[2 + 1]  # the second training conversation (no shuffling here)
+    toks, mask = render(tiny.tokenizer, conv, 96)
+    eng = TargetEngine(tiny, context=128)
+    _, feats = eng.forward(toks, logit_rows=[], feature_rows=np.arange(len(toks)))
+    s, e = train["offsets"][1], train["offsets"][2]
+    assert np.array_equal(train["tokens"][s:e], toks) and np.array_equal(train["mask"][s:e], mask)
+    assert np.array_equal(train["features"][s:e], to_bf16_bits(feats))
+    with pytest.raises(ValueError, match="other settings"):
+        extract_features(tiny, CONVS, out, settings(max_len=64))
+
+
+def test_self_distillation_is_the_engine_greedy_reply(tiny, tmp_path):
+    cache_dir = tmp_path / "sd"
+    extract_features(tiny, CONVS[:4], cache_dir, settings(self_distill=12, val_conversations=0, shard_size=4))
+    d = FeatureCache(cache_dir).load("train")
+    assert FeatureCache(cache_dir).manifest["shards"][0]["distilled"] == 4
+    prompt, _ = render(tiny.tokenizer, first_turn(CONVS[0]), add_generation_prompt=True)
+    eng = TargetEngine(tiny, context=128)
+    logits, f_prompt = eng.forward(prompt, feature_rows=np.arange(len(prompt)))
+    eng.commit()
+    reply, feats = [], [f_prompt]
+    for _ in range(12):  # a random target never says EOS in 12 tokens, here it runs to the cap
+        reply.append(int(np.argmax(logits[-1])))
+        logits, f = eng.forward([reply[-1]], feature_rows=[0])
+        eng.commit()
+        feats.append(f)
+    s, e = d["offsets"][0], d["offsets"][1]
+    assert d["tokens"][s:e].tolist() == prompt.tolist() + reply
+    assert d["mask"][s:e].tolist() == [0] * len(prompt) + [1] * len(reply)
+    assert np.array_equal(d["features"][s:e], to_bf16_bits(np.concatenate(feats)))
+
+
+# -- trainer ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory) -> FeatureCache:
+    out = tmp_path_factory.mktemp("cache")
+    extract_features(tiny, CONVS, out, settings(max_len=64))
+    return FeatureCache(out)
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(draft_vocab_size=64, epochs=2, batch_tokens=256, warmup_steps=2, lr=3e-3, max_len=64,
+                amp=False, val_depth=4, init_std=0.05)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_vocab_map_choice():
+    toks = np.array([5, 5, 5, 7, 7, 9, 3, 3, 3, 3], np.int32)
+    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], np.uint8)  # 3 is frequent but never an assistant token
+    vm = choose_vocab_map(toks, mask, 4, 20, (2,))
+    assert vm.tolist() == [2, 5, 7, 9]
+    assert choose_vocab_map(toks, mask, 5, 20, (2,)).tolist() == [2, 3, 5, 7, 9]  # then any seen token
+
+
+def test_rollout_attention_matches_explicit_chains(tiny, cache):
+    torch.manual_seed(0)
+    tr = Trainer(tiny, cache, small_cfg(draft_vocab_size=0, init_std=0.2), "/nonexistent-unused")
+    d = tr.train
+    f, x, _ = d.collate(np.array([0]))
+    inp, nxt = f[:, :-1], x[:, 1:]
+    with torch.no_grad():
+        outs = rollout(tr.draft, inp, nxt, tr.embed, 3)
+        for j in (0, 4, 9):  # chains from start j: step s is row j + s - 1
+            feats, toks = inp[:, :j + 1].clone(), nxt[:, :j + 1].clone()
+            for s in range(1, 4):
+                h = tr.draft.forward_train(feats, toks, tr.embed)[:, -1]
+                # two fp32 attention codes agree to ~1e-5 of the output scale; a wrong key
+                # set or position moves outputs by ~1e-1 of it
+                scale = float(h.abs().max())
+                torch.testing.assert_close(outs[s - 1][:, j + s - 1], h, rtol=0, atol=2e-4 * scale)
+                feats = torch.cat([feats, h[:, None]], dim=1)
+                toks = torch.cat([toks, nxt[:, j + s:j + s + 1]], dim=1)
+
+
+def test_training_reduces_loss_and_is_deterministic(tiny, cache, tmp_path):
+    def run(work: Path, seed: int = 0) -> Trainer:
+        tr = Trainer(tiny, cache, small_cfg(seed=seed, epochs=4), work)
+        tr.fit()
+        return tr
+
+    fresh = Trainer(tiny, cache, small_cfg(), tmp_path / "x")
+    before = evaluate(fresh.draft, fresh.train, fresh.embed, fresh.head, depth=2)["loss"]
+    a = run(tmp_path / "a")
+    after = evaluate(a.draft, a.train, a.embed, a.head, depth=2)["loss"]
+    assert after < 0.8 * before
+    b = run(tmp_path / "b")
+    for (n, p), (_, q) in zip(a.draft.state_dict().items(), b.draft.state_dict().items()):
+        assert torch.equal(p, q), n
+    c = run(tmp_path / "c", seed=1)
+    assert not torch.equal(a.draft.fuse.w1, c.draft.fuse.w1)
+    m = a.history[-1]["metrics"]
+    assert len(m["tau"]) == 4 and all(t2 >= t1 for t1, t2 in zip(m["tau"], m["tau"][1:]))
+    assert m["tau"][0] == pytest.approx(1 + m["top1"])  # depth 1: one drafted token, accepted or not
+
+
+def test_resume_equals_uninterrupted(tiny, cache, tmp_path):
+    whole = Trainer(tiny, cache, small_cfg(epochs=3, rollout=2), tmp_path / "whole")
+    whole.fit()
+    first = Trainer(tiny, cache, small_cfg(epochs=3, rollout=2), tmp_path / "parts")
+    first.fit(stop_after_steps=whole.steps_per_epoch + 1)  # stop inside an epoch
+    second = Trainer(tiny, cache, small_cfg(epochs=3, rollout=2), tmp_path / "parts")
+    assert second.load_checkpoint() and second.step == whole.steps_per_epoch + 1
+    second.fit()
+    assert second.step == whole.step
+    for (n, p), (_, q) in zip(whole.draft.state_dict().items(), second.draft.state_dict().items()):
+        assert torch.equal(p, q), n
+    other = Trainer(tiny, cache, small_cfg(epochs=3, lr=1e-2), tmp_path / "parts")
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        other.load_checkpoint()
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+def test_train_draft_exports_a_loadable_draft(tiny, tiny_path, data_file, tmp_path):
+    out = train_draft(tiny_path, data_file, tmp_path / "d", epochs=2, draft_vocab_size=48, max_len=64,
+                      val_conversations=2, shard_size=4, batch_tokens=256, warmup_steps=2, amp=False,
+                      self_distill=8, distill_fraction=0.5, command="test")
+    draft = load_draft(out, target=tiny)
+    cfg, weights = load_draft_weights(out)
+    assert cfg.draft_vocab_size == 48 and weights["vocab_map"].dtype == np.int64
+    assert 2 in weights["vocab_map"].tolist()
+    card = json.loads((out / "draft.json").read_text())["card"]
+    shards = FeatureCache(out / "features").manifest["shards"]
+    n_train = sum(sh["conversations"] for sh in shards if sh["split"] == "train")
+    assert card["command"] == "test" and card["data"]["train"]["conversations"] == n_train >= 10
+    assert 0 < card["data"]["train"]["self_distilled"] < n_train
+    assert len(card["metrics"]["val_tau_chain_depth_1_to_7"]) == 7 and card["time"]["train_seconds"] > 0
+    h, head = torch.randn(3, 64), torch.randn(tiny.config.vocab_size, 64)
+    torch.testing.assert_close(draft.logits(h, head), (h @ head.T)[:, torch.from_numpy(weights["vocab_map"])])
+
+
+def test_cli_train_draft(tiny_path, data_file, tmp_path, capsys):
+    from dovetail_ext.cli import main
+
+    out = tmp_path / "cli"
+    args = ["train-draft", "--target", str(tiny_path), "--data", str(data_file), "--out", str(out),
+            "--epochs", "1", "--vocab-size", "32", "--max-len", "80", "--val-conversations", "2",
+            "--batch-tokens", "256", "--warmup-steps", "1", "--threads", "1"]
+    assert main(args) == 0
+    assert f"draft written to {out}" in capsys.readouterr().out
+    assert load_draft_weights(out)[0].draft_vocab_size == 32
+    # a second run with --resume finds the finished checkpoint and the cached features
+    assert main(args + ["--resume"]) == 0
+    assert main(["train-draft", "--target", str(tiny_path), "--data", str(tmp_path / "nope.jsonl"),
+                 "--out", str(out)]) == 2
+    assert "no such data file" in capsys.readouterr().err
