@@ -42,7 +42,9 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
                 draft_vocab_size: int = 8192, max_len: int = 1024, max_prompt_tokens: int = 512,
                 val_conversations: int = 64, shard_size: int = 32, resume: bool = False, seed: int = 0,
                 lr: float = 1e-3, batch_tokens: int = 4096, warmup_steps: int = 100, rollout: int = 1,
-                prompt_context: int = 0, noise: float = 0.2, amp: bool = True, save_dtype: str = "bf16",
+                prompt_context: int = 0, noise: float = 0.2, amp: bool = True, val_every: int = 0,
+                time_budget_s: float = 0.0,
+                save_dtype: str = "bf16",
                 features_dir: str | os.PathLike | None = None, threads: int | None = None,
                 device: str | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
                 command: str | None = None, stop_after_steps: int | None = None) -> Path:
@@ -63,7 +65,9 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
         resume: continue from ``out/checkpoints/last.pt`` (the features always resume).
         rollout: training steps per chain (1: teacher forcing only).
         prompt_context: prompt tokens kept before the first reply in training (0: all).
-        amp: bf16 autocast. save_dtype: ``"bf16"`` or ``"f32"`` checkpoint weights.
+        amp: bf16 autocast. val_every: steps between validations (0: each epoch).
+        time_budget_s: stop training after this many seconds of steps, with a time-based
+            learning-rate schedule (0: step-based, to ``epochs``). save_dtype: ``"bf16"`` or ``"f32"`` checkpoint weights.
         progress: tqdm bars (stderr). log: receives progress lines.
         command: recorded in the model card.
         stop_after_steps: stop training after this many steps in this call (resumable).
@@ -94,7 +98,8 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     cache = FeatureCache(fdir)
     cfg = TrainConfig(layers=layers, draft_vocab_size=draft_vocab_size, epochs=epochs, batch_tokens=batch_tokens,
                       lr=lr, warmup_steps=warmup_steps, rollout=rollout, max_len=max_len,
-                      prompt_context=prompt_context, noise=noise, seed=seed, amp=amp)
+                      prompt_context=prompt_context, noise=noise, seed=seed, amp=amp, val_every=val_every,
+                      time_budget_s=time_budget_s)
     trainer = Trainer(source, cache, cfg, out, device=device)
     if resume and trainer.load_checkpoint() and log is not None:
         log(f"resumed at step {trainer.step} (epoch {trainer.epoch})")
@@ -175,6 +180,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-context", type=int, default=0,
                    help="prompt tokens kept before the first reply while training (0: all)")
     p.add_argument("--noise", type=float, default=0.2, help="uniform noise width on input features")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="stop training after this many seconds (time-based LR schedule; 0: by epochs)")
+    p.add_argument("--val-every", type=int, default=0, help="steps between validations (0: each epoch)")
     p.add_argument("--no-amp", action="store_true", help="float32 matmuls instead of bf16 autocast")
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="checkpoint weight dtype")
     p.add_argument("--features", metavar="DIR", default=None, help="feature cache (default OUT/features)")
@@ -204,6 +212,7 @@ def run_cli(args: argparse.Namespace) -> int:
                       shard_size=args.shard_size, resume=args.resume, seed=args.seed, lr=args.lr,
                       batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps, rollout=args.rollout,
                       prompt_context=args.prompt_context, noise=args.noise, amp=not args.no_amp,
+                      val_every=args.val_every, time_budget_s=args.time_budget,
                       save_dtype=args.dtype, features_dir=args.features, threads=args.threads,
                       device=args.device, progress=True, log=log,
                       command="dovetail train-draft " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []),

@@ -59,6 +59,9 @@ class TrainConfig:
             attends to them but is not trained on them, so long prompts mostly cost time.
         seed: init, data order and noise. amp: bf16 autocast for the matmuls (parameters
             and optimizer state stay float32; on CPUs with bf16 dot products about 5x faster).
+        time_budget_s: when > 0, training stops after this many seconds of steps and the
+            learning-rate schedule follows elapsed time instead of steps (for a run that
+            must end on time on a shared machine; not bit-reproducible, unlike step-based).
         val_depth: chain depth of the simulated acceptance. val_every: steps between
             validations (0: at each epoch end). ckpt_every_s: seconds between checkpoints.
     """
@@ -82,6 +85,7 @@ class TrainConfig:
     prompt_context: int = 0
     seed: int = 0
     amp: bool = True
+    time_budget_s: float = 0.0
     val_depth: int = 7
     val_every: int = 0
     ckpt_every_s: float = 300.0
@@ -239,10 +243,13 @@ def rollout(draft: DovetailDraft, features: Tensor, tokens: Tensor, embed: Tenso
     return outs
 
 
-def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+def _lr_at(cfg: TrainConfig, step: int, total: int, elapsed: float = 0.0) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.time_budget_s > 0:
+        t = min(1.0, elapsed / cfg.time_budget_s)
+    else:
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -279,7 +286,7 @@ def _step_loss(draft: DovetailDraft, cfg: TrainConfig, feats: Tensor, toks: Tens
 
 @torch.no_grad()
 def evaluate(draft: DovetailDraft, data: _Data, embed: Tensor, head: Tensor, depth: int = 7,
-             batch_tokens: int = 4096) -> dict[str, Any]:
+             batch_tokens: int = 4096, cache: dict | None = None) -> dict[str, Any]:
     """Validation on held-out conversations.
 
     Returns:
@@ -287,7 +294,8 @@ def evaluate(draft: DovetailDraft, data: _Data, embed: Tensor, head: Tensor, dep
         token, on assistant positions; ``top1_depth``: the same at depth d along accepted
         chains; ``tau``: simulated acceptance length of a chain of d drafted tokens, d =
         1..depth (1 + accepted tokens per start); ``coverage``: share of the target's greedy
-        assistant tokens inside the draft vocabulary; ``loss``; counts.
+        assistant tokens inside the draft vocabulary; ``loss``; counts. ``cache`` (a dict
+        kept by the caller) keeps the target's greedy tokens between calls on the same data.
     """
     dev = next(draft.parameters()).device
     vm = draft.vocab_map.to(dev) if draft.vocab_map is not None else None
@@ -299,15 +307,20 @@ def evaluate(draft: DovetailDraft, data: _Data, embed: Tensor, head: Tensor, dep
     covered = total_g = 0
     loss_sum = rows_sum = 0.0
     cfg_eval = TrainConfig(rollout=1, noise=0.0)
-    for idx in data.batches(batch_tokens, 0, 0):
+    for bi, idx in enumerate(data.batches(batch_tokens, 0, 0)):
         feats, toks, mask = (t.to(dev) for t in data.collate(idx))
         B, N, _ = feats.shape
         loss, st = _step_loss(draft, cfg_eval, feats, toks, mask, embed.to(dev), head_d, None)
         loss_sum += float(loss) * st.get("rows", 0)
         rows_sum += st.get("rows", 0)
-        greedy = torch.full((B, N + 1), -1, dtype=torch.long, device=dev)
-        with torch.autocast(dev.type, enabled=False):  # the target's choice, in float32
-            greedy[:, 1:] = (feats @ head.to(dev).T).argmax(-1)  # greedy[q]: the target's guess for x_q
+        if cache is not None and bi in cache:
+            greedy = cache[bi]
+        else:
+            greedy = torch.full((B, N + 1), -1, dtype=torch.long, device=dev)
+            with torch.autocast(dev.type, enabled=False):  # the target's choice, in float32
+                greedy[:, 1:] = (feats @ head.to(dev).T).argmax(-1)  # greedy[q]: the target's guess for x_q
+            if cache is not None:
+                cache[bi] = greedy
         follows = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
         follows[:, :N] = toks == greedy[:, :N]
         m = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
@@ -390,6 +403,7 @@ class Trainer:
         self.seconds = 0.0
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
+        self._greedy: dict[int, Tensor] = {}
         n_batches = len(self.train.batches(cfg.batch_tokens, cfg.seed, 0))
         self.steps_per_epoch = n_batches
         self.total_steps = max(1, int(round(cfg.epochs * n_batches)))
@@ -413,7 +427,8 @@ class Trainer:
         state = torch.load(self.ckpt, map_location=self.device, weights_only=False)
         saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["cfg"].items()}
         mine = asdict(self.cfg)
-        diff = [k for k in mine if k not in ("epochs", "val_every", "ckpt_every_s") and saved.get(k) != mine[k]]
+        diff = [k for k in mine if k not in ("epochs", "val_every", "ckpt_every_s", "time_budget_s")
+                and saved.get(k) != mine[k]]
         if diff:
             raise ValueError(f"{self.ckpt}: the checkpoint was trained with other settings ({', '.join(diff)}); "
                              f"train without --resume or into another directory")
@@ -435,7 +450,8 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         self.draft.eval()
         with self._amp():
-            out = evaluate(self.draft, self.val, self.embed, self.head, self.cfg.val_depth, self.cfg.batch_tokens)
+            out = evaluate(self.draft, self.val, self.embed, self.head, self.cfg.val_depth, self.cfg.batch_tokens,
+                           self._greedy)
         self.draft.train()
         return out
 
@@ -460,14 +476,19 @@ class Trainer:
         ran = 0
         metrics: dict[str, Any] = {}
         self.draft.train()
-        while self.step < self.total_steps:
+        def more() -> bool:
+            if cfg.time_budget_s > 0 and self.seconds >= cfg.time_budget_s:
+                return False
+            return self.step < self.total_steps
+
+        while more():
             batches = self.train.batches(cfg.batch_tokens, cfg.seed, self.epoch)
-            while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+            while self.batch_in_epoch < len(batches) and more():
                 t0 = time.perf_counter()
                 feats, toks, mask = (t.to(self.device) for t in self.train.collate(batches[self.batch_in_epoch]))
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
                 for g in self.opt.param_groups:
-                    g["lr"] = _lr_at(cfg, self.step, self.total_steps)
+                    g["lr"] = _lr_at(cfg, self.step, self.total_steps, self.seconds)
                 with self._amp():
                     loss, st = _step_loss(self.draft, cfg, feats, toks, mask, self.embed, self.head_d, gen)
                 self.opt.zero_grad(set_to_none=True)
