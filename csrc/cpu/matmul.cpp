@@ -39,7 +39,7 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
   float* dw = tls_scratch(scale_buf, (size_t)(2 * nb));
   float* cw = dw + nb;
   for (int64_t r = r0; r < r1; ++r) {
-    unpack_row_scalar(w.type, w.row(r), K, codes, dw, cw);
+    unpack_row_scalar(w, r, codes, dw, cw);
     for (int64_t t = 0; t < T; ++t) {
       const int8_t* q = qa->q.data() + t * K;
       const float* da = qa->d.data() + t * nb;
@@ -72,11 +72,14 @@ void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, f
     case Isa::Avx2: fn = avx2::linear_rows; break;
     case Isa::Scalar: break;
   }
-  // Rows are split in contiguous chunks so each thread streams its part of W; below ~64K
-  // multiply-adds, handing work to another thread costs more than it saves.
-  const int64_t N = w.rows;
+  // Rows are split in contiguous chunks (whole panels of quantized weights) so each thread
+  // streams its part of W; below ~64K multiply-adds, handing work to another thread costs
+  // more than it saves.
+  const int64_t N = w.rows, unit = is_quantized(w.type) ? kPanel : 1;
   const bool tiny = N * w.cols * T < (1 << 16);
-  parallel_range(tiny ? 1 : nthreads, N, 16, [&](int64_t r0, int64_t r1) { fn(w, x, qa, T, y, ldy, r0, r1); });
+  parallel_range(tiny ? 1 : nthreads, (N + unit - 1) / unit, 16 / unit, [&](int64_t p0, int64_t p1) {
+    fn(w, x, qa, T, y, ldy, p0 * unit, std::min(N, p1 * unit));
+  });
 }
 
 }  // namespace dovetail

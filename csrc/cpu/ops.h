@@ -18,12 +18,18 @@
 namespace dovetail {
 
 // A weight matrix [N, K] (PyTorch Linear layout) in its stored format, copied once into
-// engine-owned, 64-byte aligned rows. Quantized rows keep the GGUF block layout.
+// engine-owned, 64-byte aligned memory.
+//
+// Float formats (f32 / f16 / bf16) keep rows: row(r), row_stride bytes apart.
+// Quantized formats (GGUF blocks of 32 columns: q8_0, q4_0, q4_1) are repacked into panels
+// of kPanel = 16 rows, so one SIMD register holds the same 4 columns of 16 rows and the
+// matmul reads each block once for all rows of the panel and all tokens (quant_common.h).
+// The values are exactly the stored ones; rows past N in the last panel are zero.
 struct PackedWeight {
   WType type = WType::F32;
   int64_t rows = 0, cols = 0;
-  int64_t row_bytes = 0;   // bytes of one row as stored
-  int64_t row_stride = 0;  // bytes between rows (row_bytes rounded up to 64)
+  int64_t row_bytes = 0;   // bytes of one row as stored in GGUF
+  int64_t row_stride = 0;  // float formats: bytes between rows (row_bytes rounded up to 64)
   Buffer<uint8_t> data;
 
   const uint8_t* row(int64_t r) const { return data.data() + r * row_stride; }
@@ -37,12 +43,18 @@ PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n);
 
 // Activations quantized to int8 per block of 32 (for integer dot products against
 // quantized weights): q = rint(x * 127/amax), d = amax/127, ds = d * sum(q) per block.
+// The same values also come interleaved by tiles of kActTile tokens, for the panel kernels:
+// for tile g, block b, token i of the tile: 32 bytes of q at qi + ((g*nb + b)*kActTile + i)*32,
+// d and ds at di / dsi[(g*nb + b)*kActTile + i] (tokens past T are zero).
+constexpr int kActTile = 8;
 struct QActs {
   int64_t T = 0, K = 0;
-  Buffer<int8_t> q;  // [T, K]
-  Buffer<float> d;   // [T, K/32]
-  Buffer<float> ds;  // [T, K/32]
-  Buffer<float> dx;  // [T, K/32 * 8]: d of each block repeated over 8 lanes (SIMD scales)
+  Buffer<int8_t> q;    // [T, K]
+  Buffer<float> d;     // [T, K/32]
+  Buffer<float> ds;    // [T, K/32]
+  Buffer<int8_t> qi;   // [ceil(T/8), K/32, 8, 32]
+  Buffer<float> di;    // [ceil(T/8), K/32, 8]
+  Buffer<float> dsi;   // [ceil(T/8), K/32, 8]
   void reserve(int64_t max_T, int64_t max_K);
 };
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads);

@@ -5,6 +5,7 @@
 //   sum_i W * x  ~=  da[b] * (dw[b] * sum_i code_i * q_i) + cw[b] * (da[b] * sum_i q_i).
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "common/dtype.h"
 #include "cpu/ops.h"
@@ -17,42 +18,73 @@ inline float load_f16(const uint8_t* p) {
   return fp16_to_fp32(h);
 }
 
-// Scales of block b of a stored quantized row.
-inline void block_scales(WType t, const uint8_t* row, int64_t b, float* dw, float* cw) {
-  const uint8_t* blk = row + b * gguf_unit_bytes(t);
-  const float d = load_f16(blk);
+// Panel layout of quantized weights. Panel p holds rows 16p .. 16p+15; for each block b of
+// 32 columns it has one "block panel" of kPanel * gguf_unit_bytes bytes:
+//   codes  q4_0 / q4_1: [4][16 rows][4 bytes]: byte k of dword j of a row holds column 4j+k
+//                       in its low nibble and column 16+4j+k in its high nibble (GGUF's qs)
+//          q8_0:        [8][16 rows][4 bytes]: columns 4s..4s+3 as unsigned int8 + 128
+//   d      [16] f16;   then, for q4_1 only, m [16] f16
+// so W[r, 32b + i] = dw * code_i + cw with dw = d and cw = m (q4_1), -8 d (q4_0), -128 d (q8_0).
+constexpr int kPanel = 16;
+
+inline int64_t panel_block_bytes(WType t) { return kPanel * gguf_unit_bytes(t); }
+inline int64_t panel_code_bytes(WType t) { return t == WType::Q8_0 ? 512 : 256; }
+inline int64_t panel_count(int64_t rows) { return (rows + kPanel - 1) / kPanel; }
+
+inline const uint8_t* block_panel(const PackedWeight& w, int64_t p, int64_t b) {
+  return w.data.data() + (p * (w.cols / kQBlock) + b) * panel_block_bytes(w.type);
+}
+inline uint8_t* block_panel(PackedWeight& w, int64_t p, int64_t b) {
+  return w.data.data() + (p * (w.cols / kQBlock) + b) * panel_block_bytes(w.type);
+}
+
+// One GGUF block (d [, m], qs) into lane `lane` of a block panel.
+inline void put_block(WType t, const uint8_t* blk, uint8_t* bp, int lane) {
+  const int64_t cb = panel_code_bytes(t);
+  std::memcpy(bp + cb + 2 * lane, blk, 2);
+  if (t == WType::Q8_0) {
+    for (int s = 0; s < 8; ++s)
+      for (int k = 0; k < 4; ++k) bp[s * 64 + lane * 4 + k] = (uint8_t)(blk[2 + 4 * s + k] ^ 0x80u);
+    return;
+  }
+  if (t == WType::Q4_1) std::memcpy(bp + cb + 32 + 2 * lane, blk + 2, 2);
+  const uint8_t* qs = blk + (t == WType::Q4_1 ? 4 : 2);
+  for (int j = 0; j < 4; ++j) std::memcpy(bp + j * 64 + lane * 4, qs + 4 * j, 4);
+}
+
+// Lane `lane` of one block panel to another's (codes and scales).
+inline void copy_block(WType t, const uint8_t* src, int src_lane, uint8_t* dst, int dst_lane) {
+  const int64_t cb = panel_code_bytes(t);
+  for (int64_t s = 0; s < cb / 64; ++s) std::memcpy(dst + s * 64 + dst_lane * 4, src + s * 64 + src_lane * 4, 4);
+  std::memcpy(dst + cb + 2 * dst_lane, src + cb + 2 * src_lane, 2);
+  if (t == WType::Q4_1) std::memcpy(dst + cb + 32 + 2 * dst_lane, src + cb + 32 + 2 * src_lane, 2);
+}
+
+// Lane `lane` of a block panel as 32 unsigned codes (column order) and its scales.
+inline void get_block(WType t, const uint8_t* bp, int lane, uint8_t* codes, float* dw, float* cw) {
+  const int64_t cb = panel_code_bytes(t);
+  const float d = load_f16(bp + cb + 2 * lane);
   *dw = d;
-  switch (t) {
-    case WType::Q8_0: *cw = -128.0f * d; break;
-    case WType::Q4_0: *cw = -8.0f * d; break;
-    case WType::Q4_1: *cw = load_f16(blk + 2); break;
-    default: *cw = 0.0f;
+  if (t == WType::Q8_0) {
+    *cw = -128.0f * d;
+    for (int s = 0; s < 8; ++s)
+      for (int k = 0; k < 4; ++k) codes[4 * s + k] = bp[s * 64 + lane * 4 + k];
+    return;
   }
-}
-
-// Pointer to the 32 (q8_0) or 16 (q4) code bytes of block b.
-inline const uint8_t* block_codes(WType t, const uint8_t* row, int64_t b) {
-  const uint8_t* blk = row + b * gguf_unit_bytes(t);
-  return blk + (t == WType::Q4_1 ? 4 : 2);
-}
-
-// Scalar unpack of a whole row: codes[K] (unsigned), dw[nb], cw[nb].
-inline void unpack_row_scalar(WType t, const uint8_t* row, int64_t K, uint8_t* codes, float* dw,
-                              float* cw) {
-  const int64_t nb = K / kQBlock;
-  for (int64_t b = 0; b < nb; ++b) {
-    block_scales(t, row, b, dw + b, cw + b);
-    const uint8_t* c = block_codes(t, row, b);
-    uint8_t* o = codes + b * kQBlock;
-    if (t == WType::Q8_0) {
-      for (int i = 0; i < 32; ++i) o[i] = (uint8_t)(c[i] ^ 0x80u);  // int8 + 128
-    } else {
-      for (int i = 0; i < 16; ++i) {
-        o[i] = c[i] & 0x0f;
-        o[i + 16] = c[i] >> 4;
-      }
+  *cw = t == WType::Q4_1 ? load_f16(bp + cb + 32 + 2 * lane) : -8.0f * d;
+  for (int j = 0; j < 4; ++j)
+    for (int k = 0; k < 4; ++k) {
+      const uint8_t c = bp[j * 64 + lane * 4 + k];
+      codes[4 * j + k] = c & 0x0f;
+      codes[16 + 4 * j + k] = c >> 4;
     }
-  }
+}
+
+// Scalar unpack of row r of a quantized weight: codes[K] (unsigned), dw[nb], cw[nb].
+inline void unpack_row_scalar(const PackedWeight& w, int64_t r, uint8_t* codes, float* dw, float* cw) {
+  const int64_t nb = w.cols / kQBlock;
+  for (int64_t b = 0; b < nb; ++b)
+    get_block(w.type, block_panel(w, r / kPanel, b), (int)(r % kPanel), codes + b * kQBlock, dw + b, cw + b);
 }
 
 // Thread-local scratch, grown on first use by each thread and then reused.

@@ -48,9 +48,17 @@ PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src
            std::string(wtype_name(type)) + " weight of shape (" + std::to_string(rows) + ", " +
                std::to_string(cols) + ") needs " + std::to_string(rows * w.row_bytes) +
                " bytes, got " + std::to_string(src_bytes));
+  const auto* s = static_cast<const uint8_t*>(src);
+  if (is_quantized(type)) {
+    const int64_t nb = cols / kQBlock, ub = gguf_unit_bytes(type);
+    w.data.resize((size_t)(panel_count(rows) * nb * panel_block_bytes(type)));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < nb; ++b)
+        put_block(type, s + r * w.row_bytes + b * ub, block_panel(w, r / kPanel, b), (int)(r % kPanel));
+    return w;
+  }
   w.row_stride = (w.row_bytes + 63) / 64 * 64;
   w.data.resize((size_t)(rows * w.row_stride));
-  const auto* s = static_cast<const uint8_t*>(src);
   for (int64_t r = 0; r < rows; ++r) std::memcpy(w.data.data() + r * w.row_stride, s + r * w.row_bytes, w.row_bytes);
   return w;
 }
@@ -63,11 +71,19 @@ PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n) 
   out.cols = w.cols;
   out.row_bytes = w.row_bytes;
   out.row_stride = w.row_stride;
-  out.data.resize((size_t)(n * w.row_stride));
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i)
     DT_CHECK(rows[i] >= 0 && rows[i] < w.rows, "select_rows: row " + std::to_string(rows[i]) + " out of range");
-    std::memcpy(out.data.data() + i * w.row_stride, w.row(rows[i]), (size_t)w.row_bytes);
+  if (is_quantized(w.type)) {
+    const int64_t nb = w.cols / kQBlock;
+    out.data.resize((size_t)(panel_count(n) * nb * panel_block_bytes(w.type)));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t b = 0; b < nb; ++b)
+        copy_block(w.type, block_panel(w, rows[i] / kPanel, b), (int)(rows[i] % kPanel), block_panel(out, i / kPanel, b),
+                   (int)(i % kPanel));
+    return out;
   }
+  out.data.resize((size_t)(n * w.row_stride));
+  for (int64_t i = 0; i < n; ++i) std::memcpy(out.data.data() + i * w.row_stride, w.row(rows[i]), (size_t)w.row_bytes);
   return out;
 }
 
@@ -76,7 +92,11 @@ void QActs::reserve(int64_t max_T, int64_t max_K) {
   if (q.size() < n) q.resize(n);
   if (d.size() < nb) d.resize(nb);
   if (ds.size() < nb) ds.resize(nb);
-  if (dx.size() < 8 * nb) dx.resize(8 * nb);
+  const int64_t tiles = (max_T + kActTile - 1) / kActTile, nbk = (max_K + kQBlock - 1) / kQBlock;
+  const size_t ni = (size_t)(tiles * nbk * kActTile);
+  if (qi.size() < ni * kQBlock) qi.resize(ni * kQBlock);
+  if (di.size() < ni) di.resize(ni);
+  if (dsi.size() < ni) dsi.resize(ni);
 }
 
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads) {
@@ -103,10 +123,20 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
       }
       out.d[t * nb + b] = d;
       out.ds[t * nb + b] = d * (float)sum;
-      for (int i = 0; i < 8; ++i) out.dx[(t * nb + b) * 8 + i] = d;
+      const int64_t slot = ((t / kActTile) * nb + b) * kActTile + t % kActTile;
+      std::memcpy(out.qi.data() + slot * kQBlock, q, kQBlock);
+      out.di[slot] = d;
+      out.dsi[slot] = out.ds[t * nb + b];
     }
   }
   });
+  // Zero the tail of the last tile: its unused token slots are computed and discarded.
+  for (int64_t t = T; t % kActTile != 0; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t slot = ((t / kActTile) * nb + b) * kActTile + t % kActTile;
+      std::memset(out.qi.data() + slot * kQBlock, 0, kQBlock);
+      out.di[slot] = out.dsi[slot] = 0.0f;
+    }
 }
 
 void dequantize_row(const PackedWeight& w, int64_t r, float* out) {
@@ -128,23 +158,16 @@ void dequantize_row(const PackedWeight& w, int64_t r, float* out) {
     default: break;
   }
   const int64_t nb = w.cols / kQBlock;
+  uint8_t c[kQBlock];
   for (int64_t b = 0; b < nb; ++b) {
     float dw, cw;
-    block_scales(w.type, row, b, &dw, &cw);
-    const uint8_t* c = block_codes(w.type, row, b);
+    get_block(w.type, block_panel(w, r / kPanel, b), (int)(r % kPanel), c, &dw, &cw);
     float* o = out + b * kQBlock;
-    if (w.type == WType::Q8_0) {
-      for (int i = 0; i < 32; ++i) o[i] = (float)(int8_t)c[i] * dw;
-    } else if (w.type == WType::Q4_0) {
-      for (int i = 0; i < 16; ++i) {
-        o[i] = (float)((int)(c[i] & 0x0f) - 8) * dw;
-        o[i + 16] = (float)((int)(c[i] >> 4) - 8) * dw;
-      }
-    } else {
-      for (int i = 0; i < 16; ++i) {
-        o[i] = (float)(c[i] & 0x0f) * dw + cw;
-        o[i + 16] = (float)(c[i] >> 4) * dw + cw;
-      }
+    if (w.type == WType::Q4_1) {
+      for (int i = 0; i < kQBlock; ++i) o[i] = (float)c[i] * dw + cw;
+    } else {  // q8_0: (code - 128) * d; q4_0: (code - 8) * d, as GGUF defines them
+      const int off = w.type == WType::Q8_0 ? 128 : 8;
+      for (int i = 0; i < kQBlock; ++i) o[i] = (float)((int)c[i] - off) * dw;
     }
   }
 }

@@ -29,7 +29,7 @@ void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, i
   const __m256i ones16 = _mm256_set1_epi16(1);
   const __m256i flip = _mm256_set1_epi8((char)0x80);
   for (int64_t r = r0; r < r1; ++r) {
-    unpack_row_scalar(w.type, w.row(r), K, codes, dw, cw);
+    unpack_row_scalar(w, r, codes, dw, cw);
     for (int64_t t = 0; t < T; ++t) {
       const int8_t* q = qa->q.data() + t * K;
       const float* da = qa->d.data() + t * nb;

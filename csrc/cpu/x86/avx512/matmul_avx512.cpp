@@ -1,6 +1,8 @@
 // AVX-512 (F/BW/VL/VNNI) linear kernels. Quantized weights: unsigned codes x int8
-// activations with vpdpbusd, two blocks per 512-bit register; float weights: fp32 FMAs.
+// activations with vpdpbusd over 16-row panels; float weights: fp32 FMAs.
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "cpu/ops.h"
 #include "cpu/x86/avx2_common.h"
@@ -10,165 +12,115 @@ namespace dovetail::avx512 {
 
 namespace {
 
-// Unpack one stored quantized row into unsigned codes[K] and scales dw/cw [nb].
-void unpack_row(WType t, const uint8_t* row, int64_t K, uint8_t* codes, float* dw, float* cw) {
-  const int64_t nb = K / kQBlock;
-  const int ub = gguf_unit_bytes(t), off = t == WType::Q4_1 ? 4 : 2;
-  const __m128i lo_mask = _mm_set1_epi8(0x0f);
-  const __m256i flip = _mm256_set1_epi8((char)0x80);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * ub;
-    uint16_t h;
-    std::memcpy(&h, blk, 2);
-    const float d = _cvtsh_ss(h);
-    dw[b] = d;
-    if (t == WType::Q4_1) {
-      std::memcpy(&h, blk + 2, 2);
-      cw[b] = _cvtsh_ss(h);
-    } else {
-      cw[b] = (t == WType::Q8_0 ? -128.0f : -8.0f) * d;
-    }
-    if (t == WType::Q8_0) {
-      const __m256i c = _mm256_loadu_si256((const __m256i*)(blk + off));
-      _mm256_storeu_si256((__m256i*)(codes + b * 32), _mm256_xor_si256(c, flip));
-    } else {
-      const __m128i c = _mm_loadu_si128((const __m128i*)(blk + off));
-      const __m128i lo = _mm_and_si128(c, lo_mask);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(c, 4), lo_mask);
-      _mm256_storeu_si256((__m256i*)(codes + b * 32), _mm256_set_m128i(hi, lo));
+// Quantized weights, panel layout (quant_common.h): the 16 lanes of a register are 16 weight
+// rows. For each block b of 32 columns and each token t, eight vpdpbusd (the token's 4
+// activation bytes broadcast) give the exact integer block sums of the 16 rows; then
+//   acc[b & 1] = fma(float(isum), dw[b] * da[t, b], acc[b & 1])
+//   acc[b & 1] = fma(cw[b], ds[t, b], acc[b & 1])        (the per-block offset term)
+// and y[t, rows] = acc[0] + acc[1]. Each output is one lane's sequence of operations, the
+// same whatever T, the token tile or the thread split (batch invariance), with no
+// horizontal sums. A token tile of up to kTT tokens reuses each unpacked block panel.
+constexpr int kTT = 8;
+
+// acc += dpbusd(codes, the 4 signed bytes at q broadcast to every lane), with the broadcast
+// folded into the instruction's memory operand (GCC otherwise issues a separate
+// vpbroadcastd, which competes with the dot products for the vector ports).
+inline __m512i dpbusd_bcast(__m512i acc, __m512i codes, const int32_t* q) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*q));
+  return acc;
+}
+
+template <WType WT>
+inline void load_codes(const uint8_t* bp, __m512i* c) {
+  if constexpr (WT == WType::Q8_0) {
+    for (int s = 0; s < 8; ++s) c[s] = _mm512_loadu_si512(bp + 64 * s);
+  } else {
+    const __m512i lo = _mm512_set1_epi8(0x0f);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(bp + 64 * j);
+      c[j] = _mm512_and_si512(v, lo);
+      c[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
     }
   }
 }
 
-// Register-blocked integer kernel: a tile of NR weight rows x TR activation rows keeps
-// NR*TR accumulators of 16 lanes. Each weight row is unpacked once (to L1) for all T rows
-// and each activation block pair is loaded once for the NR rows, so a 16-row call streams
-// W once and spends its time in vpdpbusd. Every output (n, t) is computed by the same
-// instruction sequence whatever the tile shape or T (batch invariance):
-//   acc  = sum_p float(dpbusd(codes_p, q_p)) * (dwx_p * dx_p)     (lanes: 8 per block)
-//   acc += cw[b..b+16) * ds[b..b+16)                               (the offset terms)
-//   y    = reduce_add(acc)
-constexpr int kNR = 4, kTR = 4;
-
-// Low half + high half (a lane shuffle: GCC 12 warns spuriously on the extract intrinsics).
-inline __m256 fold(__m512 v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, 0xEE)));
+// One block panel against the TT tokens of a tile: acc[i] += the block's terms for token i.
+template <WType WT, int TT>
+inline void panel_block(const uint8_t* bp, const int8_t* qb, const float* db, const float* dsb, __m512* acc) {
+  const int64_t cb = panel_code_bytes(WT);
+  __m512i c[8];
+  load_codes<WT>(bp, c);
+  const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(bp + cb)));
+  __m512 cw;
+  if constexpr (WT == WType::Q4_1)
+    cw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(bp + cb + 32)));
+  else
+    cw = _mm512_mul_ps(dw, _mm512_set1_ps(WT == WType::Q8_0 ? -128.0f : -8.0f));
+  for (int i = 0; i < TT; ++i) {
+    const int32_t* q = reinterpret_cast<const int32_t*>(qb + i * kQBlock);
+    __m512i s0 = dpbusd_bcast(_mm512_setzero_si512(), c[0], q + 0);
+    __m512i s1 = dpbusd_bcast(_mm512_setzero_si512(), c[1], q + 1);
+    s0 = dpbusd_bcast(s0, c[2], q + 2);
+    s1 = dpbusd_bcast(s1, c[3], q + 3);
+    s0 = dpbusd_bcast(s0, c[4], q + 4);
+    s1 = dpbusd_bcast(s1, c[5], q + 5);
+    s0 = dpbusd_bcast(s0, c[6], q + 6);
+    s1 = dpbusd_bcast(s1, c[7], q + 7);
+    const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+    acc[i] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(db[i])), acc[i]);
+    acc[i] = _mm512_fmadd_ps(cw, _mm512_set1_ps(dsb[i]), acc[i]);
+  }
 }
 
-// The eight lane sums of v[0..8): [sum(v0), ..., sum(v7)], one fixed tree per vector.
-inline __m256 hsum8(const __m256* v) {
-  const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+template <WType WT, int TT>
+inline void panel_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t g, float* y, int64_t ldy) {
+  const int64_t nb = w.cols / kQBlock, pb = panel_block_bytes(WT);
+  __m512 even[TT], odd[TT];  // blocks b even / odd: two independent chains per output
+  for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  const uint8_t* bp = block_panel(w, p, 0);
+  const int8_t* qb = qa->qi.data() + g * nb * kActTile * kQBlock;
+  const float* db = qa->di.data() + g * nb * kActTile;
+  const float* dsb = qa->dsi.data() + g * nb * kActTile;
+  constexpr int64_t qs = kActTile * kQBlock, ss = kActTile;
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    panel_block<WT, TT>(bp + b * pb, qb + b * qs, db + b * ss, dsb + b * ss, even);
+    panel_block<WT, TT>(bp + (b + 1) * pb, qb + (b + 1) * qs, db + (b + 1) * ss, dsb + (b + 1) * ss, odd);
+  }
+  if (b < nb) panel_block<WT, TT>(bp + b * pb, qb + b * qs, db + b * ss, dsb + b * ss, even);
+  const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
+  const __mmask16 m = (__mmask16)((1u << valid) - 1);
+  for (int i = 0; i < TT; ++i)
+    _mm512_mask_storeu_ps(y + (g * kActTile + i) * ldy + n0, m, _mm512_add_ps(even[i], odd[i]));
 }
 
-struct RowPack {  // one unpacked weight row
-  const uint8_t* codes;
-  const float* dwx;  // [npair + 1, 16]
-  const float* cw;   // [nb] (+16 zero padding)
-};
-
-template <int NR, int TR>
-inline void tile(const RowPack* rp, const QActs* qa, int64_t t0, int64_t K, float* y, int64_t ldy, int64_t r0) {
-  const int64_t nb = K / kQBlock, npair = nb / 2;
-  __m512 acc[NR][TR];
-  for (int n = 0; n < NR; ++n)
-    for (int t = 0; t < TR; ++t) acc[n][t] = _mm512_setzero_ps();
-  const int8_t* q[TR];
-  const float* dx[TR];
-  const float* ds[TR];
-  for (int t = 0; t < TR; ++t) {
-    q[t] = qa->q.data() + (t0 + t) * K;
-    dx[t] = qa->dx.data() + (t0 + t) * nb * 8;
-    ds[t] = qa->ds.data() + (t0 + t) * nb;
-  }
-  for (int64_t p = 0; p < npair; ++p) {
-    __m512i c[NR];
-    __m512 s[NR];
-    for (int n = 0; n < NR; ++n) {
-      c[n] = _mm512_loadu_si512(rp[n].codes + p * 64);
-      s[n] = _mm512_load_ps(rp[n].dwx + p * 16);
+template <WType WT>
+void linear_panels(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  static_assert(kTT == kActTile, "one token tile per interleaved activation tile");
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t g = 0;
+    for (; (g + 1) * kTT <= T; ++g) panel_tile<WT, kTT>(w, qa, p, g, y, ldy);
+    switch (T - g * kTT) {
+      case 7: panel_tile<WT, 7>(w, qa, p, g, y, ldy); break;
+      case 6: panel_tile<WT, 6>(w, qa, p, g, y, ldy); break;
+      case 5: panel_tile<WT, 5>(w, qa, p, g, y, ldy); break;
+      case 4: panel_tile<WT, 4>(w, qa, p, g, y, ldy); break;
+      case 3: panel_tile<WT, 3>(w, qa, p, g, y, ldy); break;
+      case 2: panel_tile<WT, 2>(w, qa, p, g, y, ldy); break;
+      case 1: panel_tile<WT, 1>(w, qa, p, g, y, ldy); break;
+      default: break;
     }
-    for (int t = 0; t < TR; ++t) {
-      const __m512i qv = _mm512_loadu_si512(q[t] + p * 64);
-      const __m512 dv = _mm512_loadu_ps(dx[t] + p * 16);
-      for (int n = 0; n < NR; ++n) {
-        const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[n], qv);
-        acc[n][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(s[n], dv), acc[n][t]);
-      }
-    }
-  }
-  if (nb & 1) {  // last block alone, in lanes 0..7
-    const int64_t b = nb - 1;
-    for (int t = 0; t < TR; ++t) {
-      const __m512i qv = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i*)(q[t] + b * 32)), 0);
-      const __m512 dv = _mm512_insertf32x8(_mm512_setzero_ps(), _mm256_loadu_ps(dx[t] + b * 8), 0);
-      for (int n = 0; n < NR; ++n) {
-        const __m512i cv = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i*)(rp[n].codes + b * 32)), 0);
-        const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv, qv);
-        acc[n][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_load_ps(rp[n].dwx + npair * 16), dv),
-                                    acc[n][t]);
-      }
-    }
-  }
-  for (int64_t b = 0; b < nb; b += 16) {
-    const __mmask16 m = nb - b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nb - b)) - 1);
-    for (int t = 0; t < TR; ++t) {
-      const __m512 dsv = _mm512_maskz_loadu_ps(m, ds[t] + b);
-      for (int n = 0; n < NR; ++n) acc[n][t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rp[n].cw + b), dsv, acc[n][t]);
-    }
-  }
-  // Lane sums, eight accumulators at a time (zero-padded): each sum's tree is fixed.
-  constexpr int NA = NR * TR, NG = (NA + 7) / 8;
-  __m256 f[NG * 8];
-  for (int i = 0; i < NG * 8; ++i)
-    f[i] = i < NA ? fold(acc[i / TR][i % TR]) : _mm256_setzero_ps();
-  alignas(32) float sums[NG * 8];
-  for (int g = 0; g < NG; ++g) _mm256_store_ps(sums + g * 8, hsum8(f + g * 8));
-  for (int i = 0; i < NA; ++i) y[(t0 + i % TR) * ldy + r0 + i / TR] = sums[i];
-}
-
-template <int NR>
-inline void row_tile(const RowPack* rp, const QActs* qa, int64_t T, int64_t K, float* y, int64_t ldy, int64_t r0) {
-  int64_t t = 0;
-  for (; t + kTR <= T; t += kTR) tile<NR, kTR>(rp, qa, t, K, y, ldy, r0);
-  switch (T - t) {
-    case 3: tile<NR, 3>(rp, qa, t, K, y, ldy, r0); break;
-    case 2: tile<NR, 2>(rp, qa, t, K, y, ldy, r0); break;
-    case 1: tile<NR, 1>(rp, qa, t, K, y, ldy, r0); break;
-    default: break;
   }
 }
 
 void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
-  const int64_t K = w.cols, nb = K / kQBlock, npair = nb / 2;
-  const int64_t dwx_n = (npair + 1) * 16, cw_n = (nb + 31) / 16 * 16;  // 64-byte multiples
-  static thread_local Buffer<uint8_t> code_buf;
-  static thread_local Buffer<float> scale_buf;
-  uint8_t* codes = tls_scratch(code_buf, (size_t)kNR * (K + 64));
-  float* scales = tls_scratch(scale_buf, (size_t)kNR * (dwx_n + 2 * cw_n));
-  RowPack rp[kNR];
-  for (int64_t r = r0; r < r1; r += kNR) {
-    const int nr = (int)std::min<int64_t>(kNR, r1 - r);
-    for (int n = 0; n < nr; ++n) {
-      uint8_t* c = codes + n * (K + 64);
-      float* dwx = scales + n * (dwx_n + 2 * cw_n);
-      float* dw = dwx + dwx_n;
-      float* cw = dw + cw_n;
-      unpack_row(w.type, w.row(r + n), K, c, dw, cw);
-      for (int64_t p = 0; p < npair; ++p)
-        _mm512_store_ps(dwx + p * 16, _mm512_insertf32x8(_mm512_set1_ps(dw[2 * p]), _mm256_set1_ps(dw[2 * p + 1]), 1));
-      if (nb & 1) _mm512_store_ps(dwx + npair * 16, _mm512_set1_ps(dw[nb - 1]));
-      rp[n] = {c, dwx, cw};
-    }
-    switch (nr) {
-      case 4: row_tile<4>(rp, qa, T, K, y, ldy, r); break;
-      case 3: row_tile<3>(rp, qa, T, K, y, ldy, r); break;
-      case 2: row_tile<2>(rp, qa, T, K, y, ldy, r); break;
-      default: row_tile<1>(rp, qa, T, K, y, ldy, r); break;
-    }
+  // The dispatcher hands out whole panels (r0 a multiple of 16; r1 the end of one or N).
+  const int64_t p0 = r0 / kPanel, p1 = panel_count(r1);
+  switch (w.type) {
+    case WType::Q8_0: linear_panels<WType::Q8_0>(w, qa, T, y, ldy, p0, p1); break;
+    case WType::Q4_0: linear_panels<WType::Q4_0>(w, qa, T, y, ldy, p0, p1); break;
+    default: linear_panels<WType::Q4_1>(w, qa, T, y, ldy, p0, p1); break;
   }
 }
 
