@@ -1,7 +1,8 @@
 """End to end on the default model, 2 threads: native decode and prefill tokens/s next to
 the PyTorch fp32 reference (transformers' LlamaForCausalLM on the same GGUF, its own KV
-cache) in the same run, and the verify cost curve (one target call over T tokens,
-relative to T = 1)."""
+cache) and next to llama.cpp on the same GGUF file (``llama-cpp-python``, optional: the
+test skips when it is not installed) in the same run, and the verify cost curve (one
+target call over T tokens, relative to T = 1)."""
 
 from __future__ import annotations
 
@@ -55,12 +56,19 @@ def torch_model(default_source):
                                                 dtype=torch.float32).eval()
 
 
-def test_decode_vs_torch_fp32(benchmark, default_source, torch_model, threads, record):
+@pytest.fixture(scope="module")
+def torch_model_bf16(torch_model):
+    import copy
+    return copy.deepcopy(torch_model).to(torch.bfloat16)
+
+
+def test_decode_vs_torch_fp32(benchmark, default_source, torch_model, torch_model_bf16, threads, record):
     torch.set_num_threads(threads)
     ids = _prompt_ids(default_source)
     eng = TargetEngine(default_source, context=1024, threads=threads)
     n = NEW_TOKENS if benchmark.enabled else 4
     torch_tps, _ = _torch_decode(torch_model, ids, n)
+    bf16_tps, _ = _torch_decode(torch_model_bf16, ids, n)
     result = {}
 
     def run():
@@ -70,10 +78,11 @@ def test_decode_vs_torch_fp32(benchmark, default_source, torch_model, threads, r
     benchmark.extra_info.update(native_tok_s=round(native_tps, 1), torch_fp32_tok_s=round(torch_tps, 1),
                                 ratio=round(native_tps / torch_tps, 2))
     record("decode", "default model greedy", native_tok_s=native_tps, torch_fp32_tok_s=torch_tps,
-           ratio_vs_torch_fp32=native_tps / torch_tps, new_tokens=n, threads=threads)
+           ratio_vs_torch_fp32=native_tps / torch_tps, torch_bf16_tok_s=bf16_tps,
+           ratio_vs_torch_bf16=native_tps / bf16_tps, new_tokens=n, threads=threads)
 
 
-def test_prefill_vs_torch_fp32(benchmark, default_source, torch_model, threads, record):
+def test_prefill_vs_torch_fp32(benchmark, default_source, torch_model, torch_model_bf16, threads, record):
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     n = 512 if benchmark.enabled else 32
@@ -88,15 +97,75 @@ def test_prefill_vs_torch_fp32(benchmark, default_source, torch_model, threads, 
     with torch.no_grad():
         torch_model(torch.tensor([ids]))
     t_torch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        torch_model_bf16(torch.tensor([ids]))
+    t_bf16 = time.perf_counter() - t0
     benchmark.pedantic(native, rounds=3 if benchmark.enabled else 1, iterations=1, warmup_rounds=1)
     if not benchmark.stats:
         return
     t_native = benchmark.stats.stats.median
     record("prefill", f"pp{n}", native_tok_s=n / t_native, torch_fp32_tok_s=n / t_torch,
-           ratio_vs_torch_fp32=t_torch / t_native)
+           ratio_vs_torch_fp32=t_torch / t_native, torch_bf16_tok_s=n / t_bf16, ratio_vs_torch_bf16=t_bf16 / t_native)
 
 
-@pytest.mark.parametrize("T", [1, 2, 4, 8, 16, 32])
+def test_vs_llama_cpp(benchmark, default_source, threads, record):
+    """Decode (128 tokens after the chat prompt, greedy, one token per call) and prefill
+    (512 tokens in one call) against llama.cpp through its Python binding, same GGUF, same
+    threads, both driven from Python one token at a time."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                    "(CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
+    n = NEW_TOKENS if benchmark.enabled else 4
+    n_pp = 512 if benchmark.enabled else 32
+    llm = llama_cpp.Llama(model_path=str(default_source.path), n_ctx=1024, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    ids = _prompt_ids(default_source)
+
+    def llama_decode():
+        llm.reset()
+        llm.eval(ids)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([tok])
+        return n / (time.perf_counter() - t0)
+
+    rng = np.random.default_rng(0)
+    pp = rng.integers(100, 40000, n_pp).tolist()
+
+    def llama_prefill():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(pp)
+        return n_pp / (time.perf_counter() - t0)
+
+    eng = TargetEngine(default_source, context=1024, threads=threads, max_batch=512)
+
+    def native_prefill():
+        eng.reset()
+        t0 = time.perf_counter()
+        eng.forward(pp); eng.commit()
+        return n_pp / (time.perf_counter() - t0)
+
+    rounds = 3 if benchmark.enabled else 1
+    got = {"llama_tg": [], "native_tg": [], "llama_pp": [], "native_pp": []}
+
+    def run():  # interleaved, so a slow stretch of the shared machine hits both sides
+        for _ in range(rounds):
+            got["llama_tg"].append(llama_decode())
+            got["native_tg"].append(_native_decode(eng, ids, n)[0])
+            got["llama_pp"].append(llama_prefill())
+            got["native_pp"].append(native_prefill())
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    med = {k: float(np.median(v)) for k, v in got.items()}
+    benchmark.extra_info.update({k: round(v, 1) for k, v in med.items()})
+    record("vs_llama_cpp", f"tg{n}", native_tok_s=med["native_tg"], llama_cpp_tok_s=med["llama_tg"],
+           ratio=med["native_tg"] / med["llama_tg"], llama_cpp_version=llama_cpp.__version__)
+    record("vs_llama_cpp", f"pp{n_pp}", native_tok_s=med["native_pp"], llama_cpp_tok_s=med["llama_pp"],
+           ratio=med["native_pp"] / med["llama_pp"], llama_cpp_version=llama_cpp.__version__)
+
+
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 16, 32, 64])
 def test_verify_cost(benchmark, default_source, threads, record, T):
     """One target call over a T-token chain after a 256-token prefix (logits for all T)."""
     eng = TargetEngine(default_source, context=512, threads=threads)
