@@ -1,6 +1,10 @@
-// AVX2 + FMA linear kernels. Quantized weights: pmaddubsw integer dot products (q8_0
-// uses the sign trick so 16-bit pair sums cannot saturate); float weights: fp32 FMAs.
+// AVX2 + FMA linear kernels. Quantized weights: pmaddubsw integer dot products over 16-row
+// panels (q8_0 uses the sign trick so 16-bit pair sums cannot saturate); float weights:
+// fp32 FMAs.
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
 
 #include "cpu/ops.h"
 #include "cpu/x86/avx2_common.h"
@@ -17,50 +21,110 @@ inline __m256i mask_tail(int64_t n) {  // first n of 8 int32 lanes set
   return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx);
 }
 
+// Quantized weights, panel layout (quant_common.h), 8 rows per register (a panel is two
+// halves). For block b and token t the exact integer block sums of 8 rows come from
+// pmaddubsw over the 8 code dwords with the token's dword broadcast:
+//   q4: codes <= 15, so the eight 16-bit pair sums add up without saturating (<= 30480);
+//   q8_0: signed weights |w| x sign(a, w) (pairs <= 32512), widened per dword.
+// Then, per output lane (one sequence whatever T or the tile: batch invariance):
+//   acc[b & 1] = fma(float(isum), dw * da[t, b], acc[b & 1]);  q4: acc[b & 1] += cw * ds[t, b]
+// and y = acc[0] + acc[1].
+constexpr int kTT2 = 4;
+
+template <WType WT>
+inline void load_codes8(const uint8_t* bp, int half, __m256i* c) {
+  const uint8_t* base = bp + half * 32;  // rows 8*half .. 8*half+7 of each 64-byte dword group
+  if constexpr (WT == WType::Q8_0) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int s = 0; s < 8; ++s) c[s] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(base + 64 * s)), flip);
+  } else {
+    const __m256i lo = _mm256_set1_epi8(0x0f);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(base + 64 * j));
+      c[j] = _mm256_and_si256(v, lo);
+      c[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo);
+    }
+  }
+}
+
+template <WType WT, int TT>
+inline void half_block(const uint8_t* bp, int half, const int8_t* qb, const float* db, const float* dsb, __m256* acc) {
+  const int64_t cb = panel_code_bytes(WT);
+  __m256i c[8];
+  load_codes8<WT>(bp, half, c);
+  const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bp + cb + 16 * half)));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int i = 0; i < TT; ++i) {
+    const int32_t* q = reinterpret_cast<const int32_t*>(qb + i * kQBlock);
+    __m256i isum;
+    if constexpr (WT == WType::Q8_0) {
+      isum = _mm256_setzero_si256();
+      for (int s = 0; s < 8; ++s) {
+        const __m256i a = _mm256_set1_epi32(q[s]);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(c[s], c[s]), _mm256_sign_epi8(a, c[s]));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+      }
+    } else {
+      __m256i p = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(q[0]));
+      for (int s = 1; s < 8; ++s) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[s], _mm256_set1_epi32(q[s])));
+      isum = _mm256_madd_epi16(p, ones);
+    }
+    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(db[i])), acc[i]);
+    if constexpr (WT != WType::Q8_0) {
+      const __m256 cw = WT == WType::Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bp + cb + 32 + 16 * half)))
+                                          : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+      acc[i] = _mm256_fmadd_ps(cw, _mm256_set1_ps(dsb[i]), acc[i]);
+    }
+  }
+}
+
+template <WType WT, int TT>
+inline void panel_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t g, float* y, int64_t ldy) {
+  const int64_t nb = w.cols / kQBlock, pb = panel_block_bytes(WT), n0 = p * kPanel;
+  constexpr int64_t qs = kActTile * kQBlock;
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r0 = n0 + 8 * half, valid = std::min<int64_t>(8, w.rows - r0);
+    if (valid <= 0) break;
+    for (int64_t sub = 0; sub < kActTile; sub += TT) {  // token sub-tiles of the activation tile
+      const int64_t tt = std::min<int64_t>(TT, qa->T - g * kActTile - sub);
+      if (tt <= 0) break;
+      __m256 even[TT], odd[TT];
+      for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm256_setzero_ps();
+      const uint8_t* bp = block_panel(w, p, 0);
+      const int8_t* qb = qa->qi.data() + g * nb * qs + sub * kQBlock;
+      const float* db = qa->di.data() + g * nb * kActTile + sub;
+      const float* dsb = qa->dsi.data() + g * nb * kActTile + sub;
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
+        half_block<WT, TT>(bp + (b + 1) * pb, half, qb + (b + 1) * qs, db + (b + 1) * kActTile,
+                           dsb + (b + 1) * kActTile, odd);
+      }
+      if (b < nb) half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
+      alignas(32) float out[8];
+      for (int64_t i = 0; i < tt; ++i) {
+        _mm256_store_ps(out, _mm256_add_ps(even[i], odd[i]));
+        std::memcpy(y + (g * kActTile + sub + i) * ldy + r0, out, sizeof(float) * valid);
+      }
+    }
+  }
+}
+
+template <WType WT>
+void linear_panels(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  static_assert(kActTile % kTT2 == 0, "token sub-tiles must divide the activation tile");
+  const int64_t tiles = (T + kActTile - 1) / kActTile;
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t g = 0; g < tiles; ++g) panel_tile<WT, kTT2>(w, qa, p, g, y, ldy);
+}
+
 void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
-  const int64_t K = w.cols, nb = K / kQBlock;
-  const bool q8 = w.type == WType::Q8_0;
-  static thread_local Buffer<uint8_t> code_buf;
-  static thread_local Buffer<float> scale_buf;
-  uint8_t* codes = tls_scratch(code_buf, (size_t)K + 32);
-  float* dw = tls_scratch(scale_buf, (size_t)(2 * nb + 8));
-  float* cw = dw + nb;
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  const __m256i flip = _mm256_set1_epi8((char)0x80);
-  for (int64_t r = r0; r < r1; ++r) {
-    unpack_row_scalar(w, r, codes, dw, cw);
-    for (int64_t t = 0; t < T; ++t) {
-      const int8_t* q = qa->q.data() + t * K;
-      const float* da = qa->d.data() + t * nb;
-      const float* ds = qa->ds.data() + t * nb;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + b * 32));
-        const __m256i a = _mm256_loadu_si256((const __m256i*)(q + b * 32));
-        __m256i pairs;
-        if (q8) {  // signed weights: |w| x sign(a, w) keeps pair sums within int16
-          const __m256i ws = _mm256_xor_si256(c, flip);
-          pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(ws, ws), _mm256_sign_epi8(a, ws));
-        } else {
-          pairs = _mm256_maddubs_epi16(c, a);
-        }
-        const __m256i isum = _mm256_madd_epi16(pairs, ones16);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(da[b] * dw[b]), acc);
-      }
-      float corr = 0.0f;
-      if (!q8) {  // q8_0 took the signed dot product above: no offset to correct
-        __m256 cacc = _mm256_setzero_ps();
-        int64_t b = 0;
-        for (; b + 8 <= nb; b += 8) cacc = _mm256_fmadd_ps(_mm256_loadu_ps(cw + b), _mm256_loadu_ps(ds + b), cacc);
-        if (b < nb) {
-          const __m256i m = mask_tail(nb - b);
-          cacc = _mm256_fmadd_ps(_mm256_maskload_ps(cw + b, m), _mm256_maskload_ps(ds + b, m), cacc);
-        }
-        corr = hsum256(cacc);
-      }
-      y[t * ldy + r] = hsum256(acc) + corr;
-    }
+  const int64_t p0 = r0 / kPanel, p1 = panel_count(r1);  // whole panels (see linear())
+  switch (w.type) {
+    case WType::Q8_0: linear_panels<WType::Q8_0>(w, qa, T, y, ldy, p0, p1); break;
+    case WType::Q4_0: linear_panels<WType::Q4_0>(w, qa, T, y, ldy, p0, p1); break;
+    default: linear_panels<WType::Q4_1>(w, qa, T, y, ldy, p0, p1); break;
   }
 }
 
