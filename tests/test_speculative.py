@@ -16,7 +16,8 @@ from dovetail_ext.target import TargetEngine
 from dovetail_ext.tree import CandidatePool, TreeParams, build_tree
 from native_helpers import make_source, random_tree, random_weights, tiny_config, tree_ancestors, tree_depths
 
-SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 6, 7), TreeParams(6, 2, 12), TreeParams(3, 4, 9), TreeParams(2, 1, 2)]
+SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 6, 7), TreeParams(6, 2, 12), TreeParams(3, 4, 9), TreeParams(2, 1, 2),
+          TreeParams(4, 4, 8, min_prob=0.02)]
 
 
 def tiny_target(vocab=301, seed=1, dtype="q8_0", context=256, embd_scale=1.0):
@@ -199,6 +200,22 @@ def test_draft_tree_expansion_matches_reference_module():
 
 def _module_weights(module):
     return {k: v.detach().float().numpy() for k, v in module.state_weights().items() if k != "vocab_map"}
+
+
+def test_min_prob_prunes_the_tree():
+    """Candidates below min_prob never enter the tree; what remains is ancestor-closed;
+    with every candidate below it the tree is the root alone."""
+    pool = CandidatePool(7)
+    first = pool.add([1, 2, 3], [0, 0, 0], np.log([0.6, 0.3, 0.1]))
+    pool.add([4, 5], [first[0], first[1]], np.log([0.6 * 0.5, 0.3 * 0.9]))
+    tree = pool.select(16, np.log(0.25))
+    assert sorted(tree.tokens.tolist()) == [1, 2, 4, 5, 7]
+    assert np.all(tree.parents[1:] < np.arange(1, tree.size))
+    assert pool.select(16, np.log(0.7)).tokens.tolist() == [7]
+    assert TreeParams(min_prob=0.25).min_score == pytest.approx(np.log(0.25))
+    for bad in (-0.1, 1.0, "0.5", True):
+        with pytest.raises(ValueError, match="min_prob"):
+            TreeParams(min_prob=bad)
 
 
 def test_reduced_vocabulary_draft_proposes_only_its_tokens():

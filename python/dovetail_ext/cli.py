@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 7)")
     g.add_argument("--tree-tokens", type=int, default=None,
                    help="tree size including the root, verified in one target call (default 16)")
+    g.add_argument("--tree-min-prob", type=float, default=None,
+                   help="drop drafted tokens whose probability under the draft is below this (default 0)")
     _add_model_args(g)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
@@ -95,7 +97,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     base = TreeParams()
     pick = lambda given, default: default if given is None else given  # noqa: E731
     tree = TreeParams(top_k=pick(args.tree_topk, base.top_k), depth=pick(args.tree_depth, base.depth),
-                      total_tokens=pick(args.tree_tokens, base.total_tokens))
+                      total_tokens=pick(args.tree_tokens, base.total_tokens),
+                      min_prob=pick(args.tree_min_prob, base.min_prob))
     gen = load(args.model, draft=None if args.no_spec else args.draft, context=args.context, threads=args.threads,
                weights=args.weights, tree=tree)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -182,7 +182,8 @@ class Draft:
         for level in range(1, params.depth):
             # Children score at most their parent: once the frontier cannot beat the pool's
             # (total_tokens-1)-th best, no later candidate can enter the tree.
-            if pool.scores[frontier].max() < pool.kth_best_score(params.total_tokens - 1):
+            best = pool.scores[frontier].max()
+            if best < pool.kth_best_score(params.total_tokens - 1) or best < params.min_score:
                 break
             P = scratch_anc.shape[0]
             anc = np.zeros((k, P + k), dtype=bool)
@@ -199,4 +200,4 @@ class Draft:
             best = np.lexsort((np.arange(cum.size), -cum.reshape(-1)))[:k]
             frontier, frontier_feat = cand[best], hidden[best // k]
         # 3. The best total_tokens - 1 candidates, ancestors first.
-        return pool.select(params.total_tokens)
+        return pool.select(params.total_tokens, params.min_score)

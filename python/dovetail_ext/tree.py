@@ -20,11 +20,19 @@ __all__ = ["TreeParams", "Tree", "build_tree", "CandidatePool"]
 class TreeParams:
     """EAGLE-2 dynamic tree shape: each expansion keeps the ``top_k`` best candidates,
     the tree is at most ``depth`` drafted levels deep, and holds ``total_tokens`` nodes
-    including the root (so ``total_tokens - 1`` drafted tokens are verified)."""
+    including the root (so ``total_tokens - 1`` drafted tokens are verified).
+
+    ``min_prob`` drops candidates whose path probability under the draft (the product of
+    the draft's probabilities from the root) is below it, and stops expanding once no
+    frontier node reaches it: when the draft is unsure the tree shrinks, down to the root
+    alone (a plain decoding step). Verification cost on a CPU grows with the tree, so
+    tokens the draft itself doubts are not worth verifying there.
+    """
 
     top_k: int = 10
     depth: int = 7
     total_tokens: int = 16
+    min_prob: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("top_k", "depth", "total_tokens"):
@@ -36,6 +44,14 @@ class TreeParams:
                              f"got {self.total_tokens}")
         if self.top_k > 256:
             raise ValueError(f"tree top_k must be at most 256, got {self.top_k}")
+        if not isinstance(self.min_prob, (int, float)) or isinstance(self.min_prob, bool) \
+                or not 0.0 <= self.min_prob < 1.0:
+            raise ValueError(f"tree min_prob must be a number in [0, 1), got {self.min_prob!r}")
+
+    @property
+    def min_score(self) -> float:
+        """``log(min_prob)``: the lowest cumulative log-probability a drafted node may have."""
+        return float(np.log(self.min_prob)) if self.min_prob > 0 else -np.inf
 
     @property
     def scratch_rows(self) -> int:
@@ -127,9 +143,11 @@ class CandidatePool:
         s = self.scores[1:]
         return float(np.partition(s, -k)[-k]) if len(s) >= k else -np.inf
 
-    def select(self, total_tokens: int) -> Tree:
-        """The tree of the root and the best ``total_tokens - 1`` candidates."""
-        n = min(total_tokens - 1, self.size - 1)
+    def select(self, total_tokens: int, min_score: float = -np.inf) -> Tree:
+        """The tree of the root and the best ``total_tokens - 1`` candidates scoring at
+        least ``min_score`` (still closed under ancestors: a parent scores at least as
+        much as its child)."""
+        n = min(total_tokens - 1, int(np.count_nonzero(self.scores[1:] >= min_score)))
         order = np.lexsort((np.arange(1, self.size), -self.scores[1:])) + 1  # best first, ties by index
         keep = np.sort(np.concatenate([[0], order[:n]]))
         remap = np.full(self.size, -1, dtype=np.int64)
