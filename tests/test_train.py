@@ -9,7 +9,6 @@ built sequence for the rollout attention; a second, uninterrupted run for resume
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from dovetail_ext.train import train_draft
 from dovetail_ext.train.data import first_turn, iter_jsonl, iter_sharegpt, iter_text, load_conversations, render
 from dovetail_ext.train.features import (FeatureCache, FeatureSettings, extract_features, from_bf16_bits,
                                          to_bf16_bits)
-from dovetail_ext.train.trainer import Trainer, TrainConfig, _Data, choose_vocab_map, evaluate, rollout
+from dovetail_ext.train.trainer import Trainer, TrainConfig, choose_vocab_map, evaluate, rollout
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -21,7 +21,6 @@ otherwise the whole conversation is prefilled as written.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
