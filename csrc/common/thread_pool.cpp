@@ -1,6 +1,7 @@
 #include "common/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -15,6 +16,13 @@ namespace {
 constexpr int kSpinBeforeSleep = 20000;  // polling for the next job (~50-300 us) before sleeping
 constexpr int kSpinBeforeYield = 2000;   // the caller's wait for started chunks
 constexpr int kMaxWorkers = 255;
+// A wait for started chunks longer than the caller's own share plus this is a stall.
+constexpr int64_t kStallSlackNs = 50000;
+constexpr int64_t kAloneNs = 10000;         // a job this long that no worker joined counts too
+constexpr int kStallTrigger = 12;           // score at which the pool goes serial
+constexpr int kCleanReset = 1024;           // clean parallel jobs that forget past stalls
+constexpr int64_t kSerialFirst = 256;       // jobs in the first serial stretch (~1 decode step)
+constexpr int64_t kSerialMax = 1 << 16;
 }  // namespace
 
 ThreadPool& ThreadPool::instance() {
@@ -52,12 +60,14 @@ bool ThreadPool::claim(uint32_t tag, int64_t& chunk) {
   }
 }
 
-void ThreadPool::work(uint32_t tag) {
-  int64_t c;
+int64_t ThreadPool::work(uint32_t tag) {
+  int64_t c, n = 0;
   while (claim(tag, c)) {
     fn_(ctx_, c);
     done_.fetch_add(1, std::memory_order_acq_rel);
+    ++n;
   }
+  return n;
 }
 
 void ThreadPool::worker_loop(int index) {
@@ -85,10 +95,17 @@ void ThreadPool::worker_loop(int index) {
 void ThreadPool::run(int threads, int64_t n_chunks, ChunkFn fn, void* ctx) {
   if (n_chunks <= 0) return;
   std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-  if (threads <= 1 || n_chunks == 1 || !busy.owns_lock() || n_chunks > 0xffffffffLL) {
+  bool serial = threads <= 1 || n_chunks == 1 || !busy.owns_lock() || n_chunks > 0xffffffffLL;
+  if (!serial && serial_left_ > 0) {  // recovering from stalls: the caller alone
+    --serial_left_;
+    serial = true;
+  }
+  if (serial) {
     for (int64_t c = 0; c < n_chunks; ++c) fn(ctx, c);  // serial, or the pool is in use
     return;
   }
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
   ensure_workers(threads - 1);
   fn_ = fn;
   ctx_ = ctx;
@@ -105,13 +122,30 @@ void ThreadPool::run(int threads, int64_t n_chunks, ChunkFn fn, void* ctx) {
     wake = sleepers_ > 0;
   }
   if (wake) cv_.notify_all();
-  work(tag);
+  const int64_t mine = work(tag);
+  const auto t1 = clock::now();
   // Every chunk is claimed now; wait only for those a worker is still computing.
+  bool waited = false;
   for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
+    waited = true;
     if (spin < kSpinBeforeYield)
       DT_PAUSE();
     else
       std::this_thread::yield();
+  }
+  const int64_t own = std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+  const int64_t wait = waited ? std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t1).count() : 0;
+  const bool alone = mine == n_chunks && own > kAloneNs;  // a job the workers never joined
+  if (wait > own + kStallSlackNs || alone) {
+    stall_score_ = std::max(stall_score_, 0) + (alone ? 2 : 4);
+    if (stall_score_ >= kStallTrigger) {
+      serial_span_ = serial_span_ ? std::min(serial_span_ * 2, kSerialMax) : kSerialFirst;
+      serial_left_ = serial_span_;
+      stall_score_ = 0;
+    }
+  } else if (--stall_score_ <= -kCleanReset) {  // a long clean stretch: stalls start short again
+    stall_score_ = 0;
+    serial_span_ = 0;
   }
 }
 

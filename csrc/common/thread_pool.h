@@ -8,6 +8,13 @@
 // already started; workers spin briefly, then sleep. If the pool is busy (another engine
 // on another thread, or a nested call) the loop simply runs on the calling thread.
 //
+// When the caller keeps waiting on workers that were descheduled mid-chunk, or keeps
+// doing every chunk itself because the workers never get a core in time (another process
+// holds the other core, and a spinning worker only takes time from the caller), the pool
+// runs the next jobs on the caller alone for a
+// while, doubling that stretch each time the stalls come back: one thread at full speed
+// beats two that take turns with a scheduler quantum in between.
+//
 // Work is split into chunks that are computed whole by one thread, so results do not
 // depend on the thread count (batch invariance is kept).
 #pragma once
@@ -43,7 +50,7 @@ class ThreadPool {
   void ensure_workers(int n);
   void worker_loop(int index);
   bool claim(uint32_t tag, int64_t& chunk);
-  void work(uint32_t tag);
+  int64_t work(uint32_t tag);  // chunks this thread computed
 
   std::mutex run_mu_;  // one job at a time; others run inline
   std::mutex mu_;
@@ -60,6 +67,10 @@ class ThreadPool {
   std::atomic<int64_t> done_{0};
   std::atomic<int64_t> n_chunks_{0};
   std::atomic<int> active_workers_{0};  // workers that may take part in the current job
+  // Stall detection (touched only under run_mu_): see run().
+  int stall_score_ = 0;
+  int64_t serial_left_ = 0;   // jobs still to run on the caller alone
+  int64_t serial_span_ = 0;   // length of the next serial stretch (doubles while stalls recur)
   ChunkFn fn_ = nullptr;
   void* ctx_ = nullptr;
 };
