@@ -116,6 +116,34 @@ def test_sentencepiece_piece_that_is_not_utf8_is_refused_at_load(tmp_path: Path)
     assert tok.decode(tok.encode("aab", add_bos=False)) == "aab"
 
 
+def test_hf_conversion_of_values_below_the_normal_range_is_quiet(tmp_path: Path) -> None:
+    """Found by fuzz_safetensors_hf (longer run): a block of values near 1e-39 made the
+    quantizer overflow 1/d and numpy warn; it converts quietly, within its tiny range."""
+    from dovetail_ext.formats.hf import _convert
+    from dovetail_ext.quant import dequantize
+    x = np.full((3, 64), 1e-39, np.float32)
+    x[1, 7] = 3e-39
+    for target in ("q8_0", "q4_0", "q4_1"):
+        assert np.abs(dequantize(_convert("f32", x, target)) - x).max() <= 3e-39
+
+
+def test_tokenizer_json_with_gaps_in_its_ids(tmp_path: Path) -> None:
+    """Found by fuzz_tokenizer (longer run): a tokenizer.json whose ids skip numbers
+    reported fewer ids than it produces; its size is now the largest id + 1."""
+    import json
+
+    from dovetail_ext.formats.tokenizer import tokenizer_from_hf_directory
+    doc = json.loads(_seeds_module().tiny_tokenizer_json())
+    vocab = doc["model"]["vocab"]
+    top = max(vocab.values())
+    vocab["\u0120t"] = top + 20  # the merged token of the first merge, far past the others
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok = tokenizer_from_hf_directory(tmp_path)
+    ids = tok.encode(" t t", add_bos=False)
+    assert top + 20 in ids and tok.vocab_size == top + 21
+    assert tok.decode(ids) == " t t"
+
+
 @pytest.mark.xfail(strict=True, reason="draft_model._open_checkpoint builds the names of every layer "
                                        "draft.json claims before comparing with the file (a 1e7-layer "
                                        "claim takes minutes and GBs); reported to the draft_model owner")

@@ -262,7 +262,10 @@ def _convert(dtype: str, data: np.ndarray, target: str) -> Weight:
     elif target == "bf16":
         out = quants.quantize(f32, Q.BF16).view(np.uint16)  # round to nearest even, NaN kept
     else:
-        out = quants.quantize(f32, {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[target])
+        # A block whose range is below float32's normal range overflows 1/d inside the
+        # quantizer; its f16 scale rounds to 0, so it is stored as its offset (error < range).
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            out = quants.quantize(f32, {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[target])
     return Weight(target, (rows, cols), out)
 
 

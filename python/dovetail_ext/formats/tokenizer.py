@@ -77,7 +77,9 @@ class _HFBackend:
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # A tokenizer.json may leave gaps in its ids: the size is the largest id + 1.
+        ids = tok.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
