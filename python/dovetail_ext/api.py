@@ -12,6 +12,7 @@ The library prints nothing; the CLI does.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,12 @@ class Generator:
 
     One generator serves one conversation at a time; the KV cache keeps the longest common
     prefix between consecutive calls, so a chat that grows turn by turn is not re-read.
+
+    One generation runs at a time: a ``generate``/``stream`` call that starts while another
+    is unfinished (in another thread, or a stream left open) supersedes it, and the
+    earlier one raises ``RuntimeError`` at its next step instead of decoding from a cache
+    it no longer owns. A call interrupted at any point (``KeyboardInterrupt``) leaves the
+    generator usable: the next call gives what a fresh generator gives.
     """
 
     def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
@@ -106,10 +113,17 @@ class Generator:
         self.config = source.config
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
         self.last_stats = GenerationStats()
-        self._kv_tokens: list[int] = []  # tokens whose K/V are committed in the target
+        # Tokens whose K/V are committed in the target: always a prefix of what the engine
+        # holds (shrunk before the engine is, grown after), so an interruption between the
+        # two leaves it valid.
+        self._kv_tokens: list[int] = []
         # Target features of the first _n_feat rows of _kv_tokens (kept while speculating).
         self._features = np.zeros((target.context, self.config.hidden_size), dtype=np.float32)
         self._n_feat = 0
+        # Held for each engine step, never across a yield. Re-entrant so that an interrupt
+        # landing between its acquisition and the ``with`` block cannot lock the thread out.
+        self._lock = threading.RLock()
+        self._owner = 0  # the call that owns the cache; a later call supersedes it
 
     # -- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
@@ -173,8 +187,17 @@ class Generator:
         elif draft.target is not self.target:
             raise ValueError("this Draft is bound to another target engine; load it for this generator's target")
         draft.check_tree(self.tree)
-        draft.truncate(0)  # its KV describes no conversation of this generator yet
-        self.draft = draft
+        with self._lock:
+            self._owner += 1  # a generation running on the old draft must not go on
+            draft.truncate(0)  # its KV describes no conversation of this generator yet
+            self.draft = draft
+
+    def _check_owner(self, run: int) -> None:
+        if self._owner != run:
+            raise RuntimeError("this generation was superseded: another generate()/stream() call (or reset) "
+                               "on the same Generator started before it finished; a Generator runs one "
+                               "generation at a time (use one Generator per thread, or finish or close a "
+                               "stream before the next call)")
 
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
              raw: bool, out_tokens: list[int], speculative: bool | None, tree: TreeParams | None) -> Iterator[str]:
@@ -202,18 +225,21 @@ class Generator:
             return
 
         t0 = time.perf_counter()
-        logits = self._prefill(ids, stats, with_features=spec)
         chooser = TokenChooser(params)
-        pending = [chooser(logits[0])]  # the target's own first token
-        if spec:
-            from .speculative import SpecState, SpecTimes, speculative_step
-            # Draft pair j is (f_j, x_{j+1}): it stays valid while x_{j+1} lies in the prefix
-            # the target kept from the last call.
-            done = max(0, min(self.draft.n_past, stats.cached_prompt_tokens - 1))
-            self.draft.truncate(done)
-            state = SpecState(root=pending[0], features=self._features[done:len(ids)].copy(),
-                              next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
-            times = SpecTimes()
+        with self._lock:
+            self._owner += 1
+            run = self._owner
+            logits = self._prefill(ids, stats, with_features=spec)
+            pending = [chooser(logits[0])]  # the target's own first token
+            if spec:
+                from .speculative import SpecState, SpecTimes, speculative_step
+                # Draft pair j is (f_j, x_{j+1}): it stays valid while x_{j+1} lies in the prefix
+                # the target kept from the last call.
+                done = max(0, min(self.draft.n_past, stats.cached_prompt_tokens - 1))
+                self.draft.truncate(done)
+                state = SpecState(root=pending[0], features=self._features[done:len(ids)].copy(),
+                                  next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
+                times = SpecTimes()
         stats.prefill_s = time.perf_counter() - t0
 
         decoder = self.tokenizer.stream_decoder()
@@ -236,20 +262,23 @@ class Generator:
                     break
             if stats.stop_reason:
                 break
-            if self.target.n_past >= self.target.context:
-                stats.stop_reason = "context"
-                break
-            stats.target_calls += 1
-            root = pending[-1]
-            if spec:
-                pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser, times)
-                self._keep_features(committed)
-                self._kv_tokens.extend([root] + pending[:-1])
-            else:
-                logits, _ = self.target.forward([root])
-                self.target.commit()
-                self._kv_tokens.append(root)
-                pending = [chooser(logits[0])]
+            with self._lock:
+                self._check_owner(run)
+                if self.target.n_past >= self.target.context:
+                    stats.stop_reason = "context"
+                    break
+                stats.target_calls += 1
+                root = pending[-1]
+                if spec:
+                    pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser,
+                                                          times)
+                    self._keep_features(committed)
+                    self._kv_tokens.extend([root] + pending[:-1])
+                else:
+                    logits, _ = self.target.forward([root])
+                    self.target.commit()
+                    self._kv_tokens.append(root)
+                    pending = [chooser(logits[0])]
         if stats.stop_reason != "stop":
             tail, hit = stops.feed(decoder.flush())
             tail = tail + ("" if hit else stops.flush())
@@ -273,12 +302,12 @@ class Generator:
             if a != b:
                 break
             common += 1
-        common = min(common, len(ids) - 1)  # at least one token must run for its logits
+        common = min(common, len(ids) - 1, self.target.n_past)  # one token at least must run for its logits
         if with_features:
             common = min(common, self._n_feat)
-        self.target.truncate(common)
         self._kv_tokens = list(ids[:common])
         self._n_feat = min(self._n_feat, common)
+        self.target.truncate(common)
         stats.cached_prompt_tokens = common
         logits = None
         chunk = self.target.max_batch
@@ -298,12 +327,14 @@ class Generator:
             self._n_feat += len(rows)
 
     def reset(self) -> None:
-        """Drop the cached conversation."""
-        self.target.reset()
-        self._kv_tokens = []
-        self._n_feat = 0
-        if self.draft is not None:
-            self.draft.truncate(0)
+        """Drop the cached conversation (an unfinished generation is superseded)."""
+        with self._lock:
+            self._owner += 1
+            self._kv_tokens = []
+            self._n_feat = 0
+            self.target.reset()
+            if self.draft is not None:
+                self.draft.truncate(0)
 
 
 def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", context: int | None = None,
