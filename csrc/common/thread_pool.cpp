@@ -52,7 +52,7 @@ bool ThreadPool::claim(uint32_t tag, int64_t& chunk) {
   for (;;) {
     if ((uint32_t)(v >> 32) != tag) return false;
     const int64_t i = (int64_t)(v & 0xffffffffu);
-    if (i >= n_chunks_.load(std::memory_order_relaxed)) return false;
+    if (i >= n_chunks_.load(std::memory_order_acquire)) return false;
     if (claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
       chunk = i;
       return true;
@@ -107,9 +107,14 @@ void ThreadPool::run(int threads, int64_t n_chunks, ChunkFn fn, void* ctx) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   ensure_workers(threads - 1);
+  // Close the previous job's claims before its fields change: a worker still in claim()
+  // for it (it read the old tag, then was descheduled) must fail there, not take a chunk
+  // of this job under the old tag and count it done. Index 0xffffffff is never below
+  // n_chunks, and the CAS of anyone holding the old value now fails.
+  claim_.store(claim_.load(std::memory_order_relaxed) | 0xffffffffu, std::memory_order_seq_cst);
   fn_ = fn;
   ctx_ = ctx;
-  n_chunks_.store(n_chunks, std::memory_order_relaxed);
+  n_chunks_.store(n_chunks, std::memory_order_release);
   active_workers_.store(threads - 1, std::memory_order_relaxed);
   done_.store(0, std::memory_order_relaxed);
   uint32_t tag;
