@@ -22,6 +22,7 @@ import json
 from typing import Any
 
 import atheris
+import numpy as np
 
 from fuzzlib import Scratch, loader_errors, run, split_files, tokenizer_smoke
 
@@ -38,6 +39,14 @@ def _list_of(value: Any, kind: type) -> list | None:
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
         raise TypeError
     return value
+
+
+def _float32s(values: list | None) -> list[float] | None:
+    """GGUF stores scores as float32: out-of-range values become inf, as a file holds them."""
+    if not values:
+        return None
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype=np.float64).astype(np.float32).tolist()
 
 
 def _gguf_vocab(text: bytes) -> dict[str, Any] | None:
@@ -61,7 +70,7 @@ def _gguf_vocab(text: bytes) -> dict[str, Any] | None:
             return None
         return dict(model=opts["model"] or "", tokens=_list_of(doc.get("tokens") or [], str), token_types=types,
                     merges=_list_of(doc.get("merges"), str),
-                    scores=[float(s) for s in _list_of(doc.get("scores"), (int, float)) or []] or None,
+                    scores=_float32s(_list_of(doc.get("scores"), (int, float))),
                     pre=opts["pre"], bos_id=bos, eos_ids=eos, add_bos=flags["add_bos"],
                     add_space_prefix=flags["add_space_prefix"], chat_template=opts["template"], source="fuzz")
     except (ValueError, TypeError, RecursionError, OverflowError):
