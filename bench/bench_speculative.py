@@ -18,7 +18,9 @@ import os
 import pytest
 
 N_PROMPTS = int(os.environ.get("DOVETAIL_BENCH_PROMPTS", "8"))
-TREES = [(1, 1, 2), (1, 3, 4), (2, 3, 5), (4, 3, 6), (4, 4, 8), (6, 5, 10), (10, 7, 16)]
+# (top_k, depth, total_tokens[, min_prob])
+TREES = [(1, 1, 2), (1, 2, 3), (1, 3, 4), (2, 3, 5), (4, 3, 6), (4, 4, 8), (6, 5, 10), (10, 7, 16),
+         (1, 5, 6, 0.3), (4, 4, 8, 0.1), (6, 5, 10, 0.1), (10, 7, 16, 0.1)]
 
 
 def humaneval_prompts(n: int) -> list[list[dict]]:
