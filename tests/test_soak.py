@@ -133,13 +133,13 @@ def test_past_the_context_limit_via_stream_and_after_reset(default_gguf_path):
 
 @pytest.mark.slow
 def test_soak_long(default_gguf_path):
-    r = soak(default_gguf_path, context=256, rounds=12, modes=[(False, 0.0), (True, 0.0), (False, 0.8), (True, 0.8)],
-             max_growth_mb=4.0)
+    r = soak(default_gguf_path, context=256, rounds=5, modes=[(False, 0.0), (True, 0.0), (False, 0.8), (True, 0.8)],
+             prompts=PROMPTS[1:], max_growth_mb=4.0)
     r.report("soak (long)")
 
 
 @pytest.mark.slow
 def test_soak_long_bf16_kv(default_gguf_path):
-    r = soak(default_gguf_path, context=192, rounds=8, modes=[(False, 0.0), (True, 0.0)], kv_dtype="bf16",
+    r = soak(default_gguf_path, context=192, rounds=5, modes=[(False, 0.0), (True, 0.0)], kv_dtype="bf16",
              max_growth_mb=4.0)
     r.report("soak (long, bf16 KV)")
