@@ -144,12 +144,10 @@ def test_tokenizer_json_with_gaps_in_its_ids(tmp_path: Path) -> None:
     assert tok.decode(ids) == " t t"
 
 
-@pytest.mark.xfail(strict=True, reason="draft_model._open_checkpoint builds the names of every layer "
-                                       "draft.json claims before comparing with the file (a 1e7-layer "
-                                       "claim takes minutes and GBs); reported to the draft_model owner")
 def test_draft_layer_count_is_bounded_by_the_file(tmp_path: Path) -> None:
+    """A draft.json claiming far more layers than the file holds is refused from the tensor
+    count alone (no per-layer work), with a short message."""
     import json
-    import time
 
     from dovetail_ext.draft_model import load_draft_weights
     seeds = _seeds_module()
@@ -160,10 +158,9 @@ def test_draft_layer_count_is_bounded_by_the_file(tmp_path: Path) -> None:
         sys.path.remove(str(FUZZ))
     config, weights = split_files(seeds.draft_seeds()["draft-1-layers-f32"], 2)
     doc = json.loads(config)
-    doc["config"]["num_layers"] = 100_000
+    doc["config"]["num_layers"] = 10_000_000
     (tmp_path / "draft.json").write_text(json.dumps(doc))
     (tmp_path / "draft.safetensors").write_bytes(weights)
-    start = time.perf_counter()
-    with pytest.raises(FormatError) as info:
+    with pytest.raises(FormatError, match="10000000-layer draft needs") as info:
         load_draft_weights(tmp_path)
-    assert time.perf_counter() - start < 0.2 and len(str(info.value)) < 2000
+    assert len(str(info.value)) < 2000

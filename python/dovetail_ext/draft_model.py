@@ -703,11 +703,18 @@ def _open_checkpoint(directory: str | os.PathLike) -> tuple[Path, DraftConfig, d
     if not path.is_file():
         raise FormatError(f"{directory}: missing {WEIGHTS_FILE}")
     st = _DraftSafetensors(path)  # header checked against the file; bf16 kept as uint16 bits
+    # The tensor count a config implies, before listing names: a draft.json claiming a
+    # million layers is refused at once instead of building a million layers' names.
+    n_needed = 4 + 8 * cfg.num_layers + (cfg.num_layers - 1) + (1 if cfg.draft_vocab_size else 0)
+    if n_needed > len(st.entries):
+        raise FormatError(f"{path}: a {cfg.num_layers}-layer draft needs {n_needed} tensors, "
+                          f"the file has {len(st.entries)}")
     expected = expected_draft_shapes(cfg)
     missing = [n for n in expected if n not in st.entries]
     unexpected = sorted(n for n in st.entries if n not in expected)
     if missing:
-        raise FormatError(f"{path}: missing tensor(s) {', '.join(missing)}")
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FormatError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
     if unexpected:
         raise FormatError(f"{path}: unexpected tensor(s) {', '.join(unexpected)} "
                           f"(not part of a {cfg.num_layers}-layer draft)")
