@@ -304,3 +304,21 @@ def test_cli_train_draft(tiny_path, data_file, tmp_path, capsys):
     assert main(["train-draft", "--target", str(tiny_path), "--data", str(tmp_path / "nope.jsonl"),
                  "--out", str(out)]) == 2
     assert "no such data file" in capsys.readouterr().err
+
+
+def test_shipped_default_draft_matches_the_default_model(default_source):
+    import dovetail_ext
+
+    d = Path(dovetail_ext.__file__).parent / "drafts" / "smollm2-135m-instruct"
+    size = sum(f.stat().st_size for f in d.iterdir())
+    assert size < 24 * 2 ** 20
+    draft = load_draft(d, target=default_source)  # refuses a draft made for another target
+    cfg = draft.config
+    assert cfg.num_layers == 1 and cfg.draft_vocab_size > 0 and set(cfg.eos_token_ids) <= set(draft.vocab_map.tolist())
+    header = json.loads((d / "draft.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (d / "draft.safetensors").read_bytes()[:8], "little")])
+    assert {e["dtype"] for n, e in header.items() if n not in ("__metadata__", "vocab_map")} == {"BF16"}
+    card = draft.card
+    assert card["command"].startswith("dovetail train-draft") and card["data"]["source"] == "sharegpt"
+    assert 0 < card["metrics"]["val_top1"] < 1 and len(card["metrics"]["val_tau_chain_depth_1_to_7"]) == 7
+
