@@ -337,7 +337,7 @@ class Generator:
                 self.draft.truncate(0)
 
 
-def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", context: int | None = None,
+def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | None = None, draft_weights: str = "q8_0") -> Generator:
     """Load a model for generation.
@@ -352,9 +352,10 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
         kv_dtype: ``"f32"`` or ``"bf16"`` KV cache.
         max_batch: the largest number of tokens one target call takes (prefill chunk).
         draft: a draft checkpoint directory for speculative decoding (trained for this
-            model: a draft made for another target is refused); ``"auto"`` (the default)
-            takes the draft shipped with the package for this exact model if there is one
-            (the default model has one), ``None`` loads no draft (plain decoding).
+            model: a draft made for another target is refused); ``"auto"`` takes the draft
+            shipped with the package for this exact model if there is one (the default
+            model has one); ``None`` (the default) loads no draft: plain decoding, which
+            is the faster choice on a 2-core CPU today (see the README's measurements).
         tree: speculative tree shape (default ``TreeParams()``).
         draft_weights: storage of the draft's matrices on the CPU (``"q8_0"``, the default:
             a quarter of f32's memory traffic on every draft step; ``"bf16"``, ``"f32"``). The

@@ -46,14 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument("--draft", metavar="PATH", default="auto",
-                   help="draft checkpoint directory for speculative decoding (default: the draft "
-                        "shipped for this model, if any)")
-    g.add_argument("--no-spec", action="store_true", help="plain decoding: load no draft")
-    g.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 10)")
-    g.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 7)")
+    g.add_argument("--draft", metavar="PATH", default=None,
+                   help="draft checkpoint directory for speculative decoding ('auto': the draft "
+                        "shipped for this model)")
+    g.add_argument("--spec", action="store_true",
+                   help="speculative decoding with the draft shipped for this model (same as --draft auto)")
+    g.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
+    g.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 1)")
+    g.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 1)")
     g.add_argument("--tree-tokens", type=int, default=None,
-                   help="tree size including the root, verified in one target call (default 16)")
+                   help="tree size including the root, verified in one target call (default 2)")
     g.add_argument("--tree-min-prob", type=float, default=None,
                    help="drop drafted tokens whose probability under the draft is below this (default 0)")
     _add_model_args(g)
@@ -61,10 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--draft", metavar="PATH", default="auto",
-                   help="draft checkpoint directory for speculative decoding (default: the draft "
-                        "shipped for this model, if any)")
-    s.add_argument("--no-spec", action="store_true", help="plain decoding: load no draft")
+    s.add_argument("--draft", metavar="PATH", default=None,
+                   help="draft checkpoint directory for speculative decoding ('auto': the draft "
+                        "shipped for this model)")
+    s.add_argument("--spec", action="store_true",
+                   help="speculative decoding with the draft shipped for this model (same as --draft auto)")
+    s.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the model file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_args(s)
@@ -78,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--model", metavar="PATH", default=None)
     return ap
+
+
+def _draft_arg(args: argparse.Namespace) -> str | None:
+    """--draft PATH, or the shipped draft with --spec, or none with --no-spec."""
+    if args.no_spec:
+        return None
+    return "auto" if args.spec and args.draft is None else args.draft
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -99,7 +110,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tree = TreeParams(top_k=pick(args.tree_topk, base.top_k), depth=pick(args.tree_depth, base.depth),
                       total_tokens=pick(args.tree_tokens, base.total_tokens),
                       min_prob=pick(args.tree_min_prob, base.min_prob))
-    gen = load(args.model, draft=None if args.no_spec else args.draft, context=args.context, threads=args.threads,
+    gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
                weights=args.weights, tree=tree)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
@@ -128,7 +139,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'dovetail-ext[serve]'") from e
     from .api import load
 
-    gen = load(args.model, draft=None if args.no_spec else args.draft, context=args.context, threads=args.threads,
+    gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
                weights=args.weights)
     model_id = args.model_id or default_model_id(gen)
     mode = "speculative" if gen.draft is not None and not args.no_spec else "plain"
