@@ -24,15 +24,27 @@ def main(argv: list[str]) -> int:
 
     ax = axes[0]
     bars, labels = [], []
+    colors = []
     if "decode" in g:
         d = next(iter(g["decode"].values()))
-        bars += [d["torch_fp32_tok_s"], d["native_tok_s"]]
-        labels += ["PyTorch fp32\n(transformers)", "dovetail\nnative"]
+        bars += [d["torch_fp32_tok_s"]]
+        labels += ["PyTorch\nfp32"]
+        colors += ["#999999"]
+    llama = next((v for k, v in g.get("vs_llama_cpp", {}).items() if k.startswith("tg") and "1t" not in k), None)
+    if llama:
+        bars.append(llama["llama_cpp_tok_s"])
+        labels.append("llama.cpp")
+        colors.append("#777777")
+    if "decode" in g:
+        bars.append(d["native_tok_s"])
+        labels.append("dovetail")
+        colors.append("#2a7ab0")
     spec = g.get("speculative", {})
     if "speculative" in spec:
         bars.append(spec["speculative"]["tokens_per_s"])
-        labels.append(f"dovetail spec.\n(draft: {spec['speculative'].get('draft', '?')})")
-    ax.bar(labels, bars, color=["#999999", "#2a7ab0", "#e08a2c"][:len(bars)])
+        labels.append("dovetail\nspeculative")
+        colors.append("#e08a2c")
+    ax.bar(labels, bars, color=colors)
     for i, v in enumerate(bars):
         ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
     ax.set_ylabel("decode tokens/s")
