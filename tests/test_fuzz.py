@@ -57,8 +57,14 @@ def _env() -> dict[str, str]:
 def test_fuzz_target(corpora: Path, tmp_path: Path, target: str) -> None:
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
+    # libFuzzer reads peak RSS from getrusage, and Linux carries the high-water mark of a
+    # forked process across exec: the child starts at this test process's peak (torch and
+    # models loaded by earlier tests). The 3 GB budget is counted above that.
+    import resource
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     cmd = [sys.executable, str(FUZZ / TARGETS[target]), f"-runs={RUNS}", "-seed=1", "-print_final_stats=1",
-           "-max_total_time=240", f"-artifact_prefix={artifacts}/", str(corpora / target)]
+           "-max_total_time=240", f"-rss_limit_mb={3072 + inherited_mb}", f"-artifact_prefix={artifacts}/",
+           str(corpora / target)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     log = proc.stderr + proc.stdout
     tail = "\n".join(line for line in log.splitlines() if not line.startswith(("#", "INFO:")))[-6000:]
