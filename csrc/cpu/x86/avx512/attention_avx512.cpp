@@ -14,6 +14,7 @@
 
 #include "cpu/attention_impl.h"
 #include "cpu/quant_common.h"
+#include "cpu/x86/avx512_common.h"
 
 namespace dovetail::avx512 {
 
@@ -44,22 +45,7 @@ struct Kern {
   static float exp(float x) { return std::exp(x); }
 };
 
-// exp(x) for x <= 0 (softmax arguments): x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial,
-// scaled by 2^n. Relative error ~2 ulp; exp(-inf) = 0; underflows flush to 0.
-inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+using x86::exp_ps;
 
 inline __m256 fold(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, 0xEE)));
@@ -148,7 +134,7 @@ void attention_rows_impl(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + i), mv)));
+      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + i), mv)));
       _mm512_mask_storeu_ps(sc + i, m, e);
       sum = _mm512_add_ps(sum, e);
     }
