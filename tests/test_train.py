@@ -263,6 +263,76 @@ def test_resume_equals_uninterrupted(tiny, cache, tmp_path):
         other.load_checkpoint()
 
 
+@pytest.mark.parametrize("where", ["after_update", "before_backward"])
+def test_sigint_saves_a_checkpoint_and_resume_loses_no_step(tiny, cache, tmp_path, where):
+    """A SIGINT during training raises KeyboardInterrupt after a checkpoint of the last
+    finished step; resuming from it gives the uninterrupted run's weights bit for bit. An
+    interrupt right after the optimizer step (before the step counter moves) must not leave
+    a checkpoint whose counters miss that update."""
+    import signal
+
+    whole = Trainer(tiny, cache, small_cfg(epochs=3, rollout=2), tmp_path / "whole")
+    whole.fit()
+    k = whole.steps_per_epoch + 1  # inside the second epoch
+    tr = Trainer(tiny, cache, small_cfg(epochs=3, rollout=2), tmp_path / "parts")
+    calls = {"n": 0}
+    if where == "after_update":
+        step = tr.opt.step
+
+        def hooked(*a, **kw):
+            out = step(*a, **kw)
+            calls["n"] += 1
+            if calls["n"] == k:
+                signal.raise_signal(signal.SIGINT)
+            return out
+        tr.opt.step = hooked
+        done = k  # the update under way is finished and counted
+    else:
+        zero = tr.opt.zero_grad
+
+        def hooked(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == k:
+                signal.raise_signal(signal.SIGINT)
+            return zero(*a, **kw)
+        tr.opt.zero_grad = hooked
+        done = k - 1  # step k had not updated anything yet
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    again = Trainer(tiny, cache, small_cfg(epochs=3, rollout=2), tmp_path / "parts")
+    assert again.load_checkpoint() and again.step == done and again.history == tr.history
+    again.fit()
+    assert again.step == whole.step
+    for (n, p), (_, q) in zip(whole.draft.state_dict().items(), again.draft.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_extra_feature_caches_add_training_data_only(tiny, cache, tmp_path):
+    more = [[{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}"}]
+            for w in ("apple", "pear", "plum", "fig", "kiwi", "lime")]
+    extract_features(tiny, more, tmp_path / "more", settings(max_len=64, val_conversations=0))
+    extra = FeatureCache(tmp_path / "more")
+    assert extra.tokens("val") == 0 and extra.tokens("train") > 0
+    base = Trainer(tiny, cache, small_cfg(), tmp_path / "a")
+    both = Trainer(tiny, cache, small_cfg(), tmp_path / "b", extra_train=[extra])
+    assert len(both.train) == len(base.train) + len(more)
+    assert len(both.train.tokens) == len(base.train.tokens) + extra.tokens("train")
+    np.testing.assert_array_equal(both.val.tokens, base.val.tokens)  # validation: the main cache's only
+    last = both.train.starts[-1]
+    np.testing.assert_array_equal(both.train.features[last:last + both.train.lens[-1]],
+                                  extra.load("train")["features"][-int(both.train.lens[-1]):])
+    both.fit(stop_after_steps=2)
+    # a cache of another target is refused
+    import shutil
+    shutil.copytree(tmp_path / "more", tmp_path / "other")
+    m = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    m["target"]["embedding_sha256"] = "0" * 64
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="another target"):
+        Trainer(tiny, cache, small_cfg(), tmp_path / "c", extra_train=[FeatureCache(tmp_path / "other")])
+
+
 def test_time_budget_stops_training(tiny, cache, tmp_path):
     tr = Trainer(tiny, cache, small_cfg(epochs=50, time_budget_s=1e-6), tmp_path / "t")
     tr.fit()
@@ -304,6 +374,51 @@ def test_cli_train_draft(tiny_path, data_file, tmp_path, capsys):
     assert main(["train-draft", "--target", str(tiny_path), "--data", str(tmp_path / "nope.jsonl"),
                  "--out", str(out)]) == 2
     assert "no such data file" in capsys.readouterr().err
+
+
+def test_cli_train_draft_interrupted_exits_130_and_resumes(tiny_path, data_file, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during ``train-draft``: exit status 130 with a checkpoint, and ``--resume``
+    ends with the same draft as an uninterrupted run (with --extra-features in both)."""
+    import signal
+
+    from dovetail_ext.cli import main
+
+    extra = tmp_path / "extra"
+    extract_features(load_model_source(tiny_path), CONVS[::-1], extra, settings(max_len=80, val_conversations=0))
+
+    def args(out: Path) -> list[str]:
+        return ["train-draft", "--target", str(tiny_path), "--data", str(data_file), "--out", str(out),
+                "--features", str(tmp_path / "features"), "--extra-features", str(extra),
+                "--epochs", "2", "--vocab-size", "32", "--max-len", "80", "--val-conversations", "2",
+                "--batch-tokens", "256", "--warmup-steps", "1", "--threads", "1", "--no-amp"]
+
+    assert main(args(tmp_path / "whole")) == 0
+    card = json.loads((tmp_path / "whole" / "draft.json").read_text())["card"]
+    assert card["data"]["train"]["tokens"] == sum(c["tokens"] for c in card["data"]["train_caches"])
+    assert card["data"]["train_caches"][1]["tokens"] == FeatureCache(extra).tokens("train")
+    steps = card["training"]["steps"]
+    assert steps >= 4
+    step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def hooked(self, *a, **kw):
+        out = step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", hooked)
+        assert main(args(tmp_path / "cut")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 3" in err and "--resume" in err
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)["step"] == 3
+    assert not (tmp_path / "cut" / "draft.safetensors").exists()
+    assert main(args(tmp_path / "cut") + ["--resume"]) == 0
+    assert "resumed at step 3" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cut" / "draft.json").read_text())["card"]["training"]["steps"] == steps
+    assert (tmp_path / "cut" / "draft.safetensors").read_bytes() == (tmp_path / "whole" / "draft.safetensors").read_bytes()
 
 
 def test_shipped_default_draft_matches_the_default_model(default_source):

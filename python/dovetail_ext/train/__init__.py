@@ -18,7 +18,7 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,9 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
                 prompt_context: int = 0, noise: float = 0.2, amp: bool = True, val_every: int = 0,
                 time_budget_s: float = 0.0,
                 save_dtype: str = "bf16",
-                features_dir: str | os.PathLike | None = None, threads: int | None = None,
+                features_dir: str | os.PathLike | None = None,
+                extra_features: Sequence[str | os.PathLike] = (),
+                threads: int | None = None,
                 device: str | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
                 command: str | None = None, stop_after_steps: int | None = None) -> Path:
     """Train a Dovetail draft for a target and export it to ``out``.
@@ -63,6 +65,9 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
         draft_vocab_size: reduced draft vocabulary (0: full), chosen by frequency of the
             training data's assistant tokens, EOS always in.
         resume: continue from ``out/checkpoints/last.pt`` (the features always resume).
+        extra_features: finished feature caches (e.g. made with other data or settings by
+            :func:`.features.extract_features`) whose training splits are added to the one
+            extracted here; validation stays on this run's held-out split.
         rollout: training steps per chain (1: teacher forcing only).
         prompt_context: prompt tokens kept before the first reply in training (0: all).
         amp: bf16 autocast. val_every: steps between validations (0: each epoch).
@@ -96,37 +101,47 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     extract_features(source, convs, fdir, settings, max_tokens=max_tokens, threads=threads,
                      progress=progress, log=log)
     cache = FeatureCache(fdir)
+    extras = [FeatureCache(d) for d in extra_features]
     cfg = TrainConfig(layers=layers, draft_vocab_size=draft_vocab_size, epochs=epochs, batch_tokens=batch_tokens,
                       lr=lr, warmup_steps=warmup_steps, rollout=rollout, max_len=max_len,
                       prompt_context=prompt_context, noise=noise, seed=seed, amp=amp, val_every=val_every,
                       time_budget_s=time_budget_s)
-    trainer = Trainer(source, cache, cfg, out, device=device)
+    trainer = Trainer(source, cache, cfg, out, device=device, extra_train=extras)
     if resume and trainer.load_checkpoint() and log is not None:
         log(f"resumed at step {trainer.step} (epoch {trainer.epoch})")
     metrics = trainer.fit(progress=progress, log=log, stop_after_steps=stop_after_steps)
-    shards = cache.manifest["shards"]
 
-    def split_sum(split: str, key: str) -> int:
-        return int(sum(s[key] for s in shards if s["split"] == split))
+    def split_sum(split: str, key: str, of: Any = None) -> int:
+        return int(sum(s[key] for s in (of or cache).manifest["shards"] if s["split"] == split))
+
+    def train_sum(key: str) -> int:
+        return sum(split_sum("train", key, c) for c in [cache, *extras])
 
     card: dict[str, Any] = {
         "description": f"Dovetail draft ({layers} layer{'s' if layers > 1 else ''}, DGF) for "
                        f"{source.name or Path(str(source.path)).name}, trained with dovetail train-draft",
         "data": {"source": str(data), "self_distill_max_new_tokens": self_distill,
                  "distill_fraction": distill_fraction if self_distill else 0.0, "max_len": max_len,
-                 "train": {"conversations": split_sum("train", "conversations"),
-                           "self_distilled": split_sum("train", "distilled"),
-                           "tokens": split_sum("train", "tokens"),
-                           "assistant_tokens": split_sum("train", "assistant_tokens")},
+                 "train": {"conversations": train_sum("conversations"),
+                           "self_distilled": train_sum("distilled"),
+                           "tokens": train_sum("tokens"),
+                           "assistant_tokens": train_sum("assistant_tokens")},
                  "val": {"conversations": split_sum("val", "conversations"),
                          "self_distilled": split_sum("val", "distilled"),
                          "tokens": split_sum("val", "tokens"),
-                         "assistant_tokens": split_sum("val", "assistant_tokens")}},
+                         "assistant_tokens": split_sum("val", "assistant_tokens")},
+                 **({"train_caches": [{"settings": c.manifest["settings"],
+                                       "conversations": split_sum("train", "conversations", c),
+                                       "self_distilled": split_sum("train", "distilled", c),
+                                       "tokens": split_sum("train", "tokens", c),
+                                       "assistant_tokens": split_sum("train", "assistant_tokens", c)}
+                                      for c in [cache, *extras]]} if extras else {})},
         "training": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                      "steps": trainer.step, "epochs_done": round(trainer.step / trainer.steps_per_epoch, 3),
                      "tokens_seen": trainer.tokens_seen},
         "time": {"finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                 "feature_seconds": cache.manifest["seconds"], "train_seconds": round(trainer.seconds, 3),
+                 "feature_seconds": round(sum(c.manifest["seconds"] for c in [cache, *extras]), 2),
+                 "train_seconds": round(trainer.seconds, 3),
                  "this_call_seconds": round(time.time() - t0, 1)},
         "hardware": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "device": str(trainer.device), "torch": torch.__version__, "python": platform.python_version()},
@@ -186,6 +201,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", action="store_true", help="float32 matmuls instead of bf16 autocast")
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="checkpoint weight dtype")
     p.add_argument("--features", metavar="DIR", default=None, help="feature cache (default OUT/features)")
+    p.add_argument("--extra-features", metavar="DIR", nargs="+", action="extend", default=[],
+                   help="more finished feature caches whose training splits are added (validation stays on "
+                        "--features' held-out split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
@@ -213,7 +231,8 @@ def run_cli(args: argparse.Namespace) -> int:
                       batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps, rollout=args.rollout,
                       prompt_context=args.prompt_context, noise=args.noise, amp=not args.no_amp,
                       val_every=args.val_every, time_budget_s=args.time_budget,
-                      save_dtype=args.dtype, features_dir=args.features, threads=args.threads,
+                      save_dtype=args.dtype, features_dir=args.features, extra_features=args.extra_features,
+                      threads=args.threads,
                       device=args.device, progress=True, log=log,
                       command="dovetail train-draft " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []),
                       stop_after_steps=args.stop_after_steps)

@@ -22,10 +22,13 @@ token (argmax of the full head on the stored feature) and the data continues wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,20 @@ def choose_vocab_map(tokens: np.ndarray, mask: np.ndarray, size: int, vocab_size
     counts[list(eos_ids)] = np.inf
     order = np.argsort(-counts, kind="stable")
     return np.sort(order[:size]).astype(np.int64)
+
+
+def _concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several loaded splits (see :meth:`FeatureCache.load`) as one."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets, base = [np.zeros(1, np.int64)], 0
+    for p in parts:
+        offsets.append(p["offsets"][1:].astype(np.int64) + base)
+        base += int(p["offsets"][-1])
+    return {"tokens": np.concatenate([p["tokens"] for p in parts]),
+            "mask": np.concatenate([p["mask"] for p in parts]),
+            "offsets": np.concatenate(offsets),
+            "features": np.concatenate([p["features"] for p in parts])}
 
 
 class _Data:
@@ -364,6 +381,47 @@ def evaluate(draft: DovetailDraft, data: _Data, embed: Tensor, head: Tensor, dep
             "positions": n_start}
 
 
+class _DeferSigint:
+    """SIGINT handling for :meth:`Trainer.fit`: outside ``critical()`` a SIGINT raises
+    KeyboardInterrupt at once (as Python's default handler does); inside, it is held until
+    the block ends, so an optimizer step and the counters that record it are never split."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+        self.previous: Any = None
+        self.installed = False
+
+    def __enter__(self) -> "_DeferSigint":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGINT)
+            if self.previous is signal.default_int_handler:  # leave custom handlers alone
+                signal.signal(signal.SIGINT, self._handle)
+                self.installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.pending and not self.depth:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 class Trainer:
     """Trains one draft on a feature cache, with checkpoints in ``work_dir``.
 
@@ -372,14 +430,25 @@ class Trainer:
         cache: the features (its ``train`` and ``val`` splits).
         cfg: settings. work_dir: checkpoints go to ``work_dir / "checkpoints"``.
         device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        extra_train: more feature caches whose ``train`` splits are added to ``cache``'s
+            (their ``val`` splits are not used: validation stays on ``cache``'s). They must
+            come from the same target.
+    Raises:
+        ValueError: no training conversations, or an extra cache of another target.
     """
 
     def __init__(self, source: Any, cache: FeatureCache, cfg: TrainConfig, work_dir: str | os.PathLike,
-                 device: str | None = None) -> None:
+                 device: str | None = None, extra_train: Sequence[FeatureCache] = ()) -> None:
         self.cfg = cfg
         self.source = source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.train = _Data(cache.load("train"), cfg.max_len, cfg.prompt_context)
+        for extra in extra_train:
+            for key in ("target", "hidden_size"):
+                if extra.manifest.get(key) != cache.manifest.get(key):
+                    raise ValueError(f"{extra.directory}: its features come from another target ({key} differs "
+                                     f"from {cache.directory}'s)")
+        self.train = _Data(_concat([cache.load("train")] + [c.load("train") for c in extra_train]),
+                           cfg.max_len, cfg.prompt_context)
         self.val = _Data(cache.load("val"), cfg.max_len)  # full prompts: as at inference
         if len(self.train) == 0:
             raise ValueError(f"{cache.directory}: no training conversations in the feature cache")
@@ -465,16 +534,36 @@ class Trainer:
                 call (for tests and time-boxed runs); the run stays resumable.
         Returns:
             the last validation metrics (empty when validation was not reached).
+        Raises:
+            KeyboardInterrupt: on SIGINT, after writing a checkpoint of the last finished
+                step (an optimizer step under way completes first), so a resumed run loses
+                no finished step.
         """
-        cfg = self.cfg
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
+        self.draft.train()
+        with _DeferSigint() as sigint:
+            try:
+                return self._fit(bar, stop_after_steps, sigint, log)
+            except KeyboardInterrupt:
+                # the state is between two steps (an update in flight finishes first): keep it
+                if bar is not None:
+                    bar.close()
+                path = self.save_checkpoint()
+                if log is not None:
+                    log(f"interrupted at step {self.step} (epoch {self.epoch}): checkpoint written to {path}; "
+                        f"continue with --resume")
+                raise
+
+    def _fit(self, bar: Any, stop_after_steps: int | None, sigint: _DeferSigint,
+             log: Callable[[str], None] | None) -> dict[str, Any]:
+        cfg = self.cfg
         last_ckpt = time.perf_counter()
         ran = 0
         metrics: dict[str, Any] = {}
-        self.draft.train()
+
         def more() -> bool:
             if cfg.time_budget_s > 0 and self.seconds >= cfg.time_budget_s:
                 return False
@@ -494,14 +583,15 @@ class Trainer:
                 loss.backward()
                 if cfg.clip_value > 0:
                     torch.nn.utils.clip_grad_value_(self.draft.parameters(), cfg.clip_value)
-                self.opt.step()
-                self.step += 1
-                self.batch_in_epoch += 1
-                ran += 1
-                n_tok = int(mask.numel())
-                self.tokens_seen += n_tok
-                dt = time.perf_counter() - t0
-                self.seconds += dt
+                with sigint.critical():  # the update and its bookkeeping: all or nothing
+                    self.opt.step()
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    ran += 1
+                    n_tok = int(mask.numel())
+                    self.tokens_seen += n_tok
+                    dt = time.perf_counter() - t0
+                    self.seconds += dt
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=self.epoch, loss=f"{float(loss.detach()):.3f}", acc=f"{st.get('acc', 0):.3f}",
@@ -517,8 +607,9 @@ class Trainer:
                         bar.close()
                     return metrics
             if self.batch_in_epoch >= len(batches):
-                self.epoch += 1
-                self.batch_in_epoch = 0
+                with sigint.critical():
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
                 if not cfg.val_every and len(self.val):
                     metrics = self._record(log)
         if bar is not None:
