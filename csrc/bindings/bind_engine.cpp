@@ -1,8 +1,10 @@
-// Engine bindings: the target (LlamaEngine) and the CPU draft (DraftEngine), built from
-// loader output, with the GIL released around native compute.
+// Engine bindings: the target (LlamaEngine), the CPU draft (DraftEngine) and the device
+// draft (DeviceDraftEngine: CUDA, or its host test backend), built from loader output, with
+// the GIL released around native compute.
 #include <pybind11/stl.h>
 
 #include "bindings/common.h"
+#include "model/device_draft.h"
 #include "model/draft.h"
 #include "model/llama.h"
 
@@ -207,6 +209,131 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("max_batch", [](const DraftEngine& e) { return e.options().max_batch; })
       .def_property_readonly("weight_bytes", &DraftEngine::weight_bytes)
       .def_property_readonly("draft_vocab", &DraftEngine::draft_vocab);
+
+  py::class_<DeviceDraftEngine>(m, "DeviceDraftEngine",
+      "Dovetail draft on a device backend: 'cuda' (GPU) or 'host' (the same engine on the CPU with scalar "
+      "kernels, for tests). Use dovetail_ext.draft.Draft(device='cuda').")
+      .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t context,
+                       int64_t max_batch, const std::string& backend, int device, bool graphs,
+                       const py::handle& vmap_obj) {
+             LayerDims d = layer_dims(cfg);
+             std::vector<int32_t> vmap;
+             if (!vmap_obj.is_none()) {
+               auto a = int32_vector(vmap_obj, "vocab_map");
+               vmap.assign(a.data(), a.data() + a.size());
+             }
+             DT_CHECK(backend == "host" || backend == "cuda", "backend must be 'host' or 'cuda', got '" + backend + "'");
+             EngineOptions o = engine_options(context, max_batch, 1, "bf16");
+             std::vector<py::array> keep;
+             WeightMap views = weight_map(weights, keep);
+             const int64_t layers = get_int(cfg, "num_layers");
+             py::gil_scoped_release nogil;
+             std::unique_ptr<DeviceOps> ops;
+             if (backend == "host") {
+               ops = make_host_ops();
+             } else {
+#ifdef DOVETAIL_WITH_CUDA
+               ops = make_cuda_ops(device);
+#else
+               (void)device;
+               throw_value_error("the CUDA draft engine needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none");
+#endif
+             }
+             return std::make_unique<DeviceDraftEngine>(std::move(ops), d, layers, o, views, *target.token_embedding(),
+                                                        *target.lm_head(), std::move(vmap), graphs);
+           }),
+           py::arg("config"), py::arg("weights"), py::arg("target"), py::arg("context"), py::arg("max_batch") = 128,
+           py::arg("backend") = "cuda", py::arg("device") = 0, py::arg("graphs") = true,
+           py::arg("vocab_map") = py::none())
+      .def("forward", [](DeviceDraftEngine& e, const py::handle& feat_obj, const py::handle& src_obj,
+                         const py::handle& tok_obj, const py::handle& pos_obj, const py::handle& anc_obj, bool append,
+                         const py::handle& topk_obj, int64_t k, bool return_hidden) {
+             auto tokens = int32_vector(tok_obj, "tokens");
+             auto positions = int32_vector(pos_obj, "positions");
+             const int64_t T = tokens.size(), D = e.dims().dim;
+             DT_CHECK(positions.size() == T, "positions has " + std::to_string(positions.size()) +
+                                                 " entries for " + std::to_string(T) + " tokens");
+             DT_CHECK(feat_obj.is_none() != src_obj.is_none(), "give either features or src_rows");
+             py::array_t<float, py::array::c_style> feats;
+             py::array_t<int32_t, py::array::c_style> src;
+             if (!feat_obj.is_none()) {
+               feats = as_array<float>(feat_obj, "features");
+               check_shape(feats, {T, D}, "features");
+             } else {
+               src = int32_vector(src_obj, "src_rows");
+               DT_CHECK(src.size() == T, "src_rows has " + std::to_string(src.size()) + " entries for " +
+                                             std::to_string(T) + " tokens");
+             }
+             const int64_t P = append ? e.pending() : 0;
+             py::array_t<uint8_t, py::array::c_style> anc;
+             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, P + T);
+             auto rows = row_list(topk_obj, "topk_rows");
+             DT_CHECK(rows.empty() || (k >= 1 && k <= 256), "top-k must be in [1, 256], got " + std::to_string(k));
+             py::array_t<int32_t> ids({(int64_t)rows.size(), rows.empty() ? (int64_t)0 : k});
+             py::array_t<float> logp({(int64_t)rows.size(), rows.empty() ? (int64_t)0 : k});
+             py::object hidden_obj = py::none();
+             float* hp = nullptr;
+             if (return_hidden) {
+               py::array_t<float> hidden({T, D});
+               hp = hidden.mutable_data();
+               hidden_obj = hidden;
+             }
+             const float* fp = feat_obj.is_none() ? nullptr : feats.data();
+             const int32_t* sp = src_obj.is_none() ? nullptr : src.data();
+             const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
+             {
+               py::gil_scoped_release nogil;
+               e.forward(fp, sp, tokens.data(), positions.data(), T, ap, append, hp, rows.data(),
+                         (int64_t)rows.size(), k, ids.mutable_data(), logp.mutable_data());
+             }
+             return py::make_tuple(hidden_obj, ids, logp);
+           },
+           py::arg("features"), py::arg("src_rows"), py::arg("tokens"), py::arg("positions"),
+           py::arg("ancestors") = py::none(), py::arg("append") = false, py::arg("topk_rows") = py::none(),
+           py::arg("k") = 1, py::arg("return_hidden") = true,
+           "Draft forward on features [T, D] from the host, or on rows src_rows of the previous call's output "
+           "(which stays on the device); returns (hidden [T, D] or None, topk ids, topk logp).")
+      .def("commit", [](DeviceDraftEngine& e, const py::handle& kept_obj) {
+             auto kept = row_list(kept_obj, "kept");
+             py::gil_scoped_release nogil;
+             e.commit(kept.data(), (int64_t)kept.size());
+           }, py::arg("kept"))
+      .def("truncate", [](DeviceDraftEngine& e, int64_t n) { e.truncate(n); }, py::arg("n"))
+      .def("read_kv", [](DeviceDraftEngine& e, int64_t layer, int64_t n) {
+             const int64_t KV = e.dims().kv_heads, Dh = e.dims().head_dim;
+             DT_CHECK(n >= 0 && n <= e.options().context, "slot count outside the context");
+             py::array_t<float> k({KV, n, Dh}), v({KV, n, Dh});
+             e.read_kv(layer, n, k.mutable_data(), v.mutable_data());
+             return py::make_tuple(k, v);
+           }, py::arg("layer"), py::arg("n"), "KV slots [0, n) of one layer as fp32 [KV, n, Dh].")
+      .def_property_readonly("stats", [](const DeviceDraftEngine& e) {
+             const DeviceDraftStats s = e.stats();
+             py::dict d;
+             d["calls"] = s.calls; d["replays"] = s.replays;
+             d["h2d_bytes"] = s.h2d_bytes; d["d2h_bytes"] = s.d2h_bytes;
+             d["last_h2d_bytes"] = s.last_h2d_bytes; d["last_d2h_bytes"] = s.last_d2h_bytes;
+             d["transfer_ms"] = s.transfer_ms; d["call_ms"] = s.call_ms;
+             return d;
+           }, "Transfer and call counters: bytes each way, copy time, calls served by recorded graphs.")
+      .def_static("transfer_layout", [](int64_t T, int64_t P, int64_t D, int64_t n_topk, int64_t k,
+                                        bool host_features, bool want_hidden) {
+             const auto L = DeviceDraftEngine::layout(T, P, D, n_topk, k, host_features, want_hidden);
+             py::dict d;
+             d["in_bytes"] = L.in_bytes; d["out_bytes"] = L.out_bytes;
+             d["feat"] = L.feat; d["src"] = L.src; d["tokens"] = L.tokens; d["positions"] = L.positions;
+             d["bits"] = L.bits; d["rows"] = L.rows; d["ids"] = L.ids; d["logp"] = L.logp; d["hidden"] = L.hidden;
+             return d;
+           }, py::arg("T"), py::arg("P"), py::arg("D"), py::arg("n_topk"), py::arg("k"), py::arg("host_features"),
+           py::arg("want_hidden"), "Byte layout of one call's host<->device transfers.")
+      .def_property_readonly("n_past", &DeviceDraftEngine::n_past)
+      .def_property_readonly("pending", &DeviceDraftEngine::pending)
+      .def_property_readonly("context", [](const DeviceDraftEngine& e) { return e.options().context; })
+      .def_property_readonly("max_batch", [](const DeviceDraftEngine& e) { return e.options().max_batch; })
+      .def_property_readonly("draft_vocab", &DeviceDraftEngine::draft_vocab)
+      .def_property_readonly("device_bytes", &DeviceDraftEngine::device_bytes)
+      .def_property_readonly("staging_bytes", &DeviceDraftEngine::staging_bytes)
+      .def_property_readonly("backend", &DeviceDraftEngine::backend)
+      .def_property_readonly("device_name", &DeviceDraftEngine::device_name);
 }
 
 }  // namespace dovetail::bind

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <string>
 
+#include "common/hd.h"
+
 namespace dovetail {
 
 enum class WType : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5 };
@@ -54,17 +56,26 @@ inline float fp16_to_fp32(uint16_t h) {
   return f;
 }
 
-inline float bf16_to_fp32(uint16_t b) {
+// (DT_HD: the CUDA draft engine converts with these same functions.)
+DT_HD float bf16_to_fp32(uint16_t b) {
   const uint32_t bits = (uint32_t)b << 16;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+#endif
 }
 
 // Round to nearest even; NaN stays NaN.
-inline uint16_t fp32_to_bf16(float f) {
+DT_HD uint16_t fp32_to_bf16(float f) {
+#if defined(__CUDA_ARCH__)
+  uint32_t bits = __float_as_uint(f);
+#else
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
+#endif
   if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return (uint16_t)(bits >> 16);

@@ -7,19 +7,41 @@
 
 namespace dovetail {
 
+void check_vocab_map(const std::vector<int32_t>& vocab_map, int64_t V) {
+  const int64_t n = (int64_t)vocab_map.size();
+  for (int64_t i = 0; i < n; ++i) {
+    DT_CHECK(vocab_map[i] >= 0 && vocab_map[i] < V, "vocab_map entry " + std::to_string(vocab_map[i]) +
+                                                        " is outside the target vocabulary [0, " + std::to_string(V) + ")");
+    DT_CHECK(i == 0 || vocab_map[i] > vocab_map[i - 1], "vocab_map must be strictly ascending (index " +
+                                                            std::to_string(i) + ")");
+  }
+}
+
+void check_draft_inputs(const float* features, const int32_t* tokens, int64_t T, int64_t D, int64_t V,
+                        int64_t Vd, const int64_t* topk_rows, int64_t n_topk, int64_t k) {
+  for (int64_t t = 0; t < T; ++t)
+    DT_CHECK(tokens[t] >= 0 && tokens[t] < V, "token id " + std::to_string(tokens[t]) + " at index " +
+                                                  std::to_string(t) + " is outside the vocabulary [0, " +
+                                                  std::to_string(V) + ")");
+  DT_CHECK(n_topk <= T, "more top-k rows than batch rows");
+  DT_CHECK(n_topk == 0 || (k >= 1 && k <= 256 && k <= Vd),
+           "top-k must be in [1, min(256, " + std::to_string(Vd) + ")], got " + std::to_string(k));
+  for (int64_t i = 0; i < n_topk; ++i)
+    DT_CHECK(topk_rows[i] >= 0 && topk_rows[i] < T, "top-k row " + std::to_string(topk_rows[i]) +
+                                                        " outside the batch [0, " + std::to_string(T) + ")");
+  if (features)
+    for (int64_t i = 0; i < T * D; ++i)
+      DT_CHECK(std::isfinite(features[i]), "features must be finite (row " + std::to_string(i / D) + ")");
+}
+
 DraftEngine::DraftEngine(const LayerDims& d, int64_t n_layers, const EngineOptions& o, const WeightMap& weights,
                          std::shared_ptr<const PackedWeight> embedding, std::shared_ptr<const PackedWeight> lm_head,
                          std::vector<int32_t> vocab_map)
     : embed_(std::move(embedding)), head_(std::move(lm_head)), vocab_map_(std::move(vocab_map)) {
   DT_CHECK(embed_ && head_, "the draft needs the target's embedding and LM head");
   if (!vocab_map_.empty()) {
-    const int64_t V = head_->rows, n = (int64_t)vocab_map_.size();
-    for (int64_t i = 0; i < n; ++i) {
-      DT_CHECK(vocab_map_[i] >= 0 && vocab_map_[i] < V, "vocab_map entry " + std::to_string(vocab_map_[i]) +
-                                                            " is outside the target vocabulary [0, " + std::to_string(V) + ")");
-      DT_CHECK(i == 0 || vocab_map_[i] > vocab_map_[i - 1], "vocab_map must be strictly ascending (index " +
-                                                                std::to_string(i) + ")");
-    }
+    check_vocab_map(vocab_map_, head_->rows);
+    const int64_t n = (int64_t)vocab_map_.size();
     head_ = std::make_shared<const PackedWeight>(select_rows(*head_, vocab_map_.data(), n));
   }
   DT_CHECK(n_layers >= 1, "the draft needs at least one layer");
@@ -51,19 +73,8 @@ void DraftEngine::forward(const float* features, const int32_t* tokens, const in
                           int64_t k, int32_t* topk_ids, float* topk_logp) {
   std::lock_guard<std::mutex> lock(mu_);
   stack_->check(positions, T, anc, append);
-  const int64_t D = dims().dim, V = vocab();
-  for (int64_t t = 0; t < T; ++t)
-    DT_CHECK(tokens[t] >= 0 && tokens[t] < V, "token id " + std::to_string(tokens[t]) + " at index " +
-                                                  std::to_string(t) + " is outside the vocabulary [0, " +
-                                                  std::to_string(V) + ")");
-  DT_CHECK(n_topk <= T, "more top-k rows than batch rows");
-  DT_CHECK(n_topk == 0 || (k >= 1 && k <= 256 && k <= draft_vocab()),
-           "top-k must be in [1, min(256, " + std::to_string(draft_vocab()) + ")], got " + std::to_string(k));
-  for (int64_t i = 0; i < n_topk; ++i)
-    DT_CHECK(topk_rows[i] >= 0 && topk_rows[i] < T, "top-k row " + std::to_string(topk_rows[i]) +
-                                                        " outside the batch [0, " + std::to_string(T) + ")");
-  for (int64_t i = 0; i < T * D; ++i)
-    DT_CHECK(std::isfinite(features[i]), "features must be finite (row " + std::to_string(i / D) + ")");
+  const int64_t D = dims().dim;
+  check_draft_inputs(features, tokens, T, D, vocab(), draft_vocab(), topk_rows, n_topk, k);
 
   // Dynamic Gating Fusion.
   for (int64_t t = 0; t < T; ++t) dequantize_row(*embed_, tokens[t], e_.data() + t * D);

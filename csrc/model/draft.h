@@ -20,6 +20,13 @@
 
 namespace dovetail {
 
+// Validates a draft call's inputs beyond the batch rules: token ids in [0, V), top-k rows
+// inside the batch, k in [1, min(256, Vd)], finite features [T, D] (when given).
+void check_draft_inputs(const float* features, const int32_t* tokens, int64_t T, int64_t D, int64_t V,
+                        int64_t Vd, const int64_t* topk_rows, int64_t n_topk, int64_t k);
+// Checks a reduced vocabulary (strictly ascending ids in [0, V)).
+void check_vocab_map(const std::vector<int32_t>& vocab_map, int64_t V);
+
 class DraftEngine {
  public:
   DraftEngine(const LayerDims& d, int64_t n_layers, const EngineOptions& o, const WeightMap& weights,

@@ -93,19 +93,20 @@ size_t LayerStack::weight_bytes() const {
   return total;
 }
 
-void LayerStack::check(const int32_t* positions, int64_t T, const uint8_t* anc, bool append) const {
-  const int64_t P = append ? pending_ : 0, W = P + T;
+void check_batch(const int32_t* positions, int64_t T, const uint8_t* anc, int64_t P, int64_t n_past,
+                 int64_t max_batch, int64_t context) {
+  const int64_t W = P + T;
   DT_CHECK(T >= 1, "forward needs at least one token");
-  DT_CHECK(W <= o_.max_batch, "batch of " + std::to_string(T) + " tokens" +
-                                  (P ? " after " + std::to_string(P) + " scratch rows" : std::string()) +
-                                  " exceeds the engine's max_batch " + std::to_string(o_.max_batch));
-  DT_CHECK(n_past_ + W <= o_.context, "context full: " + std::to_string(n_past_) + " committed + " +
-                                          std::to_string(W) + " new tokens exceed the context of " +
-                                          std::to_string(o_.context));
+  DT_CHECK(W <= max_batch, "batch of " + std::to_string(T) + " tokens" +
+                               (P ? " after " + std::to_string(P) + " scratch rows" : std::string()) +
+                               " exceeds the engine's max_batch " + std::to_string(max_batch));
+  DT_CHECK(n_past + W <= context, "context full: " + std::to_string(n_past) + " committed + " +
+                                      std::to_string(W) + " new tokens exceed the context of " +
+                                      std::to_string(context));
   for (int64_t t = 0; t < T; ++t)
-    DT_CHECK(positions[t] >= 0 && positions[t] < o_.context,
+    DT_CHECK(positions[t] >= 0 && positions[t] < context,
              "position " + std::to_string(positions[t]) + " at index " + std::to_string(t) +
-                 " is outside the context [0, " + std::to_string(o_.context) + ")");
+                 " is outside the context [0, " + std::to_string(context) + ")");
   if (!anc) return;
   for (int64_t t = 0; t < T; ++t) {
     DT_CHECK(anc[t * W + P + t] == 1, "ancestors[" + std::to_string(t) + ", " + std::to_string(P + t) +
@@ -117,6 +118,31 @@ void LayerStack::check(const int32_t* positions, int64_t T, const uint8_t* anc, 
                    "] is set but a token may only see earlier batch tokens");
     }
   }
+}
+
+void ancestor_bits(const uint8_t* anc, int64_t T, int64_t P, int64_t words, uint64_t* bits) {
+  const int64_t W = P + T;
+  std::memset(bits, 0, sizeof(uint64_t) * T * words);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < W; ++j) {
+      const bool on = anc ? anc[t * W + j] != 0 : (j >= P && j <= P + t);
+      if (on) bits[t * words + (j >> 6)] |= 1ull << (j & 63);
+    }
+}
+
+void check_commit(const int64_t* kept, int64_t n, int64_t pending) {
+  DT_CHECK(n >= 0, "commit of a negative number of rows (" + std::to_string(n) + ")");
+  DT_CHECK(n <= pending, "commit of " + std::to_string(n) + " rows but only " + std::to_string(pending) +
+                             " uncommitted rows are pending");
+  for (int64_t i = 0; i < n; ++i) {
+    DT_CHECK(kept[i] >= 0 && kept[i] < pending, "kept row " + std::to_string(kept[i]) +
+                                                    " outside the pending rows [0, " + std::to_string(pending) + ")");
+    DT_CHECK(i == 0 || kept[i] > kept[i - 1], "kept rows must be strictly increasing");
+  }
+}
+
+void LayerStack::check(const int32_t* positions, int64_t T, const uint8_t* anc, bool append) const {
+  check_batch(positions, T, anc, append ? pending_ : 0, n_past_, o_.max_batch, o_.context);
 }
 
 void LayerStack::linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool quantize_input) {
@@ -132,12 +158,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
 
   // Ancestor sets as bitsets over the scratch rows (causal within the batch when none given).
   uint64_t* bits = anc_bits_.data();
-  std::memset(bits, 0, sizeof(uint64_t) * T * words);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < W; ++j) {
-      const bool on = anc ? anc[t * W + j] != 0 : (j >= P && j <= P + t);
-      if (on) bits[t * words + (j >> 6)] |= 1ull << (j & 63);
-    }
+  ancestor_bits(anc, T, P, words, bits);
 
   AttentionArgs aa;
   aa.q = q_.data(); aa.kv_type = kv_.type(); aa.S = kv_.slots(); aa.n_past = n_past_; aa.n_prev = P; aa.T = T;
@@ -176,14 +197,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
 }
 
 void LayerStack::commit(const int64_t* kept, int64_t n) {
-  DT_CHECK(n >= 0, "commit of a negative number of rows (" + std::to_string(n) + ")");
-  DT_CHECK(n <= pending_, "commit of " + std::to_string(n) + " rows but only " + std::to_string(pending_) +
-                              " uncommitted rows are pending");
-  for (int64_t i = 0; i < n; ++i) {
-    DT_CHECK(kept[i] >= 0 && kept[i] < pending_, "kept row " + std::to_string(kept[i]) +
-                                                     " outside the pending rows [0, " + std::to_string(pending_) + ")");
-    DT_CHECK(i == 0 || kept[i] > kept[i - 1], "kept rows must be strictly increasing");
-  }
+  check_commit(kept, n, pending_);
   kv_.compact(n_past_, kept, n);
   n_past_ += n;
   pending_ = 0;

@@ -52,6 +52,17 @@ struct LayerWeights {
 std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers,
                                       bool first_has_norm);
 
+// Validates a batch of T tokens at `positions` after P scratch rows, with ancestors [T, P+T]
+// (null = causal within the batch): the rules of LayerStack::check, shared with the device
+// draft engine. Throws ValueError naming the problem.
+void check_batch(const int32_t* positions, int64_t T, const uint8_t* anc, int64_t P, int64_t n_past,
+                 int64_t max_batch, int64_t context);
+// Ancestor sets [T, P+T] (null: causal within the batch, no earlier scratch visible) as
+// bitsets over the scratch rows, `words` = ceil((P+T)/64) words per token.
+void ancestor_bits(const uint8_t* anc, int64_t T, int64_t P, int64_t words, uint64_t* bits);
+// Validates commit(kept, n) against `pending` scratch rows.
+void check_commit(const int64_t* kept, int64_t n, int64_t pending);
+
 class LayerStack {
  public:
   LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, const EngineOptions& o);

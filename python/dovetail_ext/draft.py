@@ -39,6 +39,24 @@ def _check_vocab_map(config, vocab_map) -> np.ndarray | None:
     return vm.astype(np.int32)
 
 
+def _parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` / ``"emulated"`` -> (backend, device index)."""
+    if device == "cpu":
+        return "cpu", 0
+    if device == "emulated":
+        return "host", 0
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        index = device[5:] or "0"
+        if not index.isdigit():
+            raise ValueError(f"bad CUDA device {device!r}: use 'cuda' or 'cuda:N'")
+        if not _core.cuda_compiled():
+            raise ValueError(f"device={device!r} needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none")
+        if int(index) >= _core.cuda_device_count():
+            raise ValueError(f"device={device!r}: {_core.cuda_device_count()} CUDA device(s) visible")
+        return "cuda", int(index)
+    raise ValueError(f"unsupported draft device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'emulated'")
+
+
 class Draft:
     """A Dovetail draft bound to one target engine.
 
@@ -46,19 +64,22 @@ class Draft:
         config: a :class:`dovetail_ext.draft_model.DraftConfig`.
         weights: canonical draft weight name -> float32 array (see draft_model).
         target: the engine whose embedding and LM head the draft uses.
-        device: ``"cpu"`` (native CPU engine). ``"cuda"`` needs the CUDA draft engine.
+        device: ``"cpu"`` (native CPU engine, the draft's matrices in ``weights_dtype``);
+            ``"cuda"`` or ``"cuda:N"`` (the CUDA engine: bf16 weights, fp32 activations,
+            the target's embedding and the draft's head rows copied to the GPU once; only
+            token ids, positions, ancestor bits and the accepted features cross the bus);
+            ``"emulated"`` (the CUDA engine's orchestration on the CPU with scalar kernels:
+            a slow test double that runs where no GPU is).
         weights_dtype: storage of the draft's matrices on the CPU (``"f32"``, ``"bf16"``,
-            ``"q8_0"``, ...); norms stay fp32.
+            ``"q8_0"``, ...); norms stay fp32. Ignored on the device engines (bf16).
         max_batch: scratch rows (the largest prompt chunk or tree the draft handles).
+        graphs: record each call shape's GPU work once as a CUDA graph and replay it.
     """
 
     def __init__(self, config, weights: dict[str, np.ndarray], target: TargetEngine, *, device: str = "cpu",
                  weights_dtype: str = "f32", max_batch: int = 128, threads: int | None = None,
-                 check_target: bool = True) -> None:
-        if device != "cpu":
-            if device == "cuda" and not _core.cuda_compiled():
-                raise ValueError("device='cuda' needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none")
-            raise ValueError(f"unsupported draft device {device!r}: the draft runs on the CPU in this build")
+                 check_target: bool = True, graphs: bool = True) -> None:
+        backend, device_index = _parse_device(device)
         from .draft_model import TargetSignature, expected_draft_shapes
         from .errors import DraftMismatchError
         from .quant import quantize
@@ -82,20 +103,26 @@ class Draft:
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             if arr.shape != tuple(shapes[name]):
                 raise ValueError(f"draft weight {name} has shape {arr.shape}, expected {tuple(shapes[name])}")
-            dtype = "f32" if arr.ndim == 1 else weights_dtype
+            dtype = "f32" if arr.ndim == 1 or backend != "cpu" else weights_dtype
             w = quantize(arr, dtype)
             packed[name] = (w.dtype, w.shape, np.ascontiguousarray(w.data))
         self.config = config
         self.target = target
-        self.device = device
+        self._device = device
         cfg = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
                "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
                "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
                "num_layers": config.num_layers}
         # Committed draft positions never outnumber the target's; the tree adds scratch rows.
-        self._engine = _core.DraftEngine(cfg, packed, target._engine, context=target.context + max_batch,
-                                         max_batch=max_batch, threads=threads or target.threads,
-                                         vocab_map=vocab_map)
+        if backend == "cpu":
+            self._engine = _core.DraftEngine(cfg, packed, target._engine, context=target.context + max_batch,
+                                             max_batch=max_batch, threads=threads or target.threads,
+                                             vocab_map=vocab_map)
+        else:
+            self._engine = _core.DeviceDraftEngine(cfg, packed, target._engine, context=target.context + max_batch,
+                                                   max_batch=max_batch, backend=backend, device=device_index,
+                                                   graphs=graphs, vocab_map=vocab_map)
+        self._on_device = backend != "cpu"
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -117,11 +144,36 @@ class Draft:
 
     # -- the engine ------------------------------------------------------------------------
     def forward(self, features, tokens, positions, ancestors=None, append: bool = False, topk_rows=None,
-                k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One draft call: returns (hidden [T, D], top-k ids [R, k], top-k log-probs [R, k])."""
-        return self._engine.forward(np.ascontiguousarray(features, dtype=np.float32),
-                                    np.asarray(tokens, dtype=np.int32), np.asarray(positions, dtype=np.int32),
-                                    ancestors, append, None if topk_rows is None else np.asarray(topk_rows), k)
+                k: int = 1, return_hidden: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """One draft call: returns (hidden [T, D], top-k ids [R, k], top-k log-probs [R, k]).
+        A device engine skips copying hidden back when ``return_hidden`` is false (None)."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        tokens, positions = np.asarray(tokens, dtype=np.int32), np.asarray(positions, dtype=np.int32)
+        rows = None if topk_rows is None else np.asarray(topk_rows)
+        if self._on_device:
+            return self._engine.forward(features, None, tokens, positions, ancestors, append, rows, k,
+                                        return_hidden=return_hidden)
+        return self._engine.forward(features, tokens, positions, ancestors, append, rows, k)
+
+    def _forward_rows(self, src_rows, prev_hidden, tokens, positions, ancestors, append, topk_rows, k):
+        """A draft call whose features are rows of the previous call's output: on a device
+        engine they never leave the device (and no hidden state comes back)."""
+        tokens, positions = np.asarray(tokens, dtype=np.int32), np.asarray(positions, dtype=np.int32)
+        if self._on_device:
+            _, ids, logp = self._engine.forward(None, np.asarray(src_rows, dtype=np.int32), tokens, positions,
+                                                ancestors, append, np.asarray(topk_rows), k, return_hidden=False)
+            return None, ids, logp
+        return self._engine.forward(np.ascontiguousarray(prev_hidden[src_rows]), tokens, positions, ancestors,
+                                    append, np.asarray(topk_rows), k)
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def stats(self) -> dict | None:
+        """Device engines: transfer bytes each way, copy time and graph replays."""
+        return self._engine.stats if self._on_device else None
 
     def commit(self, kept=None) -> None:
         self._engine.commit(np.arange(self._engine.pending) if kept is None else np.asarray(kept, dtype=np.int64))
@@ -168,13 +220,15 @@ class Draft:
         for s in range(0, n, self.max_batch):
             e = min(n, s + self.max_batch)
             hidden, ids, logp = self.forward(features[s:e], tokens[s:e], np.arange(start + s, start + e),
-                                             topk_rows=[e - s - 1] if e == n else None, k=k)
+                                             topk_rows=[e - s - 1] if e == n else None, k=k,
+                                             return_hidden=not self._on_device)
             self.commit()
         root_pos = self.n_past  # the root's position; frontier level d runs at root_pos + d - 1
 
         pool = CandidatePool(int(tokens[-1]))
         frontier = pool.add(ids[0], np.zeros(k, dtype=np.int64), logp[0])
-        frontier_feat = np.repeat(hidden[-1:], k, axis=0)  # each node's input: its parent's output
+        # Each node's input feature is its parent's output: rows of the previous call.
+        frontier_src = np.full(k, e - s - 1, dtype=np.int64)
         scratch_anc = np.zeros((0, 0), dtype=bool)  # ancestor sets among expanded (scratch) nodes
         row_of = np.full(1 + k + k * k * params.depth, -1, dtype=np.int64)  # pool index -> scratch row
         # 2. Expand level by level: every child of every frontier node joins the pool; the
@@ -191,13 +245,13 @@ class Draft:
             has_parent = parent_rows >= 0
             anc[has_parent, :P] = scratch_anc[parent_rows[has_parent]]
             anc[np.arange(k), P + np.arange(k)] = True
-            hidden, ids, logp = self.forward(frontier_feat, pool.tokens[frontier], np.full(k, root_pos + level - 1),
-                                             anc, append=P > 0, topk_rows=np.arange(k), k=k)
+            hidden, ids, logp = self._forward_rows(frontier_src, hidden, pool.tokens[frontier],
+                                                   np.full(k, root_pos + level - 1), anc, P > 0, np.arange(k), k)
             scratch_anc = np.block([[scratch_anc, np.zeros((P, k), dtype=bool)], [anc]])
             row_of[frontier] = P + np.arange(k)
             cum = pool.scores[frontier][:, None] + logp  # [k, k] cumulative log-probabilities
             cand = pool.add(ids.reshape(-1), np.repeat(frontier, k), cum.reshape(-1))
             best = np.lexsort((np.arange(cum.size), -cum.reshape(-1)))[:k]
-            frontier, frontier_feat = cand[best], hidden[best // k]
+            frontier, frontier_src = cand[best], best // k
         # 3. The best total_tokens - 1 candidates, ancestors first.
         return pool.select(params.total_tokens, params.min_score)

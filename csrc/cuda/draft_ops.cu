@@ -1,0 +1,540 @@
+// The CUDA backend of the device draft engine (model/device_ops.h): cuBLAS GEMMs in bf16
+// with fp32 accumulation, custom kernels for what cuBLAS does not fuse (the DGF gate,
+// RMSNorm, RoPE + KV store, tree attention, SwiGLU, top-k), a compute stream and a copy
+// stream ordered with events, pinned staging, and CUDA graphs of each call shape's compute.
+//
+// Every CUDA and cuBLAS status is checked; failures become std::runtime_error (Python
+// RuntimeError) naming the call. The per-element math is common/device_math.h, which the
+// host backend's CPU tests run.
+//
+// cuBLAS is loaded when the first CUDA draft is made (dlopen of libcublas.so.13 / .12), so
+// the extension imports, and the CPU paths work, on machines without it; its headers are
+// not needed at build time (the few declarations used are below).
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <library_types.h>
+
+#include <algorithm>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/device_math.h"
+#include "common/error.h"
+#include "model/device_ops.h"
+
+namespace dovetail {
+
+namespace {
+
+void cuda_check(cudaError_t st, const char* what) {
+  if (st != cudaSuccess) throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(st));
+}
+// -- the cuBLAS entry points used (cublas_api.h, stable ABI) --------------------------------
+using cublasStatus_t = int;
+using cublasHandle_t = struct cublasContext*;
+constexpr cublasStatus_t CUBLAS_STATUS_SUCCESS = 0;
+constexpr int CUBLAS_OP_N = 0, CUBLAS_OP_T = 1, CUBLAS_COMPUTE_32F = 68, CUBLAS_GEMM_DEFAULT = -1;
+
+struct Cublas {
+  cublasStatus_t (*create)(cublasHandle_t*) = nullptr;
+  cublasStatus_t (*destroy)(cublasHandle_t) = nullptr;
+  cublasStatus_t (*set_stream)(cublasHandle_t, cudaStream_t) = nullptr;
+  cublasStatus_t (*set_workspace)(cublasHandle_t, void*, size_t) = nullptr;
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, int, int, int, int, int, const void*, const void*, cudaDataType, int,
+                            const void*, cudaDataType, int, const void*, void*, cudaDataType, int, int,
+                            int) = nullptr;
+
+  static const Cublas& get() {
+    static const Cublas lib = load();
+    if (!lib.create)
+      throw std::runtime_error("the CUDA draft needs cuBLAS: libcublas.so.13 or .12 was not found "
+                               "(install the CUDA toolkit or `pip install nvidia-cublas`, and make it visible "
+                               "through LD_LIBRARY_PATH)");
+    return lib;
+  }
+
+ private:
+  static Cublas load() {
+    Cublas c;
+    void* h = nullptr;
+    for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"})
+      if ((h = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
+    if (!h) return c;
+    auto sym = [&](auto& fn, const char* name) { fn = reinterpret_cast<std::decay_t<decltype(fn)>>(dlsym(h, name)); };
+    sym(c.create, "cublasCreate_v2");
+    sym(c.destroy, "cublasDestroy_v2");
+    sym(c.set_stream, "cublasSetStream_v2");
+    sym(c.set_workspace, "cublasSetWorkspace_v2");
+    sym(c.gemm_ex, "cublasGemmEx");
+    if (!c.destroy || !c.set_stream || !c.set_workspace || !c.gemm_ex) c.create = nullptr;
+    return c;
+  }
+};
+
+void cublas_check(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(std::string("cuBLAS error in ") + what + ": status " + std::to_string((int)st));
+}
+
+unsigned blocks_for(long n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+using dev::bit_set;
+using dev::OnlineSoftmax;
+
+// -- reductions -------------------------------------------------------------------------
+__device__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over a block of kThreads (a multiple of 32); every thread gets the result.
+template <int kThreads>
+__device__ float block_sum(float v, float* shared) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
+  return total;
+}
+
+constexpr int kNormThreads = 256;
+
+// out[t] = bf16(rmsnorm(x[t]) * w) or bf16(x[t]); x fp32 rows, or bf16 rows of `table`.
+template <bool kFromTable>
+__global__ void norm_kernel(const float* __restrict__ x, const bf16_t* __restrict__ table,
+                            const int32_t* __restrict__ tokens, const float* __restrict__ w, int D, float eps,
+                            bf16_t* __restrict__ out) {
+  __shared__ float shared[kNormThreads / 32];
+  const int t = blockIdx.x;
+  auto load = [&](int i) -> float {
+    if constexpr (kFromTable) return bf16_to_fp32(table[(size_t)tokens[t] * D + i]);
+    else return x[(size_t)t * D + i];
+  };
+  float inv = 1.0f;
+  if (w) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += kNormThreads) {
+      const float v = load(i);
+      ss += v * v;
+    }
+    inv = rsqrtf(block_sum<kNormThreads>(ss, shared) / (float)D + eps);
+  }
+  for (int i = threadIdx.x; i < D; i += kNormThreads)
+    out[(size_t)t * D + i] = fp32_to_bf16(w ? load(i) * inv * w[i] : load(i));
+}
+
+__global__ void dgf_pack_kernel(const float* __restrict__ h1, const float* __restrict__ a, int T, int D,
+                                bf16_t* __restrict__ hz) {
+  const long n = (long)T * D;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+    const long t = i / D, c = i % D;
+    hz[t * 2 * D + c] = fp32_to_bf16(h1[i]);
+    hz[t * 2 * D + D + c] = fp32_to_bf16(dgf_silu(a[i]));
+  }
+}
+
+// The fused gate: g = z h1 + (1 - z) SiLU(a), z = sigmoid(zpre), one pass.
+__global__ void dgf_mix_kernel(const float* __restrict__ h1, const float* __restrict__ a,
+                               const float* __restrict__ zpre, long n, float* __restrict__ g) {
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+    g[i] = dgf_mix(h1[i], dgf_silu(a[i]), zpre[i]);
+}
+
+// One thread per (token, head of q|k|v, i < Dh/2): rotate q and k pairs, store k and v.
+__global__ void rope_store_kernel(RopeStoreArgs a) {
+  const int half = a.Dh / 2, heads = a.H + 2 * a.KV;
+  const long n = (long)a.T * heads * half;
+  const int base = *a.n_past + a.P;
+  for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < n; idx += (long)gridDim.x * blockDim.x) {
+    const int i = (int)(idx % half), h = (int)((idx / half) % heads), t = (int)(idx / ((long)half * heads));
+    float* v = a.qkv + (size_t)t * a.ld + (size_t)h * a.Dh;
+    float x0 = v[i], x1 = v[i + half];
+    if (h < a.H + a.KV) {
+      const size_t p = (size_t)a.positions[t] * half + i;
+      dev::rope_pair(x0, x1, a.cos[p], a.sin[p]);
+      v[i] = x0;
+      v[i + half] = x1;
+    }
+    if (h >= a.H) {
+      const bool is_k = h < a.H + a.KV;
+      const int kvh = is_k ? h - a.H : h - a.H - a.KV;
+      bf16_t* cache = (is_k ? a.k_cache : a.v_cache) + ((size_t)kvh * a.S + base + t) * a.Dh;
+      cache[i] = fp32_to_bf16(x0);
+      cache[i + half] = fp32_to_bf16(x1);
+    }
+  }
+}
+
+constexpr int kAttnWarps = 4;
+constexpr int kMaxDhPerLane = 8;  // head_dim <= 256
+
+// One warp per (token, head): keys in order, the 32 lanes split the head dimension.
+__global__ void attention_kernel(AttentionCall a) {
+  const int lane = threadIdx.x % 32;
+  const int item = blockIdx.x * kAttnWarps + threadIdx.x / 32;
+  if (item >= a.T * a.H) return;
+  const int t = item / a.H, h = item % a.H, G = a.H / a.KV, n_past = *a.n_past;
+  const float* q = a.q + (size_t)t * a.ld + (size_t)h * a.Dh;
+  const bf16_t* kh = a.k_cache + (size_t)(h / G) * a.S * a.Dh;
+  const bf16_t* vh = a.v_cache + (size_t)(h / G) * a.S * a.Dh;
+  const uint64_t* bits = a.bits + (size_t)t * a.words;
+  float qr[kMaxDhPerLane], acc[kMaxDhPerLane];
+  for (int c = 0; c < kMaxDhPerLane; ++c) {
+    const int i = lane + 32 * c;
+    qr[c] = i < a.Dh ? q[i] : 0.0f;
+    acc[c] = 0.0f;
+  }
+  OnlineSoftmax sm;
+  const int last = n_past + a.P + t;
+  for (int j = 0; j <= last; ++j) {
+    if (j >= n_past && !bit_set(bits, j - n_past)) continue;
+    const bf16_t* kr = kh + (size_t)j * a.Dh;
+    float s = 0.0f;
+    for (int c = 0; c < kMaxDhPerLane; ++c) {
+      const int i = lane + 32 * c;
+      if (i < a.Dh) s += qr[c] * bf16_to_fp32(kr[i]);
+    }
+    s = warp_sum(s);
+    float scale, p;
+    sm.add(s * a.scale, scale, p);
+    const bf16_t* vr = vh + (size_t)j * a.Dh;
+    for (int c = 0; c < kMaxDhPerLane; ++c) {
+      const int i = lane + 32 * c;
+      if (i < a.Dh) acc[c] = acc[c] * scale + p * bf16_to_fp32(vr[i]);
+    }
+  }
+  bf16_t* out = a.out + (size_t)t * a.H * a.Dh + (size_t)h * a.Dh;
+  for (int c = 0; c < kMaxDhPerLane; ++c) {
+    const int i = lane + 32 * c;
+    if (i < a.Dh) out[i] = fp32_to_bf16(acc[c] / sm.l);
+  }
+}
+
+__global__ void swiglu_kernel(const float* __restrict__ gu, int T, int F, bf16_t* __restrict__ out) {
+  const long n = (long)T * F;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+    const long t = i / F, c = i % F;
+    out[i] = fp32_to_bf16(dev::swiglu(gu[t * 2 * F + c], gu[t * 2 * F + F + c]));
+  }
+}
+
+template <typename Out>
+__global__ void gather_kernel(const float* __restrict__ src, const int32_t* __restrict__ rows, int n, int D,
+                              Out* __restrict__ dst) {
+  const long total = (long)n * D;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+    const float v = src[(size_t)rows[i / D] * D + i % D];
+    if constexpr (sizeof(Out) == 2) dst[i] = fp32_to_bf16(v);
+    else dst[i] = v;
+  }
+}
+
+constexpr int kTopkThreads = 256;
+
+// One block per row: max, sum of exponentials (double), then k selection passes; pass j
+// takes the best entry after entry j-1 in top-k order (larger value, then lower index).
+__global__ void topk_kernel(const float* __restrict__ logits, int V, int k, const int32_t* __restrict__ vocab_map,
+                            int32_t* __restrict__ ids, float* __restrict__ logp) {
+  __shared__ float sv[kTopkThreads];
+  __shared__ int32_t si[kTopkThreads];
+  __shared__ double sd[kTopkThreads];
+  const int r = blockIdx.x, tid = threadIdx.x;
+  const float* x = logits + (size_t)r * V;
+  float mx = -INFINITY;
+  for (int i = tid; i < V; i += kTopkThreads) mx = fmaxf(mx, x[i]);
+  sv[tid] = mx;
+  __syncthreads();
+  for (int s = kTopkThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) sv[tid] = fmaxf(sv[tid], sv[tid + s]);
+    __syncthreads();
+  }
+  mx = sv[0];
+  __syncthreads();
+  double sum = 0.0;
+  for (int i = tid; i < V; i += kTopkThreads) sum += exp((double)(x[i] - mx));
+  sd[tid] = sum;
+  __syncthreads();
+  for (int s = kTopkThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) sd[tid] += sd[tid + s];
+    __syncthreads();
+  }
+  const float lse = mx + (float)log(sd[0]);
+  float prev_v = INFINITY;
+  int32_t prev_i = -1;
+  for (int j = 0; j < k; ++j) {
+    float bv = -INFINITY;
+    int32_t bi = -1;
+    for (int i = tid; i < V; i += kTopkThreads)
+      if (dev::topk_before(prev_v, prev_i, x[i], i) && (bi < 0 || dev::topk_before(x[i], i, bv, bi))) {
+        bv = x[i];
+        bi = i;
+      }
+    __syncthreads();
+    sv[tid] = bv;
+    si[tid] = bi;
+    __syncthreads();
+    for (int s = kTopkThreads / 2; s > 0; s >>= 1) {
+      if (tid < s && si[tid + s] >= 0 && (si[tid] < 0 || dev::topk_before(sv[tid + s], si[tid + s], sv[tid], si[tid]))) {
+        sv[tid] = sv[tid + s];
+        si[tid] = si[tid + s];
+      }
+      __syncthreads();
+    }
+    prev_v = sv[0];
+    prev_i = si[0];
+    if (tid == 0) {
+      ids[(size_t)r * k + j] = vocab_map ? vocab_map[prev_i] : prev_i;
+      logp[(size_t)r * k + j] = prev_v - lse;
+    }
+  }
+}
+
+// One thread per (cache, layer, head, element): the kept rows in order (each source row
+// lies at or after its destination, so the sequential order of one element is safe).
+__global__ void kv_compact_kernel(bf16_t* k, bf16_t* v, int L, int KV, int S, int Dh, int base,
+                                  const int32_t* __restrict__ kept, int n) {
+  const long total = 2L * L * KV * Dh;
+  for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
+    const int i = (int)(idx % Dh);
+    const long lh = (idx / Dh) % ((long)L * KV);
+    bf16_t* head = (idx / ((long)Dh * L * KV) ? v : k) + (size_t)lh * S * Dh;
+    for (int r = 0; r < n; ++r) head[(size_t)(base + r) * Dh + i] = head[(size_t)(base + kept[r]) * Dh + i];
+  }
+}
+
+class CudaOps final : public DeviceOps {
+ public:
+  explicit CudaOps(int device) : device_(device), blas_lib_(Cublas::get()) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();
+      n = 0;
+    }
+    DT_CHECK(device >= 0 && device < n, "no CUDA device with index " + std::to_string(device) + " (" +
+                                            std::to_string(n) + " visible)");
+    cuda_check(cudaSetDevice(device), "cudaSetDevice");
+    cudaDeviceProp prop{};
+    cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    name_ = prop.name;
+    cuda_check(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "cudaStreamCreate");
+    for (cudaEvent_t* e : {&h2d_begin_, &h2d_end_, &d2h_begin_, &d2h_end_})
+      cuda_check(cudaEventCreate(e), "cudaEventCreate");
+    for (cudaEvent_t* e : {&compute_ready_, &compute_done_})
+      cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
+    cublas_check(blas_lib_.create(&blas_), "cublasCreate");
+    cublas_check(blas_lib_.set_stream(blas_, compute_), "cublasSetStream");
+    // A fixed workspace keeps cuBLAS graph-capturable.
+    cuda_check(cudaMalloc(&workspace_, kWorkspace), "cudaMalloc (cuBLAS workspace)");
+    cublas_check(blas_lib_.set_workspace(blas_, workspace_, kWorkspace), "cublasSetWorkspace");
+  }
+
+  ~CudaOps() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(compute_);
+    cudaStreamSynchronize(copy_);
+    for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
+    blas_lib_.destroy(blas_);
+    cudaFree(workspace_);
+    for (cudaEvent_t e : {h2d_begin_, h2d_end_, d2h_begin_, d2h_end_, compute_ready_, compute_done_})
+      cudaEventDestroy(e);
+    cudaStreamDestroy(compute_);
+    cudaStreamDestroy(copy_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  std::string device_name() const override { return name_; }
+
+  void* alloc(size_t bytes) override {
+    select();
+    void* p = nullptr;
+    cuda_check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");
+    cuda_check(cudaMemset(p, 0, bytes), "cudaMemset");
+    return p;
+  }
+  void release(void* p) override { cudaFree(p); }
+  void* alloc_staging(size_t bytes) override {
+    select();
+    void* p = nullptr;
+    cuda_check(cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocDefault), "cudaHostAlloc");
+    return p;
+  }
+  void release_staging(void* p) override { cudaFreeHost(p); }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    select();
+    cuda_check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
+  }
+
+  void h2d(void* dst, const void* staging, size_t bytes) override {
+    select();
+    // The copy waits for earlier compute (which may still read dst), compute waits for it.
+    cuda_check(cudaEventRecord(compute_ready_, compute_), "cudaEventRecord");
+    cuda_check(cudaStreamWaitEvent(copy_, compute_ready_, 0), "cudaStreamWaitEvent");
+    cuda_check(cudaEventRecord(h2d_begin_, copy_), "cudaEventRecord");
+    cuda_check(cudaMemcpyAsync(dst, staging, bytes, cudaMemcpyHostToDevice, copy_), "cudaMemcpyAsync (h2d)");
+    cuda_check(cudaEventRecord(h2d_end_, copy_), "cudaEventRecord");
+    cuda_check(cudaStreamWaitEvent(compute_, h2d_end_, 0), "cudaStreamWaitEvent");
+    h2d_pending_ = true;
+  }
+  void d2h(void* staging, const void* src, size_t bytes) override {
+    select();
+    cuda_check(cudaEventRecord(compute_done_, compute_), "cudaEventRecord");
+    cuda_check(cudaStreamWaitEvent(copy_, compute_done_, 0), "cudaStreamWaitEvent");
+    cuda_check(cudaEventRecord(d2h_begin_, copy_), "cudaEventRecord");
+    cuda_check(cudaMemcpyAsync(staging, src, bytes, cudaMemcpyDeviceToHost, copy_), "cudaMemcpyAsync (d2h)");
+    cuda_check(cudaEventRecord(d2h_end_, copy_), "cudaEventRecord");
+    d2h_pending_ = true;
+  }
+  double finish() override {
+    select();
+    cuda_check(cudaStreamSynchronize(compute_), "compute stream");
+    cuda_check(cudaStreamSynchronize(copy_), "copy stream");
+    double ms = 0.0;
+    float part = 0.0f;
+    if (h2d_pending_) {
+      cuda_check(cudaEventElapsedTime(&part, h2d_begin_, h2d_end_), "cudaEventElapsedTime");
+      ms += part;
+    }
+    if (d2h_pending_) {
+      cuda_check(cudaEventElapsedTime(&part, d2h_begin_, d2h_end_), "cudaEventElapsedTime");
+      ms += part;
+    }
+    h2d_pending_ = d2h_pending_ = false;
+    return ms;
+  }
+
+  bool can_record() const override { return true; }
+  bool replay(uint64_t key) override {
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) return false;
+    select();
+    cuda_check(cudaGraphLaunch(it->second, compute_), "cudaGraphLaunch");
+    return true;
+  }
+  void begin_record(uint64_t) override {
+    select();
+    cuda_check(cudaStreamBeginCapture(compute_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    recording_ = true;
+  }
+  void end_record(uint64_t key) override {
+    cudaGraph_t graph = nullptr;
+    recording_ = false;
+    cuda_check(cudaStreamEndCapture(compute_, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t st = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    cuda_check(st, "cudaGraphInstantiate");
+    graphs_[key] = exec;
+    cuda_check(cudaGraphLaunch(exec, compute_), "cudaGraphLaunch");
+  }
+  size_t recorded() const override { return graphs_.size(); }
+
+  void gemm(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy, bool accumulate) override {
+    // Row-major y[M, N] = x[M, K] w[N, K]^T is column-major y^T = w^T' x^T: op(w) = T.
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    guarded_blas(blas_lib_.gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K, x,
+                                   CUDA_R_16BF, K, &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmEx");
+  }
+  void embed_norm(const bf16_t* table, const int32_t* tokens, int T, int D, const float* w, float eps,
+                  bf16_t* out) override {
+    norm_kernel<true><<<T, kNormThreads, 0, compute_>>>(nullptr, table, tokens, w, D, eps, out);
+    after_launch("embed_norm");
+  }
+  void norm(const float* x, const float* w, int T, int D, float eps, bf16_t* out) override {
+    norm_kernel<false><<<T, kNormThreads, 0, compute_>>>(x, nullptr, nullptr, w, D, eps, out);
+    after_launch("norm");
+  }
+  void dgf_pack(const float* h1, const float* a, int T, int D, bf16_t* hz) override {
+    dgf_pack_kernel<<<grid((long)T * D), kThreads, 0, compute_>>>(h1, a, T, D, hz);
+    after_launch("dgf_pack");
+  }
+  void dgf_mix(const float* h1, const float* a, const float* zpre, int T, int D, float* g) override {
+    dgf_mix_kernel<<<grid((long)T * D), kThreads, 0, compute_>>>(h1, a, zpre, (long)T * D, g);
+    after_launch("dgf_mix");
+  }
+  void rope_store(const RopeStoreArgs& a) override {
+    rope_store_kernel<<<grid((long)a.T * (a.H + 2 * a.KV) * (a.Dh / 2)), kThreads, 0, compute_>>>(a);
+    after_launch("rope_store");
+  }
+  void attention(const AttentionCall& a) override {
+    // (head_dim <= 32 * kMaxDhPerLane: the engine refuses larger heads at construction)
+    attention_kernel<<<blocks_for((long)a.T * a.H, kAttnWarps), 32 * kAttnWarps, 0, compute_>>>(a);
+    after_launch("attention");
+  }
+  void swiglu(const float* gu, int T, int F, bf16_t* out) override {
+    swiglu_kernel<<<grid((long)T * F), kThreads, 0, compute_>>>(gu, T, F, out);
+    after_launch("swiglu");
+  }
+  void gather(const float* src, const int32_t* rows, int n, int D, float* dst) override {
+    gather_kernel<float><<<grid((long)n * D), kThreads, 0, compute_>>>(src, rows, n, D, dst);
+    after_launch("gather");
+  }
+  void gather_bf16(const float* src, const int32_t* rows, int n, int D, bf16_t* dst) override {
+    gather_kernel<bf16_t><<<grid((long)n * D), kThreads, 0, compute_>>>(src, rows, n, D, dst);
+    after_launch("gather_bf16");
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    guarded(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, compute_), "cudaMemcpyAsync (d2d)");
+  }
+  void topk(const float* logits, int R, int V, int k, const int32_t* vocab_map, int32_t* ids, float* logp) override {
+    topk_kernel<<<R, kTopkThreads, 0, compute_>>>(logits, V, k, vocab_map, ids, logp);
+    after_launch("topk");
+  }
+  void kv_compact(bf16_t* k, bf16_t* v, int L, int KV, int S, int Dh, int base, const int32_t* kept,
+                  int n) override {
+    kv_compact_kernel<<<grid(2L * L * KV * Dh), kThreads, 0, compute_>>>(k, v, L, KV, S, Dh, base, kept, n);
+    after_launch("kv_compact");
+  }
+
+ private:
+  static constexpr int kThreads = 256;
+  static constexpr size_t kWorkspace = 4u << 20;
+  static unsigned grid(long n) { return std::max(1u, std::min(blocks_for(n, kThreads), 4096u)); }
+
+  void select() { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
+  // A failure inside a recording ends the capture first, so the stream stays usable.
+  void abort_recording() {
+    if (!recording_) return;
+    recording_ = false;
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(compute_, &g);
+    if (g) cudaGraphDestroy(g);
+  }
+  void after_launch(const char* what) {
+    const cudaError_t st = cudaGetLastError();
+    if (st != cudaSuccess) abort_recording();
+    cuda_check(st, what);
+  }
+  void guarded(cudaError_t st, const char* what) {
+    if (st != cudaSuccess) abort_recording();
+    cuda_check(st, what);
+  }
+  void guarded_blas(cublasStatus_t st, const char* what) {
+    if (st != CUBLAS_STATUS_SUCCESS) abort_recording();
+    cublas_check(st, what);
+  }
+
+  int device_ = 0;
+  const Cublas& blas_lib_;
+  std::string name_;
+  cudaStream_t compute_ = nullptr, copy_ = nullptr;
+  cudaEvent_t h2d_begin_ = nullptr, h2d_end_ = nullptr, d2h_begin_ = nullptr, d2h_end_ = nullptr;
+  cudaEvent_t compute_ready_ = nullptr, compute_done_ = nullptr;
+  bool h2d_pending_ = false, d2h_pending_ = false, recording_ = false;
+  cublasHandle_t blas_ = nullptr;
+  void* workspace_ = nullptr;
+  std::map<uint64_t, cudaGraphExec_t> graphs_;
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceOps> make_cuda_ops(int device) { return std::make_unique<CudaOps>(device); }
+
+}  // namespace dovetail

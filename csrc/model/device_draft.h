@@ -1,0 +1,122 @@
+// The Dovetail draft on an accelerator (the CUDA backend) or on its host test double: the
+// same model as DraftEngine (model/draft.h) in bf16 weights with fp32 activations.
+//
+// Everything lives in backend memory, allocated once at construction: bf16 weights (the
+// target's embedding and the draft's head rows dequantized once), the draft KV cache
+// [L][KV][S][Dh] in bf16 (committed prefix + scratch rows, written in place), activations
+// for max_batch rows, and two transfer regions with host staging (pinned on CUDA):
+//
+//   in  (host -> backend, one copy per call): n_past | features or source rows | tokens |
+//        positions | ancestor bitsets | top-k rows          (only what the call uses)
+//   out (backend -> host, one copy per call): top-k ids | top-k log-probs | hidden (optional)
+//
+// Tree expansion never moves hidden states: a call may take its features from rows of the
+// previous call's output, which stays on the device (src_rows), and return only top-k ids
+// and log-probabilities. The per-call compute is recorded once per shape and replayed
+// (CUDA graphs); kernels read n_past from the in-region so a replay serves any cache length.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "model/device_ops.h"
+#include "model/transformer.h"
+
+namespace dovetail {
+
+struct DeviceDraftStats {
+  int64_t calls = 0;            // forward calls
+  int64_t replays = 0;          // calls served by a recorded sequence
+  int64_t h2d_bytes = 0, d2h_bytes = 0;            // totals over calls (commit included)
+  int64_t last_h2d_bytes = 0, last_d2h_bytes = 0;  // the last forward call
+  double transfer_ms = 0.0;     // time the copies took (backend-measured)
+  double call_ms = 0.0;         // host wall time inside forward/commit
+};
+
+class DeviceDraftEngine {
+ public:
+  // `embedding` / `lm_head` are the target's (any format); vocab_map as in DraftEngine.
+  DeviceDraftEngine(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int64_t n_layers, const EngineOptions& o,
+                    const WeightMap& weights, const PackedWeight& embedding, const PackedWeight& lm_head,
+                    std::vector<int32_t> vocab_map, bool record);
+  ~DeviceDraftEngine();
+  DeviceDraftEngine(const DeviceDraftEngine&) = delete;
+  DeviceDraftEngine& operator=(const DeviceDraftEngine&) = delete;
+
+  // As DraftEngine::forward, except: features [T, D] from the host, or (features == null)
+  // rows src_rows[T] of the previous forward's output, which never left the device; hidden
+  // may be null (not copied back).
+  void forward(const float* features, const int32_t* src_rows, const int32_t* tokens, const int32_t* positions,
+               int64_t T, const uint8_t* ancestors, bool append, float* hidden, const int64_t* topk_rows,
+               int64_t n_topk, int64_t k, int32_t* topk_ids, float* topk_logp);
+  void commit(const int64_t* kept, int64_t n);
+  void truncate(int64_t n);
+
+  int64_t n_past() const { return n_past_; }
+  int64_t pending() const { return pending_; }
+  int64_t last_rows() const { return last_T_; }
+  const EngineOptions& options() const { return o_; }
+  const LayerDims& dims() const { return d_; }
+  int64_t vocab() const { return V_; }
+  int64_t draft_vocab() const { return Vd_; }
+  size_t device_bytes() const { return device_bytes_; }
+  size_t staging_bytes() const { return staging_bytes_; }
+  DeviceDraftStats stats() const;
+  std::string backend() const { return ops_->name(); }
+  std::string device_name() const { return ops_->device_name(); }
+  // Reads the KV cache slots [0, n) of `layer` as fp32 [KV, n, Dh] (tests).
+  void read_kv(int64_t layer, int64_t n, float* k_out, float* v_out);
+
+  // Byte layout of one call's transfers (offsets into the regions), from its shape alone.
+  struct Layout {
+    size_t feat = 0, src = 0, tokens = 0, positions = 0, bits = 0, rows = 0, in_bytes = 0;
+    size_t ids = 0, logp = 0, hidden = 0, out_bytes = 0;
+  };
+  static Layout layout(int64_t T, int64_t P, int64_t D, int64_t n_topk, int64_t k, bool host_features,
+                       bool want_hidden);
+
+ private:
+  struct LayerBufs {
+    float* attn_norm = nullptr;  // null: no input norm (the first layer)
+    float* ffn_norm = nullptr;
+    bf16_t *wqkv = nullptr, *wo = nullptr, *wgu = nullptr, *wdown = nullptr;
+  };
+  template <typename T> T* dev(size_t count);
+  bf16_t* upload_bf16(const PackedWeight& w, const int32_t* rows, int64_t n);  // rows null: all
+  bf16_t* upload_weights(const WeightMap& w, std::initializer_list<const char*> names, int64_t cols);
+  float* upload_f32(const std::vector<float>& v);
+  void run_compute(const Layout& L, int64_t T, int64_t P, int64_t R, int64_t k, bool host_features,
+                   bool want_hidden);
+
+  std::unique_ptr<DeviceOps> ops_;
+  LayerDims d_;
+  EngineOptions o_;
+  int64_t L_ = 0, V_ = 0, Vd_ = 0, QKV_ = 0;
+  bool record_ = false;
+  std::vector<void*> allocs_;
+  size_t device_bytes_ = 0, staging_bytes_ = 0;
+
+  // weights
+  bf16_t *embed_ = nullptr, *head_ = nullptr, *w1_ = nullptr, *w2_ = nullptr, *wz_ = nullptr;
+  float *e_norm_ = nullptr, *cos_ = nullptr, *sin_ = nullptr;
+  int32_t* vocab_map_ = nullptr;
+  std::vector<LayerBufs> layers_;
+  bf16_t *k_cache_ = nullptr, *v_cache_ = nullptr;
+  // activations
+  float *feat_ = nullptr, *h1_ = nullptr, *a_ = nullptr, *zpre_ = nullptr, *x_ = nullptr, *qkv_ = nullptr,
+        *gu_ = nullptr, *logits_ = nullptr;
+  bf16_t *fb_ = nullptr, *e_ = nullptr, *hz_ = nullptr, *xn_ = nullptr, *att_ = nullptr, *act_ = nullptr,
+         *hs_ = nullptr;
+  // transfer regions (backend) and their staging (host)
+  uint8_t *in_dev_ = nullptr, *out_dev_ = nullptr, *in_host_ = nullptr, *out_host_ = nullptr;
+  size_t in_cap_ = 0, out_cap_ = 0;
+
+  int64_t n_past_ = 0, pending_ = 0, last_T_ = 0;
+  DeviceDraftStats stats_;
+  std::vector<uint64_t> bits_;
+  mutable std::mutex mu_;
+};
+
+}  // namespace dovetail
