@@ -319,6 +319,9 @@ class CudaOps final : public DeviceOps {
     DT_CHECK(device >= 0 && device < n, "no CUDA device with index " + std::to_string(device) + " (" +
                                             std::to_string(n) + " visible)");
     cuda_check(cudaSetDevice(device), "cudaSetDevice");
+    // Waiting for the GPU blocks the thread instead of spinning: the CPU cores belong to the
+    // target's verification. (Too late once the context exists, e.g. made by PyTorch: ignored.)
+    if (cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync) != cudaSuccess) cudaGetLastError();
     cudaDeviceProp prop{};
     cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
     name_ = prop.name;

@@ -1,0 +1,25 @@
+"""bench/gpu_suite.py keeps working: a short run of the GPU suite's benchmark, on the GPU
+when there is one, else with the draft on the CUDA engine's host backend (``emulated``:
+the same orchestration and transfer accounting, scalar kernels; its speed means nothing)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def test_gpu_suite_smoke(tmp_path, default_source):
+    import gpu_suite
+    from dovetail_ext import _core
+    device = "cuda" if _core.cuda_compiled() and _core.cuda_device_count() > 0 else "emulated"
+    rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert rc == 0 and all(m["identical_to_plain"] for m in result["modes"])
+    modes = {m["mode"]: m for m in result["modes"]}
+    assert set(modes) == {"cpu-plain", "cpu-spec", "gpu-spec", "gpu-spec-eager"}
+    # Per step the device draft takes the accepted features in and gives token ids back.
+    assert 0 < modes["gpu-spec-eager"]["d2h_bytes_per_step"] < modes["gpu-spec-eager"]["h2d_bytes_per_step"]
+    assert (tmp_path / "gpu_suite.md").read_text().count("|") > 20
