@@ -140,3 +140,24 @@ def test_cli_with_a_draft(gen, tmp_path, capsys):
     assert plain["mode"] == "plain" and plain["tokens"] == out["tokens"]
     assert main(args[:-6] + ["--tree-tokens", "1"]) == 2
     assert "total_tokens" in capsys.readouterr().err
+
+
+def test_cli_draft_device(gen, tmp_path, capsys):
+    """--draft-device runs the draft on the device engine (here its host backend) with the
+    same output; a CUDA device in a build or machine without one is a clear error."""
+    from dovetail_ext import _core
+    from dovetail_ext.cli import main
+    module = DovetailDraft.random(DraftConfig.for_target(gen.source), seed=0, std=0.05)
+    module.save(tmp_path / "draft", dtype="f32")
+    args = ["generate", "Name a fruit.", "--max-new-tokens", "6", "--threads", "1", "--json",
+            "--draft", str(tmp_path / "draft"), "--tree-topk", "2", "--tree-depth", "2", "--tree-tokens", "4"]
+    assert main(args) == 0
+    cpu = json.loads(capsys.readouterr().out)
+    assert main(args + ["--draft-device", "emulated"]) == 0
+    emu = json.loads(capsys.readouterr().out)
+    assert emu["mode"] == "speculative" and emu["tokens"] == cpu["tokens"]
+    if not (_core.cuda_compiled() and _core.cuda_device_count() > 0):
+        assert main(args + ["--draft-device", "cuda"]) == 2
+        assert "CUDA" in capsys.readouterr().err
+    assert main(args + ["--draft-device", "gpu"]) == 2
+    assert "unsupported draft device" in capsys.readouterr().err

@@ -339,7 +339,7 @@ class Generator:
 
 def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
-         tree: TreeParams | None = None, draft_weights: str = "q8_0") -> Generator:
+         tree: TreeParams | None = None, draft_weights: str = "q8_0", draft_device: str = "cpu") -> Generator:
     """Load a model for generation.
 
     Args:
@@ -360,6 +360,9 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
         draft_weights: storage of the draft's matrices on the CPU (``"q8_0"``, the default:
             a quarter of f32's memory traffic on every draft step; ``"bf16"``, ``"f32"``). The
             draft only decides which tokens are proposed, never the output.
+        draft_device: where the draft runs: ``"cpu"`` (default), ``"cuda"`` / ``"cuda:N"``
+            (the CUDA draft engine: the draft on the GPU, the target on the CPU; needs a
+            build with CUDA and cuBLAS at run time).
     """
     source = load_model_source(model, weights=weights)
     target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch)
@@ -369,5 +372,5 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
         draft = packaged_draft_for(source)
     if draft is not None:
         from .draft import Draft
-        drafter = Draft.load(draft, target, weights_dtype=draft_weights, max_batch=max_batch)
+        drafter = Draft.load(draft, target, weights_dtype=draft_weights, max_batch=max_batch, device=draft_device)
     return Generator(source, target, drafter, tree)
