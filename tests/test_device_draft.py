@@ -188,7 +188,7 @@ def test_bad_calls_raise_and_leave_the_engine_unchanged(tiny):
     emu.forward(f, toks, pos, topk_rows=[2], k=2)
     before = (eng.n_past, eng.pending, eng.stats["calls"])
     cases = [
-        (lambda: eng.forward(None, [3], [1], [3]), r"source row 3 .* outside the previous output \[0, 3\)"),
+        (lambda: eng.forward(None, [3], [1], [3]), r"source row 3 .* outside the output history \[0, 3\)"),
         (lambda: eng.forward(None, [-1], [1], [3]), "source row -1"),
         (lambda: eng.forward(f[:1], [0], [1], [3]), "either features or src_rows"),
         (lambda: eng.forward(None, None, [1], [3]), "either features or src_rows"),

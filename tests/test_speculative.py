@@ -162,6 +162,27 @@ def test_greedy_with_native_draft_equals_plain(params):
         assert out[:40] == truth
 
 
+@pytest.mark.parametrize("params", SHAPES, ids=str)
+def test_greedy_with_overlap_equals_plain(params):
+    """Drafting the next tree during verification (overlap) keeps greedy output exact, with
+    the guess right (the tree drafted ahead is used) or wrong (undone)."""
+    src, target = tiny_target(vocab=16, embd_scale=0.3)
+    draft = random_draft(src, target, seed=4, std=0.3)
+    rng = np.random.default_rng(6)
+    times = SpecTimes()
+    for trial in range(3):
+        prompt = rng.integers(0, 16, int(rng.integers(2, 20))).tolist()
+        truth = plain_greedy(target, prompt, 40)
+        state = start_state(target, draft, prompt, truth[0])
+        out = [truth[0]]
+        while len(out) < 40:
+            emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
+                                          TokenChooser(SamplingParams()), times, overlap=True)
+            out += emitted
+        assert out[:40] == truth
+    assert times.ahead_tries > 0
+
+
 def test_draft_tree_expansion_matches_reference_module():
     """The native draft's tree scratch rows equal the PyTorch twin's append-mode calls."""
     import torch
@@ -292,12 +313,14 @@ def _exact_first3(target, prompt, params, V):
     return probs
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=11),
-                                    SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=12)],
-                         ids=["t1.0", "t0.7-topp0.9-topk5"])
-def test_speculative_sampling_has_the_target_distribution(params):
+@pytest.mark.parametrize("params,overlap", [(SamplingParams(temperature=1.0, seed=11), False),
+                                            (SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=12), False),
+                                            (SamplingParams(temperature=1.0, seed=13), True)],
+                         ids=["t1.0", "t0.7-topp0.9-topk5", "t1.0-overlap"])
+def test_speculative_sampling_has_the_target_distribution(params, overlap):
     """End to end: the first three tokens under speculative sampling (a random draft that
-    disagrees with the target) follow the target's own distribution (G-test, 50,000 draws)."""
+    disagrees with the target) follow the target's own distribution (G-test, 50,000 draws);
+    also when trees are drafted ahead for a guessed outcome (overlap) and used when it holds."""
     V = 8
     src, target = tiny_target(vocab=V, seed=7, dtype="f32", context=64, embd_scale=0.1)
     draft = random_draft(src, target, seed=9, std=0.5)
@@ -308,7 +331,8 @@ def test_speculative_sampling_has_the_target_distribution(params):
     lg, feats = target.forward(prompt, feature_rows=range(len(prompt))); target.commit()
     draft.forward(feats[:-1], prompt[1:], np.arange(len(prompt) - 1)); draft.commit()
     p1 = target_probs(lg[0], params)
-    tree = TreeParams(top_k=3, depth=3, total_tokens=6)
+    # (with overlap a chain of one drafted token: guesses that hold often enough to matter)
+    tree = TreeParams(top_k=2, depth=1, total_tokens=2) if overlap else TreeParams(top_k=3, depth=3, total_tokens=6)
     chooser = TokenChooser(params)
     n = 50000
     counts = np.zeros((V, V, V), dtype=np.int64)
@@ -319,9 +343,11 @@ def test_speculative_sampling_has_the_target_distribution(params):
         state = SpecState(root=first, features=feats[-1:], next_tokens=np.array([first]))
         out = [first]
         while len(out) < 3:
-            emitted, _ = speculative_step(state, target, draft, tree, params, chooser, times)
+            emitted, _ = speculative_step(state, target, draft, tree, params, chooser, times, overlap=overlap)
             out += emitted
         counts[out[0], out[1], out[2]] += 1
+    if overlap:
+        assert times.ahead_hits > 0.02 * n, times.ahead_hits  # trees drafted ahead were used
     assert counts[exact == 0].sum() == 0, "a token outside the target's support was emitted"
     assert np.mean(times.history) > 1.05  # the draft's tokens were accepted some of the time
     e, c = exact[exact > 0].ravel() * n, counts[exact > 0].ravel()

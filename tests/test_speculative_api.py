@@ -161,3 +161,23 @@ def test_cli_draft_device(gen, tmp_path, capsys):
         assert "CUDA" in capsys.readouterr().err
     assert main(args + ["--draft-device", "gpu"]) == 2
     assert "unsupported draft device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", "emulated"])
+def test_overlap_with_the_shipped_draft_equals_plain(default_gguf_path, device):
+    """Drafting ahead during verification (overlap) with the shipped draft: output equal to
+    plain decoding; the draft's guesses hold often enough to be used; the CPU draft and the
+    device engine (host backend) take the same path."""
+    g = dovetail_ext.load(default_gguf_path, context=512, threads=2, draft="auto", draft_device=device,
+                          overlap=True)
+    assert g.overlap is True
+    hits = 0
+    for prompt in PROMPTS[:6:2]:
+        plain = g.generate(prompt, max_new_tokens=32, speculative=False)
+        spec = g.generate(prompt, max_new_tokens=32, speculative=True)
+        assert spec.tokens == plain.tokens, prompt
+        assert spec.stats.ahead_tries >= 1
+        hits += spec.stats.ahead_hits
+    assert hits > 0
+    # Off by default for a CPU draft (it would take the verification's cores).
+    assert dovetail_ext.load(default_gguf_path, context=64, threads=1, draft="auto").overlap is None

@@ -291,8 +291,9 @@ void bind_engine(py::module_& m) {
            py::arg("features"), py::arg("src_rows"), py::arg("tokens"), py::arg("positions"),
            py::arg("ancestors") = py::none(), py::arg("append") = false, py::arg("topk_rows") = py::none(),
            py::arg("k") = 1, py::arg("return_hidden") = true,
-           "Draft forward on features [T, D] from the host, or on rows src_rows of the previous call's output "
-           "(which stays on the device); returns (hidden [T, D] or None, topk ids, topk logp).")
+           "Draft forward on features [T, D] from the host, or on rows src_rows of the output history (the "
+           "outputs of the last call with append=False and the append calls since, which stay on the device); "
+           "returns (hidden [T, D] or None, topk ids, topk logp).")
       .def("commit", [](DeviceDraftEngine& e, const py::handle& kept_obj) {
              auto kept = row_list(kept_obj, "kept");
              py::gil_scoped_release nogil;
@@ -330,6 +331,7 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("context", [](const DeviceDraftEngine& e) { return e.options().context; })
       .def_property_readonly("max_batch", [](const DeviceDraftEngine& e) { return e.options().max_batch; })
       .def_property_readonly("draft_vocab", &DeviceDraftEngine::draft_vocab)
+      .def_property_readonly("history_rows", &DeviceDraftEngine::history_rows)
       .def_property_readonly("device_bytes", &DeviceDraftEngine::device_bytes)
       .def_property_readonly("staging_bytes", &DeviceDraftEngine::staging_bytes)
       .def_property_readonly("backend", &DeviceDraftEngine::backend)

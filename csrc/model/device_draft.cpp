@@ -14,10 +14,11 @@ namespace {
 constexpr size_t kAlign = 64;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-// Shape of one call as a record key: T, P, R < 2^13, k < 2^9, two flags.
-uint64_t record_key(int64_t T, int64_t P, int64_t R, int64_t k, bool host_features, bool want_hidden) {
+// Shape of one call as a record key: T, P, R < 2^13, k < 2^9, two flags, history row < 2^14.
+uint64_t record_key(int64_t T, int64_t P, int64_t R, int64_t k, bool host_features, bool want_hidden,
+                    int64_t hist_base) {
   return (uint64_t)T | (uint64_t)P << 13 | (uint64_t)R << 26 | (uint64_t)k << 39 | (uint64_t)host_features << 48 |
-         (uint64_t)want_hidden << 49;
+         (uint64_t)want_hidden << 49 | (uint64_t)hist_base << 50;
 }
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -168,6 +169,7 @@ DeviceDraftEngine::DeviceDraftEngine(std::unique_ptr<DeviceOps> ops, const Layer
     k_cache_ = dev<bf16_t>(cache);
     v_cache_ = dev<bf16_t>(cache);
 
+    hist_ = dev<float>(2 * B * D);
     feat_ = dev<float>(B * D); h1_ = dev<float>(B * D); a_ = dev<float>(B * D); zpre_ = dev<float>(B * D);
     x_ = dev<float>(B * D); qkv_ = dev<float>(B * QKV_); gu_ = dev<float>(B * 2 * F); logits_ = dev<float>(B * Vd_);
     fb_ = dev<bf16_t>(B * D); e_ = dev<bf16_t>(B * D); hz_ = dev<bf16_t>(B * 2 * D); xn_ = dev<bf16_t>(B * D);
@@ -206,7 +208,7 @@ DeviceDraftStats DeviceDraftEngine::stats() const {
 }
 
 void DeviceDraftEngine::run_compute(const Layout& Lo, int64_t T, int64_t P, int64_t R, int64_t k,
-                                    bool host_features, bool want_hidden) {
+                                    bool host_features, bool want_hidden, int64_t hist_base) {
   const int D = (int)d_.dim, F = (int)d_.ffn, H = (int)d_.heads, KV = (int)d_.kv_heads, Dh = (int)d_.head_dim;
   const int QD = H * Dh, S = (int)o_.context, t = (int)T;
   const float eps = d_.eps;
@@ -220,8 +222,8 @@ void DeviceDraftEngine::run_compute(const Layout& Lo, int64_t T, int64_t P, int6
   const float* feat = feat_;
   if (host_features)
     feat = reinterpret_cast<const float*>(in_dev_ + Lo.feat);
-  else  // the previous call's output rows, still in x
-    ops_->gather(x_, reinterpret_cast<const int32_t*>(in_dev_ + Lo.src), t, D, feat_);
+  else  // rows of the output history
+    ops_->gather(hist_, reinterpret_cast<const int32_t*>(in_dev_ + Lo.src), t, D, feat_);
   ops_->norm(feat, nullptr, t, D, eps, fb_);
   ops_->embed_norm(embed_, tokens, t, D, e_norm_, eps, e_);
   ops_->gemm(t, D, D, fb_, w1_, h1_, D, false);
@@ -255,6 +257,7 @@ void DeviceDraftEngine::run_compute(const Layout& Lo, int64_t T, int64_t P, int6
     ops_->gemm(t, D, F, act_, lb.wdown, x_, D, true);
   }
 
+  ops_->copy(hist_ + hist_base * D, x_, sizeof(float) * T * D);
   if (want_hidden) ops_->copy(out_dev_ + Lo.hidden, x_, sizeof(float) * T * D);
   if (R > 0) {  // the head (the draft's rows of the target's LM head) on the rows asked for
     ops_->gather_bf16(x_, reinterpret_cast<const int32_t*>(in_dev_ + Lo.rows), (int)R, D, hs_);
@@ -275,13 +278,17 @@ void DeviceDraftEngine::forward(const float* features, const int32_t* src_rows, 
   check_draft_inputs(features, tokens, T, D, V_, Vd_, topk_rows, n_topk, k);
   if (!features) {
     DT_CHECK(src_rows, "the draft needs features or source rows of its previous output");
-    DT_CHECK(last_T_ > 0, "no previous draft output to take features from");
+    DT_CHECK(hist_valid_ > 0, "no previous draft output to take features from");
     for (int64_t t = 0; t < T; ++t)
-      DT_CHECK(src_rows[t] >= 0 && src_rows[t] < last_T_, "source row " + std::to_string(src_rows[t]) +
-                                                              " at index " + std::to_string(t) +
-                                                              " is outside the previous output [0, " +
-                                                              std::to_string(last_T_) + ")");
+      DT_CHECK(src_rows[t] >= 0 && src_rows[t] < hist_valid_, "source row " + std::to_string(src_rows[t]) +
+                                                                  " at index " + std::to_string(t) +
+                                                                  " is outside the output history [0, " +
+                                                                  std::to_string(hist_valid_) + ")");
   }
+  const int64_t hist_base = append ? hist_valid_ : 0;
+  DT_CHECK(hist_base + T <= 2 * o_.max_batch,
+           "the draft's output history is full (" + std::to_string(hist_base) + " rows since the last call with "
+           "append=false, " + std::to_string(2 * o_.max_batch) + " at most)");
   DT_CHECK(n_topk == 0 || (topk_ids && topk_logp), "top-k outputs missing");
   if (n_topk == 0) k = 0;
 
@@ -302,19 +309,19 @@ void DeviceDraftEngine::forward(const float* features, const int32_t* src_rows, 
   for (int64_t i = 0; i < n_topk; ++i) rows[i] = (int32_t)topk_rows[i];
 
   ops_->h2d(in_dev_, in_host_, Lo.in_bytes);
-  const uint64_t key = record_key(T, P, n_topk, k, host_features, want_hidden);
+  const uint64_t key = record_key(T, P, n_topk, k, host_features, want_hidden, hist_base);
   bool replayed = false;
   if (record_ && ops_->can_record() && T <= 64) {
     replayed = ops_->replay(key);
     if (!replayed && ops_->recorded() < 512) {
       ops_->begin_record(key);
-      run_compute(Lo, T, P, n_topk, k, host_features, want_hidden);
+      run_compute(Lo, T, P, n_topk, k, host_features, want_hidden, hist_base);
       ops_->end_record(key);
     } else if (!replayed) {
-      run_compute(Lo, T, P, n_topk, k, host_features, want_hidden);
+      run_compute(Lo, T, P, n_topk, k, host_features, want_hidden, hist_base);
     }
   } else {
-    run_compute(Lo, T, P, n_topk, k, host_features, want_hidden);
+    run_compute(Lo, T, P, n_topk, k, host_features, want_hidden, hist_base);
   }
   if (Lo.out_bytes) ops_->d2h(out_host_, out_dev_, Lo.out_bytes);
   const double transfer = ops_->finish();
@@ -325,7 +332,7 @@ void DeviceDraftEngine::forward(const float* features, const int32_t* src_rows, 
   }
   if (want_hidden) std::memcpy(hidden, out_host_ + Lo.hidden, sizeof(float) * T * D);
   pending_ = P + T;
-  last_T_ = T;
+  hist_valid_ = hist_base + T;
   stats_.calls += 1;
   stats_.replays += replayed;
   stats_.last_h2d_bytes = (int64_t)Lo.in_bytes;

@@ -10,9 +10,10 @@
 //        positions | ancestor bitsets | top-k rows          (only what the call uses)
 //   out (backend -> host, one copy per call): top-k ids | top-k log-probs | hidden (optional)
 //
-// Tree expansion never moves hidden states: a call may take its features from rows of the
-// previous call's output, which stays on the device (src_rows), and return only top-k ids
-// and log-probabilities. The per-call compute is recorded once per shape and replayed
+// Tree expansion never moves hidden states: the outputs of the calls since the last call
+// with append=false stay on the device as a history of rows (the first pass, then every
+// tree level after it), a call may take its features from any of those rows (src_rows),
+// and return only top-k ids and log-probabilities. The per-call compute is recorded once per shape and replayed
 // (CUDA graphs); kernels read n_past from the in-region so a replay serves any cache length.
 #pragma once
 #include <cstdint>
@@ -46,8 +47,10 @@ class DeviceDraftEngine {
   DeviceDraftEngine& operator=(const DeviceDraftEngine&) = delete;
 
   // As DraftEngine::forward, except: features [T, D] from the host, or (features == null)
-  // rows src_rows[T] of the previous forward's output, which never left the device; hidden
-  // may be null (not copied back).
+  // rows src_rows[T] of the output history (rows [0, history_rows()): the outputs of the
+  // last call with append=false and of the append calls after it, in order), which never
+  // left the device; hidden may be null (not copied back). This call's outputs join the
+  // history (append) or start it.
   void forward(const float* features, const int32_t* src_rows, const int32_t* tokens, const int32_t* positions,
                int64_t T, const uint8_t* ancestors, bool append, float* hidden, const int64_t* topk_rows,
                int64_t n_topk, int64_t k, int32_t* topk_ids, float* topk_logp);
@@ -56,7 +59,7 @@ class DeviceDraftEngine {
 
   int64_t n_past() const { return n_past_; }
   int64_t pending() const { return pending_; }
-  int64_t last_rows() const { return last_T_; }
+  int64_t history_rows() const { return hist_valid_; }
   const EngineOptions& options() const { return o_; }
   const LayerDims& dims() const { return d_; }
   int64_t vocab() const { return V_; }
@@ -88,7 +91,7 @@ class DeviceDraftEngine {
   bf16_t* upload_weights(const WeightMap& w, std::initializer_list<const char*> names, int64_t cols);
   float* upload_f32(const std::vector<float>& v);
   void run_compute(const Layout& L, int64_t T, int64_t P, int64_t R, int64_t k, bool host_features,
-                   bool want_hidden);
+                   bool want_hidden, int64_t hist_base);
 
   std::unique_ptr<DeviceOps> ops_;
   LayerDims d_;
@@ -105,6 +108,7 @@ class DeviceDraftEngine {
   std::vector<LayerBufs> layers_;
   bf16_t *k_cache_ = nullptr, *v_cache_ = nullptr;
   // activations
+  float *hist_ = nullptr;  // [2 * max_batch, D] output history
   float *feat_ = nullptr, *h1_ = nullptr, *a_ = nullptr, *zpre_ = nullptr, *x_ = nullptr, *qkv_ = nullptr,
         *gu_ = nullptr, *logits_ = nullptr;
   bf16_t *fb_ = nullptr, *e_ = nullptr, *hz_ = nullptr, *xn_ = nullptr, *att_ = nullptr, *act_ = nullptr,
@@ -113,7 +117,7 @@ class DeviceDraftEngine {
   uint8_t *in_dev_ = nullptr, *out_dev_ = nullptr, *in_host_ = nullptr, *out_host_ = nullptr;
   size_t in_cap_ = 0, out_cap_ = 0;
 
-  int64_t n_past_ = 0, pending_ = 0, last_T_ = 0;
+  int64_t n_past_ = 0, pending_ = 0, hist_valid_ = 0;
   DeviceDraftStats stats_;
   std::vector<uint64_t> bits_;
   mutable std::mutex mu_;

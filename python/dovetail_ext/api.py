@@ -49,6 +49,8 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     accept_s: float = 0.0
+    ahead_tries: int = 0   # overlap: trees drafted during verification ...
+    ahead_hits: int = 0    # ... and used (verification agreed with the draft's guess)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,11 +104,14 @@ class Generator:
     """
 
     def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
-                 tree: TreeParams | None = None) -> None:
+                 tree: TreeParams | None = None, overlap: bool | None = None) -> None:
         self.source = source
         self.target = target
         self.draft = draft
         self.tree = tree or TreeParams()
+        # Draft the next tree while the target verifies (speculative.py); None: when the
+        # draft runs on a GPU (on the CPU the two would share the same cores).
+        self.overlap = overlap
         if draft is not None:
             draft.check_tree(self.tree)
         self.tokenizer = source.tokenizer
@@ -270,8 +275,9 @@ class Generator:
                 stats.target_calls += 1
                 root = pending[-1]
                 if spec:
+                    overlap = self.overlap if self.overlap is not None else self.draft.device.startswith("cuda")
                     pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser,
-                                                          times)
+                                                          times, overlap=overlap)
                     self._keep_features(committed)
                     self._kv_tokens.extend([root] + pending[:-1])
                 else:
@@ -290,6 +296,7 @@ class Generator:
         if spec and times.steps:
             stats.acceptance_length = sum(times.history) / times.steps
             stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
+            stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
         elif stats.target_calls:
             stats.acceptance_length = 1.0
 
@@ -339,7 +346,8 @@ class Generator:
 
 def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
-         tree: TreeParams | None = None, draft_weights: str = "q8_0", draft_device: str = "cpu") -> Generator:
+         tree: TreeParams | None = None, draft_weights: str = "q8_0", draft_device: str = "cpu",
+         overlap: bool | None = None) -> Generator:
     """Load a model for generation.
 
     Args:
@@ -363,6 +371,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
         draft_device: where the draft runs: ``"cpu"`` (default), ``"cuda"`` / ``"cuda:N"``
             (the CUDA draft engine: the draft on the GPU, the target on the CPU; needs a
             build with CUDA and cuBLAS at run time).
+        overlap: draft the next tree while the target verifies the current one, for the
+            draft's guess of the outcome (default: on when the draft runs on a GPU).
     """
     source = load_model_source(model, weights=weights)
     target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch)
@@ -373,4 +383,4 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
     if draft is not None:
         from .draft import Draft
         drafter = Draft.load(draft, target, weights_dtype=draft_weights, max_batch=max_batch, device=draft_device)
-    return Generator(source, target, drafter, tree)
+    return Generator(source, target, drafter, tree, overlap=overlap)

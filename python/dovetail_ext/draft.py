@@ -8,6 +8,7 @@ one call per tree level over the frontier (scratch rows, dropped at the next ste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,16 @@ from . import _core
 from .target import TargetEngine
 from .tree import CandidatePool, Tree, TreeParams
 
-__all__ = ["Draft"]
+__all__ = ["Draft", "Predraft"]
+
+
+@dataclass
+class Predraft:
+    """A tree drafted ahead for one guessed verification outcome (see Draft.predraft)."""
+    accepted: list[int]   # the guessed accepted drafted tokens, in order
+    bonus: int            # the guessed bonus token: the next tree's root
+    tree: Tree            # the next tree, for that guess
+    n_before: int         # the draft's n_past before the guess (truncate here to undo it)
 
 
 def _check_vocab_map(config, vocab_map) -> np.ndarray | None:
@@ -156,8 +166,9 @@ class Draft:
         return self._engine.forward(features, tokens, positions, ancestors, append, rows, k)
 
     def _forward_rows(self, src_rows, prev_hidden, tokens, positions, ancestors, append, topk_rows, k):
-        """A draft call whose features are rows of the previous call's output: on a device
-        engine they never leave the device (and no hidden state comes back)."""
+        """A draft call whose features are rows of the output history (the outputs since the
+        last call with append=False): on a device engine they never leave the device (and no
+        hidden state comes back); on the CPU ``prev_hidden`` holds that history."""
         tokens, positions = np.asarray(tokens, dtype=np.int32), np.asarray(positions, dtype=np.int32)
         if self._on_device:
             _, ids, logp = self._engine.forward(None, np.asarray(src_rows, dtype=np.int32), tokens, positions,
@@ -214,44 +225,134 @@ class Draft:
         Returns:
             the tree (root first) whose drafted nodes are the best candidates.
         """
-        n, k, start = len(tokens), params.top_k, self.n_past
+        n, start = len(tokens), self.n_past
         # 1. The new pairs (f_j, x_{j+1}) at positions start .. start+n-1, committed; the
         #    last output predicts the root's successor: the first frontier.
         for s in range(0, n, self.max_batch):
             e = min(n, s + self.max_batch)
             hidden, ids, logp = self.forward(features[s:e], tokens[s:e], np.arange(start + s, start + e),
-                                             topk_rows=[e - s - 1] if e == n else None, k=k,
+                                             topk_rows=[e - s - 1] if e == n else None, k=self._root_k(params),
                                              return_hidden=not self._on_device)
             self.commit()
-        root_pos = self.n_past  # the root's position; frontier level d runs at root_pos + d - 1
+        self._hist = hidden  # the output history (rows since the last call with append=False)
+        self._hist_len = e - s
+        return self._grow(int(tokens[-1]), e - s - 1, ids[0], logp[0], params)
 
-        pool = CandidatePool(int(tokens[-1]))
-        frontier = pool.add(ids[0], np.zeros(k, dtype=np.int64), logp[0])
-        # Each node's input feature is its parent's output: rows of the previous call.
-        frontier_src = np.full(k, e - s - 1, dtype=np.int64)
+    def _root_k(self, params: TreeParams) -> int:
+        """Successors asked for at the root: top_k, plus the runner-up that only
+        :meth:`predraft` uses (a guess when the draft's first choice is rejected)."""
+        return min(params.top_k + 1, self._engine.draft_vocab)
+
+    def _grow(self, root: int, root_row: int, ids: np.ndarray, logp: np.ndarray, params: TreeParams) -> Tree:
+        """EAGLE-2 growth from a committed root whose output is history row ``root_row``
+        and whose top-k successors are (ids, logp)."""
+        k = params.top_k
+        root_pos = self.n_past  # the root's position; frontier level d runs at root_pos + d - 1
+        pool = CandidatePool(root)
+        frontier = pool.add(ids[:k], np.zeros(k, dtype=np.int64), logp[:k])
+        runner_up = (float(logp[k]), int(ids[k])) if len(ids) > k else None
+        cap = 2 + 2 * k + k * k * params.depth
+        row_of = np.full(cap, -1, dtype=np.int64)   # pool index -> scratch row (expanded nodes)
+        hist_of = np.full(cap, -1, dtype=np.int64)  # pool index -> output history row
+        hist_of[0] = root_row
         scratch_anc = np.zeros((0, 0), dtype=bool)  # ancestor sets among expanded (scratch) nodes
-        row_of = np.full(1 + k + k * k * params.depth, -1, dtype=np.int64)  # pool index -> scratch row
-        # 2. Expand level by level: every child of every frontier node joins the pool; the
-        #    best top_k of them form the next frontier.
+        # Expand level by level: every child of every frontier node joins the pool; the best
+        # top_k of them form the next frontier. Each node's input feature is its parent's
+        # output (a history row).
         for level in range(1, params.depth):
             # Children score at most their parent: once the frontier cannot beat the pool's
             # (total_tokens-1)-th best, no later candidate can enter the tree.
             best = pool.scores[frontier].max()
             if best < pool.kth_best_score(params.total_tokens - 1) or best < params.min_score:
                 break
-            P = scratch_anc.shape[0]
-            anc = np.zeros((k, P + k), dtype=bool)
-            parent_rows = row_of[pool.parents[frontier]]
-            has_parent = parent_rows >= 0
-            anc[has_parent, :P] = scratch_anc[parent_rows[has_parent]]
-            anc[np.arange(k), P + np.arange(k)] = True
-            hidden, ids, logp = self._forward_rows(frontier_src, hidden, pool.tokens[frontier],
-                                                   np.full(k, root_pos + level - 1), anc, P > 0, np.arange(k), k)
-            scratch_anc = np.block([[scratch_anc, np.zeros((P, k), dtype=bool)], [anc]])
-            row_of[frontier] = P + np.arange(k)
+            ids, logp, scratch_anc = self._expand(pool, frontier, root_pos + level - 1, row_of, hist_of,
+                                                  scratch_anc, k)
             cum = pool.scores[frontier][:, None] + logp  # [k, k] cumulative log-probabilities
             cand = pool.add(ids.reshape(-1), np.repeat(frontier, k), cum.reshape(-1))
             best = np.lexsort((np.arange(cum.size), -cum.reshape(-1)))[:k]
-            frontier, frontier_src = cand[best], best // k
-        # 3. The best total_tokens - 1 candidates, ancestors first.
-        return pool.select(params.total_tokens, params.min_score)
+            frontier = cand[best]
+        # The best total_tokens - 1 candidates, ancestors first.
+        keep = pool.selected(params.total_tokens, params.min_score)
+        tree = pool.select(params.total_tokens, params.min_score)
+        self._last = dict(tree=tree, pool=pool, keep=keep, row_of=row_of, hist_of=hist_of, scratch_anc=scratch_anc,
+                          root_pos=root_pos, params=params, runner_up=runner_up)
+        return tree
+
+    def _expand(self, pool, nodes, position, row_of, hist_of, scratch_anc, k):
+        """One draft call over ``nodes`` (pool indices, all at one depth) as new scratch
+        rows; records their rows; returns their top-k (ids, logp) and the new ancestor sets."""
+        m, P = len(nodes), scratch_anc.shape[0]
+        anc = np.zeros((m, P + m), dtype=bool)
+        parent_rows = row_of[pool.parents[nodes]]
+        has_parent = parent_rows >= 0
+        anc[has_parent, :P] = scratch_anc[parent_rows[has_parent]]
+        anc[np.arange(m), P + np.arange(m)] = True
+        hidden, ids, logp = self._forward_rows(hist_of[pool.parents[nodes]], self._hist, pool.tokens[nodes],
+                                               np.full(m, position), anc, True, np.arange(m), k)
+        if not self._on_device:
+            self._hist = np.concatenate([self._hist, hidden])
+        row_of[nodes] = P + np.arange(m)
+        hist_of[nodes] = self._hist_len + np.arange(m)
+        self._hist_len += m
+        return ids, logp, np.block([[scratch_anc, np.zeros((P, m), dtype=bool)], [anc]])
+
+    # -- drafting ahead (overlap) -------------------------------------------------------------
+    def predraft(self, tree: Tree) -> Predraft | None:
+        """Guess the verification of ``tree`` (the last proposed one) and draft the next tree
+        for that guess, while the target verifies.
+
+        An outcome is an accepted path (root to some tree node u) and a bonus token x, a
+        successor of u outside the tree; under the draft it has probability exp(score of x).
+        The guess is the most likely outcome among the successors the draft has scored: the
+        pool's candidates outside the tree, the root's runner-up, and the successors of the
+        leaf ending the chain of best-scored children (one draft call, if that leaf was never
+        expanded). The draft's own outputs stand in for the target features of the guessed
+        positions.
+
+        The draft then holds the guessed positions as committed; if verification disagrees,
+        ``truncate(result.n_before)`` restores it. Returns None for a root-only tree or when
+        the scratch space is full.
+        """
+        last = getattr(self, "_last", None)
+        if last is None or last["tree"] is not tree or tree.size < 2:
+            return None
+        pool, keep, row_of, hist_of, params = last["pool"], last["keep"], last["row_of"], last["hist_of"], \
+            last["params"]
+        k = params.top_k
+        in_tree = np.zeros(pool.size, dtype=bool)
+        in_tree[keep] = True
+        # Scored successors outside the tree whose parent is in it: (score, parent, token).
+        outs = np.flatnonzero(~in_tree & in_tree[np.maximum(pool.parents, 0)])
+        cands = [(float(pool.scores[c]), int(pool.parents[c]), int(pool.tokens[c])) for c in outs]
+        if last["runner_up"] is not None:
+            cands.append((last["runner_up"][0], 0, last["runner_up"][1]))
+        # The chain of best-scored children from the root down to a leaf; expand that leaf.
+        node = 0
+        while True:
+            kids = tree.children(node)
+            if len(kids) == 0:
+                break
+            node = int(kids[np.argmax(pool.scores[keep[kids]])])
+        leaf = int(keep[node])
+        scratch = last["scratch_anc"]
+        n_before = self.n_past
+        if row_of[leaf] < 0 and scratch.shape[0] < self.max_batch and self._hist_len < 2 * self.max_batch:
+            depth = int(tree.depths[node])
+            ids, logp, scratch = self._expand(pool, np.array([leaf]), last["root_pos"] + depth - 1, row_of, hist_of,
+                                              scratch, k)
+            cands += [(float(pool.scores[leaf] + lp), leaf, int(t)) for t, lp in zip(ids[0], logp[0])]
+        if not cands:
+            return None
+        _, u, bonus = max(cands, key=lambda c: c[0])
+        u_node = int(np.searchsorted(keep, u))
+        nodes = keep[tree.path_to(u_node)[1:]]  # pool indices of the guessed accepted tokens
+        # Commit the guessed positions (their scratch rows, in order) ...
+        self.commit(row_of[nodes])
+        # ... then the pair (f_u, bonus) as the next tree's committed root pair, and grow.
+        hidden, ids, logp = self._forward_rows(np.array([hist_of[u]]), self._hist, [bonus], [self.n_past], None,
+                                               False, np.array([0]), self._root_k(params))
+        self.commit()
+        self._hist = hidden
+        self._hist_len = 1
+        nxt = self._grow(bonus, 0, ids[0], logp[0], params)
+        return Predraft(accepted=[int(t) for t in pool.tokens[nodes]], bonus=bonus, tree=nxt, n_before=n_before)

@@ -9,19 +9,26 @@
     4. accept (greedy or lossless sampling)         -> path, bonus token
     5. target.commit(path); the path's features go to the draft with the next tokens
     6. emit the accepted drafted tokens and the bonus
+
+With ``overlap``, the draft works during step 3: it guesses the outcome (the tree's chain
+of best-scored children all accepted, its own top-1 successor as the bonus), commits that
+guess and drafts the next tree for it (``Draft.predraft``). When verification agrees, the
+next step verifies that tree at once, with no drafting in between; otherwise the guess is
+undone. Either way the output is the target's: the tree only decides what is checked.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .draft import Draft
+from .draft import Draft, Predraft
 from .sampling import SamplingParams, TokenChooser, accept_greedy, accept_sampled
 from .target import TargetEngine
-from .tree import TreeParams, build_tree
+from .tree import Tree, TreeParams, build_tree
 
 __all__ = ["SpecState", "SpecTimes", "speculative_step"]
 
@@ -31,6 +38,7 @@ class SpecState:
     root: int                  # last emitted token; the next tree's root
     features: np.ndarray       # [n, D] target features the draft has not consumed
     next_tokens: np.ndarray    # [n] the token after each of those positions (ends with root)
+    ready: Tree | None = None  # a tree drafted ahead for this root (overlap), verified next
 
 
 @dataclass
@@ -42,29 +50,61 @@ class SpecTimes:
     drafted: int = 0           # drafted tokens verified
     accepted: int = 0          # drafted tokens accepted
     history: list[int] = field(default_factory=list)  # tokens emitted per step
+    ahead_tries: int = 0       # overlap: trees drafted ahead
+    ahead_hits: int = 0        # ... that verification agreed with (used without drafting)
+    ahead_wait_s: float = 0.0  # time verification waited for the draft to finish ahead
+
+
+class _Ahead(threading.Thread):
+    """Draft.predraft on its own thread, while the target verifies on this one."""
+
+    def __init__(self, draft: Draft, tree: Tree) -> None:
+        super().__init__(name="dovetail-predraft", daemon=True)
+        self.draft, self.tree = draft, tree
+        self.result: Predraft | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.draft.predraft(self.tree)
+        except BaseException as e:  # handed to the caller
+            self.error = e
 
 
 def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, params: TreeParams,
                      sampling: SamplingParams, chooser: TokenChooser,
-                     times: SpecTimes) -> tuple[list[int], np.ndarray]:
+                     times: SpecTimes, overlap: bool = False) -> tuple[list[int], np.ndarray]:
     """Run one step. Returns the tokens it emits (accepted drafted tokens + bonus) and the
     target features [len(path), D] of the positions it committed (the root and the
     accepted tokens)."""
     t0 = time.perf_counter()
     room = target.context - target.n_past  # KV slots left for the tree
-    drafted = room >= 2
-    if drafted:
-        shape = params if room >= params.total_tokens else TreeParams(params.top_k, params.depth, room)
-        tree = draft.propose(state.features, state.next_tokens, shape)
-    else:  # one slot left: verify the root alone; the draft's pairs wait
-        tree = build_tree([state.root], [-1])
+    tree, state.ready = state.ready, None
+    drafted = tree is not None or room >= 2
+    if tree is None:
+        if drafted:
+            shape = params if room >= params.total_tokens else TreeParams(params.top_k, params.depth, room)
+            tree = draft.propose(state.features, state.next_tokens, shape)
+        else:  # one slot left: verify the root alone; the draft's pairs wait
+            tree = build_tree([state.root], [-1])
     t1 = time.perf_counter()
 
-    # One target call over the whole tree: every node sees the prefix and its ancestors.
-    rows = np.arange(tree.size)
-    logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
-                                   logit_rows=rows, feature_rows=rows)
+    ahead = _Ahead(draft, tree) if overlap and drafted and tree.size > 1 else None
+    try:
+        if ahead is not None:
+            ahead.start()
+        # One target call over the whole tree: every node sees the prefix and its ancestors.
+        rows = np.arange(tree.size)
+        logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
+                                       logit_rows=rows, feature_rows=rows)
+    finally:
+        if ahead is not None:  # the draft is never left running on its own
+            tw = time.perf_counter()
+            ahead.join()
+            times.ahead_wait_s += time.perf_counter() - tw
     t2 = time.perf_counter()
+    if ahead is not None and ahead.error is not None:
+        raise ahead.error
 
     if sampling.greedy:
         path, bonus = accept_greedy(tree, logits)
@@ -75,11 +115,23 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     # The draft consumes pairs (f_j, x_{j+1}) for the committed path: features of the path
     # rows, each followed by the next path token and finally the bonus (the new root).
     new_tokens = np.array(accepted + [bonus], dtype=np.int64)
-    if drafted:
-        state.features, state.next_tokens = feats[path], new_tokens
-    else:
-        state.features = np.concatenate([state.features, feats[path]])
-        state.next_tokens = np.concatenate([state.next_tokens, new_tokens])
+    pre = ahead.result if ahead is not None else None
+    if pre is not None:
+        times.ahead_tries += 1
+        if pre.accepted == accepted and pre.bonus == bonus and pre.tree.size <= target.context - target.n_past:
+            # The guess held: the draft already holds these positions and the next tree.
+            times.ahead_hits += 1
+            state.ready = pre.tree
+            state.features, state.next_tokens = feats[:0], new_tokens[:0]
+        else:
+            draft.truncate(pre.n_before)
+            pre = None
+    if pre is None:
+        if drafted:
+            state.features, state.next_tokens = feats[path], new_tokens
+        else:
+            state.features = np.concatenate([state.features, feats[path]])
+            state.next_tokens = np.concatenate([state.next_tokens, new_tokens])
     state.root = bonus
     t3 = time.perf_counter()
 

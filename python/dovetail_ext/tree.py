@@ -147,13 +147,17 @@ class CandidatePool:
         s = self.scores[1:]
         return float(np.partition(s, -k)[-k]) if len(s) >= k else -np.inf
 
+    def selected(self, total_tokens: int, min_score: float = -np.inf) -> np.ndarray:
+        """Pool indices of :meth:`select`'s tree nodes, in tree order (root first)."""
+        n = min(total_tokens - 1, int(np.count_nonzero(self.scores[1:] >= min_score)))
+        order = np.lexsort((np.arange(1, self.size), -self.scores[1:])) + 1  # best first, ties by index
+        return np.sort(np.concatenate([[0], order[:n]]))
+
     def select(self, total_tokens: int, min_score: float = -np.inf) -> Tree:
         """The tree of the root and the best ``total_tokens - 1`` candidates scoring at
         least ``min_score`` (still closed under ancestors: a parent scores at least as
         much as its child)."""
-        n = min(total_tokens - 1, int(np.count_nonzero(self.scores[1:] >= min_score)))
-        order = np.lexsort((np.arange(1, self.size), -self.scores[1:])) + 1  # best first, ties by index
-        keep = np.sort(np.concatenate([[0], order[:n]]))
+        keep = self.selected(total_tokens, min_score)
         remap = np.full(self.size, -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         parents = self.parents[keep]
