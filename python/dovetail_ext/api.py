@@ -219,6 +219,10 @@ class Generator:
         ids = self.encode_prompt(prompt, raw)
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
+        if max(ids) >= self.config.vocab_size:
+            bad = max(ids)
+            raise ValueError(f"the prompt encodes to token id {bad} ({self.tokenizer.decode([bad])!r}), outside the "
+                             f"model's vocabulary of {self.config.vocab_size}: the tokenizer does not match the model")
         if len(ids) >= self.target.context:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
                              f"{self.target.context} tokens (leave room for at least one new token; "
