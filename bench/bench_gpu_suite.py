@@ -15,11 +15,13 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     import gpu_suite
     from dovetail_ext import _core
     device = "cuda" if _core.cuda_compiled() and _core.cuda_device_count() > 0 else "emulated"
-    rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--out", str(tmp_path)])
+    rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--gpu-layers", "2",
+                         "--out", str(tmp_path)])
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert rc == 0 and all(m["identical_to_plain"] for m in result["modes"])
     modes = {m["mode"]: m for m in result["modes"]}
-    assert set(modes) == {"cpu-plain", "cpu-spec", "gpu-spec", "gpu-spec-eager", "gpu-spec-overlap"}
+    assert set(modes) == {"cpu-plain", "cpu-spec", "gpu-spec", "gpu-spec-eager", "gpu-spec-overlap",
+                           "offload-plain", "offload-spec"}
     # Per step the device draft takes the accepted features in and gives token ids back.
     assert 0 < modes["gpu-spec-eager"]["d2h_bytes_per_step"] < modes["gpu-spec-eager"]["h2d_bytes_per_step"]
     assert (tmp_path / "gpu_suite.md").read_text().count("|") > 20

@@ -160,7 +160,7 @@ def test_cli_draft_device(gen, tmp_path, capsys):
         assert main(args + ["--draft-device", "cuda"]) == 2
         assert "CUDA" in capsys.readouterr().err
     assert main(args + ["--draft-device", "gpu"]) == 2
-    assert "unsupported draft device" in capsys.readouterr().err
+    assert "unsupported device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["cpu", "emulated"])

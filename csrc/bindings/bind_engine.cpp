@@ -4,7 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/common.h"
-#include "model/device_draft.h"
+#include "model/device_engine.h"
 #include "model/draft.h"
 #include "model/llama.h"
 
@@ -80,16 +80,37 @@ py::array_t<int32_t, py::array::c_style> int32_vector(const py::handle& obj, con
   return a;
 }
 
+py::dict stats_dict(const DeviceDraftStats& s) {
+  py::dict d;
+  d["calls"] = s.calls; d["replays"] = s.replays;
+  d["h2d_bytes"] = s.h2d_bytes; d["d2h_bytes"] = s.d2h_bytes;
+  d["last_h2d_bytes"] = s.last_h2d_bytes; d["last_d2h_bytes"] = s.last_d2h_bytes;
+  d["transfer_ms"] = s.transfer_ms; d["call_ms"] = s.call_ms;
+  return d;
+}
+
+// The backend of a device engine: "host" (the CPU test double) or "cuda".
+std::unique_ptr<DeviceOps> device_ops(const std::string& backend, int device) {
+  DT_CHECK(backend == "host" || backend == "cuda", "backend must be 'host' or 'cuda', got '" + backend + "'");
+  if (backend == "host") return make_host_ops();
+#ifdef DOVETAIL_WITH_CUDA
+  return make_cuda_ops(device);
+#else
+  (void)device;
+  throw_value_error("the CUDA engines need a build with CUDA (DOVETAIL_CUDA=ON); this build has none");
+#endif
+}
+
 }  // namespace
 
 void bind_engine(py::module_& m) {
   py::class_<LlamaEngine>(m, "LlamaEngine",
       "Native LLaMA target engine (use dovetail_ext.target.TargetEngine, which builds it from a ModelSource).")
       .def(py::init([](const py::dict& cfg, const py::dict& weights, int64_t context, int64_t max_batch,
-                       int threads, const std::string& kv_dtype) {
+                       int threads, const std::string& kv_dtype, int64_t first_layer) {
              LayerDims d = layer_dims(cfg);
              LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
-                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps};
+                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer};
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -97,7 +118,7 @@ void bind_engine(py::module_& m) {
              return std::make_unique<LlamaEngine>(p, o, views);
            }),
            py::arg("config"), py::arg("weights"), py::arg("context"), py::arg("max_batch") = 128,
-           py::arg("threads") = 1, py::arg("kv_dtype") = "f32")
+           py::arg("threads") = 1, py::arg("kv_dtype") = "f32", py::arg("first_layer") = 0)
       .def("forward", [](LlamaEngine& e, const py::handle& tok_obj, const py::handle& pos_obj,
                          const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
              auto tokens = int32_vector(tok_obj, "tokens");
@@ -125,6 +146,31 @@ void bind_engine(py::module_& m) {
            py::arg("tokens"), py::arg("positions"), py::arg("ancestors") = py::none(),
            py::arg("logit_rows") = py::none(), py::arg("feature_rows") = py::none(),
            "Run T tokens; returns (logits [len(logit_rows), V], features [len(feature_rows), D]).")
+      .def("forward_hidden", [](LlamaEngine& e, const py::handle& h_obj, const py::handle& pos_obj,
+                                const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
+             auto positions = int32_vector(pos_obj, "positions");
+             const int64_t T = positions.size(), V = e.params().vocab, D = e.params().dim;
+             auto hidden = as_array<float>(h_obj, "hidden");
+             check_shape(hidden, {T, D}, "hidden");
+             py::array_t<uint8_t, py::array::c_style> anc;
+             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, T);
+             auto lrows = row_list(logit_obj, "logit_rows");
+             auto frows = row_list(feat_obj, "feature_rows");
+             DT_CHECK((int64_t)lrows.size() <= e.options().max_batch, "too many logit rows");
+             DT_CHECK((int64_t)frows.size() <= e.options().max_batch, "too many feature rows");
+             py::array_t<float> logits({(int64_t)lrows.size(), V});
+             py::array_t<float> feats({(int64_t)frows.size(), D});
+             const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
+             {
+               py::gil_scoped_release nogil;
+               e.forward_hidden(hidden.data(), positions.data(), T, ap, lrows.data(), (int64_t)lrows.size(),
+                                logits.mutable_data(), frows.data(), (int64_t)frows.size(), feats.mutable_data());
+             }
+             return py::make_tuple(logits, feats);
+           },
+           py::arg("hidden"), py::arg("positions"), py::arg("ancestors") = py::none(),
+           py::arg("logit_rows") = py::none(), py::arg("feature_rows") = py::none(),
+           "As forward, from the hidden states [T, D] entering layer first_layer (after a device prefix).")
       .def("commit", [](LlamaEngine& e, const py::handle& kept_obj) {
              auto kept = row_list(kept_obj, "kept");
              py::gil_scoped_release nogil;
@@ -144,6 +190,7 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("context", [](const LlamaEngine& e) { return e.options().context; })
       .def_property_readonly("max_batch", [](const LlamaEngine& e) { return e.options().max_batch; })
       .def_property_readonly("threads", [](const LlamaEngine& e) { return e.options().threads; })
+      .def_property_readonly("first_layer", [](const LlamaEngine& e) { return e.params().first_layer; })
       .def_property_readonly("weight_bytes", &LlamaEngine::weight_bytes)
       .def_property_readonly("kv_bytes", [](const LlamaEngine& e) { return e.kv().bytes(); });
 
@@ -222,25 +269,14 @@ void bind_engine(py::module_& m) {
                auto a = int32_vector(vmap_obj, "vocab_map");
                vmap.assign(a.data(), a.data() + a.size());
              }
-             DT_CHECK(backend == "host" || backend == "cuda", "backend must be 'host' or 'cuda', got '" + backend + "'");
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
              const int64_t layers = get_int(cfg, "num_layers");
              py::gil_scoped_release nogil;
-             std::unique_ptr<DeviceOps> ops;
-             if (backend == "host") {
-               ops = make_host_ops();
-             } else {
-#ifdef DOVETAIL_WITH_CUDA
-               ops = make_cuda_ops(device);
-#else
-               (void)device;
-               throw_value_error("the CUDA draft engine needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none");
-#endif
-             }
-             return std::make_unique<DeviceDraftEngine>(std::move(ops), d, layers, o, views, *target.token_embedding(),
-                                                        *target.lm_head(), std::move(vmap), graphs);
+             return std::make_unique<DeviceDraftEngine>(device_ops(backend, device), d, layers, o, views,
+                                                        *target.token_embedding(), *target.lm_head(), std::move(vmap),
+                                                        graphs);
            }),
            py::arg("config"), py::arg("weights"), py::arg("target"), py::arg("context"), py::arg("max_batch") = 128,
            py::arg("backend") = "cuda", py::arg("device") = 0, py::arg("graphs") = true,
@@ -307,15 +343,8 @@ void bind_engine(py::module_& m) {
              e.read_kv(layer, n, k.mutable_data(), v.mutable_data());
              return py::make_tuple(k, v);
            }, py::arg("layer"), py::arg("n"), "KV slots [0, n) of one layer as fp32 [KV, n, Dh].")
-      .def_property_readonly("stats", [](const DeviceDraftEngine& e) {
-             const DeviceDraftStats s = e.stats();
-             py::dict d;
-             d["calls"] = s.calls; d["replays"] = s.replays;
-             d["h2d_bytes"] = s.h2d_bytes; d["d2h_bytes"] = s.d2h_bytes;
-             d["last_h2d_bytes"] = s.last_h2d_bytes; d["last_d2h_bytes"] = s.last_d2h_bytes;
-             d["transfer_ms"] = s.transfer_ms; d["call_ms"] = s.call_ms;
-             return d;
-           }, "Transfer and call counters: bytes each way, copy time, calls served by recorded graphs.")
+      .def_property_readonly("stats", [](const DeviceDraftEngine& e) { return stats_dict(e.stats()); },
+           "Transfer and call counters: bytes each way, copy time, calls served by recorded graphs.")
       .def_static("transfer_layout", [](int64_t T, int64_t P, int64_t D, int64_t n_topk, int64_t k,
                                         bool host_features, bool want_hidden) {
              const auto L = DeviceDraftEngine::layout(T, P, D, n_topk, k, host_features, want_hidden);
@@ -336,6 +365,61 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("staging_bytes", &DeviceDraftEngine::staging_bytes)
       .def_property_readonly("backend", &DeviceDraftEngine::backend)
       .def_property_readonly("device_name", &DeviceDraftEngine::device_name);
+
+  py::class_<DeviceTargetPrefix>(m, "DeviceTargetPrefix",
+      "The first N layers of a target on a device backend ('cuda', or 'host' for tests): partial offload "
+      "(use dovetail_ext.target.TargetEngine(gpu_layers=N)).")
+      .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
+                       int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
+             LayerDims d = layer_dims(cfg);
+             EngineOptions o = engine_options(context, max_batch, 1, "bf16");
+             std::vector<py::array> keep;
+             WeightMap views = weight_map(weights, keep);
+             py::gil_scoped_release nogil;
+             return std::make_unique<DeviceTargetPrefix>(device_ops(backend, device), d, layers, o, views,
+                                                         *target.token_embedding(), graphs);
+           }),
+           py::arg("config"), py::arg("weights"), py::arg("target"), py::arg("layers"), py::arg("context"),
+           py::arg("max_batch") = 128, py::arg("backend") = "cuda", py::arg("device") = 0, py::arg("graphs") = true)
+      .def("forward", [](DeviceTargetPrefix& e, const py::handle& tok_obj, const py::handle& pos_obj,
+                         const py::handle& anc_obj) {
+             auto tokens = int32_vector(tok_obj, "tokens");
+             auto positions = int32_vector(pos_obj, "positions");
+             const int64_t T = tokens.size(), D = e.dims().dim;
+             DT_CHECK(positions.size() == T, "positions has " + std::to_string(positions.size()) +
+                                                 " entries for " + std::to_string(T) + " tokens");
+             py::array_t<uint8_t, py::array::c_style> anc;
+             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, T);
+             py::array_t<float> hidden({T, D});
+             const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
+             {
+               py::gil_scoped_release nogil;
+               e.forward(tokens.data(), positions.data(), T, ap, hidden.mutable_data());
+             }
+             return hidden;
+           },
+           py::arg("tokens"), py::arg("positions"), py::arg("ancestors") = py::none(),
+           "Hidden states [T, D] after the offloaded layers.")
+      .def("commit", [](DeviceTargetPrefix& e, const py::handle& kept_obj) {
+             auto kept = row_list(kept_obj, "kept");
+             py::gil_scoped_release nogil;
+             e.commit(kept.data(), (int64_t)kept.size());
+           }, py::arg("kept"))
+      .def("truncate", [](DeviceTargetPrefix& e, int64_t n) { e.truncate(n); }, py::arg("n"))
+      .def("read_kv", [](DeviceTargetPrefix& e, int64_t layer, int64_t n) {
+             const int64_t KV = e.dims().kv_heads, Dh = e.dims().head_dim;
+             DT_CHECK(n >= 0 && n <= e.options().context, "slot count outside the context");
+             py::array_t<float> k({KV, n, Dh}), v({KV, n, Dh});
+             e.read_kv(layer, n, k.mutable_data(), v.mutable_data());
+             return py::make_tuple(k, v);
+           }, py::arg("layer"), py::arg("n"))
+      .def_property_readonly("stats", [](const DeviceTargetPrefix& e) { return stats_dict(e.stats()); })
+      .def_property_readonly("n_past", &DeviceTargetPrefix::n_past)
+      .def_property_readonly("pending", &DeviceTargetPrefix::pending)
+      .def_property_readonly("layers", &DeviceTargetPrefix::layers)
+      .def_property_readonly("device_bytes", &DeviceTargetPrefix::device_bytes)
+      .def_property_readonly("backend", &DeviceTargetPrefix::backend)
+      .def_property_readonly("device_name", &DeviceTargetPrefix::device_name);
 }
 
 }  // namespace dovetail::bind

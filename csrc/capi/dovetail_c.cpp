@@ -279,7 +279,7 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
     check_dim(cfg->head_dim, "head_dim");
     check_norm_params(cfg->rope_theta, cfg->rms_norm_eps);
     dovetail::LlamaParams p{cfg->vocab_size, cfg->hidden_size, cfg->intermediate_size, cfg->num_layers,
-                            cfg->num_heads, cfg->num_kv_heads, cfg->head_dim, cfg->rope_theta, cfg->rms_norm_eps};
+                            cfg->num_heads, cfg->num_kv_heads, cfg->head_dim, cfg->rope_theta, cfg->rms_norm_eps, 0};
     const dovetail::EngineOptions o = engine_options(cfg->context, cfg->max_batch, cfg->threads, cfg->kv_dtype);
     std::vector<std::vector<unsigned char>> keep;
     const dovetail::WeightMap views = weight_map(weights, n_weights, keep);

@@ -235,6 +235,33 @@ __global__ void gather_kernel(const float* __restrict__ src, const int32_t* __re
   }
 }
 
+// One warp per output (m, n): lanes take k = lane, lane + 32, ... in order, then a fixed
+// shuffle tree; the order depends on K alone, so a row's result does not depend on M.
+constexpr int kGemmWarps = 8;
+__global__ void gemm_invariant_kernel(int M, int N, int K, const bf16_t* __restrict__ x,
+                                      const bf16_t* __restrict__ w, float* __restrict__ y, int ldy,
+                                      bool accumulate) {
+  const long item = (long)blockIdx.x * kGemmWarps + threadIdx.x / 32;
+  if (item >= (long)M * N) return;  // whole warps: item is the same on every lane
+  const int lane = threadIdx.x % 32, m = (int)(item / N), n = (int)(item % N);
+  const bf16_t* xr = x + (size_t)m * K;
+  const bf16_t* wr = w + (size_t)n * K;
+  float acc = 0.0f;
+  for (int i = lane; i < K; i += 32) acc += bf16_to_fp32(xr[i]) * bf16_to_fp32(wr[i]);
+  acc = warp_sum(acc);
+  if (lane == 0) {
+    float& out = y[(size_t)m * ldy + n];
+    out = accumulate ? out + acc : acc;
+  }
+}
+
+__global__ void embed_kernel(const bf16_t* __restrict__ table, const int32_t* __restrict__ tokens, int T, int D,
+                             float* __restrict__ out) {
+  const long n = (long)T * D;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+    out[i] = bf16_to_fp32(table[(size_t)tokens[i / D] * D + i % D]);
+}
+
 constexpr int kTopkThreads = 256;
 
 // One block per row: max, sum of exponentials (double), then k selection passes; pass j
@@ -288,8 +315,8 @@ __global__ void topk_kernel(const float* __restrict__ logits, int V, int k, cons
     }
     prev_v = sv[0];
     prev_i = si[0];
-    if (tid == 0) {
-      ids[(size_t)r * k + j] = vocab_map ? vocab_map[prev_i] : prev_i;
+    if (tid == 0) {  // (prev_i < 0 only when NaNs leave fewer than k candidates)
+      ids[(size_t)r * k + j] = vocab_map && prev_i >= 0 ? vocab_map[prev_i] : prev_i;
       logp[(size_t)r * k + j] = prev_v - lse;
     }
   }
@@ -320,36 +347,33 @@ class CudaOps final : public DeviceOps {
                                             std::to_string(n) + " visible)");
     cuda_check(cudaSetDevice(device), "cudaSetDevice");
     // Waiting for the GPU blocks the thread instead of spinning: the CPU cores belong to the
-    // target's verification. (Too late once the context exists, e.g. made by PyTorch: ignored.)
-    if (cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync) != cudaSuccess) cudaGetLastError();
-    cudaDeviceProp prop{};
-    cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
-    name_ = prop.name;
-    cuda_check(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "cudaStreamCreate");
-    cuda_check(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "cudaStreamCreate");
-    for (cudaEvent_t* e : {&h2d_begin_, &h2d_end_, &d2h_begin_, &d2h_end_})
-      cuda_check(cudaEventCreate(e), "cudaEventCreate");
-    for (cudaEvent_t* e : {&compute_ready_, &compute_done_})
-      cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
-    cublas_check(blas_lib_.create(&blas_), "cublasCreate");
-    cublas_check(blas_lib_.set_stream(blas_, compute_), "cublasSetStream");
-    // A fixed workspace keeps cuBLAS graph-capturable.
-    cuda_check(cudaMalloc(&workspace_, kWorkspace), "cudaMalloc (cuBLAS workspace)");
-    cublas_check(blas_lib_.set_workspace(blas_, workspace_, kWorkspace), "cublasSetWorkspace");
+    // target's verification. Only the scheduling bits change; the device's other flags stay.
+    unsigned flags = 0;
+    if (cudaGetDeviceFlags(&flags) != cudaSuccess ||
+        cudaSetDeviceFlags((flags & ~(unsigned)cudaDeviceScheduleMask) | cudaDeviceScheduleBlockingSync) != cudaSuccess)
+      cudaGetLastError();
+    try {
+      cudaDeviceProp prop{};
+      cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+      name_ = prop.name;
+      cuda_check(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "cudaStreamCreate");
+      cuda_check(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "cudaStreamCreate");
+      for (cudaEvent_t* e : {&h2d_begin_, &h2d_end_, &d2h_begin_, &d2h_end_})
+        cuda_check(cudaEventCreate(e), "cudaEventCreate");
+      for (cudaEvent_t* e : {&compute_ready_, &compute_done_})
+        cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
+      cublas_check(blas_lib_.create(&blas_), "cublasCreate");
+      cublas_check(blas_lib_.set_stream(blas_, compute_), "cublasSetStream");
+      // A fixed workspace keeps cuBLAS graph-capturable (set after the stream, which resets it).
+      cuda_check(cudaMalloc(&workspace_, kWorkspace), "cudaMalloc (cuBLAS workspace)");
+      cublas_check(blas_lib_.set_workspace(blas_, workspace_, kWorkspace), "cublasSetWorkspace");
+    } catch (...) {
+      destroy();
+      throw;
+    }
   }
 
-  ~CudaOps() override {
-    cudaSetDevice(device_);
-    cudaStreamSynchronize(compute_);
-    cudaStreamSynchronize(copy_);
-    for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
-    blas_lib_.destroy(blas_);
-    cudaFree(workspace_);
-    for (cudaEvent_t e : {h2d_begin_, h2d_end_, d2h_begin_, d2h_end_, compute_ready_, compute_done_})
-      cudaEventDestroy(e);
-    cudaStreamDestroy(compute_);
-    cudaStreamDestroy(copy_);
-  }
+  ~CudaOps() override { destroy(); }
 
   std::string name() const override { return "cuda"; }
   std::string device_name() const override { return name_; }
@@ -358,10 +382,16 @@ class CudaOps final : public DeviceOps {
     select();
     void* p = nullptr;
     cuda_check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");
-    cuda_check(cudaMemset(p, 0, bytes), "cudaMemset");
+    // Zeroed on the compute stream and waited for: the legacy default stream (cudaMemset)
+    // is not ordered with the non-blocking compute and copy streams.
+    const cudaError_t st = cudaMemsetAsync(p, 0, bytes, compute_);
+    cuda_check(st == cudaSuccess ? cudaStreamSynchronize(compute_) : st, "cudaMemset");
     return p;
   }
-  void release(void* p) override { cudaFree(p); }
+  void release(void* p) override {
+    cudaSetDevice(device_);
+    cudaFree(p);
+  }
   void* alloc_staging(size_t bytes) override {
     select();
     void* p = nullptr;
@@ -371,7 +401,10 @@ class CudaOps final : public DeviceOps {
   void release_staging(void* p) override { cudaFreeHost(p); }
   void upload(void* dst, const void* src, size_t bytes) override {
     select();
-    cuda_check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
+    // cudaMemcpy from pageable memory may return before the data lands, and on the legacy
+    // stream, which the non-blocking streams do not wait for: copy on compute, then wait.
+    cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, compute_), "cudaMemcpy (upload)");
+    cuda_check(cudaStreamSynchronize(compute_), "cudaMemcpy (upload)");
   }
 
   void h2d(void* dst, const void* staging, size_t bytes) override {
@@ -445,6 +478,17 @@ class CudaOps final : public DeviceOps {
                                    CUDA_R_16BF, K, &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  "cublasGemmEx");
   }
+  void gemm_invariant(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy,
+                      bool accumulate) override {
+    const long outputs = (long)M * N;
+    gemm_invariant_kernel<<<blocks_for(outputs, kGemmWarps), 32 * kGemmWarps, 0, compute_>>>(M, N, K, x, w, y, ldy,
+                                                                                            accumulate);
+    after_launch("gemm_invariant");
+  }
+  void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float* out) override {
+    embed_kernel<<<grid((long)T * D), kThreads, 0, compute_>>>(table, tokens, T, D, out);
+    after_launch("embed");
+  }
   void embed_norm(const bf16_t* table, const int32_t* tokens, int T, int D, const float* w, float eps,
                   bf16_t* out) override {
     norm_kernel<true><<<T, kNormThreads, 0, compute_>>>(nullptr, table, tokens, w, D, eps, out);
@@ -502,6 +546,26 @@ class CudaOps final : public DeviceOps {
   static unsigned grid(long n) { return std::max(1u, std::min(blocks_for(n, kThreads), 4096u)); }
 
   void select() { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
+  // Frees what exists (also after a constructor failure half-way); errors are ignored.
+  void destroy() noexcept {
+    cudaSetDevice(device_);
+    abort_recording();
+    if (compute_) cudaStreamSynchronize(compute_);
+    if (copy_) cudaStreamSynchronize(copy_);
+    for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
+    graphs_.clear();
+    if (blas_) blas_lib_.destroy(blas_);
+    if (workspace_) cudaFree(workspace_);
+    for (cudaEvent_t e : {h2d_begin_, h2d_end_, d2h_begin_, d2h_end_, compute_ready_, compute_done_})
+      if (e) cudaEventDestroy(e);
+    if (compute_) cudaStreamDestroy(compute_);
+    if (copy_) cudaStreamDestroy(copy_);
+    blas_ = nullptr;
+    workspace_ = nullptr;
+    h2d_begin_ = h2d_end_ = d2h_begin_ = d2h_end_ = compute_ready_ = compute_done_ = nullptr;
+    compute_ = copy_ = nullptr;
+    cudaGetLastError();
+  }
   // A failure inside a recording ends the capture first, so the stream stays usable.
   void abort_recording() {
     if (!recording_) return;

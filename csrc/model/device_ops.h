@@ -1,4 +1,4 @@
-// The operations the device draft engine (model/device_draft.h) is built from, over the
+// The operations the device engines (model/device_engine.h) are built from, over the
 // memory of one backend:
 //   - "cuda" (cuda/draft_ops.cu): device memory, pinned host staging, a compute stream and a
 //     copy stream ordered with events, cuBLAS GEMMs, custom kernels, CUDA graphs;
@@ -76,6 +76,12 @@ class DeviceOps {
   // -- compute ---------------------------------------------------------------------------
   // y[M, ldy] = x[M, K] . w[N, K]^T (accumulate: y +=), fp32 accumulation.
   virtual void gemm(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy, bool accumulate) = 0;
+  // As gemm, but every output row computed in an order that does not depend on M (batch
+  // invariance: a token's result is the same alone or inside a tree).
+  virtual void gemm_invariant(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy,
+                              bool accumulate) = 0;
+  // out[t] = table[tokens[t]] as fp32, table [V, D] bf16.
+  virtual void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float* out) = 0;
   // out[t] = bf16(RMSNorm(table[tokens[t]]) * w), table [V, D] bf16.
   virtual void embed_norm(const bf16_t* table, const int32_t* tokens, int T, int D, const float* w, float eps,
                           bf16_t* out) = 0;

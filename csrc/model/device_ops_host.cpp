@@ -63,6 +63,16 @@ class HostOps final : public DeviceOps {
     }
   }
 
+  void gemm_invariant(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy,
+                      bool accumulate) override {
+    gemm(M, N, K, x, w, y, ldy, accumulate);  // each output already reduces in a fixed order
+  }
+
+  void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float* out) override {
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < D; ++i) out[(size_t)t * D + i] = bf16_to_fp32(table[(size_t)tokens[t] * D + i]);
+  }
+
   void embed_norm(const bf16_t* table, const int32_t* tokens, int T, int D, const float* w, float eps,
                   bf16_t* out) override {
     std::vector<float> row((size_t)D);
@@ -173,7 +183,7 @@ class HostOps final : public DeviceOps {
             bv = x[i];
             bi = i;
           }
-        ids[(size_t)r * k + j] = vocab_map ? vocab_map[bi] : bi;
+        ids[(size_t)r * k + j] = vocab_map && bi >= 0 ? vocab_map[bi] : bi;  // (bi < 0: all NaN)
         logp[(size_t)r * k + j] = bv - lse;
         prev_v = bv;
         prev_i = bi;

@@ -1,5 +1,6 @@
 #include "model/llama.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "common/error.h"
@@ -8,13 +9,16 @@ namespace dovetail {
 
 LlamaEngine::LlamaEngine(const LlamaParams& p, const EngineOptions& o, const WeightMap& weights) : p_(p) {
   DT_CHECK(p.vocab > 0 && p.dim > 0 && p.layers > 0, "model dimensions must be positive");
+  DT_CHECK(p.first_layer >= 0 && p.first_layer < p.layers,
+           "first_layer " + std::to_string(p.first_layer) + " outside [0, " + std::to_string(p.layers) +
+               "): at least one layer runs on the CPU");
   const int64_t D = p.dim;
   tok_embd_ = std::make_shared<PackedWeight>(pack_named(weights, "token_embd", p.vocab, D));
   lm_head_ = weights.count("output") ? std::make_shared<PackedWeight>(pack_named(weights, "output", p.vocab, D))
                                      : tok_embd_;
   out_norm_ = norm_named(weights, "output_norm", D);
   LayerDims d{p.dim, p.ffn, p.heads, p.kv_heads, p.head_dim, p.rope_theta, p.eps};
-  stack_ = std::make_unique<LayerStack>(d, load_layers(weights, d, p.layers, true), o);
+  stack_ = std::make_unique<LayerStack>(d, load_layers(weights, d, p.layers - p.first_layer, true, p.first_layer), o);
   x_.resize(o.max_batch * D);
   rows_.resize(o.max_batch * D);
 }
@@ -28,15 +32,9 @@ size_t LlamaEngine::weight_bytes() const {
   return stack_->weight_bytes() + tok_embd_->data.size() + (lm_head_ != tok_embd_ ? lm_head_->data.size() : 0);
 }
 
-void LlamaEngine::forward(const int32_t* tokens, const int32_t* positions, int64_t T, const uint8_t* anc,
-                          const int64_t* logit_rows, int64_t n_logits, float* logits,
-                          const int64_t* feature_rows, int64_t n_features, float* features) {
-  std::lock_guard<std::mutex> lock(mu_);
+void LlamaEngine::check_rows(const int32_t* positions, int64_t T, const uint8_t* anc, const int64_t* logit_rows,
+                             int64_t n_logits, const int64_t* feature_rows, int64_t n_features) const {
   stack_->check(positions, T, anc, false);
-  for (int64_t t = 0; t < T; ++t)
-    DT_CHECK(tokens[t] >= 0 && tokens[t] < p_.vocab, "token id " + std::to_string(tokens[t]) + " at index " +
-                                                        std::to_string(t) + " is outside the vocabulary [0, " +
-                                                        std::to_string(p_.vocab) + ")");
   DT_CHECK(n_logits <= options().max_batch && n_features <= options().max_batch, "too many output rows");
   for (int64_t i = 0; i < n_logits; ++i)
     DT_CHECK(logit_rows[i] >= 0 && logit_rows[i] < T, "logit row " + std::to_string(logit_rows[i]) +
@@ -44,8 +42,12 @@ void LlamaEngine::forward(const int32_t* tokens, const int32_t* positions, int64
   for (int64_t i = 0; i < n_features; ++i)
     DT_CHECK(feature_rows[i] >= 0 && feature_rows[i] < T, "feature row " + std::to_string(feature_rows[i]) +
                                                               " outside the batch [0, " + std::to_string(T) + ")");
+}
+
+void LlamaEngine::run(const int32_t* positions, int64_t T, const uint8_t* anc, const int64_t* logit_rows,
+                      int64_t n_logits, float* logits, const int64_t* feature_rows, int64_t n_features,
+                      float* features) {
   const int64_t D = p_.dim;
-  for (int64_t t = 0; t < T; ++t) dequantize_row(*tok_embd_, tokens[t], x_.data() + t * D);  // x = Emb(tokens)
   stack_->run(x_.data(), positions, T, anc, false);
   // Final norm and LM head only for the rows asked for.
   for (int64_t i = 0; i < n_features; ++i)
@@ -55,6 +57,34 @@ void LlamaEngine::forward(const int32_t* tokens, const int32_t* positions, int64
       rmsnorm(x_.data() + logit_rows[i] * D, out_norm_.data(), rows_.data() + i * D, 1, D, p_.eps);
     stack_->linear_rows(*lm_head_, rows_.data(), n_logits, logits, true);
   }
+}
+
+void LlamaEngine::forward(const int32_t* tokens, const int32_t* positions, int64_t T, const uint8_t* anc,
+                          const int64_t* logit_rows, int64_t n_logits, float* logits,
+                          const int64_t* feature_rows, int64_t n_features, float* features) {
+  std::lock_guard<std::mutex> lock(mu_);
+  DT_CHECK(p_.first_layer == 0, "this engine starts at layer " + std::to_string(p_.first_layer) +
+                                    ": give it hidden states (forward_hidden)");
+  check_rows(positions, T, anc, logit_rows, n_logits, feature_rows, n_features);
+  for (int64_t t = 0; t < T; ++t)
+    DT_CHECK(tokens[t] >= 0 && tokens[t] < p_.vocab, "token id " + std::to_string(tokens[t]) + " at index " +
+                                                        std::to_string(t) + " is outside the vocabulary [0, " +
+                                                        std::to_string(p_.vocab) + ")");
+  const int64_t D = p_.dim;
+  for (int64_t t = 0; t < T; ++t) dequantize_row(*tok_embd_, tokens[t], x_.data() + t * D);  // x = Emb(tokens)
+  run(positions, T, anc, logit_rows, n_logits, logits, feature_rows, n_features, features);
+}
+
+void LlamaEngine::forward_hidden(const float* hidden, const int32_t* positions, int64_t T, const uint8_t* anc,
+                                 const int64_t* logit_rows, int64_t n_logits, float* logits,
+                                 const int64_t* feature_rows, int64_t n_features, float* features) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_rows(positions, T, anc, logit_rows, n_logits, feature_rows, n_features);
+  const int64_t D = p_.dim;
+  for (int64_t i = 0; i < T * D; ++i)
+    DT_CHECK(std::isfinite(hidden[i]), "hidden states must be finite (row " + std::to_string(i / D) + ")");
+  std::memcpy(x_.data(), hidden, sizeof(float) * T * D);
+  run(positions, T, anc, logit_rows, n_logits, logits, feature_rows, n_features, features);
 }
 
 void LlamaEngine::commit(const int64_t* kept, int64_t n) {

@@ -20,6 +20,9 @@ namespace dovetail {
 struct LlamaParams {
   int64_t vocab = 0, dim = 0, ffn = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float rope_theta = 10000.0f, eps = 1e-5f;
+  // Layers [first_layer, layers) run here; the ones before run elsewhere (a device prefix,
+  // model/device_engine.h), whose hidden states forward_hidden takes.
+  int64_t first_layer = 0;
 };
 
 // forward / commit / truncate lock the engine: concurrent callers are serialized.
@@ -32,6 +35,10 @@ class LlamaEngine {
   void forward(const int32_t* tokens, const int32_t* positions, int64_t T, const uint8_t* ancestors,
                const int64_t* logit_rows, int64_t n_logits, float* logits,
                const int64_t* feature_rows, int64_t n_features, float* features);
+  // As forward, from the hidden states [T, D] that enter layer first_layer.
+  void forward_hidden(const float* hidden, const int32_t* positions, int64_t T, const uint8_t* ancestors,
+                      const int64_t* logit_rows, int64_t n_logits, float* logits,
+                      const int64_t* feature_rows, int64_t n_features, float* features);
   // Keep batch rows `kept` (strictly increasing) of the last forward.
   void commit(const int64_t* kept, int64_t n);
   // Forget committed tokens past `n` (n <= n_past).
@@ -52,6 +59,11 @@ class LlamaEngine {
   std::shared_ptr<PackedWeight> tok_embd_, lm_head_;
   std::vector<float> out_norm_;
   std::unique_ptr<LayerStack> stack_;
+  // Checks the batch and output rows; runs the stack on x_ and the final norm and head.
+  void run(const int32_t* positions, int64_t T, const uint8_t* anc, const int64_t* logit_rows, int64_t n_logits,
+           float* logits, const int64_t* feature_rows, int64_t n_features, float* features);
+  void check_rows(const int32_t* positions, int64_t T, const uint8_t* anc, const int64_t* logit_rows,
+                  int64_t n_logits, const int64_t* feature_rows, int64_t n_features) const;
   std::mutex mu_;
   Buffer<float> x_, rows_;
 };

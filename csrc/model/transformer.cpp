@@ -41,13 +41,14 @@ std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64
   return std::vector<float>(p, p + n);
 }
 
-std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers, bool first_has_norm) {
+std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers, bool first_has_norm,
+                                      int64_t first) {
   const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim;
   std::vector<LayerWeights> layers(n_layers);
   for (int64_t l = 0; l < n_layers; ++l) {
-    const std::string b = "blk." + std::to_string(l) + ".";
+    const std::string b = "blk." + std::to_string(first + l) + ".";
     LayerWeights& L = layers[l];
-    if (l > 0 || first_has_norm) L.attn_norm = norm_named(w, b + "attn_norm", D);
+    if (first + l > 0 || first_has_norm) L.attn_norm = norm_named(w, b + "attn_norm", D);
     L.ffn_norm = norm_named(w, b + "ffn_norm", D);
     L.wq = pack_named(w, b + "attn_q", QD, D);
     L.wk = pack_named(w, b + "attn_k", KD, D);

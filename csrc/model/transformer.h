@@ -48,9 +48,9 @@ struct LayerWeights {
   PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
 };
 
-// Reads blk.{i}.* for i < n_layers; `first_has_norm` false skips blk.0.attn_norm.
+// Reads blk.{first + i}.* for i < n_layers; `first_has_norm` false skips blk.0.attn_norm.
 std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers,
-                                      bool first_has_norm);
+                                      bool first_has_norm, int64_t first = 0);
 
 // Validates a batch of T tokens at `positions` after P scratch rows, with ancestors [T, P+T]
 // (null = causal within the batch): the rules of LayerStack::check, shared with the device

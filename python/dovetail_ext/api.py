@@ -351,7 +351,7 @@ class Generator:
 def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | None = None, draft_weights: str = "q8_0", draft_device: str = "cpu",
-         overlap: bool | None = None) -> Generator:
+         overlap: bool | None = None, gpu_layers: int = 0, offload_device: str = "cuda") -> Generator:
     """Load a model for generation.
 
     Args:
@@ -377,9 +377,14 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
             build with CUDA and cuBLAS at run time).
         overlap: draft the next tree while the target verifies the current one, for the
             draft's guess of the outcome (default: on when the draft runs on a GPU).
+        gpu_layers: run the target's first N layers on ``offload_device`` (partial offload;
+            the rest on the CPU). Those layers compute in bf16, so the output is that of a
+            slightly different target than the CPU-only one (and speculation is exact
+            against it).
     """
     source = load_model_source(model, weights=weights)
-    target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch)
+    target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch,
+                          gpu_layers=gpu_layers, device=offload_device)
     drafter = None
     if isinstance(draft, str) and draft == "auto":
         from .models import packaged_draft_for

@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
     g.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
+    g.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                   help="run the target's first N layers on --offload-device (partial offload; default 0)")
+    g.add_argument("--offload-device", default="cuda", metavar="DEV",
+                   help="device for --gpu-layers: cuda (default) or cuda:N")
     g.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 1)")
     g.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 1)")
     g.add_argument("--tree-tokens", type=int, default=None,
@@ -73,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
     s.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
+    s.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                   help="run the target's first N layers on --offload-device (partial offload; default 0)")
+    s.add_argument("--offload-device", default="cuda", metavar="DEV",
+                   help="device for --gpu-layers: cuda (default) or cuda:N")
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the model file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_args(s)
@@ -115,7 +123,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                       total_tokens=pick(args.tree_tokens, base.total_tokens),
                       min_prob=pick(args.tree_min_prob, base.min_prob))
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               weights=args.weights, tree=tree, draft_device=args.draft_device)
+               weights=args.weights, tree=tree, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
+               offload_device=args.offload_device)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
               speculative=False if args.no_spec else None)
@@ -144,7 +153,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .api import load
 
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               weights=args.weights, draft_device=args.draft_device)
+               weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
+               offload_device=args.offload_device)
     model_id = args.model_id or default_model_id(gen)
     mode = "speculative" if gen.draft is not None and not args.no_spec else "plain"
     print(f"dovetail: serving {model_id} ({mode} decoding, context {gen.target.context}) on "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .target import TargetEngine
+from .target import TargetEngine, parse_device
 from .tree import CandidatePool, Tree, TreeParams
 
 __all__ = ["Draft", "Predraft"]
@@ -49,24 +49,6 @@ def _check_vocab_map(config, vocab_map) -> np.ndarray | None:
     return vm.astype(np.int32)
 
 
-def _parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` / ``"emulated"`` -> (backend, device index)."""
-    if device == "cpu":
-        return "cpu", 0
-    if device == "emulated":
-        return "host", 0
-    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
-        index = device[5:] or "0"
-        if not index.isdigit():
-            raise ValueError(f"bad CUDA device {device!r}: use 'cuda' or 'cuda:N'")
-        if not _core.cuda_compiled():
-            raise ValueError(f"device={device!r} needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none")
-        if int(index) >= _core.cuda_device_count():
-            raise ValueError(f"device={device!r}: {_core.cuda_device_count()} CUDA device(s) visible")
-        return "cuda", int(index)
-    raise ValueError(f"unsupported draft device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'emulated'")
-
-
 class Draft:
     """A Dovetail draft bound to one target engine.
 
@@ -89,7 +71,7 @@ class Draft:
     def __init__(self, config, weights: dict[str, np.ndarray], target: TargetEngine, *, device: str = "cpu",
                  weights_dtype: str = "f32", max_batch: int = 128, threads: int | None = None,
                  check_target: bool = True, graphs: bool = True) -> None:
-        backend, device_index = _parse_device(device)
+        backend, device_index = parse_device(device)
         from .draft_model import TargetSignature, expected_draft_shapes
         from .errors import DraftMismatchError
         from .quant import quantize

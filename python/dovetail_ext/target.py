@@ -19,7 +19,25 @@ import numpy as np
 from . import _core
 from .formats.base import ModelSource
 
-__all__ = ["TargetEngine", "default_threads"]
+__all__ = ["TargetEngine", "default_threads", "parse_device"]
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` / ``"emulated"`` -> (backend, device index)."""
+    if device == "cpu":
+        return "cpu", 0
+    if device == "emulated":
+        return "host", 0
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        index = device[5:] or "0"
+        if not index.isdigit():
+            raise ValueError(f"bad CUDA device {device!r}: use 'cuda' or 'cuda:N'")
+        if not _core.cuda_compiled():
+            raise ValueError(f"device={device!r} needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none")
+        if int(index) >= _core.cuda_device_count():
+            raise ValueError(f"device={device!r}: {_core.cuda_device_count()} CUDA device(s) visible")
+        return "cuda", int(index)
+    raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'emulated'")
 
 
 def default_threads() -> int:
@@ -39,10 +57,17 @@ class TargetEngine:
         threads: OpenMP threads for native compute.
         max_batch: the largest number of tokens one forward may take.
         kv_dtype: ``"f32"`` or ``"bf16"`` KV cache.
+        gpu_layers: run the first N layers on a device (partial offload): their weights
+            in bf16 and their KV cache live there, the hidden states after layer N-1 come
+            back to the CPU, which runs the rest. Every layer on both sides computes a
+            token's result independently of the batch, so greedy speculation stays exact.
+        device: where those layers run: ``"cuda"``, ``"cuda:N"``, or ``"emulated"`` (the
+            device engine on the CPU with scalar kernels, for tests).
     """
 
     def __init__(self, source: ModelSource, *, context: int | None = None, threads: int | None = None,
-                 max_batch: int = 128, kv_dtype: str = "f32") -> None:
+                 max_batch: int = 128, kv_dtype: str = "f32", gpu_layers: int = 0, device: str = "cuda",
+                 graphs: bool = True) -> None:
         cfg = source.config
         self.config = cfg
         self.source = source
@@ -62,8 +87,19 @@ class TargetEngine:
             else:
                 dtype = w.dtype
             weights[name] = (dtype, tuple(w.shape), np.ascontiguousarray(data))
+        if not isinstance(gpu_layers, int) or isinstance(gpu_layers, bool) or not 0 <= gpu_layers < cfg.num_layers:
+            raise ValueError(f"gpu_layers must be an integer in [0, {cfg.num_layers}) (at least one layer runs "
+                             f"on the CPU), got {gpu_layers!r}")
         self._engine = _core.LlamaEngine(asdict(cfg), weights, context=context, max_batch=max_batch,
-                                         threads=threads, kv_dtype=kv_dtype)
+                                         threads=threads, kv_dtype=kv_dtype, first_layer=gpu_layers)
+        self._prefix = None
+        if gpu_layers:
+            backend, index = parse_device(device)
+            if backend == "cpu":
+                raise ValueError("gpu_layers needs a device: 'cuda', 'cuda:N' or 'emulated'")
+            self._prefix = _core.DeviceTargetPrefix(asdict(cfg), weights, self._engine, layers=gpu_layers,
+                                                    context=context, max_batch=max_batch, backend=backend,
+                                                    device=index, graphs=graphs)
 
     # -- the one call --------------------------------------------------------------------
     def forward(self, tokens, positions=None, ancestors=None, logit_rows=None,
@@ -91,26 +127,49 @@ class TargetEngine:
                 raise ValueError(f"{name} has values outside the int32 range")
         if logit_rows is None:
             logit_rows = [T - 1] if T else []
-        return self._engine.forward(tokens.astype(np.int32), positions.astype(np.int32), ancestors,
-                                    np.asarray(logit_rows, dtype=np.int64),
-                                    None if feature_rows is None else np.asarray(feature_rows, dtype=np.int64))
+        tokens, positions = tokens.astype(np.int32), positions.astype(np.int32)
+        logit_rows = np.asarray(logit_rows, dtype=np.int64)
+        feature_rows = None if feature_rows is None else np.asarray(feature_rows, dtype=np.int64)
+        if self._prefix is not None:  # the first layers on the device, the rest here
+            hidden = self._prefix.forward(tokens, positions, ancestors)
+            return self._engine.forward_hidden(hidden, positions, ancestors, logit_rows, feature_rows)
+        return self._engine.forward(tokens, positions, ancestors, logit_rows, feature_rows)
 
     def commit(self, kept=None) -> None:
         """Keep rows ``kept`` of the last forward (all rows when None), compacted after the prefix."""
         if kept is None:
             kept = np.arange(self._engine.pending)
-        self._engine.commit(np.asarray(kept, dtype=np.int64))
+        kept = np.asarray(kept, dtype=np.int64)
+        if self._prefix is not None:
+            self._prefix.commit(kept)  # same checks: a bad `kept` leaves both sides unchanged
+        self._engine.commit(kept)
 
     def truncate(self, n: int) -> None:
         """Forget committed tokens past ``n``."""
+        if self._prefix is not None:
+            self._prefix.truncate(n)
         self._engine.truncate(n)
 
     def reset(self) -> None:
-        self._engine.truncate(0)
+        self.truncate(0)
 
     def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Committed keys and values of ``layer`` as fp32 [KV, n_past, Dh]."""
+        if self._prefix is not None:
+            if layer < self.gpu_layers:
+                return self._prefix.read_kv(layer, self.n_past)
+            return self._engine.read_kv(layer - self.gpu_layers)
         return self._engine.read_kv(layer)
+
+    @property
+    def gpu_layers(self) -> int:
+        """Layers run on the device (0: all on the CPU)."""
+        return self._engine.first_layer
+
+    @property
+    def device_stats(self) -> dict | None:
+        """With gpu_layers: the device side's transfer and call counters."""
+        return None if self._prefix is None else self._prefix.stats
 
     @property
     def n_past(self) -> int:
