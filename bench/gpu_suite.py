@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(),
               "cpu": platform.processor() or platform.machine(), "threads": target.threads,
               "device": dev_drafts["gpu-spec"]._engine.device_name, "backend": dev_drafts["gpu-spec"]._engine.backend,
-              "cuda_compiled": _core.cuda_compiled(), "draft": str(draft_path), "tree": str(tree),
+              "cuda_compiled": _core.cuda_compiled(), "cublas": _core.cuda_cublas(), "draft": str(draft_path),
+              "tree": str(tree),
               "prompts": len(ps), "max_new_tokens": args.tokens, "gpu_layers": n_off, "draft_agreement": agree,
               "modes": rows}
     lines = [f"# Dovetail GPU suite, {result['date']}", "",

@@ -5,6 +5,7 @@
 #include "common/cpu_features.h"
 #ifdef DOVETAIL_WITH_CUDA
 #include "cuda/runtime.h"
+#include "model/device_ops.h"
 #endif
 
 namespace dovetail::bind {
@@ -24,6 +25,15 @@ int cuda_device_count() {
 #else
   return 0;
 #endif
+}
+
+// The cuBLAS library the CUDA engines would use, or None (not found, or no CUDA build).
+py::object cuda_cublas() {
+#ifdef DOVETAIL_WITH_CUDA
+  const std::string name = cublas_library();
+  if (!name.empty()) return py::str(name);
+#endif
+  return py::none();
 }
 
 }  // namespace
@@ -64,6 +74,8 @@ PYBIND11_MODULE(_core, m) {
         "Force a kernel path: 'scalar', 'avx2' or 'avx512' (ValueError if unsupported here).");
   m.def("cuda_compiled", &bind::cuda_compiled, "True when the CUDA sources were compiled in.");
   m.def("cuda_device_count", &bind::cuda_device_count, "Number of usable CUDA devices (0 without a driver).");
+  m.def("cuda_cublas", &bind::cuda_cublas,
+        "The cuBLAS library the CUDA draft and offload engines open at run time, or None when not found.");
 
   bind::bind_ops(m);
   bind::bind_engine(m);

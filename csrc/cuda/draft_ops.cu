@@ -46,9 +46,14 @@ struct Cublas {
   cublasStatus_t (*gemm_ex)(cublasHandle_t, int, int, int, int, int, const void*, const void*, cudaDataType, int,
                             const void*, cudaDataType, int, const void*, void*, cudaDataType, int, int,
                             int) = nullptr;
+  std::string name;  // the library opened
 
-  static const Cublas& get() {
+  static const Cublas& loaded() {
     static const Cublas lib = load();
+    return lib;
+  }
+  static const Cublas& get() {
+    const Cublas& lib = loaded();
     if (!lib.create)
       throw std::runtime_error("the CUDA draft needs cuBLAS: libcublas.so.13 or .12 was not found "
                                "(install the CUDA toolkit or `pip install nvidia-cublas`, and make it visible "
@@ -61,7 +66,10 @@ struct Cublas {
     Cublas c;
     void* h = nullptr;
     for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"})
-      if ((h = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
+      if ((h = dlopen(name, RTLD_NOW | RTLD_LOCAL))) {
+        c.name = name;
+        break;
+      }
     if (!h) return c;
     auto sym = [&](auto& fn, const char* name) { fn = reinterpret_cast<std::decay_t<decltype(fn)>>(dlsym(h, name)); };
     sym(c.create, "cublasCreate_v2");
@@ -603,5 +611,10 @@ class CudaOps final : public DeviceOps {
 }  // namespace
 
 std::unique_ptr<DeviceOps> make_cuda_ops(int device) { return std::make_unique<CudaOps>(device); }
+
+std::string cublas_library() {
+  const Cublas& c = Cublas::loaded();
+  return c.create ? c.name : std::string();
+}
 
 }  // namespace dovetail

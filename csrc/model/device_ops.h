@@ -113,5 +113,7 @@ std::unique_ptr<DeviceOps> make_host_ops();
 // CUDA backend on `device` (cuda/draft_ops.cu; only in builds with CUDA, DOVETAIL_WITH_CUDA).
 // Throws ValueError when that GPU does not exist.
 std::unique_ptr<DeviceOps> make_cuda_ops(int device);
+// The cuBLAS library the CUDA backend opens ("" when none is found). CUDA builds only.
+std::string cublas_library();
 
 }  // namespace dovetail

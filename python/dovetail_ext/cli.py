@@ -174,6 +174,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cpu_features": _core.cpu_features(),
         "cuda_compiled": _core.cuda_compiled(),
         "cuda_devices": _core.cuda_device_count(),
+        "cuda_cublas": _core.cuda_cublas(),
     }
     try:
         from .formats import load_model_source
