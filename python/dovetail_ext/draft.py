@@ -255,7 +255,7 @@ class Draft:
             frontier = cand[best]
         # The best total_tokens - 1 candidates, ancestors first.
         keep = pool.selected(params.total_tokens, params.min_score)
-        tree = pool.select(params.total_tokens, params.min_score)
+        tree = pool.select(params.total_tokens, params.min_score, keep)
         self._last = dict(tree=tree, pool=pool, keep=keep, row_of=row_of, hist_of=hist_of, scratch_anc=scratch_anc,
                           root_pos=root_pos, params=params, runner_up=runner_up)
         return tree

@@ -153,11 +153,12 @@ class CandidatePool:
         order = np.lexsort((np.arange(1, self.size), -self.scores[1:])) + 1  # best first, ties by index
         return np.sort(np.concatenate([[0], order[:n]]))
 
-    def select(self, total_tokens: int, min_score: float = -np.inf) -> Tree:
+    def select(self, total_tokens: int, min_score: float = -np.inf, keep: np.ndarray | None = None) -> Tree:
         """The tree of the root and the best ``total_tokens - 1`` candidates scoring at
         least ``min_score`` (still closed under ancestors: a parent scores at least as
         much as its child)."""
-        keep = self.selected(total_tokens, min_score)
+        if keep is None:  # (or the caller's :meth:`selected` for the same arguments)
+            keep = self.selected(total_tokens, min_score)
         remap = np.full(self.size, -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         parents = self.parents[keep]
