@@ -156,6 +156,10 @@ def test_cli_draft_device(gen, tmp_path, capsys):
     assert main(args + ["--draft-device", "emulated"]) == 0
     emu = json.loads(capsys.readouterr().out)
     assert emu["mode"] == "speculative" and emu["tokens"] == cpu["tokens"]
+    assert cpu["ahead_tries"] == 0  # overlap is off for a CPU draft unless asked for
+    assert main(args + ["--overlap"]) == 0
+    ahead = json.loads(capsys.readouterr().out)
+    assert ahead["tokens"] == cpu["tokens"] and ahead["ahead_tries"] >= 1
     if not (_core.cuda_compiled() and _core.cuda_device_count() > 0):
         assert main(args + ["--draft-device", "cuda"]) == 2
         assert "CUDA" in capsys.readouterr().err

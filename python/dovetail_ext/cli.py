@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
     g.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft the next tree while the target verifies (default: on with a GPU draft)")
     g.add_argument("--gpu-layers", type=int, default=0, metavar="N",
                    help="run the target's first N layers on --offload-device (partial offload; default 0)")
     g.add_argument("--offload-device", default="cuda", metavar="DEV",
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
     s.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
+    s.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft the next tree while the target verifies (default: on with a GPU draft)")
     s.add_argument("--gpu-layers", type=int, default=0, metavar="N",
                    help="run the target's first N layers on --offload-device (partial offload; default 0)")
     s.add_argument("--offload-device", default="cuda", metavar="DEV",
@@ -124,7 +128,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                       min_prob=pick(args.tree_min_prob, base.min_prob))
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
                weights=args.weights, tree=tree, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
-               offload_device=args.offload_device)
+               offload_device=args.offload_device, overlap=args.overlap)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
               speculative=False if args.no_spec else None)
@@ -139,6 +143,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     s = gen.last_stats
     spec = (f" | tau {s.acceptance_length:.2f} over {s.target_calls} target calls, draft {s.draft_s:.3f} s, "
             f"verify {s.verify_s:.3f} s" if s.mode == "speculative" else "")
+    if s.ahead_tries:
+        spec += f", trees drafted ahead used {s.ahead_hits}/{s.ahead_tries}"
     print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
           f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}", file=sys.stderr)
     return 0
@@ -154,7 +160,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
                weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
-               offload_device=args.offload_device)
+               offload_device=args.offload_device, overlap=args.overlap)
     model_id = args.model_id or default_model_id(gen)
     mode = "speculative" if gen.draft is not None and not args.no_spec else "plain"
     print(f"dovetail: serving {model_id} ({mode} decoding, context {gen.target.context}) on "
