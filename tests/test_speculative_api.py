@@ -124,12 +124,17 @@ def test_draft_argument_of_generate(gen, tmp_path):
         gen.set_draft(before)
 
 
+def _cli_args(gen, tmp_path, new_tokens, topk, depth, tokens):
+    """`dovetail generate` arguments with an untrained draft saved under tmp_path."""
+    DovetailDraft.random(DraftConfig.for_target(gen.source), seed=0, std=0.05).save(tmp_path / "draft", dtype="f32")
+    return ["generate", "Name a fruit.", "--max-new-tokens", str(new_tokens), "--threads", "1", "--json",
+            "--draft", str(tmp_path / "draft"), "--tree-topk", str(topk), "--tree-depth", str(depth),
+            "--tree-tokens", str(tokens)]
+
+
 def test_cli_with_a_draft(gen, tmp_path, capsys):
     from dovetail_ext.cli import main
-    module = DovetailDraft.random(DraftConfig.for_target(gen.source), seed=0, std=0.05)
-    module.save(tmp_path / "draft", dtype="f32")
-    args = ["generate", "Name a fruit.", "--max-new-tokens", "8", "--threads", "1", "--json",
-            "--draft", str(tmp_path / "draft"), "--tree-topk", "4", "--tree-depth", "3", "--tree-tokens", "8"]
+    args = _cli_args(gen, tmp_path, 8, 4, 3, 8)
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "speculative"
@@ -147,10 +152,7 @@ def test_cli_draft_device(gen, tmp_path, capsys):
     same output; a CUDA device in a build or machine without one is a clear error."""
     from dovetail_ext import _core
     from dovetail_ext.cli import main
-    module = DovetailDraft.random(DraftConfig.for_target(gen.source), seed=0, std=0.05)
-    module.save(tmp_path / "draft", dtype="f32")
-    args = ["generate", "Name a fruit.", "--max-new-tokens", "6", "--threads", "1", "--json",
-            "--draft", str(tmp_path / "draft"), "--tree-topk", "2", "--tree-depth", "2", "--tree-tokens", "4"]
+    args = _cli_args(gen, tmp_path, 6, 2, 2, 4)
     assert main(args) == 0
     cpu = json.loads(capsys.readouterr().out)
     assert main(args + ["--draft-device", "emulated"]) == 0

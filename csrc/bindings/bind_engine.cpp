@@ -80,6 +80,31 @@ py::array_t<int32_t, py::array::c_style> int32_vector(const py::handle& obj, con
   return a;
 }
 
+// The argument handling of LlamaEngine.forward / forward_hidden around `run`, which gets
+// (positions, T, ancestors or null, logit rows, logits out, feature rows, features out) and
+// runs without the GIL. Returns (logits [n_logits, V], features [n_features, D]).
+template <typename Run>
+py::tuple target_call(const LlamaEngine& e, const py::handle& pos_obj, int64_t T, const py::handle& anc_obj,
+                      const py::handle& logit_obj, const py::handle& feat_obj, Run&& run) {
+  auto positions = int32_vector(pos_obj, "positions");
+  DT_CHECK(positions.size() == T, "positions has " + std::to_string(positions.size()) + " entries for " +
+                                      std::to_string(T) + " tokens");
+  py::array_t<uint8_t, py::array::c_style> anc;
+  if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, T);
+  auto lrows = row_list(logit_obj, "logit_rows");
+  auto frows = row_list(feat_obj, "feature_rows");
+  DT_CHECK((int64_t)lrows.size() <= e.options().max_batch, "too many logit rows");
+  DT_CHECK((int64_t)frows.size() <= e.options().max_batch, "too many feature rows");
+  py::array_t<float> logits({(int64_t)lrows.size(), e.params().vocab});
+  py::array_t<float> feats({(int64_t)frows.size(), e.params().dim});
+  const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
+  {
+    py::gil_scoped_release nogil;
+    run(positions.data(), T, ap, lrows, logits.mutable_data(), frows, feats.mutable_data());
+  }
+  return py::make_tuple(logits, feats);
+}
+
 py::dict stats_dict(const DeviceDraftStats& s) {
   py::dict d;
   d["calls"] = s.calls; d["replays"] = s.replays;
@@ -122,51 +147,27 @@ void bind_engine(py::module_& m) {
       .def("forward", [](LlamaEngine& e, const py::handle& tok_obj, const py::handle& pos_obj,
                          const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
              auto tokens = int32_vector(tok_obj, "tokens");
-             auto positions = int32_vector(pos_obj, "positions");
-             const int64_t T = tokens.size();
-             DT_CHECK(positions.size() == T, "positions has " + std::to_string(positions.size()) +
-                                                 " entries for " + std::to_string(T) + " tokens");
-             py::array_t<uint8_t, py::array::c_style> anc;
-             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, T);
-             auto lrows = row_list(logit_obj, "logit_rows");
-             auto frows = row_list(feat_obj, "feature_rows");
-             DT_CHECK((int64_t)lrows.size() <= e.options().max_batch, "too many logit rows");
-             DT_CHECK((int64_t)frows.size() <= e.options().max_batch, "too many feature rows");
-             const int64_t V = e.params().vocab, D = e.params().dim;
-             py::array_t<float> logits({(int64_t)lrows.size(), V});
-             py::array_t<float> feats({(int64_t)frows.size(), D});
-             const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
-             {
-               py::gil_scoped_release nogil;
-               e.forward(tokens.data(), positions.data(), T, ap, lrows.data(), (int64_t)lrows.size(),
-                         logits.mutable_data(), frows.data(), (int64_t)frows.size(), feats.mutable_data());
-             }
-             return py::make_tuple(logits, feats);
+             return target_call(e, pos_obj, (int64_t)tokens.size(), anc_obj, logit_obj, feat_obj,
+                                [&](const int32_t* pos, int64_t T, const uint8_t* ap, const std::vector<int64_t>& lr,
+                                    float* logits, const std::vector<int64_t>& fr, float* feats) {
+                                  e.forward(tokens.data(), pos, T, ap, lr.data(), (int64_t)lr.size(), logits,
+                                            fr.data(), (int64_t)fr.size(), feats);
+                                });
            },
            py::arg("tokens"), py::arg("positions"), py::arg("ancestors") = py::none(),
            py::arg("logit_rows") = py::none(), py::arg("feature_rows") = py::none(),
            "Run T tokens; returns (logits [len(logit_rows), V], features [len(feature_rows), D]).")
       .def("forward_hidden", [](LlamaEngine& e, const py::handle& h_obj, const py::handle& pos_obj,
                                 const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
-             auto positions = int32_vector(pos_obj, "positions");
-             const int64_t T = positions.size(), V = e.params().vocab, D = e.params().dim;
              auto hidden = as_array<float>(h_obj, "hidden");
-             check_shape(hidden, {T, D}, "hidden");
-             py::array_t<uint8_t, py::array::c_style> anc;
-             if (!anc_obj.is_none()) anc = ancestor_matrix(anc_obj, T, T);
-             auto lrows = row_list(logit_obj, "logit_rows");
-             auto frows = row_list(feat_obj, "feature_rows");
-             DT_CHECK((int64_t)lrows.size() <= e.options().max_batch, "too many logit rows");
-             DT_CHECK((int64_t)frows.size() <= e.options().max_batch, "too many feature rows");
-             py::array_t<float> logits({(int64_t)lrows.size(), V});
-             py::array_t<float> feats({(int64_t)frows.size(), D});
-             const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
-             {
-               py::gil_scoped_release nogil;
-               e.forward_hidden(hidden.data(), positions.data(), T, ap, lrows.data(), (int64_t)lrows.size(),
-                                logits.mutable_data(), frows.data(), (int64_t)frows.size(), feats.mutable_data());
-             }
-             return py::make_tuple(logits, feats);
+             const int64_t T = hidden.ndim() == 2 ? hidden.shape(0) : -1;
+             check_shape(hidden, {T, e.params().dim}, "hidden");
+             return target_call(e, pos_obj, T, anc_obj, logit_obj, feat_obj,
+                                [&](const int32_t* pos, int64_t n, const uint8_t* ap, const std::vector<int64_t>& lr,
+                                    float* logits, const std::vector<int64_t>& fr, float* feats) {
+                                  e.forward_hidden(hidden.data(), pos, n, ap, lr.data(), (int64_t)lr.size(), logits,
+                                                   fr.data(), (int64_t)fr.size(), feats);
+                                });
            },
            py::arg("hidden"), py::arg("positions"), py::arg("ancestors") = py::none(),
            py::arg("logit_rows") = py::none(), py::arg("feature_rows") = py::none(),

@@ -415,24 +415,15 @@ class CudaOps final : public DeviceOps {
     cuda_check(cudaStreamSynchronize(compute_), "cudaMemcpy (upload)");
   }
 
+  // h2d waits for earlier compute (which may still read dst) and compute waits for it;
+  // d2h waits for the compute so far.
   void h2d(void* dst, const void* staging, size_t bytes) override {
-    select();
-    // The copy waits for earlier compute (which may still read dst), compute waits for it.
-    cuda_check(cudaEventRecord(compute_ready_, compute_), "cudaEventRecord");
-    cuda_check(cudaStreamWaitEvent(copy_, compute_ready_, 0), "cudaStreamWaitEvent");
-    cuda_check(cudaEventRecord(h2d_begin_, copy_), "cudaEventRecord");
-    cuda_check(cudaMemcpyAsync(dst, staging, bytes, cudaMemcpyHostToDevice, copy_), "cudaMemcpyAsync (h2d)");
-    cuda_check(cudaEventRecord(h2d_end_, copy_), "cudaEventRecord");
+    timed_copy(dst, staging, bytes, cudaMemcpyHostToDevice, compute_ready_, h2d_begin_, h2d_end_, "h2d");
     cuda_check(cudaStreamWaitEvent(compute_, h2d_end_, 0), "cudaStreamWaitEvent");
     h2d_pending_ = true;
   }
   void d2h(void* staging, const void* src, size_t bytes) override {
-    select();
-    cuda_check(cudaEventRecord(compute_done_, compute_), "cudaEventRecord");
-    cuda_check(cudaStreamWaitEvent(copy_, compute_done_, 0), "cudaStreamWaitEvent");
-    cuda_check(cudaEventRecord(d2h_begin_, copy_), "cudaEventRecord");
-    cuda_check(cudaMemcpyAsync(staging, src, bytes, cudaMemcpyDeviceToHost, copy_), "cudaMemcpyAsync (d2h)");
-    cuda_check(cudaEventRecord(d2h_end_, copy_), "cudaEventRecord");
+    timed_copy(staging, src, bytes, cudaMemcpyDeviceToHost, compute_done_, d2h_begin_, d2h_end_, "d2h");
     d2h_pending_ = true;
   }
   double finish() override {
@@ -554,6 +545,16 @@ class CudaOps final : public DeviceOps {
   static unsigned grid(long n) { return std::max(1u, std::min(blocks_for(n, kThreads), 4096u)); }
 
   void select() { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
+  // A copy on the copy stream after the compute stream's work so far, between two timing events.
+  void timed_copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaEvent_t after,
+                  cudaEvent_t begin, cudaEvent_t end, const char* what) {
+    select();
+    cuda_check(cudaEventRecord(after, compute_), "cudaEventRecord");
+    cuda_check(cudaStreamWaitEvent(copy_, after, 0), "cudaStreamWaitEvent");
+    cuda_check(cudaEventRecord(begin, copy_), "cudaEventRecord");
+    cuda_check(cudaMemcpyAsync(dst, src, bytes, kind, copy_), what);
+    cuda_check(cudaEventRecord(end, copy_), "cudaEventRecord");
+  }
   // Frees what exists (also after a constructor failure half-way); errors are ignored.
   void destroy() noexcept {
     cudaSetDevice(device_);

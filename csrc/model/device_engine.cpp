@@ -3,7 +3,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <tuple>
 
 #include "common/error.h"
 #include "model/draft.h"
@@ -83,14 +82,14 @@ bf16_t* DeviceStack::upload_bf16(const PackedWeight& w, const int32_t* rows, int
   return p;
 }
 
-// The named [rows_i, cols] weights stacked by rows (one GEMM for q|k|v and gate|up).
-bf16_t* DeviceStack::upload_weights(const WeightMap& w, std::initializer_list<const char*> names, int64_t cols) {
+// The named weights [rows_i, cols] stacked by rows (one GEMM for q|k|v and gate|up);
+// pack_named refuses a missing tensor or a shape that differs, naming it.
+bf16_t* DeviceStack::upload_weights(const WeightMap& w, std::initializer_list<std::pair<std::string, int64_t>> parts,
+                                    int64_t cols) {
   std::vector<bf16_t> host;
   std::vector<float> row((size_t)cols);
-  for (const char* name : names) {
-    auto it = w.find(name);
-    DT_CHECK(it != w.end(), "missing weight '" + std::string(name) + "'");
-    const PackedWeight p = pack_named(w, name, it->second.rows, cols);
+  for (const auto& [name, rows] : parts) {
+    const PackedWeight p = pack_named(w, name, rows, cols);
     for (int64_t r = 0; r < p.rows; ++r) {
       dequantize_row(p, r, row.data());
       for (float v : row) host.push_back(fp32_to_bf16(v));
@@ -131,25 +130,13 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
   // (allocations so far are released by the destructor if a later step throws)
   for (int64_t l = 0; l < L_; ++l) {
     const std::string b = "blk." + std::to_string(l) + ".";
-    const std::string q = b + "attn_q", k = b + "attn_k", v = b + "attn_v", out = b + "attn_output",
-                      g = b + "ffn_gate", u = b + "ffn_up", dn = b + "ffn_down";
-    // Shapes first (names the tensor that does not fit).
-    for (const auto& [name, rows, cols] : {std::tuple{q, QD, D}, {k, KD, D}, {v, KD, D}, {out, D, QD}, {g, F, D},
-                                           {u, F, D}, {dn, D, F}}) {
-      auto it = weights.find(name);
-      DT_CHECK(it != weights.end(), "missing weight '" + name + "'");
-      DT_CHECK(it->second.rows == rows && it->second.cols == cols,
-               "weight '" + name + "' has shape (" + std::to_string(it->second.rows) + ", " +
-                   std::to_string(it->second.cols) + "), expected (" + std::to_string(rows) + ", " +
-                   std::to_string(cols) + ")");
-    }
     LayerBufs lb;
     if (l > 0 || first_has_norm) lb.attn_norm = upload_f32(norm_named(weights, b + "attn_norm", D));
     lb.ffn_norm = upload_f32(norm_named(weights, b + "ffn_norm", D));
-    lb.wqkv = upload_weights(weights, {q.c_str(), k.c_str(), v.c_str()}, D);
-    lb.wo = upload_weights(weights, {out.c_str()}, QD);
-    lb.wgu = upload_weights(weights, {g.c_str(), u.c_str()}, D);
-    lb.wdown = upload_weights(weights, {dn.c_str()}, F);
+    lb.wqkv = upload_weights(weights, {{b + "attn_q", QD}, {b + "attn_k", KD}, {b + "attn_v", KD}}, D);
+    lb.wo = upload_weights(weights, {{b + "attn_output", D}}, QD);
+    lb.wgu = upload_weights(weights, {{b + "ffn_gate", F}, {b + "ffn_up", F}}, D);
+    lb.wdown = upload_weights(weights, {{b + "ffn_down", D}}, F);
     layers_.push_back(lb);
   }
   std::vector<float> c, s;
@@ -344,9 +331,9 @@ DeviceDraftEngine::DeviceDraftEngine(std::unique_ptr<DeviceOps> ops, const Layer
     ops_->upload(vocab_map_, vocab_map.data(), sizeof(int32_t) * vocab_map.size());
   }
   e_norm_ = upload_f32(norm_named(weights, "fuse.e_norm", D));
-  w1_ = upload_weights(weights, {"fuse.w1"}, D);
-  w2_ = upload_weights(weights, {"fuse.w2"}, D);
-  wz_ = upload_weights(weights, {"fuse.wz"}, 2 * D);
+  w1_ = upload_weights(weights, {{"fuse.w1", D}}, D);
+  w2_ = upload_weights(weights, {{"fuse.w2", D}}, D);
+  wz_ = upload_weights(weights, {{"fuse.wz", D}}, 2 * D);
   hist_ = dev<float>(2 * B * D);
   feat_ = dev<float>(B * D); h1_ = dev<float>(B * D); a_ = dev<float>(B * D); zpre_ = dev<float>(B * D);
   logits_ = dev<float>(B * Vd_);

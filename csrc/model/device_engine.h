@@ -81,7 +81,8 @@ class DeviceStack {
 
   template <typename T> T* dev(size_t count);
   bf16_t* upload_bf16(const PackedWeight& w, const int32_t* rows, int64_t n);  // rows null: all
-  bf16_t* upload_weights(const WeightMap& w, std::initializer_list<const char*> names, int64_t cols);
+  bf16_t* upload_weights(const WeightMap& w, std::initializer_list<std::pair<std::string, int64_t>> parts,
+                         int64_t cols);
   float* upload_f32(const std::vector<float>& v);
   void gemm(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy, bool accumulate);
   // Transfer regions sized for the largest call.

@@ -46,20 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument("--draft", metavar="PATH", default=None,
-                   help="draft checkpoint directory for speculative decoding ('auto': the draft "
-                        "shipped for this model)")
-    g.add_argument("--spec", action="store_true",
-                   help="speculative decoding with the draft shipped for this model (same as --draft auto)")
-    g.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
-    g.add_argument("--draft-device", default="cpu", metavar="DEV",
-                   help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
-    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
-                   help="draft the next tree while the target verifies (default: on with a GPU draft)")
-    g.add_argument("--gpu-layers", type=int, default=0, metavar="N",
-                   help="run the target's first N layers on --offload-device (partial offload; default 0)")
-    g.add_argument("--offload-device", default="cuda", metavar="DEV",
-                   help="device for --gpu-layers: cuda (default) or cuda:N")
+    _add_decoding_args(g)
     g.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 1)")
     g.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 1)")
     g.add_argument("--tree-tokens", type=int, default=None,
@@ -71,20 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--draft", metavar="PATH", default=None,
-                   help="draft checkpoint directory for speculative decoding ('auto': the draft "
-                        "shipped for this model)")
-    s.add_argument("--spec", action="store_true",
-                   help="speculative decoding with the draft shipped for this model (same as --draft auto)")
-    s.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
-    s.add_argument("--draft-device", default="cpu", metavar="DEV",
-                   help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
-    s.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
-                   help="draft the next tree while the target verifies (default: on with a GPU draft)")
-    s.add_argument("--gpu-layers", type=int, default=0, metavar="N",
-                   help="run the target's first N layers on --offload-device (partial offload; default 0)")
-    s.add_argument("--offload-device", default="cuda", metavar="DEV",
-                   help="device for --gpu-layers: cuda (default) or cuda:N")
+    _add_decoding_args(s)
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the model file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_args(s)
@@ -98,6 +72,31 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--model", metavar="PATH", default=None)
     return ap
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """The speculation, device and offload options of generate and serve."""
+    p.add_argument("--draft", metavar="PATH", default=None,
+                   help="draft checkpoint directory for speculative decoding ('auto': the draft "
+                        "shipped for this model)")
+    p.add_argument("--spec", action="store_true",
+                   help="speculative decoding with the draft shipped for this model (same as --draft auto)")
+    p.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
+    p.add_argument("--draft-device", default="cpu", metavar="DEV",
+                   help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft the next tree while the target verifies (default: on with a GPU draft)")
+    p.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                   help="run the target's first N layers on --offload-device (partial offload; default 0)")
+    p.add_argument("--offload-device", default="cuda", metavar="DEV",
+                   help="device for --gpu-layers: cuda (default) or cuda:N")
+
+
+def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """load() arguments from _add_model_args / _add_decoding_args options (model, context and
+    threads aside)."""
+    return dict(weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
+                offload_device=args.offload_device, overlap=args.overlap)
 
 
 def _draft_arg(args: argparse.Namespace) -> str | None:
@@ -127,8 +126,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                       total_tokens=pick(args.tree_tokens, base.total_tokens),
                       min_prob=pick(args.tree_min_prob, base.min_prob))
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               weights=args.weights, tree=tree, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
-               offload_device=args.offload_device, overlap=args.overlap)
+               tree=tree, **_load_kwargs(args))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
               speculative=False if args.no_spec else None)
@@ -159,8 +157,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .api import load
 
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
-               offload_device=args.offload_device, overlap=args.overlap)
+               **_load_kwargs(args))
     model_id = args.model_id or default_model_id(gen)
     mode = "speculative" if gen.draft is not None and not args.no_spec else "plain"
     print(f"dovetail: serving {model_id} ({mode} decoding, context {gen.target.context}) on "
