@@ -249,6 +249,7 @@ class Generator:
                 state = SpecState(root=pending[0], features=self._features[done:len(ids)].copy(),
                                   next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
                 times = SpecTimes()
+                overlap = self.overlap if self.overlap is not None else self.draft.device.startswith("cuda")
         stats.prefill_s = time.perf_counter() - t0
 
         decoder = self.tokenizer.stream_decoder()
@@ -279,7 +280,6 @@ class Generator:
                 stats.target_calls += 1
                 root = pending[-1]
                 if spec:
-                    overlap = self.overlap if self.overlap is not None else self.draft.device.startswith("cuda")
                     pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser,
                                                           times, overlap=overlap)
                     self._keep_features(committed)

@@ -10,9 +10,9 @@
     5. target.commit(path); the path's features go to the draft with the next tokens
     6. emit the accepted drafted tokens and the bonus
 
-With ``overlap``, the draft works during step 3: it guesses the outcome (the tree's chain
-of best-scored children all accepted, its own top-1 successor as the bonus), commits that
-guess and drafts the next tree for it (``Draft.predraft``). When verification agrees, the
+With ``overlap``, the draft works during step 3: it guesses the outcome (the accepted path
+and bonus token it finds most likely), commits that guess and drafts the next tree for it
+(``Draft.predraft``). When verification agrees, the
 next step verifies that tree at once, with no drafting in between; otherwise the guess is
 undone. Either way the output is the target's: the tree only decides what is checked.
 """
