@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dovetail_ext import reference
+from dovetail_ext.quant import quantize
 from dovetail_ext.target import TargetEngine
 from native_helpers import (isa_params, make_source, random_tree, random_weights, tiny_config, tree_ancestors,
                             tree_depths, use_isa)
@@ -78,6 +79,25 @@ def test_forward_matches_reference_every_format(isa, dtype):
     tol = 3e-4 if dtype in ("f32", "f16", "bf16") else 4e-2
     np.testing.assert_allclose(logits, want_l.numpy(), rtol=0, atol=tol * scale)
     np.testing.assert_allclose(feats, want_f.numpy(), rtol=0, atol=tol * np.abs(want_f.numpy()).max())
+
+
+def test_mixed_formats_within_a_layer_match_reference(isa):
+    """q|k|v and gate|up run as one stacked matrix when their parts share a format; a layer
+    whose parts differ (as in llama.cpp's mixed quantizations) runs them apart and must give
+    the same model."""
+    cfg = tiny_config(gqa=3, tied=False)
+    w = random_weights(cfg, seed=13)
+    src = make_source(cfg, w, "q8_0", embd_dtype="q8_0")
+    for name, dtype in (("blk.0.attn_v", "q4_0"), ("blk.1.ffn_up", "f16"), ("blk.1.attn_k", "q4_1")):
+        src.weights[name] = quantize(w[name], dtype)
+    eng = TargetEngine(src, context=64, threads=2)
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 7)
+    logits, feats = eng.forward(ids, logit_rows=range(7), feature_rows=range(7))
+    model = reference.LlamaReference.from_source(src)
+    with torch.no_grad():
+        want_l, want_f = model(torch.from_numpy(ids), None, None, model.new_cache(16))
+    np.testing.assert_allclose(logits, want_l.numpy(), rtol=0, atol=4e-2 * np.abs(want_l.numpy()).max())
+    np.testing.assert_allclose(feats, want_f.numpy(), rtol=0, atol=4e-2 * np.abs(want_f.numpy()).max())
 
 
 @pytest.mark.parametrize("dtype", ["f32", "q4_1", "q8_0"])

@@ -34,6 +34,30 @@ PackedWeight pack_named(const WeightMap& w, const std::string& name, int64_t row
   }
 }
 
+PackedWeight pack_stacked(const WeightMap& w, const std::vector<std::pair<std::string, int64_t>>& parts,
+                          int64_t cols) {
+  std::vector<const WeightView*> views;
+  int64_t rows = 0;
+  size_t bytes = 0;
+  for (const auto& [name, r] : parts) {
+    views.push_back(&need(w, name, r, cols));
+    if (views.back()->type != views.front()->type) return {};
+    rows += r;
+    bytes += views.back()->nbytes;
+  }
+  std::vector<uint8_t> joined(bytes);
+  size_t at = 0;
+  for (const WeightView* v : views) {
+    std::memcpy(joined.data() + at, v->data, v->nbytes);
+    at += v->nbytes;
+  }
+  try {
+    return pack_weight(views.front()->type, rows, cols, joined.data(), bytes);
+  } catch (const ValueError&) {
+    return {};  // a malformed part: packed apart, where its error names it
+  }
+}
+
 std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n) {
   const WeightView& v = need(w, name, 1, n);
   DT_CHECK(v.type == WType::F32 && v.nbytes == (size_t)n * 4, "norm weight '" + name + "' must be f32");
@@ -50,12 +74,18 @@ std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, in
     LayerWeights& L = layers[l];
     if (first + l > 0 || first_has_norm) L.attn_norm = norm_named(w, b + "attn_norm", D);
     L.ffn_norm = norm_named(w, b + "ffn_norm", D);
-    L.wq = pack_named(w, b + "attn_q", QD, D);
-    L.wk = pack_named(w, b + "attn_k", KD, D);
-    L.wv = pack_named(w, b + "attn_v", KD, D);
+    L.wqkv = pack_stacked(w, {{b + "attn_q", QD}, {b + "attn_k", KD}, {b + "attn_v", KD}}, D);
+    if (!L.wqkv.rows) {
+      L.wq = pack_named(w, b + "attn_q", QD, D);
+      L.wk = pack_named(w, b + "attn_k", KD, D);
+      L.wv = pack_named(w, b + "attn_v", KD, D);
+    }
     L.wo = pack_named(w, b + "attn_output", D, QD);
-    L.w_gate = pack_named(w, b + "ffn_gate", F, D);
-    L.w_up = pack_named(w, b + "ffn_up", F, D);
+    L.w_gate_up = pack_stacked(w, {{b + "ffn_gate", F}, {b + "ffn_up", F}}, D);
+    if (!L.w_gate_up.rows) {
+      L.w_gate = pack_named(w, b + "ffn_gate", F, D);
+      L.w_up = pack_named(w, b + "ffn_up", F, D);
+    }
     L.w_down = pack_named(w, b + "ffn_down", D, F);
   }
   return layers;
@@ -75,7 +105,7 @@ LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, con
   rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_);
   xn_.resize(B * D); tmp_.resize(B * D);
   q_.resize(B * QD); att_.resize(B * QD); k_.resize(B * KD); v_.resize(B * KD);
-  gate_.resize(B * F); up_.resize(B * F);
+  gate_.resize(B * F); up_.resize(B * F); fused_.resize(B * std::max(2 * F, QD + 2 * KD));
   scores_.resize((size_t)o.threads * (o.context + B));
   anc_bits_.resize((size_t)(B * ((B + 63) / 64)));
   qa_.reserve(B, std::max({D, F, QD}));
@@ -90,7 +120,8 @@ void LayerStack::set_threads(int n) {
 size_t LayerStack::weight_bytes() const {
   size_t total = 0;
   for (const LayerWeights& L : layers_)
-    for (const PackedWeight* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) total += w->data.size();
+    for (const PackedWeight* w : {&L.wqkv, &L.w_gate_up, &L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
+      total += w->data.size();
   return total;
 }
 
@@ -175,9 +206,20 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       rmsnorm(x, L.attn_norm.data(), xn_.data(), T, D, d_.eps);
       xin = xn_.data();
     }
-    linear_rows(L.wq, xin, T, q_.data(), true);
-    linear_rows(L.wk, xin, T, k_.data(), L.wk.type != L.wq.type);
-    linear_rows(L.wv, xin, T, v_.data(), L.wv.type != L.wk.type);
+    if (L.wqkv.rows) {
+      const int64_t QKV = QD + 2 * KD;
+      linear_rows(L.wqkv, xin, T, fused_.data(), true);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* row = fused_.data() + t * QKV;
+        std::memcpy(q_.data() + t * QD, row, sizeof(float) * QD);
+        std::memcpy(k_.data() + t * KD, row + QD, sizeof(float) * KD);
+        std::memcpy(v_.data() + t * KD, row + QD + KD, sizeof(float) * KD);
+      }
+    } else {
+      linear_rows(L.wq, xin, T, q_.data(), true);
+      linear_rows(L.wk, xin, T, k_.data(), L.wk.type != L.wq.type);
+      linear_rows(L.wv, xin, T, v_.data(), L.wv.type != L.wk.type);
+    }
     rope_inplace(q_.data(), T, H, Dh, QD, positions, cos_.data(), sin_.data());
     rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos_.data(), sin_.data());
     kv_.store((int64_t)l, n_past_ + P, k_.data(), v_.data(), T);
@@ -188,9 +230,14 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
     add_inplace(x, tmp_.data(), T * D);
     // FFN block: x += W_down (silu(W_gate xn) * W_up xn); xn = rmsnorm(x)
     rmsnorm(x, L.ffn_norm.data(), xn_.data(), T, D, d_.eps);
-    linear_rows(L.w_gate, xn_.data(), T, gate_.data(), true);
-    linear_rows(L.w_up, xn_.data(), T, up_.data(), L.w_up.type != L.w_gate.type);
-    swiglu(gate_.data(), up_.data(), gate_.data(), T * F);
+    if (L.w_gate_up.rows) {
+      linear_rows(L.w_gate_up, xn_.data(), T, fused_.data(), true);
+      for (int64_t t = 0; t < T; ++t) swiglu(fused_.data() + t * 2 * F, fused_.data() + t * 2 * F + F, gate_.data() + t * F, F);
+    } else {
+      linear_rows(L.w_gate, xn_.data(), T, gate_.data(), true);
+      linear_rows(L.w_up, xn_.data(), T, up_.data(), L.w_up.type != L.w_gate.type);
+      swiglu(gate_.data(), up_.data(), gate_.data(), T * F);
+    }
     linear_rows(L.w_down, gate_.data(), T, tmp_.data(), true);
     add_inplace(x, tmp_.data(), T * D);
   }

@@ -40,11 +40,20 @@ struct WeightView {
 using WeightMap = std::map<std::string, WeightView>;
 
 PackedWeight pack_named(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols);
+// The named matrices (each {name, rows}, all with `cols` columns) stacked row-wise into one
+// packed weight; empty (rows == 0) when their formats differ. Rows are computed exactly as
+// in the separate matrices, so a stacked product equals the separate ones bit for bit.
+PackedWeight pack_stacked(const WeightMap& w, const std::vector<std::pair<std::string, int64_t>>& parts,
+                          int64_t cols);
 std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n);
 
 struct LayerWeights {
   std::vector<float> attn_norm;  // empty: no input norm (the draft's first layer)
   std::vector<float> ffn_norm;
+  // q|k|v and gate|up are stored as one matrix each when their parts share a format (one
+  // pass over the activations, one parallel dispatch); otherwise wqkv / w_gate_up are
+  // empty and the parts are kept apart.
+  PackedWeight wqkv, w_gate_up;
   PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
 };
 
@@ -93,7 +102,7 @@ class LayerStack {
   KvCache kv_;
   std::vector<float> cos_, sin_;
   int64_t n_past_ = 0, pending_ = 0;
-  Buffer<float> xn_, q_, k_, v_, att_, gate_, up_, tmp_, scores_;
+  Buffer<float> xn_, q_, k_, v_, att_, gate_, up_, tmp_, scores_, fused_;
   Buffer<uint64_t> anc_bits_;
   QActs qa_;
 };
