@@ -16,7 +16,7 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     from dovetail_ext import _core
     device = "cuda" if _core.cuda_compiled() and _core.cuda_device_count() > 0 else "emulated"
     rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--gpu-layers", "2",
-                         "--out", str(tmp_path)])
+                         "--sweep-threads", "1,2", "--sweep-trees", "1:1:2,2:2:4", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert rc == 0 and all(m["identical_to_plain"] for m in result["modes"])
     modes = {m["mode"]: m for m in result["modes"]}
@@ -25,3 +25,8 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     # Per step the device draft takes the accepted features in and gives token ids back.
     assert 0 < modes["gpu-spec-eager"]["d2h_bytes_per_step"] < modes["gpu-spec-eager"]["h2d_bytes_per_step"]
     assert (tmp_path / "gpu_suite.md").read_text().count("|") > 20
+    # The sweep: plain decoding per thread count, the GPU-draft mode per thread count and tree.
+    sweep = [(r["threads"], r["mode"], r["tree"]) for r in result["sweep"]]
+    assert sweep == [(t, m, tree) for t in (1, 2) for m, tree in
+                     (("cpu-plain", "-"), ("gpu-spec", "1:1:2"), ("gpu-spec", "2:2:4"))]
+    assert all(r["identical_to_plain"] for r in result["sweep"])

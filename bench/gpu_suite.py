@@ -17,6 +17,11 @@ so its reference is offload-plain). Also the CUDA draft's agreement with the CPU
 the same inputs.
 
   python bench/gpu_suite.py --out DIR [--prompts 8] [--tokens 128] [--threads N]
+      [--sweep-threads 4,8,16] [--sweep-trees 1:1:2,1:3:4,4:4:8]
+
+The sweep adds a second table: plain decoding at each CPU thread count, and the GPU-draft
+speculative mode at each thread count and tree (top_k:depth:total_tokens), each against
+plain decoding at the same thread count and against the fastest plain decoding.
   python bench/gpu_suite.py --device emulated --prompts 1 --tokens 8   (no GPU: a smoke run)
 """
 
@@ -76,7 +81,17 @@ def main(argv=None) -> int:
     ap.add_argument("--draft", default=None, help="draft checkpoint (default: the shipped draft)")
     ap.add_argument("--gpu-layers", type=int, default=None,
                     help="target layers on the GPU in the offload modes (default: half of them)")
+    ap.add_argument("--sweep-threads", default="", help="CPU thread counts for the sweep table, e.g. 4,8,16")
+    ap.add_argument("--sweep-trees", default="",
+                    help="trees for the sweep table as top_k:depth:total_tokens, e.g. 1:1:2,1:3:4,4:4:8")
     args = ap.parse_args(argv)
+    try:
+        sweep_threads = [int(t) for t in args.sweep_threads.split(",") if t]
+        sweep_trees = [tuple(int(v) for v in t.split(":")) for t in args.sweep_trees.split(",") if t]
+        if any(len(t) != 3 for t in sweep_trees) or any(t < 1 for t in sweep_threads):
+            raise ValueError
+    except ValueError:
+        ap.error("--sweep-threads takes positive integers and --sweep-trees top_k:depth:total_tokens triples")
 
     from dovetail_ext import _core
     from dovetail_ext.api import Generator
@@ -99,7 +114,7 @@ def main(argv=None) -> int:
     ps = prompts(args.prompts)
     tree = TreeParams()
 
-    def run(mode: str, draft, on=None) -> dict:
+    def run(mode: str, draft, on=None, tree=tree) -> dict:
         gen = Generator(source, on or target, draft, overlap=overlap.get(mode, False))
         before = dict(draft.stats) if draft is not None and draft.stats else None
         res = [gen.generate(p, max_new_tokens=args.tokens, speculative=draft is not None, tree=tree) for p in ps]
@@ -132,8 +147,28 @@ def main(argv=None) -> int:
         ref = rows[-2] if r["mode"].startswith("offload") else base
         r["ratio_vs_cpu_plain"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["identical_to_plain"] = r["outputs"] == ref["outputs"]
+    base_outputs = base["outputs"]
     for r in rows:
         r.pop("outputs")
+
+    sweep = []
+    if sweep_threads or sweep_trees:
+        threads0 = target.threads
+        for th in sweep_threads or [threads0]:
+            target.threads = th
+            plain = run("cpu-plain", None)
+            sweep.append(dict(plain, threads=th, tree="-", identical_to_plain=plain["outputs"] == base_outputs))
+            for t in sweep_trees or [(tree.top_k, tree.depth, tree.total_tokens)]:
+                tp = TreeParams(top_k=t[0], depth=t[1], total_tokens=t[2])
+                r = run("gpu-spec", dev_drafts["gpu-spec"], tree=tp)
+                r.update(threads=th, tree=":".join(map(str, t)), identical_to_plain=r["outputs"] == plain["outputs"],
+                         ratio_vs_plain_same_threads=r["tokens_per_s"] / plain["tokens_per_s"])
+                sweep.append(r)
+        target.threads = threads0
+        best = max(r["tokens_per_s"] for r in sweep if r["mode"] == "cpu-plain")
+        for r in sweep:
+            r.pop("outputs")
+            r["ratio_vs_best_plain"] = r["tokens_per_s"] / best
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(),
               "cpu": platform.processor() or platform.machine(), "threads": target.threads,
@@ -141,7 +176,7 @@ def main(argv=None) -> int:
               "cuda_compiled": _core.cuda_compiled(), "cublas": _core.cuda_cublas(), "draft": str(draft_path),
               "tree": str(tree),
               "prompts": len(ps), "max_new_tokens": args.tokens, "gpu_layers": n_off, "draft_agreement": agree,
-              "modes": rows}
+              "modes": rows, "sweep": sweep}
     lines = [f"# Dovetail GPU suite, {result['date']}", "",
              f"Device: {result['device']} ({result['backend']}); CPU threads {result['threads']}; "
              f"{len(ps)} HumanEval prompts, greedy, {args.tokens} new tokens, tree {tree}; offload modes: "
@@ -155,6 +190,18 @@ def main(argv=None) -> int:
                      f"{b} | {ahead} | {'yes' if r['identical_to_plain'] else 'NO'} |")
     lines += ["", "Draft agreement (CUDA vs CPU draft, same inputs): " +
               ", ".join(f"{k} {v:.3g}" for k, v in agree.items()), ""]
+    if sweep:
+        lines += ["Sweep: CPU threads x tree (top_k:depth:total_tokens), GPU draft; ratios against plain decoding "
+                  "at the same thread count and against the fastest plain decoding.", "",
+                  "| threads | mode | tree | tok/s | vs plain, same threads | vs fastest plain | tau | draft ms/step | "
+                  "verify ms/step | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sweep:
+            calls = max(1.0, r["new_tokens"] / r["tau"])
+            lines.append(f"| {r['threads']} | {r['mode']} | {r['tree']} | {r['tokens_per_s']:.1f} | "
+                         f"{r.get('ratio_vs_plain_same_threads', 1.0):.2f}x | {r['ratio_vs_best_plain']:.2f}x | "
+                         f"{r['tau']:.2f} | {1e3 * r['draft_s'] / calls:.2f} | {1e3 * r['verify_s'] / calls:.2f} | "
+                         f"{'yes' if r.get('identical_to_plain', True) else 'NO'} |")
+        lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -162,7 +209,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_suite.json").write_text(json.dumps(result, indent=2))
         (out / "gpu_suite.md").write_text(text)
-    return 0 if all(r["identical_to_plain"] for r in rows) else 1
+    return 0 if all(r.get("identical_to_plain", True) for r in rows + sweep) else 1
 
 
 if __name__ == "__main__":
