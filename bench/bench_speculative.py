@@ -5,8 +5,8 @@ and whether the outputs are identical (they must be: greedy speculation is lossl
 
 The draft is the one shipped for the default model, or the checkpoint directory in
 ``DOVETAIL_BENCH_DRAFT``; without either, an untrained draft (tau near 1: no speedup).
-``test_tree_sweep`` measures tau and tokens/s per tree shape: the data behind the default
-tree (``TreeParams()``).
+``test_tree_sweep`` measures tau and tokens/s per tree shape, every step drafting: the data
+behind the default tree (``TreeParams()``).
 """
 
 from __future__ import annotations
@@ -49,25 +49,33 @@ def spec_gen(default_source, threads):
     return Generator(default_source, target, draft), label
 
 
-def _run(gen, prompts, n, **kw):
-    results = [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
+def _run(gen, prompts, n, adaptive=None, **kw):
+    gen.adaptive = adaptive
+    try:
+        results = [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
+    finally:
+        gen.adaptive = None
     toks = sum(r.stats.new_tokens for r in results)
     secs = sum(r.stats.decode_s for r in results)
     calls = sum(r.stats.target_calls for r in results)
     return results, dict(tokens_per_s=toks / secs, new_tokens=toks, target_calls=calls,
                          acceptance_length=toks / max(calls, 1),
                          draft_s=sum(r.stats.draft_s for r in results),
-                         verify_s=sum(r.stats.verify_s for r in results))
+                         verify_s=sum(r.stats.verify_s for r in results),
+                         plain_steps=sum(r.stats.plain_steps for r in results))
 
 
-@pytest.mark.parametrize("mode", ["plain", "speculative"])
+@pytest.mark.parametrize("mode", ["plain", "speculative", "speculative-fixed"])
 def test_decode_modes(benchmark, spec_gen, record, mode):
+    """plain; speculative as generate() does it by default (greedy: adaptive, plain steps
+    while speculation measures slower); speculative-fixed (every step drafts)."""
     gen, label = spec_gen
     n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(2))
     out = {}
 
     def run():
-        out["results"], out["entry"] = _run(gen, prompts, n, speculative=mode == "speculative")
+        out["results"], out["entry"] = _run(gen, prompts, n, speculative=mode != "plain",
+                                            adaptive=False if mode == "speculative-fixed" else None)
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     entry = dict(out["entry"], draft=label, prompts="HumanEval", tokens=[r.tokens for r in out["results"]])
     benchmark.extra_info.update({k: v for k, v in entry.items() if k != "tokens"})
@@ -85,7 +93,7 @@ def test_tree_sweep(benchmark, spec_gen, record):
     def run():
         plain, rows["plain"] = _run(gen, prompts, n, speculative=False)
         for shape in TREES:
-            res, rows[str(shape)] = _run(gen, prompts, n, speculative=True, tree=TreeParams(*shape))
+            res, rows[str(shape)] = _run(gen, prompts, n, speculative=True, tree=TreeParams(*shape), adaptive=False)
             assert [r.tokens for r in res] == [r.tokens for r in plain], f"tree {shape} changed the output"
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     base = rows["plain"]["tokens_per_s"]

@@ -11,7 +11,7 @@ from scipy import stats
 from dovetail_ext.draft import Draft
 from dovetail_ext.draft_model import DovetailDraft, DraftConfig
 from dovetail_ext.sampling import SamplingParams, TokenChooser, accept_sampled, target_probs
-from dovetail_ext.speculative import SpecState, SpecTimes, speculative_step
+from dovetail_ext.speculative import Governor, SpecState, SpecTimes, speculative_step
 from dovetail_ext.target import TargetEngine
 from dovetail_ext.tree import CandidatePool, TreeParams, build_tree
 from native_helpers import make_source, random_tree, random_weights, tiny_config, tree_ancestors, tree_depths
@@ -160,6 +160,69 @@ def test_greedy_with_native_draft_equals_plain(params):
                                           TokenChooser(SamplingParams()), times)
             out += emitted
         assert out[:40] == truth
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_greedy_with_plain_steps_interleaved_equals_plain(overlap):
+    """Steps that do not draft (the adaptive governor's plain steps) in any pattern between
+    drafting steps: the draft catches up on their features, and greedy output stays exact."""
+    src, target = tiny_target(vocab=16, embd_scale=0.3)
+    draft = random_draft(src, target, seed=4, std=0.3)
+    rng = np.random.default_rng(8)
+    times = SpecTimes()
+    kinds = set()
+    for trial in range(4):
+        prompt = rng.integers(0, 16, int(rng.integers(2, 20))).tolist()
+        truth = plain_greedy(target, prompt, 40)
+        state = start_state(target, draft, prompt, truth[0])
+        out = [truth[0]]
+        while len(out) < 40:
+            drafting = bool(rng.random() < 0.4)
+            kinds.add(drafting or state.ready is not None)
+            emitted, _ = speculative_step(state, target, draft, TreeParams(2, 3, 6), SamplingParams(),
+                                          TokenChooser(SamplingParams()), times, overlap=overlap, drafting=drafting)
+            out += emitted
+        assert out[:40] == truth
+    assert kinds == {True, False}
+    assert max(times.history) > 1  # drafted tokens were accepted after plain stretches
+
+
+def test_governor_measures_then_follows_the_faster_mode():
+    g = Governor(alpha=0.5, probe_min=2, probe_max=8)
+    assert g.drafting() and g.speculation_pays() is None
+    g.record(True, 9.0, 3)            # first speculative step: the draft's prompt pass, not timed
+    assert g.spec_s is None and g.drafting()
+    g.record(True, 4e-3, 3)
+    assert g.spec_s == 4e-3 and g.tau == 3.0
+    assert not g.drafting()           # one plain step to measure
+    g.record(False, 3e-3, 1)
+    assert g.plain_steps == 1 and g.speculation_pays() and g.drafting()
+    g.record(True, 5e-3, 3)           # first step after a plain one: the draft catches up, not timed
+    assert g.spec_s == 4e-3 and g.drafting()
+
+
+def test_governor_backs_off_while_speculation_loses():
+    g = Governor(alpha=1.0, probe_min=2, probe_max=8)
+    g.record(True, 1.0, 1); g.record(True, 5e-3, 1); g.record(False, 3e-3, 1)
+    assert g.drafting()               # rates known; no loss recorded yet
+    waits = []
+    for _ in range(5):
+        g.record(True, 5e-3, 1)       # a try that loses: 1 token in 5 ms against 3 ms
+        n = 0
+        while not g.drafting():
+            g.record(False, 3e-3, 1)
+            n += 1
+        waits.append(n)
+    assert waits == [2, 4, 8, 8, 8]
+    g.record(True, 5e-3, 4)           # a try that wins (tau rises) resets the interval
+    g.record(True, 5e-3, 4)
+    assert g.speculation_pays() and g.drafting() and g.backoff == 2
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.0), dict(alpha=1.5), dict(probe_min=0), dict(probe_min=4, probe_max=2)])
+def test_governor_rejects_bad_settings(kw):
+    with pytest.raises(ValueError, match="Governor"):
+        Governor(**kw)
 
 
 @pytest.mark.parametrize("params", SHAPES, ids=str)
@@ -313,14 +376,17 @@ def _exact_first3(target, prompt, params, V):
     return probs
 
 
-@pytest.mark.parametrize("params,overlap", [(SamplingParams(temperature=1.0, seed=11), False),
-                                            (SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=12), False),
-                                            (SamplingParams(temperature=1.0, seed=13), True)],
-                         ids=["t1.0", "t0.7-topp0.9-topk5", "t1.0-overlap"])
-def test_speculative_sampling_has_the_target_distribution(params, overlap):
+@pytest.mark.parametrize("params,overlap,mixed", [(SamplingParams(temperature=1.0, seed=11), False, False),
+                                                  (SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=12), False,
+                                                   False),
+                                                  (SamplingParams(temperature=1.0, seed=13), True, False),
+                                                  (SamplingParams(temperature=1.0, seed=14), False, True)],
+                         ids=["t1.0", "t0.7-topp0.9-topk5", "t1.0-overlap", "t1.0-plain-steps"])
+def test_speculative_sampling_has_the_target_distribution(params, overlap, mixed):
     """End to end: the first three tokens under speculative sampling (a random draft that
     disagrees with the target) follow the target's own distribution (G-test, 50,000 draws);
-    also when trees are drafted ahead for a guessed outcome (overlap) and used when it holds."""
+    also when trees are drafted ahead for a guessed outcome (overlap) and used when it holds,
+    and when steps that do not draft (plain steps) come between drafting ones."""
     V = 8
     src, target = tiny_target(vocab=V, seed=7, dtype="f32", context=64, embd_scale=0.1)
     draft = random_draft(src, target, seed=9, std=0.5)
@@ -337,13 +403,16 @@ def test_speculative_sampling_has_the_target_distribution(params, overlap):
     n = 50000
     counts = np.zeros((V, V, V), dtype=np.int64)
     times = SpecTimes()
+    pattern = np.random.default_rng(15)  # which steps draft (mixed)
     for _ in range(n):
         target.truncate(len(prompt)); draft.truncate(len(prompt) - 1)
         first = chooser.draw(p1)
         state = SpecState(root=first, features=feats[-1:], next_tokens=np.array([first]))
         out = [first]
         while len(out) < 3:
-            emitted, _ = speculative_step(state, target, draft, tree, params, chooser, times, overlap=overlap)
+            drafting = not mixed or bool(pattern.random() < 0.5)
+            emitted, _ = speculative_step(state, target, draft, tree, params, chooser, times, overlap=overlap,
+                                          drafting=drafting)
             out += emitted
         counts[out[0], out[1], out[2]] += 1
     if overlap:

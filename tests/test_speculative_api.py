@@ -71,6 +71,36 @@ def test_stats_and_seeded_sampling(gen):
     assert 1.0 <= s.acceptance_length <= gen.tree.depth + 1
 
 
+def test_adaptive_governor_through_generate(gen, monkeypatch):
+    """Greedy decoding is adaptive by default, sampling is not (a seeded sample must not
+    depend on timings). Whatever the governor decides, step by step, the output is plain
+    decoding's: checked here with its decisions forced into a fixed pattern."""
+    from dovetail_ext import speculative
+
+    assert gen.adaptive is None
+    r = gen.generate("Tell me a story.", max_new_tokens=16, temperature=0.8, seed=5, speculative=True)
+    assert r.stats.plain_steps == 0
+    off = gen.generate("Explain what a hash map is.", max_new_tokens=24, speculative=True, tree=SHAPES[1])
+    gen.adaptive = False
+    try:
+        fixed = gen.generate("Explain what a hash map is.", max_new_tokens=24, speculative=True, tree=SHAPES[1])
+    finally:
+        gen.adaptive = None
+    assert fixed.stats.plain_steps == 0 and fixed.tokens == off.tokens
+
+    decisions = []
+    pattern = [True, True, False, False, True, False, True, True, True, False]
+    monkeypatch.setattr(speculative.Governor, "drafting",
+                        lambda self: decisions.append(pattern[len(decisions) % len(pattern)]) or decisions[-1])
+    for prompt in PROMPTS[::5]:
+        decisions.clear()
+        plain = gen.generate(prompt, max_new_tokens=24, speculative=False)
+        spec = gen.generate(prompt, max_new_tokens=24, speculative=True, tree=SHAPES[1])
+        assert spec.tokens == plain.tokens, prompt
+        assert spec.stats.plain_steps == decisions.count(False) > 0
+        assert spec.stats.target_calls == len(decisions)
+
+
 def test_edge_cases(gen):
     r = gen.generate("hello", max_new_tokens=0, speculative=True)
     assert r.tokens == [] and r.stats.stop_reason == "length"
@@ -138,8 +168,11 @@ def test_cli_with_a_draft(gen, tmp_path, capsys):
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "speculative"
-    for key in ("acceptance_length", "target_calls", "draft_s", "verify_s"):
+    for key in ("acceptance_length", "target_calls", "draft_s", "verify_s", "plain_steps"):
         assert key in out
+    assert main(args + ["--no-adaptive"]) == 0
+    fixed = json.loads(capsys.readouterr().out)
+    assert fixed["plain_steps"] == 0 and fixed["tokens"] == out["tokens"]
     assert main(args + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["mode"] == "plain" and plain["tokens"] == out["tokens"]

@@ -46,6 +46,7 @@ class GenerationStats:
     cached_prompt_tokens: int = 0
     target_calls: int = 0  # target forwards while decoding (prefill chunks not counted)
     acceptance_length: float = 0.0  # tokens emitted per target call while decoding (tau)
+    plain_steps: int = 0  # speculative mode: target calls made without drafting (adaptive)
     draft_s: float = 0.0
     verify_s: float = 0.0
     accept_s: float = 0.0
@@ -104,7 +105,8 @@ class Generator:
     """
 
     def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
-                 tree: TreeParams | None = None, overlap: bool | None = None) -> None:
+                 tree: TreeParams | None = None, overlap: bool | None = None,
+                 adaptive: bool | None = None) -> None:
         self.source = source
         self.target = target
         self.draft = draft
@@ -112,6 +114,10 @@ class Generator:
         # Draft the next tree while the target verifies (speculative.py); None: when the
         # draft runs on a GPU (on the CPU the two would share the same cores).
         self.overlap = overlap
+        # Decode plainly while speculation measures slower (speculative.Governor); None: for
+        # greedy decoding only, so that seeded sampling stays reproducible (which steps
+        # draft depends on timings, and it changes which random numbers are drawn).
+        self.adaptive = adaptive
         if draft is not None:
             draft.check_tree(self.tree)
         self.tokenizer = source.tokenizer
@@ -241,7 +247,7 @@ class Generator:
             logits = self._prefill(ids, stats, with_features=spec)
             pending = [chooser(logits[0])]  # the target's own first token
             if spec:
-                from .speculative import SpecState, SpecTimes, speculative_step
+                from .speculative import Governor, SpecState, SpecTimes, speculative_step
                 # Draft pair j is (f_j, x_{j+1}): it stays valid while x_{j+1} lies in the prefix
                 # the target kept from the last call.
                 done = max(0, min(self.draft.n_past, stats.cached_prompt_tokens - 1))
@@ -250,6 +256,8 @@ class Generator:
                                   next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
                 times = SpecTimes()
                 overlap = self.overlap if self.overlap is not None else self.draft.device.startswith("cuda")
+                adaptive = self.adaptive if self.adaptive is not None else params.greedy
+                governor = Governor() if adaptive else None
         stats.prefill_s = time.perf_counter() - t0
 
         decoder = self.tokenizer.stream_decoder()
@@ -280,8 +288,12 @@ class Generator:
                 stats.target_calls += 1
                 root = pending[-1]
                 if spec:
+                    drafting = governor is None or governor.drafting() or state.ready is not None
+                    ts = time.perf_counter()
                     pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser,
-                                                          times, overlap=overlap)
+                                                          times, overlap=overlap, drafting=drafting)
+                    if governor is not None:
+                        governor.record(drafting, time.perf_counter() - ts, len(pending))
                     self._keep_features(committed)
                     self._kv_tokens.extend([root] + pending[:-1])
                 else:
@@ -301,6 +313,7 @@ class Generator:
             stats.acceptance_length = sum(times.history) / times.steps
             stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
             stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
+            stats.plain_steps = governor.plain_steps if governor is not None else 0
         elif stats.target_calls:
             stats.acceptance_length = 1.0
 
@@ -351,7 +364,8 @@ class Generator:
 def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | None = None, draft_weights: str = "q8_0", draft_device: str = "cpu",
-         overlap: bool | None = None, gpu_layers: int = 0, offload_device: str = "cuda") -> Generator:
+         overlap: bool | None = None, adaptive: bool | None = None, gpu_layers: int = 0,
+         offload_device: str = "cuda") -> Generator:
     """Load a model for generation.
 
     Args:
@@ -377,6 +391,11 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
             build with CUDA and cuBLAS at run time).
         overlap: draft the next tree while the target verifies the current one, for the
             draft's guess of the outcome (default: on when the draft runs on a GPU).
+        adaptive: decode plainly while speculative steps measure slower than plain ones,
+            trying speculation again at growing intervals (``speculative.Governor``; the
+            output is the same either way). Default: on for greedy decoding, off for
+            sampling (which steps draft depends on timings, and that would change a seeded
+            sample).
         gpu_layers: run the target's first N layers on ``offload_device`` (partial offload;
             the rest on the CPU). Those layers compute in bf16, so the output is that of a
             slightly different target than the CPU-only one (and speculation is exact
@@ -392,4 +411,4 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
     if draft is not None:
         from .draft import Draft
         drafter = Draft.load(draft, target, weights_dtype=draft_weights, max_batch=max_batch, device=draft_device)
-    return Generator(source, target, drafter, tree, overlap=overlap)
+    return Generator(source, target, drafter, tree, overlap=overlap, adaptive=adaptive)

@@ -86,6 +86,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="draft the next tree while the target verifies (default: on with a GPU draft)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode plainly while speculation measures slower than plain steps (default: on "
+                        "for greedy decoding, off for sampling so that --seed stays reproducible)")
     p.add_argument("--gpu-layers", type=int, default=0, metavar="N",
                    help="run the target's first N layers on --offload-device (partial offload; default 0)")
     p.add_argument("--offload-device", default="cuda", metavar="DEV",
@@ -96,7 +99,7 @@ def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """load() arguments from _add_model_args / _add_decoding_args options (model, context and
     threads aside)."""
     return dict(weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
-                offload_device=args.offload_device, overlap=args.overlap)
+                offload_device=args.offload_device, overlap=args.overlap, adaptive=args.adaptive)
 
 
 def _draft_arg(args: argparse.Namespace) -> str | None:
@@ -143,6 +146,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"verify {s.verify_s:.3f} s" if s.mode == "speculative" else "")
     if s.ahead_tries:
         spec += f", trees drafted ahead used {s.ahead_hits}/{s.ahead_tries}"
+    if s.plain_steps:
+        spec += f", {s.plain_steps} plain steps (speculation measured slower)"
     print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
           f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}", file=sys.stderr)
     return 0

@@ -15,6 +15,15 @@ and bonus token it finds most likely), commits that guess and drafts the next tr
 (``Draft.predraft``). When verification agrees, the
 next step verifies that tree at once, with no drafting in between; otherwise the guess is
 undone. Either way the output is the target's: the tree only decides what is checked.
+
+A :class:`Governor` decides per step whether to draft at all. A step without drafting
+verifies the root alone: that is exactly a plain decoding step, so the output does not
+change. The target's features for that position are kept, and the draft takes in all of
+them at the next step that drafts. Drafting pays only while
+(tokens per speculative step) / (time of a speculative step) beats 1 / (time of a plain
+step). The governor measures both, keeps them as moving averages, and decodes plainly while
+speculation is behind. Every so often it tries one speculative step, and the interval
+doubles while those tries keep losing.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from .sampling import SamplingParams, TokenChooser, accept_greedy, accept_sample
 from .target import TargetEngine
 from .tree import Tree, TreeParams, build_tree
 
-__all__ = ["SpecState", "SpecTimes", "speculative_step"]
+__all__ = ["SpecState", "SpecTimes", "Governor", "speculative_step"]
 
 
 @dataclass
@@ -55,6 +64,69 @@ class SpecTimes:
     ahead_wait_s: float = 0.0  # time verification waited for the draft to finish ahead
 
 
+class Governor:
+    """Per-step choice between drafting and a plain step, from measured rates.
+
+    The first speculative step is not timed: it includes the draft's pass over the prompt.
+    Neither is the first speculative step after plain steps, whose draft catches up on them.
+    Both still count towards the tokens per speculative step.
+
+    Args:
+        alpha: weight of the newest measurement in the moving averages.
+        probe_min, probe_max: the plain steps between two speculative tries; the interval
+            starts at ``probe_min`` and doubles up to ``probe_max`` while tries lose.
+    """
+
+    def __init__(self, alpha: float = 0.3, probe_min: int = 2, probe_max: int = 64) -> None:
+        if not 0.0 < alpha <= 1.0 or not 1 <= probe_min <= probe_max:
+            raise ValueError(f"Governor needs 0 < alpha <= 1 and 1 <= probe_min <= probe_max, got "
+                             f"alpha={alpha}, probe_min={probe_min}, probe_max={probe_max}")
+        self.alpha, self.probe_min, self.probe_max = alpha, probe_min, probe_max
+        self.tau: float | None = None          # tokens per speculative step
+        self.spec_s: float | None = None       # seconds per steady speculative step
+        self.plain_s: float | None = None      # seconds per plain step
+        self.wait = 0                          # plain steps left before the next try
+        self.backoff = probe_min
+        self.plain_steps = 0
+        self._timed = False                    # the next speculative step is timed
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.alpha * (new - old)
+
+    def speculation_pays(self) -> bool | None:
+        """Whether a speculative step emits tokens faster than a plain step (None: not
+        measured yet)."""
+        if self.tau is None or self.spec_s is None or self.plain_s is None:
+            return None
+        return self.tau * self.plain_s >= self.spec_s
+
+    def drafting(self) -> bool:
+        """Whether the next step drafts."""
+        if self.tau is None or self.spec_s is None:
+            return True   # measure speculation first
+        if self.plain_s is None:
+            return False  # then one plain step
+        return self.wait == 0
+
+    def record(self, drafted: bool, seconds: float, emitted: int) -> None:
+        """One step's outcome: whether it drafted, its time and the tokens it emitted."""
+        if not drafted:
+            self.plain_s = self._ema(self.plain_s, seconds)
+            self.plain_steps += 1
+            self.wait = max(0, self.wait - 1)
+            self._timed = False
+            return
+        self.tau = self._ema(self.tau, float(emitted))
+        if self._timed:
+            self.spec_s = self._ema(self.spec_s, seconds)
+        self._timed = True
+        pays = self.speculation_pays()
+        if pays is False:
+            self.wait, self.backoff = self.backoff, min(2 * self.backoff, self.probe_max)
+        elif pays:
+            self.backoff = self.probe_min
+
+
 class _Ahead(threading.Thread):
     """Draft.predraft on its own thread, while the target verifies on this one."""
 
@@ -73,11 +145,14 @@ class _Ahead(threading.Thread):
 
 def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, params: TreeParams,
                      sampling: SamplingParams, chooser: TokenChooser,
-                     times: SpecTimes, overlap: bool = False) -> tuple[list[int], np.ndarray]:
+                     times: SpecTimes, overlap: bool = False, drafting: bool = True) -> tuple[list[int], np.ndarray]:
     """Run one step. Returns the tokens it emits (accepted drafted tokens + bonus) and the
     target features [len(path), D] of the positions it committed (the root and the
-    accepted tokens)."""
+    accepted tokens). With ``drafting`` False (and no tree drafted ahead) the root is
+    verified alone, a plain step; the draft takes its features in at the next drafting step."""
     t0 = time.perf_counter()
+    if not drafting and state.ready is None:
+        return _plain_step(state, target, chooser, times, t0)
     room = target.context - target.n_past  # KV slots left for the tree
     tree, state.ready = state.ready, None
     drafted = tree is not None or room >= 2
@@ -143,3 +218,21 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     times.accepted += len(accepted)
     times.history.append(len(accepted) + 1)
     return accepted + [bonus], feats[path]
+
+
+def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, times: SpecTimes,
+                t0: float) -> tuple[list[int], np.ndarray]:
+    """A step that does not draft: plain decoding of the root (the same call and the same
+    choice as plain decoding), keeping its target features for the draft's next step."""
+    logits, feats = target.forward([state.root], feature_rows=[0])
+    t1 = time.perf_counter()
+    bonus = chooser(logits[0])
+    target.commit()
+    state.features = np.concatenate([state.features, feats])
+    state.next_tokens = np.append(state.next_tokens, bonus)
+    state.root = bonus
+    times.verify_s += t1 - t0
+    times.accept_s += time.perf_counter() - t1
+    times.steps += 1
+    times.history.append(1)
+    return [bonus], feats
