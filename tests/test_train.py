@@ -333,6 +333,31 @@ def test_extra_feature_caches_add_training_data_only(tiny, cache, tmp_path):
         Trainer(tiny, cache, small_cfg(), tmp_path / "c", extra_train=[FeatureCache(tmp_path / "other")])
 
 
+def test_init_fine_tunes_an_existing_draft(tiny, cache, tmp_path):
+    """``init`` starts from a saved draft: its weights and its draft vocabulary (not one
+    chosen from this run's data), and training goes on from there."""
+    a = Trainer(tiny, cache, small_cfg(epochs=4), tmp_path / "a")
+    a.fit()
+    eos = set(tiny.config.eos_token_ids)
+    top = [t for t in range(tiny.config.vocab_size - 1, -1, -1) if t not in eos][:64 - len(eos)]
+    chosen, a.draft.vocab_map = a.draft.vocab_map, torch.tensor(sorted(eos | set(top)), dtype=torch.int64)
+    assert not torch.equal(chosen, a.draft.vocab_map)  # a vocabulary this data would not choose
+    a.draft.save(tmp_path / "init", dtype="f32")
+    tuned = Trainer(tiny, cache, small_cfg(init=str(tmp_path / "init")), tmp_path / "b")
+    for (n, p), (_, q) in zip(a.draft.state_dict().items(), tuned.draft.state_dict().items()):
+        assert torch.equal(p, q), n
+    fresh = Trainer(tiny, cache, small_cfg(), tmp_path / "c")
+    loss = lambda tr: evaluate(tr.draft, tr.train, tr.embed, tr.head, depth=2)["loss"]  # noqa: E731
+    assert loss(tuned) < 0.8 * loss(fresh)
+    tuned.fit(stop_after_steps=2)
+    assert tuned.step == 2 and torch.equal(tuned.draft.vocab_map, a.draft.vocab_map)
+    assert not torch.equal(tuned.draft.fuse.w1, a.draft.fuse.w1)
+    with pytest.raises(ValueError, match="num_layers 1, this training asks for 2"):
+        Trainer(tiny, cache, small_cfg(init=str(tmp_path / "init"), layers=2), tmp_path / "d")
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        Trainer(tiny, cache, small_cfg(init=str(tmp_path / "init"), draft_vocab_size=32), tmp_path / "e")
+
+
 def test_time_budget_stops_training(tiny, cache, tmp_path):
     tr = Trainer(tiny, cache, small_cfg(epochs=50, time_budget_s=1e-6), tmp_path / "t")
     tr.fit()

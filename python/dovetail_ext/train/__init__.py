@@ -47,6 +47,7 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
                 save_dtype: str = "bf16",
                 features_dir: str | os.PathLike | None = None,
                 extra_features: Sequence[str | os.PathLike] = (),
+                init: str | os.PathLike | None = None,
                 threads: int | None = None,
                 device: str | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
                 command: str | None = None, stop_after_steps: int | None = None) -> Path:
@@ -68,6 +69,8 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
         extra_features: finished feature caches (e.g. made with other data or settings by
             :func:`.features.extract_features`) whose training splits are added to the one
             extracted here; validation stays on this run's held-out split.
+        init: a draft directory to fine-tune (its weights and draft vocabulary are the
+            starting point; same target, layers and vocabulary size), instead of a random draft.
         rollout: training steps per chain (1: teacher forcing only).
         prompt_context: prompt tokens kept before the first reply in training (0: all).
         amp: bf16 autocast. val_every: steps between validations (0: each epoch).
@@ -105,7 +108,7 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     cfg = TrainConfig(layers=layers, draft_vocab_size=draft_vocab_size, epochs=epochs, batch_tokens=batch_tokens,
                       lr=lr, warmup_steps=warmup_steps, rollout=rollout, max_len=max_len,
                       prompt_context=prompt_context, noise=noise, seed=seed, amp=amp, val_every=val_every,
-                      time_budget_s=time_budget_s)
+                      time_budget_s=time_budget_s, init=str(init) if init else "")
     trainer = Trainer(source, cache, cfg, out, device=device, extra_train=extras)
     if resume and trainer.load_checkpoint() and log is not None:
         log(f"resumed at step {trainer.step} (epoch {trainer.epoch})")
@@ -204,6 +207,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-features", metavar="DIR", nargs="+", action="extend", default=[],
                    help="more finished feature caches whose training splits are added (validation stays on "
                         "--features' held-out split)")
+    p.add_argument("--init", metavar="DRAFT_DIR", default=None,
+                   help="fine-tune this draft (same target, --layers and --vocab-size; its draft vocabulary is "
+                        "kept) instead of starting from a random draft")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
@@ -231,7 +237,7 @@ def run_cli(args: argparse.Namespace) -> int:
                       batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps, rollout=args.rollout,
                       prompt_context=args.prompt_context, noise=args.noise, amp=not args.no_amp,
                       val_every=args.val_every, time_budget_s=args.time_budget,
-                      save_dtype=args.dtype, features_dir=args.features, extra_features=args.extra_features,
+                      save_dtype=args.dtype, features_dir=args.features, extra_features=args.extra_features, init=args.init,
                       threads=args.threads,
                       device=args.device, progress=True, log=log,
                       command="dovetail train-draft " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []),

@@ -66,6 +66,9 @@ class TrainConfig:
             must end on time on a shared machine; not bit-reproducible, unlike step-based).
         val_depth: chain depth of the simulated acceptance. val_every: steps between
             validations (0: at each epoch end). ckpt_every_s: seconds between checkpoints.
+        init: a draft directory to start from (fine-tuning): its weights and its draft
+            vocabulary instead of a random draft and a vocabulary chosen from the data;
+            it must be a draft of the same target, layer count and vocabulary size.
     """
 
     layers: int = 1
@@ -92,6 +95,7 @@ class TrainConfig:
     val_every: int = 0
     ckpt_every_s: float = 300.0
     init_std: float = 0.02
+    init: str = ""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -422,6 +426,19 @@ class _DeferSigint:
             raise KeyboardInterrupt
 
 
+def _init_draft(path: str, source: Any, want: DraftConfig) -> DovetailDraft:
+    """The draft at ``path`` as the starting point of training a draft shaped ``want``."""
+    from ..draft_model import load_draft
+
+    draft = load_draft(path, target=source)  # DraftMismatchError for another target
+    have = draft.config
+    for key in ("num_layers", "draft_vocab_size", "hidden_size"):
+        if getattr(have, key) != getattr(want, key):
+            raise ValueError(f"--init draft {path} has {key} {getattr(have, key)}, this training asks for "
+                             f"{getattr(want, key)}")
+    return draft.float()
+
+
 class Trainer:
     """Trains one draft on a feature cache, with checkpoints in ``work_dir``.
 
@@ -456,8 +473,11 @@ class Trainer:
         eos = tuple(source.config.eos_token_ids)
         dcfg = DraftConfig.for_target(source, num_layers=cfg.layers, draft_vocab_size=cfg.draft_vocab_size)
         torch.manual_seed(cfg.seed)
-        self.draft = DovetailDraft.random(dcfg, seed=cfg.seed, std=cfg.init_std)
-        if cfg.draft_vocab_size:
+        if cfg.init:
+            self.draft = _init_draft(cfg.init, source, dcfg)
+        else:
+            self.draft = DovetailDraft.random(dcfg, seed=cfg.seed, std=cfg.init_std)
+        if cfg.draft_vocab_size and not cfg.init:
             vm = choose_vocab_map(self.train.tokens, self.train.mask, cfg.draft_vocab_size,
                                   dcfg.vocab_size, eos)
             self.draft.vocab_map = torch.from_numpy(vm)
