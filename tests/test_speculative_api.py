@@ -87,6 +87,12 @@ def test_adaptive_governor_through_generate(gen, monkeypatch):
     finally:
         gen.adaptive = None
     assert fixed.stats.plain_steps == 0 and fixed.tokens == off.tokens
+    # One governor per (draft, tree): its measurements carry over to the next generation.
+    kept = gen._governor[1]
+    gen.generate("Say hello.", max_new_tokens=8, speculative=True, tree=SHAPES[1])
+    assert gen._governor[1] is kept
+    gen.generate("Say hello.", max_new_tokens=8, speculative=True, tree=SHAPES[2])
+    assert gen._governor[1] is not kept
 
     decisions = []
     pattern = [True, True, False, False, True, False, True, True, True, False]

@@ -118,6 +118,7 @@ class Generator:
         # greedy decoding only, so that seeded sampling stays reproducible (which steps
         # draft depends on timings, and it changes which random numbers are drawn).
         self.adaptive = adaptive
+        self._governor: tuple[tuple, Any] | None = None  # ((id(draft), tree), Governor)
         if draft is not None:
             draft.check_tree(self.tree)
         self.tokenizer = source.tokenizer
@@ -257,7 +258,13 @@ class Generator:
                 times = SpecTimes()
                 overlap = self.overlap if self.overlap is not None else self.draft.device.startswith("cuda")
                 adaptive = self.adaptive if self.adaptive is not None else params.greedy
-                governor = Governor() if adaptive else None
+                governor = None
+                if adaptive:  # one governor per (draft, tree): its measurements carry over
+                    if self._governor is None or self._governor[0] != (id(self.draft), tree):
+                        self._governor = ((id(self.draft), tree), Governor())
+                    governor = self._governor[1]
+                    governor.new_sequence()
+                    plain_before = governor.plain_steps
         stats.prefill_s = time.perf_counter() - t0
 
         decoder = self.tokenizer.stream_decoder()
@@ -313,7 +320,7 @@ class Generator:
             stats.acceptance_length = sum(times.history) / times.steps
             stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
             stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
-            stats.plain_steps = governor.plain_steps if governor is not None else 0
+            stats.plain_steps = governor.plain_steps - plain_before if governor is not None else 0
         elif stats.target_calls:
             stats.acceptance_length = 1.0
 

@@ -67,7 +67,9 @@ class SpecTimes:
 class Governor:
     """Per-step choice between drafting and a plain step, from measured rates.
 
-    The first speculative step is not timed: it includes the draft's pass over the prompt.
+    One governor serves the generations of one generator, draft and tree in turn (the rates
+    carry over). The first speculative step of each is not timed: it includes the draft's
+    pass over the prompt.
     Neither is the first speculative step after plain steps, whose draft catches up on them.
     Both still count towards the tokens per speculative step.
 
@@ -77,7 +79,7 @@ class Governor:
             starts at ``probe_min`` and doubles up to ``probe_max`` while tries lose.
     """
 
-    def __init__(self, alpha: float = 0.3, probe_min: int = 2, probe_max: int = 64) -> None:
+    def __init__(self, alpha: float = 0.3, probe_min: int = 2, probe_max: int = 128) -> None:
         if not 0.0 < alpha <= 1.0 or not 1 <= probe_min <= probe_max:
             raise ValueError(f"Governor needs 0 < alpha <= 1 and 1 <= probe_min <= probe_max, got "
                              f"alpha={alpha}, probe_min={probe_min}, probe_max={probe_max}")
@@ -89,6 +91,11 @@ class Governor:
         self.backoff = probe_min
         self.plain_steps = 0
         self._timed = False                    # the next speculative step is timed
+
+    def new_sequence(self) -> None:
+        """A new generation starts: its first speculative step (the draft's pass over the
+        prompt) is not timed; the rates and the interval carry over."""
+        self._timed = False
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.alpha * (new - old)
