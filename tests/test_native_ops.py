@@ -71,16 +71,38 @@ def test_simd_paths_match_scalar(dtype):
             np.testing.assert_allclose(_core.linear(x, pw), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_quantize_acts_bitwise_twin():
-    rng = np.random.default_rng(1)
-    x = _rand(rng, 7, 256)
-    x[2, 32:64] = 0.0  # an all-zero block
-    x[3, :] *= 1e4
-    q, d, ds = _core.quantize_acts(x)
+@pytest.mark.parametrize("T,K", [(1, 32), (7, 256), (9, 96), (3, 576)])
+def test_quantize_acts_bitwise_twin(T, K):
+    """On every ISA path: bit for bit the NumPy twin (round half to even, all-zero blocks,
+    large and tiny magnitudes)."""
+    rng = np.random.default_rng(K + T)
+    x = _rand(rng, T, K)
+    x[0, :32] = np.array([127.0, 2.5, -3.5, 0.5, -0.5, 1.5, -126.5, 126.5] * 4, np.float32)  # exact halves
+    x[T // 2, -32:] = 0.0  # an all-zero block
+    x[-1, :] *= 1e4
+    if K >= 64:
+        x[0, 32:64] *= 1e-30
     q2, d2, s2 = quantize_activations_q8(x)
-    np.testing.assert_array_equal(q, q2)
-    np.testing.assert_array_equal(d, d2)
-    np.testing.assert_allclose(ds, d2 * s2.astype(np.float32), rtol=0, atol=0)
+    for name in _core.supported_isas():
+        with use_isa(name):
+            q, d, ds = _core.quantize_acts(x)
+        np.testing.assert_array_equal(q, q2, err_msg=name)
+        np.testing.assert_array_equal(d, d2, err_msg=name)
+        np.testing.assert_array_equal(ds, d2 * s2.astype(np.float32), err_msg=name)
+
+
+def test_quantize_acts_simd_equals_scalar_on_nan_and_inf():
+    """Non-finite activations (never valid, but never a crash): every ISA path gives the
+    scalar path's codes and scales."""
+    x = np.random.default_rng(4).standard_normal((3, 96)).astype(np.float32)
+    x[0, 3], x[1, 40], x[2, 70], x[2, 71] = np.nan, np.inf, -np.inf, np.nan
+    with use_isa("scalar"):
+        ref = _core.quantize_acts(x)
+    for name in _core.supported_isas():
+        with use_isa(name):
+            got = _core.quantize_acts(x)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

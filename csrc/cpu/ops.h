@@ -114,17 +114,23 @@ struct AttentionArgs {
 void attention(const AttentionArgs& a, int nthreads);
 
 // --- ISA kernels (implemented in cpu/x86/*; declared here for the dispatchers) ----------
+// quantize_block: one block of kQBlock floats -> int8 codes (round half to even, clamped
+// to [-127, 127]) with scale amax / 127 (0 for an all-zero block); returns the codes' sum.
+// The SIMD versions give the scalar one's results bit for bit (NaN inputs included).
 namespace scalar {
+int quantize_block(const float* x, int8_t* q, float* d);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 }  // namespace scalar
 namespace avx2 {
+int quantize_block(const float* x, int8_t* q, float* d);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 }  // namespace avx2
 namespace avx512 {
+int quantize_block(const float* x, int8_t* q, float* d);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);

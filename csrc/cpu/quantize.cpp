@@ -99,29 +99,43 @@ void QActs::reserve(int64_t max_T, int64_t max_K) {
   if (dsi.size() < ni) dsi.resize(ni);
 }
 
+namespace scalar {
+
+int quantize_block(const float* xb, int8_t* q, float* d) {
+  float amax = 0.0f;
+  for (int i = 0; i < kQBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+  *d = amax / 127.0f;
+  const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int sum = 0;
+  for (int i = 0; i < kQBlock; ++i) {
+    float v = std::nearbyint(xb[i] * id);
+    v = std::fmin(127.0f, std::fmax(-127.0f, v));
+    q[i] = (int8_t)v;
+    sum += q[i];
+  }
+  return sum;
+}
+
+}  // namespace scalar
+
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads) {
   DT_CHECK(K % kQBlock == 0, "activation length must be a multiple of 32, got " + std::to_string(K));
   out.reserve(T, K);
   out.T = T;
   out.K = K;
   const int64_t nb = K / kQBlock;
+  int (*block)(const float*, int8_t*, float*) = scalar::quantize_block;
+  switch (active_isa()) {
+    case Isa::Avx512: block = avx512::quantize_block; break;
+    case Isa::Avx2: block = avx2::quantize_block; break;
+    case Isa::Scalar: break;
+  }
   parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + t * K + b * kQBlock;
-      float amax = 0.0f;
-      for (int i = 0; i < kQBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
-      const float d = amax / 127.0f;
-      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
       int8_t* q = out.q.data() + t * K + b * kQBlock;
-      int sum = 0;
-      for (int i = 0; i < kQBlock; ++i) {
-        float v = std::nearbyint(xb[i] * id);
-        v = std::fmin(127.0f, std::fmax(-127.0f, v));
-        q[i] = (int8_t)v;
-        sum += q[i];
-      }
-      out.d[t * nb + b] = d;
+      float& d = out.d[t * nb + b];
+      const int sum = block(x + t * K + b * kQBlock, q, &d);
       out.ds[t * nb + b] = d * (float)sum;
       const int64_t slot = ((t / kActTile) * nb + b) * kActTile + t % kActTile;
       std::memcpy(out.qi.data() + slot * kQBlock, q, kQBlock);
