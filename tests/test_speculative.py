@@ -251,7 +251,7 @@ def test_draft_tree_expansion_matches_reference_module():
     import torch
     src, target = tiny_target(dtype="f32")
     module = DovetailDraft.random(DraftConfig.for_target(src, num_layers=2), seed=4, std=0.2)
-    draft = Draft.from_module(module, target)
+    draft = Draft.from_module(module, target, weights_dtype="f32")  # the twin's exact weights
     rng = np.random.default_rng(0)
     D = src.config.hidden_size
     feats = rng.standard_normal((6, D)).astype(np.float32)

@@ -370,7 +370,7 @@ class Generator:
 
 def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
-         tree: TreeParams | None = None, draft_weights: str = "q8_0", draft_device: str = "cpu",
+         tree: TreeParams | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
          overlap: bool | None = None, adaptive: bool | None = None, gpu_layers: int = 0,
          offload_device: str = "cuda") -> Generator:
     """Load a model for generation.
@@ -416,6 +416,7 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
         from .models import packaged_draft_for
         draft = packaged_draft_for(source)
     if draft is not None:
-        from .draft import Draft
-        drafter = Draft.load(draft, target, weights_dtype=draft_weights, max_batch=max_batch, device=draft_device)
+        from .draft import DEFAULT_DRAFT_WEIGHTS, Draft
+        drafter = Draft.load(draft, target, weights_dtype=draft_weights or DEFAULT_DRAFT_WEIGHTS, max_batch=max_batch,
+                             device=draft_device)
     return Generator(source, target, drafter, tree, overlap=overlap, adaptive=adaptive)
