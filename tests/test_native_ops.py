@@ -135,11 +135,31 @@ def test_rope(Dh):
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * np.abs(x).max() * 4)
 
 
-def test_swiglu():
-    rng = np.random.default_rng(0)
-    g, u = _rand(rng, 3, 101, scale=4.0), _rand(rng, 3, 101)
-    want = reference.swiglu(torch.from_numpy(g), torch.from_numpy(u)).numpy()
-    np.testing.assert_allclose(_core.swiglu(g, u), want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 101, 1536])
+def test_swiglu(n):
+    """Every ISA path against the PyTorch twin (the SIMD paths use a polynomial exp), over
+    the whole range of the exp (saturating ends included)."""
+    rng = np.random.default_rng(n)
+    g, u = _rand(rng, 3, n, scale=4.0), _rand(rng, 3, n)
+    g.flat[:6] = [0.0, -0.0, 90.0, -90.0, 200.0, -200.0][:g.size]
+    want = reference.swiglu(torch.from_numpy(g.astype(np.float64)), torch.from_numpy(u.astype(np.float64))).numpy()
+    for name in _core.supported_isas():
+        with use_isa(name):
+            got = _core.swiglu(g, u)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30, err_msg=name)
+
+
+def test_swiglu_result_does_not_depend_on_position():
+    """A value's result is the same wherever it sits, in the vector body or the tail (batch
+    invariance of the FFN)."""
+    rng = np.random.default_rng(9)
+    g, u = _rand(rng, 1, 40, scale=4.0), _rand(rng, 1, 40)
+    for name in _core.supported_isas():
+        with use_isa(name):
+            whole = _core.swiglu(g, u)
+            for start in (1, 3, 9, 17, 33):
+                part = _core.swiglu(np.ascontiguousarray(g[:, start:]), np.ascontiguousarray(u[:, start:]))
+                np.testing.assert_array_equal(part, whole[:, start:], err_msg=f"{name} from {start}")
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:

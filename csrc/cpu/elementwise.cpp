@@ -2,6 +2,7 @@
 // sequentially in a fixed order, so results do not depend on how many rows there are.
 #include <cmath>
 
+#include "common/cpu_features.h"
 #include "common/dgf_math.h"
 #include "cpu/ops.h"
 
@@ -50,6 +51,11 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
 }
 
 void swiglu(const float* g, const float* u, float* out, int64_t n) {
+  switch (active_isa()) {
+    case Isa::Avx512: return avx512::swiglu(g, u, out, n);
+    case Isa::Avx2: return avx2::swiglu(g, u, out, n);
+    case Isa::Scalar: break;
+  }
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 

@@ -125,12 +125,17 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 }  // namespace scalar
 namespace avx2 {
 int quantize_block(const float* x, int8_t* q, float* d);
+void swiglu(const float* g, const float* u, float* out, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 }  // namespace avx2
 namespace avx512 {
 int quantize_block(const float* x, int8_t* q, float* d);
+// out = silu(g) * u with a polynomial exp (within 2 ulp of expf); every element, the
+// tail's included, goes through the same vector code, so a value's result does not depend
+// on where it sits (batch invariance).
+void swiglu(const float* g, const float* u, float* out, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);

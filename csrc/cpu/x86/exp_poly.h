@@ -1,0 +1,15 @@
+// exp(x) for float lanes, Cephes' expf scheme, shared by the AVX2 and AVX-512 kernels:
+// x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2 (ln2 split in two parts so r is
+// exact), exp(r) = 1 + r + r^2 P(r) with a degree-5 P, then scaled by 2^n. Within 2 ulp
+// of expf over the clamped range [-87.3, 88.7].
+#pragma once
+
+namespace dovetail::exp_poly {
+
+constexpr float kMax = 88.7f, kMin = -87.3f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+}  // namespace dovetail::exp_poly
