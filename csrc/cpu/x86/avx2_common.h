@@ -3,6 +3,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include "cpu/x86/exp_poly.h"
+
 namespace dovetail::x86 {
 
 // Sum of the 8 lanes, always in the same order.
@@ -38,6 +40,25 @@ inline void transpose_f32(const float* src, long lds, int rows, int cols, float*
     }
   for (int i = 0; i < rows; ++i)
     for (int j = (i < r8 ? c8 : 0); j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
+// exp(x), 8 lanes (exp_poly.h). 2^n is built in the exponent bits, as two factors so that
+// n = 128 does not overflow the field.
+inline __m256 exp_ps(__m256 x) {
+  using namespace exp_poly;
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kMin)), _mm256_set1_ps(kMax));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  for (float c : {kP1, kP2, kP3, kP4, kP5}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
 
 }  // namespace dovetail::x86

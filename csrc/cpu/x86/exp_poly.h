@@ -1,12 +1,13 @@
-// exp(x) for float lanes, Cephes' expf scheme, shared by the AVX2 and AVX-512 kernels:
+// exp(x) for float lanes, Cephes' expf scheme, used by x86::exp_ps (AVX2 and AVX-512):
 // x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2 (ln2 split in two parts so r is
 // exact), exp(r) = 1 + r + r^2 P(r) with a degree-5 P, then scaled by 2^n. Within 2 ulp
-// of expf over the clamped range [-87.3, 88.7].
+// of expf over the clamped range [-87.3, 88.3] (arguments below give ~1e-38).
 #pragma once
+#include <initializer_list>  // the polynomial loops over {kP1, ..., kP5}
 
 namespace dovetail::exp_poly {
 
-constexpr float kMax = 88.7f, kMin = -87.3f;
+constexpr float kMax = 88.3f, kMin = -87.3f;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,

@@ -7,7 +7,7 @@
 #include "cpu/ops.h"
 #include "cpu/x86/avx2_common.h"
 #include "cpu/quant_common.h"
-#include "cpu/x86/exp_poly.h"
+#include "cpu/x86/avx512_common.h"
 
 namespace dovetail::avx512 {
 
@@ -192,29 +192,12 @@ int quantize_block(const float* x, int8_t* q, float* d) {
   return _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
 }
 
-namespace {
-
-__m512 exp512(__m512 x) {
-  using namespace exp_poly;
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(kMax)), _mm512_set1_ps(kMin));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kP0);
-  for (float c : {kP1, kP2, kP3, kP4, kP5}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-}  // namespace
-
 void swiglu(const float* g, const float* u, float* out, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
     const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
-    const __m512 e = exp512(_mm512_sub_ps(zero, gv));
+    const __m512 e = x86::exp_ps(_mm512_sub_ps(zero, gv));
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv));
   }
 }
