@@ -22,7 +22,8 @@ __all__ = ["Draft", "Predraft", "DEFAULT_DRAFT_WEIGHTS"]
 
 #: How the draft's matrices are stored on the CPU unless asked otherwise. The draft only
 #: decides which tokens are proposed, never the output, and it runs at every step: int8
-#: weights read a quarter of f32's bytes (0.85 -> about 0.3 ms per call for the shipped draft).
+#: weights read a quarter of f32's bytes. One call of the shipped draft over 2 rows with
+#: top-k, 1 thread: 0.85 ms with f32 matrices, 0.18 ms with q8_0.
 DEFAULT_DRAFT_WEIGHTS = "q8_0"
 
 
