@@ -68,10 +68,9 @@ class Governor:
     """Per-step choice between drafting and a plain step, from measured rates.
 
     One governor serves the generations of one generator, draft and tree in turn (the rates
-    carry over). The first speculative step of each is not timed: it includes the draft's
-    pass over the prompt.
-    Neither is the first speculative step after plain steps, whose draft catches up on them.
-    Both still count towards the tokens per speculative step.
+    carry over). Two kinds of speculative step are not timed, though both count towards the
+    tokens per speculative step: the first of each generation (it includes the draft's pass
+    over the prompt) and the first after plain steps (the draft catches up on them).
 
     Args:
         alpha: weight of the newest measurement in the moving averages.
