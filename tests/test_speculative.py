@@ -188,7 +188,7 @@ def test_greedy_with_plain_steps_interleaved_equals_plain(overlap):
 
 
 def test_governor_measures_then_follows_the_faster_mode():
-    g = Governor(alpha=0.5, probe_min=2, probe_max=8)
+    g = Governor(alpha=0.5, margin=0.0, probe_min=2, probe_max=8)
     assert g.drafting() and g.speculation_pays() is None
     g.record(True, 9.0, 3)            # first speculative step: the draft's prompt pass, not timed
     assert g.spec_s is None and g.drafting()
@@ -202,7 +202,7 @@ def test_governor_measures_then_follows_the_faster_mode():
 
 
 def test_governor_backs_off_while_speculation_loses():
-    g = Governor(alpha=1.0, probe_min=2, probe_max=8)
+    g = Governor(alpha=1.0, margin=0.0, probe_min=2, probe_max=8)
     g.record(True, 1.0, 1); g.record(True, 5e-3, 1); g.record(False, 3e-3, 1)
     assert g.drafting()               # rates known; no loss recorded yet
     waits = []
@@ -219,7 +219,19 @@ def test_governor_backs_off_while_speculation_loses():
     assert g.speculation_pays() and g.drafting() and g.backoff == 2
 
 
-@pytest.mark.parametrize("kw", [dict(alpha=0.0), dict(alpha=1.5), dict(probe_min=0), dict(probe_min=4, probe_max=2)])
+def test_governor_keeps_speculating_within_the_margin():
+    """Slower than plain steps by less than the margin: speculation goes on; by more: it
+    backs off."""
+    g = Governor(alpha=1.0, margin=0.1, probe_min=2, probe_max=8)
+    g.record(True, 1.0, 1); g.record(True, 3.2e-3, 1); g.record(False, 3e-3, 1)
+    g.record(True, 3.2e-3, 1)         # 1 token in 3.2 ms against 3 ms: 6% slower
+    assert g.speculation_pays() and g.drafting()
+    g.record(True, 3.5e-3, 1)         # 14% slower
+    assert g.speculation_pays() is False and not g.drafting()
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.0), dict(alpha=1.5), dict(margin=-0.1), dict(margin=1.0), dict(probe_min=0),
+                                dict(probe_min=4, probe_max=2)])
 def test_governor_rejects_bad_settings(kw):
     with pytest.raises(ValueError, match="Governor"):
         Governor(**kw)

@@ -73,16 +73,20 @@ class Governor:
     over the prompt) and the first after plain steps (the draft catches up on them).
 
     Args:
-        alpha: weight of the newest measurement in the moving averages.
+        alpha: weight of the newest measurement in the moving averages (small: one step's
+            tokens are 1 or more, and a short unlucky run must not end speculation).
+        margin: speculation is given up only when it is slower than plain steps by more
+            than this fraction (near break-even either choice costs little).
         probe_min, probe_max: the plain steps between two speculative tries; the interval
             starts at ``probe_min`` and doubles up to ``probe_max`` while tries lose.
     """
 
-    def __init__(self, alpha: float = 0.3, probe_min: int = 2, probe_max: int = 128) -> None:
-        if not 0.0 < alpha <= 1.0 or not 1 <= probe_min <= probe_max:
-            raise ValueError(f"Governor needs 0 < alpha <= 1 and 1 <= probe_min <= probe_max, got "
-                             f"alpha={alpha}, probe_min={probe_min}, probe_max={probe_max}")
-        self.alpha, self.probe_min, self.probe_max = alpha, probe_min, probe_max
+    def __init__(self, alpha: float = 0.05, margin: float = 0.05, probe_min: int = 2,
+                 probe_max: int = 128) -> None:
+        if not 0.0 < alpha <= 1.0 or not 0.0 <= margin < 1.0 or not 1 <= probe_min <= probe_max:
+            raise ValueError(f"Governor needs 0 < alpha <= 1, 0 <= margin < 1 and 1 <= probe_min <= probe_max, "
+                             f"got alpha={alpha}, margin={margin}, probe_min={probe_min}, probe_max={probe_max}")
+        self.alpha, self.margin, self.probe_min, self.probe_max = alpha, margin, probe_min, probe_max
         self.tau: float | None = None          # tokens per speculative step
         self.spec_s: float | None = None       # seconds per steady speculative step
         self.plain_s: float | None = None      # seconds per plain step
@@ -100,11 +104,11 @@ class Governor:
         return new if old is None else old + self.alpha * (new - old)
 
     def speculation_pays(self) -> bool | None:
-        """Whether a speculative step emits tokens faster than a plain step (None: not
-        measured yet)."""
+        """Whether speculative steps emit tokens at least (1 - margin) times as fast as plain
+        steps (None: not measured yet)."""
         if self.tau is None or self.spec_s is None or self.plain_s is None:
             return None
-        return self.tau * self.plain_s >= self.spec_s
+        return self.tau * self.plain_s >= (1.0 - self.margin) * self.spec_s
 
     def drafting(self) -> bool:
         """Whether the next step drafts."""
