@@ -20,7 +20,8 @@ from dovetail_ext.draft_model import load_draft, load_draft_weights
 from dovetail_ext.formats import load_model_source
 from dovetail_ext.target import TargetEngine
 from dovetail_ext.train import train_draft
-from dovetail_ext.train.data import first_turn, iter_jsonl, iter_sharegpt, iter_text, load_conversations, render
+from dovetail_ext.train.data import (first_turn, iter_jsonl, iter_sharegpt, iter_sharegpt_with_ids, iter_text,
+                                     load_conversations, render)
 from dovetail_ext.train.features import (FeatureCache, FeatureSettings, extract_features, from_bf16_bits,
                                          to_bf16_bits)
 from dovetail_ext.train.trainer import Trainer, TrainConfig, choose_vocab_map, evaluate, rollout
@@ -109,6 +110,7 @@ def test_sharegpt_reader_takes_whole_items_of_a_truncated_file(tmp_path):
     path.write_text(text)
     convs = list(iter_sharegpt(path))
     assert len(convs) == 2 and first_turn(convs[1]) == [{"role": "user", "content": "q"}]
+    assert list(iter_sharegpt_with_ids(path)) == list(zip(["a", "c"], convs))  # the item ids come along
 
 
 def test_jsonl_and_text_sources(tmp_path, data_file):

@@ -7,12 +7,9 @@ HumanEval is not used: it stays the evaluation set.
     python extract_code.py OUT_DIR [MAX_TOKENS]
 """
 import re
-import sys
-import time
 
-from caches import sharegpt_in_order, unused
-from dovetail_ext.formats import load_model_source
-from dovetail_ext.train.features import FeatureSettings, extract_features
+from caches import extract, sharegpt_in_order, unused
+from dovetail_ext.train.features import FeatureSettings
 
 CODE = re.compile(r"```|\bdef |\bfunction\b|\bpython\b|\bjavascript\b|\bjava\b|\bc\+\+|\bsql\b|\bcode\b"
                   r"|\bscript\b|\bclass\b|\bregex\b|\bbash\b", re.I)
@@ -25,10 +22,6 @@ def first_user(conv):
 ids, convs = sharegpt_in_order()
 eligible = unused(ids, convs)
 taken = set(eligible[:23 * 64])  # the second cache's shards
-pick = [convs[k] for k in eligible if k not in taken and CODE.search(first_user(convs[k]) or "")]
-print(f"{len(pick)} code conversations eligible", flush=True)
-st = FeatureSettings(data="sharegpt-code-unused-no-val-threads", seed=0, max_len=1024, self_distill=256,
-                     distill_fraction=1.0, max_prompt_tokens=512, shard_size=32, val_conversations=0)
-extract_features(load_model_source(None), pick, sys.argv[1], st, threads=1,
-                 max_tokens=int(sys.argv[2]) if len(sys.argv) > 2 else None,
-                 log=lambda s: print(time.strftime("%H:%M:%S"), s, flush=True))
+extract([convs[k] for k in eligible if k not in taken and CODE.search(first_user(convs[k]) or "")],
+        FeatureSettings(data="sharegpt-code-unused-no-val-threads", seed=0, max_len=1024, self_distill=256,
+                        distill_fraction=1.0, max_prompt_tokens=512, shard_size=32, val_conversations=0))

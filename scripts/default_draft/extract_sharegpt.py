@@ -5,18 +5,10 @@ thread or an opening with a held-out val conversation.
 
     python extract_sharegpt.py OUT_DIR [MAX_TOKENS]
 """
-import sys
-import time
-
-from caches import sharegpt_in_order, unused
-from dovetail_ext.formats import load_model_source
-from dovetail_ext.train.features import FeatureSettings, extract_features
+from caches import extract, sharegpt_in_order, unused
+from dovetail_ext.train.features import FeatureSettings
 
 ids, convs = sharegpt_in_order()
-keep = [convs[k] for k in unused(ids, convs)]
-print(f"{len(keep)} conversations eligible", flush=True)
-st = FeatureSettings(data="sharegpt[1408:]-no-val-threads", seed=0, max_len=1024, self_distill=0,
-                     distill_fraction=0.0, max_prompt_tokens=512, shard_size=64, val_conversations=0)
-extract_features(load_model_source(None), keep, sys.argv[1], st, threads=1,
-                 max_tokens=int(sys.argv[2]) if len(sys.argv) > 2 else None,
-                 log=lambda s: print(time.strftime("%H:%M:%S"), s, flush=True))
+extract([convs[k] for k in unused(ids, convs)],
+        FeatureSettings(data="sharegpt[1408:]-no-val-threads", seed=0, max_len=1024, self_distill=0,
+                        distill_fraction=0.0, max_prompt_tokens=512, shard_size=64, val_conversations=0))

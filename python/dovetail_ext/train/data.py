@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Conversation", "SHAREGPT", "sharegpt_path", "iter_sharegpt", "iter_jsonl", "iter_text",
-           "load_conversations", "parse_record", "render", "first_turn"]
+__all__ = ["Conversation", "SHAREGPT", "sharegpt_path", "iter_sharegpt", "iter_sharegpt_with_ids", "iter_jsonl",
+           "iter_text", "load_conversations", "parse_record", "render", "first_turn"]
 
 #: A conversation: chat messages ``{"role": "system" | "user" | "assistant", "content": str}``,
 #: or a single ``{"role": "text", "content": str}`` for raw text (no template, all trained on).
@@ -91,6 +91,13 @@ def parse_record(rec: Any) -> Conversation | None:
 def iter_sharegpt(path: str | os.PathLike | None = None) -> Iterator[Conversation]:
     """ShareGPT conversations in file order (the package's JSON is cut off at the end, so
     items are decoded one by one and the truncated last one is dropped)."""
+    for _, conv in iter_sharegpt_with_ids(path):
+        yield conv
+
+
+def iter_sharegpt_with_ids(path: str | os.PathLike | None = None) -> Iterator[tuple[str, Conversation]]:
+    """(item id, conversation) pairs of :func:`iter_sharegpt`. ShareGPT splits a long chat
+    into items ``ID_0``, ``ID_1``, ...: the part before the last ``_`` names the chat."""
     text = Path(path or sharegpt_path()).read_text(encoding="utf-8")
     dec = json.JSONDecoder()
     i = text.index("[") + 1
@@ -106,7 +113,7 @@ def iter_sharegpt(path: str | os.PathLike | None = None) -> Iterator[Conversatio
             return  # the truncated tail
         conv = parse_record(rec)
         if conv is not None:
-            yield conv
+            yield str(rec.get("id", "")), conv
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[Conversation]:
