@@ -48,6 +48,16 @@ class SpecState:
     features: np.ndarray       # [n, D] target features the draft has not consumed
     next_tokens: np.ndarray    # [n] the token after each of those positions (ends with root)
     ready: Tree | None = None  # a tree drafted ahead for this root (overlap), verified next
+    # Plain steps' (feature rows [1, D], next token), kept per step and joined to features /
+    # next_tokens once, when the draft runs next (not copied again at every plain step).
+    backlog: list[tuple[np.ndarray, int]] = field(default_factory=list)
+
+    def join_backlog(self) -> None:
+        if self.backlog:
+            self.features = np.concatenate([self.features, *(f for f, _ in self.backlog)])
+            self.next_tokens = np.concatenate([self.next_tokens,
+                                               np.array([t for _, t in self.backlog], dtype=np.int64)])
+            self.backlog.clear()
 
 
 @dataclass
@@ -163,6 +173,7 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     t0 = time.perf_counter()
     if not drafting and state.ready is None:
         return _plain_step(state, target, chooser, times, t0)
+    state.join_backlog()
     room = target.context - target.n_past  # KV slots left for the tree
     tree, state.ready = state.ready, None
     drafted = tree is not None or room >= 2
@@ -238,8 +249,7 @@ def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, t
     t1 = time.perf_counter()
     bonus = chooser(logits[0])
     target.commit()
-    state.features = np.concatenate([state.features, feats])
-    state.next_tokens = np.append(state.next_tokens, bonus)
+    state.backlog.append((feats, bonus))
     state.root = bonus
     times.verify_s += t1 - t0
     times.accept_s += time.perf_counter() - t1
