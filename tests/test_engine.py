@@ -69,15 +69,20 @@ def test_forward_matches_reference_every_format(isa, dtype):
     int8 activation rounding (about 1/254 of each block's max per element)."""
     cfg = tiny_config(gqa=3, tied=False)
     src = make_source(cfg, random_weights(cfg, seed=11), dtype, embd_dtype="q8_0" if dtype.startswith("q") else None)
+    assert_matches_reference(src, np.random.default_rng(1).integers(0, cfg.vocab_size, 9),
+                             tol=3e-4 if dtype in ("f32", "f16", "bf16") else 4e-2)
+
+
+def assert_matches_reference(src, ids, tol: float) -> None:
+    """The engine's logits and features for ``ids`` against the fp64-matmul twin's, within
+    ``tol`` of each one's largest magnitude."""
     eng = TargetEngine(src, context=64, threads=2)
-    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 9)
-    logits, feats = eng.forward(ids, logit_rows=range(9), feature_rows=range(9))
+    T = len(ids)
+    logits, feats = eng.forward(ids, logit_rows=range(T), feature_rows=range(T))
     model = reference.LlamaReference.from_source(src)
     with torch.no_grad():
         want_l, want_f = model(torch.from_numpy(ids), None, None, model.new_cache(16))
-    scale = np.abs(want_l.numpy()).max()
-    tol = 3e-4 if dtype in ("f32", "f16", "bf16") else 4e-2
-    np.testing.assert_allclose(logits, want_l.numpy(), rtol=0, atol=tol * scale)
+    np.testing.assert_allclose(logits, want_l.numpy(), rtol=0, atol=tol * np.abs(want_l.numpy()).max())
     np.testing.assert_allclose(feats, want_f.numpy(), rtol=0, atol=tol * np.abs(want_f.numpy()).max())
 
 
@@ -90,14 +95,7 @@ def test_mixed_formats_within_a_layer_match_reference(isa):
     src = make_source(cfg, w, "q8_0", embd_dtype="q8_0")
     for name, dtype in (("blk.0.attn_v", "q4_0"), ("blk.1.ffn_up", "f16"), ("blk.1.attn_k", "q4_1")):
         src.weights[name] = quantize(w[name], dtype)
-    eng = TargetEngine(src, context=64, threads=2)
-    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 7)
-    logits, feats = eng.forward(ids, logit_rows=range(7), feature_rows=range(7))
-    model = reference.LlamaReference.from_source(src)
-    with torch.no_grad():
-        want_l, want_f = model(torch.from_numpy(ids), None, None, model.new_cache(16))
-    np.testing.assert_allclose(logits, want_l.numpy(), rtol=0, atol=4e-2 * np.abs(want_l.numpy()).max())
-    np.testing.assert_allclose(feats, want_f.numpy(), rtol=0, atol=4e-2 * np.abs(want_f.numpy()).max())
+    assert_matches_reference(src, np.random.default_rng(3).integers(0, cfg.vocab_size, 7), tol=4e-2)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "q4_1", "q8_0"])

@@ -51,6 +51,23 @@ def start_state(target, draft_or_none, prompt, first):
     return SpecState(root=first, features=feats, next_tokens=np.array(list(prompt[1:]) + [first]))
 
 
+def check_greedy_equals_plain(target, draft, params, rng, trials, vocab, max_prompt, times, n=40,
+                              drafting=lambda state: True, overlap=False):
+    """Random prompts from ``rng``: greedy speculation (each step drafting as ``drafting``
+    says) emits exactly plain greedy decoding's first ``n`` tokens."""
+    for trial in range(trials):
+        prompt = rng.integers(0, vocab, int(rng.integers(2, max_prompt))).tolist()
+        truth = plain_greedy(target, prompt, n)
+        state = start_state(target, draft, prompt, truth[0])
+        out = [truth[0]]
+        while len(out) < n:
+            emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
+                                          TokenChooser(SamplingParams()), times, overlap=overlap,
+                                          drafting=drafting(state))
+            out += emitted
+        assert out[:n] == truth
+
+
 class OracleDraft:
     """Proposes random trees that contain the target's true greedy continuation with some
     probability at random sibling ranks, so every acceptance length and branch occurs."""
@@ -149,17 +166,8 @@ def test_greedy_with_oracle_trees_equals_plain(params):
 def test_greedy_with_native_draft_equals_plain(params):
     src, target = tiny_target()
     draft = random_draft(src, target)
-    rng = np.random.default_rng(5)
-    for trial in range(4):
-        prompt = rng.integers(0, 301, int(rng.integers(2, 30))).tolist()
-        truth = plain_greedy(target, prompt, 40)
-        state = start_state(target, draft, prompt, truth[0])
-        out, times = [truth[0]], SpecTimes()
-        while len(out) < 40:
-            emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
-                                          TokenChooser(SamplingParams()), times)
-            out += emitted
-        assert out[:40] == truth
+    check_greedy_equals_plain(target, draft, params, np.random.default_rng(5), trials=4, vocab=301, max_prompt=30,
+                              times=SpecTimes())
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
@@ -171,18 +179,13 @@ def test_greedy_with_plain_steps_interleaved_equals_plain(overlap):
     rng = np.random.default_rng(8)
     times = SpecTimes()
     kinds = set()
-    for trial in range(4):
-        prompt = rng.integers(0, 16, int(rng.integers(2, 20))).tolist()
-        truth = plain_greedy(target, prompt, 40)
-        state = start_state(target, draft, prompt, truth[0])
-        out = [truth[0]]
-        while len(out) < 40:
-            drafting = bool(rng.random() < 0.4)
-            kinds.add(drafting or state.ready is not None)
-            emitted, _ = speculative_step(state, target, draft, TreeParams(2, 3, 6), SamplingParams(),
-                                          TokenChooser(SamplingParams()), times, overlap=overlap, drafting=drafting)
-            out += emitted
-        assert out[:40] == truth
+
+    def drafting(state) -> bool:
+        d = bool(rng.random() < 0.4)
+        kinds.add(d or state.ready is not None)
+        return d
+    check_greedy_equals_plain(target, draft, TreeParams(2, 3, 6), rng, trials=4, vocab=16, max_prompt=20,
+                              times=times, drafting=drafting, overlap=overlap)
     assert kinds == {True, False}
     assert max(times.history) > 1  # drafted tokens were accepted after plain stretches
 
@@ -243,18 +246,9 @@ def test_greedy_with_overlap_equals_plain(params):
     the guess right (the tree drafted ahead is used) or wrong (undone)."""
     src, target = tiny_target(vocab=16, embd_scale=0.3)
     draft = random_draft(src, target, seed=4, std=0.3)
-    rng = np.random.default_rng(6)
     times = SpecTimes()
-    for trial in range(3):
-        prompt = rng.integers(0, 16, int(rng.integers(2, 20))).tolist()
-        truth = plain_greedy(target, prompt, 40)
-        state = start_state(target, draft, prompt, truth[0])
-        out = [truth[0]]
-        while len(out) < 40:
-            emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
-                                          TokenChooser(SamplingParams()), times, overlap=True)
-            out += emitted
-        assert out[:40] == truth
+    check_greedy_equals_plain(target, draft, params, np.random.default_rng(6), trials=3, vocab=16, max_prompt=20,
+                              times=times, overlap=True)
     assert times.ahead_tries > 0
 
 
