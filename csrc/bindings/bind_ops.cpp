@@ -2,6 +2,8 @@
 // tested against its PyTorch twin in dovetail_ext.reference and benchmarked alone.
 #include <pybind11/stl.h>
 
+#include <cstring>
+
 #include "bindings/common.h"
 #include "cpu/ops.h"
 
@@ -171,10 +173,22 @@ void bind_ops(py::module_& m) {
           for (int64_t j = 0; j <= t; ++j)
             if (a[t * T + j]) bits[t * words + (j >> 6)] |= 1ull << (j & 63);
         py::array_t<float> out({T, H, Dh});
-        std::vector<float> scratch((size_t)threads * (n_past + T));
+        std::vector<float> scratch((size_t)threads * attention_stride(n_past + T));
+        // Keys into the kernels' tiled layout; values padded to the same slot count.
+        const int64_t S16 = attention_stride(S), elem = bf16 ? 2 : 4;
+        std::vector<uint8_t> kt((size_t)(KV * S16 * Dh * elem), 0), vt((size_t)(KV * S16 * Dh * elem), 0);
+        const auto* ks = static_cast<const uint8_t*>(k.data());
+        const auto* vs = static_cast<const uint8_t*>(v.data());
+        for (int64_t h = 0; h < KV; ++h) {
+          std::memcpy(vt.data() + h * S16 * Dh * elem, vs + h * S * Dh * elem, (size_t)(S * Dh * elem));
+          for (int64_t s = 0; s < S; ++s)
+            for (int64_t d = 0; d < Dh; ++d)
+              std::memcpy(kt.data() + (h * S16 * Dh + k_offset(s, d, Dh)) * elem, ks + ((h * S + s) * Dh + d) * elem,
+                          (size_t)elem);
+        }
         AttentionArgs aa;
-        aa.q = q.data(); aa.k = k.data(); aa.v = v.data(); aa.kv_type = bf16 ? KvType::BF16 : KvType::F32;
-        aa.S = S; aa.n_past = n_past; aa.T = T; aa.H = H; aa.KV = KV; aa.Dh = Dh;
+        aa.q = q.data(); aa.k = kt.data(); aa.v = vt.data(); aa.kv_type = bf16 ? KvType::BF16 : KvType::F32;
+        aa.S = S16; aa.n_past = n_past; aa.T = T; aa.H = H; aa.KV = KV; aa.Dh = Dh;
         aa.anc = bits.data(); aa.anc_words = words; aa.out = out.mutable_data(); aa.scratch = scratch.data();
         {
           py::gil_scoped_release nogil;

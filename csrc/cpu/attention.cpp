@@ -16,10 +16,14 @@ inline float kv_load(uint16_t x) { return bf16_to_fp32(x); }
 
 template <typename KvT>
 struct ScalarKern {
-  static float dot(const float* q, const KvT* k, int64_t Dh) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < Dh; ++i) acc += q[i] * kv_load(k[i]);
-    return acc;
+  static void tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale, float* out) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t l = 0; l < kKTile; ++l) {
+        const KvT* k = tiles + i * Dh * kKTile + l;
+        float acc = 0.0f;
+        for (int64_t d = 0; d < Dh; ++d) acc = std::fma(q[d], kv_load(k[d * kKTile]), acc);
+        out[i * kKTile + l] = acc * scale;
+      }
   }
   static void axpy(float* out, float p, const KvT* v, int64_t Dh) {
     for (int64_t i = 0; i < Dh; ++i) out[i] += p * kv_load(v[i]);
@@ -56,7 +60,7 @@ void attention(const AttentionArgs& a, int nthreads) {
     case Isa::Scalar: break;
   }
   // One (token, head) per item; each chunk uses its own slice of the score scratch.
-  const int64_t work = a.T * a.H, stride = a.n_past + a.n_prev + a.T;
+  const int64_t work = a.T * a.H, stride = attention_stride(a.n_past + a.n_prev + a.T);
   const bool tiny = work * stride * a.Dh < (1 << 15);  // not worth another thread
   const int nt = tiny ? 1 : (int)std::min<int64_t>(nthreads, work);
   const int64_t chunks = std::min<int64_t>(work, nt);

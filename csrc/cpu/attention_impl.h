@@ -1,9 +1,12 @@
-// The attention body for one (token, head), shared by every ISA path. `Kern` supplies
-//   float dot(const float* q, const KvT* k, int64_t Dh)
+// The attention body for one (token, head), shared by the scalar and AVX2 paths. `Kern`
+// supplies
+//   void  tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale,
+//                     float* out)   scores of the n * kKTile keys of n key tiles, times scale
 //   void  axpy(float* out, float p, const KvT* v, int64_t Dh)     out += p * v
 //   float exp(float)
-// Keys are visited in slot order (prefix, then ancestors in scratch order), so a token
-// sees the same sequence of operations whether its ancestors are committed or in the batch.
+// Scores are computed for every slot up to the token's last visible one, then the visible
+// ones are listed in slot order (prefix, then ancestors), so a token sees the same sequence
+// of operations whether its ancestors are committed or in the batch.
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -20,22 +23,15 @@ inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, flo
   const KvT* vbase = static_cast<const KvT*>(a.v) + kvh * a.S * Dh;
   const uint64_t* bits = a.anc + t * a.anc_words;
   const float scale = 1.0f / std::sqrt((float)Dh);
-
-  // Pass 1: scores of every visible key, in slot order.
-  int64_t n = 0;
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < a.n_past; ++s) {
-    const float sc = Kern::dot(q, kbase + s * Dh, Dh) * scale;
-    scores[n++] = sc;
-    mx = sc > mx ? sc : mx;
-  }
   const int64_t last = a.n_prev + t;
-  for (int64_t j = 0; j <= last; ++j) {
-    if (!((bits[j >> 6] >> (j & 63)) & 1u)) continue;
-    const float sc = Kern::dot(q, kbase + (a.n_past + j) * Dh, Dh) * scale;
-    scores[n++] = sc;
-    mx = sc > mx ? sc : mx;
-  }
+
+  // Pass 1: scores of every slot up to the last visible one; keep the visible ones.
+  Kern::tile_scores(q, kbase, attention_stride(a.n_past + last + 1) / kKTile, Dh, scale, scores);
+  int64_t n = a.n_past;
+  for (int64_t j = 0; j <= last; ++j)
+    if ((bits[j >> 6] >> (j & 63)) & 1u) scores[n++] = scores[a.n_past + j];
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = scores[i] > mx ? scores[i] : mx;
   // Pass 2: softmax weights (sequential sum keeps the order fixed).
   float sum = 0.0f;
   for (int64_t i = 0; i < n; ++i) {

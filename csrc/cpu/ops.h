@@ -95,11 +95,23 @@ void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int3
 enum class KvType : int { F32 = 0, BF16 = 1 };
 
 // Grouped-query attention over one layer's cache for a batch of T new tokens.
-// k, v: [KV, S, Dh] in kv_type; slots [0, n_past) are the committed prefix and slot
-// n_past + j holds scratch row j: rows [0, n_prev) come from earlier calls, row n_prev + t
-// is batch token t. Token t attends to the prefix and to the scratch rows j <= n_prev + t
-// whose bit is set in its ancestor bitset (anc + t * anc_words). q: [T, H*Dh] (roped),
-// out: [T, H*Dh]. scratch: nthreads * (n_past + n_prev + T) floats.
+// k: [KV, S / kKTile, Dh, kKTile] in kv_type: keys in tiles of kKTile slots, transposed, so
+// one vector load gives one feature of kKTile keys (S a multiple of kKTile; see k_offset).
+// v: [KV, S, Dh] in kv_type. Slots [0, n_past) are the committed prefix and slot n_past + j
+// holds scratch row j: rows [0, n_prev) come from earlier calls, row n_prev + t is batch
+// token t. Token t attends to the prefix and to the scratch rows j <= n_prev + t whose bit
+// is set in its ancestor bitset (anc + t * anc_words). q: [T, H*Dh] (roped), out:
+// [T, H*Dh]. scratch: nthreads * attention_stride(n_past + n_prev + T) floats.
+//
+// Every score is one sequential chain of fused multiply-adds over the features (the same
+// on every path and for every tile position), and the softmax and the weighted sum run
+// over the list of visible keys in slot order, so a token's output does not depend on the
+// batch it is in (batch invariance).
+constexpr int64_t kKTile = 16;
+inline int64_t k_offset(int64_t slot, int64_t d, int64_t Dh) {
+  return (slot / kKTile) * Dh * kKTile + d * kKTile + slot % kKTile;
+}
+inline int64_t attention_stride(int64_t keys) { return (keys + kKTile - 1) / kKTile * kKTile; }
 struct AttentionArgs {
   const float* q = nullptr;
   const void* k = nullptr;

@@ -1,4 +1,6 @@
-// KV cache of one model: [layer][kv_head][slot][Dh] in fp32 or bf16, preallocated.
+// KV cache of one model in fp32 or bf16, preallocated: values [layer][kv_head][slot][Dh],
+// keys [layer][kv_head][slot / kKTile][Dh][kKTile] (the layout AttentionArgs takes); the
+// slot count is rounded up to a multiple of kKTile.
 //
 // Slots [0, n_past) hold committed tokens. A forward over T tokens writes its keys and
 // values to the scratch slots n_past .. n_past+T-1; commit(kept) then moves the kept rows
@@ -30,8 +32,12 @@ class KvCache {
   size_t bytes() const { return data_k_.size() + data_v_.size(); }
 
  private:
-  uint8_t* slot_ptr(Buffer<uint8_t>& buf, int64_t layer, int64_t head, int64_t slot) {
-    return buf.data() + layer * layer_bytes_ + (head * slots_ + slot) * row_bytes_;
+  uint8_t* v_row(int64_t layer, int64_t head, int64_t slot) {
+    return data_v_.data() + layer * layer_bytes_ + (head * slots_ + slot) * row_bytes_;
+  }
+  // Start of (layer, head) in the key tiles; feature d of slot s sits at k_offset(s, d, Dh).
+  uint8_t* k_head(int64_t layer, int64_t head) {
+    return data_k_.data() + layer * layer_bytes_ + head * slots_ * row_bytes_;
   }
   int64_t layers_ = 0, kv_heads_ = 0, slots_ = 0, head_dim_ = 0;
   KvType type_ = KvType::F32;

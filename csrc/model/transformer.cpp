@@ -106,14 +106,15 @@ LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, con
   xn_.resize(B * D); tmp_.resize(B * D);
   q_.resize(B * QD); att_.resize(B * QD); k_.resize(B * KD); v_.resize(B * KD);
   gate_.resize(B * F); up_.resize(B * F); fused_.resize(B * std::max(2 * F, QD + 2 * KD));
-  scores_.resize((size_t)o.threads * (o.context + B));
+  scores_.resize((size_t)o.threads * (o.context + B + kKTile));
   anc_bits_.resize((size_t)(B * ((B + 63) / 64)));
   qa_.reserve(B, std::max({D, F, QD}));
 }
 
 void LayerStack::set_threads(int n) {
   DT_CHECK(n >= 1 && n <= 1024, "threads must be in [1, 1024], got " + std::to_string(n));
-  if ((size_t)n * (o_.context + o_.max_batch) > scores_.size()) scores_.resize((size_t)n * (o_.context + o_.max_batch));
+  if ((size_t)n * (o_.context + o_.max_batch + kKTile) > scores_.size())
+    scores_.resize((size_t)n * (o_.context + o_.max_batch + kKTile));
   o_.threads = n;
 }
 

@@ -1,11 +1,14 @@
 // AVX-512 tree attention. One work item is a run of query rows (token t, head h) that share
-// a KV head; each block of 16 keys is read once for all of them. Per row:
+// a KV head. Per row:
 //   s_i = (q . k_i) / sqrt(Dh)      over the visible keys i (prefix, then ancestors, in slot order)
 //   p_i = exp(s_i - max) / sum      out = sum_i p_i v_i
+// Keys come in tiles of 16 slots, transposed (ops.h), so the scores of 16 keys are 16 lanes
+// of one FMA chain over the features: no horizontal sums, and each tile is loaded once for
+// up to 4 rows. The weighted sum of values also serves up to 4 rows per value load.
 // Every row is computed by the same instruction sequence whatever its neighbours, the batch
-// size or the thread split (batch invariance): a score is 4-lane-group FMAs and a fixed
-// lane-sum tree; the sums run over the compacted list of visible keys in 16-wide chunks
-// from its start; the weighted sum of values is sequential in that list's order.
+// size or the thread split (batch invariance): a score is one sequential FMA chain (the
+// scalar path's too); the softmax sums run over the compacted list of visible keys in
+// 16-wide chunks from its start; the weighted sum of values is sequential in that list's order.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -27,14 +30,7 @@ inline __m512 load16(const uint16_t* p, __mmask16 m) {
 
 template <typename KvT>
 struct Kern {
-  static float dot(const float* q, const KvT* k, int64_t Dh) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < Dh; i += 16) {
-      const __mmask16 m = Dh - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - i)) - 1);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k + i, m), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-  }
+  static void tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale, float* out);
   static void axpy(float* out, float p, const KvT* v, int64_t Dh) {
     const __m512 pv = _mm512_set1_ps(p);
     for (int64_t i = 0; i < Dh; i += 16) {
@@ -47,6 +43,12 @@ struct Kern {
 
 using x86::exp_ps;
 
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+
 inline __m256 fold(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, 0xEE)));
 }
@@ -57,129 +59,179 @@ inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// Scores of up to 16 keys (rows keys[0..n) of Dh values) against q (Dh <= 128), times scale.
-template <typename KvT>
-inline void scores16(const float* q, const KvT* const* keys, int n, int64_t Dh, float scale, float* out) {
-  __m512 qv[8];
-  const int nv = (int)((Dh + 15) / 16);
-  for (int i = 0; i < nv; ++i) {
-    const __mmask16 m = Dh - 16 * i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - 16 * i)) - 1);
-    qv[i] = _mm512_maskz_loadu_ps(m, q + 16 * i);
-  }
-  __m256 f[16];
-  for (int j = 0; j < 16; ++j) {
-    if (j >= n) {
-      f[j] = _mm256_setzero_ps();
-      continue;
+// Scores of KT key tiles (from `tiles`) for RG query rows: out[r][16 j + l] = scale *
+// sum_d q[r][d] k[16 j + l][d], one FMA chain per (row, key) in feature order.
+template <typename KvT, int RG, int KT>
+inline void tile_scores_rows(const float* const* q, const KvT* tiles, int64_t Dh, float scale, float* const* out) {
+  __m512 acc[RG][KT];
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < KT; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t ts = Dh * kKTile;
+  for (int64_t d = 0; d < Dh; ++d) {
+    __m512 k[KT];
+    for (int j = 0; j < KT; ++j) k[j] = load16(tiles + j * ts + d * kKTile);
+    for (int r = 0; r < RG; ++r) {
+      const __m512 b = _mm512_set1_ps(q[r][d]);
+      for (int j = 0; j < KT; ++j) acc[r][j] = _mm512_fmadd_ps(b, k[j], acc[r][j]);
     }
-    __m512 acc = _mm512_setzero_ps();
-    for (int i = 0; i < nv; ++i) {
-      const __mmask16 m = Dh - 16 * i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - 16 * i)) - 1);
-      acc = _mm512_fmadd_ps(qv[i], load16(keys[j] + 16 * i, m), acc);
-    }
-    f[j] = fold(acc);
   }
-  const __m512 s = _mm512_insertf32x8(_mm512_castps256_ps512(hsum8(f)), hsum8(f + 8), 1);
-  _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), _mm512_mul_ps(s, _mm512_set1_ps(scale)));
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < KT; ++j) _mm512_storeu_ps(out[r] + j * kKTile, _mm512_mul_ps(acc[r][j], sc));
 }
 
 template <typename KvT>
-void attention_rows_impl(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
-  const int64_t Dh = a.Dh, G = a.H / a.KV, stride = a.n_past + a.n_prev + a.T, R = r1 - r0;
+void Kern<KvT>::tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    float* o = out + i * kKTile;
+    tile_scores_rows<KvT, 1, 4>(&q, tiles + i * Dh * kKTile, Dh, scale, &o);
+  }
+  for (; i < n; ++i) {
+    float* o = out + i * kKTile;
+    tile_scores_rows<KvT, 1, 1>(&q, tiles + i * Dh * kKTile, Dh, scale, &o);
+  }
+}
+
+// Scores of key tiles [i0, i0 + KT) for rows q[0 .. nr), written at out[r] + 16 * i0.
+template <typename KvT, int KT>
+inline void tile_scores_block(const float* const* q, int64_t nr, const KvT* kbase, int64_t i0, int64_t Dh,
+                              float scale, float* const* out) {
+  const KvT* tiles = kbase + i0 * Dh * kKTile;
+  float* o[4];
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) {
+    for (int j = 0; j < 4; ++j) o[j] = out[r + j] + i0 * kKTile;
+    tile_scores_rows<KvT, 4, KT>(q + r, tiles, Dh, scale, o);
+  }
+  for (; r < nr; ++r) {
+    o[0] = out[r] + i0 * kKTile;
+    tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, o);
+  }
+}
+
+// out[r] += sum over keys s in [s0, s1) of p[r][s - s0] v[s] for RG rows, sequentially in s.
+template <typename KvT, int NV, int RG>
+inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t s0,
+                                 int64_t s1, int64_t Dh) {
+  __mmask16 m[NV];
+  for (int i = 0; i < NV; ++i) m[i] = tail_mask(Dh - 16 * i);
+  __m512 acc[RG][NV];
+  for (int r = 0; r < RG; ++r)
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_maskz_loadu_ps(m[i], out[r] + 16 * i);
+  for (int64_t s = s0; s < s1; ++s) {
+    __m512 v[NV];
+    for (int i = 0; i < NV; ++i) v[i] = load16(vbase + s * Dh + 16 * i, m[i]);
+    for (int r = 0; r < RG; ++r) {
+      const __m512 b = _mm512_set1_ps(p[r][s - s0]);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(b, v[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int i = 0; i < NV; ++i) _mm512_mask_storeu_ps(out[r] + 16 * i, m[i], acc[r][i]);
+}
+
+// The prefix's weighted values for nr rows: groups of RG rows share each value load.
+template <typename KvT, int NV>
+void prefix_values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
+                   int64_t Dh) {
+  constexpr int RG = NV <= 4 ? 4 : 2;
+  int64_t r = 0;
+  for (; r + RG <= nr; r += RG) weighted_values_rows<KvT, NV, RG>(out + r, p + r, vbase, 0, n_past, Dh);
+  for (; r < nr; ++r) weighted_values_rows<KvT, NV, 1>(out + r, p + r, vbase, 0, n_past, Dh);
+}
+
+// One row's visible scratch keys, in order, after its prefix.
+template <typename KvT, int NV>
+void scratch_values(float* out, const float* p, const int32_t* vis, int64_t n, const KvT* vbase, int64_t n_past,
+                    int64_t Dh) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* pi = p + i;
+    weighted_values_rows<KvT, NV, 1>(&out, &pi, vbase, n_past + vis[i], n_past + vis[i] + 1, Dh);
+  }
+}
+
+template <typename KvT, int NV>
+void attention_rows_nv(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
+  const int64_t Dh = a.Dh, G = a.H / a.KV, R = r1 - r0;
+  const int64_t keys = a.n_past + a.n_prev + a.T, st = attention_stride(keys);
   const KvT* kbase = static_cast<const KvT*>(a.k) + kvh * a.S * Dh;
   const KvT* vbase = static_cast<const KvT*>(a.v) + kvh * a.S * Dh;
   const float scale = 1.0f / std::sqrt((float)Dh);
   static thread_local Buffer<float> score_buf;
   static thread_local std::vector<int32_t> vis;  // visible scratch rows, per row
   static thread_local std::vector<int64_t> nvis;
-  float* scores = tls_scratch(score_buf, (size_t)(R * (stride + 16)));
+  float* scores = tls_scratch(score_buf, (size_t)(R * st));
   vis.resize((size_t)(R * (a.n_prev + a.T)));
   nvis.resize((size_t)R);
-  auto row_t = [&](int64_t r) { return (r0 + r) / G; };
-  auto row_h = [&](int64_t r) { return kvh * G + (r0 + r) % G; };
+  const float* q[16];  // R <= 16 (attention() makes the items)
+  float* sc[16];
+  float* out[16];
+  const float* pr[16];
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t t = row_t(r);
+    const int64_t t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
+    q[r] = a.q + (t * a.H + h) * Dh;
+    out[r] = a.out + (t * a.H + h) * Dh;
+    sc[r] = scores + r * st;
+    pr[r] = sc[r];
     const uint64_t* bits = a.anc + t * a.anc_words;
     int64_t n = 0;
     for (int64_t j = 0; j <= a.n_prev + t; ++j)
       if ((bits[j >> 6] >> (j & 63)) & 1u) vis[r * (a.n_prev + a.T) + n++] = (int32_t)j;
     nvis[r] = n;
   }
-  // Scores: prefix blocks of 16 keys outermost, so each block is read once for all rows.
-  const KvT* kp[16];
-  for (int64_t s0 = 0; s0 < a.n_past; s0 += 16) {
-    const int n = (int)std::min<int64_t>(16, a.n_past - s0);
-    for (int j = 0; j < n; ++j) kp[j] = kbase + (s0 + j) * Dh;
-    for (int64_t r = 0; r < R; ++r)
-      scores16(a.q + (row_t(r) * a.H + row_h(r)) * Dh, kp, n, Dh, scale, scores + r * (stride + 16) + s0);
-  }
+  // Scores of every slot, 4 tiles at a time (each read once for all rows), then each row's
+  // visible scratch keys moved up behind its prefix.
+  const int64_t tiles = st / kKTile;
+  int64_t i0 = 0;
+  for (; i0 + 4 <= tiles; i0 += 4) tile_scores_block<KvT, 4>(q, R, kbase, i0, Dh, scale, sc);
+  for (; i0 < tiles; ++i0) tile_scores_block<KvT, 1>(q, R, kbase, i0, Dh, scale, sc);
   for (int64_t r = 0; r < R; ++r) {
     const int32_t* vr = vis.data() + r * (a.n_prev + a.T);
-    for (int64_t i0 = 0; i0 < nvis[r]; i0 += 16) {
-      const int n = (int)std::min<int64_t>(16, nvis[r] - i0);
-      for (int j = 0; j < n; ++j) kp[j] = kbase + (a.n_past + vr[i0 + j]) * Dh;
-      scores16(a.q + (row_t(r) * a.H + row_h(r)) * Dh, kp, n, Dh, scale, scores + r * (stride + 16) + a.n_past + i0);
-    }
+    for (int64_t i = 0; i < nvis[r]; ++i) sc[r][a.n_past + i] = sc[r][a.n_past + vr[i]];
   }
   // Softmax over each row's compacted list of n = n_past + nvis scores.
   for (int64_t r = 0; r < R; ++r) {
-    float* sc = scores + r * (stride + 16);
+    float* s = sc[r];
     const int64_t n = a.n_past + nvis[r];
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, sc + i));
-    }
+    for (int64_t i = 0; i < n; i += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(n - i), s + i));
     const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + i), mv)));
-      _mm512_mask_storeu_ps(sc + i, m, e);
+      const __mmask16 m = tail_mask(n - i);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), mv)));
+      _mm512_mask_storeu_ps(s + i, m, e);
       sum = _mm512_add_ps(sum, e);
     }
     __m256 f[8] = {fold(sum), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                    _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const float inv = 1.0f / _mm256_cvtss_f32(hsum8(f));
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm256_cvtss_f32(hsum8(f)));
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-      _mm512_mask_storeu_ps(sc + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + i), _mm512_set1_ps(inv)));
+      const __mmask16 m = tail_mask(n - i);
+      _mm512_mask_storeu_ps(s + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), inv));
     }
   }
-  // Weighted values: sequential over each row's list; rows accumulate in their output.
-  const int nv = (int)((Dh + 15) / 16);
-  for (int64_t r = 0; r < R; ++r) std::memset(a.out + (row_t(r) * a.H + row_h(r)) * Dh, 0, sizeof(float) * Dh);
-  auto accumulate = [&](int64_t r, const float* p, const KvT* const* vals, int n) {
-    float* out = a.out + (row_t(r) * a.H + row_h(r)) * Dh;
-    __m512 acc[8];
-    for (int i = 0; i < nv; ++i) {
-      const __mmask16 m = Dh - 16 * i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - 16 * i)) - 1);
-      acc[i] = _mm512_maskz_loadu_ps(m, out + 16 * i);
-    }
-    for (int j = 0; j < n; ++j) {
-      const __m512 pv = _mm512_set1_ps(p[j]);
-      for (int i = 0; i < nv; ++i) {
-        const __mmask16 m = Dh - 16 * i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - 16 * i)) - 1);
-        acc[i] = _mm512_fmadd_ps(pv, load16(vals[j] + 16 * i, m), acc[i]);
-      }
-    }
-    for (int i = 0; i < nv; ++i) {
-      const __mmask16 m = Dh - 16 * i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - 16 * i)) - 1);
-      _mm512_mask_storeu_ps(out + 16 * i, m, acc[i]);
-    }
-  };
-  for (int64_t s0 = 0; s0 < a.n_past; s0 += 16) {
-    const int n = (int)std::min<int64_t>(16, a.n_past - s0);
-    for (int j = 0; j < n; ++j) kp[j] = vbase + (s0 + j) * Dh;
-    for (int64_t r = 0; r < R; ++r) accumulate(r, scores + r * (stride + 16) + s0, kp, n);
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    const int32_t* vr = vis.data() + r * (a.n_prev + a.T);
-    for (int64_t i0 = 0; i0 < nvis[r]; i0 += 16) {
-      const int n = (int)std::min<int64_t>(16, nvis[r] - i0);
-      for (int j = 0; j < n; ++j) kp[j] = vbase + (a.n_past + vr[i0 + j]) * Dh;
-      accumulate(r, scores + r * (stride + 16) + a.n_past + i0, kp, n);
-    }
+  // Weighted values: sequential over each row's list (prefix, then its visible scratch keys).
+  for (int64_t r = 0; r < R; ++r) std::memset(out[r], 0, sizeof(float) * Dh);
+  prefix_values<KvT, NV>(out, pr, R, vbase, a.n_past, Dh);
+  for (int64_t r = 0; r < R; ++r)
+    scratch_values<KvT, NV>(out[r], sc[r] + a.n_past, vis.data() + r * (a.n_prev + a.T), nvis[r], vbase,
+                            a.n_past, Dh);
+}
+
+template <typename KvT>
+void attention_rows_impl(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
+  switch ((a.Dh + 15) / 16) {
+    case 1: return attention_rows_nv<KvT, 1>(a, kvh, r0, r1);
+    case 2: return attention_rows_nv<KvT, 2>(a, kvh, r0, r1);
+    case 3: return attention_rows_nv<KvT, 3>(a, kvh, r0, r1);
+    case 4: return attention_rows_nv<KvT, 4>(a, kvh, r0, r1);
+    case 5: return attention_rows_nv<KvT, 5>(a, kvh, r0, r1);
+    case 6: return attention_rows_nv<KvT, 6>(a, kvh, r0, r1);
+    case 7: return attention_rows_nv<KvT, 7>(a, kvh, r0, r1);
+    default: return attention_rows_nv<KvT, 8>(a, kvh, r0, r1);
   }
 }
 
