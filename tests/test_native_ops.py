@@ -189,6 +189,28 @@ def test_attention_matches_twin(isa, kv_dtype, T, H, KV, Dh, n_past):
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * np.sqrt(L))
 
 
+def test_attention_takes_tiled_keys(isa):
+    """tile_keys gives the kernels' layout: attention over it equals attention over [KV, S, Dh]."""
+    rng = np.random.default_rng(3)
+    T, H, KV, Dh, n_past = 7, 6, 2, 24, 21  # 28 slots: the second tile half used
+    q = _rand(rng, T, H, Dh)
+    k, v = _rand(rng, KV, n_past + T, Dh), _rand(rng, KV, n_past + T, Dh)
+    anc = tree_ancestors(random_tree(rng, T))
+    kt = _core.tile_keys(k)
+    assert kt.shape == (KV, 2, Dh, 16)
+    np.testing.assert_array_equal(kt[1, 1, :, 11], k[1, 27])  # slot 27 = tile 1, lane 11
+    assert not kt[:, 1, :, 12:].any()  # padding slots are zero
+    vp = np.zeros((KV, 32, Dh), np.float32)
+    vp[:, :n_past + T] = v
+    np.testing.assert_array_equal(_core.attention(q, kt, vp, n_past, anc), _core.attention(q, k, v, n_past, anc))
+    kb = _bf16(k)
+    np.testing.assert_array_equal(_core.tile_keys(kb)[0, 0, :, 5], kb[0, 5])
+    with pytest.raises(ValueError, match=r"v has shape \(2, 28, 24\), expected \(2, 32, 24\)"):
+        _core.attention(q, kt, v, n_past, anc)  # v not padded to the tiled slot count
+    with pytest.raises(ValueError, match="k must be"):
+        _core.attention(q, k[0], v, n_past, anc)
+
+
 def test_attention_batch_invariant(isa):
     """A tree token's output is bitwise equal to computing it after committing its ancestors."""
     rng = np.random.default_rng(5)

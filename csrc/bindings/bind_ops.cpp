@@ -31,6 +31,30 @@ py::array_t<uint8_t, py::array::c_style> ancestor_matrix(const py::handle& obj, 
   return u8;
 }
 
+namespace {
+
+// Keys [KV, S, Dh] -> [KV, ceil(S / kKTile), Dh, kKTile] (ops.h), zero-padded.
+template <typename E>
+void tile_keys_into(const E* k, int64_t KV, int64_t S, int64_t Dh, E* out) {
+  const int64_t S16 = attention_stride(S);
+  for (int64_t h = 0; h < KV; ++h)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t d = 0; d < Dh; ++d) out[h * S16 * Dh + k_offset(s, d, Dh)] = k[(h * S + s) * Dh + d];
+}
+
+py::array tile_keys(const py::array& k, bool bf16) {
+  const int64_t KV = k.shape(0), S = k.shape(1), Dh = k.shape(2), S16 = attention_stride(S);
+  py::array out(k.dtype(), std::vector<int64_t>{KV, S16 / kKTile, Dh, kKTile});
+  std::memset(out.mutable_data(), 0, (size_t)(out.nbytes()));
+  if (bf16)
+    tile_keys_into(static_cast<const uint16_t*>(k.data()), KV, S, Dh, static_cast<uint16_t*>(out.mutable_data()));
+  else
+    tile_keys_into(static_cast<const float*>(k.data()), KV, S, Dh, static_cast<float*>(out.mutable_data()));
+  return out;
+}
+
+}  // namespace
+
 void bind_ops(py::module_& m) {
   py::class_<PackedWeight, std::shared_ptr<PackedWeight>>(m, "PackedWeight",
       "A weight matrix [rows, cols] in its stored format (f32, f16, bf16, q8_0, q4_0, q4_1), "
@@ -147,6 +171,15 @@ void bind_ops(py::module_& m) {
         return py::make_tuple(ids, logp);
       }, py::arg("logits"), py::arg("k"), "Per row: the k most likely tokens and their log-probabilities.");
 
+  m.def("tile_keys", [](const py::array& k_obj) {
+        const bool bf16 = py::array::ensure(k_obj).dtype().is(py::dtype::of<uint16_t>());
+        py::array k = bf16 ? py::array(as_array<uint16_t>(k_obj, "k")) : py::array(as_array<float>(k_obj, "k"));
+        check_shape(k, {-1, -1, -1}, "k");
+        return tile_keys(k, bf16);
+      }, py::arg("k"),
+      "Keys k [KV, S, Dh] (fp32, or bf16 as uint16) in the attention kernels' layout "
+      "[KV, ceil(S / 16), Dh, 16] (zero-padded slots): what attention() takes as a 4-D k.");
+
   m.def("attention", [](const py::handle& q_obj, const py::array& k_obj, const py::array& v_obj,
                         int64_t n_past, const py::handle& anc_obj, int threads) {
         auto q = as_array<float>(q_obj, "q");
@@ -155,9 +188,16 @@ void bind_ops(py::module_& m) {
         const bool bf16 = py::array::ensure(k_obj).dtype().is(py::dtype::of<uint16_t>());
         py::array k = bf16 ? py::array(as_array<uint16_t>(k_obj, "k")) : py::array(as_array<float>(k_obj, "k"));
         py::array v = bf16 ? py::array(as_array<uint16_t>(v_obj, "v")) : py::array(as_array<float>(v_obj, "v"));
-        check_shape(k, {-1, -1, Dh}, "k");
-        check_shape(v, {k.shape(0), k.shape(1), Dh}, "v");
-        const int64_t KV = k.shape(0), S = k.shape(1);
+        DT_CHECK(k.ndim() == 3 || k.ndim() == 4, "k must be [KV, S, Dh] or tiled [KV, S / 16, Dh, 16], got " +
+                                                      std::to_string(k.ndim()) + " dimensions");
+        if (k.ndim() == 4) {
+          check_shape(k, {-1, -1, Dh, kKTile}, "k");
+          check_shape(v, {k.shape(0), k.shape(1) * kKTile, Dh}, "v");
+        } else {
+          check_shape(k, {-1, -1, Dh}, "k");
+          check_shape(v, {k.shape(0), k.shape(1), Dh}, "v");
+        }
+        const int64_t KV = k.shape(0), S = v.shape(1);
         DT_CHECK(KV >= 1 && H % KV == 0, "query heads must be a multiple of kv heads");
         DT_CHECK(n_past >= 0 && n_past + T <= S, "k/v need n_past + T slots");
         DT_CHECK(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(threads));
@@ -172,20 +212,19 @@ void bind_ops(py::module_& m) {
         for (int64_t t = 0; t < T; ++t)
           for (int64_t j = 0; j <= t; ++j)
             if (a[t * T + j]) bits[t * words + (j >> 6)] |= 1ull << (j & 63);
+        // A 3-D k goes into the tiled layout, v padded to the same slot count.
+        const int64_t S16 = attention_stride(S), elem = bf16 ? 2 : 4;
+        py::array kt = k, vt = v;
+        if (k.ndim() == 3) {
+          kt = tile_keys(k, bf16);
+          vt = py::array(v.dtype(), std::vector<int64_t>{KV, S16, Dh});
+          std::memset(vt.mutable_data(), 0, (size_t)(KV * S16 * Dh * elem));
+          for (int64_t h = 0; h < KV; ++h)
+            std::memcpy(static_cast<uint8_t*>(vt.mutable_data()) + h * S16 * Dh * elem,
+                        static_cast<const uint8_t*>(v.data()) + h * S * Dh * elem, (size_t)(S * Dh * elem));
+        }
         py::array_t<float> out({T, H, Dh});
         std::vector<float> scratch((size_t)threads * attention_stride(n_past + T));
-        // Keys into the kernels' tiled layout; values padded to the same slot count.
-        const int64_t S16 = attention_stride(S), elem = bf16 ? 2 : 4;
-        std::vector<uint8_t> kt((size_t)(KV * S16 * Dh * elem), 0), vt((size_t)(KV * S16 * Dh * elem), 0);
-        const auto* ks = static_cast<const uint8_t*>(k.data());
-        const auto* vs = static_cast<const uint8_t*>(v.data());
-        for (int64_t h = 0; h < KV; ++h) {
-          std::memcpy(vt.data() + h * S16 * Dh * elem, vs + h * S * Dh * elem, (size_t)(S * Dh * elem));
-          for (int64_t s = 0; s < S; ++s)
-            for (int64_t d = 0; d < Dh; ++d)
-              std::memcpy(kt.data() + (h * S16 * Dh + k_offset(s, d, Dh)) * elem, ks + ((h * S + s) * Dh + d) * elem,
-                          (size_t)elem);
-        }
         AttentionArgs aa;
         aa.q = q.data(); aa.k = kt.data(); aa.v = vt.data(); aa.kv_type = bf16 ? KvType::BF16 : KvType::F32;
         aa.S = S16; aa.n_past = n_past; aa.T = T; aa.H = H; aa.KV = KV; aa.Dh = Dh;
@@ -196,7 +235,8 @@ void bind_ops(py::module_& m) {
         }
         return out;
       }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_past"), py::arg("ancestors"), py::arg("threads") = 1,
-      "Tree attention: q [T,H,Dh] over k, v [KV,S,Dh] (fp32, or bf16 as uint16); slot n_past+j holds batch token j.");
+      "Tree attention: q [T,H,Dh] over k [KV,S,Dh] (or tiled by tile_keys) and v [KV,S,Dh] (fp32, or bf16 as "
+      "uint16); slot n_past+j holds batch token j.");
 }
 
 }  // namespace dovetail::bind

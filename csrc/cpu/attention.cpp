@@ -41,10 +41,17 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 
 void attention(const AttentionArgs& a, int nthreads) {
   if (active_isa() == Isa::Avx512 && a.Dh <= 128) {
-    // Items: runs of up to 16 query rows sharing a KV head (enough items to balance threads).
-    const int64_t G = a.H / a.KV, rows = a.T * G;
-    const int64_t per = std::clamp<int64_t>(rows * a.KV / (3 * std::max(nthreads, 1)), 1, 16);
-    const int64_t per_kv = (rows + per - 1) / per, items = per_kv * a.KV;
+    // Items: runs of up to 16 query rows sharing a KV head; as few as give every thread the
+    // same number of items (at least two each), so the threads finish together.
+    const int64_t G = a.H / a.KV, rows = a.T * G, nt = std::max(nthreads, 1);
+    int64_t per_kv = (rows + 15) / 16;
+    for (int64_t pk = per_kv; pk <= std::min<int64_t>(rows, 4 * per_kv + nt); ++pk)
+      if (pk * a.KV >= 2 * nt && pk * a.KV % nt == 0) {
+        per_kv = pk;
+        break;
+      }
+    const int64_t per = (rows + per_kv - 1) / per_kv, items = ((rows + per - 1) / per) * a.KV;
+    per_kv = items / a.KV;
     const bool tiny = a.T * a.H * (a.n_past + a.n_prev + a.T) * a.Dh < (1 << 15);
     ThreadPool::instance().parallel_for(tiny ? 1 : (int)std::min<int64_t>(nthreads, items), items, [&](int64_t i) {
       const int64_t kvh = i / per_kv, r0 = (i % per_kv) * per;
