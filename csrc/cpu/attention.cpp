@@ -40,7 +40,9 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 }  // namespace scalar
 
 void attention(const AttentionArgs& a, int nthreads) {
-  if (active_isa() == Isa::Avx512 && a.Dh <= 128) {
+  const bool rows512 = active_isa() == Isa::Avx512 && a.Dh <= 128;
+  const bool rows256 = active_isa() == Isa::Avx2 && a.Dh % 8 == 0;
+  if (rows512 || rows256) {
     // Items: runs of up to 16 query rows sharing a KV head; as few as give every thread the
     // same number of items (at least two each), so the threads finish together.
     const int64_t G = a.H / a.KV, rows = a.T * G, nt = std::max(nthreads, 1);
@@ -53,9 +55,10 @@ void attention(const AttentionArgs& a, int nthreads) {
     const int64_t per = (rows + per_kv - 1) / per_kv, items = ((rows + per - 1) / per) * a.KV;
     per_kv = items / a.KV;
     const bool tiny = a.T * a.H * (a.n_past + a.n_prev + a.T) * a.Dh < (1 << 15);
+    const auto fn = rows512 ? avx512::attention_rows : avx2::attention_rows;
     ThreadPool::instance().parallel_for(tiny ? 1 : (int)std::min<int64_t>(nthreads, items), items, [&](int64_t i) {
       const int64_t kvh = i / per_kv, r0 = (i % per_kv) * per;
-      avx512::attention_rows(a, kvh, r0, std::min(rows, r0 + per));
+      fn(a, kvh, r0, std::min(rows, r0 + per));
     });
     return;
   }

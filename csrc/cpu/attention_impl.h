@@ -10,8 +10,10 @@
 #pragma once
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/quant_common.h"
 
 namespace dovetail {
 
@@ -56,6 +58,53 @@ inline void attention_one_dispatch(const AttentionArgs& a, int64_t t, int64_t h,
     attention_one_impl<float, Kern<float>>(a, t, h, scores);
   else
     attention_one_impl<uint16_t, Kern<uint16_t>>(a, t, h, scores);
+}
+
+// The SIMD paths' driver for a run of query rows r0 .. r1 of KV head kvh (at most 16), row
+// r = (token r / G, head kvh * G + r % G), G = H / KV. `Rows` supplies
+//   scores(q, nr, ktiles, tiles, Dh, scale, out)   out[r][slot] for every slot of `tiles` key
+//       tiles, one FMA chain per (row, key) in feature order (each tile read once for all rows)
+//   softmax(s, n)                                   in place over a row's n listed scores
+//   values(out, p, nr, vbase, n_past, vis, nvis, Dh) out[r] = sum of p[r][i] v over row r's
+//       list (the prefix, then its visible scratch rows vis[r][0 .. nvis[r])), in list order
+// Scores are computed for every slot, then each row's visible scratch keys are moved up
+// behind its prefix, so a row's list, and every sum over it, is the same whatever the batch.
+template <typename KvT, typename Rows>
+void attention_rows_run(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
+  const int64_t Dh = a.Dh, G = a.H / a.KV, R = r1 - r0, W = a.n_prev + a.T;
+  const int64_t st = attention_stride(a.n_past + W);
+  const KvT* kbase = static_cast<const KvT*>(a.k) + kvh * a.S * Dh;
+  const KvT* vbase = static_cast<const KvT*>(a.v) + kvh * a.S * Dh;
+  static thread_local Buffer<float> score_buf;
+  static thread_local std::vector<int32_t> vis;  // visible scratch rows, per row
+  float* scores = tls_scratch(score_buf, (size_t)(R * st));
+  vis.resize((size_t)(R * W));
+  const float* q[16];
+  float* sc[16];
+  float* out[16];
+  const float* pr[16];
+  const int32_t* vr[16];
+  int64_t nvis[16];
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
+    q[r] = a.q + (t * a.H + h) * Dh;
+    out[r] = a.out + (t * a.H + h) * Dh;
+    sc[r] = scores + r * st;
+    pr[r] = sc[r];
+    vr[r] = vis.data() + r * W;
+    const uint64_t* bits = a.anc + t * a.anc_words;
+    int64_t n = 0;
+    for (int64_t j = 0; j <= a.n_prev + t; ++j)
+      if ((bits[j >> 6] >> (j & 63)) & 1u) vis[r * W + n++] = (int32_t)j;
+    nvis[r] = n;
+  }
+  Rows::scores(q, R, kbase, st / kKTile, Dh, 1.0f / std::sqrt((float)Dh), sc);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = 0; i < nvis[r]; ++i) sc[r][a.n_past + i] = sc[r][a.n_past + vr[r][i]];
+    Rows::softmax(sc[r], a.n_past + nvis[r]);
+    std::memset(out[r], 0, sizeof(float) * Dh);
+  }
+  Rows::values(out, pr, R, vbase, a.n_past, vr, nvis, Dh);
 }
 
 }  // namespace dovetail

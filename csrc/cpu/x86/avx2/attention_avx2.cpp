@@ -1,6 +1,9 @@
-// AVX2 key-tile scores / axpy for the shared attention body.
+// AVX2 tree attention: the row-run kernels (attention_impl.h's driver; keys in transposed
+// 16-slot tiles, two 8-lane halves per tile) when Dh is a multiple of 8, and key-tile scores /
+// axpy for the per-(token, head) body otherwise.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/attention_impl.h"
@@ -61,10 +64,160 @@ struct Kern {
   static float exp(float x) { return std::exp(x); }
 };
 
+// Scores of KT key tiles for RG query rows (two 8-lane halves per tile): out[r][16 j + l] =
+// scale * sum_d q[r][d] k[16 j + l][d], one FMA chain per (row, key) in feature order.
+template <typename KvT, int RG, int KT>
+inline void tile_scores_rows(const float* const* q, const KvT* tiles, int64_t Dh, float scale, float* const* out) {
+  __m256 acc[RG][KT][2];
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < KT; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
+  const int64_t ts = Dh * kKTile;
+  for (int64_t d = 0; d < Dh; ++d) {
+    __m256 k[KT][2];
+    for (int j = 0; j < KT; ++j) {
+      k[j][0] = load8(tiles + j * ts + d * kKTile);
+      k[j][1] = load8(tiles + j * ts + d * kKTile + 8);
+    }
+    for (int r = 0; r < RG; ++r) {
+      const __m256 b = _mm256_broadcast_ss(q[r] + d);
+      for (int j = 0; j < KT; ++j) {
+        acc[r][j][0] = _mm256_fmadd_ps(b, k[j][0], acc[r][j][0]);
+        acc[r][j][1] = _mm256_fmadd_ps(b, k[j][1], acc[r][j][1]);
+      }
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < KT; ++j) {
+      _mm256_storeu_ps(out[r] + j * kKTile, _mm256_mul_ps(acc[r][j][0], sc));
+      _mm256_storeu_ps(out[r] + j * kKTile + 8, _mm256_mul_ps(acc[r][j][1], sc));
+    }
+}
+
+// Scores of key tiles [i0, i0 + KT) for rows q[0 .. nr), written at out[r] + 16 * i0.
+template <typename KvT, int KT>
+inline void tile_scores_block(const float* const* q, int64_t nr, const KvT* kbase, int64_t i0, int64_t Dh,
+                              float scale, float* const* out) {
+  const KvT* tiles = kbase + i0 * Dh * kKTile;
+  float* o[2];
+  int64_t r = 0;
+  for (; r + 2 <= nr; r += 2) {
+    o[0] = out[r] + i0 * kKTile;
+    o[1] = out[r + 1] + i0 * kKTile;
+    tile_scores_rows<KvT, 2, KT>(q + r, tiles, Dh, scale, o);
+  }
+  if (r < nr) {
+    o[0] = out[r] + i0 * kKTile;
+    tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, o);
+  }
+}
+
+// out[r][0 .. 8 NV) += sum over keys s in [s0, s1) of p[r][s - s0] v[s] (rows of ld values)
+// for RG rows, sequentially in s.
+template <typename KvT, int NV, int RG>
+inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t ld,
+                                 int64_t s0, int64_t s1) {
+  __m256 acc[RG][NV];
+  for (int r = 0; r < RG; ++r)
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_loadu_ps(out[r] + 8 * i);
+  for (int64_t s = s0; s < s1; ++s) {
+    __m256 v[NV];
+    for (int i = 0; i < NV; ++i) v[i] = load8(vbase + s * ld + 8 * i);
+    for (int r = 0; r < RG; ++r) {
+      const __m256 b = _mm256_broadcast_ss(p[r] + (s - s0));
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(b, v[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out[r] + 8 * i, acc[r][i]);
+}
+
+// Features [f0, f0 + 8 NV) of every row: the prefix (pairs of rows share each value load
+// when the accumulators fit), then each row's visible scratch keys in order.
+template <typename KvT, int NV>
+void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
+               const int32_t* const* vis, const int64_t* nvis, int64_t Dh, int64_t f0) {
+  constexpr int RG = NV <= 4 ? 2 : 1;
+  float* o[RG];
+  int64_t r = 0;
+  for (; r + RG <= nr; r += RG) {
+    for (int j = 0; j < RG; ++j) o[j] = out[r + j] + f0;
+    weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, 0, n_past);
+  }
+  for (; r < nr; ++r) {
+    o[0] = out[r] + f0;
+    weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, 0, n_past);
+  }
+  for (r = 0; r < nr; ++r)
+    for (int64_t i = 0; i < nvis[r]; ++i) {
+      const float* pi = p[r] + n_past + i;
+      const int64_t s = n_past + vis[r][i];
+      o[0] = out[r] + f0;
+      weighted_values_rows<KvT, NV, 1>(o, &pi, vbase + f0, Dh, s, s + 1);
+    }
+}
+
+template <typename KvT>
+struct Rows {
+  static void scores(const float* const* q, int64_t nr, const KvT* kbase, int64_t tiles, int64_t Dh, float scale,
+                     float* const* out) {
+    int64_t i0 = 0;  // 2 tiles at a time: 8 independent chains for 2 rows
+    for (; i0 + 2 <= tiles; i0 += 2) tile_scores_block<KvT, 2>(q, nr, kbase, i0, Dh, scale, out);
+    for (; i0 < tiles; ++i0) tile_scores_block<KvT, 1>(q, nr, kbase, i0, Dh, scale, out);
+  }
+  static void softmax(float* s, int64_t n) {
+    const int64_t n8 = n / 8 * 8;
+    float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = n8 + i < n ? s[n8 + i] : -INFINITY;
+    __m256 mx = _mm256_loadu_ps(tail);
+    for (int64_t i = 0; i < n8; i += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + i));
+    float m8[8];
+    _mm256_storeu_ps(m8, mx);
+    float m = m8[0];
+    for (int i = 1; i < 8; ++i) m = m8[i] > m ? m8[i] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n8; i += 8) {
+      const __m256 e = x86::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+      _mm256_storeu_ps(s + i, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 et = x86::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(tail), mv));  // padding: exp(-inf) = 0
+    sum = _mm256_add_ps(sum, et);
+    _mm256_storeu_ps(tail, et);
+    const __m256 inv = _mm256_set1_ps(1.0f / x86::hsum256(sum));
+    for (int64_t i = 0; i < n8; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), inv));
+    _mm256_storeu_ps(tail, _mm256_mul_ps(_mm256_loadu_ps(tail), inv));
+    for (int64_t i = n8; i < n; ++i) s[i] = tail[i - n8];
+  }
+  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
+                     const int32_t* const* vis, const int64_t* nvis, int64_t Dh) {
+    for (int64_t f0 = 0; f0 < Dh; f0 += 64) {  // at most 8 accumulators per row at a time
+      switch (std::min<int64_t>(8, (Dh - f0) / 8)) {
+        case 1: values_nv<KvT, 1>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        case 2: values_nv<KvT, 2>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        case 3: values_nv<KvT, 3>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        case 4: values_nv<KvT, 4>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        case 5: values_nv<KvT, 5>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        case 6: values_nv<KvT, 6>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        case 7: values_nv<KvT, 7>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        default: values_nv<KvT, 8>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+      }
+    }
+  }
+};
+
 }  // namespace
 
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) {
   attention_one_dispatch<Kern>(a, t, h, scores);
+}
+
+void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
+  if (a.kv_type == KvType::F32)
+    attention_rows_run<float, Rows<float>>(a, kvh, r0, r1);
+  else
+    attention_rows_run<uint16_t, Rows<uint16_t>>(a, kvh, r0, r1);
 }
 
 }  // namespace dovetail::avx2

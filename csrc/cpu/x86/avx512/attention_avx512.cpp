@@ -131,69 +131,32 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
     for (int i = 0; i < NV; ++i) _mm512_mask_storeu_ps(out[r] + 16 * i, m[i], acc[r][i]);
 }
 
-// The prefix's weighted values for nr rows: groups of RG rows share each value load.
+// The prefix for nr rows (groups of RG rows share each value load), then each row's
+// visible scratch keys in order.
 template <typename KvT, int NV>
-void prefix_values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
-                   int64_t Dh) {
+void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
+               const int32_t* const* vis, const int64_t* nvis, int64_t Dh) {
   constexpr int RG = NV <= 4 ? 4 : 2;
   int64_t r = 0;
   for (; r + RG <= nr; r += RG) weighted_values_rows<KvT, NV, RG>(out + r, p + r, vbase, 0, n_past, Dh);
   for (; r < nr; ++r) weighted_values_rows<KvT, NV, 1>(out + r, p + r, vbase, 0, n_past, Dh);
+  for (r = 0; r < nr; ++r)
+    for (int64_t i = 0; i < nvis[r]; ++i) {
+      const float* pi = p[r] + n_past + i;
+      const int64_t s = n_past + vis[r][i];
+      weighted_values_rows<KvT, NV, 1>(out + r, &pi, vbase, s, s + 1, Dh);
+    }
 }
 
-// One row's visible scratch keys, in order, after its prefix.
-template <typename KvT, int NV>
-void scratch_values(float* out, const float* p, const int32_t* vis, int64_t n, const KvT* vbase, int64_t n_past,
-                    int64_t Dh) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* pi = p + i;
-    weighted_values_rows<KvT, NV, 1>(&out, &pi, vbase, n_past + vis[i], n_past + vis[i] + 1, Dh);
+template <typename KvT>
+struct Rows {
+  static void scores(const float* const* q, int64_t nr, const KvT* kbase, int64_t tiles, int64_t Dh, float scale,
+                     float* const* out) {
+    int64_t i0 = 0;  // 4 tiles at a time: 16 independent chains for 4 rows
+    for (; i0 + 4 <= tiles; i0 += 4) tile_scores_block<KvT, 4>(q, nr, kbase, i0, Dh, scale, out);
+    for (; i0 < tiles; ++i0) tile_scores_block<KvT, 1>(q, nr, kbase, i0, Dh, scale, out);
   }
-}
-
-template <typename KvT, int NV>
-void attention_rows_nv(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
-  const int64_t Dh = a.Dh, G = a.H / a.KV, R = r1 - r0;
-  const int64_t keys = a.n_past + a.n_prev + a.T, st = attention_stride(keys);
-  const KvT* kbase = static_cast<const KvT*>(a.k) + kvh * a.S * Dh;
-  const KvT* vbase = static_cast<const KvT*>(a.v) + kvh * a.S * Dh;
-  const float scale = 1.0f / std::sqrt((float)Dh);
-  static thread_local Buffer<float> score_buf;
-  static thread_local std::vector<int32_t> vis;  // visible scratch rows, per row
-  static thread_local std::vector<int64_t> nvis;
-  float* scores = tls_scratch(score_buf, (size_t)(R * st));
-  vis.resize((size_t)(R * (a.n_prev + a.T)));
-  nvis.resize((size_t)R);
-  const float* q[16];  // R <= 16 (attention() makes the items)
-  float* sc[16];
-  float* out[16];
-  const float* pr[16];
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
-    q[r] = a.q + (t * a.H + h) * Dh;
-    out[r] = a.out + (t * a.H + h) * Dh;
-    sc[r] = scores + r * st;
-    pr[r] = sc[r];
-    const uint64_t* bits = a.anc + t * a.anc_words;
-    int64_t n = 0;
-    for (int64_t j = 0; j <= a.n_prev + t; ++j)
-      if ((bits[j >> 6] >> (j & 63)) & 1u) vis[r * (a.n_prev + a.T) + n++] = (int32_t)j;
-    nvis[r] = n;
-  }
-  // Scores of every slot, 4 tiles at a time (each read once for all rows), then each row's
-  // visible scratch keys moved up behind its prefix.
-  const int64_t tiles = st / kKTile;
-  int64_t i0 = 0;
-  for (; i0 + 4 <= tiles; i0 += 4) tile_scores_block<KvT, 4>(q, R, kbase, i0, Dh, scale, sc);
-  for (; i0 < tiles; ++i0) tile_scores_block<KvT, 1>(q, R, kbase, i0, Dh, scale, sc);
-  for (int64_t r = 0; r < R; ++r) {
-    const int32_t* vr = vis.data() + r * (a.n_prev + a.T);
-    for (int64_t i = 0; i < nvis[r]; ++i) sc[r][a.n_past + i] = sc[r][a.n_past + vr[i]];
-  }
-  // Softmax over each row's compacted list of n = n_past + nvis scores.
-  for (int64_t r = 0; r < R; ++r) {
-    float* s = sc[r];
-    const int64_t n = a.n_past + nvis[r];
+  static void softmax(float* s, int64_t n) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i < n; i += 16)
       mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(n - i), s + i));
@@ -213,27 +176,20 @@ void attention_rows_nv(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t 
       _mm512_mask_storeu_ps(s + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), inv));
     }
   }
-  // Weighted values: sequential over each row's list (prefix, then its visible scratch keys).
-  for (int64_t r = 0; r < R; ++r) std::memset(out[r], 0, sizeof(float) * Dh);
-  prefix_values<KvT, NV>(out, pr, R, vbase, a.n_past, Dh);
-  for (int64_t r = 0; r < R; ++r)
-    scratch_values<KvT, NV>(out[r], sc[r] + a.n_past, vis.data() + r * (a.n_prev + a.T), nvis[r], vbase,
-                            a.n_past, Dh);
-}
-
-template <typename KvT>
-void attention_rows_impl(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
-  switch ((a.Dh + 15) / 16) {
-    case 1: return attention_rows_nv<KvT, 1>(a, kvh, r0, r1);
-    case 2: return attention_rows_nv<KvT, 2>(a, kvh, r0, r1);
-    case 3: return attention_rows_nv<KvT, 3>(a, kvh, r0, r1);
-    case 4: return attention_rows_nv<KvT, 4>(a, kvh, r0, r1);
-    case 5: return attention_rows_nv<KvT, 5>(a, kvh, r0, r1);
-    case 6: return attention_rows_nv<KvT, 6>(a, kvh, r0, r1);
-    case 7: return attention_rows_nv<KvT, 7>(a, kvh, r0, r1);
-    default: return attention_rows_nv<KvT, 8>(a, kvh, r0, r1);
+  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
+                     const int32_t* const* vis, const int64_t* nvis, int64_t Dh) {
+    switch ((Dh + 15) / 16) {
+      case 1: return values_nv<KvT, 1>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      case 2: return values_nv<KvT, 2>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      case 3: return values_nv<KvT, 3>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      case 4: return values_nv<KvT, 4>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      case 5: return values_nv<KvT, 5>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      case 6: return values_nv<KvT, 6>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      case 7: return values_nv<KvT, 7>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      default: return values_nv<KvT, 8>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+    }
   }
-}
+};
 
 }  // namespace
 
@@ -243,9 +199,9 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
   if (a.kv_type == KvType::F32)
-    attention_rows_impl<float>(a, kvh, r0, r1);
+    attention_rows_run<float, Rows<float>>(a, kvh, r0, r1);
   else
-    attention_rows_impl<uint16_t>(a, kvh, r0, r1);
+    attention_rows_run<uint16_t, Rows<uint16_t>>(a, kvh, r0, r1);
 }
 
 }  // namespace dovetail::avx512
