@@ -205,7 +205,7 @@ def test_governor_measures_then_follows_the_faster_mode():
 
 
 def test_governor_backs_off_while_speculation_loses():
-    g = Governor(alpha=1.0, margin=0.0, probe_min=2, probe_max=8)
+    g = Governor(alpha=1.0, margin=0.0, probe_min=2, probe_max=8, probe_len=1)
     g.record(True, 1.0, 1); g.record(True, 5e-3, 1); g.record(False, 3e-3, 1)
     assert g.drafting()               # rates known; no loss recorded yet
     waits = []
@@ -222,6 +222,44 @@ def test_governor_backs_off_while_speculation_loses():
     assert g.speculation_pays() and g.drafting() and g.backoff == 2
 
 
+def test_governor_tries_are_bursts_judged_on_their_own_mean():
+    """After a losing stretch, a try is probe_len speculative steps; its mean replaces the
+    slow moving average, so speculation resumes once the text is easy again."""
+    g = Governor(alpha=0.05, margin=0.0, probe_min=2, probe_max=64, probe_len=4)
+    g.record(True, 1.0, 2); g.record(True, 4e-3, 2); g.record(False, 3e-3, 1)
+    assert g.drafting()
+    for _ in range(40):               # hard text: 1 token per 4 ms step against 3 ms
+        if not g.drafting():
+            break
+        g.record(True, 4e-3, 1)
+    assert not g.drafting() and g.wait == 2
+    g.record(False, 3e-3, 1); g.record(False, 3e-3, 1)
+    for i in range(4):                # the try: judged only when complete
+        assert g.drafting(), i
+        g.record(True, 4e-3, 2 if i else 1)
+    assert g.tau == 7 / 4 and g.speculation_pays() and g.drafting() and g.backoff == 2
+
+
+def test_governor_new_sequence_starts_with_a_try():
+    g = Governor(alpha=1.0, margin=0.0, probe_min=2, probe_max=64, probe_len=3)
+    g.record(True, 1.0, 1); g.record(True, 5e-3, 1); g.record(False, 3e-3, 1)
+    spec = 0
+    while g.wait < 16:                # losing tries of 3 steps, waits of 2, 4, 8, 16
+        if g.drafting():
+            g.record(True, 5e-3, 1)
+            spec += 1
+        else:
+            g.record(False, 3e-3, 1)
+    assert spec == 1 + 3 * 3 and g.backoff == 32
+    g.new_sequence()
+    assert g.drafting() and g.wait == 0 and g.backoff == 32
+    for _ in range(2):
+        g.record(True, 5e-3, 1)
+        assert g.drafting()           # the try is not judged before its 3 steps
+    g.record(True, 5e-3, 1)
+    assert not g.drafting() and g.wait == 32  # still losing: the interval carried over
+
+
 def test_governor_keeps_speculating_within_the_margin():
     """Slower than plain steps by less than the margin: speculation goes on; by more: it
     backs off."""
@@ -234,7 +272,7 @@ def test_governor_keeps_speculating_within_the_margin():
 
 
 @pytest.mark.parametrize("kw", [dict(alpha=0.0), dict(alpha=1.5), dict(margin=-0.1), dict(margin=1.0), dict(probe_min=0),
-                                dict(probe_min=4, probe_max=2)])
+                                dict(probe_min=4, probe_max=2), dict(probe_len=0)])
 def test_governor_rejects_bad_settings(kw):
     with pytest.raises(ValueError, match="Governor"):
         Governor(**kw)

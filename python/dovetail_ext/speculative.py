@@ -22,8 +22,10 @@ change. The target's features for that position are kept, and the draft takes in
 them at the next step that drafts. Drafting pays only while
 (tokens per speculative step) / (time of a speculative step) beats 1 / (time of a plain
 step). The governor measures both, keeps them as moving averages, and decodes plainly while
-speculation is behind. Every so often it tries one speculative step, and the interval
-doubles while those tries keep losing.
+speculation is behind. Every so often it tries speculation again: a burst of steps whose
+own mean tokens per step replaces the average (a stretch of hard text must not keep
+speculation off after it has passed); the interval doubles while tries keep losing, and a
+new generation where speculation was off starts with a try.
 """
 
 from __future__ import annotations
@@ -89,14 +91,18 @@ class Governor:
             than this fraction (near break-even either choice costs little).
         probe_min, probe_max: the plain steps between two speculative tries; the interval
             starts at ``probe_min`` and doubles up to ``probe_max`` while tries lose.
+        probe_len: speculative steps in one try; it is judged when complete, on its own
+            mean tokens per step.
     """
 
     def __init__(self, alpha: float = 0.05, margin: float = 0.05, probe_min: int = 2,
-                 probe_max: int = 128) -> None:
-        if not 0.0 < alpha <= 1.0 or not 0.0 <= margin < 1.0 or not 1 <= probe_min <= probe_max:
-            raise ValueError(f"Governor needs 0 < alpha <= 1, 0 <= margin < 1 and 1 <= probe_min <= probe_max, "
-                             f"got alpha={alpha}, margin={margin}, probe_min={probe_min}, probe_max={probe_max}")
+                 probe_max: int = 128, probe_len: int = 8) -> None:
+        if not 0.0 < alpha <= 1.0 or not 0.0 <= margin < 1.0 or not 1 <= probe_min <= probe_max or probe_len < 1:
+            raise ValueError(f"Governor needs 0 < alpha <= 1, 0 <= margin < 1, 1 <= probe_min <= probe_max and "
+                             f"probe_len >= 1, got alpha={alpha}, margin={margin}, probe_min={probe_min}, "
+                             f"probe_max={probe_max}, probe_len={probe_len}")
         self.alpha, self.margin, self.probe_min, self.probe_max = alpha, margin, probe_min, probe_max
+        self.probe_len = probe_len
         self.tau: float | None = None          # tokens per speculative step
         self.spec_s: float | None = None       # seconds per steady speculative step
         self.plain_s: float | None = None      # seconds per plain step
@@ -104,11 +110,16 @@ class Governor:
         self.backoff = probe_min
         self.plain_steps = 0
         self._timed = False                    # the next speculative step is timed
+        self._probing = False                  # the current speculative steps are a try
+        self._burst = [0, 0]                   # speculative steps in a row, and their tokens
 
     def new_sequence(self) -> None:
         """A new generation starts: its first speculative step (the draft's pass over the
-        prompt) is not timed; the rates and the interval carry over."""
+        prompt) is not timed; the rates and the interval carry over. If speculation was off,
+        the generation starts with a try (new text, new acceptance)."""
         self._timed = False
+        if self.wait > 0 or self._probing:
+            self.wait, self._probing, self._burst = 0, True, [0, 0]
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.alpha * (new - old)
@@ -135,14 +146,23 @@ class Governor:
             self.plain_steps += 1
             self.wait = max(0, self.wait - 1)
             self._timed = False
+            self._burst = [0, 0]
             return
-        self.tau = self._ema(self.tau, float(emitted))
+        self._burst[0] += 1
+        self._burst[1] += emitted
+        if self._probing and self._burst[0] >= self.probe_len:  # a complete try: its own mean
+            self.tau, self._probing = self._burst[1] / self._burst[0], False
+        else:
+            self.tau = self._ema(self.tau, float(emitted))
         if self._timed:
             self.spec_s = self._ema(self.spec_s, seconds)
         self._timed = True
+        if self._probing:
+            return  # a try is judged when complete
         pays = self.speculation_pays()
         if pays is False:
             self.wait, self.backoff = self.backoff, min(2 * self.backoff, self.probe_max)
+            self._probing = True
         elif pays:
             self.backoff = self.probe_min
 
