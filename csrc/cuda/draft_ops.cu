@@ -353,13 +353,8 @@ class CudaOps final : public DeviceOps {
     }
     DT_CHECK(device >= 0 && device < n, "no CUDA device with index " + std::to_string(device) + " (" +
                                             std::to_string(n) + " visible)");
-    cuda_check(cudaSetDevice(device), "cudaSetDevice");
-    // Waiting for the GPU blocks the thread instead of spinning: the CPU cores belong to the
-    // target's verification. Only the scheduling bits change; the device's other flags stay.
-    unsigned flags = 0;
-    if (cudaGetDeviceFlags(&flags) != cudaSuccess ||
-        cudaSetDeviceFlags((flags & ~(unsigned)cudaDeviceScheduleMask) | cudaDeviceScheduleBlockingSync) != cudaSuccess)
-      cudaGetLastError();
+    // The caller's current device is restored on the way out (DeviceScope for the calls).
+    const int previous = enter();
     try {
       cudaDeviceProp prop{};
       cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
@@ -370,15 +365,37 @@ class CudaOps final : public DeviceOps {
         cuda_check(cudaEventCreate(e), "cudaEventCreate");
       for (cudaEvent_t* e : {&compute_ready_, &compute_done_})
         cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
+      // Waiting for the GPU blocks the thread instead of spinning (the CPU cores belong to
+      // the target's verification): finish() waits on blocking-sync events, which leaves the
+      // process-wide device flags, and so other libraries' waits, as they were.
+      for (cudaEvent_t* e : {&compute_synced_, &copy_synced_})
+        cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
       cublas_check(blas_lib_.create(&blas_), "cublasCreate");
       cublas_check(blas_lib_.set_stream(blas_, compute_), "cublasSetStream");
-      // A fixed workspace keeps cuBLAS graph-capturable (set after the stream, which resets it).
-      cuda_check(cudaMalloc(&workspace_, kWorkspace), "cudaMalloc (cuBLAS workspace)");
-      cublas_check(blas_lib_.set_workspace(blas_, workspace_, kWorkspace), "cublasSetWorkspace");
+      // A fixed workspace keeps cuBLAS graph-capturable (set after the stream, which resets
+      // it); cuBLAS asks for 32 MiB on Hopper and later, 4 MiB before.
+      workspace_bytes_ = (prop.major >= 9 ? 32u : 4u) << 20;
+      cuda_check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLAS workspace)");
+      cublas_check(blas_lib_.set_workspace(blas_, workspace_, workspace_bytes_), "cublasSetWorkspace");
     } catch (...) {
       destroy();
+      leave(previous);
       throw;
     }
+    leave(previous);
+  }
+
+  int enter() override {
+    int previous = -1;
+    if (cudaGetDevice(&previous) != cudaSuccess) {
+      cudaGetLastError();
+      previous = -1;
+    }
+    select();
+    return previous;
+  }
+  void leave(int previous) override {
+    if (previous >= 0 && previous != device_) cudaSetDevice(previous);
   }
 
   ~CudaOps() override { destroy(); }
@@ -428,8 +445,10 @@ class CudaOps final : public DeviceOps {
   }
   double finish() override {
     select();
-    cuda_check(cudaStreamSynchronize(compute_), "compute stream");
-    cuda_check(cudaStreamSynchronize(copy_), "copy stream");
+    cuda_check(cudaEventRecord(compute_synced_, compute_), "cudaEventRecord");
+    cuda_check(cudaEventRecord(copy_synced_, copy_), "cudaEventRecord");
+    cuda_check(cudaEventSynchronize(compute_synced_), "compute stream");
+    cuda_check(cudaEventSynchronize(copy_synced_), "copy stream");
     double ms = 0.0;
     float part = 0.0f;
     if (h2d_pending_) {
@@ -541,7 +560,6 @@ class CudaOps final : public DeviceOps {
 
  private:
   static constexpr int kThreads = 256;
-  static constexpr size_t kWorkspace = 4u << 20;
   static unsigned grid(long n) { return std::max(1u, std::min(blocks_for(n, kThreads), 4096u)); }
 
   void select() { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
@@ -557,6 +575,8 @@ class CudaOps final : public DeviceOps {
   }
   // Frees what exists (also after a constructor failure half-way); errors are ignored.
   void destroy() noexcept {
+    int previous = -1;
+    if (cudaGetDevice(&previous) != cudaSuccess) cudaGetLastError();
     cudaSetDevice(device_);
     abort_recording();
     if (compute_) cudaStreamSynchronize(compute_);
@@ -565,15 +585,18 @@ class CudaOps final : public DeviceOps {
     graphs_.clear();
     if (blas_) blas_lib_.destroy(blas_);
     if (workspace_) cudaFree(workspace_);
-    for (cudaEvent_t e : {h2d_begin_, h2d_end_, d2h_begin_, d2h_end_, compute_ready_, compute_done_})
+    for (cudaEvent_t e : {h2d_begin_, h2d_end_, d2h_begin_, d2h_end_, compute_ready_, compute_done_,
+                          compute_synced_, copy_synced_})
       if (e) cudaEventDestroy(e);
     if (compute_) cudaStreamDestroy(compute_);
     if (copy_) cudaStreamDestroy(copy_);
     blas_ = nullptr;
     workspace_ = nullptr;
     h2d_begin_ = h2d_end_ = d2h_begin_ = d2h_end_ = compute_ready_ = compute_done_ = nullptr;
+    compute_synced_ = copy_synced_ = nullptr;
     compute_ = copy_ = nullptr;
     cudaGetLastError();
+    if (previous >= 0 && previous != device_) cudaSetDevice(previous);
   }
   // A failure inside a recording ends the capture first, so the stream stays usable.
   void abort_recording() {
@@ -603,9 +626,11 @@ class CudaOps final : public DeviceOps {
   cudaStream_t compute_ = nullptr, copy_ = nullptr;
   cudaEvent_t h2d_begin_ = nullptr, h2d_end_ = nullptr, d2h_begin_ = nullptr, d2h_end_ = nullptr;
   cudaEvent_t compute_ready_ = nullptr, compute_done_ = nullptr;
+  cudaEvent_t compute_synced_ = nullptr, copy_synced_ = nullptr;  // blocking-sync waits in finish()
   bool h2d_pending_ = false, d2h_pending_ = false, recording_ = false;
   cublasHandle_t blas_ = nullptr;
   void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
   std::map<uint64_t, cudaGraphExec_t> graphs_;
 };
 

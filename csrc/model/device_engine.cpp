@@ -118,6 +118,7 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
                          bool invariant_gemm)
     : ops_(std::move(ops)), d_(d), o_(o), L_(n_layers), record_(record), invariant_gemm_(invariant_gemm) {
   DT_CHECK(ops_, "no device backend");
+  DeviceScope scope(*ops_);
   DT_CHECK(n_layers >= 1, "at least one layer is needed on the device");
   DT_CHECK(d.dim > 0 && d.ffn > 0 && d.heads > 0 && d.kv_heads > 0 && d.head_dim > 0,
            "model dimensions must be positive");
@@ -151,6 +152,7 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
 }
 
 DeviceStack::~DeviceStack() {
+  DeviceScope scope(*ops_);
   try {
     ops_->finish();
   } catch (...) {
@@ -254,6 +256,7 @@ void DeviceStack::run_layers(const Layout& Lo, int64_t T, int64_t P) {
 
 void DeviceStack::commit(const int64_t* kept, int64_t n) {
   std::lock_guard<std::mutex> lock(mu_);
+  DeviceScope scope(*ops_);
   const auto t0 = std::chrono::steady_clock::now();
   check_commit(kept, n, pending_);
   if (n > 0) {
@@ -286,6 +289,7 @@ void DeviceStack::truncate(int64_t n) {
 
 void DeviceStack::read_kv(int64_t layer, int64_t n, float* k_out, float* v_out) {
   std::lock_guard<std::mutex> lock(mu_);
+  DeviceScope scope(*ops_);
   DT_CHECK(layer >= 0 && layer < L_, "layer " + std::to_string(layer) + " outside [0, " + std::to_string(L_) + ")");
   DT_CHECK(n >= 0 && n <= o_.context, "slot count outside the context");
   const int64_t KV = d_.kv_heads, S = o_.context, Dh = d_.head_dim;
@@ -318,6 +322,7 @@ DeviceDraftEngine::DeviceDraftEngine(std::unique_ptr<DeviceOps> ops, const Layer
                                      const PackedWeight& embedding, const PackedWeight& lm_head,
                                      std::vector<int32_t> vocab_map, bool record)
     : DeviceStack(std::move(ops), d, n_layers, o, weights, false, record, false) {
+  DeviceScope scope(*ops_);
   const int64_t D = d.dim, B = o.max_batch;
   DT_CHECK(embedding.cols == D && lm_head.cols == D,
            "draft hidden size " + std::to_string(D) + " differs from the target's " + std::to_string(embedding.cols));
@@ -379,6 +384,7 @@ void DeviceDraftEngine::forward(const float* features, const int32_t* src_rows, 
                                 const int64_t* topk_rows, int64_t n_topk, int64_t k, int32_t* topk_ids,
                                 float* topk_logp) {
   std::lock_guard<std::mutex> lock(mu_);
+  DeviceScope scope(*ops_);
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t P = append ? pending_ : 0, D = d_.dim;
   check_batch(positions, T, anc, P, n_past_, o_.max_batch, o_.context);
@@ -429,6 +435,7 @@ DeviceTargetPrefix::DeviceTargetPrefix(std::unique_ptr<DeviceOps> ops, const Lay
                                        const EngineOptions& o, const WeightMap& weights,
                                        const PackedWeight& embedding, bool record)
     : DeviceStack(std::move(ops), d, n_layers, o, weights, true, record, true) {
+  DeviceScope scope(*ops_);
   DT_CHECK(embedding.cols == d.dim, "embedding width " + std::to_string(embedding.cols) + " differs from the "
                                     "hidden size " + std::to_string(d.dim));
   V_ = embedding.rows;
@@ -440,6 +447,7 @@ DeviceTargetPrefix::DeviceTargetPrefix(std::unique_ptr<DeviceOps> ops, const Lay
 void DeviceTargetPrefix::forward(const int32_t* tokens, const int32_t* positions, int64_t T, const uint8_t* anc,
                                  float* hidden) {
   std::lock_guard<std::mutex> lock(mu_);
+  DeviceScope scope(*ops_);
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t D = d_.dim;
   check_batch(positions, T, anc, 0, n_past_, o_.max_batch, o_.context);

@@ -51,6 +51,11 @@ class DeviceOps {
   virtual std::string name() const = 0;
   virtual std::string device_name() const = 0;
 
+  // A public engine call runs between enter() (makes this backend's device current; returns
+  // what leave() restores) and leave(), so the caller's current device is left as it was.
+  virtual int enter() { return -1; }
+  virtual void leave(int /*previous*/) {}
+
   // -- memory ---------------------------------------------------------------------------
   virtual void* alloc(size_t bytes) = 0;          // backend memory, zeroed
   virtual void release(void* p) = 0;
@@ -107,6 +112,19 @@ class DeviceOps {
   // layer and KV head of the caches [L][KV][S][Dh].
   virtual void kv_compact(bf16_t* k, bf16_t* v, int L, int KV, int S, int Dh, int base, const int32_t* kept,
                           int n) = 0;
+};
+
+// enter() ... leave() for one scope.
+class DeviceScope {
+ public:
+  explicit DeviceScope(DeviceOps& ops) : ops_(ops), previous_(ops.enter()) {}
+  ~DeviceScope() { ops_.leave(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  DeviceOps& ops_;
+  int previous_;
 };
 
 std::unique_ptr<DeviceOps> make_host_ops();
