@@ -62,11 +62,12 @@ inline void attention_one_dispatch(const AttentionArgs& a, int64_t t, int64_t h,
 
 // The SIMD paths' driver for a run of query rows r0 .. r1 of KV head kvh (at most 16), row
 // r = (token r / G, head kvh * G + r % G), G = H / KV. `Rows` supplies
-//   scores(q, nr, ktiles, tiles, Dh, scale, out)   out[r][slot] for every slot of `tiles` key
-//       tiles, one FMA chain per (row, key) in feature order (each tile read once for all rows)
+//   kTiles, scores<KT>(q, nr, tiles, Dh, scale, out)   out[r][16 j + l] for the KT key tiles
+//       at `tiles`, one FMA chain per (row, key) in feature order (each tile read once for
+//       all nr rows); KT is kTiles or 1
 //   softmax(s, n)                                   in place over a row's n listed scores
-//   values(out, p, nr, vbase, n_past, vis, nvis, Dh) out[r] = sum of p[r][i] v over row r's
-//       list (the prefix, then its visible scratch rows vis[r][0 .. nvis[r])), in list order
+//   values(out, p, nr, vbase, s0, s1, Dh)           out[r] += p[r][s - s0] v[s] for the slots
+//       s0 <= s < s1 in order (each value row read once for all nr rows)
 // Scores are computed for every slot, then each row's visible scratch keys are moved up
 // behind its prefix, so a row's list, and every sum over it, is the same whatever the batch.
 template <typename KvT, typename Rows>
@@ -98,13 +99,30 @@ void attention_rows_run(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t
       if ((bits[j >> 6] >> (j & 63)) & 1u) vis[r * W + n++] = (int32_t)j;
     nvis[r] = n;
   }
-  Rows::scores(q, R, kbase, st / kKTile, Dh, 1.0f / std::sqrt((float)Dh), sc);
+  const float scale = 1.0f / std::sqrt((float)Dh);
+  const int64_t tiles = st / kKTile, tile = Dh * kKTile;
+  float* o[16];
+  int64_t i0 = 0;
+  auto at = [&](int64_t i) {
+    for (int64_t r = 0; r < R; ++r) o[r] = sc[r] + i * kKTile;
+    return o;
+  };
+  for (; i0 + Rows::kTiles <= tiles; i0 += Rows::kTiles)
+    Rows::template scores<Rows::kTiles>(q, R, kbase + i0 * tile, Dh, scale, at(i0));
+  for (; i0 < tiles; ++i0) Rows::template scores<1>(q, R, kbase + i0 * tile, Dh, scale, at(i0));
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t i = 0; i < nvis[r]; ++i) sc[r][a.n_past + i] = sc[r][a.n_past + vr[r][i]];
     Rows::softmax(sc[r], a.n_past + nvis[r]);
     std::memset(out[r], 0, sizeof(float) * Dh);
   }
-  Rows::values(out, pr, R, vbase, a.n_past, vr, nvis, Dh);
+  // The prefix for all rows at once, then each row's visible scratch rows in order.
+  Rows::values(out, pr, R, vbase, 0, a.n_past, Dh);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < nvis[r]; ++i) {
+      const float* pi = sc[r] + a.n_past + i;
+      const int64_t s = a.n_past + vr[r][i];
+      Rows::values(out + r, &pi, 1, vbase, s, s + 1, Dh);
+    }
 }
 
 }  // namespace dovetail

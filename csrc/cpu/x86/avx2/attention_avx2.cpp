@@ -94,24 +94,6 @@ inline void tile_scores_rows(const float* const* q, const KvT* tiles, int64_t Dh
     }
 }
 
-// Scores of key tiles [i0, i0 + KT) for rows q[0 .. nr), written at out[r] + 16 * i0.
-template <typename KvT, int KT>
-inline void tile_scores_block(const float* const* q, int64_t nr, const KvT* kbase, int64_t i0, int64_t Dh,
-                              float scale, float* const* out) {
-  const KvT* tiles = kbase + i0 * Dh * kKTile;
-  float* o[2];
-  int64_t r = 0;
-  for (; r + 2 <= nr; r += 2) {
-    o[0] = out[r] + i0 * kKTile;
-    o[1] = out[r + 1] + i0 * kKTile;
-    tile_scores_rows<KvT, 2, KT>(q + r, tiles, Dh, scale, o);
-  }
-  if (r < nr) {
-    o[0] = out[r] + i0 * kKTile;
-    tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, o);
-  }
-}
-
 // out[r][0 .. 8 NV) += sum over keys s in [s0, s1) of p[r][s - s0] v[s] (rows of ld values)
 // for RG rows, sequentially in s.
 template <typename KvT, int NV, int RG>
@@ -132,38 +114,32 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out[r] + 8 * i, acc[r][i]);
 }
 
-// Features [f0, f0 + 8 NV) of every row: the prefix (pairs of rows share each value load
-// when the accumulators fit), then each row's visible scratch keys in order.
+// Features [f0, f0 + 8 NV) of every row; pairs of rows share each value load when the
+// accumulators fit in the 16 registers.
 template <typename KvT, int NV>
-void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
-               const int32_t* const* vis, const int64_t* nvis, int64_t Dh, int64_t f0) {
+void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
+               int64_t Dh, int64_t f0) {
   constexpr int RG = NV <= 4 ? 2 : 1;
   float* o[RG];
-  int64_t r = 0;
-  for (; r + RG <= nr; r += RG) {
-    for (int j = 0; j < RG; ++j) o[j] = out[r + j] + f0;
-    weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, 0, n_past);
+  for (int64_t r = 0; r < nr; r += RG) {
+    const int g = (int)std::min<int64_t>(RG, nr - r);
+    for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
+    if (g == RG)
+      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, s0, s1);
+    else
+      weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, s0, s1);
   }
-  for (; r < nr; ++r) {
-    o[0] = out[r] + f0;
-    weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, 0, n_past);
-  }
-  for (r = 0; r < nr; ++r)
-    for (int64_t i = 0; i < nvis[r]; ++i) {
-      const float* pi = p[r] + n_past + i;
-      const int64_t s = n_past + vis[r][i];
-      o[0] = out[r] + f0;
-      weighted_values_rows<KvT, NV, 1>(o, &pi, vbase + f0, Dh, s, s + 1);
-    }
 }
 
 template <typename KvT>
 struct Rows {
-  static void scores(const float* const* q, int64_t nr, const KvT* kbase, int64_t tiles, int64_t Dh, float scale,
+  static constexpr int kTiles = 2;  // 8 independent chains for 2 rows
+  template <int KT>
+  static void scores(const float* const* q, int64_t nr, const KvT* tiles, int64_t Dh, float scale,
                      float* const* out) {
-    int64_t i0 = 0;  // 2 tiles at a time: 8 independent chains for 2 rows
-    for (; i0 + 2 <= tiles; i0 += 2) tile_scores_block<KvT, 2>(q, nr, kbase, i0, Dh, scale, out);
-    for (; i0 < tiles; ++i0) tile_scores_block<KvT, 1>(q, nr, kbase, i0, Dh, scale, out);
+    int64_t r = 0;
+    for (; r + 2 <= nr; r += 2) tile_scores_rows<KvT, 2, KT>(q + r, tiles, Dh, scale, out + r);
+    if (r < nr) tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, out + r);
   }
   static void softmax(float* s, int64_t n) {
     const int64_t n8 = n / 8 * 8;
@@ -190,18 +166,18 @@ struct Rows {
     _mm256_storeu_ps(tail, _mm256_mul_ps(_mm256_loadu_ps(tail), inv));
     for (int64_t i = n8; i < n; ++i) s[i] = tail[i - n8];
   }
-  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
-                     const int32_t* const* vis, const int64_t* nvis, int64_t Dh) {
+  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
+                     int64_t Dh) {
     for (int64_t f0 = 0; f0 < Dh; f0 += 64) {  // at most 8 accumulators per row at a time
       switch (std::min<int64_t>(8, (Dh - f0) / 8)) {
-        case 1: values_nv<KvT, 1>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
-        case 2: values_nv<KvT, 2>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
-        case 3: values_nv<KvT, 3>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
-        case 4: values_nv<KvT, 4>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
-        case 5: values_nv<KvT, 5>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
-        case 6: values_nv<KvT, 6>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
-        case 7: values_nv<KvT, 7>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
-        default: values_nv<KvT, 8>(out, p, nr, vbase, n_past, vis, nvis, Dh, f0); break;
+        case 1: values_nv<KvT, 1>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 2: values_nv<KvT, 2>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 3: values_nv<KvT, 3>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 4: values_nv<KvT, 4>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 5: values_nv<KvT, 5>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 6: values_nv<KvT, 6>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 7: values_nv<KvT, 7>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        default: values_nv<KvT, 8>(out, p, nr, vbase, s0, s1, Dh, f0); break;
       }
     }
   }

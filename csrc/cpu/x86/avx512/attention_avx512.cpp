@@ -93,23 +93,6 @@ void Kern<KvT>::tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t
   }
 }
 
-// Scores of key tiles [i0, i0 + KT) for rows q[0 .. nr), written at out[r] + 16 * i0.
-template <typename KvT, int KT>
-inline void tile_scores_block(const float* const* q, int64_t nr, const KvT* kbase, int64_t i0, int64_t Dh,
-                              float scale, float* const* out) {
-  const KvT* tiles = kbase + i0 * Dh * kKTile;
-  float* o[4];
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
-    for (int j = 0; j < 4; ++j) o[j] = out[r + j] + i0 * kKTile;
-    tile_scores_rows<KvT, 4, KT>(q + r, tiles, Dh, scale, o);
-  }
-  for (; r < nr; ++r) {
-    o[0] = out[r] + i0 * kKTile;
-    tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, o);
-  }
-}
-
 // out[r] += sum over keys s in [s0, s1) of p[r][s - s0] v[s] for RG rows, sequentially in s.
 template <typename KvT, int NV, int RG>
 inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t s0,
@@ -131,30 +114,25 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
     for (int i = 0; i < NV; ++i) _mm512_mask_storeu_ps(out[r] + 16 * i, m[i], acc[r][i]);
 }
 
-// The prefix for nr rows (groups of RG rows share each value load), then each row's
-// visible scratch keys in order.
+// Rows in groups of RG that share each value load.
 template <typename KvT, int NV>
-void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
-               const int32_t* const* vis, const int64_t* nvis, int64_t Dh) {
+void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
+               int64_t Dh) {
   constexpr int RG = NV <= 4 ? 4 : 2;
   int64_t r = 0;
-  for (; r + RG <= nr; r += RG) weighted_values_rows<KvT, NV, RG>(out + r, p + r, vbase, 0, n_past, Dh);
-  for (; r < nr; ++r) weighted_values_rows<KvT, NV, 1>(out + r, p + r, vbase, 0, n_past, Dh);
-  for (r = 0; r < nr; ++r)
-    for (int64_t i = 0; i < nvis[r]; ++i) {
-      const float* pi = p[r] + n_past + i;
-      const int64_t s = n_past + vis[r][i];
-      weighted_values_rows<KvT, NV, 1>(out + r, &pi, vbase, s, s + 1, Dh);
-    }
+  for (; r + RG <= nr; r += RG) weighted_values_rows<KvT, NV, RG>(out + r, p + r, vbase, s0, s1, Dh);
+  for (; r < nr; ++r) weighted_values_rows<KvT, NV, 1>(out + r, p + r, vbase, s0, s1, Dh);
 }
 
 template <typename KvT>
 struct Rows {
-  static void scores(const float* const* q, int64_t nr, const KvT* kbase, int64_t tiles, int64_t Dh, float scale,
+  static constexpr int kTiles = 4;  // 16 independent chains for 4 rows
+  template <int KT>
+  static void scores(const float* const* q, int64_t nr, const KvT* tiles, int64_t Dh, float scale,
                      float* const* out) {
-    int64_t i0 = 0;  // 4 tiles at a time: 16 independent chains for 4 rows
-    for (; i0 + 4 <= tiles; i0 += 4) tile_scores_block<KvT, 4>(q, nr, kbase, i0, Dh, scale, out);
-    for (; i0 < tiles; ++i0) tile_scores_block<KvT, 1>(q, nr, kbase, i0, Dh, scale, out);
+    int64_t r = 0;
+    for (; r + 4 <= nr; r += 4) tile_scores_rows<KvT, 4, KT>(q + r, tiles, Dh, scale, out + r);
+    for (; r < nr; ++r) tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, out + r);
   }
   static void softmax(float* s, int64_t n) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -176,17 +154,17 @@ struct Rows {
       _mm512_mask_storeu_ps(s + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), inv));
     }
   }
-  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t n_past,
-                     const int32_t* const* vis, const int64_t* nvis, int64_t Dh) {
+  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
+                     int64_t Dh) {
     switch ((Dh + 15) / 16) {
-      case 1: return values_nv<KvT, 1>(out, p, nr, vbase, n_past, vis, nvis, Dh);
-      case 2: return values_nv<KvT, 2>(out, p, nr, vbase, n_past, vis, nvis, Dh);
-      case 3: return values_nv<KvT, 3>(out, p, nr, vbase, n_past, vis, nvis, Dh);
-      case 4: return values_nv<KvT, 4>(out, p, nr, vbase, n_past, vis, nvis, Dh);
-      case 5: return values_nv<KvT, 5>(out, p, nr, vbase, n_past, vis, nvis, Dh);
-      case 6: return values_nv<KvT, 6>(out, p, nr, vbase, n_past, vis, nvis, Dh);
-      case 7: return values_nv<KvT, 7>(out, p, nr, vbase, n_past, vis, nvis, Dh);
-      default: return values_nv<KvT, 8>(out, p, nr, vbase, n_past, vis, nvis, Dh);
+      case 1: return values_nv<KvT, 1>(out, p, nr, vbase, s0, s1, Dh);
+      case 2: return values_nv<KvT, 2>(out, p, nr, vbase, s0, s1, Dh);
+      case 3: return values_nv<KvT, 3>(out, p, nr, vbase, s0, s1, Dh);
+      case 4: return values_nv<KvT, 4>(out, p, nr, vbase, s0, s1, Dh);
+      case 5: return values_nv<KvT, 5>(out, p, nr, vbase, s0, s1, Dh);
+      case 6: return values_nv<KvT, 6>(out, p, nr, vbase, s0, s1, Dh);
+      case 7: return values_nv<KvT, 7>(out, p, nr, vbase, s0, s1, Dh);
+      default: return values_nv<KvT, 8>(out, p, nr, vbase, s0, s1, Dh);
     }
   }
 };
