@@ -83,7 +83,6 @@ void attention_rows_run(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t
   const float* q[16];
   float* sc[16];
   float* out[16];
-  const float* pr[16];
   const int32_t* vr[16];
   int64_t nvis[16];
   for (int64_t r = 0; r < R; ++r) {
@@ -91,7 +90,6 @@ void attention_rows_run(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t
     q[r] = a.q + (t * a.H + h) * Dh;
     out[r] = a.out + (t * a.H + h) * Dh;
     sc[r] = scores + r * st;
-    pr[r] = sc[r];
     vr[r] = vis.data() + r * W;
     const uint64_t* bits = a.anc + t * a.anc_words;
     int64_t n = 0;
@@ -116,7 +114,7 @@ void attention_rows_run(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t
     std::memset(out[r], 0, sizeof(float) * Dh);
   }
   // The prefix for all rows at once, then each row's visible scratch rows in order.
-  Rows::values(out, pr, R, vbase, 0, a.n_past, Dh);
+  Rows::values(out, sc, R, vbase, 0, a.n_past, Dh);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < nvis[r]; ++i) {
       const float* pi = sc[r] + a.n_past + i;
