@@ -169,7 +169,7 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("T,H,KV,Dh,n_past", [(1, 1, 1, 8, 0), (5, 9, 3, 64, 11), (16, 4, 4, 20, 3),
-                                              (33, 6, 2, 16, 0), (70, 2, 1, 24, 5)])
+                                              (33, 6, 2, 16, 0), (70, 2, 1, 24, 5), (6, 4, 2, 152, 19)])
 def test_attention_matches_twin(isa, kv_dtype, T, H, KV, Dh, n_past):
     rng = np.random.default_rng(T * H + Dh)
     S = n_past + T + 3  # spare slots after the batch must be ignored

@@ -40,7 +40,7 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 }  // namespace scalar
 
 void attention(const AttentionArgs& a, int nthreads) {
-  const bool rows512 = active_isa() == Isa::Avx512 && a.Dh <= 128;
+  const bool rows512 = active_isa() == Isa::Avx512;
   const bool rows256 = active_isa() == Isa::Avx2 && a.Dh % 8 == 0;
   if (rows512 || rows256) {
     // Items: runs of up to 16 query rows sharing a KV head; as few as give every thread the
@@ -63,12 +63,7 @@ void attention(const AttentionArgs& a, int nthreads) {
     return;
   }
   using Fn = void (*)(const AttentionArgs&, int64_t, int64_t, float*);
-  Fn fn = scalar::attention_one;
-  switch (active_isa()) {
-    case Isa::Avx512: fn = avx512::attention_one; break;
-    case Isa::Avx2: fn = avx2::attention_one; break;
-    case Isa::Scalar: break;
-  }
+  const Fn fn = active_isa() == Isa::Avx2 ? avx2::attention_one : scalar::attention_one;  // (AVX2: Dh % 8 != 0)
   // One (token, head) per item; each chunk uses its own slice of the score scratch.
   const int64_t work = a.T * a.H, stride = attention_stride(a.n_past + a.n_prev + a.T);
   const bool tiny = work * stride * a.Dh < (1 << 15);  // not worth another thread

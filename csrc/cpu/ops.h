@@ -152,7 +152,6 @@ int quantize_block(const float* x, int8_t* q, float* d);
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
-void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 // Query rows r0..r1 of KV head kvh, row r = (token r / G, head kvh * G + r % G), G = H / KV.
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1);
 }  // namespace avx512

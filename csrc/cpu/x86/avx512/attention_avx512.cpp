@@ -28,19 +28,6 @@ inline __m512 load16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-template <typename KvT>
-struct Kern {
-  static void tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale, float* out);
-  static void axpy(float* out, float p, const KvT* v, int64_t Dh) {
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t i = 0; i < Dh; i += 16) {
-      const __mmask16 m = Dh - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - i)) - 1);
-      _mm512_mask_storeu_ps(out + i, m, _mm512_fmadd_ps(pv, load16(v + i, m), _mm512_maskz_loadu_ps(m, out + i)));
-    }
-  }
-  static float exp(float x) { return std::exp(x); }
-};
-
 using x86::exp_ps;
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -80,31 +67,19 @@ inline void tile_scores_rows(const float* const* q, const KvT* tiles, int64_t Dh
     for (int j = 0; j < KT; ++j) _mm512_storeu_ps(out[r] + j * kKTile, _mm512_mul_ps(acc[r][j], sc));
 }
 
-template <typename KvT>
-void Kern<KvT>::tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale, float* out) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    float* o = out + i * kKTile;
-    tile_scores_rows<KvT, 1, 4>(&q, tiles + i * Dh * kKTile, Dh, scale, &o);
-  }
-  for (; i < n; ++i) {
-    float* o = out + i * kKTile;
-    tile_scores_rows<KvT, 1, 1>(&q, tiles + i * Dh * kKTile, Dh, scale, &o);
-  }
-}
-
-// out[r] += sum over keys s in [s0, s1) of p[r][s - s0] v[s] for RG rows, sequentially in s.
+// out[r][0 .. width) += sum over keys s in [s0, s1) of p[r][s - s0] v[s] (rows of ld values)
+// for RG rows, sequentially in s; width <= 16 NV.
 template <typename KvT, int NV, int RG>
-inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t s0,
-                                 int64_t s1, int64_t Dh) {
+inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t ld,
+                                 int64_t width, int64_t s0, int64_t s1) {
   __mmask16 m[NV];
-  for (int i = 0; i < NV; ++i) m[i] = tail_mask(Dh - 16 * i);
+  for (int i = 0; i < NV; ++i) m[i] = tail_mask(width - 16 * i);
   __m512 acc[RG][NV];
   for (int r = 0; r < RG; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_maskz_loadu_ps(m[i], out[r] + 16 * i);
   for (int64_t s = s0; s < s1; ++s) {
     __m512 v[NV];
-    for (int i = 0; i < NV; ++i) v[i] = load16(vbase + s * Dh + 16 * i, m[i]);
+    for (int i = 0; i < NV; ++i) v[i] = load16(vbase + s * ld + 16 * i, m[i]);
     for (int r = 0; r < RG; ++r) {
       const __m512 b = _mm512_set1_ps(p[r][s - s0]);
       for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(b, v[i], acc[r][i]);
@@ -114,14 +89,20 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
     for (int i = 0; i < NV; ++i) _mm512_mask_storeu_ps(out[r] + 16 * i, m[i], acc[r][i]);
 }
 
-// Rows in groups of RG that share each value load.
+// Features [f0, f0 + 16 NV) (or to Dh) of every row; groups of RG rows share each value load.
 template <typename KvT, int NV>
 void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
-               int64_t Dh) {
+               int64_t Dh, int64_t f0) {
   constexpr int RG = NV <= 4 ? 4 : 2;
-  int64_t r = 0;
-  for (; r + RG <= nr; r += RG) weighted_values_rows<KvT, NV, RG>(out + r, p + r, vbase, s0, s1, Dh);
-  for (; r < nr; ++r) weighted_values_rows<KvT, NV, 1>(out + r, p + r, vbase, s0, s1, Dh);
+  float* o[RG];
+  for (int64_t r = 0; r < nr; r += RG) {
+    const int g = (int)std::min<int64_t>(RG, nr - r);
+    for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
+    if (g == RG)
+      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, Dh - f0, s0, s1);
+    else
+      for (int j = 0; j < g; ++j) weighted_values_rows<KvT, NV, 1>(o + j, p + r + j, vbase + f0, Dh, Dh - f0, s0, s1);
+  }
 }
 
 template <typename KvT>
@@ -156,24 +137,22 @@ struct Rows {
   }
   static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
                      int64_t Dh) {
-    switch ((Dh + 15) / 16) {
-      case 1: return values_nv<KvT, 1>(out, p, nr, vbase, s0, s1, Dh);
-      case 2: return values_nv<KvT, 2>(out, p, nr, vbase, s0, s1, Dh);
-      case 3: return values_nv<KvT, 3>(out, p, nr, vbase, s0, s1, Dh);
-      case 4: return values_nv<KvT, 4>(out, p, nr, vbase, s0, s1, Dh);
-      case 5: return values_nv<KvT, 5>(out, p, nr, vbase, s0, s1, Dh);
-      case 6: return values_nv<KvT, 6>(out, p, nr, vbase, s0, s1, Dh);
-      case 7: return values_nv<KvT, 7>(out, p, nr, vbase, s0, s1, Dh);
-      default: return values_nv<KvT, 8>(out, p, nr, vbase, s0, s1, Dh);
+    for (int64_t f0 = 0; f0 < Dh; f0 += 128) {  // at most 8 accumulators per row at a time
+      switch (std::min<int64_t>(8, (Dh - f0 + 15) / 16)) {
+        case 1: values_nv<KvT, 1>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 2: values_nv<KvT, 2>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 3: values_nv<KvT, 3>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 4: values_nv<KvT, 4>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 5: values_nv<KvT, 5>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 6: values_nv<KvT, 6>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        case 7: values_nv<KvT, 7>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+        default: values_nv<KvT, 8>(out, p, nr, vbase, s0, s1, Dh, f0); break;
+      }
     }
   }
 };
 
 }  // namespace
-
-void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) {
-  attention_one_dispatch<Kern>(a, t, h, scores);
-}
 
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
   if (a.kv_type == KvType::F32)
