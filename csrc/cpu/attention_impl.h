@@ -8,8 +8,10 @@
 // ones are listed in slot order (prefix, then ancestors), so a token sees the same sequence
 // of operations whether its ancestors are committed or in the batch.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/ops.h"
@@ -60,14 +62,37 @@ inline void attention_one_dispatch(const AttentionArgs& a, int64_t t, int64_t h,
     attention_one_impl<uint16_t, Kern<uint16_t>>(a, t, h, scores);
 }
 
+// The value rows a weighted sum visits, in order: slot(i) = base + (idx ? idx[i] : i).
+struct ValueSlots {
+  int64_t base, n;
+  const int32_t* idx;
+  int64_t operator()(int64_t i) const { return base + (idx ? idx[i] : i); }
+};
+
+// f(std::integral_constant<int, nv>{}) for 1 <= nv <= 8.
+template <typename F>
+inline void with_nv(int64_t nv, F&& f) {
+  switch (nv) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 // The SIMD paths' driver for a run of query rows r0 .. r1 of KV head kvh (at most 16), row
 // r = (token r / G, head kvh * G + r % G), G = H / KV. `Rows` supplies
 //   kTiles, scores<KT>(q, nr, tiles, Dh, scale, out)   out[r][16 j + l] for the KT key tiles
 //       at `tiles`, one FMA chain per (row, key) in feature order (each tile read once for
 //       all nr rows); KT is kTiles or 1
 //   softmax(s, n)                                   in place over a row's n listed scores
-//   values(out, p, nr, vbase, s0, s1, Dh)           out[r] += p[r][s - s0] v[s] for the slots
-//       s0 <= s < s1 in order (each value row read once for all nr rows)
+//   kLanes, values<NV>(out, p, nr, vbase, slots, Dh, f0)   features [f0, f0 + NV kLanes)
+//       (or to Dh) of out[r] += p[r][i] v[slots(i)] for i = 0 .. slots.n - 1 in order (each
+//       value row read once for all nr rows); NV <= 8
 // Scores are computed for every slot, then each row's visible scratch keys are moved up
 // behind its prefix, so a row's list, and every sum over it, is the same whatever the batch.
 template <typename KvT, typename Rows>
@@ -113,14 +138,19 @@ void attention_rows_run(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t
     Rows::softmax(sc[r], a.n_past + nvis[r]);
     std::memset(out[r], 0, sizeof(float) * Dh);
   }
-  // The prefix for all rows at once, then each row's visible scratch rows in order.
-  Rows::values(out, sc, R, vbase, 0, a.n_past, Dh);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < nvis[r]; ++i) {
-      const float* pi = sc[r] + a.n_past + i;
-      const int64_t s = a.n_past + vr[r][i];
-      Rows::values(out + r, &pi, 1, vbase, s, s + 1, Dh);
+  // The prefix for all rows at once, then each row's visible scratch rows in order; the
+  // features in chunks of at most 8 registers per row.
+  auto values = [&](float* const* o, const float* const* p, int64_t nr, const ValueSlots& slots) {
+    for (int64_t f0 = 0; f0 < Dh; f0 += 8 * Rows::kLanes) {
+      const int64_t nv = std::min<int64_t>(8, (Dh - f0 + Rows::kLanes - 1) / Rows::kLanes);
+      with_nv(nv, [&](auto NV) { Rows::template values<decltype(NV)::value>(o, p, nr, vbase, slots, Dh, f0); });
     }
+  };
+  values(out, sc, R, ValueSlots{0, a.n_past, nullptr});
+  for (int64_t r = 0; r < R; ++r) {
+    const float* p = sc[r] + a.n_past;
+    values(out + r, &p, 1, ValueSlots{a.n_past, nvis[r], vr[r]});
+  }
 }
 
 }  // namespace dovetail

@@ -94,19 +94,20 @@ inline void tile_scores_rows(const float* const* q, const KvT* tiles, int64_t Dh
     }
 }
 
-// out[r][0 .. 8 NV) += sum over keys s in [s0, s1) of p[r][s - s0] v[s] (rows of ld values)
-// for RG rows, sequentially in s.
+// out[r][0 .. 8 NV) += sum over i of p[r][i] v[slots(i)] (rows of ld values) for RG rows,
+// sequentially in i.
 template <typename KvT, int NV, int RG>
 inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t ld,
-                                 int64_t s0, int64_t s1) {
+                                 const ValueSlots& slots) {
   __m256 acc[RG][NV];
   for (int r = 0; r < RG; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_loadu_ps(out[r] + 8 * i);
-  for (int64_t s = s0; s < s1; ++s) {
+  for (int64_t j = 0; j < slots.n; ++j) {
+    const KvT* row = vbase + slots(j) * ld;
     __m256 v[NV];
-    for (int i = 0; i < NV; ++i) v[i] = load8(vbase + s * ld + 8 * i);
+    for (int i = 0; i < NV; ++i) v[i] = load8(row + 8 * i);
     for (int r = 0; r < RG; ++r) {
-      const __m256 b = _mm256_broadcast_ss(p[r] + (s - s0));
+      const __m256 b = _mm256_broadcast_ss(p[r] + j);
       for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(b, v[i], acc[r][i]);
     }
   }
@@ -117,7 +118,7 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
 // Features [f0, f0 + 8 NV) of every row; pairs of rows share each value load when the
 // accumulators fit in the 16 registers.
 template <typename KvT, int NV>
-void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
+void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
                int64_t Dh, int64_t f0) {
   constexpr int RG = NV <= 4 ? 2 : 1;
   float* o[RG];
@@ -125,9 +126,9 @@ void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* 
     const int g = (int)std::min<int64_t>(RG, nr - r);
     for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
     if (g == RG)
-      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, s0, s1);
+      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, slots);
     else
-      weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, s0, s1);
+      weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, slots);
   }
 }
 
@@ -166,20 +167,11 @@ struct Rows {
     _mm256_storeu_ps(tail, _mm256_mul_ps(_mm256_loadu_ps(tail), inv));
     for (int64_t i = n8; i < n; ++i) s[i] = tail[i - n8];
   }
-  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
-                     int64_t Dh) {
-    for (int64_t f0 = 0; f0 < Dh; f0 += 64) {  // at most 8 accumulators per row at a time
-      switch (std::min<int64_t>(8, (Dh - f0) / 8)) {
-        case 1: values_nv<KvT, 1>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 2: values_nv<KvT, 2>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 3: values_nv<KvT, 3>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 4: values_nv<KvT, 4>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 5: values_nv<KvT, 5>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 6: values_nv<KvT, 6>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 7: values_nv<KvT, 7>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        default: values_nv<KvT, 8>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-      }
-    }
+  static constexpr int kLanes = 8;
+  template <int NV>
+  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
+                     int64_t Dh, int64_t f0) {
+    values_nv<KvT, NV>(out, p, nr, vbase, slots, Dh, f0);
   }
 };
 

@@ -67,21 +67,22 @@ inline void tile_scores_rows(const float* const* q, const KvT* tiles, int64_t Dh
     for (int j = 0; j < KT; ++j) _mm512_storeu_ps(out[r] + j * kKTile, _mm512_mul_ps(acc[r][j], sc));
 }
 
-// out[r][0 .. width) += sum over keys s in [s0, s1) of p[r][s - s0] v[s] (rows of ld values)
-// for RG rows, sequentially in s; width <= 16 NV.
+// out[r][0 .. width) += sum over i of p[r][i] v[slots(i)] (rows of ld values) for RG rows,
+// sequentially in i; width <= 16 NV.
 template <typename KvT, int NV, int RG>
 inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t ld,
-                                 int64_t width, int64_t s0, int64_t s1) {
+                                 int64_t width, const ValueSlots& slots) {
   __mmask16 m[NV];
   for (int i = 0; i < NV; ++i) m[i] = tail_mask(width - 16 * i);
   __m512 acc[RG][NV];
   for (int r = 0; r < RG; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_maskz_loadu_ps(m[i], out[r] + 16 * i);
-  for (int64_t s = s0; s < s1; ++s) {
+  for (int64_t j = 0; j < slots.n; ++j) {
+    const KvT* row = vbase + slots(j) * ld;
     __m512 v[NV];
-    for (int i = 0; i < NV; ++i) v[i] = load16(vbase + s * ld + 16 * i, m[i]);
+    for (int i = 0; i < NV; ++i) v[i] = load16(row + 16 * i, m[i]);
     for (int r = 0; r < RG; ++r) {
-      const __m512 b = _mm512_set1_ps(p[r][s - s0]);
+      const __m512 b = _mm512_set1_ps(p[r][j]);
       for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(b, v[i], acc[r][i]);
     }
   }
@@ -91,7 +92,7 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
 
 // Features [f0, f0 + 16 NV) (or to Dh) of every row; groups of RG rows share each value load.
 template <typename KvT, int NV>
-void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
+void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
                int64_t Dh, int64_t f0) {
   constexpr int RG = NV <= 4 ? 4 : 2;
   float* o[RG];
@@ -99,9 +100,9 @@ void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* 
     const int g = (int)std::min<int64_t>(RG, nr - r);
     for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
     if (g == RG)
-      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, Dh - f0, s0, s1);
+      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, Dh - f0, slots);
     else
-      for (int j = 0; j < g; ++j) weighted_values_rows<KvT, NV, 1>(o + j, p + r + j, vbase + f0, Dh, Dh - f0, s0, s1);
+      for (int j = 0; j < g; ++j) weighted_values_rows<KvT, NV, 1>(o + j, p + r + j, vbase + f0, Dh, Dh - f0, slots);
   }
 }
 
@@ -135,20 +136,11 @@ struct Rows {
       _mm512_mask_storeu_ps(s + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), inv));
     }
   }
-  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, int64_t s0, int64_t s1,
-                     int64_t Dh) {
-    for (int64_t f0 = 0; f0 < Dh; f0 += 128) {  // at most 8 accumulators per row at a time
-      switch (std::min<int64_t>(8, (Dh - f0 + 15) / 16)) {
-        case 1: values_nv<KvT, 1>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 2: values_nv<KvT, 2>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 3: values_nv<KvT, 3>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 4: values_nv<KvT, 4>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 5: values_nv<KvT, 5>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 6: values_nv<KvT, 6>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        case 7: values_nv<KvT, 7>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-        default: values_nv<KvT, 8>(out, p, nr, vbase, s0, s1, Dh, f0); break;
-      }
-    }
+  static constexpr int kLanes = 16;
+  template <int NV>
+  static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
+                     int64_t Dh, int64_t f0) {
+    values_nv<KvT, NV>(out, p, nr, vbase, slots, Dh, f0);
   }
 };
 
