@@ -20,50 +20,6 @@ inline __m256 load8(const uint16_t* p) {
 inline float load1(float x) { return x; }
 inline float load1(uint16_t x) { return bf16_to_fp32(x); }
 
-template <typename KvT>
-struct Kern {
-  // Two tiles at a time: four independent 8-lane FMA chains.
-  static void tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale, float* out) {
-    const __m256 sc = _mm256_set1_ps(scale);
-    const int64_t ts = Dh * kKTile;
-    int64_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-      const KvT* k = tiles + i * ts;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < Dh; ++d) {
-        const __m256 b = _mm256_broadcast_ss(q + d);
-        a0 = _mm256_fmadd_ps(b, load8(k + d * kKTile), a0);
-        a1 = _mm256_fmadd_ps(b, load8(k + d * kKTile + 8), a1);
-        a2 = _mm256_fmadd_ps(b, load8(k + ts + d * kKTile), a2);
-        a3 = _mm256_fmadd_ps(b, load8(k + ts + d * kKTile + 8), a3);
-      }
-      float* o = out + i * kKTile;
-      _mm256_storeu_ps(o, _mm256_mul_ps(a0, sc));
-      _mm256_storeu_ps(o + 8, _mm256_mul_ps(a1, sc));
-      _mm256_storeu_ps(o + 16, _mm256_mul_ps(a2, sc));
-      _mm256_storeu_ps(o + 24, _mm256_mul_ps(a3, sc));
-    }
-    for (; i < n; ++i) {
-      const KvT* k = tiles + i * ts;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-      for (int64_t d = 0; d < Dh; ++d) {
-        const __m256 b = _mm256_broadcast_ss(q + d);
-        a0 = _mm256_fmadd_ps(b, load8(k + d * kKTile), a0);
-        a1 = _mm256_fmadd_ps(b, load8(k + d * kKTile + 8), a1);
-      }
-      _mm256_storeu_ps(out + i * kKTile, _mm256_mul_ps(a0, sc));
-      _mm256_storeu_ps(out + i * kKTile + 8, _mm256_mul_ps(a1, sc));
-    }
-  }
-  static void axpy(float* out, float p, const KvT* v, int64_t Dh) {
-    const __m256 pv = _mm256_set1_ps(p);
-    int64_t i = 0;
-    for (; i + 8 <= Dh; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(out + i)));
-    for (; i < Dh; ++i) out[i] += p * load1(v[i]);
-  }
-  static float exp(float x) { return std::exp(x); }
-};
-
 // Scores of KT key tiles for RG query rows (two 8-lane halves per tile): out[r][16 j + l] =
 // scale * sum_d q[r][d] k[16 j + l][d], one FMA chain per (row, key) in feature order.
 template <typename KvT, int RG, int KT>
@@ -94,6 +50,30 @@ inline void tile_scores_rows(const float* const* q, const KvT* tiles, int64_t Dh
     }
 }
 
+template <typename KvT>
+struct Kern {
+  // Two tiles at a time: four independent 8-lane FMA chains.
+  static void tile_scores(const float* q, const KvT* tiles, int64_t n, int64_t Dh, float scale, float* out) {
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      float* o = out + i * kKTile;
+      tile_scores_rows<KvT, 1, 2>(&q, tiles + i * Dh * kKTile, Dh, scale, &o);
+    }
+    for (; i < n; ++i) {
+      float* o = out + i * kKTile;
+      tile_scores_rows<KvT, 1, 1>(&q, tiles + i * Dh * kKTile, Dh, scale, &o);
+    }
+  }
+  static void axpy(float* out, float p, const KvT* v, int64_t Dh) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= Dh; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(out + i)));
+    for (; i < Dh; ++i) out[i] += p * load1(v[i]);
+  }
+  static float exp(float x) { return std::exp(x); }
+};
+
+
 // out[r][0 .. 8 NV) += sum over i of p[r][i] v[slots(i)] (rows of ld values) for RG rows,
 // sequentially in i.
 template <typename KvT, int NV, int RG>
@@ -113,23 +93,6 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
   }
   for (int r = 0; r < RG; ++r)
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out[r] + 8 * i, acc[r][i]);
-}
-
-// Features [f0, f0 + 8 NV) of every row; pairs of rows share each value load when the
-// accumulators fit in the 16 registers.
-template <typename KvT, int NV>
-void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
-               int64_t Dh, int64_t f0) {
-  constexpr int RG = NV <= 4 ? 2 : 1;
-  float* o[RG];
-  for (int64_t r = 0; r < nr; r += RG) {
-    const int g = (int)std::min<int64_t>(RG, nr - r);
-    for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
-    if (g == RG)
-      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, slots);
-    else
-      weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, slots);
-  }
 }
 
 template <typename KvT>
@@ -168,10 +131,21 @@ struct Rows {
     for (int64_t i = n8; i < n; ++i) s[i] = tail[i - n8];
   }
   static constexpr int kLanes = 8;
+  // Features [f0, f0 + 8 NV) of every row; pairs of rows share each value load when the
+  // accumulators fit in the 16 registers.
   template <int NV>
   static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
                      int64_t Dh, int64_t f0) {
-    values_nv<KvT, NV>(out, p, nr, vbase, slots, Dh, f0);
+    constexpr int RG = NV <= 4 ? 2 : 1;
+    float* o[RG];
+    for (int64_t r = 0; r < nr; r += RG) {
+      const int g = (int)std::min<int64_t>(RG, nr - r);
+      for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
+      if (g == RG)
+        weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, slots);
+      else
+        weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, slots);
+    }
   }
 };
 

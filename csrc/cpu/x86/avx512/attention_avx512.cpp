@@ -90,22 +90,6 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
     for (int i = 0; i < NV; ++i) _mm512_mask_storeu_ps(out[r] + 16 * i, m[i], acc[r][i]);
 }
 
-// Features [f0, f0 + 16 NV) (or to Dh) of every row; groups of RG rows share each value load.
-template <typename KvT, int NV>
-void values_nv(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
-               int64_t Dh, int64_t f0) {
-  constexpr int RG = NV <= 4 ? 4 : 2;
-  float* o[RG];
-  for (int64_t r = 0; r < nr; r += RG) {
-    const int g = (int)std::min<int64_t>(RG, nr - r);
-    for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
-    if (g == RG)
-      weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, Dh - f0, slots);
-    else
-      for (int j = 0; j < g; ++j) weighted_values_rows<KvT, NV, 1>(o + j, p + r + j, vbase + f0, Dh, Dh - f0, slots);
-  }
-}
-
 template <typename KvT>
 struct Rows {
   static constexpr int kTiles = 4;  // 16 independent chains for 4 rows
@@ -137,10 +121,21 @@ struct Rows {
     }
   }
   static constexpr int kLanes = 16;
+  // Features [f0, f0 + 16 NV) (or to Dh) of every row; groups of RG rows share each value load.
   template <int NV>
   static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
                      int64_t Dh, int64_t f0) {
-    values_nv<KvT, NV>(out, p, nr, vbase, slots, Dh, f0);
+    constexpr int RG = NV <= 4 ? 4 : 2;
+    float* o[RG];
+    for (int64_t r = 0; r < nr; r += RG) {
+      const int g = (int)std::min<int64_t>(RG, nr - r);
+      for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
+      if (g == RG)
+        weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, Dh - f0, slots);
+      else
+        for (int j = 0; j < g; ++j)
+          weighted_values_rows<KvT, NV, 1>(o + j, p + r + j, vbase + f0, Dh, Dh - f0, slots);
+    }
   }
 };
 
