@@ -46,14 +46,20 @@ void KvCache::store(int64_t layer, int64_t first, const float* k, const float* v
 
 void KvCache::compact(int64_t base, const int64_t* kept, int64_t n) {
   const int64_t Dh = head_dim_;
+  // A key's features sit kKTile elements apart in its tile.
+  auto move_key = [Dh](auto* kh, int64_t to, int64_t from) {
+    for (int64_t d = 0; d < Dh; ++d) kh[to + d * kKTile] = kh[from + d * kKTile];
+  };
   for (int64_t l = 0; l < layers_; ++l)
     for (int64_t h = 0; h < kv_heads_; ++h) {
       uint8_t* kh = k_head(l, h);
       for (int64_t i = 0; i < n; ++i) {
         if (kept[i] == i) continue;
         const int64_t to = k_offset(base + i, 0, Dh), from = k_offset(base + kept[i], 0, Dh);
-        for (int64_t d = 0; d < Dh; ++d)
-          std::memcpy(kh + (to + d * kKTile) * elem_, kh + (from + d * kKTile) * elem_, (size_t)elem_);
+        if (type_ == KvType::F32)
+          move_key(as<float>(kh), to, from);
+        else
+          move_key(as<uint16_t>(kh), to, from);
         std::memcpy(v_row(l, h, base + i), v_row(l, h, base + kept[i]), row_bytes_);
       }
     }
