@@ -18,7 +18,8 @@
 #
 # Environment: STEPS (default "build tests sanitizer bench") picks steps; CUDA_ARCH sets
 # CMAKE_CUDA_ARCHITECTURES (e.g. 90 on an H100/H200: one architecture builds faster);
-# PYTHON names the interpreter. Each step runs under a time limit (STEP_TIMEOUT seconds,
+# PYTHON names the interpreter; SAN_TOOLS (default "memcheck racecheck synccheck") picks the
+# compute-sanitizer tools. Each step runs under a time limit (STEP_TIMEOUT seconds,
 # default 600) so that a hang is reported instead of eating the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +77,7 @@ fi
 # 3. compute-sanitizer on the CUDA draft engine and offloaded layers (small models)
 if want sanitizer; then
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck synccheck; do
+  for tool in ${SAN_TOOLS:-memcheck racecheck synccheck}; do
     if [ -x "$SAN" ] && timeout "$LIMIT" "$SAN" --tool "$tool" --error-exitcode 9 --target-processes all \
          $PY -m pytest tests/test_device_draft.py tests/test_offload.py -m cuda -q -p no:cacheprovider -x \
          > "$OUT/sanitizer_$tool.log" 2>&1; then
