@@ -129,7 +129,8 @@ def main(argv=None) -> int:
         row = {"mode": mode, "tokens_per_s": toks / secs, "new_tokens": toks, "tau": toks / max(calls, 1),
                "spec_share": spec_calls / max(calls, 1),
                "tau_spec": (toks - (calls - spec_calls)) / spec_calls if spec_calls else None,
-               "draft_s": sum(r.stats.draft_s for r in res), "verify_s": sum(r.stats.verify_s for r in res),
+               "decode_s": secs, "draft_s": sum(r.stats.draft_s for r in res), "verify_s": sum(r.stats.verify_s for r in res),
+               "accept_s": sum(r.stats.accept_s for r in res),
                "ahead_hit_rate": sum(r.stats.ahead_hits for r in res) / max(1, sum(r.stats.ahead_tries for r in res)),
                "outputs": [r.tokens for r in res]}
         if before is not None:  # this mode's share of the device draft's counters
@@ -203,13 +204,15 @@ def main(argv=None) -> int:
         lines += ["Sweep: CPU threads x tree (top_k:depth:total_tokens), GPU draft, speculation on at every step; "
                   "ratios against plain decoding "
                   "at the same thread count and against the fastest plain decoding.", "",
-                  "| threads | mode | tree | tok/s | vs plain, same threads | vs fastest plain | tau | draft ms/step | "
-                  "verify ms/step | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| threads | mode | tree | tok/s | vs plain, same threads | vs fastest plain | tau | ms/step: draft | "
+                  "verify | accept + commit | rest | identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sweep:
             calls = max(1.0, r["new_tokens"] / r["tau"])
             lines.append(f"| {r['threads']} | {r['mode']} | {r['tree']} | {r['tokens_per_s']:.1f} | "
                          f"{r.get('ratio_vs_plain_same_threads', 1.0):.2f}x | {r['ratio_vs_best_plain']:.2f}x | "
                          f"{r['tau']:.2f} | {1e3 * r['draft_s'] / calls:.2f} | {1e3 * r['verify_s'] / calls:.2f} | "
+                         f"{1e3 * r['accept_s'] / calls:.2f} | "
+                         f"{1e3 * (r['decode_s'] - r['draft_s'] - r['verify_s'] - r['accept_s']) / calls:.2f} | "
                          f"{'yes' if r.get('identical_to_plain', True) else 'NO'} |")
         lines.append("")
     text = "\n".join(lines)

@@ -15,9 +15,12 @@
 #include <library_types.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -365,17 +368,21 @@ class CudaOps final : public DeviceOps {
         cuda_check(cudaEventCreate(e), "cudaEventCreate");
       for (cudaEvent_t* e : {&compute_ready_, &compute_done_})
         cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
-      // Waiting for the GPU blocks the thread instead of spinning (the CPU cores belong to
-      // the target's verification): finish() waits on blocking-sync events, which leaves the
-      // process-wide device flags, and so other libraries' waits, as they were.
+      // finish() polls its events for a short while (a draft call is done in well under a
+      // millisecond, and a blocking wait's wake-up can cost as much again), yielding the
+      // core between polls, then blocks: a long wait leaves the CPU cores to the target's
+      // verification. Blocking-sync events leave the process-wide device flags, and so other
+      // libraries' waits, as they were. DOVETAIL_CUDA_WAIT=block skips the polling.
+      poll_ = wait_policy_from_env();
       for (cudaEvent_t* e : {&compute_synced_, &copy_synced_})
         cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
       cublas_check(blas_lib_.create(&blas_), "cublasCreate");
       cublas_check(blas_lib_.set_stream(blas_, compute_), "cublasSetStream");
       // A fixed workspace keeps cuBLAS graph-capturable (set after the stream, which resets
       // it); cuBLAS asks for 32 MiB on Hopper and later, 4 MiB before.
-      workspace_bytes_ = (prop.major >= 9 ? 32u : 4u) << 20;
-      cuda_check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLAS workspace)");
+      // DOVETAIL_CUBLAS_WORKSPACE_MB sets another size.
+      workspace_bytes_ = workspace_mib_from_env(prop.major >= 9 ? 32 : 4) << 20;
+      if (workspace_bytes_) cuda_check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLAS workspace)");
       cublas_check(blas_lib_.set_workspace(blas_, workspace_, workspace_bytes_), "cublasSetWorkspace");
     } catch (...) {
       destroy();
@@ -447,8 +454,8 @@ class CudaOps final : public DeviceOps {
     select();
     cuda_check(cudaEventRecord(compute_synced_, compute_), "cudaEventRecord");
     cuda_check(cudaEventRecord(copy_synced_, copy_), "cudaEventRecord");
-    cuda_check(cudaEventSynchronize(compute_synced_), "compute stream");
-    cuda_check(cudaEventSynchronize(copy_synced_), "copy stream");
+    wait(compute_synced_, "compute stream");
+    wait(copy_synced_, "copy stream");
     double ms = 0.0;
     float part = 0.0f;
     if (h2d_pending_) {
@@ -563,6 +570,36 @@ class CudaOps final : public DeviceOps {
   static unsigned grid(long n) { return std::max(1u, std::min(blocks_for(n, kThreads), 4096u)); }
 
   void select() { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
+  // An event's completion: polled for up to kPollMicros (yielding between polls), then
+  // waited for with the thread blocked.
+  void wait(cudaEvent_t e, const char* what) const {
+    if (poll_) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kPollMicros);
+      for (;;) {
+        const cudaError_t st = cudaEventQuery(e);
+        if (st == cudaSuccess) return;
+        if (st != cudaErrorNotReady) cuda_check(st, what);
+        if (std::chrono::steady_clock::now() >= until) break;
+        std::this_thread::yield();
+      }
+    }
+    cuda_check(cudaEventSynchronize(e), what);
+  }
+  static bool wait_policy_from_env() {
+    const char* env = std::getenv("DOVETAIL_CUDA_WAIT");
+    if (env == nullptr || *env == '\0' || std::string(env) == "poll") return true;
+    DT_CHECK(std::string(env) == "block", std::string("DOVETAIL_CUDA_WAIT must be 'poll' or 'block', not '") + env + "'");
+    return false;
+  }
+  static size_t workspace_mib_from_env(size_t fallback) {
+    const char* env = std::getenv("DOVETAIL_CUBLAS_WORKSPACE_MB");
+    if (env == nullptr || *env == '\0') return fallback;
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    DT_CHECK(*end == '\0' && v >= 0 && v <= 1024, std::string("DOVETAIL_CUBLAS_WORKSPACE_MB must be an integer "
+                                                              "from 0 to 1024, not '") + env + "'");
+    return (size_t)v;
+  }
   // A copy on the copy stream after the compute stream's work so far, between two timing events.
   void timed_copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaEvent_t after,
                   cudaEvent_t begin, cudaEvent_t end, const char* what) {
@@ -627,6 +664,8 @@ class CudaOps final : public DeviceOps {
   cudaEvent_t h2d_begin_ = nullptr, h2d_end_ = nullptr, d2h_begin_ = nullptr, d2h_end_ = nullptr;
   cudaEvent_t compute_ready_ = nullptr, compute_done_ = nullptr;
   cudaEvent_t compute_synced_ = nullptr, copy_synced_ = nullptr;  // blocking-sync waits in finish()
+  bool poll_ = true;                                               // finish() polls before it blocks
+  static constexpr long kPollMicros = 2000;
   bool h2d_pending_ = false, d2h_pending_ = false, recording_ = false;
   cublasHandle_t blas_ = nullptr;
   void* workspace_ = nullptr;
