@@ -271,3 +271,29 @@ def test_cuda_graph_replay_equals_direct_launches(tiny):
         np.testing.assert_array_equal(ta.parents, tb.parents)
         a.truncate(0); b.truncate(0)
     assert a.stats["replays"] > 0 and b.stats["replays"] == 0
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("env", [{"DOVETAIL_CUDA_WAIT": "block"}, {"DOVETAIL_CUBLAS_WORKSPACE_MB": "0"}])
+def test_cuda_wait_and_workspace_settings_keep_outputs(tiny, monkeypatch, env):
+    src, target = tiny
+    module = module_for(src, std=0.2)
+    f, toks, pos = inputs(src, 5)
+    ref = Draft.from_module(module, target, device="cuda").forward(f, toks, pos, topk_rows=range(5), k=3)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = Draft.from_module(module, target, device="cuda").forward(f, toks, pos, topk_rows=range(5), k=3)
+    np.testing.assert_allclose(out[0], ref[0], rtol=0, atol=2e-2 * np.abs(ref[0]).max())
+    np.testing.assert_allclose(out[2], ref[2], atol=0.05)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("name,value", [("DOVETAIL_CUDA_WAIT", "spin"), ("DOVETAIL_CUBLAS_WORKSPACE_MB", "lots"),
+                                        ("DOVETAIL_CUBLAS_WORKSPACE_MB", "-1")])
+def test_cuda_settings_refuse_bad_values(tiny, monkeypatch, name, value):
+    src, target = tiny
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        Draft.from_module(module_for(src), target, device="cuda")
