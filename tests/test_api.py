@@ -28,7 +28,9 @@ def test_greedy_is_deterministic_and_stream_matches(gen):
     s = a.stats
     assert s.prompt_tokens > 10 and s.new_tokens <= 12 and s.prefill_s > 0 and s.decode_s > 0
     assert s.tokens_per_s == pytest.approx(s.new_tokens / s.decode_s)
-    assert s.mode == "plain" and s.stop_reason in ("eos", "length")
+    # the default model loads with its shipped draft: greedy generation speculates
+    assert gen.draft is not None and s.mode == "speculative" and s.stop_reason in ("eos", "length")
+    assert gen.generate("Name a fruit.", max_new_tokens=12, speculative=False).tokens == a.tokens
 
 
 def test_eos_stops_generation(gen):
@@ -111,7 +113,10 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     out = json.loads(capsys.readouterr().out)
     for key in ("text", "prompt_tokens", "new_tokens", "prefill_s", "decode_s", "tokens_per_s", "mode"):
         assert key in out
-    assert out["new_tokens"] <= 8 and out["mode"] == "plain"
+    assert out["new_tokens"] <= 8 and out["mode"] == "speculative"  # the shipped draft, by default
+    assert main(["generate", "Name a fruit.", "--max-new-tokens", "8", "--json", "--threads", "1", "--no-spec"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["mode"] == "plain" and plain["tokens"] == out["tokens"]
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cpu_path"] in info["cpu_paths_supported"]
@@ -127,4 +132,4 @@ def test_cli_streams_text(default_gguf_path):
     r = subprocess.run([sys.executable, "-m", "dovetail_ext.cli", "generate", "--raw", "The sky is",
                         "--max-new-tokens", "6", "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() and "tok/s" in r.stderr and "[plain]" in r.stderr
+    assert r.stdout.strip() and "tok/s" in r.stderr and "[speculative]" in r.stderr  # the shipped draft

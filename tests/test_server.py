@@ -33,7 +33,7 @@ N = 12  # new tokens per request: short, the 2 cores are shared
 
 @pytest.fixture(scope="module")
 def gen(default_gguf_path):
-    return dovetail_ext.load(default_gguf_path, context=512, threads=2)
+    return dovetail_ext.load(default_gguf_path, context=512, threads=2, draft=None)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 5, 6), TreeParams(8, 2, 12)]
 
 @pytest.fixture(scope="module")
 def gen(default_gguf_path):
-    g = dovetail_ext.load(default_gguf_path, context=512, threads=2)
+    g = dovetail_ext.load(default_gguf_path, context=512, threads=2, draft=None)
     module = DovetailDraft.random(DraftConfig.for_target(g.source, num_layers=1), seed=0, std=0.05)
     g.draft = Draft.from_module(module, g.target)
     return g
@@ -126,7 +126,7 @@ def test_edge_cases(gen):
 
 
 def test_context_fills_cleanly_while_speculating(default_gguf_path):
-    g = dovetail_ext.load(default_gguf_path, context=64, threads=1)
+    g = dovetail_ext.load(default_gguf_path, context=64, threads=1, draft=None)
     g.draft = Draft.from_module(DovetailDraft.random(DraftConfig.for_target(g.source), seed=1, std=0.05), g.target)
     spec = g.generate("Write a long essay about the sea.", max_new_tokens=500, speculative=True)
     plain = g.generate("Write a long essay about the sea.", max_new_tokens=500, speculative=False)

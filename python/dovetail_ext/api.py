@@ -1,7 +1,7 @@
 """The public surface: ``load()`` and ``Generator.generate()`` / ``Generator.stream()``.
 
     >>> import dovetail_ext
-    >>> gen = dovetail_ext.load()                      # the default model
+    >>> gen = dovetail_ext.load()        # the default model, with its shipped draft (speculative)
     >>> out = gen.generate("Write a haiku about rain", max_new_tokens=64)
     >>> out.text, out.stats.tokens_per_s
     >>> for piece in gen.stream([{"role": "user", "content": "Hi"}]):
@@ -368,7 +368,7 @@ class Generator:
                 self.draft.truncate(0)
 
 
-def load(model: str | Path | None = None, *, draft: str | Path | None = None, context: int | None = None,
+def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
          overlap: bool | None = None, adaptive: bool | None = None, gpu_layers: int = 0,
@@ -384,11 +384,11 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = None, co
             convert matrices to at load: ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"bf16"``, ...
         kv_dtype: ``"f32"`` or ``"bf16"`` KV cache.
         max_batch: the largest number of tokens one target call takes (prefill chunk).
-        draft: a draft checkpoint directory for speculative decoding (trained for this
-            model: a draft made for another target is refused); ``"auto"`` takes the draft
-            shipped with the package for this exact model if there is one (the default
-            model has one); ``None`` (the default) loads no draft: plain decoding, which
-            is the faster choice on a 2-core CPU today (see the README's measurements).
+        draft: ``"auto"`` (the default) takes the draft shipped with the package for this
+            exact model if there is one (the default model has one; other models decode
+            plainly); a draft checkpoint directory (trained for this model: a draft made for
+            another target is refused); ``None`` loads no draft: plain decoding. With a
+            draft, ``generate`` speculates unless told ``speculative=False``.
         tree: speculative tree shape (default ``TreeParams()``).
         draft_weights: storage of the draft's matrices on the CPU (``"q8_0"``, the default:
             a quarter of f32's memory traffic on every draft step; ``"bf16"``, ``"f32"``). The

@@ -77,11 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     """The speculation, device and offload options of generate and serve."""
     p.add_argument("--draft", metavar="PATH", default=None,
-                   help="draft checkpoint directory for speculative decoding ('auto': the draft "
-                        "shipped for this model)")
+                   help="draft checkpoint directory for speculative decoding (default 'auto': the draft "
+                        "shipped for this model, if there is one)")
     p.add_argument("--spec", action="store_true",
-                   help="speculative decoding with the draft shipped for this model (same as --draft auto)")
-    p.add_argument("--no-spec", action="store_true", help="plain decoding even when a draft is given")
+                   help="speculative decoding with the draft shipped for this model (the default; same as "
+                        "--draft auto)")
+    p.add_argument("--no-spec", action="store_true", help="plain decoding (no draft is loaded)")
     p.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
@@ -103,10 +104,10 @@ def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _draft_arg(args: argparse.Namespace) -> str | None:
-    """--draft PATH, or the shipped draft with --spec, or none with --no-spec."""
+    """--draft PATH, else the shipped draft (if the model has one); none with --no-spec."""
     if args.no_spec:
         return None
-    return "auto" if args.spec and args.draft is None else args.draft
+    return "auto" if args.draft is None else args.draft
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
