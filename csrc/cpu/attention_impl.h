@@ -84,6 +84,25 @@ inline void with_nv(int64_t nv, F&& f) {
   }
 }
 
+// Rows 0 .. nr - 1 of out (each offset by f0) and p in groups of RG sharing one pass over
+// the values: f(std::integral_constant<int, RG>{}, o, pr) for each full group, then
+// f(std::integral_constant<int, 1>{}, o, pr) for each row left over.
+template <int RG, typename F>
+inline void for_row_groups(float* const* out, const float* const* p, int64_t nr, int64_t f0, F&& f) {
+  float* o[RG];
+  int64_t r = 0;
+  for (; r + RG <= nr; r += RG) {
+    for (int j = 0; j < RG; ++j) o[j] = out[r + j] + f0;
+    f(std::integral_constant<int, RG>{}, o, p + r);
+  }
+  if constexpr (RG > 1) {
+    for (; r < nr; ++r) {
+      o[0] = out[r] + f0;
+      f(std::integral_constant<int, 1>{}, o, p + r);
+    }
+  }
+}
+
 // The SIMD paths' driver for a run of query rows r0 .. r1 of KV head kvh (at most 16), row
 // r = (token r / G, head kvh * G + r % G), G = H / KV. `Rows` supplies
 //   kTiles, scores<KT>(q, nr, tiles, Dh, scale, out)   out[r][16 j + l] for the KT key tiles

@@ -136,16 +136,9 @@ struct Rows {
   template <int NV>
   static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
                      int64_t Dh, int64_t f0) {
-    constexpr int RG = NV <= 4 ? 2 : 1;
-    float* o[RG];
-    for (int64_t r = 0; r < nr; r += RG) {
-      const int g = (int)std::min<int64_t>(RG, nr - r);
-      for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
-      if (g == RG)
-        weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, slots);
-      else
-        weighted_values_rows<KvT, NV, 1>(o, p + r, vbase + f0, Dh, slots);
-    }
+    for_row_groups<NV <= 4 ? 2 : 1>(out, p, nr, f0, [&](auto rg, float* const* o, const float* const* pr) {
+      weighted_values_rows<KvT, NV, decltype(rg)::value>(o, pr, vbase + f0, Dh, slots);
+    });
   }
 };
 

@@ -121,21 +121,14 @@ struct Rows {
     }
   }
   static constexpr int kLanes = 16;
-  // Features [f0, f0 + 16 NV) (or to Dh) of every row; groups of RG rows share each value load.
+  // Features [f0, f0 + 16 NV) (or to Dh) of every row; groups of 4 rows (2 when NV > 4)
+  // share each value load.
   template <int NV>
   static void values(float* const* out, const float* const* p, int64_t nr, const KvT* vbase, const ValueSlots& slots,
                      int64_t Dh, int64_t f0) {
-    constexpr int RG = NV <= 4 ? 4 : 2;
-    float* o[RG];
-    for (int64_t r = 0; r < nr; r += RG) {
-      const int g = (int)std::min<int64_t>(RG, nr - r);
-      for (int j = 0; j < g; ++j) o[j] = out[r + j] + f0;
-      if (g == RG)
-        weighted_values_rows<KvT, NV, RG>(o, p + r, vbase + f0, Dh, Dh - f0, slots);
-      else
-        for (int j = 0; j < g; ++j)
-          weighted_values_rows<KvT, NV, 1>(o + j, p + r + j, vbase + f0, Dh, Dh - f0, slots);
-    }
+    for_row_groups<NV <= 4 ? 4 : 2>(out, p, nr, f0, [&](auto rg, float* const* o, const float* const* pr) {
+      weighted_values_rows<KvT, NV, decltype(rg)::value>(o, pr, vbase + f0, Dh, Dh - f0, slots);
+    });
   }
 };
 
