@@ -10,7 +10,7 @@ from scipy import stats
 
 from dovetail_ext.draft import Draft
 from dovetail_ext.draft_model import DovetailDraft, DraftConfig
-from dovetail_ext.sampling import SamplingParams, TokenChooser, accept_sampled, target_probs
+from dovetail_ext.sampling import SamplingParams, TokenChooser, accept_greedy, accept_sampled, target_probs
 from dovetail_ext.speculative import Governor, SpecState, SpecTimes, speculative_step
 from dovetail_ext.target import TargetEngine
 from dovetail_ext.tree import CandidatePool, TreeParams, build_tree
@@ -130,6 +130,66 @@ def test_build_tree_and_pool():
         TreeParams(total_tokens=0)
     with pytest.raises(ValueError, match="top_k"):
         TreeParams(top_k=0)
+
+
+def _accept_greedy_by_sets(tree, logits):
+    """accept_greedy's rule from the ancestor sets: a node is accepted when every node on its
+    path (itself included) holds the target's argmax at its parent; the deepest one wins."""
+    best = np.argmax(logits, axis=-1)
+    ok = np.ones(tree.size, dtype=bool)
+    ok[1:] = tree.tokens[1:] == best[tree.parents[1:]]
+    accepted = ~np.any(tree.ancestors & ~ok[None, :], axis=1)
+    last = int(np.flatnonzero(accepted)[np.argmax(tree.depths[accepted])])
+    return tree.path_to(last), int(best[last])
+
+
+def test_accept_greedy_matches_the_ancestor_set_rule():
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        K = int(rng.integers(1, 40))
+        parents = random_tree(rng, K)
+        # distinct tokens among siblings, drawn from a small vocabulary so that matches happen
+        tokens = np.zeros(K, dtype=np.int64)
+        for u in range(K):
+            kids = np.flatnonzero(parents == u)
+            tokens[kids] = rng.permutation(6)[:len(kids)] if len(kids) <= 6 else rng.permutation(len(kids))
+        tree = build_tree(tokens, parents)
+        logits = rng.standard_normal((K, 48)).astype(np.float32)
+        for u in range(K):  # the target mostly agrees with one of the drafted children
+            kids = np.flatnonzero(parents == u)
+            if len(kids) and rng.random() < 0.8:
+                logits[u, tokens[rng.choice(kids)]] += 4.0
+        path, bonus = accept_greedy(tree, logits)
+        ref_path, ref_bonus = _accept_greedy_by_sets(tree, logits)
+        np.testing.assert_array_equal(path, ref_path)
+        assert bonus == ref_bonus
+
+
+def test_one_level_growth_equals_the_pool_rule():
+    """Depth-1 trees skip the candidate pool; they hold what the pool would select: the
+    best total_tokens - 1 successors at or above min_prob, ties in the draft's order."""
+    src, target = tiny_target()
+    draft = random_draft(src, target)
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        k = int(rng.integers(1, 7))
+        total = int(rng.integers(2, 9))
+        min_prob = float(rng.choice([0.0, 0.05, 0.3]))
+        params = TreeParams(k, 1, total, min_prob)
+        logp = np.sort(np.log(rng.dirichlet(np.ones(k + 1))))[::-1].astype(np.float32)
+        if trial % 3 == 0:  # ties
+            logp[1:] = logp[1]
+        if trial % 7 == 0:  # not best first: the general rule applies
+            logp = rng.permutation(logp)
+        ids = rng.permutation(300)[:k + 1].astype(np.int32)
+        tree = draft._grow_one_level(int(rng.integers(0, 300)), 0, ids, logp, params)
+        pool = CandidatePool(int(tree.tokens[0]))
+        pool.add(ids[:k], np.zeros(k, dtype=np.int64), logp[:k])
+        ref = pool.select(total, params.min_score)
+        for name in ("tokens", "parents", "depths", "ancestors", "leaves"):
+            np.testing.assert_array_equal(getattr(tree, name), getattr(ref, name), err_msg=name)
+        assert draft._last["tree"] is tree and draft._last["keep"].tolist() == pool.selected(
+            total, params.min_score).tolist()
 
 
 @pytest.mark.parametrize("params", SHAPES[:4], ids=str)

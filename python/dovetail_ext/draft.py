@@ -8,6 +8,7 @@ one call per tree level over the frontier (scratch rows, dropped at the next ste
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import _core
 from .target import TargetEngine, parse_device
-from .tree import CandidatePool, Tree, TreeParams
+from .tree import CandidatePool, Tree, TreeParams, build_tree
 
 __all__ = ["Draft", "Predraft", "DEFAULT_DRAFT_WEIGHTS"]
 
@@ -34,6 +35,17 @@ class Predraft:
     bonus: int            # the guessed bonus token: the next tree's root
     tree: Tree            # the next tree, for that guess
     n_before: int         # the draft's n_past before the guess (truncate here to undo it)
+
+
+@functools.lru_cache(maxsize=64)
+def _star_structure(size: int) -> dict[str, np.ndarray]:
+    """Parents, depths, ancestor sets and leaves of a tree of a root and ``size - 1``
+    children (read-only arrays, shared by every such tree)."""
+    t = build_tree(np.zeros(size, dtype=np.int64), [-1] + [0] * (size - 1))
+    fields = dict(parents=t.parents, depths=t.depths, ancestors=t.ancestors, leaves=t.leaves)
+    for a in fields.values():
+        a.flags.writeable = False
+    return fields
 
 
 def _check_vocab_map(config, vocab_map) -> np.ndarray | None:
@@ -236,6 +248,8 @@ class Draft:
         """EAGLE-2 growth from a committed root whose output is history row ``root_row``
         and whose top-k successors are (ids, logp)."""
         k = params.top_k
+        if params.depth == 1:
+            return self._grow_one_level(root, root_row, ids, logp, params)
         root_pos = self.n_past  # the root's position; frontier level d runs at root_pos + d - 1
         pool = CandidatePool(root)
         frontier = pool.add(ids[:k], np.zeros(k, dtype=np.int64), logp[:k])
@@ -265,6 +279,32 @@ class Draft:
         tree = pool.select(params.total_tokens, params.min_score, keep)
         self._last = dict(tree=tree, pool=pool, keep=keep, row_of=row_of, hist_of=hist_of, scratch_anc=scratch_anc,
                           root_pos=root_pos, params=params, runner_up=runner_up)
+        return tree
+
+    def _grow_one_level(self, root: int, root_row: int, ids: np.ndarray, logp: np.ndarray,
+                        params: TreeParams) -> Tree:
+        """:meth:`_grow` for depth 1, without the pool's machinery: the tree is the root and
+        its best successors. The draft's top-k comes best first, which is the pool's ranking
+        (ties keep that order), so the kept candidates are a prefix of it."""
+        k = params.top_k
+        scores = np.asarray(logp[:k], dtype=np.float64)
+        n = min(params.total_tokens - 1, k, int(np.count_nonzero(scores >= params.min_score)))
+        if k > 1 and not np.all(scores[:-1] >= scores[1:]):  # not best first: the general rule
+            pool = CandidatePool(root)
+            pool.add(ids[:k], np.zeros(k, dtype=np.int64), scores)
+            keep = pool.selected(params.total_tokens, params.min_score)
+        else:
+            keep = np.arange(n + 1)
+        tokens = np.concatenate([[root], np.asarray(ids[:k], dtype=np.int64)])
+        tree = Tree(tokens=tokens[keep], **_star_structure(len(keep)))
+        pool = CandidatePool.of(tokens, np.concatenate([[-1], np.zeros(k, dtype=np.int64)]),
+                                np.concatenate([[0.0], scores]))
+        cap = 2 + 2 * k + k * k  # as _grow's, for predraft
+        hist_of = np.full(cap, -1, dtype=np.int64)
+        hist_of[0] = root_row
+        self._last = dict(tree=tree, pool=pool, keep=keep, row_of=np.full(cap, -1, dtype=np.int64),
+                          hist_of=hist_of, scratch_anc=np.zeros((0, 0), dtype=bool), root_pos=self.n_past,
+                          params=params, runner_up=(float(logp[k]), int(ids[k])) if len(ids) > k else None)
         return tree
 
     def _expand(self, pool, nodes, position, row_of, hist_of, scratch_anc, k):

@@ -93,12 +93,15 @@ def accept_greedy(tree, logits: np.ndarray) -> tuple[np.ndarray, int]:
     root-to-node path. Returns (path of node indices from the root, bonus token = the
     target's argmax after the path's last node).
     """
-    best = np.argmax(logits, axis=-1)
-    ok = np.ones(tree.size, dtype=bool)
-    ok[1:] = tree.tokens[1:] == best[tree.parents[1:]]
-    accepted = ~np.any(tree.ancestors & ~ok[None, :], axis=1)  # every node on the path agrees
-    last = int(np.flatnonzero(accepted)[np.argmax(tree.depths[accepted])])
-    return tree.path_to(last), int(best[last])
+    best = np.argmax(logits, axis=-1).tolist()
+    # One pass in node order (a parent comes before its children): the accepted nodes form
+    # one chain from the root, so the last one accepted ends the path.
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    path = [0]
+    for c in range(1, len(tokens)):
+        if parents[c] == path[-1] and tokens[c] == best[path[-1]]:
+            path.append(c)
+    return np.asarray(path, dtype=np.int64), int(best[path[-1]])
 
 
 def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: TokenChooser) -> tuple[np.ndarray, int]:

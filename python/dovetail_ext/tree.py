@@ -2,8 +2,8 @@
 structures the target's one-pass verification needs.
 
 A tree is ``tokens[K]`` (root first) and ``parents[K]`` (``parents[0] = -1``, a parent
-always before its child). :func:`build_tree` derives, without Python loops over tokens:
-depths, the ancestor-or-self matrix (what each node may attend to), positions
+always before its child). :func:`build_tree` derives, in one pass over the parents,
+depths and the ancestor-or-self matrix (what each node may attend to), then positions
 (prefix length + depth) and root-to-leaf paths.
 """
 
@@ -102,16 +102,21 @@ def build_tree(tokens, parents) -> Tree:
     idx = np.arange(K)
     if K > 1 and not np.all((parents[1:] >= 0) & (parents[1:] < idx[1:])):
         raise ValueError("every non-root node's parent must be an earlier node")
-    # Ancestor closure by repeated squaring of the parent relation: log2(K) boolean matmuls.
-    anc = np.eye(K, dtype=bool)
-    if K > 1:
-        anc[idx[1:], parents[1:]] = True
-        for _ in range(int(np.ceil(np.log2(K))) + 1):
-            anc = (anc.astype(np.uint8) @ anc.astype(np.uint8)) > 0
-    depths = anc.sum(axis=1) - 1
+    # Depths and ancestor sets in one pass (a parent always comes first): a node's set is
+    # its parent's plus itself, held as a bitmask in a Python int, then unpacked at once
+    # (a few numpy calls whatever the size: per-call overhead dominates at drafting sizes).
+    par = parents.tolist()
+    depth_list, masks = [0] * K, [1] * K
+    for i in range(1, K):
+        depth_list[i] = depth_list[par[i]] + 1
+        masks[i] = masks[par[i]] | (1 << i)
+    nb = (K + 7) // 8
+    packed = np.frombuffer(b"".join(m.to_bytes(nb, "little") for m in masks), dtype=np.uint8).reshape(K, nb)
+    anc = np.unpackbits(packed, axis=1, count=K, bitorder="little").view(bool)
+    depths = np.array(depth_list, dtype=np.int64)
     has_child = np.zeros(K, dtype=bool)
     has_child[parents[1:]] = True
-    return Tree(tokens=tokens, parents=parents, depths=depths.astype(np.int64), ancestors=anc,
+    return Tree(tokens=tokens, parents=parents, depths=depths, ancestors=anc,
                 leaves=np.flatnonzero(~has_child))
 
 
@@ -129,6 +134,15 @@ class CandidatePool:
         self.tokens = np.array([root_token], dtype=np.int64)
         self.parents = np.array([-1], dtype=np.int64)
         self.scores = np.array([0.0])
+
+    @classmethod
+    def of(cls, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray) -> CandidatePool:
+        """A pool holding these candidates (index 0 the root, parents as pool indices)."""
+        pool = cls.__new__(cls)
+        pool.tokens = np.asarray(tokens, dtype=np.int64)
+        pool.parents = np.asarray(parents, dtype=np.int64)
+        pool.scores = np.asarray(scores, dtype=np.float64)
+        return pool
 
     @property
     def size(self) -> int:
