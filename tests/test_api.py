@@ -97,6 +97,58 @@ def test_target_probs_filters():
         target_probs(logits, SamplingParams())
 
 
+def _target_probs_by_full_sort(logits, params):
+    """target_probs's rule with the whole row sorted (and the filters as selects)."""
+    z = np.asarray(logits, dtype=np.float64) / params.temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    if params.top_k and params.top_k < z.shape[-1]:
+        kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    if params.top_p < 1.0:
+        sorted_p = -np.sort(-p, axis=-1)
+        keep = np.cumsum(sorted_p, axis=-1) - sorted_p < params.top_p
+        threshold = np.min(np.where(keep, sorted_p, np.inf), axis=-1, keepdims=True)
+        p = np.where(p >= threshold, p, 0.0)
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def test_target_probs_equals_the_full_sort_bit_for_bit():
+    """top-p sorts only the head of a row (growing it while every token there is kept);
+    the distribution is the full sort's, bit for bit: awkward sizes, ties, flat and peaked
+    rows, with and without top-k, one row and several."""
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        V = int(rng.choice([1, 2, 3, 63, 64, 65, 257, 4099, 49152]))
+        shape = (V,) if trial % 2 else (int(rng.integers(1, 4)), V)
+        logits = (rng.standard_normal(shape) * rng.choice([0.05, 1, 4, 40])).astype(np.float32)
+        if trial % 5 == 0:
+            logits = np.round(logits)  # ties, at the top-p boundary too
+        params = SamplingParams(float(rng.choice([0.2, 0.7, 1.0, 1.7])),
+                                top_p=float(rng.choice([0.01, 0.5, 0.9, 0.97, 0.9999, 1.0])),
+                                top_k=int(rng.choice([0, 1, 7, 40, 5000])))
+        got, want = target_probs(logits, params), _target_probs_by_full_sort(logits, params)
+        assert got.shape == want.shape and np.array_equal(got, want), (trial, V, params)
+
+
+def test_token_chooser_sparse_draw_equals_the_dense_draw():
+    """A mostly-zero distribution is drawn from its support alone: the same token as the
+    CDF over the whole vocabulary, for the same random number."""
+    rng = np.random.default_rng(12)
+    for trial in range(300):
+        V = int(rng.integers(8, 3000))
+        p = np.zeros(V)
+        p[rng.permutation(V)[:int(rng.integers(1, max(2, V // 5)))]] = rng.random()
+        p /= p.sum()
+        a, b = TokenChooser(SamplingParams(1.0, seed=trial)), np.random.default_rng(trial)
+        for _ in range(5):
+            cdf = np.cumsum(p)
+            want = int(min(np.searchsorted(cdf, b.random() * cdf[-1], side="right"), V - 1))
+            assert a.draw(p) == want and p[want] > 0
+
+
 def test_token_chooser_distribution():
     from scipy import stats
     p = np.array([0.4, 0.3, 0.2, 0.1, 0.0])

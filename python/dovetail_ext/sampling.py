@@ -49,21 +49,38 @@ def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         raise ValueError("greedy decoding has no sampling distribution (temperature is 0)")
     z = np.asarray(logits, dtype=np.float64) / params.temperature
     z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    # Filters multiply by their 0/1 mask: the kept values stay bit for bit what they were
+    # (every value is finite), and a multiply costs less than a select.
     if params.top_k and params.top_k < z.shape[-1]:
         kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z)
+        p *= z >= kth
     p /= p.sum(axis=-1, keepdims=True)
     if params.top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(p, order, axis=-1)
-        mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
-        keep_sorted = mass_before < params.top_p
-        # The smallest kept probability: everything at least this likely stays (ties).
-        threshold = np.min(np.where(keep_sorted, sorted_p, np.inf), axis=-1, keepdims=True)
-        p = np.where(p >= threshold, p, 0.0)
+        rows = p.reshape(-1, p.shape[-1])
+        if params.top_k:  # past top-k most of a row is zero: the head lies among the rest
+            rows = [r[r > 0] for r in rows]
+        threshold = np.array([_top_p_threshold(r, params.top_p) for r in rows]).reshape(p.shape[:-1] + (1,))
+        p *= p >= threshold
         p /= p.sum(axis=-1, keepdims=True)
     return p
+
+
+def _top_p_threshold(p: np.ndarray, top_p: float) -> float:
+    """The smallest probability top-p keeps in one row: the most likely tokens are kept
+    while the mass before them is below top_p; everything at least as likely as the last
+    of them stays too (ties). Only the head of the sorted row decides it, so the row is
+    sorted a slice at a time (64 tokens, then 4x more while all of them are kept) instead
+    of whole: the values and their running sums are those of a full descending sort."""
+    V = p.shape[-1]
+    m = min(V, 64)
+    while True:
+        head = p if m == V else p[np.argpartition(p, V - m)[V - m:]]
+        head = np.sort(head)[::-1]
+        keep = (np.cumsum(head) - head) < top_p
+        if not keep[-1] or m == V:
+            return float(head[np.count_nonzero(keep) - 1])
+        m = min(V, 4 * m)
 
 
 class TokenChooser:
@@ -79,10 +96,14 @@ class TokenChooser:
         return self.draw(target_probs(logits, self.params))
 
     def draw(self, probs: np.ndarray) -> int:
-        """One token from a probability vector (inverse CDF on one uniform draw)."""
-        cdf = np.cumsum(probs)
+        """One token from a probability vector (inverse CDF on one uniform draw). After
+        top-k / top-p most entries are zero: the CDF is then summed over the others only
+        (the same running sums: adding a zero changes nothing)."""
+        support = np.flatnonzero(probs) if np.count_nonzero(probs) * 4 < len(probs) else None
+        cdf = np.cumsum(probs if support is None else probs[support])
         u = self.rng.random() * cdf[-1]
-        return int(min(np.searchsorted(cdf, u, side="right"), len(probs) - 1))
+        i = int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
+        return i if support is None else int(support[i])
 
 
 def accept_greedy(tree, logits: np.ndarray) -> tuple[np.ndarray, int]:
