@@ -99,3 +99,41 @@ def test_tree_sweep(benchmark, spec_gen, record):
     base = rows["plain"]["tokens_per_s"]
     for name, entry in rows.items():
         record("tree_sweep", name, **entry, ratio_vs_plain=entry["tokens_per_s"] / base, draft=label)
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=0.7, top_p=0.9), dict(temperature=0.7, top_p=0.9, top_k=50),
+                                     dict(temperature=1.0)], ids=["T0.7-p0.9", "T0.7-p0.9-k50", "T1.0"])
+def test_sampled_decode(benchmark, spec_gen, record, setting, monkeypatch):
+    """Seeded sampling on HumanEval prompts: plain and speculative decoding, and plain
+    decoding with the sampling rule written plainly (``target_probs_by_full_sort``: top-p
+    over the whole sorted vocabulary) as the baseline, in this run. The fast rule gives the
+    same distribution bit for bit, so with one seed the outputs must be identical."""
+    from dovetail_ext import sampling
+    gen, label = spec_gen
+    n, prompts = (96, humaneval_prompts(max(2, N_PROMPTS // 2))) if benchmark.enabled else (4, humaneval_prompts(1))
+    kw = dict(setting, seed=1)
+    runs = {"plain, full-sort rule": [], "plain": [], "speculative": []}
+
+    def run():  # prompt by prompt, the three modes in turn: drift on the machine hits each alike
+        for prompt in prompts:
+            with monkeypatch.context() as m:
+                m.setattr(sampling, "target_probs", sampling.target_probs_by_full_sort)
+                runs["plain, full-sort rule"].append(_run(gen, [prompt], n, speculative=False, **kw))
+            runs["plain"].append(_run(gen, [prompt], n, speculative=False, **kw))
+            runs["speculative"].append(_run(gen, [prompt], n, speculative=True, **kw))
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    assert [r[0][0].tokens for r in runs["plain"]] == [r[0][0].tokens for r in runs["plain, full-sort rule"]], \
+        "the fast sampling rule changed the output"
+    rows = {}
+    for mode, parts in runs.items():
+        toks = sum(e["new_tokens"] for _, e in parts)
+        secs = sum(e["new_tokens"] / e["tokens_per_s"] for _, e in parts)
+        calls = sum(e["target_calls"] for _, e in parts)
+        rows[mode] = dict(tokens_per_s=toks / secs, acceptance_length=toks / max(calls, 1))
+    base = rows["plain, full-sort rule"]["tokens_per_s"]
+    name = ", ".join(f"{k}={v}" for k, v in setting.items())
+    record("sampling", name, plain_tok_s=rows["plain"]["tokens_per_s"],
+           speculative_tok_s=rows["speculative"]["tokens_per_s"], full_sort_plain_tok_s=base,
+           plain_vs_full_sort=rows["plain"]["tokens_per_s"] / base,
+           speculative_vs_plain=rows["speculative"]["tokens_per_s"] / rows["plain"]["tokens_per_s"],
+           tau=rows["speculative"]["acceptance_length"], draft=label)

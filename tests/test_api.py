@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dovetail_ext.sampling import SamplingParams, TokenChooser, target_probs
+from dovetail_ext.sampling import SamplingParams, TokenChooser, target_probs, target_probs_by_full_sort
 
 
 @pytest.fixture(scope="module")
@@ -97,24 +97,6 @@ def test_target_probs_filters():
         target_probs(logits, SamplingParams())
 
 
-def _target_probs_by_full_sort(logits, params):
-    """target_probs's rule with the whole row sorted (and the filters as selects)."""
-    z = np.asarray(logits, dtype=np.float64) / params.temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    if params.top_k and params.top_k < z.shape[-1]:
-        kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    if params.top_p < 1.0:
-        sorted_p = -np.sort(-p, axis=-1)
-        keep = np.cumsum(sorted_p, axis=-1) - sorted_p < params.top_p
-        threshold = np.min(np.where(keep, sorted_p, np.inf), axis=-1, keepdims=True)
-        p = np.where(p >= threshold, p, 0.0)
-        p /= p.sum(axis=-1, keepdims=True)
-    return p
-
-
 def test_target_probs_equals_the_full_sort_bit_for_bit():
     """top-p sorts only the head of a row (growing it while every token there is kept);
     the distribution is the full sort's, bit for bit: awkward sizes, ties, flat and peaked
@@ -129,7 +111,7 @@ def test_target_probs_equals_the_full_sort_bit_for_bit():
         params = SamplingParams(float(rng.choice([0.2, 0.7, 1.0, 1.7])),
                                 top_p=float(rng.choice([0.01, 0.5, 0.9, 0.97, 0.9999, 1.0])),
                                 top_k=int(rng.choice([0, 1, 7, 40, 5000])))
-        got, want = target_probs(logits, params), _target_probs_by_full_sort(logits, params)
+        got, want = target_probs(logits, params), target_probs_by_full_sort(logits, params)
         assert got.shape == want.shape and np.array_equal(got, want), (trial, V, params)
 
 

@@ -66,6 +66,26 @@ def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
+def target_probs_by_full_sort(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """:func:`target_probs`'s rule written plainly: the filters as selects and top-p over
+    the whole row sorted. The specification the tests and the sampling benchmark hold
+    :func:`target_probs` to (bit for bit); several times slower."""
+    z = np.asarray(logits, dtype=np.float64) / params.temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    if params.top_k and params.top_k < z.shape[-1]:
+        kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    if params.top_p < 1.0:
+        sorted_p = -np.sort(-p, axis=-1)
+        keep = np.cumsum(sorted_p, axis=-1) - sorted_p < params.top_p
+        threshold = np.min(np.where(keep, sorted_p, np.inf), axis=-1, keepdims=True)
+        p = np.where(p >= threshold, p, 0.0)
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
 def _top_p_threshold(p: np.ndarray, top_p: float) -> float:
     """The smallest probability top-p keeps in one row: the most likely tokens are kept
     while the mass before them is below top_p; everything at least as likely as the last
