@@ -156,6 +156,18 @@ def test_topk_log_softmax_any_shape(n, V, data, seed):
         _core.topk_log_softmax(x, V + 1)
 
 
+@budget(60)
+@given(n=st.integers(0, 4), V=st.integers(1, 300), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_argmax_rows_any_shape(n, V, ties, seed):
+    """The first maximum per row, as numpy's argmax, ties (rounded logits) included."""
+    x = _rand(seed, n, V, scale=3.0)
+    if ties:
+        x = np.round(x).astype(np.float32)
+    np.testing.assert_array_equal(_core.argmax_rows(x), np.argmax(x, axis=1) if n else np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="x has shape"):
+        _core.argmax_rows(x.reshape(-1))
+
+
 # ------------------------------------------------------------------ attention
 
 

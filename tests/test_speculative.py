@@ -222,12 +222,86 @@ def test_greedy_with_oracle_trees_equals_plain(params):
     assert np.mean(lengths) > 1.5
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-step", "python-step"])
 @pytest.mark.parametrize("params", SHAPES, ids=str)
-def test_greedy_with_native_draft_equals_plain(params):
+def test_greedy_with_native_draft_equals_plain(params, native):
+    """Greedy steps in one native call (GreedySpeculator) and through Python's propose /
+    verify / accept: both emit plain greedy decoding's tokens."""
     src, target = tiny_target()
     draft = random_draft(src, target)
+    draft.native_greedy = native
     check_greedy_equals_plain(target, draft, params, np.random.default_rng(5), trials=4, vocab=301, max_prompt=30,
                               times=SpecTimes())
+
+
+@pytest.mark.parametrize("params", SHAPES + [TreeParams(3, 4, 30, min_prob=0.05), TreeParams(1, 1, 2)], ids=str)
+def test_native_tree_growth_equals_python(params):
+    """GreedySpeculator grows exactly Draft.propose's trees (tokens and parents) from the
+    same draft state, and a native step emits what a Python step emits, with the same
+    target features."""
+    from dovetail_ext import _core
+    src, target = tiny_target()
+    draft = random_draft(src, target, std=0.5)
+    spec = _core.GreedySpeculator(target._engine, draft._engine)
+    rng = np.random.default_rng(8)
+    D = src.config.hidden_size
+    sizes = []
+    for trial in range(12):
+        n = int(rng.integers(1, 6))
+        feats = rng.standard_normal((n, D)).astype(np.float32)
+        toks = rng.integers(0, 301, n)
+        n0 = draft.n_past
+        tree = draft.propose(feats, toks, params)
+        draft.truncate(n0)
+        tokens, parents = spec.propose(feats, toks, params.top_k, params.depth, params.total_tokens, params.min_score)
+        np.testing.assert_array_equal(tokens, tree.tokens)
+        np.testing.assert_array_equal(parents, tree.parents)
+        sizes.append(tree.size)
+    assert max(sizes) > 2 or params.total_tokens == 2
+    # whole steps: native and Python from the same state give the same tokens and features
+    prompt = rng.integers(0, 301, 9).tolist()
+    results = []
+    for native in (True, False):
+        draft.native_greedy = native
+        draft.truncate(0)
+        first = plain_greedy(target, prompt, 1)[0]
+        state = start_state(target, draft, prompt, first)
+        steps = []
+        for _ in range(6):
+            emitted, feats = speculative_step(state, target, draft, params, SamplingParams(),
+                                              TokenChooser(SamplingParams()), SpecTimes())
+            steps.append((emitted, feats.copy()))
+        results.append(steps)
+    for (ea, fa), (eb, fb) in zip(*results):
+        assert ea == eb
+        np.testing.assert_array_equal(fa, fb)
+
+
+def test_native_greedy_step_rejects_bad_input():
+    from dovetail_ext import _core
+    src, target = tiny_target(context=32)
+    draft = random_draft(src, target)
+    spec = _core.GreedySpeculator(target._engine, draft._engine)
+    D = src.config.hidden_size
+    f = np.zeros((2, D), dtype=np.float32)
+    with pytest.raises(ValueError, match="features has shape"):
+        spec.step(np.zeros((2, D + 1), dtype=np.float32), [1, 2], 1, 1, 2, -np.inf)
+    with pytest.raises(ValueError, match="features must have dtype"):
+        spec.step(f.astype(np.float64), [1, 2], 1, 1, 2, -np.inf)
+    with pytest.raises(ValueError, match="top_k"):
+        spec.step(f, [1, 2], 0, 1, 2, -np.inf)
+    with pytest.raises(ValueError, match="total_tokens"):
+        spec.step(f, [1, 2], 1, 1, 1, -np.inf)
+    with pytest.raises(ValueError, match="max_batch"):
+        spec.step(f, [1, 2], 1, 1, 500, -np.inf)
+    with pytest.raises(ValueError, match="token"):
+        spec.step(f, [1, 99999], 1, 1, 2, -np.inf)
+    with pytest.raises(ValueError, match="at least one"):
+        spec.step(np.zeros((0, D), dtype=np.float32), [], 1, 1, 2, -np.inf)
+    target.forward(list(range(31))); target.commit()
+    with pytest.raises(ValueError, match="free slots"):
+        spec.step(f, [1, 2], 1, 1, 2, -np.inf)
+    assert target.n_past == 31 and draft.n_past == 0  # nothing changed
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])

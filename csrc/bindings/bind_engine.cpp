@@ -7,6 +7,7 @@
 #include "model/device_engine.h"
 #include "model/draft.h"
 #include "model/llama.h"
+#include "model/speculative.h"
 
 namespace dovetail::bind {
 
@@ -257,6 +258,57 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("max_batch", [](const DraftEngine& e) { return e.options().max_batch; })
       .def_property_readonly("weight_bytes", &DraftEngine::weight_bytes)
       .def_property_readonly("draft_vocab", &DraftEngine::draft_vocab);
+
+  py::class_<GreedySpeculator>(m, "GreedySpeculator",
+      "Greedy speculative decoding with the CPU draft, one native call per step (see "
+      "dovetail_ext.speculative). Holds references to both engines.")
+      .def(py::init([](LlamaEngine& target, DraftEngine& draft) {
+             return std::make_unique<GreedySpeculator>(target, draft);
+           }),
+           py::arg("target"), py::arg("draft"), py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def("step", [](GreedySpeculator& g, const py::handle& feat_obj, const py::handle& tok_obj, int64_t top_k,
+                      int64_t depth, int64_t total_tokens, double min_score) {
+             auto feats = as_array<float>(feat_obj, "features");
+             auto tokens = int32_vector(tok_obj, "next_tokens");
+             const int64_t n = (int64_t)tokens.size();
+             check_shape(feats, {n, g.dim()}, "features");
+             TreeShape shape{top_k, depth, total_tokens, min_score};
+             GreedyStep r;
+             {
+               py::gil_scoped_release nogil;
+               r = g.step(feats.data(), tokens.data(), n, shape);
+             }
+             const int64_t m = (int64_t)r.emitted.size(), D = m ? (int64_t)r.features.size() / m : 0;
+             py::array_t<int64_t> emitted(m);
+             std::copy(r.emitted.begin(), r.emitted.end(), emitted.mutable_data());
+             py::array_t<float> out({m, D});
+             std::copy(r.features.begin(), r.features.end(), out.mutable_data());
+             return py::make_tuple(emitted, out, r.tree_size, r.draft_s, r.verify_s, r.accept_s);
+           },
+           py::arg("features"), py::arg("next_tokens"), py::arg("top_k"), py::arg("depth"), py::arg("total_tokens"),
+           py::arg("min_score"),
+           "One step: feed the draft the pairs (features [n, D], next_tokens [n], the last being the root), grow "
+           "a tree, verify it on the target, commit the accepted path. Returns (emitted tokens: accepted + bonus, "
+           "target features of the committed rows, tree size, draft / verify / accept seconds).")
+      .def("propose", [](GreedySpeculator& g, const py::handle& feat_obj, const py::handle& tok_obj, int64_t top_k,
+                         int64_t depth, int64_t total_tokens, double min_score) {
+             auto feats = as_array<float>(feat_obj, "features");
+             auto tokens = int32_vector(tok_obj, "next_tokens");
+             const int64_t n = (int64_t)tokens.size();
+             check_shape(feats, {n, g.dim()}, "features");
+             DraftTree t;
+             {
+               py::gil_scoped_release nogil;
+               t = g.propose(feats.data(), tokens.data(), n, TreeShape{top_k, depth, total_tokens, min_score});
+             }
+             py::array_t<int64_t> toks((int64_t)t.tokens.size()), parents((int64_t)t.parents.size());
+             std::copy(t.tokens.begin(), t.tokens.end(), toks.mutable_data());
+             std::copy(t.parents.begin(), t.parents.end(), parents.mutable_data());
+             return py::make_tuple(toks, parents);
+           },
+           py::arg("features"), py::arg("next_tokens"), py::arg("top_k"), py::arg("depth"), py::arg("total_tokens"),
+           py::arg("min_score"),
+           "Steps 1-3 only: feed the draft the pairs and grow a tree; returns (tokens, parents), root first.");
 
   py::class_<DeviceDraftEngine>(m, "DeviceDraftEngine",
       "Dovetail draft on a device backend: 'cuda' (GPU) or 'host' (the same engine on the CPU with scalar "

@@ -171,6 +171,16 @@ void bind_ops(py::module_& m) {
         return py::make_tuple(ids, logp);
       }, py::arg("logits"), py::arg("k"), "Per row: the k most likely tokens and their log-probabilities.");
 
+  m.def("argmax_rows", [](const py::handle& x_obj) {
+        auto x = as_array<float>(x_obj, "x");
+        check_shape(x, {-1, -1}, "x");
+        const int64_t n = x.shape(0), V = x.shape(1);
+        DT_CHECK(V >= 1, "x needs at least one column");
+        py::array_t<int64_t> out(n);
+        argmax_rows(x.data(), n, V, out.mutable_data());
+        return out;
+      }, py::arg("x"), "Per row of x [n, V]: the index of its first maximum.");
+
   m.def("tile_keys", [](const py::array& k_obj) {
         const bool bf16 = py::array::ensure(k_obj).dtype().is(py::dtype::of<uint16_t>());
         py::array k = bf16 ? py::array(as_array<uint16_t>(k_obj, "k")) : py::array(as_array<float>(k_obj, "k"));

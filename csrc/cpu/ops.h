@@ -91,6 +91,9 @@ void dgf_mix_rows(const float* h1, const float* h2, const float* zpre, float* g,
 // (logit - logsumexp), best first, ties broken by the lower token id.
 void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int32_t* ids, float* logp,
                       int nthreads);
+// For each of n rows of x [n, V] (V >= 1): the index of its first maximum (numpy's argmax
+// for finite values).
+void argmax_rows(const float* x, int64_t n, int64_t V, int64_t* out);
 
 enum class KvType : int { F32 = 0, BF16 = 1 };
 

@@ -134,6 +134,11 @@ class Draft:
                                                    max_batch=max_batch, backend=backend, device=device_index,
                                                    graphs=graphs, vocab_map=vocab_map)
         self._on_device = backend != "cpu"
+        # Greedy steps in one native call (CPU draft, target wholly on the CPU); setting
+        # native_greedy to False runs them through propose() and Python instead.
+        self._native = _core.GreedySpeculator(target._engine, self._engine) \
+            if not self._on_device and target.gpu_layers == 0 else None
+        self.native_greedy = self._native is not None
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -238,6 +243,19 @@ class Draft:
         self._hist = hidden  # the output history (rows since the last call with append=False)
         self._hist_len = e - s
         return self._grow(int(tokens[-1]), e - s - 1, ids[0], logp[0], params)
+
+    def step_greedy(self, features: np.ndarray, tokens: np.ndarray,
+                    params: TreeParams) -> tuple[np.ndarray, np.ndarray, int, float, float, float] | None:
+        """A whole greedy step in one native call: :meth:`propose`, the target's verification
+        of the tree, greedy acceptance and the target's commit (the same trees and tokens as
+        those steps in Python). Returns (emitted tokens: accepted + bonus, target features of
+        the committed rows, tree size, draft / verify / accept seconds), or None where the
+        native step does not apply (a draft on a device, a partly offloaded target)."""
+        if self._native is None or not self.native_greedy:
+            return None
+        self._last = None  # no tree for predraft
+        return self._native.step(np.ascontiguousarray(features, dtype=np.float32), tokens, params.top_k,
+                                 params.depth, params.total_tokens, params.min_score)
 
     def _root_k(self, params: TreeParams) -> int:
         """Successors asked for at the root: top_k, plus the runner-up that only

@@ -195,6 +195,20 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
         return _plain_step(state, target, chooser, times, t0)
     state.join_backlog()
     room = target.context - target.n_past  # KV slots left for the tree
+    if sampling.greedy and not overlap and state.ready is None and room >= params.total_tokens:
+        step_greedy = getattr(draft, "step_greedy", None)  # (drafts in tests may lack it)
+        native = step_greedy(state.features, state.next_tokens, params) if step_greedy else None
+        if native is not None:  # the whole step in one native call
+            emitted, feats, size, draft_s, verify_s, accept_s = native
+            state.features, state.next_tokens, state.root = feats, emitted, int(emitted[-1])
+            times.draft_s += draft_s
+            times.verify_s += verify_s
+            times.accept_s += time.perf_counter() - t0 - draft_s - verify_s  # with the call's own overhead
+            times.steps += 1
+            times.drafted += size - 1
+            times.accepted += len(emitted) - 1
+            times.history.append(len(emitted))
+            return emitted.tolist(), feats
     tree, state.ready = state.ready, None
     drafted = tree is not None or room >= 2
     if tree is None:

@@ -1,0 +1,242 @@
+#include "model/speculative.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <numeric>
+#include <string>
+
+#include "common/error.h"
+#include "cpu/ops.h"
+
+namespace dovetail {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// The EAGLE-2 candidate pool: index 0 is the root; scores are cumulative log-probabilities.
+struct Pool {
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> parents;
+  std::vector<double> scores;
+  std::vector<int64_t> row_of, hist_of;  // scratch row / history row of expanded nodes (-1: none)
+
+  int64_t add(int32_t token, int64_t parent, double score) {
+    tokens.push_back(token);
+    parents.push_back(parent);
+    scores.push_back(score);
+    row_of.push_back(-1);
+    hist_of.push_back(-1);
+    return (int64_t)tokens.size() - 1;
+  }
+  int64_t size() const { return (int64_t)tokens.size(); }
+  // The k-th best drafted score (-inf with fewer than k candidates).
+  double kth_best(int64_t k) const {
+    if (size() - 1 < k || k < 1) return -std::numeric_limits<double>::infinity();
+    std::vector<double> s(scores.begin() + 1, scores.end());
+    std::nth_element(s.begin(), s.begin() + (k - 1), s.end(), std::greater<double>());
+    return s[k - 1];
+  }
+};
+
+// Indices [0, n) ordered best first, ties by index (a stable sort on descending score).
+std::vector<int64_t> ranking(const double* score, int64_t n) {
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+  return order;
+}
+
+}  // namespace
+
+GreedySpeculator::GreedySpeculator(LlamaEngine& target, DraftEngine& draft) : target_(target), draft_(draft) {
+  DT_CHECK(draft.dims().dim == target.params().dim,
+           "the draft's hidden size " + std::to_string(draft.dims().dim) + " differs from the target's " +
+               std::to_string(target.params().dim));
+  DT_CHECK(draft.vocab() == target.params().vocab, "the draft's vocabulary differs from the target's");
+  DT_CHECK(target.params().first_layer == 0, "the target's first layers run elsewhere (gpu_layers): not supported");
+}
+
+void GreedySpeculator::check(const float* features, const int32_t* next_tokens, int64_t n,
+                             const TreeShape& s) const {
+  DT_CHECK(features && next_tokens, "features and next_tokens must be given");
+  DT_CHECK(n >= 1, "a step needs at least one new pair (the root), got " + std::to_string(n));
+  DT_CHECK(s.top_k >= 1 && s.top_k <= std::min<int64_t>(256, draft_.draft_vocab()),
+           "tree top_k must be in [1, " + std::to_string(std::min<int64_t>(256, draft_.draft_vocab())) + "], got " +
+               std::to_string(s.top_k));
+  DT_CHECK(s.depth >= 1, "tree depth must be at least 1, got " + std::to_string(s.depth));
+  DT_CHECK(s.total_tokens >= 2, "tree total_tokens must be at least 2, got " + std::to_string(s.total_tokens));
+  DT_CHECK(s.total_tokens <= target_.options().max_batch,
+           "tree total_tokens " + std::to_string(s.total_tokens) + " exceeds the target's max_batch " +
+               std::to_string(target_.options().max_batch));
+  DT_CHECK(s.top_k * (s.depth - 1) <= draft_.options().max_batch,
+           "the tree needs " + std::to_string(s.top_k * (s.depth - 1)) +
+               " draft scratch rows, more than the draft's max_batch " + std::to_string(draft_.options().max_batch));
+  DT_CHECK(target_.n_past() + s.total_tokens <= target_.options().context,
+           "the target has " + std::to_string(target_.options().context - target_.n_past()) +
+               " free slots, fewer than the tree's " + std::to_string(s.total_tokens));
+}
+
+DraftTree GreedySpeculator::propose(const float* features, const int32_t* next_tokens, int64_t n,
+                                    const TreeShape& shape) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return propose_locked(features, next_tokens, n, shape);
+}
+
+DraftTree GreedySpeculator::propose_locked(const float* features, const int32_t* next_tokens, int64_t n,
+                                           const TreeShape& shape) {
+  check(features, next_tokens, n, shape);
+  const int64_t D = draft_.dims().dim, B = draft_.options().max_batch;
+  const int64_t k_root = std::min<int64_t>(shape.top_k + 1, draft_.draft_vocab());
+  root_ids_.assign(k_root, 0);
+  root_logp_.assign(k_root, 0.0f);
+  // 1. The new pairs, committed, in batches of at most max_batch; the last output scores
+  //    the root's successors.
+  const int64_t start = draft_.n_past();
+  for (int64_t s = 0; s < n; s += B) {
+    const int64_t e = std::min(n, s + B), T = e - s;
+    positions_.resize(T);
+    for (int64_t t = 0; t < T; ++t) positions_[t] = (int32_t)(start + s + t);
+    hist_.resize(T * D);
+    const int64_t last = T - 1;
+    const bool final = e == n;
+    draft_.forward(features + s * D, next_tokens + s, positions_.data(), T, nullptr, false, hist_.data(),
+                   final ? &last : nullptr, final ? 1 : 0, k_root, root_ids_.data(), root_logp_.data());
+    rows_.resize(T);
+    std::iota(rows_.begin(), rows_.end(), 0);
+    draft_.commit(rows_.data(), T);
+    root_row_ = last;
+  }
+  return grow(next_tokens[n - 1], shape);
+}
+
+DraftTree GreedySpeculator::grow(int32_t root, const TreeShape& shape) {
+  const int64_t k = shape.top_k, D = draft_.dims().dim;
+  const int32_t root_pos = (int32_t)draft_.n_past();  // frontier level d runs at root_pos + d - 1
+  Pool pool;
+  pool.add(root, -1, 0.0);
+  pool.hist_of[0] = root_row_;
+  std::vector<int64_t> frontier;
+  for (int64_t j = 0; j < k; ++j) frontier.push_back(pool.add(root_ids_[j], 0, (double)root_logp_[j]));
+  int64_t hist_rows = (int64_t)hist_.size() / D;
+  int64_t P = 0;                  // scratch rows so far
+  std::vector<uint8_t> scratch;   // [P, P] ancestor sets among the scratch rows
+  for (int64_t level = 1; level < shape.depth; ++level) {
+    double best = -std::numeric_limits<double>::infinity();
+    for (int64_t f : frontier) best = std::max(best, pool.scores[f]);
+    if (best < pool.kth_best(shape.total_tokens - 1) || best < shape.min_score) break;
+    // One draft call over the frontier (scratch rows P .. P + m - 1), each node's input
+    // feature being its parent's output.
+    const int64_t m = (int64_t)frontier.size(), W = P + m;
+    anc_.assign(m * W, 0);
+    feats_.resize(m * D);
+    ids_.resize(m);
+    positions_.assign(m, root_pos + (int32_t)level - 1);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t parent = pool.parents[frontier[i]], prow = pool.row_of[parent];
+      if (prow >= 0) std::memcpy(&anc_[i * W], &scratch[prow * P], P);
+      anc_[i * W + P + i] = 1;
+      std::memcpy(&feats_[i * D], &hist_[pool.hist_of[parent] * D], sizeof(float) * D);
+      ids_[i] = pool.tokens[frontier[i]];
+    }
+    rows_.resize(m);
+    std::iota(rows_.begin(), rows_.end(), 0);
+    hidden_.resize(m * D);
+    std::vector<int32_t> kid_ids(m * k);
+    logp_.resize(m * k);
+    draft_.forward(feats_.data(), ids_.data(), positions_.data(), m, anc_.data(), true, hidden_.data(), rows_.data(),
+                   m, k, kid_ids.data(), logp_.data());
+    hist_.insert(hist_.end(), hidden_.begin(), hidden_.end());
+    for (int64_t i = 0; i < m; ++i) {
+      pool.row_of[frontier[i]] = P + i;
+      pool.hist_of[frontier[i]] = hist_rows + i;
+    }
+    hist_rows += m;
+    std::vector<uint8_t> grown(W * W, 0);
+    for (int64_t r = 0; r < P; ++r) std::memcpy(&grown[r * W], &scratch[r * P], P);
+    for (int64_t i = 0; i < m; ++i) std::memcpy(&grown[(P + i) * W], &anc_[i * W], W);
+    scratch.swap(grown);
+    P = W;
+    // Every child joins the pool; the best k form the next frontier.
+    std::vector<double> cum(m * k);
+    std::vector<int64_t> cand(m * k);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        cum[i * k + j] = pool.scores[frontier[i]] + (double)logp_[i * k + j];
+        cand[i * k + j] = pool.add(kid_ids[i * k + j], frontier[i], cum[i * k + j]);
+      }
+    const std::vector<int64_t> order = ranking(cum.data(), m * k);
+    frontier.assign(k, 0);
+    for (int64_t j = 0; j < k; ++j) frontier[j] = cand[order[j]];
+  }
+  // 3. The root and the best total_tokens - 1 candidates scoring at least min_score, in
+  //    pool order (ancestor-closed: a child never outscores its parent, ties rank the
+  //    earlier first).
+  const int64_t n_ok = std::count_if(pool.scores.begin() + 1, pool.scores.end(),
+                                     [&](double s) { return s >= shape.min_score; });
+  const int64_t n_keep = std::min(shape.total_tokens - 1, n_ok);
+  std::vector<int64_t> order = ranking(pool.scores.data() + 1, pool.size() - 1);
+  std::vector<int64_t> keep = {0};
+  for (int64_t i = 0; i < n_keep; ++i) keep.push_back(order[i] + 1);
+  std::sort(keep.begin(), keep.end());
+  std::vector<int64_t> remap(pool.size(), -1);
+  for (size_t i = 0; i < keep.size(); ++i) remap[keep[i]] = (int64_t)i;
+  DraftTree tree;
+  for (int64_t u : keep) {
+    tree.tokens.push_back(pool.tokens[u]);
+    tree.parents.push_back(pool.parents[u] < 0 ? -1 : remap[pool.parents[u]]);
+  }
+  return tree;
+}
+
+GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tokens, int64_t n,
+                                  const TreeShape& shape) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto t0 = Clock::now();
+  DraftTree tree = propose_locked(features, next_tokens, n, shape);
+  const auto t1 = Clock::now();
+  // 4. One target call over the tree: each node sees the prefix and its ancestors.
+  const int64_t K = (int64_t)tree.tokens.size(), V = target_.params().vocab, D = target_.params().dim;
+  std::vector<int32_t> depth(K, 0);
+  anc_.assign(K * K, 0);
+  positions_.resize(K);
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t p = tree.parents[i];
+    if (p >= 0) {
+      depth[i] = depth[p] + 1;
+      std::memcpy(&anc_[i * K], &anc_[p * K], p + 1);
+    }
+    anc_[i * K + i] = 1;
+    positions_[i] = (int32_t)(target_.n_past() + depth[i]);
+  }
+  rows_.resize(K);
+  std::iota(rows_.begin(), rows_.end(), 0);
+  logits_.resize(K * V);
+  target_feats_.resize(K * D);
+  target_.forward(tree.tokens.data(), positions_.data(), K, anc_.data(), rows_.data(), K, logits_.data(), rows_.data(),
+                  K, target_feats_.data());
+  const auto t2 = Clock::now();
+  // Acceptance in node order (a parent before its children): the accepted nodes form one
+  // chain from the root, so the last one accepted ends the path.
+  std::vector<int64_t> best(K);
+  argmax_rows(logits_.data(), K, V, best.data());
+  std::vector<int64_t> path = {0};
+  for (int64_t c = 1; c < K; ++c)
+    if (tree.parents[c] == path.back() && tree.tokens[c] == best[path.back()]) path.push_back(c);
+  target_.commit(path.data(), (int64_t)path.size());
+  GreedyStep out;
+  for (size_t i = 1; i < path.size(); ++i) out.emitted.push_back(tree.tokens[path[i]]);
+  out.emitted.push_back((int32_t)best[path.back()]);
+  out.features.resize(path.size() * D);
+  for (size_t i = 0; i < path.size(); ++i)
+    std::memcpy(&out.features[i * D], &target_feats_[path[i] * D], sizeof(float) * D);
+  out.tree_size = K;
+  out.draft_s = seconds(t0, t1);
+  out.verify_s = seconds(t1, t2);
+  out.accept_s = seconds(t2, Clock::now());
+  return out;
+}
+
+}  // namespace dovetail

@@ -1,0 +1,82 @@
+// Greedy speculative decoding, one native call per step, with the draft on the CPU:
+//
+//   1. the draft takes the pairs (f_j, x_{j+1}) of the positions committed by the last
+//      step (committed), and its output at the last one scores the root's successors;
+//   2. EAGLE-2 growth: each level expands the top_k best frontier nodes in one draft call
+//      (scratch rows), every child joins a candidate pool, the next frontier is the best
+//      top_k children; growth stops when the frontier cannot enter the tree any more;
+//   3. the tree is the root and the total_tokens - 1 best candidates (at least min_score);
+//   4. the target verifies the whole tree in one call; a drafted node is accepted when its
+//      token is the target's argmax at its parent and its parent is accepted; the accepted
+//      rows are committed and the argmax after the last one is the bonus token.
+//
+// The rules are those of the Python orchestrator (dovetail_ext.draft.Draft._grow,
+// dovetail_ext.sampling.accept_greedy): the same trees, hence the same tokens, which are
+// the target's own greedy tokens. Python keeps the general paths (sampling, drafting ahead,
+// a draft on a device, a partly offloaded target, the context's last slots); this one
+// removes the interpreter from the common greedy step.
+#pragma once
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "model/draft.h"
+#include "model/llama.h"
+
+namespace dovetail {
+
+struct TreeShape {
+  int64_t top_k = 1, depth = 1, total_tokens = 2;
+  double min_score = -std::numeric_limits<double>::infinity();  // log(min_prob)
+};
+
+// A drafted tree: root first, a parent always before its child.
+struct DraftTree {
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> parents;  // -1 for the root
+};
+
+struct GreedyStep {
+  std::vector<int32_t> emitted;  // the accepted drafted tokens, then the bonus token
+  std::vector<float> features;   // target features of the committed rows [emitted.size(), D]
+  int64_t tree_size = 0;
+  double draft_s = 0.0, verify_s = 0.0, accept_s = 0.0;
+};
+
+class GreedySpeculator {
+ public:
+  // Both engines must outlive the speculator; the draft must belong to the target.
+  GreedySpeculator(LlamaEngine& target, DraftEngine& draft);
+
+  // Steps 1-2-3: feed the draft the n pairs (features [n, D] of committed positions,
+  // next_tokens [n]; next_tokens[n - 1] is the root, not yet seen by the target) and grow
+  // a tree rooted at it. The draft keeps the pairs committed.
+  DraftTree propose(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
+
+  // One whole step (1-4). The target needs room for total_tokens more tokens.
+  GreedyStep step(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
+
+  int64_t dim() const { return draft_.dims().dim; }
+
+ private:
+  void check(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape) const;
+  DraftTree propose_locked(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
+  DraftTree grow(int32_t root, const TreeShape& shape);
+
+  LlamaEngine& target_;
+  DraftEngine& draft_;
+  std::mutex mu_;
+  // Draft outputs since its last non-appending call ("history"): hidden rows [rows, D].
+  std::vector<float> hist_;
+  int64_t root_row_ = 0;
+  std::vector<int32_t> root_ids_;
+  std::vector<float> root_logp_;
+  // Scratch for draft and target calls, reused across steps.
+  std::vector<float> feats_, hidden_, logits_, target_feats_, logp_;
+  std::vector<int32_t> ids_, positions_;
+  std::vector<int64_t> rows_;
+  std::vector<uint8_t> anc_;
+};
+
+}  // namespace dovetail
