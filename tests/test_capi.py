@@ -183,6 +183,11 @@ class TargetConfig(ctypes.Structure):
                 *[(n, ctypes.c_int64) for n in _DIMS], *_OPTS]
 
 
+class TreeShape(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("top_k", ctypes.c_int64), ("depth", ctypes.c_int64),
+                ("total_tokens", ctypes.c_int64), ("min_prob", ctypes.c_double)]
+
+
 class DraftConfig(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), *[(n, ctypes.c_int64) for n in _DIMS], *_OPTS]
 
@@ -230,6 +235,10 @@ class CApi:
             "dt_draft_pending": ([P, P], ctypes.c_int),
             "dt_draft_set_threads": ([P, i32], ctypes.c_int),
             "dt_draft_destroy": ([P], None),
+            "dt_tree_shape_init": ([P], None),
+            "dt_speculator_create": ([P, P, P], ctypes.c_int),
+            "dt_speculator_step": ([P, F32P, I32P, i64, P, I32P, F32P, P], ctypes.c_int),
+            "dt_speculator_destroy": ([P], None),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(lib, name)
@@ -471,6 +480,105 @@ def test_draft_matches_binding(lib, reduced):
     pending = ctypes.c_int64()
     assert lib.dt_draft_pending(h, ctypes.byref(pending)) == 0 and pending.value == 4
     lib.dt_draft_destroy(h)
+
+
+def tree_shape(lib: CApi, top_k=1, depth=1, total_tokens=2, min_prob=0.0) -> TreeShape:
+    s = TreeShape()
+    lib.dt_tree_shape_init(ctypes.byref(s))
+    assert (s.struct_size, s.top_k, s.depth, s.total_tokens, s.min_prob) == (ctypes.sizeof(TreeShape), 1, 1, 2, 0.0)
+    s.top_k, s.depth, s.total_tokens, s.min_prob = top_k, depth, total_tokens, min_prob
+    return s
+
+
+def c_spec_step(lib, h, D, feats, toks, shape):
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    toks = np.asarray(toks, dtype=np.int32)
+    emitted = np.full(shape.depth + 1, -1, dtype=np.int32)
+    out = np.full((shape.depth + 1, D), np.nan, dtype=np.float32)
+    n = ctypes.c_int64(-1)
+    st = lib.dt_speculator_step(h, ptr(feats, F32P), ptr(toks, I32P), len(toks), ctypes.byref(shape),
+                                ptr(emitted, I32P), ptr(out, F32P), ctypes.byref(n))
+    return st, emitted[:max(n.value, 0)], out[:max(n.value, 0)]
+
+
+@pytest.mark.parametrize("shape_args", [(1, 1, 2, 0.0), (3, 3, 6, 0.0), (4, 4, 12, 0.01)], ids=str)
+def test_speculator_emits_the_greedy_tokens(lib, shape_args):
+    """dt_speculator_step from the C API: the target's plain greedy tokens, and the same
+    steps (tokens and features) as the Python binding's GreedySpeculator on the same weights;
+    the speculator keeps working after its target and draft handles are destroyed."""
+    cfg, weights = tiny_target_weights("q8_0", tied=True)
+    ct, pt = CTarget(lib, cfg, weights, context=96, max_batch=16), py_target(cfg, weights, context=96, max_batch=16)
+    dw = draft_weights(cfg)
+    st, hd = c_draft(lib, ct, cfg, dw)
+    assert st == 0, lib.error()
+    dcfg = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.rms_norm_eps, "num_layers": 2}
+    pd = _core.DraftEngine(dcfg, dw, pt, context=96, max_batch=32, threads=1, kv_dtype="f32")
+    py_spec = _core.GreedySpeculator(pt, pd)
+    hs = P()
+    assert lib.dt_speculator_create(ct.h, hd, ctypes.byref(hs)) == 0, lib.error()
+    lib.dt_draft_destroy(hd)
+    D, shape = cfg.hidden_size, tree_shape(lib, *shape_args)
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, 7)
+    logits, feats = ct.forward(prompt, logit_rows=[6], feature_rows=range(7))
+    ct.commit()
+    ct.close()  # the speculator keeps the engine
+    # plain greedy decoding on the binding's engine, then reset it for the speculator twin
+    truth = [int(np.argmax(logits[0]))]
+    l, f_py = pt.forward(prompt.astype(np.int32), np.arange(7, dtype=np.int32), None, np.array([6]), np.arange(7))
+    pt.commit(np.arange(7))
+    while len(truth) < 30:
+        l, _ = pt.forward(np.array(truth[-1:], dtype=np.int32), np.array([pt.n_past], dtype=np.int32), None,
+                          np.array([0]), None)
+        pt.commit(np.arange(1))
+        truth.append(int(np.argmax(l[0])))
+    pt.truncate(7)
+    out, toks = [truth[0]], np.append(prompt[1:], truth[0])
+    f_c, t_py = feats, toks
+    while len(out) < 30:
+        st, emitted, f_c = c_spec_step(lib, hs, D, f_c, toks, shape)
+        assert st == 0, lib.error()
+        e_py, f_py2, *_ = py_spec.step(f_py if len(out) > 1 else feats, t_py, shape.top_k, shape.depth,
+                                       shape.total_tokens, np.log(shape.min_prob) if shape.min_prob else -np.inf)
+        assert emitted.tolist() == e_py.tolist()
+        np.testing.assert_array_equal(f_c, f_py2)
+        f_py, t_py = f_py2, e_py
+        out += emitted.tolist()
+        toks = emitted
+    assert out[:30] == truth
+    lib.dt_speculator_destroy(hs)
+
+
+def test_speculator_refuses_bad_input(lib):
+    cfg, weights = tiny_target_weights("q8_0", tied=True)
+    ct, other = CTarget(lib, cfg, weights, context=32), CTarget(lib, cfg, weights)
+    st, hd = c_draft(lib, ct, cfg, draft_weights(cfg))
+    assert st == 0, lib.error()
+    hs = P()
+    assert lib.dt_speculator_create(None, hd, ctypes.byref(hs)) == ST["DT_ERR_NULL"] and not hs
+    assert lib.dt_speculator_create(other.h, hd, ctypes.byref(hs)) == ST["DT_ERR_INVALID"]
+    assert "another target" in lib.error() and not hs
+    assert lib.dt_speculator_create(ct.h, hd, ctypes.byref(hs)) == 0, lib.error()
+    D = cfg.hidden_size
+    f, t = np.zeros((2, D), dtype=np.float32), [1, 2]
+    bad = tree_shape(lib)
+    bad.struct_size = 4
+    assert c_spec_step(lib, hs, D, f, t, bad)[0] == ST["DT_ERR_INVALID"] and "struct_size" in lib.error()
+    assert c_spec_step(lib, hs, D, f, t, tree_shape(lib, min_prob=1.0))[0] == ST["DT_ERR_INVALID"]
+    assert "min_prob" in lib.error()
+    assert c_spec_step(lib, hs, D, f, t, tree_shape(lib, top_k=0))[0] == ST["DT_ERR_INVALID"]
+    assert "top_k" in lib.error()
+    assert c_spec_step(lib, hs, D, f, [1, 99999], tree_shape(lib))[0] == ST["DT_ERR_INVALID"]
+    assert lib.dt_speculator_step(hs, None, None, 0, None, None, None, None) == ST["DT_ERR_NULL"]
+    for chunk in (range(16), range(16, 31)):
+        ct.forward(list(chunk))
+        ct.commit()
+    assert c_spec_step(lib, hs, D, f, t, tree_shape(lib))[0] == ST["DT_ERR_INVALID"] and "free slots" in lib.error()
+    assert ct.n_past() == 31  # refused before anything changed
+    lib.dt_speculator_destroy(hs)
+    lib.dt_speculator_destroy(None)
+    lib.dt_draft_destroy(hd)
 
 
 def test_concurrent_calls(lib):

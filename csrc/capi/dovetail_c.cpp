@@ -21,6 +21,7 @@
 #include "common/error.h"
 #include "model/draft.h"
 #include "model/llama.h"
+#include "model/speculative.h"
 
 // The C enum mirrors dovetail::WType code for code.
 static_assert(DT_F32 == (int)dovetail::WType::F32 && DT_F16 == (int)dovetail::WType::F16 &&
@@ -213,14 +214,22 @@ std::vector<int64_t> kept_rows(const int64_t* kept, int64_t n_kept, int64_t pend
 
 // The handles: an engine and the lock that serializes calls on it (the engines lock their
 // forward/commit/truncate themselves; this lock also covers the state queries).
+// Engines are shared: a speculator keeps the two it drives alive after their handles go.
 struct dt_target {
   std::mutex mu;
-  std::unique_ptr<dovetail::LlamaEngine> engine;
+  std::shared_ptr<dovetail::LlamaEngine> engine;
 };
 
 struct dt_draft {
   std::mutex mu;
-  std::unique_ptr<dovetail::DraftEngine> engine;
+  std::shared_ptr<dovetail::DraftEngine> engine;
+};
+
+struct dt_speculator {
+  std::mutex mu;
+  std::shared_ptr<dovetail::LlamaEngine> target;
+  std::shared_ptr<dovetail::DraftEngine> draft;
+  std::unique_ptr<dovetail::GreedySpeculator> spec;
 };
 
 extern "C" {
@@ -477,5 +486,69 @@ dt_status dt_draft_set_threads(dt_draft* draft, int32_t threads) noexcept {
 }
 
 void dt_draft_destroy(dt_draft* draft) noexcept { delete draft; }
+
+// ---- speculator ------------------------------------------------------------------------
+
+void dt_tree_shape_init(dt_tree_shape* shape) noexcept {
+  if (!shape) return;
+  std::memset(shape, 0, sizeof *shape);
+  shape->struct_size = sizeof(dt_tree_shape);
+  shape->top_k = 1;
+  shape->depth = 1;
+  shape->total_tokens = 2;
+  shape->min_prob = 0.0;
+}
+
+dt_status dt_speculator_create(dt_target* target, dt_draft* draft, dt_speculator** out) noexcept {
+  if (out) *out = nullptr;
+  return guarded(__func__, [&] {
+    need(out, "out");
+    need(target, "target handle");
+    need(draft, "draft handle");
+    auto h = std::make_unique<dt_speculator>();
+    {
+      std::lock_guard<std::mutex> lt(target->mu);
+      h->target = target->engine;
+    }
+    {
+      std::lock_guard<std::mutex> ld(draft->mu);
+      h->draft = draft->engine;
+    }
+    h->spec = std::make_unique<dovetail::GreedySpeculator>(*h->target, *h->draft);
+    *out = h.release();
+  });
+}
+
+dt_status dt_speculator_step(dt_speculator* spec, const float* features, const int32_t* next_tokens, int64_t n,
+                             const dt_tree_shape* shape, int32_t* emitted, float* emitted_features,
+                             int64_t* n_emitted) noexcept {
+  if (n_emitted) *n_emitted = 0;
+  return guarded(__func__, [&] {
+    need(spec, "speculator handle");
+    need(features, "features");
+    need(next_tokens, "next_tokens");
+    need(shape, "shape");
+    need(emitted, "emitted");
+    need(n_emitted, "n_emitted");
+    if (shape->struct_size != sizeof(dt_tree_shape))
+      fail(DT_ERR_INVALID, "shape->struct_size is " + std::to_string(shape->struct_size) + ", expected " +
+                               std::to_string(sizeof(dt_tree_shape)) + " (initialise it with dt_tree_shape_init)");
+    if (!(shape->min_prob >= 0.0 && shape->min_prob < 1.0))
+      fail(DT_ERR_INVALID, "shape->min_prob must be in [0, 1), got " + std::to_string(shape->min_prob));
+    dovetail::TreeShape ts;
+    ts.top_k = shape->top_k;
+    ts.depth = shape->depth;
+    ts.total_tokens = shape->total_tokens;
+    if (shape->min_prob > 0.0) ts.min_score = std::log(shape->min_prob);
+    std::lock_guard<std::mutex> lock(spec->mu);
+    const dovetail::GreedyStep r = spec->spec->step(features, next_tokens, n, ts);
+    const int64_t m = (int64_t)r.emitted.size();
+    std::memcpy(emitted, r.emitted.data(), sizeof(int32_t) * m);
+    if (emitted_features) std::memcpy(emitted_features, r.features.data(), sizeof(float) * r.features.size());
+    *n_emitted = m;
+  });
+}
+
+void dt_speculator_destroy(dt_speculator* spec) noexcept { delete spec; }
 
 }  // extern "C"

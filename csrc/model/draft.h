@@ -52,6 +52,8 @@ class DraftEngine {
   int64_t draft_vocab() const { return head_->rows; }    // tokens the draft can propose
   const KvCache& kv() const { return stack_->kv(); }
   size_t weight_bytes() const;
+  // The token embedding it shares with its target (identifies the target it was built for).
+  const PackedWeight* embedding() const { return embed_.get(); }
 
  private:
   std::shared_ptr<const PackedWeight> embed_, head_;

@@ -55,7 +55,7 @@ GreedySpeculator::GreedySpeculator(LlamaEngine& target, DraftEngine& draft) : ta
   DT_CHECK(draft.dims().dim == target.params().dim,
            "the draft's hidden size " + std::to_string(draft.dims().dim) + " differs from the target's " +
                std::to_string(target.params().dim));
-  DT_CHECK(draft.vocab() == target.params().vocab, "the draft's vocabulary differs from the target's");
+  DT_CHECK(draft.embedding() == target.token_embedding().get(), "the draft was built for another target engine");
   DT_CHECK(target.params().first_layer == 0, "the target's first layers run elsewhere (gpu_layers): not supported");
 }
 

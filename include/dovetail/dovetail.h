@@ -1,7 +1,7 @@
 /* dovetail.h: the C API of the dovetail-ext native core (libdovetail).
  *
- * A LLaMA target engine and a Dovetail (DGF) draft engine on the CPU, usable from C99 and
- * C++ without Python. What it is not: a model loader or a tokenizer. The caller reads the
+ * A LLaMA target engine, a Dovetail (DGF) draft engine and greedy speculative decoding
+ * steps over the two, on the CPU, usable from C99 and C++ without Python. What it is not: a model loader or a tokenizer. The caller reads the
  * weights (GGUF-style names and block layouts, see dt_weight) and hands over buffers; the
  * Python package writes a simple container for them (python -m dovetail_ext.export_c_weights).
  *
@@ -239,6 +239,57 @@ DT_API dt_status dt_draft_n_past(dt_draft* draft, int64_t* out) DT_NOEXCEPT;
 DT_API dt_status dt_draft_pending(dt_draft* draft, int64_t* out) DT_NOEXCEPT;
 DT_API dt_status dt_draft_set_threads(dt_draft* draft, int32_t threads) DT_NOEXCEPT;
 DT_API void dt_draft_destroy(dt_draft* draft) DT_NOEXCEPT;
+
+/* ---- greedy speculative decoding ------------------------------------------------------- */
+
+/* A speculator drives a target and a draft built from it through whole greedy steps:
+ *   1. the draft takes the pairs (f_j, x_{j+1}) of the positions the last step committed;
+ *   2. it grows an EAGLE-2 tree rooted at the last of those tokens (top_k candidates kept
+ *      per level, at most `depth` levels, the total_tokens - 1 most likely nodes kept);
+ *   3. the target verifies the tree in one call and keeps the longest path whose tokens
+ *      are its own argmax, plus its argmax after it (the bonus token).
+ * The emitted tokens are exactly the target's greedy continuation.
+ *
+ * Decoding loop, after the prompt's forward and commit on the target (features of every
+ * prompt row requested) and its first greedy token x:
+ *   features = prompt features [n, D], next_tokens = prompt[1:] + [x]   (n = prompt length)
+ *   repeat: dt_speculator_step(...) -> emitted [m], emitted_features [m, D];
+ *           output `emitted`; then features = emitted_features, next_tokens = emitted.
+ *
+ * The speculator keeps both engines alive (their handles may be destroyed first). Between
+ * steps the target and draft handles may be used directly (truncate both to restart), but
+ * not during a step. */
+typedef struct dt_speculator dt_speculator;
+
+/* Fill it with dt_tree_shape_init first (defaults: top_k 1, depth 1, total_tokens 2,
+ * min_prob 0). */
+typedef struct dt_tree_shape {
+  uint32_t struct_size; /* sizeof(dt_tree_shape), set by dt_tree_shape_init */
+  int64_t top_k;        /* candidates kept per level, 1..256 (and at most the draft's vocabulary) */
+  int64_t depth;        /* drafted levels, >= 1 */
+  int64_t total_tokens; /* tree nodes with the root, 2..the target's max_batch */
+  double min_prob;      /* drop nodes whose path probability under the draft is below it, [0, 1) */
+} dt_tree_shape;
+
+DT_API void dt_tree_shape_init(dt_tree_shape* shape) DT_NOEXCEPT;
+
+/* `draft` must have been created from `target`. */
+DT_API dt_status dt_speculator_create(dt_target* target, dt_draft* draft, dt_speculator** out) DT_NOEXCEPT;
+
+/* One step.
+ *   features          [n, D] target features of the n positions committed last (finite)
+ *   next_tokens       [n] the token after each of them; next_tokens[n - 1] is the root
+ *   emitted           output, room for depth + 1 tokens: the accepted drafted tokens, then
+ *                     the bonus token
+ *   emitted_features  output [depth + 1, D] (or NULL): target features of the committed
+ *                     rows (the root, then each accepted token), the next step's features
+ *   n_emitted         output: the number of emitted tokens (1 .. depth + 1)
+ * The target needs total_tokens free KV slots; near the end of its context, decode the
+ * last tokens plainly. */
+DT_API dt_status dt_speculator_step(dt_speculator* spec, const float* features, const int32_t* next_tokens,
+                                    int64_t n, const dt_tree_shape* shape, int32_t* emitted,
+                                    float* emitted_features, int64_t* n_emitted) DT_NOEXCEPT;
+DT_API void dt_speculator_destroy(dt_speculator* spec) DT_NOEXCEPT;
 
 #ifdef __cplusplus
 } /* extern "C" */
