@@ -105,15 +105,16 @@ class Generator:
     """
 
     def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
-                 tree: TreeParams | None = None, overlap: bool | None = None,
+                 tree: TreeParams | None = None, overlap: bool = False,
                  adaptive: bool | None = None) -> None:
         self.source = source
         self.target = target
         self.draft = draft
         self.tree = tree or TreeParams()
-        # Draft the next tree while the target verifies (speculative.py); None: when the
-        # draft runs on a GPU (on the CPU the two would share the same cores).
-        self.overlap = overlap
+        # Draft the next tree while the target verifies (speculative.py). Off unless asked
+        # for: on the CPU the two share the cores, and with a GPU draft it measured slower
+        # too (the guesses held on 22-29% of steps; bench/results/gpu-*).
+        self.overlap = bool(overlap)
         # Decode plainly while speculation measures slower (speculative.Governor); None: for
         # greedy decoding only, so that seeded sampling stays reproducible (which steps
         # draft depends on timings, and it changes which random numbers are drawn).
@@ -256,7 +257,7 @@ class Generator:
                 state = SpecState(root=pending[0], features=self._features[done:len(ids)].copy(),
                                   next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
                 times = SpecTimes()
-                overlap = self.overlap if self.overlap is not None else self.draft.device.startswith("cuda")
+                overlap = self.overlap
                 adaptive = self.adaptive if self.adaptive is not None else params.greedy
                 governor = None
                 if adaptive:  # one governor per (draft, tree): its measurements carry over
@@ -371,7 +372,7 @@ class Generator:
 def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
-         overlap: bool | None = None, adaptive: bool | None = None, gpu_layers: int = 0,
+         overlap: bool = False, adaptive: bool | None = None, gpu_layers: int = 0,
          offload_device: str = "cuda") -> Generator:
     """Load a model for generation.
 
@@ -397,7 +398,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             (the CUDA draft engine: the draft on the GPU, the target on the CPU; needs a
             build with CUDA and cuBLAS at run time).
         overlap: draft the next tree while the target verifies the current one, for the
-            draft's guess of the outcome (default: on when the draft runs on a GPU).
+            draft's guess of the outcome (default off: it measured slower with a CPU draft,
+            which shares the verification's cores, and with a GPU draft on an H200).
         adaptive: decode plainly while speculative steps measure slower than plain ones,
             trying speculation again at growing intervals (``speculative.Governor``; the
             output is the same either way). Default: on for greedy decoding, off for

@@ -85,8 +85,8 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spec", action="store_true", help="plain decoding (no draft is loaded)")
     p.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
-                   help="draft the next tree while the target verifies (default: on with a GPU draft)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
+                   help="draft the next tree while the target verifies (default: off; it measured slower)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="decode plainly while speculation measures slower than plain steps (default: on "
                         "for greedy decoding, off for sampling so that --seed stays reproducible)")
