@@ -146,10 +146,12 @@ def test_commit_compacts_the_cache_like_a_direct_path(tiny):
         np.testing.assert_array_equal(va, vb)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-step", "python-step"])
 @pytest.mark.parametrize("params", SHAPES, ids=str)
-def test_greedy_with_emulated_device_draft_equals_plain(tiny, params):
+def test_greedy_with_emulated_device_draft_equals_plain(tiny, params, native):
     src, target = tiny
     draft = Draft.from_module(module_for(src, std=0.2, layers=1), target, device="emulated")
+    draft.native_greedy = native
     prompt, n = [5, 17, 42, 99, 3], 40
     truth = plain_greedy(target, prompt, n)
     state = start_state(target, draft, prompt, truth[0])
@@ -176,6 +178,24 @@ def test_same_trees_as_the_cpu_draft_for_a_confident_draft(tiny):
         t_cpu, t_emu = cpu.propose(f, toks, params), emu.propose(f, toks, params)
         same += np.array_equal(t_cpu.tokens, t_emu.tokens) and np.array_equal(t_cpu.parents, t_emu.parents)
     assert same >= 1
+
+
+def test_native_steps_grow_the_python_trees_on_the_device_engine(tiny):
+    """GreedySpeculator over the device engine (its host backend) grows Draft.propose's
+    trees on the same engine: the source rows it names hold the right history rows."""
+    from dovetail_ext import _core
+    src, target = tiny
+    emu = Draft.from_module(module_for(src, std=0.5, layers=1), target, device="emulated")
+    spec = _core.GreedySpeculator(target._engine, emu._engine)
+    for seed, params in enumerate([TreeParams(1, 4, 5), TreeParams(3, 3, 8), TreeParams(4, 4, 12, 0.01),
+                                   TreeParams(2, 1, 2)]):
+        f, toks, _ = inputs(src, 4, seed=seed)
+        emu.truncate(0)
+        tree = emu.propose(f, toks, params)
+        emu.truncate(0)
+        tokens, parents = spec.propose(f, toks, params.top_k, params.depth, params.total_tokens, params.min_score)
+        np.testing.assert_array_equal(tokens, tree.tokens)
+        np.testing.assert_array_equal(parents, tree.parents)
 
 
 def test_bad_calls_raise_and_leave_the_engine_unchanged(tiny):
@@ -247,14 +267,15 @@ def test_greedy_with_cuda_draft_equals_plain(tiny, graphs):
     draft = Draft.from_module(module_for(src, std=0.2, layers=1), target, device="cuda", graphs=graphs)
     prompt, n = [5, 17, 42, 99, 3], 60
     truth = plain_greedy(target, prompt, n)
-    for params in SHAPES:
+    for params, native in [(p, native) for p in SHAPES for native in (True, False)]:
+        draft.native_greedy = native
         state = start_state(target, draft, prompt, truth[0])
         out = [truth[0]]
         while len(out) < n:
             emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
                                           TokenChooser(SamplingParams()), SpecTimes())
             out += emitted
-        assert out[:n] == truth, params
+        assert out[:n] == truth, (params, native)
     assert (draft.stats["replays"] > 0) == graphs
 
 

@@ -260,9 +260,13 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("draft_vocab", &DraftEngine::draft_vocab);
 
   py::class_<GreedySpeculator>(m, "GreedySpeculator",
-      "Greedy speculative decoding with the CPU draft, one native call per step (see "
+      "Greedy speculative decoding, one native call per step, with the CPU draft or a device draft (see "
       "dovetail_ext.speculative). Holds references to both engines.")
       .def(py::init([](LlamaEngine& target, DraftEngine& draft) {
+             return std::make_unique<GreedySpeculator>(target, draft);
+           }),
+           py::arg("target"), py::arg("draft"), py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def(py::init([](LlamaEngine& target, DeviceDraftEngine& draft) {
              return std::make_unique<GreedySpeculator>(target, draft);
            }),
            py::arg("target"), py::arg("draft"), py::keep_alive<1, 2>(), py::keep_alive<1, 3>())

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "cpu/ops.h"
+#include "model/device_engine.h"
 
 namespace dovetail {
 
@@ -49,31 +50,114 @@ std::vector<int64_t> ranking(const double* score, int64_t n) {
   return order;
 }
 
+// The CPU draft: the history lives here; a frontier call gathers its features from it.
+class CpuDraftCalls final : public DraftCalls {
+ public:
+  explicit CpuDraftCalls(DraftEngine& e) : e_(e) {}
+  void pairs(const float* features, const int32_t* tokens, const int32_t* positions, int64_t T, bool scored,
+             int64_t k, int32_t* ids, float* logp) override {
+    const int64_t last = T - 1;
+    hist_.resize(T * dim());
+    e_.forward(features, tokens, positions, T, nullptr, false, hist_.data(), scored ? &last : nullptr,
+               scored ? 1 : 0, k, ids, logp);
+  }
+  void frontier(const int64_t* src, const int32_t* tokens, const int32_t* positions, int64_t m,
+                const uint8_t* ancestors, int64_t k, int32_t* ids, float* logp) override {
+    const int64_t D = dim(), H = (int64_t)hist_.size() / D;
+    feats_.resize(m * D);
+    for (int64_t i = 0; i < m; ++i) std::memcpy(&feats_[i * D], &hist_[src[i] * D], sizeof(float) * D);
+    rows_.resize(m);
+    std::iota(rows_.begin(), rows_.end(), 0);
+    hist_.resize((H + m) * D);
+    e_.forward(feats_.data(), tokens, positions, m, ancestors, true, &hist_[H * D], rows_.data(), m, k, ids, logp);
+  }
+  void commit_all() override {
+    rows_.resize(e_.pending());
+    std::iota(rows_.begin(), rows_.end(), 0);
+    e_.commit(rows_.data(), (int64_t)rows_.size());
+  }
+  int64_t n_past() const override { return e_.n_past(); }
+  int64_t max_batch() const override { return e_.options().max_batch; }
+  int64_t draft_vocab() const override { return e_.draft_vocab(); }
+  int64_t dim() const override { return e_.dims().dim; }
+  int64_t vocab() const override { return e_.vocab(); }
+
+ private:
+  DraftEngine& e_;
+  std::vector<float> hist_, feats_;  // hist_: [history rows, D]
+  std::vector<int64_t> rows_;
+};
+
+// The device draft: the history stays on the device; a frontier call names its rows.
+class DeviceDraftCalls final : public DraftCalls {
+ public:
+  explicit DeviceDraftCalls(DeviceDraftEngine& e) : e_(e) {}
+  void pairs(const float* features, const int32_t* tokens, const int32_t* positions, int64_t T, bool scored,
+             int64_t k, int32_t* ids, float* logp) override {
+    const int64_t last = T - 1;
+    e_.forward(features, nullptr, tokens, positions, T, nullptr, false, nullptr, scored ? &last : nullptr,
+               scored ? 1 : 0, k, ids, logp);
+  }
+  void frontier(const int64_t* src, const int32_t* tokens, const int32_t* positions, int64_t m,
+                const uint8_t* ancestors, int64_t k, int32_t* ids, float* logp) override {
+    src_.assign(src, src + m);
+    rows_.resize(m);
+    std::iota(rows_.begin(), rows_.end(), 0);
+    e_.forward(nullptr, src_.data(), tokens, positions, m, ancestors, true, nullptr, rows_.data(), m, k, ids, logp);
+  }
+  void commit_all() override {
+    rows_.resize(e_.pending());
+    std::iota(rows_.begin(), rows_.end(), 0);
+    e_.commit(rows_.data(), (int64_t)rows_.size());
+  }
+  int64_t n_past() const override { return e_.n_past(); }
+  int64_t max_batch() const override { return e_.options().max_batch; }
+  int64_t draft_vocab() const override { return e_.draft_vocab(); }
+  int64_t dim() const override { return e_.dims().dim; }
+  int64_t vocab() const override { return e_.vocab(); }
+
+ private:
+  DeviceDraftEngine& e_;
+  std::vector<int32_t> src_;
+  std::vector<int64_t> rows_;
+};
+
+void check_pair(const LlamaEngine& target, const DraftCalls& draft) {
+  DT_CHECK(draft.dim() == target.params().dim,
+           "the draft's hidden size " + std::to_string(draft.dim()) + " differs from the target's " +
+               std::to_string(target.params().dim));
+  DT_CHECK(draft.vocab() == target.params().vocab, "the draft's vocabulary differs from the target's");
+  DT_CHECK(target.params().first_layer == 0, "the target's first layers run elsewhere (gpu_layers): not supported");
+}
+
 }  // namespace
 
-GreedySpeculator::GreedySpeculator(LlamaEngine& target, DraftEngine& draft) : target_(target), draft_(draft) {
-  DT_CHECK(draft.dims().dim == target.params().dim,
-           "the draft's hidden size " + std::to_string(draft.dims().dim) + " differs from the target's " +
-               std::to_string(target.params().dim));
+GreedySpeculator::GreedySpeculator(LlamaEngine& target, DraftEngine& draft)
+    : target_(target), draft_(std::make_unique<CpuDraftCalls>(draft)) {
+  check_pair(target, *draft_);
   DT_CHECK(draft.embedding() == target.token_embedding().get(), "the draft was built for another target engine");
-  DT_CHECK(target.params().first_layer == 0, "the target's first layers run elsewhere (gpu_layers): not supported");
+}
+
+GreedySpeculator::GreedySpeculator(LlamaEngine& target, DeviceDraftEngine& draft)
+    : target_(target), draft_(std::make_unique<DeviceDraftCalls>(draft)) {
+  check_pair(target, *draft_);
 }
 
 void GreedySpeculator::check(const float* features, const int32_t* next_tokens, int64_t n,
                              const TreeShape& s) const {
   DT_CHECK(features && next_tokens, "features and next_tokens must be given");
   DT_CHECK(n >= 1, "a step needs at least one new pair (the root), got " + std::to_string(n));
-  DT_CHECK(s.top_k >= 1 && s.top_k <= std::min<int64_t>(256, draft_.draft_vocab()),
-           "tree top_k must be in [1, " + std::to_string(std::min<int64_t>(256, draft_.draft_vocab())) + "], got " +
+  DT_CHECK(s.top_k >= 1 && s.top_k <= std::min<int64_t>(256, draft_->draft_vocab()),
+           "tree top_k must be in [1, " + std::to_string(std::min<int64_t>(256, draft_->draft_vocab())) + "], got " +
                std::to_string(s.top_k));
   DT_CHECK(s.depth >= 1, "tree depth must be at least 1, got " + std::to_string(s.depth));
   DT_CHECK(s.total_tokens >= 2, "tree total_tokens must be at least 2, got " + std::to_string(s.total_tokens));
   DT_CHECK(s.total_tokens <= target_.options().max_batch,
            "tree total_tokens " + std::to_string(s.total_tokens) + " exceeds the target's max_batch " +
                std::to_string(target_.options().max_batch));
-  DT_CHECK(s.top_k * (s.depth - 1) <= draft_.options().max_batch,
+  DT_CHECK(s.top_k * (s.depth - 1) <= draft_->max_batch(),
            "the tree needs " + std::to_string(s.top_k * (s.depth - 1)) +
-               " draft scratch rows, more than the draft's max_batch " + std::to_string(draft_.options().max_batch));
+               " draft scratch rows, more than the draft's max_batch " + std::to_string(draft_->max_batch()));
   DT_CHECK(target_.n_past() + s.total_tokens <= target_.options().context,
            "the target has " + std::to_string(target_.options().context - target_.n_past()) +
                " free slots, fewer than the tree's " + std::to_string(s.total_tokens));
@@ -88,39 +172,34 @@ DraftTree GreedySpeculator::propose(const float* features, const int32_t* next_t
 DraftTree GreedySpeculator::propose_locked(const float* features, const int32_t* next_tokens, int64_t n,
                                            const TreeShape& shape) {
   check(features, next_tokens, n, shape);
-  const int64_t D = draft_.dims().dim, B = draft_.options().max_batch;
-  const int64_t k_root = std::min<int64_t>(shape.top_k + 1, draft_.draft_vocab());
+  const int64_t D = draft_->dim(), B = draft_->max_batch();
+  const int64_t k_root = std::min<int64_t>(shape.top_k + 1, draft_->draft_vocab());
   root_ids_.assign(k_root, 0);
   root_logp_.assign(k_root, 0.0f);
   // 1. The new pairs, committed, in batches of at most max_batch; the last output scores
   //    the root's successors.
-  const int64_t start = draft_.n_past();
+  const int64_t start = draft_->n_past();
   for (int64_t s = 0; s < n; s += B) {
     const int64_t e = std::min(n, s + B), T = e - s;
     positions_.resize(T);
     for (int64_t t = 0; t < T; ++t) positions_[t] = (int32_t)(start + s + t);
-    hist_.resize(T * D);
-    const int64_t last = T - 1;
-    const bool final = e == n;
-    draft_.forward(features + s * D, next_tokens + s, positions_.data(), T, nullptr, false, hist_.data(),
-                   final ? &last : nullptr, final ? 1 : 0, k_root, root_ids_.data(), root_logp_.data());
-    rows_.resize(T);
-    std::iota(rows_.begin(), rows_.end(), 0);
-    draft_.commit(rows_.data(), T);
-    root_row_ = last;
+    draft_->pairs(features + s * D, next_tokens + s, positions_.data(), T, e == n, k_root, root_ids_.data(),
+                  root_logp_.data());
+    draft_->commit_all();
+    root_row_ = T - 1;
+    hist_rows_ = T;
   }
   return grow(next_tokens[n - 1], shape);
 }
 
 DraftTree GreedySpeculator::grow(int32_t root, const TreeShape& shape) {
-  const int64_t k = shape.top_k, D = draft_.dims().dim;
-  const int32_t root_pos = (int32_t)draft_.n_past();  // frontier level d runs at root_pos + d - 1
+  const int64_t k = shape.top_k;
+  const int32_t root_pos = (int32_t)draft_->n_past();  // frontier level d runs at root_pos + d - 1
   Pool pool;
   pool.add(root, -1, 0.0);
   pool.hist_of[0] = root_row_;
   std::vector<int64_t> frontier;
   for (int64_t j = 0; j < k; ++j) frontier.push_back(pool.add(root_ids_[j], 0, (double)root_logp_[j]));
-  int64_t hist_rows = (int64_t)hist_.size() / D;
   int64_t P = 0;                  // scratch rows so far
   std::vector<uint8_t> scratch;   // [P, P] ancestor sets among the scratch rows
   for (int64_t level = 1; level < shape.depth; ++level) {
@@ -131,29 +210,24 @@ DraftTree GreedySpeculator::grow(int32_t root, const TreeShape& shape) {
     // feature being its parent's output.
     const int64_t m = (int64_t)frontier.size(), W = P + m;
     anc_.assign(m * W, 0);
-    feats_.resize(m * D);
     ids_.resize(m);
+    rows_.resize(m);
     positions_.assign(m, root_pos + (int32_t)level - 1);
     for (int64_t i = 0; i < m; ++i) {
       const int64_t parent = pool.parents[frontier[i]], prow = pool.row_of[parent];
       if (prow >= 0) std::memcpy(&anc_[i * W], &scratch[prow * P], P);
       anc_[i * W + P + i] = 1;
-      std::memcpy(&feats_[i * D], &hist_[pool.hist_of[parent] * D], sizeof(float) * D);
+      rows_[i] = pool.hist_of[parent];
       ids_[i] = pool.tokens[frontier[i]];
     }
-    rows_.resize(m);
-    std::iota(rows_.begin(), rows_.end(), 0);
-    hidden_.resize(m * D);
     std::vector<int32_t> kid_ids(m * k);
     logp_.resize(m * k);
-    draft_.forward(feats_.data(), ids_.data(), positions_.data(), m, anc_.data(), true, hidden_.data(), rows_.data(),
-                   m, k, kid_ids.data(), logp_.data());
-    hist_.insert(hist_.end(), hidden_.begin(), hidden_.end());
+    draft_->frontier(rows_.data(), ids_.data(), positions_.data(), m, anc_.data(), k, kid_ids.data(), logp_.data());
     for (int64_t i = 0; i < m; ++i) {
       pool.row_of[frontier[i]] = P + i;
-      pool.hist_of[frontier[i]] = hist_rows + i;
+      pool.hist_of[frontier[i]] = hist_rows_ + i;
     }
-    hist_rows += m;
+    hist_rows_ += m;
     std::vector<uint8_t> grown(W * W, 0);
     for (int64_t r = 0; r < P; ++r) std::memcpy(&grown[r * W], &scratch[r * P], P);
     for (int64_t i = 0; i < m; ++i) std::memcpy(&grown[(P + i) * W], &anc_[i * W], W);

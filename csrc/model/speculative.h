@@ -1,4 +1,5 @@
-// Greedy speculative decoding, one native call per step, with the draft on the CPU:
+// Greedy speculative decoding, one native call per step, with the draft on the CPU or on a
+// device (DeviceDraftEngine: tree levels then name history rows that stay on the device):
 //
 //   1. the draft takes the pairs (f_j, x_{j+1}) of the positions committed by the last
 //      step (committed), and its output at the last one scores the root's successors;
@@ -13,11 +14,12 @@
 // The rules are those of the Python orchestrator (dovetail_ext.draft.Draft._grow,
 // dovetail_ext.sampling.accept_greedy): the same trees, hence the same tokens, which are
 // the target's own greedy tokens. Python keeps the general paths (sampling, drafting ahead,
-// a draft on a device, a partly offloaded target, the context's last slots); this one
-// removes the interpreter from the common greedy step.
+// a partly offloaded target, the context's last slots); this one removes the interpreter
+// from the common greedy step.
 #pragma once
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -25,6 +27,30 @@
 #include "model/llama.h"
 
 namespace dovetail {
+
+class DeviceDraftEngine;
+
+// The draft calls a step makes, over the CPU draft or the device draft. Outputs form a
+// history: the rows of the last pairs() call, then those of each frontier() call in order.
+class DraftCalls {
+ public:
+  virtual ~DraftCalls() = default;
+  // T new pairs at positions (committed afterwards by commit_all); the history restarts
+  // with their outputs. Scores the successors of row T - 1 when `scored` (k of them).
+  virtual void pairs(const float* features, const int32_t* tokens, const int32_t* positions, int64_t T,
+                     bool scored, int64_t k, int32_t* ids, float* logp) = 0;
+  // m frontier nodes as scratch rows after the earlier ones, each with ancestors [m, P + m]
+  // and the feature in history row src[i]; their outputs join the history; the successors
+  // of every row are scored (k each).
+  virtual void frontier(const int64_t* src, const int32_t* tokens, const int32_t* positions, int64_t m,
+                        const uint8_t* ancestors, int64_t k, int32_t* ids, float* logp) = 0;
+  virtual void commit_all() = 0;
+  virtual int64_t n_past() const = 0;
+  virtual int64_t max_batch() const = 0;
+  virtual int64_t draft_vocab() const = 0;
+  virtual int64_t dim() const = 0;
+  virtual int64_t vocab() const = 0;
+};
 
 struct TreeShape {
   int64_t top_k = 1, depth = 1, total_tokens = 2;
@@ -48,6 +74,7 @@ class GreedySpeculator {
  public:
   // Both engines must outlive the speculator; the draft must belong to the target.
   GreedySpeculator(LlamaEngine& target, DraftEngine& draft);
+  GreedySpeculator(LlamaEngine& target, DeviceDraftEngine& draft);
 
   // Steps 1-2-3: feed the draft the n pairs (features [n, D] of committed positions,
   // next_tokens [n]; next_tokens[n - 1] is the root, not yet seen by the target) and grow
@@ -57,7 +84,7 @@ class GreedySpeculator {
   // One whole step (1-4). The target needs room for total_tokens more tokens.
   GreedyStep step(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
 
-  int64_t dim() const { return draft_.dims().dim; }
+  int64_t dim() const { return draft_->dim(); }
 
  private:
   void check(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape) const;
@@ -65,15 +92,13 @@ class GreedySpeculator {
   DraftTree grow(int32_t root, const TreeShape& shape);
 
   LlamaEngine& target_;
-  DraftEngine& draft_;
+  std::unique_ptr<DraftCalls> draft_;
   std::mutex mu_;
-  // Draft outputs since its last non-appending call ("history"): hidden rows [rows, D].
-  std::vector<float> hist_;
-  int64_t root_row_ = 0;
+  int64_t root_row_ = 0, hist_rows_ = 0;  // the root's history row; rows in the history
   std::vector<int32_t> root_ids_;
   std::vector<float> root_logp_;
   // Scratch for draft and target calls, reused across steps.
-  std::vector<float> feats_, hidden_, logits_, target_feats_, logp_;
+  std::vector<float> logits_, target_feats_, logp_;
   std::vector<int32_t> ids_, positions_;
   std::vector<int64_t> rows_;
   std::vector<uint8_t> anc_;

@@ -134,10 +134,9 @@ class Draft:
                                                    max_batch=max_batch, backend=backend, device=device_index,
                                                    graphs=graphs, vocab_map=vocab_map)
         self._on_device = backend != "cpu"
-        # Greedy steps in one native call (CPU draft, target wholly on the CPU); setting
+        # Greedy steps in one native call (a target wholly on the CPU); setting
         # native_greedy to False runs them through propose() and Python instead.
-        self._native = _core.GreedySpeculator(target._engine, self._engine) \
-            if not self._on_device and target.gpu_layers == 0 else None
+        self._native = _core.GreedySpeculator(target._engine, self._engine) if target.gpu_layers == 0 else None
         self.native_greedy = self._native is not None
 
     # -- construction ----------------------------------------------------------------------
@@ -250,7 +249,7 @@ class Draft:
         of the tree, greedy acceptance and the target's commit (the same trees and tokens as
         those steps in Python). Returns (emitted tokens: accepted + bonus, target features of
         the committed rows, tree size, draft / verify / accept seconds), or None where the
-        native step does not apply (a draft on a device, a partly offloaded target)."""
+        native step does not apply (a partly offloaded target, or native_greedy off)."""
         if self._native is None or not self.native_greedy:
             return None
         self._last = None  # no tree for predraft
