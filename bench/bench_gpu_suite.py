@@ -20,8 +20,8 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert rc == 0 and all(m["identical_to_plain"] for m in result["modes"])
     modes = {m["mode"]: m for m in result["modes"]}
-    assert set(modes) == {"cpu-plain", "cpu-spec", "gpu-spec", "gpu-spec-eager", "gpu-spec-overlap",
-                           "offload-plain", "offload-spec"}
+    assert set(modes) == {"cpu-plain", "cpu-spec", "cpu-spec-python", "gpu-spec", "gpu-spec-eager",
+                          "gpu-spec-python", "gpu-spec-overlap", "offload-plain", "offload-spec"}
     # Per step the device draft takes the accepted features in and gives token ids back.
     assert 0 < modes["gpu-spec-eager"]["d2h_bytes_per_step"] < modes["gpu-spec-eager"]["h2d_bytes_per_step"]
     assert (tmp_path / "gpu_suite.md").read_text().count("|") > 20

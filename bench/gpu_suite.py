@@ -3,9 +3,11 @@
 Modes, in one process, on the same target engine, prompts and thread count, greedy:
 
   cpu-plain        plain decoding on the CPU
-  cpu-spec         speculative, draft on the CPU
-  gpu-spec         speculative, draft on the GPU (CUDA graphs)
+  cpu-spec         speculative, draft on the CPU (each greedy step one native call)
+  cpu-spec-python  the same, each step through Python (propose, verify, accept)
+  gpu-spec         speculative, draft on the GPU (CUDA graphs; native steps)
   gpu-spec-eager   speculative, draft on the GPU without graphs
+  gpu-spec-python  gpu-spec with each step through Python
   gpu-spec-overlap speculative, draft on the GPU drafting the next tree during verification
   offload-plain    plain decoding, the target's first N layers on the GPU (--gpu-layers)
   offload-spec     the same target, speculative with the draft on the GPU
@@ -121,7 +123,11 @@ def main(argv=None) -> int:
     def run(mode: str, draft, on=None, tree=tree, adaptive=None) -> dict:
         gen = Generator(source, on or target, draft, overlap=overlap.get(mode, False), adaptive=adaptive)
         before = dict(draft.stats) if draft is not None and draft.stats else None
+        if draft is not None:  # the "-python" modes run each step through Python (no GreedySpeculator)
+            draft.native_greedy = not mode.endswith("-python")
         res = [gen.generate(p, max_new_tokens=args.tokens, speculative=draft is not None, tree=tree) for p in ps]
+        if draft is not None:
+            draft.native_greedy = True
         toks = sum(r.stats.new_tokens for r in res)
         secs = sum(r.stats.decode_s for r in res)
         calls = sum(r.stats.target_calls for r in res)
@@ -142,8 +148,9 @@ def main(argv=None) -> int:
         return row
 
     agree = agreement(target, cpu_draft, dev_drafts["gpu-spec"])
-    rows = [run("cpu-plain", None), run("cpu-spec", cpu_draft)]
+    rows = [run("cpu-plain", None), run("cpu-spec", cpu_draft), run("cpu-spec-python", cpu_draft)]
     rows += [run(mode, d) for mode, d in dev_drafts.items()]
+    rows.append(run("gpu-spec-python", dev_drafts["gpu-spec"]))
     rows.append(run("gpu-spec-overlap", dev_drafts["gpu-spec"]))
     n_off = args.gpu_layers if args.gpu_layers is not None else source.config.num_layers // 2
     offloaded = TargetEngine(source, context=1024, gpu_layers=n_off, device=args.device,
