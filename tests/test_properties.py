@@ -157,13 +157,17 @@ def test_topk_log_softmax_any_shape(n, V, data, seed):
 
 
 @budget(60)
-@given(n=st.integers(0, 4), V=st.integers(1, 300), ties=st.booleans(), seed=st.integers(0, 2**16))
-def test_argmax_rows_any_shape(n, V, ties, seed):
-    """The first maximum per row, as numpy's argmax, ties (rounded logits) included."""
+@given(n=st.integers(0, 4), V=st.integers(1, 300), ties=st.booleans(), isa=st.sampled_from(ISAS),
+       seed=st.integers(0, 2**16))
+def test_argmax_rows_any_shape(n, V, ties, isa, seed):
+    """The first maximum per row, as numpy's argmax, ties (rounded logits) included, on
+    every ISA path."""
     x = _rand(seed, n, V, scale=3.0)
     if ties:
         x = np.round(x).astype(np.float32)
-    np.testing.assert_array_equal(_core.argmax_rows(x), np.argmax(x, axis=1) if n else np.zeros(0, np.int64))
+    with use_isa(isa):
+        got = _core.argmax_rows(x)
+    np.testing.assert_array_equal(got, np.argmax(x, axis=1) if n else np.zeros(0, np.int64))
     with pytest.raises(ValueError, match="x has shape"):
         _core.argmax_rows(x.reshape(-1))
 

@@ -138,9 +138,12 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 }  // namespace scalar
+// argmax: the first index of the row's maximum (n >= 1, values finite): the maximum in
+// one vector pass, then the first block holding it.
 namespace avx2 {
 int quantize_block(const float* x, int8_t* q, float* d);
 void swiglu(const float* g, const float* u, float* out, int64_t n);
+int64_t argmax(const float* x, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
@@ -149,6 +152,7 @@ void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1)
 }  // namespace avx2
 namespace avx512 {
 int quantize_block(const float* x, int8_t* q, float* d);
+int64_t argmax(const float* x, int64_t n);
 // out = silu(g) * u with a polynomial exp (within 2 ulp of expf); every element, the
 // tail's included, goes through the same vector code, so a value's result does not depend
 // on where it sits (batch invariance).
