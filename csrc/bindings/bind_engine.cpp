@@ -127,7 +127,20 @@ std::unique_ptr<DeviceOps> device_ops(const std::string& backend, int device) {
 #endif
 }
 
+// A speculator call's pairs: features [n, D] (float32) and next_tokens [n], checked.
+struct StepInputs {
+  py::array_t<float, py::array::c_style> feats;
+  py::array_t<int32_t, py::array::c_style> tokens;
+  int64_t n = 0;
+  StepInputs(const GreedySpeculator& g, const py::handle& feat_obj, const py::handle& tok_obj)
+      : feats(as_array<float>(feat_obj, "features")), tokens(int32_vector(tok_obj, "next_tokens")),
+        n((int64_t)tokens.size()) {
+    check_shape(feats, {n, g.dim()}, "features");
+  }
+};
+
 }  // namespace
+
 
 void bind_engine(py::module_& m) {
   py::class_<LlamaEngine>(m, "LlamaEngine",
@@ -272,15 +285,11 @@ void bind_engine(py::module_& m) {
            py::arg("target"), py::arg("draft"), py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
       .def("step", [](GreedySpeculator& g, const py::handle& feat_obj, const py::handle& tok_obj, int64_t top_k,
                       int64_t depth, int64_t total_tokens, double min_score) {
-             auto feats = as_array<float>(feat_obj, "features");
-             auto tokens = int32_vector(tok_obj, "next_tokens");
-             const int64_t n = (int64_t)tokens.size();
-             check_shape(feats, {n, g.dim()}, "features");
-             TreeShape shape{top_k, depth, total_tokens, min_score};
+             const StepInputs in(g, feat_obj, tok_obj);
              GreedyStep r;
              {
                py::gil_scoped_release nogil;
-               r = g.step(feats.data(), tokens.data(), n, shape);
+               r = g.step(in.feats.data(), in.tokens.data(), in.n, TreeShape{top_k, depth, total_tokens, min_score});
              }
              const int64_t m = (int64_t)r.emitted.size(), D = m ? (int64_t)r.features.size() / m : 0;
              py::array_t<int64_t> emitted(m);
@@ -296,14 +305,11 @@ void bind_engine(py::module_& m) {
            "target features of the committed rows, tree size, draft / verify / accept seconds).")
       .def("propose", [](GreedySpeculator& g, const py::handle& feat_obj, const py::handle& tok_obj, int64_t top_k,
                          int64_t depth, int64_t total_tokens, double min_score) {
-             auto feats = as_array<float>(feat_obj, "features");
-             auto tokens = int32_vector(tok_obj, "next_tokens");
-             const int64_t n = (int64_t)tokens.size();
-             check_shape(feats, {n, g.dim()}, "features");
+             const StepInputs in(g, feat_obj, tok_obj);
              DraftTree t;
              {
                py::gil_scoped_release nogil;
-               t = g.propose(feats.data(), tokens.data(), n, TreeShape{top_k, depth, total_tokens, min_score});
+               t = g.propose(in.feats.data(), in.tokens.data(), in.n, TreeShape{top_k, depth, total_tokens, min_score});
              }
              py::array_t<int64_t> toks((int64_t)t.tokens.size()), parents((int64_t)t.parents.size());
              std::copy(t.tokens.begin(), t.tokens.end(), toks.mutable_data());

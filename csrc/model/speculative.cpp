@@ -50,10 +50,36 @@ std::vector<int64_t> ranking(const double* score, int64_t n) {
   return order;
 }
 
-// The CPU draft: the history lives here; a frontier call gathers its features from it.
-class CpuDraftCalls final : public DraftCalls {
+// What both draft engines answer alike.
+template <class Engine>
+class EngineCalls : public DraftCalls {
  public:
-  explicit CpuDraftCalls(DraftEngine& e) : e_(e) {}
+  explicit EngineCalls(Engine& e) : e_(e) {}
+  void commit_all() override {
+    rows_.resize(e_.pending());
+    std::iota(rows_.begin(), rows_.end(), 0);
+    e_.commit(rows_.data(), (int64_t)rows_.size());
+  }
+  int64_t n_past() const override { return e_.n_past(); }
+  int64_t max_batch() const override { return e_.options().max_batch; }
+  int64_t draft_vocab() const override { return e_.draft_vocab(); }
+  int64_t dim() const override { return e_.dims().dim; }
+  int64_t vocab() const override { return e_.vocab(); }
+
+ protected:
+  const int64_t* all_rows(int64_t m) {  // 0 .. m - 1
+    rows_.resize(m);
+    std::iota(rows_.begin(), rows_.end(), 0);
+    return rows_.data();
+  }
+  Engine& e_;
+  std::vector<int64_t> rows_;
+};
+
+// The CPU draft: the history lives here; a frontier call gathers its features from it.
+class CpuDraftCalls final : public EngineCalls<DraftEngine> {
+ public:
+  using EngineCalls::EngineCalls;
   void pairs(const float* features, const int32_t* tokens, const int32_t* positions, int64_t T, bool scored,
              int64_t k, int32_t* ids, float* logp) override {
     const int64_t last = T - 1;
@@ -66,32 +92,18 @@ class CpuDraftCalls final : public DraftCalls {
     const int64_t D = dim(), H = (int64_t)hist_.size() / D;
     feats_.resize(m * D);
     for (int64_t i = 0; i < m; ++i) std::memcpy(&feats_[i * D], &hist_[src[i] * D], sizeof(float) * D);
-    rows_.resize(m);
-    std::iota(rows_.begin(), rows_.end(), 0);
     hist_.resize((H + m) * D);
-    e_.forward(feats_.data(), tokens, positions, m, ancestors, true, &hist_[H * D], rows_.data(), m, k, ids, logp);
+    e_.forward(feats_.data(), tokens, positions, m, ancestors, true, &hist_[H * D], all_rows(m), m, k, ids, logp);
   }
-  void commit_all() override {
-    rows_.resize(e_.pending());
-    std::iota(rows_.begin(), rows_.end(), 0);
-    e_.commit(rows_.data(), (int64_t)rows_.size());
-  }
-  int64_t n_past() const override { return e_.n_past(); }
-  int64_t max_batch() const override { return e_.options().max_batch; }
-  int64_t draft_vocab() const override { return e_.draft_vocab(); }
-  int64_t dim() const override { return e_.dims().dim; }
-  int64_t vocab() const override { return e_.vocab(); }
 
  private:
-  DraftEngine& e_;
   std::vector<float> hist_, feats_;  // hist_: [history rows, D]
-  std::vector<int64_t> rows_;
 };
 
 // The device draft: the history stays on the device; a frontier call names its rows.
-class DeviceDraftCalls final : public DraftCalls {
+class DeviceDraftCalls final : public EngineCalls<DeviceDraftEngine> {
  public:
-  explicit DeviceDraftCalls(DeviceDraftEngine& e) : e_(e) {}
+  using EngineCalls::EngineCalls;
   void pairs(const float* features, const int32_t* tokens, const int32_t* positions, int64_t T, bool scored,
              int64_t k, int32_t* ids, float* logp) override {
     const int64_t last = T - 1;
@@ -101,25 +113,11 @@ class DeviceDraftCalls final : public DraftCalls {
   void frontier(const int64_t* src, const int32_t* tokens, const int32_t* positions, int64_t m,
                 const uint8_t* ancestors, int64_t k, int32_t* ids, float* logp) override {
     src_.assign(src, src + m);
-    rows_.resize(m);
-    std::iota(rows_.begin(), rows_.end(), 0);
-    e_.forward(nullptr, src_.data(), tokens, positions, m, ancestors, true, nullptr, rows_.data(), m, k, ids, logp);
+    e_.forward(nullptr, src_.data(), tokens, positions, m, ancestors, true, nullptr, all_rows(m), m, k, ids, logp);
   }
-  void commit_all() override {
-    rows_.resize(e_.pending());
-    std::iota(rows_.begin(), rows_.end(), 0);
-    e_.commit(rows_.data(), (int64_t)rows_.size());
-  }
-  int64_t n_past() const override { return e_.n_past(); }
-  int64_t max_batch() const override { return e_.options().max_batch; }
-  int64_t draft_vocab() const override { return e_.draft_vocab(); }
-  int64_t dim() const override { return e_.dims().dim; }
-  int64_t vocab() const override { return e_.vocab(); }
 
  private:
-  DeviceDraftEngine& e_;
   std::vector<int32_t> src_;
-  std::vector<int64_t> rows_;
 };
 
 void check_pair(const LlamaEngine& target, const DraftCalls& draft) {
