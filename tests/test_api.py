@@ -167,3 +167,34 @@ def test_cli_streams_text(default_gguf_path):
                         "--max-new-tokens", "6", "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "tok/s" in r.stderr and "[speculative]" in r.stderr  # the shipped draft
+
+
+def test_cli_bench_compares_plain_and_speculative(capsys, default_gguf_path):
+    """dovetail bench: both modes on built-in prompts, tau, the ratio, identical greedy
+    outputs; the text table; plain only without a draft; bad arguments are clear errors."""
+    from dovetail_ext.benchmark import BENCH_PROMPTS, format_report, run_benchmark
+    from dovetail_ext.cli import main
+    args = ["bench", "--prompts", "2", "--max-new-tokens", "8", "--threads", "1", "--context", "256"]
+    assert main(args + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["modes"]) == {"plain", "speculative"} and rep["prompts"] == 2
+    assert rep["outputs_identical"] is True
+    spec, plain = rep["modes"]["speculative"], rep["modes"]["plain"]
+    assert plain["new_tokens"] == spec["new_tokens"] and spec["tau"] >= 1.0 and plain["tau"] == 1.0
+    assert rep["speculative_over_plain"] == pytest.approx(spec["tokens_per_s"] / plain["tokens_per_s"])
+    assert spec["draft_ms_per_step"] > 0 and spec["verify_ms_per_step"] > 0
+    assert main(args + ["--temperature", "0.7", "--top-p", "0.9"]) == 0
+    text = capsys.readouterr().out
+    assert "speculative / plain" in text and "sampling T=0.7" in text and "seed=0" in text
+    assert main(args + ["--no-spec", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["modes"]) == {"plain"}
+    assert main(["bench", "--prompts", str(len(BENCH_PROMPTS) + 1)]) == 2
+    assert "--prompts must be in" in capsys.readouterr().err
+    import dovetail_ext
+    gen = dovetail_ext.load(default_gguf_path, draft=None, context=128, threads=1)
+    rep = run_benchmark(gen, ["Hi"], max_new_tokens=4)
+    assert "speculative_over_plain" not in rep and "plain decoding only" in format_report(rep)
+    with pytest.raises(ValueError, match="repeat"):
+        run_benchmark(gen, ["Hi"], repeat=0)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        run_benchmark(gen, [])

@@ -3,6 +3,7 @@
     dovetail generate "Explain RoPE in one paragraph"      # chat template, streamed
     dovetail generate --raw "def fib(n):" --max-new-tokens 64 --json
     dovetail info
+    dovetail bench --max-new-tokens 64                   # plain vs speculative on this machine
     dovetail train-draft --data sharegpt --self-distill 256 --out my-draft
     dovetail serve --port 8000                            # OpenAI-compatible HTTP API
 """
@@ -47,13 +48,24 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_decoding_args(g)
-    g.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 1)")
-    g.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 1)")
-    g.add_argument("--tree-tokens", type=int, default=None,
-                   help="tree size including the root, verified in one target call (default 2)")
-    g.add_argument("--tree-min-prob", type=float, default=None,
-                   help="drop drafted tokens whose probability under the draft is below this (default 0)")
+    _add_tree_args(g)
     _add_model_args(g)
+
+    b = sub.add_parser("bench", help="plain vs speculative decoding on this machine: tokens/s, tau, their ratio")
+    b.add_argument("--prompts", type=int, default=len(_bench_prompts()), metavar="N",
+                   help=f"how many of the {len(_bench_prompts())} built-in prompts (default all)")
+    b.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt of your own instead of the built-in ones (repeatable)")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--repeat", type=int, default=1, help="passes over the prompts (default 1)")
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--top-k", type=int, default=0)
+    b.add_argument("--seed", type=int, default=None, help="sampling seed (default 0 when sampling)")
+    b.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    _add_decoding_args(b)
+    _add_tree_args(b)
+    _add_model_args(b)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -72,6 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--model", metavar="PATH", default=None)
     return ap
+
+
+def _bench_prompts() -> tuple[str, ...]:
+    from .benchmark import BENCH_PROMPTS
+    return BENCH_PROMPTS
+
+
+def _add_tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 1)")
+    p.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 1)")
+    p.add_argument("--tree-tokens", type=int, default=None,
+                   help="tree size including the root, verified in one target call (default 2)")
+    p.add_argument("--tree-min-prob", type=float, default=None,
+                   help="drop drafted tokens whose probability under the draft is below this (default 0)")
+
+
+def _tree_from_args(args: argparse.Namespace):
+    from .tree import TreeParams
+
+    base = TreeParams()
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    return TreeParams(top_k=pick(args.tree_topk, base.top_k), depth=pick(args.tree_depth, base.depth),
+                      total_tokens=pick(args.tree_tokens, base.total_tokens),
+                      min_prob=pick(args.tree_min_prob, base.min_prob))
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -122,15 +158,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
-    from .tree import TreeParams
-
-    base = TreeParams()
-    pick = lambda given, default: default if given is None else given  # noqa: E731
-    tree = TreeParams(top_k=pick(args.tree_topk, base.top_k), depth=pick(args.tree_depth, base.depth),
-                      total_tokens=pick(args.tree_tokens, base.total_tokens),
-                      min_prob=pick(args.tree_min_prob, base.min_prob))
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               tree=tree, **_load_kwargs(args))
+               tree=_tree_from_args(args), **_load_kwargs(args))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
               speculative=False if args.no_spec else None)
@@ -152,6 +181,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
           f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}", file=sys.stderr)
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .api import load
+    from .benchmark import BENCH_PROMPTS, format_report, run_benchmark
+
+    if args.prompt:
+        prompts = list(args.prompt)
+    else:
+        if not 1 <= args.prompts <= len(BENCH_PROMPTS):
+            raise ValueError(f"--prompts must be in [1, {len(BENCH_PROMPTS)}], got {args.prompts}")
+        prompts = list(BENCH_PROMPTS[:args.prompts])
+    gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
+               tree=_tree_from_args(args), **_load_kwargs(args))
+    bar = None
+    if not args.json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts) * args.repeat * (2 if gen.draft is not None else 1), unit="gen",
+                   desc="dovetail bench", file=sys.stderr, disable=not sys.stderr.isatty())
+    try:
+        report = run_benchmark(gen, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               progress=(lambda done, total: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps(report) if args.json else format_report(report))
+    greedy_mismatch = args.temperature == 0 and report.get("outputs_identical") is False
+    return 1 if greedy_mismatch else 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -225,7 +284,7 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _cmd_generate, "serve": _cmd_serve, "info": _cmd_info,
+        return {"generate": _cmd_generate, "bench": _cmd_bench, "serve": _cmd_serve, "info": _cmd_info,
                 "train-draft": _cmd_train_draft}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
