@@ -199,7 +199,7 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
         step_greedy = getattr(draft, "step_greedy", None)  # (drafts in tests may lack it)
         native = step_greedy(state.features, state.next_tokens, params) if step_greedy else None
         if native is not None:  # the whole step in one native call
-            emitted, feats, size, draft_s, verify_s, accept_s = native
+            emitted, feats, size, draft_s, verify_s, _ = native
             state.features, state.next_tokens, state.root = feats, emitted, int(emitted[-1])
             times.draft_s += draft_s
             times.verify_s += verify_s
