@@ -86,6 +86,11 @@ def c_weights(default_gguf_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def c_draft_weights(default_gguf_path, tmp_path_factory) -> Path:
+    return capi.export_c_draft(tmp_path_factory.mktemp("capi") / "smollm2-draft.dtw", default_gguf_path)
+
+
+@pytest.fixture(scope="module")
 def generator(default_gguf_path):
     return dovetail_ext.load(default_gguf_path, threads=1)
 
@@ -132,6 +137,20 @@ def test_example_greedy_matches_python(greedy_bin, c_weights, generator, prompt)
     assert len(got) == 12 or want.stats.stop_reason == "eos"
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_example_speculative_matches_python(greedy_bin, c_weights, c_draft_weights, generator, prompt):
+    """greedy -d DRAFT: the shipped draft exported to the container, speculative steps
+    through dt_speculator_step; the same ids as greedy decoding in Python."""
+    ids = generator.encode_prompt(prompt, raw=True)
+    want = generator.generate(prompt, raw=True, max_new_tokens=24, speculative=False)
+    r = subprocess.run([str(greedy_bin), "-d", str(c_draft_weights), str(c_weights), "24", *map(str, ids)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [int(t) for t in r.stdout.split()] == want.tokens
+    steps, per_step = re.search(r"(\d+) speculative steps, ([\d.]+) tokens per step", r.stderr).groups()
+    assert 0 < int(steps) < len(want.tokens) and float(per_step) > 1.0  # drafted tokens were accepted
+
+
 def test_example_threads_and_chunked_prefill(greedy_bin, c_weights, generator):
     # 2 threads, and a prompt longer than max_batch (128) so that the prefill is chunked.
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
@@ -149,6 +168,8 @@ def test_example_refuses_bad_input(greedy_bin, c_weights, generator, tmp_path):
     with open(c_weights, "rb") as f:
         truncated.write_bytes(f.read(5000))
     for args, code, message in [
+        (["-d", str(truncated), str(c_weights), "4", "1", "2"], 1, "not a valid weight container"),
+        (["-d", str(c_weights), str(c_weights), "4", "1", "2"], 1, "dt_draft_create"),  # a target, not a draft
         ([str(truncated), "4", "1", "2"], 1, "not a valid weight container"),
         ([str(tmp_path / "missing.dtw"), "4", "1"], 1, "missing.dtw"),
         ([str(c_weights), "4", "1", "x"], 2, "not a non-negative integer"),
@@ -164,6 +185,17 @@ def test_export_cli_reports_a_missing_model(tmp_path, capsys):
     assert main([str(tmp_path / "out.dtw"), "--model", str(tmp_path / "missing.gguf")]) == 1
     assert "missing.gguf" in capsys.readouterr().err
     assert not (tmp_path / "out.dtw").exists()
+
+
+def test_export_cli_writes_the_draft(default_gguf_path, tmp_path, capsys):
+    from dovetail_ext.export_c_weights import main
+    out, draft = tmp_path / "t.dtw", tmp_path / "d.dtw"
+    assert main([str(out), "--model", str(default_gguf_path), "--draft-out", str(draft)]) == 0
+    assert capsys.readouterr().out.split() == [str(out), str(draft)]
+    assert draft.read_bytes()[:8] == capi.C_WEIGHTS_MAGIC and b"vocab_map" in draft.read_bytes()[:4096]
+    assert main([str(out), "--model", str(default_gguf_path), "--draft-out", str(draft),
+                 "--draft", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
 
 
 # ---- ctypes view of the API --------------------------------------------------------------

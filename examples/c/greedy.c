@@ -1,11 +1,13 @@
-/* greedy.c: greedy decoding through the dovetail C API, without Python.
+/* greedy.c: greedy decoding through the dovetail C API, without Python; with a draft
+ * (-d), greedy speculative decoding (dt_speculator_step), which prints the same ids.
  *
- * Reads the weight container written by `python -m dovetail_ext.export_c_weights FILE`
- * (layout in python/dovetail_ext/capi.py), builds a target engine, runs the prompt token
- * ids and prints the greedy continuation's ids on one line, stopping early at an
- * end-of-sequence id (which is not printed). No tokenizer: ids in, ids out.
+ * Reads the weight containers written by `python -m dovetail_ext.export_c_weights FILE
+ * [--draft-out DRAFT_FILE]` (layout in python/dovetail_ext/capi.py), builds a target engine
+ * (and a draft and a speculator), runs the prompt token ids and prints the greedy
+ * continuation's ids on one line, stopping early at an end-of-sequence id (which is not
+ * printed). No tokenizer: ids in, ids out.
  *
- *   greedy [-t THREADS] WEIGHTS N_NEW ID [ID ...]
+ *   greedy [-t THREADS] [-d DRAFT] WEIGHTS N_NEW ID [ID ...]
  *
  * Build (C99, or as C++):
  *   INC=$(python -c 'import dovetail_ext; print(dovetail_ext.get_include())')
@@ -20,6 +22,7 @@
 #include <string.h>
 
 #define MAX_EOS 8
+#define VOCAB_MAP_CODE 32 /* the container's int32 vocab_map of a draft (not a dt_dtype) */
 
 typedef struct {
   unsigned char* bytes; /* the whole file */
@@ -179,26 +182,61 @@ static int parse_long(const char* s, long lo, long hi, long* out) {
   return 1;
 }
 
-int main(int argc, char** argv) {
-  container c;
-  dt_target* target = NULL;
-  int32_t* tokens;
-  float* logits;
-  long threads = 1, n_new, v;
-  int arg = 1, i, n_prompt;
-  int64_t start, last_row, n_past;
-  int32_t next;
-  uint32_t e;
-
-  if (argc > 2 && strcmp(argv[1], "-t") == 0) {
-    if (!parse_long(argv[2], 1, 1024, &threads)) {
-      fprintf(stderr, "greedy: -t takes a thread count in 1..1024\n");
-      return 2;
+/* A draft container's vocab_map (int32 target ids), taken out of its weight list. */
+static const int32_t* take_vocab_map(container* c, int64_t* n) {
+  uint32_t i, kept = 0;
+  const int32_t* map = NULL;
+  *n = 0;
+  for (i = 0; i < c->n_weights; ++i) {
+    if (c->weights[i].dtype == VOCAB_MAP_CODE && strcmp(c->weights[i].name, "vocab_map") == 0 &&
+        c->weights[i].ndim == 1) {
+      map = (const int32_t*)c->weights[i].data; /* 64-byte aligned in the file buffer */
+      *n = c->weights[i].shape[0];
+    } else {
+      c->weights[kept++] = c->weights[i];
     }
-    arg = 3;
+  }
+  c->n_weights = kept;
+  return map;
+}
+
+static int is_eos(const container* c, int32_t id) {
+  uint32_t e;
+  for (e = 0; e < c->n_eos; ++e)
+    if (id == c->eos[e]) return 1;
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  container c, dc;
+  dt_target* target = NULL;
+  dt_draft* draft = NULL;
+  dt_speculator* spec = NULL;
+  int32_t *tokens, *next_tokens = NULL, *emitted = NULL;
+  float *logits, *features = NULL, *step_features = NULL;
+  long threads = 1, n_new, v;
+  const char* draft_path = NULL;
+  int arg = 1, i, n_prompt;
+  int64_t start, last_row, n_past, printed = 0, steps = 0, n_pairs, m, pair_rows;
+  int32_t next;
+  dt_tree_shape shape;
+  int64_t* rows = NULL;
+
+  while (argc - arg >= 2 && argv[arg][0] == '-' && argv[arg][1] != '\0' && argv[arg][2] == '\0') {
+    if (argv[arg][1] == 't') {
+      if (!parse_long(argv[arg + 1], 1, 1024, &threads)) {
+        fprintf(stderr, "greedy: -t takes a thread count in 1..1024\n");
+        return 2;
+      }
+    } else if (argv[arg][1] == 'd') {
+      draft_path = argv[arg + 1];
+    } else {
+      break;
+    }
+    arg += 2;
   }
   if (argc - arg < 3 || !parse_long(argv[arg + 1], 0, 1L << 24, &n_new)) {
-    fprintf(stderr, "usage: greedy [-t THREADS] WEIGHTS N_NEW ID [ID ...]\n");
+    fprintf(stderr, "usage: greedy [-t THREADS] [-d DRAFT] WEIGHTS N_NEW ID [ID ...]\n");
     return 2;
   }
   n_prompt = argc - arg - 2;
@@ -212,47 +250,125 @@ int main(int argc, char** argv) {
     tokens[i] = (int32_t)v;
   }
   if (!load_container(argv[arg], &c)) return 1;
+  dt_tree_shape_init(&shape); /* the default tree: the root and one drafted token */
   if (c.cfg.context < n_prompt + n_new) {
     fprintf(stderr, "greedy: %d prompt + %ld new tokens exceed the model's context of %" PRId64 "\n", n_prompt,
             n_new, c.cfg.context);
     return 2;
   }
-  c.cfg.context = n_prompt + n_new; /* KV slots for exactly this run */
+  /* KV slots for exactly this run (a speculative step also needs room for its tree). */
+  c.cfg.context = n_prompt + n_new + (draft_path ? shape.total_tokens : 0);
   c.cfg.threads = (int32_t)threads;
   check(dt_target_create(&c.cfg, c.weights, c.n_weights, &target), "dt_target_create");
   logits = (float*)malloc(sizeof(float) * (size_t)c.cfg.vocab_size);
   if (!logits) return 1;
   free_container(&c); /* the engine holds its own copy of the weights */
 
-  /* Prefill in chunks of max_batch; only the last prompt row's logits are needed. */
+  if (draft_path) {
+    dt_draft_config dcfg;
+    int64_t n_map;
+    const int32_t* map;
+    if (!load_container(draft_path, &dc)) return 1;
+    map = take_vocab_map(&dc, &n_map);
+    dt_draft_config_init(&dcfg);
+    dcfg.hidden_size = dc.cfg.hidden_size;
+    dcfg.intermediate_size = dc.cfg.intermediate_size;
+    dcfg.num_layers = dc.cfg.num_layers;
+    dcfg.num_heads = dc.cfg.num_heads;
+    dcfg.num_kv_heads = dc.cfg.num_kv_heads;
+    dcfg.head_dim = dc.cfg.head_dim;
+    dcfg.rope_theta = dc.cfg.rope_theta;
+    dcfg.rms_norm_eps = dc.cfg.rms_norm_eps;
+    dcfg.context = c.cfg.context + dcfg.max_batch; /* committed rows plus one tree's scratch rows */
+    dcfg.threads = (int32_t)threads;
+    check(dt_draft_create(target, &dcfg, dc.weights, dc.n_weights, map, n_map, &draft), "dt_draft_create");
+    free_container(&dc);
+    check(dt_speculator_create(target, draft, &spec), "dt_speculator_create");
+    /* A step's pairs come in through one pair of buffers and its output goes to the other;
+     * they swap after each step. */
+    pair_rows = n_prompt > shape.depth + 1 ? n_prompt : shape.depth + 1;
+    features = (float*)malloc(sizeof(float) * (size_t)(pair_rows * c.cfg.hidden_size));
+    step_features = (float*)malloc(sizeof(float) * (size_t)(pair_rows * c.cfg.hidden_size));
+    emitted = (int32_t*)malloc(sizeof(int32_t) * (size_t)pair_rows);
+    next_tokens = (int32_t*)malloc(sizeof(int32_t) * (size_t)pair_rows);
+    rows = (int64_t*)malloc(sizeof(int64_t) * (size_t)c.cfg.max_batch);
+    if (!features || !step_features || !emitted || !next_tokens || !rows) return 1;
+  }
+
+  /* Prefill in chunks of max_batch; only the last prompt row's logits are needed (and,
+   * with a draft, every prompt row's features). */
   for (start = 0; start < n_prompt; start += c.cfg.max_batch) {
     const int64_t n = n_prompt - start < c.cfg.max_batch ? n_prompt - start : c.cfg.max_batch;
     const int is_last = start + n == n_prompt;
+    int64_t r;
     last_row = n - 1;
-    check(dt_target_forward(target, tokens + start, NULL, n, NULL, &last_row, is_last ? 1 : 0, logits, NULL, 0,
-                            NULL),
+    for (r = 0; draft && r < n; ++r) rows[r] = r;
+    check(dt_target_forward(target, tokens + start, NULL, n, NULL, &last_row, is_last ? 1 : 0, logits,
+                            draft ? rows : NULL, draft ? n : 0,
+                            draft ? features + start * c.cfg.hidden_size : NULL),
           "dt_target_forward");
     check(dt_target_commit(target, NULL, 0), "dt_target_commit");
   }
   next = argmax(logits, c.cfg.vocab_size);
-  for (i = 0; i < n_new; ++i) {
-    for (e = 0; e < c.n_eos; ++e)
-      if (next == c.eos[e]) break;
-    if (e < c.n_eos) break;
-    printf("%s%" PRId32, i ? " " : "", next);
-    if (i + 1 == n_new) break;
-    last_row = 0;
-    check(dt_target_forward(target, &next, NULL, 1, NULL, &last_row, 1, logits, NULL, 0, NULL),
-          "dt_target_forward");
-    check(dt_target_commit(target, NULL, 0), "dt_target_commit");
-    next = argmax(logits, c.cfg.vocab_size);
+  if (!draft) {
+    for (i = 0; i < n_new; ++i) {
+      if (is_eos(&c, next)) break;
+      printf("%s%" PRId32, i ? " " : "", next);
+      if (i + 1 == n_new) break;
+      last_row = 0;
+      check(dt_target_forward(target, &next, NULL, 1, NULL, &last_row, 1, logits, NULL, 0, NULL),
+            "dt_target_forward");
+      check(dt_target_commit(target, NULL, 0), "dt_target_commit");
+      next = argmax(logits, c.cfg.vocab_size);
+    }
+  } else {
+    /* The draft's first pairs: (feature of prompt row j, token j + 1), the last token
+     * being the target's first greedy token (the root of the first tree). */
+    for (i = 0; i + 1 < n_prompt; ++i) next_tokens[i] = tokens[i + 1];
+    next_tokens[n_prompt - 1] = next;
+    n_pairs = n_prompt;
+    emitted[0] = next;
+    m = 1;
+    for (;;) {
+      int64_t j, stop = 0;
+      float* f;
+      int32_t* t;
+      for (j = 0; j < m && printed < n_new; ++j) {
+        if (is_eos(&c, emitted[j])) {
+          stop = 1;
+          break;
+        }
+        printf("%s%" PRId32, printed ? " " : "", emitted[j]);
+        ++printed;
+      }
+      if (stop || printed >= n_new) break;
+      check(dt_speculator_step(spec, features, next_tokens, n_pairs, &shape, emitted, step_features, &m),
+            "dt_speculator_step");
+      ++steps;
+      /* the emitted tokens and their features are the next step's pairs */
+      f = features, features = step_features, step_features = f;
+      t = next_tokens, next_tokens = emitted, emitted = t;
+      n_pairs = m;
+      for (j = 0; j < m; ++j) emitted[j] = next_tokens[j];
+    }
   }
   printf("\n");
   check(dt_target_n_past(target, &n_past), "dt_target_n_past");
-  fprintf(stderr, "greedy: %" PRId64 " tokens in the KV cache, libdovetail %s\n", n_past,
-          dt_version_string(NULL, NULL, NULL));
+  if (draft)
+    fprintf(stderr, "greedy: %" PRId64 " speculative steps, %.2f tokens per step, ", steps,
+            steps ? (double)(printed - 1) / (double)steps : 0.0);
+  else
+    fprintf(stderr, "greedy: ");
+  fprintf(stderr, "%" PRId64 " tokens in the KV cache, libdovetail %s\n", n_past, dt_version_string(NULL, NULL, NULL));
+  dt_speculator_destroy(spec);
+  dt_draft_destroy(draft);
   dt_target_destroy(target);
   free(logits);
   free(tokens);
+  free(features);
+  free(step_features);
+  free(emitted);
+  free(next_tokens);
+  free(rows);
   return 0;
 }

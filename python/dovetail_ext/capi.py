@@ -30,6 +30,13 @@ Weight container, format version 1 (all integers little-endian)::
 
 Tensors carry the canonical names of :mod:`dovetail_ext.formats.base` in their stored
 format (the layout of ``dt_weight`` in ``dovetail.h``); norm vectors are float32.
+
+A draft (:func:`export_c_draft`) uses the same container: the header holds the draft's
+layer shape (vocab_size is its target's; max_context 0, no bos or eos ids), the tensors
+are the ``dt_weight`` draft names with matrices in q8_0 (as the Python package runs the
+draft on the CPU) and, for a reduced draft vocabulary, ``vocab_map``: int32 target token
+ids with the container-only dtype code 32 (not a ``dt_dtype``: pass it to
+``dt_draft_create`` as the vocab_map, not as a weight).
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["get_include", "get_library", "export_c_weights", "LIBRARY_ENV", "C_WEIGHTS_MAGIC",
-           "C_WEIGHTS_VERSION", "C_DTYPE_CODES"]
+__all__ = ["get_include", "get_library", "export_c_weights", "export_c_draft", "LIBRARY_ENV", "C_WEIGHTS_MAGIC",
+           "C_WEIGHTS_VERSION", "C_DTYPE_CODES", "C_VOCAB_MAP_CODE"]
 
 #: Environment variable naming the shared library to use (overrides every other place).
 LIBRARY_ENV = "DOVETAIL_LIBRARY"
@@ -50,6 +57,8 @@ C_WEIGHTS_MAGIC = b"DTWEIGHT"
 C_WEIGHTS_VERSION = 1
 #: Weight dtype name -> ``dt_dtype`` code.
 C_DTYPE_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
+#: The container's code for the draft's int32 ``vocab_map`` (not a ``dt_dtype``).
+C_VOCAB_MAP_CODE = 32
 _ALIGN = 64
 _MAX_EOS = 8
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -168,29 +177,74 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
     eos = list(dict.fromkeys([*cfg.eos_token_ids, *(source.tokenizer.eos_ids if source.tokenizer else ())]))
     if len(eos) > _MAX_EOS:
         raise ValueError(f"the model has {len(eos)} end-of-sequence ids; the container holds at most {_MAX_EOS}")
-    tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]] = []
+    tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]] = []
     for name in sorted(source.weights):
         w = source.weights[name]
         if len(w.shape) == 1 and w.dtype != "f32":  # the engine reads norm vectors as float32
-            tensors.append((name, "f32", w.shape, np.ascontiguousarray(dequantize(w), dtype=np.float32)))
+            tensors.append((name, C_DTYPE_CODES["f32"], w.shape, np.ascontiguousarray(dequantize(w), dtype=np.float32)))
         else:
-            tensors.append((name, w.dtype, w.shape, np.ascontiguousarray(w.data)))
-
-    table = bytearray()
-    offset = 0
-    offsets = []
-    for name, dtype, shape, data in tensors:
-        encoded = name.encode()
-        table += struct.pack("<I", len(encoded)) + encoded
-        table += struct.pack("<II", C_DTYPE_CODES[dtype], len(shape)) + struct.pack(f"<{len(shape)}q", *shape)
-        table += struct.pack("<QQ", offset, data.nbytes)
-        offsets.append(offset)
-        offset = _aligned(offset + data.nbytes)
-    header = struct.pack("<8sII", C_WEIGHTS_MAGIC, C_WEIGHTS_VERSION, len(tensors))
+            tensors.append((name, C_DTYPE_CODES[w.dtype], w.shape, np.ascontiguousarray(w.data)))
     fixed = struct.pack("<7qffqiI8i", cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps,
                         cfg.max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id, len(eos),
                         *(eos + [0] * (_MAX_EOS - len(eos))))
+    return _write_container(out, fixed, tensors)
+
+
+def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str | Path = "auto") -> Path:
+    """Write a draft's weights and layer shape into the C weight container (see the module
+    doc), for ``dt_draft_create`` next to the target written by :func:`export_c_weights`.
+
+    Args:
+        out: the file to write (replaced atomically).
+        model: the draft's target (GGUF file or Hugging Face directory; None: the default model).
+        draft: a draft checkpoint directory, or ``"auto"``: the draft shipped for the model.
+    Raises:
+        FileNotFoundError: no draft ships for the model (with ``"auto"``), or no checkpoint there.
+        DraftMismatchError: the draft was trained for another target.
+    """
+    from .draft_model import TargetSignature, load_draft_weights
+    from .errors import DraftMismatchError
+    from .formats import load_model_source
+    from .models import packaged_draft_for
+    from .quant import quantize
+
+    source = load_model_source(model)
+    path = packaged_draft_for(source) if str(draft) == "auto" else draft
+    if not path:
+        raise FileNotFoundError(f"no draft ships for {source.name or source.path}; pass a checkpoint directory")
+    config, weights = load_draft_weights(path)
+    diff = config.target.differences(TargetSignature.from_source(source))
+    if diff:
+        raise DraftMismatchError(f"this draft was trained for another target model ({'; '.join(diff)})")
+    tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]] = []
+    for name in sorted(weights):
+        arr = np.asarray(weights[name])
+        if name == "vocab_map":
+            tensors.append((name, C_VOCAB_MAP_CODE, arr.shape, np.ascontiguousarray(arr, dtype=np.int32)))
+            continue
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        q = quantize(arr, "f32" if arr.ndim == 1 else "q8_0")
+        tensors.append((name, C_DTYPE_CODES[q.dtype], tuple(q.shape), np.ascontiguousarray(q.data)))
+    fixed = struct.pack("<7qffqiI8i", source.config.vocab_size, config.hidden_size, config.intermediate_size,
+                        config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, config.rope_theta,
+                        config.rms_norm_eps, 0, -1, 0, *([0] * _MAX_EOS))
+    return _write_container(out, fixed, tensors)
+
+
+def _write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]
+                     ) -> Path:
+    table = bytearray()
+    offset = 0
+    offsets = []
+    for name, code, shape, data in tensors:
+        encoded = name.encode()
+        table += struct.pack("<I", len(encoded)) + encoded
+        table += struct.pack("<II", code, len(shape)) + struct.pack(f"<{len(shape)}q", *shape)
+        table += struct.pack("<QQ", offset, data.nbytes)
+        offsets.append(offset)
+        offset = _aligned(offset + data.nbytes)
+    header = struct.pack("<8sII", C_WEIGHTS_MAGIC, C_WEIGHTS_VERSION, len(tensors))
     data_offset = _aligned(len(header) + 8 + len(fixed) + len(table))
 
     out = Path(out)

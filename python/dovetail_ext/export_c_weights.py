@@ -2,6 +2,7 @@
 
     python -m dovetail_ext.export_c_weights model.dtw                 # the default model
     python -m dovetail_ext.export_c_weights model.dtw --model my.gguf
+    python -m dovetail_ext.export_c_weights model.dtw --draft-out draft.dtw   # and its shipped draft
 """
 
 from __future__ import annotations
@@ -19,15 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="output file")
     ap.add_argument("--model", metavar="PATH", default=None,
                     help="GGUF file or Hugging Face LLaMA directory (default: the default model)")
+    ap.add_argument("--draft-out", metavar="FILE", default=None,
+                    help="also write the draft for this model into FILE (for dt_draft_create)")
+    ap.add_argument("--draft", metavar="DIR", default="auto",
+                    help="the draft checkpoint for --draft-out (default: the draft shipped for the model)")
     args = ap.parse_args(argv)
-    from .capi import export_c_weights
-    from .errors import FormatError
+    from .capi import export_c_draft, export_c_weights
+    from .errors import DraftMismatchError, FormatError
     try:
-        path = export_c_weights(args.out, args.model)
-    except (FileNotFoundError, FormatError, ValueError) as e:
+        paths = [export_c_weights(args.out, args.model)]
+        if args.draft_out:
+            paths.append(export_c_draft(args.draft_out, args.model, args.draft))
+    except (FileNotFoundError, FormatError, DraftMismatchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(path)
+    print("\n".join(str(p) for p in paths))
     return 0
 
 
