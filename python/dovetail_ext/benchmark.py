@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import _core
+
 __all__ = ["BENCH_PROMPTS", "run_benchmark", "format_report"]
 
 #: Built-in prompts: code completions and chat questions, short to keep prefill small.
@@ -81,7 +83,7 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": platform.machine(),
-        "cpu_path": __import__("dovetail_ext")._core.get_isa(),
+        "cpu_path": _core.get_isa(),
         "threads": gen.target.threads,
         "model": gen.source.name or str(gen.source.path),
         "draft": None if gen.draft is None else gen.draft.device,

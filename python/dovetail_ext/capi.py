@@ -184,10 +184,8 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
             tensors.append((name, C_DTYPE_CODES["f32"], w.shape, np.ascontiguousarray(dequantize(w), dtype=np.float32)))
         else:
             tensors.append((name, C_DTYPE_CODES[w.dtype], w.shape, np.ascontiguousarray(w.data)))
-    fixed = struct.pack("<7qffqiI8i", cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
-                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps,
-                        cfg.max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id, len(eos),
-                        *(eos + [0] * (_MAX_EOS - len(eos))))
+    fixed = _fixed_header(cfg.vocab_size, cfg, cfg.max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id,
+                          eos)
     return _write_container(out, fixed, tensors)
 
 
@@ -226,10 +224,15 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         q = quantize(arr, "f32" if arr.ndim == 1 else "q8_0")
         tensors.append((name, C_DTYPE_CODES[q.dtype], tuple(q.shape), np.ascontiguousarray(q.data)))
-    fixed = struct.pack("<7qffqiI8i", source.config.vocab_size, config.hidden_size, config.intermediate_size,
-                        config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, config.rope_theta,
-                        config.rms_norm_eps, 0, -1, 0, *([0] * _MAX_EOS))
-    return _write_container(out, fixed, tensors)
+    return _write_container(out, _fixed_header(source.config.vocab_size, config, 0, -1, []), tensors)
+
+
+def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[int]) -> bytes:
+    """The header fields after data_offset; ``shape`` has the layer fields of a model or
+    draft config."""
+    return struct.pack("<7qffqiI8i", vocab_size, shape.hidden_size, shape.intermediate_size, shape.num_layers,
+                       shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rope_theta, shape.rms_norm_eps,
+                       max_context, bos, len(eos), *(list(eos) + [0] * (_MAX_EOS - len(eos))))
 
 
 def _write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]

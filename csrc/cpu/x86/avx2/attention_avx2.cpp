@@ -73,7 +73,6 @@ struct Kern {
   static float exp(float x) { return std::exp(x); }
 };
 
-
 // out[r][0 .. 8 NV) += sum over i of p[r][i] v[slots(i)] (rows of ld values) for RG rows,
 // sequentially in i.
 template <typename KvT, int NV, int RG>
