@@ -137,11 +137,13 @@ def test_rope_any_shape_and_position(T, H, half, theta, context, data):
 
 
 @budget(80)
-@given(n=st.integers(0, 5), V=st.integers(1, 300), data=st.data(), seed=st.integers(0, 2**16))
-def test_topk_log_softmax_any_shape(n, V, data, seed):
+@given(n=st.integers(0, 5), V=st.integers(1, 300), isa=st.sampled_from(ISAS), data=st.data(),
+       seed=st.integers(0, 2**16))
+def test_topk_log_softmax_any_shape(n, V, isa, data, seed):
     k = data.draw(st.integers(1, V))
     x = _rand(seed, n, V, scale=data.draw(st.sampled_from([0.1, 3.0, 30.0])))
-    ids, logp = _core.topk_log_softmax(x, k)
+    with use_isa(isa):
+        ids, logp = _core.topk_log_softmax(x, k)
     assert ids.shape == logp.shape == (n, k)
     ref = torch.log_softmax(torch.from_numpy(x).double(), dim=-1)
     want = torch.topk(ref, k, dim=-1).values.numpy()
@@ -170,6 +172,38 @@ def test_argmax_rows_any_shape(n, V, ties, isa, seed):
     np.testing.assert_array_equal(got, np.argmax(x, axis=1) if n else np.zeros(0, np.int64))
     with pytest.raises(ValueError, match="x has shape"):
         _core.argmax_rows(x.reshape(-1))
+
+
+@budget(120)
+@given(V=st.integers(1, 300), big=st.booleans(), ties=st.booleans(), masked=st.integers(0, 3),
+       temperature=st.sampled_from([0.05, 0.7, 1.0, 3.0]), top_k=st.sampled_from([0, 1, 2, 5, 64, 400]),
+       top_p=st.sampled_from([0.05, 0.5, 0.9, 0.999, 1.0]), scale=st.sampled_from([0.01, 2.0, 30.0]),
+       isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+def test_sampling_dist_any_row(V, big, ties, masked, temperature, top_k, top_p, scale, isa, seed):
+    """Every ISA path gives the scalar path's distribution bit for bit (the exponentials
+    and their 16-lane sums are the same operations in the same order), at awkward sizes,
+    with ties, masked (-inf) tokens and flat rows (the head growing to the whole row); the
+    probabilities sum to 1 and follow the float64 specification."""
+    from dovetail_ext.sampling import SamplingParams, target_probs_by_full_sort
+    V = V + 4096 if big else V
+    x = _rand(seed, V, scale=scale)
+    if ties:
+        x = np.round(x).astype(np.float32)
+    x[np.random.default_rng(seed).permutation(V)[:min(masked, V - 1)]] = -np.inf
+    with use_isa("scalar"):
+        want_ids, want_p = _core.sampling_dist(x, temperature, top_k, top_p)
+    with use_isa(isa):
+        ids, p = _core.sampling_dist(x, temperature, top_k, top_p)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(p, want_p)
+    assert np.all(np.diff(ids) > 0) and np.all(p > 0) and abs(p.sum() - 1) < 1e-10
+    assert not np.isin(np.flatnonzero(np.isneginf(x)), ids).any()
+    spec = target_probs_by_full_sort(x, SamplingParams(temperature, top_p=top_p, top_k=top_k))
+    common = np.intersect1d(ids, np.flatnonzero(spec))
+    assert len(common) >= 0.98 * max(len(ids), np.count_nonzero(spec)) - 1  # boundaries within rounding
+    dense = np.zeros(V)
+    dense[ids] = p
+    np.testing.assert_allclose(dense[common], spec[common], rtol=3e-5)
 
 
 # ------------------------------------------------------------------ attention

@@ -181,6 +181,34 @@ void bind_ops(py::module_& m) {
         return out;
       }, py::arg("x"), "Per row of x [n, V]: the index of its first maximum.");
 
+  m.def("sampling_dist", [](const py::handle& x_obj, double temperature, int64_t top_k, double top_p) {
+        auto x = as_array<float>(x_obj, "logits");
+        check_shape(x, {-1}, "logits");
+        std::vector<int32_t> ids;
+        std::vector<double> probs;
+        {
+          py::gil_scoped_release nogil;
+          sampling_dist(x.data(), x.shape(0), temperature, top_k, top_p, ids, probs);
+        }
+        return py::make_tuple(py::array_t<int32_t>((py::ssize_t)ids.size(), ids.data()),
+                              py::array_t<double>((py::ssize_t)probs.size(), probs.data()));
+      }, py::arg("logits"), py::arg("temperature"), py::arg("top_k") = 0, py::arg("top_p") = 1.0,
+      "The sampling distribution of one row of logits [V]: (ids, probs), the tokens of nonzero "
+      "probability in increasing id order (int32) and their probabilities (float64), after "
+      "temperature, top_k (0: off) and top_p (1.0: off).");
+
+  m.def("sample", [](const py::handle& x_obj, double temperature, int64_t top_k, double top_p, double u) {
+        auto x = as_array<float>(x_obj, "logits");
+        check_shape(x, {-1}, "logits");
+        py::gil_scoped_release nogil;
+        thread_local std::vector<int32_t> ids;
+        thread_local std::vector<double> probs;
+        sampling_dist(x.data(), x.shape(0), temperature, top_k, top_p, ids, probs);
+        return draw_from(ids, probs, u);
+      }, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("u"),
+      "One token drawn from sampling_dist(logits, ...) by the uniform number u in [0, 1): the "
+      "first whose running probability sum exceeds u times the total.");
+
   m.def("tile_keys", [](const py::array& k_obj) {
         const bool bf16 = py::array::ensure(k_obj).dtype().is(py::dtype::of<uint16_t>());
         py::array k = bf16 ? py::array(as_array<uint16_t>(k_obj, "k")) : py::array(as_array<float>(k_obj, "k"));

@@ -95,6 +95,27 @@ void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int3
 // for finite values).
 void argmax_rows(const float* x, int64_t n, int64_t V, int64_t* out);
 
+// The shifted exponentials of one row: z = (x[i] - m) * s, e[i] = exp(z) by the polynomial
+// of exp_poly.h for z >= exp_poly::kMin and exactly 0 below (-inf included); e may be null.
+// Adds e[i] to lanes[i % 16] (double, in index order), so the sum's rounding is the same
+// on every ISA path: lane_total() then adds the 16 lanes in order. Returns false if some z
+// is NaN (a NaN in x, or m or s not finite).
+bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double* lanes);
+double lane_total(const double* lanes);
+
+// The sampling distribution of one row of logits x [V]: e = exp((x - max) / temperature)
+// as above (1 / temperature taken in float); top_k > 0 keeps the top_k largest e (ties at
+// the k-th kept); top_p < 1 then keeps, in descending order, each token whose preceding
+// mass (a running double sum of e / sum) is below top_p, and every token tied with the last
+// one kept. Outputs the tokens of nonzero probability in increasing id order and their
+// probabilities e / (sum of the kept e). Throws ValueError on NaN or +inf in x, on a row
+// with no finite entry, and when 1 / temperature overflows.
+void sampling_dist(const float* x, int64_t V, double temperature, int64_t top_k, double top_p,
+                   std::vector<int32_t>& ids, std::vector<double>& probs);
+// One token of (ids, probs) for a uniform u in [0, 1): the first whose running probability
+// sum exceeds u times the whole sum (both sums sequential in double, numpy's cumsum).
+int32_t draw_from(const std::vector<int32_t>& ids, const std::vector<double>& probs, double u);
+
 enum class KvType : int { F32 = 0, BF16 = 1 };
 
 // Grouped-query attention over one layer's cache for a batch of T new tokens.
@@ -142,6 +163,7 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 // one vector pass, then the first block holding it.
 namespace avx2 {
 int quantize_block(const float* x, int8_t* q, float* d);
+bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double* lanes);
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 int64_t argmax(const float* x, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
@@ -152,6 +174,7 @@ void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1)
 }  // namespace avx2
 namespace avx512 {
 int quantize_block(const float* x, int8_t* q, float* d);
+bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double* lanes);
 int64_t argmax(const float* x, int64_t n);
 // out = silu(g) * u with a polynomial exp (within 2 ulp of expf); every element, the
 // tail's included, goes through the same vector code, so a value's result does not depend

@@ -1,5 +1,5 @@
-// Top-k of log-softmax per row, for tree expansion: one pass for the max, one for the sum
-// of exponentials (double), one selection pass keeping a sorted k-list. Argmax per row,
+// Top-k of log-softmax per row, for tree expansion: one pass for the max, one vector pass
+// for the sum of exponentials (exp_shift_sum), one selection pass keeping a sorted k-list. Argmax per row,
 // for greedy verification.
 #include <algorithm>
 #include <cmath>
@@ -15,11 +15,12 @@ void topk_log_softmax(const float* logits, int64_t n, int64_t V, int64_t k, int3
   parallel_range(n * V >= (1 << 16) ? nthreads : 1, n, 1, [&](int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* x = logits + r * V;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i]);
-    double sum = 0.0;
-    for (int64_t i = 0; i < V; ++i) sum += std::exp((double)(x[i] - mx));
-    const float lse = mx + (float)std::log(sum);
+    int64_t top = 0;
+    argmax_rows(x, 1, V, &top);
+    const float mx = x[top];
+    double lanes[16] = {};
+    (void)exp_shift_sum(x, V, mx, 1.0f, nullptr, lanes);  // (draft logits are finite)
+    const float lse = mx + (float)std::log(lane_total(lanes));
     int32_t* id = ids + r * k;
     float* val = logp + r * k;
     int64_t have = 0;

@@ -1,7 +1,7 @@
 """Choosing tokens from the target's logits: greedy, and seeded sampling with
 temperature, top-k and top-p applied to the target distribution.
 
-The same :func:`target_probs` feeds plain sampling and the lossless speculative
+The same :func:`target_dist` feeds plain sampling and the lossless speculative
 acceptance, so both sample from exactly one distribution.
 """
 
@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SamplingParams", "target_probs", "TokenChooser", "accept_greedy", "accept_sampled"]
+from . import _core
+
+__all__ = ["SamplingParams", "target_dist", "target_probs", "TokenChooser", "accept_greedy", "accept_sampled"]
+
+
+# Weights exp(z) below exp(-87.3) (about 1e-38 of the most likely token's) are exactly 0:
+# the float32 exponent's range.
+EXP_CUTOFF = -87.3
 
 
 @dataclass(frozen=True)
@@ -39,43 +46,46 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The distribution to sample from, float64 [..., V].
+def target_dist(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution to sample from for one row of logits [V], as its support: (ids,
+    probs), the tokens of nonzero probability in increasing id order (int32) and their
+    probabilities (float64), computed natively (``_core.sampling_dist``).
 
-    logits / temperature, then keep the top_k largest, then the smallest set of the most
-    likely tokens whose mass reaches top_p (ties at the boundary are kept), renormalized.
+    Weights e = exp((logits - max) / temperature) (float32, exactly 0 below exp(-87.3));
+    top_k keeps the top_k largest (ties at the k-th kept); top_p then keeps, from the most
+    likely down, each token whose preceding mass is below top_p, and every token tied with
+    the last one kept; the kept weights are renormalized. Only the head of the vocabulary is
+    sorted, so filtered sampling costs one vector pass over the logits.
     """
     if params.greedy:
         raise ValueError("greedy decoding has no sampling distribution (temperature is 0)")
-    z = np.asarray(logits, dtype=np.float64) / params.temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    # Filters multiply by their 0/1 mask: the kept values stay bit for bit what they were
-    # (every value is finite), and a multiply costs less than a select.
-    if params.top_k and params.top_k < z.shape[-1]:
-        kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
-        p *= z >= kth
-    p /= p.sum(axis=-1, keepdims=True)
-    if params.top_p < 1.0:
-        rows = p.reshape(-1, p.shape[-1])
-        if params.top_k:  # past top-k most of a row is zero: the head lies among the rest
-            rows = [r[r > 0] for r in rows]
-        threshold = np.array([_top_p_threshold(r, params.top_p) for r in rows]).reshape(p.shape[:-1] + (1,))
-        p *= p >= threshold
-        p /= p.sum(axis=-1, keepdims=True)
-    return p
+    return _core.sampling_dist(np.asarray(logits, dtype=np.float32), params.temperature, params.top_k, params.top_p)
+
+
+def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """:func:`target_dist` as dense float64 rows [..., V] (zeros outside the support)."""
+    if params.greedy:
+        raise ValueError("greedy decoding has no sampling distribution (temperature is 0)")
+    x = np.asarray(logits, dtype=np.float32)
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.zeros(rows.shape, dtype=np.float64)
+    for r, row in enumerate(rows):
+        ids, p = target_dist(row, params)
+        out[r, ids] = p
+    return out.reshape(x.shape)
 
 
 def target_probs_by_full_sort(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """:func:`target_probs`'s rule written plainly: the filters as selects and top-p over
-    the whole row sorted. The specification the tests and the sampling benchmark hold
-    :func:`target_probs` to (bit for bit); several times slower."""
+    """:func:`target_dist`'s rule written plainly in float64 numpy: the filters as selects
+    and top-p over the whole row sorted. The specification the native distribution is
+    tested against (the same support; probabilities within float32 rounding of the
+    exponent) and the baseline of the sampling benchmark; several times slower."""
     z = np.asarray(logits, dtype=np.float64) / params.temperature
     z = z - z.max(axis=-1, keepdims=True)
     if params.top_k and params.top_k < z.shape[-1]:
         kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
         z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z)
+    p = np.where(z >= EXP_CUTOFF, np.exp(z), 0.0)
     p /= p.sum(axis=-1, keepdims=True)
     if params.top_p < 1.0:
         sorted_p = -np.sort(-p, axis=-1)
@@ -84,23 +94,6 @@ def target_probs_by_full_sort(logits: np.ndarray, params: SamplingParams) -> np.
         p = np.where(p >= threshold, p, 0.0)
         p /= p.sum(axis=-1, keepdims=True)
     return p
-
-
-def _top_p_threshold(p: np.ndarray, top_p: float) -> float:
-    """The smallest probability top-p keeps in one row: the most likely tokens are kept
-    while the mass before them is below top_p; everything at least as likely as the last
-    of them stays too (ties). Only the head of the sorted row decides it, so the row is
-    sorted a slice at a time (64 tokens, then 4x more while all of them are kept) instead
-    of whole: the values and their running sums are those of a full descending sort."""
-    V = p.shape[-1]
-    m = min(V, 64)
-    while True:
-        head = p if m == V else p[np.argpartition(p, V - m)[V - m:]]
-        head = np.sort(head)[::-1]
-        keep = (np.cumsum(head) - head) < top_p
-        if not keep[-1] or m == V:
-            return float(head[np.count_nonzero(keep) - 1])
-        m = min(V, 4 * m)
 
 
 class TokenChooser:
@@ -113,17 +106,21 @@ class TokenChooser:
     def __call__(self, logits: np.ndarray) -> int:
         if self.params.greedy:
             return int(np.argmax(logits))
-        return self.draw(target_probs(logits, self.params))
+        p = self.params  # target_dist and draw_from in one native call (the same token)
+        return _core.sample(np.asarray(logits, dtype=np.float32), p.temperature, p.top_k, p.top_p, self.rng.random())
+
+    def draw_from(self, ids: np.ndarray, probs: np.ndarray) -> int:
+        """One token of a distribution given by its support (ids in increasing order, their
+        probabilities): inverse CDF on one uniform draw."""
+        cdf = np.cumsum(probs)
+        u = self.rng.random() * cdf[-1]
+        return int(ids[min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)])
 
     def draw(self, probs: np.ndarray) -> int:
-        """One token from a probability vector (inverse CDF on one uniform draw). After
-        top-k / top-p most entries are zero: the CDF is then summed over the others only
-        (the same running sums: adding a zero changes nothing)."""
-        support = np.flatnonzero(probs) if np.count_nonzero(probs) * 4 < len(probs) else None
-        cdf = np.cumsum(probs if support is None else probs[support])
-        u = self.rng.random() * cdf[-1]
-        i = int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
-        return i if support is None else int(support[i])
+        """One token from a dense probability vector: the same draw as :meth:`draw_from` on
+        its nonzero entries (zeros add nothing to the CDF)."""
+        support = np.flatnonzero(probs)
+        return self.draw_from(support, probs[support])
 
 
 def accept_greedy(tree, logits: np.ndarray) -> tuple[np.ndarray, int]:
@@ -158,20 +155,23 @@ def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: To
     u = 0
     path = [0]
     while True:
-        p = target_probs(logits[u], params)
+        ids, p = target_dist(logits[u], params)
         moved = False
         for c in tree.children(u):
             x = int(tree.tokens[c])
-            if chooser.rng.random() < p[x]:
+            k = int(np.searchsorted(ids, x))
+            px = float(p[k]) if k < len(ids) and ids[k] == x else 0.0
+            if chooser.rng.random() < px:
                 u, moved = int(c), True
                 path.append(u)
                 break
-            rest = p.sum() - p[x]
+            rest = p.sum() - px
             if rest <= 0.0:  # p(x) was 1 up to rounding: nothing else can be drawn
                 u, moved = int(c), True
                 path.append(u)
                 break
-            p[x] = 0.0
+            if px:
+                p[k] = 0.0
             p /= rest
         if not moved:
-            return np.asarray(path, dtype=np.int64), chooser.draw(p)
+            return np.asarray(path, dtype=np.int64), chooser.draw_from(ids, p)

@@ -224,23 +224,4 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
   }
 }
 
-int64_t argmax(const float* x, int64_t n) {
-  __m256 m = _mm256_set1_ps(x[0]);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float mx = lanes[0];
-  for (int j = 1; j < 8; ++j) mx = lanes[j] > mx ? lanes[j] : mx;
-  for (int64_t j = i; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
-  const __m256 target = _mm256_set1_ps(mx);
-  for (i = 0; i + 8 <= n; i += 8) {
-    const int eq = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
-    if (eq) return i + __builtin_ctz((unsigned)eq);
-  }
-  for (; i < n; ++i)
-    if (x[i] == mx) return i;
-  return 0;
-}
-
 }  // namespace dovetail::avx2

@@ -202,20 +202,4 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
   }
 }
 
-int64_t argmax(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(x[0]);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
-  float mx = _mm512_reduce_max_ps(m);
-  for (int64_t j = i; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
-  const __m512 target = _mm512_set1_ps(mx);
-  for (i = 0; i + 16 <= n; i += 16) {
-    const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), target, _CMP_EQ_OQ);
-    if (eq) return i + __builtin_ctz((unsigned)eq);
-  }
-  for (; i < n; ++i)
-    if (x[i] == mx) return i;
-  return 0;
-}
-
 }  // namespace dovetail::avx512
