@@ -49,12 +49,15 @@ def spec_gen(default_source, threads):
     return Generator(default_source, target, draft), label
 
 
-def _run(gen, prompts, n, adaptive=None, **kw):
+def _run(gen, prompts, n, adaptive=None, lookup="default", **kw):
+    from dovetail_ext.lookup import LookupParams
     gen.adaptive = adaptive
+    gen.lookup = LookupParams() if lookup == "default" else lookup
     try:
         results = [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
     finally:
         gen.adaptive = None
+        gen.lookup = LookupParams()
     toks = sum(r.stats.new_tokens for r in results)
     secs = sum(r.stats.decode_s for r in results)
     calls = sum(r.stats.target_calls for r in results)
@@ -62,20 +65,24 @@ def _run(gen, prompts, n, adaptive=None, **kw):
                          acceptance_length=toks / max(calls, 1),
                          draft_s=sum(r.stats.draft_s for r in results),
                          verify_s=sum(r.stats.verify_s for r in results),
-                         plain_steps=sum(r.stats.plain_steps for r in results))
+                         plain_steps=sum(r.stats.plain_steps for r in results),
+                         lookup_steps=sum(r.stats.lookup_steps for r in results),
+                         lookup_accepted=sum(r.stats.lookup_accepted for r in results))
 
 
-@pytest.mark.parametrize("mode", ["plain", "speculative", "speculative-fixed"])
+@pytest.mark.parametrize("mode", ["plain", "speculative", "speculative-fixed", "speculative-no-lookup"])
 def test_decode_modes(benchmark, spec_gen, record, mode):
     """plain; speculative as generate() does it by default (greedy: adaptive, plain steps
-    while speculation measures slower); speculative-fixed (every step drafts)."""
+    while speculation measures slower; prompt lookup on); speculative-fixed (every step
+    drafts or verifies a lookup chain); speculative-no-lookup (the draft alone, adaptive)."""
     gen, label = spec_gen
     n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(2))
     out = {}
 
     def run():
         out["results"], out["entry"] = _run(gen, prompts, n, speculative=mode != "plain",
-                                            adaptive=False if mode == "speculative-fixed" else None)
+                                            adaptive=False if mode == "speculative-fixed" else None,
+                                            lookup=None if mode == "speculative-no-lookup" else "default")
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     entry = dict(out["entry"], draft=label, prompts="HumanEval", tokens=[r.tokens for r in out["results"]])
     benchmark.extra_info.update({k: v for k, v in entry.items() if k != "tokens"})
@@ -83,8 +90,9 @@ def test_decode_modes(benchmark, spec_gen, record, mode):
 
 
 def test_tree_sweep(benchmark, spec_gen, record):
-    """tau and tokens/s per tree shape (top_k, depth, total_tokens), plain decoding as the
-    baseline, all in this run; every shape's output must equal plain decoding's."""
+    """tau and tokens/s per tree shape (top_k, depth, total_tokens) of the draft alone (no
+    prompt lookup, every step drafting), plain decoding as the baseline, all in this run;
+    every shape's output must equal plain decoding's."""
     from dovetail_ext.tree import TreeParams
     gen, label = spec_gen
     n, prompts = (128, humaneval_prompts(max(2, N_PROMPTS // 2))) if benchmark.enabled else (4, humaneval_prompts(1))
@@ -93,7 +101,8 @@ def test_tree_sweep(benchmark, spec_gen, record):
     def run():
         plain, rows["plain"] = _run(gen, prompts, n, speculative=False)
         for shape in TREES:
-            res, rows[str(shape)] = _run(gen, prompts, n, speculative=True, tree=TreeParams(*shape), adaptive=False)
+            res, rows[str(shape)] = _run(gen, prompts, n, speculative=True, tree=TreeParams(*shape), adaptive=False,
+                                         lookup=None)
             assert [r.tokens for r in res] == [r.tokens for r in plain], f"tree {shape} changed the output"
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     base = rows["plain"]["tokens_per_s"]

@@ -558,13 +558,15 @@ def _exact_first3(target, prompt, params, V):
                                                   (SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=12), False,
                                                    False),
                                                   (SamplingParams(temperature=1.0, seed=13), True, False),
-                                                  (SamplingParams(temperature=1.0, seed=14), False, True)],
-                         ids=["t1.0", "t0.7-topp0.9-topk5", "t1.0-overlap", "t1.0-plain-steps"])
+                                                  (SamplingParams(temperature=1.0, seed=14), False, True),
+                                                  (SamplingParams(temperature=1.0, seed=16), False, "chains")],
+                         ids=["t1.0", "t0.7-topp0.9-topk5", "t1.0-overlap", "t1.0-plain-steps", "t1.0-lookup-chains"])
 def test_speculative_sampling_has_the_target_distribution(params, overlap, mixed):
     """End to end: the first three tokens under speculative sampling (a random draft that
     disagrees with the target) follow the target's own distribution (G-test, 50,000 draws);
     also when trees are drafted ahead for a guessed outcome (overlap) and used when it holds,
-    and when steps that do not draft (plain steps) come between drafting ones."""
+    when steps that do not draft (plain steps) come between drafting ones, and when some
+    steps verify a proposed chain instead (prompt lookup)."""
     V = 8
     src, target = tiny_target(vocab=V, seed=7, dtype="f32", context=64, embd_scale=0.1)
     draft = random_draft(src, target, seed=9, std=0.5)
@@ -589,12 +591,18 @@ def test_speculative_sampling_has_the_target_distribution(params, overlap, mixed
         out = [first]
         while len(out) < 3:
             drafting = not mixed or bool(pattern.random() < 0.5)
+            chain = None
+            if mixed == "chains" and not drafting:  # a guessed continuation: often right, often wrong
+                chain = [int(t) for t in pattern.choice([2, 3, 5], size=int(pattern.integers(1, 3)))]
+                drafting = True
             emitted, _ = speculative_step(state, target, draft, tree, params, chooser, times, overlap=overlap,
-                                          drafting=drafting)
+                                          drafting=drafting, chain=chain)
             out += emitted
         counts[out[0], out[1], out[2]] += 1
     if overlap:
         assert times.ahead_hits > 0.02 * n, times.ahead_hits  # trees drafted ahead were used
+    if mixed == "chains":
+        assert times.lookup_accepted > 0.05 * n, times.lookup_accepted  # chain tokens were accepted
     assert counts[exact == 0].sum() == 0, "a token outside the target's support was emitted"
     assert np.mean(times.history) > 1.05  # the draft's tokens were accepted some of the time
     e, c = exact[exact > 0].ravel() * n, counts[exact > 0].ravel()

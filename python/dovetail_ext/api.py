@@ -23,6 +23,7 @@ import numpy as np
 
 from .formats import load_model_source
 from .formats.base import ModelSource
+from .lookup import LookupParams, NgramLookup
 from .sampling import SamplingParams, TokenChooser
 from .target import TargetEngine
 from .tree import TreeParams
@@ -52,6 +53,8 @@ class GenerationStats:
     accept_s: float = 0.0
     ahead_tries: int = 0   # overlap: trees drafted during verification ...
     ahead_hits: int = 0    # ... and used (verification agreed with the draft's guess)
+    lookup_steps: int = 0     # speculative steps that verified a prompt-lookup chain ...
+    lookup_accepted: int = 0  # ... and the chain tokens accepted in them
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,11 +109,16 @@ class Generator:
 
     def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
                  tree: TreeParams | None = None, overlap: bool = False,
-                 adaptive: bool | None = None) -> None:
+                 adaptive: bool | None = None, lookup: LookupParams | None = LookupParams()) -> None:
         self.source = source
         self.target = target
         self.draft = draft
         self.tree = tree or TreeParams()
+        # Speculative steps verify a chain copied from the context (prompt lookup) whenever
+        # its last tokens occurred before, instead of running the draft; None: never.
+        if lookup is not None and not isinstance(lookup, LookupParams):
+            raise ValueError(f"lookup must be LookupParams or None, got {lookup!r}")
+        self.lookup = lookup
         # Draft the next tree while the target verifies (speculative.py). Off unless asked
         # for: on the CPU the two share the cores, and with a GPU draft it measured slower
         # too (the guesses held on 22-29% of steps; bench/results/gpu-*).
@@ -258,6 +266,7 @@ class Generator:
                                   next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
                 times = SpecTimes()
                 overlap = self.overlap
+                lookup = NgramLookup(ids + pending, self.lookup) if self.lookup is not None else None
                 adaptive = self.adaptive if self.adaptive is not None else params.greedy
                 governor = None
                 if adaptive:  # one governor per (draft, tree): its measurements carry over
@@ -296,12 +305,18 @@ class Generator:
                 stats.target_calls += 1
                 root = pending[-1]
                 if spec:
-                    drafting = governor is None or governor.drafting() or state.ready is not None
+                    chain = lookup.propose() if lookup is not None and state.ready is None else None
+                    drafting = bool(chain) or governor is None or governor.drafting() or state.ready is not None
                     ts = time.perf_counter()
                     pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser,
-                                                          times, overlap=overlap, drafting=drafting)
+                                                          times, overlap=overlap, drafting=drafting, chain=chain)
+                    if lookup is not None:
+                        lookup.extend(pending)
                     if governor is not None:
-                        governor.record(drafting, time.perf_counter() - ts, len(pending))
+                        if chain:  # not a drafting step: the governor weighs the draft's steps only
+                            governor.sat_out()
+                        else:
+                            governor.record(drafting, time.perf_counter() - ts, len(pending))
                     self._keep_features(committed)
                     self._kv_tokens.extend([root] + pending[:-1])
                 else:
@@ -321,6 +336,7 @@ class Generator:
             stats.acceptance_length = sum(times.history) / times.steps
             stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
             stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
+            stats.lookup_steps, stats.lookup_accepted = times.lookup_steps, times.lookup_accepted
             stats.plain_steps = governor.plain_steps - plain_before if governor is not None else 0
         elif stats.target_calls:
             stats.acceptance_length = 1.0
@@ -373,7 +389,7 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
          overlap: bool = False, adaptive: bool | None = None, gpu_layers: int = 0,
-         offload_device: str = "cuda") -> Generator:
+         offload_device: str = "cuda", lookup: LookupParams | None = LookupParams()) -> Generator:
     """Load a model for generation.
 
     Args:
@@ -405,6 +421,10 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             output is the same either way). Default: on for greedy decoding, off for
             sampling (which steps draft depends on timings, and that would change a seeded
             sample).
+        lookup: prompt lookup in speculative steps (``lookup.LookupParams``: when the last
+            3-4 tokens of the context occurred before, the up to 6 tokens that followed them
+            are verified instead of a drafted tree, and the draft does not run for that
+            step; lossless like any draft). ``None`` turns it off.
         gpu_layers: run the target's first N layers on ``offload_device`` (partial offload;
             the rest on the CPU). Those layers compute in bf16, so the output is that of a
             slightly different target than the CPU-only one (and speculation is exact
@@ -421,4 +441,4 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
         from .draft import DEFAULT_DRAFT_WEIGHTS, Draft
         drafter = Draft.load(draft, target, weights_dtype=draft_weights or DEFAULT_DRAFT_WEIGHTS, max_batch=max_batch,
                              device=draft_device)
-    return Generator(source, target, drafter, tree, overlap=overlap, adaptive=adaptive)
+    return Generator(source, target, drafter, tree, overlap=overlap, adaptive=adaptive, lookup=lookup)

@@ -55,8 +55,8 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
     if temperature > 0 and seed is None:
         seed = 0  # seeded sampling: the same draws in both modes
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    totals = {m: dict(tokens=0, seconds=0.0, calls=0, stepped=0.0, plain_steps=0, draft_s=0.0, verify_s=0.0,
-                      prefill_s=0.0, prompt_tokens=0) for m in modes}
+    totals = {m: dict(tokens=0, seconds=0.0, calls=0, stepped=0.0, plain_steps=0, lookup_steps=0, lookup_accepted=0,
+                      draft_s=0.0, verify_s=0.0, prefill_s=0.0, prompt_tokens=0) for m in modes}
     outputs: dict[str, list[list[int]]] = {m: [] for m in modes}
     total, done = len(prompts) * repeat * len(modes), 0
     for r in range(repeat):
@@ -71,6 +71,8 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
                 t["calls"] += s.target_calls
                 t["stepped"] += s.acceptance_length * s.target_calls  # tokens the decoding steps emitted
                 t["plain_steps"] += s.plain_steps
+                t["lookup_steps"] += s.lookup_steps
+                t["lookup_accepted"] += s.lookup_accepted
                 t["draft_s"] += s.draft_s
                 t["verify_s"] += s.verify_s
                 t["prefill_s"] += s.prefill_s
@@ -89,20 +91,24 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
         "draft": None if gen.draft is None else gen.draft.device,
         "tree": dict(top_k=gen.tree.top_k, depth=gen.tree.depth, total_tokens=gen.tree.total_tokens,
                      min_prob=gen.tree.min_prob),
+        "lookup": None if gen.lookup is None else dict(min_n=gen.lookup.min_n, max_n=gen.lookup.max_n,
+                                                       max_tokens=gen.lookup.max_tokens),
         "sampling": dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
         "prompts": len(prompts), "repeat": repeat, "max_new_tokens": max_new_tokens,
         "modes": {},
     }
     for mode, t in totals.items():
         steps = max(t["calls"], 1)
-        spec_steps = max(t["calls"] - t["plain_steps"], 1)
+        drafting_steps = max(t["calls"] - t["plain_steps"] - t["lookup_steps"], 1)
         report["modes"][mode] = {
             "tokens_per_s": t["tokens"] / t["seconds"] if t["seconds"] > 0 else 0.0,
             "ms_per_token": 1e3 * t["seconds"] / max(t["tokens"], 1),
             "new_tokens": t["tokens"], "target_calls": t["calls"],
             "tau": t["stepped"] / steps,
             "prefill_tokens_per_s": t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] > 0 else 0.0,
-            **({"plain_steps": t["plain_steps"], "draft_ms_per_step": 1e3 * t["draft_s"] / spec_steps,
+            **({"plain_steps": t["plain_steps"], "lookup_steps": t["lookup_steps"],
+                "lookup_tokens_accepted": t["lookup_accepted"],
+                "draft_ms_per_step": 1e3 * t["draft_s"] / drafting_steps,
                 "verify_ms_per_step": 1e3 * t["verify_s"] / steps} if mode == "speculative" else {}),
         }
     if "speculative" in report["modes"]:
@@ -127,6 +133,11 @@ def format_report(report: dict[str, Any]) -> str:
         extra = (f" {m['draft_ms_per_step']:14.3f} {m['verify_ms_per_step']:15.3f}" if mode == "speculative"
                  else f" {'':14s} {'':15s}")
         lines.append(f"{mode:12s} {m['tokens_per_s']:8.1f} {m['ms_per_token']:9.3f} {m['tau']:5.2f}{extra}")
+    spec = report["modes"].get("speculative")
+    if spec and spec["lookup_steps"]:
+        lines.append(f"  ({spec['lookup_steps']} of {spec['target_calls']} speculative steps verified a prompt-lookup "
+                     f"chain, {spec['lookup_tokens_accepted']} of its tokens accepted; the draft ms are per "
+                     f"drafting step)")
     if "speculative_over_plain" in report:
         same = report["outputs_identical"]
         lines += ["", f"speculative / plain: {report['speculative_over_plain']:.2f}x "

@@ -123,6 +123,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
                    help="draft the next tree while the target verifies (default: off; it measured slower)")
+    p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
+                   help="speculative steps verify a chain copied from the context (prompt lookup) when its "
+                        "last 3-4 tokens occurred before, instead of running the draft (default: on)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="decode plainly while speculation measures slower than plain steps (default: on "
                         "for greedy decoding, off for sampling so that --seed stays reproducible)")
@@ -135,8 +138,11 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
 def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """load() arguments from _add_model_args / _add_decoding_args options (model, context and
     threads aside)."""
+    from .lookup import LookupParams
+
     return dict(weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
-                offload_device=args.offload_device, overlap=args.overlap, adaptive=args.adaptive)
+                offload_device=args.offload_device, overlap=args.overlap, adaptive=args.adaptive,
+                lookup=LookupParams() if args.lookup else None)
 
 
 def _draft_arg(args: argparse.Namespace) -> str | None:
@@ -176,6 +182,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"verify {s.verify_s:.3f} s" if s.mode == "speculative" else "")
     if s.ahead_tries:
         spec += f", trees drafted ahead used {s.ahead_hits}/{s.ahead_tries}"
+    if s.lookup_steps:
+        spec += f", {s.lookup_steps} prompt-lookup steps ({s.lookup_accepted} tokens accepted)"
     if s.plain_steps:
         spec += f", {s.plain_steps} plain steps (speculation measured slower)"
     print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "

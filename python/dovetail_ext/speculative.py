@@ -50,15 +50,15 @@ class SpecState:
     features: np.ndarray       # [n, D] target features the draft has not consumed
     next_tokens: np.ndarray    # [n] the token after each of those positions (ends with root)
     ready: Tree | None = None  # a tree drafted ahead for this root (overlap), verified next
-    # Plain steps' (feature rows [1, D], next token), kept per step and joined to features /
-    # next_tokens once, when the draft runs next (not copied again at every plain step).
-    backlog: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    # The (feature rows [k, D], next tokens [k]) of steps the draft sat out (plain steps,
+    # prompt-lookup chains), kept per step and joined to features / next_tokens once, when
+    # the draft runs next (not copied again at every such step).
+    backlog: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def join_backlog(self) -> None:
         if self.backlog:
             self.features = np.concatenate([self.features, *(f for f, _ in self.backlog)])
-            self.next_tokens = np.concatenate([self.next_tokens,
-                                               np.array([t for _, t in self.backlog], dtype=np.int64)])
+            self.next_tokens = np.concatenate([self.next_tokens, *(t for _, t in self.backlog)])
             self.backlog.clear()
 
 
@@ -74,6 +74,9 @@ class SpecTimes:
     ahead_tries: int = 0       # overlap: trees drafted ahead
     ahead_hits: int = 0        # ... that verification agreed with (used without drafting)
     ahead_wait_s: float = 0.0  # time verification waited for the draft to finish ahead
+    lookup_steps: int = 0      # steps that verified a prompt-lookup chain (no draft)
+    lookup_drafted: int = 0    # ... tokens those chains held
+    lookup_accepted: int = 0   # ... and how many of them were accepted
 
 
 class Governor:
@@ -139,6 +142,11 @@ class Governor:
             return False  # then one plain step
         return self.wait == 0
 
+    def sat_out(self) -> None:
+        """A step the draft had no part in (a prompt-lookup chain): the rates are left as
+        they are, and the next drafting step, which catches up on it, is not timed."""
+        self._timed = False
+
     def record(self, drafted: bool, seconds: float, emitted: int) -> None:
         """One step's outcome: whether it drafted, its time and the tokens it emitted."""
         if not drafted:
@@ -185,12 +193,17 @@ class _Ahead(threading.Thread):
 
 def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, params: TreeParams,
                      sampling: SamplingParams, chooser: TokenChooser,
-                     times: SpecTimes, overlap: bool = False, drafting: bool = True) -> tuple[list[int], np.ndarray]:
+                     times: SpecTimes, overlap: bool = False, drafting: bool = True,
+                     chain: list[int] | None = None) -> tuple[list[int], np.ndarray]:
     """Run one step. Returns the tokens it emits (accepted drafted tokens + bonus) and the
     target features [len(path), D] of the positions it committed (the root and the
     accepted tokens). With ``drafting`` False (and no tree drafted ahead) the root is
-    verified alone, a plain step; the draft takes its features in at the next drafting step."""
+    verified alone, a plain step; the draft takes its features in at the next drafting step.
+    A ``chain`` of proposed tokens (prompt lookup, :mod:`.lookup`) is verified after the
+    root instead of a drafted tree, the draft sitting the step out in the same way."""
     t0 = time.perf_counter()
+    if state.ready is None and chain:
+        return _chain_step(state, target, chain, sampling, chooser, times, t0)
     if not drafting and state.ready is None:
         return _plain_step(state, target, chooser, times, t0)
     state.join_backlog()
@@ -283,10 +296,42 @@ def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, t
     t1 = time.perf_counter()
     bonus = chooser(logits[0])
     target.commit()
-    state.backlog.append((feats, bonus))
+    state.backlog.append((feats, np.array([bonus], dtype=np.int64)))
     state.root = bonus
     times.verify_s += t1 - t0
     times.accept_s += time.perf_counter() - t1
     times.steps += 1
     times.history.append(1)
     return [bonus], feats
+
+
+def _chain_step(state: SpecState, target: TargetEngine, chain: list[int], sampling: SamplingParams,
+                chooser: TokenChooser, times: SpecTimes, t0: float) -> tuple[list[int], np.ndarray]:
+    """Verify the root and a proposed chain in one target call and accept by the same rule
+    as drafted trees (each chain token is a deterministic proposal), without the draft:
+    its pairs wait in the backlog like a plain step's."""
+    room = target.context - target.n_past
+    chain = list(chain)[:max(0, room - 1)]
+    tree = build_tree([state.root, *chain], list(range(-1, len(chain))))
+    rows = np.arange(tree.size)
+    logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
+                                   logit_rows=rows, feature_rows=rows)
+    t1 = time.perf_counter()
+    if sampling.greedy:
+        path, bonus = accept_greedy(tree, logits)
+    else:
+        path, bonus = accept_sampled(tree, logits, sampling, chooser)
+    target.commit(path)
+    accepted = tree.tokens[path[1:]].tolist()
+    state.backlog.append((feats[path], np.array(accepted + [bonus], dtype=np.int64)))
+    state.root = bonus
+    times.verify_s += t1 - t0
+    times.accept_s += time.perf_counter() - t1
+    times.steps += 1
+    times.drafted += len(chain)
+    times.accepted += len(accepted)
+    times.lookup_steps += 1
+    times.lookup_drafted += len(chain)
+    times.lookup_accepted += len(accepted)
+    times.history.append(len(accepted) + 1)
+    return accepted + [bonus], feats[path]
