@@ -242,7 +242,8 @@ def test_cli_streams_text(default_gguf_path):
 
 def test_cli_bench_compares_plain_and_speculative(capsys, default_gguf_path):
     """dovetail bench: both modes on built-in prompts, tau, the ratio, identical greedy
-    outputs; the text table; plain only without a draft; bad arguments are clear errors."""
+    outputs; the text table; prompt lookup alone without a draft, plain only without either;
+    bad arguments are clear errors."""
     from dovetail_ext.benchmark import BENCH_PROMPTS, format_report, run_benchmark
     from dovetail_ext.cli import main
     args = ["bench", "--prompts", "2", "--max-new-tokens", "8", "--threads", "1", "--context", "256"]
@@ -263,6 +264,10 @@ def test_cli_bench_compares_plain_and_speculative(capsys, default_gguf_path):
     assert "--prompts must be in" in capsys.readouterr().err
     import dovetail_ext
     gen = dovetail_ext.load(default_gguf_path, draft=None, context=128, threads=1)
+    rep = run_benchmark(gen, ["Hi"], max_new_tokens=4)  # no draft: prompt lookup alone against plain
+    assert set(rep["modes"]) == {"plain", "lookup"} and rep["speculative_mode"] == "lookup"
+    assert rep["outputs_identical"] and "lookup / plain" in format_report(rep)
+    gen.lookup = None
     rep = run_benchmark(gen, ["Hi"], max_new_tokens=4)
     assert "speculative_over_plain" not in rep and "plain decoding only" in format_report(rep)
     with pytest.raises(ValueError, match="repeat"):

@@ -101,3 +101,25 @@ def test_seeded_sampling_with_lookup_is_reproducible(gen):
 def test_lookup_argument_is_checked(gen):
     with pytest.raises(ValueError, match="lookup must be LookupParams or None"):
         dovetail_ext.api.Generator(gen.source, gen.target, None, lookup=(3, 4, 6))
+
+
+def test_lookup_alone_without_a_draft(gen):
+    """A generator without a draft speculates by prompt lookup alone by default ("lookup"
+    mode: chains where the context repeats, plain steps elsewhere): the output is plain
+    decoding's, greedy and seeded sampling alike; speculative=False decodes plainly."""
+    g = dovetail_ext.api.Generator(gen.source, gen.target)
+    used = saved = 0
+    for prompt in PROMPTS:
+        plain = g.generate(prompt, max_new_tokens=96, speculative=False)
+        look = g.generate(prompt, max_new_tokens=96)
+        assert plain.stats.mode == "plain" and look.stats.mode == "lookup"
+        assert look.tokens == plain.tokens, prompt
+        assert look.stats.draft_s == 0 and look.stats.lookup_steps <= look.stats.target_calls
+        assert look.stats.target_calls <= plain.stats.target_calls
+        used += look.stats.lookup_accepted
+        saved += plain.stats.target_calls - look.stats.target_calls
+    assert used >= 8 and saved >= 8, (used, saved)
+    kw = dict(max_new_tokens=48, temperature=0.7, top_p=0.9, seed=4)
+    a, b = g.generate(PROMPTS[0], **kw), g.generate(PROMPTS[0], **kw)
+    assert a.tokens == b.tokens and a.stats.mode == "lookup"
+

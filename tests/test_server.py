@@ -106,7 +106,8 @@ def test_chat_matches_direct_generation(server, client, refs):
                                                                    refs.chat.stats.new_tokens)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     timing = r.model_extra["dovetail"]
-    assert timing["mode"] == "plain" and timing["tokens_per_s"] > 0 and timing["acceptance_length"] == 1.0
+    # (no draft: prompt lookup alone, the generator's default)
+    assert timing["mode"] == "lookup" and timing["tokens_per_s"] > 0 and timing["acceptance_length"] >= 1.0
     # max_completion_tokens is the newer name for the same bound
     r2 = client.chat.completions.create(model=server.model, messages=CHAT, max_completion_tokens=4, temperature=0)
     assert r2.usage.completion_tokens == 4 and r2.choices[0].finish_reason == "length"

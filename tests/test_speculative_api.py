@@ -121,9 +121,10 @@ def test_edge_cases(gen):
         gen.generate("hi", speculative=True, tree=TreeParams(40, 7, 16))
     with pytest.raises(ValueError, match="total_tokens"):
         TreeParams(10, 7, 0)
-    plain_gen = Generator(gen.source, gen.target)
+    plain_gen = Generator(gen.source, gen.target, lookup=None)
     with pytest.raises(ValueError, match="needs a draft"):
         plain_gen.generate("hi", speculative=True)
+    assert Generator(gen.source, gen.target).generate("hi", max_new_tokens=4, speculative=True).stats.mode == "lookup"
 
 
 def test_context_fills_cleanly_while_speculating(default_gguf_path):

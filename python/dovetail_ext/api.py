@@ -42,7 +42,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     tokens_per_s: float = 0.0
-    mode: str = "plain"    # or "speculative"
+    mode: str = "plain"    # "speculative" (a draft), or "lookup" (prompt lookup without a draft)
     stop_reason: str = ""  # "eos", "stop", "length" or "context"
     cached_prompt_tokens: int = 0
     target_calls: int = 0  # target forwards while decoding (prefill chunks not counted)
@@ -175,8 +175,10 @@ class Generator:
             seed: seeds sampling; the same seed gives the same output.
             stop: strings that end generation; the text stops before them.
             raw: encode a string prompt without the chat template.
-            speculative: use the draft (default: when the generator has one). The output
-                is the same as without it: greedy token for token, sampling in distribution.
+            speculative: speculate (default: yes, with the draft when the generator has
+                one, else with prompt lookup alone when ``lookup`` is set; ``False``: plain
+                decoding). The output is the same either way: greedy token for token,
+                sampling in distribution.
             tree: tree shape for this call (default: the generator's ``tree``).
             draft: a draft checkpoint path or a :class:`~dovetail_ext.draft.Draft` to use
                 from now on (replaces the generator's draft).
@@ -226,9 +228,13 @@ class Generator:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if isinstance(stop, str):
             stop = [stop]
-        spec = self.draft is not None if speculative is None else bool(speculative)
-        if spec and self.draft is None:
-            raise ValueError("speculative=True needs a draft: load(..., draft=PATH) or Generator(..., draft=...)")
+        # With a draft: speculative steps (lookup chains among them). Without one: prompt
+        # lookup alone ("lookup" mode: a chain where the context repeats, else a plain step).
+        if speculative and self.draft is None and self.lookup is None:
+            raise ValueError("speculative=True needs a draft (load(..., draft=PATH) or Generator(..., draft=...)) "
+                             "or prompt lookup (lookup=LookupParams())")
+        spec = self.draft is not None and speculative is not False
+        lookup_only = not spec and speculative is not False and self.lookup is not None
         tree = tree or self.tree
         if spec:
             self.draft.check_tree(tree)
@@ -243,7 +249,8 @@ class Generator:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
                              f"{self.target.context} tokens (leave room for at least one new token; "
                              f"load with a larger context=)")
-        stats = GenerationStats(prompt_tokens=len(ids), mode="speculative" if spec else "plain")
+        stats = GenerationStats(prompt_tokens=len(ids),
+                                mode="speculative" if spec else "lookup" if lookup_only else "plain")
         self.last_stats = stats
         if max_new_tokens == 0:
             stats.stop_reason = "length"
@@ -275,6 +282,10 @@ class Generator:
                     governor = self._governor[1]
                     governor.new_sequence()
                     plain_before = governor.plain_steps
+            elif lookup_only:
+                from .speculative import SpecTimes, verify_chain
+                times = SpecTimes()
+                lookup = NgramLookup(ids + pending, self.lookup)
         stats.prefill_s = time.perf_counter() - t0
 
         decoder = self.tokenizer.stream_decoder()
@@ -320,10 +331,23 @@ class Generator:
                     self._keep_features(committed)
                     self._kv_tokens.extend([root] + pending[:-1])
                 else:
-                    logits, _ = self.target.forward([root])
-                    self.target.commit()
-                    self._kv_tokens.append(root)
-                    pending = [chooser(logits[0])]
+                    chain = lookup.propose(self.target.context - self.target.n_past - 1) if lookup_only else None
+                    if chain:
+                        ts = time.perf_counter()
+                        accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False)
+                        times.verify_s += time.perf_counter() - ts
+                        times.record_chain(len(chain), len(accepted))
+                        self._kv_tokens.extend([root] + accepted)
+                    else:
+                        logits, _ = self.target.forward([root])
+                        self.target.commit()
+                        self._kv_tokens.append(root)
+                        pending = [chooser(logits[0])]
+                        if lookup_only:
+                            times.steps += 1
+                            times.history.append(1)
+                    if lookup_only:
+                        lookup.extend(pending)
         if stats.stop_reason != "stop":
             tail, hit = stops.feed(decoder.flush())
             tail = tail + ("" if hit else stops.flush())
@@ -332,12 +356,12 @@ class Generator:
         stats.new_tokens = len(out_tokens)
         stats.decode_s = time.perf_counter() - t1
         stats.tokens_per_s = stats.new_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
-        if spec and times.steps:
+        if (spec or lookup_only) and times.steps:
             stats.acceptance_length = sum(times.history) / times.steps
             stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
             stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
             stats.lookup_steps, stats.lookup_accepted = times.lookup_steps, times.lookup_accepted
-            stats.plain_steps = governor.plain_steps - plain_before if governor is not None else 0
+            stats.plain_steps = governor.plain_steps - plain_before if spec and governor is not None else 0
         elif stats.target_calls:
             stats.acceptance_length = 1.0
 

@@ -5,7 +5,8 @@
     >>> report = run_benchmark(dovetail_ext.load(), max_new_tokens=64)
     >>> report["speculative_over_plain"], report["modes"]["speculative"]["tau"]
 
-Prompt by prompt, the same generator decodes plainly and speculatively (the order
+Prompt by prompt, the same generator decodes plainly and speculatively (with its draft;
+for a model without one, by prompt lookup alone: ``report["speculative_mode"]``; the order
 alternating from one prompt to the next, so that a machine's drift hits both modes alike),
 and the report holds tokens/s, time per token, the acceptance length tau, the draft's and
 the verification's time per step, and whether the two outputs are identical (greedy
@@ -51,7 +52,9 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
         raise ValueError("the benchmark needs at least one prompt")
     if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
         raise ValueError(f"repeat must be an integer >= 1, got {repeat!r}")
-    modes = ["plain"] + (["speculative"] if gen.draft is not None else [])
+    # The speculative mode: with the draft, or (no draft) by prompt lookup alone.
+    fast = "speculative" if gen.draft is not None else "lookup" if gen.lookup is not None else None
+    modes = ["plain"] + ([fast] if fast else [])
     if temperature > 0 and seed is None:
         seed = 0  # seeded sampling: the same draws in both modes
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -64,7 +67,7 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
             order = modes if (r * len(prompts) + i) % 2 == 0 else modes[::-1]
             for mode in order:
                 gen.reset()  # no prompt cache: each mode prefills the whole prompt
-                res = gen.generate(prompt, speculative=mode == "speculative", **kw)
+                res = gen.generate(prompt, speculative=mode != "plain", **kw)
                 s, t = res.stats, totals[mode]
                 t["tokens"] += s.new_tokens
                 t["seconds"] += s.decode_s
@@ -109,12 +112,13 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
             **({"plain_steps": t["plain_steps"], "lookup_steps": t["lookup_steps"],
                 "lookup_tokens_accepted": t["lookup_accepted"],
                 "draft_ms_per_step": 1e3 * t["draft_s"] / drafting_steps,
-                "verify_ms_per_step": 1e3 * t["verify_s"] / steps} if mode == "speculative" else {}),
+                "verify_ms_per_step": 1e3 * t["verify_s"] / steps} if mode != "plain" else {}),
         }
-    if "speculative" in report["modes"]:
-        p, s = report["modes"]["plain"], report["modes"]["speculative"]
+    if fast:
+        p, s = report["modes"]["plain"], report["modes"][fast]
+        report["speculative_mode"] = fast
         report["speculative_over_plain"] = s["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else 0.0
-        report["outputs_identical"] = outputs["plain"] == outputs["speculative"]
+        report["outputs_identical"] = outputs["plain"] == outputs[fast]
     return report
 
 
@@ -130,22 +134,25 @@ def format_report(report: dict[str, Any]) -> str:
              f"{'mode':12s} {'tok/s':>8s} {'ms/token':>9s} {'tau':>5s} {'draft ms/step':>14s} "
              f"{'verify ms/step':>15s}"]
     for mode, m in report["modes"].items():
-        extra = (f" {m['draft_ms_per_step']:14.3f} {m['verify_ms_per_step']:15.3f}" if mode == "speculative"
+        extra = (f" {m['draft_ms_per_step']:14.3f} {m['verify_ms_per_step']:15.3f}" if mode != "plain"
                  else f" {'':14s} {'':15s}")
         lines.append(f"{mode:12s} {m['tokens_per_s']:8.1f} {m['ms_per_token']:9.3f} {m['tau']:5.2f}{extra}")
-    spec = report["modes"].get("speculative")
+    fast = report.get("speculative_mode")
+    spec = report["modes"].get(fast) if fast else None
     if spec and spec["lookup_steps"]:
         lines.append(f"  ({spec['lookup_steps']} of {spec['target_calls']} speculative steps verified a prompt-lookup "
                      f"chain, {spec['lookup_tokens_accepted']} of its tokens accepted; the draft ms are per "
                      f"drafting step)")
     if "speculative_over_plain" in report:
         same = report["outputs_identical"]
-        lines += ["", f"speculative / plain: {report['speculative_over_plain']:.2f}x "
-                      f"(tree top_k={tree['top_k']} depth={tree['depth']} tokens={tree['total_tokens']}"
-                      f"{' min_prob=' + str(tree['min_prob']) if tree['min_prob'] else ''}); outputs "
+        shape = (f"tree top_k={tree['top_k']} depth={tree['depth']} tokens={tree['total_tokens']}"
+                 f"{' min_prob=' + str(tree['min_prob']) if tree['min_prob'] else ''}" if fast == "speculative"
+                 else "no draft: prompt lookup alone")
+        lines += ["", f"{fast} / plain: {report['speculative_over_plain']:.2f}x ({shape}); outputs "
                       + ("identical" if same else "differ" + (" (expected when sampling)"
                                                                if report["sampling"]["temperature"] > 0 else
                                                                ": greedy outputs must match, please report"))]
     else:
-        lines += ["", "no draft for this model: plain decoding only (--draft PATH to compare)"]
+        lines += ["", "no draft for this model and prompt lookup off: plain decoding only (--draft PATH or "
+                      "--lookup to compare)"]
     return "\n".join(lines)

@@ -118,7 +118,8 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", action="store_true",
                    help="speculative decoding with the draft shipped for this model (the default; same as "
                         "--draft auto)")
-    p.add_argument("--no-spec", action="store_true", help="plain decoding (no draft is loaded)")
+    p.add_argument("--no-spec", action="store_true",
+                   help="plain decoding (no draft is loaded, no prompt lookup)")
     p.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
@@ -142,7 +143,7 @@ def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     return dict(weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
                 offload_device=args.offload_device, overlap=args.overlap, adaptive=args.adaptive,
-                lookup=LookupParams() if args.lookup else None)
+                lookup=LookupParams() if args.lookup and not args.no_spec else None)
 
 
 def _draft_arg(args: argparse.Namespace) -> str | None:
@@ -179,7 +180,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     s = gen.last_stats
     spec = (f" | tau {s.acceptance_length:.2f} over {s.target_calls} target calls, draft {s.draft_s:.3f} s, "
-            f"verify {s.verify_s:.3f} s" if s.mode == "speculative" else "")
+            f"verify {s.verify_s:.3f} s" if s.mode in ("speculative", "lookup") else "")
     if s.ahead_tries:
         spec += f", trees drafted ahead used {s.ahead_hits}/{s.ahead_tries}"
     if s.lookup_steps:
@@ -207,7 +208,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not args.json:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(prompts) * args.repeat * (2 if gen.draft is not None else 1), unit="gen",
+        bar = tqdm(total=len(prompts) * args.repeat * (2 if gen.draft is not None or gen.lookup is not None else 1),
+                   unit="gen",
                    desc="dovetail bench", file=sys.stderr, disable=not sys.stderr.isatty())
     try:
         report = run_benchmark(gen, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat,
@@ -232,7 +234,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
                **_load_kwargs(args))
     model_id = args.model_id or default_model_id(gen)
-    mode = "speculative" if gen.draft is not None and not args.no_spec else "plain"
+    mode = "plain" if args.no_spec else "speculative" if gen.draft is not None else \
+        "prompt-lookup" if gen.lookup is not None else "plain"
     print(f"dovetail: serving {model_id} ({mode} decoding, context {gen.target.context}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(gen, host=args.host, port=args.port, model_id=model_id, speculative=False if args.no_spec else None,

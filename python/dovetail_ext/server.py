@@ -456,7 +456,8 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         generator: from :func:`dovetail_ext.load`; only the app's worker thread uses it
             from now on.
         model_id: the name clients pass as ``model`` (default :func:`default_model_id`).
-        speculative: None speculates when the generator has a draft; False never does.
+        speculative: None speculates when the generator has a draft (without one, by prompt
+            lookup when the generator has it on); False never does.
 
     The engine is ``app.state.engine`` (:class:`Engine`); it stops with the app's lifespan.
     """

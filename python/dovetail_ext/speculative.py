@@ -41,7 +41,7 @@ from .sampling import SamplingParams, TokenChooser, accept_greedy, accept_sample
 from .target import TargetEngine
 from .tree import Tree, TreeParams, build_tree
 
-__all__ = ["SpecState", "SpecTimes", "Governor", "speculative_step"]
+__all__ = ["SpecState", "SpecTimes", "Governor", "speculative_step", "verify_chain"]
 
 
 @dataclass
@@ -77,6 +77,16 @@ class SpecTimes:
     lookup_steps: int = 0      # steps that verified a prompt-lookup chain (no draft)
     lookup_drafted: int = 0    # ... tokens those chains held
     lookup_accepted: int = 0   # ... and how many of them were accepted
+
+    def record_chain(self, proposed: int, accepted: int) -> None:
+        """Counts of one step that verified a prompt-lookup chain."""
+        self.steps += 1
+        self.drafted += proposed
+        self.accepted += accepted
+        self.lookup_steps += 1
+        self.lookup_drafted += proposed
+        self.lookup_accepted += accepted
+        self.history.append(accepted + 1)
 
 
 class Governor:
@@ -305,33 +315,36 @@ def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, t
     return [bonus], feats
 
 
-def _chain_step(state: SpecState, target: TargetEngine, chain: list[int], sampling: SamplingParams,
-                chooser: TokenChooser, times: SpecTimes, t0: float) -> tuple[list[int], np.ndarray]:
-    """Verify the root and a proposed chain in one target call and accept by the same rule
-    as drafted trees (each chain token is a deterministic proposal), without the draft:
-    its pairs wait in the backlog like a plain step's."""
-    room = target.context - target.n_past
-    chain = list(chain)[:max(0, room - 1)]
-    tree = build_tree([state.root, *chain], list(range(-1, len(chain))))
+def verify_chain(target: TargetEngine, root: int, chain: list[int], sampling: SamplingParams,
+                 chooser: TokenChooser, features: bool = True) -> tuple[list[int], list[int], np.ndarray | None]:
+    """Verify the root and a proposed chain in one target call (the chain must fit the KV
+    room left), accept by the same rule as drafted trees (each chain token is a
+    deterministic proposal) and commit. Returns (the accepted chain tokens, the emitted
+    tokens: those and the bonus, target features of the committed rows when ``features``)."""
+    if len(chain) + 1 > target.context - target.n_past:
+        raise ValueError(f"a chain of {len(chain)} tokens after the root does not fit the "
+                         f"{target.context - target.n_past} KV slots left")
+    tree = build_tree([root, *chain], list(range(-1, len(chain))))
     rows = np.arange(tree.size)
     logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
-                                   logit_rows=rows, feature_rows=rows)
-    t1 = time.perf_counter()
+                                   logit_rows=rows, feature_rows=rows if features else None)
     if sampling.greedy:
         path, bonus = accept_greedy(tree, logits)
     else:
         path, bonus = accept_sampled(tree, logits, sampling, chooser)
     target.commit(path)
     accepted = tree.tokens[path[1:]].tolist()
-    state.backlog.append((feats[path], np.array(accepted + [bonus], dtype=np.int64)))
-    state.root = bonus
-    times.verify_s += t1 - t0
-    times.accept_s += time.perf_counter() - t1
-    times.steps += 1
-    times.drafted += len(chain)
-    times.accepted += len(accepted)
-    times.lookup_steps += 1
-    times.lookup_drafted += len(chain)
-    times.lookup_accepted += len(accepted)
-    times.history.append(len(accepted) + 1)
-    return accepted + [bonus], feats[path]
+    return accepted, accepted + [bonus], feats[path] if features else None
+
+
+def _chain_step(state: SpecState, target: TargetEngine, chain: list[int], sampling: SamplingParams,
+                chooser: TokenChooser, times: SpecTimes, t0: float) -> tuple[list[int], np.ndarray]:
+    """A step that verifies a proposed chain (:func:`verify_chain`) without the draft: its
+    pairs wait in the backlog like a plain step's."""
+    chain = list(chain)[:max(0, target.context - target.n_past - 1)]
+    accepted, emitted, feats = verify_chain(target, state.root, chain, sampling, chooser)
+    state.backlog.append((feats, np.array(emitted, dtype=np.int64)))
+    state.root = emitted[-1]
+    times.verify_s += time.perf_counter() - t0  # (with the acceptance: no draft time to set apart)
+    times.record_chain(len(chain), len(accepted))
+    return emitted, feats
