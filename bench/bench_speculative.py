@@ -126,6 +126,10 @@ def test_sampled_decode(benchmark, spec_gen, record, setting, monkeypatch):
         p = sampling.target_probs_by_full_sort(logits, params)
         ids = np.flatnonzero(p)
         return ids, p[ids]
+
+    def full_sort_choice(chooser, logits):  # TokenChooser.__call__ with the plain rule
+        return int(np.argmax(logits)) if chooser.params.greedy else chooser.draw_from(*full_sort_dist(logits,
+                                                                                                      chooser.params))
     gen, label = spec_gen
     n, prompts = (96, humaneval_prompts(max(2, N_PROMPTS // 2))) if benchmark.enabled else (4, humaneval_prompts(1))
     kw = dict(setting, seed=1)
@@ -135,6 +139,7 @@ def test_sampled_decode(benchmark, spec_gen, record, setting, monkeypatch):
         for prompt in prompts:
             with monkeypatch.context() as m:
                 m.setattr(sampling, "target_dist", full_sort_dist)
+                m.setattr(sampling.TokenChooser, "__call__", full_sort_choice)
                 runs["plain, full-sort rule"].append(_run(gen, [prompt], n, speculative=False, **kw))
             runs["plain"].append(_run(gen, [prompt], n, speculative=False, **kw))
             runs["speculative"].append(_run(gen, [prompt], n, speculative=True, **kw))
