@@ -145,6 +145,19 @@ def default_source(default_gguf_path: Path) -> Any:
     return load_gguf(default_gguf_path)
 
 
+@pytest.fixture(scope="module")
+def random_draft_gen(default_gguf_path: Path) -> Any:
+    """A generator for the default model (context 512, 2 threads) with an untrained 1-layer
+    draft: speculation whose proposals the target mostly rejects."""
+    import dovetail_ext
+    from dovetail_ext.draft import Draft
+    from dovetail_ext.draft_model import DovetailDraft, DraftConfig
+    g = dovetail_ext.load(default_gguf_path, context=512, threads=2, draft=None)
+    module = DovetailDraft.random(DraftConfig.for_target(g.source, num_layers=1), seed=0, std=0.05)
+    g.draft = Draft.from_module(module, g.target)
+    return g
+
+
 @pytest.fixture(scope="session")
 def llama_gguf_writer() -> Callable[..., dict[str, np.ndarray]]:
     """:func:`write_llama_gguf`, as a fixture so test modules need not import conftest."""

@@ -21,6 +21,7 @@ import subprocess
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -137,14 +138,16 @@ def test_example_greedy_matches_python(greedy_bin, c_weights, generator, prompt)
     assert len(got) == 12 or want.stats.stop_reason == "eos"
 
 
+@pytest.mark.parametrize("lookup", ["1", "0"])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_example_speculative_matches_python(greedy_bin, c_weights, c_draft_weights, generator, prompt):
+def test_example_speculative_matches_python(greedy_bin, c_weights, c_draft_weights, generator, prompt, lookup):
     """greedy -d DRAFT: the shipped draft exported to the container, speculative steps
-    through dt_speculator_step; the same ids as greedy decoding in Python."""
+    through dt_speculator_step, with prompt lookup (the default) and without (-l 0); the
+    same ids as greedy decoding in Python."""
     ids = generator.encode_prompt(prompt, raw=True)
     want = generator.generate(prompt, raw=True, max_new_tokens=24, speculative=False)
-    r = subprocess.run([str(greedy_bin), "-d", str(c_draft_weights), str(c_weights), "24", *map(str, ids)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([str(greedy_bin), "-d", str(c_draft_weights), "-l", lookup, str(c_weights), "24",
+                        *map(str, ids)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert [int(t) for t in r.stdout.split()] == want.tokens
     steps, per_step = re.search(r"(\d+) speculative steps, ([\d.]+) tokens per step", r.stderr).groups()
@@ -175,6 +178,7 @@ def test_example_refuses_bad_input(greedy_bin, c_weights, generator, tmp_path):
         ([str(c_weights), "4", "1", "x"], 2, "not a non-negative integer"),
         ([str(c_weights), "4", "99999999"], 1, "DT_ERR_INVALID: dt_target_forward: token id 99999999"),
         ([str(c_weights), "9999999", "1"], 2, "exceed the model's context"),
+        (["-l", "2", str(c_weights), "4", "1"], 2, "-l takes 0"),
     ]:
         r = subprocess.run([str(greedy_bin), *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == code and message in r.stderr, (args, r.returncode, r.stderr)
@@ -218,6 +222,11 @@ class TargetConfig(ctypes.Structure):
 class TreeShape(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("top_k", ctypes.c_int64), ("depth", ctypes.c_int64),
                 ("total_tokens", ctypes.c_int64), ("min_prob", ctypes.c_double)]
+
+
+class LookupParams(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("min_n", ctypes.c_int64), ("max_n", ctypes.c_int64),
+                ("max_tokens", ctypes.c_int64)]
 
 
 class DraftConfig(ctypes.Structure):
@@ -271,6 +280,9 @@ class CApi:
             "dt_speculator_create": ([P, P, P], ctypes.c_int),
             "dt_speculator_step": ([P, F32P, I32P, i64, P, I32P, F32P, P], ctypes.c_int),
             "dt_speculator_destroy": ([P], None),
+            "dt_lookup_params_init": ([P], None),
+            "dt_speculator_set_lookup": ([P, P], ctypes.c_int),
+            "dt_speculator_reset": ([P], ctypes.c_int),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(lib, name)
@@ -522,22 +534,35 @@ def tree_shape(lib: CApi, top_k=1, depth=1, total_tokens=2, min_prob=0.0) -> Tre
     return s
 
 
-def c_spec_step(lib, h, D, feats, toks, shape):
+def lookup_params(lib: CApi, min_n=3, max_n=4, max_tokens=6) -> LookupParams:
+    p = LookupParams()
+    lib.dt_lookup_params_init(ctypes.byref(p))
+    assert (p.struct_size, p.min_n, p.max_n, p.max_tokens) == (ctypes.sizeof(LookupParams), 3, 4, 6)
+    p.min_n, p.max_n, p.max_tokens = min_n, max_n, max_tokens
+    return p
+
+
+def c_spec_step(lib, h, D, feats, toks, shape, room=None):
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     toks = np.asarray(toks, dtype=np.int32)
-    emitted = np.full(shape.depth + 1, -1, dtype=np.int32)
-    out = np.full((shape.depth + 1, D), np.nan, dtype=np.float32)
+    room = room or shape.depth + 1
+    emitted = np.full(room, -1, dtype=np.int32)
+    out = np.full((room, D), np.nan, dtype=np.float32)
     n = ctypes.c_int64(-1)
     st = lib.dt_speculator_step(h, ptr(feats, F32P), ptr(toks, I32P), len(toks), ctypes.byref(shape),
                                 ptr(emitted, I32P), ptr(out, F32P), ctypes.byref(n))
     return st, emitted[:max(n.value, 0)], out[:max(n.value, 0)]
 
 
-@pytest.mark.parametrize("shape_args", [(1, 1, 2, 0.0), (3, 3, 6, 0.0), (4, 4, 12, 0.01)], ids=str)
-def test_speculator_emits_the_greedy_tokens(lib, shape_args):
+@pytest.mark.parametrize("shape_args,lookup", [((1, 1, 2, 0.0), None), ((3, 3, 6, 0.0), None),
+                                               ((4, 4, 12, 0.01), None), ((1, 1, 2, 0.0), (1, 3, 5)),
+                                               ((3, 3, 6, 0.0), (2, 2, 8))], ids=str)
+def test_speculator_emits_the_greedy_tokens(lib, shape_args, lookup):
     """dt_speculator_step from the C API: the target's plain greedy tokens, and the same
     steps (tokens and features) as the Python binding's GreedySpeculator on the same weights;
-    the speculator keeps working after its target and draft handles are destroyed."""
+    the speculator keeps working after its target and draft handles are destroyed. With
+    prompt lookup on (dt_speculator_set_lookup), some steps verify lookup chains (longer
+    than depth + 1 tokens at times) and the tokens are still the greedy ones."""
     cfg, weights = tiny_target_weights("q8_0", tied=True)
     ct, pt = CTarget(lib, cfg, weights, context=96, max_batch=16), py_target(cfg, weights, context=96, max_batch=16)
     dw = draft_weights(cfg)
@@ -550,6 +575,12 @@ def test_speculator_emits_the_greedy_tokens(lib, shape_args):
     py_spec = _core.GreedySpeculator(pt, pd)
     hs = P()
     assert lib.dt_speculator_create(ct.h, hd, ctypes.byref(hs)) == 0, lib.error()
+    room = None
+    if lookup is not None:
+        lp = lookup_params(lib, *lookup)
+        assert lib.dt_speculator_set_lookup(hs, ctypes.byref(lp)) == 0, lib.error()
+        py_spec.set_lookup(SimpleNamespace(min_n=lookup[0], max_n=lookup[1], max_tokens=lookup[2]))
+        room = max(shape_args[1], lookup[2]) + 1
     lib.dt_draft_destroy(hd)
     D, shape = cfg.hidden_size, tree_shape(lib, *shape_args)
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, 7)
@@ -568,9 +599,11 @@ def test_speculator_emits_the_greedy_tokens(lib, shape_args):
     pt.truncate(7)
     out, toks = [truth[0]], np.append(prompt[1:], truth[0])
     f_c, t_py = feats, toks
+    longest = 0
     while len(out) < 30:
-        st, emitted, f_c = c_spec_step(lib, hs, D, f_c, toks, shape)
+        st, emitted, f_c = c_spec_step(lib, hs, D, f_c, toks, shape, room)
         assert st == 0, lib.error()
+        longest = max(longest, len(emitted))
         e_py, f_py2, *_ = py_spec.step(f_py if len(out) > 1 else feats, t_py, shape.top_k, shape.depth,
                                        shape.total_tokens, np.log(shape.min_prob) if shape.min_prob else -np.inf)
         assert emitted.tolist() == e_py.tolist()
@@ -579,6 +612,10 @@ def test_speculator_emits_the_greedy_tokens(lib, shape_args):
         out += emitted.tolist()
         toks = emitted
     assert out[:30] == truth
+    if lookup is not None:
+        assert py_spec.lookup_steps > 0, "no lookup chain was verified"
+        assert longest > shape_args[1] + 1, longest  # a chain step emitted more than a tree can
+        assert lib.dt_speculator_reset(hs) == 0 and lib.dt_speculator_set_lookup(hs, None) == 0
     lib.dt_speculator_destroy(hs)
 
 
@@ -608,6 +645,14 @@ def test_speculator_refuses_bad_input(lib):
         ct.commit()
     assert c_spec_step(lib, hs, D, f, t, tree_shape(lib))[0] == ST["DT_ERR_INVALID"] and "free slots" in lib.error()
     assert ct.n_past() == 31  # refused before anything changed
+    lp = lookup_params(lib)
+    assert lib.dt_speculator_set_lookup(None, ctypes.byref(lp)) == ST["DT_ERR_NULL"]
+    assert lib.dt_speculator_reset(None) == ST["DT_ERR_NULL"]
+    lp.struct_size = 4
+    assert lib.dt_speculator_set_lookup(hs, ctypes.byref(lp)) == ST["DT_ERR_INVALID"] and "struct_size" in lib.error()
+    for bad, msg in [((0, 4, 6), "min_n"), ((3, 2, 6), "max_n"), ((3, 65, 6), "max_n"), ((3, 4, 0), "max_tokens")]:
+        lp = lookup_params(lib, *bad)
+        assert lib.dt_speculator_set_lookup(hs, ctypes.byref(lp)) == ST["DT_ERR_INVALID"] and msg in lib.error()
     lib.dt_speculator_destroy(hs)
     lib.dt_speculator_destroy(None)
     lib.dt_draft_destroy(hd)

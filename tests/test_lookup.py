@@ -8,20 +8,22 @@ import numpy as np
 import pytest
 
 import dovetail_ext
-from dovetail_ext.draft import Draft
-from dovetail_ext.draft_model import DovetailDraft, DraftConfig
 from dovetail_ext.lookup import LookupParams, NgramLookup
 
 
 def brute_force(tokens: list[int], params: LookupParams, limit: int) -> list[int]:
     """The longest suffix (max_n down to min_n) with an earlier occurrence that has a
-    continuation; the latest such occurrence; its next tokens."""
+    continuation; the latest such occurrence; its next tokens, continued periodically past
+    the end of the context."""
     L = len(tokens)
     for n in range(min(params.max_n, L), params.min_n - 1, -1):
         suffix = tokens[L - n:]
         for start in range(L - n - 1, -1, -1):  # occurrences ending before the last token
             if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + min(limit, params.max_tokens)]
+                extended = list(tokens)
+                for k in range(min(limit, params.max_tokens)):
+                    extended.append(extended[start + n + k])
+                return extended[L:]
     return []
 
 
@@ -50,21 +52,22 @@ def test_examples_and_parameters():
     look.extend([4])
     assert look.propose() == []                 # 6 7 4 never occurred
     look = NgramLookup([1, 2, 3, 9, 1, 2, 3, 7, 0, 2, 3], LookupParams(min_n=2, max_n=3))
-    assert look.propose() == [7, 0, 2, 3]       # 2 3 (no 3-gram 0 2 3 before): its latest occurrence
-    look = NgramLookup([1, 1, 1], LookupParams(min_n=2, max_n=2))
-    assert look.propose() == [1]                # overlapping occurrences; never the suffix itself
+    # 2 3 (no 3-gram 0 2 3 before): after its latest occurrence 7 0 2 3, then the same again
+    assert look.propose() == [7, 0, 2, 3, 7, 0]
+    look = NgramLookup([1, 1, 1], LookupParams(min_n=2, max_n=2, max_tokens=4))
+    assert look.propose() == [1, 1, 1, 1]       # a run: the overlapping occurrence, continued
+    look = NgramLookup([4, 8, 5, 4, 8, 5, 4], LookupParams(min_n=2, max_n=3, max_tokens=5))
+    assert look.propose() == [8, 5, 4, 8, 5]    # a loop of period 3
     assert NgramLookup([], LookupParams()).propose() == []
-    for bad in (dict(min_n=0), dict(max_n=2, min_n=3), dict(max_tokens=0), dict(min_n=True), dict(max_n=2.5)):
+    for bad in (dict(min_n=0), dict(max_n=2, min_n=3), dict(max_tokens=0), dict(min_n=True), dict(max_n=2.5),
+                dict(max_n=65)):
         with pytest.raises(ValueError, match="lookup"):
             LookupParams(**bad)
 
 
 @pytest.fixture(scope="module")
-def gen(default_gguf_path):
-    g = dovetail_ext.load(default_gguf_path, context=512, threads=2, draft=None)
-    module = DovetailDraft.random(DraftConfig.for_target(g.source, num_layers=1), seed=0, std=0.05)
-    g.draft = Draft.from_module(module, g.target)
-    return g
+def gen(random_draft_gen):
+    return random_draft_gen
 
 
 PROMPTS = ["Write a Python class Point with x and y, and methods add, sub, mul and div that each return a new Point.",
@@ -123,3 +126,47 @@ def test_lookup_alone_without_a_draft(gen):
     a, b = g.generate(PROMPTS[0], **kw), g.generate(PROMPTS[0], **kw)
     assert a.tokens == b.tokens and a.stats.mode == "lookup"
 
+
+
+def _prefill(target, ids):
+    """The prompt's K/V committed in chunks; (features of every row, logits after the last)."""
+    feats = []
+    for s in range(0, len(ids), target.max_batch):
+        part = ids[s:s + target.max_batch]
+        logits, f = target.forward(part, feature_rows=np.arange(len(part)))
+        target.commit()
+        feats.append(f)
+    return np.concatenate(feats), logits[-1]
+
+
+def test_native_speculator_lookup_equals_plain(gen):
+    """GreedySpeculator with prompt lookup on (the C API's path): it verifies lookup chains
+    on its own, holds their pairs back for the draft, and emits plain greedy decoding's
+    tokens; a new sequence (the target reset) starts a new context without reset()."""
+    from dovetail_ext.lookup import LookupParams
+    spec, target = gen.draft._native, gen.target
+    spec.set_lookup(LookupParams())
+    try:
+        lookups = 0
+        for prompt in PROMPTS + PROMPTS[:1]:
+            plain = gen.generate(prompt, max_new_tokens=80, speculative=False).tokens
+            ids = gen.encode_prompt(prompt)
+            target.reset()
+            gen.draft.truncate(0)
+            feats, last = _prefill(target, ids)
+            out = [int(np.argmax(last))]
+            features, next_tokens = feats, np.array(ids[1:] + out)
+            before = spec.lookup_steps
+            while len(out) < len(plain):
+                emitted, features, size, draft_s, verify_s, _ = spec.step(features, next_tokens, 1, 1, 2, -np.inf)
+                next_tokens = emitted
+                out += emitted.tolist()
+            assert out[:len(plain)] == plain, prompt
+            lookups += spec.lookup_steps - before
+        assert lookups >= 5, lookups
+    finally:
+        spec.set_lookup(None)
+        gen.reset()
+    from types import SimpleNamespace
+    with pytest.raises(ValueError, match="lookup max_n"):  # the native check, for callers without LookupParams
+        spec.set_lookup(SimpleNamespace(min_n=3, max_n=65, max_tokens=6))

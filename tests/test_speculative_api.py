@@ -28,11 +28,8 @@ SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 5, 6), TreeParams(8, 2, 12)]
 
 
 @pytest.fixture(scope="module")
-def gen(default_gguf_path):
-    g = dovetail_ext.load(default_gguf_path, context=512, threads=2, draft=None)
-    module = DovetailDraft.random(DraftConfig.for_target(g.source, num_layers=1), seed=0, std=0.05)
-    g.draft = Draft.from_module(module, g.target)
-    return g
+def gen(random_draft_gen):
+    return random_draft_gen
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

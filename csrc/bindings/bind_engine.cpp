@@ -318,7 +318,43 @@ void bind_engine(py::module_& m) {
            },
            py::arg("features"), py::arg("next_tokens"), py::arg("top_k"), py::arg("depth"), py::arg("total_tokens"),
            py::arg("min_score"),
-           "Steps 1-3 only: feed the draft the pairs and grow a tree; returns (tokens, parents), root first.");
+           "Steps 1-3 only: feed the draft the pairs and grow a tree; returns (tokens, parents), root first.")
+      .def("set_lookup", [](GreedySpeculator& g, const py::object& params) {
+             if (params.is_none()) return g.set_lookup(nullptr);
+             const LookupParams p{params.attr("min_n").cast<int64_t>(), params.attr("max_n").cast<int64_t>(),
+                                  params.attr("max_tokens").cast<int64_t>()};
+             g.set_lookup(&p);
+           },
+           py::arg("params"),
+           "Prompt lookup in step() (params with min_n, max_n, max_tokens, e.g. dovetail_ext.lookup.LookupParams), "
+           "or None (off, the default): a step whose context repeats verifies the chain that followed, and the "
+           "draft takes its pairs in at its next step. Resets.")
+      .def("reset", &GreedySpeculator::reset, "Drop the lookup context and the pairs held back for the draft.")
+      .def_property_readonly("lookup_steps", &GreedySpeculator::lookup_steps,
+                             "Steps so far that verified a prompt-lookup chain.");
+
+  py::class_<NgramLookup>(m, "NgramLookup",
+      "The context's n-grams and where each last continued (dovetail_ext.lookup.NgramLookup wraps it).")
+      .def(py::init([](int64_t min_n, int64_t max_n, int64_t max_tokens) {
+             return std::make_unique<NgramLookup>(LookupParams{min_n, max_n, max_tokens});
+           }),
+           py::arg("min_n"), py::arg("max_n"), py::arg("max_tokens"))
+      .def("extend", [](NgramLookup& l, const py::handle& tok_obj) {
+             auto t = as_array<int32_t>(tok_obj, "tokens");
+             check_shape(t, {-1}, "tokens");
+             l.extend(t.data(), t.shape(0));
+           },
+           py::arg("tokens"), "Append tokens (int32 [n]) to the context.")
+      .def("propose", [](const NgramLookup& l, int64_t limit) {
+             std::vector<int32_t> out(l.params().max_tokens);
+             const int64_t c = l.propose(limit, out.data());
+             return py::array_t<int32_t>(c, out.data());
+           },
+           py::arg("limit"), "The chain (int32, at most min(limit, max_tokens) tokens; empty: no match).")
+      .def("clear", &NgramLookup::clear)
+      .def_property_readonly("tokens", [](const NgramLookup& l) {
+             return py::array_t<int32_t>((py::ssize_t)l.tokens().size(), l.tokens().data());
+           });
 
   py::class_<DeviceDraftEngine>(m, "DeviceDraftEngine",
       "Dovetail draft on a device backend: 'cuda' (GPU) or 'host' (the same engine on the CPU with scalar "

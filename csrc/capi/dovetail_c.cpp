@@ -551,4 +551,36 @@ dt_status dt_speculator_step(dt_speculator* spec, const float* features, const i
 
 void dt_speculator_destroy(dt_speculator* spec) noexcept { delete spec; }
 
+void dt_lookup_params_init(dt_lookup_params* params) noexcept {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof(dt_lookup_params);
+  const dovetail::LookupParams d;
+  params->min_n = d.min_n;
+  params->max_n = d.max_n;
+  params->max_tokens = d.max_tokens;
+}
+
+dt_status dt_speculator_set_lookup(dt_speculator* spec, const dt_lookup_params* params) noexcept {
+  return guarded(__func__, [&] {
+    need(spec, "speculator handle");
+    std::lock_guard<std::mutex> lock(spec->mu);
+    if (!params) return spec->spec->set_lookup(nullptr);
+    if (params->struct_size != sizeof(dt_lookup_params))
+      fail(DT_ERR_INVALID, "params->struct_size is " + std::to_string(params->struct_size) + ", expected " +
+                               std::to_string(sizeof(dt_lookup_params)) +
+                               " (initialise it with dt_lookup_params_init)");
+    const dovetail::LookupParams p{params->min_n, params->max_n, params->max_tokens};
+    spec->spec->set_lookup(&p);
+  });
+}
+
+dt_status dt_speculator_reset(dt_speculator* spec) noexcept {
+  return guarded(__func__, [&] {
+    need(spec, "speculator handle");
+    std::lock_guard<std::mutex> lock(spec->mu);
+    spec->spec->reset();
+  });
+}
+
 }  // extern "C"

@@ -267,7 +267,41 @@ GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tok
                                   const TreeShape& shape) {
   std::lock_guard<std::mutex> lock(mu_);
   const auto t0 = Clock::now();
-  DraftTree tree = propose_locked(features, next_tokens, n, shape);
+  GreedyStep out;
+  DraftTree tree;
+  if (lookup_) {
+    check(features, next_tokens, n, shape);
+    if (expect_n_past_ >= 0 && target_.n_past() != expect_n_past_) reset_locked();  // a new sequence
+    lookup_->extend(next_tokens, n);
+    chain_.resize(lookup_->params().max_tokens);
+    const int64_t c = lookup_->propose(target_.options().context - target_.n_past() - 1, chain_.data());
+    const int64_t D = draft_->dim();
+    if (c > 0) {  // verify the chain; the draft takes these pairs in at its next step
+      held_features_.insert(held_features_.end(), features, features + n * D);
+      held_tokens_.insert(held_tokens_.end(), next_tokens, next_tokens + n);
+      tree.tokens.assign(1, next_tokens[n - 1]);
+      tree.tokens.insert(tree.tokens.end(), chain_.begin(), chain_.begin() + c);
+      for (int64_t i = 0; i <= c; ++i) tree.parents.push_back(i - 1);
+      out.lookup = true;
+      ++lookup_steps_;
+    } else if (!held_tokens_.empty()) {  // the held pairs first, then this step's
+      held_features_.insert(held_features_.end(), features, features + n * D);
+      held_tokens_.insert(held_tokens_.end(), next_tokens, next_tokens + n);
+      tree = propose_locked(held_features_.data(), held_tokens_.data(), (int64_t)held_tokens_.size(), shape);
+      held_features_.clear();
+      held_tokens_.clear();
+    }
+  }
+  if (tree.tokens.empty()) tree = propose_locked(features, next_tokens, n, shape);
+  const auto t1 = Clock::now();
+  verify_and_commit(tree, out);
+  if (lookup_) expect_n_past_ = target_.n_past();
+  out.draft_s = out.lookup ? 0.0 : seconds(t0, t1);
+  out.verify_s += out.lookup ? seconds(t0, t1) : 0.0;
+  return out;
+}
+
+void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out) {
   const auto t1 = Clock::now();
   // 4. One target call over the tree: each node sees the prefix and its ancestors.
   const int64_t K = (int64_t)tree.tokens.size(), V = target_.params().vocab, D = target_.params().dim;
@@ -298,17 +332,32 @@ GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tok
   for (int64_t c = 1; c < K; ++c)
     if (tree.parents[c] == path.back() && tree.tokens[c] == best[path.back()]) path.push_back(c);
   target_.commit(path.data(), (int64_t)path.size());
-  GreedyStep out;
   for (size_t i = 1; i < path.size(); ++i) out.emitted.push_back(tree.tokens[path[i]]);
   out.emitted.push_back((int32_t)best[path.back()]);
   out.features.resize(path.size() * D);
   for (size_t i = 0; i < path.size(); ++i)
     std::memcpy(&out.features[i * D], &target_feats_[path[i] * D], sizeof(float) * D);
   out.tree_size = K;
-  out.draft_s = seconds(t0, t1);
   out.verify_s = seconds(t1, t2);
   out.accept_s = seconds(t2, Clock::now());
-  return out;
+}
+
+void GreedySpeculator::set_lookup(const LookupParams* params) {
+  std::lock_guard<std::mutex> lock(mu_);
+  lookup_ = params ? std::make_unique<NgramLookup>(*params) : nullptr;
+  reset_locked();
+}
+
+void GreedySpeculator::reset() {
+  std::lock_guard<std::mutex> lock(mu_);
+  reset_locked();
+}
+
+void GreedySpeculator::reset_locked() {
+  if (lookup_) lookup_->clear();
+  held_features_.clear();
+  held_tokens_.clear();
+  expect_n_past_ = -1;
 }
 
 }  // namespace dovetail

@@ -25,6 +25,7 @@
 
 #include "model/draft.h"
 #include "model/llama.h"
+#include "model/lookup.h"
 
 namespace dovetail {
 
@@ -68,6 +69,7 @@ struct GreedyStep {
   std::vector<float> features;   // target features of the committed rows [emitted.size(), D]
   int64_t tree_size = 0;
   double draft_s = 0.0, verify_s = 0.0, accept_s = 0.0;
+  bool lookup = false;  // the step verified a prompt-lookup chain (the draft did not run)
 };
 
 class GreedySpeculator {
@@ -82,7 +84,20 @@ class GreedySpeculator {
   DraftTree propose(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
 
   // One whole step (1-4). The target needs room for total_tokens more tokens.
+  //
+  // With prompt lookup on, the next_tokens of every step form the context, and when its
+  // last tokens occurred before, the step verifies the chain that followed them instead of
+  // a drafted tree (the same acceptance); the draft does not run and the step's pairs are
+  // held back for it, to go in before the next drafting step's. A chain step emits up to
+  // max_tokens + 1 tokens. A target whose n_past is not where the last step left it means
+  // a new sequence: the context and the held pairs are dropped (reset() does it at once).
   GreedyStep step(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
+
+  // Prompt lookup for step(): params, or nullptr to turn it off (the default). Resets.
+  void set_lookup(const LookupParams* params);
+  void reset();
+  const LookupParams* lookup_params() const { return lookup_ ? &lookup_->params() : nullptr; }
+  int64_t lookup_steps() const { return lookup_steps_; }
 
   int64_t dim() const { return draft_->dim(); }
 
@@ -90,6 +105,9 @@ class GreedySpeculator {
   void check(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape) const;
   DraftTree propose_locked(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
   DraftTree grow(int32_t root, const TreeShape& shape);
+  // Step 4 on a tree: one target call, greedy acceptance, the commit; fills out.
+  void verify_and_commit(const DraftTree& tree, GreedyStep& out);
+  void reset_locked();
 
   LlamaEngine& target_;
   std::unique_ptr<DraftCalls> draft_;
@@ -102,6 +120,12 @@ class GreedySpeculator {
   std::vector<int32_t> ids_, positions_;
   std::vector<int64_t> rows_;
   std::vector<uint8_t> anc_;
+  // Prompt lookup: the context's n-grams, the pairs held back for the draft, and where the
+  // target's n_past was after the last step.
+  std::unique_ptr<NgramLookup> lookup_;
+  std::vector<float> held_features_;
+  std::vector<int32_t> held_tokens_, chain_;
+  int64_t expect_n_past_ = -1, lookup_steps_ = 0;
 };
 
 }  // namespace dovetail

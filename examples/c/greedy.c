@@ -1,5 +1,6 @@
 /* greedy.c: greedy decoding through the dovetail C API, without Python; with a draft
- * (-d), greedy speculative decoding (dt_speculator_step), which prints the same ids.
+ * (-d), greedy speculative decoding (dt_speculator_step, with prompt lookup unless -l 0),
+ * which prints the same ids.
  *
  * Reads the weight containers written by `python -m dovetail_ext.export_c_weights FILE
  * [--draft-out DRAFT_FILE]` (layout in python/dovetail_ext/capi.py), builds a target engine
@@ -7,7 +8,7 @@
  * continuation's ids on one line, stopping early at an end-of-sequence id (which is not
  * printed). No tokenizer: ids in, ids out.
  *
- *   greedy [-t THREADS] [-d DRAFT] WEIGHTS N_NEW ID [ID ...]
+ *   greedy [-t THREADS] [-d DRAFT] [-l 0|1] WEIGHTS N_NEW ID [ID ...]
  *
  * Build (C99, or as C++):
  *   INC=$(python -c 'import dovetail_ext; print(dovetail_ext.get_include())')
@@ -214,12 +215,13 @@ int main(int argc, char** argv) {
   dt_speculator* spec = NULL;
   int32_t *tokens, *next_tokens = NULL, *emitted = NULL;
   float *logits, *features = NULL, *step_features = NULL;
-  long threads = 1, n_new, v;
+  long threads = 1, n_new, v, use_lookup = 1;
   const char* draft_path = NULL;
   int arg = 1, i, n_prompt;
   int64_t start, last_row, n_past, printed = 0, steps = 0, n_pairs, m, pair_rows;
   int32_t next;
   dt_tree_shape shape;
+  dt_lookup_params lookup;
   int64_t* rows = NULL;
 
   while (argc - arg >= 2 && argv[arg][0] == '-' && argv[arg][1] != '\0' && argv[arg][2] == '\0') {
@@ -230,13 +232,18 @@ int main(int argc, char** argv) {
       }
     } else if (argv[arg][1] == 'd') {
       draft_path = argv[arg + 1];
+    } else if (argv[arg][1] == 'l') {
+      if (!parse_long(argv[arg + 1], 0, 1, &use_lookup)) {
+        fprintf(stderr, "greedy: -l takes 0 (no prompt lookup) or 1\n");
+        return 2;
+      }
     } else {
       break;
     }
     arg += 2;
   }
   if (argc - arg < 3 || !parse_long(argv[arg + 1], 0, 1L << 24, &n_new)) {
-    fprintf(stderr, "usage: greedy [-t THREADS] [-d DRAFT] WEIGHTS N_NEW ID [ID ...]\n");
+    fprintf(stderr, "usage: greedy [-t THREADS] [-d DRAFT] [-l 0|1] WEIGHTS N_NEW ID [ID ...]\n");
     return 2;
   }
   n_prompt = argc - arg - 2;
@@ -284,9 +291,12 @@ int main(int argc, char** argv) {
     check(dt_draft_create(target, &dcfg, dc.weights, dc.n_weights, map, n_map, &draft), "dt_draft_create");
     free_container(&dc);
     check(dt_speculator_create(target, draft, &spec), "dt_speculator_create");
+    dt_lookup_params_init(&lookup); /* steps whose context repeats verify a copied chain */
+    if (use_lookup) check(dt_speculator_set_lookup(spec, &lookup), "dt_speculator_set_lookup");
     /* A step's pairs come in through one pair of buffers and its output goes to the other;
-     * they swap after each step. */
-    pair_rows = n_prompt > shape.depth + 1 ? n_prompt : shape.depth + 1;
+     * they swap after each step. A step emits at most max(depth, max_tokens) + 1 tokens. */
+    pair_rows = (shape.depth > lookup.max_tokens ? shape.depth : lookup.max_tokens) + 1;
+    if (n_prompt > pair_rows) pair_rows = n_prompt;
     features = (float*)malloc(sizeof(float) * (size_t)(pair_rows * c.cfg.hidden_size));
     step_features = (float*)malloc(sizeof(float) * (size_t)(pair_rows * c.cfg.hidden_size));
     emitted = (int32_t*)malloc(sizeof(int32_t) * (size_t)pair_rows);

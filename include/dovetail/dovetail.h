@@ -279,17 +279,39 @@ DT_API dt_status dt_speculator_create(dt_target* target, dt_draft* draft, dt_spe
 /* One step.
  *   features          [n, D] target features of the n positions committed last (finite)
  *   next_tokens       [n] the token after each of them; next_tokens[n - 1] is the root
- *   emitted           output, room for depth + 1 tokens: the accepted drafted tokens, then
- *                     the bonus token
- *   emitted_features  output [depth + 1, D] (or NULL): target features of the committed
+ *   emitted           output, room for depth + 1 tokens (with prompt lookup on,
+ *                     max(depth, max_tokens) + 1): the accepted drafted tokens, then the
+ *                     bonus token
+ *   emitted_features  output [that many, D] (or NULL): target features of the committed
  *                     rows (the root, then each accepted token), the next step's features
- *   n_emitted         output: the number of emitted tokens (1 .. depth + 1)
+ *   n_emitted         output: the number of emitted tokens
  * The target needs total_tokens free KV slots; near the end of its context, decode the
  * last tokens plainly. */
 DT_API dt_status dt_speculator_step(dt_speculator* spec, const float* features, const int32_t* next_tokens,
                                     int64_t n, const dt_tree_shape* shape, int32_t* emitted,
                                     float* emitted_features, int64_t* n_emitted) DT_NOEXCEPT;
 DT_API void dt_speculator_destroy(dt_speculator* spec) DT_NOEXCEPT;
+
+/* Prompt lookup in dt_speculator_step (off unless set). The tokens passed as next_tokens
+ * form the context; when its last tokens (max_n down to min_n of them) occurred before,
+ * the step verifies the up to max_tokens tokens that followed their latest occurrence
+ * instead of a drafted tree, with the same acceptance, so the output is unchanged. The
+ * draft does not run in such a step: the speculator holds that step's pairs back and feeds
+ * them to the draft before the next drafting step's (the decoding loop stays as above).
+ * A target whose n_past is not where the last step left it starts a new context;
+ * dt_speculator_reset does so at once. Fill the struct with dt_lookup_params_init first
+ * (defaults: min_n 3, max_n 4, max_tokens 6). */
+typedef struct dt_lookup_params {
+  uint32_t struct_size; /* sizeof(dt_lookup_params), set by dt_lookup_params_init */
+  int64_t min_n;        /* shortest suffix matched, >= 1 */
+  int64_t max_n;        /* longest suffix matched, min_n .. 64 */
+  int64_t max_tokens;   /* the longest chain verified, >= 1 */
+} dt_lookup_params;
+
+DT_API void dt_lookup_params_init(dt_lookup_params* params) DT_NOEXCEPT;
+/* `params` NULL turns lookup off. Either way the context and held pairs are dropped. */
+DT_API dt_status dt_speculator_set_lookup(dt_speculator* spec, const dt_lookup_params* params) DT_NOEXCEPT;
+DT_API dt_status dt_speculator_reset(dt_speculator* spec) DT_NOEXCEPT;
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -259,12 +259,7 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     if ahead is not None and ahead.error is not None:
         raise ahead.error
 
-    if sampling.greedy:
-        path, bonus = accept_greedy(tree, logits)
-    else:
-        path, bonus = accept_sampled(tree, logits, sampling, chooser)
-    target.commit(path)
-    accepted = tree.tokens[path[1:]].tolist()
+    path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser)
     # The draft consumes pairs (f_j, x_{j+1}) for the committed path: features of the path
     # rows, each followed by the next path token and finally the bonus (the new root).
     new_tokens = np.array(accepted + [bonus], dtype=np.int64)
@@ -328,13 +323,20 @@ def verify_chain(target: TargetEngine, root: int, chain: list[int], sampling: Sa
     rows = np.arange(tree.size)
     logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
                                    logit_rows=rows, feature_rows=rows if features else None)
+    path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser)
+    return accepted, accepted + [bonus], feats[path] if features else None
+
+
+def _accept_and_commit(target: TargetEngine, tree: Tree, logits: np.ndarray, sampling: SamplingParams,
+                       chooser: TokenChooser) -> tuple[np.ndarray, list[int], int]:
+    """Greedy or lossless sampled acceptance of a verified tree, and the target's commit of
+    the accepted path. Returns (path of node indices, accepted drafted tokens, bonus)."""
     if sampling.greedy:
         path, bonus = accept_greedy(tree, logits)
     else:
         path, bonus = accept_sampled(tree, logits, sampling, chooser)
     target.commit(path)
-    accepted = tree.tokens[path[1:]].tolist()
-    return accepted, accepted + [bonus], feats[path] if features else None
+    return path, tree.tokens[path[1:]].tolist(), bonus
 
 
 def _chain_step(state: SpecState, target: TargetEngine, chain: list[int], sampling: SamplingParams,
