@@ -15,6 +15,7 @@ import pytest
 from dovetail_ext import _core
 from dovetail_ext.draft import Draft
 from dovetail_ext.draft_model import DovetailDraft, DraftConfig
+from dovetail_ext.lookup import LookupParams, NgramLookup
 from dovetail_ext.sampling import SamplingParams, TokenChooser
 from dovetail_ext.speculative import SpecTimes, speculative_step
 from dovetail_ext.tree import TreeParams
@@ -146,23 +147,37 @@ def test_commit_compacts_the_cache_like_a_direct_path(tiny):
         np.testing.assert_array_equal(va, vb)
 
 
+def _lookup_greedy(target, draft, params, prompt, truth, lookup):
+    """Speculative steps to len(truth) tokens; with ``lookup``, every other step verifies a
+    prompt-lookup chain where the context repeats (its pairs reach the device draft at the
+    next drafting step)."""
+    state = start_state(target, draft, prompt, truth[0])
+    out, times = [truth[0]], SpecTimes()
+    look = NgramLookup(list(prompt) + out, LookupParams(1, 3, 5)) if lookup else None
+    while len(out) < len(truth):
+        chain = look.propose() if look is not None and len(times.history) % 2 == 0 else None
+        emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
+                                      TokenChooser(SamplingParams()), times, chain=chain)
+        if look is not None:
+            look.extend(emitted)
+        out += emitted
+    assert out[:len(truth)] == truth, (params, lookup)
+    assert (times.lookup_steps > 0) == lookup
+    return times
+
+
+@pytest.mark.parametrize("lookup", [False, True], ids=["tree", "lookup"])
 @pytest.mark.parametrize("native", [True, False], ids=["native-step", "python-step"])
 @pytest.mark.parametrize("params", SHAPES, ids=str)
-def test_greedy_with_emulated_device_draft_equals_plain(tiny, params, native):
+def test_greedy_with_emulated_device_draft_equals_plain(tiny, params, native, lookup):
     src, target = tiny
     draft = Draft.from_module(module_for(src, std=0.2, layers=1), target, device="emulated")
     draft.native_greedy = native
-    prompt, n = [5, 17, 42, 99, 3], 40
-    truth = plain_greedy(target, prompt, n)
-    state = start_state(target, draft, prompt, truth[0])
-    out, times = [truth[0]], SpecTimes()
-    while len(out) < n:
-        emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
-                                      TokenChooser(SamplingParams()), times)
-        out += emitted
-    assert out[:n] == truth
+    prompt = [5, 17, 42, 99, 3]
+    truth = plain_greedy(target, prompt, 40)
+    times = _lookup_greedy(target, draft, params, prompt, truth, lookup)
     st = draft.stats
-    assert st["calls"] >= times.steps and st["d2h_bytes"] > 0
+    assert st["calls"] >= times.steps - times.lookup_steps > 0 and st["d2h_bytes"] > 0
 
 
 def test_same_trees_as_the_cpu_draft_for_a_confident_draft(tiny):
@@ -267,15 +282,10 @@ def test_greedy_with_cuda_draft_equals_plain(tiny, graphs):
     draft = Draft.from_module(module_for(src, std=0.2, layers=1), target, device="cuda", graphs=graphs)
     prompt, n = [5, 17, 42, 99, 3], 60
     truth = plain_greedy(target, prompt, n)
-    for params, native in [(p, native) for p in SHAPES for native in (True, False)]:
+    for params, native, lookup in [(p, native, lk) for p in SHAPES for native in (True, False)
+                                   for lk in (False, True)]:
         draft.native_greedy = native
-        state = start_state(target, draft, prompt, truth[0])
-        out = [truth[0]]
-        while len(out) < n:
-            emitted, _ = speculative_step(state, target, draft, params, SamplingParams(),
-                                          TokenChooser(SamplingParams()), SpecTimes())
-            out += emitted
-        assert out[:n] == truth, (params, native)
+        _lookup_greedy(target, draft, params, prompt, truth, lookup)
     assert (draft.stats["replays"] > 0) == graphs
 
 
