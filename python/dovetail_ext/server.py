@@ -363,7 +363,7 @@ def _timing(stats: GenerationStats, job: _Job) -> dict[str, Any]:
     return {"mode": stats.mode, "tokens_per_s": stats.tokens_per_s, "acceptance_length": stats.acceptance_length,
             "prefill_s": stats.prefill_s, "decode_s": stats.decode_s, "queue_s": job.started - job.submitted,
             "cached_prompt_tokens": stats.cached_prompt_tokens, "target_calls": stats.target_calls,
-            "stop_reason": stats.stop_reason}
+            "lookup_steps": stats.lookup_steps, "stop_reason": stats.stop_reason}
 
 
 class _Reply:
