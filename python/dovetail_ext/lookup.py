@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from .errors import check_positive_ints
 
 __all__ = ["LookupParams", "NgramLookup"]
 
@@ -36,10 +37,7 @@ class LookupParams:
     max_tokens: int = 6
 
     def __post_init__(self) -> None:
-        for name in ("min_n", "max_n", "max_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"lookup {name} must be a positive integer, got {v!r}")
+        check_positive_ints("lookup", self, ("min_n", "max_n", "max_tokens"))
         if self.max_n < self.min_n:
             raise ValueError(f"lookup max_n ({self.max_n}) must be at least min_n ({self.min_n})")
         if self.max_n > 64:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import check_positive_ints
+
 __all__ = ["TreeParams", "Tree", "build_tree", "CandidatePool"]
 
 
@@ -39,10 +41,7 @@ class TreeParams:
     min_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "depth", "total_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"tree {name} must be a positive integer, got {v!r}")
+        check_positive_ints("tree", self, ("top_k", "depth", "total_tokens"))
         if self.total_tokens < 2:
             raise ValueError(f"tree total_tokens must be at least 2 (the root and one drafted token), "
                              f"got {self.total_tokens}")
