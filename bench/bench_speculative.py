@@ -49,62 +49,79 @@ def spec_gen(default_source, threads):
     return Generator(default_source, target, draft), label
 
 
-def _run(gen, prompts, n, adaptive=None, lookup="default", **kw):
+def _generate(gen, prompts, n, adaptive=None, lookup="default", **kw):
+    """gen.generate over the prompts with adaptive / lookup set for these calls only."""
     from dovetail_ext.lookup import LookupParams
     gen.adaptive = adaptive
     gen.lookup = LookupParams() if lookup == "default" else lookup
     try:
-        results = [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
+        return [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
     finally:
         gen.adaptive = None
         gen.lookup = LookupParams()
+
+
+def _summary(results):
     toks = sum(r.stats.new_tokens for r in results)
     secs = sum(r.stats.decode_s for r in results)
     calls = sum(r.stats.target_calls for r in results)
-    return results, dict(tokens_per_s=toks / secs, new_tokens=toks, target_calls=calls,
-                         acceptance_length=toks / max(calls, 1),
-                         draft_s=sum(r.stats.draft_s for r in results),
-                         verify_s=sum(r.stats.verify_s for r in results),
-                         plain_steps=sum(r.stats.plain_steps for r in results),
-                         lookup_steps=sum(r.stats.lookup_steps for r in results),
-                         lookup_accepted=sum(r.stats.lookup_accepted for r in results))
+    return dict(tokens_per_s=toks / secs, new_tokens=toks, target_calls=calls,
+                acceptance_length=toks / max(calls, 1),
+                draft_s=sum(r.stats.draft_s for r in results),
+                verify_s=sum(r.stats.verify_s for r in results),
+                plain_steps=sum(r.stats.plain_steps for r in results),
+                lookup_steps=sum(r.stats.lookup_steps for r in results),
+                lookup_accepted=sum(r.stats.lookup_accepted for r in results))
 
 
-@pytest.mark.parametrize("mode", ["plain", "speculative", "speculative-fixed", "speculative-no-lookup"])
-def test_decode_modes(benchmark, spec_gen, record, mode):
-    """plain; speculative as generate() does it by default (greedy: adaptive, plain steps
-    while speculation measures slower; prompt lookup on); speculative-fixed (every step
-    drafts or verifies a lookup chain); speculative-no-lookup (the draft alone, adaptive)."""
+# plain; speculative as generate() does it by default (greedy: adaptive, plain steps while
+# speculation measures slower; prompt lookup on); every step drafting or verifying a lookup
+# chain; the draft alone (adaptive).
+DECODE_MODES = {"plain": dict(speculative=False), "speculative": dict(speculative=True),
+                "speculative-fixed": dict(speculative=True, adaptive=False),
+                "speculative-no-lookup": dict(speculative=True, lookup=None)}
+
+
+def test_decode_modes(benchmark, spec_gen, record):
+    """The modes of DECODE_MODES prompt by prompt, their order rotating from one prompt to
+    the next, so that the machine's drift hits each alike."""
     gen, label = spec_gen
     n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(2))
-    out = {}
+    results = {m: [] for m in DECODE_MODES}
 
     def run():
-        out["results"], out["entry"] = _run(gen, prompts, n, speculative=mode != "plain",
-                                            adaptive=False if mode == "speculative-fixed" else None,
-                                            lookup=None if mode == "speculative-no-lookup" else "default")
+        names = list(DECODE_MODES)
+        for i, prompt in enumerate(prompts):
+            for mode in names[i % len(names):] + names[:i % len(names)]:
+                results[mode] += _generate(gen, [prompt], n, **DECODE_MODES[mode])
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    entry = dict(out["entry"], draft=label, prompts="HumanEval", tokens=[r.tokens for r in out["results"]])
-    benchmark.extra_info.update({k: v for k, v in entry.items() if k != "tokens"})
-    record("speculative", mode, **entry)
+    for mode, res in results.items():
+        entry = dict(_summary(res), draft=label, prompts="HumanEval", tokens=[r.tokens for r in res])
+        benchmark.extra_info[mode] = {k: v for k, v in entry.items() if k != "tokens"}
+        record("speculative", mode, **entry)
 
 
 def test_tree_sweep(benchmark, spec_gen, record):
     """tau and tokens/s per tree shape (top_k, depth, total_tokens) of the draft alone (no
-    prompt lookup, every step drafting), plain decoding as the baseline, all in this run;
-    every shape's output must equal plain decoding's."""
+    prompt lookup, every step drafting), plain decoding as the baseline, all in this run,
+    prompt by prompt in rotating order; every shape's output must equal plain decoding's."""
     from dovetail_ext.tree import TreeParams
     gen, label = spec_gen
     n, prompts = (128, humaneval_prompts(max(2, N_PROMPTS // 2))) if benchmark.enabled else (4, humaneval_prompts(1))
-    rows = {}
+    modes = {"plain": dict(speculative=False)}
+    modes.update({str(shape): dict(speculative=True, tree=TreeParams(*shape), adaptive=False, lookup=None)
+                  for shape in TREES})
+    results = {m: [] for m in modes}
 
     def run():
-        plain, rows["plain"] = _run(gen, prompts, n, speculative=False)
-        for shape in TREES:
-            res, rows[str(shape)] = _run(gen, prompts, n, speculative=True, tree=TreeParams(*shape), adaptive=False,
-                                         lookup=None)
-            assert [r.tokens for r in res] == [r.tokens for r in plain], f"tree {shape} changed the output"
+        names = list(modes)
+        for i, prompt in enumerate(prompts):
+            for mode in names[i % len(names):] + names[:i % len(names)]:
+                results[mode] += _generate(gen, [prompt], n, **modes[mode])
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    for mode, res in results.items():
+        assert [r.tokens for r in res] == [r.tokens for r in results["plain"]], f"tree {mode} changed the output"
+    rows = {mode: _summary(res) for mode, res in results.items()}
     base = rows["plain"]["tokens_per_s"]
     for name, entry in rows.items():
         record("tree_sweep", name, **entry, ratio_vs_plain=entry["tokens_per_s"] / base, draft=label)
@@ -140,18 +157,13 @@ def test_sampled_decode(benchmark, spec_gen, record, setting, monkeypatch):
             with monkeypatch.context() as m:
                 m.setattr(sampling, "target_dist", full_sort_dist)
                 m.setattr(sampling.TokenChooser, "__call__", full_sort_choice)
-                runs["plain, full-sort rule"].append(_run(gen, [prompt], n, speculative=False, **kw))
-            runs["plain"].append(_run(gen, [prompt], n, speculative=False, **kw))
-            runs["speculative"].append(_run(gen, [prompt], n, speculative=True, **kw))
+                runs["plain, full-sort rule"] += _generate(gen, [prompt], n, speculative=False, **kw)
+            runs["plain"] += _generate(gen, [prompt], n, speculative=False, **kw)
+            runs["speculative"] += _generate(gen, [prompt], n, speculative=True, **kw)
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    assert [r[0][0].tokens for r in runs["plain"]] == [r[0][0].tokens for r in runs["plain, full-sort rule"]], \
+    assert [r.tokens for r in runs["plain"]] == [r.tokens for r in runs["plain, full-sort rule"]], \
         "the native sampling rule changed the output"
-    rows = {}
-    for mode, parts in runs.items():
-        toks = sum(e["new_tokens"] for _, e in parts)
-        secs = sum(e["new_tokens"] / e["tokens_per_s"] for _, e in parts)
-        calls = sum(e["target_calls"] for _, e in parts)
-        rows[mode] = dict(tokens_per_s=toks / secs, acceptance_length=toks / max(calls, 1))
+    rows = {mode: _summary(res) for mode, res in runs.items()}
     base = rows["plain, full-sort rule"]["tokens_per_s"]
     name = ", ".join(f"{k}={v}" for k, v in setting.items())
     record("sampling", name, plain_tok_s=rows["plain"]["tokens_per_s"],
