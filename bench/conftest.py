@@ -69,10 +69,9 @@ def _add_ratios(groups: dict) -> None:
         a, b = spec["plain"], spec["speculative"]
         spec["ratio"] = {"speculative_over_plain": b["tokens_per_s"] / a["tokens_per_s"],
                          "outputs_identical": a.get("tokens") == b.get("tokens")}
-        for other in ("speculative-fixed", "speculative-no-lookup"):
-            if other in spec:
-                spec["ratio"][f"{other}_over_plain"] = spec[other]["tokens_per_s"] / a["tokens_per_s"]
-                spec["ratio"][f"{other}_outputs_identical"] = a.get("tokens") == spec[other].get("tokens")
+        for other in [m for m in spec if m not in ("plain", "speculative", "ratio")]:
+            spec["ratio"][f"{other}_over_plain"] = spec[other]["tokens_per_s"] / a["tokens_per_s"]
+            spec["ratio"][f"{other}_outputs_identical"] = a.get("tokens") == spec[other].get("tokens")
 
 
 def _cpu_name() -> str:

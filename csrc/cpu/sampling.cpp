@@ -177,15 +177,12 @@ void sampling_dist(const float* x, int64_t V, double temperature, int64_t top_k,
 int32_t draw_from(const std::vector<int32_t>& ids, const std::vector<double>& probs, double u) {
   DT_CHECK(!ids.empty() && ids.size() == probs.size(), "a distribution needs a nonempty support");
   DT_CHECK(u >= 0.0 && u < 1.0, "u must be in [0, 1)");
-  double total = 0.0;
-  for (double p : probs) total += p;
-  const double at = u * total;
-  double cdf = 0.0;
-  for (size_t j = 0; j < probs.size(); ++j) {
-    cdf += probs[j];
-    if (cdf > at) return ids[j];
-  }
-  return ids.back();
+  thread_local std::vector<double> cdf;  // one pass of running sums, then a binary search
+  cdf.resize(probs.size());
+  double run = 0.0;
+  for (size_t j = 0; j < probs.size(); ++j) cdf[j] = run += probs[j];
+  const size_t j = std::upper_bound(cdf.begin(), cdf.end(), u * run) - cdf.begin();
+  return j < ids.size() ? ids[j] : ids.back();
 }
 
 }  // namespace dovetail

@@ -336,7 +336,7 @@ class Generator:
                         ts = time.perf_counter()
                         accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False)
                         times.verify_s += time.perf_counter() - ts
-                        times.record_chain(len(chain), len(accepted))
+                        times.record_step(len(chain), len(accepted), lookup=True)
                         self._kv_tokens.extend([root] + accepted)
                     else:
                         logits, _ = self.target.forward([root])
@@ -344,8 +344,7 @@ class Generator:
                         self._kv_tokens.append(root)
                         pending = [chooser(logits[0])]
                         if lookup_only:
-                            times.steps += 1
-                            times.history.append(1)
+                            times.record_step()
                     if lookup_only:
                         lookup.extend(pending)
         if stats.stop_reason != "stop":

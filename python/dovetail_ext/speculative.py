@@ -78,15 +78,17 @@ class SpecTimes:
     lookup_drafted: int = 0    # ... tokens those chains held
     lookup_accepted: int = 0   # ... and how many of them were accepted
 
-    def record_chain(self, proposed: int, accepted: int) -> None:
-        """Counts of one step that verified a prompt-lookup chain."""
+    def record_step(self, proposed: int = 0, accepted: int = 0, lookup: bool = False) -> None:
+        """Counts of one step: the tokens it proposed (drafted or a lookup chain; 0 for a
+        plain step) and accepted; it emitted those and one more."""
         self.steps += 1
         self.drafted += proposed
         self.accepted += accepted
-        self.lookup_steps += 1
-        self.lookup_drafted += proposed
-        self.lookup_accepted += accepted
         self.history.append(accepted + 1)
+        if lookup:
+            self.lookup_steps += 1
+            self.lookup_drafted += proposed
+            self.lookup_accepted += accepted
 
 
 class Governor:
@@ -227,10 +229,7 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
             times.draft_s += draft_s
             times.verify_s += verify_s
             times.accept_s += time.perf_counter() - t0 - draft_s - verify_s  # with the call's own overhead
-            times.steps += 1
-            times.drafted += size - 1
-            times.accepted += len(emitted) - 1
-            times.history.append(len(emitted))
+            times.record_step(size - 1, len(emitted) - 1)
             return emitted.tolist(), feats
     tree, state.ready = state.ready, None
     drafted = tree is not None or room >= 2
@@ -286,10 +285,7 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     times.draft_s += t1 - t0
     times.verify_s += t2 - t1
     times.accept_s += t3 - t2
-    times.steps += 1
-    times.drafted += tree.size - 1
-    times.accepted += len(accepted)
-    times.history.append(len(accepted) + 1)
+    times.record_step(tree.size - 1, len(accepted))
     return accepted + [bonus], feats[path]
 
 
@@ -305,8 +301,7 @@ def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, t
     state.root = bonus
     times.verify_s += t1 - t0
     times.accept_s += time.perf_counter() - t1
-    times.steps += 1
-    times.history.append(1)
+    times.record_step()
     return [bonus], feats
 
 
@@ -348,5 +343,5 @@ def _chain_step(state: SpecState, target: TargetEngine, chain: list[int], sampli
     state.backlog.append((feats, np.array(emitted, dtype=np.int64)))
     state.root = emitted[-1]
     times.verify_s += time.perf_counter() - t0  # (with the acceptance: no draft time to set apart)
-    times.record_chain(len(chain), len(accepted))
+    times.record_step(len(chain), len(accepted), lookup=True)
     return emitted, feats
