@@ -75,12 +75,12 @@ class ThreadPool {
   void* ctx_ = nullptr;
 };
 
-// Convenience: split [0, n) into chunks of at least `grain` items for `threads` threads
-// and call f(begin, end) per chunk.
+// Convenience: split [0, n) into up to `per_thread` chunks per thread, each of at least
+// `grain` items, and call f(begin, end) per chunk.
 template <typename F>
-void parallel_range(int threads, int64_t n, int64_t grain, F&& f) {
+void parallel_range(int threads, int64_t n, int64_t grain, F&& f, int64_t per_thread = 2) {
   if (n <= 0) return;
-  int64_t chunks = threads <= 1 ? 1 : std::min<int64_t>((n + grain - 1) / grain, 2 * (int64_t)threads);
+  int64_t chunks = threads <= 1 ? 1 : std::min<int64_t>((n + grain - 1) / grain, per_thread * (int64_t)threads);
   if (chunks <= 1) {
     f((int64_t)0, n);
     return;
