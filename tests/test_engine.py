@@ -100,47 +100,57 @@ def test_mixed_formats_within_a_layer_match_reference(isa):
 
 @pytest.mark.parametrize("dtype", ["f32", "q4_1", "q8_0"])
 @pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
-def test_batch_invariance(isa, dtype, kv_dtype):
+@pytest.mark.parametrize("n,prefix", [(40, 10), (400, 260)])
+def test_batch_invariance(isa, dtype, kv_dtype, n, prefix):
     """A token's logits and features are bitwise equal whether it runs alone, inside a
-    prefill chunk, or inside a tree, at several batch sizes and thread counts."""
+    prefill chunk, or inside a tree, at several batch sizes and thread counts; also past
+    several 128-key attention chunks, where the threads split the keys of short batches."""
+    if n > 40 and dtype != "q4_1":
+        pytest.skip("the long case runs once per KV format, on the quantized weights")
     cfg = tiny_config(gqa=3, tied=True)
     src = make_source(cfg, random_weights(cfg, seed=5), dtype)
     rng = np.random.default_rng(2)
-    ids = rng.integers(0, cfg.vocab_size, 40)
+    ids = rng.integers(0, cfg.vocab_size, n)
+    ctx = n + 24
 
     def run(chunks, threads):
-        eng = TargetEngine(src, context=64, threads=threads, kv_dtype=kv_dtype)
+        eng = TargetEngine(src, context=ctx, threads=threads, kv_dtype=kv_dtype, max_batch=max(chunks))
         out_l, out_f = [], []
         start = 0
-        for n in chunks:
-            part = ids[start:start + n]
-            lg, ft = eng.forward(part, logit_rows=range(n), feature_rows=range(n))
+        for c in chunks:
+            part = ids[start:start + c]
+            lg, ft = eng.forward(part, logit_rows=range(c), feature_rows=range(c))
             eng.commit()
             out_l.append(lg)
             out_f.append(ft)
-            start += n
+            start += c
         return np.concatenate(out_l), np.concatenate(out_f)
 
-    base_l, base_f = run([1] * 40, 1)
-    for chunks, threads in [([40], 2), ([16, 16, 8], 2), ([3, 1, 29, 7], 1), ([64 // 2, 8], 2)]:
+    base_l, base_f = run([1] * n, 1)
+    cuts = [[n], [16, 16, n - 32], [3, 1, n - 11, 7], [n // 2, n - n // 2]]
+    for chunks, threads in zip(cuts, (2, 2, 1, 2)):
         got_l, got_f = run(chunks, threads)
+        np.testing.assert_array_equal(got_l, base_l)
+        np.testing.assert_array_equal(got_f, base_f)
+    if n > 40:  # single tokens at 2 threads: the keys split between the threads
+        got_l, got_f = run([1] * n, 2)
         np.testing.assert_array_equal(got_l, base_l)
         np.testing.assert_array_equal(got_f, base_f)
 
     # Trees: each tree token equals causal decoding of its root-to-node path.
-    eng = TargetEngine(src, context=64, threads=2, kv_dtype=kv_dtype)
-    eng.forward(ids[:10]); eng.commit()
+    eng = TargetEngine(src, context=ctx + 40, threads=2, kv_dtype=kv_dtype, max_batch=max(prefix, 40))
+    eng.forward(ids[:prefix]); eng.commit()
     for T in (2, 7, 16, 33):
         parents = random_tree(rng, T)
         anc = tree_ancestors(parents)
         toks = rng.integers(0, cfg.vocab_size, T)
-        pos = 10 + tree_depths(parents)
+        pos = prefix + tree_depths(parents)
         lg, ft = eng.forward(toks, pos, anc, logit_rows=range(T), feature_rows=range(T))
-        ref = TargetEngine(src, context=64, threads=1, kv_dtype=kv_dtype)
-        ref.forward(ids[:10]); ref.commit()
+        ref = TargetEngine(src, context=ctx + 40, threads=1, kv_dtype=kv_dtype, max_batch=max(prefix, 40))
+        ref.forward(ids[:prefix]); ref.commit()
         for t in rng.choice(T, size=min(T, 4), replace=False):
             path = np.flatnonzero(anc[t])
-            ref.truncate(10)
+            ref.truncate(prefix)
             l2, f2 = ref.forward(toks[path], logit_rows=[len(path) - 1], feature_rows=[len(path) - 1])
             np.testing.assert_array_equal(l2[0], lg[t])
             np.testing.assert_array_equal(f2[0], ft[t])

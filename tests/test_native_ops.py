@@ -169,7 +169,11 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("T,H,KV,Dh,n_past", [(1, 1, 1, 8, 0), (5, 9, 3, 64, 11), (16, 4, 4, 20, 3),
-                                              (33, 6, 2, 16, 0), (70, 2, 1, 24, 5), (6, 4, 2, 152, 19)])
+                                              (33, 6, 2, 16, 0), (70, 2, 1, 24, 5), (6, 4, 2, 152, 19),
+                                              # past one key chunk (128): several chunks merged,
+                                              # threads splitting the keys or the rows
+                                              (1, 9, 3, 64, 300), (4, 9, 3, 64, 250), (2, 6, 2, 40, 517),
+                                              (16, 3, 1, 16, 120), (20, 4, 2, 24, 260)])
 def test_attention_matches_twin(isa, kv_dtype, T, H, KV, Dh, n_past):
     rng = np.random.default_rng(T * H + Dh)
     S = n_past + T + 3  # spare slots after the batch must be ignored
@@ -226,6 +230,29 @@ def test_attention_batch_invariant(isa):
         vv = np.concatenate([v[:, :n_past], v[:, n_past + path]], axis=1)
         alone = _core.attention(q[t:t + 1], kk, vv, n_past + len(path) - 1, np.ones((1, 1), bool))
         np.testing.assert_array_equal(alone[0], tree_out[t])
+
+
+@pytest.mark.parametrize("T,n_past", [(5, 120), (5, 250), (5, 600), (12, 300)])
+def test_attention_chunks_invariant(isa, T, n_past):
+    """Over prefixes of several key chunks: a tree token's output is bitwise the same alone
+    after its ancestors are committed (the chunk edges follow a key's place in the token's
+    list, also where the committed ancestors cross one), and the same whether the threads
+    share a head's keys (2 threads, few rows) or each take whole rows (1 thread)."""
+    rng = np.random.default_rng(n_past)
+    H, KV, Dh = 6, 2, 32
+    anc = tree_ancestors(random_tree(rng, T))
+    q = _rand(rng, T, H, Dh)
+    k, v = _rand(rng, KV, n_past + T, Dh), _rand(rng, KV, n_past + T, Dh)
+    tree_out = _core.attention(q, k, v, n_past, anc, threads=2)
+    np.testing.assert_array_equal(_core.attention(q, k, v, n_past, anc, threads=1), tree_out)
+    for t in range(T):
+        path = np.flatnonzero(anc[t])
+        kk = np.concatenate([k[:, :n_past], k[:, n_past + path]], axis=1)
+        vv = np.concatenate([v[:, :n_past], v[:, n_past + path]], axis=1)
+        for threads in (1, 2):
+            alone = _core.attention(q[t:t + 1], kk, vv, n_past + len(path) - 1, np.ones((1, 1), bool),
+                                    threads=threads)
+            np.testing.assert_array_equal(alone[0], tree_out[t])
 
 
 def test_bad_inputs():

@@ -103,73 +103,218 @@ inline void for_row_groups(float* const* out, const float* const* p, int64_t nr,
   }
 }
 
-// The SIMD paths' driver for a run of query rows r0 .. r1 of KV head kvh (at most 16), row
-// r = (token r / G, head kvh * G + r % G), G = H / KV. `Rows` supplies
+// --- The SIMD paths' driver: attention in chunks of keys -----------------------------------
+// A row is (token r / G, head kvh * G + r % G) of KV head kvh, G = H / KV. Its visible keys
+// (the prefix, then its visible scratch rows, in slot order) form a list, cut in chunks of
+// kKChunk keys by their place in that list. Per chunk, a record [m, l, acc[Dh]]:
+//   s_i = (q . k_i) / sqrt(Dh),  m = max s_i,  e_i = exp(s_i - m),  l = sum e_i,  acc = sum e_i v_i
+// (l in vector lanes from the chunk's start, acc sequential in list order); the records are
+// merged in list order (Rows::merge) and out = acc / l. The chunk boundaries depend only on
+// a key's place in the row's list, so a token gets the same operations whether its ancestors
+// are committed or in the batch, and whatever the thread split (batch invariance): the
+// prefix's chunks may run on different threads (attention_chunk, the records merged after)
+// or one after another in one item (attention_rows).
+//
+// `Rows` supplies
 //   kTiles, scores<KT>(q, nr, tiles, Dh, scale, out)   out[r][16 j + l] for the KT key tiles
 //       at `tiles`, one FMA chain per (row, key) in feature order (each tile read once for
 //       all nr rows); KT is kTiles or 1
-//   softmax(s, n)                                   in place over a row's n listed scores
+//   exp_sum(s, n, &m)     m = max of s[0 .. n), s[i] = exp(s[i] - m) in place; returns the sum
+//   merge(run, rec, Dh)   run <- the softmax state of run's keys followed by rec's:
+//       m = max(m_run, m_rec), x = exp(m_run - m), y = exp(m_rec - m),
+//       l = fma(l_rec, y, l_run x), acc = fma(acc_rec, y, acc_run x) per feature
 //   kLanes, values<NV>(out, p, nr, vbase, slots, Dh, f0)   features [f0, f0 + NV kLanes)
 //       (or to Dh) of out[r] += p[r][i] v[slots(i)] for i = 0 .. slots.n - 1 in order (each
 //       value row read once for all nr rows); NV <= 8
-// Scores are computed for every slot, then each row's visible scratch keys are moved up
-// behind its prefix, so a row's list, and every sum over it, is the same whatever the batch.
+constexpr int64_t kKChunk = 128;  // a multiple of kKTile
+constexpr int64_t kMaxRows = 16;  // query rows per driver
+inline int64_t record_size(int64_t Dh) { return Dh + 2; }
+// Records per row for the chunks from the last whole prefix chunk on.
+inline int64_t tail_chunks(const AttentionArgs& a) { return (kKChunk - 1 + a.n_prev + a.T) / kKChunk + 1; }
+
+inline void finish_record(const float* run, float* out, int64_t Dh) {
+  const float inv = 1.0f / run[1];
+  for (int64_t d = 0; d < Dh; ++d) out[d] = run[2 + d] * inv;
+}
+
+template <typename KvT, typename Rows>
+class ChunkedRows {
+ public:
+  ChunkedRows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1)
+      : a_(a), R_(r1 - r0), Dh_(a.Dh), W_(a.n_prev + a.T), base_(a.n_past / kKChunk * kKChunk),
+        kbase_(static_cast<const KvT*>(a.k) + kvh * a.S * a.Dh),
+        vbase_(static_cast<const KvT*>(a.v) + kvh * a.S * a.Dh), scale_(1.0f / std::sqrt((float)a.Dh)) {
+    const int64_t G = a.H / a.KV, st = std::max(attention_stride(a.n_past + W_) - base_, kKChunk);
+    static thread_local Buffer<float> score_buf;
+    static thread_local std::vector<int32_t> vis;  // visible scratch rows, per row
+    float* scores = tls_scratch(score_buf, (size_t)(R_ * st));
+    vis.resize((size_t)(R_ * W_));
+    for (int64_t r = 0; r < R_; ++r) {
+      const int64_t t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
+      q_[r] = a.q + (t * a.H + h) * Dh_;
+      out_[r] = a.out + (t * a.H + h) * Dh_;
+      sc_[r] = scores + r * st;
+      vr_[r] = vis.data() + r * W_;
+      const uint64_t* bits = a.anc + t * a.anc_words;
+      int64_t n = 0;
+      for (int64_t j = 0; j <= a.n_prev + t; ++j)
+        if ((bits[j >> 6] >> (j & 63)) & 1u) vis[r * W_ + n++] = (int32_t)j;
+      nvis_[r] = n;
+    }
+  }
+
+  int64_t whole_chunks() const { return base_ / kKChunk; }
+
+  // The prefix's chunk c (slots [c, c + 1) kKChunk), every row: its record at rec[r].
+  void prefix_chunk(int64_t c, float* const* rec) {
+    score_tiles(c * kKChunk, kKChunk / kKTile);
+    float* acc[kMaxRows];
+    for (int64_t r = 0; r < R_; ++r) {
+      start(rec[r], sc_[r], kKChunk);
+      acc[r] = rec[r] + 2;
+    }
+    values(acc, sc_, R_, ValueSlots{c * kKChunk, kKChunk, nullptr});
+  }
+
+  // The rest of every row's list (the prefix past its whole chunks, then the row's visible
+  // scratch rows): nk[r] records at recs + (r ld + k) record_size, k < nk[r] <= tail_chunks.
+  void tail(float* recs, int64_t ld, int64_t* nk) {
+    const int64_t np = a_.n_past - base_, rs = record_size(Dh_);
+    score_tiles(base_, (attention_stride(a_.n_past + W_) - base_) / kKTile);
+    auto rec = [&](int64_t r, int64_t k) { return recs + (r * ld + k) * rs; };
+    for (int64_t r = 0; r < R_; ++r) {
+      for (int64_t j = 0; j < nvis_[r]; ++j) sc_[r][np + j] = sc_[r][np + vr_[r][j]];
+      const int64_t n = np + nvis_[r];
+      nk[r] = (n + kKChunk - 1) / kKChunk;
+      for (int64_t k = 0; k < nk[r]; ++k)
+        start(rec(r, k), sc_[r] + k * kKChunk, std::min(n, (k + 1) * kKChunk) - k * kKChunk);
+    }
+    if (np > 0) {  // the prefix keys, first in every row's first chunk
+      float* acc[kMaxRows];
+      for (int64_t r = 0; r < R_; ++r) acc[r] = rec(r, 0) + 2;
+      values(acc, sc_, R_, ValueSlots{base_, np, nullptr});
+    }
+    for (int64_t r = 0; r < R_; ++r)
+      for (int64_t k = 0; k < nk[r]; ++k) {
+        const int64_t lo = std::max(k * kKChunk, np), hi = std::min(np + nvis_[r], (k + 1) * kKChunk);
+        if (hi <= lo) continue;
+        float* o = rec(r, k) + 2;
+        const float* p = sc_[r] + lo;
+        values(&o, &p, 1, ValueSlots{a_.n_past, hi - lo, vr_[r] + (lo - np)});
+      }
+  }
+
+  // Every chunk in list order, merged: the rows' outputs.
+  void run() {
+    const int64_t rs = record_size(Dh_), ld = tail_chunks(a_);
+    static thread_local Buffer<float> rec_buf;
+    float* runs = tls_scratch(rec_buf, (size_t)(R_ * (ld + 2) * rs));
+    float* tmp = runs + R_ * rs;
+    float* tails = tmp + R_ * rs;
+    float* rec[kMaxRows];
+    for (int64_t r = 0; r < R_; ++r) rec[r] = tmp + r * rs;
+    const int64_t nc = whole_chunks();
+    for (int64_t c = 0; c < nc; ++c) {
+      prefix_chunk(c, rec);
+      for (int64_t r = 0; r < R_; ++r) fold(runs + r * rs, rec[r], c == 0);
+    }
+    int64_t nk[kMaxRows];
+    tail(tails, ld, nk);
+    for (int64_t r = 0; r < R_; ++r) {
+      for (int64_t k = 0; k < nk[r]; ++k) fold(runs + r * rs, tails + (r * ld + k) * rs, nc == 0 && k == 0);
+      finish_record(runs + r * rs, out_[r], Dh_);
+    }
+  }
+
+ private:
+  void fold(float* run, const float* rec, bool first) {
+    if (first)
+      std::memcpy(run, rec, sizeof(float) * record_size(Dh_));
+    else
+      Rows::merge(run, rec, Dh_);
+  }
+  // Scores of slots [s0, s0 + kKTile ntiles) (s0 a multiple of kKTile) into sc_[r][0 ..).
+  void score_tiles(int64_t s0, int64_t ntiles) {
+    const int64_t tile = Dh_ * kKTile;
+    const KvT* k = kbase_ + s0 * Dh_;
+    float* o[kMaxRows];
+    auto at = [&](int64_t i) {
+      for (int64_t r = 0; r < R_; ++r) o[r] = sc_[r] + i * kKTile;
+      return o;
+    };
+    int64_t i = 0;
+    for (; i + Rows::kTiles <= ntiles; i += Rows::kTiles)
+      Rows::template scores<Rows::kTiles>(q_, R_, k + i * tile, Dh_, scale_, at(i));
+    for (; i < ntiles; ++i) Rows::template scores<1>(q_, R_, k + i * tile, Dh_, scale_, at(i));
+  }
+  void start(float* rec, float* s, int64_t n) {
+    float m;
+    rec[1] = Rows::exp_sum(s, n, &m);
+    rec[0] = m;
+    std::memset(rec + 2, 0, sizeof(float) * Dh_);
+  }
+  // The features in chunks of at most 8 registers per row.
+  void values(float* const* o, const float* const* p, int64_t nr, const ValueSlots& slots) {
+    for (int64_t f0 = 0; f0 < Dh_; f0 += 8 * Rows::kLanes) {
+      const int64_t nv = std::min<int64_t>(8, (Dh_ - f0 + Rows::kLanes - 1) / Rows::kLanes);
+      with_nv(nv, [&](auto NV) { Rows::template values<decltype(NV)::value>(o, p, nr, vbase_, slots, Dh_, f0); });
+    }
+  }
+
+  const AttentionArgs& a_;
+  const int64_t R_, Dh_, W_, base_;
+  const KvT* kbase_;
+  const KvT* vbase_;
+  const float scale_;
+  const float* q_[kMaxRows];
+  float* out_[kMaxRows];
+  float* sc_[kMaxRows];
+  const int32_t* vr_[kMaxRows];
+  int64_t nvis_[kMaxRows];
+};
+
+// The ISA files' entry points, for one KvT:
+// rows r0 .. r1 (at most kMaxRows) of KV head kvh, every chunk (attention_rows);
 template <typename KvT, typename Rows>
 void attention_rows_run(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
-  const int64_t Dh = a.Dh, G = a.H / a.KV, R = r1 - r0, W = a.n_prev + a.T;
-  const int64_t st = attention_stride(a.n_past + W);
-  const KvT* kbase = static_cast<const KvT*>(a.k) + kvh * a.S * Dh;
-  const KvT* vbase = static_cast<const KvT*>(a.v) + kvh * a.S * Dh;
-  static thread_local Buffer<float> score_buf;
-  static thread_local std::vector<int32_t> vis;  // visible scratch rows, per row
-  float* scores = tls_scratch(score_buf, (size_t)(R * st));
-  vis.resize((size_t)(R * W));
-  const float* q[16];
-  float* sc[16];
-  float* out[16];
-  const int32_t* vr[16];
-  int64_t nvis[16];
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t t = (r0 + r) / G, h = kvh * G + (r0 + r) % G;
-    q[r] = a.q + (t * a.H + h) * Dh;
-    out[r] = a.out + (t * a.H + h) * Dh;
-    sc[r] = scores + r * st;
-    vr[r] = vis.data() + r * W;
-    const uint64_t* bits = a.anc + t * a.anc_words;
-    int64_t n = 0;
-    for (int64_t j = 0; j <= a.n_prev + t; ++j)
-      if ((bits[j >> 6] >> (j & 63)) & 1u) vis[r * W + n++] = (int32_t)j;
-    nvis[r] = n;
-  }
-  const float scale = 1.0f / std::sqrt((float)Dh);
-  const int64_t tiles = st / kKTile, tile = Dh * kKTile;
-  float* o[16];
-  int64_t i0 = 0;
-  auto at = [&](int64_t i) {
-    for (int64_t r = 0; r < R; ++r) o[r] = sc[r] + i * kKTile;
-    return o;
-  };
-  for (; i0 + Rows::kTiles <= tiles; i0 += Rows::kTiles)
-    Rows::template scores<Rows::kTiles>(q, R, kbase + i0 * tile, Dh, scale, at(i0));
-  for (; i0 < tiles; ++i0) Rows::template scores<1>(q, R, kbase + i0 * tile, Dh, scale, at(i0));
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t i = 0; i < nvis[r]; ++i) sc[r][a.n_past + i] = sc[r][a.n_past + vr[r][i]];
-    Rows::softmax(sc[r], a.n_past + nvis[r]);
-    std::memset(out[r], 0, sizeof(float) * Dh);
-  }
-  // The prefix for all rows at once, then each row's visible scratch rows in order; the
-  // features in chunks of at most 8 registers per row.
-  auto values = [&](float* const* o, const float* const* p, int64_t nr, const ValueSlots& slots) {
-    for (int64_t f0 = 0; f0 < Dh; f0 += 8 * Rows::kLanes) {
-      const int64_t nv = std::min<int64_t>(8, (Dh - f0 + Rows::kLanes - 1) / Rows::kLanes);
-      with_nv(nv, [&](auto NV) { Rows::template values<decltype(NV)::value>(o, p, nr, vbase, slots, Dh, f0); });
+  ChunkedRows<KvT, Rows>(a, kvh, r0, r1).run();
+}
+
+// every row of KV head kvh, chunk c of the prefix or, for c = n_past / kKChunk, the tail, in
+// blocks of kMaxRows rows (the chunk's keys stay in cache across them): records at parts +
+// ((kvh T G + r) nc + chunk) record_size, each row's record count in counts[kvh T G + r]
+// (attention_chunk);
+template <typename KvT, typename Rows>
+void attention_chunk_run(const AttentionArgs& a, int64_t kvh, int64_t c, float* parts, int64_t nc, int64_t* counts) {
+  const int64_t R = a.T * (a.H / a.KV), rs = record_size(a.Dh);
+  for (int64_t b = 0; b < R; b += kMaxRows) {
+    const int64_t nb = std::min(kMaxRows, R - b);
+    ChunkedRows<KvT, Rows> rows(a, kvh, b, b + nb);
+    const int64_t c0 = rows.whole_chunks();
+    float* first = parts + ((kvh * R + b) * nc) * rs;  // row b's first record
+    if (c < c0) {
+      float* rec[kMaxRows];
+      for (int64_t r = 0; r < nb; ++r) rec[r] = first + (r * nc + c) * rs;
+      rows.prefix_chunk(c, rec);
+      continue;
     }
-  };
-  values(out, sc, R, ValueSlots{0, a.n_past, nullptr});
-  for (int64_t r = 0; r < R; ++r) {
-    const float* p = sc[r] + a.n_past;
-    values(out + r, &p, 1, ValueSlots{a.n_past, nvis[r], vr[r]});
+    int64_t nk[kMaxRows];
+    rows.tail(first + c0 * rs, nc, nk);
+    for (int64_t r = 0; r < nb; ++r) counts[kvh * R + b + r] = c0 + nk[r];
   }
+}
+
+// the records of attention_chunk merged in order into the outputs (attention_merge).
+template <typename Rows>
+void attention_merge_run(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts) {
+  const int64_t G = a.H / a.KV, R = a.T * G, rs = record_size(a.Dh);
+  for (int64_t kvh = 0; kvh < a.KV; ++kvh)
+    for (int64_t r = 0; r < R; ++r) {
+      float* run = parts + (kvh * R + r) * nc * rs;
+      for (int64_t c = 1; c < counts[kvh * R + r]; ++c) Rows::merge(run, run + c * rs, a.Dh);
+      const int64_t t = r / G, h = kvh * G + r % G;
+      finish_record(run, a.out + (t * a.H + h) * a.Dh, a.Dh);
+    }
 }
 
 }  // namespace dovetail

@@ -129,8 +129,9 @@ enum class KvType : int { F32 = 0, BF16 = 1 };
 //
 // Every score is one sequential chain of fused multiply-adds over the features (the same
 // on every path and for every tile position), and the softmax and the weighted sum run
-// over the list of visible keys in slot order, so a token's output does not depend on the
-// batch it is in (batch invariance).
+// over the list of visible keys in slot order (on the SIMD paths in chunks of 128 keys of
+// that list, merged in order), so a token's output does not depend on the batch it is in
+// or on the thread split (batch invariance).
 constexpr int64_t kKTile = 16;
 inline int64_t k_offset(int64_t slot, int64_t d, int64_t Dh) {
   return (slot / kKTile) * Dh * kKTile + d * kKTile + slot % kKTile;
@@ -169,8 +170,10 @@ int64_t argmax(const float* x, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
-// As avx512::attention_rows; Dh a multiple of 8.
+// As avx512::attention_rows / attention_chunk / attention_merge; Dh a multiple of 8.
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1);
+void attention_chunk(const AttentionArgs& a, int64_t kvh, int64_t c, float* parts, int64_t nc, int64_t* counts);
+void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts);
 }  // namespace avx2
 namespace avx512 {
 int quantize_block(const float* x, int8_t* q, float* d);
@@ -182,8 +185,14 @@ int64_t argmax(const float* x, int64_t n);
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
-// Query rows r0..r1 of KV head kvh, row r = (token r / G, head kvh * G + r % G), G = H / KV.
+// Query rows r0..r1 (at most 16) of KV head kvh, row r = (token r / G, head kvh * G + r % G),
+// G = H / KV: every key chunk in order (attention_impl.h).
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1);
+// Every row of KV head kvh, one key chunk: c < n_past / 128 a whole chunk of the prefix,
+// c = n_past / 128 the rest; its softmax records go to parts (nc per row), with each
+// row's record count in counts. attention_merge then merges them into the outputs.
+void attention_chunk(const AttentionArgs& a, int64_t kvh, int64_t c, float* parts, int64_t nc, int64_t* counts);
+void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts);
 }  // namespace avx512
 
 }  // namespace dovetail

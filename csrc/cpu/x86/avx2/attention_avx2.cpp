@@ -78,8 +78,11 @@ struct Kern {
 template <typename KvT, int NV, int RG>
 inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t ld,
                                  const ValueSlots& slots) {
+  // Unrolled whole around the key loop (see the AVX-512 twin).
   __m256 acc[RG][NV];
+#pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_loadu_ps(out[r] + 8 * i);
   for (int64_t j = 0; j < slots.n; ++j) {
     const KvT* row = vbase + slots(j) * ld;
@@ -90,7 +93,9 @@ inline void weighted_values_rows(float* const* out, const float* const* p, const
       for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(b, v[i], acc[r][i]);
     }
   }
+#pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out[r] + 8 * i, acc[r][i]);
 }
 
@@ -104,7 +109,7 @@ struct Rows {
     for (; r + 2 <= nr; r += 2) tile_scores_rows<KvT, 2, KT>(q + r, tiles, Dh, scale, out + r);
     if (r < nr) tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, out + r);
   }
-  static void softmax(float* s, int64_t n) {
+  static float exp_sum(float* s, int64_t n, float* max) {
     const int64_t n8 = n / 8 * 8;
     float tail[8];
     for (int i = 0; i < 8; ++i) tail[i] = n8 + i < n ? s[n8 + i] : -INFINITY;
@@ -114,6 +119,7 @@ struct Rows {
     _mm256_storeu_ps(m8, mx);
     float m = m8[0];
     for (int i = 1; i < 8; ++i) m = m8[i] > m ? m8[i] : m;
+    *max = m;
     const __m256 mv = _mm256_set1_ps(m);
     __m256 sum = _mm256_setzero_ps();
     for (int64_t i = 0; i < n8; i += 8) {
@@ -124,10 +130,20 @@ struct Rows {
     const __m256 et = x86::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(tail), mv));  // padding: exp(-inf) = 0
     sum = _mm256_add_ps(sum, et);
     _mm256_storeu_ps(tail, et);
-    const __m256 inv = _mm256_set1_ps(1.0f / x86::hsum256(sum));
-    for (int64_t i = 0; i < n8; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), inv));
-    _mm256_storeu_ps(tail, _mm256_mul_ps(_mm256_loadu_ps(tail), inv));
     for (int64_t i = n8; i < n; ++i) s[i] = tail[i - n8];
+    return x86::hsum256(sum);
+  }
+  static void merge(float* run, const float* rec, int64_t Dh) {
+    const float m = std::max(run[0], rec[0]);
+    float xy[8];
+    _mm256_storeu_ps(xy, x86::exp_ps(_mm256_setr_ps(run[0] - m, rec[0] - m, 0, 0, 0, 0, 0, 0)));
+    run[0] = m;
+    run[1] = std::fma(rec[1], xy[1], run[1] * xy[0]);
+    const __m256 x = _mm256_set1_ps(xy[0]), y = _mm256_set1_ps(xy[1]);
+    for (int64_t d = 0; d < Dh; d += 8) {  // Dh is a multiple of 8 on this path
+      const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(run + 2 + d), x);
+      _mm256_storeu_ps(run + 2 + d, _mm256_fmadd_ps(_mm256_loadu_ps(rec + 2 + d), y, a));
+    }
   }
   static constexpr int kLanes = 8;
   // Features [f0, f0 + 8 NV) of every row; pairs of rows share each value load when the
@@ -152,6 +168,20 @@ void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1)
     attention_rows_run<float, Rows<float>>(a, kvh, r0, r1);
   else
     attention_rows_run<uint16_t, Rows<uint16_t>>(a, kvh, r0, r1);
+}
+
+void attention_chunk(const AttentionArgs& a, int64_t kvh, int64_t c, float* parts, int64_t nc, int64_t* counts) {
+  if (a.kv_type == KvType::F32)
+    attention_chunk_run<float, Rows<float>>(a, kvh, c, parts, nc, counts);
+  else
+    attention_chunk_run<uint16_t, Rows<uint16_t>>(a, kvh, c, parts, nc, counts);
+}
+
+void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts) {
+  if (a.kv_type == KvType::F32)
+    attention_merge_run<Rows<float>>(a, parts, nc, counts);
+  else
+    attention_merge_run<Rows<uint16_t>>(a, parts, nc, counts);
 }
 
 }  // namespace dovetail::avx2

@@ -1,14 +1,15 @@
-// AVX-512 tree attention. One work item is a run of query rows (token t, head h) that share
-// a KV head. Per row:
+// AVX-512 tree attention: the kernels of attention_impl.h's chunked driver. Per row:
 //   s_i = (q . k_i) / sqrt(Dh)      over the visible keys i (prefix, then ancestors, in slot order)
 //   p_i = exp(s_i - max) / sum      out = sum_i p_i v_i
+// computed in chunks of keys whose softmax states are merged in order (attention_impl.h).
 // Keys come in tiles of 16 slots, transposed (ops.h), so the scores of 16 keys are 16 lanes
 // of one FMA chain over the features: no horizontal sums, and each tile is loaded once for
 // up to 4 rows. The weighted sum of values also serves up to 4 rows per value load.
 // Every row is computed by the same instruction sequence whatever its neighbours, the batch
 // size or the thread split (batch invariance): a score is one sequential FMA chain (the
-// scalar path's too); the softmax sums run over the compacted list of visible keys in
-// 16-wide chunks from its start; the weighted sum of values is sequential in that list's order.
+// scalar path's too); a chunk's exp sum runs over its part of the compacted list of visible
+// keys in 16-wide lanes from the chunk's start; its weighted sum of values is sequential in
+// that list's order.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -73,20 +74,35 @@ template <typename KvT, int NV, int RG>
 inline void weighted_values_rows(float* const* out, const float* const* p, const KvT* vbase, int64_t ld,
                                  int64_t width, const ValueSlots& slots) {
   __mmask16 m[NV];
+#pragma GCC unroll 8
   for (int i = 0; i < NV; ++i) m[i] = tail_mask(width - 16 * i);
+  // The loops around the key loop are unrolled whole: indexed with a loop counter there,
+  // the accumulators got a stack copy that GCC then stored on every key (3x slower).
   __m512 acc[RG][NV];
+#pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_maskz_loadu_ps(m[i], out[r] + 16 * i);
-  for (int64_t j = 0; j < slots.n; ++j) {
-    const KvT* row = vbase + slots(j) * ld;
-    __m512 v[NV];
-    for (int i = 0; i < NV; ++i) v[i] = load16(row + 16 * i, m[i]);
-    for (int r = 0; r < RG; ++r) {
-      const __m512 b = _mm512_set1_ps(p[r][j]);
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(b, v[i], acc[r][i]);
+  // Masked loads only where the width needs them: the value rows come from memory, and
+  // with every load masked the loop ran a third slower on cold rows.
+  auto run = [&](auto full) {
+    for (int64_t j = 0; j < slots.n; ++j) {
+      const KvT* row = vbase + slots(j) * ld;
+      __m512 v[NV];
+      for (int i = 0; i < NV; ++i) v[i] = decltype(full)::value ? load16(row + 16 * i) : load16(row + 16 * i, m[i]);
+      for (int r = 0; r < RG; ++r) {
+        const __m512 b = _mm512_set1_ps(p[r][j]);
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(b, v[i], acc[r][i]);
+      }
     }
-  }
+  };
+  if (width >= 16 * NV)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
+#pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) _mm512_mask_storeu_ps(out[r] + 16 * i, m[i], acc[r][i]);
 }
 
@@ -100,11 +116,12 @@ struct Rows {
     for (; r + 4 <= nr; r += 4) tile_scores_rows<KvT, 4, KT>(q + r, tiles, Dh, scale, out + r);
     for (; r < nr; ++r) tile_scores_rows<KvT, 1, KT>(q + r, tiles, Dh, scale, out + r);
   }
-  static void softmax(float* s, int64_t n) {
+  static float exp_sum(float* s, int64_t n, float* max) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i < n; i += 16)
       mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(n - i), s + i));
-    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    *max = _mm512_reduce_max_ps(mx);
+    const __m512 mv = _mm512_set1_ps(*max);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 m = tail_mask(n - i);
@@ -114,10 +131,19 @@ struct Rows {
     }
     __m256 f[8] = {fold(sum), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                    _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm256_cvtss_f32(hsum8(f)));
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = tail_mask(n - i);
-      _mm512_mask_storeu_ps(s + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), inv));
+    return _mm256_cvtss_f32(hsum8(f));
+  }
+  static void merge(float* run, const float* rec, int64_t Dh) {
+    const float m = std::max(run[0], rec[0]);
+    float xy[16];
+    _mm512_storeu_ps(xy, exp_ps(_mm512_setr_ps(run[0] - m, rec[0] - m, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)));
+    run[0] = m;
+    run[1] = std::fma(rec[1], xy[1], run[1] * xy[0]);
+    const __m512 x = _mm512_set1_ps(xy[0]), y = _mm512_set1_ps(xy[1]);
+    for (int64_t d = 0; d < Dh; d += 16) {
+      const __mmask16 k = tail_mask(Dh - d);
+      const __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, run + 2 + d), x);
+      _mm512_mask_storeu_ps(run + 2 + d, k, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, rec + 2 + d), y, a));
     }
   }
   static constexpr int kLanes = 16;
@@ -139,6 +165,20 @@ void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1)
     attention_rows_run<float, Rows<float>>(a, kvh, r0, r1);
   else
     attention_rows_run<uint16_t, Rows<uint16_t>>(a, kvh, r0, r1);
+}
+
+void attention_chunk(const AttentionArgs& a, int64_t kvh, int64_t c, float* parts, int64_t nc, int64_t* counts) {
+  if (a.kv_type == KvType::F32)
+    attention_chunk_run<float, Rows<float>>(a, kvh, c, parts, nc, counts);
+  else
+    attention_chunk_run<uint16_t, Rows<uint16_t>>(a, kvh, c, parts, nc, counts);
+}
+
+void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts) {
+  if (a.kv_type == KvType::F32)
+    attention_merge_run<Rows<float>>(a, parts, nc, counts);
+  else
+    attention_merge_run<Rows<uint16_t>>(a, parts, nc, counts);
 }
 
 }  // namespace dovetail::avx512
