@@ -67,3 +67,12 @@ def test_default_model_batch_invariant(default_source):
         eng.commit()
         rows.append(lg)
     np.testing.assert_array_equal(np.concatenate(rows), full)
+
+
+def test_engine_takes_a_model_path(default_source):
+    """TargetEngine(path) loads the file itself and computes what the loaded source does."""
+    from dovetail_ext.models import default_model_path
+    ids = [1, 4093, 28, 905, 2]
+    want, _ = TargetEngine(default_source, context=16, threads=1).forward(ids)
+    got, _ = TargetEngine(str(default_model_path()), context=16, threads=1).forward(ids)
+    np.testing.assert_array_equal(got, want)

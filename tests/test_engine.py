@@ -250,3 +250,7 @@ def test_bad_inputs_raise_clear_errors():
     del bad.weights["blk.1.ffn_up"]
     with pytest.raises(ValueError, match="missing weight 'blk.1.ffn_up'"):
         TargetEngine(bad, context=8)
+    with pytest.raises(TypeError, match="source must be a ModelSource or a model path, got int"):
+        TargetEngine(3, context=8)
+    with pytest.raises(FileNotFoundError):
+        TargetEngine("/nonexistent/model.gguf", context=8)

@@ -52,7 +52,8 @@ class TargetEngine:
     """A LLaMA model executing its weights in their stored format.
 
     Args:
-        source: what a loader returned (config, weights, tokenizer).
+        source: what a loader returned (config, weights, tokenizer), or a model path
+            (``.gguf`` file or checkpoint directory) for :func:`~dovetail_ext.formats.load_model_source`.
         context: KV slots to preallocate (committed tokens plus one batch).
         threads: OpenMP threads for native compute.
         max_batch: the largest number of tokens one forward may take.
@@ -65,9 +66,15 @@ class TargetEngine:
             device engine on the CPU with scalar kernels, for tests).
     """
 
-    def __init__(self, source: ModelSource, *, context: int | None = None, threads: int | None = None,
+    def __init__(self, source: ModelSource | str | os.PathLike, *, context: int | None = None,
+                 threads: int | None = None,
                  max_batch: int = 128, kv_dtype: str = "f32", gpu_layers: int = 0, device: str = "cuda",
                  graphs: bool = True) -> None:
+        if isinstance(source, (str, os.PathLike)):
+            from .formats import load_model_source
+            source = load_model_source(source)
+        elif not isinstance(source, ModelSource):
+            raise TypeError(f"source must be a ModelSource or a model path, got {type(source).__name__}")
         cfg = source.config
         self.config = cfg
         self.source = source
