@@ -424,3 +424,27 @@ def test_ctrl_c_stops_training_cleanly_and_resume_finishes_it(training_files, tm
         assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "cut" / "draft.safetensors").read_bytes() == \
         (tmp_path / "whole" / "draft.safetensors").read_bytes()
+
+
+def test_pool_stats_and_fallback_switch():
+    """pool_stats counts the jobs the pool split across threads; with the stall fallback
+    off, no job runs on the caller alone, and the switch goes back on."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 256)).astype(np.float32)
+    pw = _core.PackedWeight("f32", 512, 256, w)
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    assert _core.pool_stats()["fallback"] is True
+    _core.set_pool_fallback(False)
+    try:
+        _core.reset_pool_stats()
+        want = x @ w.T
+        for _ in range(20):
+            np.testing.assert_allclose(_core.linear(x, pw, threads=2), want, rtol=1e-5, atol=1e-4)
+        s = _core.pool_stats()
+        assert s["fallback"] is False
+        assert s["parallel_jobs"] == 20 and s["fallback_jobs"] == 0 and s["stretches"] == 0
+        _core.reset_pool_stats()
+        assert _core.pool_stats()["parallel_jobs"] == 0
+    finally:
+        _core.set_pool_fallback(True)
+    assert _core.pool_stats()["fallback"] is True

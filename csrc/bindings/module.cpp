@@ -3,6 +3,7 @@
 
 #include "bindings/common.h"
 #include "common/cpu_features.h"
+#include "common/thread_pool.h"
 #ifdef DOVETAIL_WITH_CUDA
 #include "cuda/runtime.h"
 #include "model/device_ops.h"
@@ -72,6 +73,21 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_isa", [] { return std::string(isa_name(active_isa())); }, "The kernel path in use.");
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("name"),
         "Force a kernel path: 'scalar', 'avx2' or 'avx512' (ValueError if unsupported here).");
+  m.def("pool_stats", [] {
+        const ThreadPool::Stats s = ThreadPool::instance().stats();
+        py::dict d;
+        d["parallel_jobs"] = s.parallel_jobs;
+        d["fallback_jobs"] = s.fallback_jobs;
+        d["stretches"] = s.stretches;
+        d["fallback"] = ThreadPool::instance().fallback();
+        return d;
+      }, "The native thread pool's counters: jobs split across threads, jobs run on the calling "
+         "thread alone after stalls (another process holding a core), the serial stretches begun, "
+         "and whether that fallback is on.");
+  m.def("reset_pool_stats", [] { ThreadPool::instance().reset_stats(); }, "Zero the pool_stats counters.");
+  m.def("set_pool_fallback", [](bool on) { ThreadPool::instance().set_fallback(on); }, py::arg("on"),
+        "Whether stalls send the next jobs to the calling thread alone (default True). False offers "
+        "every job to the workers: for a quiet machine, and for kernel benchmarks.");
   m.def("cuda_compiled", &bind::cuda_compiled, "True when the CUDA sources were compiled in.");
   m.def("cuda_device_count", &bind::cuda_device_count, "Number of usable CUDA devices (0 without a driver).");
   m.def("cuda_cublas", &bind::cuda_cublas,

@@ -99,6 +99,7 @@ void ThreadPool::run(int threads, int64_t n_chunks, ChunkFn fn, void* ctx) {
   if (!serial && serial_left_ > 0) {  // recovering from stalls: the caller alone
     --serial_left_;
     serial = true;
+    fallback_jobs_.fetch_add(1, std::memory_order_relaxed);
   }
   if (serial) {
     for (int64_t c = 0; c < n_chunks; ++c) fn(ctx, c);  // serial, or the pool is in use
@@ -141,14 +142,41 @@ void ThreadPool::run(int threads, int64_t n_chunks, ChunkFn fn, void* ctx) {
   const int64_t own = std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
   const int64_t wait = waited ? std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t1).count() : 0;
   const bool alone = mine == n_chunks && own > kAloneNs;  // a job the workers never joined
+  parallel_jobs_.fetch_add(1, std::memory_order_relaxed);
+  if (!fallback_.load(std::memory_order_relaxed)) return;
   if (wait > own + kStallSlackNs || alone) {
     stall_score_ = std::max(stall_score_, 0) + (alone ? 2 : 4);
     if (stall_score_ >= kStallTrigger) {
       serial_span_ = serial_span_ ? std::min(serial_span_ * 2, kSerialMax) : kSerialFirst;
       serial_left_ = serial_span_;
       stall_score_ = 0;
+      stretches_.fetch_add(1, std::memory_order_relaxed);
     }
   } else if (--stall_score_ <= -kCleanReset) {  // a long clean stretch: stalls start short again
+    stall_score_ = 0;
+    serial_span_ = 0;
+  }
+}
+
+ThreadPool::Stats ThreadPool::stats() const {
+  Stats s;
+  s.parallel_jobs = parallel_jobs_.load(std::memory_order_relaxed);
+  s.fallback_jobs = fallback_jobs_.load(std::memory_order_relaxed);
+  s.stretches = stretches_.load(std::memory_order_relaxed);
+  return s;
+}
+
+void ThreadPool::reset_stats() {
+  parallel_jobs_.store(0, std::memory_order_relaxed);
+  fallback_jobs_.store(0, std::memory_order_relaxed);
+  stretches_.store(0, std::memory_order_relaxed);
+}
+
+void ThreadPool::set_fallback(bool on) {
+  std::lock_guard<std::mutex> lock(run_mu_);  // not in the middle of a job's bookkeeping
+  fallback_.store(on, std::memory_order_relaxed);
+  if (!on) {
+    serial_left_ = 0;
     stall_score_ = 0;
     serial_span_ = 0;
   }

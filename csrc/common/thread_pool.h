@@ -45,6 +45,18 @@ class ThreadPool {
 
   ~ThreadPool();
 
+  // Counters since start (or the last reset): jobs split across threads, jobs run on the
+  // caller alone because of recent stalls, and how many such serial stretches began.
+  struct Stats {
+    int64_t parallel_jobs = 0, fallback_jobs = 0, stretches = 0;
+  };
+  Stats stats() const;
+  void reset_stats();
+  // Whether stalls send jobs to the caller alone (the default). Off, every job is offered
+  // to the workers: for a machine known to be quiet, and for benchmarks of the kernels.
+  void set_fallback(bool on);
+  bool fallback() const { return fallback_.load(std::memory_order_relaxed); }
+
  private:
   ThreadPool() = default;
   void ensure_workers(int n);
@@ -71,6 +83,8 @@ class ThreadPool {
   int stall_score_ = 0;
   int64_t serial_left_ = 0;   // jobs still to run on the caller alone
   int64_t serial_span_ = 0;   // length of the next serial stretch (doubles while stalls recur)
+  std::atomic<bool> fallback_{true};
+  std::atomic<int64_t> parallel_jobs_{0}, fallback_jobs_{0}, stretches_{0};
   ChunkFn fn_ = nullptr;
   void* ctx_ = nullptr;
 };
