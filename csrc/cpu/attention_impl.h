@@ -317,4 +317,27 @@ void attention_merge_run(const AttentionArgs& a, float* parts, int64_t nc, const
     }
 }
 
+// The ISA files' three entry points for their `Rows<KvT>`, dispatched on the cache's type.
+template <template <typename> class Rows>
+struct AttentionEntries {
+  static void rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
+    if (a.kv_type == KvType::F32)
+      attention_rows_run<float, Rows<float>>(a, kvh, r0, r1);
+    else
+      attention_rows_run<uint16_t, Rows<uint16_t>>(a, kvh, r0, r1);
+  }
+  static void chunk(const AttentionArgs& a, int64_t kvh, int64_t c, float* parts, int64_t nc, int64_t* counts) {
+    if (a.kv_type == KvType::F32)
+      attention_chunk_run<float, Rows<float>>(a, kvh, c, parts, nc, counts);
+    else
+      attention_chunk_run<uint16_t, Rows<uint16_t>>(a, kvh, c, parts, nc, counts);
+  }
+  static void merge(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts) {
+    if (a.kv_type == KvType::F32)
+      attention_merge_run<Rows<float>>(a, parts, nc, counts);
+    else
+      attention_merge_run<Rows<uint16_t>>(a, parts, nc, counts);
+  }
+};
+
 }  // namespace dovetail

@@ -164,24 +164,15 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 }
 
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1) {
-  if (a.kv_type == KvType::F32)
-    attention_rows_run<float, Rows<float>>(a, kvh, r0, r1);
-  else
-    attention_rows_run<uint16_t, Rows<uint16_t>>(a, kvh, r0, r1);
+  AttentionEntries<Rows>::rows(a, kvh, r0, r1);
 }
 
 void attention_chunk(const AttentionArgs& a, int64_t kvh, int64_t c, float* parts, int64_t nc, int64_t* counts) {
-  if (a.kv_type == KvType::F32)
-    attention_chunk_run<float, Rows<float>>(a, kvh, c, parts, nc, counts);
-  else
-    attention_chunk_run<uint16_t, Rows<uint16_t>>(a, kvh, c, parts, nc, counts);
+  AttentionEntries<Rows>::chunk(a, kvh, c, parts, nc, counts);
 }
 
 void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts) {
-  if (a.kv_type == KvType::F32)
-    attention_merge_run<Rows<float>>(a, parts, nc, counts);
-  else
-    attention_merge_run<Rows<uint16_t>>(a, parts, nc, counts);
+  AttentionEntries<Rows>::merge(a, parts, nc, counts);
 }
 
 }  // namespace dovetail::avx2
