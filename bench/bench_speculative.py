@@ -187,18 +187,22 @@ def test_sampled_decode(benchmark, spec_gen, record, setting, monkeypatch):
         return int(np.argmax(logits)) if chooser.params.greedy else chooser.draw_from(*full_sort_dist(logits,
                                                                                                       chooser.params))
     gen, label = spec_gen
-    n, prompts = (96, humaneval_prompts(max(2, N_PROMPTS // 2))) if benchmark.enabled else (4, humaneval_prompts(1))
-    kw = dict(setting, seed=1)
+    n, prompts = (96, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (4, humaneval_prompts(1))
     runs = {"plain, full-sort rule": [], "plain": [], "speculative": []}
+    # Two seeds per prompt: one pass of 4 prompts gave 0.90x at T = 1.0 where 8 prompts x 2
+    # passes gave 1.08x (the acceptance of a few samples decides a short run).
+    seeds = (1, 2) if benchmark.enabled else (1,)
 
     def run():  # prompt by prompt, the three modes in turn: drift on the machine hits each alike
-        for prompt in prompts:
-            with monkeypatch.context() as m:
-                m.setattr(sampling, "target_dist", full_sort_dist)
-                m.setattr(sampling.TokenChooser, "__call__", full_sort_choice)
-                runs["plain, full-sort rule"] += _generate(gen, [prompt], n, speculative=False, **kw)
-            runs["plain"] += _generate(gen, [prompt], n, speculative=False, **kw)
-            runs["speculative"] += _generate(gen, [prompt], n, speculative=True, **kw)
+        for seed in seeds:
+            kw = dict(setting, seed=seed)
+            for prompt in prompts:
+                with monkeypatch.context() as m:
+                    m.setattr(sampling, "target_dist", full_sort_dist)
+                    m.setattr(sampling.TokenChooser, "__call__", full_sort_choice)
+                    runs["plain, full-sort rule"] += _generate(gen, [prompt], n, speculative=False, **kw)
+                runs["plain"] += _generate(gen, [prompt], n, speculative=False, **kw)
+                runs["speculative"] += _generate(gen, [prompt], n, speculative=True, **kw)
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     assert [r.tokens for r in runs["plain"]] == [r.tokens for r in runs["plain, full-sort rule"]], \
         "the native sampling rule changed the output"
