@@ -61,6 +61,23 @@ def _generate(gen, prompts, n, adaptive=None, lookup="default", **kw):
         gen.lookup = LookupParams()
 
 
+def _rotating(benchmark, gen, prompts, n, modes, passes=1):
+    """Every mode of ``modes`` (name -> generate kwargs) on every prompt, prompt by prompt,
+    the modes' order rotating from one prompt (and pass) to the next, so that the machine's
+    drift hits each alike; timed as one benchmark round. Returns name -> results."""
+    results = {m: [] for m in modes}
+    names = list(modes)
+
+    def run():
+        for k in range(passes):
+            for i, prompt in enumerate(prompts):
+                j = (i + k) % len(names)
+                for mode in names[j:] + names[:j]:
+                    results[mode] += _generate(gen, [prompt], n, **modes[mode])
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    return results
+
+
 def _summary(results):
     toks = sum(r.stats.new_tokens for r in results)
     secs = sum(r.stats.decode_s for r in results)
@@ -87,14 +104,7 @@ def test_decode_modes(benchmark, spec_gen, record):
     the next, so that the machine's drift hits each alike."""
     gen, label = spec_gen
     n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(2))
-    results = {m: [] for m in DECODE_MODES}
-
-    def run():
-        names = list(DECODE_MODES)
-        for i, prompt in enumerate(prompts):
-            for mode in names[i % len(names):] + names[:i % len(names)]:
-                results[mode] += _generate(gen, [prompt], n, **DECODE_MODES[mode])
-    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    results = _rotating(benchmark, gen, prompts, n, DECODE_MODES)
     for mode, res in results.items():
         entry = dict(_summary(res), draft=label, prompts="HumanEval", tokens=[r.tokens for r in res])
         benchmark.extra_info[mode] = {k: v for k, v in entry.items() if k != "tokens"}
@@ -120,16 +130,7 @@ def test_long_context_decode(benchmark, spec_gen, record):
     gen, label = spec_gen
     n, prompts = (128, long_code_prompts(4)) if benchmark.enabled else (8, long_code_prompts(1))
     modes = {"plain": dict(speculative=False), "speculative": dict(speculative=True)}
-    results = {m: [] for m in modes}
-    passes = 2 if benchmark.enabled else 1
-
-    def run():
-        names = list(modes)
-        for k in range(passes):
-            for i, prompt in enumerate(prompts):
-                for mode in (names if (i + k) % 2 == 0 else names[::-1]):
-                    results[mode] += _generate(gen, [prompt], n, **modes[mode])
-    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    results = _rotating(benchmark, gen, prompts, n, modes, passes=2 if benchmark.enabled else 1)
     assert [r.tokens for r in results["speculative"]] == [r.tokens for r in results["plain"]]
     rows = {mode: _summary(res) for mode, res in results.items()}
     prompt_tokens = [len(gen.encode_prompt(p)) for p in prompts]
@@ -150,14 +151,7 @@ def test_tree_sweep(benchmark, spec_gen, record):
     modes = {"plain": dict(speculative=False)}
     modes.update({str(shape): dict(speculative=True, tree=TreeParams(*shape), adaptive=False, lookup=None)
                   for shape in TREES})
-    results = {m: [] for m in modes}
-
-    def run():
-        names = list(modes)
-        for i, prompt in enumerate(prompts):
-            for mode in names[i % len(names):] + names[:i % len(names)]:
-                results[mode] += _generate(gen, [prompt], n, **modes[mode])
-    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    results = _rotating(benchmark, gen, prompts, n, modes)
     for mode, res in results.items():
         assert [r.tokens for r in res] == [r.tokens for r in results["plain"]], f"tree {mode} changed the output"
     rows = {mode: _summary(res) for mode, res in results.items()}
