@@ -21,7 +21,7 @@ from dovetail_ext.formats import load_model_source
 from dovetail_ext.target import TargetEngine
 from dovetail_ext.train import train_draft
 from dovetail_ext.train.data import (first_turn, iter_jsonl, iter_sharegpt, iter_sharegpt_with_ids, iter_text,
-                                     load_conversations, render)
+                                     load_conversations, python_function_prompts, render)
 from dovetail_ext.train.features import (FeatureCache, FeatureSettings, extract_features, from_bf16_bits,
                                          to_bf16_bits)
 from dovetail_ext.train.trainer import Trainer, TrainConfig, choose_vocab_map, evaluate, rollout
@@ -126,6 +126,37 @@ def test_jsonl_and_text_sources(tmp_path, data_file):
     assert a == b and sorted(map(str, a)) == sorted(map(str, CONVS)) and a != CONVS
     with pytest.raises(FileNotFoundError):
         load_conversations(tmp_path / "missing.jsonl")
+
+
+def test_python_function_prompts(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "tests").mkdir(parents=True)
+    doc = '"""Return x doubled, for any integer x that the caller gives.\n\n    >>> C().method(2)\n    4\n    """\n'
+    (pkg / "mod.py").write_text(
+        "import functools\n\n"
+        'def short():\n    """Too short."""\n\n'
+        "class C:\n"
+        "    @functools.cache\n"
+        "    def method(self, x: int) -> int:\n"
+        "        " + doc.replace("\n    ", "\n        ") +
+        "        return 2 * x\n\n"
+        "def undocumented(y):\n    return y\n")
+    (pkg / "broken.py").write_text("def (:\n")
+    (pkg / "tests" / "test_mod.py").write_text('def test_a():\n    """A test function whose docstring is long enough."""\n')
+    convs = python_function_prompts(pkg, seed=3)
+    assert len(convs) == 1  # too short a docstring, no docstring, a syntax error, tests/: skipped
+    user, reply = convs[0]
+    assert reply == {"role": "assistant", "content": ""} and user["role"] == "user"
+    ask, body = user["content"].split("\n\n", 1)
+    # dedented, decorators kept, the body left out
+    assert body == "@functools.cache\ndef method(self, x: int) -> int:\n    " + doc
+    assert first_turn(convs[0]) == [user]  # what self-distillation answers
+    stdlib = load_conversations("python-functions", seed=5)
+    assert len(stdlib) > 1000 and stdlib == python_function_prompts(seed=5) != python_function_prompts(seed=6)
+    assert all("def " in c[0]["content"] for c in stdlib)
+    assert load_conversations("python-functions", limit=7, seed=5) == stdlib[:7]
+    with pytest.raises(ValueError, match="self_distill > 0"):
+        train_draft(None, "python-functions", tmp_path / "d")
 
 
 # -- features --------------------------------------------------------------------------------

