@@ -157,6 +157,8 @@ def test_python_function_prompts(tmp_path):
     assert load_conversations("python-functions", limit=7, seed=5) == stdlib[:7]
     with pytest.raises(ValueError, match="self_distill > 0"):
         train_draft(None, "python-functions", tmp_path / "d")
+    with pytest.raises(ValueError, match="distill_fraction 1.0"):
+        train_draft(None, "python-functions", tmp_path / "d", self_distill=64, distill_fraction=0.5)
 
 
 # -- features --------------------------------------------------------------------------------

@@ -92,9 +92,10 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     from .features import FeatureCache, FeatureSettings, extract_features
     from .trainer import Trainer, TrainConfig
 
-    if str(data) == PYTHON_FUNCTIONS and self_distill <= 0:
+    if str(data) == PYTHON_FUNCTIONS and (self_distill <= 0 or distill_fraction < 1.0):
         raise ValueError(f"--data {PYTHON_FUNCTIONS} holds prompts without replies: the target must write "
-                         "them (self_distill > 0, e.g. --self-distill 256)")
+                         f"all of them (self_distill > 0, e.g. --self-distill 256, and distill_fraction 1.0; "
+                         f"got {self_distill} and {distill_fraction})")
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out)

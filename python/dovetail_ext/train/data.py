@@ -207,26 +207,24 @@ def load_conversations(source: str | os.PathLike, limit: int | None = None, seed
         FileNotFoundError: no such file. ValueError: a malformed record, or no conversation.
     """
     if str(source) == PYTHON_FUNCTIONS:
-        convs = python_function_prompts(seed=seed)
-        if not convs:
-            raise ValueError(f"{source}: no documented function found in the standard library")
-        return convs if limit is None else convs[:limit]
-    if str(source) == SHAREGPT:
-        convs = list(iter_sharegpt())
+        convs = python_function_prompts(seed=seed)  # already in the seed's order
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such data file: {path} (or use '{SHAREGPT}' or '{PYTHON_FUNCTIONS}')")
-        if path.suffix == ".json":
-            convs = list(iter_sharegpt(path))
-        elif path.suffix == ".jsonl":
-            convs = list(iter_jsonl(path))
+        if str(source) == SHAREGPT:
+            convs = list(iter_sharegpt())
         else:
-            convs = list(iter_text(path))
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such data file: {path} (or use '{SHAREGPT}' or '{PYTHON_FUNCTIONS}')")
+            if path.suffix == ".json":
+                convs = list(iter_sharegpt(path))
+            elif path.suffix == ".jsonl":
+                convs = list(iter_jsonl(path))
+            else:
+                convs = list(iter_text(path))
+        order = np.random.default_rng(seed).permutation(len(convs))
+        convs = [convs[i] for i in order]
     if not convs:
         raise ValueError(f"{source}: no usable conversation (each needs a user and an assistant turn)")
-    order = np.random.default_rng(seed).permutation(len(convs))
-    convs = [convs[i] for i in order]
     return convs if limit is None else convs[:limit]
 
 
