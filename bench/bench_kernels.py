@@ -1,6 +1,7 @@
 """Kernel benchmarks at the default model's shapes: the quantized linear (each weight
 format as the model stores it) and tree attention, T = 1, 4, 16, 64 rows, against PyTorch
-fp32 on the same (decoded) weights in the same process. Reports GB/s of weights streamed
+fp32 on the same (decoded) weights in the same process; the bf16 linear against PyTorch's
+bf16 linear. Reports GB/s of weights streamed
 and GOP/s next to the ratio."""
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ def _time(benchmark, fn, rounds):
     return benchmark.stats.stats.median if benchmark.stats else None
 
 
+def _torch_median(fn, rounds):
+    """Median wall time of fn over `rounds` calls after one warm-up call."""
+    ts = []
+    for _ in range(rounds + 1):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts[1:]))
+
+
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("name", list(MATS))
 def test_linear(benchmark, default_source, threads, record, name, T):
@@ -52,21 +63,39 @@ def test_linear(benchmark, default_source, threads, record, name, T):
     xt = torch.from_numpy(x)
     torch.set_num_threads(threads)
     rounds = 30 if name != "token_embd" else 10
-    t_torch = []
-    for _ in range(rounds + 1):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(xt, Wt)
-        t_torch.append(time.perf_counter() - t0)
+    t_torch = _torch_median(lambda: torch.nn.functional.linear(xt, Wt), rounds)
     t_native = _time(benchmark, lambda: _core.linear(x, pw, threads=threads), rounds)
     if t_native is None:
         return
-    t_torch = float(np.median(t_torch[1:]))
     gbs = w.data.nbytes / t_native / 1e9
     gops = 2 * T * w.shape[0] * w.shape[1] / t_native / 1e9
     benchmark.extra_info.update(dtype=w.dtype, GBps=round(gbs, 2), GOPps=round(gops, 1),
                                 vs_torch_fp32=round(t_torch / t_native, 2))
     record("linear", f"{MATS[name]} {w.dtype} T={T}", native_ms=t_native * 1e3, torch_fp32_ms=t_torch * 1e3,
            ratio_vs_torch_fp32=t_torch / t_native, GBps=gbs, GOPps=gops)
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("name", ["blk.0.ffn_up", "blk.0.ffn_down", "token_embd"])
+def test_linear_bf16(benchmark, default_source, threads, record, name, T):
+    """bf16 weights (the model's matrices decoded and rounded; vdpbf16ps on bf16-rounded
+    activations) against PyTorch's bf16 linear on the same values."""
+    from dovetail_ext.quant import quantize
+    w = quantize(dequantize(default_source.weights[name]), "bf16")
+    pw = _core.PackedWeight("bf16", w.shape[0], w.shape[1], np.ascontiguousarray(w.data))
+    x = np.random.default_rng(0).standard_normal((T, w.shape[1])).astype(np.float32)
+    Wt, xt = torch.from_numpy(dequantize(w)).bfloat16(), torch.from_numpy(x).bfloat16()
+    torch.set_num_threads(threads)
+    rounds = 30 if name != "token_embd" else 10
+    t_torch = _torch_median(lambda: torch.nn.functional.linear(xt, Wt), rounds)
+    t_native = _time(benchmark, lambda: _core.linear(x, pw, threads=threads), rounds)
+    if t_native is None:
+        return
+    gbs = w.data.nbytes / t_native / 1e9
+    gops = 2 * T * w.shape[0] * w.shape[1] / t_native / 1e9
+    benchmark.extra_info.update(GBps=round(gbs, 2), GOPps=round(gops, 1), vs_torch_bf16=round(t_torch / t_native, 2))
+    record("linear_bf16", f"{MATS[name]} bf16 T={T}", native_ms=t_native * 1e3, torch_bf16_ms=t_torch * 1e3,
+           ratio_vs_torch_bf16=t_torch / t_native, GBps=gbs, GOPps=gops)
 
 
 @pytest.mark.parametrize("T", TS)
@@ -93,12 +122,7 @@ def test_attention(benchmark, threads, record, T):
     mask = torch.zeros(T, n_past + T, dtype=torch.bool)
     mask[:, :n_past] = True
     mask[:, n_past:] = torch.from_numpy(anc)
-    ts = []
-    for _ in range(31):
-        t0 = time.perf_counter()
-        torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
-        ts.append(time.perf_counter() - t0)
-    t_torch = float(np.median(ts[1:]))
+    t_torch = _torch_median(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask), 30)
     kv_bytes = 2 * KV * (n_past + T) * Dh * 4
     benchmark.extra_info.update(GBps=round(kv_bytes / t_native / 1e9, 2), vs_torch_fp32=round(t_torch / t_native, 2))
     record("attention", f"T={T} n_past={n_past}", native_ms=t_native * 1e3, torch_fp32_ms=t_torch * 1e3,

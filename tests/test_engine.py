@@ -66,11 +66,12 @@ def test_forward_matches_transformers(gqa, tied):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_matches_reference_every_format(isa, dtype):
     """Against the fp64-matmul twin on the same decoded weights; quantized formats add the
-    int8 activation rounding (about 1/254 of each block's max per element)."""
+    int8 activation rounding (about 1/254 of each block's max per element), bf16 the bf16
+    activation rounding (2^-9 of each element; measured 0.4% of the largest logit here)."""
     cfg = tiny_config(gqa=3, tied=False)
     src = make_source(cfg, random_weights(cfg, seed=11), dtype, embd_dtype="q8_0" if dtype.startswith("q") else None)
     assert_matches_reference(src, np.random.default_rng(1).integers(0, cfg.vocab_size, 9),
-                             tol=3e-4 if dtype in ("f32", "f16", "bf16") else 4e-2)
+                             tol={"f32": 3e-4, "f16": 3e-4, "bf16": 1.5e-2}.get(dtype, 4e-2))
 
 
 def assert_matches_reference(src, ids, tol: float) -> None:

@@ -109,10 +109,27 @@ def test_quantize_acts_simd_equals_scalar_on_nan_and_inf():
 def test_dequantize_row(dtype):
     from dovetail_ext.quant import dequantize
     rng = np.random.default_rng(2)
-    w = quantize(_rand(rng, 5, 96), dtype)
+    rows, cols = 37, 96 if dtype.startswith("q") else 99  # 3 panels, the last one partial; odd K
+    w = quantize(_rand(rng, rows, cols), dtype)
     pw = _packed(w)
-    for r in range(5):
+    for r in range(rows):
         np.testing.assert_array_equal(pw.dequantize_row(r), dequantize(w)[r])
+
+
+@pytest.mark.parametrize("T,K,N", [(1, 32, 1), (3, 97, 7), (9, 162, 33), (17, 576, 100), (8, 1538, 19)])
+def test_bf16_linear_same_bits_on_every_isa(T, K, N):
+    """bf16 weights: every ISA path gives the scalar path's bits (the AVX-512 kernel's
+    vdpbf16ps and the FMA emulation of its rounding on the other paths), for odd K, padded
+    pairs, partial panels and token tiles; values in the normal range (the instruction
+    flushes denormals, the emulation does not)."""
+    rng = np.random.default_rng(T + K + N)
+    x = _rand(rng, T, K, scale=float(rng.uniform(0.01, 100.0)))
+    pw = _packed(quantize(_rand(rng, N, K, scale=K ** -0.5), "bf16"))
+    with use_isa("scalar"):
+        ref = _core.linear(x, pw, threads=2)
+    for name in _core.supported_isas():
+        with use_isa(name):
+            np.testing.assert_array_equal(_core.linear(x, pw, threads=2), ref, err_msg=name)
 
 
 @pytest.mark.parametrize("T,D", [(1, 8), (3, 97), (4, 576)])

@@ -82,12 +82,13 @@ void bind_ops(py::module_& m) {
         QActs qa;
         {
           py::gil_scoped_release nogil;
-          if (is_quantized(w.type)) quantize_acts(x.data(), T, w.cols, qa, threads);
+          prepare_acts(w, x.data(), T, qa, threads);
           linear(w, x.data(), &qa, T, y.mutable_data(), w.rows, threads);
         }
         return y;
       }, py::arg("x"), py::arg("weight"), py::arg("threads") = 1,
-      "y[T, N] = x[T, K] @ W[N, K]^T; quantized weights use int8-quantized activations.");
+      "y[T, N] = x[T, K] @ W[N, K]^T; quantized weights use int8-quantized activations, bf16 weights "
+      "bf16-rounded ones.");
 
   m.def("quantize_acts", [](const py::handle& x_obj) {
         auto x = as_array<float>(x_obj, "x");

@@ -20,7 +20,8 @@ namespace dovetail {
 // A weight matrix [N, K] (PyTorch Linear layout) in its stored format, copied once into
 // engine-owned, 64-byte aligned memory.
 //
-// Float formats (f32 / f16 / bf16) keep rows: row(r), row_stride bytes apart.
+// f32 and f16 keep rows: row(r), row_stride bytes apart. bf16 is repacked into panels of
+// 16 rows by column pairs (quant_common.h), the operand layout of vdpbf16ps.
 // Quantized formats (GGUF blocks of 32 columns: q8_0, q4_0, q4_1) are repacked into panels
 // of kPanel = 16 rows, so one SIMD register holds the same 4 columns of 16 rows and the
 // matmul reads each block once for all rows of the panel and all tokens (quant_common.h).
@@ -29,7 +30,7 @@ struct PackedWeight {
   WType type = WType::F32;
   int64_t rows = 0, cols = 0;
   int64_t row_bytes = 0;   // bytes of one row as stored in GGUF
-  int64_t row_stride = 0;  // float formats: bytes between rows (row_bytes rounded up to 64)
+  int64_t row_stride = 0;  // f32 / f16: bytes between rows (row_bytes rounded up to 64)
   Buffer<uint8_t> data;
 
   const uint8_t* row(int64_t r) const { return data.data() + r * row_stride; }
@@ -46,9 +47,14 @@ PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n);
 // The same values also come interleaved by tiles of kActTile tokens, for the panel kernels:
 // for tile g, block b, token i of the tile: 32 bytes of q at qi + ((g*nb + b)*kActTile + i)*32,
 // d and ds at di / dsi[(g*nb + b)*kActTile + i] (tokens past T are zero).
+//
+// For bf16 weights the activations are instead rounded to bf16 (nearest even, as
+// fp32_to_bf16) and kept as column pairs: b[t * K2 + j] holds columns 2j (low half) and
+// 2j + 1 of token t, K2 = bf16_pairs(K), zero padded.
 constexpr int kActTile = 8;
 struct QActs {
-  int64_t T = 0, K = 0;
+  int64_t T = 0, K = 0, K2 = 0;
+  Buffer<uint32_t> b;  // [T, K2] bf16 pairs
   Buffer<int8_t> q;    // [T, K]
   Buffer<float> d;     // [T, K/32]
   Buffer<float> ds;    // [T, K/32]
@@ -58,9 +64,16 @@ struct QActs {
   void reserve(int64_t max_T, int64_t max_K);
 };
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads);
+void bf16_acts(const float* x, int64_t T, int64_t K, QActs& out);
+// What linear() needs of x for weight w: quantize_acts (quantized formats), bf16_acts
+// (bf16) or nothing (f32, f16).
+void prepare_acts(const PackedWeight& w, const float* x, int64_t T, QActs& out, int nthreads);
 
-// y[t, n] = sum_k x[t, k] * W[n, k] for t < T. `qa` must hold x quantized when W is
-// quantized (it may be null otherwise). y has leading dimension ldy.
+// y[t, n] = sum_k x[t, k] * W[n, k] for t < T. `qa` must hold x prepared for W
+// (prepare_acts) when W is quantized or bf16 (it may be null otherwise). y has leading
+// dimension ldy. bf16 weights multiply bf16-rounded activations: each product is exact in
+// fp32 and added to the sum as vdpbf16ps does (the column pair's odd column first), with
+// two sums per output (even and odd pairs) added at the end.
 void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
             int64_t ldy, int nthreads);
 
@@ -177,6 +190,8 @@ void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int
 }  // namespace avx2
 namespace avx512 {
 int quantize_block(const float* x, int8_t* q, float* d);
+// n floats -> n bf16 (fp32_to_bf16 bit for bit), stored as n / 2 column pairs (n even).
+void round_bf16(const float* x, int64_t n, uint32_t* out);
 bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double* lanes);
 int64_t argmax(const float* x, int64_t n);
 // out = silu(g) * u with a polynomial exp (within 2 ulp of expf); every element, the

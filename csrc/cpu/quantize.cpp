@@ -57,6 +57,14 @@ PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src
         put_block(type, s + r * w.row_bytes + b * ub, block_panel(w, r / kPanel, b), (int)(r % kPanel));
     return w;
   }
+  if (type == WType::BF16) {
+    const int64_t K2 = bf16_pairs(cols);
+    w.data.resize((size_t)(panel_count(rows) * K2 * 4 * kPanel));  // zeros: the padding
+    uint16_t* d = reinterpret_cast<uint16_t*>(w.data.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < cols; ++k) std::memcpy(d + bf16_index(r, k, K2), s + r * w.row_bytes + 2 * k, 2);
+    return w;
+  }
   w.row_stride = (w.row_bytes + 63) / 64 * 64;
   w.data.resize((size_t)(rows * w.row_stride));
   for (int64_t r = 0; r < rows; ++r) std::memcpy(w.data.data() + r * w.row_stride, s + r * w.row_bytes, w.row_bytes);
@@ -80,6 +88,15 @@ PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n) 
       for (int64_t b = 0; b < nb; ++b)
         copy_block(w.type, block_panel(w, rows[i] / kPanel, b), (int)(rows[i] % kPanel), block_panel(out, i / kPanel, b),
                    (int)(i % kPanel));
+    return out;
+  }
+  if (w.type == WType::BF16) {
+    const int64_t K2 = bf16_pairs(w.cols);
+    out.data.resize((size_t)(panel_count(n) * K2 * 4 * kPanel));
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data.data());
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out.data.data());
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < w.cols; ++k) dst[bf16_index(i, k, K2)] = src[bf16_index(rows[i], k, K2)];
     return out;
   }
   out.data.resize((size_t)(n * w.row_stride));
@@ -153,22 +170,50 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
     }
 }
 
+void bf16_acts(const float* x, int64_t T, int64_t K, QActs& out) {
+  const int64_t K2 = bf16_pairs(K);
+  if (out.b.size() < (size_t)(T * K2)) out.b.resize((size_t)(T * K2));
+  out.T = T;
+  out.K = K;
+  out.K2 = K2;
+  const int64_t k_even = K / 2 * 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * K;
+    uint32_t* bt = out.b.data() + t * K2;
+    int64_t j = 0;
+    if (active_isa() == Isa::Avx512) {
+      avx512::round_bf16(xt, k_even, bt);
+      j = k_even / 2;
+    }
+    for (; j < K2; ++j) {
+      const uint32_t lo = 2 * j < K ? fp32_to_bf16(xt[2 * j]) : 0, hi = 2 * j + 1 < K ? fp32_to_bf16(xt[2 * j + 1]) : 0;
+      bt[j] = lo | (hi << 16);
+    }
+  }
+}
+
+void prepare_acts(const PackedWeight& w, const float* x, int64_t T, QActs& out, int nthreads) {
+  if (is_quantized(w.type))
+    quantize_acts(x, T, w.cols, out, nthreads);
+  else if (w.type == WType::BF16)
+    bf16_acts(x, T, w.cols, out);
+}
+
 void dequantize_row(const PackedWeight& w, int64_t r, float* out) {
   DT_CHECK_INDEX(r >= 0 && r < w.rows, "row " + std::to_string(r) + " out of range [0, " +
                                            std::to_string(w.rows) + ")");
-  const uint8_t* row = w.row(r);
+  const uint8_t* row = w.row(r);  // (f32 / f16)
   switch (w.type) {
     case WType::F32: std::memcpy(out, row, w.cols * 4); return;
     case WType::F16:
       for (int64_t i = 0; i < w.cols; ++i) out[i] = load_f16(row + 2 * i);
       return;
-    case WType::BF16:
-      for (int64_t i = 0; i < w.cols; ++i) {
-        uint16_t b;
-        std::memcpy(&b, row + 2 * i, 2);
-        out[i] = bf16_to_fp32(b);
-      }
+    case WType::BF16: {
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(w.data.data());
+      const int64_t K2 = bf16_pairs(w.cols);
+      for (int64_t i = 0; i < w.cols; ++i) out[i] = bf16_to_fp32(d[bf16_index(r, i, K2)]);
       return;
+    }
     default: break;
   }
   const int64_t nb = w.cols / kQBlock;

@@ -178,8 +178,8 @@ void LayerStack::check(const int32_t* positions, int64_t T, const uint8_t* anc, 
   check_batch(positions, T, anc, append ? pending_ : 0, n_past_, o_.max_batch, o_.context);
 }
 
-void LayerStack::linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool quantize_input) {
-  if (quantize_input && is_quantized(w.type)) quantize_acts(x, T, w.cols, qa_, o_.threads);
+void LayerStack::linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool prepare_input) {
+  if (prepare_input) prepare_acts(w, x, T, qa_, o_.threads);
   linear(w, x, &qa_, T, y, w.rows, o_.threads);
 }
 

@@ -93,7 +93,7 @@ class LayerStack {
   size_t weight_bytes() const;
   QActs& qacts() { return qa_; }
   // y = x W^T with this stack's threads and activation buffer.
-  void linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool quantize_input);
+  void linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool prepare_input);
 
  private:
   LayerDims d_;

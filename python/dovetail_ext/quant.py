@@ -25,7 +25,7 @@ from gguf import quants as gguf_quants
 
 from .formats.base import QUANT_BLOCK, WEIGHT_DTYPES, Weight
 
-__all__ = ["dequantize", "quantize", "unpack_blocks", "quantize_activations_q8", "QK"]
+__all__ = ["dequantize", "quantize", "unpack_blocks", "quantize_activations_q8", "round_bf16", "QK"]
 
 #: Values per quantization block (weights and activations alike).
 QK = 32
@@ -117,6 +117,13 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     is_nan = np.isnan(x)
     quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)  # keep sign and payload, set quiet bit
     return np.where(is_nan, quiet_nan, rounded)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bf16 (ties to even), as float32: what the native
+    kernels do to the activations that multiply bf16 weights."""
+    bits = _to_bf16_bits(np.ascontiguousarray(x, dtype=np.float32)).astype(np.uint32) << 16
+    return bits.view(np.float32)
 
 
 def quantize(x: np.ndarray, dtype: str) -> Weight:

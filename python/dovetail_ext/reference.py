@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .formats.base import QUANT_BLOCK, ModelSource, Weight, expected_weight_shapes
-from .quant import dequantize, quantize_activations_q8, unpack_blocks
+from .quant import dequantize, quantize_activations_q8, round_bf16, unpack_blocks
 
 __all__ = ["rmsnorm", "rope_tables", "rope", "swiglu", "attention", "linear", "linear_q8",
            "KVCache", "RMSNorm", "Attention", "FeedForward", "Block", "LlamaReference",
@@ -197,8 +197,9 @@ def linear_q8(x: Tensor, w: Weight) -> Tensor:
     which is ``sum_i (da * aq_i) * (dw * wq_i + cw)``: the exact dot product of the
     quantized activations with the decoded weight. Evaluated in float64 (isum is exact
     there), as the reference for the native kernels that accumulate in float32.
-    Float weights (f32, f16, bf16) are not paired with quantized activations: for them this
-    is :func:`linear`.
+    f32 and f16 weights are not paired with quantized activations: for them this is
+    :func:`linear`. bf16 weights multiply the activations rounded to bf16
+    (:func:`dovetail_ext.quant.round_bf16`), as the native vdpbf16ps kernel does.
 
     Args:
         x: [T, K] float (its values are taken as float32 for the quantization).
@@ -206,6 +207,9 @@ def linear_q8(x: Tensor, w: Weight) -> Tensor:
     Returns:
         [T, N] in ``x.dtype``.
     """
+    if w.dtype == "bf16":
+        _check_matmul(x, w.shape)
+        return linear(torch.from_numpy(round_bf16(x.detach().cpu().float().numpy())).to(x.dtype), w)
     if w.dtype not in QUANT_BLOCK:
         return linear(x, w)
     _check_matmul(x, w.shape)

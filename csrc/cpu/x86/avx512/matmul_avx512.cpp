@@ -1,5 +1,6 @@
-// AVX-512 (F/BW/VL/VNNI) linear kernels. Quantized weights: unsigned codes x int8
-// activations with vpdpbusd over 16-row panels; float weights: fp32 FMAs.
+// AVX-512 (F/BW/VL/VNNI/BF16) linear kernels. Quantized weights: unsigned codes x int8
+// activations with vpdpbusd over 16-row panels; bf16 weights: vdpbf16ps over 16-row panels;
+// f32 / f16 weights: fp32 FMAs.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -125,7 +126,58 @@ void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, i
   }
 }
 
-// Float weights: the row converted to fp32 once, then one FMA chain per activation row.
+// bf16 weights (panels of 16 rows by column pairs, quant_common.h) against bf16 activation
+// pairs: per pair j and token, one vdpbf16ps with the token's pair broadcast adds 2 x 16
+// products to the token's sum for the 16 rows; even and odd pairs go to two sums (two
+// independent chains per output, as in the quantized kernel), added at the end. A tile of
+// up to kTT tokens shares each weight load.
+inline __m512 dpbf16_bcast(__m512 acc, __m512 w, const uint32_t* x) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+  return acc;
+}
+
+template <int TT>
+inline void bf16_tile(const uint16_t* panel, int64_t K2, const uint32_t* x, float* y, int64_t ldy,
+                      int64_t n0, __mmask16 m) {
+  // (Every loop over the tile is unrolled: a rolled one makes GCC keep the sums on the stack.)
+  __m512 even[TT], odd[TT];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < K2; j += 2) {
+    const __m512 w0 = _mm512_load_ps(panel + j * 2 * kPanel), w1 = _mm512_load_ps(panel + (j + 1) * 2 * kPanel);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
+      even[i] = dpbf16_bcast(even[i], w0, x + i * K2 + j);
+      odd[i] = dpbf16_bcast(odd[i], w1, x + i * K2 + j + 1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) _mm512_mask_storeu_ps(y + i * ldy + n0, m, _mm512_add_ps(even[i], odd[i]));
+}
+
+void linear_bf16(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  const int64_t K2 = qa->K2;
+  for (int64_t p = r0 / kPanel; p < panel_count(r1); ++p) {
+    const uint16_t* panel = bf16_panel(w, p);
+    const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
+    const __mmask16 m = (__mmask16)((1u << valid) - 1);
+    int64_t t = 0;
+    for (; t + kTT <= T; t += kTT) bf16_tile<kTT>(panel, K2, qa->b.data() + t * K2, y + t * ldy, ldy, n0, m);
+    const uint32_t* x = qa->b.data() + t * K2;
+    switch (T - t) {
+      case 7: bf16_tile<7>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
+      case 6: bf16_tile<6>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
+      case 5: bf16_tile<5>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
+      case 4: bf16_tile<4>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
+      case 3: bf16_tile<3>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
+      case 2: bf16_tile<2>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
+      case 1: bf16_tile<1>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
+      default: break;
+    }
+  }
+}
+
+// f32 / f16 weights: the row converted to fp32 once, then one FMA chain per activation row.
 void linear_float(const PackedWeight& w, const float* x, int64_t T, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
   const int64_t K = w.cols;
@@ -140,14 +192,8 @@ void linear_float(const PackedWeight& w, const float* x, int64_t T, float* y, in
     } else {
       const uint16_t* src = reinterpret_cast<const uint16_t*>(w.row(r));
       int64_t k = 0;
-      for (; k < k16; k += 16) {
-        const __m256i h = _mm256_loadu_si256((const __m256i*)(src + k));
-        const __m512 f = w.type == WType::F16
-                             ? _mm512_cvtph_ps(h)
-                             : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        _mm512_storeu_ps(wr + k, f);
-      }
-      for (; k < K; ++k) wr[k] = w.type == WType::F16 ? _cvtsh_ss(src[k]) : bf16_to_fp32(src[k]);
+      for (; k < k16; k += 16) _mm512_storeu_ps(wr + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + k))));
+      for (; k < K; ++k) wr[k] = _cvtsh_ss(src[k]);
       wp = wr;
     }
     for (int64_t t = 0; t < T; ++t) {
@@ -167,6 +213,8 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
                  int64_t ldy, int64_t r0, int64_t r1) {
   if (is_quantized(w.type))
     linear_quant(w, qa, T, y, ldy, r0, r1);
+  else if (w.type == WType::BF16)
+    linear_bf16(w, qa, T, y, ldy, r0, r1);
   else
     linear_float(w, x, T, y, ldy, r0, r1);
 }
@@ -190,6 +238,20 @@ int quantize_block(const float* x, int8_t* q, float* d) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(ia));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(ib));
   return _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
+}
+
+void round_bf16(const float* x, int64_t n, uint32_t* out) {
+  const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000),
+                half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    const __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, x + i));
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(hi, one))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+    r = _mm512_mask_or_epi32(r, nan, hi, quiet);
+    _mm256_mask_storeu_epi16(out + i / 2, m, _mm512_cvtepi32_epi16(r));
+  }
 }
 
 void swiglu(const float* g, const float* u, float* out, int64_t n) {
