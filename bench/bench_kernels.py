@@ -1,7 +1,7 @@
 """Kernel benchmarks at the default model's shapes: the quantized linear (each weight
 format as the model stores it) and tree attention, T = 1, 4, 16, 64 rows, against PyTorch
-fp32 on the same (decoded) weights in the same process; the bf16 linear against PyTorch's
-bf16 linear. Reports GB/s of weights streamed
+fp32 on the same (decoded) weights in the same process; the float formats (the same
+matrices stored as bf16, f16, f32) against PyTorch's bf16 or fp32 linear. Reports GB/s of weights streamed
 and GOP/s next to the ratio."""
 
 from __future__ import annotations
@@ -77,14 +77,17 @@ def test_linear(benchmark, default_source, threads, record, name, T):
 
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("name", ["blk.0.ffn_up", "blk.0.ffn_down", "token_embd"])
-def test_linear_bf16(benchmark, default_source, threads, record, name, T):
-    """bf16 weights (the model's matrices decoded and rounded; vdpbf16ps on bf16-rounded
-    activations) against PyTorch's bf16 linear on the same values."""
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_linear_float(benchmark, default_source, threads, record, dtype, name, T):
+    """Float weights (the model's matrices decoded, then stored as dtype) against PyTorch on
+    the same values: bf16 (vdpbf16ps on bf16-rounded activations) against PyTorch's bf16
+    linear, f16 and f32 against its fp32 linear."""
     from dovetail_ext.quant import quantize
-    w = quantize(dequantize(default_source.weights[name]), "bf16")
-    pw = _core.PackedWeight("bf16", w.shape[0], w.shape[1], np.ascontiguousarray(w.data))
+    w = quantize(dequantize(default_source.weights[name]), dtype)
+    pw = _core.PackedWeight(dtype, w.shape[0], w.shape[1], np.ascontiguousarray(w.data))
     x = np.random.default_rng(0).standard_normal((T, w.shape[1])).astype(np.float32)
-    Wt, xt = torch.from_numpy(dequantize(w)).bfloat16(), torch.from_numpy(x).bfloat16()
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    Wt, xt = torch.from_numpy(dequantize(w)).to(tdt), torch.from_numpy(x).to(tdt)
     torch.set_num_threads(threads)
     rounds = 30 if name != "token_embd" else 10
     t_torch = _torch_median(lambda: torch.nn.functional.linear(xt, Wt), rounds)
@@ -93,9 +96,10 @@ def test_linear_bf16(benchmark, default_source, threads, record, name, T):
         return
     gbs = w.data.nbytes / t_native / 1e9
     gops = 2 * T * w.shape[0] * w.shape[1] / t_native / 1e9
-    benchmark.extra_info.update(GBps=round(gbs, 2), GOPps=round(gops, 1), vs_torch_bf16=round(t_torch / t_native, 2))
-    record("linear_bf16", f"{MATS[name]} bf16 T={T}", native_ms=t_native * 1e3, torch_bf16_ms=t_torch * 1e3,
-           ratio_vs_torch_bf16=t_torch / t_native, GBps=gbs, GOPps=gops)
+    vs = "bf16" if dtype == "bf16" else "fp32"
+    benchmark.extra_info.update(GBps=round(gbs, 2), GOPps=round(gops, 1), **{f"vs_torch_{vs}": round(t_torch / t_native, 2)})
+    record("linear_float", f"{MATS[name]} {dtype} T={T}", native_ms=t_native * 1e3, **{f"torch_{vs}_ms": t_torch * 1e3},
+           **{f"ratio_vs_torch_{vs}": t_torch / t_native}, GBps=gbs, GOPps=gops)
 
 
 @pytest.mark.parametrize("T", TS)

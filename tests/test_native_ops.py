@@ -116,15 +116,16 @@ def test_dequantize_row(dtype):
         np.testing.assert_array_equal(pw.dequantize_row(r), dequantize(w)[r])
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("T,K,N", [(1, 32, 1), (3, 97, 7), (9, 162, 33), (17, 576, 100), (8, 1538, 19)])
-def test_bf16_linear_same_bits_on_every_isa(T, K, N):
-    """bf16 weights: every ISA path gives the scalar path's bits (the AVX-512 kernel's
-    vdpbf16ps and the FMA emulation of its rounding on the other paths), for odd K, padded
-    pairs, partial panels and token tiles; values in the normal range (the instruction
-    flushes denormals, the emulation does not)."""
+def test_float_linear_same_bits_on_every_isa(dtype, T, K, N):
+    """Float weights: every ISA path gives the scalar path's bits (the same two FMA chains
+    per output; for bf16 the AVX-512 kernel's vdpbf16ps and the FMA emulation of its
+    rounding elsewhere), for odd K, padded pairs, partial panels and token tiles; values in
+    the normal range (vdpbf16ps flushes denormals, the emulation does not)."""
     rng = np.random.default_rng(T + K + N)
     x = _rand(rng, T, K, scale=float(rng.uniform(0.01, 100.0)))
-    pw = _packed(quantize(_rand(rng, N, K, scale=K ** -0.5), "bf16"))
+    pw = _packed(quantize(_rand(rng, N, K, scale=K ** -0.5), dtype))
     with use_isa("scalar"):
         ref = _core.linear(x, pw, threads=2)
     for name in _core.supported_isas():

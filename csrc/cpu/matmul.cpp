@@ -1,9 +1,9 @@
 // linear(): y = x W^T over every stored weight format. Scalar reference kernel and the
 // dispatcher; the AVX2 / AVX-512 kernels live in cpu/x86/.
 //
-// Each output row n is computed by one thread, the weight row is read once for all T
-// activation rows, and the per-element reduction order depends only on K: this is what
-// makes the engine batch invariant.
+// Each output row n is computed by one thread, the weights are read once per panel of 16
+// rows for a tile of activation rows, and the per-element reduction order depends only on
+// K: this is what makes the engine batch invariant.
 #include <algorithm>
 #include <cmath>
 
@@ -16,24 +16,34 @@ namespace dovetail {
 
 namespace scalar {
 
-// bf16 weights: vdpbf16ps's arithmetic, one output at a time. Per pair j of columns,
-// sum += w[2j+1] * x[2j+1] then sum += w[2j] * x[2j], each a fused multiply-add (the product
-// of two bf16 values is exact in fp32, so this is the instruction's rounding); even pairs go
-// to one sum and odd pairs to another, added at the end, as the vector kernels keep them.
-void linear_bf16(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t r0,
-                 int64_t r1) {
-  const int64_t K2 = qa->K2;
-  const uint16_t* wd = reinterpret_cast<const uint16_t*>(w.data.data());
+// Float weights, one output at a time: two sums of fused multiply-adds, over the even and
+// the odd columns in order, added at the end (as the vector kernels keep them). bf16:
+// vdpbf16ps's arithmetic on column pairs, even pairs to one sum and odd pairs to the other;
+// per pair j, sum += w[2j+1] * x[2j+1] then sum += w[2j] * x[2j] (the product of two bf16
+// values is exact in fp32, so each fused step rounds as the instruction does).
+void linear_float(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y, int64_t ldy,
+                  int64_t r0, int64_t r1) {
+  const int64_t K = w.cols;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* wr = wd + bf16_index(r, 0, K2);
+    const int64_t base = float_index(w.type, r, 0, K);
     for (int64_t t = 0; t < T; ++t) {
-      const uint32_t* xt = qa->b.data() + t * K2;
       float sum[2] = {0.0f, 0.0f};
-      for (int64_t j = 0; j < K2; ++j) {
-        const uint16_t* wj = wr + j * 2 * kPanel;
-        float& s = sum[j & 1];
-        s = std::fma(bf16_to_fp32(wj[1]), bf16_to_fp32((uint16_t)(xt[j] >> 16)), s);
-        s = std::fma(bf16_to_fp32(wj[0]), bf16_to_fp32((uint16_t)(xt[j] & 0xffffu)), s);
+      if (w.type == WType::BF16) {
+        const uint16_t* wr = float_panel<uint16_t>(w, 0) + base;
+        const uint32_t* xt = qa->b.data() + t * qa->K2;
+        for (int64_t j = 0; j < qa->K2; ++j) {
+          const uint16_t* wj = wr + j * 2 * kPanel;
+          float& s = sum[j & 1];
+          s = std::fma(bf16_to_fp32(wj[1]), bf16_to_fp32((uint16_t)(xt[j] >> 16)), s);
+          s = std::fma(bf16_to_fp32(wj[0]), bf16_to_fp32((uint16_t)(xt[j] & 0xffffu)), s);
+        }
+      } else {
+        const float* xt = x + t * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const float wk = w.type == WType::F32 ? float_panel<float>(w, 0)[base + k * kPanel]
+                                                : fp16_to_fp32(float_panel<uint16_t>(w, 0)[base + k * kPanel]);
+          sum[k & 1] = std::fma(wk, xt[k], sum[k & 1]);
+        }
       }
       y[t * ldy + r] = sum[0] + sum[1];
     }
@@ -42,22 +52,8 @@ void linear_bf16(const PackedWeight& w, const QActs* qa, int64_t T, float* y, in
 
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1) {
+  if (!is_quantized(w.type)) return linear_float(w, x, qa, T, y, ldy, r0, r1);
   const int64_t K = w.cols;
-  if (w.type == WType::BF16) return linear_bf16(w, qa, T, y, ldy, r0, r1);
-  if (!is_quantized(w.type)) {
-    static thread_local Buffer<float> row_buf;
-    float* wr = tls_scratch(row_buf, (size_t)K);
-    for (int64_t r = r0; r < r1; ++r) {
-      dequantize_row(w, r, wr);  // exact: f16/bf16 -> f32 is lossless
-      for (int64_t t = 0; t < T; ++t) {
-        const float* xt = x + t * K;
-        float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k) acc += xt[k] * wr[k];
-        y[t * ldy + r] = acc;
-      }
-    }
-    return;
-  }
   const int64_t nb = K / kQBlock;
   static thread_local Buffer<uint8_t> code_buf;
   static thread_local Buffer<float> scale_buf;
@@ -100,14 +96,14 @@ void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, f
     case Isa::Avx2: fn = avx2::linear_rows; break;
     case Isa::Scalar: break;
   }
-  // Rows are split in contiguous chunks (whole panels of quantized weights) so each thread
+  // Rows are split in contiguous chunks of whole panels so each thread
   // streams its part of W; below ~64K multiply-adds, handing work to another thread costs
   // more than it saves. One chunk per thread: one long stream each (measured against two
   // and eight chunks per thread, which were up to 5% and 10-17% slower at T = 1 to 16).
-  const int64_t N = w.rows, unit = is_quantized(w.type) || w.type == WType::BF16 ? kPanel : 1;
+  const int64_t N = w.rows;
   const bool tiny = N * w.cols * T < (1 << 16);
-  parallel_range(tiny ? 1 : nthreads, (N + unit - 1) / unit, 16 / unit, [&](int64_t p0, int64_t p1) {
-    fn(w, x, qa, T, y, ldy, p0 * unit, std::min(N, p1 * unit));
+  parallel_range(tiny ? 1 : nthreads, panel_count(N), 1, [&](int64_t p0, int64_t p1) {
+    fn(w, x, qa, T, y, ldy, p0 * kPanel, std::min(N, p1 * kPanel));
   }, 1);
 }
 

@@ -20,8 +20,8 @@ namespace dovetail {
 // A weight matrix [N, K] (PyTorch Linear layout) in its stored format, copied once into
 // engine-owned, 64-byte aligned memory.
 //
-// f32 and f16 keep rows: row(r), row_stride bytes apart. bf16 is repacked into panels of
-// 16 rows by column pairs (quant_common.h), the operand layout of vdpbf16ps.
+// Float formats (f32, f16, bf16) are repacked into panels of 16 rows too: by column (f32,
+// f16) or by column pair (bf16, the operand layout of vdpbf16ps); see quant_common.h.
 // Quantized formats (GGUF blocks of 32 columns: q8_0, q4_0, q4_1) are repacked into panels
 // of kPanel = 16 rows, so one SIMD register holds the same 4 columns of 16 rows and the
 // matmul reads each block once for all rows of the panel and all tokens (quant_common.h).
@@ -29,11 +29,8 @@ namespace dovetail {
 struct PackedWeight {
   WType type = WType::F32;
   int64_t rows = 0, cols = 0;
-  int64_t row_bytes = 0;   // bytes of one row as stored in GGUF
-  int64_t row_stride = 0;  // f32 / f16: bytes between rows (row_bytes rounded up to 64)
+  int64_t row_bytes = 0;  // bytes of one row as stored in GGUF
   Buffer<uint8_t> data;
-
-  const uint8_t* row(int64_t r) const { return data.data() + r * row_stride; }
 };
 
 // `src` holds rows*row_bytes bytes laid out like GGUF (rows contiguous).
@@ -71,9 +68,10 @@ void prepare_acts(const PackedWeight& w, const float* x, int64_t T, QActs& out, 
 
 // y[t, n] = sum_k x[t, k] * W[n, k] for t < T. `qa` must hold x prepared for W
 // (prepare_acts) when W is quantized or bf16 (it may be null otherwise). y has leading
-// dimension ldy. bf16 weights multiply bf16-rounded activations: each product is exact in
-// fp32 and added to the sum as vdpbf16ps does (the column pair's odd column first), with
-// two sums per output (even and odd pairs) added at the end.
+// dimension ldy. Float weights: each output is two fp32 sums of fused multiply-adds, over
+// the even and the odd columns (f32, f16) or column pairs (bf16) in order, added at the
+// end; the same on every ISA path. bf16 weights multiply bf16-rounded activations: each
+// product is exact in fp32 and added as vdpbf16ps does (the pair's odd column first).
 void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
             int64_t ldy, int nthreads);
 

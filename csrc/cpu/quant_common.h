@@ -87,16 +87,25 @@ inline void unpack_row_scalar(const PackedWeight& w, int64_t r, uint8_t* codes, 
     get_block(w.type, block_panel(w, r / kPanel, b), (int)(r % kPanel), codes + b * kQBlock, dw + b, cw + b);
 }
 
-// Panel layout of bf16 weights: panels of kPanel rows with the columns taken in pairs,
-// [panel][K2][16 rows][2], so one 64-byte vector holds columns 2j, 2j+1 of 16 rows (the
-// operand of one vdpbf16ps). K2 = bf16_pairs(K) pairs, padded with zeros to an even count
-// so the kernels run whole pairs of pairs; rows past N in the last panel are zero.
+// Panel layout of float weights: panels of kPanel rows, so one vector holds the same
+// column(s) of 16 rows and a matmul reads each weight once for a tile of tokens.
+//   f32 / f16: [panel][K][16 rows]; element (r, k) at ((r / 16) * K + k) * 16 + r % 16.
+//   bf16:      [panel][K2][16 rows][2]: columns in pairs 2j, 2j+1 (the operand of one
+//              vdpbf16ps), K2 = bf16_pairs(K) pairs, padded with zeros to an even count so
+//              the kernels run whole pairs of pairs.
+// Rows past N in the last panel are zero.
 inline int64_t bf16_pairs(int64_t cols) { return (cols + 3) / 4 * 2; }
-inline int64_t bf16_index(int64_t r, int64_t k, int64_t K2) {
-  return ((r / kPanel) * K2 + k / 2) * (2 * kPanel) + (r % kPanel) * 2 + k % 2;
+inline int64_t float_panel_elems(WType t, int64_t cols) {
+  return (t == WType::BF16 ? 2 * bf16_pairs(cols) : cols) * kPanel;
 }
-inline const uint16_t* bf16_panel(const PackedWeight& w, int64_t p) {
-  return reinterpret_cast<const uint16_t*>(w.data.data()) + p * bf16_pairs(w.cols) * 2 * kPanel;
+inline int64_t float_index(WType t, int64_t r, int64_t k, int64_t cols) {
+  if (t == WType::BF16) return (r / kPanel) * float_panel_elems(t, cols) + (k / 2) * (2 * kPanel) + (r % kPanel) * 2 + k % 2;
+  return ((r / kPanel) * cols + k) * kPanel + r % kPanel;
+}
+// Panel p of a float weight, as its stored element type (float, or uint16_t for f16 / bf16).
+template <typename E>
+inline const E* float_panel(const PackedWeight& w, int64_t p) {
+  return reinterpret_cast<const E*>(w.data.data()) + p * float_panel_elems(w.type, w.cols);
 }
 
 // Thread-local scratch, grown on first use by each thread and then reused.

@@ -34,7 +34,7 @@ PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src
   if (is_quantized(type))
     DT_CHECK(cols % kQBlock == 0, std::string(wtype_name(type)) + " weight needs a multiple of 32 "
                                   "columns, got " + std::to_string(cols));
-  // A caller's shape is not trusted: rows * row_stride must not wrap around (a wrapped
+  // A caller's shape is not trusted: the packed size must not wrap around (a wrapped
   // size would pass the byte-count check below and the copy would read past the source).
   constexpr int64_t kMaxBytes = int64_t(1) << 56;
   DT_CHECK(cols <= kMaxBytes / 8 && rows <= kMaxBytes / ((cols * 4 + 63) / 64 * 64),
@@ -57,17 +57,11 @@ PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src
         put_block(type, s + r * w.row_bytes + b * ub, block_panel(w, r / kPanel, b), (int)(r % kPanel));
     return w;
   }
-  if (type == WType::BF16) {
-    const int64_t K2 = bf16_pairs(cols);
-    w.data.resize((size_t)(panel_count(rows) * K2 * 4 * kPanel));  // zeros: the padding
-    uint16_t* d = reinterpret_cast<uint16_t*>(w.data.data());
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < cols; ++k) std::memcpy(d + bf16_index(r, k, K2), s + r * w.row_bytes + 2 * k, 2);
-    return w;
-  }
-  w.row_stride = (w.row_bytes + 63) / 64 * 64;
-  w.data.resize((size_t)(rows * w.row_stride));
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(w.data.data() + r * w.row_stride, s + r * w.row_bytes, w.row_bytes);
+  const int64_t es = gguf_unit_bytes(type);
+  w.data.resize((size_t)(panel_count(rows) * float_panel_elems(type, cols) * es));  // zeros: the padding
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < cols; ++k)
+      std::memcpy(w.data.data() + float_index(type, r, k, cols) * es, s + r * w.row_bytes + k * es, (size_t)es);
   return w;
 }
 
@@ -78,7 +72,6 @@ PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n) 
   out.rows = n;
   out.cols = w.cols;
   out.row_bytes = w.row_bytes;
-  out.row_stride = w.row_stride;
   for (int64_t i = 0; i < n; ++i)
     DT_CHECK(rows[i] >= 0 && rows[i] < w.rows, "select_rows: row " + std::to_string(rows[i]) + " out of range");
   if (is_quantized(w.type)) {
@@ -90,17 +83,12 @@ PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n) 
                    (int)(i % kPanel));
     return out;
   }
-  if (w.type == WType::BF16) {
-    const int64_t K2 = bf16_pairs(w.cols);
-    out.data.resize((size_t)(panel_count(n) * K2 * 4 * kPanel));
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data.data());
-    uint16_t* dst = reinterpret_cast<uint16_t*>(out.data.data());
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < w.cols; ++k) dst[bf16_index(i, k, K2)] = src[bf16_index(rows[i], k, K2)];
-    return out;
-  }
-  out.data.resize((size_t)(n * w.row_stride));
-  for (int64_t i = 0; i < n; ++i) std::memcpy(out.data.data() + i * w.row_stride, w.row(rows[i]), (size_t)w.row_bytes);
+  const int64_t es = gguf_unit_bytes(w.type);
+  out.data.resize((size_t)(panel_count(n) * float_panel_elems(w.type, w.cols) * es));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < w.cols; ++k)
+      std::memcpy(out.data.data() + float_index(w.type, i, k, w.cols) * es,
+                  w.data.data() + float_index(w.type, rows[i], k, w.cols) * es, (size_t)es);
   return out;
 }
 
@@ -202,16 +190,16 @@ void prepare_acts(const PackedWeight& w, const float* x, int64_t T, QActs& out, 
 void dequantize_row(const PackedWeight& w, int64_t r, float* out) {
   DT_CHECK_INDEX(r >= 0 && r < w.rows, "row " + std::to_string(r) + " out of range [0, " +
                                            std::to_string(w.rows) + ")");
-  const uint8_t* row = w.row(r);  // (f32 / f16)
   switch (w.type) {
-    case WType::F32: std::memcpy(out, row, w.cols * 4); return;
-    case WType::F16:
-      for (int64_t i = 0; i < w.cols; ++i) out[i] = load_f16(row + 2 * i);
+    case WType::F32:
+      for (int64_t i = 0; i < w.cols; ++i) out[i] = float_panel<float>(w, 0)[float_index(w.type, r, i, w.cols)];
       return;
-    case WType::BF16: {
-      const uint16_t* d = reinterpret_cast<const uint16_t*>(w.data.data());
-      const int64_t K2 = bf16_pairs(w.cols);
-      for (int64_t i = 0; i < w.cols; ++i) out[i] = bf16_to_fp32(d[bf16_index(r, i, K2)]);
+    case WType::F16: case WType::BF16: {
+      const uint16_t* d = float_panel<uint16_t>(w, 0);
+      for (int64_t i = 0; i < w.cols; ++i) {
+        const uint16_t h = d[float_index(w.type, r, i, w.cols)];
+        out[i] = w.type == WType::F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+      }
       return;
     }
     default: break;

@@ -1,6 +1,6 @@
 // AVX2 + FMA linear kernels. Quantized weights: pmaddubsw integer dot products over 16-row
-// panels (q8_0 uses the sign trick so 16-bit pair sums cannot saturate); bf16 weights:
-// vdpbf16ps's sums with fp32 FMAs over the same panels; f32 / f16 weights: fp32 FMAs.
+// panels (q8_0 uses the sign trick so 16-bit pair sums cannot saturate); float weights:
+// fp32 FMAs over the same panels (bf16: vdpbf16ps's sums).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -13,13 +13,6 @@
 namespace dovetail::avx2 {
 
 namespace {
-
-using x86::hsum256;
-
-inline __m256i mask_tail(int64_t n) {  // first n of 8 int32 lanes set
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx);
-}
 
 // Quantized weights, panel layout (quant_common.h), 8 rows per register (a panel is two
 // halves). For block b and token t the exact integer block sums of 8 rows come from
@@ -128,77 +121,67 @@ void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, i
   }
 }
 
-// bf16 weights: vdpbf16ps's arithmetic (see scalar::linear_bf16) with fp32 FMAs, the two
-// halves of a 32-bit pair taken apart by a shift and a mask; the same sums in the same
-// order as the AVX-512 kernel, for 8 rows per register and tiles of up to 2 tokens.
-template <int TT>
-inline void bf16_tile(const uint16_t* panel, int64_t K2, const uint32_t* x, float* y, int64_t ldy,
-                      int64_t n0, int64_t valid) {
+// Float weights over the same 16-row panels, 8 rows per register, tiles of up to 2 tokens;
+// the sums and their order are scalar::linear_float's (so also the AVX-512 kernels'): per
+// output, even and odd columns (f32, f16) or column pairs (bf16) in two FMA chains. bf16
+// takes the two halves of each 32-bit pair apart with a shift and a mask, and adds the odd
+// column's product first, as vdpbf16ps does.
+template <WType WT, int TT>
+inline void float_tile(const PackedWeight& w, int64_t p, const float* x, const QActs* qa, int64_t t0, float* y,
+                       int64_t ldy) {
   const __m256i himask = _mm256_set1_epi32((int)0xffff0000u);
-  __m256 acc[TT][2][2];  // [token][rows 0-7 / 8-15][even / odd pair]
+  const int64_t steps = WT == WType::BF16 ? qa->K2 : w.cols;  // column pairs or columns
+  __m256 acc[TT][2][2];  // [token][rows 0-7 / 8-15][even / odd step]
   for (int i = 0; i < TT; ++i)
     for (int h = 0; h < 2; ++h) acc[i][h][0] = acc[i][h][1] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < K2; ++j) {
+  for (int64_t j = 0; j < steps; ++j) {
     const int par = (int)(j & 1);
-    __m256 wlo[2], whi[2];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i v = _mm256_load_si256((const __m256i*)(panel + j * 2 * kPanel + 16 * h));
-      wlo[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      whi[h] = _mm256_castsi256_ps(_mm256_and_si256(v, himask));
-    }
-    for (int i = 0; i < TT; ++i) {
-      const __m256i xv = _mm256_set1_epi32((int)x[i * K2 + j]);
-      const __m256 xlo = _mm256_castsi256_ps(_mm256_slli_epi32(xv, 16));
-      const __m256 xhi = _mm256_castsi256_ps(_mm256_and_si256(xv, himask));
+    if constexpr (WT == WType::BF16) {
+      const uint16_t* panel = float_panel<uint16_t>(w, p) + j * 2 * kPanel;
+      __m256 wlo[2], whi[2];
       for (int h = 0; h < 2; ++h) {
-        acc[i][h][par] = _mm256_fmadd_ps(whi[h], xhi, acc[i][h][par]);
-        acc[i][h][par] = _mm256_fmadd_ps(wlo[h], xlo, acc[i][h][par]);
+        const __m256i v = _mm256_load_si256((const __m256i*)(panel + 16 * h));
+        wlo[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        whi[h] = _mm256_castsi256_ps(_mm256_and_si256(v, himask));
+      }
+      for (int i = 0; i < TT; ++i) {
+        const __m256i xv = _mm256_set1_epi32((int)qa->b[(t0 + i) * steps + j]);
+        const __m256 xlo = _mm256_castsi256_ps(_mm256_slli_epi32(xv, 16));
+        const __m256 xhi = _mm256_castsi256_ps(_mm256_and_si256(xv, himask));
+        for (int h = 0; h < 2; ++h) {
+          acc[i][h][par] = _mm256_fmadd_ps(whi[h], xhi, acc[i][h][par]);
+          acc[i][h][par] = _mm256_fmadd_ps(wlo[h], xlo, acc[i][h][par]);
+        }
+      }
+    } else {
+      __m256 wv[2];
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (WT == WType::F16)
+          wv[h] = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(float_panel<uint16_t>(w, p) + j * kPanel + 8 * h)));
+        else
+          wv[h] = _mm256_load_ps(float_panel<float>(w, p) + j * kPanel + 8 * h);
+      }
+      for (int i = 0; i < TT; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(x + (t0 + i) * steps + j);
+        for (int h = 0; h < 2; ++h) acc[i][h][par] = _mm256_fmadd_ps(wv[h], xv, acc[i][h][par]);
       }
     }
   }
+  const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
   for (int i = 0; i < TT; ++i) {
     alignas(32) float out[kPanel];
     for (int h = 0; h < 2; ++h) _mm256_store_ps(out + 8 * h, _mm256_add_ps(acc[i][h][0], acc[i][h][1]));
-    std::memcpy(y + i * ldy + n0, out, sizeof(float) * valid);
+    std::memcpy(y + (t0 + i) * ldy + n0, out, sizeof(float) * valid);
   }
 }
 
-void linear_bf16(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  const int64_t K2 = qa->K2;
-  for (int64_t p = r0 / kPanel; p < panel_count(r1); ++p) {
-    const uint16_t* panel = bf16_panel(w, p);
-    const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
-    int64_t t = 0;
-    for (; t + 2 <= T; t += 2) bf16_tile<2>(panel, K2, qa->b.data() + t * K2, y + t * ldy, ldy, n0, valid);
-    if (t < T) bf16_tile<1>(panel, K2, qa->b.data() + t * K2, y + t * ldy, ldy, n0, valid);
-  }
-}
-
-// f32 / f16 weights: the row converted to fp32 once, then one FMA chain per activation row.
-void linear_float(const PackedWeight& w, const float* x, int64_t T, float* y, int64_t ldy,
+template <WType WT>
+void linear_float(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
-  const int64_t K = w.cols, k8 = K / 8 * 8;
-  static thread_local Buffer<float> row_buf;
-  float* wr = tls_scratch(row_buf, (size_t)K + 8);
-  const __m256i m = mask_tail(K - k8);
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* wp;
-    if (w.type == WType::F32) {
-      wp = reinterpret_cast<const float*>(w.row(r));
-    } else {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(w.row(r));
-      int64_t k = 0;
-      for (; k < k8; k += 8) _mm256_storeu_ps(wr + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + k))));
-      for (; k < K; ++k) wr[k] = _cvtsh_ss(src[k]);
-      wp = wr;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const float* xt = x + t * K;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t k = 0; k < k8; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xt + k), _mm256_loadu_ps(wp + k), acc);
-      if (k8 < K) acc = _mm256_fmadd_ps(_mm256_maskload_ps(xt + k8, m), _mm256_maskload_ps(wp + k8, m), acc);
-      y[t * ldy + r] = hsum256(acc);
-    }
+  for (int64_t p = r0 / kPanel; p < panel_count(r1); ++p) {
+    int64_t t = 0;
+    for (; t + 2 <= T; t += 2) float_tile<WT, 2>(w, p, x, qa, t, y, ldy);
+    if (t < T) float_tile<WT, 1>(w, p, x, qa, t, y, ldy);
   }
 }
 
@@ -209,9 +192,11 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
   if (is_quantized(w.type))
     linear_quant(w, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::BF16)
-    linear_bf16(w, qa, T, y, ldy, r0, r1);
+    linear_float<WType::BF16>(w, x, qa, T, y, ldy, r0, r1);
+  else if (w.type == WType::F16)
+    linear_float<WType::F16>(w, x, qa, T, y, ldy, r0, r1);
   else
-    linear_float(w, x, T, y, ldy, r0, r1);
+    linear_float<WType::F32>(w, x, qa, T, y, ldy, r0, r1);
 }
 
 // Activation quantization (scalar::quantize_block's twin, bit for bit; NaN handling as in

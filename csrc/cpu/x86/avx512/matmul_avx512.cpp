@@ -1,9 +1,10 @@
 // AVX-512 (F/BW/VL/VNNI/BF16) linear kernels. Quantized weights: unsigned codes x int8
 // activations with vpdpbusd over 16-row panels; bf16 weights: vdpbf16ps over 16-row panels;
-// f32 / f16 weights: fp32 FMAs.
+// f32 / f16 weights: fp32 FMAs over 16-row panels.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/ops.h"
 #include "cpu/x86/avx2_common.h"
@@ -23,6 +24,24 @@ namespace {
 // same whatever T, the token tile or the thread split (batch invariance), with no
 // horizontal sums. A token tile of up to kTT tokens reuses each unpacked block panel.
 constexpr int kTT = 8;
+
+// f(std::integral_constant<int, TT>{}, t) for each tile of tokens [t, t + TT): whole tiles
+// of kTT, then the rest as one tile.
+template <typename F>
+inline void token_tiles(int64_t T, F&& f) {
+  int64_t t = 0;
+  for (; t + kTT <= T; t += kTT) f(std::integral_constant<int, kTT>{}, t);
+  switch (T - t) {
+    case 7: f(std::integral_constant<int, 7>{}, t); break;
+    case 6: f(std::integral_constant<int, 6>{}, t); break;
+    case 5: f(std::integral_constant<int, 5>{}, t); break;
+    case 4: f(std::integral_constant<int, 4>{}, t); break;
+    case 3: f(std::integral_constant<int, 3>{}, t); break;
+    case 2: f(std::integral_constant<int, 2>{}, t); break;
+    case 1: f(std::integral_constant<int, 1>{}, t); break;
+    default: break;
+  }
+}
 
 // acc += dpbusd(codes, the 4 signed bytes at q broadcast to every lane), with the broadcast
 // folded into the instruction's memory operand (GCC otherwise issues a separate
@@ -99,20 +118,8 @@ inline void panel_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_
 template <WType WT>
 void linear_panels(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t p0, int64_t p1) {
   static_assert(kTT == kActTile, "one token tile per interleaved activation tile");
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t g = 0;
-    for (; (g + 1) * kTT <= T; ++g) panel_tile<WT, kTT>(w, qa, p, g, y, ldy);
-    switch (T - g * kTT) {
-      case 7: panel_tile<WT, 7>(w, qa, p, g, y, ldy); break;
-      case 6: panel_tile<WT, 6>(w, qa, p, g, y, ldy); break;
-      case 5: panel_tile<WT, 5>(w, qa, p, g, y, ldy); break;
-      case 4: panel_tile<WT, 4>(w, qa, p, g, y, ldy); break;
-      case 3: panel_tile<WT, 3>(w, qa, p, g, y, ldy); break;
-      case 2: panel_tile<WT, 2>(w, qa, p, g, y, ldy); break;
-      case 1: panel_tile<WT, 1>(w, qa, p, g, y, ldy); break;
-      default: break;
-    }
-  }
+  for (int64_t p = p0; p < p1; ++p)
+    token_tiles(T, [&](auto tt, int64_t t) { panel_tile<WT, decltype(tt)::value>(w, qa, p, t / kTT, y, ldy); });
 }
 
 void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy,
@@ -158,52 +165,66 @@ inline void bf16_tile(const uint16_t* panel, int64_t K2, const uint32_t* x, floa
 void linear_bf16(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   const int64_t K2 = qa->K2;
   for (int64_t p = r0 / kPanel; p < panel_count(r1); ++p) {
-    const uint16_t* panel = bf16_panel(w, p);
+    const uint16_t* panel = float_panel<uint16_t>(w, p);
     const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
     const __mmask16 m = (__mmask16)((1u << valid) - 1);
-    int64_t t = 0;
-    for (; t + kTT <= T; t += kTT) bf16_tile<kTT>(panel, K2, qa->b.data() + t * K2, y + t * ldy, ldy, n0, m);
-    const uint32_t* x = qa->b.data() + t * K2;
-    switch (T - t) {
-      case 7: bf16_tile<7>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
-      case 6: bf16_tile<6>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
-      case 5: bf16_tile<5>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
-      case 4: bf16_tile<4>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
-      case 3: bf16_tile<3>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
-      case 2: bf16_tile<2>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
-      case 1: bf16_tile<1>(panel, K2, x, y + t * ldy, ldy, n0, m); break;
-      default: break;
-    }
+    token_tiles(T, [&](auto tt, int64_t t) {
+      bf16_tile<decltype(tt)::value>(panel, K2, qa->b.data() + t * K2, y + t * ldy, ldy, n0, m);
+    });
   }
 }
 
-// f32 / f16 weights: the row converted to fp32 once, then one FMA chain per activation row.
-void linear_float(const PackedWeight& w, const float* x, int64_t T, float* y, int64_t ldy,
-                  int64_t r0, int64_t r1) {
+// f32 / f16 weights (panels of 16 rows by column, quant_common.h): per column k and
+// token, one FMA with the token's x[k] broadcast; even and odd columns go to two sums, as
+// in scalar::linear_float. f16 columns are converted once per tile.
+inline __m512 fma_bcast(__m512 acc, __m512 w, const float* x) {
+  asm("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+  return acc;
+}
+
+template <WType WT>
+inline __m512 load_column(const void* panel, int64_t k) {
+  if constexpr (WT == WType::F16)
+    return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(panel) + k * kPanel)));
+  else
+    return _mm512_load_ps(static_cast<const float*>(panel) + k * kPanel);
+}
+
+template <WType WT, int TT>
+inline void float_tile(const void* panel, int64_t K, const float* x, float* y, int64_t ldy, int64_t n0,
+                       __mmask16 m) {
+  __m512 even[TT], odd[TT];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const __m512 w0 = load_column<WT>(panel, k), w1 = load_column<WT>(panel, k + 1);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
+      even[i] = fma_bcast(even[i], w0, x + i * K + k);
+      odd[i] = fma_bcast(odd[i], w1, x + i * K + k + 1);
+    }
+  }
+  if (k < K) {
+    const __m512 w0 = load_column<WT>(panel, k);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], w0, x + i * K + k);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) _mm512_mask_storeu_ps(y + i * ldy + n0, m, _mm512_add_ps(even[i], odd[i]));
+}
+
+template <WType WT>
+void linear_float(const PackedWeight& w, const float* x, int64_t T, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  using E = std::conditional_t<WT == WType::F32, float, uint16_t>;
   const int64_t K = w.cols;
-  static thread_local Buffer<float> row_buf;
-  float* wr = tls_scratch(row_buf, (size_t)K + 16);
-  const int64_t k16 = K / 16 * 16;
-  const __mmask16 m = (__mmask16)((1u << (K - k16)) - 1);
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* wp;
-    if (w.type == WType::F32) {
-      wp = reinterpret_cast<const float*>(w.row(r));
-    } else {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(w.row(r));
-      int64_t k = 0;
-      for (; k < k16; k += 16) _mm512_storeu_ps(wr + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + k))));
-      for (; k < K; ++k) wr[k] = _cvtsh_ss(src[k]);
-      wp = wr;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const float* xt = x + t * K;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < k16; k += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(xt + k), _mm512_loadu_ps(wp + k), acc);
-      if (k16 < K) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xt + k16), _mm512_maskz_loadu_ps(m, wp + k16), acc);
-      y[t * ldy + r] = _mm512_reduce_add_ps(acc);
-    }
+  for (int64_t p = r0 / kPanel; p < panel_count(r1); ++p) {
+    const E* panel = float_panel<E>(w, p);
+    const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
+    const __mmask16 m = (__mmask16)((1u << valid) - 1);
+    token_tiles(T, [&](auto tt, int64_t t) {
+      float_tile<WT, decltype(tt)::value>(panel, K, x + t * K, y + t * ldy, ldy, n0, m);
+    });
   }
 }
 
@@ -215,8 +236,10 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
     linear_quant(w, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::BF16)
     linear_bf16(w, qa, T, y, ldy, r0, r1);
+  else if (w.type == WType::F16)
+    linear_float<WType::F16>(w, x, T, y, ldy, r0, r1);
   else
-    linear_float(w, x, T, y, ldy, r0, r1);
+    linear_float<WType::F32>(w, x, T, y, ldy, r0, r1);
 }
 
 // Activation quantization (scalar::quantize_block's twin, bit for bit). max_ps returns its
