@@ -71,6 +71,30 @@ def test_simd_paths_match_scalar(dtype):
             np.testing.assert_allclose(_core.linear(x, pw), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_activation_rounding_on_every_isa():
+    """The bf16 rounding of activations (the AVX-512 path's integer vector code, the scalar
+    fp32_to_bf16 elsewhere) is quant.round_bf16's, on every path: ties to even, values that
+    round up to infinity, NaN and infinities; a linear over them gives the same bits (NaN
+    where a NaN or inf*0 enters)."""
+    from dovetail_ext.quant import round_bf16
+    rng = np.random.default_rng(5)
+    x = _rand(rng, 3, 45)
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x00000001, 0x80000000], np.uint32)
+    x[0, :5] = ties.view(np.float32)  # halfway cases, a denormal, -0
+    x[1, 3], x[1, 7], x[2, 44] = np.nan, np.inf, -np.inf
+    x[2, 0] = np.array([0x7F7FFFFF], np.uint32).view(np.float32)[0]  # rounds up to infinity
+    w = quantize(_rand(rng, 5, 45), "bf16")
+    eye = quantize(np.eye(45, dtype=np.float32), "bf16")  # y = x rounded, exactly
+    with use_isa("scalar"):
+        ref = _core.linear(x, _packed(w))
+    for name in _core.supported_isas():
+        with use_isa(name):
+            np.testing.assert_array_equal(_core.linear(x, _packed(w)), ref, err_msg=name)
+            got = _core.linear(x[:1], _packed(eye))
+        np.testing.assert_array_equal(got, round_bf16(x[:1]), err_msg=name)
+    assert np.isinf(round_bf16(x[2:3])[0, 0]) and np.isnan(ref[1]).all()
+
+
 @pytest.mark.parametrize("T,K", [(1, 32), (7, 256), (9, 96), (3, 576)])
 def test_quantize_acts_bitwise_twin(T, K):
     """On every ISA path: bit for bit the NumPy twin (round half to even, all-zero blocks,
