@@ -49,9 +49,13 @@ def spec_gen(default_source, threads):
     return Generator(default_source, target, draft), label
 
 
-def _generate(gen, prompts, n, adaptive=None, lookup="default", **kw):
-    """gen.generate over the prompts with adaptive / lookup set for these calls only."""
+def _generate(gen, prompts, n, adaptive=None, lookup="default", tree=None, **kw):
+    """gen.generate over the prompts with adaptive / lookup set for these calls only;
+    tree "auto" is AutoTree() (its selector carries over from prompt to prompt)."""
     from dovetail_ext.lookup import LookupParams
+    from dovetail_ext.tree import AutoTree
+    if tree is not None:
+        kw["tree"] = AutoTree() if tree == "auto" else tree
     gen.adaptive = adaptive
     gen.lookup = LookupParams() if lookup == "default" else lookup
     try:
@@ -96,7 +100,8 @@ def _summary(results):
 # chain; the draft alone (adaptive).
 DECODE_MODES = {"plain": dict(speculative=False), "speculative": dict(speculative=True),
                 "speculative-fixed": dict(speculative=True, adaptive=False),
-                "speculative-no-lookup": dict(speculative=True, lookup=None)}
+                "speculative-no-lookup": dict(speculative=True, lookup=None),
+                "speculative-auto-tree": dict(speculative=True, tree="auto")}
 
 
 def test_decode_modes(benchmark, spec_gen, record):
@@ -147,8 +152,9 @@ def test_bf16_target(benchmark, default_source, threads, record):
     decoding is memory-bound: one call over 8 tree tokens costs about 1.4x one token here,
     where the Q4_1 file's costs 2.7-5x (bench_decode's verify cost). The shipped draft
     serves it too (``check_target=False``: its signature hashes the embedding as stored).
-    Plain decoding, the default mode and two fixed deeper trees with lookup, prompt by
-    prompt in rotating order, two passes; every output must equal plain decoding's."""
+    Plain decoding, the default mode, the default mode with the tree chosen while decoding
+    (``AutoTree``) and two fixed deeper trees with lookup, prompt by prompt in rotating
+    order, two passes; every output must equal plain decoding's."""
     import dataclasses
 
     from dovetail_ext.api import Generator
@@ -165,7 +171,8 @@ def test_bf16_target(benchmark, default_source, threads, record):
     target = TargetEngine(src, context=1024, threads=threads)
     gen = Generator(src, target, Draft.load(path, target, check_target=False))
     n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(1))
-    modes = {"plain": dict(speculative=False), "speculative": dict(speculative=True)}
+    modes = {"plain": dict(speculative=False), "speculative": dict(speculative=True),
+             "speculative-auto-tree": dict(speculative=True, tree="auto")}
     modes.update({f"{shape}+lookup": dict(speculative=True, tree=TreeParams(*shape), adaptive=False)
                   for shape in [(1, 3, 4), (4, 4, 8)]})
     results = _rotating(benchmark, gen, prompts, n, modes, passes=2 if benchmark.enabled else 1)

@@ -11,9 +11,9 @@ from scipy import stats
 from dovetail_ext.draft import Draft
 from dovetail_ext.draft_model import DovetailDraft, DraftConfig
 from dovetail_ext.sampling import SamplingParams, TokenChooser, accept_greedy, accept_sampled, target_probs
-from dovetail_ext.speculative import Governor, SpecState, SpecTimes, speculative_step
+from dovetail_ext.speculative import Governor, SpecState, SpecTimes, TreeSelector, speculative_step
 from dovetail_ext.target import TargetEngine
-from dovetail_ext.tree import CandidatePool, TreeParams, build_tree
+from dovetail_ext.tree import AutoTree, CandidatePool, TreeParams, build_tree
 from native_helpers import make_source, random_tree, random_weights, tiny_config, tree_ancestors, tree_depths
 
 SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 6, 7), TreeParams(6, 2, 12), TreeParams(3, 4, 9), TreeParams(2, 1, 2),
@@ -410,6 +410,65 @@ def test_governor_keeps_speculating_within_the_margin():
 def test_governor_rejects_bad_settings(kw):
     with pytest.raises(ValueError, match="Governor"):
         Governor(**kw)
+
+
+def _drive(sel, cost, steps):
+    """steps timed drafting steps where shape i emits cost[i][0] tokens in cost[i][1] s;
+    returns the shapes used, in order."""
+    used = []
+    for _ in range(steps):
+        i = sel.shapes.index(sel.shape())
+        used.append(i)
+        sel.record(cost[i][0], cost[i][1], timed=True)
+    return used
+
+
+def test_tree_selector_climbs_while_bigger_trees_emit_faster():
+    """Verification nearly free (a memory-bound target): each bigger tree emits more per
+    step at almost the same cost, so the selector climbs to the largest shape and stays."""
+    auto = AutoTree(shapes=(TreeParams(1, 1, 2), TreeParams(1, 2, 3), TreeParams(1, 3, 4)), interval=4, probe_len=2)
+    sel = TreeSelector(auto, margin=0.03)
+    used = _drive(sel, [(2.0, 1.0e-3), (2.5, 1.05e-3), (2.9, 1.1e-3)], 40)
+    assert sel.current == 2 and sel.moves == 2 and used[-1] == 2
+    assert used[:4] == [0] * 4 and used[4:6] == [1, 1]  # 4 steps measured, then a try of 2
+
+
+def test_tree_selector_stays_when_bigger_trees_cost_more_than_they_give():
+    """Verification compute-bound (the default Q4_1 target): tries of the next shape lose,
+    the selector stays on the smallest and tries ever more rarely."""
+    auto = AutoTree(shapes=(TreeParams(1, 1, 2), TreeParams(1, 2, 3), TreeParams(1, 3, 4)), interval=4, probe_len=2)
+    sel = TreeSelector(auto, interval_max=16)
+    used = _drive(sel, [(2.0, 1.0e-3), (2.3, 1.3e-3), (2.5, 1.7e-3)], 80)
+    assert sel.current == 0 and sel.moves == 0 and 2 not in used
+    assert used.count(1) == 2 * 5 and sel.interval == 16  # tries after 4, 8, 16, 16, 16 steps
+
+
+def test_tree_selector_moves_back_down_and_skips_untimed_steps():
+    auto = AutoTree(shapes=(TreeParams(1, 1, 2), TreeParams(1, 2, 3)), start=1, interval=2, probe_len=2)
+    sel = TreeSelector(auto)
+    sel.record(50, 9.0, timed=False)  # a catch-up step: left out of every average
+    assert sel.tokens == [None, None] and sel.shape() == TreeParams(1, 2, 3)
+    _drive(sel, [(2.0, 1.0e-3), (2.2, 1.4e-3)], 2)
+    assert sel.shape() == TreeParams(1, 1, 2)  # the try goes down (no shape above)
+    _drive(sel, [(2.0, 1.0e-3), (2.2, 1.4e-3)], 2)
+    assert sel.current == 0 and sel.moves == 1
+
+
+def test_auto_tree_and_selector_reject_bad_settings():
+    with pytest.raises(ValueError, match="AutoTree shapes"):
+        AutoTree(shapes=())
+    with pytest.raises(ValueError, match="AutoTree shapes"):
+        AutoTree(shapes=((1, 1, 2),))
+    with pytest.raises(ValueError, match="AutoTree start"):
+        AutoTree(start=6)
+    for kw in (dict(interval=0), dict(probe_len=0)):
+        with pytest.raises(ValueError, match="AutoTree"):
+            AutoTree(**kw)
+    for kw in (dict(alpha=0.0), dict(margin=1.0), dict(interval_max=4)):
+        with pytest.raises(ValueError, match="TreeSelector"):
+            TreeSelector(AutoTree(interval=8), **kw)
+    with pytest.raises(ValueError, match="AutoTree"):
+        TreeSelector(TreeParams())
 
 
 @pytest.mark.parametrize("params", SHAPES, ids=str)

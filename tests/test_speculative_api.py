@@ -13,7 +13,7 @@ from dovetail_ext.api import Generator
 from dovetail_ext.draft import Draft
 from dovetail_ext.draft_model import DovetailDraft, DraftConfig
 from dovetail_ext.errors import DraftMismatchError
-from dovetail_ext.tree import TreeParams
+from dovetail_ext.tree import AutoTree, TreeParams
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about autumn.", "Explain what a hash map is.",
@@ -183,6 +183,31 @@ def test_cli_with_a_draft(gen, tmp_path, capsys):
     assert plain["mode"] == "plain" and plain["tokens"] == out["tokens"]
     assert main(args[:-6] + ["--tree-tokens", "1"]) == 2
     assert "total_tokens" in capsys.readouterr().err
+    assert main(args[:-6] + ["--tree-auto"]) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert auto["tokens"] == out["tokens"] and auto["tree"].count(",") == 2
+    assert main(args + ["--tree-auto"]) == 2
+    assert "--tree-auto chooses the shape itself; drop --tree-topk, --tree-depth, --tree-tokens" in capsys.readouterr().err
+
+
+def test_auto_tree_greedy_equals_plain(gen):
+    """An AutoTree with tries every few steps changes the shape within a generation; the
+    output stays plain decoding's, and the selector carries over between calls."""
+    auto = AutoTree(interval=2, probe_len=2)
+    names = {f"{t.top_k},{t.depth},{t.total_tokens}" for t in auto.shapes}
+    gen.adaptive = False  # every step drafts (an untrained draft would otherwise go plain)
+    try:
+        for prompt in PROMPTS[::3]:
+            plain = gen.generate(prompt, max_new_tokens=32, speculative=False)
+            spec = gen.generate(prompt, max_new_tokens=32, speculative=True, tree=auto)
+            assert spec.tokens == plain.tokens, prompt
+            assert spec.stats.tree in names
+    finally:
+        gen.adaptive = None
+    selector = gen._selector[1]
+    assert sum(t is not None for t in selector.tokens) >= 2  # tries measured other shapes
+    with pytest.raises(ValueError, match="tree must be TreeParams or AutoTree"):
+        gen.generate("hi", max_new_tokens=2, tree=(1, 1, 2))
 
 
 def test_cli_draft_device(gen, tmp_path, capsys):

@@ -26,7 +26,7 @@ from .formats.base import ModelSource
 from .lookup import LookupParams, NgramLookup
 from .sampling import SamplingParams, TokenChooser
 from .target import TargetEngine
-from .tree import TreeParams
+from .tree import AutoTree, TreeParams
 
 __all__ = ["load", "Generator", "GenerationResult", "GenerationStats"]
 
@@ -51,6 +51,7 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     accept_s: float = 0.0
+    tree: str = ""         # speculative mode: the tree shape (top_k, depth, tokens) of the last drafting step
     ahead_tries: int = 0   # overlap: trees drafted during verification ...
     ahead_hits: int = 0    # ... and used (verification agreed with the draft's guess)
     lookup_steps: int = 0     # speculative steps that verified a prompt-lookup chain ...
@@ -108,7 +109,7 @@ class Generator:
     """
 
     def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
-                 tree: TreeParams | None = None, overlap: bool = False,
+                 tree: TreeParams | AutoTree | None = None, overlap: bool = False,
                  adaptive: bool | None = None, lookup: LookupParams | None = LookupParams()) -> None:
         self.source = source
         self.target = target
@@ -128,6 +129,7 @@ class Generator:
         # draft depends on timings, and it changes which random numbers are drawn).
         self.adaptive = adaptive
         self._governor: tuple[tuple, Any] | None = None  # ((id(draft), tree), Governor)
+        self._selector: tuple[tuple, Any] | None = None  # ((id(draft), AutoTree), TreeSelector)
         if draft is not None:
             draft.check_tree(self.tree)
         self.tokenizer = source.tokenizer
@@ -164,7 +166,7 @@ class Generator:
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
-                 tree: TreeParams | None = None, draft=None) -> GenerationResult:
+                 tree: TreeParams | AutoTree | None = None, draft=None) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
@@ -179,7 +181,9 @@ class Generator:
                 one, else with prompt lookup alone when ``lookup`` is set; ``False``: plain
                 decoding). The output is the same either way: greedy token for token,
                 sampling in distribution.
-            tree: tree shape for this call (default: the generator's ``tree``).
+            tree: tree shape for this call (default: the generator's ``tree``), or an
+                :class:`~dovetail_ext.tree.AutoTree` to choose among shapes by measured speed
+                while decoding (its measurements carry over to the next calls).
             draft: a draft checkpoint path or a :class:`~dovetail_ext.draft.Draft` to use
                 from now on (replaces the generator's draft).
         """
@@ -192,7 +196,7 @@ class Generator:
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
-               tree: TreeParams | None = None, draft=None) -> Iterator[str]:
+               tree: TreeParams | AutoTree | None = None, draft=None) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
         call are in ``last_stats`` once the iterator is exhausted."""
         self.set_draft(draft)
@@ -223,7 +227,8 @@ class Generator:
                                "stream before the next call)")
 
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
-             raw: bool, out_tokens: list[int], speculative: bool | None, tree: TreeParams | None) -> Iterator[str]:
+             raw: bool, out_tokens: list[int], speculative: bool | None,
+             tree: TreeParams | AutoTree | None) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if isinstance(stop, str):
@@ -236,6 +241,8 @@ class Generator:
         spec = self.draft is not None and speculative is not False
         lookup_only = not spec and speculative is not False and self.lookup is not None
         tree = tree or self.tree
+        if not isinstance(tree, (TreeParams, AutoTree)):
+            raise ValueError(f"tree must be TreeParams or AutoTree, got {tree!r}")
         if spec:
             self.draft.check_tree(tree)
         ids = self.encode_prompt(prompt, raw)
@@ -264,7 +271,7 @@ class Generator:
             logits = self._prefill(ids, stats, with_features=spec)
             pending = [chooser(logits[0])]  # the target's own first token
             if spec:
-                from .speculative import Governor, SpecState, SpecTimes, speculative_step
+                from .speculative import Governor, SpecState, SpecTimes, TreeSelector, speculative_step
                 # Draft pair j is (f_j, x_{j+1}): it stays valid while x_{j+1} lies in the prefix
                 # the target kept from the last call.
                 done = max(0, min(self.draft.n_past, stats.cached_prompt_tokens - 1))
@@ -282,6 +289,12 @@ class Generator:
                     governor = self._governor[1]
                     governor.new_sequence()
                     plain_before = governor.plain_steps
+                selector = None
+                if isinstance(tree, AutoTree):  # one selector per (draft, AutoTree), carried over too
+                    if self._selector is None or self._selector[0] != (id(self.draft), tree):
+                        self._selector = ((id(self.draft), tree), TreeSelector(tree))
+                    selector = self._selector[1]
+                timed = False  # the last step drafted: a drafting step now adds no catch-up
             elif lookup_only:
                 from .speculative import SpecTimes, verify_chain
                 times = SpecTimes()
@@ -318,9 +331,16 @@ class Generator:
                 if spec:
                     chain = lookup.propose() if lookup is not None and state.ready is None else None
                     drafting = bool(chain) or governor is None or governor.drafting() or state.ready is not None
+                    shape = selector.shape() if selector is not None else tree
                     ts = time.perf_counter()
-                    pending, committed = speculative_step(state, self.target, self.draft, tree, params, chooser,
+                    pending, committed = speculative_step(state, self.target, self.draft, shape, params, chooser,
                                                           times, overlap=overlap, drafting=drafting, chain=chain)
+                    drafted = drafting and not chain
+                    if drafted:
+                        stats.tree = f"{shape.top_k},{shape.depth},{shape.total_tokens}"
+                        if selector is not None:
+                            selector.record(len(pending), time.perf_counter() - ts, timed)
+                    timed = drafted
                     if lookup is not None:
                         lookup.extend(pending)
                     if governor is not None:
@@ -410,7 +430,7 @@ class Generator:
 
 def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", context: int | None = None,
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
-         tree: TreeParams | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
+         tree: TreeParams | AutoTree | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
          overlap: bool = False, adaptive: bool | None = None, gpu_layers: int = 0,
          offload_device: str = "cuda", lookup: LookupParams | None = LookupParams()) -> Generator:
     """Load a model for generation.
@@ -429,7 +449,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             plainly); a draft checkpoint directory (trained for this model: a draft made for
             another target is refused); ``None`` loads no draft: plain decoding. With a
             draft, ``generate`` speculates unless told ``speculative=False``.
-        tree: speculative tree shape (default ``TreeParams()``).
+        tree: speculative tree shape (default ``TreeParams()``), or an
+            :class:`~dovetail_ext.tree.AutoTree` (shapes chosen by measured speed).
         draft_weights: storage of the draft's matrices on the CPU (``"q8_0"``, the default:
             a quarter of f32's memory traffic on every draft step; ``"bf16"``, ``"f32"``). The
             draft only decides which tokens are proposed, never the output.

@@ -98,11 +98,21 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
                    help="tree size including the root, verified in one target call (default 2)")
     p.add_argument("--tree-min-prob", type=float, default=None,
                    help="drop drafted tokens whose probability under the draft is below this (default 0)")
+    p.add_argument("--tree-auto", action="store_true",
+                   help="choose the tree shape while decoding, by measured speed, from (1,1,2) up to "
+                        "(10,7,16) (pays where extra verified tokens cost little: bf16 / f16 weights, "
+                        "large models, a GPU draft)")
 
 
 def _tree_from_args(args: argparse.Namespace):
-    from .tree import TreeParams
+    from .tree import AutoTree, TreeParams
 
+    if getattr(args, "tree_auto", False):
+        given = [f"--tree-{n.replace('_', '-')}" for n in ("topk", "depth", "tokens", "min_prob")
+                 if getattr(args, f"tree_{n}") is not None]
+        if given:
+            raise ValueError(f"--tree-auto chooses the shape itself; drop {', '.join(given)}")
+        return AutoTree()
     base = TreeParams()
     pick = lambda given, default: default if given is None else given  # noqa: E731
     return TreeParams(top_k=pick(args.tree_topk, base.top_k), depth=pick(args.tree_depth, base.depth),
@@ -181,6 +191,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     s = gen.last_stats
     spec = (f" | tau {s.acceptance_length:.2f} over {s.target_calls} target calls, draft {s.draft_s:.3f} s, "
             f"verify {s.verify_s:.3f} s" if s.mode in ("speculative", "lookup") else "")
+    if s.tree and getattr(args, "tree_auto", False):
+        spec += f", tree ({s.tree}) at the end"
     if s.ahead_tries:
         spec += f", trees drafted ahead used {s.ahead_hits}/{s.ahead_tries}"
     if s.lookup_steps:

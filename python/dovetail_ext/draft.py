@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 from .target import TargetEngine, parse_device
-from .tree import CandidatePool, Tree, TreeParams, build_tree
+from .tree import AutoTree, CandidatePool, Tree, TreeParams, build_tree
 
 __all__ = ["Draft", "Predraft", "DEFAULT_DRAFT_WEIGHTS"]
 
@@ -205,8 +205,13 @@ class Draft:
     def max_batch(self) -> int:
         return self._engine.max_batch
 
-    def check_tree(self, params: TreeParams) -> None:
-        """Refuse trees that do not fit the engines (a clear error instead of a failed call)."""
+    def check_tree(self, params: TreeParams | AutoTree) -> None:
+        """Refuse trees that do not fit the engines (a clear error instead of a failed call);
+        for an :class:`AutoTree`, every shape."""
+        if isinstance(params, AutoTree):
+            for shape in params.shapes:
+                self.check_tree(shape)
+            return
         limit = min(self.target.max_batch, self._engine.max_batch)
         if params.total_tokens > self.target.max_batch:
             raise ValueError(f"tree of {params.total_tokens} tokens exceeds the target engine's max_batch "

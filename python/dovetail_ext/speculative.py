@@ -39,9 +39,9 @@ import numpy as np
 from .draft import Draft, Predraft
 from .sampling import SamplingParams, TokenChooser, accept_greedy, accept_sampled
 from .target import TargetEngine
-from .tree import Tree, TreeParams, build_tree
+from .tree import AutoTree, Tree, TreeParams, build_tree
 
-__all__ = ["SpecState", "SpecTimes", "Governor", "speculative_step", "verify_chain"]
+__all__ = ["SpecState", "SpecTimes", "Governor", "TreeSelector", "speculative_step", "verify_chain"]
 
 
 @dataclass
@@ -185,6 +185,90 @@ class Governor:
             self._probing = True
         elif pays:
             self.backoff = self.probe_min
+
+
+class TreeSelector:
+    """Per-step choice of the tree shape among ``AutoTree.shapes``, from measured rates.
+
+    Each shape keeps moving averages of the tokens a drafting step with it emits and of
+    the step's time. The selector stays on its current shape; every ``auto.interval``
+    drafting steps it tries a neighbour (one size up, then one down, alternating) for
+    ``auto.probe_len`` steps, and moves there when the try emitted tokens faster, by more
+    than ``margin``, than the current shape's averages. The interval doubles (up to
+    ``interval_max``) while tries lose and returns to ``auto.interval`` after a move. Only
+    timed steps count: a drafting step right after a plain or lookup step (the draft
+    catching up) is left out. The output does not depend on the shapes chosen, only the
+    speed does.
+    """
+
+    def __init__(self, auto: AutoTree, alpha: float = 0.05, margin: float = 0.03, interval_max: int = 512) -> None:
+        if not isinstance(auto, AutoTree):
+            raise ValueError(f"TreeSelector needs an AutoTree, got {auto!r}")
+        if not 0.0 < alpha <= 1.0 or not 0.0 <= margin < 1.0 or interval_max < auto.interval:
+            raise ValueError(f"TreeSelector needs 0 < alpha <= 1, 0 <= margin < 1 and interval_max >= the "
+                             f"AutoTree's interval {auto.interval}, got alpha={alpha}, margin={margin}, "
+                             f"interval_max={interval_max}")
+        self.shapes = auto.shapes
+        self.current = auto.start
+        self.alpha, self.margin, self.probe_len = alpha, margin, auto.probe_len
+        self.interval_min, self.interval_max = auto.interval, interval_max
+        self.interval = auto.interval
+        self.tokens: list[float | None] = [None] * len(self.shapes)   # tokens per timed step
+        self.seconds: list[float | None] = [None] * len(self.shapes)  # seconds per timed step
+        self.trying: int | None = None
+        self.moves = 0
+        self._countdown = auto.interval
+        self._up = True
+        self._burst = [0, 0, 0.0]  # steps, tokens, seconds of the current try
+
+    def shape(self) -> TreeParams:
+        """The shape for the next drafting step."""
+        return self.shapes[self.current if self.trying is None else self.trying]
+
+    def rate(self, i: int) -> float | None:
+        """Tokens per second of drafting steps with shape i (None: not measured)."""
+        if self.tokens[i] is None or not self.seconds[i]:
+            return None
+        return self.tokens[i] / self.seconds[i]
+
+    def record(self, emitted: int, seconds: float, timed: bool) -> None:
+        """One drafting step with :meth:`shape`: the tokens it emitted and its time;
+        ``timed`` False for a step that also caught the draft up."""
+        if not timed:
+            return
+        if self.trying is None:
+            i = self.current
+            for avg, new in ((self.tokens, float(emitted)), (self.seconds, seconds)):
+                avg[i] = new if avg[i] is None else avg[i] + self.alpha * (new - avg[i])
+            self._countdown -= 1
+            if self._countdown <= 0:
+                self._start_try()
+            return
+        b = self._burst
+        b[0], b[1], b[2] = b[0] + 1, b[1] + emitted, b[2] + seconds
+        if b[0] >= self.probe_len:
+            self._judge_try()
+
+    def _start_try(self) -> None:
+        up, down = self.current + 1, self.current - 1
+        order = [up, down] if self._up else [down, up]
+        self._up = not self._up
+        j = next((k for k in order if 0 <= k < len(self.shapes)), None)
+        if j is None:  # a single shape: nothing to try
+            self._countdown = self.interval
+            return
+        self.trying, self._burst = j, [0, 0, 0.0]
+
+    def _judge_try(self) -> None:
+        j, (n, tok, sec) = self.trying, self._burst
+        self.trying = None
+        self.tokens[j], self.seconds[j] = tok / n, sec / n
+        mine = self.rate(self.current)
+        if mine is not None and sec > 0 and tok / sec > (1.0 + self.margin) * mine:
+            self.current, self.moves, self.interval = j, self.moves + 1, self.interval_min
+        else:
+            self.interval = min(2 * self.interval, self.interval_max)
+        self._countdown = self.interval
 
 
 class _Ahead(threading.Thread):

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import check_positive_ints
 
-__all__ = ["TreeParams", "Tree", "build_tree", "CandidatePool"]
+__all__ = ["TreeParams", "AutoTree", "Tree", "build_tree", "CandidatePool"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,34 @@ class TreeParams:
     def scratch_rows(self) -> int:
         """Draft KV scratch rows one tree build uses (every expanded frontier node)."""
         return self.top_k * (self.depth - 1)
+
+
+@dataclass(frozen=True)
+class AutoTree:
+    """Tree shapes for the generator to choose from while it decodes, by measured speed
+    (:class:`dovetail_ext.speculative.TreeSelector`): it starts at ``shapes[start]`` and
+    every so often tries a neighbouring shape for a few steps, moving when that one emits
+    tokens faster. ``shapes`` go from the smallest tree to the largest. Where one more
+    verified token costs little (weights bound by memory traffic, a GPU draft) it climbs to
+    deeper trees; where verification is compute-bound it stays near the smallest.
+    ``interval`` drafting steps pass between tries (doubling while tries lose), and a try
+    is ``probe_len`` steps.
+    """
+
+    shapes: tuple[TreeParams, ...] = (TreeParams(1, 1, 2), TreeParams(1, 2, 3), TreeParams(1, 3, 4),
+                                      TreeParams(4, 4, 8), TreeParams(6, 5, 10), TreeParams(10, 7, 16))
+    start: int = 0
+    interval: int = 32
+    probe_len: int = 12
+
+    def __post_init__(self) -> None:
+        shapes = tuple(self.shapes)
+        if not shapes or not all(isinstance(t, TreeParams) for t in shapes):
+            raise ValueError(f"AutoTree shapes must be a non-empty sequence of TreeParams, got {self.shapes!r}")
+        object.__setattr__(self, "shapes", shapes)
+        if not isinstance(self.start, int) or isinstance(self.start, bool) or not 0 <= self.start < len(shapes):
+            raise ValueError(f"AutoTree start must index shapes (0 .. {len(shapes) - 1}), got {self.start!r}")
+        check_positive_ints("AutoTree", self, ("interval", "probe_len"))
 
 
 @dataclass
