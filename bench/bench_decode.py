@@ -173,11 +173,13 @@ def test_vs_llama_cpp(benchmark, default_source, threads, record, n_threads):
 VERIFY_T = [1, 2, 4, 8, 16, 32, 64]
 
 
-def test_verify_cost(benchmark, default_source, threads, record):
+@pytest.mark.parametrize("weights", ["stored", "bf16"])
+def test_verify_cost(benchmark, default_source, bf16_source, threads, record, weights):
     """One target call over a T-token chain after a 256-token prefix (logits for all T), for
     every T of VERIFY_T: round by round, the T values in rotating order, so that the
-    machine's drift hits each alike; the median of 20 rounds (after 2 warm-up rounds)."""
-    eng = TargetEngine(default_source, context=512, threads=threads)
+    machine's drift hits each alike; the median of 20 rounds (after 2 warm-up rounds). The
+    model as stored (Q4_1) and with its matrices in bf16 (``verify_cost_bf16``)."""
+    eng = TargetEngine(default_source if weights == "stored" else bf16_source, context=512, threads=threads)
     rng = np.random.default_rng(0)
     eng.forward(rng.integers(100, 40000, 128).tolist()); eng.commit()
     eng.forward(rng.integers(100, 40000, 128).tolist()); eng.commit()
@@ -198,4 +200,4 @@ def test_verify_cost(benchmark, default_source, threads, record):
     benchmark.extra_info.update({f"T={T}": round(ms, 3) for T, ms in med.items()})
     if benchmark.enabled:
         for T, ms in med.items():
-            record("verify_cost", f"T={T}", ms=ms)
+            record("verify_cost" if weights == "stored" else "verify_cost_bf16", f"T={T}", ms=ms)

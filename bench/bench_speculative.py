@@ -146,7 +146,7 @@ def test_long_context_decode(benchmark, spec_gen, record):
            outputs_identical=True)
 
 
-def test_bf16_target(benchmark, default_source, threads, record):
+def test_bf16_target(benchmark, default_source, bf16_source, threads, record):
     """The same comparison with the default model's matrices stored in bf16 (decoded from
     the GGUF and rounded; what ``--weights bf16`` makes of a Hugging Face checkpoint). Its
     decoding is memory-bound: one call over 8 tree tokens costs about 1.4x one token here,
@@ -155,21 +155,16 @@ def test_bf16_target(benchmark, default_source, threads, record):
     Plain decoding, the default mode, the default mode with the tree chosen while decoding
     (``AutoTree``) and two fixed deeper trees with lookup, prompt by prompt in rotating
     order, two passes; every output must equal plain decoding's."""
-    import dataclasses
-
     from dovetail_ext.api import Generator
     from dovetail_ext.draft import Draft
     from dovetail_ext.models import packaged_draft_for
-    from dovetail_ext.quant import dequantize, quantize
     from dovetail_ext.target import TargetEngine
     from dovetail_ext.tree import TreeParams
     path = packaged_draft_for(default_source)
     if path is None:
         pytest.skip("no shipped draft for the default model")
-    src = dataclasses.replace(default_source, weights={
-        k: quantize(dequantize(w), "bf16") if len(w.shape) == 2 else w for k, w in default_source.weights.items()})
-    target = TargetEngine(src, context=1024, threads=threads)
-    gen = Generator(src, target, Draft.load(path, target, check_target=False))
+    target = TargetEngine(bf16_source, context=1024, threads=threads)
+    gen = Generator(bf16_source, target, Draft.load(path, target, check_target=False))
     n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(1))
     modes = {"plain": dict(speculative=False), "speculative": dict(speculative=True),
              "speculative-auto-tree": dict(speculative=True, tree="auto")}

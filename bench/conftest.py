@@ -47,6 +47,18 @@ def default_source():
     return load_model_source(None)
 
 
+@pytest.fixture(scope="session")
+def bf16_source(default_source):
+    """The default model with its matrices decoded and stored in bf16 (what ``--weights
+    bf16`` makes of a Hugging Face checkpoint): a target whose decoding is bound by memory
+    traffic, where the Q4_1 file's is bound by compute."""
+    import dataclasses
+
+    from dovetail_ext.quant import dequantize, quantize
+    return dataclasses.replace(default_source, weights={
+        k: quantize(dequantize(w), "bf16") if len(w.shape) == 2 else w for k, w in default_source.weights.items()})
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _records or session.config.getoption("benchmark_disable", False):
         return

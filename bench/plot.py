@@ -54,10 +54,16 @@ def main(argv: list[str]) -> int:
     ax.set_title("Greedy decode, default model")
 
     ax = axes[1]
-    if "verify_cost" in g:
-        items = sorted(((int(k.split("=")[1]), v["ms"]) for k, v in g["verify_cost"].items()))
+    curves = [("verify_cost", "Q4_1 (as shipped)", "#2a7ab0"), ("verify_cost_bf16", "bf16 copy", "#e08a2c")]
+    for group, name, color in curves:
+        if group not in g:
+            continue
+        items = sorted(((int(k.split("=")[1]), v["ms"]) for k, v in g[group].items()))
         base = items[0][1]
-        ax.plot([t for t, _ in items], [ms / base for _, ms in items], "o-", color="#2a7ab0")
+        ax.plot([t for t, _ in items], [ms / base for _, ms in items], "o-", color=color,
+                label=f"{name}, T = 1: {base:.1f} ms")
+    if "verify_cost" in g:
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens verified in one target call (T)")
         ax.set_ylabel("time relative to T = 1")
