@@ -451,8 +451,9 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             draft, ``generate`` speculates unless told ``speculative=False``.
         tree: speculative tree shape (default ``TreeParams()``), or an
             :class:`~dovetail_ext.tree.AutoTree` (shapes chosen by measured speed).
-        draft_weights: storage of the draft's matrices on the CPU (``"q8_0"``, the default:
-            a quarter of f32's memory traffic on every draft step; ``"bf16"``, ``"f32"``). The
+        draft_weights: storage of the draft's matrices on the CPU (``"q4_1"``, the default:
+            about a sixth of f32's memory traffic on every draft step; ``"q8_0"``, ``"bf16"``,
+            ``"f32"``). The
             draft only decides which tokens are proposed, never the output.
         draft_device: where the draft runs: ``"cpu"`` (default), ``"cuda"`` / ``"cuda:N"``
             (the CUDA draft engine: the draft on the GPU, the target on the CPU; needs a

@@ -33,8 +33,8 @@ format (the layout of ``dt_weight`` in ``dovetail.h``); norm vectors are float32
 
 A draft (:func:`export_c_draft`) uses the same container: the header holds the draft's
 layer shape (vocab_size is its target's; max_context 0, no bos or eos ids), the tensors
-are the ``dt_weight`` draft names with matrices in q8_0 (as the Python package runs the
-draft on the CPU) and, for a reduced draft vocabulary, ``vocab_map``: int32 target token
+are the ``dt_weight`` draft names with matrices in ``DEFAULT_DRAFT_WEIGHTS`` (q4_1, as
+the Python package runs the draft on the CPU) and, for a reduced draft vocabulary, ``vocab_map``: int32 target token
 ids with the container-only dtype code 32 (not a ``dt_dtype``: pass it to
 ``dt_draft_create`` as the vocab_map, not as a weight).
 """
@@ -201,6 +201,7 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
         FileNotFoundError: no draft ships for the model (with ``"auto"``), or no checkpoint there.
         DraftMismatchError: the draft was trained for another target.
     """
+    from .draft import DEFAULT_DRAFT_WEIGHTS
     from .draft_model import TargetSignature, load_draft_weights
     from .errors import DraftMismatchError
     from .formats import load_model_source
@@ -222,7 +223,7 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
             tensors.append((name, C_VOCAB_MAP_CODE, arr.shape, np.ascontiguousarray(arr, dtype=np.int32)))
             continue
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        q = quantize(arr, "f32" if arr.ndim == 1 else "q8_0")
+        q = quantize(arr, "f32" if arr.ndim == 1 else DEFAULT_DRAFT_WEIGHTS)
         tensors.append((name, C_DTYPE_CODES[q.dtype], tuple(q.shape), np.ascontiguousarray(q.data)))
     return _write_container(out, _fixed_header(source.config.vocab_size, config, 0, -1, []), tensors)
 
