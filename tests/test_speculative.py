@@ -459,6 +459,8 @@ def test_auto_tree_and_selector_reject_bad_settings():
         AutoTree(shapes=())
     with pytest.raises(ValueError, match="AutoTree shapes"):
         AutoTree(shapes=((1, 1, 2),))
+    with pytest.raises(ValueError, match="AutoTree shapes"):
+        AutoTree(shapes=TreeParams())
     with pytest.raises(ValueError, match="AutoTree start"):
         AutoTree(start=6)
     for kw in (dict(interval=0), dict(probe_len=0)):

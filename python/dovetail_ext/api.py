@@ -294,7 +294,7 @@ class Generator:
                     if self._selector is None or self._selector[0] != (id(self.draft), tree):
                         self._selector = ((id(self.draft), tree), TreeSelector(tree))
                     selector = self._selector[1]
-                timed = False  # the last step drafted: a drafting step now adds no catch-up
+                timed = False  # whether the last step drafted (then the next one has no catch-up to do)
             elif lookup_only:
                 from .speculative import SpecTimes, verify_chain
                 times = SpecTimes()
@@ -453,8 +453,7 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             :class:`~dovetail_ext.tree.AutoTree` (shapes chosen by measured speed).
         draft_weights: storage of the draft's matrices on the CPU (``"q4_1"``, the default:
             about a sixth of f32's memory traffic on every draft step; ``"q8_0"``, ``"bf16"``,
-            ``"f32"``). The
-            draft only decides which tokens are proposed, never the output.
+            ``"f32"``). The draft only decides which tokens are proposed, never the output.
         draft_device: where the draft runs: ``"cpu"`` (default), ``"cuda"`` / ``"cuda:N"``
             (the CUDA draft engine: the draft on the GPU, the target on the CPU; needs a
             build with CUDA and cuBLAS at run time).

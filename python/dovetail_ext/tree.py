@@ -81,7 +81,7 @@ class AutoTree:
     probe_len: int = 12
 
     def __post_init__(self) -> None:
-        shapes = tuple(self.shapes)
+        shapes = tuple(self.shapes) if isinstance(self.shapes, (tuple, list)) else ()
         if not shapes or not all(isinstance(t, TreeParams) for t in shapes):
             raise ValueError(f"AutoTree shapes must be a non-empty sequence of TreeParams, got {self.shapes!r}")
         object.__setattr__(self, "shapes", shapes)
