@@ -53,7 +53,7 @@ def test_emulated_engine_matches_the_cpu_draft(tiny):
     src, target = tiny
     for layers in (1, 3):
         module = module_for(src, layers=layers)
-        cpu, emu = Draft.from_module(module, target), Draft.from_module(module, target, device="emulated")
+        cpu, emu = Draft.from_module(module, target, weights_dtype="f32"), Draft.from_module(module, target, device="emulated")
         f, toks, pos = inputs(src, 9)
         h1, i1, l1 = cpu.forward(f, toks, pos, topk_rows=range(9), k=5)
         h2, i2, l2 = emu.forward(f, toks, pos, topk_rows=range(9), k=5)
@@ -184,7 +184,7 @@ def test_same_trees_as_the_cpu_draft_for_a_confident_draft(tiny):
     """With clear preferences (no near ties) the device engine proposes the CPU engine's trees."""
     src, target = tiny
     module = module_for(src, std=0.2, layers=1)
-    cpu, emu = Draft.from_module(module, target), Draft.from_module(module, target, device="emulated")
+    cpu, emu = Draft.from_module(module, target, weights_dtype="f32"), Draft.from_module(module, target, device="emulated")
     f, toks, _ = inputs(src, 4, seed=5)
     same = 0
     for params in (TreeParams(1, 4, 5), TreeParams(3, 3, 8)):
