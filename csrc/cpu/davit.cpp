@@ -23,15 +23,6 @@
 
 namespace dovetail::davit {
 
-// Round to nearest even on the upper 16 bits, as the AVX512-BF16 conversion does.
-uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-
 // ---- scalar reference ----------------------------------------------------------------------
 namespace scalar {
 
@@ -68,7 +59,7 @@ void gemm_tile(const GemmTile& t) {
 // each pair of products added to the fp32 sum.
 void gemm_tile_bf16(const GemmTile& t) {
   auto bf = [](float x) {
-    const uint32_t u = (uint32_t)to_bf16(x) << 16;
+    const uint32_t u = (uint32_t)fp32_to_bf16(x) << 16;
     float f;
     std::memcpy(&f, &u, 4);
     return f;
@@ -312,7 +303,7 @@ void add_bf16(PackedLinear& p) {
     for (int k = 0; k < p.in; ++k)
       for (int j = 0; j < kPanel; ++j)
         p.wt16[(size_t)pn * p.panel_stride16() + (size_t)(k / 2) * 2 * kPanel + j * 2 + k % 2] =
-            to_bf16(p.wt[((size_t)pn * p.in + k) * kPanel + j]);
+            fp32_to_bf16(p.wt[((size_t)pn * p.in + k) * kPanel + j]);
   p.bf16 = true;
 }
 

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/dtype.h"  // fp32_to_bf16: nearest even, NaN kept quiet
+
 namespace dovetail::davit {
 
 // ---- GEMM tile (shared by every kernel) ------------------------------------------------
@@ -88,8 +90,6 @@ struct PackedLinear {
   long panel_stride16() const { return (long)((in + 1) / 2) * 2 * kPanel; }
 };
 PackedLinear pack_linear(const float* weight, const float* bias, int out, int in, bool bf16 = false);
-// fp32 -> bf16, round to nearest even (NaN kept quiet).
-uint16_t to_bf16(float x);
 
 // y[r] = (res ? res[r] : 0) + x[r] W^T + b, optional GELU; rows of length in / out, contiguous.
 void linear(const float* x, long rows, const PackedLinear& w, float* y, const float* res, bool gelu);

@@ -213,7 +213,7 @@ void row_to_bf16(const float* a, long cs, int k, uint32_t* out, int k2) {
     return;
   }
   for (int j = 0; j < k2; ++j) {
-    const uint32_t lo = to_bf16(a[2 * j * cs]), hi = 2 * j + 1 < k ? to_bf16(a[(2 * j + 1) * cs]) : 0;
+    const uint32_t lo = fp32_to_bf16(a[2 * j * cs]), hi = 2 * j + 1 < k ? fp32_to_bf16(a[(2 * j + 1) * cs]) : 0;
     out[j] = lo | (hi << 16);
   }
 }
