@@ -62,6 +62,10 @@ struct QActs {
 };
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads);
 void bf16_acts(const float* x, int64_t T, int64_t K, QActs& out);
+// k floats x[i * stride] -> k2 >= ceil(k / 2) bf16 pairs (fp32_to_bf16: nearest even, NaN
+// kept quiet; column 2j in the low half), zero padded. The AVX-512 path converts contiguous
+// rows 16 values at a time, with the same bits.
+void bf16_pair_row(const float* x, int64_t stride, int64_t k, uint32_t* out, int64_t k2);
 // What linear() needs of x for weight w: quantize_acts (quantized formats), bf16_acts
 // (bf16) or nothing (f32, f16).
 void prepare_acts(const PackedWeight& w, const float* x, int64_t T, QActs& out, int nthreads);

@@ -158,26 +158,26 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
     }
 }
 
+void bf16_pair_row(const float* x, int64_t stride, int64_t k, uint32_t* out, int64_t k2) {
+  int64_t j = 0;
+  if (stride == 1 && active_isa() == Isa::Avx512) {
+    avx512::round_bf16(x, k / 2 * 2, out);
+    j = k / 2;
+  }
+  for (; j < k2; ++j) {
+    const uint32_t lo = 2 * j < k ? fp32_to_bf16(x[2 * j * stride]) : 0,
+                   hi = 2 * j + 1 < k ? fp32_to_bf16(x[(2 * j + 1) * stride]) : 0;
+    out[j] = lo | (hi << 16);
+  }
+}
+
 void bf16_acts(const float* x, int64_t T, int64_t K, QActs& out) {
   const int64_t K2 = bf16_pairs(K);
   if (out.b.size() < (size_t)(T * K2)) out.b.resize((size_t)(T * K2));
   out.T = T;
   out.K = K;
   out.K2 = K2;
-  const int64_t k_even = K / 2 * 2;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xt = x + t * K;
-    uint32_t* bt = out.b.data() + t * K2;
-    int64_t j = 0;
-    if (active_isa() == Isa::Avx512) {
-      avx512::round_bf16(xt, k_even, bt);
-      j = k_even / 2;
-    }
-    for (; j < K2; ++j) {
-      const uint32_t lo = 2 * j < K ? fp32_to_bf16(xt[2 * j]) : 0, hi = 2 * j + 1 < K ? fp32_to_bf16(xt[2 * j + 1]) : 0;
-      bt[j] = lo | (hi << 16);
-    }
-  }
+  for (int64_t t = 0; t < T; ++t) bf16_pair_row(x + t * K, 1, K, out.b.data() + t * K2, K2);
 }
 
 void prepare_acts(const PackedWeight& w, const float* x, int64_t T, QActs& out, int nthreads) {

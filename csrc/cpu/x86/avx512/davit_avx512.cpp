@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/davit.h"
+#include "cpu/ops.h"
 #include "cpu/davit_rows.h"
 #include "cpu/x86/avx512_common.h"
 
@@ -202,22 +203,6 @@ void bf16_row_tail(int rows, int nr, const GemmTile& t, const uint32_t* a16, int
   }
 }
 
-// A row of k activations -> k2 bf16 pairs (round to nearest even, zero pad), 32 at a time.
-void row_to_bf16(const float* a, long cs, int k, uint32_t* out, int k2) {
-  if (cs == 1) {
-    for (int j = 0; j < 2 * k2; j += 32) {
-      const __m512 lo = _mm512_maskz_loadu_ps(tail_mask(k - j), a + j);
-      const __m512 hi = _mm512_maskz_loadu_ps(tail_mask(k - j - 16), a + j + 16);
-      _mm512_mask_storeu_epi32(out + j / 2, tail_mask(k2 - j / 2), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-    return;
-  }
-  for (int j = 0; j < k2; ++j) {
-    const uint32_t lo = fp32_to_bf16(a[2 * j * cs]), hi = 2 * j + 1 < k ? fp32_to_bf16(a[(2 * j + 1) * cs]) : 0;
-    out[j] = lo | (hi << 16);
-  }
-}
-
 }  // namespace
 
 void gemm_tile_bf16(const GemmTile& t) {
@@ -227,7 +212,7 @@ void gemm_tile_bf16(const GemmTile& t) {
   if (a16.size() < (size_t)MR * k2) a16.resize((size_t)MR * k2);
   for (int i0 = 0; i0 < t.m; i0 += MR) {
     const int mr = std::min(MR, t.m - i0);
-    for (int i = 0; i < mr; ++i) row_to_bf16(t.a[i0 + i], t.a_cs, t.k, a16.data() + (size_t)i * k2, k2);
+    for (int i = 0; i < mr; ++i) bf16_pair_row(t.a[i0 + i], t.a_cs, t.k, a16.data() + (size_t)i * k2, k2);
     for (int j0 = 0; j0 < t.n; j0 += NR) {
       const int nr = std::min(NR, t.n - j0);
       if (mr == MR)
