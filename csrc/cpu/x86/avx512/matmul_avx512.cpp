@@ -137,96 +137,72 @@ void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, i
   }
 }
 
-// bf16 weights (panels of 16 rows by column pairs, quant_common.h) against bf16 activation
-// pairs: per pair j and token, one vdpbf16ps with the token's pair broadcast adds 2 x 16
-// products to the token's sum for the 16 rows; even and odd pairs go to two sums (two
-// independent chains per output, as in the quantized kernel), added at the end. A tile of
-// up to kTT tokens shares each weight load.
-inline __m512 dpbf16_bcast(__m512 acc, __m512 w, const uint32_t* x) {
-  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
-  return acc;
-}
-
-template <int TT>
-inline void bf16_tile(const uint16_t* panel, int64_t K2, const uint32_t* x, float* y, int64_t ldy,
-                      int64_t n0, __mmask16 m) {
-  // (Every loop over the tile is unrolled: a rolled one makes GCC keep the sums on the stack.)
-  __m512 even[TT], odd[TT];
-#pragma GCC unroll 8
-  for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < K2; j += 2) {
-    const __m512 w0 = _mm512_load_ps(panel + j * 2 * kPanel), w1 = _mm512_load_ps(panel + (j + 1) * 2 * kPanel);
-#pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) {
-      even[i] = dpbf16_bcast(even[i], w0, x + i * K2 + j);
-      odd[i] = dpbf16_bcast(odd[i], w1, x + i * K2 + j + 1);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < TT; ++i) _mm512_mask_storeu_ps(y + i * ldy + n0, m, _mm512_add_ps(even[i], odd[i]));
-}
-
-void linear_bf16(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  const int64_t K2 = qa->K2;
-  for (int64_t p = r0 / kPanel; p < panel_count(r1); ++p) {
-    const uint16_t* panel = float_panel<uint16_t>(w, p);
-    const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
-    const __mmask16 m = (__mmask16)((1u << valid) - 1);
-#define DT_TILE(TT, t) bf16_tile<TT>(panel, K2, qa->b.data() + (t) * K2, y + (t) * ldy, ldy, n0, m)
-    DT_TOKEN_TILES(T, DT_TILE);
-#undef DT_TILE
-  }
-}
-
-// f32 / f16 weights (panels of 16 rows by column, quant_common.h): per column k and
-// token, one FMA with the token's x[k] broadcast; even and odd columns go to two sums, as
-// in scalar::linear_float. f16 columns are converted once per tile.
+// Float weights over 16-row panels (quant_common.h). One step is a column (f32, f16: one
+// FMA per token with the token's x[k] broadcast; f16 columns converted once per tile) or a
+// column pair (bf16: one vdpbf16ps per token with the token's bf16 pair broadcast, 2 x 16
+// products). Even and odd steps go to two sums (two independent chains per output, as in
+// scalar::linear_float), added at the end. A tile of up to kTT tokens shares each weight
+// load. The broadcasts are folded into the instructions' memory operands.
 inline __m512 fma_bcast(__m512 acc, __m512 w, const float* x) {
   asm("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
   return acc;
 }
+inline __m512 fma_bcast(__m512 acc, __m512 w, const uint32_t* x) {  // bf16 pairs: vdpbf16ps
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+  return acc;
+}
 
+// Step k of a panel: 16 fp32 values (f32, f16) or 16 bf16 pairs (bf16).
 template <WType WT>
-inline __m512 load_column(const void* panel, int64_t k) {
+inline __m512 load_step(const void* panel, int64_t k) {
   if constexpr (WT == WType::F16)
     return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(panel) + k * kPanel)));
-  else
+  else  // f32 columns, or bf16 pairs (64 bytes either way)
     return _mm512_load_ps(static_cast<const float*>(panel) + k * kPanel);
 }
 
-template <WType WT, int TT>
-inline void float_tile(const void* panel, int64_t K, const float* x, float* y, int64_t ldy, int64_t n0,
+// X: float (f32, f16) or uint32_t (bf16 pairs); steps: K columns, or K2 pairs (even).
+template <WType WT, int TT, typename X>
+inline void float_tile(const void* panel, int64_t steps, const X* x, float* y, int64_t ldy, int64_t n0,
                        __mmask16 m) {
+  // (Every loop over the tile is unrolled: a rolled one makes GCC keep the sums on the stack.)
   __m512 even[TT], odd[TT];
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 2 <= K; k += 2) {
-    const __m512 w0 = load_column<WT>(panel, k), w1 = load_column<WT>(panel, k + 1);
+  for (; k + 2 <= steps; k += 2) {
+    const __m512 w0 = load_step<WT>(panel, k), w1 = load_step<WT>(panel, k + 1);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; ++i) {
-      even[i] = fma_bcast(even[i], w0, x + i * K + k);
-      odd[i] = fma_bcast(odd[i], w1, x + i * K + k + 1);
+      even[i] = fma_bcast(even[i], w0, x + i * steps + k);
+      odd[i] = fma_bcast(odd[i], w1, x + i * steps + k + 1);
     }
   }
-  if (k < K) {
-    const __m512 w0 = load_column<WT>(panel, k);
+  if (k < steps) {
+    const __m512 w0 = load_step<WT>(panel, k);
 #pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], w0, x + i * K + k);
+    for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], w0, x + i * steps + k);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) _mm512_mask_storeu_ps(y + i * ldy + n0, m, _mm512_add_ps(even[i], odd[i]));
 }
 
 template <WType WT>
-void linear_float(const PackedWeight& w, const float* x, int64_t T, float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  using E = std::conditional_t<WT == WType::F32, float, uint16_t>;
-  const int64_t K = w.cols;
+void linear_float(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y, int64_t ldy,
+                  int64_t r0, int64_t r1) {
+  using E = std::conditional_t<WT == WType::F32, float, uint16_t>;      // stored element
+  using X = std::conditional_t<WT == WType::BF16, uint32_t, float>;     // activation step
+  const int64_t steps = WT == WType::BF16 ? qa->K2 : w.cols;
+  const X* xs;
+  if constexpr (WT == WType::BF16)
+    xs = qa->b.data();
+  else
+    xs = x;
   for (int64_t p = r0 / kPanel; p < panel_count(r1); ++p) {
     const E* panel = float_panel<E>(w, p);
     const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
     const __mmask16 m = (__mmask16)((1u << valid) - 1);
-#define DT_TILE(TT, t) float_tile<WT, TT>(panel, K, x + (t) * K, y + (t) * ldy, ldy, n0, m)
+#define DT_TILE(TT, t) float_tile<WT, TT>(panel, steps, xs + (t) * steps, y + (t) * ldy, ldy, n0, m)
     DT_TOKEN_TILES(T, DT_TILE);
 #undef DT_TILE
   }
@@ -239,11 +215,11 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
   if (is_quantized(w.type))
     linear_quant(w, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::BF16)
-    linear_bf16(w, qa, T, y, ldy, r0, r1);
+    linear_float<WType::BF16>(w, x, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::F16)
-    linear_float<WType::F16>(w, x, T, y, ldy, r0, r1);
+    linear_float<WType::F16>(w, x, qa, T, y, ldy, r0, r1);
   else
-    linear_float<WType::F32>(w, x, T, y, ldy, r0, r1);
+    linear_float<WType::F32>(w, x, qa, T, y, ldy, r0, r1);
 }
 
 // Activation quantization (scalar::quantize_block's twin, bit for bit). max_ps returns its
