@@ -91,6 +91,11 @@ class SpecTimes:
             self.lookup_accepted += accepted
 
 
+def _ema(old: float | None, new: float, alpha: float) -> float:
+    """A moving average's next value (the first measurement starts it)."""
+    return new if old is None else old + alpha * (new - old)
+
+
 class Governor:
     """Per-step choice between drafting and a plain step, from measured rates.
 
@@ -137,7 +142,7 @@ class Governor:
             self.wait, self._probing, self._burst = 0, True, [0, 0]
 
     def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.alpha * (new - old)
+        return _ema(old, new, self.alpha)
 
     def speculation_pays(self) -> bool | None:
         """Whether speculative steps emit tokens at least (1 - margin) times as fast as plain
@@ -238,8 +243,8 @@ class TreeSelector:
             return
         if self.trying is None:
             i = self.current
-            for avg, new in ((self.tokens, float(emitted)), (self.seconds, seconds)):
-                avg[i] = new if avg[i] is None else avg[i] + self.alpha * (new - avg[i])
+            self.tokens[i] = _ema(self.tokens[i], float(emitted), self.alpha)
+            self.seconds[i] = _ema(self.seconds[i], seconds, self.alpha)
             self._countdown -= 1
             if self._countdown <= 0:
                 self._start_try()
