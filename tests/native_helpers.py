@@ -34,19 +34,24 @@ def use_isa(name: str) -> Iterator[None]:
 
 
 def tiny_config(*, gqa: int = 3, tied: bool = True, layers: int = 2, vocab: int = 301, heads: int = 6,
-                head_dim: int = 16, ffn: int = 160, theta: float = 10000.0) -> LlamaConfig:
-    """A small LLaMA config with awkward sizes (hidden 96 with 6 heads of 16 by default)."""
+                head_dim: int = 16, ffn: int = 160, theta: float = 10000.0, bias: bool = False) -> LlamaConfig:
+    """A small LLaMA config with awkward sizes (hidden 96 with 6 heads of 16 by default);
+    ``bias``: a Qwen2 config (q/k/v biases)."""
     return LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=ffn, num_layers=layers,
                        num_heads=heads, num_kv_heads=heads // gqa, head_dim=head_dim, rope_theta=theta,
-                       rms_norm_eps=1e-5, max_context=512, tie_word_embeddings=tied)
+                       rms_norm_eps=1e-5, max_context=512, tie_word_embeddings=tied,
+                       architecture="qwen2" if bias else "llama", attention_bias=bias)
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 weights with LLaMA-like scales: unit-ish norms, 1/sqrt(fan_in) matrices."""
+    """float32 weights with LLaMA-like scales: unit-ish norms, 1/sqrt(fan_in) matrices,
+    biases around 0 (as large as Qwen2's are relative to their projections)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in expected_weight_shapes(cfg).items():
-        if len(shape) == 1:
+        if name.endswith(".bias"):
+            out[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        elif len(shape) == 1:
             out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
             out[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)

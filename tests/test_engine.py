@@ -27,15 +27,19 @@ def isa(request):
 
 
 def hf_model(cfg, weights):
-    """transformers LlamaForCausalLM with our canonical weights (fp32, eager attention)."""
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    """transformers LlamaForCausalLM (Qwen2ForCausalLM for a config with attention biases)
+    with our canonical weights (fp32, eager attention)."""
+    if cfg.attention_bias:
+        from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as Model
+    else:
+        from transformers import LlamaConfig as HFConfig, LlamaForCausalLM as Model
 
     hc = HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                   num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
                   rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_context,
                   tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager")
-    m = LlamaForCausalLM(hc).eval()
+    m = Model(hc).eval()
     sd = {"model.embed_tokens.weight": weights["token_embd"], "model.norm.weight": weights["output_norm"]}
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = weights["output"]
@@ -45,15 +49,20 @@ def hf_model(cfg, weights):
     for i in range(cfg.num_layers):
         for ours, theirs in names.items():
             sd[f"model.layers.{i}.{theirs}.weight"] = weights[f"blk.{i}.{ours}"]
-    m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+        for ours in ("attn_q", "attn_k", "attn_v") if cfg.attention_bias else ():
+            sd[f"model.layers.{i}.{names[ours]}.bias"] = weights[f"blk.{i}.{ours}.bias"]
+    missing, unexpected = m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     if cfg.tie_word_embeddings:
         m.tie_weights()
     return m
 
 
-@pytest.mark.parametrize("gqa,tied", [(1, True), (3, False), (3, True), (1, False)])
-def test_forward_matches_transformers(gqa, tied):
-    cfg = tiny_config(gqa=gqa, tied=tied, theta=100000.0 if gqa == 3 else 10000.0)
+@pytest.mark.parametrize("gqa,tied,bias", [(1, True, False), (3, False, False), (3, True, False), (1, False, False),
+                                           (3, False, True), (1, True, True)])
+def test_forward_matches_transformers(gqa, tied, bias):
+    """LLaMA against LlamaForCausalLM; with q/k/v biases, Qwen2 against Qwen2ForCausalLM."""
+    cfg = tiny_config(gqa=gqa, tied=tied, theta=100000.0 if gqa == 3 else 10000.0, bias=bias)
     w = random_weights(cfg, seed=gqa + 2 * tied)
     eng = TargetEngine(make_source(cfg, w, "f32"), context=64, threads=2)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 13)
@@ -97,6 +106,36 @@ def test_mixed_formats_within_a_layer_match_reference(isa):
     for name, dtype in (("blk.0.attn_v", "q4_0"), ("blk.1.ffn_up", "f16"), ("blk.1.attn_k", "q4_1")):
         src.weights[name] = quantize(w[name], dtype)
     assert_matches_reference(src, np.random.default_rng(3).integers(0, cfg.vocab_size, 7), tol=4e-2)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_qkv_bias_matches_reference(isa, stacked):
+    """Qwen2's q/k/v biases, on the stacked q|k|v matrix and on separate ones (formats
+    differ), against the twin; and without them the model is not the same."""
+    cfg = tiny_config(gqa=3, tied=False, bias=True)
+    w = random_weights(cfg, seed=17)
+    src = make_source(cfg, w, "q8_0", embd_dtype="q8_0")
+    if not stacked:
+        src.weights["blk.1.attn_k"] = quantize(w["blk.1.attn_k"], "q4_1")
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, 9)
+    assert_matches_reference(src, ids, tol=4e-2)
+    zero = make_source(cfg, {k: (0 * v if k.endswith(".bias") else v) for k, v in w.items()}, "q8_0",
+                       embd_dtype="q8_0")
+    with_bias, _ = TargetEngine(src, context=16).forward(ids)
+    without, _ = TargetEngine(zero, context=16).forward(ids)
+    assert np.abs(with_bias - without).max() > 0.05 * np.abs(with_bias).max()
+
+
+def test_qkv_bias_must_match_the_config():
+    import dataclasses
+    cfg = tiny_config(bias=True)
+    src = make_source(cfg, random_weights(cfg))
+    plain = dataclasses.replace(cfg, attention_bias=False, architecture="llama")
+    with pytest.raises(ValueError, match="weight 'blk.0.attn_q.bias' given but the model config has no attention bias"):
+        TargetEngine(dataclasses.replace(src, config=plain), context=16)
+    del src.weights["blk.1.attn_v.bias"]
+    with pytest.raises(ValueError, match="missing weight 'blk.1.attn_v.bias'"):
+        TargetEngine(src, context=16)
 
 
 @pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])

@@ -148,8 +148,9 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& cfg, const py::dict& weights, int64_t context, int64_t max_batch,
                        int threads, const std::string& kv_dtype, int64_t first_layer) {
              LayerDims d = layer_dims(cfg);
+             const bool bias = cfg.contains("attention_bias") && cfg["attention_bias"].cast<bool>();
              LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
-                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer};
+                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer, bias};
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -471,6 +472,9 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
                        int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
              LayerDims d = layer_dims(cfg);
+             DT_CHECK(!(cfg.contains("attention_bias") && cfg["attention_bias"].cast<bool>()),
+                      "gpu_layers does not support models with attention biases (Qwen2) yet: run them with "
+                      "gpu_layers=0");
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);

@@ -23,6 +23,7 @@ struct LlamaParams {
   // Layers [first_layer, layers) run here; the ones before run elsewhere (a device prefix,
   // model/device_engine.h), whose hidden states forward_hidden takes.
   int64_t first_layer = 0;
+  bool qkv_bias = false;  // Qwen2: blk.{i}.attn_{q,k,v}.bias
 };
 
 // forward / commit / truncate lock the engine: concurrent callers are serialized.

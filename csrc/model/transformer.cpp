@@ -60,7 +60,7 @@ PackedWeight pack_stacked(const WeightMap& w, const std::vector<std::pair<std::s
 
 std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n) {
   const WeightView& v = need(w, name, 1, n);
-  DT_CHECK(v.type == WType::F32 && v.nbytes == (size_t)n * 4, "norm weight '" + name + "' must be f32");
+  DT_CHECK(v.type == WType::F32 && v.nbytes == (size_t)n * 4, "1-D weight '" + name + "' must be f32");
   const float* p = static_cast<const float*>(v.data);
   return std::vector<float>(p, p + n);
 }
@@ -87,6 +87,16 @@ std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, in
       L.w_up = pack_named(w, b + "ffn_up", F, D);
     }
     L.w_down = pack_named(w, b + "ffn_down", D, F);
+    if (d.qkv_bias) {
+      L.bqkv = norm_named(w, b + "attn_q.bias", QD);
+      for (const char* part : {"attn_k.bias", "attn_v.bias"}) {
+        const std::vector<float> more = norm_named(w, b + part, KD);
+        L.bqkv.insert(L.bqkv.end(), more.begin(), more.end());
+      }
+    } else {
+      for (const char* part : {"attn_q.bias", "attn_k.bias", "attn_v.bias"})
+        DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no attention bias");
+    }
   }
   return layers;
 }
@@ -211,7 +221,8 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       const int64_t QKV = QD + 2 * KD;
       linear_rows(L.wqkv, xin, T, fused_.data(), true);
       for (int64_t t = 0; t < T; ++t) {
-        const float* row = fused_.data() + t * QKV;
+        float* row = fused_.data() + t * QKV;
+        if (!L.bqkv.empty()) add_inplace(row, L.bqkv.data(), QKV);
         std::memcpy(q_.data() + t * QD, row, sizeof(float) * QD);
         std::memcpy(k_.data() + t * KD, row + QD, sizeof(float) * KD);
         std::memcpy(v_.data() + t * KD, row + QD + KD, sizeof(float) * KD);
@@ -220,6 +231,11 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       linear_rows(L.wq, xin, T, q_.data(), true);
       linear_rows(L.wk, xin, T, k_.data(), L.wk.type != L.wq.type);
       linear_rows(L.wv, xin, T, v_.data(), L.wv.type != L.wk.type);
+      for (int64_t t = 0; t < T && !L.bqkv.empty(); ++t) {
+        add_inplace(q_.data() + t * QD, L.bqkv.data(), QD);
+        add_inplace(k_.data() + t * KD, L.bqkv.data() + QD, KD);
+        add_inplace(v_.data() + t * KD, L.bqkv.data() + QD + KD, KD);
+      }
     }
     rope_inplace(q_.data(), T, H, Dh, QD, positions, cos_.data(), sin_.data());
     rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos_.data(), sin_.data());

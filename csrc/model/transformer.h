@@ -21,6 +21,7 @@ namespace dovetail {
 struct LayerDims {
   int64_t dim = 0, ffn = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float rope_theta = 10000.0f, eps = 1e-5f;
+  bool qkv_bias = false;  // q / k / v projections add a bias (Qwen2): blk.{i}.attn_{q,k,v}.bias
 };
 
 struct EngineOptions {
@@ -45,6 +46,7 @@ PackedWeight pack_named(const WeightMap& w, const std::string& name, int64_t row
 // in the separate matrices, so a stacked product equals the separate ones bit for bit.
 PackedWeight pack_stacked(const WeightMap& w, const std::vector<std::pair<std::string, int64_t>>& parts,
                           int64_t cols);
+// A 1-D f32 weight (a norm or a bias) of n values.
 std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n);
 
 struct LayerWeights {
@@ -55,9 +57,11 @@ struct LayerWeights {
   // empty and the parts are kept apart.
   PackedWeight wqkv, w_gate_up;
   PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+  std::vector<float> bqkv;  // q|k|v biases [QD + 2 KD] when LayerDims::qkv_bias; empty otherwise
 };
 
 // Reads blk.{first + i}.* for i < n_layers; `first_has_norm` false skips blk.0.attn_norm.
+// Biases are read when d.qkv_bias is set, and a bias in `w` without it is an error.
 std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers,
                                       bool first_has_norm, int64_t first = 0);
 

@@ -17,6 +17,8 @@ class LlamaConfig:
 
     ``head_dim`` defaults to ``hidden_size // num_heads``. ``max_context`` is the context
     the model was trained for (the engine may be loaded with a shorter one).
+    ``attention_bias``: the q / k / v projections add a bias (Qwen2: ``architecture`` "qwen2");
+    otherwise the two architectures are the same decoder.
     """
 
     vocab_size: int
@@ -33,6 +35,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     architecture: str = "llama"
+    attention_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",

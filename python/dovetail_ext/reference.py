@@ -350,22 +350,29 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Self-attention of a batch over the cache: x [T, D] -> [T, D].
 
-    wq [H*Dh, D], wk and wv [KV*Dh, D], wo [D, H*Dh]. Writes the batch's K/V (after RoPE)
+    wq [H*Dh, D], wk and wv [KV*Dh, D], wo [D, H*Dh]; ``biases`` (Qwen2): the q, k and v
+    projection biases [H*Dh], [KV*Dh], [KV*Dh], added after the product. Writes the batch's K/V (after RoPE)
     into ``cache`` for ``layer``; see :func:`attention` for what each token sees.
     """
 
-    def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor):
+    def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor,
+                 biases: tuple[Tensor, Tensor, Tensor] | None = None):
         super().__init__()
         self.config = config
         self.wq, self.wk, self.wv, self.wo = (_frozen(w) for w in (wq, wk, wv, wo))
+        self.biases = None if biases is None else nn.ParameterList(_frozen(b) for b in biases)
+
+    def _project(self, x: Tensor, w: Tensor, i: int) -> Tensor:
+        y = linear(x, w)
+        return y if self.biases is None else y + self.biases[i]
 
     def forward(self, x: Tensor, positions: Tensor, ancestors: Tensor, cache: KVCache,
                 layer: int, start: int = 0) -> Tensor:
         c = self.config
         T = x.shape[0]
-        q = rope(linear(x, self.wq).view(T, c.num_heads, c.head_dim), positions, c.rope_theta)
-        k = rope(linear(x, self.wk).view(T, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
-        v = linear(x, self.wv).view(T, c.num_kv_heads, c.head_dim)
+        q = rope(self._project(x, self.wq, 0).view(T, c.num_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        v = self._project(x, self.wv, 2).view(T, c.num_kv_heads, c.head_dim)
         n_prefix = cache.n_past
         keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1), start)  # [KV, L, Dh]
         out = attention(q, keys, values, n_prefix, ancestors)  # [T, H, Dh]
@@ -393,8 +400,9 @@ class Block(nn.Module):
         super().__init__()
         p = f"blk.{i}."
         self.attention_norm = RMSNorm(weights[p + "attn_norm"], config.rms_norm_eps)
+        biases = (tuple(weights[p + f"attn_{n}.bias"] for n in "qkv") if config.attention_bias else None)
         self.attention = Attention(config, weights[p + "attn_q"], weights[p + "attn_k"],
-                                   weights[p + "attn_v"], weights[p + "attn_output"])
+                                   weights[p + "attn_v"], weights[p + "attn_output"], biases)
         self.ffn_norm = RMSNorm(weights[p + "ffn_norm"], config.rms_norm_eps)
         self.feed_forward = FeedForward(weights[p + "ffn_gate"], weights[p + "ffn_up"],
                                         weights[p + "ffn_down"])

@@ -18,6 +18,9 @@ Canonical names::
     blk.{i}.ffn_gate          [F, D]
     blk.{i}.ffn_up            [F, D]
     blk.{i}.ffn_down          [D, F]
+    blk.{i}.attn_q.bias       [H*Dh]   f32, only with ``config.attention_bias`` (Qwen2)
+    blk.{i}.attn_k.bias       [KV*Dh]
+    blk.{i}.attn_v.bias       [KV*Dh]
 """
 
 from __future__ import annotations
@@ -103,4 +106,7 @@ def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "attn_v": (cfg.kv_size, D), p + "attn_output": (D, cfg.q_size),
             p + "ffn_gate": (F, D), p + "ffn_up": (F, D), p + "ffn_down": (D, F),
         })
+        if cfg.attention_bias:
+            shapes.update({p + "attn_q.bias": (cfg.q_size,), p + "attn_k.bias": (cfg.kv_size,),
+                           p + "attn_v.bias": (cfg.kv_size,)})
     return shapes
