@@ -41,10 +41,11 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
                      shapes: dict[str, tuple[int, ...]] | None = None,
                      types: dict[str, Any] | None = None, meta: Callable[[Any], None] | None = None,
                      omit_meta: tuple[str, ...] = (), seed: int = 0, **dims: int) -> dict[str, np.ndarray]:
-    """Writes a random LLaMA GGUF the way llama.cpp's converter does; returns the originals.
+    """Writes a random LLaMA (or Qwen2) GGUF the way llama.cpp's converter does; returns the originals.
 
-    Matrices are stored as ``dtype`` (``types`` overrides per canonical name), norms F32,
-    q/k rows permuted. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
+    Matrices are stored as ``dtype`` (``types`` overrides per canonical name; a callable
+    type ``f(values) -> (qtype, blocks, decoded)`` writes blocks it made itself), norms F32,
+    q/k rows permuted for ``arch="llama"``; ``arch="qwen2"`` adds q/k/v biases. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
     may add metadata, ``omit_meta`` leaves out model keys (``block_count``...). Returns canonical name -> float32 [rows, cols] in Hugging Face order.
     """
     import gguf
@@ -86,6 +87,9 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
         want.update({p + "attn_norm": (D,), p + "ffn_norm": (D,), p + "attn_q": (H * Dh, D),
                      p + "attn_k": (KV * Dh, D), p + "attn_v": (KV * Dh, D), p + "attn_output": (D, H * Dh),
                      p + "ffn_gate": (F, D), p + "ffn_up": (F, D), p + "ffn_down": (D, F)})
+        if arch == "qwen2":
+            want.update({p + "attn_q.bias": (H * Dh,), p + "attn_k.bias": (KV * Dh,),
+                         p + "attn_v.bias": (KV * Dh,)})
     want.update(shapes or {})
     qtypes = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
     originals = {}
@@ -96,25 +100,54 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
         if len(shape) == 1:
             value = 1.0 + 0.1 * value
         originals[name] = value
+        if name.endswith(".bias"):
+            value = 0.5 * value - 0.5  # biases around 0, large enough to matter
+            originals[name] = value
         stored = value
-        if name.endswith("attn_q"):
+        permute = arch == "llama"
+        if permute and name.endswith("attn_q"):
             stored = llama_permute(value, H)
-        elif name.endswith("attn_k"):
+        elif permute and name.endswith("attn_k"):
             stored = llama_permute(value, KV)
         qtype = (types or {}).get(name, Q.F32 if len(shape) == 1 else qtypes[dtype])
-        if qtype == Q.F32:
-            w.add_tensor(name + ".weight", stored)
+        full = name if name.endswith(".bias") else name + ".weight"
+        if callable(qtype):
+            assert not permute or not name.endswith(("attn_q", "attn_k")), "blocks are written as made"
+            qtype, blocks, originals[name] = qtype(value)
+            w.add_tensor(full, blocks, raw_dtype=qtype)
+        elif qtype == Q.F32:
+            w.add_tensor(full, stored)
         elif qtype == Q.F16:
-            w.add_tensor(name + ".weight", stored.astype(np.float16))
+            w.add_tensor(full, stored.astype(np.float16))
         elif qtype == Q.F64:
-            w.add_tensor(name + ".weight", stored.astype(np.float64))
+            w.add_tensor(full, stored.astype(np.float64))
         else:
-            w.add_tensor(name + ".weight", gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
+            w.add_tensor(full, gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return originals
+
+
+def random_k_blocks(qtype: Any, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random valid blocks of a type ``gguf.quants`` cannot quantize (Q4_K, Q6_K...):
+    random bytes with small positive float16 scales. Returns (uint8 [rows, row bytes],
+    float32 [rows, cols] as ``gguf.quants.dequantize`` decodes them)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows * cols // block, nbytes), dtype=np.uint8)
+    # Where each type keeps its float16 scale(s): Q4_K / Q5_K d and dmin first, Q6_K d last.
+    spots = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (nbytes - 2,), Q.Q2_K: (nbytes - 4, nbytes - 2),
+             Q.Q3_K: (nbytes - 2,)}[qtype]
+    for at in spots:
+        raw[:, at:at + 2] = rng.uniform(1e-4, 2e-3, raw.shape[0]).astype(np.float16)[:, None].view(np.uint8)
+    blocks = raw.reshape(rows, -1)
+    return blocks, quants.dequantize(blocks, qtype).reshape(rows, cols).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

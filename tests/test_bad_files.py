@@ -116,10 +116,16 @@ def test_wrong_shape_missing_and_unexpected_tensors(tmp_path: Path, llama_gguf_w
         load_gguf(path)
 
 
-@pytest.mark.parametrize("name,qtype", [("blk.0.ffn_up", Q.Q5_0), ("blk.1.attn_norm", Q.F64)])
+def _int8_blocks(value: np.ndarray):
+    q = np.clip(np.round(value * 100), -127, 127).astype(np.int8)
+    return Q.I8, q, q.astype(np.float32)
+
+
+@pytest.mark.parametrize("name,qtype", [("blk.0.ffn_up", Q.I8), ("blk.1.attn_norm", Q.F64)])
 def test_unsupported_tensor_type(tmp_path: Path, llama_gguf_writer, name: str, qtype) -> None:
+    """Types neither executed nor convertible (formats.convert) name the tensor and the type."""
     path = tmp_path / "t.gguf"
-    llama_gguf_writer(path, types={name: qtype})
+    llama_gguf_writer(path, types={name: _int8_blocks if qtype == Q.I8 else qtype})
     with pytest.raises(FormatError, match=rf"{name}\.weight has type {qtype.name}, which is not supported"):
         load_gguf(path)
 
@@ -246,9 +252,10 @@ def test_hf_missing_and_malformed_json(tmp_path: Path) -> None:
     ({"num_attention_heads": 5}, "hidden_size 64 is not divisible by num_attention_heads|not divisible by num_heads 5"),
     ({"num_key_value_heads": 3}, "not a multiple of num_kv_heads 3"),
     ({"num_hidden_layers": 0}, "num_layers must be a positive integer"),
-    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "'gpt2'.* is not a LLaMA model"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "'gpt2'.* is not a LLaMA or Qwen2 model"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn' is not supported"),
     ({"attention_bias": True}, "attention_bias = true is not supported"),
+    ({"use_sliding_window": True}, "use_sliding_window = true is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"eos_token_id": [2, "x"]}, "eos_token_id"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings = 'yes' has the wrong type"),

@@ -19,6 +19,7 @@ from gguf import quants
 
 from dovetail_ext.formats import (ModelSource, Weight, expected_weight_shapes, load_gguf, load_hf,
                                   load_model_source)
+from dovetail_ext.errors import FormatError
 from dovetail_ext.formats.tokenizer import Tokenizer
 
 GGML = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
@@ -126,6 +127,65 @@ def test_unpermute_is_inverse_of_llama_cpp(tmp_path: Path, llama_gguf_writer) ->
         assert src.weights[name].data.flags.c_contiguous
 
 
+def test_tiny_qwen2_gguf(tmp_path: Path, llama_gguf_writer) -> None:
+    """qwen2.* metadata, f32 q/k/v biases, and q/k rows as stored (no LLaMA permutation)."""
+    originals = llama_gguf_writer(tmp_path / "q.gguf", arch="qwen2", dtype="f32", hidden=64, n_head=8, n_kv=4)
+    src = load_gguf(tmp_path / "q.gguf")
+    assert src.config.architecture == "qwen2" and src.config.attention_bias
+    assert set(src.weights) == set(originals) == set(expected_weight_shapes(src.config))
+    for name in ("blk.0.attn_q", "blk.1.attn_k", "blk.0.attn_q.bias", "blk.1.attn_v.bias"):
+        assert src.weights[name].dtype == "f32"
+        np.testing.assert_array_equal(src.weights[name].data, originals[name], err_msg=name)
+    llama_gguf_writer(tmp_path / "m.gguf", arch="qwen2", skip=("blk.1.attn_k.bias",))
+    with pytest.raises(FormatError, match=r"missing tensors blk\.1\.attn_k\.bias"):
+        load_gguf(tmp_path / "m.gguf")
+
+
+def _k_blocks(qtype):
+    from conftest import random_k_blocks
+
+    def make(value: np.ndarray):
+        blocks, decoded = random_k_blocks(qtype, *value.shape, seed=int(qtype))
+        return qtype, blocks, decoded
+    return make
+
+
+def test_k_quants_converted_at_load(tmp_path: Path, llama_gguf_writer) -> None:
+    """formats.convert, checked against gguf.quants' decoding of the stored blocks: Q5_0
+    becomes q8_0 exactly; Q4_K becomes q4_1 with float16 sub-block scales (within 2^-11 of
+    each scale times 15, plus the offset's rounding); Q6_K / Q5_K become q8_0 within half
+    a q8_0 step of each block (and the float16 rounding of its scale)."""
+    types = {"blk.0.ffn_up": Q.Q5_0, "blk.0.ffn_gate": _k_blocks(Q.Q4_K), "blk.1.ffn_down": _k_blocks(Q.Q6_K),
+             "blk.1.attn_output": _k_blocks(Q.Q5_K), "token_embd": Q.Q5_0}
+    originals = llama_gguf_writer(tmp_path / "k.gguf", arch="qwen2", dtype="q8_0", types=types, hidden=256,
+                                  n_head=4, n_kv=2, ffn=512)
+    src = load_gguf(tmp_path / "k.gguf")
+    assert src.metadata["converted"] == {"q5_0->q8_0": 2, "q4_k->q4_1": 1, "q6_k->q8_0": 1, "q5_k->q8_0": 1}
+    want_q5 = {n: quants.dequantize(quants.quantize(originals[n], Q.Q5_0), Q.Q5_0) for n in ("blk.0.ffn_up", "token_embd")}
+    for name, want in want_q5.items():
+        assert src.weights[name].dtype == "q8_0"
+        np.testing.assert_array_equal(dequant(src.weights[name]), want, err_msg=name)
+
+    w = src.weights["blk.0.ffn_gate"]
+    assert w.dtype == "q4_1"
+    got, want = dequant(w), originals["blk.0.ffn_gate"]
+    blocks = w.data.reshape(-1, 20)
+    d = blocks[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32).reshape(want.shape[0], -1)
+    m = blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32).reshape(want.shape[0], -1)
+    bound = np.repeat(15 * np.abs(d) * 2.0 ** -11 + np.abs(m) * 2.0 ** -11, 32, axis=1) * (1 + 1e-6)
+    assert np.all(np.abs(got - want) <= bound)
+    assert np.abs(got - want).max() > 0  # the scales did round: the bound is what is tested
+
+    for name in ("blk.1.ffn_down", "blk.1.attn_output"):
+        w = src.weights[name]
+        assert w.dtype == "q8_0"
+        got, want = dequant(w), originals[name]
+        step = np.repeat(w.data.reshape(-1, 34)[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+                         .reshape(want.shape[0], -1), 32, axis=1)
+        # ggml's Q8_0 rounds x / (amax / 127), then stores that scale as float16.
+        assert np.all(np.abs(got - want) <= (0.5 + 127 * 2.0 ** -11) * step * (1 + 1e-3)), name
+
+
 def test_gguf_eot_is_an_eos(tmp_path: Path, llama_gguf_writer) -> None:
     llama_gguf_writer(tmp_path / "t.gguf", meta=lambda w: w.add_eot_token_id(0))
     src = load_gguf(tmp_path / "t.gguf")
@@ -202,6 +262,34 @@ def test_hf_weights_bit_exact(tmp_path: Path, dtype: str, tied: bool, shard: str
             assert w.dtype == want_dtype and w.data.dtype == original.dtype
             np.testing.assert_array_equal(w.data, original, err_msg=name)  # raw bits (bf16 as uint16)
             assert not w.data.flags.writeable  # a view of the file
+
+
+def test_hf_qwen2_checkpoint(tmp_path: Path) -> None:
+    """A Qwen2ForCausalLM saved by transformers: config, q/k/v biases and weights bit for bit."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                   bos_token_id=1, eos_token_id=2)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # zeros at init
+                p.copy_(torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    src = load_hf(tmp_path)
+    assert src.config.architecture == "qwen2" and src.config.attention_bias and src.config.rope_theta == 1e6
+    assert set(src.weights) == set(expected_weight_shapes(src.config))
+    for i in range(2):
+        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
+            np.testing.assert_array_equal(src.weights[f"blk.{i}.{ours}.bias"].data,
+                                          state[f"model.layers.{i}.self_attn.{theirs}.bias"])
+            np.testing.assert_array_equal(src.weights[f"blk.{i}.{ours}"].data,
+                                          state[f"model.layers.{i}.self_attn.{theirs}.weight"])
 
 
 @pytest.mark.parametrize("target,nmse", [("q8_0", 1e-4), ("q4_0", 2e-2), ("q4_1", 2e-2)])

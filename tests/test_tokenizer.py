@@ -277,21 +277,25 @@ def test_gguf_unsupported_vocab_type(sp) -> None:
         tokenizer_from_gguf_vocab(model="gpt2", tokens=["a", "b"], token_types=[1], merges=[])
 
 
-def test_gguf_llama3_pre_tokenizer_matches_transformers(tmp_path: Path, default_source: ModelSource,
-                                                        llama_gguf_writer) -> None:
-    """pre = "llama-bpe" (LLaMA-3 files) uses the LLaMA-3 split regex; checked against
-    transformers on a GGUF carrying the default vocabulary with that pre-tokenizer name."""
+@pytest.mark.parametrize("pre,arch,digits", [("llama-bpe", "llama", ["123", "456", "7"]),
+                                             ("qwen2", "qwen2", list("1234567"))])
+def test_gguf_split_pre_tokenizers_match_transformers(tmp_path: Path, default_source: ModelSource,
+                                                      llama_gguf_writer, pre: str, arch: str,
+                                                      digits: list[str]) -> None:
+    """pre = "llama-bpe" (LLaMA-3 files) uses the LLaMA-3 split regex, "qwen2" the same with
+    single digits; checked against transformers on a GGUF carrying the default vocabulary
+    with that pre-tokenizer name."""
     transformers = pytest.importorskip("transformers")
     model = json.loads(default_source.tokenizer.backend.to_str())["model"]
     vocab = model["vocab"]
     tokens = sorted(vocab, key=vocab.get)
-    path = tmp_path / "llama3.gguf"
-    llama_gguf_writer(path, dtype="f16", hidden=32, n_head=2, n_kv=1, ffn=32, n_layers=1, vocab=dict(
-        model="gpt2", pre="llama-bpe", tokens=tokens, types=[3 if i <= 16 else 1 for i in range(len(tokens))],
+    path = tmp_path / f"{pre}.gguf"
+    llama_gguf_writer(path, arch=arch, dtype="f16", hidden=32, n_head=2, n_kv=1, ffn=32, n_layers=1, vocab=dict(
+        model="gpt2", pre=pre, tokens=tokens, types=[3 if i <= 16 else 1 for i in range(len(tokens))],
         merges=[" ".join(m) for m in model["merges"]], bos=1, eos=2, add_bos=False))
     ours = load_gguf(path).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     for text in TEXTS + DIGIT_SPLIT_TEXTS + ["I'M HERE, YOU'LL SEE", "1234567 89", "x\r\n\r\n  y"]:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
     # LLaMA-3 groups digits by three (this vocabulary then spells each group digit by digit).
-    assert [p for p, _ in ours.backend.pre_tokenizer.pre_tokenize_str("1234567")] == ["123", "456", "7"]
+    assert [p for p, _ in ours.backend.pre_tokenizer.pre_tokenize_str("1234567")] == digits

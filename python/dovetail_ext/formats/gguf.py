@@ -1,16 +1,20 @@
 """GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
 
-What it is: config from the ``llama.*`` metadata, every tensor as a zero-copy view of the
-file's memory map (F32, F16, BF16, Q8_0, Q4_0, Q4_1), the tokenizer and chat template from
-the ``tokenizer.*`` metadata. What it is not: a converter. Nothing is dequantized; the only
-copies are ``attn_q`` / ``attn_k`` (whose rows are reordered, see below) and 1-D norm
-weights that a file stores in another type than F32 (made F32, as the engine expects).
+What it is: config from the ``llama.*`` or ``qwen2.*`` metadata (Qwen2 is LLaMA with a
+bias on the q / k / v projections), every tensor the engine executes (F32, F16, BF16,
+Q8_0, Q4_0, Q4_1) as a zero-copy view of the file's memory map, the tokenizer and chat
+template from the ``tokenizer.*`` metadata. Copies are made only of ``attn_q`` /
+``attn_k`` of ``llama`` files (whose rows are reordered, see below), of 1-D weights
+stored in another type than F32 (made F32, as the engine expects), and of matrices in
+other ggml types (K-quants, Q5_0...), which ``formats.convert`` rewrites into the
+engine's block types (``ModelSource.metadata["converted"]`` counts them).
 
 GGUF writes shapes fastest-varying first (``ne0`` = columns); here shapes are PyTorch's
 ``[rows, cols]``. Quantized data is ``uint8 [rows, row_nbytes]``; BF16 is ``uint16``.
 
-llama.cpp's RoPE rotates interleaved pairs (x0, x1), (x2, x3)... so the converter permuted
-the rows of ``attn_q`` / ``attn_k`` within each head. The loader undoes it to give the
+llama.cpp's LLaMA RoPE rotates interleaved pairs (x0, x1), (x2, x3)... so its converter
+permuted the rows of ``attn_q`` / ``attn_k`` within each head (not for Qwen2, whose RoPE
+is rotate-half in llama.cpp too). The loader undoes it to give the
 rotate-half layout of Hugging Face LLaMA (pairs (x_i, x_{i + Dh/2})); whole rows move, so
 this works on quantized row bytes unchanged.
 
@@ -224,24 +228,30 @@ def _f32_decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+#: general.architecture -> whether its q / k / v projections carry a bias.
+ARCHITECTURES = {"llama": False, "qwen2": True}
+
+
 def _config(meta: _Metadata, vocab_size: int, tied: bool) -> LlamaConfig:
     arch = meta.get("general.architecture", str, required=True)
-    if arch != "llama":
-        raise FormatError(f"{meta.path}: architecture {arch!r} is not supported (only 'llama')")
-    rope_scaling = meta.get("llama.rope.scaling.type", str, "none")
+    if arch not in ARCHITECTURES:
+        raise FormatError(f"{meta.path}: architecture {arch!r} is not supported "
+                          f"(supported: {', '.join(map(repr, ARCHITECTURES))})")
+    a = arch + "."
+    rope_scaling = meta.get(a + "rope.scaling.type", str, "none")
     if rope_scaling not in ("none", ""):
         raise FormatError(f"{meta.path}: RoPE scaling {rope_scaling!r} is not supported")
-    if meta.get("llama.expert_count", int, 0):
-        raise FormatError(f"{meta.path}: mixture-of-experts LLaMA models are not supported")
-    hidden = meta.get("llama.embedding_length", int, required=True)
-    n_head = meta.get("llama.attention.head_count", int, required=True)
-    n_kv = meta.get("llama.attention.head_count_kv", int, n_head)
-    head_dim = meta.get("llama.attention.key_length", int, 0)
-    if meta.get("llama.attention.value_length", int, head_dim) != head_dim:
+    if meta.get(a + "expert_count", int, 0):
+        raise FormatError(f"{meta.path}: mixture-of-experts models are not supported")
+    hidden = meta.get(a + "embedding_length", int, required=True)
+    n_head = meta.get(a + "attention.head_count", int, required=True)
+    n_kv = meta.get(a + "attention.head_count_kv", int, n_head)
+    head_dim = meta.get(a + "attention.key_length", int, 0)
+    if meta.get(a + "attention.value_length", int, head_dim) != head_dim:
         raise FormatError(f"{meta.path}: different key and value head sizes are not supported")
-    rot = meta.get("llama.rope.dimension_count", int, 0)
+    rot = meta.get(a + "rope.dimension_count", int, 0)
     if rot and rot != (head_dim or hidden // max(n_head, 1)):
-        raise FormatError(f"{meta.path}: partial rotary embeddings (llama.rope.dimension_count = "
+        raise FormatError(f"{meta.path}: partial rotary embeddings ({a}rope.dimension_count = "
                           f"{rot}) are not supported")
     eos = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
@@ -253,17 +263,19 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool) -> LlamaConfig:
         return LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=hidden,
-            intermediate_size=meta.get("llama.feed_forward_length", int, required=True),
-            num_layers=meta.get("llama.block_count", int, required=True),
+            intermediate_size=meta.get(a + "feed_forward_length", int, required=True),
+            num_layers=meta.get(a + "block_count", int, required=True),
             num_heads=n_head,
             num_kv_heads=n_kv,
             head_dim=head_dim,
-            rope_theta=_f32_decimal(meta.get("llama.rope.freq_base", (float, int), 10000.0)),
-            rms_norm_eps=_f32_decimal(meta.get("llama.attention.layer_norm_rms_epsilon", (float, int), 1e-5)),
-            max_context=meta.get("llama.context_length", int, 2048),
+            rope_theta=_f32_decimal(meta.get(a + "rope.freq_base", (float, int), 10000.0)),
+            rms_norm_eps=_f32_decimal(meta.get(a + "attention.layer_norm_rms_epsilon", (float, int), 1e-5)),
+            max_context=meta.get(a + "context_length", int, 2048),
             tie_word_embeddings=tied,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id", int),
             eos_token_ids=tuple(eos),
+            architecture=arch,
+            attention_bias=ARCHITECTURES[arch],
         )
     except ValueError as e:
         raise FormatError(f"{meta.path}: {e}") from e
@@ -280,44 +292,55 @@ def _unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
         data.reshape(n_head, rows // n_head // 2, 2, -1).swapaxes(1, 2).reshape(data.shape))
 
 
-def _to_f32(data: np.ndarray, dtype: str) -> np.ndarray:
-    """A small tensor (a norm) as float32, from any stored type."""
+def _to_f32(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """A small tensor (a norm or a bias) as float32, from any stored type."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
-    if dtype == "f32":
+    if qtype == Q.F32:
         return data
-    if dtype == "f16":
+    if qtype == Q.F16:
         return data.astype(np.float32)
-    if dtype == "bf16":
-        return (data.astype(np.uint32) << 16).view(np.float32)
-    return quants.dequantize(data, {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[dtype]).astype(np.float32)
+    return quants.dequantize(data, qtype).astype(np.float32)
 
 
-def _weights(reader: Any, cfg: LlamaConfig, path: Path) -> dict[str, Weight]:
+def _weights(reader: Any, cfg: LlamaConfig, path: Path) -> tuple[dict[str, Weight], dict[str, int]]:
+    from .convert import convert_blocks, convertible_types
     types = _ggml_types()
+    convertible = convertible_types()
     expected = expected_weight_shapes(cfg)
     weights: dict[str, Weight] = {}
+    converted: dict[str, int] = {}
     for t in reader.tensors:
         name = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
         if name not in expected:
-            raise FormatError(f"{path}: unexpected tensor {t.name} (not part of a plain LLaMA model)")
-        if t.tensor_type not in types:
+            raise FormatError(f"{path}: unexpected tensor {t.name} (not part of a plain "
+                              f"{cfg.architecture} model)")
+        if t.tensor_type not in types and t.tensor_type.name not in convertible:
             raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which is not "
-                              f"supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
-        dtype = types[t.tensor_type]
+                              f"supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, and "
+                              f"{', '.join(sorted(convertible))} converted at load)")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if shape != expected[name]:
             raise FormatError(f"{path}: tensor {t.name} has shape {list(shape)}, expected "
                               f"{list(expected[name])}")
         # The reader's views are [rows, cols] for F32/F16, [rows, row bytes] uint8 otherwise.
         data = t.data
-        if dtype == "bf16":
-            data = data.view(np.uint16)
         if len(shape) == 1:
-            data, dtype = _to_f32(data, dtype).reshape(shape), "f32"
-        elif name.endswith(".attn_q"):
+            data, dtype = _to_f32(data, t.tensor_type).reshape(shape), "f32"
+        elif t.tensor_type in types:
+            dtype = types[t.tensor_type]
+            if dtype == "bf16":
+                data = data.view(np.uint16)
+        else:
+            try:
+                dtype, data = convert_blocks(data, t.tensor_type, shape[-1])
+            except ValueError as e:
+                raise FormatError(f"{path}: tensor {t.name}: {e}") from e
+            key = f"{t.tensor_type.name.lower()}->{dtype}"
+            converted[key] = converted.get(key, 0) + 1
+        if cfg.architecture == "llama" and name.endswith(".attn_q"):
             data = _unpermute_rows(data, cfg.num_heads)
-        elif name.endswith(".attn_k"):
+        elif cfg.architecture == "llama" and name.endswith(".attn_k"):
             data = _unpermute_rows(data, cfg.num_kv_heads)
         try:
             weights[name] = Weight(dtype, shape, data)
@@ -326,17 +349,19 @@ def _weights(reader: Any, cfg: LlamaConfig, path: Path) -> dict[str, Weight]:
     missing = [n for n in expected if n not in weights]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise FormatError(f"{path}: missing tensors {', '.join(n + '.weight' for n in missing[:5])}{more}")
-    return weights
+        raise FormatError(f"{path}: missing tensors "
+                          f"{', '.join(n if n.endswith('.bias') else n + '.weight' for n in missing[:5])}{more}")
+    return weights, converted
 
 
 def load_gguf(path: str | Path) -> ModelSource:
-    """Loads a LLaMA-architecture GGUF file.
+    """Loads a LLaMA- or Qwen2-architecture GGUF file.
 
     Returns:
         ModelSource with ``weights`` under the canonical names of ``formats.base``:
         matrices as stored (``f32``/``f16``/``bf16``/``q8_0``/``q4_0``/``q4_1``, read-only
-        views of the file except the re-ordered ``attn_q``/``attn_k``), norms as ``f32``;
+        views of the file except the re-ordered ``attn_q``/``attn_k`` of LLaMA files),
+        other ggml types converted (``formats.convert``), norms and biases as ``f32``;
         ``config.tie_word_embeddings`` is True when the file has no ``output.weight``.
 
     Raises:
@@ -358,9 +383,9 @@ def load_gguf(path: str | Path) -> ModelSource:
 
     cfg = _config(meta, vocab_size, tied="output.weight" not in tensors)
     if cfg.num_layers * 9 > len(tensors):  # before expected_weight_shapes() builds 9 names per layer
-        raise FormatError(f"{path}: llama.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
+        raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
                           f"tensors, the file has {len(tensors)} tensors")
-    weights = _weights(reader, cfg, path)
+    weights, converted = _weights(reader, cfg, path)
 
     chat_template = meta.get("tokenizer.chat_template", str)
     tokenizer = tokenizer_from_gguf_vocab(
@@ -379,4 +404,5 @@ def load_gguf(path: str | Path) -> ModelSource:
     )
     return ModelSource(config=cfg, weights=weights, tokenizer=tokenizer, chat_template=chat_template,
                        name=meta.get("general.name", str, path.stem), path=str(path),
-                       metadata={"format": "gguf", **meta.scalars()})
+                       metadata={"format": "gguf", **meta.scalars(),
+                                 **({"converted": converted} if converted else {})})

@@ -1,6 +1,7 @@
-"""Hugging Face loader: a LLaMA checkpoint directory -> :class:`ModelSource`.
+"""Hugging Face loader: a LLaMA or Qwen2 checkpoint directory -> :class:`ModelSource`.
 
-What it is: ``config.json`` (``LlamaForCausalLM``) to :class:`LlamaConfig`, the weights of
+What it is: ``config.json`` (``LlamaForCausalLM``, or ``Qwen2ForCausalLM``: LLaMA with
+q/k/v biases) to :class:`LlamaConfig`, the weights of
 ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``, and the
 tokenizer (``tokenizer.json`` or ``tokenizer.model``, ``tokenizer_config.json``).
 What it is not: a PyTorch loader (``pytorch_model.bin`` is refused) or a general model zoo.
@@ -15,7 +16,7 @@ avoids the copy ``safetensors.safe_open(..., framework="numpy")`` makes of every
 ``weights`` chooses the stored format of the matrices: ``"auto"`` keeps F32/F16/BF16 as
 stored (zero copy); ``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"``, ``"q4_0"``, ``"q4_1"``
 convert each matrix at load from a float32 copy of that one matrix (``gguf.quants``).
-1-D norm weights are always float32. Hugging Face q/k rows already are in rotate-half
+1-D weights (norms, biases) are always float32. Hugging Face q/k rows already are in rotate-half
 order, which is the canonical layout.
 """
 
@@ -52,7 +53,8 @@ _LAYER_NAMES = {
     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_BIASED = ("attn_q", "attn_k", "attn_v")  # Qwen2's biases
 
 
 def _canonical(hf_name: str) -> str | None:
@@ -62,9 +64,12 @@ def _canonical(hf_name: str) -> str | None:
     if hf_name in top:
         return top[hf_name]
     m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
-    return None
+    if not m or m.group(2) not in _LAYER_NAMES:
+        return None
+    name = f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
+    if m.group(3) == "bias":
+        return name + ".bias" if _LAYER_NAMES[m.group(2)] in _BIASED else None
+    return name
 
 
 class _SafetensorsFile:
@@ -151,9 +156,11 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
     """
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    if model_type != "llama" and "LlamaForCausalLM" not in archs:
+    qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
+    if model_type != "llama" and "LlamaForCausalLM" not in archs and not qwen2:
         raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
-                          f"LLaMA model (only model_type 'llama', LlamaForCausalLM)")
+                          f"LLaMA or Qwen2 model (model_type 'llama' / 'qwen2', LlamaForCausalLM / "
+                          f"Qwen2ForCausalLM)")
 
     def get(key: str, kind: type | tuple[type, ...], default: Any = ..., *, src: dict = cfg) -> Any:
         if key not in src or src[key] is None:
@@ -168,7 +175,7 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
 
     if get("hidden_act", str, "silu") != "silu":
         raise FormatError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if get(flag, bool, False):
             raise FormatError(f"{path}: {flag} = true is not supported")
     # transformers >= 5 nests RoPE settings in rope_parameters; older files use top-level keys.
@@ -199,6 +206,8 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
             tie_word_embeddings=get("tie_word_embeddings", bool, False) or not has_lm_head,
             bos_token_id=get("bos_token_id", int, None),
             eos_token_ids=tuple(eos),
+            architecture="qwen2" if qwen2 else "llama",
+            attention_bias=qwen2,
         )
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from e
@@ -304,7 +313,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
         if canonical is None:
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
                 continue
-            raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA model)")
+            raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA or Qwen2 model)")
         by_name[canonical] = (hf_name, st)
 
     cfg = _config(raw_cfg, config_path, has_lm_head="output" in by_name)
@@ -315,6 +324,10 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
         raise FormatError(f"{config_path}: num_hidden_layers = {cfg.num_layers} needs {cfg.num_layers * 9} "
                           f"layer tensors, the checkpoint has {len(by_name)} tensors")
     expected = expected_weight_shapes(cfg)
+    extra = [by_name[n] for n in by_name if n not in expected]
+    if extra:  # a bias in a LLaMA checkpoint
+        raise FormatError(f"{extra[0][1].path}: unexpected tensor {extra[0][0]} (not part of a plain "
+                          f"{cfg.architecture} model)")
     missing = [n for n in expected if n not in by_name]
     if missing:
         raise FormatError(f"{directory}: missing tensors for {', '.join(missing[:5])}"

@@ -20,7 +20,8 @@ GGUF vocabularies (``tokenizer.ggml.model``):
 - ``gpt2``: byte-level BPE rebuilt with ``tokenizers`` from the token list and merges.
   ``tokenizer.ggml.pre`` picks the pre-tokenizer: ``smollm`` splits digits one by one and
   then applies the GPT-2 regex (llama.cpp's and SmolLM2's own rule); ``llama-bpe`` /
-  ``llama3`` use the LLaMA-3 split regex; every other value falls back to the GPT-2 regex,
+  ``llama3`` use the LLaMA-3 split regex, ``qwen2`` the same with digits one by one;
+  every other value falls back to the GPT-2 regex,
   which is exact for GPT-2-style vocabularies and only approximate for others.
 - ``llama``: SentencePiece BPE. The file keeps pieces, scores and piece types but not the
   SentencePiece model itself, so an equivalent model (BPE, byte fallback, identity
@@ -59,6 +60,8 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's: LLaMA-3's with digits one by one (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2).
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 class _Backend(Protocol):
@@ -416,9 +419,10 @@ def _byte_level_bpe(tokens: Sequence[str], token_types: Sequence[int] | None,
     if pre == "smollm":
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      byte_level])
-    elif pre in ("llama-bpe", "llama3", "llama-v3"):
+    elif pre in ("llama-bpe", "llama3", "llama-v3", "qwen2"):
+        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.pre_tokenizer = byte_level

@@ -1,0 +1,130 @@
+"""GGUF block types the engine does not execute, rewritten at load into ones it does.
+
+Most GGUF files in use are llama.cpp's K-quant mixes (``Q4_K_M``, ``Q5_K_M``...): their
+matrices are ``Q4_K``, ``Q5_K``, ``Q6_K``, ``Q5_0`` and others. The engine runs one kernel
+family over blocks of 32 values (``q8_0``, ``q4_0``, ``q4_1``, see ``quant.py``); this
+module maps every other type onto that family, row by row, in numpy:
+
+==========  ========  ===============================================================
+stored      becomes   how
+==========  ========  ===============================================================
+``Q5_0``    ``q8_0``  exact: the same ``d``, codes ``q - 16`` (5 bits fit in int8)
+``Q4_K``    ``q4_1``  the same 4-bit codes; sub-block scales ``d * sc`` and offsets
+                      ``-dmin * m`` rounded to float16 (relative error <= 2^-11 of a
+                      scale, under 1% of a quantization step)
+any other   ``q8_0``  dequantized by ``gguf.quants`` (exact), requantized by ggml's
+                      reference ``Q8_0`` quantizer (within 0.57 of an 8-bit step:
+                      half a step, plus the float16 rounding of the block's scale)
+==========  ========  ===============================================================
+
+The engine then runs the converted model, and everything it guarantees (greedy
+speculation equal to plain greedy decoding, batch invariance) holds for that model; its
+outputs differ from llama.cpp's on the same file only by the rounding above.
+
+Layouts (llama.cpp ``ggml-common.h``), bytes per block of 256 values unless said:
+``Q5_0`` (32 values, 22 bytes): f16 d, u32 qh (bit j = high bit of value j), 16 bytes of
+nibbles (value j low, value j + 16 high); value = d * (q - 16).
+``Q4_K`` (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales / mins for 8 sub-blocks
+of 32, 128 bytes of nibbles: per chunk of 64 values, 32 bytes whose low nibbles are the
+first sub-block and high nibbles the second; value = d * sc * q - dmin * m.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["convert_blocks", "convertible_types"]
+
+
+def _q5_0_to_q8_0(data: np.ndarray) -> np.ndarray:
+    """uint8 [R, nb * 22] Q5_0 -> uint8 [R, nb * 34] Q8_0 holding the same values."""
+    blocks = data.reshape(-1, 22)
+    high = np.unpackbits(blocks[:, 2:6], axis=1, bitorder="little")  # [n, 32]: bit j of qh
+    qs = blocks[:, 6:22]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1) | (high << 4)  # 0..31
+    out = np.empty((blocks.shape[0], 34), np.uint8)
+    out[:, :2] = blocks[:, :2]
+    out[:, 2:] = codes + np.uint8(240)  # the int8 q - 16, as its byte (uint8 wraps mod 256)
+    return out.reshape(data.shape[0], -1)
+
+
+def _k_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """12 packed bytes per block -> (scales, mins) [n, 8] of 6 bits each (``get_scale_min_k4``)."""
+    s = sc.astype(np.uint8)
+    scales = np.empty((s.shape[0], 8), np.uint8)
+    mins = np.empty((s.shape[0], 8), np.uint8)
+    scales[:, :4] = s[:, 0:4] & 63
+    mins[:, :4] = s[:, 4:8] & 63
+    scales[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
+    mins[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return scales, mins
+
+
+def _q4_k_to_q4_1(data: np.ndarray) -> np.ndarray:
+    """uint8 [R, nb * 144] Q4_K -> uint8 [R, nb * 8 * 20] Q4_1 (scales rounded to float16)."""
+    blocks = data.reshape(-1, 144)
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
+    scales, mins = _k_scales(blocks[:, 4:16])
+    sub_d = (d[:, None] * scales).astype(np.float16)        # [n, 8]
+    sub_m = (-(dmin[:, None] * mins)).astype(np.float16)
+    # Codes of sub-block 2c (low nibbles) and 2c + 1 (high) of chunk c, 32 values each.
+    qs = blocks[:, 16:].reshape(n, 4, 32)
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)
+    out = np.empty((n, 8, 20), np.uint8)
+    out[:, :, 0:2] = sub_d[..., None].view(np.uint8)
+    out[:, :, 2:4] = sub_m[..., None].view(np.uint8)
+    out[:, :, 4:] = codes[:, :, :16] | (codes[:, :, 16:] << 4)
+    return out.reshape(data.shape[0], -1)
+
+
+def _requantize_q8_0(data: np.ndarray, qtype: Any, cols: int) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    values = quants.dequantize(data, qtype).reshape(data.shape[0], cols).astype(np.float32)
+    return quants.quantize(values, Q.Q8_0)
+
+
+def _converters() -> dict[Any, tuple[str, Any]]:
+    from gguf import GGMLQuantizationType as Q
+    return {Q.Q5_0: ("q8_0", lambda data, cols: _q5_0_to_q8_0(data)),
+            Q.Q4_K: ("q4_1", lambda data, cols: _q4_k_to_q4_1(data))}
+
+
+_NATIVE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def convertible_types() -> dict[str, str]:
+    """ggml type name -> engine dtype, for every type :func:`convert_blocks` accepts."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    special = _converters()
+    traits = getattr(quants, "_type_traits", {})
+    return {t.name: special[t][0] if t in special else "q8_0" for t in Q
+            if t.name not in _NATIVE and (t in special or t in traits)}
+
+
+def convert_blocks(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.ndarray]:
+    """One matrix stored in ``qtype`` -> (engine dtype, uint8 [rows, row bytes]).
+
+    Args:
+        data: the stored blocks, uint8 [rows, row bytes] (a GGUF reader's view).
+        qtype: its ``gguf.GGMLQuantizationType``.
+        cols: values per row.
+
+    Raises:
+        ValueError: a type neither converted nor dequantizable by ``gguf.quants``, or
+            ``cols`` not a multiple of 32.
+    """
+    if cols % 32:
+        raise ValueError(f"{qtype.name} rows of {cols} values cannot become blocks of 32")
+    special = _converters()
+    if qtype in special:
+        dtype, fn = special[qtype]
+        return dtype, fn(np.ascontiguousarray(data), cols)
+    if qtype.name not in convertible_types():
+        raise ValueError(f"type {qtype.name} cannot be converted (gguf.quants has no dequantizer for it)")
+    return "q8_0", _requantize_q8_0(np.ascontiguousarray(data), qtype, cols)
