@@ -18,15 +18,17 @@ is rotate-half in llama.cpp too). The loader undoes it to give the
 rotate-half layout of Hugging Face LLaMA (pairs (x_i, x_{i + Dh/2})); whole rows move, so
 this works on quantized row bytes unchanged.
 
-The header is checked before ``gguf.GGUFReader`` parses it: the reader walks metadata
-arrays element by element in Python trusting the counts, so a corrupted count could keep it
-busy for minutes or read past the end; the check bounds every count and offset by the file
-size first, and every problem surfaces as :class:`FormatError`.
+The header is parsed here rather than by ``gguf.GGUFReader``, which walks metadata arrays
+element by element through numpy views trusting the counts (10 s for a 150k-token
+vocabulary, minutes or a read past the end for a corrupted count). Every count and offset
+is bounded by the file size before use, numeric arrays stay in the file until asked for,
+and every problem surfaces as :class:`FormatError`.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +57,43 @@ def _ggml_types() -> dict[Any, str]:
             Q.Q4_1: "q4_1"}
 
 
+@dataclass
+class _Array:
+    """A metadata array: numbers stay in the file until asked for; strings as bytes."""
+
+    itype: int
+    count: int
+    offset: int = 0                      # numbers: where they start
+    strings: list[bytes] | None = None   # strings: each one (nested arrays: None)
+
+
+@dataclass
+class _TensorInfo:
+    name: str
+    tensor_type: Any       # gguf.GGMLQuantizationType
+    dims: tuple[int, ...]  # GGUF order: ne0 (columns) first
+    offset: int            # from the start of the data section
+    nbytes: int
+    data: np.ndarray | None = None  # typed [..., cols] for float / int types, else uint8 [..., row bytes]
+
+
+# GGUF metadata scalar types -> struct format.
+_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+               10: "<Q", 11: "<q", 12: "<d"}
+
+
 class _HeaderScan:
-    """Walks a GGUF header with bounds checks; raises FormatError on the first problem."""
+    """Reads a GGUF header with bounds checks; raises FormatError on the first problem.
+
+    Collects the metadata (``fields``: key -> (value type, value)) and the tensor table
+    (``tensors``), every count and offset checked against the file size before use.
+    """
 
     def __init__(self, path: Path, buf: memoryview) -> None:
         self.path, self.buf, self.size = path, buf, len(buf)
+        self.fields: dict[str, tuple[int, Any]] = {}
+        self.tensors: list[_TensorInfo] = []
+        self.data_start = 0
 
     def fail(self, problem: str) -> FormatError:
         return FormatError(f"{self.path}: {problem}")
@@ -79,11 +113,9 @@ class _HeaderScan:
         return bytes(self.buf[off:off + n]), off + n
 
     def value(self, off: int, vtype: int, what: str, depth: int = 0) -> tuple[Any, int]:
-        """Skips one metadata value, returning it when it is a scalar (else None)."""
-        if vtype in _SCALAR_SIZE:
-            fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                   10: "<Q", 11: "<q", 12: "<d"}[vtype]
-            return self.read(fmt, off, what)
+        """One metadata value: a scalar, bytes for a string, an :class:`_Array`."""
+        if vtype in _SCALAR_FMT:
+            return self.read(_SCALAR_FMT[vtype], off, what)
         if vtype == _STRING:
             return self.string(off, what)
         if vtype != _ARRAY or depth > 1:
@@ -96,12 +128,14 @@ class _HeaderScan:
             end = off + count * _SCALAR_SIZE[itype]
             if end > self.size:
                 raise self.fail(f"file is truncated: {what} needs bytes up to {end}, the file has {self.size}")
-            return None, end
+            return _Array(itype, count, offset=off), end
         if count * 8 > self.size - off:  # every string or array element takes >= 8 bytes
             raise self.fail(f"file is truncated: {what} claims {count} elements, more than the file holds")
+        items = []
         for _ in range(count):
-            _, off = self.value(off, itype, what, depth + 1)
-        return None, off
+            item, off = self.value(off, itype, what, depth + 1)
+            items.append(item)
+        return _Array(itype, count, strings=items if itype == _STRING else None), off
 
     def run(self) -> None:
         magic = bytes(self.buf[:4])
@@ -124,12 +158,15 @@ class _HeaderScan:
             name = key.decode("utf-8", "replace")
             vtype, off = self.read("<I", off, f"metadata {name}")
             value, off = self.value(off, vtype, f"metadata {name}")
+            if name in self.fields:
+                raise self.fail(f"metadata key {name} appears twice")
+            self.fields[name] = (vtype, value)
             if name == "general.alignment":
                 if vtype != 4 or value == 0 or value & (value - 1):
                     raise self.fail(f"general.alignment must be a power of two uint32, got {value!r}")
                 alignment = value
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-        infos = []
+        names = set()
         for k in range(n_tensors):
             raw_name, off = self.string(off, f"tensor info #{k}")
             name = raw_name.decode("utf-8", "replace")
@@ -150,41 +187,55 @@ class _HeaderScan:
             block, type_size = GGML_QUANT_SIZES[qtype]
             if n_elems <= 0 or n_elems > self.size * 8 or dims[0] % block:
                 raise self.fail(f"tensor {name} has invalid shape {dims} for type {qtype.name}")
-            infos.append((name, data_off, n_elems // block * type_size))
-        data_start = -(-off // alignment) * alignment
-        for name, data_off, nbytes in infos:
-            end = data_start + data_off + nbytes
+            if name in names:
+                raise self.fail(f"tensor {name} appears twice")
+            names.add(name)
+            self.tensors.append(_TensorInfo(name, qtype, tuple(dims), data_off, n_elems // block * type_size))
+        self.data_start = -(-off // alignment) * alignment
+        for t in self.tensors:
+            end = self.data_start + t.offset + t.nbytes
             if end > self.size:
-                raise self.fail(f"file is truncated: tensor {name} needs bytes up to {end}, "
+                raise self.fail(f"file is truncated: tensor {t.name} needs bytes up to {end}, "
                                 f"the file has {self.size}")
 
 
-def _open_reader(path: Path) -> Any:
-    """``GGUFReader`` over ``path`` after :class:`_HeaderScan`; errors become FormatError."""
-    from gguf import GGUFReader
+# ggml types whose tensors are read as typed arrays; every other type as uint8 row bytes.
+_TYPED = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+          "I32": np.int32, "I64": np.int64}
 
-    if not path.is_file():
-        raise FileNotFoundError(f"no such GGUF file: {path}")
-    if path.stat().st_size < 24:
-        raise FormatError(f"{path}: file is truncated ({path.stat().st_size} bytes; a GGUF header "
-                          f"alone takes 24)")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    try:
-        _HeaderScan(path, memoryview(mm)).run()
-    finally:
-        del mm
-    try:
-        return GGUFReader(path, "r")
-    # GGUFReader reports bad data with whatever numpy or struct raises on the way.
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: cannot parse GGUF: {type(e).__name__}: {e}") from e
+
+class _Reader:
+    """A GGUF file: ``fields`` and ``tensors`` from :class:`_HeaderScan`, each tensor's
+    ``data`` a read-only view of the file's memory map."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {path}")
+        if path.stat().st_size < 24:
+            raise FormatError(f"{path}: file is truncated ({path.stat().st_size} bytes; a GGUF header "
+                              f"alone takes 24)")
+        from gguf import GGML_QUANT_SIZES
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        scan = _HeaderScan(path, memoryview(mm))
+        scan.run()
+        self.fields, self.tensors, self.buf = scan.fields, scan.tensors, scan.buf
+        for t in self.tensors:
+            start = scan.data_start + t.offset
+            raw = np.ndarray((t.nbytes,), np.uint8, buffer=mm, offset=start)
+            dims = list(reversed(t.dims))
+            typed = _TYPED.get(t.tensor_type.name)
+            if typed is not None:
+                t.data = raw.view(typed).reshape(dims)
+            else:
+                block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+                t.data = raw.reshape(dims[:-1] + [dims[-1] // block * type_size])
 
 
 class _Metadata:
     """Typed access to GGUF key/value fields, naming the key and file on a problem."""
 
-    def __init__(self, reader: Any, path: Path) -> None:
-        self.fields, self.path = reader.fields, path
+    def __init__(self, reader: _Reader, path: Path) -> None:
+        self.fields, self.buf, self.path = reader.fields, reader.buf, path
 
     def __contains__(self, key: str) -> bool:
         return key in self.fields
@@ -203,24 +254,24 @@ class _Metadata:
                               f"(expected {getattr(kind, '__name__', kind)})")
         return value
 
-    def _contents(self, key: str, field: Any) -> Any:
-        try:
-            value = field.contents()
-        except UnicodeDecodeError as e:  # strings are decoded only here
+    def _contents(self, key: str, field: tuple[int, Any]) -> Any:
+        _, value = field
+        try:  # strings are decoded only here
+            if isinstance(value, bytes):
+                return value.decode("utf-8")
+            if isinstance(value, _Array):
+                if value.itype in _SCALAR_FMT:
+                    dtype = "bool" if value.itype == 7 else _SCALAR_FMT[value.itype]
+                    return np.frombuffer(self.buf, dtype=dtype, count=value.count, offset=value.offset).tolist()
+                return [v.decode("utf-8") for v in value.strings] if value.strings is not None else None
+        except UnicodeDecodeError as e:
             raise FormatError(f"{self.path}: metadata {key} holds a string that is not UTF-8: {e}") from e
-        return value.item() if isinstance(value, np.generic) else value
+        return value
 
     def scalars(self) -> dict[str, Any]:
         """Every non-array field, for ``ModelSource.metadata``."""
-        from gguf import GGUFValueType
-        out = {}
-        for key, field in self.fields.items():
-            if key.startswith("GGUF.") or not field.types or field.types[0] == GGUFValueType.ARRAY:
-                continue
-            if key == "tokenizer.chat_template":
-                continue
-            out[key] = self._contents(key, field)
-        return out
+        return {key: self._contents(key, field) for key, field in self.fields.items()
+                if field[0] != _ARRAY and key != "tokenizer.chat_template"}
 
 
 def _f32_decimal(value: float) -> float:
@@ -303,7 +354,7 @@ def _to_f32(data: np.ndarray, qtype: Any) -> np.ndarray:
     return quants.dequantize(data, qtype).astype(np.float32)
 
 
-def _weights(reader: Any, cfg: LlamaConfig, path: Path) -> tuple[dict[str, Weight], dict[str, int]]:
+def _weights(reader: _Reader, cfg: LlamaConfig, path: Path) -> tuple[dict[str, Weight], dict[str, int]]:
     from .convert import convert_blocks, convertible_types
     types = _ggml_types()
     convertible = convertible_types()
@@ -319,7 +370,7 @@ def _weights(reader: Any, cfg: LlamaConfig, path: Path) -> tuple[dict[str, Weigh
             raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which is not "
                               f"supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, and "
                               f"{', '.join(sorted(convertible))} converted at load)")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = tuple(int(d) for d in reversed(t.dims))
         if shape != expected[name]:
             raise FormatError(f"{path}: tensor {t.name} has shape {list(shape)}, expected "
                               f"{list(expected[name])}")
@@ -370,14 +421,14 @@ def load_gguf(path: str | Path) -> ModelSource:
             unsupported type, a missing tensor or one of the wrong shape.
     """
     path = Path(path)
-    reader = _open_reader(path)
+    reader = _Reader(path)
     meta = _Metadata(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise FormatError(f"{path}: missing tensor token_embd.weight")
     tokens = meta.get("tokenizer.ggml.tokens", list, required=True)
-    vocab_size = int(embd.shape[1]) if len(embd.shape) == 2 else len(tokens)
+    vocab_size = int(embd.dims[1]) if len(embd.dims) == 2 else len(tokens)
     if len(tokens) > vocab_size:
         raise FormatError(f"{path}: {len(tokens)} tokens but token_embd.weight has {vocab_size} rows")
 
