@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -280,8 +281,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
             "kv_heads": cfg.num_kv_heads, "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size,
             "context": cfg.max_context, "tied_lm_head": cfg.tie_word_embeddings,
-            "tensor_dtypes": dtypes,
-            "parameters": int(sum(int(__import__("math").prod(w.shape)) for w in src.weights.values())),
+            "attention_bias": cfg.attention_bias, "tensor_dtypes": dtypes,
+            "converted_at_load": src.metadata.get("converted", {}),
+            "parameters": int(sum(math.prod(w.shape) for w in src.weights.values())),
         }
     except (FileNotFoundError, ValueError) as e:
         info["model"] = {"error": str(e)}
