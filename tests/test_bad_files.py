@@ -130,6 +130,22 @@ def test_unsupported_tensor_type(tmp_path: Path, llama_gguf_writer, name: str, q
         load_gguf(path)
 
 
+def test_duplicate_key_or_tensor(tmp_path: Path, llama_gguf_writer) -> None:
+    path = tmp_path / "t.gguf"
+
+    def two_keys(w):
+        w.add_uint32("extra.a", 1)
+        w.add_uint32("extra.b", 2)
+    llama_gguf_writer(path, meta=two_keys)
+    path.write_bytes(path.read_bytes().replace(b"extra.b", b"extra.a"))
+    with pytest.raises(FormatError, match="metadata key extra.a appears twice"):
+        load_gguf(path)
+    llama_gguf_writer(path)
+    path.write_bytes(path.read_bytes().replace(b"blk.1.ffn_up.weight", b"blk.0.ffn_up.weight"))
+    with pytest.raises(FormatError, match=r"tensor blk\.0\.ffn_up\.weight appears twice"):
+        load_gguf(path)
+
+
 def test_unknown_tensor_type_id(tmp_path: Path, llama_gguf_writer) -> None:
     path = tmp_path / "t.gguf"
     llama_gguf_writer(path)
