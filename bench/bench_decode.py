@@ -109,14 +109,16 @@ def test_prefill_vs_torch_fp32(benchmark, default_source, torch_model, torch_mod
            ratio_vs_torch_fp32=t_torch / t_native, torch_bf16_tok_s=n / t_bf16, ratio_vs_torch_bf16=t_bf16 / t_native)
 
 
-@pytest.mark.parametrize("n_threads", ["bench", 1])
-def test_vs_llama_cpp(benchmark, default_source, threads, record, n_threads):
+@pytest.mark.parametrize("model,n_threads", [("default", "bench"), ("default", 1), ("extra", "bench")])
+def test_vs_llama_cpp(benchmark, request, threads, record, model, n_threads):
     """Decode (128 tokens after the chat prompt, greedy, one token per call) and prefill
     (512 tokens in one call) against llama.cpp through its Python binding, same GGUF, same
     threads, both driven from Python one token at a time. Also at one thread: llama.cpp's
     OpenMP workers spin-wait, and on a machine where another process holds a core its
     2-thread figures collapse (ours use a contention-tolerant pool); one thread shows the
-    kernels alone."""
+    kernels alone. ``extra``: the GGUF named by DOVETAIL_BENCH_GGUF (``vs_llama_cpp_extra``)."""
+    default_source = request.getfixturevalue("default_source" if model == "default" else "extra_source")
+    group = "vs_llama_cpp" if model == "default" else "vs_llama_cpp_extra"
     threads = threads if n_threads == "bench" else n_threads
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
                                     "(CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
@@ -164,22 +166,26 @@ def test_vs_llama_cpp(benchmark, default_source, threads, record, n_threads):
     benchmark.pedantic(run, rounds=1, iterations=1)
     med = {k: float(np.median(v)) for k, v in got.items()}
     benchmark.extra_info.update({k: round(v, 1) for k, v in med.items()})
-    record("vs_llama_cpp", f"tg{n} {threads}t", native_tok_s=med["native_tg"], llama_cpp_tok_s=med["llama_tg"],
-           ratio=med["native_tg"] / med["llama_tg"], llama_cpp_version=llama_cpp.__version__)
-    record("vs_llama_cpp", f"pp{n_pp} {threads}t", native_tok_s=med["native_pp"], llama_cpp_tok_s=med["llama_pp"],
-           ratio=med["native_pp"] / med["llama_pp"], llama_cpp_version=llama_cpp.__version__)
+    extra = {} if model == "default" else {"model": default_source.name}
+    record(group, f"tg{n} {threads}t", native_tok_s=med["native_tg"], llama_cpp_tok_s=med["llama_tg"],
+           ratio=med["native_tg"] / med["llama_tg"], llama_cpp_version=llama_cpp.__version__, **extra)
+    record(group, f"pp{n_pp} {threads}t", native_tok_s=med["native_pp"], llama_cpp_tok_s=med["llama_pp"],
+           ratio=med["native_pp"] / med["llama_pp"], llama_cpp_version=llama_cpp.__version__, **extra)
 
 
 VERIFY_T = [1, 2, 4, 8, 16, 32, 64]
 
 
-@pytest.mark.parametrize("weights", ["stored", "bf16"])
-def test_verify_cost(benchmark, default_source, bf16_source, threads, record, weights):
+@pytest.mark.parametrize("weights", ["stored", "bf16", "extra"])
+def test_verify_cost(benchmark, request, threads, record, weights):
     """One target call over a T-token chain after a 256-token prefix (logits for all T), for
     every T of VERIFY_T: round by round, the T values in rotating order, so that the
     machine's drift hits each alike; the median of 20 rounds (after 2 warm-up rounds). The
-    model as stored (Q4_1) and with its matrices in bf16 (``verify_cost_bf16``)."""
-    eng = TargetEngine(default_source if weights == "stored" else bf16_source, context=512, threads=threads)
+    model as stored (Q4_1), with its matrices in bf16 (``verify_cost_bf16``), and the GGUF
+    named by DOVETAIL_BENCH_GGUF (``verify_cost_extra``)."""
+    source = request.getfixturevalue({"stored": "default_source", "bf16": "bf16_source",
+                                      "extra": "extra_source"}[weights])
+    eng = TargetEngine(source, context=512, threads=threads)
     rng = np.random.default_rng(0)
     eng.forward(rng.integers(100, 40000, 128).tolist()); eng.commit()
     eng.forward(rng.integers(100, 40000, 128).tolist()); eng.commit()
@@ -200,4 +206,5 @@ def test_verify_cost(benchmark, default_source, bf16_source, threads, record, we
     benchmark.extra_info.update({f"T={T}": round(ms, 3) for T, ms in med.items()})
     if benchmark.enabled:
         for T, ms in med.items():
-            record("verify_cost" if weights == "stored" else "verify_cost_bf16", f"T={T}", ms=ms)
+            record("verify_cost" if weights == "stored" else f"verify_cost_{weights}", f"T={T}", ms=ms,
+                   **({"model": source.name} if weights == "extra" else {}))

@@ -48,6 +48,17 @@ def default_source():
 
 
 @pytest.fixture(scope="session")
+def extra_source():
+    """Another GGUF to measure next to the default model (a larger or K-quant model, such as
+    Qwen2.5-Coder-1.5B-Instruct Q4_K_M): the file ``DOVETAIL_BENCH_GGUF`` names."""
+    path = os.environ.get("DOVETAIL_BENCH_GGUF")
+    if not path:
+        pytest.skip("DOVETAIL_BENCH_GGUF is not set (the path of another GGUF model to measure)")
+    from dovetail_ext.formats import load_model_source
+    return load_model_source(path)
+
+
+@pytest.fixture(scope="session")
 def bf16_source(default_source):
     """The default model with its matrices decoded and stored in bf16 (what ``--weights
     bf16`` makes of a Hugging Face checkpoint): a target whose decoding is bound by memory
