@@ -179,6 +179,26 @@ def test_bf16_target(benchmark, default_source, bf16_source, threads, record):
                draft=os.path.basename(str(path)), prompts="HumanEval")
 
 
+def test_extra_model_lookup(benchmark, extra_source, threads, record):
+    """Speculation without a draft (prompt lookup only) on the GGUF named by
+    DOVETAIL_BENCH_GGUF: plain decoding, the default mode (lookup chains, adaptive) and
+    lookup on every step where it finds a match (not adaptive), prompt by prompt in
+    rotating order on HumanEval; every output must equal plain decoding's."""
+    from dovetail_ext.api import Generator
+    from dovetail_ext.target import TargetEngine
+    target = TargetEngine(extra_source, context=1024, threads=threads)
+    gen = Generator(extra_source, target, None)
+    n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(1))
+    modes = {"plain": dict(speculative=False), "lookup": dict(speculative=True),
+             "lookup-fixed": dict(speculative=True, adaptive=False)}
+    results = _rotating(benchmark, gen, prompts, n, modes)
+    rows = {mode: _summary(res) for mode, res in results.items()}
+    for mode, res in results.items():
+        assert [r.tokens for r in res] == [r.tokens for r in results["plain"]], f"{mode} changed the output"
+        record("extra_model_lookup", mode, **rows[mode], model=extra_source.name, prompts="HumanEval",
+               ratio_vs_plain=rows[mode]["tokens_per_s"] / rows["plain"]["tokens_per_s"])
+
+
 def test_tree_sweep(benchmark, spec_gen, record):
     """tau and tokens/s per tree shape (top_k, depth, total_tokens) of the draft alone (no
     prompt lookup, every step drafting), plain decoding as the baseline, all in this run,
