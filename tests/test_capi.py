@@ -307,8 +307,8 @@ def weight_array(weights: dict[str, tuple[str, tuple[int, ...], np.ndarray]]):
     return arr, keep
 
 
-def tiny_target_weights(dtype="q8_0", tied=False, seed=3):
-    cfg = tiny_config(gqa=3, tied=tied, vocab=301)
+def tiny_target_weights(dtype="q8_0", tied=False, seed=3, bias=False):
+    cfg = tiny_config(gqa=3, tied=tied, vocab=301, bias=bias)
     out = {}
     for name, w in random_weights(cfg, seed=seed).items():
         q = quantize(w, "f32" if w.ndim == 1 else dtype)
@@ -405,9 +405,11 @@ def same_draft(got, want) -> None:
     same(got[2], want[2])
 
 
-@pytest.mark.parametrize("dtype,tied", [("q8_0", False), ("q4_1", True), ("f32", True)])
-def test_target_matches_binding(lib, dtype, tied):
-    cfg, weights = tiny_target_weights(dtype, tied)
+@pytest.mark.parametrize("dtype,tied,bias", [("q8_0", False, False), ("q4_1", True, False), ("f32", True, False),
+                                            ("q8_0", False, True)])
+def test_target_matches_binding(lib, dtype, tied, bias):
+    """bias: a Qwen2 model, whose q/k/v biases the C API takes as weights (no config flag)."""
+    cfg, weights = tiny_target_weights(dtype, tied, bias=bias)
     c, py = CTarget(lib, cfg, weights), py_target(cfg, weights)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, 9)
