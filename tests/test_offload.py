@@ -130,6 +130,9 @@ def test_offload_arguments(source):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         off.forward([10**5])
     assert off.n_past == 0 and off._prefix.pending == 0
+    qwen = tiny_config(bias=True)
+    with pytest.raises(ValueError, match=r"gpu_layers does not support models with attention biases \(Qwen2\)"):
+        TargetEngine(make_source(qwen, random_weights(qwen)), context=32, gpu_layers=1, device="emulated")
 
 
 @pytest.mark.cuda
