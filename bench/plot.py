@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
     ax.set_title("Greedy decode, default model")
 
     ax = axes[1]
-    curves = [("verify_cost", "Q4_1 (as shipped)", "#2a7ab0"), ("verify_cost_bf16", "bf16 copy", "#e08a2c")]
+    extra = next(iter(g.get("verify_cost_extra", {}).values()), {}).get("model", "another GGUF")
+    curves = [("verify_cost", "Q4_1 (as shipped)", "#2a7ab0"), ("verify_cost_bf16", "bf16 copy", "#e08a2c"),
+              ("verify_cost_extra", extra, "#4a9a4a")]
     for group, name, color in curves:
         if group not in g:
             continue
