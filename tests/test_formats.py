@@ -186,6 +186,18 @@ def test_k_quants_converted_at_load(tmp_path: Path, llama_gguf_writer) -> None:
         assert np.all(np.abs(got - want) <= (0.5 + 127 * 2.0 ** -11) * step * (1 + 1e-3)), name
 
 
+def test_conversion_in_chunks_equals_whole_rows() -> None:
+    """A matrix larger than one conversion chunk (about 4M values) is converted in parallel
+    row chunks; each row's result must not depend on it."""
+    from dovetail_ext.formats.convert import convert_blocks
+    values = np.random.default_rng(0).standard_normal((140_001, 32)).astype(np.float32)
+    stored = quants.quantize(values, Q.Q5_1)
+    dtype, whole = convert_blocks(stored, Q.Q5_1, 32)
+    assert dtype == "q8_0" and whole.shape == (140_001, 34)
+    for rows in (slice(0, 7), slice(131_070, 131_080), slice(140_000, 140_001)):
+        np.testing.assert_array_equal(whole[rows], convert_blocks(stored[rows], Q.Q5_1, 32)[1])
+
+
 def test_gguf_eot_is_an_eos(tmp_path: Path, llama_gguf_writer) -> None:
     llama_gguf_writer(tmp_path / "t.gguf", meta=lambda w: w.add_eot_token_id(0))
     src = load_gguf(tmp_path / "t.gguf")

@@ -31,9 +31,13 @@ first sub-block and high nibbles the second; value = d * sc * q - dmin * m.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from .base import row_nbytes
 
 __all__ = ["convert_blocks", "convertible_types"]
 
@@ -124,7 +128,19 @@ def convert_blocks(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.nda
     special = _converters()
     if qtype in special:
         dtype, fn = special[qtype]
-        return dtype, fn(np.ascontiguousarray(data), cols)
-    if qtype.name not in convertible_types():
+    elif qtype.name in convertible_types():
+        dtype, fn = "q8_0", lambda part, cols: _requantize_q8_0(part, qtype, cols)
+    else:
         raise ValueError(f"type {qtype.name} cannot be converted (gguf.quants has no dequantizer for it)")
-    return "q8_0", _requantize_q8_0(np.ascontiguousarray(data), qtype, cols)
+    # Rows convert independently: in chunks of about 4M values (bounding the float32
+    # copies of a large matrix), on every core (numpy releases the GIL in its loops).
+    rows, chunk = data.shape[0], max(1, (1 << 22) // cols)
+    if rows <= chunk:
+        return dtype, fn(np.ascontiguousarray(data), cols)
+    out = np.empty((rows, row_nbytes(dtype, cols)), np.uint8)
+
+    def work(r0: int) -> None:
+        out[r0:r0 + chunk] = fn(np.ascontiguousarray(data[r0:r0 + chunk]), cols)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(work, range(0, rows, chunk)))
+    return dtype, out
