@@ -172,6 +172,17 @@ def gguf_seeds() -> dict[str, bytes]:
         write_llama_gguf(p, dtype="q8_0", vocab=small_spm_vocab(), **dims,
                          meta=lambda w: w.add_chat_template(real["template"] if real else "{{ messages }}"))
         seeds["tiny-spm-template.gguf"] = p.read_bytes()
+        # Qwen2 (q/k/v biases) with K-quant and Q5_0 matrices, converted at load.
+        from gguf import GGMLQuantizationType as Q
+
+        from conftest import random_k_blocks
+
+        def k_blocks(qtype):
+            return lambda value: (qtype, *random_k_blocks(qtype, *value.shape))
+        write_llama_gguf(p, arch="qwen2", dtype="q8_0", vocab=small_byte_vocab(), n_layers=1, hidden=256, n_head=4,
+                         n_kv=2, ffn=256, types={"blk.0.ffn_up": Q.Q5_0, "blk.0.ffn_gate": k_blocks(Q.Q4_K),
+                                                 "blk.0.ffn_down": k_blocks(Q.Q6_K)})
+        seeds["tiny-qwen2-kquants.gguf"] = p.read_bytes()
     return seeds
 
 
