@@ -34,13 +34,16 @@ def use_isa(name: str) -> Iterator[None]:
 
 
 def tiny_config(*, gqa: int = 3, tied: bool = True, layers: int = 2, vocab: int = 301, heads: int = 6,
-                head_dim: int = 16, ffn: int = 160, theta: float = 10000.0, bias: bool = False) -> LlamaConfig:
+                head_dim: int = 16, ffn: int = 160, theta: float = 10000.0, bias: bool = False,
+                rope_factors: bool = False) -> LlamaConfig:
     """A small LLaMA config with awkward sizes (hidden 96 with 6 heads of 16 by default);
-    ``bias``: a Qwen2 config (q/k/v biases)."""
+    ``bias``: a Qwen2 config (q/k/v biases); ``rope_factors``: RoPE frequency divisors
+    (the ``rope_freqs`` weight of LLaMA 3.1+)."""
     return LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=ffn, num_layers=layers,
                        num_heads=heads, num_kv_heads=heads // gqa, head_dim=head_dim, rope_theta=theta,
                        rms_norm_eps=1e-5, max_context=512, tie_word_embeddings=tied,
-                       architecture="qwen2" if bias else "llama", attention_bias=bias)
+                       architecture="qwen2" if bias else "llama", attention_bias=bias,
+                       rope_freq_factors=rope_factors)
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -51,6 +54,8 @@ def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     for name, shape in expected_weight_shapes(cfg).items():
         if name.endswith(".bias"):
             out[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        elif name == "rope_freqs":  # divisors from 1 to 32
+            out[name] = np.exp2(rng.uniform(0, 5, shape)).astype(np.float32)
         elif len(shape) == 1:
             out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:

@@ -272,6 +272,7 @@ def test_hf_missing_and_malformed_json(tmp_path: Path) -> None:
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn' is not supported"),
     ({"attention_bias": True}, "attention_bias = true is not supported"),
     ({"use_sliding_window": True}, "use_sliding_window = true is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "missing key 'low_freq_factor'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"eos_token_id": [2, "x"]}, "eos_token_id"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings = 'yes' has the wrong type"),

@@ -26,9 +26,10 @@ def isa(request):
         yield request.param
 
 
-def hf_model(cfg, weights):
+def hf_model(cfg, weights, rope_scaling=None):
     """transformers LlamaForCausalLM (Qwen2ForCausalLM for a config with attention biases)
-    with our canonical weights (fp32, eager attention)."""
+    with our canonical weights (fp32, eager attention); ``rope_scaling``: its RoPE scaling
+    parameters (the engine takes them as ``weights["rope_freqs"]``)."""
     if cfg.attention_bias:
         from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as Model
     else:
@@ -38,9 +39,11 @@ def hf_model(cfg, weights):
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                   num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
                   rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_context,
-                  tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager")
+                  tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager",
+                  **({"rope_scaling": rope_scaling} if rope_scaling else {}))
     m = Model(hc).eval()
     sd = {"model.embed_tokens.weight": weights["token_embd"], "model.norm.weight": weights["output_norm"]}
+    assert ("rope_freqs" in weights) == bool(rope_scaling)
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = weights["output"]
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -106,6 +109,38 @@ def test_mixed_formats_within_a_layer_match_reference(isa):
     for name, dtype in (("blk.0.attn_v", "q4_0"), ("blk.1.ffn_up", "f16"), ("blk.1.attn_k", "q4_1")):
         src.weights[name] = quantize(w[name], dtype)
     assert_matches_reference(src, np.random.default_rng(3).integers(0, cfg.vocab_size, 7), tol=4e-2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama3_rope_scaling_matches_transformers(tied):
+    """LLaMA 3.1's RoPE scaling as the rope_freqs divisors (llama.cpp's form, computed from
+    the config by formats.hf) against transformers' "llama3" rope over 150 positions: one
+    frequency kept, one blended, the rest divided by the factor."""
+    from dovetail_ext.formats.hf import llama3_rope_factors
+    cfg = tiny_config(gqa=3, tied=tied, theta=500000.0, rope_factors=True)
+    w = random_weights(cfg, seed=21)
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+    w["rope_freqs"] = llama3_rope_factors(cfg.rope_theta, cfg.head_dim, 8.0, 1.0, 4.0, 64)
+    assert w["rope_freqs"][0] == 1 and 1 < w["rope_freqs"][1] < 8 and w["rope_freqs"][2] == 8
+    eng = TargetEngine(make_source(cfg, w, "f32"), context=256, threads=2, max_batch=160)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 150)
+    logits, _ = eng.forward(ids, logit_rows=range(150))
+    with torch.no_grad():
+        want = hf_model(cfg, w, scaling)(torch.from_numpy(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(logits, want, rtol=0, atol=3e-4 * np.abs(want).max())
+    plain = dict(w)
+    plain.pop("rope_freqs")
+    import dataclasses
+    unscaled, _ = TargetEngine(make_source(dataclasses.replace(cfg, rope_freq_factors=False), plain, "f32"),
+                               context=256, max_batch=160).forward(ids, logit_rows=range(150))
+    assert np.abs(unscaled - logits).max() > 0.05 * np.abs(want).max()  # the factors matter here
+
+
+def test_rope_factors_match_reference(isa):
+    cfg = tiny_config(gqa=3, tied=False, rope_factors=True)
+    src = make_source(cfg, random_weights(cfg, seed=23), "q8_0", embd_dtype="q8_0")
+    assert_matches_reference(src, np.random.default_rng(6).integers(0, cfg.vocab_size, 11), tol=4e-2)
 
 
 @pytest.mark.parametrize("stacked", [True, False])

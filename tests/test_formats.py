@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import importlib.util
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -198,6 +199,29 @@ def test_conversion_in_chunks_equals_whole_rows() -> None:
         np.testing.assert_array_equal(whole[rows], convert_blocks(stored[rows], Q.Q5_1, 32)[1])
 
 
+def test_llama3_rope_freqs(tmp_path: Path, llama_gguf_writer) -> None:
+    """A GGUF's rope_freqs tensor (LLaMA 3.1+) turns on the frequency divisors; a Hugging
+    Face config with "llama3" RoPE scaling computes the same divisors, whose frequencies
+    equal transformers' own."""
+    originals = llama_gguf_writer(tmp_path / "l3.gguf", shapes={"rope_freqs": (8,)}, n_head=4)
+    src = load_gguf(tmp_path / "l3.gguf")
+    assert src.config.rope_freq_factors and src.weights["rope_freqs"].dtype == "f32"
+    np.testing.assert_array_equal(src.weights["rope_freqs"].data, originals["rope_freqs"])
+    pytest.importorskip("torch")
+    scaling = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+    save_tiny_llama(tmp_path / "hf", rope_scaling=scaling)
+    src = load_hf(tmp_path / "hf")
+    assert src.config.rope_freq_factors and set(src.weights) == set(expected_weight_shapes(src.config))
+    import transformers
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").model.rotary_emb.inv_freq
+    i = np.arange(0, src.config.head_dim, 2)
+    ours = src.config.rope_theta ** (-i / src.config.head_dim) / src.weights["rope_freqs"].data
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=2e-6)
+    f = src.weights["rope_freqs"].data  # kept, blended, divided
+    assert f[0] == 1 and f[-1] == 32 and np.any((f > 1) & (f < 32))
+
+
 def test_gguf_eot_is_an_eos(tmp_path: Path, llama_gguf_writer) -> None:
     llama_gguf_writer(tmp_path / "t.gguf", meta=lambda w: w.add_eot_token_id(0))
     src = load_gguf(tmp_path / "t.gguf")
@@ -215,7 +239,7 @@ def _mistral_spm() -> Path:
 
 
 def save_tiny_llama(directory: Path, *, dtype: str = "float32", tied: bool = False,
-                    shard: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+                    shard: str | None = None, seed: int = 0, **config: Any) -> dict[str, np.ndarray]:
     """A random tiny LlamaForCausalLM saved by transformers; returns its state as numpy
     (bf16 as uint16 bit patterns)."""
     torch = pytest.importorskip("torch")
@@ -224,7 +248,7 @@ def save_tiny_llama(directory: Path, *, dtype: str = "float32", tied: bool = Fal
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-                                   bos_token_id=1, eos_token_id=2)
+                                   bos_token_id=1, eos_token_id=2, **config)
     model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     with torch.no_grad():  # norms are all ones at init: make them distinct
         for name, p in model.named_parameters():

@@ -30,12 +30,21 @@ def source():
     return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
 
 
+@pytest.fixture(scope="module")
+def scaled_rope_source():
+    """LLaMA 3.1+ RoPE frequency divisors: the device layers must rotate as the CPU's do."""
+    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, rope_factors=True)
+    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
+
+
 def engines(source, gpu_layers=1, device="emulated", **kw):
     return (TargetEngine(source, context=256, threads=1, **kw),
             TargetEngine(source, context=256, threads=1, gpu_layers=gpu_layers, device=device, **kw))
 
 
-def test_offloaded_target_matches_the_cpu_target(source):
+@pytest.mark.parametrize("which", ["source", "scaled_rope_source"])
+def test_offloaded_target_matches_the_cpu_target(request, which):
+    source = request.getfixturevalue(which)
     toks = np.random.default_rng(0).integers(0, 301, 11)
     for n in (1, 2):
         cpu, off = engines(source, n)

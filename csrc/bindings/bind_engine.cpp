@@ -478,6 +478,7 @@ void bind_engine(py::module_& m) {
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
+             d.rope_factors = rope_factors_named(views, d.head_dim);  // the target's RoPE on both sides
              py::gil_scoped_release nogil;
              return std::make_unique<DeviceTargetPrefix>(device_ops(backend, device), d, layers, o, views,
                                                          *target.token_embedding(), graphs);

@@ -36,12 +36,14 @@ void rope_inplace(float* x, int64_t T, int64_t H, int64_t Dh, int64_t ld, const 
   }
 }
 
-void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_tab, std::vector<float>& sin_tab) {
+void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_tab, std::vector<float>& sin_tab,
+                 const float* factors) {
   const int64_t half = Dh / 2;
   cos_tab.assign((size_t)(S * half), 0.0f);
   sin_tab.assign((size_t)(S * half), 0.0f);
   for (int64_t i = 0; i < half; ++i) {
-    const double inv_freq = std::pow(theta, -2.0 * (double)i / (double)Dh);
+    double inv_freq = std::pow(theta, -2.0 * (double)i / (double)Dh);
+    if (factors) inv_freq /= (double)factors[i];
     for (int64_t pos = 0; pos < S; ++pos) {
       const double ang = (double)pos * inv_freq;
       cos_tab[pos * half + i] = (float)std::cos(ang);

@@ -141,7 +141,7 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
     layers_.push_back(lb);
   }
   std::vector<float> c, s;
-  rope_tables(d.rope_theta, d.head_dim, o.context, c, s);
+  rope_tables(d.rope_theta, d.head_dim, o.context, c, s, d.rope_factors.empty() ? nullptr : d.rope_factors.data());
   cos_ = upload_f32(c);
   sin_ = upload_f32(s);
   const size_t cache = (size_t)(L_ * d.kv_heads * o.context * d.head_dim);

@@ -1,6 +1,7 @@
 #include "model/transformer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "common/error.h"
@@ -65,6 +66,13 @@ std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64
   return std::vector<float>(p, p + n);
 }
 
+std::vector<float> rope_factors_named(const WeightMap& w, int64_t head_dim) {
+  if (!w.count("rope_freqs")) return {};
+  std::vector<float> f = norm_named(w, "rope_freqs", head_dim / 2);
+  for (float v : f) DT_CHECK(std::isfinite(v) && v > 0, "weight 'rope_freqs' must hold finite positive factors");
+  return f;
+}
+
 std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers, bool first_has_norm,
                                       int64_t first) {
   const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim;
@@ -112,7 +120,7 @@ LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, con
   DT_CHECK(o.threads >= 1 && o.threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(o.threads));
   const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim, B = o.max_batch;
   kv_ = KvCache((int64_t)layers_.size(), d.kv_heads, o.context, d.head_dim, o.kv_type);
-  rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_);
+  rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_, d.rope_factors.empty() ? nullptr : d.rope_factors.data());
   xn_.resize(B * D); tmp_.resize(B * D);
   q_.resize(B * QD); att_.resize(B * QD); k_.resize(B * KD); v_.resize(B * KD);
   gate_.resize(B * F); up_.resize(B * F); fused_.resize(B * std::max(2 * F, QD + 2 * KD));

@@ -22,7 +22,10 @@ struct LayerDims {
   int64_t dim = 0, ffn = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float rope_theta = 10000.0f, eps = 1e-5f;
   bool qkv_bias = false;  // q / k / v projections add a bias (Qwen2): blk.{i}.attn_{q,k,v}.bias
+  // RoPE frequency divisors [head_dim / 2] (LLaMA 3.1+: the weight "rope_freqs"); empty: none.
+  std::vector<float> rope_factors;
 };
+
 
 struct EngineOptions {
   int64_t context = 2048;   // KV slots (committed + scratch)
@@ -48,6 +51,8 @@ PackedWeight pack_stacked(const WeightMap& w, const std::vector<std::pair<std::s
                           int64_t cols);
 // A 1-D f32 weight (a norm or a bias) of n values.
 std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n);
+// The weight "rope_freqs" [Dh/2] when `w` has it (finite, positive), else empty.
+std::vector<float> rope_factors_named(const WeightMap& w, int64_t head_dim);
 
 struct LayerWeights {
   std::vector<float> attn_norm;  // empty: no input norm (the draft's first layer)

@@ -58,10 +58,11 @@ def rmsnorm(x: Tensor, w: Tensor, eps: float) -> Tensor:
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float,
-                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+                dtype: torch.dtype = torch.float32, factors: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rotary-embedding cos/sin tables, as the native engine precomputes them.
 
-    ``inv_freq[i] = theta ** (-2 i / Dh)`` for ``i < Dh/2`` and ``angle = pos * inv_freq``,
+    ``inv_freq[i] = theta ** (-2 i / Dh) / factors[i]`` for ``i < Dh/2`` (``factors``: the
+    ``rope_freqs`` weight of LLaMA 3.1+, or None: all 1) and ``angle = pos * inv_freq``,
     both in float64; cos and sin of the float64 angle are then rounded once to ``dtype``
     (float32 for the engine). Hugging Face computes the angle in float32, which at
     position p is off by up to about ``1e-6 * p`` radians; float64 angles keep large
@@ -74,11 +75,13 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float,
     """
     i = torch.arange(head_dim // 2, dtype=torch.float64, device=positions.device)
     inv_freq = float(theta) ** (-2.0 * i / head_dim)
+    if factors is not None:
+        inv_freq = inv_freq / factors.to(device=positions.device, dtype=torch.float64)
     angle = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+def rope(x: Tensor, positions: Tensor, theta: float, factors: Tensor | None = None) -> Tensor:
     """Rotary position embedding in the rotate-half layout (Hugging Face LLaMA).
 
     Element ``i < Dh/2`` pairs with ``i + Dh/2``; with c, s from :func:`rope_tables`
@@ -90,14 +93,15 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     each product and sum rounded in ``x.dtype`` (no fused multiply-add), as HF computes it.
 
     Args:
-        x: [T, H, Dh] float. positions: [T] integer. theta: RoPE base.
+        x: [T, H, Dh] float. positions: [T] integer. theta: RoPE base. factors: see
+            :func:`rope_tables`.
     Returns:
         [T, H, Dh] in ``x.dtype``.
     """
     T, H, Dh = x.shape
     if positions.shape != (T,):
         raise ValueError(f"rope: positions must have shape ({T},), got {tuple(positions.shape)}")
-    cos, sin = rope_tables(positions, Dh, theta, x.dtype)
+    cos, sin = rope_tables(positions, Dh, theta, x.dtype, factors)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -351,16 +355,18 @@ class Attention(nn.Module):
     """Self-attention of a batch over the cache: x [T, D] -> [T, D].
 
     wq [H*Dh, D], wk and wv [KV*Dh, D], wo [D, H*Dh]; ``biases`` (Qwen2): the q, k and v
-    projection biases [H*Dh], [KV*Dh], [KV*Dh], added after the product. Writes the batch's K/V (after RoPE)
+    projection biases [H*Dh], [KV*Dh], [KV*Dh], added after the product; ``rope_factors``
+    (LLaMA 3.1+): see :func:`rope_tables`. Writes the batch's K/V (after RoPE)
     into ``cache`` for ``layer``; see :func:`attention` for what each token sees.
     """
 
     def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor,
-                 biases: tuple[Tensor, Tensor, Tensor] | None = None):
+                 biases: tuple[Tensor, Tensor, Tensor] | None = None, rope_factors: Tensor | None = None):
         super().__init__()
         self.config = config
         self.wq, self.wk, self.wv, self.wo = (_frozen(w) for w in (wq, wk, wv, wo))
         self.biases = None if biases is None else nn.ParameterList(_frozen(b) for b in biases)
+        self.rope_factors = None if rope_factors is None else _frozen(rope_factors)
 
     def _project(self, x: Tensor, w: Tensor, i: int) -> Tensor:
         y = linear(x, w)
@@ -370,8 +376,9 @@ class Attention(nn.Module):
                 layer: int, start: int = 0) -> Tensor:
         c = self.config
         T = x.shape[0]
-        q = rope(self._project(x, self.wq, 0).view(T, c.num_heads, c.head_dim), positions, c.rope_theta)
-        k = rope(self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        f = self.rope_factors
+        q = rope(self._project(x, self.wq, 0).view(T, c.num_heads, c.head_dim), positions, c.rope_theta, f)
+        k = rope(self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim), positions, c.rope_theta, f)
         v = self._project(x, self.wv, 2).view(T, c.num_kv_heads, c.head_dim)
         n_prefix = cache.n_past
         keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1), start)  # [KV, L, Dh]
@@ -402,7 +409,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(weights[p + "attn_norm"], config.rms_norm_eps)
         biases = (tuple(weights[p + f"attn_{n}.bias"] for n in "qkv") if config.attention_bias else None)
         self.attention = Attention(config, weights[p + "attn_q"], weights[p + "attn_k"],
-                                   weights[p + "attn_v"], weights[p + "attn_output"], biases)
+                                   weights[p + "attn_v"], weights[p + "attn_output"], biases,
+                                   weights["rope_freqs"] if config.rope_freq_factors else None)
         self.ffn_norm = RMSNorm(weights[p + "ffn_norm"], config.rms_norm_eps)
         self.feed_forward = FeedForward(weights[p + "ffn_gate"], weights[p + "ffn_up"],
                                         weights[p + "ffn_down"])
@@ -439,7 +447,8 @@ class LlamaReference(nn.Module):
             if tuple(t.shape) != expected[name]:
                 raise ValueError(f"LlamaReference: {name} has shape {tuple(t.shape)}, "
                                  f"expected {expected[name]}")
-        w = {name: t.detach().to(dtype) for name, t in weights.items()}
+        # (RoPE factors stay float32, as the engine keeps them, whatever the model dtype)
+        w = {name: t.detach().to(torch.float32 if name == "rope_freqs" else dtype) for name, t in weights.items()}
         self.config = config
         self.tok_embeddings = _frozen(w["token_embd"])
         self.layers = nn.ModuleList(Block(config, w, i) for i in range(config.num_layers))

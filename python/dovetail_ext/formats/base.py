@@ -21,6 +21,7 @@ Canonical names::
     blk.{i}.attn_q.bias       [H*Dh]   f32, only with ``config.attention_bias`` (Qwen2)
     blk.{i}.attn_k.bias       [KV*Dh]
     blk.{i}.attn_v.bias       [KV*Dh]
+    rope_freqs                [Dh/2]   f32, only with ``config.rope_freq_factors`` (LLaMA 3.1+)
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape for every tensor a model with ``cfg`` must have."""
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"token_embd": (V, D), "output_norm": (D,)}
+    if cfg.rope_freq_factors:
+        shapes["rope_freqs"] = (cfg.head_dim // 2,)
     if not cfg.tie_word_embeddings:
         shapes["output"] = (V, D)
     for i in range(cfg.num_layers):

@@ -1,7 +1,8 @@
 """GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
 
 What it is: config from the ``llama.*`` or ``qwen2.*`` metadata (Qwen2 is LLaMA with a
-bias on the q / k / v projections), every tensor the engine executes (F32, F16, BF16,
+bias on the q / k / v projections; LLaMA 3.1+ files carry ``rope_freqs``, the divisors of
+the RoPE frequencies), every tensor the engine executes (F32, F16, BF16,
 Q8_0, Q4_0, Q4_1) as a zero-copy view of the file's memory map, the tokenizer and chat
 template from the ``tokenizer.*`` metadata. Copies are made only of ``attn_q`` /
 ``attn_k`` of ``llama`` files (whose rows are reordered, see below), of 1-D weights
@@ -283,7 +284,7 @@ def _f32_decimal(value: float) -> float:
 ARCHITECTURES = {"llama": False, "qwen2": True}
 
 
-def _config(meta: _Metadata, vocab_size: int, tied: bool) -> LlamaConfig:
+def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> LlamaConfig:
     arch = meta.get("general.architecture", str, required=True)
     if arch not in ARCHITECTURES:
         raise FormatError(f"{meta.path}: architecture {arch!r} is not supported "
@@ -327,6 +328,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool) -> LlamaConfig:
             eos_token_ids=tuple(eos),
             architecture=arch,
             attention_bias=ARCHITECTURES[arch],
+            rope_freq_factors=rope_freqs,
         )
     except ValueError as e:
         raise FormatError(f"{meta.path}: {e}") from e
@@ -432,7 +434,7 @@ def load_gguf(path: str | Path) -> ModelSource:
     if len(tokens) > vocab_size:
         raise FormatError(f"{path}: {len(tokens)} tokens but token_embd.weight has {vocab_size} rows")
 
-    cfg = _config(meta, vocab_size, tied="output.weight" not in tensors)
+    cfg = _config(meta, vocab_size, tied="output.weight" not in tensors, rope_freqs="rope_freqs.weight" in tensors)
     if cfg.num_layers * 9 > len(tensors):  # before expected_weight_shapes() builds 9 names per layer
         raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
                           f"tensors, the file has {len(tensors)} tensors")

@@ -182,8 +182,11 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
     rope = get("rope_parameters", dict, {})
     scaling = get("rope_scaling", dict, {}) or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", None):
+    if rope_type not in ("default", None, "llama3"):
         raise FormatError(f"{path}: RoPE scaling {rope_type!r} is not supported")
+    if rope_type == "llama3":
+        for key in _LLAMA3_KEYS:
+            get(key, (int, float), src=scaling)
     theta = get("rope_theta", (int, float), src=rope) if "rope_theta" in rope \
         else get("rope_theta", (int, float), 10000.0)
     eos = get("eos_token_id", (int, list), [])
@@ -208,9 +211,35 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
             eos_token_ids=tuple(eos),
             architecture="qwen2" if qwen2 else "llama",
             attention_bias=qwen2,
+            rope_freq_factors=rope_type == "llama3",
         )
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from e
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """LLaMA 3.1's RoPE scaling as per-frequency divisors (llama.cpp's ``rope_freqs``):
+    frequencies whose wavelength is under ``original / high_freq_factor`` positions keep 1,
+    those over ``original / low_freq_factor`` are divided by ``factor``, and the ones between
+    blend the two, ``1 / ((1 - s) / factor + s)`` with ``s = (original / wavelength -
+    low_freq_factor) / (high_freq_factor - low_freq_factor)``. Returns float32 [Dh/2]."""
+    inv_freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    out = np.where(wavelen < high_wavelen, 1.0,
+                   np.where(wavelen > low_wavelen, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def _rope_factors(raw_cfg: dict[str, Any], cfg: LlamaConfig) -> np.ndarray:
+    scaling = raw_cfg.get("rope_scaling") or raw_cfg.get("rope_parameters") or {}
+    return llama3_rope_factors(cfg.rope_theta, cfg.head_dim, *(float(scaling[k]) for k in _LLAMA3_KEYS))
 
 
 def _open_weights(directory: Path) -> dict[str, _SafetensorsFile]:
@@ -328,12 +357,15 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
     if extra:  # a bias in a LLaMA checkpoint
         raise FormatError(f"{extra[0][1].path}: unexpected tensor {extra[0][0]} (not part of a plain "
                           f"{cfg.architecture} model)")
-    missing = [n for n in expected if n not in by_name]
+    computed = {"rope_freqs"}  # from config.json, not a checkpoint tensor
+    missing = [n for n in expected if n not in by_name and n not in computed]
     if missing:
         raise FormatError(f"{directory}: missing tensors for {', '.join(missing[:5])}"
                           f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
     loaded: dict[str, Weight] = {}
     for name, shape in expected.items():
+        if name in computed:
+            continue
         hf_name, st = by_name[name]
         dtype, data = st.tensor(hf_name)
         if data.shape != shape:
@@ -346,6 +378,8 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
         except ValueError as e:
             raise FormatError(f"{st.path}: tensor {hf_name}: cannot store as {weights}: {e}") from e
 
+    if cfg.rope_freq_factors:
+        loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], _rope_factors(raw_cfg, cfg))
     tokenizer = tokenizer_from_hf_directory(directory, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
     return ModelSource(config=cfg, weights=loaded, tokenizer=tokenizer,
                        chat_template=tokenizer.chat_template, name=directory.name, path=str(directory),
