@@ -35,15 +35,15 @@ def use_isa(name: str) -> Iterator[None]:
 
 def tiny_config(*, gqa: int = 3, tied: bool = True, layers: int = 2, vocab: int = 301, heads: int = 6,
                 head_dim: int = 16, ffn: int = 160, theta: float = 10000.0, bias: bool = False,
-                rope_factors: bool = False) -> LlamaConfig:
+                rope_factors: bool = False, qk_norm: bool = False) -> LlamaConfig:
     """A small LLaMA config with awkward sizes (hidden 96 with 6 heads of 16 by default);
     ``bias``: a Qwen2 config (q/k/v biases); ``rope_factors``: RoPE frequency divisors
-    (the ``rope_freqs`` weight of LLaMA 3.1+)."""
+    (the ``rope_freqs`` weight of LLaMA 3.1+); ``qk_norm``: a Qwen3 config (q/k head norms)."""
     return LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=ffn, num_layers=layers,
                        num_heads=heads, num_kv_heads=heads // gqa, head_dim=head_dim, rope_theta=theta,
                        rms_norm_eps=1e-5, max_context=512, tie_word_embeddings=tied,
-                       architecture="qwen2" if bias else "llama", attention_bias=bias,
-                       rope_freq_factors=rope_factors)
+                       architecture="qwen2" if bias else "qwen3" if qk_norm else "llama", attention_bias=bias,
+                       qk_norm=qk_norm, rope_freq_factors=rope_factors)
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -307,8 +307,8 @@ def weight_array(weights: dict[str, tuple[str, tuple[int, ...], np.ndarray]]):
     return arr, keep
 
 
-def tiny_target_weights(dtype="q8_0", tied=False, seed=3, bias=False, rope_factors=False):
-    cfg = tiny_config(gqa=3, tied=tied, vocab=301, bias=bias, rope_factors=rope_factors)
+def tiny_target_weights(dtype="q8_0", tied=False, seed=3, bias=False, rope_factors=False, qk_norm=False):
+    cfg = tiny_config(gqa=3, tied=tied, vocab=301, bias=bias, rope_factors=rope_factors, qk_norm=qk_norm)
     out = {}
     for name, w in random_weights(cfg, seed=seed).items():
         q = quantize(w, "f32" if w.ndim == 1 else dtype)
@@ -406,11 +406,13 @@ def same_draft(got, want) -> None:
 
 
 @pytest.mark.parametrize("dtype,tied,extra", [("q8_0", False, ""), ("q4_1", True, ""), ("f32", True, ""),
-                                             ("q8_0", False, "bias"), ("q4_1", True, "rope_factors")])
+                                             ("q8_0", False, "bias"), ("q4_1", True, "rope_factors"),
+                                             ("q8_0", True, "qk_norm")])
 def test_target_matches_binding(lib, dtype, tied, extra):
-    """bias: a Qwen2 model; rope_factors: LLaMA 3.1+ RoPE scaling. The C API takes both as
-    weights (no config flag)."""
-    cfg, weights = tiny_target_weights(dtype, tied, bias=extra == "bias", rope_factors=extra == "rope_factors")
+    """bias: a Qwen2 model; qk_norm: a Qwen3 model; rope_factors: LLaMA 3.1+ RoPE scaling.
+    The C API takes all three as weights (no config flag)."""
+    cfg, weights = tiny_target_weights(dtype, tied, bias=extra == "bias", rope_factors=extra == "rope_factors",
+                                       qk_norm=extra == "qk_norm")
     c, py = CTarget(lib, cfg, weights), py_target(cfg, weights)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, 9)

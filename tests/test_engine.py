@@ -32,6 +32,8 @@ def hf_model(cfg, weights, rope_scaling=None):
     parameters (the engine takes them as ``weights["rope_freqs"]``)."""
     if cfg.attention_bias:
         from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as Model
+    elif cfg.qk_norm:
+        from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM as Model
     else:
         from transformers import LlamaConfig as HFConfig, LlamaForCausalLM as Model
 
@@ -54,6 +56,8 @@ def hf_model(cfg, weights, rope_scaling=None):
             sd[f"model.layers.{i}.{theirs}.weight"] = weights[f"blk.{i}.{ours}"]
         for ours in ("attn_q", "attn_k", "attn_v") if cfg.attention_bias else ():
             sd[f"model.layers.{i}.{names[ours]}.bias"] = weights[f"blk.{i}.{ours}.bias"]
+        for ours, theirs in (("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")) if cfg.qk_norm else ():
+            sd[f"model.layers.{i}.self_attn.{theirs}.weight"] = weights[f"blk.{i}.{ours}"]
     missing, unexpected = m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     if cfg.tie_word_embeddings:
@@ -61,11 +65,14 @@ def hf_model(cfg, weights, rope_scaling=None):
     return m
 
 
-@pytest.mark.parametrize("gqa,tied,bias", [(1, True, False), (3, False, False), (3, True, False), (1, False, False),
-                                           (3, False, True), (1, True, True)])
-def test_forward_matches_transformers(gqa, tied, bias):
-    """LLaMA against LlamaForCausalLM; with q/k/v biases, Qwen2 against Qwen2ForCausalLM."""
-    cfg = tiny_config(gqa=gqa, tied=tied, theta=100000.0 if gqa == 3 else 10000.0, bias=bias)
+@pytest.mark.parametrize("gqa,tied,arch", [(1, True, "llama"), (3, False, "llama"), (3, True, "llama"),
+                                           (1, False, "llama"), (3, False, "qwen2"), (1, True, "qwen2"),
+                                           (3, True, "qwen3"), (1, False, "qwen3")])
+def test_forward_matches_transformers(gqa, tied, arch):
+    """LLaMA against LlamaForCausalLM; Qwen2 (q/k/v biases) against Qwen2ForCausalLM; Qwen3
+    (q/k head norms) against Qwen3ForCausalLM."""
+    cfg = tiny_config(gqa=gqa, tied=tied, theta=100000.0 if gqa == 3 else 10000.0, bias=arch == "qwen2",
+                      qk_norm=arch == "qwen3")
     w = random_weights(cfg, seed=gqa + 2 * tied)
     eng = TargetEngine(make_source(cfg, w, "f32"), context=64, threads=2)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 13)
@@ -159,6 +166,27 @@ def test_qkv_bias_matches_reference(isa, stacked):
     with_bias, _ = TargetEngine(src, context=16).forward(ids)
     without, _ = TargetEngine(zero, context=16).forward(ids)
     assert np.abs(with_bias - without).max() > 0.05 * np.abs(with_bias).max()
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_qk_norm_matches_reference(isa, stacked):
+    """Qwen3's q/k head norms against the twin; without them the model is not the same."""
+    cfg = tiny_config(gqa=3, tied=False, qk_norm=True)
+    w = random_weights(cfg, seed=19)
+    for name in w:
+        if name.endswith(("attn_q_norm", "attn_k_norm")):
+            w[name] = w[name] * 3.0  # far from the unit norm the heads would have without them
+    src = make_source(cfg, w, "q8_0", embd_dtype="q8_0")
+    if not stacked:
+        src.weights["blk.0.attn_v"] = quantize(w["blk.0.attn_v"], "q4_0")
+    ids = np.random.default_rng(8).integers(0, cfg.vocab_size, 9)
+    assert_matches_reference(src, ids, tol=4e-2)
+    import dataclasses
+    plain = {k: v for k, v in w.items() if not k.endswith(("attn_q_norm", "attn_k_norm"))}
+    without, _ = TargetEngine(make_source(dataclasses.replace(cfg, qk_norm=False, architecture="llama"), plain,
+                                          "q8_0", embd_dtype="q8_0"), context=16).forward(ids)
+    with_norm, _ = TargetEngine(src, context=16).forward(ids)
+    assert np.abs(with_norm - without).max() > 0.05 * np.abs(with_norm).max()
 
 
 def test_qkv_bias_must_match_the_config():

@@ -142,6 +142,16 @@ def test_tiny_qwen2_gguf(tmp_path: Path, llama_gguf_writer) -> None:
         load_gguf(tmp_path / "m.gguf")
 
 
+def test_tiny_qwen3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
+    """qwen3.* metadata and the q/k head norms (f32 [Dh]); q/k rows as stored."""
+    originals = llama_gguf_writer(tmp_path / "q.gguf", arch="qwen3", dtype="f32", hidden=64, n_head=8, n_kv=4)
+    src = load_gguf(tmp_path / "q.gguf")
+    assert src.config.architecture == "qwen3" and src.config.qk_norm and not src.config.attention_bias
+    assert set(src.weights) == set(originals) == set(expected_weight_shapes(src.config))
+    for name in ("blk.0.attn_q", "blk.1.attn_k", "blk.0.attn_q_norm", "blk.1.attn_k_norm"):
+        np.testing.assert_array_equal(src.weights[name].data, originals[name], err_msg=name)
+
+
 def _k_blocks(qtype):
     from conftest import random_k_blocks
 
@@ -300,30 +310,39 @@ def test_hf_weights_bit_exact(tmp_path: Path, dtype: str, tied: bool, shard: str
             assert not w.data.flags.writeable  # a view of the file
 
 
-def test_hf_qwen2_checkpoint(tmp_path: Path) -> None:
-    """A Qwen2ForCausalLM saved by transformers: config, q/k/v biases and weights bit for bit."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_hf_qwen_checkpoint(tmp_path: Path, arch: str) -> None:
+    """A Qwen2ForCausalLM / Qwen3ForCausalLM saved by transformers: config, the q/k/v biases
+    or q/k head norms, and the weights bit for bit."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config_cls = transformers.Qwen2Config if arch == "qwen2" else transformers.Qwen3Config
+    model_cls = transformers.Qwen2ForCausalLM if arch == "qwen2" else transformers.Qwen3ForCausalLM
+    cfg = config_cls(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
                                    bos_token_id=1, eos_token_id=2)
-    model = transformers.Qwen2ForCausalLM(cfg)
+    model = model_cls(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):  # zeros at init
+            if name.endswith(".bias") or p.ndim == 1:  # zeros / ones at init
                 p.copy_(torch.randn_like(p))
     model.save_pretrained(tmp_path, safe_serialization=True)
     shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     src = load_hf(tmp_path)
-    assert src.config.architecture == "qwen2" and src.config.attention_bias and src.config.rope_theta == 1e6
-    assert set(src.weights) == set(expected_weight_shapes(src.config))
+    c = src.config
+    assert c.architecture == arch and c.attention_bias == (arch == "qwen2") and c.qk_norm == (arch == "qwen3")
+    assert c.rope_theta == 1e6 and set(src.weights) == set(expected_weight_shapes(c))
     for i in range(2):
         for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
-            np.testing.assert_array_equal(src.weights[f"blk.{i}.{ours}.bias"].data,
-                                          state[f"model.layers.{i}.self_attn.{theirs}.bias"])
+            if arch == "qwen2":
+                np.testing.assert_array_equal(src.weights[f"blk.{i}.{ours}.bias"].data,
+                                              state[f"model.layers.{i}.self_attn.{theirs}.bias"])
+            np.testing.assert_array_equal(src.weights[f"blk.{i}.{ours}"].data,
+                                          state[f"model.layers.{i}.self_attn.{theirs}.weight"])
+        for ours, theirs in (("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")) if arch == "qwen3" else ():
             np.testing.assert_array_equal(src.weights[f"blk.{i}.{ours}"].data,
                                           state[f"model.layers.{i}.self_attn.{theirs}.weight"])
 

@@ -142,6 +142,9 @@ def test_offload_arguments(source):
     qwen = tiny_config(bias=True)
     with pytest.raises(ValueError, match=r"gpu_layers does not support models with attention biases \(Qwen2\)"):
         TargetEngine(make_source(qwen, random_weights(qwen)), context=32, gpu_layers=1, device="emulated")
+    qwen3 = tiny_config(qk_norm=True)
+    with pytest.raises(ValueError, match=r"gpu_layers does not support models with q/k norms \(Qwen3\)"):
+        TargetEngine(make_source(qwen3, random_weights(qwen3)), context=32, gpu_layers=1, device="emulated")
 
 
 @pytest.mark.cuda

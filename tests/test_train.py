@@ -419,17 +419,19 @@ def test_train_draft_exports_a_loadable_draft(tiny, tiny_path, data_file, tmp_pa
     torch.testing.assert_close(draft.logits(h, head), (h @ head.T)[:, torch.from_numpy(weights["vocab_map"])])
 
 
-def test_train_draft_for_a_qwen2_target(tmp_path, llama_gguf_writer, data_file):
-    """A target with q/k/v biases (Qwen2): its features train a draft (plain LLaMA layers),
-    which then speculates with output equal to the target's greedy decoding."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_train_draft_for_a_qwen_target(tmp_path, llama_gguf_writer, data_file, arch):
+    """A target with q/k/v biases (Qwen2) or q/k head norms (Qwen3): its features train a
+    draft (plain LLaMA layers), which then speculates with output equal to the target's
+    greedy decoding."""
     from dovetail_ext.api import load
-    path = tmp_path / "qwen2.gguf"
-    llama_gguf_writer(path, arch="qwen2", dtype="f32", meta=lambda w: w.add_chat_template(CHATML), seed=4)
+    path = tmp_path / f"{arch}.gguf"
+    llama_gguf_writer(path, arch=arch, dtype="f32", meta=lambda w: w.add_chat_template(CHATML), seed=4)
     out = train_draft(path, data_file, tmp_path / "d", epochs=1, draft_vocab_size=48, max_len=64,
                       val_conversations=2, shard_size=4, batch_tokens=256, warmup_steps=2, amp=False,
                       command="test")
     gen = load(path, draft=out, threads=1)
-    assert gen.draft is not None and gen.source.config.attention_bias
+    assert gen.draft is not None and gen.source.config.architecture == arch
     prompt = [{"role": "user", "content": "question 3: what is 3 plus 3?"}]
     plain = gen.generate(prompt, max_new_tokens=24, speculative=False)
     spec = gen.generate(prompt, max_new_tokens=24, speculative=True)

@@ -149,8 +149,9 @@ void bind_engine(py::module_& m) {
                        int threads, const std::string& kv_dtype, int64_t first_layer) {
              LayerDims d = layer_dims(cfg);
              const bool bias = cfg.contains("attention_bias") && cfg["attention_bias"].cast<bool>();
+             const bool qk_norm = cfg.contains("qk_norm") && cfg["qk_norm"].cast<bool>();
              LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
-                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer, bias};
+                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer, bias, qk_norm};
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -475,6 +476,8 @@ void bind_engine(py::module_& m) {
              DT_CHECK(!(cfg.contains("attention_bias") && cfg["attention_bias"].cast<bool>()),
                       "gpu_layers does not support models with attention biases (Qwen2) yet: run them with "
                       "gpu_layers=0");
+             DT_CHECK(!(cfg.contains("qk_norm") && cfg["qk_norm"].cast<bool>()),
+                      "gpu_layers does not support models with q/k norms (Qwen3) yet: run them with gpu_layers=0");
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);

@@ -292,7 +292,8 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
     const dovetail::EngineOptions o = engine_options(cfg->context, cfg->max_batch, cfg->threads, cfg->kv_dtype);
     std::vector<std::vector<unsigned char>> keep;
     const dovetail::WeightMap views = weight_map(weights, n_weights, keep);
-    p.qkv_bias = views.count("blk.0.attn_q.bias") > 0;  // Qwen2: the biases are given as weights
+    p.qkv_bias = views.count("blk.0.attn_q.bias") > 0;   // Qwen2: the biases are given as weights
+    p.qk_norm = views.count("blk.0.attn_q_norm") > 0;    // Qwen3: the q/k norms too
     auto h = std::make_unique<dt_target>();
     h->engine = std::make_unique<dovetail::LlamaEngine>(p, o, views);
     *out = h.release();

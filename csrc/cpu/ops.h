@@ -90,10 +90,9 @@ void rmsnorm(const float* x, const float* w, float* y, int64_t T, int64_t D, flo
 void rope_inplace(float* x, int64_t T, int64_t H, int64_t Dh, int64_t ld, const int32_t* positions,
                   const float* cos_tab, const float* sin_tab);
 
-// RoPE tables cos/sin [S, Dh/2] for positions 0..S-1: angle = pos * theta^(-2i/Dh),
-// computed in double precision and rounded once to fp32.
-// cos / sin of pos * inv_freq[i], inv_freq[i] = theta^(-2i/Dh) / factors[i] (factors: Dh/2
-// divisors, LLaMA 3's "llama3" frequency scaling; null: none), in double, rounded once.
+// RoPE tables cos/sin [S, Dh/2] for positions 0..S-1: angle = pos * inv_freq[i],
+// inv_freq[i] = theta^(-2i/Dh) / factors[i] (factors: Dh/2 divisors, LLaMA 3's "llama3"
+// frequency scaling; null: none), computed in double precision and rounded once to fp32.
 void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_tab, std::vector<float>& sin_tab,
                  const float* factors = nullptr);
 

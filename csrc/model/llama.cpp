@@ -17,7 +17,7 @@ LlamaEngine::LlamaEngine(const LlamaParams& p, const EngineOptions& o, const Wei
   lm_head_ = weights.count("output") ? std::make_shared<PackedWeight>(pack_named(weights, "output", p.vocab, D))
                                      : tok_embd_;
   out_norm_ = norm_named(weights, "output_norm", D);
-  LayerDims d{p.dim, p.ffn, p.heads, p.kv_heads, p.head_dim, p.rope_theta, p.eps, p.qkv_bias,
+  LayerDims d{p.dim, p.ffn, p.heads, p.kv_heads, p.head_dim, p.rope_theta, p.eps, p.qkv_bias, p.qk_norm,
               rope_factors_named(weights, p.head_dim)};
   stack_ = std::make_unique<LayerStack>(d, load_layers(weights, d, p.layers - p.first_layer, true, p.first_layer), o);
   x_.resize(o.max_batch * D);

@@ -24,6 +24,7 @@ struct LlamaParams {
   // model/device_engine.h), whose hidden states forward_hidden takes.
   int64_t first_layer = 0;
   bool qkv_bias = false;  // Qwen2: blk.{i}.attn_{q,k,v}.bias
+  bool qk_norm = false;   // Qwen3: blk.{i}.attn_{q,k}_norm
 };
 
 // forward / commit / truncate lock the engine: concurrent callers are serialized.

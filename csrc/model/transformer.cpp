@@ -105,6 +105,13 @@ std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, in
       for (const char* part : {"attn_q.bias", "attn_k.bias", "attn_v.bias"})
         DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no attention bias");
     }
+    if (d.qk_norm) {
+      L.q_norm = norm_named(w, b + "attn_q_norm", d.head_dim);
+      L.k_norm = norm_named(w, b + "attn_k_norm", d.head_dim);
+    } else {
+      for (const char* part : {"attn_q_norm", "attn_k_norm"})
+        DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no q/k norm");
+    }
   }
   return layers;
 }
@@ -244,6 +251,10 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
         add_inplace(k_.data() + t * KD, L.bqkv.data() + QD, KD);
         add_inplace(v_.data() + t * KD, L.bqkv.data() + QD + KD, KD);
       }
+    }
+    if (!L.q_norm.empty()) {  // per head, over Dh (rows of q_ / k_ are contiguous heads)
+      rmsnorm(q_.data(), L.q_norm.data(), q_.data(), T * H, Dh, d_.eps);
+      rmsnorm(k_.data(), L.k_norm.data(), k_.data(), T * KV, Dh, d_.eps);
     }
     rope_inplace(q_.data(), T, H, Dh, QD, positions, cos_.data(), sin_.data());
     rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos_.data(), sin_.data());

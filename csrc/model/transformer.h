@@ -22,6 +22,7 @@ struct LayerDims {
   int64_t dim = 0, ffn = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float rope_theta = 10000.0f, eps = 1e-5f;
   bool qkv_bias = false;  // q / k / v projections add a bias (Qwen2): blk.{i}.attn_{q,k,v}.bias
+  bool qk_norm = false;   // RMSNorm of each q / k head before RoPE (Qwen3): blk.{i}.attn_{q,k}_norm [Dh]
   // RoPE frequency divisors [head_dim / 2] (LLaMA 3.1+: the weight "rope_freqs"); empty: none.
   std::vector<float> rope_factors;
 };
@@ -63,10 +64,12 @@ struct LayerWeights {
   PackedWeight wqkv, w_gate_up;
   PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
   std::vector<float> bqkv;  // q|k|v biases [QD + 2 KD] when LayerDims::qkv_bias; empty otherwise
+  std::vector<float> q_norm, k_norm;  // [Dh] each when LayerDims::qk_norm; empty otherwise
 };
 
 // Reads blk.{first + i}.* for i < n_layers; `first_has_norm` false skips blk.0.attn_norm.
-// Biases are read when d.qkv_bias is set, and a bias in `w` without it is an error.
+// Biases (q/k norms) are read when d.qkv_bias (d.qk_norm) is set, and one in `w` without
+// it is an error.
 std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers,
                                       bool first_has_norm, int64_t first = 0);
 

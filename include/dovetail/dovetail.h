@@ -118,6 +118,7 @@ typedef enum dt_dtype {
  *   blk.i.ffn_norm [D], blk.i.ffn_gate [F, D], blk.i.ffn_up [F, D], blk.i.ffn_down [D, F];
  *   for Qwen2 models also blk.i.attn_q.bias [H*Dh], blk.i.attn_k.bias [KV*Dh] and
  *   blk.i.attn_v.bias [KV*Dh] (f32): given for layer 0, they are required for every layer;
+ *   for Qwen3 models blk.i.attn_q_norm [Dh] and blk.i.attn_k_norm [Dh] (f32), the same way;
  *   for LLaMA 3.1+ RoPE scaling rope_freqs [Dh/2] (f32): the frequencies' divisors.
  * Draft names: fuse.e_norm [D], fuse.w1 [D, D], fuse.w2 [D, D], fuse.wz [D, 2D], and the
  *   layer names above (blk.0 without attn_norm). Unknown names are ignored. */

@@ -161,7 +161,7 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
 
     Args:
         out: the file to write (replaced atomically).
-        model: a GGUF file or Hugging Face LLaMA or Qwen2 directory; None for the default model.
+        model: a GGUF file or Hugging Face LLaMA, Qwen2 or Qwen3 directory; None for the default model.
     Returns:
         the path written.
     Raises:

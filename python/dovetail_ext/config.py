@@ -18,7 +18,9 @@ class LlamaConfig:
     ``head_dim`` defaults to ``hidden_size // num_heads``. ``max_context`` is the context
     the model was trained for (the engine may be loaded with a shorter one).
     ``attention_bias``: the q / k / v projections add a bias (Qwen2: ``architecture`` "qwen2");
-    otherwise the two architectures are the same decoder. ``rope_freq_factors``: RoPE
+    ``qk_norm``: each q and k head is RMS-normalized (weights ``attn_q_norm`` /
+    ``attn_k_norm`` [head_dim]) before RoPE (Qwen3: ``architecture`` "qwen3");
+    otherwise the architectures are the same decoder. ``rope_freq_factors``: RoPE
     frequencies are divided by the per-frequency factors of the weight ``rope_freqs``
     [head_dim / 2] (LLaMA 3.1+ "llama3" scaling).
     """
@@ -38,6 +40,7 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     architecture: str = "llama"
     attention_bias: bool = False
+    qk_norm: bool = False
     rope_freq_factors: bool = False
 
     def __post_init__(self) -> None:

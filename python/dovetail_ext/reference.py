@@ -355,18 +355,21 @@ class Attention(nn.Module):
     """Self-attention of a batch over the cache: x [T, D] -> [T, D].
 
     wq [H*Dh, D], wk and wv [KV*Dh, D], wo [D, H*Dh]; ``biases`` (Qwen2): the q, k and v
-    projection biases [H*Dh], [KV*Dh], [KV*Dh], added after the product; ``rope_factors``
+    projection biases [H*Dh], [KV*Dh], [KV*Dh], added after the product; ``qk_norm`` (Qwen3):
+    RMSNorm weights [Dh] of every q and k head, applied before RoPE; ``rope_factors``
     (LLaMA 3.1+): see :func:`rope_tables`. Writes the batch's K/V (after RoPE)
     into ``cache`` for ``layer``; see :func:`attention` for what each token sees.
     """
 
     def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor,
-                 biases: tuple[Tensor, Tensor, Tensor] | None = None, rope_factors: Tensor | None = None):
+                 biases: tuple[Tensor, Tensor, Tensor] | None = None, rope_factors: Tensor | None = None,
+                 qk_norm: tuple[Tensor, Tensor] | None = None):
         super().__init__()
         self.config = config
         self.wq, self.wk, self.wv, self.wo = (_frozen(w) for w in (wq, wk, wv, wo))
         self.biases = None if biases is None else nn.ParameterList(_frozen(b) for b in biases)
         self.rope_factors = None if rope_factors is None else _frozen(rope_factors)
+        self.qk_norm = None if qk_norm is None else nn.ModuleList(RMSNorm(w, config.rms_norm_eps) for w in qk_norm)
 
     def _project(self, x: Tensor, w: Tensor, i: int) -> Tensor:
         y = linear(x, w)
@@ -377,8 +380,12 @@ class Attention(nn.Module):
         c = self.config
         T = x.shape[0]
         f = self.rope_factors
-        q = rope(self._project(x, self.wq, 0).view(T, c.num_heads, c.head_dim), positions, c.rope_theta, f)
-        k = rope(self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim), positions, c.rope_theta, f)
+        q = self._project(x, self.wq, 0).view(T, c.num_heads, c.head_dim)
+        k = self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm[0](q), self.qk_norm[1](k)
+        q = rope(q, positions, c.rope_theta, f)
+        k = rope(k, positions, c.rope_theta, f)
         v = self._project(x, self.wv, 2).view(T, c.num_kv_heads, c.head_dim)
         n_prefix = cache.n_past
         keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1), start)  # [KV, L, Dh]
@@ -410,7 +417,8 @@ class Block(nn.Module):
         biases = (tuple(weights[p + f"attn_{n}.bias"] for n in "qkv") if config.attention_bias else None)
         self.attention = Attention(config, weights[p + "attn_q"], weights[p + "attn_k"],
                                    weights[p + "attn_v"], weights[p + "attn_output"], biases,
-                                   weights["rope_freqs"] if config.rope_freq_factors else None)
+                                   weights["rope_freqs"] if config.rope_freq_factors else None,
+                                   (weights[p + "attn_q_norm"], weights[p + "attn_k_norm"]) if config.qk_norm else None)
         self.ffn_norm = RMSNorm(weights[p + "ffn_norm"], config.rms_norm_eps)
         self.feed_forward = FeedForward(weights[p + "ffn_gate"], weights[p + "ffn_up"],
                                         weights[p + "ffn_down"])

@@ -21,6 +21,8 @@ Canonical names::
     blk.{i}.attn_q.bias       [H*Dh]   f32, only with ``config.attention_bias`` (Qwen2)
     blk.{i}.attn_k.bias       [KV*Dh]
     blk.{i}.attn_v.bias       [KV*Dh]
+    blk.{i}.attn_q_norm       [Dh]     f32, only with ``config.qk_norm`` (Qwen3)
+    blk.{i}.attn_k_norm       [Dh]
     rope_freqs                [Dh/2]   f32, only with ``config.rope_freq_factors`` (LLaMA 3.1+)
 """
 
@@ -109,6 +111,8 @@ def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "attn_v": (cfg.kv_size, D), p + "attn_output": (D, cfg.q_size),
             p + "ffn_gate": (F, D), p + "ffn_up": (F, D), p + "ffn_down": (D, F),
         })
+        if cfg.qk_norm:
+            shapes.update({p + "attn_q_norm": (cfg.head_dim,), p + "attn_k_norm": (cfg.head_dim,)})
         if cfg.attention_bias:
             shapes.update({p + "attn_q.bias": (cfg.q_size,), p + "attn_k.bias": (cfg.kv_size,),
                            p + "attn_v.bias": (cfg.kv_size,)})

@@ -1,7 +1,8 @@
 """GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
 
-What it is: config from the ``llama.*`` or ``qwen2.*`` metadata (Qwen2 is LLaMA with a
-bias on the q / k / v projections; LLaMA 3.1+ files carry ``rope_freqs``, the divisors of
+What it is: config from the ``llama.*``, ``qwen2.*`` or ``qwen3.*`` metadata (Qwen2 is
+LLaMA with a bias on the q / k / v projections, Qwen3 with an RMSNorm on every q / k head
+instead; LLaMA 3.1+ files carry ``rope_freqs``, the divisors of
 the RoPE frequencies), every tensor the engine executes (F32, F16, BF16,
 Q8_0, Q4_0, Q4_1) as a zero-copy view of the file's memory map, the tokenizer and chat
 template from the ``tokenizer.*`` metadata. Copies are made only of ``attn_q`` /
@@ -14,7 +15,7 @@ GGUF writes shapes fastest-varying first (``ne0`` = columns); here shapes are Py
 ``[rows, cols]``. Quantized data is ``uint8 [rows, row_nbytes]``; BF16 is ``uint16``.
 
 llama.cpp's LLaMA RoPE rotates interleaved pairs (x0, x1), (x2, x3)... so its converter
-permuted the rows of ``attn_q`` / ``attn_k`` within each head (not for Qwen2, whose RoPE
+permuted the rows of ``attn_q`` / ``attn_k`` within each head (not for Qwen2 / Qwen3, whose RoPE
 is rotate-half in llama.cpp too). The loader undoes it to give the
 rotate-half layout of Hugging Face LLaMA (pairs (x_i, x_{i + Dh/2})); whole rows move, so
 this works on quantized row bytes unchanged.
@@ -280,8 +281,8 @@ def _f32_decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-#: general.architecture -> whether its q / k / v projections carry a bias.
-ARCHITECTURES = {"llama": False, "qwen2": True}
+#: general.architecture -> (q / k / v projections carry a bias, q / k heads are RMS-normalized).
+ARCHITECTURES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 
 
 def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> LlamaConfig:
@@ -327,7 +328,8 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> L
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id", int),
             eos_token_ids=tuple(eos),
             architecture=arch,
-            attention_bias=ARCHITECTURES[arch],
+            attention_bias=ARCHITECTURES[arch][0],
+            qk_norm=ARCHITECTURES[arch][1],
             rope_freq_factors=rope_freqs,
         )
     except ValueError as e:
@@ -408,7 +410,7 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path) -> tuple[dict[str, W
 
 
 def load_gguf(path: str | Path) -> ModelSource:
-    """Loads a LLaMA- or Qwen2-architecture GGUF file.
+    """Loads a LLaMA-, Qwen2- or Qwen3-architecture GGUF file.
 
     Returns:
         ModelSource with ``weights`` under the canonical names of ``formats.base``:

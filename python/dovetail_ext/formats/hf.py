@@ -1,7 +1,7 @@
-"""Hugging Face loader: a LLaMA or Qwen2 checkpoint directory -> :class:`ModelSource`.
+"""Hugging Face loader: a LLaMA, Qwen2 or Qwen3 checkpoint directory -> :class:`ModelSource`.
 
-What it is: ``config.json`` (``LlamaForCausalLM``, or ``Qwen2ForCausalLM``: LLaMA with
-q/k/v biases) to :class:`LlamaConfig`, the weights of
+What it is: ``config.json`` (``LlamaForCausalLM``; ``Qwen2ForCausalLM``: LLaMA with q/k/v
+biases; ``Qwen3ForCausalLM``: LLaMA with q/k head norms) to :class:`LlamaConfig`, the weights of
 ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``, and the
 tokenizer (``tokenizer.json`` or ``tokenizer.model``, ``tokenizer_config.json``).
 What it is not: a PyTorch loader (``pytorch_model.bin`` is refused) or a general model zoo.
@@ -51,7 +51,7 @@ _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _BIASED = ("attn_q", "attn_k", "attn_v")  # Qwen2's biases
@@ -157,10 +157,11 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
-    if model_type != "llama" and "LlamaForCausalLM" not in archs and not qwen2:
+    qwen3 = model_type == "qwen3" or "Qwen3ForCausalLM" in archs
+    if model_type != "llama" and "LlamaForCausalLM" not in archs and not qwen2 and not qwen3:
         raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
-                          f"LLaMA or Qwen2 model (model_type 'llama' / 'qwen2', LlamaForCausalLM / "
-                          f"Qwen2ForCausalLM)")
+                          f"LLaMA, Qwen2 or Qwen3 model (model_type 'llama' / 'qwen2' / 'qwen3', "
+                          f"LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM)")
 
     def get(key: str, kind: type | tuple[type, ...], default: Any = ..., *, src: dict = cfg) -> Any:
         if key not in src or src[key] is None:
@@ -209,8 +210,9 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
             tie_word_embeddings=get("tie_word_embeddings", bool, False) or not has_lm_head,
             bos_token_id=get("bos_token_id", int, None),
             eos_token_ids=tuple(eos),
-            architecture="qwen2" if qwen2 else "llama",
+            architecture="qwen2" if qwen2 else "qwen3" if qwen3 else "llama",
             attention_bias=qwen2,
+            qk_norm=qwen3,
             rope_freq_factors=rope_type == "llama3",
         )
     except ValueError as e:
@@ -342,7 +344,8 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
         if canonical is None:
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
                 continue
-            raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA or Qwen2 model)")
+            raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA, Qwen2 or "
+                              f"Qwen3 model)")
         by_name[canonical] = (hf_name, st)
 
     cfg = _config(raw_cfg, config_path, has_lm_head="output" in by_name)
