@@ -281,7 +281,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
             "kv_heads": cfg.num_kv_heads, "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size,
             "context": cfg.max_context, "tied_lm_head": cfg.tie_word_embeddings,
-            "attention_bias": cfg.attention_bias, "tensor_dtypes": dtypes,
+            "attention_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm,
+            "rope_theta": cfg.rope_theta, "rope_freq_factors": cfg.rope_freq_factors, "tensor_dtypes": dtypes,
             "converted_at_load": src.metadata.get("converted", {}),
             "parameters": int(sum(math.prod(w.shape) for w in src.weights.values())),
         }
