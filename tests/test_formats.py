@@ -197,10 +197,52 @@ def test_k_quants_converted_at_load(tmp_path: Path, llama_gguf_writer) -> None:
         assert np.all(np.abs(got - want) <= (0.5 + 127 * 2.0 ** -11) * step * (1 + 1e-3)), name
 
 
+@pytest.mark.parametrize("qtype,cols", [(Q.Q5_0, 96), (Q.Q4_K, 512), (Q.Q6_K, 768)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_conversion_matches_numpy_twin(qtype, cols: int, threads: int) -> None:
+    """_core.convert_gguf_blocks against formats.convert's numpy twin, bit for bit, on 37
+    rows whose block scales span 1e-8 .. 1e3 (subnormal and normal float16 sub-block
+    scales; zero blocks). A scale that overflows float16 once converted is refused."""
+    from conftest import random_k_blocks
+
+    from dovetail_ext import _core
+    from dovetail_ext.formats.convert import convert_blocks_numpy
+    rng = np.random.default_rng(int(qtype))
+    if qtype == Q.Q5_0:
+        blocks = quants.quantize(rng.standard_normal((37, cols)).astype(np.float32), Q.Q5_0)
+    else:
+        blocks, _ = random_k_blocks(qtype, 37, cols, seed=int(qtype))
+    per_row = blocks.reshape(37, -1, blocks.shape[1] // (cols // (32 if qtype == Q.Q5_0 else 256)))
+    at = {Q.Q5_0: [0], Q.Q4_K: [0, 2], Q.Q6_K: [per_row.shape[2] - 2]}[qtype]
+    scales = np.exp(rng.uniform(np.log(1e-8), np.log(1e3), per_row.shape[:2])).astype(np.float16)
+    scales[0, 0] = 0
+    for o in at:
+        per_row[:, :, o:o + 2] = scales[..., None].view(np.uint8)
+    blocks = per_row.reshape(37, -1)
+    if qtype == Q.Q5_0:
+        blocks[1, :] = 0
+    want_dtype, want = convert_blocks_numpy(blocks, qtype, cols)
+    dtype, got = _core.convert_gguf_blocks(qtype.name, blocks, cols, threads)
+    assert dtype == want_dtype
+    np.testing.assert_array_equal(got, want)
+    if qtype != Q.Q5_0:  # (Q5_0 keeps its float16 scale)
+        from dovetail_ext.formats.convert import convert_blocks
+        for o in at:
+            per_row[3, 1, o:o + 2] = np.array([6e4], np.float16).view(np.uint8)
+        with pytest.raises(ValueError, match=f"scale of this {qtype.name} matrix overflows float16"):
+            convert_blocks(per_row.reshape(37, -1), qtype, cols)
+    with pytest.raises(ValueError, match="kind must be Q5_0, Q4_K or Q6_K"):
+        _core.convert_gguf_blocks("Q2_K", blocks, cols, 1)
+    with pytest.raises(ValueError, match="data has shape"):
+        _core.convert_gguf_blocks(qtype.name, blocks[:, :-1].copy(), cols, 1)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        _core.convert_gguf_blocks(qtype.name, blocks, cols + 1, 1)
+
+
 def test_conversion_in_chunks_equals_whole_rows() -> None:
     """A matrix larger than one conversion chunk (about 4M values) is converted in parallel
     row chunks; each row's result must not depend on it."""
-    from dovetail_ext.formats.convert import convert_blocks
+    from dovetail_ext.formats.convert import convert_blocks_numpy as convert_blocks
     values = np.random.default_rng(0).standard_normal((140_001, 32)).astype(np.float32)
     stored = quants.quantize(values, Q.Q5_1)
     dtype, whole = convert_blocks(stored, Q.Q5_1, 32)

@@ -90,6 +90,27 @@ void bind_ops(py::module_& m) {
       "y[T, N] = x[T, K] @ W[N, K]^T; quantized weights use int8-quantized activations, bf16 weights "
       "bf16-rounded ones.");
 
+  m.def("convert_gguf_blocks", [](const std::string& kind, const py::handle& data_obj, int64_t cols, int threads) {
+        const GgufBlocks src = kind == "Q5_0" ? GgufBlocks::Q5_0 : kind == "Q4_K" ? GgufBlocks::Q4_K
+                             : kind == "Q6_K" ? GgufBlocks::Q6_K
+                             : (throw_value_error("convert_gguf_blocks: kind must be Q5_0, Q4_K or Q6_K, got '" +
+                                                  kind + "'"), GgufBlocks::Q5_0);
+        DT_CHECK(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(threads));
+        auto data = as_array<uint8_t>(data_obj, "data");
+        const int64_t in_row = gguf_row_bytes(src, cols);
+        check_shape(data, {-1, (long)in_row}, "data");
+        const int64_t rows = data.shape(0);
+        const int64_t out_row = cols / kQBlock * gguf_unit_bytes(converted_type(src));
+        py::array_t<uint8_t> out({rows, out_row});
+        {
+          py::gil_scoped_release nogil;
+          convert_gguf_rows(src, data.data(), rows, cols, out.mutable_data(), threads);
+        }
+        return py::make_tuple(std::string(wtype_name(converted_type(src))), out);
+      }, py::arg("kind"), py::arg("data"), py::arg("cols"), py::arg("threads") = 1,
+      "GGUF Q5_0 / Q4_K / Q6_K rows [rows, row bytes] -> (dtype, rows in q8_0 / q4_1), as "
+      "formats.convert's numpy twins do it.");
+
   m.def("quantize_acts", [](const py::handle& x_obj) {
         auto x = as_array<float>(x_obj, "x");
         check_shape(x, {-1, -1}, "x");

@@ -56,6 +56,29 @@ inline float fp16_to_fp32(uint16_t h) {
   return f;
 }
 
+// Round to nearest even (numpy's float32 -> float16): overflow to inf, subnormals rounded
+// at 2^-24, NaN stays NaN.
+inline uint16_t fp32_to_fp16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520: inf (and inf itself)
+  if (ax >= 0x38800000u) {                       // normal in f16 (>= 2^-14)
+    const uint32_t r = ax + 0x0fffu + ((ax >> 13) & 1u);
+    return sign | (uint16_t)((r - (112u << 23)) >> 13);
+  }
+  if (ax < 0x33000000u) return sign;  // <= 2^-25: rounds to zero
+  // Subnormal: the value in units of 2^-24, rounded half to even.
+  const int shift = 126 - (int)(ax >> 23);  // 14..24
+  const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+  uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  return sign | (uint16_t)q;
+}
+
 // (DT_HD: the CUDA draft engine converts with these same functions.)
 DT_HD float bf16_to_fp32(uint16_t b) {
   const uint32_t bits = (uint32_t)b << 16;

@@ -36,6 +36,16 @@ struct PackedWeight {
 // `src` holds rows*row_bytes bytes laid out like GGUF (rows contiguous).
 PackedWeight pack_weight(WType type, int64_t rows, int64_t cols, const void* src, size_t src_bytes);
 
+// GGUF block types the kernels do not execute, rewritten row by row into ones they do
+// (python/dovetail_ext/formats/convert.py holds the numpy twins, bit for bit):
+//   Q5_0 -> q8_0 (exact), Q4_K -> q4_1 (float16 sub-block scale and offset), Q6_K -> q8_0
+//   (decoded, then ggml's Q8_0 quantizer). `in` is [rows, row bytes] as stored, `out`
+//   [rows, row bytes of the result]; cols must be a multiple of the block (32, 256, 256).
+enum class GgufBlocks { Q5_0, Q4_K, Q6_K };
+WType converted_type(GgufBlocks src);
+int64_t gguf_row_bytes(GgufBlocks src, int64_t cols);
+void convert_gguf_rows(GgufBlocks src, const uint8_t* in, int64_t rows, int64_t cols, uint8_t* out, int threads);
+
 // A new PackedWeight holding rows[0..n) of w, in that order (same format).
 PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n);
 

@@ -1,5 +1,6 @@
 // Weight packing, activation quantization and row dequantization (scalar; these run
 // once per weight or once per matmul input and are not on the inner loop).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -217,6 +218,121 @@ void dequantize_row(const PackedWeight& w, int64_t r, float* out) {
       for (int i = 0; i < kQBlock; ++i) o[i] = (float)((int)c[i] - off) * dw;
     }
   }
+}
+
+}  // namespace dovetail
+
+// ---- GGUF blocks the kernels do not execute (formats/convert.py is the twin) -------------
+
+namespace dovetail {
+namespace {
+
+// ggml's reference Q8_0 quantizer of 32 values: d = amax / 127, q = roundf(x / d) through
+// the float32 reciprocal, d stored as float16.
+void quantize_q8_0_block(const float* x, uint8_t* blk) {
+  float amax = 0.0f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  const uint16_t h = fp32_to_fp16(d);
+  std::memcpy(blk, &h, 2);
+  for (int i = 0; i < 32; ++i) blk[2 + i] = (uint8_t)(int8_t)std::roundf(x[i] * id);
+}
+
+// One Q5_0 block (22 bytes) -> one Q8_0 block (34 bytes): the same d, codes q - 16.
+void q5_0_to_q8_0(const uint8_t* in, uint8_t* out) {
+  std::memcpy(out, in, 2);
+  uint32_t qh;
+  std::memcpy(&qh, in + 2, 4);
+  const uint8_t* qs = in + 6;
+  for (int j = 0; j < 16; ++j) {
+    const int lo = (qs[j] & 0x0f) | (((qh >> j) & 1) << 4), hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+    out[2 + j] = (uint8_t)(int8_t)(lo - 16);
+    out[2 + 16 + j] = (uint8_t)(int8_t)(hi - 16);
+  }
+}
+
+// One Q4_K super-block (144 bytes, 256 values) -> 8 Q4_1 blocks (8 x 20 bytes).
+void q4_k_to_q4_1(const uint8_t* in, uint8_t* out) {
+  const float d = load_f16(in), dmin = load_f16(in + 2);
+  const uint8_t* s = in + 4;
+  const uint8_t* qs = in + 16;
+  for (int j = 0; j < 8; ++j) {
+    const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+    const int m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    uint8_t* blk = out + 20 * j;
+    const uint16_t dh = fp32_to_fp16(d * (float)sc), mh = fp32_to_fp16(-(dmin * (float)m));
+    std::memcpy(blk, &dh, 2);
+    std::memcpy(blk + 2, &mh, 2);
+    // Sub-block j: nibbles (low for even j, high for odd) of the 32 bytes of chunk j / 2.
+    const uint8_t* q = qs + 32 * (j / 2);
+    const int shift = 4 * (j & 1);
+    for (int i = 0; i < 16; ++i)
+      blk[4 + i] = (uint8_t)(((q[i] >> shift) & 0x0f) | (((q[i + 16] >> shift) & 0x0f) << 4));
+  }
+}
+
+// One Q6_K super-block (210 bytes, 256 values) -> 8 Q8_0 blocks: decoded as
+// (d * scale) * q in float32, then quantize_q8_0_block.
+void q6_k_to_q8_0(const uint8_t* in, uint8_t* out) {
+  const uint8_t* ql = in;
+  const uint8_t* qh = in + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(in + 192);
+  const float d = load_f16(in + 208);
+  float y[256];
+  for (int n = 0; n < 2; ++n) {
+    const uint8_t* l8 = ql + 64 * n;
+    const uint8_t* h8 = qh + 32 * n;
+    const int8_t* s8 = sc + 8 * n;
+    float* yy = y + 128 * n;
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = ((l8[l] & 0x0f) | (((h8[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = ((l8[l + 32] & 0x0f) | (((h8[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = ((l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = ((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4)) - 32;
+      yy[l] = (d * (float)s8[is]) * (float)q1;
+      yy[l + 32] = (d * (float)s8[is + 2]) * (float)q2;
+      yy[l + 64] = (d * (float)s8[is + 4]) * (float)q3;
+      yy[l + 96] = (d * (float)s8[is + 6]) * (float)q4;
+    }
+  }
+  for (int b = 0; b < 8; ++b) quantize_q8_0_block(y + 32 * b, out + 34 * b);
+}
+
+struct BlockKind {
+  int64_t values, in_bytes, out_bytes;  // per input block
+  void (*fn)(const uint8_t*, uint8_t*);
+};
+
+BlockKind block_kind(GgufBlocks src) {
+  switch (src) {
+    case GgufBlocks::Q5_0: return {32, 22, 34, q5_0_to_q8_0};
+    case GgufBlocks::Q4_K: return {256, 144, 160, q4_k_to_q4_1};
+    case GgufBlocks::Q6_K: return {256, 210, 272, q6_k_to_q8_0};
+  }
+  return {1, 0, 0, nullptr};
+}
+
+}  // namespace
+
+WType converted_type(GgufBlocks src) { return src == GgufBlocks::Q4_K ? WType::Q4_1 : WType::Q8_0; }
+
+int64_t gguf_row_bytes(GgufBlocks src, int64_t cols) {
+  const BlockKind k = block_kind(src);
+  DT_CHECK(cols > 0 && cols % k.values == 0,
+           "rows of " + std::to_string(cols) + " values are not whole blocks of " + std::to_string(k.values));
+  return cols / k.values * k.in_bytes;
+}
+
+void convert_gguf_rows(GgufBlocks src, const uint8_t* in, int64_t rows, int64_t cols, uint8_t* out, int threads) {
+  const BlockKind k = block_kind(src);
+  const int64_t nb = cols / k.values, in_row = gguf_row_bytes(src, cols), out_row = nb * k.out_bytes;
+  const int64_t per_chunk = std::max<int64_t>(1, 4096 / nb);  // about a million values a chunk
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
+  ThreadPool::instance().parallel_for(threads, chunks, [&](int64_t c) {
+    for (int64_t r = c * per_chunk; r < std::min(rows, (c + 1) * per_chunk); ++r)
+      for (int64_t b = 0; b < nb; ++b) k.fn(in + r * in_row + b * k.in_bytes, out + r * out_row + b * k.out_bytes);
+  });
 }
 
 }  // namespace dovetail

@@ -17,6 +17,10 @@ any other   ``q8_0``  dequantized by ``gguf.quants`` (exact), requantized by ggm
                       half a step, plus the float16 rounding of the block's scale)
 ==========  ========  ===============================================================
 
+Q5_0, Q4_K and Q6_K (the types of llama.cpp's K-quant mixes) convert natively
+(``_core.convert_gguf_blocks``, on every core); the numpy functions here are their twins,
+equal bit for bit (tested), and convert every other type.
+
 The engine then runs the converted model, and everything it guarantees (greedy
 speculation equal to plain greedy decoding, batch invariance) holds for that model; its
 outputs differ from llama.cpp's on the same file only by the rounding above.
@@ -39,7 +43,7 @@ import numpy as np
 
 from .base import row_nbytes
 
-__all__ = ["convert_blocks", "convertible_types"]
+__all__ = ["convert_blocks", "convert_blocks_numpy", "convertible_types"]
 
 
 def _q5_0_to_q8_0(data: np.ndarray) -> np.ndarray:
@@ -123,6 +127,28 @@ def convert_blocks(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.nda
         ValueError: a type neither converted nor dequantizable by ``gguf.quants``, or
             ``cols`` not a multiple of 32.
     """
+    if cols % 32:
+        raise ValueError(f"{qtype.name} rows of {cols} values cannot become blocks of 32")
+    if qtype.name in _NATIVE_CONVERSIONS:
+        from .. import _core
+        dtype, out = _core.convert_gguf_blocks(qtype.name, np.ascontiguousarray(data), cols, os.cpu_count() or 1)
+    else:
+        with np.errstate(over="ignore"):  # an overflowing scale is reported below
+            dtype, out = convert_blocks_numpy(data, qtype, cols)
+    # The float16 scale (and offset) fields of the result: a value the stored block held in
+    # float32 may not fit (|x| > 65504), which the engine would read as inf.
+    n = 4 if dtype == "q4_1" else 2
+    fields = np.ascontiguousarray(out.reshape(-1, 20 if dtype == "q4_1" else 34)[:, :n]).view(np.float16)
+    if not np.isfinite(fields).all():
+        raise ValueError(f"a block scale of this {qtype.name} matrix overflows float16 once converted to {dtype}")
+    return dtype, out
+
+
+_NATIVE_CONVERSIONS = ("Q5_0", "Q4_K", "Q6_K")
+
+
+def convert_blocks_numpy(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.ndarray]:
+    """:func:`convert_blocks` in numpy for every type (the native conversions' twin)."""
     if cols % 32:
         raise ValueError(f"{qtype.name} rows of {cols} values cannot become blocks of 32")
     special = _converters()
