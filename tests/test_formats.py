@@ -229,7 +229,11 @@ def test_native_conversion_matches_numpy_twin(qtype, cols: int, threads: int) ->
         from dovetail_ext.formats.convert import convert_blocks
         for o in at:
             per_row[3, 1, o:o + 2] = np.array([6e4], np.float16).view(np.uint8)
-        with pytest.raises(ValueError, match=f"scale of this {qtype.name} matrix overflows float16"):
+        with pytest.raises(ValueError, match=f"{qtype.name} matrix holds a value that is not finite, or a scale"):
+            convert_blocks(per_row.reshape(37, -1), qtype, cols)
+        for o in at:  # a NaN or inf scale in the file (a corrupt block)
+            per_row[3, 1, o:o + 2] = np.array([np.nan if o == at[0] else np.inf], np.float16).view(np.uint8)
+        with pytest.raises(ValueError, match="not finite"):
             convert_blocks(per_row.reshape(37, -1), qtype, cols)
     with pytest.raises(ValueError, match="kind must be Q5_0, Q4_K or Q6_K"):
         _core.convert_gguf_blocks("Q2_K", blocks, cols, 1)

@@ -228,14 +228,19 @@ namespace dovetail {
 namespace {
 
 // ggml's reference Q8_0 quantizer of 32 values: d = amax / 127, q = roundf(x / d) through
-// the float32 reciprocal, d stored as float16.
+// the float32 reciprocal, d stored as float16. A block with a value that is not finite (a
+// corrupt file) gets a NaN scale and zero codes, which the loader refuses.
 void quantize_q8_0_block(const float* x, uint8_t* blk) {
   float amax = 0.0f;
-  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  bool finite = true;
+  for (int i = 0; i < 32; ++i) {
+    finite = finite && std::isfinite(x[i]);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  const float d = finite ? amax / 127.0f : std::nanf(""), id = finite && d != 0.0f ? 1.0f / d : 0.0f;
   const uint16_t h = fp32_to_fp16(d);
   std::memcpy(blk, &h, 2);
-  for (int i = 0; i < 32; ++i) blk[2 + i] = (uint8_t)(int8_t)std::roundf(x[i] * id);
+  for (int i = 0; i < 32; ++i) blk[2 + i] = finite ? (uint8_t)(int8_t)std::roundf(x[i] * id) : 0;
 }
 
 // One Q5_0 block (22 bytes) -> one Q8_0 block (34 bytes): the same d, codes q - 16.

@@ -136,11 +136,13 @@ def convert_blocks(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.nda
         with np.errstate(over="ignore"):  # an overflowing scale is reported below
             dtype, out = convert_blocks_numpy(data, qtype, cols)
     # The float16 scale (and offset) fields of the result: a value the stored block held in
-    # float32 may not fit (|x| > 65504), which the engine would read as inf.
+    # float32 may not fit (|x| > 65504), which the engine would read as inf; a corrupt block
+    # (NaN or inf) leaves a NaN or inf there too.
     n = 4 if dtype == "q4_1" else 2
     fields = np.ascontiguousarray(out.reshape(-1, 20 if dtype == "q4_1" else 34)[:, :n]).view(np.float16)
     if not np.isfinite(fields).all():
-        raise ValueError(f"a block scale of this {qtype.name} matrix overflows float16 once converted to {dtype}")
+        raise ValueError(f"a block of this {qtype.name} matrix holds a value that is not finite, or a scale "
+                         f"that overflows float16 once converted to {dtype}")
     return dtype, out
 
 
