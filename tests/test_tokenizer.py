@@ -299,3 +299,16 @@ def test_gguf_split_pre_tokenizers_match_transformers(tmp_path: Path, default_so
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
     # LLaMA-3 groups digits by three (this vocabulary then spells each group digit by digit).
     assert [p for p, _ in ours.backend.pre_tokenizer.pre_tokenize_str("1234567")] == digits
+    assert ours.approximate is None
+
+
+@pytest.mark.parametrize("pre,approximate", [("gpt-2", False), ("smollm", False), ("tekken", True), (None, True)])
+def test_unimplemented_pre_tokenizer_is_flagged(pre, approximate: bool) -> None:
+    from dovetail_ext.formats.tokenizer import _bytes_to_unicode
+    tokens = [_bytes_to_unicode()[b] for b in range(256)] + ["<|end|>"]
+    tok = tokenizer_from_gguf_vocab(model="gpt2", tokens=tokens, token_types=[1] * 256 + [3], merges=[],
+                                    pre=pre, eos_ids=[256])
+    assert (tok.approximate is not None) == approximate
+    if approximate:
+        assert repr(pre) in tok.approximate and "GPT-2 split" in tok.approximate
+    assert tok.decode(tok.encode("héllo 12")) == "héllo 12"

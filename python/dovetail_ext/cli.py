@@ -284,6 +284,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "attention_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm,
             "rope_theta": cfg.rope_theta, "rope_freq_factors": cfg.rope_freq_factors, "tensor_dtypes": dtypes,
             "converted_at_load": src.metadata.get("converted", {}),
+            "tokenizer_approximate": getattr(src.tokenizer, "approximate", None),
             "parameters": int(sum(math.prod(w.shape) for w in src.weights.values())),
         }
     except (FileNotFoundError, ValueError) as e:

@@ -21,8 +21,8 @@ GGUF vocabularies (``tokenizer.ggml.model``):
   ``tokenizer.ggml.pre`` picks the pre-tokenizer: ``smollm`` splits digits one by one and
   then applies the GPT-2 regex (llama.cpp's and SmolLM2's own rule); ``llama-bpe`` /
   ``llama3`` use the LLaMA-3 split regex, ``qwen2`` the same with digits one by one;
-  every other value falls back to the GPT-2 regex,
-  which is exact for GPT-2-style vocabularies and only approximate for others.
+  ``gpt-2`` the GPT-2 regex; every other value (llama.cpp knows dozens) falls back to the
+  GPT-2 regex, which may split text differently, and ``Tokenizer.approximate`` says so.
 - ``llama``: SentencePiece BPE. The file keeps pieces, scores and piece types but not the
   SentencePiece model itself, so an equivalent model (BPE, byte fallback, identity
   normalizer, dummy prefix as ``tokenizer.ggml.add_space_prefix`` says) is serialized and
@@ -60,6 +60,8 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# tokenizer.ggml.pre values whose split is implemented exactly (others: the GPT-2 regex).
+_EXACT_PRE = ("gpt-2", "smollm", "llama-bpe", "llama3", "llama-v3", "qwen2")
 # Qwen2's: LLaMA-3's with digits one by one (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2).
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
@@ -224,6 +226,9 @@ class Tokenizer:
         self.add_bos = bool(add_bos)
         self.chat_template = chat_template
         self.source = source
+        #: Why token ids may differ from the model's own tokenizer (None: they do not), e.g.
+        #: a GGUF pre-tokenizer this package does not implement.
+        self.approximate: str | None = None
         self._template = _compile_template(chat_template or CHATML_TEMPLATE, source)
 
     @classmethod
@@ -362,8 +367,12 @@ def tokenizer_from_gguf_vocab(*, model: str, tokens: Sequence[str], token_types:
                           f"for {len(tokens)} tokens")
     kwargs = dict(bos_id=bos_id, eos_ids=eos_ids, chat_template=chat_template, source=source)
     if model == "gpt2":
-        tok = _byte_level_bpe(tokens, token_types, merges, pre, source)
-        return Tokenizer.from_tokenizers(tok, add_bos=bool(add_bos), **kwargs)
+        tok = Tokenizer.from_tokenizers(_byte_level_bpe(tokens, token_types, merges, pre, source),
+                                        add_bos=bool(add_bos), **kwargs)
+        if pre not in _EXACT_PRE:
+            tok.approximate = (f"pre-tokenizer {pre!r} is not implemented: the GPT-2 split is used, so "
+                               f"token ids may differ from llama.cpp's")
+        return tok
     if model == "llama":
         sp = _sentencepiece_from_vocab(tokens, token_types, scores,
                                        True if add_space_prefix is None else add_space_prefix, source)
