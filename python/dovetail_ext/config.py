@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LlamaConfig"]
+__all__ = ["LlamaConfig", "ARCHITECTURES"]
+
+#: The decoders the engine runs (GGUF ``general.architecture`` / Hugging Face ``model_type``)
+#: and the LlamaConfig flags each one sets: Qwen2 adds q/k/v biases, Qwen3 q/k head norms.
+ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "llama": {"attention_bias": False, "qk_norm": False},
+    "qwen2": {"attention_bias": True, "qk_norm": False},
+    "qwen3": {"attention_bias": False, "qk_norm": True},
+}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LlamaConfig
+from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
 from .base import ModelSource, Weight, expected_weight_shapes
 from .tokenizer import tokenizer_from_gguf_vocab
@@ -46,7 +46,6 @@ __all__ = ["load_gguf", "GGUF_MAGIC"]
 GGUF_MAGIC = b"GGUF"
 
 # GGUF metadata value types -> byte size of a scalar (8 = string, 9 = array).
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 # Longest metadata array accepted: real vocabularies and merge lists stay far below.
 _MAX_ARRAY = 1 << 22
@@ -79,9 +78,10 @@ class _TensorInfo:
     data: np.ndarray | None = None  # typed [..., cols] for float / int types, else uint8 [..., row bytes]
 
 
-# GGUF metadata scalar types -> struct format.
+# GGUF metadata scalar types -> struct format (also a numpy dtype), and its size.
 _SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR_SIZE = {k: struct.calcsize(f) for k, f in _SCALAR_FMT.items()}
 
 
 class _HeaderScan:
@@ -263,8 +263,8 @@ class _Metadata:
                 return value.decode("utf-8")
             if isinstance(value, _Array):
                 if value.itype in _SCALAR_FMT:
-                    dtype = "bool" if value.itype == 7 else _SCALAR_FMT[value.itype]
-                    return np.frombuffer(self.buf, dtype=dtype, count=value.count, offset=value.offset).tolist()
+                    return np.frombuffer(self.buf, dtype=_SCALAR_FMT[value.itype], count=value.count,
+                                         offset=value.offset).tolist()
                 return [v.decode("utf-8") for v in value.strings] if value.strings is not None else None
         except UnicodeDecodeError as e:
             raise FormatError(f"{self.path}: metadata {key} holds a string that is not UTF-8: {e}") from e
@@ -279,10 +279,6 @@ class _Metadata:
 def _f32_decimal(value: float) -> float:
     """The shortest decimal that is the same float32 (GGUF stores 1e-5 as 9.99999975e-06)."""
     return float(str(np.float32(value)))
-
-
-#: general.architecture -> (q / k / v projections carry a bias, q / k heads are RMS-normalized).
-ARCHITECTURES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 
 
 def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> LlamaConfig:
@@ -328,8 +324,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> L
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id", int),
             eos_token_ids=tuple(eos),
             architecture=arch,
-            attention_bias=ARCHITECTURES[arch][0],
-            qk_norm=ARCHITECTURES[arch][1],
+            **ARCHITECTURES[arch],
             rope_freq_factors=rope_freqs,
         )
     except ValueError as e:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LlamaConfig
+from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
 from .base import WEIGHT_DTYPES, ModelSource, Weight, expected_weight_shapes, row_nbytes
 from .tokenizer import tokenizer_from_hf_directory
@@ -149,19 +149,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
-    """LlamaConfig from a parsed config.json; every problem names the key.
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaConfig, np.ndarray | None]:
+    """LlamaConfig from a parsed config.json, and the RoPE frequency divisors of "llama3"
+    scaling (None without it); every problem names the key.
 
     The LM head is tied when config.json says so or the checkpoint has no ``lm_head``.
     """
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
-    qwen3 = model_type == "qwen3" or "Qwen3ForCausalLM" in archs
-    if model_type != "llama" and "LlamaForCausalLM" not in archs and not qwen2 and not qwen3:
+    arch = next((a for a, c in _HF_CLASSES.items() if model_type == a or c in archs), None)
+    if arch is None:
         raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
-                          f"LLaMA, Qwen2 or Qwen3 model (model_type 'llama' / 'qwen2' / 'qwen3', "
-                          f"LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM)")
+                          f"LLaMA, Qwen2 or Qwen3 model (model_type {' / '.join(map(repr, _HF_CLASSES))}, "
+                          f"{' / '.join(_HF_CLASSES.values())})")
 
     def get(key: str, kind: type | tuple[type, ...], default: Any = ..., *, src: dict = cfg) -> Any:
         if key not in src or src[key] is None:
@@ -196,7 +199,7 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
         raise FormatError(f"{path}: eos_token_id = {eos!r} must be an int or a list of ints")
     heads = get("num_attention_heads", int)
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             vocab_size=get("vocab_size", int),
             hidden_size=get("hidden_size", int),
             intermediate_size=get("intermediate_size", int),
@@ -210,13 +213,16 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> LlamaConfig:
             tie_word_embeddings=get("tie_word_embeddings", bool, False) or not has_lm_head,
             bos_token_id=get("bos_token_id", int, None),
             eos_token_ids=tuple(eos),
-            architecture="qwen2" if qwen2 else "qwen3" if qwen3 else "llama",
-            attention_bias=qwen2,
-            qk_norm=qwen3,
+            architecture=arch,
+            **ARCHITECTURES[arch],
             rope_freq_factors=rope_type == "llama3",
         )
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from e
+    if rope_type != "llama3":
+        return config, None
+    return config, llama3_rope_factors(config.rope_theta, config.head_dim,
+                                       *(float(scaling[k]) for k in _LLAMA3_KEYS))
 
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -237,11 +243,6 @@ def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_fac
     out = np.where(wavelen < high_wavelen, 1.0,
                    np.where(wavelen > low_wavelen, factor, 1.0 / ((1 - smooth) / factor + smooth)))
     return out.astype(np.float32)
-
-
-def _rope_factors(raw_cfg: dict[str, Any], cfg: LlamaConfig) -> np.ndarray:
-    scaling = raw_cfg.get("rope_scaling") or raw_cfg.get("rope_parameters") or {}
-    return llama3_rope_factors(cfg.rope_theta, cfg.head_dim, *(float(scaling[k]) for k in _LLAMA3_KEYS))
 
 
 def _open_weights(directory: Path) -> dict[str, _SafetensorsFile]:
@@ -348,7 +349,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
                               f"Qwen3 model)")
         by_name[canonical] = (hf_name, st)
 
-    cfg = _config(raw_cfg, config_path, has_lm_head="output" in by_name)
+    cfg, rope_factors = _config(raw_cfg, config_path, has_lm_head="output" in by_name)
     if cfg.tie_word_embeddings:
         by_name.pop("output", None)  # transformers ignores a saved lm_head when tied
 
@@ -382,7 +383,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
             raise FormatError(f"{st.path}: tensor {hf_name}: cannot store as {weights}: {e}") from e
 
     if cfg.rope_freq_factors:
-        loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], _rope_factors(raw_cfg, cfg))
+        loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], rope_factors)
     tokenizer = tokenizer_from_hf_directory(directory, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
     return ModelSource(config=cfg, weights=loaded, tokenizer=tokenizer,
                        chat_template=tokenizer.chat_template, name=directory.name, path=str(directory),
