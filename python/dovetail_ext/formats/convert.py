@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from .base import row_nbytes
+from .base import QUANT_BLOCK, row_nbytes
 
 __all__ = ["convert_blocks", "convert_blocks_numpy", "convertible_types"]
 
@@ -96,6 +97,7 @@ def _requantize_q8_0(data: np.ndarray, qtype: Any, cols: int) -> np.ndarray:
     return quants.quantize(values, Q.Q8_0)
 
 
+@lru_cache(maxsize=None)
 def _converters() -> dict[Any, tuple[str, Any]]:
     from gguf import GGMLQuantizationType as Q
     return {Q.Q5_0: ("q8_0", lambda data, cols: _q5_0_to_q8_0(data)),
@@ -103,8 +105,11 @@ def _converters() -> dict[Any, tuple[str, Any]]:
 
 
 _NATIVE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Converted by _core.convert_gguf_blocks (the numpy functions here are their twins).
+_NATIVE_CONVERSIONS = ("Q5_0", "Q4_K", "Q6_K")
 
 
+@lru_cache(maxsize=None)
 def convertible_types() -> dict[str, str]:
     """ggml type name -> engine dtype, for every type :func:`convert_blocks` accepts."""
     from gguf import GGMLQuantizationType as Q
@@ -127,9 +132,7 @@ def convert_blocks(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.nda
         ValueError: a type neither converted nor dequantizable by ``gguf.quants``, or
             ``cols`` not a multiple of 32.
     """
-    if cols % 32:
-        raise ValueError(f"{qtype.name} rows of {cols} values cannot become blocks of 32")
-    if qtype.name in _NATIVE_CONVERSIONS:
+    if qtype.name in _NATIVE_CONVERSIONS:  # (each path checks that cols is whole blocks)
         from .. import _core
         dtype, out = _core.convert_gguf_blocks(qtype.name, np.ascontiguousarray(data), cols, os.cpu_count() or 1)
     else:
@@ -138,15 +141,12 @@ def convert_blocks(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.nda
     # The float16 scale (and offset) fields of the result: a value the stored block held in
     # float32 may not fit (|x| > 65504), which the engine would read as inf; a corrupt block
     # (NaN or inf) leaves a NaN or inf there too.
-    n = 4 if dtype == "q4_1" else 2
-    fields = np.ascontiguousarray(out.reshape(-1, 20 if dtype == "q4_1" else 34)[:, :n]).view(np.float16)
+    n = 4 if dtype == "q4_1" else 2  # d (and m)
+    fields = np.ascontiguousarray(out.reshape(-1, QUANT_BLOCK[dtype][1])[:, :n]).view(np.float16)
     if not np.isfinite(fields).all():
         raise ValueError(f"a block of this {qtype.name} matrix holds a value that is not finite, or a scale "
                          f"that overflows float16 once converted to {dtype}")
     return dtype, out
-
-
-_NATIVE_CONVERSIONS = ("Q5_0", "Q4_K", "Q6_K")
 
 
 def convert_blocks_numpy(data: np.ndarray, qtype: Any, cols: int) -> tuple[str, np.ndarray]:
