@@ -18,6 +18,9 @@ int64_t get_int(const py::dict& d, const char* key) {
   return d[key].cast<int64_t>();
 }
 
+// An optional boolean of the model config (absent: false).
+bool get_flag(const py::dict& d, const char* key) { return d.contains(key) && d[key].cast<bool>(); }
+
 float get_float(const py::dict& d, const char* key) {
   DT_CHECK(d.contains(key), std::string("model config is missing '") + key + "'");
   return d[key].cast<float>();
@@ -148,10 +151,9 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& cfg, const py::dict& weights, int64_t context, int64_t max_batch,
                        int threads, const std::string& kv_dtype, int64_t first_layer) {
              LayerDims d = layer_dims(cfg);
-             const bool bias = cfg.contains("attention_bias") && cfg["attention_bias"].cast<bool>();
-             const bool qk_norm = cfg.contains("qk_norm") && cfg["qk_norm"].cast<bool>();
              LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
-                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer, bias, qk_norm};
+                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer,
+                           get_flag(cfg, "attention_bias"), get_flag(cfg, "qk_norm")};
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -473,10 +475,10 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
                        int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
              LayerDims d = layer_dims(cfg);
-             DT_CHECK(!(cfg.contains("attention_bias") && cfg["attention_bias"].cast<bool>()),
+             DT_CHECK(!get_flag(cfg, "attention_bias"),
                       "gpu_layers does not support models with attention biases (Qwen2) yet: run them with "
                       "gpu_layers=0");
-             DT_CHECK(!(cfg.contains("qk_norm") && cfg["qk_norm"].cast<bool>()),
+             DT_CHECK(!get_flag(cfg, "qk_norm"),
                       "gpu_layers does not support models with q/k norms (Qwen3) yet: run them with gpu_layers=0");
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
