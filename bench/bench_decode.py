@@ -117,16 +117,16 @@ def test_vs_llama_cpp(benchmark, request, threads, record, model, n_threads):
     OpenMP workers spin-wait, and on a machine where another process holds a core its
     2-thread figures collapse (ours use a contention-tolerant pool); one thread shows the
     kernels alone. ``extra``: the GGUF named by DOVETAIL_BENCH_GGUF (``vs_llama_cpp_extra``)."""
-    default_source = request.getfixturevalue("default_source" if model == "default" else "extra_source")
+    source = request.getfixturevalue("default_source" if model == "default" else "extra_source")
     group = "vs_llama_cpp" if model == "default" else "vs_llama_cpp_extra"
     threads = threads if n_threads == "bench" else n_threads
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
                                     "(CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
     n = NEW_TOKENS if benchmark.enabled else 4
     n_pp = 512 if benchmark.enabled else 32
-    llm = llama_cpp.Llama(model_path=str(default_source.path), n_ctx=1024, n_batch=512, n_threads=threads,
+    llm = llama_cpp.Llama(model_path=str(source.path), n_ctx=1024, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
-    ids = _prompt_ids(default_source)
+    ids = _prompt_ids(source)
 
     def llama_decode():
         llm.reset()
@@ -146,7 +146,7 @@ def test_vs_llama_cpp(benchmark, request, threads, record, model, n_threads):
         llm.eval(pp)
         return n_pp / (time.perf_counter() - t0)
 
-    eng = TargetEngine(default_source, context=1024, threads=threads, max_batch=512)
+    eng = TargetEngine(source, context=1024, threads=threads, max_batch=512)
 
     def native_prefill():
         eng.reset()
@@ -166,7 +166,7 @@ def test_vs_llama_cpp(benchmark, request, threads, record, model, n_threads):
     benchmark.pedantic(run, rounds=1, iterations=1)
     med = {k: float(np.median(v)) for k, v in got.items()}
     benchmark.extra_info.update({k: round(v, 1) for k, v in med.items()})
-    extra = {} if model == "default" else {"model": default_source.name}
+    extra = {} if model == "default" else {"model": source.name}
     record(group, f"tg{n} {threads}t", native_tok_s=med["native_tg"], llama_cpp_tok_s=med["llama_tg"],
            ratio=med["native_tg"] / med["llama_tg"], llama_cpp_version=llama_cpp.__version__, **extra)
     record(group, f"pp{n_pp} {threads}t", native_tok_s=med["native_pp"], llama_cpp_tok_s=med["llama_pp"],
