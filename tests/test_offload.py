@@ -37,12 +37,29 @@ def scaled_rope_source():
     return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
 
 
+@pytest.fixture(scope="module")
+def qwen2_source():
+    """Qwen2: q/k/v biases, added on the device before RoPE as on the CPU."""
+    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, bias=True)
+    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
+
+
+@pytest.fixture(scope="module")
+def qwen3_source():
+    """Qwen3: an RMSNorm of every q and k head before RoPE, on the device as on the CPU."""
+    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, qk_norm=True)
+    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
+
+
+ARCH_SOURCES = ["source", "qwen2_source", "qwen3_source"]
+
+
 def engines(source, gpu_layers=1, device="emulated", **kw):
     return (TargetEngine(source, context=256, threads=1, **kw),
             TargetEngine(source, context=256, threads=1, gpu_layers=gpu_layers, device=device, **kw))
 
 
-@pytest.mark.parametrize("which", ["source", "scaled_rope_source"])
+@pytest.mark.parametrize("which", ARCH_SOURCES + ["scaled_rope_source"])
 def test_offloaded_target_matches_the_cpu_target(request, which):
     source = request.getfixturevalue(which)
     toks = np.random.default_rng(0).integers(0, 301, 11)
@@ -61,9 +78,10 @@ def test_offloaded_target_matches_the_cpu_target(request, which):
         assert off.n_past == 11 and off.device_stats["calls"] == 1
 
 
-def test_offloaded_target_is_batch_invariant(source):
+@pytest.mark.parametrize("which", ARCH_SOURCES)
+def test_offloaded_target_is_batch_invariant(request, which):
     """Logits of a token are bitwise the same in a prefill chunk, alone, or inside a tree."""
-    _, off = engines(source, 2)
+    _, off = engines(request.getfixturevalue(which), 2)
     toks = np.random.default_rng(1).integers(0, 301, 8)
     whole, _ = off.forward(toks, logit_rows=range(8))
     off.reset()
@@ -102,8 +120,10 @@ def test_commit_keeps_both_sides_in_step(source):
     assert off.n_past == before + 2 and off._prefix.n_past == before + 2
 
 
-@pytest.mark.parametrize("params", SHAPES, ids=str)
-def test_greedy_speculation_with_an_offloaded_target_equals_its_plain_decoding(source, params):
+@pytest.mark.parametrize("which,params", [("source", p) for p in SHAPES] +
+                         [(w, SHAPES[-1]) for w in ARCH_SOURCES[1:]], ids=str)
+def test_greedy_speculation_with_an_offloaded_target_equals_its_plain_decoding(request, which, params):
+    source = request.getfixturevalue(which)
     _, off = engines(source, 2)
     draft = random_draft(source, off)
     prompt = [5, 17, 42, 99, 3]
@@ -139,17 +159,13 @@ def test_offload_arguments(source):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         off.forward([10**5])
     assert off.n_past == 0 and off._prefix.pending == 0
-    qwen = tiny_config(bias=True)
-    with pytest.raises(ValueError, match=r"gpu_layers does not support models with attention biases \(Qwen2\)"):
-        TargetEngine(make_source(qwen, random_weights(qwen)), context=32, gpu_layers=1, device="emulated")
-    qwen3 = tiny_config(qk_norm=True)
-    with pytest.raises(ValueError, match=r"gpu_layers does not support models with q/k norms \(Qwen3\)"):
-        TargetEngine(make_source(qwen3, random_weights(qwen3)), context=32, gpu_layers=1, device="emulated")
 
 
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_offload_matches_emulated_and_stays_exact(source):
+@pytest.mark.parametrize("which", ARCH_SOURCES)
+def test_cuda_offload_matches_emulated_and_stays_exact(request, which):
+    source = request.getfixturevalue(which)
     _, emu = engines(source, 2)
     _, gpu = engines(source, 2, device="cuda")
     toks = np.random.default_rng(3).integers(0, 301, 9)

@@ -35,6 +35,8 @@ LayerDims layer_dims(const py::dict& cfg) {
   d.head_dim = get_int(cfg, "head_dim");
   d.rope_theta = get_float(cfg, "rope_theta");
   d.eps = get_float(cfg, "rms_norm_eps");
+  d.qkv_bias = get_flag(cfg, "attention_bias");  // Qwen2
+  d.qk_norm = get_flag(cfg, "qk_norm");          // Qwen3
   return d;
 }
 
@@ -152,8 +154,8 @@ void bind_engine(py::module_& m) {
                        int threads, const std::string& kv_dtype, int64_t first_layer) {
              LayerDims d = layer_dims(cfg);
              LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
-                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer,
-                           get_flag(cfg, "attention_bias"), get_flag(cfg, "qk_norm")};
+                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer, d.qkv_bias,
+                           d.qk_norm};
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -474,12 +476,7 @@ void bind_engine(py::module_& m) {
       "(use dovetail_ext.target.TargetEngine(gpu_layers=N)).")
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
                        int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
-             LayerDims d = layer_dims(cfg);
-             DT_CHECK(!get_flag(cfg, "attention_bias"),
-                      "gpu_layers does not support models with attention biases (Qwen2) yet: run them with "
-                      "gpu_layers=0");
-             DT_CHECK(!get_flag(cfg, "qk_norm"),
-                      "gpu_layers does not support models with q/k norms (Qwen3) yet: run them with gpu_layers=0");
+             LayerDims d = layer_dims(cfg);  // (biases and q/k norms as the CPU layers)
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);

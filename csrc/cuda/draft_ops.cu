@@ -185,6 +185,29 @@ __global__ void rope_store_kernel(RopeStoreArgs a) {
 constexpr int kAttnWarps = 4;
 constexpr int kMaxDhPerLane = 8;  // head_dim <= 256
 
+// One warp per (token, head of q|k|v), before rope_store_kernel: the bias added, then each q
+// and k head RMS-normalized (RopeStoreArgs); the 32 lanes split the head dimension.
+__global__ void qkv_prep_kernel(RopeStoreArgs a) {
+  const int lane = threadIdx.x % 32, heads = a.H + 2 * a.KV;
+  const long item = blockIdx.x * (long)kAttnWarps + threadIdx.x / 32;
+  if (item >= (long)a.T * heads) return;  // (the whole warp: item is the warp's)
+  const int t = (int)(item / heads), h = (int)(item % heads);
+  float* v = a.qkv + (size_t)t * a.ld + (size_t)h * a.Dh;
+  const float* b = a.bias ? a.bias + (size_t)h * a.Dh : nullptr;
+  const float* w = !a.q_norm ? nullptr : h < a.H ? a.q_norm : h < a.H + a.KV ? a.k_norm : nullptr;
+  float x[kMaxDhPerLane], ss = 0.0f;
+  for (int c = 0; c < kMaxDhPerLane; ++c) {
+    const int i = lane + 32 * c;
+    x[c] = i < a.Dh ? v[i] + (b ? b[i] : 0.0f) : 0.0f;
+    ss += x[c] * x[c];
+  }
+  const float inv = w ? rsqrtf(warp_sum(ss) / (float)a.Dh + a.eps) : 1.0f;
+  for (int c = 0; c < kMaxDhPerLane; ++c) {
+    const int i = lane + 32 * c;
+    if (i < a.Dh) v[i] = w ? x[c] * inv * w[i] : x[c];
+  }
+}
+
 // One warp per (token, head): keys in order, the 32 lanes split the head dimension.
 __global__ void attention_kernel(AttentionCall a) {
   const int lane = threadIdx.x % 32;
@@ -532,6 +555,11 @@ class CudaOps final : public DeviceOps {
     after_launch("dgf_mix");
   }
   void rope_store(const RopeStoreArgs& a) override {
+    if (a.bias || a.q_norm) {
+      // (head_dim <= 32 * kMaxDhPerLane: the engine refuses larger heads at construction)
+      qkv_prep_kernel<<<blocks_for((long)a.T * (a.H + 2 * a.KV), kAttnWarps), 32 * kAttnWarps, 0, compute_>>>(a);
+      after_launch("qkv_prep");
+    }
     rope_store_kernel<<<grid((long)a.T * (a.H + 2 * a.KV) * (a.Dh / 2)), kThreads, 0, compute_>>>(a);
     after_launch("rope_store");
   }

@@ -138,6 +138,12 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
     lb.wo = upload_weights(weights, {{b + "attn_output", D}}, QD);
     lb.wgu = upload_weights(weights, {{b + "ffn_gate", F}, {b + "ffn_up", F}}, D);
     lb.wdown = upload_weights(weights, {{b + "ffn_down", D}}, F);
+    const AttentionExtras x = attention_extras_named(weights, d, b);
+    if (!x.bqkv.empty()) lb.bqkv = upload_f32(x.bqkv);
+    if (!x.q_norm.empty()) {
+      lb.q_norm = upload_f32(x.q_norm);
+      lb.k_norm = upload_f32(x.k_norm);
+    }
     layers_.push_back(lb);
   }
   std::vector<float> c, s;
@@ -239,6 +245,7 @@ void DeviceStack::run_layers(const Layout& Lo, int64_t T, int64_t P) {
     RopeStoreArgs rs;
     rs.qkv = qkv_; rs.ld = (int)QKV_; rs.T = t; rs.H = H; rs.KV = KV; rs.Dh = Dh; rs.S = S; rs.P = (int)P;
     rs.positions = positions; rs.cos = cos_; rs.sin = sin_; rs.n_past = n_past; rs.k_cache = kc; rs.v_cache = vc;
+    rs.bias = lb.bqkv; rs.q_norm = lb.q_norm; rs.k_norm = lb.k_norm; rs.eps = eps;
     ops_->rope_store(rs);
     AttentionCall ac;
     ac.q = qkv_; ac.ld = (int)QKV_; ac.T = t; ac.H = H; ac.KV = KV; ac.Dh = Dh; ac.S = S; ac.P = (int)P;

@@ -108,6 +108,7 @@ class DeviceStack {
     float* attn_norm = nullptr;  // null: no input norm (the draft's first layer)
     float* ffn_norm = nullptr;
     bf16_t *wqkv = nullptr, *wo = nullptr, *wgu = nullptr, *wdown = nullptr;
+    float *bqkv = nullptr, *q_norm = nullptr, *k_norm = nullptr;  // null unless d.qkv_bias / d.qk_norm
   };
   std::vector<LayerBufs> layers_;
   float *cos_ = nullptr, *sin_ = nullptr;

@@ -20,7 +20,9 @@ using bf16_t = uint16_t;
 
 // RoPE on the q and k parts of qkv rows [T, ld] (q: H heads at column 0, k: KV heads at
 // column H*Dh, v after k), then k and v into the layer's cache [KV][S][Dh] (bf16) at slot
-// *n_past + P + t.
+// *n_past + P + t. Before RoPE, in place and in this order, when given: the q|k|v biases
+// (Qwen2) are added, and each q head is RMS-normalized with q_norm, each k head with k_norm
+// (Qwen3), as the CPU engine does.
 struct RopeStoreArgs {
   float* qkv = nullptr;
   int ld = 0, T = 0, H = 0, KV = 0, Dh = 0, S = 0, P = 0;
@@ -30,6 +32,10 @@ struct RopeStoreArgs {
   const int32_t* n_past = nullptr;        // backend scalar
   bf16_t* k_cache = nullptr;
   bf16_t* v_cache = nullptr;
+  const float* bias = nullptr;            // [(H + 2 KV) Dh] or null
+  const float* q_norm = nullptr;          // [Dh] each, both or neither
+  const float* k_norm = nullptr;
+  float eps = 1e-6f;                      // of the q / k norms
 };
 
 // Tree attention of T query rows: row t, head h sees the committed slots [0, *n_past) and

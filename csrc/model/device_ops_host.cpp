@@ -108,6 +108,13 @@ class HostOps final : public DeviceOps {
     const int half = a.Dh / 2, base = *a.n_past + a.P;
     for (int t = 0; t < a.T; ++t) {
       float* row = a.qkv + (size_t)t * a.ld;
+      for (int i = 0; a.bias && i < (a.H + 2 * a.KV) * a.Dh; ++i) row[i] += a.bias[i];
+      for (int h = 0; a.q_norm && h < a.H + a.KV; ++h) {  // q heads, then k heads
+        float* v = row + (size_t)h * a.Dh;
+        const float* w = h < a.H ? a.q_norm : a.k_norm;
+        const float inv = rms_inv(v, a.Dh, a.eps);
+        for (int i = 0; i < a.Dh; ++i) v[i] = v[i] * inv * w[i];
+      }
       const float* c = a.cos + (size_t)a.positions[t] * half;
       const float* s = a.sin + (size_t)a.positions[t] * half;
       for (int h = 0; h < a.H + a.KV; ++h)  // q heads, then k heads

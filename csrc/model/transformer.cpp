@@ -73,6 +73,29 @@ std::vector<float> rope_factors_named(const WeightMap& w, int64_t head_dim) {
   return f;
 }
 
+AttentionExtras attention_extras_named(const WeightMap& w, const LayerDims& d, const std::string& b) {
+  const int64_t QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim;
+  AttentionExtras x;
+  if (d.qkv_bias) {
+    x.bqkv = norm_named(w, b + "attn_q.bias", QD);
+    for (const char* part : {"attn_k.bias", "attn_v.bias"}) {
+      const std::vector<float> more = norm_named(w, b + part, KD);
+      x.bqkv.insert(x.bqkv.end(), more.begin(), more.end());
+    }
+  } else {
+    for (const char* part : {"attn_q.bias", "attn_k.bias", "attn_v.bias"})
+      DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no attention bias");
+  }
+  if (d.qk_norm) {
+    x.q_norm = norm_named(w, b + "attn_q_norm", d.head_dim);
+    x.k_norm = norm_named(w, b + "attn_k_norm", d.head_dim);
+  } else {
+    for (const char* part : {"attn_q_norm", "attn_k_norm"})
+      DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no q/k norm");
+  }
+  return x;
+}
+
 std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers, bool first_has_norm,
                                       int64_t first) {
   const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim;
@@ -95,23 +118,10 @@ std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, in
       L.w_up = pack_named(w, b + "ffn_up", F, D);
     }
     L.w_down = pack_named(w, b + "ffn_down", D, F);
-    if (d.qkv_bias) {
-      L.bqkv = norm_named(w, b + "attn_q.bias", QD);
-      for (const char* part : {"attn_k.bias", "attn_v.bias"}) {
-        const std::vector<float> more = norm_named(w, b + part, KD);
-        L.bqkv.insert(L.bqkv.end(), more.begin(), more.end());
-      }
-    } else {
-      for (const char* part : {"attn_q.bias", "attn_k.bias", "attn_v.bias"})
-        DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no attention bias");
-    }
-    if (d.qk_norm) {
-      L.q_norm = norm_named(w, b + "attn_q_norm", d.head_dim);
-      L.k_norm = norm_named(w, b + "attn_k_norm", d.head_dim);
-    } else {
-      for (const char* part : {"attn_q_norm", "attn_k_norm"})
-        DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no q/k norm");
-    }
+    AttentionExtras x = attention_extras_named(w, d, b);
+    L.bqkv = std::move(x.bqkv);
+    L.q_norm = std::move(x.q_norm);
+    L.k_norm = std::move(x.k_norm);
   }
   return layers;
 }

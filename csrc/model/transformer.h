@@ -55,6 +55,14 @@ std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64
 // The weight "rope_freqs" [Dh/2] when `w` has it (finite, positive), else empty.
 std::vector<float> rope_factors_named(const WeightMap& w, int64_t head_dim);
 
+// The optional attention weights of the layer named by prefix b ("blk.{i}."): the q|k|v
+// biases joined [QD + 2 KD] when d.qkv_bias (Qwen2), the q and k head norms [Dh] when
+// d.qk_norm (Qwen3); empty otherwise, and one in `w` that d does not declare is an error.
+struct AttentionExtras {
+  std::vector<float> bqkv, q_norm, k_norm;
+};
+AttentionExtras attention_extras_named(const WeightMap& w, const LayerDims& d, const std::string& b);
+
 struct LayerWeights {
   std::vector<float> attn_norm;  // empty: no input norm (the draft's first layer)
   std::vector<float> ffn_norm;
