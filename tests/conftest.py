@@ -46,7 +46,7 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
     Matrices are stored as ``dtype`` (``types`` overrides per canonical name; a callable
     type ``f(values) -> (qtype, blocks, decoded)`` writes blocks it made itself), norms F32,
     q/k rows permuted for ``arch="llama"``; ``arch="qwen2"`` adds q/k/v biases, ``"qwen3"``
-    q/k head norms. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
+    q/k head norms, ``"gemma3"`` q/k head norms and post norms. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
     may add metadata, ``omit_meta`` leaves out model keys (``block_count``...). Returns canonical name -> float32 [rows, cols] in Hugging Face order.
     """
     import gguf
@@ -91,8 +91,10 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
         if arch == "qwen2":
             want.update({p + "attn_q.bias": (H * Dh,), p + "attn_k.bias": (KV * Dh,),
                          p + "attn_v.bias": (KV * Dh,)})
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             want.update({p + "attn_q_norm": (Dh,), p + "attn_k_norm": (Dh,)})
+        if arch == "gemma3":
+            want.update({p + "post_attention_norm": (D,), p + "post_ffw_norm": (D,)})
     want.update(shapes or {})
     qtypes = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
     originals = {}

@@ -35,15 +35,21 @@ def use_isa(name: str) -> Iterator[None]:
 
 def tiny_config(*, gqa: int = 3, tied: bool = True, layers: int = 2, vocab: int = 301, heads: int = 6,
                 head_dim: int = 16, ffn: int = 160, theta: float = 10000.0, bias: bool = False,
-                rope_factors: bool = False, qk_norm: bool = False) -> LlamaConfig:
+                rope_factors: bool = False, qk_norm: bool = False, window: int = 0) -> LlamaConfig:
     """A small LLaMA config with awkward sizes (hidden 96 with 6 heads of 16 by default);
     ``bias``: a Qwen2 config (q/k/v biases); ``rope_factors``: RoPE frequency divisors
-    (the ``rope_freqs`` weight of LLaMA 3.1+); ``qk_norm``: a Qwen3 config (q/k head norms)."""
+    (the ``rope_freqs`` weight of LLaMA 3.1+); ``qk_norm``: a Qwen3 config (q/k head norms);
+    ``window`` > 0: a Gemma 3 config (q/k head norms, post norms, GELU gate, scaled
+    embeddings) whose layers are local with this sliding window except every third, local
+    layers rotating with RoPE base 10000 and the others with ``theta`` x 100."""
+    gemma = dict(post_norms=True, activation="gelu_tanh", scale_embeddings=True, sliding_window=window,
+                 sliding_window_pattern=3, rope_theta_local=10000.0) if window else {}
     return LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=ffn, num_layers=layers,
-                       num_heads=heads, num_kv_heads=heads // gqa, head_dim=head_dim, rope_theta=theta,
-                       rms_norm_eps=1e-5, max_context=512, tie_word_embeddings=tied,
-                       architecture="qwen2" if bias else "qwen3" if qk_norm else "llama", attention_bias=bias,
-                       qk_norm=qk_norm, rope_freq_factors=rope_factors)
+                       num_heads=heads, num_kv_heads=heads // gqa, head_dim=head_dim,
+                       rope_theta=theta * 100 if window else theta, rms_norm_eps=1e-5, max_context=512,
+                       tie_word_embeddings=tied,
+                       architecture="qwen2" if bias else "gemma3" if window else "qwen3" if qk_norm else "llama",
+                       attention_bias=bias, qk_norm=qk_norm or bool(window), rope_freq_factors=rope_factors, **gemma)
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -191,6 +191,16 @@ def test_export_cli_reports_a_missing_model(tmp_path, capsys):
     assert not (tmp_path / "out.dtw").exists()
 
 
+def test_export_refuses_gemma3(tmp_path, llama_gguf_writer):
+    """The C API has no Gemma 3 layers: the export says so instead of writing a file that
+    dt_target_create would refuse."""
+    path = tmp_path / "g.gguf"
+    llama_gguf_writer(path, arch="gemma3", dtype="f32", hidden=64, n_head=4, n_kv=1)
+    with pytest.raises(ValueError, match="the C API does not run Gemma 3 models yet"):
+        capi.export_c_weights(tmp_path / "g.dtw", path)
+    assert not (tmp_path / "g.dtw").exists()
+
+
 def test_export_cli_writes_the_draft(default_gguf_path, tmp_path, capsys):
     from dovetail_ext.export_c_weights import main
     out, draft = tmp_path / "t.dtw", tmp_path / "d.dtw"

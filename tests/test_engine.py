@@ -30,6 +30,8 @@ def hf_model(cfg, weights, rope_scaling=None):
     """transformers LlamaForCausalLM (Qwen2ForCausalLM for a config with attention biases)
     with our canonical weights (fp32, eager attention); ``rope_scaling``: its RoPE scaling
     parameters (the engine takes them as ``weights["rope_freqs"]``)."""
+    if cfg.architecture == "gemma3":
+        return hf_gemma3(cfg, weights)
     if cfg.attention_bias:
         from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as Model
     elif cfg.qk_norm:
@@ -65,14 +67,54 @@ def hf_model(cfg, weights, rope_scaling=None):
     return m
 
 
+def hf_gemma3(cfg, weights):
+    """transformers Gemma3ForCausalLM with our canonical weights (fp32, eager attention). Its
+    RMSNorms scale by (1 + w): GGUF files store 1 + w, as our weights are."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    kinds = ["sliding_attention" if cfg.local_layer(i) else "full_attention" for i in range(cfg.num_layers)]
+    hc = Gemma3TextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                          num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, query_pre_attn_scalar=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                          max_position_embeddings=cfg.max_context, sliding_window=cfg.sliding_window,
+                          layer_types=kinds, hidden_activation="gelu_pytorch_tanh",
+                          rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                 "rope_theta": cfg.rope_theta_local},
+                                           "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta}},
+                          tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager")
+    m = Gemma3ForCausalLM(hc).eval()
+    sd = {"model.embed_tokens.weight": weights["token_embd"], "model.norm.weight": weights["output_norm"] - 1}
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = weights["output"]
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    norms = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+             "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+             "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = weights[f"blk.{i}.{ours}"]
+        for ours, theirs in norms.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = weights[f"blk.{i}.{ours}"] - 1
+    missing, unexpected = m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    if cfg.tie_word_embeddings:
+        m.tie_weights()
+    return m
+
+
 @pytest.mark.parametrize("gqa,tied,arch", [(1, True, "llama"), (3, False, "llama"), (3, True, "llama"),
                                            (1, False, "llama"), (3, False, "qwen2"), (1, True, "qwen2"),
-                                           (3, True, "qwen3"), (1, False, "qwen3")])
+                                           (3, True, "qwen3"), (1, False, "qwen3"), (3, True, "gemma3"),
+                                           (1, False, "gemma3")])
 def test_forward_matches_transformers(gqa, tied, arch):
     """LLaMA against LlamaForCausalLM; Qwen2 (q/k/v biases) against Qwen2ForCausalLM; Qwen3
-    (q/k head norms) against Qwen3ForCausalLM."""
+    (q/k head norms) against Qwen3ForCausalLM; Gemma 3 (post norms, GELU gate, scaled
+    embeddings, sliding-window layers: a window of 5 over 13 tokens) against
+    Gemma3ForCausalLM."""
     cfg = tiny_config(gqa=gqa, tied=tied, theta=100000.0 if gqa == 3 else 10000.0, bias=arch == "qwen2",
-                      qk_norm=arch == "qwen3")
+                      qk_norm=arch == "qwen3", window=5 if arch == "gemma3" else 0, layers=3)
     w = random_weights(cfg, seed=gqa + 2 * tied)
     eng = TargetEngine(make_source(cfg, w, "f32"), context=64, threads=2)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 13)
@@ -189,6 +231,35 @@ def test_qk_norm_matches_reference(isa, stacked):
     assert np.abs(with_norm - without).max() > 0.05 * np.abs(with_norm).max()
 
 
+@pytest.mark.parametrize("dtype", ["f32", "q8_0", "q4_1"])
+def test_gemma3_matches_reference(isa, dtype):
+    """Gemma 3 layers (post norms, GELU gate, scaled embeddings, a window of 4 over 15
+    tokens) against the twin; without the window or the post norms the model differs."""
+    import dataclasses
+    cfg = tiny_config(gqa=3, tied=False, window=4, layers=4)
+    w = random_weights(cfg, seed=29)
+    src = make_source(cfg, w, dtype, embd_dtype="q8_0" if dtype.startswith("q") else None)
+    ids = np.random.default_rng(9).integers(0, cfg.vocab_size, 15)
+    assert_matches_reference(src, ids, tol=3e-4 if dtype == "f32" else 4e-2)
+    if dtype != "f32":
+        return
+    got, _ = TargetEngine(src, context=32).forward(ids, logit_rows=range(15))
+    for other in (dataclasses.replace(cfg, sliding_window=0), dataclasses.replace(cfg, activation="silu"),
+                  dataclasses.replace(cfg, rope_theta_local=0.0)):  # (far above the 3e-4 tolerance)
+        changed, _ = TargetEngine(dataclasses.replace(src, config=other), context=32).forward(ids, logit_rows=range(15))
+        assert np.abs(changed - got).max() > 0.01 * np.abs(got).max(), other
+
+
+def test_gemma3_weights_must_match_the_config():
+    import dataclasses
+    cfg = tiny_config(window=4)
+    src = make_source(cfg, random_weights(cfg))
+    with pytest.raises(ValueError, match="weight 'blk.0.post_attention_norm' given but the model config has no post"):
+        TargetEngine(dataclasses.replace(src, config=dataclasses.replace(cfg, post_norms=False)), context=16)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        dataclasses.replace(cfg, activation="relu")
+
+
 def test_qkv_bias_must_match_the_config():
     import dataclasses
     cfg = tiny_config(bias=True)
@@ -202,13 +273,17 @@ def test_qkv_bias_must_match_the_config():
 
 
 @pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
-@pytest.mark.parametrize("dtype,n,prefix", [("f32", 40, 10), ("q4_1", 40, 10), ("q8_0", 40, 10),
-                                            ("q4_1", 400, 260)])
-def test_batch_invariance(isa, dtype, kv_dtype, n, prefix):
+@pytest.mark.parametrize("dtype,n,prefix,window", [("f32", 40, 10, 0), ("q4_1", 40, 10, 0), ("q8_0", 40, 10, 0),
+                                                   ("q4_1", 400, 260, 0), ("f32", 40, 10, 5),
+                                                   ("q4_1", 400, 260, 150)])
+def test_batch_invariance(isa, dtype, kv_dtype, n, prefix, window):
     """A token's logits and features are bitwise equal whether it runs alone, inside a
     prefill chunk, or inside a tree, at several batch sizes and thread counts; also past
-    several 128-key attention chunks, where the threads split the keys of short batches."""
-    cfg = tiny_config(gqa=3, tied=True)
+    several 128-key attention chunks, where the threads split the keys of short batches.
+    With ``window``, a Gemma 3 model whose local layers see only that many positions: a
+    window of 5 cuts into prefill chunks and trees, one of 150 starts inside a key chunk
+    and leaves whole chunks out."""
+    cfg = tiny_config(gqa=3, tied=True, window=window)
     src = make_source(cfg, random_weights(cfg, seed=5), dtype)
     rng = np.random.default_rng(2)
     ids = rng.integers(0, cfg.vocab_size, n)

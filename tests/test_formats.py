@@ -152,6 +152,30 @@ def test_tiny_qwen3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
         np.testing.assert_array_equal(src.weights[name].data, originals[name], err_msg=name)
 
 
+def test_tiny_gemma3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
+    """gemma3.* metadata as llama.cpp runs it: q/k head norms and post norms, a GELU gate,
+    scaled embeddings, every 6th layer global and the others local with the file's sliding
+    window and RoPE base 10000; without a chat template in the file, Gemma's turns; the
+    27B model (another attention scale) is refused."""
+    from dovetail_ext.formats.tokenizer import GEMMA_TEMPLATE
+    originals = llama_gguf_writer(tmp_path / "g.gguf", arch="gemma3", dtype="f32", hidden=64, n_head=4, n_kv=1,
+                                  n_layers=7, meta=lambda w: w.add_sliding_window(32))
+    src = load_gguf(tmp_path / "g.gguf")
+    cfg = src.config
+    assert (cfg.architecture, cfg.qk_norm, cfg.post_norms, cfg.activation, cfg.scale_embeddings) == \
+        ("gemma3", True, True, "gelu_tanh", True)
+    assert (cfg.sliding_window, cfg.sliding_window_pattern, cfg.rope_theta_local) == (32, 6, 10000.0)
+    assert [cfg.local_layer(i) for i in range(7)] == [True] * 5 + [False, True]
+    assert set(src.weights) == set(originals) == set(expected_weight_shapes(cfg))
+    for name in ("blk.0.attn_q", "blk.1.post_attention_norm", "blk.6.post_ffw_norm"):
+        np.testing.assert_array_equal(src.weights[name].data, originals[name], err_msg=name)
+    assert src.chat_template == GEMMA_TEMPLATE
+    llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma3", dtype="f32", hidden=32, n_head=2, n_kv=1, ffn=32,
+                      n_layers=62)
+    with pytest.raises(FormatError, match="Gemma 3 27B"):
+        load_gguf(tmp_path / "g27.gguf")
+
+
 def _k_blocks(qtype):
     from conftest import random_k_blocks
 

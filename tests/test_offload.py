@@ -159,6 +159,9 @@ def test_offload_arguments(source):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         off.forward([10**5])
     assert off.n_past == 0 and off._prefix.pending == 0
+    gemma = tiny_config(window=4)
+    with pytest.raises(ValueError, match=r"gpu_layers does not support Gemma 3 layers"):
+        TargetEngine(make_source(gemma, random_weights(gemma)), context=32, gpu_layers=1, device="emulated")
 
 
 @pytest.mark.cuda

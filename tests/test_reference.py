@@ -228,6 +228,17 @@ def test_rmsnorm_matches_hf():
     torch.testing.assert_close(ref.rmsnorm(x, w, 1e-5).double(), exact, rtol=8 * U32, atol=0)
 
 
+def test_geglu_definition():
+    """gelu_tanh(g) * u, GELU's tanh approximation, as Gemma's gelu_pytorch_tanh (in float32,
+    1 + tanh cancels for large negative g: an absolute float32 ulp of |g u| there)."""
+    torch.manual_seed(0)
+    g, u = torch.randn(5, 200) * 4, torch.randn(5, 200)
+    gd = g.double()
+    exact = 0.5 * gd * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gd + 0.044715 * gd ** 3))) * u.double()
+    err = (ref.geglu(g, u).double() - exact).abs()
+    assert bool((err <= 16 * U32 * exact.abs() + U32 * (gd * u.double()).abs()).all())
+
+
 def test_swiglu_definition():
     torch.manual_seed(0)
     g, u = torch.randn(5, 200) * 4, torch.randn(5, 200)

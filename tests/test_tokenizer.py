@@ -265,6 +265,27 @@ def test_gguf_sentencepiece_vocab_matches_sentencepiece(spm_gguf: Path, sp) -> N
     assert tok.encode("<s>x</s>", add_bos=False) == [1] + sp.encode("x") + [2]
 
 
+def test_gguf_sentencepiece_user_defined_pieces_and_unknown_id(sp) -> None:
+    """Gemma's vocabulary: pieces typed user-defined (runs of spaces, newlines) are cut out of
+    the text before SentencePiece encodes it, as llama.cpp does (SentencePiece itself never
+    finds a piece spelled with spaces in its whitespace-escaped text), and decode as text;
+    an <unk> typed as a control token is named by tokenizer.ggml.unknown_token_id."""
+    from dovetail_ext.errors import FormatError
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)] + ["  ", "   ", "\n\n"]
+    types = [3 if sp.is_unknown(i) or sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+             for i in range(n)] + [4, 4, 4]
+    scores = [sp.get_score(i) for i in range(n)] + [0.0, 0.0, 0.0]
+    with pytest.raises(FormatError, match="exactly one unknown token"):
+        tokenizer_from_gguf_vocab(model="llama", tokens=tokens, token_types=types, scores=scores)
+    tok = tokenizer_from_gguf_vocab(model="llama", tokens=tokens, token_types=types, scores=scores,
+                                    add_space_prefix=False, add_bos=False, unk_id=sp.unk_id())
+    two, three, nn = n, n + 1, n + 2
+    ids = tok.encode("a   b  c\n\nd")
+    assert [i for i in ids if i >= n] == [three, two, nn]
+    assert tok.decode(ids) == tok.decode(ids, skip_special=True) == "a   b  c\n\nd"
+
+
 def test_gguf_unsupported_vocab_type(sp) -> None:
     from dovetail_ext.errors import FormatError
     with pytest.raises(FormatError, match="tokenizer model 'bert' is not supported yet"):

@@ -37,6 +37,11 @@ LayerDims layer_dims(const py::dict& cfg) {
   d.eps = get_float(cfg, "rms_norm_eps");
   d.qkv_bias = get_flag(cfg, "attention_bias");  // Qwen2
   d.qk_norm = get_flag(cfg, "qk_norm");          // Qwen3
+  d.post_norms = get_flag(cfg, "post_norms");    // Gemma 3
+  d.gelu = cfg.contains("activation") && cfg["activation"].cast<std::string>() == "gelu_tanh";
+  if (cfg.contains("sliding_window")) d.window = get_int(cfg, "sliding_window");
+  if (cfg.contains("sliding_window_pattern")) d.swa_pattern = get_int(cfg, "sliding_window_pattern");
+  if (cfg.contains("rope_theta_local")) d.rope_theta_local = get_float(cfg, "rope_theta_local");
   return d;
 }
 
@@ -155,7 +160,8 @@ void bind_engine(py::module_& m) {
              LayerDims d = layer_dims(cfg);
              LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
                            d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer, d.qkv_bias,
-                           d.qk_norm};
+                           d.qk_norm, d.post_norms, d.gelu, get_flag(cfg, "scale_embeddings"), d.window,
+                           d.swa_pattern, d.rope_theta_local};
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -477,6 +483,9 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
                        int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
              LayerDims d = layer_dims(cfg);  // (biases and q/k norms as the CPU layers)
+             DT_CHECK(!d.post_norms && !d.gelu && d.window == 0 && !get_flag(cfg, "scale_embeddings"),
+                      "gpu_layers does not support Gemma 3 layers (post norms, GELU, sliding windows) yet: run "
+                      "them with gpu_layers=0");
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);

@@ -155,15 +155,18 @@ void bind_ops(py::module_& m) {
       }, py::arg("x"), py::arg("positions"), py::arg("theta"), py::arg("context"),
       "Rotate-half RoPE of x [T, H, Dh] at int32 positions [T].");
 
-  m.def("swiglu", [](const py::handle& g_obj, const py::handle& u_obj) {
-        auto g = as_array<float>(g_obj, "gate");
-        auto u = as_array<float>(u_obj, "up");
-        DT_CHECK(g.size() == u.size() && g.ndim() == u.ndim(), "gate and up must have the same shape");
-        std::vector<py::ssize_t> shape(g.shape(), g.shape() + g.ndim());
-        py::array_t<float> y(shape);
-        swiglu(g.data(), u.data(), y.mutable_data(), g.size());
-        return y;
-      }, py::arg("gate"), py::arg("up"), "silu(gate) * up.");
+  for (const auto& [name, fn, doc] : {std::tuple{"swiglu", &swiglu, "silu(gate) * up."},
+                                       std::tuple{"geglu", &geglu, "gelu_tanh(gate) * up (Gemma's GeGLU)."}}) {
+    m.def(name, [fn = fn](const py::handle& g_obj, const py::handle& u_obj) {
+          auto g = as_array<float>(g_obj, "gate");
+          auto u = as_array<float>(u_obj, "up");
+          DT_CHECK(g.size() == u.size() && g.ndim() == u.ndim(), "gate and up must have the same shape");
+          std::vector<py::ssize_t> shape(g.shape(), g.shape() + g.ndim());
+          py::array_t<float> y(shape);
+          fn(g.data(), u.data(), y.mutable_data(), g.size());
+          return y;
+        }, py::arg("gate"), py::arg("up"), doc);
+  }
 
   m.def("dgf_gate", [](const py::handle& h1_obj, const py::handle& a_obj, const py::handle& z_obj) {
         auto h1 = as_array<float>(h1_obj, "h1");

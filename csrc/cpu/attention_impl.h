@@ -29,11 +29,15 @@ inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, flo
   const float scale = 1.0f / std::sqrt((float)Dh);
   const int64_t last = a.n_prev + t;
 
+  const int64_t lo = window_start(a, t);  // committed slots before it are outside the window
+
   // Pass 1: scores of every slot up to the last visible one; keep the visible ones.
   Kern::tile_scores(q, kbase, attention_stride(a.n_past + last + 1) / kKTile, Dh, scale, scores);
-  int64_t n = a.n_past;
+  if (lo > 0) std::memmove(scores, scores + lo, sizeof(float) * (a.n_past - lo));
+  int64_t n = a.n_past - lo;
+  auto visible = [&](int64_t j) { return ((bits[j >> 6] >> (j & 63)) & 1u) && !outside_window(a, t, j); };
   for (int64_t j = 0; j <= last; ++j)
-    if ((bits[j >> 6] >> (j & 63)) & 1u) scores[n++] = scores[a.n_past + j];
+    if (visible(j)) scores[n++] = scores[a.n_past + j];
   float mx = -INFINITY;
   for (int64_t i = 0; i < n; ++i) mx = scores[i] > mx ? scores[i] : mx;
   // Pass 2: softmax weights (sequential sum keeps the order fixed).
@@ -47,9 +51,9 @@ inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, flo
   float* out = a.out + (t * a.H + h) * Dh;
   std::memset(out, 0, sizeof(float) * Dh);
   n = 0;
-  for (int64_t s = 0; s < a.n_past; ++s) Kern::axpy(out, scores[n++] * inv, vbase + s * Dh, Dh);
+  for (int64_t s = lo; s < a.n_past; ++s) Kern::axpy(out, scores[n++] * inv, vbase + s * Dh, Dh);
   for (int64_t j = 0; j <= last; ++j) {
-    if (!((bits[j >> 6] >> (j & 63)) & 1u)) continue;
+    if (!visible(j)) continue;
     Kern::axpy(out, scores[n++] * inv, vbase + (a.n_past + j) * Dh, Dh);
   }
 }
@@ -137,6 +141,25 @@ inline void finish_record(const float* run, float* out, int64_t Dh) {
   for (int64_t d = 0; d < Dh; ++d) out[d] = run[2 + d] * inv;
 }
 
+// A chunk whose keys are all outside the row's sliding window has the empty record
+// (m = -inf): folding skips it, so the row's result is that of its visible chunks alone.
+inline void empty_record(float* rec) {
+  rec[0] = -INFINITY;
+  rec[1] = 0.0f;
+}
+
+// run <- rec folded after it (the first non-empty record is copied); `started`: run holds one.
+template <typename Rows>
+inline void fold_record(float* run, const float* rec, int64_t Dh, bool& started) {
+  if (rec[0] == -INFINITY) return;
+  if (started) {
+    Rows::merge(run, rec, Dh);
+  } else {
+    std::memcpy(run, rec, sizeof(float) * record_size(Dh));
+    started = true;
+  }
+}
+
 template <typename KvT, typename Rows>
 class ChunkedRows {
  public:
@@ -160,17 +183,28 @@ class ChunkedRows {
       for (int64_t j = 0; j <= a.n_prev + t; ++j)
         if ((bits[j >> 6] >> (j & 63)) & 1u) vis[r * W_ + n++] = (int32_t)j;
       nvis_[r] = n;
+      t_[r] = t;
+      lo_[r] = window_start(a, t);
+      lo_min_ = r == 0 ? lo_[r] : std::min(lo_min_, lo_[r]);
     }
   }
 
   int64_t whole_chunks() const { return base_ / kKChunk; }
+  // Whether prefix chunk c lies outside every row's window (its records would be empty).
+  bool outside(int64_t c) const { return (c + 1) * kKChunk <= lo_min_; }
 
   // The prefix's chunk c (slots [c, c + 1) kKChunk), every row: its record at rec[r].
   void prefix_chunk(int64_t c, float* const* rec) {
     score_tiles(c * kKChunk, kKChunk / kKTile);
     float* acc[kMaxRows];
     for (int64_t r = 0; r < R_; ++r) {
-      start(rec[r], sc_[r], kKChunk);
+      const int64_t masked = std::clamp<int64_t>(lo_[r] - c * kKChunk, 0, kKChunk);
+      if (masked == kKChunk) {  // (its weights zero: the values pass adds nothing)
+        empty_record(rec[r]);
+        std::fill(sc_[r], sc_[r] + kKChunk, 0.0f);
+      } else {
+        start(rec[r], sc_[r], kKChunk, masked);
+      }
       acc[r] = rec[r] + 2;
     }
     values(acc, sc_, R_, ValueSlots{c * kKChunk, kKChunk, nullptr});
@@ -186,8 +220,20 @@ class ChunkedRows {
       for (int64_t j = 0; j < nvis_[r]; ++j) sc_[r][np + j] = sc_[r][np + vr_[r][j]];
       const int64_t n = np + nvis_[r];
       nk[r] = (n + kKChunk - 1) / kKChunk;
-      for (int64_t k = 0; k < nk[r]; ++k)
-        start(rec(r, k), sc_[r] + k * kKChunk, std::min(n, (k + 1) * kKChunk) - k * kKChunk);
+      if (a_.window <= 0) {
+        for (int64_t k = 0; k < nk[r]; ++k) start(rec(r, k), sc_[r] + k * kKChunk, std::min(n, (k + 1) * kKChunk) - k * kKChunk);
+        continue;
+      }
+      // The keys outside the window keep their places in the list with weight zero, so a
+      // token's chunks are the same whether those keys are committed or in the batch.
+      static thread_local std::vector<uint8_t> out;
+      out.assign((size_t)n, 0);
+      for (int64_t i = 0; i < std::min(np, lo_[r] - base_); ++i) out[(size_t)i] = 1;
+      for (int64_t j = 0; j < nvis_[r]; ++j) out[(size_t)(np + j)] = outside_window(a_, t_[r], vr_[r][j]);
+      for (int64_t k = 0; k < nk[r]; ++k) {
+        const int64_t k0 = k * kKChunk, len = std::min(n, k0 + kKChunk) - k0;
+        start_masked(rec(r, k), sc_[r] + k0, len, out.data() + k0);
+      }
     }
     if (np > 0) {  // the prefix keys, first in every row's first chunk
       float* acc[kMaxRows];
@@ -214,25 +260,21 @@ class ChunkedRows {
     float* rec[kMaxRows];
     for (int64_t r = 0; r < R_; ++r) rec[r] = tmp + r * rs;
     const int64_t nc = whole_chunks();
+    bool started[kMaxRows] = {};
     for (int64_t c = 0; c < nc; ++c) {
+      if (outside(c)) continue;
       prefix_chunk(c, rec);
-      for (int64_t r = 0; r < R_; ++r) fold(runs + r * rs, rec[r], c == 0);
+      for (int64_t r = 0; r < R_; ++r) fold_record<Rows>(runs + r * rs, rec[r], Dh_, started[r]);
     }
     int64_t nk[kMaxRows];
     tail(tails, ld, nk);
     for (int64_t r = 0; r < R_; ++r) {
-      for (int64_t k = 0; k < nk[r]; ++k) fold(runs + r * rs, tails + (r * ld + k) * rs, nc == 0 && k == 0);
+      for (int64_t k = 0; k < nk[r]; ++k) fold_record<Rows>(runs + r * rs, tails + (r * ld + k) * rs, Dh_, started[r]);
       finish_record(runs + r * rs, out_[r], Dh_);
     }
   }
 
  private:
-  void fold(float* run, const float* rec, bool first) {
-    if (first)
-      std::memcpy(run, rec, sizeof(float) * record_size(Dh_));
-    else
-      Rows::merge(run, rec, Dh_);
-  }
   // Scores of slots [s0, s0 + kKTile ntiles) (s0 a multiple of kKTile) into sc_[r][0 ..).
   void score_tiles(int64_t s0, int64_t ntiles) {
     const int64_t tile = Dh_ * kKTile;
@@ -247,10 +289,32 @@ class ChunkedRows {
       Rows::template scores<Rows::kTiles>(q_, R_, k + i * tile, Dh_, scale_, at(i));
     for (; i < ntiles; ++i) Rows::template scores<1>(q_, R_, k + i * tile, Dh_, scale_, at(i));
   }
-  void start(float* rec, float* s, int64_t n) {
+  // The record of scores s[0 .. n), the first `masked` of them outside the window (their
+  // weights set to zero; at least one score is visible).
+  void start(float* rec, float* s, int64_t n, int64_t masked = 0) {
+    std::fill(s, s + masked, -INFINITY);
     float m;
     rec[1] = Rows::exp_sum(s, n, &m);
     rec[0] = m;
+    std::fill(s, s + masked, 0.0f);  // (exp_ps's floor is ~1e-38, not 0)
+    std::memset(rec + 2, 0, sizeof(float) * Dh_);
+  }
+  // As start, the scores s[i] with out[i] set outside the window; all of them: the empty record.
+  void start_masked(float* rec, float* s, int64_t n, const uint8_t* out) {
+    int64_t visible = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      visible += !out[i];
+      if (out[i]) s[i] = -INFINITY;
+    }
+    if (visible == 0) {
+      empty_record(rec);
+    } else {
+      float m;
+      rec[1] = Rows::exp_sum(s, n, &m);
+      rec[0] = m;
+    }
+    for (int64_t i = 0; i < n; ++i)
+      if (out[i]) s[i] = 0.0f;
     std::memset(rec + 2, 0, sizeof(float) * Dh_);
   }
   // The features in chunks of at most 8 registers per row.
@@ -263,6 +327,8 @@ class ChunkedRows {
 
   const AttentionArgs& a_;
   const int64_t R_, Dh_, W_, base_;
+  int64_t lo_[kMaxRows] = {}, lo_min_ = 0;  // each row's first committed slot in its window
+  int64_t t_[kMaxRows] = {};                 // each row's token
   const KvT* kbase_;
   const KvT* vbase_;
   const float scale_;
@@ -295,7 +361,11 @@ void attention_chunk_run(const AttentionArgs& a, int64_t kvh, int64_t c, float* 
     if (c < c0) {
       float* rec[kMaxRows];
       for (int64_t r = 0; r < nb; ++r) rec[r] = first + (r * nc + c) * rs;
-      rows.prefix_chunk(c, rec);
+      if (rows.outside(c)) {
+        for (int64_t r = 0; r < nb; ++r) empty_record(rec[r]);
+      } else {
+        rows.prefix_chunk(c, rec);
+      }
       continue;
     }
     int64_t nk[kMaxRows];
@@ -311,7 +381,8 @@ void attention_merge_run(const AttentionArgs& a, float* parts, int64_t nc, const
   for (int64_t kvh = 0; kvh < a.KV; ++kvh)
     for (int64_t r = 0; r < R; ++r) {
       float* run = parts + (kvh * R + r) * nc * rs;
-      for (int64_t c = 1; c < counts[kvh * R + r]; ++c) Rows::merge(run, run + c * rs, a.Dh);
+      bool started = run[0] != -INFINITY;
+      for (int64_t c = 1; c < counts[kvh * R + r]; ++c) fold_record<Rows>(run, run + c * rs, a.Dh, started);
       const int64_t t = r / G, h = kvh * G + r % G;
       finish_record(run, a.out + (t * a.H + h) * a.Dh, a.Dh);
     }

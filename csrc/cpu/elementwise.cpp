@@ -1,4 +1,4 @@
-// Row-wise and element-wise ops (RMSNorm, RoPE, SwiGLU). Each row is reduced
+// Row-wise and element-wise ops (RMSNorm, RoPE, SwiGLU, GeGLU). Each row is reduced
 // sequentially in a fixed order, so results do not depend on how many rows there are.
 #include <cmath>
 
@@ -59,6 +59,16 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
     case Isa::Scalar: break;
   }
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void geglu(const float* g, const float* u, float* out, int64_t n) {
+  switch (active_isa()) {
+    case Isa::Avx512: return avx512::geglu(g, u, out, n);
+    case Isa::Avx2: return avx2::geglu(g, u, out, n);
+    case Isa::Scalar: break;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = g[i] / (1.0f + std::exp(-g[i] * std::fma(kGeluB, g[i] * g[i], kGeluA))) * u[i];
 }
 
 void dgf_silu_rows(const float* a, float* h2, int64_t D) {

@@ -108,6 +108,10 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
 
 // out = silu(g) * u, n values.
 void swiglu(const float* g, const float* u, float* out, int64_t n);
+// out = gelu_tanh(g) * u (GeGLU, Gemma): gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+// computed as g / (1 + exp(-g (kGeluA + kGeluB g^2))), the same function.
+constexpr float kGeluA = 1.5957691216057308f, kGeluB = 0.0713548162726009f;  // 2 sqrt(2/pi), x 0.044715
+void geglu(const float* g, const float* u, float* out, int64_t n);
 
 // Dynamic Gating Fusion, row-wise over D channels (see common/dgf_math.h):
 // h2 = SiLU(a); g = sigmoid(zpre) * h1 + (1 - sigmoid(zpre)) * h2.
@@ -174,7 +178,24 @@ struct AttentionArgs {
   int64_t anc_words = 0;
   float* out = nullptr;
   float* scratch = nullptr;
+  // Sliding window (Gemma 3's local layers): with window > 0, token t sees only the keys
+  // whose position is above positions[t] - window: the committed slots from
+  // positions[t] - window + 1 on (a committed slot's position is its index) and the
+  // visible scratch rows j with scratch_positions[j] in the window.
+  int64_t window = 0;
+  const int32_t* positions = nullptr;          // [T]
+  const int32_t* scratch_positions = nullptr;  // [n_prev + T]
 };
+// Whether scratch row j is outside token t's window.
+inline bool outside_window(const AttentionArgs& a, int64_t t, int64_t j) {
+  return a.window > 0 && (int64_t)a.scratch_positions[j] <= (int64_t)a.positions[t] - a.window;
+}
+// The first committed slot token t sees (0 without a window).
+inline int64_t window_start(const AttentionArgs& a, int64_t t) {
+  if (a.window <= 0) return 0;
+  const int64_t lo = (int64_t)a.positions[t] - a.window + 1;
+  return lo < 0 ? 0 : lo > a.n_past ? a.n_past : lo;
+}
 void attention(const AttentionArgs& a, int nthreads);
 
 // --- ISA kernels (implemented in cpu/x86/*; declared here for the dispatchers) ----------
@@ -193,6 +214,7 @@ namespace avx2 {
 int quantize_block(const float* x, int8_t* q, float* d);
 bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double* lanes);
 void swiglu(const float* g, const float* u, float* out, int64_t n);
+void geglu(const float* g, const float* u, float* out, int64_t n);
 int64_t argmax(const float* x, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
@@ -210,8 +232,9 @@ bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double
 int64_t argmax(const float* x, int64_t n);
 // out = silu(g) * u with a polynomial exp (within 2 ulp of expf); every element, the
 // tail's included, goes through the same vector code, so a value's result does not depend
-// on where it sits (batch invariance).
+// on where it sits (batch invariance). geglu likewise.
 void swiglu(const float* g, const float* u, float* out, int64_t n);
+void geglu(const float* g, const float* u, float* out, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 // Query rows r0..r1 (at most 16) of KV head kvh, row r = (token r / G, head kvh * G + r % G),

@@ -19,6 +19,11 @@ LlamaEngine::LlamaEngine(const LlamaParams& p, const EngineOptions& o, const Wei
   out_norm_ = norm_named(weights, "output_norm", D);
   LayerDims d{p.dim, p.ffn, p.heads, p.kv_heads, p.head_dim, p.rope_theta, p.eps, p.qkv_bias, p.qk_norm,
               rope_factors_named(weights, p.head_dim)};
+  d.post_norms = p.post_norms;
+  d.gelu = p.gelu;
+  d.window = p.window;
+  d.swa_pattern = p.swa_pattern;
+  d.rope_theta_local = p.rope_theta_local;
   stack_ = std::make_unique<LayerStack>(d, load_layers(weights, d, p.layers - p.first_layer, true, p.first_layer), o);
   x_.resize(o.max_batch * D);
   rows_.resize(o.max_batch * D);
@@ -73,6 +78,10 @@ void LlamaEngine::forward(const int32_t* tokens, const int32_t* positions, int64
                                                         std::to_string(p_.vocab) + ")");
   const int64_t D = p_.dim;
   for (int64_t t = 0; t < T; ++t) dequantize_row(*tok_embd_, tokens[t], x_.data() + t * D);  // x = Emb(tokens)
+  if (p_.scale_embeddings) {
+    const float s = std::sqrt((float)D);
+    for (int64_t i = 0; i < T * D; ++i) x_.data()[i] *= s;
+  }
   run(positions, T, anc, logit_rows, n_logits, logits, feature_rows, n_features, features);
 }
 

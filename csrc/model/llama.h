@@ -25,6 +25,11 @@ struct LlamaParams {
   int64_t first_layer = 0;
   bool qkv_bias = false;  // Qwen2: blk.{i}.attn_{q,k,v}.bias
   bool qk_norm = false;   // Qwen3: blk.{i}.attn_{q,k}_norm
+  // Gemma 3 (see LayerDims): post norms, GELU gate, sliding-window layers with their own RoPE
+  // base, and the token embeddings scaled by sqrt(dim) (rounded to fp32) on the way in.
+  bool post_norms = false, gelu = false, scale_embeddings = false;
+  int64_t window = 0, swa_pattern = 0;
+  float rope_theta_local = 0.0f;
 };
 
 // forward / commit / truncate lock the engine: concurrent callers are serialized.

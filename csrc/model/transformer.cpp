@@ -122,6 +122,14 @@ std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, in
     L.bqkv = std::move(x.bqkv);
     L.q_norm = std::move(x.q_norm);
     L.k_norm = std::move(x.k_norm);
+    if (d.post_norms) {
+      L.post_attn_norm = norm_named(w, b + "post_attention_norm", D);
+      L.post_ffn_norm = norm_named(w, b + "post_ffw_norm", D);
+    } else {
+      for (const char* part : {"post_attention_norm", "post_ffw_norm"})
+        DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no post norms");
+    }
+    L.local = d.local_layer(first + l);
   }
   return layers;
 }
@@ -138,11 +146,15 @@ LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, con
   const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim, B = o.max_batch;
   kv_ = KvCache((int64_t)layers_.size(), d.kv_heads, o.context, d.head_dim, o.kv_type);
   rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_, d.rope_factors.empty() ? nullptr : d.rope_factors.data());
+  DT_CHECK(d.window >= 0 && d.swa_pattern >= 0, "sliding window and its layer pattern must not be negative");
+  if (d.window > 0) rope_tables(d.rope_theta_local > 0 ? d.rope_theta_local : d.rope_theta, d.head_dim, o.context,
+                                cos_local_, sin_local_);
   xn_.resize(B * D); tmp_.resize(B * D);
   q_.resize(B * QD); att_.resize(B * QD); k_.resize(B * KD); v_.resize(B * KD);
   gate_.resize(B * F); up_.resize(B * F); fused_.resize(B * std::max(2 * F, QD + 2 * KD));
   scores_.resize((size_t)o.threads * (o.context + B + kKTile));
   anc_bits_.resize((size_t)(B * ((B + 63) / 64)));
+  scratch_pos_.resize((size_t)B);
   qa_.reserve(B, std::max({D, F, QD}));
 }
 
@@ -218,6 +230,11 @@ void LayerStack::linear_rows(const PackedWeight& w, const float* x, int64_t T, f
   linear(w, x, &qa_, T, y, w.rows, o_.threads);
 }
 
+void LayerStack::add_post_normed(float* x, float* y, const std::vector<float>& post_norm, int64_t T) {
+  if (!post_norm.empty()) rmsnorm(y, post_norm.data(), y, T, d_.dim, d_.eps);  // (row by row: in place is safe)
+  add_inplace(x, y, T * d_.dim);
+}
+
 void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_t* anc, bool append) {
   const int64_t D = d_.dim, F = d_.ffn, H = d_.heads, KV = d_.kv_heads, Dh = d_.head_dim;
   const int64_t QD = H * Dh, KD = KV * Dh;
@@ -227,6 +244,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
   // Ancestor sets as bitsets over the scratch rows (causal within the batch when none given).
   uint64_t* bits = anc_bits_.data();
   ancestor_bits(anc, T, P, words, bits);
+  std::copy(positions, positions + T, scratch_pos_.begin() + P);
 
   AttentionArgs aa;
   aa.q = q_.data(); aa.kv_type = kv_.type(); aa.S = kv_.slots(); aa.n_past = n_past_; aa.n_prev = P; aa.T = T;
@@ -266,26 +284,32 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       rmsnorm(q_.data(), L.q_norm.data(), q_.data(), T * H, Dh, d_.eps);
       rmsnorm(k_.data(), L.k_norm.data(), k_.data(), T * KV, Dh, d_.eps);
     }
-    rope_inplace(q_.data(), T, H, Dh, QD, positions, cos_.data(), sin_.data());
-    rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos_.data(), sin_.data());
+    const float* cos = L.local ? cos_local_.data() : cos_.data();
+    const float* sin = L.local ? sin_local_.data() : sin_.data();
+    rope_inplace(q_.data(), T, H, Dh, QD, positions, cos, sin);
+    rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos, sin);
     kv_.store((int64_t)l, n_past_ + P, k_.data(), v_.data(), T);
     aa.k = kv_.k((int64_t)l);
     aa.v = kv_.v((int64_t)l);
+    aa.window = L.local ? d_.window : 0;
+    aa.positions = positions;
+    aa.scratch_positions = scratch_pos_.data();
     attention(aa, o_.threads);
     linear_rows(L.wo, att_.data(), T, tmp_.data(), true);
-    add_inplace(x, tmp_.data(), T * D);
+    add_post_normed(x, tmp_.data(), L.post_attn_norm, T);
     // FFN block: x += W_down (silu(W_gate xn) * W_up xn); xn = rmsnorm(x)
     rmsnorm(x, L.ffn_norm.data(), xn_.data(), T, D, d_.eps);
+    const auto gated = d_.gelu ? geglu : swiglu;
     if (L.w_gate_up.rows) {
       linear_rows(L.w_gate_up, xn_.data(), T, fused_.data(), true);
-      for (int64_t t = 0; t < T; ++t) swiglu(fused_.data() + t * 2 * F, fused_.data() + t * 2 * F + F, gate_.data() + t * F, F);
+      for (int64_t t = 0; t < T; ++t) gated(fused_.data() + t * 2 * F, fused_.data() + t * 2 * F + F, gate_.data() + t * F, F);
     } else {
       linear_rows(L.w_gate, xn_.data(), T, gate_.data(), true);
       linear_rows(L.w_up, xn_.data(), T, up_.data(), L.w_up.type != L.w_gate.type);
-      swiglu(gate_.data(), up_.data(), gate_.data(), T * F);
+      gated(gate_.data(), up_.data(), gate_.data(), T * F);
     }
     linear_rows(L.w_down, gate_.data(), T, tmp_.data(), true);
-    add_inplace(x, tmp_.data(), T * D);
+    add_post_normed(x, tmp_.data(), L.post_ffn_norm, T);
   }
   pending_ = W;
 }

@@ -25,6 +25,16 @@ struct LayerDims {
   bool qk_norm = false;   // RMSNorm of each q / k head before RoPE (Qwen3): blk.{i}.attn_{q,k}_norm [Dh]
   // RoPE frequency divisors [head_dim / 2] (LLaMA 3.1+: the weight "rope_freqs"); empty: none.
   std::vector<float> rope_factors;
+  // Gemma 3: an RMSNorm on each block's output before its residual add (weights
+  // blk.{i}.post_attention_norm / post_ffw_norm), and a GELU (tanh) gate instead of SiLU.
+  bool post_norms = false;
+  bool gelu = false;
+  // Sliding-window layers: with window > 0, layer i is local unless (i + 1) % swa_pattern
+  // == 0 (swa_pattern 0: every layer local); a local layer sees the keys of the last
+  // `window` positions and rotates with rope_theta_local (0: rope_theta), without factors.
+  int64_t window = 0, swa_pattern = 0;
+  float rope_theta_local = 0.0f;
+  bool local_layer(int64_t i) const { return window > 0 && (swa_pattern <= 0 || (i + 1) % swa_pattern != 0); }
 };
 
 
@@ -73,11 +83,13 @@ struct LayerWeights {
   PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
   std::vector<float> bqkv;  // q|k|v biases [QD + 2 KD] when LayerDims::qkv_bias; empty otherwise
   std::vector<float> q_norm, k_norm;  // [Dh] each when LayerDims::qk_norm; empty otherwise
+  std::vector<float> post_attn_norm, post_ffn_norm;  // [D] each when LayerDims::post_norms
+  bool local = false;  // a sliding-window layer (LayerDims::local_layer)
 };
 
 // Reads blk.{first + i}.* for i < n_layers; `first_has_norm` false skips blk.0.attn_norm.
-// Biases (q/k norms) are read when d.qkv_bias (d.qk_norm) is set, and one in `w` without
-// it is an error.
+// Biases (q/k norms, post norms) are read when d.qkv_bias (d.qk_norm, d.post_norms) is set,
+// and one in `w` without it is an error.
 std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, int64_t n_layers,
                                       bool first_has_norm, int64_t first = 0);
 
@@ -116,14 +128,18 @@ class LayerStack {
   void linear_rows(const PackedWeight& w, const float* x, int64_t T, float* y, bool prepare_input);
 
  private:
+  // x += y, y first RMS-normalized with post_norm when it is not empty (Gemma 3).
+  void add_post_normed(float* x, float* y, const std::vector<float>& post_norm, int64_t T);
+
   LayerDims d_;
   EngineOptions o_;
   std::vector<LayerWeights> layers_;
   KvCache kv_;
-  std::vector<float> cos_, sin_;
+  std::vector<float> cos_, sin_, cos_local_, sin_local_;  // (the local tables: sliding-window layers)
   int64_t n_past_ = 0, pending_ = 0;
   Buffer<float> xn_, q_, k_, v_, att_, gate_, up_, tmp_, scores_, fused_;
   Buffer<uint64_t> anc_bits_;
+  std::vector<int32_t> scratch_pos_;  // positions of the scratch rows [0, pending + T)
   QActs qa_;
 };
 

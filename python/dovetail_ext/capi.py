@@ -167,13 +167,17 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
     Raises:
         ModelNotFoundError / FileNotFoundError / FormatError: as
             :func:`dovetail_ext.formats.load_model_source`.
-        ValueError: the model has more than 8 end-of-sequence ids.
+        ValueError: the model has more than 8 end-of-sequence ids, or is a Gemma 3 model
+            (the C API runs LLaMA, Qwen2 and Qwen3 layers).
     """
     from .formats import load_model_source
     from .quant import dequantize
 
     source = load_model_source(model)
     cfg = source.config
+    if cfg.architecture == "gemma3":
+        raise ValueError("the C API does not run Gemma 3 models yet (post norms, GELU, sliding windows); "
+                         "use the Python package")
     eos = list(dict.fromkeys([*cfg.eos_token_ids, *(source.tokenizer.eos_ids if source.tokenizer else ())]))
     if len(eos) > _MAX_EOS:
         raise ValueError(f"the model has {len(eos)} end-of-sequence ids; the container holds at most {_MAX_EOS}")

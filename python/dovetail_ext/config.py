@@ -7,16 +7,23 @@ H query heads, KV key/value heads, Dh head dim, F FFN size, V vocab size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["LlamaConfig", "ARCHITECTURES"]
+__all__ = ["LlamaConfig", "ARCHITECTURES", "ACTIVATIONS"]
 
 #: The decoders the engine runs (GGUF ``general.architecture`` / Hugging Face ``model_type``)
-#: and the LlamaConfig flags each one sets: Qwen2 adds q/k/v biases, Qwen3 q/k head norms.
-ARCHITECTURES: dict[str, dict[str, bool]] = {
+#: and the LlamaConfig fields each one sets: Qwen2 adds q/k/v biases, Qwen3 q/k head norms,
+#: Gemma 3 (GGUF only) q/k head norms, post norms, a GELU gate and scaled embeddings (its
+#: sliding-window layers come from the file's metadata).
+ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {"attention_bias": False, "qk_norm": False},
     "qwen2": {"attention_bias": True, "qk_norm": False},
     "qwen3": {"attention_bias": False, "qk_norm": True},
+    "gemma3": {"attention_bias": False, "qk_norm": True, "post_norms": True, "activation": "gelu_tanh",
+               "scale_embeddings": True},
 }
+#: The FFN gates: silu (SwiGLU) and gelu_tanh (GeGLU, GELU with the tanh approximation).
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,14 @@ class LlamaConfig:
     otherwise the architectures are the same decoder. ``rope_freq_factors``: RoPE
     frequencies are divided by the per-frequency factors of the weight ``rope_freqs``
     [head_dim / 2] (LLaMA 3.1+ "llama3" scaling).
+
+    Gemma 3: ``post_norms``: each block's attention and FFN output is RMS-normalized
+    (``post_attention_norm`` / ``post_ffw_norm`` [D]) before its residual add;
+    ``activation``: the FFN gate (one of ``ACTIVATIONS``); ``scale_embeddings``: token
+    embeddings are multiplied by sqrt(hidden_size); ``sliding_window`` > 0: layer i is a
+    local layer, seeing only the keys of the last ``sliding_window`` positions, unless
+    ``(i + 1) % sliding_window_pattern == 0`` (pattern 0: every layer is local); local layers
+    rotate with ``rope_theta_local`` (0: ``rope_theta``) and without ``rope_freqs``.
     """
 
     vocab_size: int
@@ -50,6 +65,12 @@ class LlamaConfig:
     attention_bias: bool = False
     qk_norm: bool = False
     rope_freq_factors: bool = False
+    post_norms: bool = False
+    activation: str = "silu"
+    scale_embeddings: bool = False
+    sliding_window: int = 0
+    sliding_window_pattern: int = 0
+    rope_theta_local: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -73,6 +94,14 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"LlamaConfig.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"LlamaConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("sliding_window", "sliding_window_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LlamaConfig.{name} must be a non-negative integer, got {value!r}")
+        if not self.rope_theta_local >= 0:
+            raise ValueError(f"LlamaConfig.rope_theta_local must be non-negative, got {self.rope_theta_local}")
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         for t in self.eos_token_ids + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
             if not 0 <= t < self.vocab_size:
@@ -86,6 +115,11 @@ class LlamaConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def local_layer(self, i: int) -> bool:
+        """Whether layer i is a sliding-window layer."""
+        pattern = self.sliding_window_pattern
+        return self.sliding_window > 0 and (pattern == 0 or (i + 1) % pattern != 0)
 
     @property
     def group_size(self) -> int:

@@ -37,7 +37,7 @@ from .quant import dequantize, quantize_activations_q8, round_bf16, unpack_block
 
 __all__ = ["rmsnorm", "rope_tables", "rope", "swiglu", "attention", "linear", "linear_q8",
            "KVCache", "RMSNorm", "Attention", "FeedForward", "Block", "LlamaReference",
-           "causal_ancestors", "scratch_layout", "generate_greedy"]
+           "causal_ancestors", "scratch_layout", "generate_greedy", "geglu"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -118,12 +118,24 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def geglu(gate: Tensor, up: Tensor) -> Tensor:
+    """GeGLU gate (Gemma): ``gelu_tanh(gate) * up``, GELU with the tanh approximation.
+
+    Args:
+        gate, up: [T, F] float, same dtype.
+    Returns:
+        [T, F] in the input dtype.
+    """
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def causal_ancestors(T: int) -> Tensor:
     """The ancestor matrix of a chain: bool [T, T], True on and below the diagonal."""
     return torch.ones(T, T, dtype=torch.bool).tril()
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor,
+              prefix_start: Tensor | None = None) -> Tensor:
     """Grouped-query attention of a token batch over a committed prefix plus scratch rows.
 
     Keys ``0 .. n_prefix-1`` are the committed cache and are visible to every query; key
@@ -138,6 +150,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor)
         q: [T, H, Dh]. k, v: [KV, L, Dh] with L = n_prefix + S.
         n_prefix: committed keys in front of the scratch rows.
         ancestors: bool [T, S], S >= T; every query must see at least one key.
+        prefix_start: long [T] or None: query t sees the committed keys from
+            ``prefix_start[t]`` on only (a sliding window; None: all of them).
     Returns:
         [T, H, Dh] in ``q.dtype``.
     """
@@ -155,7 +169,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor)
     if ancestors.dim() != 2 or ancestors.shape[0] != T or S < T or ancestors.dtype != torch.bool:
         raise ValueError(f"attention: ancestors must be bool [{T}, S >= {T}], got "
                          f"{ancestors.dtype} {tuple(ancestors.shape)}")
-    visible = torch.cat([torch.ones(T, n_prefix, dtype=torch.bool), ancestors], dim=1)  # [T, L]
+    prefix = torch.ones(T, n_prefix, dtype=torch.bool)
+    if prefix_start is not None:
+        prefix = torch.arange(n_prefix)[None, :] >= prefix_start[:, None]
+    visible = torch.cat([prefix, ancestors], dim=1)  # [T, L]
     if not visible.any(dim=1).all():
         raise ValueError("attention: a query sees no key (empty prefix and no ancestors)")
 
@@ -254,6 +271,7 @@ class KVCache:
         self.max_len = max_len
         self.n_past = 0     # committed tokens
         self.n_pending = 0  # scratch rows: the last plain forward's batch + any appended after it
+        self.scratch_pos = torch.zeros(0, dtype=torch.long)  # positions of the pending rows
 
     def update(self, layer: int, k: Tensor, v: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         """Write one layer's batch K/V to the scratch slots, from scratch row ``start`` on.
@@ -363,9 +381,13 @@ class Attention(nn.Module):
 
     def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor,
                  biases: tuple[Tensor, Tensor, Tensor] | None = None, rope_factors: Tensor | None = None,
-                 qk_norm: tuple[Tensor, Tensor] | None = None):
+                 qk_norm: tuple[Tensor, Tensor] | None = None, local: bool = False):
         super().__init__()
         self.config = config
+        # A sliding-window layer: its own RoPE base, no frequency factors, the window.
+        self.local = local
+        self.theta = (config.rope_theta_local or config.rope_theta) if local else config.rope_theta
+        rope_factors = None if local else rope_factors
         self.wq, self.wk, self.wv, self.wo = (_frozen(w) for w in (wq, wk, wv, wo))
         self.biases = None if biases is None else nn.ParameterList(_frozen(b) for b in biases)
         self.rope_factors = None if rope_factors is None else _frozen(rope_factors)
@@ -384,31 +406,38 @@ class Attention(nn.Module):
         k = self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim)
         if self.qk_norm is not None:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
-        q = rope(q, positions, c.rope_theta, f)
-        k = rope(k, positions, c.rope_theta, f)
+        q = rope(q, positions, self.theta, f)
+        k = rope(k, positions, self.theta, f)
         v = self._project(x, self.wv, 2).view(T, c.num_kv_heads, c.head_dim)
         n_prefix = cache.n_past
         keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1), start)  # [KV, L, Dh]
-        out = attention(q, keys, values, n_prefix, ancestors)  # [T, H, Dh]
+        prefix_start = None
+        if self.local:  # (committed slot j holds position j; the caller windowed the scratch rows)
+            prefix_start = positions.to(torch.long) - c.sliding_window + 1
+        out = attention(q, keys, values, n_prefix, ancestors, prefix_start)  # [T, H, Dh]
         return linear(out.reshape(T, c.q_size), self.wo)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: ``w_down @ (silu(w_gate @ x) * (w_up @ x))``, x [T, D] -> [T, D].
+    """Gated MLP: ``w_down @ (act(w_gate @ x) * (w_up @ x))``, x [T, D] -> [T, D], with act
+    SiLU (SwiGLU) or GELU-tanh (``activation="gelu_tanh"``, GeGLU).
 
     w_gate and w_up [F, D], w_down [D, F].
     """
 
-    def __init__(self, w_gate: Tensor, w_up: Tensor, w_down: Tensor):
+    def __init__(self, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str = "silu"):
         super().__init__()
         self.w_gate, self.w_up, self.w_down = (_frozen(w) for w in (w_gate, w_up, w_down))
+        self.gate = geglu if activation == "gelu_tanh" else swiglu
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(swiglu(linear(x, self.w_gate), linear(x, self.w_up)), self.w_down)
+        return linear(self.gate(linear(x, self.w_gate), linear(x, self.w_up)), self.w_down)
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer, ``blk.{i}.*`` weights: x [T, D] -> [T, D]."""
+    """One pre-norm decoder layer, ``blk.{i}.*`` weights: x [T, D] -> [T, D]. With
+    ``config.post_norms`` (Gemma 3) each sub-block's output is RMS-normalized before its
+    residual add."""
 
     def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor], i: int):
         super().__init__()
@@ -418,15 +447,23 @@ class Block(nn.Module):
         self.attention = Attention(config, weights[p + "attn_q"], weights[p + "attn_k"],
                                    weights[p + "attn_v"], weights[p + "attn_output"], biases,
                                    weights["rope_freqs"] if config.rope_freq_factors else None,
-                                   (weights[p + "attn_q_norm"], weights[p + "attn_k_norm"]) if config.qk_norm else None)
+                                   (weights[p + "attn_q_norm"], weights[p + "attn_k_norm"]) if config.qk_norm else None,
+                                   config.local_layer(i))
         self.ffn_norm = RMSNorm(weights[p + "ffn_norm"], config.rms_norm_eps)
         self.feed_forward = FeedForward(weights[p + "ffn_gate"], weights[p + "ffn_up"],
-                                        weights[p + "ffn_down"])
+                                        weights[p + "ffn_down"], config.activation)
+        self.post_norms = None
+        if config.post_norms:
+            self.post_norms = nn.ModuleList(RMSNorm(weights[p + n], config.rms_norm_eps)
+                                            for n in ("post_attention_norm", "post_ffw_norm"))
+
+    def _post(self, i: int, y: Tensor) -> Tensor:
+        return y if self.post_norms is None else self.post_norms[i](y)
 
     def forward(self, x: Tensor, positions: Tensor, ancestors: Tensor, cache: KVCache,
                 layer: int, start: int = 0) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, ancestors, cache, layer, start)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self._post(0, self.attention(self.attention_norm(x), positions, ancestors, cache, layer, start))
+        return h + self._post(1, self.feed_forward(self.ffn_norm(h)))
 
 
 class LlamaReference(nn.Module):
@@ -504,8 +541,15 @@ class LlamaReference(nn.Module):
             raise ValueError(f"forward: cache of shape {tuple(cache.k.shape)} does not fit the model")
 
         x = self.tok_embeddings[tokens]  # [T, D]
+        if c.scale_embeddings:  # (sqrt(D) rounded to the model dtype, as Gemma does)
+            x = x * torch.tensor(c.hidden_size ** 0.5, dtype=x.dtype)
+        positions = positions.to(torch.long)
+        cache.scratch_pos = torch.cat([cache.scratch_pos[:start], positions])
+        local_ancestors = ancestors
+        if c.sliding_window:  # the scratch rows outside each token's window
+            local_ancestors = ancestors & (cache.scratch_pos[None, :] > positions[:, None] - c.sliding_window)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, ancestors, cache, i, start)
+            x = layer(x, positions, local_ancestors if c.local_layer(i) else ancestors, cache, i, start)
         features = self.norm(x)
         head = self.output if self.output is not None else self.tok_embeddings
         return linear(features, head), features

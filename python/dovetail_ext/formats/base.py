@@ -113,6 +113,8 @@ def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         })
         if cfg.qk_norm:
             shapes.update({p + "attn_q_norm": (cfg.head_dim,), p + "attn_k_norm": (cfg.head_dim,)})
+        if cfg.post_norms:
+            shapes.update({p + "post_attention_norm": (D,), p + "post_ffw_norm": (D,)})
         if cfg.attention_bias:
             shapes.update({p + "attn_q.bias": (cfg.q_size,), p + "attn_k.bias": (cfg.kv_size,),
                            p + "attn_v.bias": (cfg.kv_size,)})

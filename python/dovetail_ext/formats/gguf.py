@@ -39,7 +39,7 @@ import numpy as np
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
 from .base import ModelSource, Weight, expected_weight_shapes
-from .tokenizer import tokenizer_from_gguf_vocab
+from .tokenizer import GEMMA_TEMPLATE, tokenizer_from_gguf_vocab
 
 __all__ = ["load_gguf", "GGUF_MAGIC"]
 
@@ -281,7 +281,8 @@ def _f32_decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> LlamaConfig:
+def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
+            end_of_turn: int | None = None) -> LlamaConfig:
     arch = meta.get("general.architecture", str, required=True)
     if arch not in ARCHITECTURES:
         raise FormatError(f"{meta.path}: architecture {arch!r} is not supported "
@@ -290,6 +291,14 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> L
     rope_scaling = meta.get(a + "rope.scaling.type", str, "none")
     if rope_scaling not in ("none", ""):
         raise FormatError(f"{meta.path}: RoPE scaling {rope_scaling!r} is not supported")
+    gemma = {}
+    if arch == "gemma3":
+        # As llama.cpp runs Gemma 3: every 6th layer global, the others local with RoPE base
+        # 10000; attention scaled by 1/sqrt(head_dim), except the 62-layer 27B model's.
+        if meta.get(a + "block_count", int, 0) == 62:
+            raise FormatError(f"{meta.path}: Gemma 3 27B (query_pre_attn_scalar != head_dim) is not supported")
+        gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=6,
+                     rope_theta_local=10000.0)
     if meta.get(a + "expert_count", int, 0):
         raise FormatError(f"{meta.path}: mixture-of-experts models are not supported")
     hidden = meta.get(a + "embedding_length", int, required=True)
@@ -308,6 +317,8 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> L
         t = meta.get(key, int)
         if t is not None and t not in eos:
             eos.append(t)
+    if arch == "gemma3" and end_of_turn is not None and end_of_turn not in eos:
+        eos.append(end_of_turn)  # (a turn's end, which llama.cpp also stops at)
     try:
         return LlamaConfig(
             vocab_size=vocab_size,
@@ -325,6 +336,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool) -> L
             eos_token_ids=tuple(eos),
             architecture=arch,
             **ARCHITECTURES[arch],
+            **gemma,
             rope_freq_factors=rope_freqs,
         )
     except ValueError as e:
@@ -405,7 +417,7 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path) -> tuple[dict[str, W
 
 
 def load_gguf(path: str | Path) -> ModelSource:
-    """Loads a LLaMA-, Qwen2- or Qwen3-architecture GGUF file.
+    """Loads a LLaMA-, Qwen2-, Qwen3- or Gemma 3-architecture GGUF file.
 
     Returns:
         ModelSource with ``weights`` under the canonical names of ``formats.base``:
@@ -431,13 +443,16 @@ def load_gguf(path: str | Path) -> ModelSource:
     if len(tokens) > vocab_size:
         raise FormatError(f"{path}: {len(tokens)} tokens but token_embd.weight has {vocab_size} rows")
 
-    cfg = _config(meta, vocab_size, tied="output.weight" not in tensors, rope_freqs="rope_freqs.weight" in tensors)
+    cfg = _config(meta, vocab_size, tied="output.weight" not in tensors, rope_freqs="rope_freqs.weight" in tensors,
+                  end_of_turn=tokens.index("<end_of_turn>") if "<end_of_turn>" in tokens else None)
     if cfg.num_layers * 9 > len(tensors):  # before expected_weight_shapes() builds 9 names per layer
         raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
                           f"tensors, the file has {len(tensors)} tensors")
     weights, converted = _weights(reader, cfg, path)
 
     chat_template = meta.get("tokenizer.chat_template", str)
+    if chat_template is None and cfg.architecture == "gemma3":
+        chat_template = GEMMA_TEMPLATE  # (as llama.cpp, which recognizes Gemma files without one)
     tokenizer = tokenizer_from_gguf_vocab(
         model=meta.get("tokenizer.ggml.model", str, required=True),
         tokens=tokens,
@@ -451,6 +466,7 @@ def load_gguf(path: str | Path) -> ModelSource:
         add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", bool),
         chat_template=chat_template,
         source=str(path),
+        unk_id=meta.get("tokenizer.ggml.unknown_token_id", int),
     )
     return ModelSource(config=cfg, weights=weights, tokenizer=tokenizer, chat_template=chat_template,
                        name=meta.get("general.name", str, path.stem), path=str(path),

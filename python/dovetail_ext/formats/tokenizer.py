@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from ..errors import FormatError
 
-__all__ = ["Tokenizer", "StreamDecoder", "CHATML_TEMPLATE", "tokenizer_from_gguf_vocab",
+__all__ = ["Tokenizer", "StreamDecoder", "CHATML_TEMPLATE", "GEMMA_TEMPLATE", "tokenizer_from_gguf_vocab",
            "tokenizer_from_hf_directory"]
 
 #: Used when a model ships no chat template.
@@ -50,6 +50,19 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma's turns, for Gemma files without a template: roles user and model, a system message
+# joined to the first user turn. (No BOS in the text: the tokenizer adds it.)
+GEMMA_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set first = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ ((first if loop.first else '') + message['content']) | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 # GGUF / SentencePiece piece types (the two use the same numbers).
@@ -109,14 +122,18 @@ class _SentencePieceBackend:
     Hugging Face semantics, text is cut at control and unknown pieces first and each
     remaining fragment is encoded on its own, so a fragment after a special token gets the
     dummy-prefix space again: the rule of llama.cpp and of Hugging Face's legacy LLaMA
-    tokenizer. Decoding inverts it, fragment by fragment.
+    tokenizer. Decoding inverts it, fragment by fragment. ``user_defined`` pieces (Gemma's
+    runs of spaces and newlines, HTML tags) are cut out the same way, as llama.cpp does:
+    SentencePiece would look for them in its whitespace-escaped text, where a piece spelled
+    with spaces never occurs. They decode as text, never as special tokens.
     """
 
-    def __init__(self, sp: Any) -> None:
+    def __init__(self, sp: Any, user_defined: Iterable[int] = ()) -> None:
         self.sp = sp
         self.vocab_size = sp.get_piece_size()
         self.special = {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
-        pieces = sorted((sp.id_to_piece(i) for i in self.special), key=len, reverse=True)
+        cut = self.special | set(user_defined)
+        pieces = sorted((sp.id_to_piece(i) for i in cut), key=len, reverse=True)
         pieces = [p for p in pieces if p]
         self._split = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
 
@@ -237,9 +254,10 @@ class Tokenizer:
         return cls(_HFBackend(tok), **kwargs)
 
     @classmethod
-    def from_sentencepiece(cls, sp: Any, **kwargs: Any) -> Tokenizer:
-        """Wraps a ``sentencepiece.SentencePieceProcessor``; ``kwargs`` as for the constructor."""
-        return cls(_SentencePieceBackend(sp), **kwargs)
+    def from_sentencepiece(cls, sp: Any, user_defined: Iterable[int] = (), **kwargs: Any) -> Tokenizer:
+        """Wraps a ``sentencepiece.SentencePieceProcessor`` whose ``user_defined`` piece ids are
+        matched in the text before it encodes; ``kwargs`` as for the constructor."""
+        return cls(_SentencePieceBackend(sp, user_defined), **kwargs)
 
     @property
     def backend(self) -> Any:
@@ -348,7 +366,7 @@ def tokenizer_from_gguf_vocab(*, model: str, tokens: Sequence[str], token_types:
                               pre: str | None = None, bos_id: int | None = None,
                               eos_ids: Iterable[int] = (), add_bos: bool | None = None,
                               add_space_prefix: bool | None = None, chat_template: str | None = None,
-                              source: str = "") -> Tokenizer:
+                              source: str = "", unk_id: int | None = None) -> Tokenizer:
     """Builds the tokenizer a GGUF file describes (keys ``tokenizer.ggml.*``).
 
     Args:
@@ -357,6 +375,8 @@ def tokenizer_from_gguf_vocab(*, model: str, tokens: Sequence[str], token_types:
         add_bos: ``tokenizer.ggml.add_bos_token``; None means llama.cpp's default (yes for
             ``llama``, no for ``gpt2``).
         add_space_prefix: ``tokenizer.ggml.add_space_prefix`` (``llama`` only; default yes).
+        unk_id: ``tokenizer.ggml.unknown_token_id`` (``llama`` only): the unknown token when
+            no token is typed as one.
         source: the file, for error messages.
 
     Raises:
@@ -375,8 +395,9 @@ def tokenizer_from_gguf_vocab(*, model: str, tokens: Sequence[str], token_types:
         return tok
     if model == "llama":
         sp = _sentencepiece_from_vocab(tokens, token_types, scores,
-                                       True if add_space_prefix is None else add_space_prefix, source)
-        return Tokenizer.from_sentencepiece(sp, add_bos=True if add_bos is None else add_bos, **kwargs)
+                                       True if add_space_prefix is None else add_space_prefix, source, unk_id)
+        user_defined = [i for i, t in enumerate(token_types or ()) if t == _USER_DEFINED]
+        return Tokenizer.from_sentencepiece(sp, user_defined, add_bos=True if add_bos is None else add_bos, **kwargs)
     raise FormatError(f"{source}: tokenizer model {model!r} is not supported yet "
                       f"(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
 
@@ -475,7 +496,7 @@ def _pb_field(number: int, value: int | float | bytes | str) -> bytes:
 
 def _sentencepiece_from_vocab(tokens: Sequence[str], token_types: Sequence[int] | None,
                               scores: Sequence[float] | None, add_dummy_prefix: bool,
-                              source: str) -> Any:
+                              source: str, unk_id: int | None = None) -> Any:
     """A SentencePiece BPE model rebuilt from a GGUF ``llama`` vocabulary.
 
     The model is serialized by hand (protobuf wire format; ``sentencepiece`` needs no
@@ -493,6 +514,11 @@ def _sentencepiece_from_vocab(tokens: Sequence[str], token_types: Sequence[int] 
     if len(scores) != len(tokens):
         raise FormatError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
     unk = [i for i, t in enumerate(token_types) if t == _UNKNOWN]
+    if not unk and unk_id is not None and 0 <= unk_id < len(tokens):
+        # (Gemma files type their <unk> as a control token and name it by
+        # tokenizer.ggml.unknown_token_id; SentencePiece needs it typed as unknown.)
+        unk = [unk_id]
+        token_types = [_UNKNOWN if i == unk_id else t for i, t in enumerate(token_types)]
     if len(unk) != 1:
         raise FormatError(f"{source}: a SentencePiece vocabulary needs exactly one unknown token, "
                           f"found {len(unk)}")

@@ -234,22 +234,31 @@ int quantize_block(const float* x, int8_t* q, float* d) {
 
 namespace {
 
-__m256 swiglu8(__m256 g, __m256 u) {
-  const __m256 e = x86::exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
+// g / (1 + exp(-a(g))) * u with a(g) = g (SwiGLU) or g (kGeluA + kGeluB g^2) (GeGLU).
+template <bool kGelu>
+__m256 gated8(__m256 g, __m256 u) {
+  const __m256 a = kGelu ? _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_set1_ps(kGeluB), _mm256_mul_ps(g, g),
+                                                            _mm256_set1_ps(kGeluA)))
+                         : g;
+  const __m256 e = x86::exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), a));
   return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+template <bool kGelu>
+void gated(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, gated8<kGelu>(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+  if (i < n) {  // the tail through the same vector code
+    alignas(32) float gb[8] = {}, ub[8] = {}, ob[8];
+    for (int64_t j = i; j < n; ++j) gb[j - i] = g[j], ub[j - i] = u[j];
+    _mm256_store_ps(ob, gated8<kGelu>(_mm256_load_ps(gb), _mm256_load_ps(ub)));
+    for (int64_t j = i; j < n; ++j) out[j] = ob[j - i];
+  }
 }
 
 }  // namespace
 
-void swiglu(const float* g, const float* u, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, swiglu8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
-  if (i < n) {  // the tail through the same vector code
-    alignas(32) float gb[8] = {}, ub[8] = {}, ob[8];
-    for (int64_t j = i; j < n; ++j) gb[j - i] = g[j], ub[j - i] = u[j];
-    _mm256_store_ps(ob, swiglu8(_mm256_load_ps(gb), _mm256_load_ps(ub)));
-    for (int64_t j = i; j < n; ++j) out[j] = ob[j - i];
-  }
-}
+void swiglu(const float* g, const float* u, float* out, int64_t n) { gated<false>(g, u, out, n); }
+void geglu(const float* g, const float* u, float* out, int64_t n) { gated<true>(g, u, out, n); }
 
 }  // namespace dovetail::avx2

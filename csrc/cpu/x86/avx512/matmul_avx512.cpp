@@ -257,14 +257,25 @@ void round_bf16(const float* x, int64_t n, uint32_t* out) {
   }
 }
 
-void swiglu(const float* g, const float* u, float* out, int64_t n) {
+namespace {
+
+// out = g / (1 + exp(-a(g))) * u with a(g) = g (SwiGLU) or g (kGeluA + kGeluB g^2) (GeGLU).
+template <bool kGelu>
+void gated(const float* g, const float* u, float* out, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  const __m512 ga = _mm512_set1_ps(kGeluA), gb = _mm512_set1_ps(kGeluB);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
     const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
-    const __m512 e = x86::exp_ps(_mm512_sub_ps(zero, gv));
+    const __m512 a = kGelu ? _mm512_mul_ps(gv, _mm512_fmadd_ps(gb, _mm512_mul_ps(gv, gv), ga)) : gv;
+    const __m512 e = x86::exp_ps(_mm512_sub_ps(zero, a));
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv));
   }
 }
+
+}  // namespace
+
+void swiglu(const float* g, const float* u, float* out, int64_t n) { gated<false>(g, u, out, n); }
+void geglu(const float* g, const float* u, float* out, int64_t n) { gated<true>(g, u, out, n); }
 
 }  // namespace dovetail::avx512
