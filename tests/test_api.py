@@ -226,6 +226,7 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     info = json.loads(capsys.readouterr().out)
     assert info["cpu_path"] in info["cpu_paths_supported"]
     assert info["model"]["layers"] == 30
+    assert (info["model"]["activation"], info["model"]["sliding_window"], info["model"]["local_layers"]) == ("silu", 0, 0)
     assert info["cuda_cublas"] is None or info["cuda_cublas"].startswith("libcublas")
     assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 2
     assert "no such model file" in capsys.readouterr().err
