@@ -198,13 +198,9 @@ class ChunkedRows {
     score_tiles(c * kKChunk, kKChunk / kKTile);
     float* acc[kMaxRows];
     for (int64_t r = 0; r < R_; ++r) {
-      const int64_t masked = std::clamp<int64_t>(lo_[r] - c * kKChunk, 0, kKChunk);
-      if (masked == kKChunk) {  // (its weights zero: the values pass adds nothing)
-        empty_record(rec[r]);
-        std::fill(sc_[r], sc_[r] + kKChunk, 0.0f);
-      } else {
-        start(rec[r], sc_[r], kKChunk, masked);
-      }
+      const uint8_t* out = nullptr;  // the slots before the row's window
+      if (lo_[r] > c * kKChunk) out = outside_mask(kKChunk, std::min(lo_[r] - c * kKChunk, kKChunk));
+      start(rec[r], sc_[r], kKChunk, out);
       acc[r] = rec[r] + 2;
     }
     values(acc, sc_, R_, ValueSlots{c * kKChunk, kKChunk, nullptr});
@@ -220,19 +216,14 @@ class ChunkedRows {
       for (int64_t j = 0; j < nvis_[r]; ++j) sc_[r][np + j] = sc_[r][np + vr_[r][j]];
       const int64_t n = np + nvis_[r];
       nk[r] = (n + kKChunk - 1) / kKChunk;
-      if (a_.window <= 0) {
-        for (int64_t k = 0; k < nk[r]; ++k) start(rec(r, k), sc_[r] + k * kKChunk, std::min(n, (k + 1) * kKChunk) - k * kKChunk);
-        continue;
+      uint8_t* out = nullptr;  // the keys outside the row's window (prefix slots, then scratch rows)
+      if (a_.window > 0) {
+        out = outside_mask(n, std::clamp<int64_t>(lo_[r] - base_, 0, np));
+        for (int64_t j = 0; j < nvis_[r]; ++j) out[np + j] = outside_window(a_, t_[r], vr_[r][j]);
       }
-      // The keys outside the window keep their places in the list with weight zero, so a
-      // token's chunks are the same whether those keys are committed or in the batch.
-      static thread_local std::vector<uint8_t> out;
-      out.assign((size_t)n, 0);
-      for (int64_t i = 0; i < std::min(np, lo_[r] - base_); ++i) out[(size_t)i] = 1;
-      for (int64_t j = 0; j < nvis_[r]; ++j) out[(size_t)(np + j)] = outside_window(a_, t_[r], vr_[r][j]);
       for (int64_t k = 0; k < nk[r]; ++k) {
-        const int64_t k0 = k * kKChunk, len = std::min(n, k0 + kKChunk) - k0;
-        start_masked(rec(r, k), sc_[r] + k0, len, out.data() + k0);
+        const int64_t k0 = k * kKChunk;
+        start(rec(r, k), sc_[r] + k0, std::min(n, k0 + kKChunk) - k0, out ? out + k0 : nullptr);
       }
     }
     if (np > 0) {  // the prefix keys, first in every row's first chunk
@@ -289,22 +280,16 @@ class ChunkedRows {
       Rows::template scores<Rows::kTiles>(q_, R_, k + i * tile, Dh_, scale_, at(i));
     for (; i < ntiles; ++i) Rows::template scores<1>(q_, R_, k + i * tile, Dh_, scale_, at(i));
   }
-  // The record of scores s[0 .. n), the first `masked` of them outside the window (their
-  // weights set to zero; at least one score is visible).
-  void start(float* rec, float* s, int64_t n, int64_t masked = 0) {
-    std::fill(s, s + masked, -INFINITY);
-    float m;
-    rec[1] = Rows::exp_sum(s, n, &m);
-    rec[0] = m;
-    std::fill(s, s + masked, 0.0f);  // (exp_ps's floor is ~1e-38, not 0)
-    std::memset(rec + 2, 0, sizeof(float) * Dh_);
-  }
-  // As start, the scores s[i] with out[i] set outside the window; all of them: the empty record.
-  void start_masked(float* rec, float* s, int64_t n, const uint8_t* out) {
-    int64_t visible = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      visible += !out[i];
-      if (out[i]) s[i] = -INFINITY;
+  // The record of the scores s[0 .. n), turned into softmax weights in place. The keys
+  // with out[i] set (out may be null: none) are outside the sliding window: they keep their
+  // places in the key list, so a token's chunks are the same whether those keys are
+  // committed or in the batch, with weight zero; a chunk of such keys only has the empty record.
+  void start(float* rec, float* s, int64_t n, const uint8_t* out = nullptr) {
+    int64_t visible = n;
+    for (int64_t i = 0; out && i < n; ++i) {
+      if (!out[i]) continue;
+      s[i] = -INFINITY;
+      --visible;
     }
     if (visible == 0) {
       empty_record(rec);
@@ -313,9 +298,16 @@ class ChunkedRows {
       rec[1] = Rows::exp_sum(s, n, &m);
       rec[0] = m;
     }
-    for (int64_t i = 0; i < n; ++i)
-      if (out[i]) s[i] = 0.0f;
+    for (int64_t i = 0; out && i < n; ++i)
+      if (out[i]) s[i] = 0.0f;  // (exp_ps's floor is ~1e-38, not 0)
     std::memset(rec + 2, 0, sizeof(float) * Dh_);
+  }
+  // A thread's mask of n keys, the first `before` of them set.
+  static uint8_t* outside_mask(int64_t n, int64_t before) {
+    static thread_local std::vector<uint8_t> mask;
+    mask.assign((size_t)n, 0);
+    std::fill(mask.begin(), mask.begin() + before, 1);
+    return mask.data();
   }
   // The features in chunks of at most 8 registers per row.
   void values(float* const* o, const float* const* p, int64_t nr, const ValueSlots& slots) {
