@@ -31,7 +31,7 @@ def hf_model(cfg, weights, rope_scaling=None):
     with our canonical weights (fp32, eager attention); ``rope_scaling``: its RoPE scaling
     parameters (the engine takes them as ``weights["rope_freqs"]``)."""
     if cfg.architecture == "gemma3":
-        return hf_gemma3(cfg, weights)
+        return hf_gemma3(cfg, weights, rope_scaling)
     if cfg.attention_bias:
         from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as Model
     elif cfg.qk_norm:
@@ -67,11 +67,13 @@ def hf_model(cfg, weights, rope_scaling=None):
     return m
 
 
-def hf_gemma3(cfg, weights):
+def hf_gemma3(cfg, weights, rope_scaling=None):
     """transformers Gemma3ForCausalLM with our canonical weights (fp32, eager attention). Its
-    RMSNorms scale by (1 + w): GGUF files store 1 + w, as our weights are."""
+    RMSNorms scale by (1 + w): GGUF files store 1 + w, as our weights are. ``rope_scaling``:
+    the global layers' RoPE parameters beyond the base."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     kinds = ["sliding_attention" if cfg.local_layer(i) else "full_attention" for i in range(cfg.num_layers)]
+    glob = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(rope_scaling or {})}
     hc = Gemma3TextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                           num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -80,7 +82,7 @@ def hf_gemma3(cfg, weights):
                           layer_types=kinds, hidden_activation="gelu_pytorch_tanh",
                           rope_parameters={"sliding_attention": {"rope_type": "default",
                                                                  "rope_theta": cfg.rope_theta_local},
-                                           "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta}},
+                                           "full_attention": glob},
                           tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager")
     m = Gemma3ForCausalLM(hc).eval()
     sd = {"model.embed_tokens.weight": weights["token_embd"], "model.norm.weight": weights["output_norm"] - 1}
@@ -184,6 +186,22 @@ def test_llama3_rope_scaling_matches_transformers(tied):
     unscaled, _ = TargetEngine(make_source(dataclasses.replace(cfg, rope_freq_factors=False), plain, "f32"),
                                context=256, max_batch=160).forward(ids, logit_rows=range(150))
     assert np.abs(unscaled - logits).max() > 0.05 * np.abs(want).max()  # the factors matter here
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_linear_rope_scaling_matches_transformers(arch):
+    """Linear RoPE scaling (positions divided by the factor; Gemma 3 4B+ on its global
+    layers) as rope_freqs divisors all equal to the factor, against transformers' "linear"
+    rope over 40 positions."""
+    cfg = tiny_config(gqa=3, tied=True, rope_factors=True, window=6 if arch == "gemma3" else 0, layers=3)
+    w = random_weights(cfg, seed=31)
+    w["rope_freqs"] = np.full(cfg.head_dim // 2, 4.0, np.float32)
+    eng = TargetEngine(make_source(cfg, w, "f32"), context=64, threads=2)
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, 40)
+    logits, _ = eng.forward(ids, logit_rows=range(40))
+    with torch.no_grad():
+        want = hf_model(cfg, w, dict(rope_type="linear", factor=4.0))(torch.from_numpy(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(logits, want, rtol=0, atol=3e-4 * np.abs(want).max())
 
 
 def test_rope_factors_match_reference(isa):

@@ -302,6 +302,29 @@ def test_llama3_rope_freqs(tmp_path: Path, llama_gguf_writer) -> None:
     assert f[0] == 1 and f[-1] == 32 and np.any((f > 1) & (f < 32))
 
 
+def test_linear_rope_scaling(tmp_path: Path, llama_gguf_writer) -> None:
+    """Linear RoPE scaling (rope.scaling.type "linear" in a GGUF, rope_scaling "linear" in a
+    config.json) becomes rope_freqs divisors all equal to the factor; with a rope_freqs tensor
+    too, or a factor that is not positive, the file is refused."""
+    from gguf import RopeScalingType
+
+    def linear(factor):
+        return lambda w: (w.add_rope_scaling_type(RopeScalingType.LINEAR), w.add_rope_scaling_factor(factor))
+    llama_gguf_writer(tmp_path / "lin.gguf", n_head=4, meta=linear(8.0))
+    src = load_gguf(tmp_path / "lin.gguf")
+    assert src.config.rope_freq_factors and set(src.weights) == set(expected_weight_shapes(src.config))
+    np.testing.assert_array_equal(src.weights["rope_freqs"].data, np.full(8, 8.0, np.float32))
+    llama_gguf_writer(tmp_path / "both.gguf", n_head=4, shapes={"rope_freqs": (8,)}, meta=linear(8.0))
+    with pytest.raises(FormatError, match="both linear RoPE scaling and a rope_freqs tensor"):
+        load_gguf(tmp_path / "both.gguf")
+    llama_gguf_writer(tmp_path / "zero.gguf", n_head=4, meta=linear(0.0))
+    with pytest.raises(FormatError, match="rope.scaling.factor = 0.0 must be positive"):
+        load_gguf(tmp_path / "zero.gguf")
+    save_tiny_llama(tmp_path / "hf", rope_scaling=dict(rope_type="linear", factor=2.5))
+    src = load_hf(tmp_path / "hf")
+    np.testing.assert_array_equal(src.weights["rope_freqs"].data, np.full(src.config.head_dim // 2, 2.5, np.float32))
+
+
 def test_gguf_eot_is_an_eos(tmp_path: Path, llama_gguf_writer) -> None:
     llama_gguf_writer(tmp_path / "t.gguf", meta=lambda w: w.add_eot_token_id(0))
     src = load_gguf(tmp_path / "t.gguf")

@@ -1,9 +1,10 @@
 """GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
 
-What it is: config from the ``llama.*``, ``qwen2.*`` or ``qwen3.*`` metadata (Qwen2 is
-LLaMA with a bias on the q / k / v projections, Qwen3 with an RMSNorm on every q / k head
-instead; LLaMA 3.1+ files carry ``rope_freqs``, the divisors of
-the RoPE frequencies), every tensor the engine executes (F32, F16, BF16,
+What it is: config from the ``llama.*``, ``qwen2.*``, ``qwen3.*`` or ``gemma3.*`` metadata
+(Qwen2 is LLaMA with a bias on the q / k / v projections, Qwen3 with an RMSNorm on every
+q / k head instead, Gemma 3 see ``config.LlamaConfig``; LLaMA 3.1+ files carry
+``rope_freqs``, the divisors of the RoPE frequencies, and linear RoPE scaling becomes the
+same divisors), every tensor the engine executes (F32, F16, BF16,
 Q8_0, Q4_0, Q4_1) as a zero-copy view of the file's memory map, the tokenizer and chat
 template from the ``tokenizer.*`` metadata. Copies are made only of ``attn_q`` /
 ``attn_k`` of ``llama`` files (whose rows are reordered, see below), of 1-D weights
@@ -289,8 +290,10 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
                           f"(supported: {', '.join(map(repr, ARCHITECTURES))})")
     a = arch + "."
     rope_scaling = meta.get(a + "rope.scaling.type", str, "none")
-    if rope_scaling not in ("none", ""):
+    if rope_scaling not in ("none", "", "linear"):
         raise FormatError(f"{meta.path}: RoPE scaling {rope_scaling!r} is not supported")
+    if rope_scaling == "linear" and rope_freqs:
+        raise FormatError(f"{meta.path}: both linear RoPE scaling and a rope_freqs tensor")
     gemma = {}
     if arch == "gemma3":
         # As llama.cpp runs Gemma 3: every 6th layer global, the others local with RoPE base
@@ -337,7 +340,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
             architecture=arch,
             **ARCHITECTURES[arch],
             **gemma,
-            rope_freq_factors=rope_freqs,
+            rope_freq_factors=rope_freqs or rope_scaling == "linear",
         )
     except ValueError as e:
         raise FormatError(f"{meta.path}: {e}") from e
@@ -365,12 +368,25 @@ def _to_f32(data: np.ndarray, qtype: Any) -> np.ndarray:
     return quants.dequantize(data, qtype).astype(np.float32)
 
 
-def _weights(reader: _Reader, cfg: LlamaConfig, path: Path) -> tuple[dict[str, Weight], dict[str, int]]:
+def _linear_rope_factors(meta: _Metadata, cfg: LlamaConfig) -> dict[str, Weight]:
+    """Linear RoPE scaling (positions divided by ``rope.scaling.factor``) as the divisors of
+    every frequency: the ``rope_freqs`` weight the engine applies (on Gemma 3's global
+    layers only, as its local ones rotate unscaled)."""
+    a = cfg.architecture + "."
+    if meta.get(a + "rope.scaling.type", str, "none") != "linear":
+        return {}
+    factor = meta.get(a + "rope.scaling.factor", (float, int), required=True)
+    if not factor > 0:
+        raise FormatError(f"{meta.path}: {a}rope.scaling.factor = {factor!r} must be positive")
+    return {"rope_freqs": Weight("f32", (cfg.head_dim // 2,), np.full(cfg.head_dim // 2, factor, np.float32))}
+
+
+def _weights(reader: _Reader, cfg: LlamaConfig, path: Path,
+             weights: dict[str, Weight]) -> tuple[dict[str, Weight], dict[str, int]]:
     from .convert import convert_blocks, convertible_types
     types = _ggml_types()
     convertible = convertible_types()
     expected = expected_weight_shapes(cfg)
-    weights: dict[str, Weight] = {}
     converted: dict[str, int] = {}
     for t in reader.tensors:
         name = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
@@ -448,7 +464,7 @@ def load_gguf(path: str | Path) -> ModelSource:
     if cfg.num_layers * 9 > len(tensors):  # before expected_weight_shapes() builds 9 names per layer
         raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
                           f"tensors, the file has {len(tensors)} tensors")
-    weights, converted = _weights(reader, cfg, path)
+    weights, converted = _weights(reader, cfg, path, _linear_rope_factors(meta, cfg))
 
     chat_template = meta.get("tokenizer.chat_template", str)
     if chat_template is None and cfg.architecture == "gemma3":

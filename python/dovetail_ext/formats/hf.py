@@ -153,8 +153,8 @@ _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3"
 
 
 def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaConfig, np.ndarray | None]:
-    """LlamaConfig from a parsed config.json, and the RoPE frequency divisors of "llama3"
-    scaling (None without it); every problem names the key.
+    """LlamaConfig from a parsed config.json, and the RoPE frequency divisors of "llama3" or
+    "linear" scaling (None without it); every problem names the key.
 
     The LM head is tied when config.json says so or the checkpoint has no ``lm_head``.
     """
@@ -186,11 +186,12 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaCo
     rope = get("rope_parameters", dict, {})
     scaling = get("rope_scaling", dict, {}) or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", None, "llama3"):
+    if rope_type not in ("default", None, "llama3", "linear"):
         raise FormatError(f"{path}: RoPE scaling {rope_type!r} is not supported")
-    if rope_type == "llama3":
-        for key in _LLAMA3_KEYS:
-            get(key, (int, float), src=scaling)
+    for key in _LLAMA3_KEYS if rope_type == "llama3" else ("factor",) if rope_type == "linear" else ():
+        get(key, (int, float), src=scaling)
+    if rope_type == "linear" and not scaling["factor"] > 0:
+        raise FormatError(f"{path}: RoPE scaling factor {scaling['factor']!r} must be positive")
     theta = get("rope_theta", (int, float), src=rope) if "rope_theta" in rope \
         else get("rope_theta", (int, float), 10000.0)
     eos = get("eos_token_id", (int, list), [])
@@ -215,10 +216,12 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaCo
             eos_token_ids=tuple(eos),
             architecture=arch,
             **ARCHITECTURES[arch],
-            rope_freq_factors=rope_type == "llama3",
+            rope_freq_factors=rope_type in ("llama3", "linear"),
         )
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from e
+    if rope_type == "linear":  # positions divided by the factor: every frequency is
+        return config, np.full(config.head_dim // 2, float(scaling["factor"]), dtype=np.float32)
     if rope_type != "llama3":
         return config, None
     return config, llama3_rope_factors(config.rope_theta, config.head_dim,
