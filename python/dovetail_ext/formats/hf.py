@@ -1,7 +1,9 @@
-"""Hugging Face loader: a LLaMA, Qwen2 or Qwen3 checkpoint directory -> :class:`ModelSource`.
+"""Hugging Face loader: a LLaMA, Qwen2, Qwen3 or Gemma 3 checkpoint directory -> :class:`ModelSource`.
 
 What it is: ``config.json`` (``LlamaForCausalLM``; ``Qwen2ForCausalLM``: LLaMA with q/k/v
-biases; ``Qwen3ForCausalLM``: LLaMA with q/k head norms) to :class:`LlamaConfig`, the weights of
+biases; ``Qwen3ForCausalLM``: LLaMA with q/k head norms; ``Gemma3ForCausalLM``, model_type
+``gemma3_text``: see ``config.LlamaConfig``, its norm weights stored as 1 + w as GGUF files
+do) to :class:`LlamaConfig`, the weights of
 ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``, and the
 tokenizer (``tokenizer.json`` or ``tokenizer.model``, ``tokenizer_config.json``).
 What it is not: a PyTorch loader (``pytorch_model.bin`` is refused) or a general model zoo.
@@ -53,22 +55,26 @@ _LAYER_NAMES = {
     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
+# Gemma 3's four norms per layer: post_attention_layernorm is the attention output's.
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_layernorm": "post_attention_norm",
+                      "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _BIASED = ("attn_q", "attn_k", "attn_v")  # Qwen2's biases
 
 
-def _canonical(hf_name: str) -> str | None:
+def _canonical(hf_name: str, gemma: bool = False) -> str | None:
     """Canonical name of a Hugging Face tensor name (``formats.base``), or None if unknown."""
     top = {"model.embed_tokens.weight": "token_embd", "lm_head.weight": "output",
            "model.norm.weight": "output_norm"}
     if hf_name in top:
         return top[hf_name]
+    names = _GEMMA_LAYER_NAMES if gemma else _LAYER_NAMES
     m = _LAYER_RE.fullmatch(hf_name)
-    if not m or m.group(2) not in _LAYER_NAMES:
+    if not m or m.group(2) not in names:
         return None
-    name = f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
+    name = f"blk.{int(m.group(1))}.{names[m.group(2)]}"
     if m.group(3) == "bias":
-        return name + ".bias" if _LAYER_NAMES[m.group(2)] in _BIASED else None
+        return name + ".bias" if names[m.group(2)] in _BIASED else None
     return name
 
 
@@ -149,7 +155,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "gemma3_text": "Gemma3ForCausalLM"}
+_ARCH_OF = {"gemma3_text": "gemma3"}  # model_type -> our architecture name, where they differ
+
+
+def _hf_arch(cfg: dict[str, Any], path: Path) -> str:
+    """The model_type of _HF_CLASSES a config.json names."""
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    arch = next((a for a, c in _HF_CLASSES.items() if model_type == a or c in archs), None)
+    if arch is None:
+        raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
+                          f"LLaMA, Qwen2, Qwen3 or Gemma 3 model (model_type "
+                          f"{' / '.join(map(repr, _HF_CLASSES))}, {' / '.join(_HF_CLASSES.values())})")
+    return arch
 
 
 def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaConfig, np.ndarray | None]:
@@ -158,13 +178,8 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaCo
 
     The LM head is tied when config.json says so or the checkpoint has no ``lm_head``.
     """
-    model_type = cfg.get("model_type")
-    archs = cfg.get("architectures") or []
-    arch = next((a for a, c in _HF_CLASSES.items() if model_type == a or c in archs), None)
-    if arch is None:
-        raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
-                          f"LLaMA, Qwen2 or Qwen3 model (model_type {' / '.join(map(repr, _HF_CLASSES))}, "
-                          f"{' / '.join(_HF_CLASSES.values())})")
+    hf_type = _hf_arch(cfg, path)
+    arch = _ARCH_OF.get(hf_type, hf_type)
 
     def get(key: str, kind: type | tuple[type, ...], default: Any = ..., *, src: dict = cfg) -> Any:
         if key not in src or src[key] is None:
@@ -177,13 +192,19 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaCo
                               f"(expected {getattr(kind, '__name__', 'a number')})")
         return value
 
-    if get("hidden_act", str, "silu") != "silu":
-        raise FormatError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+    gemma = arch == "gemma3"
+    act = get("hidden_activation", str, None) or get("hidden_act", str, "silu")
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+        raise FormatError(f"{path}: activation {act!r} is not supported "
+                          f"(only {'gelu_pytorch_tanh' if gemma else 'silu'!r} for this model type)")
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention"):
         if get(flag, bool, False):
             raise FormatError(f"{path}: {flag} = true is not supported")
     # transformers >= 5 nests RoPE settings in rope_parameters; older files use top-level keys.
     rope = get("rope_parameters", dict, {})
+    extra: dict[str, Any] = {}
+    if gemma:
+        rope, extra = _gemma3(cfg, path, get, rope)
     scaling = get("rope_scaling", dict, {}) or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", None, "llama3", "linear"):
@@ -216,6 +237,7 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaCo
             eos_token_ids=tuple(eos),
             architecture=arch,
             **ARCHITECTURES[arch],
+            **extra,
             rope_freq_factors=rope_type in ("llama3", "linear"),
         )
     except ValueError as e:
@@ -229,6 +251,39 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaCo
 
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _gemma3(cfg: dict[str, Any], path: Path, get: Any, rope: dict) -> tuple[dict, dict[str, Any]]:
+    """Gemma 3's keys: the global layers' RoPE parameters (what LLaMA's keys would say) and
+    the LlamaConfig fields of its local layers. Refuses what the engine does not run: logit
+    soft-capping, an attention scale other than 1/sqrt(head_dim), a layer pattern other than
+    one global layer every n."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if get(key, (int, float), None) is not None:
+            raise FormatError(f"{path}: {key} is not supported")
+    head_dim = get("head_dim", int, 0) or get("hidden_size", int) // get("num_attention_heads", int)
+    if get("query_pre_attn_scalar", (int, float), head_dim) != head_dim:
+        raise FormatError(f"{path}: query_pre_attn_scalar {cfg['query_pre_attn_scalar']!r} differs from "
+                          f"head_dim {head_dim}: not supported")
+    n_layers = get("num_hidden_layers", int)
+    kinds = get("layer_types", list, None)
+    if kinds is None:  # (transformers < 4.53: a pattern instead of the list)
+        pattern = get("sliding_window_pattern", int, 6)
+    else:
+        pattern = next((i + 1 for i, k in enumerate(kinds) if k == "full_attention"), 0)
+        want = ["sliding_attention" if pattern == 0 or (i + 1) % pattern else "full_attention"
+                for i in range(n_layers)]
+        if kinds != want:
+            raise FormatError(f"{path}: layer_types {kinds} are not one global layer every n: not supported")
+    if "full_attention" in rope or "sliding_attention" in rope:  # transformers >= 5: per layer type
+        local, glob = rope.get("sliding_attention", {}), rope.get("full_attention", {})
+        if local.get("rope_type", "default") != "default":
+            raise FormatError(f"{path}: RoPE scaling of the local layers is not supported")
+        local_theta = local.get("rope_theta", 10000.0)
+    else:
+        local_theta, glob = get("rope_local_base_freq", (int, float), 10000.0), rope
+    return glob, dict(sliding_window=get("sliding_window", int), sliding_window_pattern=pattern,
+                      rope_theta_local=float(local_theta))
 
 
 def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
@@ -342,14 +397,15 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
     config_path = directory / "config.json"
     raw_cfg = _read_json(config_path)
 
+    gemma = _ARCH_OF.get(_hf_arch(raw_cfg, config_path)) == "gemma3"
     by_name: dict[str, tuple[str, _SafetensorsFile]] = {}  # canonical -> (hf name, file)
     for hf_name, st in _open_weights(directory).items():
-        canonical = _canonical(hf_name)
+        canonical = _canonical(hf_name, gemma)
         if canonical is None:
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
                 continue
-            raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA, Qwen2 or "
-                              f"Qwen3 model)")
+            raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA, Qwen2, "
+                              f"Qwen3 or Gemma 3 model)")
         by_name[canonical] = (hf_name, st)
 
     cfg, rope_factors = _config(raw_cfg, config_path, has_lm_head="output" in by_name)
@@ -379,7 +435,10 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
             raise FormatError(f"{st.path}: tensor {hf_name} has shape {list(data.shape)}, expected {list(shape)}")
         try:
             if len(shape) == 1:
-                loaded[name] = Weight("f32", shape, _as_f32(dtype, data) if dtype != "f32" else data)
+                vec = _as_f32(dtype, data) if dtype != "f32" else data
+                if gemma and "norm" in name:  # Gemma's RMSNorms scale by 1 + w, as GGUF files store them
+                    vec = (vec + np.float32(1)).astype(np.float32)
+                loaded[name] = Weight("f32", shape, vec)
             else:
                 loaded[name] = _convert(dtype, data, dtype if weights == "auto" else weights)
         except ValueError as e:
