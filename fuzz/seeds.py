@@ -183,6 +183,13 @@ def gguf_seeds() -> dict[str, bytes]:
                          n_kv=2, ffn=256, types={"blk.0.ffn_up": Q.Q5_0, "blk.0.ffn_gate": k_blocks(Q.Q4_K),
                                                  "blk.0.ffn_down": k_blocks(Q.Q6_K)})
         seeds["tiny-qwen2-kquants.gguf"] = p.read_bytes()
+        # Gemma 3 (post norms, sliding window) with a SentencePiece vocabulary and linear RoPE scaling.
+        from gguf import RopeScalingType
+        write_llama_gguf(p, arch="gemma3", dtype="q8_0", vocab=small_spm_vocab(), n_layers=2, hidden=32, n_head=2,
+                         n_kv=1, ffn=32, meta=lambda w: (w.add_sliding_window(8),
+                                                         w.add_rope_scaling_type(RopeScalingType.LINEAR),
+                                                         w.add_rope_scaling_factor(4.0)))
+        seeds["tiny-gemma3.gguf"] = p.read_bytes()
     return seeds
 
 
