@@ -20,8 +20,8 @@ SHAPES = [TreeParams(10, 7, 16), TreeParams(1, 6, 7), TreeParams(6, 2, 12), Tree
           TreeParams(4, 4, 8, min_prob=0.02)]
 
 
-def tiny_target(vocab=301, seed=1, dtype="q8_0", context=256, embd_scale=1.0):
-    cfg = tiny_config(gqa=3, tied=True, vocab=vocab)
+def tiny_target(vocab=301, seed=1, dtype="q8_0", context=256, embd_scale=1.0, window=0):
+    cfg = tiny_config(gqa=3, tied=True, vocab=vocab, window=window)
     weights = random_weights(cfg, seed=seed)
     weights["token_embd"] *= embd_scale  # smaller: a flatter next-token distribution
     src = make_source(cfg, weights, dtype)
@@ -232,6 +232,15 @@ def test_greedy_with_native_draft_equals_plain(params, native):
     draft.native_greedy = native
     check_greedy_equals_plain(target, draft, params, np.random.default_rng(5), trials=4, vocab=301, max_prompt=30,
                               times=SpecTimes())
+
+
+@pytest.mark.parametrize("params", SHAPES, ids=str)
+def test_greedy_with_a_sliding_window_target_equals_plain(params):
+    """A Gemma 3 target whose local layers see 7 positions: trees deeper than the window and
+    prompts longer than it, through the native greedy step."""
+    src, target = tiny_target(window=7)
+    check_greedy_equals_plain(target, random_draft(src, target), params, np.random.default_rng(6), trials=3,
+                              vocab=301, max_prompt=30, times=SpecTimes())
 
 
 @pytest.mark.parametrize("params", SHAPES + [TreeParams(3, 4, 30, min_prob=0.05), TreeParams(1, 1, 2)], ids=str)
