@@ -3,6 +3,8 @@
 // the GIL released around native compute.
 #include <pybind11/stl.h>
 
+#include <cmath>
+
 #include "bindings/common.h"
 #include "model/device_engine.h"
 #include "model/draft.h"
@@ -482,17 +484,15 @@ void bind_engine(py::module_& m) {
       "(use dovetail_ext.target.TargetEngine(gpu_layers=N)).")
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
                        int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
-             LayerDims d = layer_dims(cfg);  // (biases and q/k norms as the CPU layers)
-             DT_CHECK(!d.post_norms && !d.gelu && d.window == 0 && !get_flag(cfg, "scale_embeddings"),
-                      "gpu_layers does not support Gemma 3 layers (post norms, GELU, sliding windows) yet: run "
-                      "them with gpu_layers=0");
+             LayerDims d = layer_dims(cfg);  // (biases, norms, gate and windows as the CPU layers)
+             const float embed_scale = get_flag(cfg, "scale_embeddings") ? std::sqrt((float)d.dim) : 1.0f;
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
              d.rope_factors = rope_factors_named(views, d.head_dim);  // the target's RoPE on both sides
              py::gil_scoped_release nogil;
              return std::make_unique<DeviceTargetPrefix>(device_ops(backend, device), d, layers, o, views,
-                                                         *target.token_embedding(), graphs);
+                                                         *target.token_embedding(), graphs, embed_scale);
            }),
            py::arg("config"), py::arg("weights"), py::arg("target"), py::arg("layers"), py::arg("context"),
            py::arg("max_batch") = 128, py::arg("backend") = "cuda", py::arg("device") = 0, py::arg("graphs") = true)

@@ -5,6 +5,7 @@
 
 #include "common/dgf_math.h"
 #include "common/dtype.h"
+#include "common/gelu.h"
 #include "common/hd.h"
 
 namespace dovetail::dev {
@@ -19,9 +20,16 @@ DT_HD void rope_pair(float& x0, float& x1, float c, float s) {
 }
 
 DT_HD float swiglu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+DT_HD float geglu(float g, float u) { return g / (1.0f + expf(-gelu_arg(g))) * u; }
 
 // Ancestor bit j of a token's bitset.
 DT_HD bool bit_set(const uint64_t* bits, int64_t j) { return (bits[j >> 6] >> (j & 63)) & 1u; }
+
+// Whether key j of a call (committed slot j < n_past, or scratch slot j - n_past: the batch
+// token of that index) is inside the sliding window of a token at position pos.
+DT_HD bool in_window(int window, int pos, int j, int n_past, const int32_t* positions) {
+  return window <= 0 || (j < n_past ? j : positions[j - n_past]) > pos - window;
+}
 
 // Online softmax: a running (max m, sum l) and value accumulator acc[Dh] over the keys seen
 // so far. Adding a key with score s: returns the factor that rescales the old acc and l, and

@@ -4,6 +4,7 @@
 
 #include "common/cpu_features.h"
 #include "common/dgf_math.h"
+#include "common/gelu.h"
 #include "cpu/ops.h"
 
 namespace dovetail {
@@ -68,7 +69,7 @@ void geglu(const float* g, const float* u, float* out, int64_t n) {
     case Isa::Scalar: break;
   }
   for (int64_t i = 0; i < n; ++i)
-    out[i] = g[i] / (1.0f + std::exp(-g[i] * std::fma(kGeluB, g[i] * g[i], kGeluA))) * u[i];
+    out[i] = g[i] / (1.0f + std::exp(-gelu_arg(g[i]))) * u[i];
 }
 
 void dgf_silu_rows(const float* a, float* h2, int64_t D) {

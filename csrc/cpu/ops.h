@@ -108,9 +108,7 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
 
 // out = silu(g) * u, n values.
 void swiglu(const float* g, const float* u, float* out, int64_t n);
-// out = gelu_tanh(g) * u (GeGLU, Gemma): gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
-// computed as g / (1 + exp(-g (kGeluA + kGeluB g^2))), the same function.
-constexpr float kGeluA = 1.5957691216057308f, kGeluB = 0.0713548162726009f;  // 2 sqrt(2/pi), x 0.044715
+// out = gelu_tanh(g) * u (GeGLU, Gemma), as g / (1 + exp(-a(g))) * u (common/gelu.h).
 void geglu(const float* g, const float* u, float* out, int64_t n);
 
 // Dynamic Gating Fusion, row-wise over D channels (see common/dgf_math.h):

@@ -225,9 +225,11 @@ __global__ void attention_kernel(AttentionCall a) {
     acc[c] = 0.0f;
   }
   OnlineSoftmax sm;
-  const int last = n_past + a.P + t;
-  for (int j = 0; j <= last; ++j) {
+  const int last = n_past + a.P + t, pos = a.window ? a.positions[t] : 0;
+  // (a window starts at committed slot pos - window + 1: the keys before it are skipped)
+  for (int j = a.window ? max(0, min(n_past, pos - a.window + 1)) : 0; j <= last; ++j) {
     if (j >= n_past && !bit_set(bits, j - n_past)) continue;
+    if (!dev::in_window(a.window, pos, j, n_past, a.positions)) continue;
     const bf16_t* kr = kh + (size_t)j * a.Dh;
     float s = 0.0f;
     for (int c = 0; c < kMaxDhPerLane; ++c) {
@@ -250,12 +252,25 @@ __global__ void attention_kernel(AttentionCall a) {
   }
 }
 
-__global__ void swiglu_kernel(const float* __restrict__ gu, int T, int F, bf16_t* __restrict__ out) {
+__global__ void glu_kernel(const float* __restrict__ gu, int T, int F, bool gelu, bf16_t* __restrict__ out) {
   const long n = (long)T * F;
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
     const long t = i / F, c = i % F;
-    out[i] = fp32_to_bf16(dev::swiglu(gu[t * 2 * F + c], gu[t * 2 * F + F + c]));
+    const float g = gu[t * 2 * F + c], u = gu[t * 2 * F + F + c];
+    out[i] = fp32_to_bf16(gelu ? dev::geglu(g, u) : dev::swiglu(g, u));
   }
+}
+
+// x[t] += rmsnorm(y[t]) * w, one block per row.
+__global__ void add_norm_kernel(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ w,
+                                int D, float eps) {
+  __shared__ float shared[kNormThreads / 32];
+  const int t = blockIdx.x;
+  const float* yr = y + (size_t)t * D;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < D; i += kNormThreads) ss += yr[i] * yr[i];
+  const float inv = rsqrtf(block_sum<kNormThreads>(ss, shared) / (float)D + eps);
+  for (int i = threadIdx.x; i < D; i += kNormThreads) x[(size_t)t * D + i] += yr[i] * inv * w[i];
 }
 
 template <typename Out>
@@ -290,10 +305,10 @@ __global__ void gemm_invariant_kernel(int M, int N, int K, const bf16_t* __restr
 }
 
 __global__ void embed_kernel(const bf16_t* __restrict__ table, const int32_t* __restrict__ tokens, int T, int D,
-                             float* __restrict__ out) {
+                             float scale, float* __restrict__ out) {
   const long n = (long)T * D;
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-    out[i] = bf16_to_fp32(table[(size_t)tokens[i / D] * D + i % D]);
+    out[i] = bf16_to_fp32(table[(size_t)tokens[i / D] * D + i % D]) * scale;
 }
 
 constexpr int kTopkThreads = 256;
@@ -533,8 +548,8 @@ class CudaOps final : public DeviceOps {
                                                                                             accumulate);
     after_launch("gemm_invariant");
   }
-  void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float* out) override {
-    embed_kernel<<<grid((long)T * D), kThreads, 0, compute_>>>(table, tokens, T, D, out);
+  void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float scale, float* out) override {
+    embed_kernel<<<grid((long)T * D), kThreads, 0, compute_>>>(table, tokens, T, D, scale, out);
     after_launch("embed");
   }
   void embed_norm(const bf16_t* table, const int32_t* tokens, int T, int D, const float* w, float eps,
@@ -545,6 +560,10 @@ class CudaOps final : public DeviceOps {
   void norm(const float* x, const float* w, int T, int D, float eps, bf16_t* out) override {
     norm_kernel<false><<<T, kNormThreads, 0, compute_>>>(x, nullptr, nullptr, w, D, eps, out);
     after_launch("norm");
+  }
+  void add_norm(float* x, const float* y, const float* w, int T, int D, float eps) override {
+    add_norm_kernel<<<T, kNormThreads, 0, compute_>>>(x, y, w, D, eps);
+    after_launch("add_norm");
   }
   void dgf_pack(const float* h1, const float* a, int T, int D, bf16_t* hz) override {
     dgf_pack_kernel<<<grid((long)T * D), kThreads, 0, compute_>>>(h1, a, T, D, hz);
@@ -568,9 +587,9 @@ class CudaOps final : public DeviceOps {
     attention_kernel<<<blocks_for((long)a.T * a.H, kAttnWarps), 32 * kAttnWarps, 0, compute_>>>(a);
     after_launch("attention");
   }
-  void swiglu(const float* gu, int T, int F, bf16_t* out) override {
-    swiglu_kernel<<<grid((long)T * F), kThreads, 0, compute_>>>(gu, T, F, out);
-    after_launch("swiglu");
+  void glu(const float* gu, int T, int F, bool gelu, bf16_t* out) override {
+    glu_kernel<<<grid((long)T * F), kThreads, 0, compute_>>>(gu, T, F, gelu, out);
+    after_launch("glu");
   }
   void gather(const float* src, const int32_t* rows, int n, int D, float* dst) override {
     gather_kernel<float><<<grid((long)n * D), kThreads, 0, compute_>>>(src, rows, n, D, dst);

@@ -144,17 +144,28 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
       lb.q_norm = upload_f32(x.q_norm);
       lb.k_norm = upload_f32(x.k_norm);
     }
+    if (d.post_norms) {
+      lb.post_attn_norm = upload_f32(norm_named(weights, b + "post_attention_norm", D));
+      lb.post_ffn_norm = upload_f32(norm_named(weights, b + "post_ffw_norm", D));
+    }
+    lb.local = d.local_layer(l);
     layers_.push_back(lb);
   }
   std::vector<float> c, s;
   rope_tables(d.rope_theta, d.head_dim, o.context, c, s, d.rope_factors.empty() ? nullptr : d.rope_factors.data());
   cos_ = upload_f32(c);
   sin_ = upload_f32(s);
+  if (d.window > 0) {  // the local layers' tables: their own base, no factors (as the CPU layers)
+    rope_tables(d.rope_theta_local > 0 ? d.rope_theta_local : d.rope_theta, d.head_dim, o.context, c, s);
+    cos_local_ = upload_f32(c);
+    sin_local_ = upload_f32(s);
+  }
   const size_t cache = (size_t)(L_ * d.kv_heads * o.context * d.head_dim);
   k_cache_ = dev<bf16_t>(cache);
   v_cache_ = dev<bf16_t>(cache);
   x_ = dev<float>(B * D); qkv_ = dev<float>(B * QKV_); gu_ = dev<float>(B * 2 * F);
   xn_ = dev<bf16_t>(B * D); att_ = dev<bf16_t>(B * QD); act_ = dev<bf16_t>(B * F);
+  if (d.post_norms) y_ = dev<float>(B * D);
 }
 
 DeviceStack::~DeviceStack() {
@@ -235,6 +246,13 @@ void DeviceStack::run_layers(const Layout& Lo, int64_t T, int64_t P) {
   const int32_t* positions = reinterpret_cast<const int32_t*>(in_dev_ + Lo.positions);
   const uint64_t* bits = reinterpret_cast<const uint64_t*>(in_dev_ + Lo.bits);
   const size_t layer_cache = (size_t)KV * S * Dh;
+  DT_CHECK(d_.window == 0 || P == 0, "a sliding window needs a call without earlier scratch rows");
+  // y = a block's output; x += y, or x += RMSNorm(y) * w with a post norm w (Gemma 3).
+  auto block_out = [&](int N, int K, const bf16_t* in, const bf16_t* w, const float* post) {
+    if (!post) return gemm(t, N, K, in, w, x_, N, true);
+    gemm(t, N, K, in, w, y_, N, false);
+    ops_->add_norm(x_, y_, post, t, N, eps);
+  };
   for (int64_t l = 0; l < L_; ++l) {
     const LayerBufs& lb = layers_[(size_t)l];
     bf16_t* kc = k_cache_ + l * layer_cache;
@@ -244,20 +262,24 @@ void DeviceStack::run_layers(const Layout& Lo, int64_t T, int64_t P) {
     gemm(t, (int)QKV_, D, xn_, lb.wqkv, qkv_, (int)QKV_, false);
     RopeStoreArgs rs;
     rs.qkv = qkv_; rs.ld = (int)QKV_; rs.T = t; rs.H = H; rs.KV = KV; rs.Dh = Dh; rs.S = S; rs.P = (int)P;
-    rs.positions = positions; rs.cos = cos_; rs.sin = sin_; rs.n_past = n_past; rs.k_cache = kc; rs.v_cache = vc;
+    rs.positions = positions; rs.n_past = n_past; rs.k_cache = kc; rs.v_cache = vc;
+    rs.cos = lb.local ? cos_local_ : cos_;
+    rs.sin = lb.local ? sin_local_ : sin_;
     rs.bias = lb.bqkv; rs.q_norm = lb.q_norm; rs.k_norm = lb.k_norm; rs.eps = eps;
     ops_->rope_store(rs);
     AttentionCall ac;
     ac.q = qkv_; ac.ld = (int)QKV_; ac.T = t; ac.H = H; ac.KV = KV; ac.Dh = Dh; ac.S = S; ac.P = (int)P;
     ac.words = (int)((P + T + 63) / 64); ac.k_cache = kc; ac.v_cache = vc; ac.n_past = n_past; ac.bits = bits;
     ac.scale = 1.0f / std::sqrt((float)Dh); ac.out = att_;
+    ac.window = lb.local ? (int)d_.window : 0;
+    ac.positions = positions;
     ops_->attention(ac);
-    gemm(t, D, QD, att_, lb.wo, x_, D, true);
-    // x += W_down (SiLU(W_gate xn) * W_up xn), xn = RMSNorm(x)
+    block_out(D, QD, att_, lb.wo, lb.post_attn_norm);
+    // x += W_down (act(W_gate xn) * W_up xn), xn = RMSNorm(x), act SiLU or GELU
     ops_->norm(x_, lb.ffn_norm, t, D, eps, xn_);
     gemm(t, 2 * F, D, xn_, lb.wgu, gu_, 2 * F, false);
-    ops_->swiglu(gu_, t, F, act_);
-    gemm(t, D, F, act_, lb.wdown, x_, D, true);
+    ops_->glu(gu_, t, F, d_.gelu, act_);
+    block_out(D, F, act_, lb.wdown, lb.post_ffn_norm);
   }
 }
 
@@ -440,8 +462,8 @@ void DeviceDraftEngine::forward(const float* features, const int32_t* src_rows, 
 
 DeviceTargetPrefix::DeviceTargetPrefix(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int64_t n_layers,
                                        const EngineOptions& o, const WeightMap& weights,
-                                       const PackedWeight& embedding, bool record)
-    : DeviceStack(std::move(ops), d, n_layers, o, weights, true, record, true) {
+                                       const PackedWeight& embedding, bool record, float embed_scale)
+    : DeviceStack(std::move(ops), d, n_layers, o, weights, true, record, true), embed_scale_(embed_scale) {
   DeviceScope scope(*ops_);
   DT_CHECK(embedding.cols == d.dim, "embedding width " + std::to_string(embedding.cols) + " differs from the "
                                     "hidden size " + std::to_string(d.dim));
@@ -465,7 +487,7 @@ void DeviceTargetPrefix::forward(const int32_t* tokens, const int32_t* positions
   const Layout Lo = layout(T, 0, D, 0, 0, false, true);
   stage_common(Lo, tokens, positions, T, 0, anc);
   launch(Lo, record_key(T, 0, 0, 0, false, true, 0), T, [&] {
-    ops_->embed(embed_, reinterpret_cast<const int32_t*>(in_dev_ + Lo.tokens), (int)T, (int)D, x_);
+    ops_->embed(embed_, reinterpret_cast<const int32_t*>(in_dev_ + Lo.tokens), (int)T, (int)D, embed_scale_, x_);
     run_layers(Lo, T, 0);
     ops_->copy(out_dev_ + Lo.hidden, x_, sizeof(float) * T * D);
   });

@@ -109,11 +109,13 @@ class DeviceStack {
     float* ffn_norm = nullptr;
     bf16_t *wqkv = nullptr, *wo = nullptr, *wgu = nullptr, *wdown = nullptr;
     float *bqkv = nullptr, *q_norm = nullptr, *k_norm = nullptr;  // null unless d.qkv_bias / d.qk_norm
+    float *post_attn_norm = nullptr, *post_ffn_norm = nullptr;      // null unless d.post_norms
+    bool local = false;                                              // a sliding-window layer
   };
   std::vector<LayerBufs> layers_;
-  float *cos_ = nullptr, *sin_ = nullptr;
+  float *cos_ = nullptr, *sin_ = nullptr, *cos_local_ = nullptr, *sin_local_ = nullptr;
   bf16_t *k_cache_ = nullptr, *v_cache_ = nullptr;
-  float *x_ = nullptr, *qkv_ = nullptr, *gu_ = nullptr;
+  float *x_ = nullptr, *qkv_ = nullptr, *gu_ = nullptr, *y_ = nullptr;  // (y_: a block's output, post norms)
   bf16_t *xn_ = nullptr, *att_ = nullptr, *act_ = nullptr;
   uint8_t *in_dev_ = nullptr, *out_dev_ = nullptr, *in_host_ = nullptr, *out_host_ = nullptr;
   size_t in_cap_ = 0, out_cap_ = 0;
@@ -160,9 +162,10 @@ class DeviceDraftEngine : public DeviceStack {
 
 class DeviceTargetPrefix : public DeviceStack {
  public:
-  // The target's layers blk.0 .. blk.{n_layers-1} and its token embedding.
+  // The target's layers blk.0 .. blk.{n_layers-1} and its token embedding, whose rows are
+  // multiplied by embed_scale (Gemma 3: sqrt(dim)).
   DeviceTargetPrefix(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int64_t n_layers, const EngineOptions& o,
-                     const WeightMap& weights, const PackedWeight& embedding, bool record);
+                     const WeightMap& weights, const PackedWeight& embedding, bool record, float embed_scale = 1.0f);
 
   // tokens at positions with ancestors [T, T] (null: causal), as LlamaEngine::forward;
   // writes the residual stream after the last offloaded layer, hidden [T, D].
@@ -172,6 +175,7 @@ class DeviceTargetPrefix : public DeviceStack {
  private:
   int64_t V_ = 0;
   bf16_t* embed_ = nullptr;
+  float embed_scale_ = 1.0f;
 };
 
 }  // namespace dovetail

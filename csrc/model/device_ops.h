@@ -39,7 +39,8 @@ struct RopeStoreArgs {
 };
 
 // Tree attention of T query rows: row t, head h sees the committed slots [0, *n_past) and
-// the scratch slots *n_past + j (j < P + T) whose bit j is set in its ancestor bitset.
+// the scratch slots *n_past + j (j < P + T) whose bit j is set in its ancestor bitset (with
+// a window, those inside it: dev::in_window).
 struct AttentionCall {
   const float* q = nullptr;  // rows [T, ld], head h at column h*Dh
   int ld = 0, T = 0, H = 0, KV = 0, Dh = 0, S = 0, P = 0, words = 0;
@@ -49,6 +50,10 @@ struct AttentionCall {
   const uint64_t* bits = nullptr;   // [T, words]
   float scale = 1.0f;
   bf16_t* out = nullptr;            // [T, H*Dh]
+  // Sliding window (P = 0): row t sees only keys whose position is above positions[t] -
+  // window: committed slot j holds position j, scratch slot j the batch's positions[j].
+  int window = 0;
+  const int32_t* positions = nullptr;
 };
 
 class DeviceOps {
@@ -91,21 +96,23 @@ class DeviceOps {
   // invariance: a token's result is the same alone or inside a tree).
   virtual void gemm_invariant(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy,
                               bool accumulate) = 0;
-  // out[t] = table[tokens[t]] as fp32, table [V, D] bf16.
-  virtual void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float* out) = 0;
+  // out[t] = table[tokens[t]] * scale as fp32, table [V, D] bf16.
+  virtual void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float scale, float* out) = 0;
   // out[t] = bf16(RMSNorm(table[tokens[t]]) * w), table [V, D] bf16.
   virtual void embed_norm(const bf16_t* table, const int32_t* tokens, int T, int D, const float* w, float eps,
                           bf16_t* out) = 0;
   // out = bf16(RMSNorm(x) * w), or bf16(x) when w is null.
   virtual void norm(const float* x, const float* w, int T, int D, float eps, bf16_t* out) = 0;
+  // x += RMSNorm(y) * w, rows of D (Gemma 3's post norms).
+  virtual void add_norm(float* x, const float* y, const float* w, int T, int D, float eps) = 0;
   // DGF, token path and gate input: hz[t] = bf16([h1[t]; SiLU(a[t])]), hz [T, 2D].
   virtual void dgf_pack(const float* h1, const float* a, int T, int D, bf16_t* hz) = 0;
   // DGF gate: g = z h1 + (1 - z) SiLU(a), z = sigmoid(zpre), in one pass.
   virtual void dgf_mix(const float* h1, const float* a, const float* zpre, int T, int D, float* g) = 0;
   virtual void rope_store(const RopeStoreArgs& a) = 0;
   virtual void attention(const AttentionCall& a) = 0;
-  // out[t] = bf16(SiLU(gu[t, :F]) * gu[t, F:]), gu [T, 2F].
-  virtual void swiglu(const float* gu, int T, int F, bf16_t* out) = 0;
+  // out[t] = bf16(act(gu[t, :F]) * gu[t, F:]), gu [T, 2F]; act SiLU, or GELU (tanh) when gelu.
+  virtual void glu(const float* gu, int T, int F, bool gelu, bf16_t* out) = 0;
   // dst[i] = src[rows[i]] (fp32 rows of D), or its bf16 rounding.
   virtual void gather(const float* src, const int32_t* rows, int n, int D, float* dst) = 0;
   virtual void gather_bf16(const float* src, const int32_t* rows, int n, int D, bf16_t* dst) = 0;

@@ -68,9 +68,9 @@ class HostOps final : public DeviceOps {
     gemm(M, N, K, x, w, y, ldy, accumulate);  // each output already reduces in a fixed order
   }
 
-  void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float* out) override {
+  void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float scale, float* out) override {
     for (int t = 0; t < T; ++t)
-      for (int i = 0; i < D; ++i) out[(size_t)t * D + i] = bf16_to_fp32(table[(size_t)tokens[t] * D + i]);
+      for (int i = 0; i < D; ++i) out[(size_t)t * D + i] = bf16_to_fp32(table[(size_t)tokens[t] * D + i]) * scale;
   }
 
   void embed_norm(const bf16_t* table, const int32_t* tokens, int T, int D, const float* w, float eps,
@@ -89,6 +89,14 @@ class HostOps final : public DeviceOps {
       const float* xr = x + (size_t)t * D;
       const float inv = w ? rms_inv(xr, D, eps) : 1.0f;
       for (int i = 0; i < D; ++i) out[(size_t)t * D + i] = fp32_to_bf16(w ? xr[i] * inv * w[i] : xr[i]);
+    }
+  }
+
+  void add_norm(float* x, const float* y, const float* w, int T, int D, float eps) override {
+    for (int t = 0; t < T; ++t) {
+      const float* yr = y + (size_t)t * D;
+      const float inv = rms_inv(yr, D, eps);
+      for (int i = 0; i < D; ++i) x[(size_t)t * D + i] += yr[i] * inv * w[i];
     }
   }
 
@@ -141,6 +149,7 @@ class HostOps final : public DeviceOps {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int j = 0; j < n_past + a.P + t + 1; ++j) {
           if (j >= n_past && !bit_set(bits, j - n_past)) continue;
+          if (!dev::in_window(a.window, a.window ? a.positions[t] : 0, j, n_past, a.positions)) continue;
           const bf16_t* kr = kh + (size_t)j * a.Dh;
           float s = 0.0f;
           for (int i = 0; i < a.Dh; ++i) s += q[i] * bf16_to_fp32(kr[i]);
@@ -154,10 +163,12 @@ class HostOps final : public DeviceOps {
       }
   }
 
-  void swiglu(const float* gu, int T, int F, bf16_t* out) override {
+  void glu(const float* gu, int T, int F, bool gelu, bf16_t* out) override {
     for (int t = 0; t < T; ++t)
-      for (int i = 0; i < F; ++i)
-        out[(size_t)t * F + i] = fp32_to_bf16(dev::swiglu(gu[(size_t)t * 2 * F + i], gu[(size_t)t * 2 * F + F + i]));
+      for (int i = 0; i < F; ++i) {
+        const float g = gu[(size_t)t * 2 * F + i], u = gu[(size_t)t * 2 * F + F + i];
+        out[(size_t)t * F + i] = fp32_to_bf16(gelu ? dev::geglu(g, u) : dev::swiglu(g, u));
+      }
   }
 
   void gather(const float* src, const int32_t* rows, int n, int D, float* dst) override {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/gelu.h"
 #include "cpu/ops.h"
 #include "cpu/x86/avx2_common.h"
 #include "cpu/quant_common.h"
