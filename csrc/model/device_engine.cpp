@@ -138,16 +138,13 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
     lb.wo = upload_weights(weights, {{b + "attn_output", D}}, QD);
     lb.wgu = upload_weights(weights, {{b + "ffn_gate", F}, {b + "ffn_up", F}}, D);
     lb.wdown = upload_weights(weights, {{b + "ffn_down", D}}, F);
-    const AttentionExtras x = attention_extras_named(weights, d, b);
-    if (!x.bqkv.empty()) lb.bqkv = upload_f32(x.bqkv);
-    if (!x.q_norm.empty()) {
-      lb.q_norm = upload_f32(x.q_norm);
-      lb.k_norm = upload_f32(x.k_norm);
-    }
-    if (d.post_norms) {
-      lb.post_attn_norm = upload_f32(norm_named(weights, b + "post_attention_norm", D));
-      lb.post_ffn_norm = upload_f32(norm_named(weights, b + "post_ffw_norm", D));
-    }
+    const LayerExtras x = layer_extras_named(weights, d, b);
+    auto optional = [&](const std::vector<float>& v) { return v.empty() ? nullptr : upload_f32(v); };
+    lb.bqkv = optional(x.bqkv);
+    lb.q_norm = optional(x.q_norm);
+    lb.k_norm = optional(x.k_norm);
+    lb.post_attn_norm = optional(x.post_attn_norm);
+    lb.post_ffn_norm = optional(x.post_ffn_norm);
     lb.local = d.local_layer(l);
     layers_.push_back(lb);
   }
@@ -156,7 +153,7 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
   cos_ = upload_f32(c);
   sin_ = upload_f32(s);
   if (d.window > 0) {  // the local layers' tables: their own base, no factors (as the CPU layers)
-    rope_tables(d.rope_theta_local > 0 ? d.rope_theta_local : d.rope_theta, d.head_dim, o.context, c, s);
+    rope_tables(d.local_theta(), d.head_dim, o.context, c, s);
     cos_local_ = upload_f32(c);
     sin_local_ = upload_f32(s);
   }

@@ -73,9 +73,9 @@ std::vector<float> rope_factors_named(const WeightMap& w, int64_t head_dim) {
   return f;
 }
 
-AttentionExtras attention_extras_named(const WeightMap& w, const LayerDims& d, const std::string& b) {
+LayerExtras layer_extras_named(const WeightMap& w, const LayerDims& d, const std::string& b) {
   const int64_t QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim;
-  AttentionExtras x;
+  LayerExtras x;
   if (d.qkv_bias) {
     x.bqkv = norm_named(w, b + "attn_q.bias", QD);
     for (const char* part : {"attn_k.bias", "attn_v.bias"}) {
@@ -92,6 +92,13 @@ AttentionExtras attention_extras_named(const WeightMap& w, const LayerDims& d, c
   } else {
     for (const char* part : {"attn_q_norm", "attn_k_norm"})
       DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no q/k norm");
+  }
+  if (d.post_norms) {
+    x.post_attn_norm = norm_named(w, b + "post_attention_norm", d.dim);
+    x.post_ffn_norm = norm_named(w, b + "post_ffw_norm", d.dim);
+  } else {
+    for (const char* part : {"post_attention_norm", "post_ffw_norm"})
+      DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no post norms");
   }
   return x;
 }
@@ -118,17 +125,7 @@ std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, in
       L.w_up = pack_named(w, b + "ffn_up", F, D);
     }
     L.w_down = pack_named(w, b + "ffn_down", D, F);
-    AttentionExtras x = attention_extras_named(w, d, b);
-    L.bqkv = std::move(x.bqkv);
-    L.q_norm = std::move(x.q_norm);
-    L.k_norm = std::move(x.k_norm);
-    if (d.post_norms) {
-      L.post_attn_norm = norm_named(w, b + "post_attention_norm", D);
-      L.post_ffn_norm = norm_named(w, b + "post_ffw_norm", D);
-    } else {
-      for (const char* part : {"post_attention_norm", "post_ffw_norm"})
-        DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no post norms");
-    }
+    L.extras = layer_extras_named(w, d, b);
     L.local = d.local_layer(first + l);
   }
   return layers;
@@ -147,8 +144,7 @@ LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, con
   kv_ = KvCache((int64_t)layers_.size(), d.kv_heads, o.context, d.head_dim, o.kv_type);
   rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_, d.rope_factors.empty() ? nullptr : d.rope_factors.data());
   DT_CHECK(d.window >= 0 && d.swa_pattern >= 0, "sliding window and its layer pattern must not be negative");
-  if (d.window > 0) rope_tables(d.rope_theta_local > 0 ? d.rope_theta_local : d.rope_theta, d.head_dim, o.context,
-                                cos_local_, sin_local_);
+  if (d.window > 0) rope_tables(d.local_theta(), d.head_dim, o.context, cos_local_, sin_local_);
   xn_.resize(B * D); tmp_.resize(B * D);
   q_.resize(B * QD); att_.resize(B * QD); k_.resize(B * KD); v_.resize(B * KD);
   gate_.resize(B * F); up_.resize(B * F); fused_.resize(B * std::max(2 * F, QD + 2 * KD));
@@ -265,7 +261,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       linear_rows(L.wqkv, xin, T, fused_.data(), true);
       for (int64_t t = 0; t < T; ++t) {
         float* row = fused_.data() + t * QKV;
-        if (!L.bqkv.empty()) add_inplace(row, L.bqkv.data(), QKV);
+        if (!L.extras.bqkv.empty()) add_inplace(row, L.extras.bqkv.data(), QKV);
         std::memcpy(q_.data() + t * QD, row, sizeof(float) * QD);
         std::memcpy(k_.data() + t * KD, row + QD, sizeof(float) * KD);
         std::memcpy(v_.data() + t * KD, row + QD + KD, sizeof(float) * KD);
@@ -274,15 +270,15 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       linear_rows(L.wq, xin, T, q_.data(), true);
       linear_rows(L.wk, xin, T, k_.data(), L.wk.type != L.wq.type);
       linear_rows(L.wv, xin, T, v_.data(), L.wv.type != L.wk.type);
-      for (int64_t t = 0; t < T && !L.bqkv.empty(); ++t) {
-        add_inplace(q_.data() + t * QD, L.bqkv.data(), QD);
-        add_inplace(k_.data() + t * KD, L.bqkv.data() + QD, KD);
-        add_inplace(v_.data() + t * KD, L.bqkv.data() + QD + KD, KD);
+      for (int64_t t = 0; t < T && !L.extras.bqkv.empty(); ++t) {
+        add_inplace(q_.data() + t * QD, L.extras.bqkv.data(), QD);
+        add_inplace(k_.data() + t * KD, L.extras.bqkv.data() + QD, KD);
+        add_inplace(v_.data() + t * KD, L.extras.bqkv.data() + QD + KD, KD);
       }
     }
-    if (!L.q_norm.empty()) {  // per head, over Dh (rows of q_ / k_ are contiguous heads)
-      rmsnorm(q_.data(), L.q_norm.data(), q_.data(), T * H, Dh, d_.eps);
-      rmsnorm(k_.data(), L.k_norm.data(), k_.data(), T * KV, Dh, d_.eps);
+    if (!L.extras.q_norm.empty()) {  // per head, over Dh (rows of q_ / k_ are contiguous heads)
+      rmsnorm(q_.data(), L.extras.q_norm.data(), q_.data(), T * H, Dh, d_.eps);
+      rmsnorm(k_.data(), L.extras.k_norm.data(), k_.data(), T * KV, Dh, d_.eps);
     }
     const float* cos = L.local ? cos_local_.data() : cos_.data();
     const float* sin = L.local ? sin_local_.data() : sin_.data();
@@ -296,8 +292,8 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
     aa.scratch_positions = scratch_pos_.data();
     attention(aa, o_.threads);
     linear_rows(L.wo, att_.data(), T, tmp_.data(), true);
-    add_post_normed(x, tmp_.data(), L.post_attn_norm, T);
-    // FFN block: x += W_down (silu(W_gate xn) * W_up xn); xn = rmsnorm(x)
+    add_post_normed(x, tmp_.data(), L.extras.post_attn_norm, T);
+    // FFN block: x += W_down (act(W_gate xn) * W_up xn), act SiLU or GELU; xn = rmsnorm(x)
     rmsnorm(x, L.ffn_norm.data(), xn_.data(), T, D, d_.eps);
     const auto gated = d_.gelu ? geglu : swiglu;
     if (L.w_gate_up.rows) {
@@ -309,7 +305,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       gated(gate_.data(), up_.data(), gate_.data(), T * F);
     }
     linear_rows(L.w_down, gate_.data(), T, tmp_.data(), true);
-    add_post_normed(x, tmp_.data(), L.post_ffn_norm, T);
+    add_post_normed(x, tmp_.data(), L.extras.post_ffn_norm, T);
   }
   pending_ = W;
 }

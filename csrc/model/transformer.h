@@ -35,6 +35,7 @@ struct LayerDims {
   int64_t window = 0, swa_pattern = 0;
   float rope_theta_local = 0.0f;
   bool local_layer(int64_t i) const { return window > 0 && (swa_pattern <= 0 || (i + 1) % swa_pattern != 0); }
+  double local_theta() const { return rope_theta_local > 0 ? rope_theta_local : rope_theta; }
 };
 
 
@@ -65,13 +66,14 @@ std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64
 // The weight "rope_freqs" [Dh/2] when `w` has it (finite, positive), else empty.
 std::vector<float> rope_factors_named(const WeightMap& w, int64_t head_dim);
 
-// The optional attention weights of the layer named by prefix b ("blk.{i}."): the q|k|v
-// biases joined [QD + 2 KD] when d.qkv_bias (Qwen2), the q and k head norms [Dh] when
-// d.qk_norm (Qwen3); empty otherwise, and one in `w` that d does not declare is an error.
-struct AttentionExtras {
-  std::vector<float> bqkv, q_norm, k_norm;
+// The optional weights of the layer named by prefix b ("blk.{i}."): the q|k|v biases joined
+// [QD + 2 KD] when d.qkv_bias (Qwen2), the q and k head norms [Dh] when d.qk_norm (Qwen3),
+// the post-attention and post-FFN norms [D] when d.post_norms (Gemma 3); empty otherwise,
+// and one in `w` that d does not declare is an error.
+struct LayerExtras {
+  std::vector<float> bqkv, q_norm, k_norm, post_attn_norm, post_ffn_norm;
 };
-AttentionExtras attention_extras_named(const WeightMap& w, const LayerDims& d, const std::string& b);
+LayerExtras layer_extras_named(const WeightMap& w, const LayerDims& d, const std::string& b);
 
 struct LayerWeights {
   std::vector<float> attn_norm;  // empty: no input norm (the draft's first layer)
@@ -81,9 +83,7 @@ struct LayerWeights {
   // empty and the parts are kept apart.
   PackedWeight wqkv, w_gate_up;
   PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
-  std::vector<float> bqkv;  // q|k|v biases [QD + 2 KD] when LayerDims::qkv_bias; empty otherwise
-  std::vector<float> q_norm, k_norm;  // [Dh] each when LayerDims::qk_norm; empty otherwise
-  std::vector<float> post_attn_norm, post_ffn_norm;  // [D] each when LayerDims::post_norms
+  LayerExtras extras;   // biases, head norms, post norms: as LayerDims declares them
   bool local = false;  // a sliding-window layer (LayerDims::local_layer)
 };
 
