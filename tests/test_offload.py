@@ -9,6 +9,8 @@ same target."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -24,42 +26,24 @@ needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU and a b
                                f"(CUDA compiled: {_core.cuda_compiled()}, devices: {_core.cuda_device_count()})")
 
 
+# What the device layers must do as the CPU's: plain LLaMA; LLaMA 3.1+ RoPE frequency
+# divisors; Qwen2's q/k/v biases before RoPE; Qwen3's RMSNorm of every q and k head; Gemma 3's
+# post norms, GELU gate, scaled embeddings, and local layers with a window of 4 (shorter than
+# the test sequences and trees) and their own RoPE tables.
+VARIANTS = {"llama": {}, "scaled_rope": dict(rope_factors=True), "qwen2": dict(bias=True),
+            "qwen3": dict(qk_norm=True), "gemma3": dict(window=4)}
+ARCH_SOURCES = ["llama", "qwen2", "qwen3", "gemma3"]
+
+
+@functools.cache
+def arch_source(name):
+    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, **VARIANTS[name])
+    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
+
+
 @pytest.fixture(scope="module")
 def source():
-    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3)
-    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
-
-
-@pytest.fixture(scope="module")
-def scaled_rope_source():
-    """LLaMA 3.1+ RoPE frequency divisors: the device layers must rotate as the CPU's do."""
-    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, rope_factors=True)
-    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
-
-
-@pytest.fixture(scope="module")
-def qwen2_source():
-    """Qwen2: q/k/v biases, added on the device before RoPE as on the CPU."""
-    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, bias=True)
-    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
-
-
-@pytest.fixture(scope="module")
-def qwen3_source():
-    """Qwen3: an RMSNorm of every q and k head before RoPE, on the device as on the CPU."""
-    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, qk_norm=True)
-    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
-
-
-@pytest.fixture(scope="module")
-def gemma3_source():
-    """Gemma 3: post norms, a GELU gate, scaled embeddings, and local layers with a window of
-    4 (shorter than the test sequences and trees) and their own RoPE tables."""
-    cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, window=4)
-    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
-
-
-ARCH_SOURCES = ["source", "qwen2_source", "qwen3_source", "gemma3_source"]
+    return arch_source("llama")
 
 
 def engines(source, gpu_layers=1, device="emulated", **kw):
@@ -67,9 +51,9 @@ def engines(source, gpu_layers=1, device="emulated", **kw):
             TargetEngine(source, context=256, threads=1, gpu_layers=gpu_layers, device=device, **kw))
 
 
-@pytest.mark.parametrize("which", ARCH_SOURCES + ["scaled_rope_source"])
-def test_offloaded_target_matches_the_cpu_target(request, which):
-    source = request.getfixturevalue(which)
+@pytest.mark.parametrize("which", ARCH_SOURCES + ["scaled_rope"])
+def test_offloaded_target_matches_the_cpu_target(which):
+    source = arch_source(which)
     toks = np.random.default_rng(0).integers(0, 301, 11)
     for n in (1, 2):
         cpu, off = engines(source, n)
@@ -110,9 +94,9 @@ def test_offloaded_gemma3_layers_are_the_cpu_layers():
 
 
 @pytest.mark.parametrize("which", ARCH_SOURCES)
-def test_offloaded_target_is_batch_invariant(request, which):
+def test_offloaded_target_is_batch_invariant(which):
     """Logits of a token are bitwise the same in a prefill chunk, alone, or inside a tree."""
-    _, off = engines(request.getfixturevalue(which), 2)
+    _, off = engines(arch_source(which), 2)
     toks = np.random.default_rng(1).integers(0, 301, 8)
     whole, _ = off.forward(toks, logit_rows=range(8))
     off.reset()
@@ -151,10 +135,10 @@ def test_commit_keeps_both_sides_in_step(source):
     assert off.n_past == before + 2 and off._prefix.n_past == before + 2
 
 
-@pytest.mark.parametrize("which,params", [("source", p) for p in SHAPES] +
+@pytest.mark.parametrize("which,params", [("llama", p) for p in SHAPES] +
                          [(w, SHAPES[-1]) for w in ARCH_SOURCES[1:]], ids=str)
-def test_greedy_speculation_with_an_offloaded_target_equals_its_plain_decoding(request, which, params):
-    source = request.getfixturevalue(which)
+def test_greedy_speculation_with_an_offloaded_target_equals_its_plain_decoding(which, params):
+    source = arch_source(which)
     _, off = engines(source, 2)
     draft = random_draft(source, off)
     prompt = [5, 17, 42, 99, 3]
@@ -195,8 +179,8 @@ def test_offload_arguments(source):
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("which", ARCH_SOURCES)
-def test_cuda_offload_matches_emulated_and_stays_exact(request, which):
-    source = request.getfixturevalue(which)
+def test_cuda_offload_matches_emulated_and_stays_exact(which):
+    source = arch_source(which)
     _, emu = engines(source, 2)
     _, gpu = engines(source, 2, device="cuda")
     toks = np.random.default_rng(3).integers(0, 301, 9)

@@ -75,31 +75,26 @@ std::vector<float> rope_factors_named(const WeightMap& w, int64_t head_dim) {
 
 LayerExtras layer_extras_named(const WeightMap& w, const LayerDims& d, const std::string& b) {
   const int64_t QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim;
-  LayerExtras x;
-  if (d.qkv_bias) {
-    x.bqkv = norm_named(w, b + "attn_q.bias", QD);
-    for (const char* part : {"attn_k.bias", "attn_v.bias"}) {
-      const std::vector<float> more = norm_named(w, b + part, KD);
-      x.bqkv.insert(x.bqkv.end(), more.begin(), more.end());
+  // The named 1-D weights of this layer joined end to end when the config declares them (`on`),
+  // none otherwise.
+  auto optional = [&](bool on, std::initializer_list<std::pair<const char*, int64_t>> parts, const char* what) {
+    std::vector<float> joined;
+    for (const auto& [part, n] : parts) {
+      if (!on) {
+        DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no " + what);
+        continue;
+      }
+      const std::vector<float> v = norm_named(w, b + part, n);
+      joined.insert(joined.end(), v.begin(), v.end());
     }
-  } else {
-    for (const char* part : {"attn_q.bias", "attn_k.bias", "attn_v.bias"})
-      DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no attention bias");
-  }
-  if (d.qk_norm) {
-    x.q_norm = norm_named(w, b + "attn_q_norm", d.head_dim);
-    x.k_norm = norm_named(w, b + "attn_k_norm", d.head_dim);
-  } else {
-    for (const char* part : {"attn_q_norm", "attn_k_norm"})
-      DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no q/k norm");
-  }
-  if (d.post_norms) {
-    x.post_attn_norm = norm_named(w, b + "post_attention_norm", d.dim);
-    x.post_ffn_norm = norm_named(w, b + "post_ffw_norm", d.dim);
-  } else {
-    for (const char* part : {"post_attention_norm", "post_ffw_norm"})
-      DT_CHECK(!w.count(b + part), "weight '" + b + part + "' given but the model config has no post norms");
-  }
+    return joined;
+  };
+  LayerExtras x;
+  x.bqkv = optional(d.qkv_bias, {{"attn_q.bias", QD}, {"attn_k.bias", KD}, {"attn_v.bias", KD}}, "attention bias");
+  x.q_norm = optional(d.qk_norm, {{"attn_q_norm", d.head_dim}}, "q/k norm");
+  x.k_norm = optional(d.qk_norm, {{"attn_k_norm", d.head_dim}}, "q/k norm");
+  x.post_attn_norm = optional(d.post_norms, {{"post_attention_norm", d.dim}}, "post norms");
+  x.post_ffn_norm = optional(d.post_norms, {{"post_ffw_norm", d.dim}}, "post norms");
   return x;
 }
 
