@@ -242,7 +242,7 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaCo
         )
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from e
-    if rope_type == "linear":  # positions divided by the factor: every frequency is
+    if rope_type == "linear":  # positions divided by the factor: every frequency divided by it
         return config, np.full(config.head_dim // 2, float(scaling["factor"]), dtype=np.float32)
     if rope_type != "llama3":
         return config, None
