@@ -13,8 +13,9 @@ __all__ = ["LlamaConfig", "ARCHITECTURES", "ACTIVATIONS"]
 
 #: The decoders the engine runs (GGUF ``general.architecture`` / Hugging Face ``model_type``)
 #: and the LlamaConfig fields each one sets: Qwen2 adds q/k/v biases, Qwen3 q/k head norms,
-#: Gemma 3 (GGUF only) q/k head norms, post norms, a GELU gate and scaled embeddings (its
-#: sliding-window layers come from the file's metadata).
+#: Gemma 3 q/k head norms, post norms, a GELU gate and scaled embeddings (its sliding-window
+#: layers come from the GGUF metadata or config.json). Hugging Face model types map to these
+#: names in ``formats.hf`` (``gemma3_text`` is "gemma3").
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {"attention_bias": False, "qk_norm": False},
     "qwen2": {"attention_bias": True, "qk_norm": False},
