@@ -191,14 +191,30 @@ def test_export_cli_reports_a_missing_model(tmp_path, capsys):
     assert not (tmp_path / "out.dtw").exists()
 
 
-def test_export_refuses_gemma3(tmp_path, llama_gguf_writer):
-    """The C API has no Gemma 3 layers: the export says so instead of writing a file that
-    dt_target_create would refuse."""
+def test_example_runs_a_gemma3_container(greedy_bin, tmp_path, llama_gguf_writer):
+    """A Gemma 3 GGUF (sliding window 4, linear RoPE scaling) through export_c_weights and the
+    C example: the container's Gemma fields reach dt_target_create, and the greedy tokens
+    are the Python engine's."""
+    from gguf import RopeScalingType
+
+    from dovetail_ext.formats import load_gguf
+    from dovetail_ext.target import TargetEngine
     path = tmp_path / "g.gguf"
-    llama_gguf_writer(path, arch="gemma3", dtype="f32", hidden=64, n_head=4, n_kv=1)
-    with pytest.raises(ValueError, match="the C API does not run Gemma 3 models yet"):
-        capi.export_c_weights(tmp_path / "g.dtw", path)
-    assert not (tmp_path / "g.dtw").exists()
+    llama_gguf_writer(path, arch="gemma3", dtype="q8_0", hidden=64, n_head=4, n_kv=1, n_layers=7, meta=lambda w: (
+        w.add_sliding_window(4), w.add_rope_scaling_type(RopeScalingType.LINEAR), w.add_rope_scaling_factor(2.0)))
+    out = capi.export_c_weights(tmp_path / "g.dtw", path)
+    assert out.read_bytes()[8:12] == (2).to_bytes(4, "little")
+    ids = [1, 5, 9, 17, 33, 2, 8, 40, 3]
+    r = subprocess.run([str(greedy_bin), str(out), "10", *map(str, ids)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    eng = TargetEngine(load_gguf(path), context=32, threads=1)
+    lg, _ = eng.forward(ids); eng.commit()
+    want = []
+    while len(want) < 10:
+        want.append(int(lg[0].argmax()))
+        lg, _ = eng.forward(want[-1:]); eng.commit()
+    got = [int(t) for t in r.stdout.split()]
+    assert got == want[:len(got)] and (len(got) == 10 or got[-1] in eng.source.config.eos_token_ids), (got, want)
 
 
 def test_export_cli_writes_the_draft(default_gguf_path, tmp_path, capsys):
@@ -226,7 +242,10 @@ _OPTS = [("rope_theta", ctypes.c_float), ("rms_norm_eps", ctypes.c_float), ("con
 
 class TargetConfig(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("vocab_size", ctypes.c_int64),
-                *[(n, ctypes.c_int64) for n in _DIMS], *_OPTS]
+                *[(n, ctypes.c_int64) for n in _DIMS], *_OPTS,
+                ("activation", ctypes.c_int32), ("scale_embeddings", ctypes.c_int32),
+                ("sliding_window", ctypes.c_int64), ("sliding_window_pattern", ctypes.c_int64),
+                ("rope_theta_local", ctypes.c_float)]
 
 
 class TreeShape(ctypes.Structure):
@@ -317,8 +336,9 @@ def weight_array(weights: dict[str, tuple[str, tuple[int, ...], np.ndarray]]):
     return arr, keep
 
 
-def tiny_target_weights(dtype="q8_0", tied=False, seed=3, bias=False, rope_factors=False, qk_norm=False):
-    cfg = tiny_config(gqa=3, tied=tied, vocab=301, bias=bias, rope_factors=rope_factors, qk_norm=qk_norm)
+def tiny_target_weights(dtype="q8_0", tied=False, seed=3, bias=False, rope_factors=False, qk_norm=False, window=0):
+    cfg = tiny_config(gqa=3, tied=tied, vocab=301, bias=bias, rope_factors=rope_factors, qk_norm=qk_norm,
+                      window=window)
     out = {}
     for name, w in random_weights(cfg, seed=seed).items():
         q = quantize(w, "f32" if w.ndim == 1 else dtype)
@@ -335,6 +355,9 @@ def target_config(lib: CApi, cfg, context=64, max_batch=16, threads=1) -> Target
         setattr(c, n, v)
     c.rope_theta, c.rms_norm_eps = cfg.rope_theta, cfg.rms_norm_eps
     c.context, c.max_batch, c.threads = context, max_batch, threads
+    c.activation, c.scale_embeddings = int(cfg.activation == "gelu_tanh"), int(cfg.scale_embeddings)
+    c.sliding_window, c.sliding_window_pattern = cfg.sliding_window, cfg.sliding_window_pattern
+    c.rope_theta_local = cfg.rope_theta_local
     return c
 
 
@@ -417,12 +440,13 @@ def same_draft(got, want) -> None:
 
 @pytest.mark.parametrize("dtype,tied,extra", [("q8_0", False, ""), ("q4_1", True, ""), ("f32", True, ""),
                                              ("q8_0", False, "bias"), ("q4_1", True, "rope_factors"),
-                                             ("q8_0", True, "qk_norm")])
+                                             ("q8_0", True, "qk_norm"), ("q8_0", True, "gemma3")])
 def test_target_matches_binding(lib, dtype, tied, extra):
     """bias: a Qwen2 model; qk_norm: a Qwen3 model; rope_factors: LLaMA 3.1+ RoPE scaling.
-    The C API takes all three as weights (no config flag)."""
+    The C API takes all three as weights (no config flag). gemma3: Gemma 3 (its post norms
+    as weights, its gate, embedding scale and windows of 4 in the config's Gemma fields)."""
     cfg, weights = tiny_target_weights(dtype, tied, bias=extra == "bias", rope_factors=extra == "rope_factors",
-                                       qk_norm=extra == "qk_norm")
+                                       qk_norm=extra == "qk_norm", window=4 if extra == "gemma3" else 0)
     c, py = CTarget(lib, cfg, weights), py_target(cfg, weights)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, 9)
@@ -822,7 +846,9 @@ def test_bad_config(lib):
                                ("head_dim", -16, "head_dim"), ("num_heads", 1 << 40, "num_heads"),
                                ("rope_theta", float("nan"), "rope_theta"), ("rms_norm_eps", 0.0, "rms_norm_eps"),
                                ("kv_dtype", 7, "kv_dtype"), ("threads", 0, "threads"), ("context", 0, "context"),
-                               ("max_batch", 5000, "max_batch"), ("vocab_size", 300, "token_embd")]:
+                               ("max_batch", 5000, "max_batch"), ("vocab_size", 300, "token_embd"),
+                               ("activation", 7, "DT_ACT_GELU_TANH"), ("sliding_window", -1, "sliding_window"),
+                               ("rope_theta_local", float("nan"), "rope_theta_local")]:
         c = target_config(lib, cfg)
         setattr(c, field, value)
         expect(lib, _create(lib, cfg, weights, c), "DT_ERR_INVALID", frag)

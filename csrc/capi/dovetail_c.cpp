@@ -294,6 +294,17 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
     const dovetail::WeightMap views = weight_map(weights, n_weights, keep);
     p.qkv_bias = views.count("blk.0.attn_q.bias") > 0;   // Qwen2: the biases are given as weights
     p.qk_norm = views.count("blk.0.attn_q_norm") > 0;    // Qwen3: the q/k norms too
+    p.post_norms = views.count("blk.0.post_attention_norm") > 0;  // Gemma 3: its post norms too
+    if (cfg->activation != DT_ACT_SILU && cfg->activation != DT_ACT_GELU_TANH)
+      fail(DT_ERR_INVALID,
+           "activation must be DT_ACT_SILU or DT_ACT_GELU_TANH, got " + std::to_string(cfg->activation));
+    if (cfg->sliding_window < 0 || cfg->sliding_window_pattern < 0 || !(cfg->rope_theta_local >= 0))
+      fail(DT_ERR_INVALID, "sliding_window, sliding_window_pattern and rope_theta_local must not be negative");
+    p.gelu = cfg->activation == DT_ACT_GELU_TANH;
+    p.scale_embeddings = cfg->scale_embeddings != 0;
+    p.window = cfg->sliding_window;
+    p.swa_pattern = cfg->sliding_window_pattern;
+    p.rope_theta_local = cfg->rope_theta_local;
     auto h = std::make_unique<dt_target>();
     h->engine = std::make_unique<dovetail::LlamaEngine>(p, o, views);
     *out = h.release();

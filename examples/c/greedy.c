@@ -90,7 +90,7 @@ static int load_container(const char* path, container* c) {
   if (c->size < 136 || memcmp(c->bytes, "DTWEIGHT", 8) != 0) return fail_format(path, "bad magic");
   at = 8;
   version = (uint32_t)read_le(c, &at, 4, &ok);
-  if (version != 1) return fail_format(path, "unsupported format version");
+  if (version != 1 && version != 2) return fail_format(path, "unsupported format version");
   c->n_weights = (uint32_t)read_le(c, &at, 4, &ok);
   data_offset = (size_t)read_le(c, &at, 8, &ok);
   dt_target_config_init(&c->cfg);
@@ -108,6 +108,14 @@ static int load_container(const char* path, container* c) {
   c->n_eos = (uint32_t)read_le(c, &at, 4, &ok);
   if (c->n_eos > MAX_EOS) return fail_format(path, "too many eos ids");
   for (i = 0; i < MAX_EOS; ++i) c->eos[i] = (int32_t)read_le(c, &at, 4, &ok);
+  if (version >= 2) { /* Gemma 3's fields (all zero for other models) */
+    c->cfg.activation = (int32_t)read_le(c, &at, 4, &ok);
+    c->cfg.scale_embeddings = (int32_t)read_le(c, &at, 4, &ok);
+    c->cfg.sliding_window = (int64_t)read_le(c, &at, 8, &ok);
+    c->cfg.sliding_window_pattern = (int64_t)read_le(c, &at, 8, &ok);
+    c->cfg.rope_theta_local = read_f32(c, &at, &ok);
+    (void)read_le(c, &at, 4, &ok);
+  }
   if (!ok || data_offset > c->size || c->n_weights > 100000) return fail_format(path, "bad header");
 
   /* Tensor table: one pass for the names' total length, one to fill the descriptors. */

@@ -119,7 +119,10 @@ typedef enum dt_dtype {
  *   for Qwen2 models also blk.i.attn_q.bias [H*Dh], blk.i.attn_k.bias [KV*Dh] and
  *   blk.i.attn_v.bias [KV*Dh] (f32): given for layer 0, they are required for every layer;
  *   for Qwen3 models blk.i.attn_q_norm [Dh] and blk.i.attn_k_norm [Dh] (f32), the same way;
- *   for LLaMA 3.1+ RoPE scaling rope_freqs [Dh/2] (f32): the frequencies' divisors.
+ *   for Gemma 3 models these q/k norms and blk.i.post_attention_norm [D] and
+ *   blk.i.post_ffw_norm [D] (f32, stored as 1 + w as in GGUF files), the same way, with the
+ *   config's Gemma fields set;
+ *   for LLaMA 3.1+ or linear RoPE scaling rope_freqs [Dh/2] (f32): the frequencies' divisors.
  * Draft names: fuse.e_norm [D], fuse.w1 [D, D], fuse.w2 [D, D], fuse.wz [D, 2D], and the
  *   layer names above (blk.0 without attn_norm). Unknown names are ignored. */
 typedef struct dt_weight {
@@ -148,7 +151,15 @@ typedef struct dt_target_config {
   int64_t max_batch;    /* most tokens in one forward (default 128) */
   int32_t threads;      /* worker threads, >= 1 (default 1) */
   int32_t kv_dtype;     /* a dt_kv_dtype (default DT_KV_F32) */
+  /* Gemma 3 (all zero otherwise, the default): */
+  int32_t activation;        /* the FFN gate: a dt_activation (default DT_ACT_SILU) */
+  int32_t scale_embeddings;  /* nonzero: token embeddings are multiplied by sqrt(hidden_size) */
+  int64_t sliding_window;    /* > 0: local layers see only the keys of the last sliding_window positions */
+  int64_t sliding_window_pattern; /* layer i is global when (i + 1) % pattern == 0 (0: all local) */
+  float rope_theta_local;    /* the local layers' RoPE base (0: rope_theta); they take no rope_freqs */
 } dt_target_config;
+
+typedef enum dt_activation { DT_ACT_SILU = 0, DT_ACT_GELU_TANH = 1 } dt_activation;
 
 /* Zeroes *cfg and sets struct_size and the defaults. */
 DT_API void dt_target_config_init(dt_target_config* cfg) DT_NOEXCEPT;

@@ -6,11 +6,12 @@ source checkout, ``include/`` and a CMake build directory). :func:`export_c_weig
 a model's weights into a container that a C program reads without Python or a GGUF
 parser (``examples/c/greedy.c`` does).
 
-Weight container, format version 1 (all integers little-endian)::
+Weight container, format version 2 (all integers little-endian)::
 
     offset  size        field
     0       8           magic b"DTWEIGHT"
-    8       4           u32 format version (1)
+    8       4           u32 format version (2; version 1 ends its header at 136, without
+                            the Gemma 3 fields, which are then all zero)
     12      4           u32 n_tensors
     16      8           u64 data_offset: start of the tensor data (a multiple of 64)
     24      7 x 8       i64 vocab_size, hidden_size, intermediate_size, num_layers,
@@ -21,7 +22,13 @@ Weight container, format version 1 (all integers little-endian)::
     96      4           i32 bos_token_id (-1: none)
     100     4           u32 n_eos (at most 8)
     104     8 x 4       i32 eos_token_ids (the first n_eos are used)
-    136     ...         tensor table, n_tensors entries, each:
+    136     4           i32 activation (dt_activation: silu 0, gelu_tanh 1)
+    140     4           i32 scale_embeddings (0 or 1)
+    144     8           i64 sliding_window (0: none)
+    152     8           i64 sliding_window_pattern
+    160     4           f32 rope_theta_local (0: rope_theta)
+    164     4           u32 reserved (0)
+    168     ...         tensor table, n_tensors entries, each:
                             u32 name_len, name (UTF-8, no terminator),
                             u32 dtype (dt_dtype: f32 0, f16 1, bf16 2, q8_0 3, q4_0 4, q4_1 5),
                             u32 ndim (1 or 2), i64 shape[ndim],
@@ -54,7 +61,7 @@ __all__ = ["get_include", "get_library", "export_c_weights", "export_c_draft", "
 #: Environment variable naming the shared library to use (overrides every other place).
 LIBRARY_ENV = "DOVETAIL_LIBRARY"
 C_WEIGHTS_MAGIC = b"DTWEIGHT"
-C_WEIGHTS_VERSION = 1
+C_WEIGHTS_VERSION = 2
 #: Weight dtype name -> ``dt_dtype`` code.
 C_DTYPE_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
 #: The container's code for the draft's int32 ``vocab_map`` (not a ``dt_dtype``).
@@ -161,23 +168,19 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
 
     Args:
         out: the file to write (replaced atomically).
-        model: a GGUF file or Hugging Face LLaMA, Qwen2 or Qwen3 directory; None for the default model.
+        model: a GGUF file or Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 3); None for the default model.
     Returns:
         the path written.
     Raises:
         ModelNotFoundError / FileNotFoundError / FormatError: as
             :func:`dovetail_ext.formats.load_model_source`.
-        ValueError: the model has more than 8 end-of-sequence ids, or is a Gemma 3 model
-            (the C API runs LLaMA, Qwen2 and Qwen3 layers).
+        ValueError: the model has more than 8 end-of-sequence ids.
     """
     from .formats import load_model_source
     from .quant import dequantize
 
     source = load_model_source(model)
     cfg = source.config
-    if cfg.architecture == "gemma3":
-        raise ValueError("the C API does not run Gemma 3 models yet (post norms, GELU, sliding windows); "
-                         "use the Python package")
     eos = list(dict.fromkeys([*cfg.eos_token_ids, *(source.tokenizer.eos_ids if source.tokenizer else ())]))
     if len(eos) > _MAX_EOS:
         raise ValueError(f"the model has {len(eos)} end-of-sequence ids; the container holds at most {_MAX_EOS}")
@@ -234,10 +237,14 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
 
 def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[int]) -> bytes:
     """The header fields after data_offset; ``shape`` has the layer fields of a model or
-    draft config."""
+    draft config (a draft has no Gemma 3 fields: zeros)."""
+    gelu = getattr(shape, "activation", "silu") == "gelu_tanh"
     return struct.pack("<7qffqiI8i", vocab_size, shape.hidden_size, shape.intermediate_size, shape.num_layers,
                        shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rope_theta, shape.rms_norm_eps,
-                       max_context, bos, len(eos), *(list(eos) + [0] * (_MAX_EOS - len(eos))))
+                       max_context, bos, len(eos), *(list(eos) + [0] * (_MAX_EOS - len(eos)))) + \
+        struct.pack("<iiqqfI", int(gelu), int(getattr(shape, "scale_embeddings", False)),
+                    getattr(shape, "sliding_window", 0), getattr(shape, "sliding_window_pattern", 0),
+                    getattr(shape, "rope_theta_local", 0.0), 0)
 
 
 def _write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "C programs using dovetail.h read (examples/c/greedy.c).")
     ap.add_argument("out", help="output file")
     ap.add_argument("--model", metavar="PATH", default=None,
-                    help="GGUF file or Hugging Face LLaMA / Qwen2 / Qwen3 directory (default: the default model)")
+                    help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 3; "
+                         "default: the default model)")
     ap.add_argument("--draft-out", metavar="FILE", default=None,
                     help="also write the draft for this model into FILE (for dt_draft_create)")
     ap.add_argument("--draft", metavar="DIR", default="auto",
