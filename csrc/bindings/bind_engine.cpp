@@ -109,7 +109,7 @@ py::tuple target_call(const LlamaEngine& e, const py::handle& pos_obj, int64_t T
   DT_CHECK((int64_t)lrows.size() <= e.options().max_batch, "too many logit rows");
   DT_CHECK((int64_t)frows.size() <= e.options().max_batch, "too many feature rows");
   py::array_t<float> logits({(int64_t)lrows.size(), e.params().vocab});
-  py::array_t<float> feats({(int64_t)frows.size(), e.params().dim});
+  py::array_t<float> feats({(int64_t)frows.size(), e.params().layer.dim});
   const uint8_t* ap = anc_obj.is_none() ? nullptr : anc.data();
   {
     py::gil_scoped_release nogil;
@@ -159,11 +159,8 @@ void bind_engine(py::module_& m) {
       "Native LLaMA target engine (use dovetail_ext.target.TargetEngine, which builds it from a ModelSource).")
       .def(py::init([](const py::dict& cfg, const py::dict& weights, int64_t context, int64_t max_batch,
                        int threads, const std::string& kv_dtype, int64_t first_layer) {
-             LayerDims d = layer_dims(cfg);
-             LlamaParams p{get_int(cfg, "vocab_size"), d.dim, d.ffn, get_int(cfg, "num_layers"),
-                           d.heads, d.kv_heads, d.head_dim, d.rope_theta, d.eps, first_layer, d.qkv_bias,
-                           d.qk_norm, d.post_norms, d.gelu, get_flag(cfg, "scale_embeddings"), d.window,
-                           d.swa_pattern, d.rope_theta_local};
+             LlamaParams p{get_int(cfg, "vocab_size"), get_int(cfg, "num_layers"), layer_dims(cfg), first_layer,
+                           get_flag(cfg, "scale_embeddings")};
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -189,7 +186,7 @@ void bind_engine(py::module_& m) {
                                 const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
              auto hidden = as_array<float>(h_obj, "hidden");
              const int64_t T = hidden.ndim() == 2 ? hidden.shape(0) : -1;
-             check_shape(hidden, {T, e.params().dim}, "hidden");
+             check_shape(hidden, {T, e.params().layer.dim}, "hidden");
              return target_call(e, pos_obj, T, anc_obj, logit_obj, feat_obj,
                                 [&](const int32_t* pos, int64_t n, const uint8_t* ap, const std::vector<int64_t>& lr,
                                     float* logits, const std::vector<int64_t>& fr, float* feats) {
@@ -208,7 +205,7 @@ void bind_engine(py::module_& m) {
       .def("truncate", [](LlamaEngine& e, int64_t n) { e.truncate(n); }, py::arg("n"),
            "Forget committed tokens past n.")
       .def("read_kv", [](const LlamaEngine& e, int64_t layer) {
-             const int64_t n = e.n_past(), KV = e.params().kv_heads, Dh = e.params().head_dim;
+             const int64_t n = e.n_past(), KV = e.params().layer.kv_heads, Dh = e.params().layer.head_dim;
              py::array_t<float> k({KV, n, Dh}), v({KV, n, Dh});
              e.kv().read(layer, n, k.mutable_data(), v.mutable_data());
              return py::make_tuple(k, v);

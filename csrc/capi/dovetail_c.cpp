@@ -287,24 +287,33 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
     check_dim(cfg->num_kv_heads, "num_kv_heads");
     check_dim(cfg->head_dim, "head_dim");
     check_norm_params(cfg->rope_theta, cfg->rms_norm_eps);
-    dovetail::LlamaParams p{cfg->vocab_size, cfg->hidden_size, cfg->intermediate_size, cfg->num_layers,
-                            cfg->num_heads, cfg->num_kv_heads, cfg->head_dim, cfg->rope_theta, cfg->rms_norm_eps, 0};
+    dovetail::LlamaParams p;
+    p.vocab = cfg->vocab_size;
+    p.layers = cfg->num_layers;
+    dovetail::LayerDims& d = p.layer;
+    d.dim = cfg->hidden_size;
+    d.ffn = cfg->intermediate_size;
+    d.heads = cfg->num_heads;
+    d.kv_heads = cfg->num_kv_heads;
+    d.head_dim = cfg->head_dim;
+    d.rope_theta = cfg->rope_theta;
+    d.eps = cfg->rms_norm_eps;
     const dovetail::EngineOptions o = engine_options(cfg->context, cfg->max_batch, cfg->threads, cfg->kv_dtype);
     std::vector<std::vector<unsigned char>> keep;
     const dovetail::WeightMap views = weight_map(weights, n_weights, keep);
-    p.qkv_bias = views.count("blk.0.attn_q.bias") > 0;   // Qwen2: the biases are given as weights
-    p.qk_norm = views.count("blk.0.attn_q_norm") > 0;    // Qwen3: the q/k norms too
-    p.post_norms = views.count("blk.0.post_attention_norm") > 0;  // Gemma 3: its post norms too
+    d.qkv_bias = views.count("blk.0.attn_q.bias") > 0;   // Qwen2: the biases are given as weights
+    d.qk_norm = views.count("blk.0.attn_q_norm") > 0;    // Qwen3: the q/k norms too
+    d.post_norms = views.count("blk.0.post_attention_norm") > 0;  // Gemma 3: its post norms too
     if (cfg->activation != DT_ACT_SILU && cfg->activation != DT_ACT_GELU_TANH)
       fail(DT_ERR_INVALID,
            "activation must be DT_ACT_SILU or DT_ACT_GELU_TANH, got " + std::to_string(cfg->activation));
     if (cfg->sliding_window < 0 || cfg->sliding_window_pattern < 0 || !(cfg->rope_theta_local >= 0))
       fail(DT_ERR_INVALID, "sliding_window, sliding_window_pattern and rope_theta_local must not be negative");
-    p.gelu = cfg->activation == DT_ACT_GELU_TANH;
+    d.gelu = cfg->activation == DT_ACT_GELU_TANH;
+    d.window = cfg->sliding_window;
+    d.swa_pattern = cfg->sliding_window_pattern;
+    d.rope_theta_local = cfg->rope_theta_local;
     p.scale_embeddings = cfg->scale_embeddings != 0;
-    p.window = cfg->sliding_window;
-    p.swa_pattern = cfg->sliding_window_pattern;
-    p.rope_theta_local = cfg->rope_theta_local;
     auto h = std::make_unique<dt_target>();
     h->engine = std::make_unique<dovetail::LlamaEngine>(p, o, views);
     *out = h.release();

@@ -8,22 +8,17 @@
 namespace dovetail {
 
 LlamaEngine::LlamaEngine(const LlamaParams& p, const EngineOptions& o, const WeightMap& weights) : p_(p) {
-  DT_CHECK(p.vocab > 0 && p.dim > 0 && p.layers > 0, "model dimensions must be positive");
+  DT_CHECK(p.vocab > 0 && p.layer.dim > 0 && p.layers > 0, "model dimensions must be positive");
   DT_CHECK(p.first_layer >= 0 && p.first_layer < p.layers,
            "first_layer " + std::to_string(p.first_layer) + " outside [0, " + std::to_string(p.layers) +
                "): at least one layer runs on the CPU");
-  const int64_t D = p.dim;
+  const int64_t D = p.layer.dim;
   tok_embd_ = std::make_shared<PackedWeight>(pack_named(weights, "token_embd", p.vocab, D));
   lm_head_ = weights.count("output") ? std::make_shared<PackedWeight>(pack_named(weights, "output", p.vocab, D))
                                      : tok_embd_;
   out_norm_ = norm_named(weights, "output_norm", D);
-  LayerDims d{p.dim, p.ffn, p.heads, p.kv_heads, p.head_dim, p.rope_theta, p.eps, p.qkv_bias, p.qk_norm,
-              rope_factors_named(weights, p.head_dim)};
-  d.post_norms = p.post_norms;
-  d.gelu = p.gelu;
-  d.window = p.window;
-  d.swa_pattern = p.swa_pattern;
-  d.rope_theta_local = p.rope_theta_local;
+  LayerDims d = p.layer;
+  d.rope_factors = rope_factors_named(weights, d.head_dim);
   stack_ = std::make_unique<LayerStack>(d, load_layers(weights, d, p.layers - p.first_layer, true, p.first_layer), o);
   x_.resize(o.max_batch * D);
   rows_.resize(o.max_batch * D);
@@ -53,14 +48,14 @@ void LlamaEngine::check_rows(const int32_t* positions, int64_t T, const uint8_t*
 void LlamaEngine::run(const int32_t* positions, int64_t T, const uint8_t* anc, const int64_t* logit_rows,
                       int64_t n_logits, float* logits, const int64_t* feature_rows, int64_t n_features,
                       float* features) {
-  const int64_t D = p_.dim;
+  const int64_t D = p_.layer.dim;
   stack_->run(x_.data(), positions, T, anc, false);
   // Final norm and LM head only for the rows asked for.
   for (int64_t i = 0; i < n_features; ++i)
-    rmsnorm(x_.data() + feature_rows[i] * D, out_norm_.data(), features + i * D, 1, D, p_.eps);
+    rmsnorm(x_.data() + feature_rows[i] * D, out_norm_.data(), features + i * D, 1, D, p_.layer.eps);
   if (n_logits > 0) {
     for (int64_t i = 0; i < n_logits; ++i)
-      rmsnorm(x_.data() + logit_rows[i] * D, out_norm_.data(), rows_.data() + i * D, 1, D, p_.eps);
+      rmsnorm(x_.data() + logit_rows[i] * D, out_norm_.data(), rows_.data() + i * D, 1, D, p_.layer.eps);
     stack_->linear_rows(*lm_head_, rows_.data(), n_logits, logits, true);
   }
 }
@@ -76,7 +71,7 @@ void LlamaEngine::forward(const int32_t* tokens, const int32_t* positions, int64
     DT_CHECK(tokens[t] >= 0 && tokens[t] < p_.vocab, "token id " + std::to_string(tokens[t]) + " at index " +
                                                         std::to_string(t) + " is outside the vocabulary [0, " +
                                                         std::to_string(p_.vocab) + ")");
-  const int64_t D = p_.dim;
+  const int64_t D = p_.layer.dim;
   for (int64_t t = 0; t < T; ++t) dequantize_row(*tok_embd_, tokens[t], x_.data() + t * D);  // x = Emb(tokens)
   if (p_.scale_embeddings) {
     const float s = std::sqrt((float)D);
@@ -90,7 +85,7 @@ void LlamaEngine::forward_hidden(const float* hidden, const int32_t* positions, 
                                  const int64_t* feature_rows, int64_t n_features, float* features) {
   std::lock_guard<std::mutex> lock(mu_);
   check_rows(positions, T, anc, logit_rows, n_logits, feature_rows, n_features);
-  const int64_t D = p_.dim;
+  const int64_t D = p_.layer.dim;
   for (int64_t i = 0; i < T * D; ++i)
     DT_CHECK(std::isfinite(hidden[i]), "hidden states must be finite (row " + std::to_string(i / D) + ")");
   std::memcpy(x_.data(), hidden, sizeof(float) * T * D);

@@ -18,18 +18,13 @@
 namespace dovetail {
 
 struct LlamaParams {
-  int64_t vocab = 0, dim = 0, ffn = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0;
-  float rope_theta = 10000.0f, eps = 1e-5f;
+  int64_t vocab = 0, layers = 0;
+  LayerDims layer;  // every layer's shape and variant (biases, norms, gate, windows); rope_factors
+                    // come from the weights
   // Layers [first_layer, layers) run here; the ones before run elsewhere (a device prefix,
   // model/device_engine.h), whose hidden states forward_hidden takes.
   int64_t first_layer = 0;
-  bool qkv_bias = false;  // Qwen2: blk.{i}.attn_{q,k,v}.bias
-  bool qk_norm = false;   // Qwen3: blk.{i}.attn_{q,k}_norm
-  // Gemma 3 (see LayerDims): post norms, GELU gate, sliding-window layers with their own RoPE
-  // base, and the token embeddings scaled by sqrt(dim) (rounded to fp32) on the way in.
-  bool post_norms = false, gelu = false, scale_embeddings = false;
-  int64_t window = 0, swa_pattern = 0;
-  float rope_theta_local = 0.0f;
+  bool scale_embeddings = false;  // Gemma 3: token embeddings times sqrt(dim) (rounded to fp32)
 };
 
 // forward / commit / truncate lock the engine: concurrent callers are serialized.

@@ -121,9 +121,9 @@ class DeviceDraftCalls final : public EngineCalls<DeviceDraftEngine> {
 };
 
 void check_pair(const LlamaEngine& target, const DraftCalls& draft) {
-  DT_CHECK(draft.dim() == target.params().dim,
+  DT_CHECK(draft.dim() == target.params().layer.dim,
            "the draft's hidden size " + std::to_string(draft.dim()) + " differs from the target's " +
-               std::to_string(target.params().dim));
+               std::to_string(target.params().layer.dim));
   DT_CHECK(draft.vocab() == target.params().vocab, "the draft's vocabulary differs from the target's");
   DT_CHECK(target.params().first_layer == 0, "the target's first layers run elsewhere (gpu_layers): not supported");
 }
@@ -304,7 +304,7 @@ GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tok
 void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out) {
   const auto t1 = Clock::now();
   // 4. One target call over the tree: each node sees the prefix and its ancestors.
-  const int64_t K = (int64_t)tree.tokens.size(), V = target_.params().vocab, D = target_.params().dim;
+  const int64_t K = (int64_t)tree.tokens.size(), V = target_.params().vocab, D = target_.params().layer.dim;
   std::vector<int32_t> depth(K, 0);
   anc_.assign(K * K, 0);
   positions_.resize(K);
