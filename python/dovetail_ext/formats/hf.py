@@ -161,7 +161,8 @@ _ARCH_OF = {"gemma3_text": "gemma3"}  # model_type -> our architecture name, whe
 
 
 def _hf_arch(cfg: dict[str, Any], path: Path) -> str:
-    """The model_type of _HF_CLASSES a config.json names."""
+    """Our architecture name (``config.ARCHITECTURES``) for the model_type or class of
+    _HF_CLASSES a config.json names."""
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     arch = next((a for a, c in _HF_CLASSES.items() if model_type == a or c in archs), None)
@@ -169,17 +170,16 @@ def _hf_arch(cfg: dict[str, Any], path: Path) -> str:
         raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
                           f"LLaMA, Qwen2, Qwen3 or Gemma 3 model (model_type "
                           f"{' / '.join(map(repr, _HF_CLASSES))}, {' / '.join(_HF_CLASSES.values())})")
-    return arch
+    return _ARCH_OF.get(arch, arch)
 
 
-def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool) -> tuple[LlamaConfig, np.ndarray | None]:
-    """LlamaConfig from a parsed config.json, and the RoPE frequency divisors of "llama3" or
-    "linear" scaling (None without it); every problem names the key.
+def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tuple[LlamaConfig, np.ndarray | None]:
+    """LlamaConfig from a parsed config.json of architecture ``arch`` (:func:`_hf_arch`), and
+    the RoPE frequency divisors of "llama3" or "linear" scaling (None without it); every
+    problem names the key.
 
     The LM head is tied when config.json says so or the checkpoint has no ``lm_head``.
     """
-    hf_type = _hf_arch(cfg, path)
-    arch = _ARCH_OF.get(hf_type, hf_type)
 
     def get(key: str, kind: type | tuple[type, ...], default: Any = ..., *, src: dict = cfg) -> Any:
         if key not in src or src[key] is None:
@@ -397,7 +397,8 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
     config_path = directory / "config.json"
     raw_cfg = _read_json(config_path)
 
-    gemma = _ARCH_OF.get(_hf_arch(raw_cfg, config_path)) == "gemma3"
+    arch = _hf_arch(raw_cfg, config_path)
+    gemma = arch == "gemma3"
     by_name: dict[str, tuple[str, _SafetensorsFile]] = {}  # canonical -> (hf name, file)
     for hf_name, st in _open_weights(directory).items():
         canonical = _canonical(hf_name, gemma)
@@ -408,7 +409,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
                               f"Qwen3 or Gemma 3 model)")
         by_name[canonical] = (hf_name, st)
 
-    cfg, rope_factors = _config(raw_cfg, config_path, has_lm_head="output" in by_name)
+    cfg, rope_factors = _config(raw_cfg, config_path, has_lm_head="output" in by_name, arch=arch)
     if cfg.tie_word_embeddings:
         by_name.pop("output", None)  # transformers ignores a saved lm_head when tied
 
