@@ -94,6 +94,27 @@ void check_norm_params(float theta, float eps) {
   if (!(std::isfinite(eps) && eps > 0)) fail(DT_ERR_INVALID, "rms_norm_eps must be positive and finite");
 }
 
+// The layer shape of a target or draft config (the two share these fields), checked.
+template <typename Config>
+dovetail::LayerDims checked_layer_dims(const Config* cfg) {
+  check_dim(cfg->hidden_size, "hidden_size");
+  check_dim(cfg->intermediate_size, "intermediate_size");
+  check_dim(cfg->num_layers, "num_layers");
+  check_dim(cfg->num_heads, "num_heads");
+  check_dim(cfg->num_kv_heads, "num_kv_heads");
+  check_dim(cfg->head_dim, "head_dim");
+  check_norm_params(cfg->rope_theta, cfg->rms_norm_eps);
+  dovetail::LayerDims d;
+  d.dim = cfg->hidden_size;
+  d.ffn = cfg->intermediate_size;
+  d.heads = cfg->num_heads;
+  d.kv_heads = cfg->num_kv_heads;
+  d.head_dim = cfg->head_dim;
+  d.rope_theta = cfg->rope_theta;
+  d.eps = cfg->rms_norm_eps;
+  return d;
+}
+
 dovetail::EngineOptions engine_options(int64_t context, int64_t max_batch, int32_t threads, int32_t kv_dtype) {
   if (kv_dtype != DT_KV_F32 && kv_dtype != DT_KV_BF16)
     fail(DT_ERR_INVALID, "kv_dtype must be DT_KV_F32 or DT_KV_BF16, got " + std::to_string(kv_dtype));
@@ -280,24 +301,11 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
                                std::to_string(sizeof(dt_target_config)) +
                                " (initialise the config with dt_target_config_init)");
     check_dim(cfg->vocab_size, "vocab_size");
-    check_dim(cfg->hidden_size, "hidden_size");
-    check_dim(cfg->intermediate_size, "intermediate_size");
-    check_dim(cfg->num_layers, "num_layers");
-    check_dim(cfg->num_heads, "num_heads");
-    check_dim(cfg->num_kv_heads, "num_kv_heads");
-    check_dim(cfg->head_dim, "head_dim");
-    check_norm_params(cfg->rope_theta, cfg->rms_norm_eps);
     dovetail::LlamaParams p;
     p.vocab = cfg->vocab_size;
     p.layers = cfg->num_layers;
+    p.layer = checked_layer_dims(cfg);
     dovetail::LayerDims& d = p.layer;
-    d.dim = cfg->hidden_size;
-    d.ffn = cfg->intermediate_size;
-    d.heads = cfg->num_heads;
-    d.kv_heads = cfg->num_kv_heads;
-    d.head_dim = cfg->head_dim;
-    d.rope_theta = cfg->rope_theta;
-    d.eps = cfg->rms_norm_eps;
     const dovetail::EngineOptions o = engine_options(cfg->context, cfg->max_batch, cfg->threads, cfg->kv_dtype);
     std::vector<std::vector<unsigned char>> keep;
     const dovetail::WeightMap views = weight_map(weights, n_weights, keep);
@@ -408,27 +416,13 @@ dt_status dt_draft_create(const dt_target* target, const dt_draft_config* cfg, c
       fail(DT_ERR_INVALID, "cfg->struct_size is " + std::to_string(cfg->struct_size) + ", expected " +
                                std::to_string(sizeof(dt_draft_config)) +
                                " (initialise the config with dt_draft_config_init)");
-    check_dim(cfg->hidden_size, "hidden_size");
-    check_dim(cfg->intermediate_size, "intermediate_size");
-    check_dim(cfg->num_layers, "num_layers");
-    check_dim(cfg->num_heads, "num_heads");
-    check_dim(cfg->num_kv_heads, "num_kv_heads");
-    check_dim(cfg->head_dim, "head_dim");
-    check_norm_params(cfg->rope_theta, cfg->rms_norm_eps);
+    const dovetail::LayerDims d = checked_layer_dims(cfg);
     if (n_vocab_map < 0 || (vocab_map == nullptr) != (n_vocab_map == 0))
       fail(vocab_map ? DT_ERR_INVALID : DT_ERR_NULL,
            "vocab_map must be NULL with n_vocab_map 0, or point to n_vocab_map > 0 ids (got n_vocab_map " +
                std::to_string(n_vocab_map) + ")");
     std::vector<int32_t> vmap;
     if (vocab_map) vmap.assign(vocab_map, vocab_map + n_vocab_map);  // entries checked by the engine
-    dovetail::LayerDims d;
-    d.dim = cfg->hidden_size;
-    d.ffn = cfg->intermediate_size;
-    d.heads = cfg->num_heads;
-    d.kv_heads = cfg->num_kv_heads;
-    d.head_dim = cfg->head_dim;
-    d.rope_theta = cfg->rope_theta;
-    d.eps = cfg->rms_norm_eps;
     const dovetail::EngineOptions o = engine_options(cfg->context, cfg->max_batch, cfg->threads, cfg->kv_dtype);
     std::vector<std::vector<unsigned char>> keep;
     const dovetail::WeightMap views = weight_map(weights, n_weights, keep);
