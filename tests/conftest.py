@@ -47,7 +47,8 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
     type ``f(values) -> (qtype, blocks, decoded)`` writes blocks it made itself), norms F32,
     q/k rows permuted for ``arch="llama"``; ``arch="qwen2"`` adds q/k/v biases, ``"qwen3"``
     q/k head norms, ``"gemma3"`` q/k head norms and post norms. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
-    may add metadata, ``omit_meta`` leaves out model keys (``block_count``...). Returns canonical name -> float32 [rows, cols] in Hugging Face order.
+    may add metadata, ``omit_meta`` leaves out model keys (``block_count``...), a ``head_dim``
+    dimension other than hidden / n_head is written as the key and value lengths. Returns canonical name -> float32 [rows, cols] in Hugging Face order.
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -55,9 +56,12 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
     d = {**TINY, **dims}
     vocab = vocab or byte_level_vocab()
     V, D, F, H, KV = len(vocab["tokens"]), d["hidden"], d["ffn"], d["n_head"], d["n_kv"]
-    Dh = D // H
+    Dh = d.get("head_dim", D // H)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
+    if Dh != D // H:
+        w.add_key_length(Dh)
+        w.add_value_length(Dh)
     model_keys = {"block_count": d["n_layers"], "context_length": 256, "embedding_length": D,
                   "feed_forward_length": F, "head_count": H, "head_count_kv": KV,
                   "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-5}

@@ -157,7 +157,8 @@ def test_tiny_gemma3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     """gemma3.* metadata as llama.cpp runs it: q/k head norms and post norms, a GELU gate,
     scaled embeddings, every 6th layer global and the others local with the file's sliding
     window and RoPE base 10000; without a chat template in the file, Gemma's turns; the
-    27B model (another attention scale) is refused."""
+    27B model's attention scale (1/sqrt(hidden / heads), not 1/sqrt(head_dim)) folded into its
+    q head norms."""
     from dovetail_ext.formats.tokenizer import GEMMA_TEMPLATE
     originals = llama_gguf_writer(tmp_path / "g.gguf", arch="gemma3", dtype="f32", hidden=64, n_head=4, n_kv=1,
                                   n_layers=7, meta=lambda w: w.add_sliding_window(32))
@@ -171,10 +172,16 @@ def test_tiny_gemma3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     for name in ("blk.0.attn_q", "blk.1.post_attention_norm", "blk.6.post_ffw_norm"):
         np.testing.assert_array_equal(src.weights[name].data, originals[name], err_msg=name)
     assert src.chat_template == GEMMA_TEMPLATE
-    llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma3", dtype="f32", hidden=32, n_head=2, n_kv=1, ffn=32,
-                      n_layers=62)
-    with pytest.raises(FormatError, match="Gemma 3 27B"):
-        load_gguf(tmp_path / "g27.gguf")
+    assert "query_pre_attn_scalar" not in src.metadata
+    # The 27B shape: 62 layers, hidden / heads = 24 against a head_dim of 16.
+    originals = llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma3", dtype="f32", hidden=48, n_head=2, n_kv=1,
+                                  head_dim=16, ffn=32, n_layers=62)
+    src = load_gguf(tmp_path / "g27.gguf")
+    assert src.config.head_dim == 16 and src.metadata["query_pre_attn_scalar"] == 24
+    for i in (0, 61):
+        np.testing.assert_allclose(src.weights[f"blk.{i}.attn_q_norm"].data,
+                                   originals[f"blk.{i}.attn_q_norm"] * np.sqrt(16 / 24), rtol=1e-6)
+        np.testing.assert_array_equal(src.weights[f"blk.{i}.attn_k_norm"].data, originals[f"blk.{i}.attn_k_norm"])
 
 
 def _k_blocks(qtype):
@@ -367,12 +374,13 @@ def save_tiny_llama(directory: Path, *, dtype: str = "float32", tied: bool = Fal
     return out
 
 
-@pytest.mark.parametrize("tied,layout", [(True, "layer_types"), (False, "pattern")])
-def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str) -> None:
+@pytest.mark.parametrize("tied,layout,scalar", [(True, "layer_types", 16), (False, "pattern", 24)])
+def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str, scalar: int) -> None:
     """A Gemma3ForCausalLM saved by transformers: its config (GELU gate, a window of 6, one
     global layer in three, the local RoPE base, linear scaling of the global layers), norms
     stored as 1 + w, and logits equal to transformers' over 20 tokens. ``pattern``: a
-    config.json written by transformers < 4.53 (sliding_window_pattern, rope_local_base_freq)."""
+    config.json written by transformers < 4.53 (sliding_window_pattern, rope_local_base_freq).
+    ``scalar``: query_pre_attn_scalar, the head_dim or, as in the 27B model, another."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from dovetail_ext.target import TargetEngine
@@ -380,7 +388,7 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str)
     kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
     hc = transformers.Gemma3TextConfig(
         vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=6, layer_types=kinds,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=scalar, sliding_window=6, layer_types=kinds,
         max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})
@@ -410,7 +418,8 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str)
         want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
     raw = json.loads((tmp_path / "config.json").read_text())
-    for key, value, message in [("query_pre_attn_scalar", 20, "query_pre_attn_scalar 20 differs from head_dim"),
+    for key, value, message in [("query_pre_attn_scalar", -4, "query_pre_attn_scalar -4 must be a positive number"),
+                                ("query_pre_attn_scalar", "16", "query_pre_attn_scalar = '16' has the wrong type"),
                                 ("final_logit_softcapping", 30.0, "final_logit_softcapping is not supported"),
                                 ("hidden_activation", "relu", "activation 'relu' is not supported")]:
         (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
-from .base import ModelSource, Weight, expected_weight_shapes
+from .base import ModelSource, Weight, expected_weight_shapes, fold_query_scale
 from .tokenizer import GEMMA_TEMPLATE, tokenizer_from_gguf_vocab
 
 __all__ = ["load_gguf", "GGUF_MAGIC"]
@@ -297,9 +297,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
     gemma = {}
     if arch == "gemma3":
         # As llama.cpp runs Gemma 3: every 6th layer global, the others local with RoPE base
-        # 10000; attention scaled by 1/sqrt(head_dim), except the 62-layer 27B model's.
-        if meta.get(a + "block_count", int, 0) == 62:
-            raise FormatError(f"{meta.path}: Gemma 3 27B (query_pre_attn_scalar != head_dim) is not supported")
+        # 10000 (the 27B model's attention scale: see load()).
         gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=6,
                      rope_theta_local=10000.0)
     if meta.get(a + "expert_count", int, 0):
@@ -344,6 +342,16 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
         )
     except ValueError as e:
         raise FormatError(f"{meta.path}: {e}") from e
+
+
+def _gemma3_query_scalar(cfg: LlamaConfig) -> int | None:
+    """The attention scale llama.cpp gives a Gemma 3 file, where it is not 1/sqrt(head_dim):
+    the 62-layer 27B model's scores are divided by sqrt(hidden / heads) (its
+    query_pre_attn_scalar, 168, against a head_dim of 128). The files do not store it."""
+    if cfg.architecture != "gemma3" or cfg.num_layers != 62:
+        return None
+    scalar = cfg.hidden_size // cfg.num_heads
+    return None if scalar == cfg.head_dim else scalar
 
 
 def _unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
@@ -465,6 +473,9 @@ def load_gguf(path: str | Path) -> ModelSource:
         raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
                           f"tensors, the file has {len(tensors)} tensors")
     weights, converted = _weights(reader, cfg, path, _linear_rope_factors(meta, cfg))
+    query_scalar = _gemma3_query_scalar(cfg)
+    if query_scalar is not None:
+        fold_query_scale(weights, cfg, query_scalar, str(path))
 
     chat_template = meta.get("tokenizer.chat_template", str)
     if chat_template is None and cfg.architecture == "gemma3":
@@ -487,4 +498,5 @@ def load_gguf(path: str | Path) -> ModelSource:
     return ModelSource(config=cfg, weights=weights, tokenizer=tokenizer, chat_template=chat_template,
                        name=meta.get("general.name", str, path.stem), path=str(path),
                        metadata={"format": "gguf", **meta.scalars(),
-                                 **({"converted": converted} if converted else {})})
+                                 **({"converted": converted} if converted else {}),
+                                 **({"query_pre_attn_scalar": query_scalar} if query_scalar is not None else {})})

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
-from .base import WEIGHT_DTYPES, ModelSource, Weight, expected_weight_shapes, row_nbytes
+from .base import WEIGHT_DTYPES, ModelSource, Weight, expected_weight_shapes, fold_query_scale, row_nbytes
 from .tokenizer import tokenizer_from_hf_directory
 
 __all__ = ["load_hf", "HF_WEIGHT_CHOICES"]
@@ -256,15 +256,11 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 def _gemma3(cfg: dict[str, Any], path: Path, get: Any, rope: dict) -> tuple[dict, dict[str, Any]]:
     """Gemma 3's keys: the global layers' RoPE parameters (what LLaMA's keys would say) and
     the LlamaConfig fields of its local layers. Refuses what the engine does not run: logit
-    soft-capping, an attention scale other than 1/sqrt(head_dim), a layer pattern other than
-    one global layer every n."""
+    soft-capping, a layer pattern other than one global layer every n."""
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if get(key, (int, float), None) is not None:
             raise FormatError(f"{path}: {key} is not supported")
-    head_dim = get("head_dim", int, 0) or get("hidden_size", int) // get("num_attention_heads", int)
-    if get("query_pre_attn_scalar", (int, float), head_dim) != head_dim:
-        raise FormatError(f"{path}: query_pre_attn_scalar {cfg['query_pre_attn_scalar']!r} differs from "
-                          f"head_dim {head_dim}: not supported")
+    get("query_pre_attn_scalar", (int, float), None)  # (its type; load() folds it into the weights)
     n_layers = get("num_hidden_layers", int)
     kinds = get("layer_types", list, None)
     if kinds is None:  # (transformers < 4.53: a pattern instead of the list)
@@ -447,8 +443,12 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
 
     if cfg.rope_freq_factors:
         loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], rope_factors)
+    query_scalar = raw_cfg.get("query_pre_attn_scalar", 256) if gemma else None  # (transformers' default)
+    if query_scalar is not None:
+        fold_query_scale(loaded, cfg, query_scalar, str(config_path))
     tokenizer = tokenizer_from_hf_directory(directory, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
     return ModelSource(config=cfg, weights=loaded, tokenizer=tokenizer,
                        chat_template=tokenizer.chat_template, name=directory.name, path=str(directory),
                        metadata={"format": "hf", "weights": weights,
-                                 "torch_dtype": raw_cfg.get("dtype", raw_cfg.get("torch_dtype"))})
+                                 "torch_dtype": raw_cfg.get("dtype", raw_cfg.get("torch_dtype")),
+                                 **({"query_pre_attn_scalar": query_scalar} if query_scalar is not None else {})})
