@@ -159,7 +159,14 @@ def test_target_dist_is_sparse_and_masks_minus_inf():
         with pytest.raises(ValueError, match=msg):
             target_dist(np.array(bad, np.float32), SamplingParams(temperature=1.0))
     with pytest.raises(ValueError, match="too small"):
-        target_dist(logits, SamplingParams(temperature=1e-300))
+        _core.sampling_dist(logits, 1e-300, 0, 1.0)
+    # SamplingParams refuses them when built, as it does what the native call cannot take.
+    for kwargs, msg in [({"temperature": 1e-300}, "temperature 1e-300 is too small"),
+                        ({"temperature": 1e300}, "temperature 1e\\+300 is too large"),
+                        ({"temperature": 1.0, "top_k": 2 ** 63}, r"top_k must be an integer in \[0, 2\*\*63\)")]:
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**kwargs)
+    assert SamplingParams(temperature=1e-30, top_k=2 ** 63 - 1).top_k == 2 ** 63 - 1
     with pytest.raises(ValueError, match="logits has shape"):
         target_dist(np.zeros((2, 3), np.float32), SamplingParams(temperature=1.0))
     with pytest.raises(ValueError, match="at least one"):

@@ -249,6 +249,16 @@ BAD = [
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt", None),
     ("/v1/completions", {"prompt": [1, 2, 3]}, 400, "prompt", None),
     ("/v1/completions", {"prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "context_length_exceeded"),
+    # Valid JSON that is not a request the engine can run: 400 naming the field, not a 500.
+    ("/v1/completions", b'{"prompt": "a\\udc80b", "max_tokens": 3}', 400, "prompt", None),
+    ("/v1/completions", b'{"prompt": "ab", "model": "\\ud800"}', 400, "model", None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}', 400,
+     "messages[0].content", None),
+    ("/v1/completions", b'{"prompt": "ab", "stop": ["\\udfff"]}', 400, "stop", None),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None, None),
+    ("/v1/completions", b'{"prompt": "ab", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, None),
+    ("/v1/completions", {"prompt": "ab", "temperature": 1, "top_k": 2 ** 63}, 400, "top_k", None),
+    ("/v1/completions", {"prompt": "ab", "temperature": 1e-300, "stream": True}, 400, "temperature", None),
 ]
 
 
@@ -273,6 +283,46 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model=server.model, messages=CHAT, n=2)
     assert e.value.status_code == 400 and "n=1" in e.value.message
     assert client.models.list().data[0].id == server.model  # still serving
+
+
+def test_oversized_bodies_and_prompts_are_refused_before_the_engine(server, client, refs, monkeypatch):
+    """A body over MAX_BODY_BYTES gets 413 while it is read; a prompt whose text is larger
+    than the context could hold at the longest token's bytes is refused without being
+    tokenized (the engine never sees it)."""
+    from dovetail_ext import server as srv
+
+    monkeypatch.setattr(srv, "MAX_BODY_BYTES", 1 << 20)
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        big = json.dumps({"prompt": "x" * (2 << 20), "max_tokens": 1}).encode()
+        check_error_body(h.post("/v1/completions", content=big), 413, None, "request_too_large")
+        limit = srv.prompt_byte_limit(server.gen)
+        assert 512 * 4 < limit < 1 << 20
+        served = dict(server.engine.counts)
+        check_error_body(h.post("/v1/completions", json={"prompt": "ab " * (limit // 3 + 1), "max_tokens": 1}),
+                         400, "prompt", "context_length_exceeded")
+        check_error_body(h.post("/v1/chat/completions",
+                                json={"messages": [{"role": "user", "content": "é" * (limit // 2 + 1)}]}),
+                         400, "messages", "context_length_exceeded")
+        assert server.engine.counts == served  # refused before the queue
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == refs.chat.text
+
+
+def test_default_max_tokens_stops_where_the_context_does(server):
+    """Without max_tokens a request runs to the end of the context, and stops at the same
+    token as one whose max_tokens reaches past it."""
+    prompt = "hi " * 600
+    ids = server.gen.encode_prompt(prompt, raw=True)
+    prompt = server.gen.tokenizer.decode(ids[:509])  # 3 tokens short of the 512-token context
+    n_prompt = len(server.gen.encode_prompt(prompt, raw=True))
+    assert n_prompt < 512
+    usage = []
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        for extra in ({}, {"max_tokens": 100}):
+            r = h.post("/v1/completions", json={"prompt": prompt, "temperature": 0, **extra})
+            assert r.status_code == 200, r.text
+            usage.append(r.json()["usage"])
+    assert usage[0] == usage[1] and usage[0]["prompt_tokens"] == n_prompt
 
 
 def test_internal_error_gives_500_and_the_server_keeps_serving(server, client, refs, monkeypatch):

@@ -34,10 +34,19 @@ class SamplingParams:
         if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature)
                 and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.temperature > 0:  # the native kernels scale by 1 / temperature in float32
+            with np.errstate(over="ignore", under="ignore"):
+                inv = np.float32(1.0 / self.temperature)
+            if not np.isfinite(inv):
+                raise ValueError(f"temperature {self.temperature!r} is too small to sample with (1 / temperature "
+                                 "overflows float32); temperature 0 decodes greedily")
+            if inv == 0:
+                raise ValueError(f"temperature {self.temperature!r} is too large to sample with (1 / temperature "
+                                 "underflows float32)")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k < 2 ** 63:
+            raise ValueError(f"top_k must be an integer in [0, 2**63), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
 

@@ -53,6 +53,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .api import GenerationStats, Generator
+from .sampling import SamplingParams
 
 __all__ = ["create_app", "serve", "default_model_id"]
 
@@ -90,6 +91,16 @@ def _is_num(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v and abs(v) != float("inf")
 
 
+def _utf8(v: str, param: str) -> str:
+    """``v``, checked to be encodable: JSON's escapes can spell lone surrogates (``"\\ud800"``)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' holds a lone surrogate (\\ud800-\\udfff), which is not text",
+                       param) from None
+    return v
+
+
 @dataclass
 class _Params:
     """What one request asks of the engine."""
@@ -113,7 +124,7 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model")
-    if model is not None and model != model_id:
+    if model is not None and _utf8(model, "model") != model_id:
         raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_id}'",
                        "model", "model_not_found")
 
@@ -150,6 +161,7 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
                            else "'prompt' is required", "prompt")
         if not prompt:
             raise ApiError(400, "'prompt' must not be empty", "prompt")
+        _utf8(prompt, "prompt")
         max_key = "max_tokens"
     max_tokens = get(max_key, _is_int, "an integer")
     if max_tokens is not None and max_tokens < 1:
@@ -173,6 +185,12 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
         stop = []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    for s in stop:
+        _utf8(s, "stop")
+    try:  # the generator's own rules (a temperature too small to invert, top_k's range...)
+        SamplingParams(float(temperature), float(top_p), top_k, seed)
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split()[0]) from None
     stream = get("stream", lambda v: isinstance(v, bool), "a boolean", False)
     opts = get("stream_options", lambda v: isinstance(v, dict), "an object", {})
     include_usage = opts.get("include_usage", False)
@@ -212,8 +230,28 @@ def _messages(messages: Any) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        _utf8(content, f"{where}.content")
         out.append({"role": _ROLES[role], "content": content})
     return out
+
+
+#: Request bodies above this size are refused (413) while they are read.
+MAX_BODY_BYTES = 32 << 20
+
+
+def prompt_byte_limit(generator: Generator) -> int:
+    """A size no prompt text that fits the context can exceed: every token stands for at most
+    as many bytes as its vocabulary piece takes in UTF-8 (byte-level and SentencePiece pieces
+    alike), times 4 for normalizations that shrink text, plus 64 KiB."""
+    tok = generator.tokenizer
+    longest = max((len(tok.id_to_piece(i).encode("utf-8", "replace")) for i in range(tok.vocab_size)), default=1)
+    return 4 * generator.target.context * max(longest, 1) + (64 << 10)
+
+
+def _prompt_bytes(prompt: str | list[dict[str, str]]) -> int:
+    if isinstance(prompt, str):
+        return len(prompt.encode("utf-8"))
+    return sum(len(m["content"].encode("utf-8")) for m in prompt)
 
 
 # -- the engine --------------------------------------------------------------------------
@@ -329,7 +367,7 @@ class Engine:
                 "context_length_exceeded")))
             return
         job.emit(("start", n_prompt))
-        pieces = gen.stream(p.prompt, max_new_tokens=p.max_tokens or context - n_prompt,
+        pieces = gen.stream(p.prompt, max_new_tokens=p.max_tokens or context,  # (the context stops it)
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
                             stop=p.stop, raw=raw, speculative=self.speculative)
         try:
@@ -466,12 +504,25 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
     created = int(time.time())
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "dovetail"}
 
+    max_prompt_bytes = prompt_byte_limit(generator)
+
     async def completions(request: Request, kind: str) -> Response:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB", code="request_too_large")
+            chunks.append(chunk)
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            body = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as e:  # (JSONDecodeError, UnicodeDecodeError; nesting, huge ints)
+            raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}") from None
         params = _parse(body, kind, model_id)
+        n_bytes = _prompt_bytes(params.prompt)
+        if n_bytes > max_prompt_bytes:  # refused before the engine spends time tokenizing it
+            raise ApiError(400, f"the prompt has {n_bytes} bytes of text, more than the model's context of "
+                                f"{generator.target.context} tokens can hold", "messages" if kind == "chat" else "prompt",
+                           "context_length_exceeded")
         job = _Job(params, asyncio.get_running_loop())
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job))
         handed_over = False
