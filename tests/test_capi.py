@@ -697,6 +697,45 @@ def test_speculator_refuses_bad_input(lib):
     lib.dt_draft_destroy(hd)
 
 
+def test_speculator_refuses_before_changing_state(lib):
+    """Shapes and lookup settings that could not run are refused when given, and a step
+    the draft has no room for changes neither engine: tree sizes whose product overflows
+    int64, lookup chains longer than a target call takes, more new pairs than the draft's
+    free slots."""
+    cfg, weights = tiny_target_weights("q8_0", tied=True)
+    ct = CTarget(lib, cfg, weights, context=96, max_batch=16)
+    st, hd = c_draft(lib, ct, cfg, draft_weights(cfg), context=20, max_batch=16)
+    assert st == 0, lib.error()
+    hs = P()
+    assert lib.dt_speculator_create(ct.h, hd, ctypes.byref(hs)) == 0, lib.error()
+    D = cfg.hidden_size
+    f, t = np.zeros((2, D), dtype=np.float32), [1, 2]
+    for top_k, depth in [(2, 2 ** 62 + 1), (4, 2 ** 63 - 1), (2, 10)]:
+        st, *_ = c_spec_step(lib, hs, D, f, t, tree_shape(lib, top_k=top_k, depth=depth, total_tokens=4), room=4)
+        expect(lib, st, "DT_ERR_INVALID", "draft scratch rows")
+    for max_tokens in (16, 2 ** 63 - 1):
+        expect(lib, lib.dt_speculator_set_lookup(hs, ctypes.byref(lookup_params(lib, max_tokens=max_tokens))),
+               "DT_ERR_INVALID", "exceeds the target's max_batch 16")
+    assert lib.dt_speculator_set_lookup(hs, ctypes.byref(lookup_params(lib, max_tokens=15))) == 0, lib.error()
+    n_past = ctypes.c_int64()
+    for lookup in (True, False):
+        if not lookup:
+            assert lib.dt_speculator_set_lookup(hs, None) == 0
+        prompt = np.arange(43) % 7  # repeats: lookup finds chains in it
+        for chunk in (prompt[:16], prompt[16:32], prompt[32:]):
+            ct.forward(chunk)
+            ct.commit()
+        feats = np.zeros((43, D), dtype=np.float32)
+        st, *_ = c_spec_step(lib, hs, D, feats, np.roll(prompt, -1), tree_shape(lib), room=16)
+        expect(lib, st, "DT_ERR_INVALID", "the draft has 20 free slots, fewer than the 43 new pairs")
+        assert lib.dt_draft_n_past(hd, ctypes.byref(n_past)) == 0 and n_past.value == 0
+        assert ct.n_past() == 43
+        assert lib.dt_target_truncate(ct.h, 0) == 0
+    lib.dt_speculator_destroy(hs)
+    lib.dt_draft_destroy(hd)
+    ct.close()
+
+
 def test_concurrent_calls(lib):
     """Two threads on one handle are serialized; two handles run side by side; each
     result equals the one computed alone."""
@@ -848,7 +887,8 @@ def test_bad_config(lib):
                                ("kv_dtype", 7, "kv_dtype"), ("threads", 0, "threads"), ("context", 0, "context"),
                                ("max_batch", 5000, "max_batch"), ("vocab_size", 300, "token_embd"),
                                ("activation", 7, "DT_ACT_GELU_TANH"), ("sliding_window", -1, "sliding_window"),
-                               ("rope_theta_local", float("nan"), "rope_theta_local")]:
+                               ("rope_theta_local", float("nan"), "rope_theta_local"),
+                               ("rope_theta_local", float("inf"), "rope_theta_local must be finite")]:
         c = target_config(lib, cfg)
         setattr(c, field, value)
         expect(lib, _create(lib, cfg, weights, c), "DT_ERR_INVALID", frag)
@@ -945,6 +985,9 @@ def test_bad_draft_calls(lib):
     toks, pos = np.array([1, 2], dtype=np.int32), np.array([0, 1], dtype=np.int32)
     expect(lib, lib.dt_draft_forward(h, ptr(f, F32P), ptr(toks, I32P), ptr(pos, I32P), 2, None, 0, None, None, 0, 1,
                                      None, None), "DT_ERR_NULL", "hidden is NULL")
+    for append in (2, -1):
+        st, *_ = c_draft_forward(lib, h, D, f, [1, 2], [0, 1], append=append)
+        expect(lib, st, "DT_ERR_INVALID", "dt_draft_forward", "append must be 0 or 1")
     st, _, ids, _ = c_draft_forward(lib, h, D, f, [1, 2], [0, 1], rows=[1], k=4)
     assert st == 0 and np.isin(ids, vm).all()
     lib.dt_draft_destroy(h)

@@ -317,6 +317,8 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
            "activation must be DT_ACT_SILU or DT_ACT_GELU_TANH, got " + std::to_string(cfg->activation));
     if (cfg->sliding_window < 0 || cfg->sliding_window_pattern < 0 || !(cfg->rope_theta_local >= 0))
       fail(DT_ERR_INVALID, "sliding_window, sliding_window_pattern and rope_theta_local must not be negative");
+    if (!std::isfinite(cfg->rope_theta_local))
+      fail(DT_ERR_INVALID, "rope_theta_local must be finite");
     d.gelu = cfg->activation == DT_ACT_GELU_TANH;
     d.window = cfg->sliding_window;
     d.swa_pattern = cfg->sliding_window_pattern;
@@ -444,6 +446,7 @@ dt_status dt_draft_forward(dt_draft* draft, const float* features, const int32_t
     need(draft, "draft handle");
     std::lock_guard<std::mutex> lock(draft->mu);
     dovetail::DraftEngine& e = *draft->engine;
+    if (append != 0 && append != 1) fail(DT_ERR_INVALID, "append must be 0 or 1, got " + std::to_string(append));
     check_batch(n_tokens, e.options().max_batch);
     need(features, "features");
     need(tokens, "tokens");

@@ -62,6 +62,7 @@ class EngineCalls : public DraftCalls {
   }
   int64_t n_past() const override { return e_.n_past(); }
   int64_t max_batch() const override { return e_.options().max_batch; }
+  int64_t context() const override { return e_.options().context; }
   int64_t draft_vocab() const override { return e_.draft_vocab(); }
   int64_t dim() const override { return e_.dims().dim; }
   int64_t vocab() const override { return e_.vocab(); }
@@ -141,8 +142,8 @@ GreedySpeculator::GreedySpeculator(LlamaEngine& target, DeviceDraftEngine& draft
   check_pair(target, *draft_);
 }
 
-void GreedySpeculator::check(const float* features, const int32_t* next_tokens, int64_t n,
-                             const TreeShape& s) const {
+void GreedySpeculator::check(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& s,
+                             int64_t pairs) const {
   DT_CHECK(features && next_tokens, "features and next_tokens must be given");
   DT_CHECK(n >= 1, "a step needs at least one new pair (the root), got " + std::to_string(n));
   DT_CHECK(s.top_k >= 1 && s.top_k <= std::min<int64_t>(256, draft_->draft_vocab()),
@@ -153,12 +154,19 @@ void GreedySpeculator::check(const float* features, const int32_t* next_tokens, 
   DT_CHECK(s.total_tokens <= target_.options().max_batch,
            "tree total_tokens " + std::to_string(s.total_tokens) + " exceeds the target's max_batch " +
                std::to_string(target_.options().max_batch));
-  DT_CHECK(s.top_k * (s.depth - 1) <= draft_->max_batch(),
-           "the tree needs " + std::to_string(s.top_k * (s.depth - 1)) +
+  // (top_k x (depth - 1) scratch rows, compared without forming a product that may overflow)
+  DT_CHECK(s.depth - 1 <= draft_->max_batch() / s.top_k,
+           "the tree needs top_k " + std::to_string(s.top_k) + " x (depth - 1) " + std::to_string(s.depth - 1) +
                " draft scratch rows, more than the draft's max_batch " + std::to_string(draft_->max_batch()));
   DT_CHECK(target_.n_past() + s.total_tokens <= target_.options().context,
            "the target has " + std::to_string(target_.options().context - target_.n_past()) +
                " free slots, fewer than the tree's " + std::to_string(s.total_tokens));
+  // The draft commits the new pairs (and any held since a lookup step) before it grows the
+  // tree: checked here, so that a refused step changes nothing.
+  const int64_t scratch = s.top_k * (s.depth - 1);
+  DT_CHECK(pairs <= draft_->context() - draft_->n_past() - scratch,
+           "the draft has " + std::to_string(draft_->context() - draft_->n_past()) + " free slots, fewer than the " +
+               std::to_string(pairs) + " new pairs and " + std::to_string(scratch) + " scratch rows of this step");
 }
 
 DraftTree GreedySpeculator::propose(const float* features, const int32_t* next_tokens, int64_t n,
@@ -169,7 +177,7 @@ DraftTree GreedySpeculator::propose(const float* features, const int32_t* next_t
 
 DraftTree GreedySpeculator::propose_locked(const float* features, const int32_t* next_tokens, int64_t n,
                                            const TreeShape& shape) {
-  check(features, next_tokens, n, shape);
+  check(features, next_tokens, n, shape, n);
   const int64_t D = draft_->dim(), B = draft_->max_batch();
   const int64_t k_root = std::min<int64_t>(shape.top_k + 1, draft_->draft_vocab());
   root_ids_.assign(k_root, 0);
@@ -270,8 +278,9 @@ GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tok
   GreedyStep out;
   DraftTree tree;
   if (lookup_) {
-    check(features, next_tokens, n, shape);
-    if (expect_n_past_ >= 0 && target_.n_past() != expect_n_past_) reset_locked();  // a new sequence
+    const bool fresh = expect_n_past_ >= 0 && target_.n_past() != expect_n_past_;  // a new sequence
+    check(features, next_tokens, n, shape, n + (fresh ? 0 : (int64_t)held_tokens_.size()));
+    if (fresh) reset_locked();
     lookup_->extend(next_tokens, n);
     chain_.resize(lookup_->params().max_tokens);
     const int64_t c = lookup_->propose(target_.options().context - target_.n_past() - 1, chain_.data());
@@ -344,6 +353,11 @@ void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out)
 
 void GreedySpeculator::set_lookup(const LookupParams* params) {
   std::lock_guard<std::mutex> lock(mu_);
+  // A chain is verified with its root in one target call.
+  DT_CHECK(!params || params->max_tokens < target_.options().max_batch,
+           "lookup max_tokens " + (params ? std::to_string(params->max_tokens) : std::string()) +
+               " exceeds the target's max_batch " + std::to_string(target_.options().max_batch) +
+               " minus the chain's root");
   lookup_ = params ? std::make_unique<NgramLookup>(*params) : nullptr;
   reset_locked();
 }

@@ -48,6 +48,7 @@ class DraftCalls {
   virtual void commit_all() = 0;
   virtual int64_t n_past() const = 0;
   virtual int64_t max_batch() const = 0;
+  virtual int64_t context() const = 0;
   virtual int64_t draft_vocab() const = 0;
   virtual int64_t dim() const = 0;
   virtual int64_t vocab() const = 0;
@@ -102,7 +103,9 @@ class GreedySpeculator {
   int64_t dim() const { return draft_->dim(); }
 
  private:
-  void check(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape) const;
+  // Every argument of a step, and room for `pairs` new draft pairs and the tree's scratch rows.
+  void check(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape,
+             int64_t pairs) const;
   DraftTree propose_locked(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
   DraftTree grow(int32_t root, const TreeShape& shape);
   // Step 4 on a tree: one target call, greedy acceptance, the commit; fills out.

@@ -300,8 +300,9 @@ DT_API dt_status dt_speculator_create(dt_target* target, dt_draft* draft, dt_spe
  *   emitted_features  output [that many, D] (or NULL): target features of the committed
  *                     rows (the root, then each accepted token), the next step's features
  *   n_emitted         output: the number of emitted tokens
- * The target needs total_tokens free KV slots; near the end of its context, decode the
- * last tokens plainly. */
+ * The target needs total_tokens free KV slots, and the draft room for the n pairs (with
+ * those held back by lookup steps) and top_k x (depth - 1) scratch rows; near the end of
+ * a context, decode the last tokens plainly. A refused step changes nothing. */
 DT_API dt_status dt_speculator_step(dt_speculator* spec, const float* features, const int32_t* next_tokens,
                                     int64_t n, const dt_tree_shape* shape, int32_t* emitted,
                                     float* emitted_features, int64_t* n_emitted) DT_NOEXCEPT;
@@ -320,7 +321,7 @@ typedef struct dt_lookup_params {
   uint32_t struct_size; /* sizeof(dt_lookup_params), set by dt_lookup_params_init */
   int64_t min_n;        /* shortest suffix matched, >= 1 */
   int64_t max_n;        /* longest suffix matched, min_n .. 64 */
-  int64_t max_tokens;   /* the longest chain verified, >= 1 */
+  int64_t max_tokens;   /* the longest chain verified, >= 1 and below the target's max_batch */
 } dt_lookup_params;
 
 DT_API void dt_lookup_params_init(dt_lookup_params* params) DT_NOEXCEPT;
