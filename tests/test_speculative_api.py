@@ -118,10 +118,27 @@ def test_edge_cases(gen):
         gen.generate("hi", speculative=True, tree=TreeParams(40, 7, 16))
     with pytest.raises(ValueError, match="total_tokens"):
         TreeParams(10, 7, 0)
+    # top_k at its limit: the root's runner-up is not asked for beyond the native top-k's 256
+    assert gen.generate("hi", max_new_tokens=4, speculative=True, tree=TreeParams(256, 1, 2)).tokens == \
+        gen.generate("hi", max_new_tokens=4, speculative=False).tokens
     plain_gen = Generator(gen.source, gen.target, lookup=None)
     with pytest.raises(ValueError, match="needs a draft"):
         plain_gen.generate("hi", speculative=True)
     assert Generator(gen.source, gen.target).generate("hi", max_new_tokens=4, speculative=True).stats.mode == "lookup"
+
+
+@pytest.mark.parametrize("draft", [None, "auto"])
+def test_lookup_chains_fit_a_small_max_batch(default_gguf_path, draft):
+    """A lookup chain and its root go in one target call: chains longer than max_batch - 1
+    (the default 6 tokens with max_batch 4, or max_tokens 128) are cut to fit, with or
+    without a draft."""
+    from dovetail_ext.lookup import LookupParams
+    text = "alpha beta gamma delta epsilon zeta eta theta " * 4
+    for lookup in (LookupParams(), LookupParams(max_tokens=128)):
+        g = dovetail_ext.load(default_gguf_path, context=256, threads=2, max_batch=4, draft=draft, lookup=lookup)
+        r = g.generate(text, raw=True, max_new_tokens=40)
+        assert r.stats.lookup_steps > 0
+        assert r.tokens == g.generate(text, raw=True, max_new_tokens=40, speculative=False).tokens
 
 
 def test_context_fills_cleanly_while_speculating(default_gguf_path):

@@ -179,7 +179,8 @@ DraftTree GreedySpeculator::propose_locked(const float* features, const int32_t*
                                            const TreeShape& shape) {
   check(features, next_tokens, n, shape, n);
   const int64_t D = draft_->dim(), B = draft_->max_batch();
-  const int64_t k_root = std::min<int64_t>(shape.top_k + 1, draft_->draft_vocab());
+  // (top_k and the runner-up, within the draft's top-k limit)
+  const int64_t k_root = std::min<int64_t>({shape.top_k + 1, 256, draft_->draft_vocab()});
   root_ids_.assign(k_root, 0);
   root_logp_.assign(k_root, 0.0f);
   // 1. The new pairs, committed, in batches of at most max_batch; the last output scores

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import as_bool
 from .formats import load_model_source
 from .formats.base import ModelSource
 from .lookup import LookupParams, NgramLookup
@@ -66,6 +67,18 @@ class GenerationResult:
     text: str
     tokens: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _text(s: str, what: str = "the prompt") -> str:
+    """``s``, refused when it holds a lone surrogate: undecodable bytes that Python kept as
+    U+DC80-U+DCFF (from the command line or a file read with surrogateescape), or a "\\ud800"
+    escape in JSON. The tokenizer could not encode them."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate ({s[e.start]!r} at character {e.start}): not "
+                         "valid text (bytes that are not UTF-8?)") from None
+    return s
 
 
 class _StopStrings:
@@ -114,7 +127,9 @@ class Generator:
         self.source = source
         self.target = target
         self.draft = draft
-        self.tree = tree or TreeParams()
+        self.tree = TreeParams() if tree is None else tree
+        if not isinstance(self.tree, (TreeParams, AutoTree)):
+            raise ValueError(f"tree must be TreeParams, AutoTree or None, got {tree!r}")
         # Speculative steps verify a chain copied from the context (prompt lookup) whenever
         # its last tokens occurred before, instead of running the draft; None: never.
         if lookup is not None and not isinstance(lookup, LookupParams):
@@ -123,11 +138,11 @@ class Generator:
         # Draft the next tree while the target verifies (speculative.py). Off unless asked
         # for: on the CPU the two share the cores, and with a GPU draft it measured slower
         # too (the guesses held on 22-29% of steps; bench/results/gpu-*).
-        self.overlap = bool(overlap)
+        self.overlap = as_bool("overlap", overlap)
         # Decode plainly while speculation measures slower (speculative.Governor); None: for
         # greedy decoding only, so that seeded sampling stays reproducible (which steps
         # draft depends on timings, and it changes which random numbers are drawn).
-        self.adaptive = adaptive
+        self.adaptive = as_bool("adaptive", adaptive, none=True)
         self._governor: tuple[tuple, Any] | None = None  # ((id(draft), tree), Governor)
         self._selector: tuple[tuple, Any] | None = None  # ((id(draft), AutoTree), TreeSelector)
         if draft is not None:
@@ -154,13 +169,17 @@ class Generator:
         through the chat template; ``raw=True`` encodes a string as it is."""
         if isinstance(prompt, str):
             if raw:
-                return self.tokenizer.encode(prompt)
+                return self.tokenizer.encode(_text(prompt))
             prompt = [{"role": "user", "content": prompt}]
         elif raw:
             raise ValueError("raw=True takes a string prompt, not chat messages")
         if not isinstance(prompt, Sequence) or not prompt:
             raise ValueError("prompt must be a string or a non-empty list of chat messages")
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True))
+        for i, m in enumerate(prompt):
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                _text(m["content"], f"messages[{i}].content" if len(prompt) > 1 else "the prompt")
+        return self.tokenizer.encode(_text(self.tokenizer.apply_chat_template(list(prompt),
+                                                                             add_generation_prompt=True)))
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -190,7 +209,7 @@ class Generator:
         self.set_draft(draft)
         tokens: list[int] = []
         text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                                 stop or (), raw, tokens, speculative, tree))
+                                 () if stop is None else stop, raw, tokens, speculative, tree))
         return GenerationResult(text=text, tokens=tokens, stats=self.last_stats)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -201,7 +220,7 @@ class Generator:
         call are in ``last_stats`` once the iterator is exhausted."""
         self.set_draft(draft)
         return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                         stop or (), raw, [], speculative, tree)
+                         () if stop is None else stop, raw, [], speculative, tree)
 
     def set_draft(self, draft) -> None:
         """Attach a draft (a checkpoint path or a Draft bound to this generator's target);
@@ -219,6 +238,11 @@ class Generator:
             draft.truncate(0)  # its KV describes no conversation of this generator yet
             self.draft = draft
 
+    def _chain_room(self) -> int:
+        """The longest lookup chain the next target call takes: it and its root must fit one
+        call (max_batch) and the context."""
+        return min(self.target.max_batch, self.target.context - self.target.n_past) - 1
+
     def _check_owner(self, run: int) -> None:
         if self._owner != run:
             raise RuntimeError("this generation was superseded: another generate()/stream() call (or reset) "
@@ -233,6 +257,9 @@ class Generator:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if isinstance(stop, str):
             stop = [stop]
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a string or a sequence of strings, got {stop!r}")
+        as_bool("speculative", speculative, none=True)
         # With a draft: speculative steps (lookup chains among them). Without one: prompt
         # lookup alone ("lookup" mode: a chain where the context repeats, else a plain step).
         if speculative and self.draft is None and self.lookup is None:
@@ -329,7 +356,8 @@ class Generator:
                 stats.target_calls += 1
                 root = pending[-1]
                 if spec:
-                    chain = lookup.propose() if lookup is not None and state.ready is None else None
+                    chain = lookup.propose(self._chain_room()) if lookup is not None and state.ready is None \
+                        else None
                     drafting = bool(chain) or governor is None or governor.drafting() or state.ready is not None
                     shape = selector.shape() if selector is not None else tree
                     ts = time.perf_counter()
@@ -351,7 +379,7 @@ class Generator:
                     self._keep_features(committed)
                     self._kv_tokens.extend([root] + pending[:-1])
                 else:
-                    chain = lookup.propose(self.target.context - self.target.n_past - 1) if lookup_only else None
+                    chain = lookup.propose(self._chain_room()) if lookup_only else None
                     if chain:
                         ts = time.perf_counter()
                         accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False)

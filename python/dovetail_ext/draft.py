@@ -9,6 +9,7 @@ one call per tree level over the frontier (scratch rows, dropped at the next ste
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import _core
 from .target import TargetEngine, parse_device
-from .tree import AutoTree, CandidatePool, Tree, TreeParams, build_tree
+from .tree import MAX_TOP_K, AutoTree, CandidatePool, Tree, TreeParams, build_tree
 
 __all__ = ["Draft", "Predraft", "DEFAULT_DRAFT_WEIGHTS"]
 
@@ -148,6 +149,8 @@ class Draft:
     def load(cls, path: str | Path, target: TargetEngine, **kw: Any) -> Draft:
         """Load a draft checkpoint directory (draft.json + draft.safetensors)."""
         from .draft_model import load_draft_weights
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"a draft is a checkpoint directory (a path) or a Draft, got {path!r}")
         config, weights = load_draft_weights(path)
         return cls(config, weights, target, **kw)
 
@@ -216,7 +219,6 @@ class Draft:
             for shape in params.shapes:
                 self.check_tree(shape)
             return
-        limit = min(self.target.max_batch, self._engine.max_batch)
         if params.total_tokens > self.target.max_batch:
             raise ValueError(f"tree of {params.total_tokens} tokens exceeds the target engine's max_batch "
                              f"{self.target.max_batch}")
@@ -225,7 +227,6 @@ class Draft:
                              f"scratch rows, more than the draft engine's max_batch {self._engine.max_batch}")
         if params.top_k > self._engine.draft_vocab:
             raise ValueError(f"tree top_k {params.top_k} exceeds the draft's vocabulary of {self._engine.draft_vocab}")
-        del limit
 
     # -- one tree --------------------------------------------------------------------------
     def propose(self, features: np.ndarray, tokens: np.ndarray, params: TreeParams) -> Tree:
@@ -268,7 +269,7 @@ class Draft:
     def _root_k(self, params: TreeParams) -> int:
         """Successors asked for at the root: top_k, plus the runner-up that only
         :meth:`predraft` uses (a guess when the draft's first choice is rejected)."""
-        return min(params.top_k + 1, self._engine.draft_vocab)
+        return min(params.top_k + 1, MAX_TOP_K, self._engine.draft_vocab)
 
     def _grow(self, root: int, root_row: int, ids: np.ndarray, logp: np.ndarray, params: TreeParams) -> Tree:
         """EAGLE-2 growth from a committed root whose output is history row ``root_row``

@@ -7,6 +7,7 @@ Native checks surface as ``ValueError`` / ``IndexError`` with the problem named.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 __all__ = ["FormatError", "ModelNotFoundError", "DraftMismatchError"]
@@ -24,9 +25,30 @@ class DraftMismatchError(ValueError):
     """A draft checkpoint was trained for a different target model."""
 
 
+def as_int(what: str, v: Any, lo: int = 1, bits: int = 64) -> int:
+    """``int(v)`` for an integer (Python's or numpy's, not a bool) in [lo, 2**(bits - 1)): what
+    a native call takes; otherwise a ValueError naming ``what`` (rather than a TypeError from
+    deep inside that call)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v < 2 ** (bits - 1):
+        raise ValueError(f"{what} must be an integer >= {lo} (and below 2**{bits - 1}), got {v!r}")
+    return int(v)
+
+
+def as_bool(what: str, v: Any, none: bool = False) -> bool | None:
+    """``v`` when it is a bool (or None when ``none``); otherwise a ValueError naming ``what``:
+    a string such as "no" would otherwise count as true."""
+    if v is None and none:
+        return None
+    if not isinstance(v, bool):
+        raise ValueError(f"{what} must be True or False{' or None' if none else ''}, got {v!r}")
+    return v
+
+
 def check_positive_ints(what: str, obj: Any, names: tuple[str, ...]) -> None:
-    """ValueError naming ``what name`` unless each attribute is an int >= 1 (not a bool)."""
+    """ValueError naming ``what name`` unless each attribute is an integer >= 1 (not a bool);
+    numpy integers are stored as ints."""
     for name in names:
         v = getattr(obj, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v < 2 ** 63:
             raise ValueError(f"{what} {name} must be a positive integer, got {v!r}")
+        object.__setattr__(obj, name, int(v))

@@ -7,6 +7,7 @@ acceptance, so both sample from exactly one distribution.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +32,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature)
-                and self.temperature >= 0):
+        for name in ("temperature", "top_p"):  # real numbers (numpy's too), stored as floats
+            v = getattr(self, name)
+            try:
+                f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+            except OverflowError:  # an int beyond the float range
+                f = float("inf")
+            if f is None:
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            object.__setattr__(self, name, f)
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.temperature > 0:  # the native kernels scale by 1 / temperature in float32
             with np.errstate(over="ignore", under="ignore"):
@@ -43,12 +52,16 @@ class SamplingParams:
             if inv == 0:
                 raise ValueError(f"temperature {self.temperature!r} is too large to sample with (1 / temperature "
                                  "underflows float32)")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+        if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k < 2 ** 63:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) \
+                or not 0 <= self.top_k < 2 ** 63:
             raise ValueError(f"top_k must be an integer in [0, 2**63), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+                raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+            object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import asdict
 import numpy as np
 
 from . import _core
+from .errors import as_int
 from .formats.base import ModelSource
 
 __all__ = ["TargetEngine", "default_threads", "parse_device"]
@@ -80,11 +81,12 @@ class TargetEngine:
         self.source = source
         if context is None:
             context = min(cfg.max_context, 4096)
-        if not isinstance(context, int) or context < 1:
-            raise ValueError(f"context must be a positive integer, got {context!r}")
-        threads = default_threads() if threads is None else threads
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        # (types here; the native engine checks the ranges, naming them)
+        context = as_int("context", context)
+        threads = as_int("threads", default_threads() if threads is None else threads, bits=32)
+        max_batch = as_int("max_batch", max_batch)
+        if not isinstance(kv_dtype, str):
+            raise ValueError(f"kv_dtype must be 'f32' or 'bf16', got {kv_dtype!r}")
         weights = {}
         for name, w in source.weights.items():
             data = w.data

@@ -15,6 +15,9 @@ import numpy as np
 
 from .errors import check_positive_ints
 
+#: The most candidates a draft call ranks per row (the native top-k's limit).
+MAX_TOP_K = 256
+
 __all__ = ["TreeParams", "AutoTree", "Tree", "build_tree", "CandidatePool"]
 
 
@@ -45,8 +48,8 @@ class TreeParams:
         if self.total_tokens < 2:
             raise ValueError(f"tree total_tokens must be at least 2 (the root and one drafted token), "
                              f"got {self.total_tokens}")
-        if self.top_k > 256:
-            raise ValueError(f"tree top_k must be at most 256, got {self.top_k}")
+        if self.top_k > MAX_TOP_K:
+            raise ValueError(f"tree top_k must be at most {MAX_TOP_K}, got {self.top_k}")
         if not isinstance(self.min_prob, (int, float)) or isinstance(self.min_prob, bool) \
                 or not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"tree min_prob must be a number in [0, 1), got {self.min_prob!r}")
