@@ -77,6 +77,41 @@ def test_edge_cases(gen):
         gen.generate([{"content": "hi"}])
 
 
+def test_bad_arguments_name_themselves(gen, default_gguf_path):
+    """Arguments of the wrong kind get a ValueError naming them before any work starts,
+    rather than a TypeError from the tokenizer, numpy or the native binding (whose message
+    lists every weight); numpy scalars count as numbers."""
+    import dovetail_ext
+    for kwargs, msg in [(dict(stop=[1]), "stop must be a string or a sequence of strings"),
+                        (dict(stop=123), "stop must be"), (dict(stop=[b"!"]), "stop must be"),
+                        (dict(speculative=0), "speculative must be True or False or None"),
+                        (dict(temperature=True), "temperature must be a number"),
+                        (dict(temperature=1.0, seed=True), "seed must be"),
+                        (dict(temperature=1e-40), "temperature 1e-40 is too small")]:
+        with pytest.raises(ValueError, match=msg):
+            gen.generate("hi", max_new_tokens=2, **kwargs)
+    for prompt, msg in [("a\ud800b", r"the prompt holds a lone surrogate \('\\ud800' at character 1\)"),
+                        ([{"role": "system", "content": "ok"}, {"role": "user", "content": "\udc80"}],
+                         "messages\\[1\\].content holds a lone surrogate")]:
+        with pytest.raises(ValueError, match=msg):
+            gen.generate(prompt, max_new_tokens=2)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        gen.generate("x\udcff", raw=True, max_new_tokens=2)
+    for kwargs, msg in [(dict(context=10 ** 30), "context must be an integer"),
+                        (dict(threads=2 ** 31), r"threads must be an integer >= 1 \(and below 2\*\*31\)"),
+                        (dict(max_batch=None), "max_batch must be an integer"),
+                        (dict(max_batch=1.5), "max_batch must be an integer"),
+                        (dict(kv_dtype=None), "kv_dtype must be"), (dict(tree=5), "tree must be TreeParams"),
+                        (dict(draft=5), "a draft is a checkpoint directory"),
+                        (dict(overlap="no"), "overlap must be True or False"),
+                        (dict(adaptive="no"), "adaptive must be True or False or None")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            dovetail_ext.load(default_gguf_path, **kwargs)
+        assert len(str(e.value)) < 200
+    r = gen.generate("hi", max_new_tokens=3, temperature=np.float32(0.7), top_k=np.int64(5), seed=np.int64(3))
+    assert r.tokens == gen.generate("hi", max_new_tokens=3, temperature=0.7, top_k=5, seed=3).tokens
+
+
 def test_context_limit_is_a_clean_stop(default_gguf_path):
     import dovetail_ext
     g = dovetail_ext.load(default_gguf_path, context=48, threads=1)
@@ -246,6 +281,14 @@ def test_cli_streams_text(default_gguf_path):
                         "--max-new-tokens", "6", "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "tok/s" in r.stderr and "[speculative]" in r.stderr  # the shipped draft
+    # A reader that goes away (`| head -c 1`) ends the command quietly, without a traceback.
+    p = subprocess.Popen([sys.executable, "-m", "dovetail_ext.cli", "generate", "--raw", "Once upon a time",
+                          "--max-new-tokens", "64", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(120) == 141 and "Traceback" not in err, err
+    p.stderr.close()
 
 
 def test_cli_bench_compares_plain_and_speculative(capsys, default_gguf_path):

@@ -454,6 +454,19 @@ def test_cli_train_draft(tiny_path, data_file, tmp_path, capsys):
     assert main(["train-draft", "--target", str(tiny_path), "--data", str(tmp_path / "nope.jsonl"),
                  "--out", str(out)]) == 2
     assert "no such data file" in capsys.readouterr().err
+    # Bad settings are refused before the features are extracted; so is an output path that is a file.
+    bad = tmp_path / "bad"
+    for extra, msg in [(["--layers", "0"], "layers, rollout and val_depth must be >= 1"),
+                       (["--epochs", "-1"], "epochs and lr must be positive"),
+                       (["--vocab-size", "-5"], "draft_vocab_size must be >= 0")]:
+        assert main(["train-draft", "--target", str(tiny_path), "--data", str(data_file), "--out", str(bad)]
+                    + extra) == 2
+        assert msg in capsys.readouterr().err
+        assert not bad.exists()
+    (tmp_path / "a-file").write_text("")
+    assert main(["train-draft", "--target", str(tiny_path), "--data", str(data_file), "--out",
+                 str(tmp_path / "a-file")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_cli_train_draft_interrupted_exits_130_and_resumes(tiny_path, data_file, tmp_path, capsys, monkeypatch):

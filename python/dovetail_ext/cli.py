@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -130,7 +131,8 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with the draft shipped for this model (the default; same as "
                         "--draft auto)")
     p.add_argument("--no-spec", action="store_true",
-                   help="plain decoding (no draft is loaded, no prompt lookup)")
+                   help="plain decoding (no draft is loaded, no prompt lookup); overrides --draft and --spec, "
+                        "so that it can be added to a speculative command to compare")
     p.add_argument("--draft-device", default="cpu", metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
@@ -323,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"dovetail: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`dovetail generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no error when Python flushes)
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -99,6 +99,13 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the draft is written to a directory")
+    # Settings are checked before the (long) feature extraction.
+    cfg = TrainConfig(layers=layers, draft_vocab_size=draft_vocab_size, epochs=epochs, batch_tokens=batch_tokens,
+                      lr=lr, warmup_steps=warmup_steps, rollout=rollout, max_len=max_len,
+                      prompt_context=prompt_context, noise=noise, seed=seed, amp=amp, val_every=val_every,
+                      time_budget_s=time_budget_s, init=str(init) if init else "")
     t0 = time.time()
     source = load_model_source(target)
     convs = load_conversations(data, limit=max_conversations, seed=seed)
@@ -110,10 +117,6 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
                      progress=progress, log=log)
     cache = FeatureCache(fdir)
     extras = [FeatureCache(d) for d in extra_features]
-    cfg = TrainConfig(layers=layers, draft_vocab_size=draft_vocab_size, epochs=epochs, batch_tokens=batch_tokens,
-                      lr=lr, warmup_steps=warmup_steps, rollout=rollout, max_len=max_len,
-                      prompt_context=prompt_context, noise=noise, seed=seed, amp=amp, val_every=val_every,
-                      time_budget_s=time_budget_s, init=str(init) if init else "")
     trainer = Trainer(source, cache, cfg, out, device=device, extra_train=extras)
     if resume and trainer.load_checkpoint() and log is not None:
         log(f"resumed at step {trainer.step} (epoch {trainer.epoch})")

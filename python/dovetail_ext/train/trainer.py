@@ -103,6 +103,8 @@ class TrainConfig:
             raise ValueError("layers, rollout and val_depth must be >= 1 and batch_tokens >= 2")
         if not self.epochs > 0 or not self.lr > 0:
             raise ValueError(f"epochs and lr must be positive, got {self.epochs!r}, {self.lr!r}")
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size must be >= 0 (0: the full vocabulary), got {self.draft_vocab_size}")
 
 
 def target_head(source: Any) -> tuple[Tensor, Tensor]:
