@@ -102,6 +102,10 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
     want.update(shapes or {})
     qtypes = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
     originals = {}
+    # Phi-3 files fuse q|k|v into attn_qkv and gate|up into ffn_up: the parts wait for each other.
+    fused = {"attn_q": ("attn_qkv", 0), "attn_k": ("attn_qkv", 1), "attn_v": ("attn_qkv", 2),
+             "ffn_gate": ("ffn_up", 0), "ffn_up": ("ffn_up", 1)} if arch == "phi3" else {}
+    parts: dict[str, dict[int, np.ndarray]] = {}
     for name, shape in want.items():
         if name in skip:
             continue
@@ -120,6 +124,14 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
             stored = llama_permute(value, KV)
         qtype = (types or {}).get(name, Q.F32 if len(shape) == 1 else qtypes[dtype])
         full = name if name.endswith(".bias") else name + ".weight"
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in fused:
+            into, k = fused[leaf]
+            got = parts.setdefault(f"{prefix}.{into}", {})
+            got[k] = stored
+            if len(got) < (3 if into == "attn_qkv" else 2):
+                continue
+            full, stored = f"{prefix}.{into}.weight", np.concatenate([got[j] for j in sorted(got)])
         if callable(qtype):
             assert not permute or not name.endswith(("attn_q", "attn_k")), "blocks are written as made"
             qtype, blocks, originals[name] = qtype(value)

@@ -427,6 +427,68 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
             load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("window", [0, 5])
+def test_hf_phi3_matches_transformers(tmp_path: Path, window: int) -> None:
+    """A Phi3ForCausalLM saved by transformers: its fused qkv_proj and gate_up_proj split
+    into q / k / v and gate / up, and logits equal to transformers' over 20 tokens; with a
+    sliding window, in every layer as transformers applies it. Partial rotary embeddings and
+    LongRoPE are refused."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from dovetail_ext.target import TargetEngine
+    torch.manual_seed(5)
+    hc = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 original_max_position_embeddings=128, rms_norm_eps=1e-5,
+                                 sliding_window=window or None, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                 tie_word_embeddings=False)
+    model = transformers.Phi3ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
+    src = load_hf(tmp_path)
+    cfg = src.config
+    assert (cfg.architecture, cfg.sliding_window, cfg.sliding_window_pattern) == ("phi3", window, 0)
+    assert set(src.weights) == set(expected_weight_shapes(cfg))
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    qkv, gate_up = sd["model.layers.1.self_attn.qkv_proj.weight"], sd["model.layers.1.mlp.gate_up_proj.weight"]
+    np.testing.assert_array_equal(src.weights["blk.1.attn_k"].data, qkv[64:96])
+    np.testing.assert_array_equal(src.weights["blk.1.ffn_gate"].data, gate_up[:96])
+    np.testing.assert_array_equal(src.weights["blk.1.ffn_up"].data, gate_up[96:])
+    ids = np.random.default_rng(0).integers(0, 96, 20)
+    got, _ = TargetEngine(src, context=32, threads=2).forward(ids, logit_rows=range(20))
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key, value, message in [("partial_rotary_factor", 0.75, "partial_rotary_factor 0.75"),
+                                ("rope_scaling", {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                  "long_factor": [2.0] * 8}, "RoPE scaling 'longrope'")]:
+        (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(FormatError, match=message):
+            load_hf(tmp_path)
+
+
+def test_tiny_phi3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
+    """phi3.* files as llama.cpp's converter writes them: attn_qkv holds q, k and v, ffn_up
+    holds gate then up, rows not permuted (NeoX RoPE); LongRoPE factor tensors are refused."""
+    originals = llama_gguf_writer(tmp_path / "p.gguf", arch="phi3", dtype="q8_0", tied=False, n_layers=2)
+    src = load_gguf(tmp_path / "p.gguf")
+    assert src.config.architecture == "phi3" and set(src.weights) == set(expected_weight_shapes(src.config))
+    from dovetail_ext.quant import dequantize
+    for name in ("blk.0.attn_q", "blk.0.attn_k", "blk.1.attn_v", "blk.1.ffn_gate", "blk.1.ffn_up"):
+        got = dequantize(src.weights[name])
+        assert got.shape == originals[name].shape, name
+        np.testing.assert_allclose(got, originals[name], atol=np.abs(originals[name]).max() / 100, err_msg=name)
+    llama_gguf_writer(tmp_path / "p128k.gguf", arch="phi3", dtype="f32", tied=False,
+                      shapes={"rope_factors_long": (8,)})
+    with pytest.raises(FormatError, match="Phi-3 LongRoPE"):
+        load_gguf(tmp_path / "p128k.gguf")
+
+
 HF_NAMES = {"token_embd": "model.embed_tokens.weight", "output": "lm_head.weight", "output_norm": "model.norm.weight"}
 for _ours, _theirs in [("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"),
                        ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),

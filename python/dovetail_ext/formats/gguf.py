@@ -1,8 +1,9 @@
 """GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
 
-What it is: config from the ``llama.*``, ``qwen2.*``, ``qwen3.*`` or ``gemma3.*`` metadata
-(Qwen2 is LLaMA with a bias on the q / k / v projections, Qwen3 with an RMSNorm on every
-q / k head instead, Gemma 3 see ``config.LlamaConfig``; LLaMA 3.1+ files carry
+What it is: config from the ``llama.*``, ``qwen2.*``, ``qwen3.*``, ``gemma3.*`` or ``phi3.*``
+metadata (Qwen2 is LLaMA with a bias on the q / k / v projections, Qwen3 with an RMSNorm on
+every q / k head instead, Gemma 3 see ``config.LlamaConfig``, Phi-3 LLaMA with fused
+``attn_qkv`` and gate|up ``ffn_up`` matrices; LLaMA 3.1+ files carry
 ``rope_freqs``, the divisors of the RoPE frequencies, and linear RoPE scaling becomes the
 same divisors), every tensor the engine executes (F32, F16, BF16,
 Q8_0, Q4_0, Q4_1) as a zero-copy view of the file's memory map, the tokenizer and chat
@@ -39,7 +40,7 @@ import numpy as np
 
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
-from .base import ModelSource, Weight, expected_weight_shapes, fold_query_scale
+from .base import ModelSource, Weight, fold_query_scale, stored_tensors_per_layer, stored_weight_shapes, unfuse
 from .tokenizer import GEMMA_TEMPLATE, tokenizer_from_gguf_vocab
 
 __all__ = ["load_gguf", "GGUF_MAGIC"]
@@ -295,6 +296,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
     if rope_scaling == "linear" and rope_freqs:
         raise FormatError(f"{meta.path}: both linear RoPE scaling and a rope_freqs tensor")
     gemma = {}
+    # (phi3.attention.sliding_window is left out, as llama.cpp leaves it out for Phi-3 files)
     if arch == "gemma3":
         # As llama.cpp runs Gemma 3: every 6th layer global, the others local with RoPE base
         # 10000 (the 27B model's attention scale: see load()).
@@ -394,10 +396,14 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path,
     from .convert import convert_blocks, convertible_types
     types = _ggml_types()
     convertible = convertible_types()
-    expected = expected_weight_shapes(cfg)
+    expected = stored_weight_shapes(cfg)
     converted: dict[str, int] = {}
     for t in reader.tensors:
         name = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
+        if cfg.architecture == "phi3" and name.endswith(".ffn_up"):
+            name = name[:-len("ffn_up")] + "ffn_gate_up"  # (Phi-3's gate and up, one matrix)
+        if cfg.architecture == "phi3" and name.startswith("rope_factors_"):
+            raise FormatError(f"{path}: Phi-3 LongRoPE ({t.name}) is not supported")
         if name not in expected:
             raise FormatError(f"{path}: unexpected tensor {t.name} (not part of a plain "
                               f"{cfg.architecture} model)")
@@ -437,11 +443,13 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path,
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise FormatError(f"{path}: missing tensors "
                           f"{', '.join(n if n.endswith('.bias') else n + '.weight' for n in missing[:5])}{more}")
+    unfuse(weights, cfg)
     return weights, converted
 
 
 def load_gguf(path: str | Path) -> ModelSource:
-    """Loads a LLaMA-, Qwen2-, Qwen3- or Gemma 3-architecture GGUF file.
+    """Loads a LLaMA-, Qwen2-, Qwen3-, Gemma 3- or Phi-3-architecture GGUF file (Phi-3's
+    fused matrices split into views of the file; LongRoPE files refused).
 
     Returns:
         ModelSource with ``weights`` under the canonical names of ``formats.base``:
@@ -469,9 +477,10 @@ def load_gguf(path: str | Path) -> ModelSource:
 
     cfg = _config(meta, vocab_size, tied="output.weight" not in tensors, rope_freqs="rope_freqs.weight" in tensors,
                   end_of_turn=tokens.index("<end_of_turn>") if "<end_of_turn>" in tokens else None)
-    if cfg.num_layers * 9 > len(tensors):  # before expected_weight_shapes() builds 9 names per layer
-        raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs {cfg.num_layers * 9} layer "
-                          f"tensors, the file has {len(tensors)} tensors")
+    per_layer = stored_tensors_per_layer(cfg)
+    if cfg.num_layers * per_layer > len(tensors):  # before stored_weight_shapes() builds the names per layer
+        raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs "
+                          f"{cfg.num_layers * per_layer} layer tensors, the file has {len(tensors)} tensors")
     weights, converted = _weights(reader, cfg, path, _linear_rope_factors(meta, cfg))
     query_scalar = _gemma3_query_scalar(cfg)
     if query_scalar is not None:

@@ -1,9 +1,10 @@
-"""Hugging Face loader: a LLaMA, Qwen2, Qwen3 or Gemma 3 checkpoint directory -> :class:`ModelSource`.
+"""Hugging Face loader: a LLaMA, Qwen2, Qwen3, Gemma 3 or Phi-3 checkpoint directory -> :class:`ModelSource`.
 
 What it is: ``config.json`` (``LlamaForCausalLM``; ``Qwen2ForCausalLM``: LLaMA with q/k/v
 biases; ``Qwen3ForCausalLM``: LLaMA with q/k head norms; ``Gemma3ForCausalLM``, model_type
 ``gemma3_text``: see ``config.LlamaConfig``, its norm weights stored as 1 + w as GGUF files
-do) to :class:`LlamaConfig`, the weights of
+do; ``Phi3ForCausalLM``: LLaMA with fused q|k|v and gate|up matrices, split at load, and a
+sliding window in every layer when config.json gives one) to :class:`LlamaConfig`, the weights of
 ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``, and the
 tokenizer (``tokenizer.json`` or ``tokenizer.model``, ``tokenizer_config.json``).
 What it is not: a PyTorch loader (``pytorch_model.bin`` is refused) or a general model zoo.
@@ -34,7 +35,8 @@ import numpy as np
 
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
-from .base import WEIGHT_DTYPES, ModelSource, Weight, expected_weight_shapes, fold_query_scale, row_nbytes
+from .base import (WEIGHT_DTYPES, ModelSource, Weight, fold_query_scale, row_nbytes, stored_tensors_per_layer,
+                   stored_weight_shapes, unfuse)
 from .tokenizer import tokenizer_from_hf_directory
 
 __all__ = ["load_hf", "HF_WEIGHT_CHOICES"]
@@ -54,6 +56,7 @@ _LAYER_NAMES = {
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_gate_up",  # (Phi-3's fused matrices)
 }
 # Gemma 3's four norms per layer: post_attention_layernorm is the attention output's.
 _GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_layernorm": "post_attention_norm",
@@ -156,7 +159,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "gemma3_text": "Gemma3ForCausalLM"}
+               "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 _ARCH_OF = {"gemma3_text": "gemma3"}  # model_type -> our architecture name, where they differ
 
 
@@ -168,7 +171,7 @@ def _hf_arch(cfg: dict[str, Any], path: Path) -> str:
     arch = next((a for a, c in _HF_CLASSES.items() if model_type == a or c in archs), None)
     if arch is None:
         raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
-                          f"LLaMA, Qwen2, Qwen3 or Gemma 3 model (model_type "
+                          f"LLaMA, Qwen2, Qwen3, Gemma 3 or Phi-3 model (model_type "
                           f"{' / '.join(map(repr, _HF_CLASSES))}, {' / '.join(_HF_CLASSES.values())})")
     return _ARCH_OF.get(arch, arch)
 
@@ -205,6 +208,14 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
     extra: dict[str, Any] = {}
     if gemma:
         rope, extra = _gemma3(cfg, path, get, rope)
+    if arch == "phi3":  # (transformers >= 5 keeps partial_rotary_factor in rope_parameters)
+        partial = get("partial_rotary_factor", (int, float), get("partial_rotary_factor", (int, float), 1.0, src=rope))
+        if partial != 1.0:
+            raise FormatError(f"{path}: partial_rotary_factor {partial!r} (partial rotary embeddings) is not "
+                              f"supported")
+        window = get("sliding_window", int, 0)  # (transformers applies it in every layer)
+        if window:
+            extra = dict(sliding_window=window, sliding_window_pattern=0)
     scaling = get("rope_scaling", dict, {}) or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", None, "llama3", "linear"):
@@ -402,17 +413,18 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
                 continue
             raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA, Qwen2, "
-                              f"Qwen3 or Gemma 3 model)")
+                              f"Qwen3, Gemma 3 or Phi-3 model)")
         by_name[canonical] = (hf_name, st)
 
     cfg, rope_factors = _config(raw_cfg, config_path, has_lm_head="output" in by_name, arch=arch)
     if cfg.tie_word_embeddings:
         by_name.pop("output", None)  # transformers ignores a saved lm_head when tied
 
-    if cfg.num_layers * 9 > len(by_name):  # before expected_weight_shapes() builds 9 names per layer
-        raise FormatError(f"{config_path}: num_hidden_layers = {cfg.num_layers} needs {cfg.num_layers * 9} "
+    per_layer = stored_tensors_per_layer(cfg)
+    if cfg.num_layers * per_layer > len(by_name):  # before stored_weight_shapes() builds the names per layer
+        raise FormatError(f"{config_path}: num_hidden_layers = {cfg.num_layers} needs {cfg.num_layers * per_layer} "
                           f"layer tensors, the checkpoint has {len(by_name)} tensors")
-    expected = expected_weight_shapes(cfg)
+    expected = stored_weight_shapes(cfg)
     extra = [by_name[n] for n in by_name if n not in expected]
     if extra:  # a bias in a LLaMA checkpoint
         raise FormatError(f"{extra[0][1].path}: unexpected tensor {extra[0][0]} (not part of a plain "
@@ -441,6 +453,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
         except ValueError as e:
             raise FormatError(f"{st.path}: tensor {hf_name}: cannot store as {weights}: {e}") from e
 
+    unfuse(loaded, cfg)
     if cfg.rope_freq_factors:
         loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], rope_factors)
     query_scalar = raw_cfg.get("query_pre_attn_scalar", 256) if gemma else None  # (transformers' default)
