@@ -440,7 +440,7 @@ def test_bad_inputs_raise_clear_errors():
     assert eng.n_past == 16
     with pytest.raises(ValueError, match="context full"):
         eng.forward([1])
-    with pytest.raises(ValueError, match="context must be a positive integer"):
+    with pytest.raises(ValueError, match="context must be an integer >= 1"):
         TargetEngine(make_source(cfg, random_weights(cfg), "f32"), context=0)
     bad = make_source(cfg, random_weights(cfg), "f32")
     del bad.weights["blk.1.ffn_up"]
