@@ -88,6 +88,53 @@ def test_gradients_take_the_reference_path(tiny_pair):
         assert torch.allclose(model(x), logits.detach(), atol=1e-4, rtol=1e-4)
 
 
+def test_image_gradients_take_the_reference_path():
+    """An image that requires grad gets its gradient even with frozen weights (the native
+    path has no backward)."""
+    model = create_model("davit_tiny", **SMALL).requires_grad_(False)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    y = model(x)
+    assert y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+SMALL = dict(embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=10)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(window_size=0), r"window_size must be an integer in \[1, 16\]"),
+    (dict(window_size=65536), r"window_size must be an integer in \[1, 16\]"),
+    (dict(window_size=2.5), "window_size"), (dict(window_size=True), "window_size"),
+    (dict(num_heads=(3, 2, 2, 2)), "stage 0 has embed_dims 8 over num_heads 3"),
+    (dict(num_heads=(0, 2, 2, 2)), r"num_heads\[0\] must be a positive integer"),
+    (dict(depths=(1, 1)), "one entry per stage"),
+    (dict(embed_dims=(8, 16, 16, 264), num_heads=(2, 2, 2, 1)), "at most 256 channels"),
+    (dict(num_classes=0), "num_classes must be a positive integer"),
+])
+def test_config_is_checked_when_made(change, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("davit_tiny", **{**SMALL, **change})
+
+
+def test_bad_images_and_state_dicts_are_named():
+    import numpy as np
+
+    model = create_model("davit_tiny", **SMALL)
+    for img, match in [(torch.randn(1, 3, 32, 32).double(), "must be float32"),
+                       (torch.randn(3, 32, 32), r"must be \[B, 3, H, W\]"),
+                       (torch.randn(0, 3, 32, 32), r"B, H, W >= 1"), (torch.randn(1, 1, 32, 32), r"\[B, 3, H, W\]"),
+                       (np.zeros((1, 3, 32, 32), np.float32), "must be a torch tensor")]:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
+                model(img)
+    sd = model.state_dict()
+    for bad, match in [("/tmp/x.pth", "state_dict must be a mapping"), (None, "state_dict must be a mapping"),
+                       ({**sd, "head.fc.bias": "abc"}, "'head.fc.bias' is not a tensor")]:
+        with pytest.raises(ValueError, match=match):
+            load_timm_state_dict(model, bad)
+
+
 def test_native_path_repacks_after_weight_update(tiny_pair):
     ref, _ = tiny_pair
     model = load_timm_state_dict(create_model("davit_tiny"), ref.state_dict())
@@ -148,7 +195,7 @@ def test_unknown_model_name():
 
 def test_native_path_refuses_other_dtypes(tiny_pair):
     _, ours = tiny_pair
-    with pytest.raises(ValueError, match="CPU float32 image"):
+    with pytest.raises(ValueError, match="the image must be float32"):
         ours.forward_native(torch.zeros(1, 3, 32, 32, dtype=torch.float64))
 
 

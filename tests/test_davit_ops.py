@@ -219,7 +219,11 @@ def test_bias_may_be_absent():
     (dict(x=torch.zeros(1, 64, 16)), r"x must be \[B, H, W, C\]"),
     (dict(x=torch.zeros(1, 0, 8, 16)), "x must not be empty"),
     (dict(window_size=0), "window_size must be an integer in"),
+    (dict(window_size=True), "window_size must be an integer in"),
     (dict(x=[[1.0]]), "x must be a torch tensor or a numpy array"),
+    (dict(qkv_weight=torch.zeros(48, 16).tolist()), "qkv_weight must be a torch tensor or a numpy array, got list"),
+    (dict(x=torch.zeros(1, 8, 8, 16, requires_grad=True)), "no backward pass"),
+    (dict(proj_weight=torch.zeros(16, 16, requires_grad=True)), "no backward pass"),
 ])
 def test_window_attention_rejects_bad_input(bad, match):
     args = dict(x=torch.zeros(1, 8, 8, 16), qkv_weight=torch.zeros(48, 16), qkv_bias=torch.zeros(48),
@@ -236,6 +240,44 @@ def test_channel_attention_rejects_bad_input():
         ops.channel_attention(torch.zeros(1, 5, 16), *w, 3)
     with pytest.raises(ValueError, match=r"x must be \[B, N, C\]"):
         ops.channel_attention(torch.zeros(1, 5, 4, 16), *w, 2)
+
+
+def test_packed_attention_checks_its_arguments():
+    """PackedAttention.window / .channel check sizes before the native call: a window side
+    of 65536 would square to 0 in 32 bits; a 2**31 or a float would be pybind11's TypeError
+    quoting the whole input."""
+    gen = torch.Generator().manual_seed(3)
+    p = ops.PackedAttention(*_weights(8, gen))
+    x = np.random.default_rng(0).random((1, 4, 4, 8), dtype=np.float32)
+    for ws in (65536, 131072, 2 ** 31, 17, 2.5, True):
+        with pytest.raises(ValueError, match="window_size must be an integer in") as e:
+            p.window(x, 2, ws)
+        assert len(str(e.value)) < 120
+    for bad in (2 ** 31, 3, 2.0, 0):
+        with pytest.raises(ValueError, match="num_heads"):
+            p.window(x, bad, 2)
+        with pytest.raises(ValueError, match="num_groups"):
+            p.channel(x.reshape(1, 16, 8), bad)
+    # the native check itself, in 64 bits
+    with pytest.raises(ValueError, match="window_size must be in"):
+        _core.davit_window_attention(x, p.qkv, p.proj, 2, 65536)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [3, 100])  # the direct form, and the Gram form (N >= 4C)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_channel_attention_spreads_nan_like_its_twin(isa, n, bad):
+    """A NaN or inf token reaches every entry of its image's channel maps, so every output of
+    that image is NaN, as in the PyTorch twin; the other images are untouched."""
+    gen = torch.Generator().manual_seed(11)
+    w = _weights(8, gen)
+    x = torch.randn(2, n, 8, generator=gen)
+    x[0, 1, 2] = bad
+    with isa_path(isa):
+        y = ops.channel_attention(x, *w, 2)
+    ref = reference.channel_attention(x.double(), *(t.double() for t in w), 2)
+    assert torch.isnan(ref[0]).all() and torch.isnan(y[0]).all()
+    assert torch.isfinite(y[1]).all() and max_err(y[1], ref[1]) < 1e-4
 
 
 def test_native_layer_checks_name_the_problem():

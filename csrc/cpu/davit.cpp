@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <thread>
 
@@ -371,7 +372,7 @@ void window_attention(const WindowAttentionParams& p) {
   DT_CHECK(B > 0 && H > 0 && W > 0 && C > 0, "window_attention: empty input");
   DT_CHECK(h > 0 && C % h == 0, "window_attention: C=" + std::to_string(C) +
                                     " is not divisible by num_heads=" + std::to_string(h));
-  DT_CHECK(ws > 0 && ws * ws <= kMaxRows, "window_attention: window_size must be in [1, 16]");
+  DT_CHECK(ws > 0 && (long)ws * ws <= kMaxRows, "window_attention: window_size must be in [1, 16]");
   check_linear(p.qkv, C, 3 * C, "qkv");
   check_linear(p.proj, C, C, "proj");
   const int d = C / h, L = ws * ws;
@@ -449,6 +450,24 @@ void window_attention(const WindowAttentionParams& p) {
 // and O(C^3) work per image on the side. Rounding differs from the direct form (sums are
 // grouped differently); both accumulate in fp32 with blocked partial sums.
 namespace {
+
+// softmax_rows of a channel map [d, d], where a row holding NaN or +inf (a token with NaN or
+// inf reaches every entry of its image's maps) becomes NaN, as the exact softmax makes it
+// (the vector exp clamps its input, which would turn NaN into a finite weight). The map
+// multiplies q, not v, so a finite row would hide the bad token from every other output.
+void softmax_map(float* s, int d, float scale) {
+  std::vector<int> bad;
+  for (int i = 0; i < d; ++i) {
+    const float* row = s + (size_t)i * d;
+    for (int j = 0; j < d; ++j)
+      if (std::isnan(row[j]) || row[j] == std::numeric_limits<float>::infinity()) {
+        bad.push_back(i);
+        break;
+      }
+  }
+  kernels().softmax_rows(s, d, d, d, scale);
+  for (int i : bad) std::fill(s + (size_t)i * d, s + (size_t)(i + 1) * d, std::numeric_limits<float>::quiet_NaN());
+}
 
 // W^T of a packed layer as a plain row-major [in][out] matrix.
 std::vector<float> unpack_wt(const PackedLinear& l) {
@@ -576,7 +595,7 @@ void channel_attention_gram(const ChannelAttentionParams& p) {
         for (int j = 0; j < d; ++j)
           sg[i * d + j] += ku[g * d + i] * bv[g * d + j] + bk[g * d + i] * vu[g * d + j] +
                            (float)N * bk[g * d + i] * bv[g * d + j];
-      kernels().softmax_rows(sg, d, d, d, scale);
+      softmax_map(sg, d, scale);
       std::vector<float> at((size_t)d * d);
       for (int i = 0; i < d; ++i)
         for (int j = 0; j < d; ++j) at[j * d + i] = sg[i * d + j];
@@ -714,7 +733,7 @@ void channel_attention(const ChannelAttentionParams& p) {
         }
       }
     }
-    kernels().softmax_rows(s0, d, d, d, scale);
+    softmax_map(s0, d, scale);
     float* at = amap + (size_t)bg * d * d;
     for (int i = 0; i < d; ++i)
       for (int j = 0; j < d; ++j) at[j * d + i] = s0[i * d + j];

@@ -40,6 +40,33 @@ class DavitConfig:
     num_classes: int = 1000
     eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        """Refuses what neither path could run, naming the field (instead of an error deep
+        in forward, or a native path that disagrees with the reference)."""
+        def pos_int(name: str, v: Any, hi: int | None = None) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (hi is not None and v > hi):
+                raise ValueError(f"DavitConfig.{name} must be an integer in [1, {hi}], got {v!r}" if hi else
+                                 f"DavitConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("embed_dims", "depths", "num_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not v:
+                raise ValueError(f"DavitConfig.{name} must be a non-empty tuple, got {v!r}")
+            object.__setattr__(self, name, tuple(v))
+            for i, x in enumerate(getattr(self, name)):
+                pos_int(f"{name}[{i}]", x)
+        if not len(self.embed_dims) == len(self.depths) == len(self.num_heads):
+            raise ValueError(f"DavitConfig: embed_dims, depths and num_heads need one entry per stage, got "
+                             f"{len(self.embed_dims)}, {len(self.depths)} and {len(self.num_heads)}")
+        for i, (dim, heads) in enumerate(zip(self.embed_dims, self.num_heads)):
+            if dim % heads or dim // heads > ops.MAX_GROUP:
+                raise ValueError(f"DavitConfig: stage {i} has embed_dims {dim} over num_heads {heads}: the heads "
+                                 f"(and channel groups) must divide it, into at most {ops.MAX_GROUP} channels")
+        pos_int("window_size", self.window_size, ops.MAX_WINDOW)
+        for name in ("mlp_ratio", "in_chans", "num_classes"):
+            pos_int(name, getattr(self, name))
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"DavitConfig.eps must be a positive number, got {self.eps!r}")
+
 
 CONFIGS: dict[str, DavitConfig] = {
     "davit_tiny": DavitConfig((96, 192, 384, 768), (1, 1, 3, 1), (3, 6, 12, 24)),
@@ -182,8 +209,9 @@ class _Head(nn.Module):
 class DaViT(nn.Module):
     """DaViT classifier. ``forward(img)``: [B, 3, H, W] float image -> [B, num_classes] logits.
 
-    Any H, W (padding everywhere). The native path is taken for CPU float32 inputs when no
-    gradient is required; otherwise the PyTorch reference path runs (same math).
+    Any H, W (padding everywhere). The native path is taken for CPU inputs when no gradient
+    is required (of the parameters or the image); otherwise the PyTorch reference path runs
+    (same math). The image must be a float32 tensor [B, in_chans, H, W] with B >= 1.
     """
 
     def __init__(self, cfg: DavitConfig):
@@ -204,15 +232,28 @@ class DaViT(nn.Module):
         self._packed = None
         return self
 
-    def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+    def _needs_grad(self, img: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (img.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _check_image(self, img: Any) -> None:
+        if not isinstance(img, torch.Tensor):
+            raise ValueError(f"the image must be a torch tensor [B, {self.cfg.in_chans}, H, W], got "
+                             f"{type(img).__name__}")
+        if img.dim() != 4 or img.shape[1] != self.cfg.in_chans or img.shape[0] == 0 or 0 in img.shape[2:]:
+            raise ValueError(f"the image must be [B, {self.cfg.in_chans}, H, W] with B, H, W >= 1, got shape "
+                             f"{tuple(img.shape)}")
+        if img.dtype != torch.float32:
+            raise ValueError(f"the image must be float32 (the weights are), got {img.dtype}: convert it with "
+                             f".float()")
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if img.is_cuda or img.dtype != torch.float32 or self._needs_grad():
+        self._check_image(img)
+        if img.is_cuda or self._needs_grad(img):
             return self.forward_reference(img)
         return self.forward_native(img)
 
     def forward_reference(self, img: torch.Tensor) -> torch.Tensor:
+        self._check_image(img)
         x = self.stem(img)
         for stage in self.stages:
             if stage.downsample is not None:
@@ -224,8 +265,9 @@ class DaViT(nn.Module):
 
     @torch.no_grad()
     def forward_native(self, img: torch.Tensor) -> torch.Tensor:
-        if img.is_cuda or img.dtype != torch.float32:
-            raise ValueError(f"the native path needs a CPU float32 image, got {img.dtype} on {img.device}")
+        self._check_image(img)
+        if img.is_cuda:
+            raise ValueError(f"the native path needs a CPU image, got one on {img.device}")
         packed = self._packed_blocks()
         x = self.stem(img).contiguous().numpy()
         k = 0
@@ -271,6 +313,9 @@ def load_timm_state_dict(model: DaViT, state_dict: Mapping[str, Any]) -> DaViT:
     """Load a timm ``davit_*`` state dict (or an original DaViT checkpoint, possibly under
     'state_dict' or 'model') into ``model``. Every key must match in name and shape: a
     missing, unexpected or misshaped tensor raises ValueError naming it. Returns ``model``."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a mapping of names to tensors (read a file with torch.load "
+                         f"first, or pass model.state_dict()), got {type(state_dict).__name__}")
     for wrapper in ("state_dict", "model"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
@@ -286,7 +331,10 @@ def load_timm_state_dict(model: DaViT, state_dict: Mapping[str, Any]) -> DaViT:
     converted = {}
     for k, ref in own.items():
         v = state_dict[k]
-        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+        try:
+            v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+        except (TypeError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{k!r} is not a tensor or an array of numbers ({type(v).__name__}): {e}") from None
         if tuple(v.shape) != tuple(ref.shape):
             raise ValueError(f"{k!r} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
         converted[k] = v

@@ -23,7 +23,11 @@ import numpy as np
 
 from .. import _core
 
-__all__ = ["window_attention", "channel_attention", "PackedAttention"]
+__all__ = ["window_attention", "channel_attention", "PackedAttention", "MAX_WINDOW", "MAX_GROUP"]
+
+#: The largest window side and channel group the native kernels take (the native limits).
+MAX_WINDOW = 16
+MAX_GROUP = 256
 
 
 def _is_torch(x: Any) -> bool:
@@ -40,11 +44,23 @@ def _check_float32(name: str, t: Any) -> None:
         raise ValueError(f"{name} must be float32, got {dt}")
 
 
-def _check_weights(C: int, heads: int, what: str, qkv_weight, qkv_bias, proj_weight, proj_bias) -> None:
-    if not isinstance(heads, (int, np.integer)) or isinstance(heads, bool) or heads <= 0:
+def _check_heads(C: int, heads: Any, what: str) -> int:
+    if not isinstance(heads, (int, np.integer)) or isinstance(heads, bool) or not 0 < heads < 2 ** 31:
         raise ValueError(f"{what} must be a positive integer, got {heads!r}")
     if C % heads:
         raise ValueError(f"C={C} is not divisible by {what}={heads}")
+    return int(heads)
+
+
+def _check_window(window_size: Any) -> int:
+    if not isinstance(window_size, (int, np.integer)) or isinstance(window_size, bool) \
+            or not 1 <= window_size <= MAX_WINDOW:
+        raise ValueError(f"window_size must be an integer in [1, {MAX_WINDOW}], got {window_size!r}")
+    return int(window_size)
+
+
+def _check_weights(C: int, heads: int, what: str, qkv_weight, qkv_bias, proj_weight, proj_bias) -> None:
+    _check_heads(C, heads, what)
     want = {"qkv_weight": (3 * C, C), "qkv_bias": (3 * C,), "proj_weight": (C, C), "proj_bias": (C,)}
     for name, t in (("qkv_weight", qkv_weight), ("qkv_bias", qkv_bias),
                     ("proj_weight", proj_weight), ("proj_bias", proj_bias)):
@@ -52,6 +68,8 @@ def _check_weights(C: int, heads: int, what: str, qkv_weight, qkv_bias, proj_wei
             if name.endswith("bias"):
                 continue
             raise ValueError(f"{name} is required")
+        if not (_is_torch(t) or isinstance(t, np.ndarray)):
+            raise ValueError(f"{name} must be a torch tensor or a numpy array, got {type(t).__name__}")
         if _shape(t) != want[name]:
             raise ValueError(f"{name} has shape {_shape(t)}, expected {want[name]} for C={C}")
         _check_float32(name, t)
@@ -86,11 +104,25 @@ class PackedAttention:
     def window(self, x: np.ndarray, num_heads: int, window_size: int = 7,
                residual: np.ndarray | None = None) -> np.ndarray:
         """Window attention on a contiguous float32 [B, H, W, C] array (+ residual)."""
-        return _core.davit_window_attention(x, self.qkv, self.proj, num_heads, window_size, residual)
+        return _core.davit_window_attention(x, self.qkv, self.proj, _check_heads(self.dim, num_heads, "num_heads"),
+                                            _check_window(window_size), residual)
 
     def channel(self, x: np.ndarray, num_groups: int, residual: np.ndarray | None = None) -> np.ndarray:
         """Channel attention on a contiguous float32 [B, N, C] array (+ residual)."""
-        return _core.davit_channel_attention(x, self.qkv, self.proj, num_groups, residual)
+        return _core.davit_channel_attention(x, self.qkv, self.proj, _check_heads(self.dim, num_groups, "num_groups"),
+                                             residual)
+
+
+def _check_no_grad(*tensors: Any) -> None:
+    """The native ops have no backward: refused, rather than returning a detached result,
+    when autograd would want one."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.is_grad_enabled() and any(
+            _is_torch(t) and t.requires_grad for t in tensors if t is not None):
+        raise ValueError("the native DaViT ops have no backward pass, and an input requires grad: run "
+                         "dovetail_ext.davit.reference (the PyTorch twin) to train, or call under torch.no_grad()")
 
 
 def _precision_is_bf16(precision: str) -> bool:
@@ -140,8 +172,8 @@ def window_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads:
     _check_x(x, 4, "[B, H, W, C]")
     C = _shape(x)[3]
     _check_weights(C, num_heads, "num_heads", qkv_weight, qkv_bias, proj_weight, proj_bias)
-    if not isinstance(window_size, (int, np.integer)) or not 1 <= window_size <= 16:
-        raise ValueError(f"window_size must be an integer in [1, 16], got {window_size!r}")
+    _check_window(window_size)
+    _check_no_grad(x, qkv_weight, qkv_bias, proj_weight, proj_bias)
     bf16 = _precision_is_bf16(precision)
     if _is_torch(x) and x.is_cuda:
         if bf16:
@@ -167,6 +199,7 @@ def channel_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_group
     _check_x(x, 3, "[B, N, C]")
     C = _shape(x)[2]
     _check_weights(C, num_groups, "num_groups", qkv_weight, qkv_bias, proj_weight, proj_bias)
+    _check_no_grad(x, qkv_weight, qkv_bias, proj_weight, proj_bias)
     bf16 = _precision_is_bf16(precision)
     if _is_torch(x) and x.is_cuda:
         if bf16:
