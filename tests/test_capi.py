@@ -191,19 +191,29 @@ def test_export_cli_reports_a_missing_model(tmp_path, capsys):
     assert not (tmp_path / "out.dtw").exists()
 
 
-def test_example_runs_a_gemma3_container(greedy_bin, tmp_path, llama_gguf_writer):
-    """A Gemma 3 GGUF (sliding window 4, linear RoPE scaling) through export_c_weights and the
-    C example: the container's Gemma fields reach dt_target_create, and the greedy tokens
-    are the Python engine's."""
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_example_runs_a_gemma3_or_longrope_container(greedy_bin, tmp_path, llama_gguf_writer, arch):
+    """Through export_c_weights and the C example, the greedy tokens are the Python engine's:
+    a Gemma 3 GGUF (sliding window 4, linear RoPE scaling), whose container fields reach
+    dt_target_create; a Phi-3 LongRoPE GGUF, written with its short factors, its attention
+    factor and its original context as the container's max_context."""
     from gguf import RopeScalingType
 
     from dovetail_ext.formats import load_gguf
     from dovetail_ext.target import TargetEngine
     path = tmp_path / "g.gguf"
-    llama_gguf_writer(path, arch="gemma3", dtype="q8_0", hidden=64, n_head=4, n_kv=1, n_layers=7, meta=lambda w: (
-        w.add_sliding_window(4), w.add_rope_scaling_type(RopeScalingType.LINEAR), w.add_rope_scaling_factor(2.0)))
+    if arch == "gemma3":
+        llama_gguf_writer(path, arch="gemma3", dtype="q8_0", hidden=64, n_head=4, n_kv=1, n_layers=7, meta=lambda w: (
+            w.add_sliding_window(4), w.add_rope_scaling_type(RopeScalingType.LINEAR), w.add_rope_scaling_factor(2.0)))
+    else:
+        llama_gguf_writer(path, arch="phi3", dtype="q8_0", tied=False, n_layers=3,
+                          meta=lambda w: (w.add_rope_scaling_attn_factors(1.5), w.add_rope_scaling_orig_ctx_len(48)),
+                          shapes={"rope_factors_short": (8,), "rope_factors_long": (8,)})
     out = capi.export_c_weights(tmp_path / "g.dtw", path)
-    assert out.read_bytes()[8:12] == (2).to_bytes(4, "little")
+    head = out.read_bytes()
+    assert head[8:12] == (3).to_bytes(4, "little")
+    if arch == "phi3":
+        assert int.from_bytes(head[88:96], "little") == 48 and np.frombuffer(head[164:168], np.float32)[0] == 1.5
     ids = [1, 5, 9, 17, 33, 2, 8, 40, 3]
     r = subprocess.run([str(greedy_bin), str(out), "10", *map(str, ids)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -245,7 +255,7 @@ class TargetConfig(ctypes.Structure):
                 *[(n, ctypes.c_int64) for n in _DIMS], *_OPTS,
                 ("activation", ctypes.c_int32), ("scale_embeddings", ctypes.c_int32),
                 ("sliding_window", ctypes.c_int64), ("sliding_window_pattern", ctypes.c_int64),
-                ("rope_theta_local", ctypes.c_float)]
+                ("rope_theta_local", ctypes.c_float), ("rope_attn_factor", ctypes.c_float)]
 
 
 class TreeShape(ctypes.Structure):
@@ -358,6 +368,7 @@ def target_config(lib: CApi, cfg, context=64, max_batch=16, threads=1) -> Target
     c.activation, c.scale_embeddings = int(cfg.activation == "gelu_tanh"), int(cfg.scale_embeddings)
     c.sliding_window, c.sliding_window_pattern = cfg.sliding_window, cfg.sliding_window_pattern
     c.rope_theta_local = cfg.rope_theta_local
+    c.rope_attn_factor = cfg.rope_attn_factor
     return c
 
 
@@ -440,13 +451,19 @@ def same_draft(got, want) -> None:
 
 @pytest.mark.parametrize("dtype,tied,extra", [("q8_0", False, ""), ("q4_1", True, ""), ("f32", True, ""),
                                              ("q8_0", False, "bias"), ("q4_1", True, "rope_factors"),
-                                             ("q8_0", True, "qk_norm"), ("q8_0", True, "gemma3")])
+                                             ("q8_0", True, "qk_norm"), ("q8_0", True, "gemma3"),
+                                             ("q4_1", False, "longrope")])
 def test_target_matches_binding(lib, dtype, tied, extra):
     """bias: a Qwen2 model; qk_norm: a Qwen3 model; rope_factors: LLaMA 3.1+ RoPE scaling.
     The C API takes all three as weights (no config flag). gemma3: Gemma 3 (its post norms
-    as weights, its gate, embedding scale and windows of 4 in the config's Gemma fields)."""
-    cfg, weights = tiny_target_weights(dtype, tied, bias=extra == "bias", rope_factors=extra == "rope_factors",
+    as weights, its gate, embedding scale and windows of 4 in the config's Gemma fields).
+    longrope: factors as weights and the attention factor in the config."""
+    cfg, weights = tiny_target_weights(dtype, tied, bias=extra == "bias",
+                                       rope_factors=extra in ("rope_factors", "longrope"),
                                        qk_norm=extra == "qk_norm", window=4 if extra == "gemma3" else 0)
+    if extra == "longrope":
+        import dataclasses
+        cfg = dataclasses.replace(cfg, rope_attn_factor=1.4)
     c, py = CTarget(lib, cfg, weights), py_target(cfg, weights)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, 9)

@@ -210,6 +210,29 @@ def test_rope_factors_match_reference(isa):
     assert_matches_reference(src, np.random.default_rng(6).integers(0, cfg.vocab_size, 11), tol=4e-2)
 
 
+def test_longrope_matches_reference(isa):
+    """LongRoPE: the attention factor scales RoPE's cos and sin, in the engine as in its twin
+    (an engine that left it out differs from both); an engine whose context is above the
+    original one rotates with the long factors, exactly as one given them as rope_freqs."""
+    import dataclasses
+    cfg = tiny_config(gqa=3, tied=False, rope_factors=True)
+    w = random_weights(cfg, seed=24)
+    short, long = (np.linspace(1.0, f, cfg.head_dim // 2).astype(np.float32) for f in (3.0, 30.0))
+    w["rope_freqs"] = short
+    ids = np.random.default_rng(8).integers(0, cfg.vocab_size, 11)
+    scaled = dataclasses.replace(cfg, rope_attn_factor=1.3, rope_long_context=64)
+    src = make_source(scaled, {**w, "rope_freqs_long": long}, "f32")
+    assert_matches_reference(src, ids, tol=1e-4)  # (context 64: the short factors)
+    def last(source, context):
+        return TargetEngine(source, context=context, threads=2).forward(ids, logit_rows=[10])[0]
+    plain = last(make_source(cfg, w, "f32"), 64)
+    assert np.abs(last(src, 64) - plain).max() > 1e-2 * np.abs(plain).max()
+    beyond = last(src, 65)
+    np.testing.assert_array_equal(beyond, last(make_source(scaled, {**w, "rope_freqs": long, "rope_freqs_long": short},
+                                                           "f32"), 64))
+    assert np.abs(beyond - last(src, 64)).max() > 1e-2 * np.abs(plain).max()
+
+
 @pytest.mark.parametrize("stacked", [True, False])
 def test_qkv_bias_matches_reference(isa, stacked):
     """Qwen2's q/k/v biases, on the stacked q|k|v matrix and on separate ones (formats

@@ -465,16 +465,57 @@ def test_hf_phi3_matches_transformers(tmp_path: Path, window: int) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
     raw = json.loads((tmp_path / "config.json").read_text())
     for key, value, message in [("partial_rotary_factor", 0.75, "partial_rotary_factor 0.75"),
-                                ("rope_scaling", {"rope_type": "longrope", "short_factor": [1.0] * 8,
-                                                  "long_factor": [2.0] * 8}, "RoPE scaling 'longrope'")]:
+                                ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "RoPE scaling 'yarn'")]:
         (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
         with pytest.raises(FormatError, match=message):
             load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("attention_factor", [None, 1.25])
+def test_hf_phi3_longrope_matches_transformers(tmp_path: Path, attention_factor) -> None:
+    """Phi-3 LongRoPE (the 128k models, Phi-3.5): short and long factors, the attention
+    factor (given, or derived from max / original context) on cos and sin. Within the
+    original context, logits equal transformers' over 40 tokens (the short factors); an
+    engine with a longer context takes the long ones for every position, as llama.cpp does
+    (transformers switches once the sequence outgrows the original context)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from dovetail_ext.target import TargetEngine
+    torch.manual_seed(6)
+    scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)], "long_factor": [9.0] * 8,
+               **({"attention_factor": attention_factor} if attention_factor else {})}
+    hc = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                 original_max_position_embeddings=64, rope_scaling=scaling, rms_norm_eps=1e-5,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = transformers.Phi3ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
+    src = load_hf(tmp_path)
+    cfg = src.config
+    want_factor = attention_factor or np.sqrt(1 + np.log(1024 / 64) / np.log(64))
+    assert cfg.rope_long_context == 64 and abs(cfg.rope_attn_factor - want_factor) < 1e-9 and cfg.rope_freq_factors
+    np.testing.assert_array_equal(src.weights["rope_freqs"].data, np.float32(scaling["short_factor"]))
+    np.testing.assert_array_equal(src.weights["rope_freqs_long"].data, np.float32(scaling["long_factor"]))
+    ids = np.random.default_rng(2).integers(0, 96, 40)
+    got, _ = TargetEngine(src, context=64, threads=2).forward(ids, logit_rows=range(40))
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
+        long_rope = model(torch.from_numpy(np.concatenate([ids, ids, [5]]))[None]).logits[0, :40].numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
+    # (81 tokens: transformers recomputes every position with the long factors)
+    beyond, _ = TargetEngine(src, context=128, threads=2).forward(ids, logit_rows=range(40))
+    np.testing.assert_allclose(beyond, long_rope, rtol=0, atol=3e-4 * np.abs(want).max())
+    assert np.abs(long_rope - want).max() > 1e-2 * np.abs(want).max()
+
+
 def test_tiny_phi3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     """phi3.* files as llama.cpp's converter writes them: attn_qkv holds q, k and v, ffn_up
-    holds gate then up, rows not permuted (NeoX RoPE); LongRoPE factor tensors are refused."""
+    holds gate then up, rows not permuted (NeoX RoPE); LongRoPE files run their short factors."""
     originals = llama_gguf_writer(tmp_path / "p.gguf", arch="phi3", dtype="q8_0", tied=False, n_layers=2)
     src = load_gguf(tmp_path / "p.gguf")
     assert src.config.architecture == "phi3" and set(src.weights) == set(expected_weight_shapes(src.config))
@@ -483,10 +524,21 @@ def test_tiny_phi3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
         got = dequantize(src.weights[name])
         assert got.shape == originals[name].shape, name
         np.testing.assert_allclose(got, originals[name], atol=np.abs(originals[name]).max() / 100, err_msg=name)
-    llama_gguf_writer(tmp_path / "p128k.gguf", arch="phi3", dtype="f32", tied=False,
-                      shapes={"rope_factors_long": (8,)})
-    with pytest.raises(FormatError, match="Phi-3 LongRoPE"):
-        load_gguf(tmp_path / "p128k.gguf")
+    # LongRoPE (the 128k files): the short factors and the attention factor, up to the original context
+    def longrope(w):
+        w.add_rope_scaling_attn_factors(1.19)
+        w.add_rope_scaling_orig_ctx_len(96)
+
+    originals = llama_gguf_writer(tmp_path / "p128k.gguf", arch="phi3", dtype="f32", tied=False, meta=longrope,
+                                  shapes={"rope_factors_short": (8,), "rope_factors_long": (8,)})
+    src = load_gguf(tmp_path / "p128k.gguf")
+    assert (src.config.rope_long_context, src.config.rope_attn_factor, src.config.rope_freq_factors) == (96, 1.19, True)
+    np.testing.assert_array_equal(src.weights["rope_freqs"].data, originals["rope_factors_short"])
+    np.testing.assert_array_equal(src.weights["rope_freqs_long"].data, originals["rope_factors_long"])
+    llama_gguf_writer(tmp_path / "nolimit.gguf", arch="phi3", dtype="f32", tied=False,
+                      shapes={"rope_factors_short": (8,), "rope_factors_long": (8,)})
+    with pytest.raises(FormatError, match="original_context_length"):
+        load_gguf(tmp_path / "nolimit.gguf")
 
 
 HF_NAMES = {"token_embd": "model.embed_tokens.weight", "output": "lm_head.weight", "output_norm": "model.norm.weight"}

@@ -44,6 +44,7 @@ LayerDims layer_dims(const py::dict& cfg) {
   if (cfg.contains("sliding_window")) d.window = get_int(cfg, "sliding_window");
   if (cfg.contains("sliding_window_pattern")) d.swa_pattern = get_int(cfg, "sliding_window_pattern");
   if (cfg.contains("rope_theta_local")) d.rope_theta_local = get_float(cfg, "rope_theta_local");
+  if (cfg.contains("rope_attn_factor")) d.rope_mscale = get_float(cfg, "rope_attn_factor");  // LongRoPE
   return d;
 }
 

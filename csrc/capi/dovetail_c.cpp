@@ -319,6 +319,9 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
       fail(DT_ERR_INVALID, "sliding_window, sliding_window_pattern and rope_theta_local must not be negative");
     if (!std::isfinite(cfg->rope_theta_local))
       fail(DT_ERR_INVALID, "rope_theta_local must be finite");
+    if (!(cfg->rope_attn_factor >= 0) || !std::isfinite(cfg->rope_attn_factor))
+      fail(DT_ERR_INVALID, "rope_attn_factor must be a finite number >= 0 (0: none)");
+    d.rope_mscale = cfg->rope_attn_factor > 0 ? cfg->rope_attn_factor : 1.0f;
     d.gelu = cfg->activation == DT_ACT_GELU_TANH;
     d.window = cfg->sliding_window;
     d.swa_pattern = cfg->sliding_window_pattern;

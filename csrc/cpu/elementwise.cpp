@@ -38,7 +38,7 @@ void rope_inplace(float* x, int64_t T, int64_t H, int64_t Dh, int64_t ld, const 
 }
 
 void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_tab, std::vector<float>& sin_tab,
-                 const float* factors) {
+                 const float* factors, double mscale) {
   const int64_t half = Dh / 2;
   cos_tab.assign((size_t)(S * half), 0.0f);
   sin_tab.assign((size_t)(S * half), 0.0f);
@@ -47,8 +47,8 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
     if (factors) inv_freq /= (double)factors[i];
     for (int64_t pos = 0; pos < S; ++pos) {
       const double ang = (double)pos * inv_freq;
-      cos_tab[pos * half + i] = (float)std::cos(ang);
-      sin_tab[pos * half + i] = (float)std::sin(ang);
+      cos_tab[pos * half + i] = (float)(std::cos(ang) * mscale);
+      sin_tab[pos * half + i] = (float)(std::sin(ang) * mscale);
     }
   }
 }

@@ -102,9 +102,10 @@ void rope_inplace(float* x, int64_t T, int64_t H, int64_t Dh, int64_t ld, const 
 
 // RoPE tables cos/sin [S, Dh/2] for positions 0..S-1: angle = pos * inv_freq[i],
 // inv_freq[i] = theta^(-2i/Dh) / factors[i] (factors: Dh/2 divisors, LLaMA 3's "llama3"
-// frequency scaling; null: none), computed in double precision and rounded once to fp32.
+// frequency scaling; null: none), computed in double precision and rounded once to fp32;
+// both tables times mscale (LongRoPE's attention factor; 1: none).
 void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_tab, std::vector<float>& sin_tab,
-                 const float* factors = nullptr);
+                 const float* factors = nullptr, double mscale = 1.0);
 
 // out = silu(g) * u, n values.
 void swiglu(const float* g, const float* u, float* out, int64_t n);

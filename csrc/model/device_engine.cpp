@@ -149,7 +149,8 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
     layers_.push_back(lb);
   }
   std::vector<float> c, s;
-  rope_tables(d.rope_theta, d.head_dim, o.context, c, s, d.rope_factors.empty() ? nullptr : d.rope_factors.data());
+  rope_tables(d.rope_theta, d.head_dim, o.context, c, s, d.rope_factors.empty() ? nullptr : d.rope_factors.data(),
+              d.rope_mscale);
   cos_ = upload_f32(c);
   sin_ = upload_f32(s);
   if (d.window > 0) {  // the local layers' tables: their own base, no factors (as the CPU layers)

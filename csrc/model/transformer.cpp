@@ -137,7 +137,9 @@ LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, con
   DT_CHECK(o.threads >= 1 && o.threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(o.threads));
   const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim, B = o.max_batch;
   kv_ = KvCache((int64_t)layers_.size(), d.kv_heads, o.context, d.head_dim, o.kv_type);
-  rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_, d.rope_factors.empty() ? nullptr : d.rope_factors.data());
+  DT_CHECK(std::isfinite(d.rope_mscale) && d.rope_mscale > 0, "rope_mscale must be a positive number");
+  rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_, d.rope_factors.empty() ? nullptr : d.rope_factors.data(),
+              d.rope_mscale);
   DT_CHECK(d.window >= 0 && d.swa_pattern >= 0, "sliding window and its layer pattern must not be negative");
   if (d.window > 0) rope_tables(d.local_theta(), d.head_dim, o.context, cos_local_, sin_local_);
   xn_.resize(B * D); tmp_.resize(B * D);

@@ -25,6 +25,8 @@ struct LayerDims {
   bool qk_norm = false;   // RMSNorm of each q / k head before RoPE (Qwen3): blk.{i}.attn_{q,k}_norm [Dh]
   // RoPE frequency divisors [head_dim / 2] (LLaMA 3.1+: the weight "rope_freqs"); empty: none.
   std::vector<float> rope_factors;
+  // RoPE's cos and sin times this (LongRoPE's attention factor: every q . k times its square).
+  float rope_mscale = 1.0f;
   // Gemma 3: an RMSNorm on each block's output before its residual add (weights
   // blk.{i}.post_attention_norm / post_ffw_norm), and a GELU (tanh) gate instead of SiLU.
   bool post_norms = false;

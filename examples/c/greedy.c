@@ -90,7 +90,7 @@ static int load_container(const char* path, container* c) {
   if (c->size < 136 || memcmp(c->bytes, "DTWEIGHT", 8) != 0) return fail_format(path, "bad magic");
   at = 8;
   version = (uint32_t)read_le(c, &at, 4, &ok);
-  if (version != 1 && version != 2) return fail_format(path, "unsupported format version");
+  if (version < 1 || version > 3) return fail_format(path, "unsupported format version");
   c->n_weights = (uint32_t)read_le(c, &at, 4, &ok);
   data_offset = (size_t)read_le(c, &at, 8, &ok);
   dt_target_config_init(&c->cfg);
@@ -114,7 +114,10 @@ static int load_container(const char* path, container* c) {
     c->cfg.sliding_window = (int64_t)read_le(c, &at, 8, &ok);
     c->cfg.sliding_window_pattern = (int64_t)read_le(c, &at, 8, &ok);
     c->cfg.rope_theta_local = read_f32(c, &at, &ok);
-    (void)read_le(c, &at, 4, &ok);
+    if (version >= 3) /* LongRoPE's attention factor (0: none; version 2 keeps 0 there) */
+      c->cfg.rope_attn_factor = read_f32(c, &at, &ok);
+    else
+      (void)read_le(c, &at, 4, &ok);
   }
   if (!ok || data_offset > c->size || c->n_weights > 100000) return fail_format(path, "bad header");
 

@@ -157,6 +157,8 @@ typedef struct dt_target_config {
   int64_t sliding_window;    /* > 0: local layers see only the keys of the last sliding_window positions */
   int64_t sliding_window_pattern; /* layer i is global when (i + 1) % pattern == 0 (0: all local) */
   float rope_theta_local;    /* the local layers' RoPE base (0: rope_theta); they take no rope_freqs */
+  /* LongRoPE (Phi-3 128k, Phi-3.5; 0 otherwise, the default): */
+  float rope_attn_factor;    /* RoPE's cos and sin times it, every q . k times its square (0: 1) */
 } dt_target_config;
 
 typedef enum dt_activation { DT_ACT_SILU = 0, DT_ACT_GELU_TANH = 1 } dt_activation;

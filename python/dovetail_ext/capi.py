@@ -6,12 +6,13 @@ source checkout, ``include/`` and a CMake build directory). :func:`export_c_weig
 a model's weights into a container that a C program reads without Python or a GGUF
 parser (``examples/c/greedy.c`` does).
 
-Weight container, format version 2 (all integers little-endian)::
+Weight container, format version 3 (all integers little-endian)::
 
     offset  size        field
     0       8           magic b"DTWEIGHT"
-    8       4           u32 format version (2; version 1 ends its header at 136, without
-                            the Gemma 3 fields, which are then all zero)
+    8       4           u32 format version (3; version 1 ends its header at 136, without
+                            the Gemma 3 fields, which are then all zero; version 2 has 0
+                            at 164)
     12      4           u32 n_tensors
     16      8           u64 data_offset: start of the tensor data (a multiple of 64)
     24      7 x 8       i64 vocab_size, hidden_size, intermediate_size, num_layers,
@@ -27,7 +28,7 @@ Weight container, format version 2 (all integers little-endian)::
     144     8           i64 sliding_window (0: none)
     152     8           i64 sliding_window_pattern
     160     4           f32 rope_theta_local (0: rope_theta)
-    164     4           u32 reserved (0)
+    164     4           f32 rope_attn_factor (LongRoPE; 0: none)
     168     ...         tensor table, n_tensors entries, each:
                             u32 name_len, name (UTF-8, no terminator),
                             u32 dtype (dt_dtype: f32 0, f16 1, bf16 2, q8_0 3, q4_0 4, q4_1 5),
@@ -36,7 +37,9 @@ Weight container, format version 2 (all integers little-endian)::
     data_offset ...     tensor data, each tensor 64-byte aligned, zero padding between
 
 Tensors carry the canonical names of :mod:`dovetail_ext.formats.base` in their stored
-format (the layout of ``dt_weight`` in ``dovetail.h``); norm vectors are float32.
+format (the layout of ``dt_weight`` in ``dovetail.h``); norm vectors are float32. A LongRoPE
+model is written with its short factors as ``rope_freqs`` and its original context as
+max_context, the contexts those factors serve.
 
 A draft (:func:`export_c_draft`) uses the same container: the header holds the draft's
 layer shape (vocab_size is its target's; max_context 0, no bos or eos ids), the tensors
@@ -61,7 +64,7 @@ __all__ = ["get_include", "get_library", "export_c_weights", "export_c_draft", "
 #: Environment variable naming the shared library to use (overrides every other place).
 LIBRARY_ENV = "DOVETAIL_LIBRARY"
 C_WEIGHTS_MAGIC = b"DTWEIGHT"
-C_WEIGHTS_VERSION = 2
+C_WEIGHTS_VERSION = 3
 #: Weight dtype name -> ``dt_dtype`` code.
 C_DTYPE_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
 #: The container's code for the draft's int32 ``vocab_map`` (not a ``dt_dtype``).
@@ -186,13 +189,15 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
         raise ValueError(f"the model has {len(eos)} end-of-sequence ids; the container holds at most {_MAX_EOS}")
     tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]] = []
     for name in sorted(source.weights):
+        if name == "rope_freqs_long":  # (contexts past rope_long_context; see max_context below)
+            continue
         w = source.weights[name]
         if len(w.shape) == 1 and w.dtype != "f32":  # the engine reads norm vectors as float32
             tensors.append((name, C_DTYPE_CODES["f32"], w.shape, np.ascontiguousarray(dequantize(w), dtype=np.float32)))
         else:
             tensors.append((name, C_DTYPE_CODES[w.dtype], w.shape, np.ascontiguousarray(w.data)))
-    fixed = _fixed_header(cfg.vocab_size, cfg, cfg.max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id,
-                          eos)
+    max_context = min(cfg.max_context, cfg.rope_long_context or cfg.max_context)
+    fixed = _fixed_header(cfg.vocab_size, cfg, max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id, eos)
     return _write_container(out, fixed, tensors)
 
 
@@ -237,14 +242,14 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
 
 def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[int]) -> bytes:
     """The header fields after data_offset; ``shape`` has the layer fields of a model or
-    draft config (a draft has no Gemma 3 fields: zeros)."""
+    draft config (a draft has no Gemma 3 or LongRoPE fields: zeros)."""
     gelu = getattr(shape, "activation", "silu") == "gelu_tanh"
     return struct.pack("<7qffqiI8i", vocab_size, shape.hidden_size, shape.intermediate_size, shape.num_layers,
                        shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rope_theta, shape.rms_norm_eps,
                        max_context, bos, len(eos), *(list(eos) + [0] * (_MAX_EOS - len(eos)))) + \
-        struct.pack("<iiqqfI", int(gelu), int(getattr(shape, "scale_embeddings", False)),
+        struct.pack("<iiqqff", int(gelu), int(getattr(shape, "scale_embeddings", False)),
                     getattr(shape, "sliding_window", 0), getattr(shape, "sliding_window_pattern", 0),
-                    getattr(shape, "rope_theta_local", 0.0), 0)
+                    getattr(shape, "rope_theta_local", 0.0), float(getattr(shape, "rope_attn_factor", 0.0)))
 
 
 def _write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]

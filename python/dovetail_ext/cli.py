@@ -288,6 +288,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "activation": cfg.activation, "post_norms": cfg.post_norms, "sliding_window": cfg.sliding_window,
             "local_layers": sum(cfg.local_layer(i) for i in range(cfg.num_layers)),
             "attention_scale": f"1/sqrt({src.metadata.get('query_pre_attn_scalar', cfg.head_dim)})",
+            "rope_attn_factor": cfg.rope_attn_factor, "rope_long_context": cfg.rope_long_context,
             "tensor_dtypes": dtypes,
             "converted_at_load": src.metadata.get("converted", {}),
             "tokenizer_approximate": getattr(src.tokenizer, "approximate", None),

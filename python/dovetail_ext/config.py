@@ -49,6 +49,12 @@ class LlamaConfig:
     local layer, seeing only the keys of the last ``sliding_window`` positions, unless
     ``(i + 1) % sliding_window_pattern == 0`` (pattern 0: every layer is local); local layers
     rotate with ``rope_theta_local`` (0: ``rope_theta``) and without ``rope_freqs``.
+
+    LongRoPE (Phi-3 128k, Phi-3.5): ``rope_attn_factor`` multiplies RoPE's cos and sin (every
+    q . k by its square) in the global layers; ``rope_long_context`` > 0, the original
+    training context: an engine with a longer context rotates with the long factors (the
+    weight ``rope_freqs_long``), otherwise with the short ones (``rope_freqs``), chosen once
+    for the context size as llama.cpp chooses them.
     """
 
     vocab_size: int
@@ -74,6 +80,8 @@ class LlamaConfig:
     sliding_window: int = 0
     sliding_window_pattern: int = 0
     rope_theta_local: float = 0.0
+    rope_attn_factor: float = 1.0
+    rope_long_context: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -105,6 +113,12 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be a non-negative integer, got {value!r}")
         if not self.rope_theta_local >= 0:
             raise ValueError(f"LlamaConfig.rope_theta_local must be non-negative, got {self.rope_theta_local}")
+        if not 0 < self.rope_attn_factor < float("inf"):
+            raise ValueError(f"LlamaConfig.rope_attn_factor must be a positive number, got {self.rope_attn_factor}")
+        if not isinstance(self.rope_long_context, int) or isinstance(self.rope_long_context, bool) \
+                or self.rope_long_context < 0 or (self.rope_long_context and not self.rope_freq_factors):
+            raise ValueError(f"LlamaConfig.rope_long_context must be a non-negative integer, and needs "
+                             f"rope_freq_factors; got {self.rope_long_context!r}")
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         for t in self.eos_token_ids + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
             if not 0 <= t < self.vocab_size:

@@ -57,13 +57,14 @@ def rmsnorm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return (y * w.float()).to(x.dtype)
 
 
-def rope_tables(positions: Tensor, head_dim: int, theta: float,
-                dtype: torch.dtype = torch.float32, factors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32,
+                factors: Tensor | None = None, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Rotary-embedding cos/sin tables, as the native engine precomputes them.
 
     ``inv_freq[i] = theta ** (-2 i / Dh) / factors[i]`` for ``i < Dh/2`` (``factors``: the
     ``rope_freqs`` weight of LLaMA 3.1+, or None: all 1) and ``angle = pos * inv_freq``,
-    both in float64; cos and sin of the float64 angle are then rounded once to ``dtype``
+    both in float64; cos and sin of the float64 angle, times ``mscale`` (LongRoPE's attention
+    factor, ``LlamaConfig.rope_attn_factor``) in float64, are then rounded once to ``dtype``
     (float32 for the engine). Hugging Face computes the angle in float32, which at
     position p is off by up to about ``1e-6 * p`` radians; float64 angles keep large
     positions accurate to the final rounding.
@@ -78,10 +79,10 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float,
     if factors is not None:
         inv_freq = inv_freq / factors.to(device=positions.device, dtype=torch.float64)
     angle = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angle.cos().to(dtype), angle.sin().to(dtype)
+    return (angle.cos() * mscale).to(dtype), (angle.sin() * mscale).to(dtype)
 
 
-def rope(x: Tensor, positions: Tensor, theta: float, factors: Tensor | None = None) -> Tensor:
+def rope(x: Tensor, positions: Tensor, theta: float, factors: Tensor | None = None, mscale: float = 1.0) -> Tensor:
     """Rotary position embedding in the rotate-half layout (Hugging Face LLaMA).
 
     Element ``i < Dh/2`` pairs with ``i + Dh/2``; with c, s from :func:`rope_tables`
@@ -93,7 +94,7 @@ def rope(x: Tensor, positions: Tensor, theta: float, factors: Tensor | None = No
     each product and sum rounded in ``x.dtype`` (no fused multiply-add), as HF computes it.
 
     Args:
-        x: [T, H, Dh] float. positions: [T] integer. theta: RoPE base. factors: see
+        x: [T, H, Dh] float. positions: [T] integer. theta: RoPE base. factors, mscale: see
             :func:`rope_tables`.
     Returns:
         [T, H, Dh] in ``x.dtype``.
@@ -101,7 +102,7 @@ def rope(x: Tensor, positions: Tensor, theta: float, factors: Tensor | None = No
     T, H, Dh = x.shape
     if positions.shape != (T,):
         raise ValueError(f"rope: positions must have shape ({T},), got {tuple(positions.shape)}")
-    cos, sin = rope_tables(positions, Dh, theta, x.dtype, factors)
+    cos, sin = rope_tables(positions, Dh, theta, x.dtype, factors, mscale)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -388,6 +389,7 @@ class Attention(nn.Module):
         self.local = local
         self.theta = (config.rope_theta_local or config.rope_theta) if local else config.rope_theta
         rope_factors = None if local else rope_factors
+        self.mscale = 1.0 if local else config.rope_attn_factor
         self.wq, self.wk, self.wv, self.wo = (_frozen(w) for w in (wq, wk, wv, wo))
         self.biases = None if biases is None else nn.ParameterList(_frozen(b) for b in biases)
         self.rope_factors = None if rope_factors is None else _frozen(rope_factors)
@@ -406,8 +408,8 @@ class Attention(nn.Module):
         k = self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim)
         if self.qk_norm is not None:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
-        q = rope(q, positions, self.theta, f)
-        k = rope(k, positions, self.theta, f)
+        q = rope(q, positions, self.theta, f, self.mscale)
+        k = rope(k, positions, self.theta, f, self.mscale)
         v = self._project(x, self.wv, 2).view(T, c.num_kv_heads, c.head_dim)
         n_prefix = cache.n_past
         keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1), start)  # [KV, L, Dh]

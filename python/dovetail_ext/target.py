@@ -96,6 +96,9 @@ class TargetEngine:
             else:
                 dtype = w.dtype
             weights[name] = (dtype, tuple(w.shape), np.ascontiguousarray(data))
+        long_factors = weights.pop("rope_freqs_long", None)
+        if long_factors is not None and context > cfg.rope_long_context:  # (LongRoPE beyond the original context)
+            weights["rope_freqs"] = long_factors
         if not isinstance(gpu_layers, int) or isinstance(gpu_layers, bool) or not 0 <= gpu_layers < cfg.num_layers:
             raise ValueError(f"gpu_layers must be an integer in [0, {cfg.num_layers}) (at least one layer runs "
                              f"on the CPU), got {gpu_layers!r}")

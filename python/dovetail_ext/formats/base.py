@@ -24,6 +24,7 @@ Canonical names::
     blk.{i}.attn_q_norm       [Dh]     f32, only with ``config.qk_norm`` (Qwen3)
     blk.{i}.attn_k_norm       [Dh]
     rope_freqs                [Dh/2]   f32, only with ``config.rope_freq_factors`` (LLaMA 3.1+)
+    rope_freqs_long           [Dh/2]   f32, only with ``config.rope_long_context`` (LongRoPE)
 
 Phi-3 files store two fused matrices per layer (``stored_weight_shapes``), which the
 loaders split into the names above (``unfuse``)::
@@ -108,6 +109,8 @@ def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"token_embd": (V, D), "output_norm": (D,)}
     if cfg.rope_freq_factors:
         shapes["rope_freqs"] = (cfg.head_dim // 2,)
+    if cfg.rope_long_context:
+        shapes["rope_freqs_long"] = (cfg.head_dim // 2,)
     if not cfg.tie_word_embeddings:
         shapes["output"] = (V, D)
     for i in range(cfg.num_layers):

@@ -284,19 +284,26 @@ def _f32_decimal(value: float) -> float:
 
 
 def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
-            end_of_turn: int | None = None) -> LlamaConfig:
+            end_of_turn: int | None = None, longrope: bool = False) -> LlamaConfig:
     arch = meta.get("general.architecture", str, required=True)
     if arch not in ARCHITECTURES:
         raise FormatError(f"{meta.path}: architecture {arch!r} is not supported "
                           f"(supported: {', '.join(map(repr, ARCHITECTURES))})")
     a = arch + "."
     rope_scaling = meta.get(a + "rope.scaling.type", str, "none")
-    if rope_scaling not in ("none", "", "linear"):
+    if rope_scaling not in ("none", "", "linear") and not (longrope and rope_scaling in ("longrope", "su")):
         raise FormatError(f"{meta.path}: RoPE scaling {rope_scaling!r} is not supported")
     if rope_scaling == "linear" and rope_freqs:
         raise FormatError(f"{meta.path}: both linear RoPE scaling and a rope_freqs tensor")
     gemma = {}
     # (phi3.attention.sliding_window is left out, as llama.cpp leaves it out for Phi-3 files)
+    if longrope:  # Phi-3 LongRoPE: short and long factors (rope_factors_short / _long), the first for
+        # contexts up to the original one, as llama.cpp chooses, and an attention factor on cos and sin
+        limit = meta.get(a + "rope.scaling.original_context_length", int)
+        if not limit or limit < 1:
+            raise FormatError(f"{meta.path}: LongRoPE factors without {a}rope.scaling.original_context_length")
+        gemma = dict(rope_attn_factor=_f32_decimal(meta.get(a + "rope.scaling.attn_factor", (float, int), 1.0)),
+                     rope_long_context=limit)
     if arch == "gemma3":
         # As llama.cpp runs Gemma 3: every 6th layer global, the others local with RoPE base
         # 10000 (the 27B model's attention scale: see load()).
@@ -402,8 +409,8 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path,
         name = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
         if cfg.architecture == "phi3" and name.endswith(".ffn_up"):
             name = name[:-len("ffn_up")] + "ffn_gate_up"  # (Phi-3's gate and up, one matrix)
-        if cfg.architecture == "phi3" and name.startswith("rope_factors_"):
-            raise FormatError(f"{path}: Phi-3 LongRoPE ({t.name}) is not supported")
+        if cfg.architecture == "phi3" and name.startswith("rope_factors_"):  # LongRoPE's
+            name = {"rope_factors_short": "rope_freqs", "rope_factors_long": "rope_freqs_long"}.get(name, name)
         if name not in expected:
             raise FormatError(f"{path}: unexpected tensor {t.name} (not part of a plain "
                               f"{cfg.architecture} model)")
@@ -475,8 +482,10 @@ def load_gguf(path: str | Path) -> ModelSource:
     if len(tokens) > vocab_size:
         raise FormatError(f"{path}: {len(tokens)} tokens but token_embd.weight has {vocab_size} rows")
 
-    cfg = _config(meta, vocab_size, tied="output.weight" not in tensors, rope_freqs="rope_freqs.weight" in tensors,
-                  end_of_turn=tokens.index("<end_of_turn>") if "<end_of_turn>" in tokens else None)
+    longrope = "rope_factors_short.weight" in tensors or "rope_factors_long.weight" in tensors
+    cfg = _config(meta, vocab_size, tied="output.weight" not in tensors,
+                  rope_freqs="rope_freqs.weight" in tensors or longrope,
+                  end_of_turn=tokens.index("<end_of_turn>") if "<end_of_turn>" in tokens else None, longrope=longrope)
     per_layer = stored_tensors_per_layer(cfg)
     if cfg.num_layers * per_layer > len(tensors):  # before stored_weight_shapes() builds the names per layer
         raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs "

@@ -26,6 +26,7 @@ order, which is the canonical layout.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -214,12 +215,18 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
             raise FormatError(f"{path}: partial_rotary_factor {partial!r} (partial rotary embeddings) is not "
                               f"supported")
         window = get("sliding_window", int, 0)  # (transformers applies it in every layer)
-        if window:
+        if 0 < window < get("max_position_embeddings", int, 2048):  # (a larger one changes nothing)
             extra = dict(sliding_window=window, sliding_window_pattern=0)
     scaling = get("rope_scaling", dict, {}) or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", None, "llama3", "linear"):
+    if rope_type not in ("default", None, "llama3", "linear", "longrope"):
         raise FormatError(f"{path}: RoPE scaling {rope_type!r} is not supported")
+    longrope = None
+    if rope_type == "longrope":
+        if extra.get("sliding_window"):
+            raise FormatError(f"{path}: LongRoPE with a sliding window is not supported")
+        longrope, fields = _longrope(cfg, path, get, scaling)
+        extra = {**extra, **fields}
     for key in _LLAMA3_KEYS if rope_type == "llama3" else ("factor",) if rope_type == "linear" else ():
         get(key, (int, float), src=scaling)
     if rope_type == "linear" and not scaling["factor"] > 0:
@@ -249,10 +256,15 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
             architecture=arch,
             **ARCHITECTURES[arch],
             **extra,
-            rope_freq_factors=rope_type in ("llama3", "linear"),
+            rope_freq_factors=rope_type in ("llama3", "linear", "longrope"),
         )
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from e
+    if longrope is not None:
+        if longrope.shape[1] != config.head_dim // 2:
+            raise FormatError(f"{path}: LongRoPE short_factor has {longrope.shape[1]} entries, expected "
+                              f"{config.head_dim // 2} (head_dim / 2)")
+        return config, longrope
     if rope_type == "linear":  # positions divided by the factor: every frequency divided by it
         return config, np.full(config.head_dim // 2, float(scaling["factor"]), dtype=np.float32)
     if rope_type != "llama3":
@@ -262,6 +274,29 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
 
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _longrope(cfg: dict[str, Any], path: Path, get: Any, scaling: dict) -> tuple[np.ndarray, dict[str, Any]]:
+    """LongRoPE (Phi-3 128k, Phi-3.5) as transformers computes it: short and long factors (RoPE
+    frequency divisors; transformers takes the long ones once a sequence outgrows the original
+    context, the engine for a context larger than it, as llama.cpp does), and the attention
+    factor on cos and sin (given, or sqrt(1 + ln(factor) / ln(original)) with factor =
+    max_position_embeddings / original when above 1). Returns ([short, long] factors,
+    LlamaConfig fields)."""
+    original = get("original_max_position_embeddings", int, None, src=scaling) or \
+        get("original_max_position_embeddings", int)
+    short = scaling.get("short_factor")
+    if not (isinstance(short, list) and short and all(isinstance(f, (int, float)) and f > 0 for f in short)):
+        raise FormatError(f"{path}: LongRoPE short_factor must be a list of positive numbers, got {short!r}")
+    factor = get("factor", (int, float), None, src=scaling) or get("max_position_embeddings", int) / original
+    attn = get("attention_factor", (int, float), None, src=scaling)
+    if attn is None:
+        attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    long = scaling.get("long_factor")
+    if not (isinstance(long, list) and len(long) == len(short) and all(isinstance(f, (int, float)) and f > 0
+                                                                        for f in long)):
+        raise FormatError(f"{path}: LongRoPE long_factor must be a list of {len(short)} positive numbers, got {long!r}")
+    return np.asarray([short, long], dtype=np.float32), dict(rope_attn_factor=float(attn), rope_long_context=original)
 
 
 def _gemma3(cfg: dict[str, Any], path: Path, get: Any, rope: dict) -> tuple[dict, dict[str, Any]]:
@@ -429,7 +464,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
     if extra:  # a bias in a LLaMA checkpoint
         raise FormatError(f"{extra[0][1].path}: unexpected tensor {extra[0][0]} (not part of a plain "
                           f"{cfg.architecture} model)")
-    computed = {"rope_freqs"}  # from config.json, not a checkpoint tensor
+    computed = {"rope_freqs", "rope_freqs_long"}  # from config.json, not checkpoint tensors
     missing = [n for n in expected if n not in by_name and n not in computed]
     if missing:
         raise FormatError(f"{directory}: missing tensors for {', '.join(missing[:5])}"
@@ -454,6 +489,9 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
             raise FormatError(f"{st.path}: tensor {hf_name}: cannot store as {weights}: {e}") from e
 
     unfuse(loaded, cfg)
+    if cfg.rope_long_context:  # LongRoPE: [short, long]
+        loaded["rope_freqs_long"] = Weight("f32", expected["rope_freqs_long"], rope_factors[1])
+        rope_factors = rope_factors[0]
     if cfg.rope_freq_factors:
         loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], rope_factors)
     query_scalar = raw_cfg.get("query_pre_attn_scalar", 256) if gemma else None  # (transformers' default)
