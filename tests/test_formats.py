@@ -427,6 +427,24 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
             load_hf(tmp_path)
 
 
+def _tiny_phi3(tmp_path: Path, seed: int, **config: Any) -> tuple[Any, ModelSource]:
+    """A random Phi3ForCausalLM (norms around 1) saved by transformers, and load_hf of it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hc = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=1,
+                                 eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **config)
+    model = transformers.Phi3ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
+    return model, load_hf(tmp_path)
+
+
 @pytest.mark.parametrize("window", [0, 5])
 def test_hf_phi3_matches_transformers(tmp_path: Path, window: int) -> None:
     """A Phi3ForCausalLM saved by transformers: its fused qkv_proj and gate_up_proj split
@@ -434,22 +452,9 @@ def test_hf_phi3_matches_transformers(tmp_path: Path, window: int) -> None:
     sliding window, in every layer as transformers applies it. Partial rotary embeddings and
     LongRoPE are refused."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from dovetail_ext.target import TargetEngine
-    torch.manual_seed(5)
-    hc = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 original_max_position_embeddings=128, rms_norm_eps=1e-5,
-                                 sliding_window=window or None, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                 tie_word_embeddings=False)
-    model = transformers.Phi3ForCausalLM(hc).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
-    src = load_hf(tmp_path)
+    model, src = _tiny_phi3(tmp_path, 5, max_position_embeddings=128, original_max_position_embeddings=128,
+                            sliding_window=window or None)
     cfg = src.config
     assert (cfg.architecture, cfg.sliding_window, cfg.sliding_window_pattern) == ("phi3", window, 0)
     assert set(src.weights) == set(expected_weight_shapes(cfg))
@@ -479,23 +484,11 @@ def test_hf_phi3_longrope_matches_transformers(tmp_path: Path, attention_factor)
     engine with a longer context takes the long ones for every position, as llama.cpp does
     (transformers switches once the sequence outgrows the original context)."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from dovetail_ext.target import TargetEngine
-    torch.manual_seed(6)
     scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)], "long_factor": [9.0] * 8,
                **({"attention_factor": attention_factor} if attention_factor else {})}
-    hc = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                 original_max_position_embeddings=64, rope_scaling=scaling, rms_norm_eps=1e-5,
-                                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    model = transformers.Phi3ForCausalLM(hc).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
-    src = load_hf(tmp_path)
+    model, src = _tiny_phi3(tmp_path, 6, max_position_embeddings=1024, original_max_position_embeddings=64,
+                            rope_scaling=scaling)
     cfg = src.config
     want_factor = attention_factor or np.sqrt(1 + np.log(1024 / 64) / np.log(64))
     assert cfg.rope_long_context == 64 and abs(cfg.rope_attn_factor - want_factor) < 1e-9 and cfg.rope_freq_factors
