@@ -383,7 +383,6 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
     ``scalar``: query_pre_attn_scalar, the head_dim or, as in the 27B model, another."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from dovetail_ext.target import TargetEngine
     torch.manual_seed(3)
     kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
     hc = transformers.Gemma3TextConfig(
@@ -412,19 +411,37 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
     np.testing.assert_array_equal(src.weights["rope_freqs"].data, np.full(8, 4.0, np.float32))
     np.testing.assert_array_equal(src.weights["blk.1.post_ffw_norm"].data,
                                   model.model.layers[1].post_feedforward_layernorm.weight.detach().numpy() + 1)
-    ids = np.random.default_rng(0).integers(0, 96, 20)
-    got, _ = TargetEngine(src, context=32, threads=2).forward(ids, logit_rows=range(20))
+    _assert_logits_match(model, src)
+    _refused_when_changed(tmp_path, [
+        ("query_pre_attn_scalar", -4, "query_pre_attn_scalar -4 must be a positive number"),
+        ("query_pre_attn_scalar", "16", "query_pre_attn_scalar = '16' has the wrong type"),
+        ("final_logit_softcapping", 30.0, "final_logit_softcapping is not supported"),
+        ("hidden_activation", "relu", "activation 'relu' is not supported")])
+
+
+def _assert_logits_match(model: Any, src: ModelSource, n: int = 20, context: int = 32, seed: int = 0
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's logits over n random tokens equal the transformers model's (within 3e-4
+    of their largest); returns (ids, logits)."""
+    import torch
+
+    from dovetail_ext.target import TargetEngine
+    ids = np.random.default_rng(seed).integers(0, src.config.vocab_size, n)
+    got, _ = TargetEngine(src, context=context, threads=2).forward(ids, logit_rows=range(n))
     with torch.no_grad():
         want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
-    raw = json.loads((tmp_path / "config.json").read_text())
-    for key, value, message in [("query_pre_attn_scalar", -4, "query_pre_attn_scalar -4 must be a positive number"),
-                                ("query_pre_attn_scalar", "16", "query_pre_attn_scalar = '16' has the wrong type"),
-                                ("final_logit_softcapping", 30.0, "final_logit_softcapping is not supported"),
-                                ("hidden_activation", "relu", "activation 'relu' is not supported")]:
-        (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
+    return ids, want
+
+
+def _refused_when_changed(directory: Path, changes: list[tuple[str, Any, str]]) -> None:
+    """load_hf refuses the checkpoint with each (config.json key, value) set, naming it."""
+    raw = json.loads((directory / "config.json").read_text())
+    for key, value, message in changes:
+        (directory / "config.json").write_text(json.dumps({**raw, key: value}))
         with pytest.raises(FormatError, match=message):
-            load_hf(tmp_path)
+            load_hf(directory)
+    (directory / "config.json").write_text(json.dumps(raw))
 
 
 def _tiny_phi3(tmp_path: Path, seed: int, **config: Any) -> tuple[Any, ModelSource]:
@@ -450,9 +467,7 @@ def test_hf_phi3_matches_transformers(tmp_path: Path, window: int) -> None:
     """A Phi3ForCausalLM saved by transformers: its fused qkv_proj and gate_up_proj split
     into q / k / v and gate / up, and logits equal to transformers' over 20 tokens; with a
     sliding window, in every layer as transformers applies it. Partial rotary embeddings and
-    LongRoPE are refused."""
-    torch = pytest.importorskip("torch")
-    from dovetail_ext.target import TargetEngine
+    other RoPE scalings are refused."""
     model, src = _tiny_phi3(tmp_path, 5, max_position_embeddings=128, original_max_position_embeddings=128,
                             sliding_window=window or None)
     cfg = src.config
@@ -463,17 +478,9 @@ def test_hf_phi3_matches_transformers(tmp_path: Path, window: int) -> None:
     np.testing.assert_array_equal(src.weights["blk.1.attn_k"].data, qkv[64:96])
     np.testing.assert_array_equal(src.weights["blk.1.ffn_gate"].data, gate_up[:96])
     np.testing.assert_array_equal(src.weights["blk.1.ffn_up"].data, gate_up[96:])
-    ids = np.random.default_rng(0).integers(0, 96, 20)
-    got, _ = TargetEngine(src, context=32, threads=2).forward(ids, logit_rows=range(20))
-    with torch.no_grad():
-        want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
-    np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
-    raw = json.loads((tmp_path / "config.json").read_text())
-    for key, value, message in [("partial_rotary_factor", 0.75, "partial_rotary_factor 0.75"),
-                                ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "RoPE scaling 'yarn'")]:
-        (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
-        with pytest.raises(FormatError, match=message):
-            load_hf(tmp_path)
+    _assert_logits_match(model, src)
+    _refused_when_changed(tmp_path, [("partial_rotary_factor", 0.75, "partial_rotary_factor 0.75"),
+                                 ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "RoPE scaling 'yarn'")])
 
 
 @pytest.mark.parametrize("attention_factor", [None, 1.25])
@@ -494,12 +501,9 @@ def test_hf_phi3_longrope_matches_transformers(tmp_path: Path, attention_factor)
     assert cfg.rope_long_context == 64 and abs(cfg.rope_attn_factor - want_factor) < 1e-9 and cfg.rope_freq_factors
     np.testing.assert_array_equal(src.weights["rope_freqs"].data, np.float32(scaling["short_factor"]))
     np.testing.assert_array_equal(src.weights["rope_freqs_long"].data, np.float32(scaling["long_factor"]))
-    ids = np.random.default_rng(2).integers(0, 96, 40)
-    got, _ = TargetEngine(src, context=64, threads=2).forward(ids, logit_rows=range(40))
+    ids, want = _assert_logits_match(model, src, n=40, context=64, seed=2)
     with torch.no_grad():
-        want = model(torch.from_numpy(ids)[None]).logits[0].numpy()
         long_rope = model(torch.from_numpy(np.concatenate([ids, ids, [5]]))[None]).logits[0, :40].numpy()
-    np.testing.assert_allclose(got, want, rtol=0, atol=3e-4 * np.abs(want).max())
     # (81 tokens: transformers recomputes every position with the long factors)
     beyond, _ = TargetEngine(src, context=128, threads=2).forward(ids, logit_rows=range(40))
     np.testing.assert_allclose(beyond, long_rope, rtol=0, atol=3e-4 * np.abs(want).max())
