@@ -97,7 +97,7 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
                          p + "attn_v.bias": (KV * Dh,)})
         if arch in ("qwen3", "gemma3"):
             want.update({p + "attn_q_norm": (Dh,), p + "attn_k_norm": (Dh,)})
-        if arch == "gemma3":
+        if arch in ("gemma2", "gemma3"):
             want.update({p + "post_attention_norm": (D,), p + "post_ffw_norm": (D,)})
     want.update(shapes or {})
     qtypes = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}

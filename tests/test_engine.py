@@ -291,6 +291,51 @@ def test_gemma3_matches_reference(isa, dtype):
         assert np.abs(changed - got).max() > 0.01 * np.abs(got).max(), other
 
 
+def _gemma2_config(window: int = 4, layers: int = 4):
+    """A Gemma 2 config: Gemma 3's layers without the head norms, even layers local with the
+    one RoPE base, scores and logits soft-capped (small caps, so that they bite)."""
+    import dataclasses
+    return dataclasses.replace(tiny_config(gqa=3, tied=False, window=window, layers=layers), architecture="gemma2",
+                               qk_norm=False, sliding_window_pattern=2, rope_theta_local=0.0,
+                               attn_logit_softcapping=1.5, final_logit_softcapping=2.0)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q4_1"])
+def test_gemma2_matches_reference(isa, dtype):
+    """Gemma 2's soft-capped scores and logits against the twin; without either cap the
+    model differs."""
+    import dataclasses
+    cfg = _gemma2_config()
+    w = random_weights(cfg, seed=37)
+    src = make_source(cfg, w, dtype, embd_dtype="q8_0" if dtype.startswith("q") else None)
+    ids = np.random.default_rng(10).integers(0, cfg.vocab_size, 15)
+    assert_matches_reference(src, ids, tol=3e-4 if dtype == "f32" else 4e-2)
+    got, _ = TargetEngine(src, context=32).forward(ids, logit_rows=range(15))
+    assert np.abs(got).max() <= 2.0
+    for other in (dataclasses.replace(cfg, attn_logit_softcapping=0.0),
+                  dataclasses.replace(cfg, final_logit_softcapping=0.0)):
+        changed, _ = TargetEngine(dataclasses.replace(src, config=other), context=32).forward(ids, logit_rows=range(15))
+        assert np.abs(changed - got).max() > 0.01 * np.abs(got).max(), other
+    with pytest.raises(ValueError, match=r"soft-capped attention \(Gemma 2\) runs on the CPU only"):
+        TargetEngine(src, context=32, gpu_layers=1, device="emulated")
+
+
+def test_gemma2_decode_equals_prefill(isa):
+    """Bitwise batch invariance with soft-capped scores: one token at a time (the key
+    chunks split between the threads) gives the logits of one 300-token prefill."""
+    cfg = _gemma2_config(window=150, layers=2)
+    src = make_source(cfg, random_weights(cfg, seed=41), "q4_1")
+    ids = np.random.default_rng(11).integers(0, cfg.vocab_size, 300)
+    whole, _ = TargetEngine(src, context=320, threads=2, max_batch=300).forward(ids, logit_rows=[260, 299])
+    eng = TargetEngine(src, context=320, threads=2, max_batch=300)
+    eng.forward(ids[:260]); eng.commit()
+    rows = []
+    for t in range(260, 300):
+        logits, _ = eng.forward(ids[t:t + 1], logit_rows=[0]); eng.commit()
+        rows.append(logits[0])
+    np.testing.assert_array_equal(whole, np.stack([rows[0], rows[-1]]))
+
+
 def test_gemma3_weights_must_match_the_config():
     import dataclasses
     cfg = tiny_config(window=4)

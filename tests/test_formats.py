@@ -184,6 +184,38 @@ def test_tiny_gemma3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
         np.testing.assert_array_equal(src.weights[f"blk.{i}.attn_k_norm"].data, originals[f"blk.{i}.attn_k_norm"])
 
 
+def test_tiny_gemma2_gguf(tmp_path: Path, llama_gguf_writer) -> None:
+    """gemma2.* metadata as llama.cpp runs it: post norms, GELU gate, scaled embeddings, even
+    layers local with the file's window and the one RoPE base, soft-capping from the file
+    (50 and 30 where it leaves them out); the 46-layer 27B model is refused."""
+    from dovetail_ext.formats.tokenizer import GEMMA_TEMPLATE
+
+    def meta(w):
+        w.add_sliding_window(32)
+        w.add_float32("gemma2.attn_logit_softcapping", 20.0)
+        w.add_float32("gemma2.final_logit_softcapping", 10.0)
+
+    originals = llama_gguf_writer(tmp_path / "g.gguf", arch="gemma2", dtype="f32", n_layers=3, meta=meta)
+    src = load_gguf(tmp_path / "g.gguf")
+    cfg = src.config
+    assert (cfg.architecture, cfg.qk_norm, cfg.post_norms, cfg.activation, cfg.scale_embeddings) == \
+        ("gemma2", False, True, "gelu_tanh", True)
+    assert (cfg.sliding_window, cfg.sliding_window_pattern, cfg.rope_theta_local) == (32, 2, 0.0)
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (20.0, 10.0)
+    assert set(src.weights) == set(originals) == set(expected_weight_shapes(cfg))
+    assert src.chat_template == GEMMA_TEMPLATE
+    llama_gguf_writer(tmp_path / "d.gguf", arch="gemma2", dtype="f32", n_layers=2, meta=lambda w: w.add_sliding_window(8))
+    assert (load_gguf(tmp_path / "d.gguf").config.attn_logit_softcapping,
+            load_gguf(tmp_path / "d.gguf").config.final_logit_softcapping) == (50.0, 30.0)
+    llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma2", dtype="f32", hidden=32, n_head=2, n_kv=1, ffn=32,
+                      n_layers=46)
+    with pytest.raises(FormatError, match="Gemma 2 27B"):
+        load_gguf(tmp_path / "g27.gguf")
+    from dovetail_ext.capi import export_c_weights
+    with pytest.raises(ValueError, match=r"soft-capping \(Gemma 2\) has no place in the C API"):
+        export_c_weights(tmp_path / "g.dtw", tmp_path / "g.gguf")
+
+
 def _k_blocks(qtype):
     from conftest import random_k_blocks
 
@@ -417,6 +449,43 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
         ("query_pre_attn_scalar", "16", "query_pre_attn_scalar = '16' has the wrong type"),
         ("final_logit_softcapping", 30.0, "final_logit_softcapping is not supported"),
         ("hidden_activation", "relu", "activation 'relu' is not supported")])
+
+
+@pytest.mark.parametrize("final_cap", [3.0, None])
+def test_hf_gemma2_matches_transformers(tmp_path: Path, final_cap) -> None:
+    """A Gemma2ForCausalLM saved by transformers: its soft-capped scores and logits (caps
+    small enough to bite: without either the logits differ; a null final cap is off), a window of 6 in every other layer, norms
+    stored as 1 + w, logits equal to transformers' over 20 tokens. Another attention scale
+    (the 27B model's) is refused."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    hc = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                   sliding_window=6, attn_logit_softcapping=0.02, final_logit_softcapping=final_cap,
+                                   max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                   attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
+    src = load_hf(tmp_path)
+    cfg = src.config
+    assert (cfg.architecture, cfg.qk_norm, cfg.post_norms, cfg.sliding_window, cfg.sliding_window_pattern,
+            cfg.rope_theta_local, cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == \
+        ("gemma2", False, True, 6, 2, 0.0, 0.02, final_cap or 0.0)
+    assert [cfg.local_layer(i) for i in range(4)] == [True, False, True, False]
+    _assert_logits_match(model, src)
+    import dataclasses  # (the caps bite: 2.6% of the logits' range without the score cap, 1.2% without the final)
+    for other in (dataclasses.replace(cfg, attn_logit_softcapping=0.0), dataclasses.replace(cfg, final_logit_softcapping=0.0)):
+        if other != cfg:
+            with pytest.raises(AssertionError):
+                _assert_logits_match(model, dataclasses.replace(src, config=other))
+    _refused_when_changed(tmp_path, [("query_pre_attn_scalar", 24, "query_pre_attn_scalar 24 differs from head_dim 16"),
+                                     ("attn_logit_softcapping", -1.0, "attn_logit_softcapping = -1.0 must be")])
 
 
 def _assert_logits_match(model: Any, src: ModelSource, n: int = 20, context: int = 32, seed: int = 0

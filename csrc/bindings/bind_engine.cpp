@@ -45,6 +45,7 @@ LayerDims layer_dims(const py::dict& cfg) {
   if (cfg.contains("sliding_window_pattern")) d.swa_pattern = get_int(cfg, "sliding_window_pattern");
   if (cfg.contains("rope_theta_local")) d.rope_theta_local = get_float(cfg, "rope_theta_local");
   if (cfg.contains("rope_attn_factor")) d.rope_mscale = get_float(cfg, "rope_attn_factor");  // LongRoPE
+  if (cfg.contains("attn_logit_softcapping")) d.attn_softcap = get_float(cfg, "attn_logit_softcapping");  // Gemma 2
   return d;
 }
 
@@ -162,6 +163,7 @@ void bind_engine(py::module_& m) {
                        int threads, const std::string& kv_dtype, int64_t first_layer) {
              LlamaParams p{get_int(cfg, "vocab_size"), get_int(cfg, "num_layers"), layer_dims(cfg), first_layer,
                            get_flag(cfg, "scale_embeddings")};
+             if (cfg.contains("final_logit_softcapping")) p.final_softcap = get_float(cfg, "final_logit_softcapping");
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
@@ -483,6 +485,7 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
                        int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
              LayerDims d = layer_dims(cfg);  // (biases, norms, gate and windows as the CPU layers)
+             DT_CHECK(d.attn_softcap == 0.0f, "gpu_layers: soft-capped attention (Gemma 2) runs on the CPU only");
              const float embed_scale = get_flag(cfg, "scale_embeddings") ? std::sqrt((float)d.dim) : 1.0f;
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;

@@ -168,6 +168,16 @@ void bind_ops(py::module_& m) {
         }, py::arg("gate"), py::arg("up"), doc);
   }
 
+  m.def("softcap", [](const py::handle& x_obj, float cap) {
+        auto x = as_array<float>(x_obj, "x");
+        DT_CHECK(std::isfinite(cap) && cap > 0, "cap must be a positive number");
+        std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+        py::array_t<float> y(shape);
+        std::memcpy(y.mutable_data(), x.data(), sizeof(float) * x.size());
+        softcap(y.mutable_data(), x.size(), cap);
+        return y;
+      }, py::arg("x"), py::arg("cap"), "Gemma 2's soft-capping: cap * tanh(x / cap).");
+
   m.def("dgf_gate", [](const py::handle& h1_obj, const py::handle& a_obj, const py::handle& z_obj) {
         auto h1 = as_array<float>(h1_obj, "h1");
         auto a = as_array<float>(a_obj, "a");

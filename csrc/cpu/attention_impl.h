@@ -33,6 +33,7 @@ inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, flo
 
   // Pass 1: scores of every slot up to the last visible one; keep the visible ones.
   Kern::tile_scores(q, kbase, attention_stride(a.n_past + last + 1) / kKTile, Dh, scale, scores);
+  if (a.softcap > 0) dovetail::softcap(scores, attention_stride(a.n_past + last + 1), a.softcap);
   if (lo > 0) std::memmove(scores, scores + lo, sizeof(float) * (a.n_past - lo));
   int64_t n = a.n_past - lo;
   auto visible = [&](int64_t j) { return ((bits[j >> 6] >> (j & 63)) & 1u) && !outside_window(a, t, j); };
@@ -279,6 +280,8 @@ class ChunkedRows {
     for (; i + Rows::kTiles <= ntiles; i += Rows::kTiles)
       Rows::template scores<Rows::kTiles>(q_, R_, k + i * tile, Dh_, scale_, at(i));
     for (; i < ntiles; ++i) Rows::template scores<1>(q_, R_, k + i * tile, Dh_, scale_, at(i));
+    if (a_.softcap > 0)
+      for (int64_t r = 0; r < R_; ++r) dovetail::softcap(sc_[r], ntiles * kKTile, a_.softcap);
   }
   // The record of the scores s[0 .. n), turned into softmax weights in place. The keys
   // with out[i] set (out may be null: none) are outside the sliding window: they keep their

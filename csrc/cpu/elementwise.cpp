@@ -72,6 +72,16 @@ void geglu(const float* g, const float* u, float* out, int64_t n) {
     out[i] = g[i] / (1.0f + std::exp(-gelu_arg(g[i]))) * u[i];
 }
 
+void softcap(float* x, int64_t n, float cap) {
+  switch (active_isa()) {
+    case Isa::Avx512: return avx512::softcap(x, n, cap);
+    case Isa::Avx2: return avx2::softcap(x, n, cap);
+    case Isa::Scalar: break;
+  }
+  const float k = -2.0f / cap;
+  for (int64_t i = 0; i < n; ++i) x[i] = cap * (2.0f / (1.0f + std::exp(k * x[i])) - 1.0f);
+}
+
 void dgf_silu_rows(const float* a, float* h2, int64_t D) {
   for (int64_t i = 0; i < D; ++i) h2[i] = dgf_silu(a[i]);
 }

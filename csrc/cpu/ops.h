@@ -111,6 +111,8 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 // out = gelu_tanh(g) * u (GeGLU, Gemma), as g / (1 + exp(-a(g))) * u (common/gelu.h).
 void geglu(const float* g, const float* u, float* out, int64_t n);
+// Soft-capping (Gemma 2), in place: x = cap tanh(x / cap), as cap (2 / (1 + exp(-2 x / cap)) - 1).
+void softcap(float* x, int64_t n, float cap);
 
 // Dynamic Gating Fusion, row-wise over D channels (see common/dgf_math.h):
 // h2 = SiLU(a); g = sigmoid(zpre) * h1 + (1 - sigmoid(zpre)) * h2.
@@ -184,6 +186,8 @@ struct AttentionArgs {
   int64_t window = 0;
   const int32_t* positions = nullptr;          // [T]
   const int32_t* scratch_positions = nullptr;  // [n_prev + T]
+  // Gemma 2: every score (q . k / sqrt(Dh)) soft-capped to softcap tanh(score / softcap); 0: none.
+  float softcap = 0.0f;
 };
 // Whether scratch row j is outside token t's window.
 inline bool outside_window(const AttentionArgs& a, int64_t t, int64_t j) {
@@ -214,6 +218,7 @@ int quantize_block(const float* x, int8_t* q, float* d);
 bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double* lanes);
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 void geglu(const float* g, const float* u, float* out, int64_t n);
+void softcap(float* x, int64_t n, float cap);
 int64_t argmax(const float* x, int64_t n);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
@@ -234,6 +239,7 @@ int64_t argmax(const float* x, int64_t n);
 // on where it sits (batch invariance). geglu likewise.
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 void geglu(const float* g, const float* u, float* out, int64_t n);
+void softcap(float* x, int64_t n, float cap);
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
 // Query rows r0..r1 (at most 16) of KV head kvh, row r = (token r / G, head kvh * G + r % G),

@@ -57,6 +57,7 @@ void LlamaEngine::run(const int32_t* positions, int64_t T, const uint8_t* anc, c
     for (int64_t i = 0; i < n_logits; ++i)
       rmsnorm(x_.data() + logit_rows[i] * D, out_norm_.data(), rows_.data() + i * D, 1, D, p_.layer.eps);
     stack_->linear_rows(*lm_head_, rows_.data(), n_logits, logits, true);
+    if (p_.final_softcap > 0) softcap(logits, n_logits * p_.vocab, p_.final_softcap);
   }
 }
 

@@ -25,6 +25,7 @@ struct LlamaParams {
   // model/device_engine.h), whose hidden states forward_hidden takes.
   int64_t first_layer = 0;
   bool scale_embeddings = false;  // Gemma 3: token embeddings times sqrt(dim) (rounded to fp32)
+  float final_softcap = 0.0f;     // Gemma 2: logits soft-capped, cap tanh(logit / cap); 0: none
 };
 
 // forward / commit / truncate lock the engine: concurrent callers are serialized.

@@ -243,6 +243,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
   aa.q = q_.data(); aa.kv_type = kv_.type(); aa.S = kv_.slots(); aa.n_past = n_past_; aa.n_prev = P; aa.T = T;
   aa.H = H; aa.KV = KV; aa.Dh = Dh; aa.anc = bits; aa.anc_words = words; aa.out = att_.data();
   aa.scratch = scores_.data();
+  aa.softcap = d_.attn_softcap;
 
   for (size_t l = 0; l < layers_.size(); ++l) {
     LayerWeights& L = layers_[l];

@@ -27,6 +27,8 @@ struct LayerDims {
   std::vector<float> rope_factors;
   // RoPE's cos and sin times this (LongRoPE's attention factor: every q . k times its square).
   float rope_mscale = 1.0f;
+  // Gemma 2: attention scores soft-capped (cap tanh(s / cap)); 0: none. (Final logits: LlamaParams.)
+  float attn_softcap = 0.0f;
   // Gemma 3: an RMSNorm on each block's output before its residual add (weights
   // blk.{i}.post_attention_norm / post_ffw_norm), and a GELU (tanh) gate instead of SiLU.
   bool post_norms = false;

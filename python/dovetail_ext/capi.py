@@ -171,19 +171,22 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
 
     Args:
         out: the file to write (replaced atomically).
-        model: a GGUF file or Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 3, Phi-3); None for the default model.
+        model: a GGUF file or Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 2 and 3, Phi-3); None for the default model.
     Returns:
         the path written.
     Raises:
         ModelNotFoundError / FileNotFoundError / FormatError: as
             :func:`dovetail_ext.formats.load_model_source`.
-        ValueError: the model has more than 8 end-of-sequence ids.
+        ValueError: the model has more than 8 end-of-sequence ids, or soft-caps (Gemma 2).
     """
     from .formats import load_model_source
     from .quant import dequantize
 
     source = load_model_source(model)
     cfg = source.config
+    if cfg.attn_logit_softcapping or cfg.final_logit_softcapping:
+        raise ValueError(f"{source.path}: soft-capping (Gemma 2) has no place in the C API's config yet; "
+                         "run this model from Python")
     eos = list(dict.fromkeys([*cfg.eos_token_ids, *(source.tokenizer.eos_ids if source.tokenizer else ())]))
     if len(eos) > _MAX_EOS:
         raise ValueError(f"the model has {len(eos)} end-of-sequence ids; the container holds at most {_MAX_EOS}")

@@ -14,7 +14,8 @@ __all__ = ["LlamaConfig", "ARCHITECTURES", "ACTIVATIONS"]
 #: The decoders the engine runs (GGUF ``general.architecture`` / Hugging Face ``model_type``)
 #: and the LlamaConfig fields each one sets: Qwen2 adds q/k/v biases, Qwen3 q/k head norms,
 #: Gemma 3 q/k head norms, post norms, a GELU gate and scaled embeddings (its sliding-window
-#: layers come from the GGUF metadata or config.json); Phi-3 is LLaMA with fused q|k|v and
+#: layers come from the GGUF metadata or config.json); Gemma 2 is Gemma 3 without the head
+#: norms, with soft-capped attention scores and logits; Phi-3 is LLaMA with fused q|k|v and
 #: gate|up matrices in its files, which the loaders split. Hugging Face model types map to
 #: these names in ``formats.hf`` (``gemma3_text`` is "gemma3").
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -24,6 +25,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gemma3": {"attention_bias": False, "qk_norm": True, "post_norms": True, "activation": "gelu_tanh",
                "scale_embeddings": True},
     "phi3": {"attention_bias": False, "qk_norm": False},
+    "gemma2": {"attention_bias": False, "qk_norm": False, "post_norms": True, "activation": "gelu_tanh",
+               "scale_embeddings": True},
 }
 #: The FFN gates: silu (SwiGLU) and gelu_tanh (GeGLU, GELU with the tanh approximation).
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -55,6 +58,9 @@ class LlamaConfig:
     training context: an engine with a longer context rotates with the long factors (the
     weight ``rope_freqs_long``), otherwise with the short ones (``rope_freqs``), chosen once
     for the context size as llama.cpp chooses them.
+
+    Gemma 2: ``attn_logit_softcapping`` / ``final_logit_softcapping`` > 0 soft-cap the
+    attention scores (after the 1/sqrt(head_dim) scale) and the logits: x -> cap tanh(x / cap).
     """
 
     vocab_size: int
@@ -82,6 +88,8 @@ class LlamaConfig:
     rope_theta_local: float = 0.0
     rope_attn_factor: float = 1.0
     rope_long_context: int = 0
+    attn_logit_softcapping: float = 0.0
+    final_logit_softcapping: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -113,6 +121,9 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be a non-negative integer, got {value!r}")
         if not self.rope_theta_local >= 0:
             raise ValueError(f"LlamaConfig.rope_theta_local must be non-negative, got {self.rope_theta_local}")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"LlamaConfig.{name} must be a number >= 0 (0: none), got {getattr(self, name)!r}")
         if not 0 < self.rope_attn_factor < float("inf"):
             raise ValueError(f"LlamaConfig.rope_attn_factor must be a positive number, got {self.rope_attn_factor}")
         if not isinstance(self.rope_long_context, int) or isinstance(self.rope_long_context, bool) \

@@ -135,8 +135,13 @@ def causal_ancestors(T: int) -> Tensor:
     return torch.ones(T, T, dtype=torch.bool).tril()
 
 
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """Gemma 2's soft-capping, ``cap * tanh(x / cap)`` (``cap`` 0: x unchanged)."""
+    return x if not cap else cap * torch.tanh(x / cap)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor,
-              prefix_start: Tensor | None = None) -> Tensor:
+              prefix_start: Tensor | None = None, softcap_scores: float = 0.0) -> Tensor:
     """Grouped-query attention of a token batch over a committed prefix plus scratch rows.
 
     Keys ``0 .. n_prefix-1`` are the committed cache and are visible to every query; key
@@ -153,6 +158,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor,
         ancestors: bool [T, S], S >= T; every query must see at least one key.
         prefix_start: long [T] or None: query t sees the committed keys from
             ``prefix_start[t]`` on only (a sliding window; None: all of them).
+        softcap_scores: Gemma 2's cap on the scaled scores (:func:`softcap`; 0: none).
     Returns:
         [T, H, Dh] in ``q.dtype``.
     """
@@ -180,7 +186,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor,
     G = H // KV
     qg = q.reshape(T, KV, G, Dh)  # head h = kv * G + g
     k, v = k.to(q.dtype), v.to(q.dtype)
-    scores = torch.einsum("tkgd,kld->kgtl", qg, k) * Dh ** -0.5  # [KV, G, T, L]
+    scores = softcap(torch.einsum("tkgd,kld->kgtl", qg, k) * Dh ** -0.5, softcap_scores)  # [KV, G, T, L]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("kgtl,kld->tkgd", probs, v)  # [T, KV, G, Dh]
@@ -416,7 +422,7 @@ class Attention(nn.Module):
         prefix_start = None
         if self.local:  # (committed slot j holds position j; the caller windowed the scratch rows)
             prefix_start = positions.to(torch.long) - c.sliding_window + 1
-        out = attention(q, keys, values, n_prefix, ancestors, prefix_start)  # [T, H, Dh]
+        out = attention(q, keys, values, n_prefix, ancestors, prefix_start, c.attn_logit_softcapping)  # [T, H, Dh]
         return linear(out.reshape(T, c.q_size), self.wo)
 
 
@@ -554,7 +560,7 @@ class LlamaReference(nn.Module):
             x = layer(x, positions, local_ancestors if c.local_layer(i) else ancestors, cache, i, start)
         features = self.norm(x)
         head = self.output if self.output is not None else self.tok_embeddings
-        return linear(features, head), features
+        return softcap(linear(features, head), c.final_logit_softcapping), features
 
 
 @torch.no_grad()

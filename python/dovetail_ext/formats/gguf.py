@@ -1,8 +1,8 @@
 """GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
 
-What it is: config from the ``llama.*``, ``qwen2.*``, ``qwen3.*``, ``gemma3.*`` or ``phi3.*``
-metadata (Qwen2 is LLaMA with a bias on the q / k / v projections, Qwen3 with an RMSNorm on
-every q / k head instead, Gemma 3 see ``config.LlamaConfig``, Phi-3 LLaMA with fused
+What it is: config from the ``llama.*``, ``qwen2.*``, ``qwen3.*``, ``gemma2.*``, ``gemma3.*`` or
+``phi3.*`` metadata (Qwen2 is LLaMA with a bias on the q / k / v projections, Qwen3 with an
+RMSNorm on every q / k head instead, Gemma 2 and 3 see ``config.LlamaConfig``, Phi-3 LLaMA with fused
 ``attn_qkv`` and gate|up ``ffn_up`` matrices; LLaMA 3.1+ files carry
 ``rope_freqs``, the divisors of the RoPE frequencies, and linear RoPE scaling becomes the
 same divisors), every tensor the engine executes (F32, F16, BF16,
@@ -309,6 +309,15 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
         # 10000 (the 27B model's attention scale: see load()).
         gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=6,
                      rope_theta_local=10000.0)
+    if arch == "gemma2":
+        # As llama.cpp runs Gemma 2: even layers local (pattern 2) with the one RoPE base, the
+        # scores and logits soft-capped (50 and 30 where the file leaves them out); the
+        # 46-layer 27B model scales scores by 1/sqrt(hidden / heads), which has no place here.
+        if meta.get(a + "block_count", int, 0) == 46:
+            raise FormatError(f"{meta.path}: Gemma 2 27B (query_pre_attn_scalar != head_dim) is not supported")
+        gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=2,
+                     attn_logit_softcapping=_f32_decimal(meta.get(a + "attn_logit_softcapping", (float, int), 50.0)),
+                     final_logit_softcapping=_f32_decimal(meta.get(a + "final_logit_softcapping", (float, int), 30.0)))
     if meta.get(a + "expert_count", int, 0):
         raise FormatError(f"{meta.path}: mixture-of-experts models are not supported")
     hidden = meta.get(a + "embedding_length", int, required=True)
@@ -327,7 +336,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
         t = meta.get(key, int)
         if t is not None and t not in eos:
             eos.append(t)
-    if arch == "gemma3" and end_of_turn is not None and end_of_turn not in eos:
+    if arch in ("gemma2", "gemma3") and end_of_turn is not None and end_of_turn not in eos:
         eos.append(end_of_turn)  # (a turn's end, which llama.cpp also stops at)
     try:
         return LlamaConfig(
@@ -455,7 +464,7 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path,
 
 
 def load_gguf(path: str | Path) -> ModelSource:
-    """Loads a LLaMA-, Qwen2-, Qwen3-, Gemma 3- or Phi-3-architecture GGUF file (Phi-3's
+    """Loads a LLaMA-, Qwen2-, Qwen3-, Gemma 2-, Gemma 3- or Phi-3-architecture GGUF file (Phi-3's
     fused matrices split into views of the file; LongRoPE files refused).
 
     Returns:
@@ -496,7 +505,7 @@ def load_gguf(path: str | Path) -> ModelSource:
         fold_query_scale(weights, cfg, query_scalar, str(path))
 
     chat_template = meta.get("tokenizer.chat_template", str)
-    if chat_template is None and cfg.architecture == "gemma3":
+    if chat_template is None and cfg.architecture in ("gemma2", "gemma3"):
         chat_template = GEMMA_TEMPLATE  # (as llama.cpp, which recognizes Gemma files without one)
     tokenizer = tokenizer_from_gguf_vocab(
         model=meta.get("tokenizer.ggml.model", str, required=True),

@@ -1,4 +1,4 @@
-"""Hugging Face loader: a LLaMA, Qwen2, Qwen3, Gemma 3 or Phi-3 checkpoint directory -> :class:`ModelSource`.
+"""Hugging Face loader: a LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 checkpoint directory -> :class:`ModelSource`.
 
 What it is: ``config.json`` (``LlamaForCausalLM``; ``Qwen2ForCausalLM``: LLaMA with q/k/v
 biases; ``Qwen3ForCausalLM``: LLaMA with q/k head norms; ``Gemma3ForCausalLM``, model_type
@@ -59,7 +59,7 @@ _LAYER_NAMES = {
     "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_gate_up",  # (Phi-3's fused matrices)
 }
-# Gemma 3's four norms per layer: post_attention_layernorm is the attention output's.
+# Gemma 2 and 3: four norms per layer: post_attention_layernorm is the attention output's.
 _GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_layernorm": "post_attention_norm",
                       "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -160,7 +160,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+               "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 _ARCH_OF = {"gemma3_text": "gemma3"}  # model_type -> our architecture name, where they differ
 
 
@@ -172,7 +172,7 @@ def _hf_arch(cfg: dict[str, Any], path: Path) -> str:
     arch = next((a for a, c in _HF_CLASSES.items() if model_type == a or c in archs), None)
     if arch is None:
         raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
-                          f"LLaMA, Qwen2, Qwen3, Gemma 3 or Phi-3 model (model_type "
+                          f"LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 model (model_type "
                           f"{' / '.join(map(repr, _HF_CLASSES))}, {' / '.join(_HF_CLASSES.values())})")
     return _ARCH_OF.get(arch, arch)
 
@@ -196,7 +196,7 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
                               f"(expected {getattr(kind, '__name__', 'a number')})")
         return value
 
-    gemma = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
     act = get("hidden_activation", str, None) or get("hidden_act", str, "silu")
     if act != ("gelu_pytorch_tanh" if gemma else "silu"):
         raise FormatError(f"{path}: activation {act!r} is not supported "
@@ -208,7 +208,7 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
     rope = get("rope_parameters", dict, {})
     extra: dict[str, Any] = {}
     if gemma:
-        rope, extra = _gemma3(cfg, path, get, rope)
+        rope, extra = _gemma(cfg, path, get, rope, arch)
     if arch == "phi3":  # (transformers >= 5 keeps partial_rotary_factor in rope_parameters)
         partial = get("partial_rotary_factor", (int, float), get("partial_rotary_factor", (int, float), 1.0, src=rope))
         if partial != 1.0:
@@ -299,18 +299,32 @@ def _longrope(cfg: dict[str, Any], path: Path, get: Any, scaling: dict) -> tuple
     return np.asarray([short, long], dtype=np.float32), dict(rope_attn_factor=float(attn), rope_long_context=original)
 
 
-def _gemma3(cfg: dict[str, Any], path: Path, get: Any, rope: dict) -> tuple[dict, dict[str, Any]]:
-    """Gemma 3's keys: the global layers' RoPE parameters (what LLaMA's keys would say) and
-    the LlamaConfig fields of its local layers. Refuses what the engine does not run: logit
-    soft-capping, a layer pattern other than one global layer every n."""
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if get(key, (int, float), None) is not None:
-            raise FormatError(f"{path}: {key} is not supported")
-    get("query_pre_attn_scalar", (int, float), None)  # (its type; load() folds it into the weights)
+def _gemma(cfg: dict[str, Any], path: Path, get: Any, rope: dict, arch: str) -> tuple[dict, dict[str, Any]]:
+    """Gemma 2's and 3's keys: the global layers' RoPE parameters (what LLaMA's keys would
+    say) and the LlamaConfig fields of the local layers and the soft-capping (Gemma 2; its
+    defaults are transformers'). Refuses what the engine does not run: soft-capping in Gemma
+    3, another attention scale in Gemma 2, a layer pattern other than one global layer every n."""
+    extra: dict[str, Any] = {}
+    head_dim = get("head_dim", int, 0) or get("hidden_size", int) // get("num_attention_heads", int)
+    if arch == "gemma3":
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if get(key, (int, float), None) is not None:
+                raise FormatError(f"{path}: {key} is not supported")
+        get("query_pre_attn_scalar", (int, float), None)  # (its type; load() folds it into the weights)
+    else:  # (Gemma 2 has no q head norms to fold another scale into)
+        if get("query_pre_attn_scalar", (int, float), 256) != head_dim:
+            raise FormatError(f"{path}: query_pre_attn_scalar {cfg.get('query_pre_attn_scalar', 256)!r} differs from "
+                              f"head_dim {head_dim} (Gemma 2 27B): not supported")
+        for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+            value = cfg.get(key, default)  # (null: off)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and value > 0):
+                raise FormatError(f"{path}: {key} = {value!r} must be a positive number or null")
+            extra[key] = float(value or 0.0)
     n_layers = get("num_hidden_layers", int)
     kinds = get("layer_types", list, None)
-    if kinds is None:  # (transformers < 4.53: a pattern instead of the list)
-        pattern = get("sliding_window_pattern", int, 6)
+    if kinds is None:  # (transformers < 4.53: a pattern instead of the list; Gemma 2 alternates)
+        pattern = get("sliding_window_pattern", int, 6) if arch == "gemma3" else 2
     else:
         pattern = next((i + 1 for i, k in enumerate(kinds) if k == "full_attention"), 0)
         want = ["sliding_attention" if pattern == 0 or (i + 1) % pattern else "full_attention"
@@ -322,9 +336,11 @@ def _gemma3(cfg: dict[str, Any], path: Path, get: Any, rope: dict) -> tuple[dict
         if local.get("rope_type", "default") != "default":
             raise FormatError(f"{path}: RoPE scaling of the local layers is not supported")
         local_theta = local.get("rope_theta", 10000.0)
-    else:
+    elif arch == "gemma3":
         local_theta, glob = get("rope_local_base_freq", (int, float), 10000.0), rope
-    return glob, dict(sliding_window=get("sliding_window", int), sliding_window_pattern=pattern,
+    else:  # Gemma 2: one RoPE base
+        local_theta, glob = 0.0, rope
+    return glob, dict(extra, sliding_window=get("sliding_window", int), sliding_window_pattern=pattern,
                       rope_theta_local=float(local_theta))
 
 
@@ -440,7 +456,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
     raw_cfg = _read_json(config_path)
 
     arch = _hf_arch(raw_cfg, config_path)
-    gemma = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
     by_name: dict[str, tuple[str, _SafetensorsFile]] = {}  # canonical -> (hf name, file)
     for hf_name, st in _open_weights(directory).items():
         canonical = _canonical(hf_name, gemma)
@@ -448,7 +464,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
                 continue
             raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA, Qwen2, "
-                              f"Qwen3, Gemma 3 or Phi-3 model)")
+                              f"Qwen3, Gemma 2, Gemma 3 or Phi-3 model)")
         by_name[canonical] = (hf_name, st)
 
     cfg, rope_factors = _config(raw_cfg, config_path, has_lm_head="output" in by_name, arch=arch)
@@ -494,7 +510,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
         rope_factors = rope_factors[0]
     if cfg.rope_freq_factors:
         loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], rope_factors)
-    query_scalar = raw_cfg.get("query_pre_attn_scalar", 256) if gemma else None  # (transformers' default)
+    query_scalar = raw_cfg.get("query_pre_attn_scalar", 256) if arch == "gemma3" else None  # (transformers' default)
     if query_scalar is not None:
         fold_query_scale(loaded, cfg, query_scalar, str(config_path))
     tokenizer = tokenizer_from_hf_directory(directory, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)

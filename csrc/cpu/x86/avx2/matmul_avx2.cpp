@@ -262,4 +262,21 @@ void gated(const float* g, const float* u, float* out, int64_t n) {
 void swiglu(const float* g, const float* u, float* out, int64_t n) { gated<false>(g, u, out, n); }
 void geglu(const float* g, const float* u, float* out, int64_t n) { gated<true>(g, u, out, n); }
 
+void softcap(float* x, int64_t n, float cap) {  // cap (2 / (1 + exp(-2 x / cap)) - 1), the tail too
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), c = _mm256_set1_ps(cap);
+  const __m256 k = _mm256_set1_ps(-2.0f / cap);
+  auto eight = [&](__m256 v) {
+    const __m256 e = x86::exp_ps(_mm256_mul_ps(k, v));
+    return _mm256_mul_ps(c, _mm256_sub_ps(_mm256_div_ps(two, _mm256_add_ps(one, e)), one));
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, eight(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    alignas(32) float b[8] = {};
+    for (int64_t j = i; j < n; ++j) b[j - i] = x[j];
+    _mm256_store_ps(b, eight(_mm256_load_ps(b)));
+    for (int64_t j = i; j < n; ++j) x[j] = b[j - i];
+  }
+}
+
 }  // namespace dovetail::avx2
