@@ -10,6 +10,7 @@ built sequence for the rollout attention; a second, uninterrupted run for resume
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -457,7 +458,7 @@ def test_cli_train_draft(tiny_path, data_file, tmp_path, capsys):
     # Bad settings are refused before the features are extracted; so is an output path that is a file.
     bad = tmp_path / "bad"
     for extra, msg in [(["--layers", "0"], "layers, rollout and val_depth must be >= 1"),
-                       (["--epochs", "-1"], "epochs and lr must be positive"),
+                       (["--epochs", "-1"], "epochs and lr must be finite positive numbers"),
                        (["--vocab-size", "-5"], "draft_vocab_size must be >= 0")]:
         assert main(["train-draft", "--target", str(tiny_path), "--data", str(data_file), "--out", str(bad)]
                     + extra) == 2
@@ -467,6 +468,105 @@ def test_cli_train_draft(tiny_path, data_file, tmp_path, capsys):
     assert main(["train-draft", "--target", str(tiny_path), "--data", str(data_file), "--out",
                  str(tmp_path / "a-file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def _train_args(target, data, out, *extra) -> list[str]:
+    return ["train-draft", "--target", str(target), "--data", str(data), "--out", str(out), "--epochs", "1",
+            "--vocab-size", "32", "--max-len", "80", "--val-conversations", "2", "--batch-tokens", "256",
+            "--warmup-steps", "1", "--threads", "1", *map(str, extra)]
+
+
+def test_cli_train_draft_refuses_what_would_train_wrongly(tiny_path, data_file, tmp_path, capsys, llama_gguf_writer):
+    """Settings, data and files that would train on the wrong data, diverge, or end in a
+    traceback are refused with one line naming them, before any features are extracted
+    where the settings allow it."""
+    from dovetail_ext.cli import main
+
+    def refused(args, msg):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+
+    out = tmp_path / "o"
+    for extra, msg in [(["--max-conversations", "0"], "max_conversations must be a positive integer"),
+                       (["--max-conversations", "-1"], "max_conversations must be a positive integer"),
+                       (["--lr", "inf"], "epochs and lr must be finite positive numbers"),
+                       (["--epochs", "inf"], "epochs and lr must be finite positive numbers"),
+                       (["--noise", "nan"], "noise must be a finite number"),
+                       (["--device", "bogus"], "--device 'bogus'"),
+                       (["--features", str(data_file)], "is a file; a feature cache is a directory"),
+                       (["--extra-features", str(tmp_path)], "not a feature cache")]:
+        refused(_train_args(tiny_path, data_file, out, *extra), msg)
+        assert not (out / "features").exists(), extra
+    refused(_train_args(tiny_path, data_file, data_file / "sub"), "Not a directory")
+    text = tmp_path / "plain.txt"
+    text.write_text("Some text.\n\nMore text.\n")
+    refused(_train_args(tiny_path, text, out, "--self-distill", "8"), "holds plain text, with no user turns")
+    # A .json list whose middle item is broken is refused, naming the item.
+    items = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(4)]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(items).replace('"q1"', '"q1'))
+    refused(_train_args(tiny_path, broken, out), "item 1 (character")
+    # The features of a data file are not reused for other contents, or another share of it.
+    assert main(_train_args(tiny_path, data_file, out, "--max-conversations", "6")) == 0
+    refused(_train_args(tiny_path, data_file, out), "the cached features were made with other settings")
+    other = tmp_path / "other.jsonl"
+    other.write_text(data_file.read_text())
+    assert main(_train_args(tiny_path, other, tmp_path / "o2")) == 0
+    other.write_text("".join(data_file.read_text().splitlines(keepends=True)[:-1]))
+    refused(_train_args(tiny_path, other, tmp_path / "o2"), "the cached features were made with other settings")
+    # --resume with another target's checkpoint, or an unreadable one
+    llama_gguf_writer(tmp_path / "t2.gguf", dtype="f32", meta=lambda w: w.add_chat_template(CHATML), seed=5)
+    shutil.copytree(out / "checkpoints", tmp_path / "o3" / "checkpoints")
+    refused(_train_args(tmp_path / "t2.gguf", data_file, tmp_path / "o3", "--max-conversations", "6", "--resume"),
+            "the checkpoint trains a draft for another target")
+    (tmp_path / "o5" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "o5" / "checkpoints" / "last.pt").write_text("garbage\n")
+    refused(_train_args(tiny_path, data_file, tmp_path / "o5", "--max-conversations", "6", "--resume"),
+            "not a readable training checkpoint")
+    # A run that diverges stops, naming it, and writes no draft.
+    refused(_train_args(tiny_path, data_file, tmp_path / "o4", "--lr", "1e30", "--val-conversations", "0"),
+            "training diverged at step")
+    assert not (tmp_path / "o4" / "draft.json").exists()
+
+
+def test_drafts_with_non_finite_weights_are_refused(tiny, tmp_path):
+    torch = pytest.importorskip("torch")
+    from dovetail_ext.draft_model import DovetailDraft, DraftConfig, load_draft_weights
+    from dovetail_ext.errors import FormatError
+    draft = DovetailDraft.random(DraftConfig.for_target(tiny), seed=0)
+    draft.save(tmp_path / "d", dtype="f32")
+    with torch.no_grad():
+        next(draft.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        draft.save(tmp_path / "bad", dtype="f32")
+    assert not (tmp_path / "bad" / "draft.json").exists()
+    from safetensors.numpy import load_file, save_file
+    w = load_file(str(tmp_path / "d" / "draft.safetensors"))
+    name = sorted(k for k in w if k != "vocab_map")[0]
+    w[name] = np.full_like(w[name], np.inf)
+    save_file(w, str(tmp_path / "d" / "draft.safetensors"))
+    with pytest.raises(FormatError, match=f"tensor {name} holds NaN or inf"):
+        load_draft_weights(tmp_path / "d")
+
+
+def test_chat_template_refusals_are_skipped_and_counted(tmp_path, llama_gguf_writer, data_file):
+    """A conversation the target's chat template refuses (here: one that opens with the
+    assistant, under a template that wants alternating roles from the user) is left out and
+    counted in the manifest, instead of ending the extraction."""
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+              "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = tmp_path / "strict.gguf"
+    llama_gguf_writer(path, dtype="f32", meta=lambda w: w.add_chat_template(strict), seed=3)
+    src = load_model_source(path)
+    convs = load_conversations(data_file)
+    convs.insert(3, [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "yes"}])
+    manifest = extract_features(src, convs, tmp_path / "f", settings(val_conversations=0))
+    assert sum(s["refused"] for s in manifest["shards"]) == 1
+    assert sum(s["conversations"] for s in manifest["shards"]) == len(convs) - 1
 
 
 def test_cli_train_draft_interrupted_exits_130_and_resumes(tiny_path, data_file, tmp_path, capsys, monkeypatch):

@@ -324,12 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dovetail: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader went away (`dovetail generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no error when Python flushes)
         return 141
+    except (ValueError, OSError) as e:  # (bad input, missing files, paths that cannot be written)
+        print(f"dovetail: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

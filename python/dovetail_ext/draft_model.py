@@ -620,6 +620,9 @@ class DovetailDraft(_Module):
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         tensors = {n: t.to(device="cpu", dtype=torch.int64 if n == VOCAB_MAP else torch_dtype).contiguous()
                    for n, t in self.state_weights().items()}
+        for n, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"save: weight {n} holds NaN or inf (training diverged?); nothing written")
         # Weights first, config last: an interrupted save leaves no loadable half-checkpoint.
         save_file(tensors, str(directory / (WEIGHTS_FILE + ".tmp")), metadata={"format": "pt"})
         os.replace(directory / (WEIGHTS_FILE + ".tmp"), directory / WEIGHTS_FILE)
@@ -736,6 +739,8 @@ def _open_checkpoint(directory: str | os.PathLike) -> tuple[Path, DraftConfig, d
         if dtype in ("i64", "i32"):
             raise FormatError(f"{path}: tensor {name} must be floating point, got {dtype}")
         weights[name] = _as_f32(dtype, data)  # a fresh float32 array, not a view of the file
+        if not np.isfinite(weights[name]).all():
+            raise FormatError(f"{path}: tensor {name} holds NaN or inf (a training run that diverged?)")
     return directory, cfg, card, weights
 
 

@@ -87,8 +87,9 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
 
     import torch
 
+    from ..draft_model import TargetSignature
     from ..formats import load_model_source
-    from .data import PYTHON_FUNCTIONS, load_conversations
+    from .data import PYTHON_FUNCTIONS, data_digest, load_conversations
     from .features import FeatureCache, FeatureSettings, extract_features
     from .trainer import Trainer, TrainConfig
 
@@ -106,17 +107,37 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
                       lr=lr, warmup_steps=warmup_steps, rollout=rollout, max_len=max_len,
                       prompt_context=prompt_context, noise=noise, seed=seed, amp=amp, val_every=val_every,
                       time_budget_s=time_budget_s, init=str(init) if init else "")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    _check_device(device)
     t0 = time.time()
     source = load_model_source(target)
+    signature = TargetSignature.from_source(source)
+    if init:  # (its shape is checked against the new draft's when training starts)
+        from ..draft_model import load_draft
+        load_draft(init, target=source)
+    extras = [FeatureCache(d) for d in extra_features]  # (checked against the target before extracting)
+    for d, c in zip(extra_features, extras):
+        if TargetSignature.from_dict(c.manifest["target"]) != signature:
+            raise ValueError(f"--extra-features {d}: its features come from another target model")
+        if not c.manifest["shards"]:
+            raise ValueError(f"--extra-features {d}: the cache holds no features yet")
     convs = load_conversations(data, limit=max_conversations, seed=seed)
+    if cfg.draft_vocab_size > source.config.vocab_size:
+        raise ValueError(f"--vocab-size {cfg.draft_vocab_size} exceeds the target's vocabulary of "
+                         f"{source.config.vocab_size} (0: the whole vocabulary)")
+    if self_distill and all(len(c) == 1 and c[0]["role"] == "text" for c in convs):
+        raise ValueError(f"--self-distill: {data} holds plain text, with no user turns for the target to answer")
     settings = FeatureSettings(data=str(data), seed=seed, max_len=max_len, self_distill=self_distill,
                                distill_fraction=distill_fraction, max_prompt_tokens=max_prompt_tokens,
-                               shard_size=shard_size, val_conversations=val_conversations)
+                               shard_size=shard_size, val_conversations=val_conversations,
+                               max_conversations=max_conversations or 0, data_digest=data_digest(data))
     fdir = Path(features_dir) if features_dir is not None else out / "features"
+    if fdir.exists() and not fdir.is_dir():
+        raise ValueError(f"--features {fdir} is a file; a feature cache is a directory")
     extract_features(source, convs, fdir, settings, max_tokens=max_tokens, threads=threads,
                      progress=progress, log=log)
     cache = FeatureCache(fdir)
-    extras = [FeatureCache(d) for d in extra_features]
     trainer = Trainer(source, cache, cfg, out, device=device, extra_train=extras)
     if resume and trainer.load_checkpoint() and log is not None:
         log(f"resumed at step {trainer.step} (epoch {trainer.epoch})")
@@ -225,6 +246,22 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _check_device(device: str | None) -> None:
+    """A training device torch has (checked before the features are extracted)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: training runs on 'cpu' or 'cuda'")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -106,48 +107,85 @@ def iter_sharegpt(path: str | os.PathLike | None = None) -> Iterator[Conversatio
 def iter_sharegpt_with_ids(path: str | os.PathLike | None = None) -> Iterator[tuple[str, Conversation]]:
     """(item id, conversation) pairs of :func:`iter_sharegpt`. ShareGPT splits a long chat
     into items ``ID_0``, ``ID_1``, ...: the part before the last ``_`` names the chat."""
-    text = Path(path or sharegpt_path()).read_text(encoding="utf-8")
+    path = Path(path or sharegpt_path())
+    text = _read_text(path)
     dec = json.JSONDecoder()
+    start = text.lstrip()
+    if not start.startswith("["):
+        raise ValueError(f"{path}: a .json data file is a list of records ([...]); this one starts with "
+                         f"{start[:20]!r} (JSON Lines go in a .jsonl file)")
+    # A list that ends in "]" is whole: any item that does not decode is an error. One that
+    # does not (the ShareGPT package's file is cut off) loses its last, truncated item.
+    whole = text.rstrip().endswith("]")
     i = text.index("[") + 1
     n = len(text)
+    item = 0
     while True:
         while i < n and text[i] in " \t\r\n,":
             i += 1
         if i >= n or text[i] == "]":
             return
         try:
-            rec, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
+            rec, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            if whole:
+                raise ValueError(f"{path}: item {item} (character {i}) is not valid JSON: {e}") from None
             return  # the truncated tail
-        conv = parse_record(rec)
+        try:
+            conv = parse_record(rec)
+        except ValueError as e:
+            raise ValueError(f"{path}: item {item}: {e}") from None
+        i, item = end, item + 1
         if conv is not None:
-            yield str(rec.get("id", "")), conv
+            yield str(rec.get("id", "")) if isinstance(rec, dict) else "", conv
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[Conversation]:
     """Conversations from a JSONL file (blank lines skipped; a bad line raises naming it)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                conv = parse_record(json.loads(line))
-            except (json.JSONDecodeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
-            if conv is not None:
-                yield conv
+    for lineno, line in enumerate(_read_text(Path(path)).split("\n"), 1):  # (not splitlines: U+2028 in strings)
+        if not line.strip():
+            continue
+        try:
+            conv = parse_record(json.loads(line))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from e
+        if conv is not None:
+            yield conv
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
+def data_digest(source: str | os.PathLike) -> str:
+    """sha256 of a data source's file (the built-in ShareGPT file included; "" for the
+    python-functions prompts and for a path that is not a file), so that a feature cache
+    knows the data it was made from."""
+    if str(source) == PYTHON_FUNCTIONS:
+        return ""
+    path = sharegpt_path() if str(source) == SHAREGPT else Path(source)
+    if not path.is_file():
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def iter_text(path: str | os.PathLike) -> Iterator[Conversation]:
     """Paragraphs (separated by blank lines) of a text file, as raw-text samples."""
     block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in list(f) + [""]:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield [{"role": "text", "content": "".join(block).rstrip("\n")}]
-                block = []
+    for line in [line + "\n" for line in _read_text(Path(path)).split("\n")] + [""]:
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield [{"role": "text", "content": "".join(block).rstrip("\n")}]
+            block = []
 
 
 _FUNCTION_ASKS = ("Complete this Python function:", "Implement this function in Python.",
@@ -206,6 +244,8 @@ def load_conversations(source: str | os.PathLike, limit: int | None = None, seed
     Raises:
         FileNotFoundError: no such file. ValueError: a malformed record, or no conversation.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"max_conversations must be a positive integer, got {limit!r}")
     if str(source) == PYTHON_FUNCTIONS:
         convs = python_function_prompts(seed=seed)  # already in the seed's order
     else:
@@ -224,7 +264,8 @@ def load_conversations(source: str | os.PathLike, limit: int | None = None, seed
         order = np.random.default_rng(seed).permutation(len(convs))
         convs = [convs[i] for i in order]
     if not convs:
-        raise ValueError(f"{source}: no usable conversation (each needs a user and an assistant turn)")
+        raise ValueError(f"{source}: no usable conversation (each needs a user and an assistant turn, with "
+                         f"string contents)")
     return convs if limit is None else convs[:limit]
 
 

@@ -67,6 +67,9 @@ class FeatureSettings:
         max_prompt_tokens: self-distilled prompts longer than this are skipped.
         shard_size: conversations per shard.
         val_conversations: the first this many (after shuffling) are held out.
+        max_conversations: the conversations kept after shuffling (0: all).
+        data_digest: sha256 of the data file (``data.data_digest``), so that a cache made
+            from other contents under the same name is not taken for this one.
     """
 
     data: str
@@ -77,13 +80,15 @@ class FeatureSettings:
     max_prompt_tokens: int = 512
     shard_size: int = 64
     val_conversations: int = 32
+    max_conversations: int = 0
+    data_digest: str = ""
 
     def __post_init__(self) -> None:
         for name in ("max_len", "shard_size", "max_prompt_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("self_distill", "val_conversations", "seed"):
+        for name in ("self_distill", "val_conversations", "seed", "max_conversations"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -213,20 +218,30 @@ def extract_features(source: ModelSource, conversations: Sequence[Conversation],
         t0 = time.perf_counter()
         toks_l, mask_l, feat_l, lens = [], [], [], []
         n_distilled = 0
+        refused: list[str] = []  # conversations the chat template refused (e.g. roles that do not alternate)
+        n_short = 0  # no reply token within max_len, or a prompt too long to distill
         for i in range(first, end):
             conv = conversations[i]
             prompt = first_turn(conv) if s.distilled(i) else None
+            try:
+                rendered = render(tokenizer, prompt, add_generation_prompt=True) if prompt is not None \
+                    else render(tokenizer, conv, s.max_len)
+            except ValueError as e:
+                refused.append(f"conversation {i}: {e}")
+                continue
             if prompt is not None:
-                ptoks, pmask = render(tokenizer, prompt, add_generation_prompt=True)
+                ptoks, pmask = rendered
                 if len(ptoks) > min(s.max_prompt_tokens, s.max_len - 16):
+                    n_short += 1
                     continue
                 reply, feats = _greedy_reply(engine, ptoks, s.self_distill, s.max_len, eos, chunk)
                 toks = np.concatenate([ptoks, reply])
                 mask = np.concatenate([np.zeros(len(ptoks), np.uint8), np.ones(len(reply), np.uint8)])
                 n_distilled += 1
             else:
-                toks, mask = render(tokenizer, conv, s.max_len)
+                toks, mask = rendered
                 if not mask.any():
+                    n_short += 1
                     continue
                 feats = _prefill(engine, toks, chunk)
             toks_l.append(toks)
@@ -247,13 +262,17 @@ def extract_features(source: ModelSource, conversations: Sequence[Conversation],
         os.replace(tmp, out / (name + ".npz"))
         dt = time.perf_counter() - t0
         manifest["shards"].append({"name": name, "split": name.split("_")[0], "conversations": len(lens),
-                                   "distilled": n_distilled, "tokens": n,
+                                   "distilled": n_distilled, "refused": len(refused), "too_long": n_short,
+                                   "tokens": n,
                                    "assistant_tokens": int(arrays["mask"].sum()), "seconds": round(dt, 2)})
         manifest["seconds"] = round(manifest["seconds"] + dt, 2)
         _write_json(mpath, manifest)
         if log is not None:
             log(f"{name}: {len(lens)} conversations ({n_distilled} self-distilled), {n} tokens "
-                f"in {dt:.1f} s ({n / max(dt, 1e-9):.0f} tok/s)")
+                f"in {dt:.1f} s ({n / max(dt, 1e-9):.0f} tok/s)"
+                + (f"; {n_short} left out (no reply within max_len {s.max_len}, or a prompt over "
+                   f"{min(s.max_prompt_tokens, s.max_len - 16)} tokens to distill)" if n_short else "")
+                + (f"; {len(refused)} refused by the chat template, the first: {refused[0]}" if refused else ""))
     if bar is not None:
         bar.close()
     return manifest

@@ -101,8 +101,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.layers < 1 or self.batch_tokens < 2 or self.rollout < 1 or self.val_depth < 1:
             raise ValueError("layers, rollout and val_depth must be >= 1 and batch_tokens >= 2")
-        if not self.epochs > 0 or not self.lr > 0:
-            raise ValueError(f"epochs and lr must be positive, got {self.epochs!r}, {self.lr!r}")
+        if not 0 < self.epochs < float("inf") or not 0 < self.lr < float("inf"):
+            raise ValueError(f"epochs and lr must be finite positive numbers, got {self.epochs!r}, {self.lr!r}")
+        if not 0 <= self.noise < float("inf"):
+            raise ValueError(f"noise must be a finite number >= 0, got {self.noise!r}")
         if self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0 (0: the full vocabulary), got {self.draft_vocab_size}")
 
@@ -461,11 +463,13 @@ class Trainer:
         self.cfg = cfg
         self.source = source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for extra in extra_train:
-            for key in ("target", "hidden_size"):
-                if extra.manifest.get(key) != cache.manifest.get(key):
-                    raise ValueError(f"{extra.directory}: its features come from another target ({key} differs "
-                                     f"from {cache.directory}'s)")
+        from ..draft_model import TargetSignature
+        self.target = TargetSignature.from_source(source)
+        for extra in extra_train:  # (the signature leaves the file's name out, as a draft's does)
+            diff = TargetSignature.from_dict(extra.manifest["target"]).differences(self.target)
+            if diff or extra.manifest.get("hidden_size") != cache.manifest.get("hidden_size"):
+                raise ValueError(f"{extra.directory}: its features come from another target "
+                                 f"({'; '.join(diff) or 'hidden_size differs'})")
         self.train = _Data(_concat([cache.load("train")] + [c.load("train") for c in extra_train]),
                            cfg.max_len, cfg.prompt_context)
         self.val = _Data(cache.load("val"), cfg.max_len)  # full prompts: as at inference
@@ -504,7 +508,8 @@ class Trainer:
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         state = {"model": self.draft.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
                  "batch": self.batch_in_epoch, "step": self.step, "seconds": self.seconds,
-                 "tokens_seen": self.tokens_seen, "history": self.history, "cfg": asdict(self.cfg)}
+                 "tokens_seen": self.tokens_seen, "history": self.history, "cfg": asdict(self.cfg),
+                 "target": self.target.to_dict()}
         tmp = self.ckpt.with_name("last.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt)
@@ -514,8 +519,19 @@ class Trainer:
         """Resume from ``checkpoints/last.pt`` if there is one (its settings must match)."""
         if not self.ckpt.is_file():
             return False
-        state = torch.load(self.ckpt, map_location=self.device, weights_only=False)
-        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["cfg"].items()}
+        from ..draft_model import TargetSignature
+        hint = "delete it, or train without --resume"
+        try:
+            state = torch.load(self.ckpt, map_location=self.device, weights_only=False)
+            saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["cfg"].items()}
+            target = TargetSignature.from_dict(state["target"]) if "target" in state else None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise ValueError(f"{self.ckpt}: not a readable training checkpoint ({type(e).__name__}: {e}); "
+                             f"{hint}") from None
+        diff = target.differences(self.target) if target is not None else []
+        if diff:
+            raise ValueError(f"{self.ckpt}: the checkpoint trains a draft for another target ({'; '.join(diff)}); "
+                             f"{hint}")
         mine = asdict(self.cfg)
         diff = [k for k in mine if k not in ("epochs", "val_every", "ckpt_every_s", "time_budget_s")
                 and saved.get(k) != mine[k]]
@@ -601,6 +617,9 @@ class Trainer:
                     g["lr"] = _lr_at(cfg, self.step, self.total_steps, self.seconds)
                 with self._amp():
                     loss, st = _step_loss(self.draft, cfg, feats, toks, mask, self.embed, self.head_d, gen)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"training diverged at step {self.step} (loss {float(loss)}); lower --lr "
+                                     f"(now {cfg.lr:g})")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_value > 0:
