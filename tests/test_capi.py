@@ -191,12 +191,13 @@ def test_export_cli_reports_a_missing_model(tmp_path, capsys):
     assert not (tmp_path / "out.dtw").exists()
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
-def test_example_runs_a_gemma3_or_longrope_container(greedy_bin, tmp_path, llama_gguf_writer, arch):
+@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma2"])
+def test_example_runs_gemma_and_longrope_containers(greedy_bin, tmp_path, llama_gguf_writer, arch):
     """Through export_c_weights and the C example, the greedy tokens are the Python engine's:
     a Gemma 3 GGUF (sliding window 4, linear RoPE scaling), whose container fields reach
-    dt_target_create; a Phi-3 LongRoPE GGUF, written with its short factors, its attention
-    factor and its original context as the container's max_context."""
+    dt_target_create; a Gemma 2 GGUF with its soft-capping; a Phi-3 LongRoPE GGUF, written
+    with its short factors, its attention factor and its original context as the
+    container's max_context."""
     from gguf import RopeScalingType
 
     from dovetail_ext.formats import load_gguf
@@ -205,6 +206,10 @@ def test_example_runs_a_gemma3_or_longrope_container(greedy_bin, tmp_path, llama
     if arch == "gemma3":
         llama_gguf_writer(path, arch="gemma3", dtype="q8_0", hidden=64, n_head=4, n_kv=1, n_layers=7, meta=lambda w: (
             w.add_sliding_window(4), w.add_rope_scaling_type(RopeScalingType.LINEAR), w.add_rope_scaling_factor(2.0)))
+    elif arch == "gemma2":
+        llama_gguf_writer(path, arch="gemma2", dtype="q8_0", n_layers=3, meta=lambda w: (
+            w.add_sliding_window(4), w.add_float32("gemma2.attn_logit_softcapping", 0.05),
+            w.add_float32("gemma2.final_logit_softcapping", 0.5)))
     else:
         llama_gguf_writer(path, arch="phi3", dtype="q8_0", tied=False, n_layers=3,
                           meta=lambda w: (w.add_rope_scaling_attn_factors(1.5), w.add_rope_scaling_orig_ctx_len(48)),
@@ -255,7 +260,9 @@ class TargetConfig(ctypes.Structure):
                 *[(n, ctypes.c_int64) for n in _DIMS], *_OPTS,
                 ("activation", ctypes.c_int32), ("scale_embeddings", ctypes.c_int32),
                 ("sliding_window", ctypes.c_int64), ("sliding_window_pattern", ctypes.c_int64),
-                ("rope_theta_local", ctypes.c_float), ("rope_attn_factor", ctypes.c_float)]
+                ("rope_theta_local", ctypes.c_float), ("rope_attn_factor", ctypes.c_float),
+                ("query_pre_attn_scalar", ctypes.c_float), ("attn_logit_softcapping", ctypes.c_float),
+                ("final_logit_softcapping", ctypes.c_float)]
 
 
 class TreeShape(ctypes.Structure):
@@ -369,6 +376,8 @@ def target_config(lib: CApi, cfg, context=64, max_batch=16, threads=1) -> Target
     c.sliding_window, c.sliding_window_pattern = cfg.sliding_window, cfg.sliding_window_pattern
     c.rope_theta_local = cfg.rope_theta_local
     c.rope_attn_factor = cfg.rope_attn_factor
+    c.query_pre_attn_scalar, c.attn_logit_softcapping = cfg.query_pre_attn_scalar, cfg.attn_logit_softcapping
+    c.final_logit_softcapping = cfg.final_logit_softcapping
     return c
 
 
@@ -452,18 +461,24 @@ def same_draft(got, want) -> None:
 @pytest.mark.parametrize("dtype,tied,extra", [("q8_0", False, ""), ("q4_1", True, ""), ("f32", True, ""),
                                              ("q8_0", False, "bias"), ("q4_1", True, "rope_factors"),
                                              ("q8_0", True, "qk_norm"), ("q8_0", True, "gemma3"),
-                                             ("q4_1", False, "longrope")])
+                                             ("q4_1", False, "longrope"), ("q8_0", False, "gemma2")])
 def test_target_matches_binding(lib, dtype, tied, extra):
     """bias: a Qwen2 model; qk_norm: a Qwen3 model; rope_factors: LLaMA 3.1+ RoPE scaling.
     The C API takes all three as weights (no config flag). gemma3: Gemma 3 (its post norms
     as weights, its gate, embedding scale and windows of 4 in the config's Gemma fields).
-    longrope: factors as weights and the attention factor in the config."""
+    longrope: factors as weights and the attention factor in the config. gemma2: Gemma 2
+    (soft-capping and a 27B-like score scale in the config)."""
     cfg, weights = tiny_target_weights(dtype, tied, bias=extra == "bias",
                                        rope_factors=extra in ("rope_factors", "longrope"),
-                                       qk_norm=extra == "qk_norm", window=4 if extra == "gemma3" else 0)
+                                       qk_norm=extra == "qk_norm", window=4 if extra in ("gemma3", "gemma2") else 0)
+    import dataclasses
     if extra == "longrope":
-        import dataclasses
         cfg = dataclasses.replace(cfg, rope_attn_factor=1.4)
+    if extra == "gemma2":
+        cfg = dataclasses.replace(cfg, architecture="gemma2", qk_norm=False, sliding_window_pattern=2,
+                                  rope_theta_local=0.0, attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+                                  query_pre_attn_scalar=24.0)
+        weights = {k: v for k, v in weights.items() if not k.endswith(("attn_q_norm", "attn_k_norm"))}
     c, py = CTarget(lib, cfg, weights), py_target(cfg, weights)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, 9)

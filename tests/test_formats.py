@@ -157,8 +157,7 @@ def test_tiny_gemma3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     """gemma3.* metadata as llama.cpp runs it: q/k head norms and post norms, a GELU gate,
     scaled embeddings, every 6th layer global and the others local with the file's sliding
     window and RoPE base 10000; without a chat template in the file, Gemma's turns; the
-    27B model's attention scale (1/sqrt(hidden / heads), not 1/sqrt(head_dim)) folded into its
-    q head norms."""
+    27B model's attention scale (1/sqrt(hidden / heads), not 1/sqrt(head_dim)) in its config."""
     from dovetail_ext.formats.tokenizer import GEMMA_TEMPLATE
     originals = llama_gguf_writer(tmp_path / "g.gguf", arch="gemma3", dtype="f32", hidden=64, n_head=4, n_kv=1,
                                   n_layers=7, meta=lambda w: w.add_sliding_window(32))
@@ -172,22 +171,19 @@ def test_tiny_gemma3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     for name in ("blk.0.attn_q", "blk.1.post_attention_norm", "blk.6.post_ffw_norm"):
         np.testing.assert_array_equal(src.weights[name].data, originals[name], err_msg=name)
     assert src.chat_template == GEMMA_TEMPLATE
-    assert "query_pre_attn_scalar" not in src.metadata
+    assert src.config.query_pre_attn_scalar == 0.0
     # The 27B shape: 62 layers, hidden / heads = 24 against a head_dim of 16.
-    originals = llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma3", dtype="f32", hidden=48, n_head=2, n_kv=1,
-                                  head_dim=16, ffn=32, n_layers=62)
-    src = load_gguf(tmp_path / "g27.gguf")
-    assert src.config.head_dim == 16 and src.metadata["query_pre_attn_scalar"] == 24
-    for i in (0, 61):
-        np.testing.assert_allclose(src.weights[f"blk.{i}.attn_q_norm"].data,
-                                   originals[f"blk.{i}.attn_q_norm"] * np.sqrt(16 / 24), rtol=1e-6)
-        np.testing.assert_array_equal(src.weights[f"blk.{i}.attn_k_norm"].data, originals[f"blk.{i}.attn_k_norm"])
+    llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma3", dtype="f32", hidden=48, n_head=2, n_kv=1, head_dim=16,
+                      ffn=32, n_layers=62)
+    cfg = load_gguf(tmp_path / "g27.gguf").config
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar) == (16, 24.0)
 
 
 def test_tiny_gemma2_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     """gemma2.* metadata as llama.cpp runs it: post norms, GELU gate, scaled embeddings, even
     layers local with the file's window and the one RoPE base, soft-capping from the file
-    (50 and 30 where it leaves them out); the 46-layer 27B model is refused."""
+    (50 and 30 where it leaves them out); the 46-layer 27B model's attention scale; the
+    C container keeps them all."""
     from dovetail_ext.formats.tokenizer import GEMMA_TEMPLATE
 
     def meta(w):
@@ -207,13 +203,12 @@ def test_tiny_gemma2_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     llama_gguf_writer(tmp_path / "d.gguf", arch="gemma2", dtype="f32", n_layers=2, meta=lambda w: w.add_sliding_window(8))
     assert (load_gguf(tmp_path / "d.gguf").config.attn_logit_softcapping,
             load_gguf(tmp_path / "d.gguf").config.final_logit_softcapping) == (50.0, 30.0)
-    llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma2", dtype="f32", hidden=32, n_head=2, n_kv=1, ffn=32,
-                      n_layers=46)
-    with pytest.raises(FormatError, match="Gemma 2 27B"):
-        load_gguf(tmp_path / "g27.gguf")
+    llama_gguf_writer(tmp_path / "g27.gguf", arch="gemma2", dtype="f32", hidden=48, n_head=2, n_kv=1, head_dim=16,
+                      ffn=32, n_layers=46)
+    assert load_gguf(tmp_path / "g27.gguf").config.query_pre_attn_scalar == 24.0
     from dovetail_ext.capi import export_c_weights
-    with pytest.raises(ValueError, match=r"soft-capping \(Gemma 2\) has no place in the C API"):
-        export_c_weights(tmp_path / "g.dtw", tmp_path / "g.gguf")
+    head = export_c_weights(tmp_path / "g.dtw", tmp_path / "g.gguf").read_bytes()
+    assert np.frombuffer(head[168:180], np.float32).tolist() == [0.0, 20.0, 10.0]
 
 
 def _k_blocks(qtype):
@@ -451,17 +446,17 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
         ("hidden_activation", "relu", "activation 'relu' is not supported")])
 
 
-@pytest.mark.parametrize("final_cap", [3.0, None])
-def test_hf_gemma2_matches_transformers(tmp_path: Path, final_cap) -> None:
+@pytest.mark.parametrize("final_cap,scalar", [(3.0, 16), (None, 24)])
+def test_hf_gemma2_matches_transformers(tmp_path: Path, final_cap, scalar) -> None:
     """A Gemma2ForCausalLM saved by transformers: its soft-capped scores and logits (caps
     small enough to bite: without either the logits differ; a null final cap is off), a window of 6 in every other layer, norms
-    stored as 1 + w, logits equal to transformers' over 20 tokens. Another attention scale
-    (the 27B model's) is refused."""
+    stored as 1 + w, logits equal to transformers' over 20 tokens; with the 27B model's
+    attention scale (query_pre_attn_scalar 24 over a head_dim of 16) too."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(4)
     hc = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=scalar,
                                    sliding_window=6, attn_logit_softcapping=0.02, final_logit_softcapping=final_cap,
                                    max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                    attn_implementation="eager")
@@ -475,8 +470,9 @@ def test_hf_gemma2_matches_transformers(tmp_path: Path, final_cap) -> None:
     src = load_hf(tmp_path)
     cfg = src.config
     assert (cfg.architecture, cfg.qk_norm, cfg.post_norms, cfg.sliding_window, cfg.sliding_window_pattern,
-            cfg.rope_theta_local, cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == \
-        ("gemma2", False, True, 6, 2, 0.0, 0.02, final_cap or 0.0)
+            cfg.rope_theta_local, cfg.attn_logit_softcapping, cfg.final_logit_softcapping,
+            cfg.query_pre_attn_scalar) == ("gemma2", False, True, 6, 2, 0.0, 0.02, final_cap or 0.0,
+                                           0.0 if scalar == 16 else 24.0)
     assert [cfg.local_layer(i) for i in range(4)] == [True, False, True, False]
     _assert_logits_match(model, src)
     import dataclasses  # (the caps bite: 2.6% of the logits' range without the score cap, 1.2% without the final)
@@ -484,7 +480,7 @@ def test_hf_gemma2_matches_transformers(tmp_path: Path, final_cap) -> None:
         if other != cfg:
             with pytest.raises(AssertionError):
                 _assert_logits_match(model, dataclasses.replace(src, config=other))
-    _refused_when_changed(tmp_path, [("query_pre_attn_scalar", 24, "query_pre_attn_scalar 24 differs from head_dim 16"),
+    _refused_when_changed(tmp_path, [("query_pre_attn_scalar", 0, "query_pre_attn_scalar 0 must be a positive number"),
                                      ("attn_logit_softcapping", -1.0, "attn_logit_softcapping = -1.0 must be")])
 
 

@@ -46,6 +46,7 @@ LayerDims layer_dims(const py::dict& cfg) {
   if (cfg.contains("rope_theta_local")) d.rope_theta_local = get_float(cfg, "rope_theta_local");
   if (cfg.contains("rope_attn_factor")) d.rope_mscale = get_float(cfg, "rope_attn_factor");  // LongRoPE
   if (cfg.contains("attn_logit_softcapping")) d.attn_softcap = get_float(cfg, "attn_logit_softcapping");  // Gemma 2
+  if (cfg.contains("query_pre_attn_scalar")) d.query_pre_attn_scalar = get_float(cfg, "query_pre_attn_scalar");
   return d;
 }
 

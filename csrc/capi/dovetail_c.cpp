@@ -15,6 +15,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
@@ -322,6 +323,14 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
     if (!(cfg->rope_attn_factor >= 0) || !std::isfinite(cfg->rope_attn_factor))
       fail(DT_ERR_INVALID, "rope_attn_factor must be a finite number >= 0 (0: none)");
     d.rope_mscale = cfg->rope_attn_factor > 0 ? cfg->rope_attn_factor : 1.0f;
+    for (const auto& [v, name] : {std::pair{cfg->query_pre_attn_scalar, "query_pre_attn_scalar"},
+                                  std::pair{cfg->attn_logit_softcapping, "attn_logit_softcapping"},
+                                  std::pair{cfg->final_logit_softcapping, "final_logit_softcapping"}})
+      if (!(v >= 0) || !std::isfinite(v))
+        fail(DT_ERR_INVALID, std::string(name) + " must be a finite number >= 0 (0: none)");
+    d.query_pre_attn_scalar = cfg->query_pre_attn_scalar;
+    d.attn_softcap = cfg->attn_logit_softcapping;
+    p.final_softcap = cfg->final_logit_softcapping;
     d.gelu = cfg->activation == DT_ACT_GELU_TANH;
     d.window = cfg->sliding_window;
     d.swa_pattern = cfg->sliding_window_pattern;

@@ -26,7 +26,7 @@ inline void attention_one_impl(const AttentionArgs& a, int64_t t, int64_t h, flo
   const KvT* kbase = static_cast<const KvT*>(a.k) + kvh * a.S * Dh;
   const KvT* vbase = static_cast<const KvT*>(a.v) + kvh * a.S * Dh;
   const uint64_t* bits = a.anc + t * a.anc_words;
-  const float scale = 1.0f / std::sqrt((float)Dh);
+  const float scale = attention_scale(a);
   const int64_t last = a.n_prev + t;
 
   const int64_t lo = window_start(a, t);  // committed slots before it are outside the window
@@ -167,7 +167,7 @@ class ChunkedRows {
   ChunkedRows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1)
       : a_(a), R_(r1 - r0), Dh_(a.Dh), W_(a.n_prev + a.T), base_(a.n_past / kKChunk * kKChunk),
         kbase_(static_cast<const KvT*>(a.k) + kvh * a.S * a.Dh),
-        vbase_(static_cast<const KvT*>(a.v) + kvh * a.S * a.Dh), scale_(1.0f / std::sqrt((float)a.Dh)) {
+        vbase_(static_cast<const KvT*>(a.v) + kvh * a.S * a.Dh), scale_(attention_scale(a)) {
     const int64_t G = a.H / a.KV, st = std::max(attention_stride(a.n_past + W_) - base_, kKChunk);
     static thread_local Buffer<float> score_buf;
     static thread_local std::vector<int32_t> vis;  // visible scratch rows, per row

@@ -8,6 +8,7 @@
 // floating-point operations whatever T is, so a token's result is bitwise identical
 // alone, in a prefill chunk or inside a tree. Threads split rows, never reductions.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -186,9 +187,12 @@ struct AttentionArgs {
   int64_t window = 0;
   const int32_t* positions = nullptr;          // [T]
   const int32_t* scratch_positions = nullptr;  // [n_prev + T]
-  // Gemma 2: every score (q . k / sqrt(Dh)) soft-capped to softcap tanh(score / softcap); 0: none.
+  // The scores' scale (0: 1 / sqrt(Dh); Gemma's 27B models: query_pre_attn_scalar^-1/2), and
+  // Gemma 2's soft-capping of every scaled score to softcap tanh(score / softcap) (0: none).
+  float scale = 0.0f;
   float softcap = 0.0f;
 };
+inline float attention_scale(const AttentionArgs& a) { return a.scale > 0 ? a.scale : 1.0f / std::sqrt((float)a.Dh); }
 // Whether scratch row j is outside token t's window.
 inline bool outside_window(const AttentionArgs& a, int64_t t, int64_t j) {
   return a.window > 0 && (int64_t)a.scratch_positions[j] <= (int64_t)a.positions[t] - a.window;

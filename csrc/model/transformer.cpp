@@ -244,6 +244,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
   aa.H = H; aa.KV = KV; aa.Dh = Dh; aa.anc = bits; aa.anc_words = words; aa.out = att_.data();
   aa.scratch = scores_.data();
   aa.softcap = d_.attn_softcap;
+  aa.scale = d_.score_scale();
 
   for (size_t l = 0; l < layers_.size(); ++l) {
     LayerWeights& L = layers_[l];

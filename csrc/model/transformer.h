@@ -29,6 +29,11 @@ struct LayerDims {
   float rope_mscale = 1.0f;
   // Gemma 2: attention scores soft-capped (cap tanh(s / cap)); 0: none. (Final logits: LlamaParams.)
   float attn_softcap = 0.0f;
+  // Scores scaled by query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 (0: head_dim; Gemma's 27B models).
+  float query_pre_attn_scalar = 0.0f;
+  float score_scale() const {
+    return 1.0f / std::sqrt(query_pre_attn_scalar > 0 ? query_pre_attn_scalar : (float)head_dim);
+  }
   // Gemma 3: an RMSNorm on each block's output before its residual add (weights
   // blk.{i}.post_attention_norm / post_ffw_norm), and a GELU (tanh) gate instead of SiLU.
   bool post_norms = false;

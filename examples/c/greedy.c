@@ -114,10 +114,15 @@ static int load_container(const char* path, container* c) {
     c->cfg.sliding_window = (int64_t)read_le(c, &at, 8, &ok);
     c->cfg.sliding_window_pattern = (int64_t)read_le(c, &at, 8, &ok);
     c->cfg.rope_theta_local = read_f32(c, &at, &ok);
-    if (version >= 3) /* LongRoPE's attention factor (0: none; version 2 keeps 0 there) */
+    if (version >= 3) { /* LongRoPE's attention factor, Gemma's score scale and soft-capping */
       c->cfg.rope_attn_factor = read_f32(c, &at, &ok);
-    else
+      c->cfg.query_pre_attn_scalar = read_f32(c, &at, &ok);
+      c->cfg.attn_logit_softcapping = read_f32(c, &at, &ok);
+      c->cfg.final_logit_softcapping = read_f32(c, &at, &ok);
       (void)read_le(c, &at, 4, &ok);
+    } else {
+      (void)read_le(c, &at, 4, &ok); /* (version 2: 0) */
+    }
   }
   if (!ok || data_offset > c->size || c->n_weights > 100000) return fail_format(path, "bad header");
 

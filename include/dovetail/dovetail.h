@@ -159,6 +159,10 @@ typedef struct dt_target_config {
   float rope_theta_local;    /* the local layers' RoPE base (0: rope_theta); they take no rope_freqs */
   /* LongRoPE (Phi-3 128k, Phi-3.5; 0 otherwise, the default): */
   float rope_attn_factor;    /* RoPE's cos and sin times it, every q . k times its square (0: 1) */
+  /* Gemma 2 and the Gemma 27B models (0 otherwise, the default): */
+  float query_pre_attn_scalar;   /* scores scaled by its -1/2 power (0: head_dim's) */
+  float attn_logit_softcapping;  /* scaled scores soft-capped, cap tanh(s / cap) (0: none) */
+  float final_logit_softcapping; /* logits soft-capped likewise (0: none) */
 } dt_target_config;
 
 typedef enum dt_activation { DT_ACT_SILU = 0, DT_ACT_GELU_TANH = 1 } dt_activation;

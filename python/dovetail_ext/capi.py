@@ -11,8 +11,8 @@ Weight container, format version 3 (all integers little-endian)::
     offset  size        field
     0       8           magic b"DTWEIGHT"
     8       4           u32 format version (3; version 1 ends its header at 136, without
-                            the Gemma 3 fields, which are then all zero; version 2 has 0
-                            at 164)
+                            the Gemma 3 fields, which are then all zero; version 2 at 168,
+                            with 0 at 164)
     12      4           u32 n_tensors
     16      8           u64 data_offset: start of the tensor data (a multiple of 64)
     24      7 x 8       i64 vocab_size, hidden_size, intermediate_size, num_layers,
@@ -29,7 +29,11 @@ Weight container, format version 3 (all integers little-endian)::
     152     8           i64 sliding_window_pattern
     160     4           f32 rope_theta_local (0: rope_theta)
     164     4           f32 rope_attn_factor (LongRoPE; 0: none)
-    168     ...         tensor table, n_tensors entries, each:
+    168     4           f32 query_pre_attn_scalar (0: head_dim)
+    172     4           f32 attn_logit_softcapping (Gemma 2; 0: none)
+    176     4           f32 final_logit_softcapping (Gemma 2; 0: none)
+    180     4           u32 reserved (0)
+    184     ...         tensor table, n_tensors entries, each (version 2: from 168):
                             u32 name_len, name (UTF-8, no terminator),
                             u32 dtype (dt_dtype: f32 0, f16 1, bf16 2, q8_0 3, q4_0 4, q4_1 5),
                             u32 ndim (1 or 2), i64 shape[ndim],
@@ -177,16 +181,13 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
     Raises:
         ModelNotFoundError / FileNotFoundError / FormatError: as
             :func:`dovetail_ext.formats.load_model_source`.
-        ValueError: the model has more than 8 end-of-sequence ids, or soft-caps (Gemma 2).
+        ValueError: the model has more than 8 end-of-sequence ids.
     """
     from .formats import load_model_source
     from .quant import dequantize
 
     source = load_model_source(model)
     cfg = source.config
-    if cfg.attn_logit_softcapping or cfg.final_logit_softcapping:
-        raise ValueError(f"{source.path}: soft-capping (Gemma 2) has no place in the C API's config yet; "
-                         "run this model from Python")
     eos = list(dict.fromkeys([*cfg.eos_token_ids, *(source.tokenizer.eos_ids if source.tokenizer else ())]))
     if len(eos) > _MAX_EOS:
         raise ValueError(f"the model has {len(eos)} end-of-sequence ids; the container holds at most {_MAX_EOS}")
@@ -245,14 +246,16 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
 
 def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[int]) -> bytes:
     """The header fields after data_offset; ``shape`` has the layer fields of a model or
-    draft config (a draft has no Gemma 3 or LongRoPE fields: zeros)."""
+    draft config (a draft has none of the Gemma or LongRoPE fields: zeros)."""
     gelu = getattr(shape, "activation", "silu") == "gelu_tanh"
     return struct.pack("<7qffqiI8i", vocab_size, shape.hidden_size, shape.intermediate_size, shape.num_layers,
                        shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rope_theta, shape.rms_norm_eps,
                        max_context, bos, len(eos), *(list(eos) + [0] * (_MAX_EOS - len(eos)))) + \
         struct.pack("<iiqqff", int(gelu), int(getattr(shape, "scale_embeddings", False)),
                     getattr(shape, "sliding_window", 0), getattr(shape, "sliding_window_pattern", 0),
-                    getattr(shape, "rope_theta_local", 0.0), float(getattr(shape, "rope_attn_factor", 0.0)))
+                    getattr(shape, "rope_theta_local", 0.0), float(getattr(shape, "rope_attn_factor", 0.0))) + \
+        struct.pack("<fffI", *(float(getattr(shape, k, 0.0)) for k in ("query_pre_attn_scalar", "attn_logit_softcapping",
+                                                                      "final_logit_softcapping")), 0)
 
 
 def _write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]

@@ -287,7 +287,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "rope_theta": cfg.rope_theta, "rope_freq_factors": cfg.rope_freq_factors,
             "activation": cfg.activation, "post_norms": cfg.post_norms, "sliding_window": cfg.sliding_window,
             "local_layers": sum(cfg.local_layer(i) for i in range(cfg.num_layers)),
-            "attention_scale": f"1/sqrt({src.metadata.get('query_pre_attn_scalar', cfg.head_dim)})",
+            "attention_scale": f"1/sqrt({cfg.query_pre_attn_scalar or cfg.head_dim:g})",
             "rope_attn_factor": cfg.rope_attn_factor, "rope_long_context": cfg.rope_long_context,
             "attn_logit_softcapping": cfg.attn_logit_softcapping, "final_logit_softcapping": cfg.final_logit_softcapping,
             "tensor_dtypes": dtypes,

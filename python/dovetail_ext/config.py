@@ -60,7 +60,9 @@ class LlamaConfig:
     for the context size as llama.cpp chooses them.
 
     Gemma 2: ``attn_logit_softcapping`` / ``final_logit_softcapping`` > 0 soft-cap the
-    attention scores (after the 1/sqrt(head_dim) scale) and the logits: x -> cap tanh(x / cap).
+    attention scores (after their scale) and the logits: x -> cap tanh(x / cap).
+    ``query_pre_attn_scalar`` > 0: the scores are scaled by its -1/2 power instead of
+    head_dim's (Gemma 2 and 3's 27B models: hidden / heads).
     """
 
     vocab_size: int
@@ -90,6 +92,7 @@ class LlamaConfig:
     rope_long_context: int = 0
     attn_logit_softcapping: float = 0.0
     final_logit_softcapping: float = 0.0
+    query_pre_attn_scalar: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -121,7 +124,7 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be a non-negative integer, got {value!r}")
         if not self.rope_theta_local >= 0:
             raise ValueError(f"LlamaConfig.rope_theta_local must be non-negative, got {self.rope_theta_local}")
-        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"LlamaConfig.{name} must be a number >= 0 (0: none), got {getattr(self, name)!r}")
         if not 0 < self.rope_attn_factor < float("inf"):

@@ -141,7 +141,7 @@ def softcap(x: Tensor, cap: float) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor,
-              prefix_start: Tensor | None = None, softcap_scores: float = 0.0) -> Tensor:
+              prefix_start: Tensor | None = None, softcap_scores: float = 0.0, scalar: float = 0.0) -> Tensor:
     """Grouped-query attention of a token batch over a committed prefix plus scratch rows.
 
     Keys ``0 .. n_prefix-1`` are the committed cache and are visible to every query; key
@@ -159,6 +159,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor,
         prefix_start: long [T] or None: query t sees the committed keys from
             ``prefix_start[t]`` on only (a sliding window; None: all of them).
         softcap_scores: Gemma 2's cap on the scaled scores (:func:`softcap`; 0: none).
+        scalar: the scores are scaled by ``scalar ** -0.5`` (0: ``Dh ** -0.5``).
     Returns:
         [T, H, Dh] in ``q.dtype``.
     """
@@ -186,7 +187,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ancestors: Tensor,
     G = H // KV
     qg = q.reshape(T, KV, G, Dh)  # head h = kv * G + g
     k, v = k.to(q.dtype), v.to(q.dtype)
-    scores = softcap(torch.einsum("tkgd,kld->kgtl", qg, k) * Dh ** -0.5, softcap_scores)  # [KV, G, T, L]
+    scores = softcap(torch.einsum("tkgd,kld->kgtl", qg, k) * (scalar or Dh) ** -0.5, softcap_scores)  # [KV, G, T, L]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("kgtl,kld->tkgd", probs, v)  # [T, KV, G, Dh]
@@ -422,7 +423,8 @@ class Attention(nn.Module):
         prefix_start = None
         if self.local:  # (committed slot j holds position j; the caller windowed the scratch rows)
             prefix_start = positions.to(torch.long) - c.sliding_window + 1
-        out = attention(q, keys, values, n_prefix, ancestors, prefix_start, c.attn_logit_softcapping)  # [T, H, Dh]
+        out = attention(q, keys, values, n_prefix, ancestors, prefix_start, c.attn_logit_softcapping,
+                        c.query_pre_attn_scalar)  # [T, H, Dh]
         return linear(out.reshape(T, c.q_size), self.wo)
 
 

@@ -41,10 +41,9 @@ from typing import Any
 import numpy as np
 
 from ..config import LlamaConfig
-from ..errors import FormatError
 
 __all__ = ["WEIGHT_DTYPES", "QUANT_BLOCK", "Weight", "ModelSource", "expected_weight_shapes",
-           "stored_weight_shapes", "stored_tensors_per_layer", "unfuse", "row_nbytes", "fold_query_scale"]
+           "stored_weight_shapes", "stored_tensors_per_layer", "unfuse", "row_nbytes"]
 
 #: Storage formats the native engine executes directly.
 WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -168,25 +167,3 @@ def unfuse(weights: dict[str, Weight], cfg: LlamaConfig) -> None:
             for leaf, n in parts:
                 weights[f"blk.{i}.{leaf}"] = Weight(w.dtype, (n, w.shape[1]), w.data[r:r + n])
                 r += n
-
-
-def fold_query_scale(weights: dict[str, Weight], cfg: LlamaConfig, scalar: float, where: str) -> None:
-    """Attention scores scaled by 1 / sqrt(``scalar``) instead of 1 / sqrt(head_dim) (Gemma 3
-    27B's ``query_pre_attn_scalar``), for a model with q head norms.
-
-    The factor sqrt(head_dim / scalar) is multiplied into every ``attn_q_norm`` weight: the
-    norm's output scales every query, RoPE is linear, so every score q . k / sqrt(head_dim)
-    comes out as q . k / sqrt(scalar). The engine, its offload and the C API then need no
-    attention scale of their own. Raises FormatError (``where`` names the file) when the
-    scalar is not a positive number or the model has no q head norms.
-    """
-    if not (isinstance(scalar, (int, float)) and not isinstance(scalar, bool) and 0 < scalar < float("inf")):
-        raise FormatError(f"{where}: query_pre_attn_scalar {scalar!r} must be a positive number")
-    if scalar == cfg.head_dim:
-        return
-    if not cfg.qk_norm:
-        raise FormatError(f"{where}: an attention scale other than 1/sqrt(head_dim) needs q head norms")
-    factor = np.float32(np.sqrt(cfg.head_dim / scalar))
-    for i in range(cfg.num_layers):
-        w = weights[f"blk.{i}.attn_q_norm"]
-        weights[f"blk.{i}.attn_q_norm"] = Weight("f32", w.shape, (w.data * factor).astype(np.float32))

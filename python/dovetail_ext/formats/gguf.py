@@ -40,7 +40,7 @@ import numpy as np
 
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
-from .base import ModelSource, Weight, fold_query_scale, stored_tensors_per_layer, stored_weight_shapes, unfuse
+from .base import ModelSource, Weight, stored_tensors_per_layer, stored_weight_shapes, unfuse
 from .tokenizer import GEMMA_TEMPLATE, tokenizer_from_gguf_vocab
 
 __all__ = ["load_gguf", "GGUF_MAGIC"]
@@ -306,15 +306,12 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
                      rope_long_context=limit)
     if arch == "gemma3":
         # As llama.cpp runs Gemma 3: every 6th layer global, the others local with RoPE base
-        # 10000 (the 27B model's attention scale: see load()).
+        # 10000 (the 27B model's attention scale: below).
         gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=6,
                      rope_theta_local=10000.0)
     if arch == "gemma2":
         # As llama.cpp runs Gemma 2: even layers local (pattern 2) with the one RoPE base, the
-        # scores and logits soft-capped (50 and 30 where the file leaves them out); the
-        # 46-layer 27B model scales scores by 1/sqrt(hidden / heads), which has no place here.
-        if meta.get(a + "block_count", int, 0) == 46:
-            raise FormatError(f"{meta.path}: Gemma 2 27B (query_pre_attn_scalar != head_dim) is not supported")
+        # scores and logits soft-capped (50 and 30 where the file leaves them out).
         gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=2,
                      attn_logit_softcapping=_f32_decimal(meta.get(a + "attn_logit_softcapping", (float, int), 50.0)),
                      final_logit_softcapping=_f32_decimal(meta.get(a + "final_logit_softcapping", (float, int), 30.0)))
@@ -326,6 +323,12 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
     head_dim = meta.get(a + "attention.key_length", int, 0)
     if meta.get(a + "attention.value_length", int, head_dim) != head_dim:
         raise FormatError(f"{meta.path}: different key and value head sizes are not supported")
+    # The 27B models (Gemma 2: 46 layers, Gemma 3: 62) scale their scores by
+    # 1/sqrt(hidden / heads), not 1/sqrt(head_dim), as llama.cpp knows them by their layer
+    # count: the files do not store it.
+    if (arch, meta.get(a + "block_count", int, 0)) in (("gemma2", 46), ("gemma3", 62)) and \
+            hidden // max(n_head, 1) != (head_dim or hidden // max(n_head, 1)):
+        gemma["query_pre_attn_scalar"] = float(hidden // n_head)
     rot = meta.get(a + "rope.dimension_count", int, 0)
     if rot and rot != (head_dim or hidden // max(n_head, 1)):
         raise FormatError(f"{meta.path}: partial rotary embeddings ({a}rope.dimension_count = "
@@ -360,16 +363,6 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
         )
     except ValueError as e:
         raise FormatError(f"{meta.path}: {e}") from e
-
-
-def _gemma3_query_scalar(cfg: LlamaConfig) -> int | None:
-    """The attention scale llama.cpp gives a Gemma 3 file, where it is not 1/sqrt(head_dim):
-    the 62-layer 27B model's scores are divided by sqrt(hidden / heads) (its
-    query_pre_attn_scalar, 168, against a head_dim of 128). The files do not store it."""
-    if cfg.architecture != "gemma3" or cfg.num_layers != 62:
-        return None
-    scalar = cfg.hidden_size // cfg.num_heads
-    return None if scalar == cfg.head_dim else scalar
 
 
 def _unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
@@ -500,9 +493,6 @@ def load_gguf(path: str | Path) -> ModelSource:
         raise FormatError(f"{path}: {cfg.architecture}.block_count = {cfg.num_layers} needs "
                           f"{cfg.num_layers * per_layer} layer tensors, the file has {len(tensors)} tensors")
     weights, converted = _weights(reader, cfg, path, _linear_rope_factors(meta, cfg))
-    query_scalar = _gemma3_query_scalar(cfg)
-    if query_scalar is not None:
-        fold_query_scale(weights, cfg, query_scalar, str(path))
 
     chat_template = meta.get("tokenizer.chat_template", str)
     if chat_template is None and cfg.architecture in ("gemma2", "gemma3"):
@@ -525,5 +515,4 @@ def load_gguf(path: str | Path) -> ModelSource:
     return ModelSource(config=cfg, weights=weights, tokenizer=tokenizer, chat_template=chat_template,
                        name=meta.get("general.name", str, path.stem), path=str(path),
                        metadata={"format": "gguf", **meta.scalars(),
-                                 **({"converted": converted} if converted else {}),
-                                 **({"query_pre_attn_scalar": query_scalar} if query_scalar is not None else {})})
+                                 **({"converted": converted} if converted else {})})

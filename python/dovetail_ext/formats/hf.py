@@ -36,7 +36,7 @@ import numpy as np
 
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
-from .base import (WEIGHT_DTYPES, ModelSource, Weight, fold_query_scale, row_nbytes, stored_tensors_per_layer,
+from .base import (WEIGHT_DTYPES, ModelSource, Weight, row_nbytes, stored_tensors_per_layer,
                    stored_weight_shapes, unfuse)
 from .tokenizer import tokenizer_from_hf_directory
 
@@ -301,20 +301,21 @@ def _longrope(cfg: dict[str, Any], path: Path, get: Any, scaling: dict) -> tuple
 
 def _gemma(cfg: dict[str, Any], path: Path, get: Any, rope: dict, arch: str) -> tuple[dict, dict[str, Any]]:
     """Gemma 2's and 3's keys: the global layers' RoPE parameters (what LLaMA's keys would
-    say) and the LlamaConfig fields of the local layers and the soft-capping (Gemma 2; its
-    defaults are transformers'). Refuses what the engine does not run: soft-capping in Gemma
-    3, another attention scale in Gemma 2, a layer pattern other than one global layer every n."""
+    say) and the LlamaConfig fields of the local layers, the score scale (query_pre_attn_scalar)
+    and the soft-capping (Gemma 2; its defaults are transformers'). Refuses what the engine does
+    not run: soft-capping in Gemma 3, a layer pattern other than one global layer every n."""
     extra: dict[str, Any] = {}
     head_dim = get("head_dim", int, 0) or get("hidden_size", int) // get("num_attention_heads", int)
+    scalar = get("query_pre_attn_scalar", (int, float), 256)  # (transformers' default)
+    if not 0 < scalar < float("inf"):
+        raise FormatError(f"{path}: query_pre_attn_scalar {scalar!r} must be a positive number")
+    if scalar != head_dim:  # (the 27B models)
+        extra["query_pre_attn_scalar"] = float(scalar)
     if arch == "gemma3":
         for key in ("final_logit_softcapping", "attn_logit_softcapping"):
             if get(key, (int, float), None) is not None:
                 raise FormatError(f"{path}: {key} is not supported")
-        get("query_pre_attn_scalar", (int, float), None)  # (its type; load() folds it into the weights)
-    else:  # (Gemma 2 has no q head norms to fold another scale into)
-        if get("query_pre_attn_scalar", (int, float), 256) != head_dim:
-            raise FormatError(f"{path}: query_pre_attn_scalar {cfg.get('query_pre_attn_scalar', 256)!r} differs from "
-                              f"head_dim {head_dim} (Gemma 2 27B): not supported")
+    else:
         for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
             value = cfg.get(key, default)  # (null: off)
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -510,12 +511,8 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
         rope_factors = rope_factors[0]
     if cfg.rope_freq_factors:
         loaded["rope_freqs"] = Weight("f32", expected["rope_freqs"], rope_factors)
-    query_scalar = raw_cfg.get("query_pre_attn_scalar", 256) if arch == "gemma3" else None  # (transformers' default)
-    if query_scalar is not None:
-        fold_query_scale(loaded, cfg, query_scalar, str(config_path))
     tokenizer = tokenizer_from_hf_directory(directory, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
     return ModelSource(config=cfg, weights=loaded, tokenizer=tokenizer,
                        chat_template=tokenizer.chat_template, name=directory.name, path=str(directory),
                        metadata={"format": "hf", "weights": weights,
-                                 "torch_dtype": raw_cfg.get("dtype", raw_cfg.get("torch_dtype")),
-                                 **({"query_pre_attn_scalar": query_scalar} if query_scalar is not None else {})})
+                                 "torch_dtype": raw_cfg.get("dtype", raw_cfg.get("torch_dtype"))})
