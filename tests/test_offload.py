@@ -29,15 +29,21 @@ needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU and a b
 # What the device layers must do as the CPU's: plain LLaMA; LLaMA 3.1+ RoPE frequency
 # divisors; Qwen2's q/k/v biases before RoPE; Qwen3's RMSNorm of every q and k head; Gemma 3's
 # post norms, GELU gate, scaled embeddings, and local layers with a window of 4 (shorter than
-# the test sequences and trees) and their own RoPE tables.
+# the test sequences and trees) and their own RoPE tables; Gemma 2's soft-capped scores
+# (and a 27B-like score scale) in every other layer local.
 VARIANTS = {"llama": {}, "scaled_rope": dict(rope_factors=True), "qwen2": dict(bias=True),
-            "qwen3": dict(qk_norm=True), "gemma3": dict(window=4)}
-ARCH_SOURCES = ["llama", "qwen2", "qwen3", "gemma3"]
+            "qwen3": dict(qk_norm=True), "gemma3": dict(window=4), "gemma2": dict(window=4)}
+ARCH_SOURCES = ["llama", "qwen2", "qwen3", "gemma3", "gemma2"]
 
 
 @functools.cache
 def arch_source(name):
+    import dataclasses
     cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, **VARIANTS[name])
+    if name == "gemma2":
+        cfg = dataclasses.replace(cfg, architecture="gemma2", qk_norm=False, sliding_window_pattern=2,
+                                  rope_theta_local=0.0, attn_logit_softcapping=0.3, final_logit_softcapping=30.0,
+                                  query_pre_attn_scalar=24.0)
     return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
 
 
@@ -70,13 +76,21 @@ def test_offloaded_target_matches_the_cpu_target(which):
         assert off.n_past == 11 and off.device_stats["calls"] == 1
 
 
-def test_offloaded_gemma3_layers_are_the_cpu_layers():
-    """The device layers' Gemma 3 parts, each of which moves the logits by less than the
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_offloaded_gemma_layers_are_the_cpu_layers(arch):
+    """The device layers' Gemma parts, each of which moves the logits by less than the
     bf16 tolerance above: the offloaded target is at least 1.5 times closer (relative RMS
     over 48 positions) to the CPU target than to one with the local layers' RoPE base, the
-    GELU gate, the window or the embedding scale changed."""
+    GELU gate, the window or the embedding scale changed; for Gemma 2, the score cap or the
+    score scale."""
     import dataclasses
     cfg = tiny_config(gqa=3, tied=True, vocab=301, layers=3, window=4, theta=1e5)
+    wrongs = [dict(rope_theta_local=cfg.rope_theta), dict(activation="silu"), dict(sliding_window=0),
+              dict(scale_embeddings=False)]
+    if arch == "gemma2":
+        cfg = dataclasses.replace(cfg, architecture="gemma2", qk_norm=False, sliding_window_pattern=2,
+                                  rope_theta_local=0.0, attn_logit_softcapping=1.0, query_pre_attn_scalar=64.0)
+        wrongs = [dict(attn_logit_softcapping=0.0), dict(query_pre_attn_scalar=0.0), dict(sliding_window=0)]
     src = make_source(cfg, random_weights(cfg, seed=1), "q8_0")
     toks = np.random.default_rng(0).integers(0, 301, 48)
 
@@ -88,8 +102,7 @@ def test_offloaded_gemma3_layers_are_the_cpu_layers():
         return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
     off = logits(cfg, gpu_layers=2, device="emulated")
     right = rms(off, logits(cfg))
-    for wrong in (dict(rope_theta_local=cfg.rope_theta), dict(activation="silu"), dict(sliding_window=0),
-                  dict(scale_embeddings=False)):
+    for wrong in wrongs:
         assert 1.5 * right < rms(off, logits(dataclasses.replace(cfg, **wrong))), wrong
 
 

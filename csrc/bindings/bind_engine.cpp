@@ -486,7 +486,6 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& cfg, const py::dict& weights, const LlamaEngine& target, int64_t layers,
                        int64_t context, int64_t max_batch, const std::string& backend, int device, bool graphs) {
              LayerDims d = layer_dims(cfg);  // (biases, norms, gate and windows as the CPU layers)
-             DT_CHECK(d.attn_softcap == 0.0f, "gpu_layers: soft-capped attention (Gemma 2) runs on the CPU only");
              const float embed_scale = get_flag(cfg, "scale_embeddings") ? std::sqrt((float)d.dim) : 1.0f;
              EngineOptions o = engine_options(context, max_batch, 1, "bf16");
              std::vector<py::array> keep;

@@ -20,6 +20,8 @@ DT_HD void rope_pair(float& x0, float& x1, float c, float s) {
 }
 
 DT_HD float swiglu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// A scaled attention score, soft-capped (Gemma 2) as the CPU kernels cap it: cap (2 / (1 + exp(-2 z / cap)) - 1).
+DT_HD float softcap_score(float z, float cap) { return cap > 0 ? cap * (2.0f / (1.0f + expf(-2.0f * z / cap)) - 1.0f) : z; }
 DT_HD float geglu(float g, float u) { return g / (1.0f + expf(-gelu_arg(g))) * u; }
 
 // Ancestor bit j of a token's bitset.

@@ -238,7 +238,7 @@ __global__ void attention_kernel(AttentionCall a) {
     }
     s = warp_sum(s);
     float scale, p;
-    sm.add(s * a.scale, scale, p);
+    sm.add(dev::softcap_score(s * a.scale, a.softcap), scale, p);
     const bf16_t* vr = vh + (size_t)j * a.Dh;
     for (int c = 0; c < kMaxDhPerLane; ++c) {
       const int i = lane + 32 * c;

@@ -268,7 +268,7 @@ void DeviceStack::run_layers(const Layout& Lo, int64_t T, int64_t P) {
     AttentionCall ac;
     ac.q = qkv_; ac.ld = (int)QKV_; ac.T = t; ac.H = H; ac.KV = KV; ac.Dh = Dh; ac.S = S; ac.P = (int)P;
     ac.words = (int)((P + T + 63) / 64); ac.k_cache = kc; ac.v_cache = vc; ac.n_past = n_past; ac.bits = bits;
-    ac.scale = d_.score_scale(); ac.out = att_;
+    ac.scale = d_.score_scale(); ac.softcap = d_.attn_softcap; ac.out = att_;
     ac.window = lb.local ? (int)d_.window : 0;
     ac.positions = positions;
     ops_->attention(ac);

@@ -49,6 +49,7 @@ struct AttentionCall {
   const int32_t* n_past = nullptr;
   const uint64_t* bits = nullptr;   // [T, words]
   float scale = 1.0f;
+  float softcap = 0.0f;             // Gemma 2: scaled scores soft-capped (dev::softcap_score; 0: none)
   bf16_t* out = nullptr;            // [T, H*Dh]
   // Sliding window (P = 0): row t sees only keys whose position is above positions[t] -
   // window: committed slot j holds position j, scratch slot j the batch's positions[j].

@@ -154,7 +154,7 @@ class HostOps final : public DeviceOps {
           float s = 0.0f;
           for (int i = 0; i < a.Dh; ++i) s += q[i] * bf16_to_fp32(kr[i]);
           float scale, p;
-          sm.add(s * a.scale, scale, p);
+          sm.add(dev::softcap_score(s * a.scale, a.softcap), scale, p);
           const bf16_t* vr = vh + (size_t)j * a.Dh;
           for (int i = 0; i < a.Dh; ++i) acc[(size_t)i] = acc[(size_t)i] * scale + p * bf16_to_fp32(vr[i]);
         }
