@@ -367,6 +367,10 @@ def test_extra_feature_caches_add_training_data_only(tiny, cache, tmp_path):
     (tmp_path / "other" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="another target"):
         Trainer(tiny, cache, small_cfg(), tmp_path / "c", extra_train=[FeatureCache(tmp_path / "other")])
+    # ... but not one of the same target file under another name (the signature leaves names out)
+    m["target"] = {**json.loads((tmp_path / "more" / "manifest.json").read_text())["target"], "name": "renamed.gguf"}
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(m))
+    Trainer(tiny, cache, small_cfg(), tmp_path / "d", extra_train=[FeatureCache(tmp_path / "other")])
 
 
 def test_init_fine_tunes_an_existing_draft(tiny, cache, tmp_path):
