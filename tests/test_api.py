@@ -272,6 +272,14 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     assert info["cuda_cublas"] is None or info["cuda_cublas"].startswith("libcublas")
     assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 2
     assert "no such model file" in capsys.readouterr().err
+    # info: a model named but unreadable is in the JSON, and the exit status says so
+    assert main(["info", "--json", "--model", "/nonexistent.gguf"]) == 2
+    assert "error" in json.loads(capsys.readouterr().out)["model"]
+    for port, msg in (("-1", "--port must be in [0, 65535]"), ("70000", "--port must be in [0, 65535]")):
+        assert main(["serve", "--port", port, "--model", "/nonexistent.gguf"]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["serve", "--host", "", "--model", "/nonexistent.gguf"]) == 2
+    assert "--host is empty" in capsys.readouterr().err
 
 
 def test_cli_streams_text(default_gguf_path):
@@ -323,5 +331,12 @@ def test_cli_bench_compares_plain_and_speculative(capsys, default_gguf_path):
     assert "speculative_over_plain" not in rep and "plain decoding only" in format_report(rep)
     with pytest.raises(ValueError, match="repeat"):
         run_benchmark(gen, ["Hi"], repeat=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 2 for a benchmark"):
+        run_benchmark(gen, ["Hi"], max_new_tokens=1)
+    # --tree-auto: the report names the shapes and the last one chosen
+    assert main(args + ["--tree-auto", "--json"]) == 0
+    tree = json.loads(capsys.readouterr().out)["tree"]
+    assert tree["auto"] is True and len(tree["shapes"]) > 1 and tree["last"].count(",") == 2
+    assert main(args + ["--tree-auto"]) == 0 and "tree chosen while decoding" in capsys.readouterr().out
     with pytest.raises(ValueError, match="at least one prompt"):
         run_benchmark(gen, [])

@@ -191,6 +191,32 @@ def test_export_cli_reports_a_missing_model(tmp_path, capsys):
     assert not (tmp_path / "out.dtw").exists()
 
 
+def test_export_cli_writes_nothing_it_cannot_finish(tmp_path, capsys, llama_gguf_writer, monkeypatch):
+    """Every input is read and checked before anything is written: a draft that cannot be
+    had leaves no target file; the model itself, a directory, the same file twice, or
+    --draft without --draft-out are refused; a write that fails leaves no .tmp file."""
+    from dovetail_ext.export_c_weights import main
+    model = tmp_path / "m.gguf"
+    llama_gguf_writer(model, dtype="f32")
+    out = tmp_path / "o.dtw"
+    for args, msg in [([str(out), "--draft-out", str(tmp_path / "d.dtw")], "no draft ships for"),
+                      ([str(model)], "is the model itself"), ([str(tmp_path)], "not a file name"),
+                      ([str(out), "--draft-out", str(out)], "is the target's output file too"),
+                      ([str(out), "--draft", str(tmp_path)], "give --draft-out FILE too"),
+                      ([str(model / "x.dtw")], "cannot write")]:
+        assert main([*args, "--model", str(model)]) == 1, args
+        assert msg in capsys.readouterr().err, args
+        assert not out.exists() and model.read_bytes()[:4] == b"GGUF"
+    assert not list(tmp_path.glob("*.tmp"))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(capi.os, "replace", full)  # (the .tmp file is whole by then)
+    assert main([str(out), "--model", str(model)]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma2"])
 def test_example_runs_gemma_and_longrope_containers(greedy_bin, tmp_path, llama_gguf_writer, arch):
     """Through export_c_weights and the C example, the greedy tokens are the Python engine's:

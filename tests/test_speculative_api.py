@@ -139,6 +139,12 @@ def test_lookup_chains_fit_a_small_max_batch(default_gguf_path, draft):
         r = g.generate(text, raw=True, max_new_tokens=40)
         assert r.stats.lookup_steps > 0
         assert r.tokens == g.generate(text, raw=True, max_new_tokens=40, speculative=False).tokens
+    # Nor longer than the tokens still wanted: every accepted chain token is kept (the first
+    # new token comes from the prefill). At 6 new tokens here, an uncapped chain ran past them.
+    g = dovetail_ext.load(default_gguf_path, context=256, threads=2, draft=draft)
+    for n in range(2, 12):
+        short = g.generate(text, raw=True, max_new_tokens=n).stats
+        assert short.lookup_accepted <= short.new_tokens - 1, (n, short)
 
 
 def test_context_fills_cleanly_while_speculating(default_gguf_path):

@@ -238,10 +238,11 @@ class Generator:
             draft.truncate(0)  # its KV describes no conversation of this generator yet
             self.draft = draft
 
-    def _chain_room(self) -> int:
-        """The longest lookup chain the next target call takes: it and its root must fit one
-        call (max_batch) and the context."""
-        return min(self.target.max_batch, self.target.context - self.target.n_past) - 1
+    def _chain_room(self, budget: int) -> int:
+        """The longest lookup chain worth verifying next: it and its root must fit one target
+        call (max_batch) and the context, and its tokens and the bonus one the ``budget`` of
+        new tokens left (tokens past it would be verified, then thrown away)."""
+        return min(self.target.max_batch, self.target.context - self.target.n_past, budget) - 1
 
     def _check_owner(self, run: int) -> None:
         if self._owner != run:
@@ -356,8 +357,8 @@ class Generator:
                 stats.target_calls += 1
                 root = pending[-1]
                 if spec:
-                    chain = lookup.propose(self._chain_room()) if lookup is not None and state.ready is None \
-                        else None
+                    chain = lookup.propose(self._chain_room(max_new_tokens - len(out_tokens))) \
+                        if lookup is not None and state.ready is None else None
                     drafting = bool(chain) or governor is None or governor.drafting() or state.ready is not None
                     shape = selector.shape() if selector is not None else tree
                     ts = time.perf_counter()
@@ -379,7 +380,7 @@ class Generator:
                     self._keep_features(committed)
                     self._kv_tokens.extend([root] + pending[:-1])
                 else:
-                    chain = lookup.propose(self._chain_room()) if lookup_only else None
+                    chain = lookup.propose(self._chain_room(max_new_tokens - len(out_tokens))) if lookup_only else None
                     if chain:
                         ts = time.perf_counter()
                         accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _core
+from .tree import AutoTree
 
 __all__ = ["BENCH_PROMPTS", "run_benchmark", "format_report"]
 
@@ -52,6 +53,9 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
         raise ValueError("the benchmark needs at least one prompt")
     if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
         raise ValueError(f"repeat must be an integer >= 1, got {repeat!r}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be an integer >= 2 for a benchmark (the first new token comes "
+                         f"from the prefill: no decoding step would be timed), got {max_new_tokens!r}")
     # The speculative mode: with the draft, or (no draft) by prompt lookup alone.
     fast = "speculative" if gen.draft is not None else "lookup" if gen.lookup is not None else None
     modes = ["plain"] + ([fast] if fast else [])
@@ -62,6 +66,7 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
                       draft_s=0.0, verify_s=0.0, prefill_s=0.0, prompt_tokens=0) for m in modes}
     outputs: dict[str, list[list[int]]] = {m: [] for m in modes}
     total, done = len(prompts) * repeat * len(modes), 0
+    last_tree = ""  # the shape of the last drafting step (an AutoTree's choice at the end)
     for r in range(repeat):
         for i, prompt in enumerate(prompts):
             order = modes if (r * len(prompts) + i) % 2 == 0 else modes[::-1]
@@ -69,6 +74,7 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
                 gen.reset()  # no prompt cache: each mode prefills the whole prompt
                 res = gen.generate(prompt, speculative=mode != "plain", **kw)
                 s, t = res.stats, totals[mode]
+                last_tree = s.tree or last_tree
                 t["tokens"] += s.new_tokens
                 t["seconds"] += s.decode_s
                 t["calls"] += s.target_calls
@@ -92,8 +98,10 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
         "threads": gen.target.threads,
         "model": gen.source.name or str(gen.source.path),
         "draft": None if gen.draft is None else gen.draft.device,
-        "tree": dict(top_k=gen.tree.top_k, depth=gen.tree.depth, total_tokens=gen.tree.total_tokens,
-                     min_prob=gen.tree.min_prob),
+        "tree": dict(auto=True, shapes=[[s.top_k, s.depth, s.total_tokens] for s in gen.tree.shapes],
+                     last=last_tree) if isinstance(gen.tree, AutoTree) else
+        dict(top_k=gen.tree.top_k, depth=gen.tree.depth, total_tokens=gen.tree.total_tokens,
+             min_prob=gen.tree.min_prob),
         "lookup": None if gen.lookup is None else dict(min_n=gen.lookup.min_n, max_n=gen.lookup.max_n,
                                                        max_tokens=gen.lookup.max_tokens),
         "sampling": dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
@@ -145,9 +153,13 @@ def format_report(report: dict[str, Any]) -> str:
                      f"drafting step)")
     if "speculative_over_plain" in report:
         same = report["outputs_identical"]
-        shape = (f"tree top_k={tree['top_k']} depth={tree['depth']} tokens={tree['total_tokens']}"
-                 f"{' min_prob=' + str(tree['min_prob']) if tree['min_prob'] else ''}" if fast == "speculative"
-                 else "no draft: prompt lookup alone")
+        if fast != "speculative":
+            shape = "no draft: prompt lookup alone"
+        elif tree.get("auto"):
+            shape = f"tree chosen while decoding among {len(tree['shapes'])} shapes, ({tree['last']}) at the end"
+        else:
+            shape = (f"tree top_k={tree['top_k']} depth={tree['depth']} tokens={tree['total_tokens']}"
+                     f"{' min_prob=' + str(tree['min_prob']) if tree['min_prob'] else ''}")
         lines += ["", f"{fast} / plain: {report['speculative_over_plain']:.2f}x ({shape}); outputs "
                       + ("identical" if same else "differ" + (" (expected when sampling)"
                                                                if report["sampling"]["temperature"] > 0 else

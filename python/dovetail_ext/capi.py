@@ -58,11 +58,14 @@ from __future__ import annotations
 import os
 import struct
 import sys
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["get_include", "get_library", "export_c_weights", "export_c_draft", "LIBRARY_ENV", "C_WEIGHTS_MAGIC",
+__all__ = ["get_include", "get_library", "export_c_weights", "export_c_draft", "target_container", "draft_container",
+           "write_container",
+           "LIBRARY_ENV", "C_WEIGHTS_MAGIC",
            "C_WEIGHTS_VERSION", "C_DTYPE_CODES", "C_VOCAB_MAP_CODE"]
 
 #: Environment variable naming the shared library to use (overrides every other place).
@@ -184,9 +187,15 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
         ValueError: the model has more than 8 end-of-sequence ids.
     """
     from .formats import load_model_source
+
+    return write_container(out, *target_container(load_model_source(model)))
+
+
+def target_container(source: Any) -> tuple[bytes, list[tuple[str, int, tuple[int, ...], np.ndarray]]]:
+    """The container contents of a loaded model (:func:`export_c_weights`): the header fields
+    after data_offset and the tensors, written by nothing yet."""
     from .quant import dequantize
 
-    source = load_model_source(model)
     cfg = source.config
     eos = list(dict.fromkeys([*cfg.eos_token_ids, *(source.tokenizer.eos_ids if source.tokenizer else ())]))
     if len(eos) > _MAX_EOS:
@@ -201,8 +210,8 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
         else:
             tensors.append((name, C_DTYPE_CODES[w.dtype], w.shape, np.ascontiguousarray(w.data)))
     max_context = min(cfg.max_context, cfg.rope_long_context or cfg.max_context)
-    fixed = _fixed_header(cfg.vocab_size, cfg, max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id, eos)
-    return _write_container(out, fixed, tensors)
+    return _fixed_header(cfg.vocab_size, cfg, max_context, -1 if cfg.bos_token_id is None else cfg.bos_token_id,
+                         eos), tensors
 
 
 def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str | Path = "auto") -> Path:
@@ -217,14 +226,20 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
         FileNotFoundError: no draft ships for the model (with ``"auto"``), or no checkpoint there.
         DraftMismatchError: the draft was trained for another target.
     """
+    from .formats import load_model_source
+
+    return write_container(out, *draft_container(load_model_source(model), draft))
+
+
+def draft_container(source: Any, draft: str | Path = "auto"
+                    ) -> tuple[bytes, list[tuple[str, int, tuple[int, ...], np.ndarray]]]:
+    """The container contents of a draft for a loaded target (:func:`export_c_draft`)."""
     from .draft import DEFAULT_DRAFT_WEIGHTS
     from .draft_model import TargetSignature, load_draft_weights
     from .errors import DraftMismatchError
-    from .formats import load_model_source
     from .models import packaged_draft_for
     from .quant import quantize
 
-    source = load_model_source(model)
     path = packaged_draft_for(source) if str(draft) == "auto" else draft
     if not path:
         raise FileNotFoundError(f"no draft ships for {source.name or source.path}; pass a checkpoint directory")
@@ -241,7 +256,7 @@ def export_c_draft(out: str | Path, model: str | Path | None = None, draft: str 
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         q = quantize(arr, "f32" if arr.ndim == 1 else DEFAULT_DRAFT_WEIGHTS)
         tensors.append((name, C_DTYPE_CODES[q.dtype], tuple(q.shape), np.ascontiguousarray(q.data)))
-    return _write_container(out, _fixed_header(source.config.vocab_size, config, 0, -1, []), tensors)
+    return _fixed_header(source.config.vocab_size, config, 0, -1, []), tensors
 
 
 def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[int]) -> bytes:
@@ -258,8 +273,10 @@ def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[
                                                                       "final_logit_softcapping")), 0)
 
 
-def _write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]
-                     ) -> Path:
+def write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]
+                    ) -> Path:
+    """Write a container (:func:`target_container` / :func:`draft_container` give its parts)
+    to ``out`` through a temporary file, replaced atomically; a failed write leaves nothing."""
     table = bytearray()
     offset = 0
     offsets = []
@@ -274,13 +291,24 @@ def _write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int
     data_offset = _aligned(len(header) + 8 + len(fixed) + len(table))
 
     out = Path(out)
+    if not out.name or out.is_dir():
+        raise ValueError(f"{out}: not a file name to write the container to")
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header + struct.pack("<Q", data_offset) + fixed + table)
-        for (_, _, _, data), start in zip(tensors, offsets):
-            f.write(b"\0" * (data_offset + start - f.tell()))
-            f.write(data.reshape(-1).view(np.uint8).data)
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header + struct.pack("<Q", data_offset) + fixed + table)
+            for (_, _, _, data), start in zip(tensors, offsets):
+                f.write(b"\0" * (data_offset + start - f.tell()))
+                f.write(data.reshape(-1).view(np.uint8).data)
+        os.replace(tmp, out)
+    except BaseException as e:  # (a full disk, a size limit, an interrupt: no half-written file stays)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # (there was none: its directory cannot be)
+            pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {out}: {e.strerror or e}") from None
+        raise
     return out
 
 

@@ -239,6 +239,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.host.strip():
+        raise ValueError("--host is empty (an empty host would listen on every interface; say 0.0.0.0 for that)")
     try:
         from .server import default_model_id, serve
     except ImportError as e:
@@ -295,11 +299,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "tokenizer_approximate": getattr(src.tokenizer, "approximate", None),
             "parameters": int(sum(math.prod(w.shape) for w in src.weights.values())),
         }
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # (FormatError, missing or unreadable files)
         info["model"] = {"error": str(e)}
+    # A model asked for by name that could not be read is a failure for scripts (the rest
+    # of the report still prints).
+    status = 2 if args.model is not None and "error" in info["model"] else 0
     if args.json:
         print(json.dumps(info))
-        return 0
+        return status
     for k, v in info.items():
         if isinstance(v, dict):
             print(f"{k}:")
@@ -307,7 +314,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 print(f"  {kk}: {vv}")
         else:
             print(f"{k}: {v}")
-    return 0
+    return status
 
 
 def _cmd_train_draft(args: argparse.Namespace) -> int:

@@ -19,23 +19,39 @@ def main(argv: list[str] | None = None) -> int:
                                              "C programs using dovetail.h read (examples/c/greedy.c).")
     ap.add_argument("out", help="output file")
     ap.add_argument("--model", metavar="PATH", default=None,
-                    help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 3; "
+                    help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 2, 3 / Phi-3; "
                          "default: the default model)")
     ap.add_argument("--draft-out", metavar="FILE", default=None,
                     help="also write the draft for this model into FILE (for dt_draft_create)")
     ap.add_argument("--draft", metavar="DIR", default="auto",
                     help="the draft checkpoint for --draft-out (default: the draft shipped for the model)")
     args = ap.parse_args(argv)
-    from .capi import export_c_draft, export_c_weights
-    from .errors import DraftMismatchError, FormatError
+    from pathlib import Path
+
+    from .capi import write_container, draft_container, target_container
+    from .formats import load_model_source
     try:
-        paths = [export_c_weights(args.out, args.model)]
+        out = Path(args.out)
+        if args.draft != "auto" and not args.draft_out:
+            raise ValueError("--draft names the draft for --draft-out; give --draft-out FILE too")
+        if args.draft_out and Path(args.draft_out).resolve() == out.resolve():
+            raise ValueError(f"--draft-out {args.draft_out} is the target's output file too")
+        if args.model is not None and out.exists() and Path(args.model).exists() and out.samefile(args.model):
+            raise ValueError(f"{out} is the model itself: writing the container there would destroy it")
+        # Everything is read and checked before anything is written.
+        source = load_model_source(args.model)
+        parts = [(out, target_container(source))]
         if args.draft_out:
-            paths.append(export_c_draft(args.draft_out, args.model, args.draft))
-    except (FileNotFoundError, FormatError, DraftMismatchError, ValueError) as e:
+            parts.append((Path(args.draft_out), draft_container(source, args.draft)))
+        paths = [write_container(path, *contents) for path, contents in parts]
+    except (ValueError, OSError) as e:  # (FormatError, DraftMismatchError, missing or unwritable files)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print("\n".join(str(p) for p in paths))
+    try:
+        print("\n".join(str(p) for p in paths))
+    except OSError as e:
+        print(f"error: written, but the paths could not be printed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
