@@ -258,6 +258,8 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
             **extra,
             rope_freq_factors=rope_type in ("llama3", "linear", "longrope"),
         )
+    except FormatError:
+        raise  # (a key's own message already names the file)
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from e
     if longrope is not None:
