@@ -22,7 +22,7 @@ from dovetail_ext.formats import load_model_source
 from dovetail_ext.target import TargetEngine
 from dovetail_ext.train import train_draft
 from dovetail_ext.train.data import (first_turn, iter_jsonl, iter_sharegpt, iter_sharegpt_with_ids, iter_text,
-                                     load_conversations, python_function_prompts, render)
+                                     load_conversations, parse_record, python_function_prompts, render)
 from dovetail_ext.train.features import (FeatureCache, FeatureSettings, extract_features, from_bf16_bits,
                                          to_bf16_bits)
 from dovetail_ext.train.trainer import Trainer, TrainConfig, choose_vocab_map, evaluate, rollout
@@ -127,6 +127,16 @@ def test_jsonl_and_text_sources(tmp_path, data_file):
     assert a == b and sorted(map(str, a)) == sorted(map(str, CONVS)) and a != CONVS
     with pytest.raises(FileNotFoundError):
         load_conversations(tmp_path / "missing.jsonl")
+    # OpenAI's content parts: the text parts are joined, the others left out
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "image_url"},
+                                                       {"type": "text", "text": "there"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]}
+    assert parse_record(parts) == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
+    # Non-UTF-8 bytes name the file and line
+    raw = tmp_path / "latin.jsonl"
+    raw.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        list(iter_jsonl(raw))
 
 
 def test_python_function_prompts(tmp_path):

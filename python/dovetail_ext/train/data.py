@@ -61,7 +61,8 @@ def parse_record(rec: Any) -> Conversation | None:
     """One conversation from a JSON record, or None when it holds no usable turn.
 
     Accepted shapes: ``{"conversations": [{"from": "human"|"gpt", "value": ...}]}``
-    (ShareGPT), ``{"messages": [{"role": ..., "content": ...}]}``, ``{"prompt": ...,
+    (ShareGPT), ``{"messages": [{"role": ..., "content": ...}]}`` (content a string or
+    OpenAI's list of parts, whose text parts are joined), ``{"prompt": ...,
     "response" | "completion": ...}``, ``{"text": ...}``. Unknown roles drop the message.
 
     Raises:
@@ -79,6 +80,9 @@ def parse_record(rec: Any) -> Conversation | None:
                 continue
             role = _ROLES.get(str(t.get("from", t.get("role", ""))).lower())
             content = t.get("value", t.get("content"))
+            if isinstance(content, list):  # OpenAI's content parts: the text ones, joined
+                texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                content = "".join(x for x in texts if isinstance(x, str)) if texts else None
             if role is None or not isinstance(content, str) or not content.strip():
                 continue
             out.append({"role": role, "content": content})
