@@ -892,7 +892,9 @@ def test_bad_weights(lib):
          "multiple of 32 columns", "'blk.0.attn_q'"),
         (with_("blk.1.ffn_down", None), "DT_ERR_INVALID", "missing weight 'blk.1.ffn_down'"),
         (with_("output_norm", ("f32", (48,), good["output_norm"][2][:48])), "DT_ERR_INVALID",
-         "weight 'output_norm' has shape (1, 48), expected (1, 96)"),
+         "weight 'output_norm' has shape (48,), expected (96,)"),
+        (with_("output_norm", ("f32", (1, 96), good["output_norm"][2])), "DT_ERR_INVALID",
+         "weight 'output_norm' has shape (1, 96), expected (96,)"),  # (norms are 1-D, as the header says)
         (with_("blk.0.attn_q", (q[0], (q[1][0] // 2, q[1][1]), q[2][: q[1][0] // 2])), "DT_ERR_INVALID",
          "weight 'blk.0.attn_q' has shape (48, 96), expected (96, 96)"),
     ]

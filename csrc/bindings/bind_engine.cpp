@@ -73,6 +73,7 @@ WeightMap weight_map(const py::dict& weights, std::vector<py::array>& keep) {
     DT_CHECK(shape.size() == 1 || shape.size() == 2, "weight '" + name + "' must be 1-D or 2-D");
     v.rows = shape.size() == 2 ? shape[0] : 1;
     v.cols = shape.back();
+    v.ndim = (int)shape.size();
     py::array arr = py::array::ensure(tup[2]);
     DT_CHECK(arr && (arr.flags() & py::array::c_style), "weight '" + name + "' data must be a C-contiguous array");
     v.data = arr.data();

@@ -167,6 +167,7 @@ dovetail::WeightMap weight_map(const dt_weight* weights, size_t n, std::vector<s
     dovetail::WeightView v;
     v.type = type;
     v.rows = w.ndim == 2 ? w.shape[0] : 1;
+    v.ndim = w.ndim;
     v.cols = w.shape[w.ndim - 1];
     const uint64_t want = expected_bytes(type, v.rows, v.cols, name);
     if (w.nbytes != want)

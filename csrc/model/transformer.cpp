@@ -10,13 +10,19 @@ namespace dovetail {
 
 namespace {
 
+std::string shape_str(int ndim, int64_t rows, int64_t cols) {
+  return ndim == 1 ? "(" + std::to_string(cols) + ",)" : "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+}
+
+// The weight `name`: a matrix [rows, cols], or with rows 0 a vector [cols] (1-D as given).
 const WeightView& need(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols) {
   auto it = w.find(name);
   DT_CHECK(it != w.end(), "missing weight '" + name + "'");
   const WeightView& v = it->second;
-  DT_CHECK(v.rows == rows && v.cols == cols,
-           "weight '" + name + "' has shape (" + std::to_string(v.rows) + ", " + std::to_string(v.cols) +
-               "), expected (" + std::to_string(rows) + ", " + std::to_string(cols) + ")");
+  const int want_ndim = rows == 0 ? 1 : 2;
+  DT_CHECK(v.ndim == want_ndim && v.rows == (rows == 0 ? 1 : rows) && v.cols == cols,
+           "weight '" + name + "' has shape " + shape_str(v.ndim, v.rows, v.cols) + ", expected " +
+               shape_str(want_ndim, rows, cols));
   return v;
 }
 
@@ -60,7 +66,7 @@ PackedWeight pack_stacked(const WeightMap& w, const std::vector<std::pair<std::s
 }
 
 std::vector<float> norm_named(const WeightMap& w, const std::string& name, int64_t n) {
-  const WeightView& v = need(w, name, 1, n);
+  const WeightView& v = need(w, name, 0, n);
   DT_CHECK(v.type == WType::F32 && v.nbytes == (size_t)n * 4, "1-D weight '" + name + "' must be f32");
   const float* p = static_cast<const float*>(v.data);
   return std::vector<float>(p, p + n);

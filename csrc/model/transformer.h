@@ -59,6 +59,7 @@ struct EngineOptions {
 struct WeightView {
   WType type = WType::F32;
   int64_t rows = 0, cols = 0;
+  int ndim = 2;  // as given: 1 (a vector: rows 1) or 2
   const void* data = nullptr;
   size_t nbytes = 0;
 };
