@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import as_bool
+from .errors import as_bool, check_text
 from .formats import load_model_source
 from .formats.base import ModelSource
 from .lookup import LookupParams, NgramLookup
@@ -67,18 +67,6 @@ class GenerationResult:
     text: str
     tokens: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def _text(s: str, what: str = "the prompt") -> str:
-    """``s``, refused when it holds a lone surrogate: undecodable bytes that Python kept as
-    U+DC80-U+DCFF (from the command line or a file read with surrogateescape), or a "\\ud800"
-    escape in JSON. The tokenizer could not encode them."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds a lone surrogate ({s[e.start]!r} at character {e.start}): not "
-                         "valid text (bytes that are not UTF-8?)") from None
-    return s
 
 
 class _StopStrings:
@@ -169,7 +157,7 @@ class Generator:
         through the chat template; ``raw=True`` encodes a string as it is."""
         if isinstance(prompt, str):
             if raw:
-                return self.tokenizer.encode(_text(prompt))
+                return self.tokenizer.encode(check_text(prompt))
             prompt = [{"role": "user", "content": prompt}]
         elif raw:
             raise ValueError("raw=True takes a string prompt, not chat messages")
@@ -177,8 +165,8 @@ class Generator:
             raise ValueError("prompt must be a string or a non-empty list of chat messages")
         for i, m in enumerate(prompt):
             if isinstance(m, dict) and isinstance(m.get("content"), str):
-                _text(m["content"], f"messages[{i}].content" if len(prompt) > 1 else "the prompt")
-        return self.tokenizer.encode(_text(self.tokenizer.apply_chat_template(list(prompt),
+                check_text(m["content"], f"messages[{i}].content" if len(prompt) > 1 else "the prompt")
+        return self.tokenizer.encode(check_text(self.tokenizer.apply_chat_template(list(prompt),
                                                                              add_generation_prompt=True)))
 
     # -- generation ----------------------------------------------------------------------

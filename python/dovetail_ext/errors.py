@@ -34,6 +34,18 @@ def as_int(what: str, v: Any, lo: int = 1, bits: int = 64) -> int:
     return int(v)
 
 
+def check_text(s: str, what: str = "the prompt") -> str:
+    """``s``, refused when it holds a lone surrogate: undecodable bytes that Python kept as
+    U+DC80-U+DCFF (from the command line or a file read with surrogateescape), or a "\\ud800"
+    escape in JSON. No tokenizer can encode them."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate ({s[e.start]!r} at character {e.start}): not "
+                         "valid text (bytes that are not UTF-8?)") from None
+    return s
+
+
 def as_bool(what: str, v: Any, none: bool = False) -> bool | None:
     """``v`` when it is a bool (or None when ``none``); otherwise a ValueError naming ``what``:
     a string such as "no" would otherwise count as true."""

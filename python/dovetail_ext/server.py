@@ -53,6 +53,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .api import GenerationStats, Generator
+from .errors import check_text
 from .sampling import SamplingParams
 
 __all__ = ["create_app", "serve", "default_model_id"]
@@ -94,11 +95,9 @@ def _is_num(v: Any) -> bool:
 def _utf8(v: str, param: str) -> str:
     """``v``, checked to be encodable: JSON's escapes can spell lone surrogates (``"\\ud800"``)."""
     try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"'{param}' holds a lone surrogate (\\ud800-\\udfff), which is not text",
-                       param) from None
-    return v
+        return check_text(v, f"'{param}'")
+    except ValueError as e:
+        raise ApiError(400, str(e), param) from None
 
 
 @dataclass
