@@ -45,7 +45,7 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
 
     Matrices are stored as ``dtype`` (``types`` overrides per canonical name; a callable
     type ``f(values) -> (qtype, blocks, decoded)`` writes blocks it made itself), norms F32,
-    q/k rows permuted for ``arch="llama"``; ``arch="qwen2"`` adds q/k/v biases, ``"qwen3"``
+    q/k rows permuted for ``arch="llama"`` and ``"smollm3"``; ``arch="qwen2"`` adds q/k/v biases, ``"qwen3"``
     q/k head norms, ``"gemma3"`` q/k head norms and post norms. ``skip`` leaves tensors out, ``shapes`` writes other shapes, ``meta``
     may add metadata, ``omit_meta`` leaves out model keys (``block_count``...), a ``head_dim``
     dimension other than hidden / n_head is written as the key and value lengths. Returns canonical name -> float32 [rows, cols] in Hugging Face order.
@@ -117,7 +117,7 @@ def write_llama_gguf(path: Path, *, dtype: str = "q8_0", tied: bool = True, voca
             value = 0.5 * value - 0.5  # biases around 0, large enough to matter
             originals[name] = value
         stored = value
-        permute = arch == "llama"
+        permute = arch in ("llama", "smollm3")
         if permute and name.endswith("attn_q"):
             stored = llama_permute(value, H)
         elif permute and name.endswith("attn_k"):

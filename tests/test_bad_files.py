@@ -268,7 +268,7 @@ def test_hf_missing_and_malformed_json(tmp_path: Path) -> None:
     ({"num_attention_heads": 5}, "hidden_size 64 is not divisible by num_attention_heads|not divisible by num_heads 5"),
     ({"num_key_value_heads": 3}, "not a multiple of num_kv_heads 3"),
     ({"num_hidden_layers": 0}, "num_layers must be a positive integer"),
-    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "'gpt2'.* is not a LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 model"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "'gpt2'.* is not a LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3 or SmolLM3 model"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn' is not supported"),
     ({"attention_bias": True}, "attention_bias = true is not supported"),
     ({"use_sliding_window": True}, "use_sliding_window = true is not supported"),

@@ -217,7 +217,7 @@ def test_export_cli_writes_nothing_it_cannot_finish(tmp_path, capsys, llama_gguf
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma2"])
+@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma2", "smollm3"])
 def test_example_runs_gemma_and_longrope_containers(greedy_bin, tmp_path, llama_gguf_writer, arch):
     """Through export_c_weights and the C example, the greedy tokens are the Python engine's:
     a Gemma 3 GGUF (sliding window 4, linear RoPE scaling), whose container fields reach
@@ -232,6 +232,8 @@ def test_example_runs_gemma_and_longrope_containers(greedy_bin, tmp_path, llama_
     if arch == "gemma3":
         llama_gguf_writer(path, arch="gemma3", dtype="q8_0", hidden=64, n_head=4, n_kv=1, n_layers=7, meta=lambda w: (
             w.add_sliding_window(4), w.add_rope_scaling_type(RopeScalingType.LINEAR), w.add_rope_scaling_factor(2.0)))
+    elif arch == "smollm3":
+        llama_gguf_writer(path, arch="smollm3", dtype="q8_0", n_layers=4)
     elif arch == "gemma2":
         llama_gguf_writer(path, arch="gemma2", dtype="q8_0", n_layers=3, meta=lambda w: (
             w.add_sliding_window(4), w.add_float32("gemma2.attn_logit_softcapping", 0.05),
@@ -288,7 +290,7 @@ class TargetConfig(ctypes.Structure):
                 ("sliding_window", ctypes.c_int64), ("sliding_window_pattern", ctypes.c_int64),
                 ("rope_theta_local", ctypes.c_float), ("rope_attn_factor", ctypes.c_float),
                 ("query_pre_attn_scalar", ctypes.c_float), ("attn_logit_softcapping", ctypes.c_float),
-                ("final_logit_softcapping", ctypes.c_float)]
+                ("final_logit_softcapping", ctypes.c_float), ("nope_interval", ctypes.c_int64)]
 
 
 class TreeShape(ctypes.Structure):
@@ -404,6 +406,7 @@ def target_config(lib: CApi, cfg, context=64, max_batch=16, threads=1) -> Target
     c.rope_attn_factor = cfg.rope_attn_factor
     c.query_pre_attn_scalar, c.attn_logit_softcapping = cfg.query_pre_attn_scalar, cfg.attn_logit_softcapping
     c.final_logit_softcapping = cfg.final_logit_softcapping
+    c.nope_interval = cfg.nope_interval
     return c
 
 
@@ -487,7 +490,8 @@ def same_draft(got, want) -> None:
 @pytest.mark.parametrize("dtype,tied,extra", [("q8_0", False, ""), ("q4_1", True, ""), ("f32", True, ""),
                                              ("q8_0", False, "bias"), ("q4_1", True, "rope_factors"),
                                              ("q8_0", True, "qk_norm"), ("q8_0", True, "gemma3"),
-                                             ("q4_1", False, "longrope"), ("q8_0", False, "gemma2")])
+                                             ("q4_1", False, "longrope"), ("q8_0", False, "gemma2"),
+                                             ("q8_0", True, "smollm3")])
 def test_target_matches_binding(lib, dtype, tied, extra):
     """bias: a Qwen2 model; qk_norm: a Qwen3 model; rope_factors: LLaMA 3.1+ RoPE scaling.
     The C API takes all three as weights (no config flag). gemma3: Gemma 3 (its post norms
@@ -505,6 +509,8 @@ def test_target_matches_binding(lib, dtype, tied, extra):
                                   rope_theta_local=0.0, attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
                                   query_pre_attn_scalar=24.0)
         weights = {k: v for k, v in weights.items() if not k.endswith(("attn_q_norm", "attn_k_norm"))}
+    if extra == "smollm3":
+        cfg = dataclasses.replace(cfg, architecture="smollm3", nope_interval=2)
     c, py = CTarget(lib, cfg, weights), py_target(cfg, weights)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, 9)

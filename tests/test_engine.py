@@ -291,6 +291,20 @@ def test_gemma3_matches_reference(isa, dtype):
         assert np.abs(changed - got).max() > 0.01 * np.abs(got).max(), other
 
 
+def test_nope_layers_match_reference(isa):
+    """SmolLM3's layers without RoPE (every second one here) against the twin; rotating
+    them too gives another model."""
+    import dataclasses
+    cfg = dataclasses.replace(tiny_config(gqa=3, tied=False, layers=4), architecture="smollm3", nope_interval=2)
+    w = random_weights(cfg, seed=43)
+    ids = np.random.default_rng(12).integers(0, cfg.vocab_size, 13)
+    assert_matches_reference(make_source(cfg, w, "f32"), ids, tol=3e-4)
+    got, _ = TargetEngine(make_source(cfg, w, "f32"), context=32).forward(ids, logit_rows=range(13))
+    roped, _ = TargetEngine(make_source(dataclasses.replace(cfg, nope_interval=0), w, "f32"),
+                            context=32).forward(ids, logit_rows=range(13))
+    assert np.abs(roped - got).max() > 0.01 * np.abs(got).max()
+
+
 def _gemma2_config(window: int = 4, layers: int = 4):
     """A Gemma 2 config: Gemma 3's layers without the head norms, even layers local with the
     one RoPE base, scores and logits soft-capped (small caps, so that they bite)."""

@@ -211,6 +211,16 @@ def test_tiny_gemma2_gguf(tmp_path: Path, llama_gguf_writer) -> None:
     assert np.frombuffer(head[168:180], np.float32).tolist() == [0.0, 20.0, 10.0]
 
 
+def test_tiny_smollm3_gguf(tmp_path: Path, llama_gguf_writer) -> None:
+    """smollm3.* files as llama.cpp runs them: LLaMA's tensors (q / k rows permuted), every
+    fourth layer without RoPE."""
+    originals = llama_gguf_writer(tmp_path / "s.gguf", arch="smollm3", dtype="f32", n_layers=4)
+    src = load_gguf(tmp_path / "s.gguf")
+    assert (src.config.architecture, src.config.nope_interval) == ("smollm3", 4)
+    for name in ("blk.0.attn_q", "blk.3.attn_k"):
+        np.testing.assert_array_equal(src.weights[name].data, originals[name], err_msg=name)
+
+
 def _k_blocks(qtype):
     from conftest import random_k_blocks
 
@@ -482,6 +492,33 @@ def test_hf_gemma2_matches_transformers(tmp_path: Path, final_cap, scalar) -> No
                 _assert_logits_match(model, dataclasses.replace(src, config=other))
     _refused_when_changed(tmp_path, [("query_pre_attn_scalar", 0, "query_pre_attn_scalar 0 must be a positive number"),
                                      ("attn_logit_softcapping", -1.0, "attn_logit_softcapping = -1.0 must be")])
+
+
+def test_hf_smollm3_matches_transformers(tmp_path: Path) -> None:
+    """A SmolLM3ForCausalLM saved by transformers: every fourth layer without RoPE
+    (no_rope_layers), logits equal to transformers' over 20 tokens; a pattern other than one
+    layer every n is refused."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(8)
+    hc = transformers.SmolLM3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=8,
+                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                                    max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.SmolLM3ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
+    src = load_hf(tmp_path)
+    assert (src.config.architecture, src.config.nope_interval) == ("smollm3", 4)
+    assert [src.config.nope_layer(i) for i in range(8)] == [False, False, False, True] * 2
+    _assert_logits_match(model, src)
+    import dataclasses  # (RoPE in every layer is another model)
+    with pytest.raises(AssertionError):
+        _assert_logits_match(model, dataclasses.replace(src, config=dataclasses.replace(src.config, nope_interval=0)))
+    _refused_when_changed(tmp_path, [("no_rope_layers", [1, 0, 1, 1, 1, 0, 1, 1], "is not one layer without RoPE")])
 
 
 def _assert_logits_match(model: Any, src: ModelSource, n: int = 20, context: int = 32, seed: int = 0

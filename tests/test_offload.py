@@ -32,8 +32,8 @@ needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU and a b
 # the test sequences and trees) and their own RoPE tables; Gemma 2's soft-capped scores
 # (and a 27B-like score scale) in every other layer local.
 VARIANTS = {"llama": {}, "scaled_rope": dict(rope_factors=True), "qwen2": dict(bias=True),
-            "qwen3": dict(qk_norm=True), "gemma3": dict(window=4), "gemma2": dict(window=4)}
-ARCH_SOURCES = ["llama", "qwen2", "qwen3", "gemma3", "gemma2"]
+            "qwen3": dict(qk_norm=True), "gemma3": dict(window=4), "gemma2": dict(window=4), "smollm3": {}}
+ARCH_SOURCES = ["llama", "qwen2", "qwen3", "gemma3", "gemma2", "smollm3"]
 
 
 @functools.cache
@@ -44,6 +44,8 @@ def arch_source(name):
         cfg = dataclasses.replace(cfg, architecture="gemma2", qk_norm=False, sliding_window_pattern=2,
                                   rope_theta_local=0.0, attn_logit_softcapping=0.3, final_logit_softcapping=30.0,
                                   query_pre_attn_scalar=24.0)
+    if name == "smollm3":  # (its layers without RoPE: the device rotates them by cos 1, sin 0)
+        cfg = dataclasses.replace(cfg, architecture="smollm3", nope_interval=2)
     return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
 
 

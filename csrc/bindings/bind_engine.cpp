@@ -47,6 +47,7 @@ LayerDims layer_dims(const py::dict& cfg) {
   if (cfg.contains("rope_attn_factor")) d.rope_mscale = get_float(cfg, "rope_attn_factor");  // LongRoPE
   if (cfg.contains("attn_logit_softcapping")) d.attn_softcap = get_float(cfg, "attn_logit_softcapping");  // Gemma 2
   if (cfg.contains("query_pre_attn_scalar")) d.query_pre_attn_scalar = get_float(cfg, "query_pre_attn_scalar");
+  if (cfg.contains("nope_interval")) d.nope_interval = get_int(cfg, "nope_interval");  // SmolLM3
   return d;
 }
 

@@ -330,6 +330,9 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
       if (!(v >= 0) || !std::isfinite(v))
         fail(DT_ERR_INVALID, std::string(name) + " must be a finite number >= 0 (0: none)");
     d.query_pre_attn_scalar = cfg->query_pre_attn_scalar;
+    if (cfg->nope_interval < 0)
+      fail(DT_ERR_INVALID, "nope_interval must not be negative, got " + std::to_string(cfg->nope_interval));
+    d.nope_interval = cfg->nope_interval;
     d.attn_softcap = cfg->attn_logit_softcapping;
     p.final_softcap = cfg->final_logit_softcapping;
     d.gelu = cfg->activation == DT_ACT_GELU_TANH;

@@ -146,6 +146,7 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
     lb.post_attn_norm = optional(x.post_attn_norm);
     lb.post_ffn_norm = optional(x.post_ffn_norm);
     lb.local = d.local_layer(l);
+    lb.nope = d.nope_layer(l);
     layers_.push_back(lb);
   }
   std::vector<float> c, s;
@@ -157,6 +158,10 @@ DeviceStack::DeviceStack(std::unique_ptr<DeviceOps> ops, const LayerDims& d, int
     rope_tables(d.local_theta(), d.head_dim, o.context, c, s);
     cos_local_ = upload_f32(c);
     sin_local_ = upload_f32(s);
+  }
+  if (d.nope_interval > 0) {  // (rotating by cos 1, sin 0 leaves every value as it is)
+    cos_none_ = upload_f32(std::vector<float>((size_t)(o.context * (d.head_dim / 2)), 1.0f));
+    sin_none_ = upload_f32(std::vector<float>((size_t)(o.context * (d.head_dim / 2)), 0.0f));
   }
   const size_t cache = (size_t)(L_ * d.kv_heads * o.context * d.head_dim);
   k_cache_ = dev<bf16_t>(cache);
@@ -261,8 +266,8 @@ void DeviceStack::run_layers(const Layout& Lo, int64_t T, int64_t P) {
     RopeStoreArgs rs;
     rs.qkv = qkv_; rs.ld = (int)QKV_; rs.T = t; rs.H = H; rs.KV = KV; rs.Dh = Dh; rs.S = S; rs.P = (int)P;
     rs.positions = positions; rs.n_past = n_past; rs.k_cache = kc; rs.v_cache = vc;
-    rs.cos = lb.local ? cos_local_ : cos_;
-    rs.sin = lb.local ? sin_local_ : sin_;
+    rs.cos = lb.nope ? cos_none_ : lb.local ? cos_local_ : cos_;
+    rs.sin = lb.nope ? sin_none_ : lb.local ? sin_local_ : sin_;
     rs.bias = lb.bqkv; rs.q_norm = lb.q_norm; rs.k_norm = lb.k_norm; rs.eps = eps;
     ops_->rope_store(rs);
     AttentionCall ac;

@@ -111,9 +111,11 @@ class DeviceStack {
     float *bqkv = nullptr, *q_norm = nullptr, *k_norm = nullptr;  // null unless d.qkv_bias / d.qk_norm
     float *post_attn_norm = nullptr, *post_ffn_norm = nullptr;      // null unless d.post_norms
     bool local = false;                                              // a sliding-window layer
+    bool nope = false;                                               // a layer without RoPE
   };
   std::vector<LayerBufs> layers_;
   float *cos_ = nullptr, *sin_ = nullptr, *cos_local_ = nullptr, *sin_local_ = nullptr;
+  float *cos_none_ = nullptr, *sin_none_ = nullptr;  // cos 1, sin 0: the rotation of a NoPE layer
   bf16_t *k_cache_ = nullptr, *v_cache_ = nullptr;
   float *x_ = nullptr, *qkv_ = nullptr, *gu_ = nullptr, *y_ = nullptr;  // (y_: a block's output, post norms)
   bf16_t *xn_ = nullptr, *att_ = nullptr, *act_ = nullptr;

@@ -128,6 +128,7 @@ std::vector<LayerWeights> load_layers(const WeightMap& w, const LayerDims& d, in
     L.w_down = pack_named(w, b + "ffn_down", D, F);
     L.extras = layer_extras_named(w, d, b);
     L.local = d.local_layer(first + l);
+    L.nope = d.nope_layer(first + l);
   }
   return layers;
 }
@@ -285,10 +286,12 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       rmsnorm(q_.data(), L.extras.q_norm.data(), q_.data(), T * H, Dh, d_.eps);
       rmsnorm(k_.data(), L.extras.k_norm.data(), k_.data(), T * KV, Dh, d_.eps);
     }
-    const float* cos = L.local ? cos_local_.data() : cos_.data();
-    const float* sin = L.local ? sin_local_.data() : sin_.data();
-    rope_inplace(q_.data(), T, H, Dh, QD, positions, cos, sin);
-    rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos, sin);
+    if (!L.nope) {
+      const float* cos = L.local ? cos_local_.data() : cos_.data();
+      const float* sin = L.local ? sin_local_.data() : sin_.data();
+      rope_inplace(q_.data(), T, H, Dh, QD, positions, cos, sin);
+      rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos, sin);
+    }
     kv_.store((int64_t)l, n_past_ + P, k_.data(), v_.data(), T);
     aa.k = kv_.k((int64_t)l);
     aa.v = kv_.v((int64_t)l);

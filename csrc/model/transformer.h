@@ -44,6 +44,9 @@ struct LayerDims {
   int64_t window = 0, swa_pattern = 0;
   float rope_theta_local = 0.0f;
   bool local_layer(int64_t i) const { return window > 0 && (swa_pattern <= 0 || (i + 1) % swa_pattern != 0); }
+  // SmolLM3: with nope_interval > 0, layer i rotates no q / k when (i + 1) % nope_interval == 0.
+  int64_t nope_interval = 0;
+  bool nope_layer(int64_t i) const { return nope_interval > 0 && (i + 1) % nope_interval == 0; }
   double local_theta() const { return rope_theta_local > 0 ? rope_theta_local : rope_theta; }
 };
 
@@ -95,6 +98,7 @@ struct LayerWeights {
   PackedWeight wq, wk, wv, wo, w_gate, w_up, w_down;
   LayerExtras extras;   // biases, head norms, post norms: as LayerDims declares them
   bool local = false;  // a sliding-window layer (LayerDims::local_layer)
+  bool nope = false;   // a layer without RoPE (LayerDims::nope_layer)
 };
 
 // Reads blk.{first + i}.* for i < n_layers; `first_has_norm` false skips blk.0.attn_norm.

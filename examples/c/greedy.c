@@ -119,7 +119,7 @@ static int load_container(const char* path, container* c) {
       c->cfg.query_pre_attn_scalar = read_f32(c, &at, &ok);
       c->cfg.attn_logit_softcapping = read_f32(c, &at, &ok);
       c->cfg.final_logit_softcapping = read_f32(c, &at, &ok);
-      (void)read_le(c, &at, 4, &ok);
+      c->cfg.nope_interval = (int64_t)read_le(c, &at, 4, &ok);
     } else {
       (void)read_le(c, &at, 4, &ok); /* (version 2: 0) */
     }

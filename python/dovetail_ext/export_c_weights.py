@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "C programs using dovetail.h read (examples/c/greedy.c).")
     ap.add_argument("out", help="output file")
     ap.add_argument("--model", metavar="PATH", default=None,
-                    help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 2, 3 / Phi-3; "
+                    help="GGUF file or Hugging Face directory (LLaMA / Qwen2 / Qwen3 / Gemma 2, 3 / Phi-3 / SmolLM3; "
                          "default: the default model)")
     ap.add_argument("--draft-out", metavar="FILE", default=None,
                     help="also write the draft for this model into FILE (for dt_draft_create)")

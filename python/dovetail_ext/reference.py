@@ -389,11 +389,11 @@ class Attention(nn.Module):
 
     def __init__(self, config: LlamaConfig, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor,
                  biases: tuple[Tensor, Tensor, Tensor] | None = None, rope_factors: Tensor | None = None,
-                 qk_norm: tuple[Tensor, Tensor] | None = None, local: bool = False):
+                 qk_norm: tuple[Tensor, Tensor] | None = None, local: bool = False, nope: bool = False):
         super().__init__()
         self.config = config
         # A sliding-window layer: its own RoPE base, no frequency factors, the window.
-        self.local = local
+        self.local, self.nope = local, nope  # (nope: SmolLM3's layers without RoPE)
         self.theta = (config.rope_theta_local or config.rope_theta) if local else config.rope_theta
         rope_factors = None if local else rope_factors
         self.mscale = 1.0 if local else config.rope_attn_factor
@@ -415,8 +415,9 @@ class Attention(nn.Module):
         k = self._project(x, self.wk, 1).view(T, c.num_kv_heads, c.head_dim)
         if self.qk_norm is not None:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
-        q = rope(q, positions, self.theta, f, self.mscale)
-        k = rope(k, positions, self.theta, f, self.mscale)
+        if not self.nope:
+            q = rope(q, positions, self.theta, f, self.mscale)
+            k = rope(k, positions, self.theta, f, self.mscale)
         v = self._project(x, self.wv, 2).view(T, c.num_kv_heads, c.head_dim)
         n_prefix = cache.n_past
         keys, values = cache.update(layer, k.transpose(0, 1), v.transpose(0, 1), start)  # [KV, L, Dh]
@@ -458,7 +459,7 @@ class Block(nn.Module):
                                    weights[p + "attn_v"], weights[p + "attn_output"], biases,
                                    weights["rope_freqs"] if config.rope_freq_factors else None,
                                    (weights[p + "attn_q_norm"], weights[p + "attn_k_norm"]) if config.qk_norm else None,
-                                   config.local_layer(i))
+                                   config.local_layer(i), config.nope_layer(i))
         self.ffn_norm = RMSNorm(weights[p + "ffn_norm"], config.rms_norm_eps)
         self.feed_forward = FeedForward(weights[p + "ffn_gate"], weights[p + "ffn_up"],
                                         weights[p + "ffn_down"], config.activation)

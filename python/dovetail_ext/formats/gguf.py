@@ -1,7 +1,7 @@
 """GGUF loader: a llama.cpp model file -> :class:`ModelSource`, weights kept as stored.
 
-What it is: config from the ``llama.*``, ``qwen2.*``, ``qwen3.*``, ``gemma2.*``, ``gemma3.*`` or
-``phi3.*`` metadata (Qwen2 is LLaMA with a bias on the q / k / v projections, Qwen3 with an
+What it is: config from the ``llama.*``, ``qwen2.*``, ``qwen3.*``, ``gemma2.*``, ``gemma3.*``,
+``phi3.*`` or ``smollm3.*`` metadata (Qwen2 is LLaMA with a bias on the q / k / v projections, Qwen3 with an
 RMSNorm on every q / k head instead, Gemma 2 and 3 see ``config.LlamaConfig``, Phi-3 LLaMA with fused
 ``attn_qkv`` and gate|up ``ffn_up`` matrices; LLaMA 3.1+ files carry
 ``rope_freqs``, the divisors of the RoPE frequencies, and linear RoPE scaling becomes the
@@ -297,6 +297,8 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
         raise FormatError(f"{meta.path}: both linear RoPE scaling and a rope_freqs tensor")
     gemma = {}
     # (phi3.attention.sliding_window is left out, as llama.cpp leaves it out for Phi-3 files)
+    if arch == "smollm3":  # every fourth layer without RoPE, as llama.cpp runs the files (they do not say)
+        gemma = dict(nope_interval=4)
     if longrope:  # Phi-3 LongRoPE: short and long factors (rope_factors_short / _long), the first for
         # contexts up to the original one, as llama.cpp chooses, and an attention factor on cos and sin
         limit = meta.get(a + "rope.scaling.original_context_length", int)
@@ -439,9 +441,9 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path,
                 raise FormatError(f"{path}: tensor {t.name}: {e}") from e
             key = f"{t.tensor_type.name.lower()}->{dtype}"
             converted[key] = converted.get(key, 0) + 1
-        if cfg.architecture == "llama" and name.endswith(".attn_q"):
+        if cfg.architecture in ("llama", "smollm3") and name.endswith(".attn_q"):
             data = _unpermute_rows(data, cfg.num_heads)
-        elif cfg.architecture == "llama" and name.endswith(".attn_k"):
+        elif cfg.architecture in ("llama", "smollm3") and name.endswith(".attn_k"):
             data = _unpermute_rows(data, cfg.num_kv_heads)
         try:
             weights[name] = Weight(dtype, shape, data)
@@ -457,7 +459,7 @@ def _weights(reader: _Reader, cfg: LlamaConfig, path: Path,
 
 
 def load_gguf(path: str | Path) -> ModelSource:
-    """Loads a LLaMA-, Qwen2-, Qwen3-, Gemma 2-, Gemma 3- or Phi-3-architecture GGUF file (Phi-3's
+    """Loads a LLaMA-, Qwen2-, Qwen3-, Gemma 2-, Gemma 3-, Phi-3- or SmolLM3-architecture GGUF file (Phi-3's
     fused matrices split into views of the file; LongRoPE files refused).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Hugging Face loader: a LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 checkpoint directory -> :class:`ModelSource`.
+"""Hugging Face loader: a LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3 or SmolLM3 checkpoint directory -> :class:`ModelSource`.
 
 What it is: ``config.json`` (``LlamaForCausalLM``; ``Qwen2ForCausalLM``: LLaMA with q/k/v
 biases; ``Qwen3ForCausalLM``: LLaMA with q/k head norms; ``Gemma3ForCausalLM``, model_type
@@ -160,7 +160,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+               "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+               "smollm3": "SmolLM3ForCausalLM"}
 _ARCH_OF = {"gemma3_text": "gemma3"}  # model_type -> our architecture name, where they differ
 
 
@@ -172,7 +173,7 @@ def _hf_arch(cfg: dict[str, Any], path: Path) -> str:
     arch = next((a for a, c in _HF_CLASSES.items() if model_type == a or c in archs), None)
     if arch is None:
         raise FormatError(f"{path}: model_type {model_type!r} / architectures {archs} is not a "
-                          f"LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 model (model_type "
+                          f"LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3 or SmolLM3 model (model_type "
                           f"{' / '.join(map(repr, _HF_CLASSES))}, {' / '.join(_HF_CLASSES.values())})")
     return _ARCH_OF.get(arch, arch)
 
@@ -217,6 +218,17 @@ def _config(cfg: dict[str, Any], path: Path, has_lm_head: bool, arch: str) -> tu
         window = get("sliding_window", int, 0)  # (transformers applies it in every layer)
         if 0 < window < get("max_position_embeddings", int, 2048):  # (a larger one changes nothing)
             extra = dict(sliding_window=window, sliding_window_pattern=0)
+    if arch == "smollm3":  # NoPE: no_rope_layers[i] 0 for a layer without RoPE, every n-th one
+        uses = get("no_rope_layers", list, None)
+        n_layers = get("num_hidden_layers", int)
+        interval = get("no_rope_layer_interval", int, 4)
+        if uses is None:
+            uses = [int((i + 1) % interval != 0) for i in range(n_layers)]
+        nopes = [i for i, u in enumerate(uses) if not u]
+        interval = nopes[0] + 1 if nopes else 0
+        if [int(interval == 0 or (i + 1) % interval != 0) for i in range(n_layers)] != [int(bool(u)) for u in uses]:
+            raise FormatError(f"{path}: no_rope_layers {uses} is not one layer without RoPE every n: not supported")
+        extra = dict(nope_interval=interval)
     scaling = get("rope_scaling", dict, {}) or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", None, "llama3", "linear", "longrope"):
@@ -467,7 +479,7 @@ def load_hf(directory: str | Path, weights: str = "auto") -> ModelSource:
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
                 continue
             raise FormatError(f"{st.path}: unexpected tensor {hf_name} (not part of a plain LLaMA, Qwen2, "
-                              f"Qwen3, Gemma 2, Gemma 3 or Phi-3 model)")
+                              f"Qwen3, Gemma 2, Gemma 3, Phi-3 or SmolLM3 model)")
         by_name[canonical] = (hf_name, st)
 
     cfg, rope_factors = _config(raw_cfg, config_path, has_lm_head="output" in by_name, arch=arch)
