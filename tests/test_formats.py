@@ -498,20 +498,8 @@ def test_hf_smollm3_matches_transformers(tmp_path: Path) -> None:
     """A SmolLM3ForCausalLM saved by transformers: every fourth layer without RoPE
     (no_rope_layers), logits equal to transformers' over 20 tokens; a pattern other than one
     layer every n is refused."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(8)
-    hc = transformers.SmolLM3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=8,
-                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                                    max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.SmolLM3ForCausalLM(hc).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    shutil.copy(_mistral_spm(), tmp_path / "tokenizer.model")
-    src = load_hf(tmp_path)
+    model, src = _tiny_checkpoint(tmp_path, "SmolLM3", 8, num_hidden_layers=8, rope_theta=10000.0,
+                                  max_position_embeddings=128)
     assert (src.config.architecture, src.config.nope_interval) == ("smollm3", 4)
     assert [src.config.nope_layer(i) for i in range(8)] == [False, False, False, True] * 2
     _assert_logits_match(model, src)
@@ -547,14 +535,19 @@ def _refused_when_changed(directory: Path, changes: list[tuple[str, Any, str]]) 
 
 
 def _tiny_phi3(tmp_path: Path, seed: int, **config: Any) -> tuple[Any, ModelSource]:
-    """A random Phi3ForCausalLM (norms around 1) saved by transformers, and load_hf of it."""
+    return _tiny_checkpoint(tmp_path, "Phi3", seed, num_hidden_layers=2, tie_word_embeddings=False, **config)
+
+
+def _tiny_checkpoint(tmp_path: Path, family: str, seed: int, **config: Any) -> tuple[Any, ModelSource]:
+    """A random ``{family}ForCausalLM`` (hidden 64, 4 heads over 2 KV heads, norms around 1)
+    saved by transformers, and load_hf of it."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    hc = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=1,
-                                 eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **config)
-    model = transformers.Phi3ForCausalLM(hc).eval()
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hc = getattr(transformers, family + "Config")(**{**base, **config})
+    model = getattr(transformers, family + "ForCausalLM")(hc).eval()
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.ndim == 1:
