@@ -3,8 +3,10 @@
 What it is: ``config.json`` (``LlamaForCausalLM``; ``Qwen2ForCausalLM``: LLaMA with q/k/v
 biases; ``Qwen3ForCausalLM``: LLaMA with q/k head norms; ``Gemma3ForCausalLM``, model_type
 ``gemma3_text``: see ``config.LlamaConfig``, its norm weights stored as 1 + w as GGUF files
-do; ``Phi3ForCausalLM``: LLaMA with fused q|k|v and gate|up matrices, split at load, and a
-sliding window in every layer when config.json gives one) to :class:`LlamaConfig`, the weights of
+do; ``Gemma2ForCausalLM``: Gemma 3's layers without the head norms, with soft-capping;
+``Phi3ForCausalLM``: LLaMA with fused q|k|v and gate|up matrices, split at load, and a
+sliding window in every layer when config.json gives one; ``SmolLM3ForCausalLM``: LLaMA
+with no RoPE in every n-th layer) to :class:`LlamaConfig`, the weights of
 ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``, and the
 tokenizer (``tokenizer.json`` or ``tokenizer.model``, ``tokenizer_config.json``).
 What it is not: a PyTorch loader (``pytorch_model.bin`` is refused) or a general model zoo.
