@@ -7,6 +7,7 @@
 #include "common/dtype.h"
 #include "common/gelu.h"
 #include "common/hd.h"
+#include "common/softcap.h"
 
 namespace dovetail::dev {
 
@@ -20,8 +21,8 @@ DT_HD void rope_pair(float& x0, float& x1, float c, float s) {
 }
 
 DT_HD float swiglu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-// A scaled attention score, soft-capped (Gemma 2) as the CPU kernels cap it: cap (2 / (1 + exp(-2 z / cap)) - 1).
-DT_HD float softcap_score(float z, float cap) { return cap > 0 ? cap * (2.0f / (1.0f + expf(-2.0f * z / cap)) - 1.0f) : z; }
+// A scaled attention score, soft-capped (Gemma 2; common/softcap.h) when cap > 0.
+DT_HD float softcap_score(float z, float cap) { return cap > 0 ? softcap_value(z, cap, softcap_k(cap)) : z; }
 DT_HD float geglu(float g, float u) { return g / (1.0f + expf(-gelu_arg(g))) * u; }
 
 // Ancestor bit j of a token's bitset.

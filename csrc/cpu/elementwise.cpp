@@ -5,6 +5,7 @@
 #include "common/cpu_features.h"
 #include "common/dgf_math.h"
 #include "common/gelu.h"
+#include "common/softcap.h"
 #include "cpu/ops.h"
 
 namespace dovetail {
@@ -78,8 +79,8 @@ void softcap(float* x, int64_t n, float cap) {
     case Isa::Avx2: return avx2::softcap(x, n, cap);
     case Isa::Scalar: break;
   }
-  const float k = -2.0f / cap;
-  for (int64_t i = 0; i < n; ++i) x[i] = cap * (2.0f / (1.0f + std::exp(k * x[i])) - 1.0f);
+  const float k = softcap_k(cap);
+  for (int64_t i = 0; i < n; ++i) x[i] = softcap_value(x[i], cap, k);
 }
 
 void dgf_silu_rows(const float* a, float* h2, int64_t D) {

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "common/gelu.h"
+#include "common/softcap.h"
 #include "cpu/ops.h"
 #include "cpu/x86/avx2_common.h"
 #include "cpu/quant_common.h"
@@ -262,9 +263,9 @@ void gated(const float* g, const float* u, float* out, int64_t n) {
 void swiglu(const float* g, const float* u, float* out, int64_t n) { gated<false>(g, u, out, n); }
 void geglu(const float* g, const float* u, float* out, int64_t n) { gated<true>(g, u, out, n); }
 
-void softcap(float* x, int64_t n, float cap) {  // cap (2 / (1 + exp(-2 x / cap)) - 1), the tail too
+void softcap(float* x, int64_t n, float cap) {  // common/softcap.h's form, lane by lane, the tail too
   const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), c = _mm256_set1_ps(cap);
-  const __m256 k = _mm256_set1_ps(-2.0f / cap);
+  const __m256 k = _mm256_set1_ps(softcap_k(cap));
   auto eight = [&](__m256 v) {
     const __m256 e = x86::exp_ps(_mm256_mul_ps(k, v));
     return _mm256_mul_ps(c, _mm256_sub_ps(_mm256_div_ps(two, _mm256_add_ps(one, e)), one));

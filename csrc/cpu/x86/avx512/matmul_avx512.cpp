@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "common/gelu.h"
+#include "common/softcap.h"
 #include "cpu/ops.h"
 #include "cpu/x86/avx2_common.h"
 #include "cpu/quant_common.h"
@@ -279,9 +280,9 @@ void gated(const float* g, const float* u, float* out, int64_t n) {
 void swiglu(const float* g, const float* u, float* out, int64_t n) { gated<false>(g, u, out, n); }
 void geglu(const float* g, const float* u, float* out, int64_t n) { gated<true>(g, u, out, n); }
 
-void softcap(float* x, int64_t n, float cap) {  // cap (2 / (1 + exp(-2 x / cap)) - 1), the tail too
+void softcap(float* x, int64_t n, float cap) {  // common/softcap.h's form, lane by lane, the tail too
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), c = _mm512_set1_ps(cap);
-  const __m512 k = _mm512_set1_ps(-2.0f / cap);
+  const __m512 k = _mm512_set1_ps(softcap_k(cap));
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
     const __m512 e = x86::exp_ps(_mm512_mul_ps(k, _mm512_maskz_loadu_ps(m, x + i)));
