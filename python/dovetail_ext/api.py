@@ -163,11 +163,10 @@ class Generator:
             raise ValueError("raw=True takes a string prompt, not chat messages")
         if not isinstance(prompt, Sequence) or not prompt:
             raise ValueError("prompt must be a string or a non-empty list of chat messages")
-        for i, m in enumerate(prompt):
+        for i, m in enumerate(prompt):  # (the template's own text comes from the model file)
             if isinstance(m, dict) and isinstance(m.get("content"), str):
                 check_text(m["content"], f"messages[{i}].content" if len(prompt) > 1 else "the prompt")
-        return self.tokenizer.encode(check_text(self.tokenizer.apply_chat_template(list(prompt),
-                                                                             add_generation_prompt=True)))
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True))
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
