@@ -295,26 +295,26 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
         raise FormatError(f"{meta.path}: RoPE scaling {rope_scaling!r} is not supported")
     if rope_scaling == "linear" and rope_freqs:
         raise FormatError(f"{meta.path}: both linear RoPE scaling and a rope_freqs tensor")
-    gemma = {}
+    extra: dict = {}  # the LlamaConfig fields of one family
     # (phi3.attention.sliding_window is left out, as llama.cpp leaves it out for Phi-3 files)
     if arch == "smollm3":  # every fourth layer without RoPE, as llama.cpp runs the files (they do not say)
-        gemma = dict(nope_interval=4)
+        extra = dict(nope_interval=4)
     if longrope:  # Phi-3 LongRoPE: short and long factors (rope_factors_short / _long), the first for
         # contexts up to the original one, as llama.cpp chooses, and an attention factor on cos and sin
         limit = meta.get(a + "rope.scaling.original_context_length", int)
         if not limit or limit < 1:
             raise FormatError(f"{meta.path}: LongRoPE factors without {a}rope.scaling.original_context_length")
-        gemma = dict(rope_attn_factor=_f32_decimal(meta.get(a + "rope.scaling.attn_factor", (float, int), 1.0)),
+        extra = dict(rope_attn_factor=_f32_decimal(meta.get(a + "rope.scaling.attn_factor", (float, int), 1.0)),
                      rope_long_context=limit)
     if arch == "gemma3":
         # As llama.cpp runs Gemma 3: every 6th layer global, the others local with RoPE base
         # 10000 (the 27B model's attention scale: below).
-        gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=6,
+        extra = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=6,
                      rope_theta_local=10000.0)
     if arch == "gemma2":
         # As llama.cpp runs Gemma 2: even layers local (pattern 2) with the one RoPE base, the
         # scores and logits soft-capped (50 and 30 where the file leaves them out).
-        gemma = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=2,
+        extra = dict(sliding_window=meta.get(a + "attention.sliding_window", int, 0), sliding_window_pattern=2,
                      attn_logit_softcapping=_f32_decimal(meta.get(a + "attn_logit_softcapping", (float, int), 50.0)),
                      final_logit_softcapping=_f32_decimal(meta.get(a + "final_logit_softcapping", (float, int), 30.0)))
     if meta.get(a + "expert_count", int, 0):
@@ -330,7 +330,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
     # count: the files do not store it.
     if (arch, meta.get(a + "block_count", int, 0)) in (("gemma2", 46), ("gemma3", 62)) and \
             hidden // max(n_head, 1) != (head_dim or hidden // max(n_head, 1)):
-        gemma["query_pre_attn_scalar"] = float(hidden // n_head)
+        extra["query_pre_attn_scalar"] = float(hidden // n_head)
     rot = meta.get(a + "rope.dimension_count", int, 0)
     if rot and rot != (head_dim or hidden // max(n_head, 1)):
         raise FormatError(f"{meta.path}: partial rotary embeddings ({a}rope.dimension_count = "
@@ -360,7 +360,7 @@ def _config(meta: _Metadata, vocab_size: int, tied: bool, rope_freqs: bool,
             eos_token_ids=tuple(eos),
             architecture=arch,
             **ARCHITECTURES[arch],
-            **gemma,
+            **extra,
             rope_freq_factors=rope_freqs or rope_scaling == "linear",
         )
     except ValueError as e:
