@@ -91,7 +91,7 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     from ..formats import load_model_source
     from .data import PYTHON_FUNCTIONS, data_digest, load_conversations
     from .features import FeatureCache, FeatureSettings, extract_features
-    from .trainer import Trainer, TrainConfig
+    from .trainer import Trainer, TrainConfig, check_extra_caches
 
     if str(data) == PYTHON_FUNCTIONS and (self_distill <= 0 or distill_fraction < 1.0):
         raise ValueError(f"--data {PYTHON_FUNCTIONS} holds prompts without replies: the target must write "
@@ -116,12 +116,8 @@ def train_draft(target: str | os.PathLike | None, data: str | os.PathLike, out: 
     if init:  # (its shape is checked against the new draft's when training starts)
         from ..draft_model import load_draft
         load_draft(init, target=source)
-    extras = [FeatureCache(d) for d in extra_features]  # (checked against the target before extracting)
-    for d, c in zip(extra_features, extras):
-        if TargetSignature.from_dict(c.manifest["target"]) != signature:
-            raise ValueError(f"--extra-features {d}: its features come from another target model")
-        if not c.manifest["shards"]:
-            raise ValueError(f"--extra-features {d}: the cache holds no features yet")
+    extras = [FeatureCache(d) for d in extra_features]
+    check_extra_caches(extras, signature, source.config.hidden_size)  # (before extracting)
     convs = load_conversations(data, limit=max_conversations, seed=seed)
     if cfg.draft_vocab_size > source.config.vocab_size:
         raise ValueError(f"--vocab-size {cfg.draft_vocab_size} exceeds the target's vocabulary of "

@@ -430,6 +430,19 @@ class _DeferSigint:
             raise KeyboardInterrupt
 
 
+def check_extra_caches(extras: Sequence[FeatureCache], target: Any, hidden_size: int) -> None:
+    """Each extra feature cache must hold features of ``target`` (a TargetSignature: the
+    file's name left out, as a draft's check leaves it) at ``hidden_size``."""
+    from ..draft_model import TargetSignature
+    for extra in extras:
+        diff = TargetSignature.from_dict(extra.manifest["target"]).differences(target)
+        if diff or extra.manifest.get("hidden_size") != hidden_size:
+            raise ValueError(f"{extra.directory}: its features come from another target "
+                             f"({'; '.join(diff) or 'hidden_size differs'})")
+        if not extra.manifest["shards"]:
+            raise ValueError(f"{extra.directory}: the cache holds no features yet")
+
+
 def _init_draft(path: str, source: Any, want: DraftConfig) -> DovetailDraft:
     """The draft at ``path`` as the starting point of training a draft shaped ``want``."""
     from ..draft_model import load_draft
@@ -465,11 +478,7 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from ..draft_model import TargetSignature
         self.target = TargetSignature.from_source(source)
-        for extra in extra_train:  # (the signature leaves the file's name out, as a draft's does)
-            diff = TargetSignature.from_dict(extra.manifest["target"]).differences(self.target)
-            if diff or extra.manifest.get("hidden_size") != cache.manifest.get("hidden_size"):
-                raise ValueError(f"{extra.directory}: its features come from another target "
-                                 f"({'; '.join(diff) or 'hidden_size differs'})")
+        check_extra_caches(extra_train, self.target, cache.manifest.get("hidden_size"))
         self.train = _Data(_concat([cache.load("train")] + [c.load("train") for c in extra_train]),
                            cfg.max_len, cfg.prompt_context)
         self.val = _Data(cache.load("val"), cfg.max_len)  # full prompts: as at inference
