@@ -255,6 +255,29 @@ def test_cli_draft_device(gen, tmp_path, capsys):
     assert "unsupported device" in capsys.readouterr().err
 
 
+def test_cli_unused_device_options(gen, tmp_path, capsys):
+    """A device option that the run does not use (no draft loaded; no layers offloaded) gets a
+    note on stderr and changes nothing; a misspelt one is an error whether used or not,
+    before the model loads."""
+    from dovetail_ext.api import load
+    from dovetail_ext.cli import main
+    args = _cli_args(gen, tmp_path, 4, 1, 1, 2)
+    assert main(args + ["--no-spec"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--no-spec", "--draft-device", "emulated", "--offload-device", "emulated"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["tokens"] == plain["tokens"]
+    assert "--draft-device emulated is unused: no draft is loaded (--no-spec)" in out.err
+    assert "--offload-device emulated is unused without --gpu-layers" in out.err
+    assert main(args + ["--draft-device", "emulated"]) == 0  # (used: no note)
+    assert "unused" not in capsys.readouterr().err
+    for opt in ("--draft-device", "--offload-device"):
+        assert main(args + ["--no-spec", opt, "cdua"]) == 2
+        assert "unsupported device 'cdua'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="draft_device: unsupported device 'gpu'"):
+        load("/nonexistent.gguf", draft=None, draft_device="gpu")  # (checked before the model is read)
+
+
 @pytest.mark.parametrize("device", ["cpu", "emulated"])
 def test_overlap_with_the_shipped_draft_equals_plain(default_gguf_path, device):
     """Drafting ahead during verification (overlap) with the shipped draft: output equal to

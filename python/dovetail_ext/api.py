@@ -26,7 +26,7 @@ from .formats import load_model_source
 from .formats.base import ModelSource
 from .lookup import LookupParams, NgramLookup
 from .sampling import SamplingParams, TokenChooser
-from .target import TargetEngine
+from .target import TargetEngine, check_device_name
 from .tree import AutoTree, TreeParams
 
 __all__ = ["load", "Generator", "GenerationResult", "GenerationStats"]
@@ -490,6 +490,7 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             slightly different target than the CPU-only one (and speculation is exact
             against it).
     """
+    check_device_name(draft_device, "draft_device")  # (also when no draft is loaded)
     source = load_model_source(model, weights=weights)
     target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch,
                           gpu_layers=gpu_layers, device=offload_device)

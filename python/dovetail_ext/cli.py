@@ -133,7 +133,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spec", action="store_true",
                    help="plain decoding (no draft is loaded, no prompt lookup); overrides --draft and --spec, "
                         "so that it can be added to a speculative command to compare")
-    p.add_argument("--draft-device", default="cpu", metavar="DEV",
+    p.add_argument("--draft-device", default=None, metavar="DEV",
                    help="where the draft runs: cpu (default), cuda or cuda:N (needs a CUDA build)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
                    help="draft the next tree while the target verifies (default: off; it measured slower)")
@@ -145,7 +145,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "for greedy decoding, off for sampling so that --seed stays reproducible)")
     p.add_argument("--gpu-layers", type=int, default=0, metavar="N",
                    help="run the target's first N layers on --offload-device (partial offload; default 0)")
-    p.add_argument("--offload-device", default="cuda", metavar="DEV",
+    p.add_argument("--offload-device", default=None, metavar="DEV",
                    help="device for --gpu-layers: cuda (default) or cuda:N")
 
 
@@ -154,9 +154,26 @@ def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     threads aside)."""
     from .lookup import LookupParams
 
-    return dict(weights=args.weights, draft_device=args.draft_device, gpu_layers=args.gpu_layers,
-                offload_device=args.offload_device, overlap=args.overlap, adaptive=args.adaptive,
+    return dict(weights=args.weights, draft_device=args.draft_device or "cpu", gpu_layers=args.gpu_layers,
+                offload_device=args.offload_device or "cuda", overlap=args.overlap, adaptive=args.adaptive,
                 lookup=LookupParams() if args.lookup and not args.no_spec else None)
+
+
+def _load(args: argparse.Namespace, **kw: Any):
+    """load() from the command's options; a note on stderr for each device option given that
+    this run does not use (no draft is loaded; no layers offloaded)."""
+    from .api import load
+
+    gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
+               **_load_kwargs(args), **kw)
+    if args.draft_device is not None and gen.draft is None:
+        why = "--no-spec" if args.no_spec else "this model has no shipped draft; give one with --draft"
+        print(f"dovetail: note: --draft-device {args.draft_device} is unused: no draft is loaded ({why})",
+              file=sys.stderr)
+    if args.offload_device is not None and not args.gpu_layers:
+        print(f"dovetail: note: --offload-device {args.offload_device} is unused without --gpu-layers",
+              file=sys.stderr)
+    return gen
 
 
 def _draft_arg(args: argparse.Namespace) -> str | None:
@@ -167,8 +184,6 @@ def _draft_arg(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .api import load
-
     prompt = args.prompt
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
@@ -178,8 +193,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
-    gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               tree=_tree_from_args(args), **_load_kwargs(args))
+    gen = _load(args, tree=_tree_from_args(args))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
               speculative=False if args.no_spec else None)
@@ -208,7 +222,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .api import load
     from .benchmark import BENCH_PROMPTS, format_report, run_benchmark
 
     if args.prompt:
@@ -217,8 +230,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if not 1 <= args.prompts <= len(BENCH_PROMPTS):
             raise ValueError(f"--prompts must be in [1, {len(BENCH_PROMPTS)}], got {args.prompts}")
         prompts = list(BENCH_PROMPTS[:args.prompts])
-    gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               tree=_tree_from_args(args), **_load_kwargs(args))
+    gen = _load(args, tree=_tree_from_args(args))
     bar = None
     if not args.json:
         from tqdm import tqdm
@@ -248,10 +260,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"serving needs the [serve] extra ({e}); install it with: "
                          "pip install 'dovetail-ext[serve]'") from e
-    from .api import load
 
-    gen = load(args.model, draft=_draft_arg(args), context=args.context, threads=args.threads,
-               **_load_kwargs(args))
+    gen = _load(args)
     model_id = args.model_id or default_model_id(gen)
     mode = "plain" if args.no_spec else "speculative" if gen.draft is not None else \
         "prompt-lookup" if gen.lookup is not None else "plain"

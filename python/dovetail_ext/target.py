@@ -20,25 +20,41 @@ from . import _core
 from .errors import as_int
 from .formats.base import ModelSource
 
-__all__ = ["TargetEngine", "default_threads", "parse_device"]
+__all__ = ["TargetEngine", "check_device_name", "default_threads", "parse_device"]
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` / ``"emulated"`` -> (backend, device index)."""
-    if device == "cpu":
-        return "cpu", 0
-    if device == "emulated":
-        return "host", 0
+def _device_index(device) -> int | None:
+    """The CUDA index of "cuda" / "cuda:N" (0 for "cuda"); None for the other names."""
     if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
         index = device[5:] or "0"
         if not index.isdigit():
             raise ValueError(f"bad CUDA device {device!r}: use 'cuda' or 'cuda:N'")
-        if not _core.cuda_compiled():
-            raise ValueError(f"device={device!r} needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none")
-        if int(index) >= _core.cuda_device_count():
-            raise ValueError(f"device={device!r}: {_core.cuda_device_count()} CUDA device(s) visible")
-        return "cuda", int(index)
+        return int(index)
+    if device in ("cpu", "emulated"):
+        return None
     raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'emulated'")
+
+
+def check_device_name(device: str, name: str = "device") -> str:
+    """Refuse a device that is misspelt, whether or not this build or machine has it (for a
+    setting that may go unused, such as the offload device without offloaded layers)."""
+    try:
+        _device_index(device)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return device
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` / ``"emulated"`` -> (backend, device index)."""
+    index = _device_index(device)
+    if index is None:
+        return ("cpu", 0) if device == "cpu" else ("host", 0)
+    if not _core.cuda_compiled():
+        raise ValueError(f"device={device!r} needs a build with CUDA (DOVETAIL_CUDA=ON); this build has none")
+    if index >= _core.cuda_device_count():
+        raise ValueError(f"device={device!r}: {_core.cuda_device_count()} CUDA device(s) visible")
+    return "cuda", index
 
 
 def default_threads() -> int:
@@ -102,13 +118,15 @@ class TargetEngine:
         if not isinstance(gpu_layers, int) or isinstance(gpu_layers, bool) or not 0 <= gpu_layers < cfg.num_layers:
             raise ValueError(f"gpu_layers must be an integer in [0, {cfg.num_layers}) (at least one layer runs "
                              f"on the CPU), got {gpu_layers!r}")
-        self._engine = _core.LlamaEngine(asdict(cfg), weights, context=context, max_batch=max_batch,
-                                         threads=threads, kv_dtype=kv_dtype, first_layer=gpu_layers)
-        self._prefix = None
+        check_device_name(device, "offload device")  # (also when unused: a misspelt name is an error either way)
         if gpu_layers:
             backend, index = parse_device(device)
             if backend == "cpu":
                 raise ValueError("gpu_layers needs a device: 'cuda', 'cuda:N' or 'emulated'")
+        self._engine = _core.LlamaEngine(asdict(cfg), weights, context=context, max_batch=max_batch,
+                                         threads=threads, kv_dtype=kv_dtype, first_layer=gpu_layers)
+        self._prefix = None
+        if gpu_layers:
             self._prefix = _core.DeviceTargetPrefix(asdict(cfg), weights, self._engine, layers=gpu_layers,
                                                     context=context, max_batch=max_batch, backend=backend,
                                                     device=index, graphs=graphs)
