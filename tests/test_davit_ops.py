@@ -200,6 +200,32 @@ def test_non_contiguous_inputs_are_handled():
                                   ops.channel_attention(np.ascontiguousarray(xn), *wn, 4))
 
 
+def test_thread_count():
+    """set_num_threads: the ops give the same bits at 1 and 3 threads (each output's sums do
+    not depend on the split); counts out of range or not integers are refused, naming them."""
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(2, 13, 11, 36, generator=gen), _weights(36, gen)
+    xc = torch.randn(2, 300, 24, generator=gen)
+    wc = _weights(24, gen)
+    before = ops.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 3):
+            ops.set_num_threads(n)
+            assert ops.get_num_threads() == n
+            outs.append((ops.window_attention(x, *w, 3), ops.channel_attention(xc, *wc, 2)))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        for bad in (0, -1, 1025, 2 ** 31, 2.0, True, "2", None):
+            with pytest.raises(ValueError, match="threads must be"):
+                ops.set_num_threads(bad)
+        assert ops.get_num_threads() == 3
+        ops.set_num_threads(np.int64(2))
+        assert ops.get_num_threads() == 2
+    finally:
+        ops.set_num_threads(before)
+
+
 def test_bias_may_be_absent():
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(1, 8, 9, 16, generator=gen)

@@ -6,9 +6,10 @@ PyTorch twins; ``model``: DaViT Tiny / Small / Base with a timm state-dict loade
 
 from __future__ import annotations
 
-from .ops import PackedAttention, channel_attention, window_attention
+from .ops import PackedAttention, channel_attention, get_num_threads, set_num_threads, window_attention
 
-__all__ = ["window_attention", "channel_attention", "PackedAttention", "DaViT", "DavitConfig",
+__all__ = ["window_attention", "channel_attention", "PackedAttention", "set_num_threads", "get_num_threads",
+           "DaViT", "DavitConfig",
            "CONFIGS", "create_model", "load_timm_state_dict"]
 
 

@@ -22,12 +22,30 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from ..errors import as_int
 
-__all__ = ["window_attention", "channel_attention", "PackedAttention", "MAX_WINDOW", "MAX_GROUP"]
+__all__ = ["window_attention", "channel_attention", "PackedAttention", "MAX_WINDOW", "MAX_GROUP",
+           "set_num_threads", "get_num_threads"]
 
 #: The largest window side and channel group the native kernels take (the native limits).
 MAX_WINDOW = 16
 MAX_GROUP = 256
+#: The most threads the CPU kernels take.
+MAX_THREADS = 1024
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU ops use from now on, in [1, MAX_THREADS] (default: ``OMP_NUM_THREADS``,
+    else every core)."""
+    n = as_int("threads", n)
+    if n > MAX_THREADS:
+        raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {n}")
+    _core.davit_set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the CPU ops use."""
+    return _core.davit_get_num_threads()
 
 
 def _is_torch(x: Any) -> bool:
