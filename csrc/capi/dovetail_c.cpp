@@ -255,6 +255,40 @@ struct dt_speculator {
   std::unique_ptr<dovetail::GreedySpeculator> spec;
 };
 
+namespace {
+
+const char* handle_name(const dt_target*) { return "target handle"; }
+const char* handle_name(const dt_draft*) { return "draft handle"; }
+
+// A call on a target or draft handle: the handle checked, its lock held, body(engine).
+template <class Handle, class F>
+dt_status locked_call(const char* fn, Handle* h, F&& body) noexcept {
+  return guarded(fn, [&] {
+    need(h, handle_name(h));
+    std::lock_guard<std::mutex> lock(h->mu);
+    body(*h->engine);
+  });
+}
+
+// What the two engines share: commit, truncate, the state queries, the thread count.
+template <class Handle>
+dt_status engine_commit(const char* fn, Handle* h, const int64_t* kept, int64_t n_kept) noexcept {
+  return locked_call(fn, h, [&](auto& e) {
+    const std::vector<int64_t> rows = kept_rows(kept, n_kept, e.pending());
+    e.commit(rows.data(), (int64_t)rows.size());
+  });
+}
+
+template <class Handle, class Get>
+dt_status engine_query(const char* fn, Handle* h, int64_t* out, Get get) noexcept {
+  return locked_call(fn, h, [&](auto& e) {
+    need(out, "out");
+    *out = get(e);
+  });
+}
+
+}  // namespace
+
 extern "C" {
 
 const char* dt_last_error(void) noexcept { return g_last_error; }
@@ -349,10 +383,7 @@ dt_status dt_target_create(const dt_target_config* cfg, const dt_weight* weights
 dt_status dt_target_forward(dt_target* target, const int32_t* tokens, const int32_t* positions, int64_t n_tokens,
                             const uint8_t* ancestors, const int64_t* logit_rows, int64_t n_logit_rows, float* logits,
                             const int64_t* feature_rows, int64_t n_feature_rows, float* features) noexcept {
-  return guarded(__func__, [&] {
-    need(target, "target handle");
-    std::lock_guard<std::mutex> lock(target->mu);
-    dovetail::LlamaEngine& e = *target->engine;
+  return locked_call(__func__, target, [&](dovetail::LlamaEngine& e) {
     check_batch(n_tokens, e.options().max_batch);
     need(tokens, "tokens");
     check_rows(logit_rows, n_logit_rows, logits, "logit_rows", "logits");
@@ -365,46 +396,23 @@ dt_status dt_target_forward(dt_target* target, const int32_t* tokens, const int3
 }
 
 dt_status dt_target_commit(dt_target* target, const int64_t* kept, int64_t n_kept) noexcept {
-  return guarded(__func__, [&] {
-    need(target, "target handle");
-    std::lock_guard<std::mutex> lock(target->mu);
-    const std::vector<int64_t> rows = kept_rows(kept, n_kept, target->engine->pending());
-    target->engine->commit(rows.data(), (int64_t)rows.size());
-  });
+  return engine_commit(__func__, target, kept, n_kept);
 }
 
 dt_status dt_target_truncate(dt_target* target, int64_t n) noexcept {
-  return guarded(__func__, [&] {
-    need(target, "target handle");
-    std::lock_guard<std::mutex> lock(target->mu);
-    target->engine->truncate(n);
-  });
+  return locked_call(__func__, target, [&](auto& e) { e.truncate(n); });
 }
 
 dt_status dt_target_n_past(dt_target* target, int64_t* out) noexcept {
-  return guarded(__func__, [&] {
-    need(target, "target handle");
-    need(out, "out");
-    std::lock_guard<std::mutex> lock(target->mu);
-    *out = target->engine->n_past();
-  });
+  return engine_query(__func__, target, out, [](auto& e) { return e.n_past(); });
 }
 
 dt_status dt_target_pending(dt_target* target, int64_t* out) noexcept {
-  return guarded(__func__, [&] {
-    need(target, "target handle");
-    need(out, "out");
-    std::lock_guard<std::mutex> lock(target->mu);
-    *out = target->engine->pending();
-  });
+  return engine_query(__func__, target, out, [](auto& e) { return e.pending(); });
 }
 
 dt_status dt_target_set_threads(dt_target* target, int32_t threads) noexcept {
-  return guarded(__func__, [&] {
-    need(target, "target handle");
-    std::lock_guard<std::mutex> lock(target->mu);
-    target->engine->set_threads(threads);
-  });
+  return locked_call(__func__, target, [&](auto& e) { e.set_threads(threads); });
 }
 
 void dt_target_destroy(dt_target* target) noexcept { delete target; }
@@ -458,10 +466,7 @@ dt_status dt_draft_forward(dt_draft* draft, const float* features, const int32_t
                            int64_t n_tokens, const uint8_t* ancestors, int append, float* hidden,
                            const int64_t* topk_rows, int64_t n_topk_rows, int64_t k, int32_t* topk_ids,
                            float* topk_logprobs) noexcept {
-  return guarded(__func__, [&] {
-    need(draft, "draft handle");
-    std::lock_guard<std::mutex> lock(draft->mu);
-    dovetail::DraftEngine& e = *draft->engine;
+  return locked_call(__func__, draft, [&](dovetail::DraftEngine& e) {
     if (append != 0 && append != 1) fail(DT_ERR_INVALID, "append must be 0 or 1, got " + std::to_string(append));
     check_batch(n_tokens, e.options().max_batch);
     need(features, "features");
@@ -478,46 +483,23 @@ dt_status dt_draft_forward(dt_draft* draft, const float* features, const int32_t
 }
 
 dt_status dt_draft_commit(dt_draft* draft, const int64_t* kept, int64_t n_kept) noexcept {
-  return guarded(__func__, [&] {
-    need(draft, "draft handle");
-    std::lock_guard<std::mutex> lock(draft->mu);
-    const std::vector<int64_t> rows = kept_rows(kept, n_kept, draft->engine->pending());
-    draft->engine->commit(rows.data(), (int64_t)rows.size());
-  });
+  return engine_commit(__func__, draft, kept, n_kept);
 }
 
 dt_status dt_draft_truncate(dt_draft* draft, int64_t n) noexcept {
-  return guarded(__func__, [&] {
-    need(draft, "draft handle");
-    std::lock_guard<std::mutex> lock(draft->mu);
-    draft->engine->truncate(n);
-  });
+  return locked_call(__func__, draft, [&](auto& e) { e.truncate(n); });
 }
 
 dt_status dt_draft_n_past(dt_draft* draft, int64_t* out) noexcept {
-  return guarded(__func__, [&] {
-    need(draft, "draft handle");
-    need(out, "out");
-    std::lock_guard<std::mutex> lock(draft->mu);
-    *out = draft->engine->n_past();
-  });
+  return engine_query(__func__, draft, out, [](auto& e) { return e.n_past(); });
 }
 
 dt_status dt_draft_pending(dt_draft* draft, int64_t* out) noexcept {
-  return guarded(__func__, [&] {
-    need(draft, "draft handle");
-    need(out, "out");
-    std::lock_guard<std::mutex> lock(draft->mu);
-    *out = draft->engine->pending();
-  });
+  return engine_query(__func__, draft, out, [](auto& e) { return e.pending(); });
 }
 
 dt_status dt_draft_set_threads(dt_draft* draft, int32_t threads) noexcept {
-  return guarded(__func__, [&] {
-    need(draft, "draft handle");
-    std::lock_guard<std::mutex> lock(draft->mu);
-    draft->engine->set_threads(threads);
-  });
+  return locked_call(__func__, draft, [&](auto& e) { e.set_threads(threads); });
 }
 
 void dt_draft_destroy(dt_draft* draft) noexcept { delete draft; }
