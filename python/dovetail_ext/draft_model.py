@@ -46,7 +46,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import DraftMismatchError, FormatError
-from .formats.base import ModelSource, Weight
+from .formats.base import ModelSource, Weight, read_json_object
 from .formats.hf import _as_f32, _SafetensorsFile
 
 try:  # the native engine loads drafts without torch installed
@@ -640,12 +640,7 @@ def _read_draft_json(directory: Path) -> tuple[DraftConfig, dict[str, Any]]:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FormatError(f"{directory}: missing {CONFIG_FILE} (not a Dovetail draft checkpoint)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    doc = read_json_object(path)
     if doc.get("format") != DRAFT_FORMAT:
         raise FormatError(f"{path}: format is {doc.get('format')!r}, expected {DRAFT_FORMAT!r}")
     if doc.get("version") != DRAFT_VERSION:

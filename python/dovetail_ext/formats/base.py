@@ -35,15 +35,18 @@ loaders split into the names above (``unfuse``)::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import LlamaConfig
+from ..errors import FormatError
 
 __all__ = ["WEIGHT_DTYPES", "QUANT_BLOCK", "Weight", "ModelSource", "expected_weight_shapes",
-           "stored_weight_shapes", "stored_tensors_per_layer", "unfuse", "row_nbytes"]
+           "stored_weight_shapes", "stored_tensors_per_layer", "unfuse", "row_nbytes", "read_json_object"]
 
 #: Storage formats the native engine executes directly.
 WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -53,6 +56,18 @@ WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 #: q4_1 = f16 d + f16 m + 16 bytes of nibbles (value = q * d + m). Low nibbles hold
 #: elements 0..15 of the block, high nibbles elements 16..31.
 QUANT_BLOCK = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20)}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, draft.json, ...); a file that cannot be read,
+    is not JSON or holds something else is a FormatError naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def row_nbytes(dtype: str, cols: int) -> int:

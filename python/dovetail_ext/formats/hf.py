@@ -38,7 +38,7 @@ import numpy as np
 
 from ..config import ARCHITECTURES, LlamaConfig
 from ..errors import FormatError
-from .base import (WEIGHT_DTYPES, ModelSource, Weight, row_nbytes, stored_tensors_per_layer,
+from .base import (WEIGHT_DTYPES, ModelSource, Weight, read_json_object, row_nbytes, stored_tensors_per_layer,
                    stored_weight_shapes, unfuse)
 from .tokenizer import tokenizer_from_hf_directory
 
@@ -152,13 +152,7 @@ class _SafetensorsFile:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FormatError(f"{path.parent}: missing {path.name}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",

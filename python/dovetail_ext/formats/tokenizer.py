@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import FormatError
+from .base import read_json_object
 
 __all__ = ["Tokenizer", "StreamDecoder", "CHATML_TEMPLATE", "GEMMA_TEMPLATE", "tokenizer_from_gguf_vocab",
            "tokenizer_from_hf_directory"]
@@ -544,17 +545,6 @@ def _sentencepiece_from_vocab(tokens: Sequence[str], token_types: Sequence[int] 
 # Hugging Face directories
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _token_text(value: Any) -> str | None:
     """``bos_token`` in tokenizer_config.json: a string or an AddedToken dict."""
     if isinstance(value, dict):
@@ -589,7 +579,7 @@ def tokenizer_from_hf_directory(directory: str | Path, *, bos_id: int | None = N
     """
     directory = Path(directory)
     tcfg_path = directory / "tokenizer_config.json"
-    tcfg = _read_json_object(tcfg_path) if tcfg_path.is_file() else {}
+    tcfg = read_json_object(tcfg_path) if tcfg_path.is_file() else {}
     json_path, spm_path = directory / "tokenizer.json", directory / "tokenizer.model"
     if json_path.is_file():
         from tokenizers import Tokenizer as HFTokenizer
