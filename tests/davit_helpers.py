@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 from dovetail_ext import _core
+from native_helpers import ALL_ISAS, use_isa
 
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = list(ALL_ISAS)
 
 
-@contextlib.contextmanager
 def isa_path(name: str):
-    """Force a kernel path for the block; skip (with the reason) when this CPU lacks it."""
+    """Force a kernel path for a with-block; skip (with the reason) when this CPU lacks it."""
     if name not in _core.supported_isas():
         pytest.skip(f"this CPU has no {name} path (supported: {_core.supported_isas()})")
-    before = _core.get_isa()
-    _core.set_isa(name)
-    try:
-        yield
-    finally:
-        _core.set_isa(before)
+    return use_isa(name)
 
 
 def max_err(a, ref) -> float:

@@ -30,6 +30,8 @@ from dovetail_ext import reference as ref  # noqa: E402
 from dovetail_ext.config import LlamaConfig  # noqa: E402
 from dovetail_ext.formats.base import QUANT_BLOCK, ModelSource, Weight  # noqa: E402
 
+from native_helpers import tree_ancestors  # noqa: E402
+
 QTYPES = ("q8_0", "q4_0", "q4_1")
 GGML = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
         "q4_1": GGMLQuantizationType.Q4_1}
@@ -303,14 +305,7 @@ def test_rope(theta, head_dim):
 
 def _tree_ancestors(parents: list[int]) -> torch.Tensor:
     """Ancestor-or-self matrix of a tree given in topological order (parent -1 = the root)."""
-    T = len(parents)
-    anc = torch.zeros(T, T, dtype=torch.bool)
-    for t in range(T):
-        j = t
-        while j >= 0:
-            anc[t, j] = True
-            j = parents[j]
-    return anc
+    return torch.from_numpy(tree_ancestors(np.asarray(parents)))
 
 
 def _naive_attention(q, k, v, n_prefix, ancestors):
