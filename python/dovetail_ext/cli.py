@@ -215,7 +215,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if s.lookup_steps:
         spec += f", {s.lookup_steps} prompt-lookup steps ({s.lookup_accepted} tokens accepted)"
     if s.plain_steps:
-        spec += f", {s.plain_steps} plain steps (speculation measured slower)"
+        spec += f", {s.plain_steps} plain steps (adaptive: timing plain decoding, or while speculation " \
+                "measured slower)"
     print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
           f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}", file=sys.stderr)
     return 0
