@@ -411,13 +411,17 @@ def save_tiny_llama(directory: Path, *, dtype: str = "float32", tied: bool = Fal
     return out
 
 
-@pytest.mark.parametrize("tied,layout,scalar", [(True, "layer_types", 16), (False, "pattern", 24)])
-def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str, scalar: int) -> None:
+@pytest.mark.parametrize("tied,layout,scalar,caps", [(True, "layer_types", 16, None), (False, "pattern", 24, None),
+                                                     (False, "layer_types", 16, (0.02, 3.0))])
+def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str, scalar: int, caps) -> None:
     """A Gemma3ForCausalLM saved by transformers: its config (GELU gate, a window of 6, one
     global layer in three, the local RoPE base, linear scaling of the global layers), norms
     stored as 1 + w, and logits equal to transformers' over 20 tokens. ``pattern``: a
     config.json written by transformers < 4.53 (sliding_window_pattern, rope_local_base_freq).
-    ``scalar``: query_pre_attn_scalar, the head_dim or, as in the 27B model, another."""
+    ``scalar``: query_pre_attn_scalar, the head_dim or, as in the 27B model, another.
+    ``caps``: soft-capping of the scores and the logits, off by default in Gemma 3; the final
+    one bites (without it the logits differ); the score cap is a key transformers keeps but
+    does not apply to Gemma 3, and so does the loader."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
@@ -425,6 +429,8 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
     hc = transformers.Gemma3TextConfig(
         vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=scalar, sliding_window=6, layer_types=kinds,
+        attn_logit_softcapping=caps and caps[0], final_logit_softcapping=caps and caps[1],
+        attn_implementation="eager",
         max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})
@@ -448,11 +454,16 @@ def test_hf_gemma3_matches_transformers(tmp_path: Path, tied: bool, layout: str,
     np.testing.assert_array_equal(src.weights["rope_freqs"].data, np.full(8, 4.0, np.float32))
     np.testing.assert_array_equal(src.weights["blk.1.post_ffw_norm"].data,
                                   model.model.layers[1].post_feedforward_layernorm.weight.detach().numpy() + 1)
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (0.0, caps[1] if caps else 0.0)
     _assert_logits_match(model, src)
+    if caps:
+        import dataclasses
+        with pytest.raises(AssertionError):
+            _assert_logits_match(model, dataclasses.replace(src, config=dataclasses.replace(cfg, final_logit_softcapping=0.0)))
     _refused_when_changed(tmp_path, [
         ("query_pre_attn_scalar", -4, "query_pre_attn_scalar -4 must be a positive number"),
         ("query_pre_attn_scalar", "16", "query_pre_attn_scalar = '16' has the wrong type"),
-        ("final_logit_softcapping", 30.0, "final_logit_softcapping is not supported"),
+        ("final_logit_softcapping", -30.0, "final_logit_softcapping = -30.0 must be a positive number or null"),
         ("hidden_activation", "relu", "activation 'relu' is not supported")])
 
 

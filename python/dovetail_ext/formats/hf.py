@@ -312,8 +312,9 @@ def _longrope(cfg: dict[str, Any], path: Path, get: Any, scaling: dict) -> tuple
 def _gemma(cfg: dict[str, Any], path: Path, get: Any, rope: dict, arch: str) -> tuple[dict, dict[str, Any]]:
     """Gemma 2's and 3's keys: the global layers' RoPE parameters (what LLaMA's keys would
     say) and the LlamaConfig fields of the local layers, the score scale (query_pre_attn_scalar)
-    and the soft-capping (Gemma 2; its defaults are transformers'). Refuses what the engine does
-    not run: soft-capping in Gemma 3, a layer pattern other than one global layer every n."""
+    and the soft-capping (with transformers' defaults: on for Gemma 2, off for Gemma 3, whose
+    scores are never capped, as in transformers). Refuses
+    what the engine does not run: a layer pattern other than one global layer every n."""
     extra: dict[str, Any] = {}
     head_dim = get("head_dim", int, 0) or get("hidden_size", int) // get("num_attention_heads", int)
     scalar = get("query_pre_attn_scalar", (int, float), 256)  # (transformers' default)
@@ -321,17 +322,15 @@ def _gemma(cfg: dict[str, Any], path: Path, get: Any, rope: dict, arch: str) -> 
         raise FormatError(f"{path}: query_pre_attn_scalar {scalar!r} must be a positive number")
     if scalar != head_dim:  # (the 27B models)
         extra["query_pre_attn_scalar"] = float(scalar)
-    if arch == "gemma3":
-        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if get(key, (int, float), None) is not None:
-                raise FormatError(f"{path}: {key} is not supported")
-    else:
-        for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
-            value = cfg.get(key, default)  # (null: off)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and value > 0):
-                raise FormatError(f"{path}: {key} = {value!r} must be a positive number or null")
-            extra[key] = float(value or 0.0)
+    defaults = (50.0, 30.0) if arch == "gemma2" else (None, None)  # (transformers': Gemma 3 has none)
+    for key, default in zip(("attn_logit_softcapping", "final_logit_softcapping"), defaults):
+        value = cfg.get(key, default)  # (null: off)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and value > 0):
+            raise FormatError(f"{path}: {key} = {value!r} must be a positive number or null")
+        if arch == "gemma3" and key == "attn_logit_softcapping":
+            continue  # (transformers' Gemma 3 keeps the key but never caps the scores)
+        extra[key] = float(value or 0.0)
     n_layers = get("num_hidden_layers", int)
     kinds = get("layer_types", list, None)
     if kinds is None:  # (transformers < 4.53: a pattern instead of the list; Gemma 2 alternates)
