@@ -2,6 +2,7 @@
 
     dovetail generate "Explain RoPE in one paragraph"      # chat template, streamed
     dovetail generate --raw "def fib(n):" --max-new-tokens 64 --json
+    dovetail chat --system "You are terse."                 # a conversation: /reset, /exit
     dovetail info
     dovetail bench --max-new-tokens 64                   # plain vs speculative on this machine
     dovetail train-draft --data sharegpt --self-distill 256 --out my-draft
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -52,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_decoding_args(g)
     _add_tree_args(g)
     _add_model_args(g)
+
+    c = sub.add_parser("chat", help="a conversation: each line on stdin is a turn (/reset, /exit; a line "
+                                    "ending in a backslash goes on to the next)")
+    c.add_argument("--system", default=None, help="system message, kept through the whole conversation")
+    c.add_argument("--max-new-tokens", type=int, default=512, help="per reply (default 512)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    c.add_argument("--json", action="store_true", help="one JSON object per turn instead of streamed text")
+    c.add_argument("--quiet", action="store_true", help="no stats line after each reply")
+    _add_decoding_args(c)
+    _add_tree_args(c)
+    _add_model_args(c)
 
     b = sub.add_parser("bench", help="plain vs speculative decoding on this machine: tokens/s, tau, their ratio")
     b.add_argument("--prompts", type=int, default=len(_bench_prompts()), metavar="N",
@@ -205,7 +222,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    s = gen.last_stats
+    print(_stats_line(gen.last_stats, args), file=sys.stderr)
+    return 0
+
+
+def _stats_line(s, args: argparse.Namespace) -> str:
+    """One line of a generation's numbers (stderr, after the streamed text)."""
     spec = (f" | tau {s.acceptance_length:.2f} over {s.target_calls} target calls, draft {s.draft_s:.3f} s, "
             f"verify {s.verify_s:.3f} s" if s.mode in ("speculative", "lookup") else "")
     if s.tree and getattr(args, "tree_auto", False):
@@ -217,8 +239,88 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if s.plain_steps:
         spec += f", {s.plain_steps} plain steps (adaptive: timing plain decoding, or while speculation " \
                 "measured slower)"
-    print(f"[{s.mode}] prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.3f} s | {s.new_tokens} new tok "
-          f"in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}", file=sys.stderr)
+    cached = f" ({s.cached_prompt_tokens} cached)" if s.cached_prompt_tokens else ""
+    return (f"[{s.mode}] prompt {s.prompt_tokens} tok{cached}, prefill {s.prefill_s:.3f} s | {s.new_tokens} new "
+            f"tok in {s.decode_s:.3f} s = {s.tokens_per_s:.1f} tok/s{spec} | stop: {s.stop_reason}")
+
+
+_CHAT_HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits; a line ending in a backslash goes on"
+
+
+def _read_turn(tty: bool) -> str | None:
+    """The next user turn from stdin (None at the end); a line ending in a backslash goes on to
+    the next line."""
+    lines: list[str] = []
+    while True:
+        if tty:
+            try:
+                line: str | None = input("> " if not lines else ". ")
+            except EOFError:
+                line = None
+        else:
+            raw = sys.stdin.readline()
+            line = raw[:-1] if raw.endswith("\n") else (raw or None)
+        if line is None:
+            return "\n".join(lines) if lines else None
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+
+    gen = _load(args, tree=_tree_from_args(args))
+    session = ChatSession(gen, system=args.system)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None)
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            importlib.import_module("readline")  # (line editing and history for input())
+        except ImportError:  # pragma: no cover
+            pass
+        print(f"dovetail chat: {gen.source.name}, context {gen.target.context} tokens; {_CHAT_HELP}",
+              file=sys.stderr)
+    turn = 0
+    while (text := _read_turn(tty)) is not None:
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            session.reset()
+            print("dovetail: conversation cleared", file=sys.stderr)
+            continue
+        if command == "/help":
+            print(_CHAT_HELP, file=sys.stderr)
+            continue
+        turn += 1
+        try:
+            if args.json:
+                res = session.send(text, **kw)
+                print(json.dumps({"turn": turn, "text": res.text, "tokens": res.tokens,
+                                  "dropped_exchanges": session.last_dropped, **res.stats.as_dict()}), flush=True)
+            else:
+                for piece in session.stream(text, **kw):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # a reply cut short: the conversation goes on
+            print("\n[interrupted]", file=sys.stderr)
+            continue
+        except ValueError as e:  # (a message the context cannot hold): this turn only
+            print(f"dovetail: error: {e}", file=sys.stderr)
+            continue
+        if session.last_dropped:
+            print(f"dovetail: note: the {session.last_dropped} earliest exchange(s) were dropped to fit the "
+                  f"context of {gen.target.context} tokens", file=sys.stderr)
+        if not args.json and not args.quiet:
+            print(_stats_line(gen.last_stats, args), file=sys.stderr)
     return 0
 
 
@@ -338,8 +440,8 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _cmd_generate, "bench": _cmd_bench, "serve": _cmd_serve, "info": _cmd_info,
-                "train-draft": _cmd_train_draft}[args.command](args)
+        return {"generate": _cmd_generate, "chat": _cmd_chat, "bench": _cmd_bench, "serve": _cmd_serve,
+                "info": _cmd_info, "train-draft": _cmd_train_draft}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,118 @@
+"""Multi-turn conversations on a :class:`~dovetail_ext.api.Generator`.
+
+    from dovetail_ext import load
+    from dovetail_ext.chat import ChatSession
+
+    chat = ChatSession(load(), system="You are terse.")
+    print(chat.send("Name a prime.").text)
+    for piece in chat.stream("And the next one?"):
+        print(piece, end="", flush=True)
+
+Each turn renders the whole history through the model's chat template; the generator's KV
+cache keeps the prefix it shares with the last call, so a turn reads only its own new tokens.
+When the history no longer leaves room for a reply in the context, the oldest exchanges are
+dropped (the system message stays), and ``last_dropped`` says how many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .api import GenerationResult, Generator
+from .errors import as_int, check_text
+
+__all__ = ["ChatSession"]
+
+
+class ChatSession:
+    """A conversation with a generator.
+
+    Args:
+        generator: what :func:`~dovetail_ext.load` returned.
+        system: an optional system message, kept through every trim.
+        reply_room: tokens kept free for each reply when old exchanges are dropped (default:
+            a quarter of the context, or the turn's ``max_new_tokens`` when smaller).
+    """
+
+    def __init__(self, generator: Generator, system: str | None = None, reply_room: int | None = None) -> None:
+        if not isinstance(generator, Generator):
+            raise ValueError(f"generator must be a dovetail_ext Generator (from load()), got {type(generator).__name__}")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"system must be a string or None, got {system!r}")
+        self.generator = generator
+        self.system = None if system is None else check_text(system, "the system message")
+        self.reply_room = None if reply_room is None else as_int("reply_room", reply_room)
+        self._turns: list[dict[str, str]] = []  # user / assistant messages, alternating
+        self.last_dropped = 0  # exchanges dropped to fit the last turn
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation so far, the system message first."""
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return head + [dict(m) for m in self._turns]
+
+    def reset(self) -> None:
+        """Forget the exchanges (the system message stays)."""
+        self._turns = []
+        self.last_dropped = 0
+
+    def _fit(self, text: str, max_new_tokens: int) -> list[dict[str, str]]:
+        """The messages for the next turn, the oldest exchanges dropped until the rendered
+        prompt leaves the reply room in the context (the new message itself is never dropped)."""
+        context = self.generator.target.context
+        room = min(max_new_tokens, self.reply_room if self.reply_room is not None else context // 4)
+        head = self.messages[:1] if self.system is not None else []
+        user = {"role": "user", "content": text}
+        dropped = 0
+        while True:
+            msgs = head + self._turns[2 * dropped:] + [user]
+            if dropped * 2 >= len(self._turns) or len(self.generator.encode_prompt(msgs)) + room <= context:
+                break
+            dropped += 1
+        self.last_dropped = dropped
+        return msgs
+
+    def _prepare(self, text: str, max_new_tokens: int, kwargs: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
+        if not isinstance(text, str):
+            raise ValueError(f"the message must be a string, got {type(text).__name__}")
+        if "raw" in kwargs:
+            raise ValueError("a chat renders its messages through the chat template; raw= does not apply")
+        max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
+        return self._fit(check_text(text, "the message"), max_new_tokens), max_new_tokens
+
+    def stream(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> Iterator[str]:
+        """Send a user message and yield the reply's text as it is decoded; the other
+        arguments are :meth:`Generator.stream`'s (temperature, top_p, top_k, seed, stop,
+        speculative, tree). The exchange joins the history when the reply ends; a reply cut
+        short (the iterator closed, or Ctrl-C) joins as far as it got. A turn that fails
+        (a message longer than the context) leaves the history as it was. The turn's stats
+        are in ``generator.last_stats`` once the iterator is exhausted."""
+        msgs, max_new_tokens = self._prepare(text, max_new_tokens, kwargs)
+        return self._turn(msgs, max_new_tokens, kwargs)
+
+    def _turn(self, msgs: list[dict[str, str]], max_new_tokens: int, kwargs: dict[str, Any]) -> Iterator[str]:
+        pieces: list[str] = []
+        it = self.generator.stream(msgs, max_new_tokens=max_new_tokens, **kwargs)
+        try:
+            for piece in it:
+                pieces.append(piece)
+                yield piece
+        except (GeneratorExit, KeyboardInterrupt):
+            if pieces:
+                self._commit(msgs, "".join(pieces))
+            raise
+        finally:
+            it.close()
+        self._commit(msgs, "".join(pieces))
+
+    def send(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> GenerationResult:
+        """:meth:`stream`, collected: the reply's text, its token ids and the turn's stats."""
+        msgs, max_new_tokens = self._prepare(text, max_new_tokens, kwargs)
+        result = self.generator.generate(msgs, max_new_tokens=max_new_tokens, **kwargs)
+        self._commit(msgs, result.text)
+        return result
+
+    def _commit(self, msgs: list[dict[str, str]], reply: str) -> None:
+        self._turns = [dict(m) for m in msgs[1 if self.system is not None else 0:]] + \
+                      [{"role": "assistant", "content": reply}]
