@@ -112,6 +112,40 @@ def test_bad_arguments_name_themselves(gen, default_gguf_path):
     assert r.tokens == gen.generate("hi", max_new_tokens=3, temperature=0.7, top_k=5, seed=3).tokens
 
 
+def test_logprobs_are_the_targets(gen):
+    """logprobs=k: each token's log-probability and its k most likely alternatives are the
+    log-softmax of the target's own logits for that step (recomputed here in one prefill,
+    which gives the decode steps' rows bit for bit); greedy and seeded sampled tokens are
+    those of a call without logprobs decoding plainly; streams fill last_logprobs."""
+    prompt = "Name a fruit."
+    r = gen.generate(prompt, max_new_tokens=8, logprobs=5)
+    assert r.stats.mode == "plain" and len(r.logprobs) == len(r.tokens) == 8
+    assert r.tokens == gen.generate(prompt, max_new_tokens=8).tokens  # (that one speculates)
+    ids = gen.encode_prompt(prompt)
+    gen.reset()
+    logits, _ = gen.target.forward(ids + r.tokens[:-1], logit_rows=range(len(ids) - 1, len(ids) + 7))
+    gen.target.truncate(0)
+    gen.reset()
+    x = logits.astype(np.float64)
+    ref = x - (x.max(1, keepdims=True) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)))
+    for row, tok, e in zip(ref, r.tokens, r.logprobs):
+        assert e.token == tok and abs(e.logprob - row[tok]) < 1e-9
+        order = np.argsort(-row, kind="stable")[:5]
+        assert [i for i, _ in e.top] == order.tolist()
+        np.testing.assert_allclose([v for _, v in e.top], row[order], atol=1e-9)
+        assert e.top[0] == (tok, e.logprob)  # greedy: the most likely token
+    sampled = gen.generate(prompt, max_new_tokens=8, temperature=0.9, seed=3, logprobs=0)
+    assert sampled.tokens == gen.generate(prompt, max_new_tokens=8, temperature=0.9, seed=3,
+                                          speculative=False).tokens
+    assert all(e.top == [] and e.logprob <= 0 for e in sampled.logprobs)
+    pieces = list(gen.stream(prompt, max_new_tokens=8, logprobs=5))
+    assert "".join(pieces) == r.text and gen.last_logprobs == r.logprobs
+    assert gen.generate(prompt, max_new_tokens=4).logprobs is None
+    for bad in (-1, 21, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="logprobs must be an integer"):
+            gen.generate(prompt, max_new_tokens=2, logprobs=bad)
+
+
 def test_context_limit_is_a_clean_stop(default_gguf_path):
     import dovetail_ext
     g = dovetail_ext.load(default_gguf_path, context=48, threads=1)
@@ -264,6 +298,14 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     assert main(["generate", "Name a fruit.", "--max-new-tokens", "8", "--json", "--threads", "1", "--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["mode"] == "plain" and plain["tokens"] == out["tokens"]
+    assert main(["generate", "Name a fruit.", "--max-new-tokens", "8", "--json", "--threads", "1",
+                 "--logprobs", "2"]) == 0
+    lp = json.loads(capsys.readouterr().out)
+    assert lp["tokens"] == out["tokens"] and [e["token"] for e in lp["logprobs"]] == out["tokens"]
+    assert all(len(e["top"]) == 2 and e["top"][0]["token"] == e["token"] and e["logprob"] <= 0
+               for e in lp["logprobs"])
+    assert main(["generate", "Name a fruit.", "--logprobs", "2", "--model", "/nonexistent.gguf"]) == 2
+    assert "--logprobs needs --json" in capsys.readouterr().err  # (before the model is read)
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cpu_path"] in info["cpu_paths_supported"]

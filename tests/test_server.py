@@ -46,6 +46,8 @@ def refs(gen):
         sampled=gen.generate(CHAT, max_new_tokens=N, temperature=0.8, top_p=0.9, seed=7).text,
         questions=[gen.generate(q, max_new_tokens=N).text for q in QUESTIONS],
         count_prompt_tokens=len(gen.encode_prompt(COUNT, raw=True)),
+        chat_lp=gen.generate(CHAT, max_new_tokens=N, logprobs=3),
+        count_lp=gen.generate(COUNT, max_new_tokens=N, raw=True, stop=["7"], logprobs=2),
     )
 
 
@@ -139,6 +141,51 @@ def test_completions_with_stop(server, client, refs):
                                             stop=["7", "never"], stream=True))
     assert "".join(c.choices[0].text for c in pieces) == ref.text
     assert pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs_match_direct_generation(server, client, refs):
+    """Chat (logprobs + top_logprobs, whole and streamed) and completions (logprobs = k, with a
+    stop string: every generated token is listed, those of the stop string too): the
+    Generator's log-probabilities, in OpenAI's two shapes."""
+    tok = server.gen.tokenizer
+    ref = refs.chat_lp
+    want = [(tok.decode([e.token]), e.logprob, [(tok.decode([i]), lp) for i, lp in e.top]) for e in ref.logprobs]
+    assert len(want) == len(ref.tokens) == N and all(len(w[2]) == 3 for w in want)
+
+    def content(entries):
+        return [(c.token, c.logprob, [(t.token, t.logprob) for t in c.top_logprobs]) for c in entries]
+
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    assert r.choices[0].message.content == ref.text and content(r.choices[0].logprobs.content) == want
+    first = r.choices[0].logprobs.content[0]
+    assert first.bytes == list(first.token.encode("utf-8"))
+    chunks = list(client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert content(streamed) == want
+    plain = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == ref.text
+    bare = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=3, temperature=0,
+                                          logprobs=True)
+    assert [(c.token, c.logprob, c.top_logprobs) for c in bare.choices[0].logprobs.content] == \
+        [(t, lp, []) for t, lp, _ in want[:3]]
+
+    ref = refs.count_lp
+    assert ref.stats.stop_reason == "stop" and len(ref.logprobs) == len(ref.tokens)
+    r = client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0, stop="7",
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == ref.text
+    assert lp.tokens == [tok.decode([e.token]) for e in ref.logprobs]
+    assert lp.token_logprobs == [e.logprob for e in ref.logprobs]
+    assert lp.top_logprobs == [{tok.decode([i]): v for i, v in e.top} for e in ref.logprobs]
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert "".join(lp.tokens).startswith(ref.text) and "7" in "".join(lp.tokens)[len(ref.text):]
+    pieces = list(client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0,
+                                            stop="7", logprobs=2, stream=True))
+    got = [t for c in pieces if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert got == lp.token_logprobs and "".join(c.choices[0].text for c in pieces) == ref.text
 
 
 def test_seeded_sampling_matches_direct_generation(server, client, refs):
@@ -243,7 +290,12 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "seed": "7"}, 400, "seed", None),
     ("/v1/chat/completions", {"messages": CHAT, "stop": 7}, 400, "stop", None),
     ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "stream", None),
-    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": CHAT, "echo": True}, 400, "echo", "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": 1}, 400, "logprobs", None),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
+    ("/v1/completions", {"prompt": "ab", "logprobs": True}, 400, "logprobs", None),
+    ("/v1/completions", {"prompt": "ab", "logprobs": -1}, 400, "logprobs", None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages",
      "context_length_exceeded"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt", None),

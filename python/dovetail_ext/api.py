@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import as_bool, check_text
+from .errors import as_bool, as_int, check_text
 from .formats import load_model_source
 from .formats.base import ModelSource
 from .lookup import LookupParams, NgramLookup
@@ -29,7 +29,7 @@ from .sampling import SamplingParams, TokenChooser
 from .target import TargetEngine, check_device_name
 from .tree import AutoTree, TreeParams
 
-__all__ = ["load", "Generator", "GenerationResult", "GenerationStats"]
+__all__ = ["load", "Generator", "GenerationResult", "GenerationStats", "TokenLogprob"]
 
 Prompt = str | Sequence[dict[str, Any]]
 
@@ -63,10 +63,39 @@ class GenerationStats:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token under the target: its log-probability and the ``top`` most likely
+    tokens at that step, as (id, log-probability), most likely first. The distribution is the
+    target's own (log-softmax of its logits: temperature 1, before top-k / top-p)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+#: The most alternatives ``logprobs=`` returns per token.
+MAX_LOGPROBS = 20
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """``token``'s log-probability under one row of logits, and the k most likely tokens."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    top: list[tuple[int, float]] = []
+    if k:
+        idx = np.argpartition(-x, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -x[idx]))]  # most likely first; ties by id
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return TokenLogprob(int(token), float(x[token] - lse), top)
+
+
+@dataclass
 class GenerationResult:
     text: str
     tokens: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=k: one per token of ``tokens``
 
 
 class _StopStrings:
@@ -139,6 +168,7 @@ class Generator:
         self.config = source.config
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
         self.last_stats = GenerationStats()
+        self.last_logprobs: list[TokenLogprob] = []  # the last call's, with logprobs=k
         # Tokens whose K/V are committed in the target: always a prefix of what the engine
         # holds (shrunk before the engine is, grown after), so an interruption between the
         # two leaves it valid.
@@ -172,7 +202,8 @@ class Generator:
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
-                 tree: TreeParams | AutoTree | None = None, draft=None) -> GenerationResult:
+                 tree: TreeParams | AutoTree | None = None, draft=None,
+                 logprobs: int | None = None) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
@@ -192,22 +223,30 @@ class Generator:
                 while decoding (its measurements carry over to the next calls).
             draft: a draft checkpoint path or a :class:`~dovetail_ext.draft.Draft` to use
                 from now on (replaces the generator's draft).
+            logprobs: None (default), or k in [0, 20]: each token's log-probability under
+                the target and its k most likely alternatives (``result.logprobs``). The
+                call then decodes plainly, since every step's whole distribution is read:
+                greedy, the same tokens as a speculative call; sampling, the same
+                distribution (a seed gives the sample plain decoding gives).
         """
         self.set_draft(draft)
         tokens: list[int] = []
         text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                                 () if stop is None else stop, raw, tokens, speculative, tree))
-        return GenerationResult(text=text, tokens=tokens, stats=self.last_stats)
+                                 () if stop is None else stop, raw, tokens, speculative, tree, logprobs))
+        return GenerationResult(text=text, tokens=tokens, stats=self.last_stats,
+                                logprobs=None if logprobs is None else list(self.last_logprobs))
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
-               tree: TreeParams | AutoTree | None = None, draft=None) -> Iterator[str]:
+               tree: TreeParams | AutoTree | None = None, draft=None,
+               logprobs: int | None = None) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
-        call are in ``last_stats`` once the iterator is exhausted."""
+        call are in ``last_stats`` once the iterator is exhausted. With ``logprobs``,
+        ``last_logprobs`` grows by one entry per token as the tokens are decoded."""
         self.set_draft(draft)
         return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                         () if stop is None else stop, raw, [], speculative, tree)
+                         () if stop is None else stop, raw, [], speculative, tree, logprobs)
 
     def set_draft(self, draft) -> None:
         """Attach a draft (a checkpoint path or a Draft bound to this generator's target);
@@ -240,9 +279,13 @@ class Generator:
 
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
              raw: bool, out_tokens: list[int], speculative: bool | None,
-             tree: TreeParams | AutoTree | None) -> Iterator[str]:
+             tree: TreeParams | AutoTree | None, logprobs: int | None = None) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if logprobs is not None:
+            logprobs = as_int("logprobs", logprobs, lo=0)
+            if logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs}")
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
@@ -253,8 +296,9 @@ class Generator:
         if speculative and self.draft is None and self.lookup is None:
             raise ValueError("speculative=True needs a draft (load(..., draft=PATH) or Generator(..., draft=...)) "
                              "or prompt lookup (lookup=LookupParams())")
-        spec = self.draft is not None and speculative is not False
-        lookup_only = not spec and speculative is not False and self.lookup is not None
+        plain = speculative is False or logprobs is not None  # (logprobs: every step's distribution)
+        spec = self.draft is not None and not plain
+        lookup_only = not spec and not plain and self.lookup is not None
         tree = tree or self.tree
         if not isinstance(tree, (TreeParams, AutoTree)):
             raise ValueError(f"tree must be TreeParams or AutoTree, got {tree!r}")
@@ -274,6 +318,8 @@ class Generator:
         stats = GenerationStats(prompt_tokens=len(ids),
                                 mode="speculative" if spec else "lookup" if lookup_only else "plain")
         self.last_stats = stats
+        self.last_logprobs: list[TokenLogprob] = []
+        rows: list[np.ndarray] = []  # with logprobs: the logits row of each token of `pending`
         if max_new_tokens == 0:
             stats.stop_reason = "length"
             return
@@ -285,6 +331,7 @@ class Generator:
             run = self._owner
             logits = self._prefill(ids, stats, with_features=spec)
             pending = [chooser(logits[0])]  # the target's own first token
+            rows = [logits[0]]
             if spec:
                 from .speculative import Governor, SpecState, SpecTimes, TreeSelector, speculative_step
                 # Draft pair j is (f_j, x_{j+1}): it stays valid while x_{j+1} lies in the prefix
@@ -325,6 +372,8 @@ class Generator:
                     stats.stop_reason = "eos"
                     break
                 out_tokens.append(tok)
+                if logprobs is not None:
+                    self.last_logprobs.append(token_logprob(rows[0], tok, logprobs))
                 piece, hit = stops.feed(decoder.push(tok))
                 if piece:
                     yield piece
@@ -379,6 +428,7 @@ class Generator:
                         self.target.commit()
                         self._kv_tokens.append(root)
                         pending = [chooser(logits[0])]
+                        rows = [logits[0]]
                         if lookup_only:
                             times.record_step()
                     if lookup_only:

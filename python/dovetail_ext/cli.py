@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="with --json: each token's log-probability under the model and its K most likely "
+                        "alternatives (K in [0, 20]; decodes plainly)")
     _add_decoding_args(g)
     _add_tree_args(g)
     _add_model_args(g)
@@ -206,6 +209,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if args.raw and args.system:
         raise ValueError("--system needs the chat template; drop --raw")
+    if args.logprobs is not None and not args.json:
+        raise ValueError("--logprobs needs --json")
     messages: Any = prompt
     if not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -215,8 +220,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
               speculative=False if args.no_spec else None)
     if args.json:
-        res = gen.generate(messages, **kw)
-        print(json.dumps({"text": res.text, "tokens": res.tokens, **res.stats.as_dict()}))
+        res = gen.generate(messages, logprobs=args.logprobs, **kw)
+        extra = {}
+        if res.logprobs is not None:
+            text = gen.tokenizer.decode
+            extra["logprobs"] = [{"token": e.token, "text": text([e.token]), "logprob": e.logprob,
+                                  "top": [{"token": i, "text": text([i]), "logprob": v} for i, v in e.top]}
+                                 for e in res.logprobs]
+        print(json.dumps({"text": res.text, "tokens": res.tokens, **res.stats.as_dict(), **extra}))
         return 0
     for piece in gen.stream(messages, **kw):
         sys.stdout.write(piece)

@@ -26,8 +26,12 @@ has a watcher on its ASGI receive channel: when the client goes away, the worker
 the generation at the next token (or skips it if it has not started) and takes the next
 request.
 
-What it is not: no batching of concurrent requests; ``n`` must be 1; no logprobs, tools,
-penalties, logit_bias, echo or suffix (rejected with 400 rather than silently ignored).
+Log-probabilities (chat: ``logprobs`` / ``top_logprobs``; completions: ``logprobs``, up to
+20 alternatives) are the target's own distribution at each step (temperature 1, before
+top-k / top-p); such a request decodes plainly (greedy: the same tokens).
+
+What it is not: no batching of concurrent requests; ``n`` must be 1; no tools, penalties,
+logit_bias, echo or suffix (rejected with 400 rather than silently ignored).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .api import GenerationStats, Generator
+from .api import MAX_LOGPROBS, GenerationStats, Generator, TokenLogprob
 from .errors import check_text
 from .sampling import SamplingParams
 
@@ -114,6 +118,7 @@ class _Params:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None     # alternatives per token with log-probabilities; None: none
 
 
 def _parse(body: Any, kind: str, model_id: str) -> _Params:
@@ -138,7 +143,7 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
     n = get("n", _is_int, "an integer", 1)
     if n != 1:
         raise ApiError(400, f"only n=1 is supported, got n={n}", "n")
-    for key in ("frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias", "echo",
+    for key in ("frequency_penalty", "presence_penalty", "logit_bias", "echo",
                 "suffix", "best_of", "tools", "functions"):
         v = body.get(key)
         if v not in (None, False, 0, "", [], {}) and not (key == "best_of" and v == 1):
@@ -195,8 +200,20 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
     include_usage = opts.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options")
+    if kind == "chat":  # logprobs: a boolean; top_logprobs: how many alternatives
+        want = get("logprobs", lambda v: isinstance(v, bool), "a boolean", False)
+        top = get("top_logprobs", _is_int, "an integer")
+        if top is not None and not want:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (top or 0) if want else None
+        key = "top_logprobs"
+    else:  # logprobs: how many alternatives (0: the chosen token's alone)
+        logprobs = get("logprobs", _is_int, "an integer")
+        key = "logprobs"
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"'{key}' must be in [0, {MAX_LOGPROBS}], got {logprobs}", key)
     return _Params(kind, prompt, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
-                   stream, include_usage)
+                   stream, include_usage, logprobs)
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
@@ -258,7 +275,7 @@ def _prompt_bytes(prompt: str | list[dict[str, str]]) -> int:
 @dataclass
 class _Job:
     """One request on its way through the engine. Events go from the worker thread to the
-    request's event loop: ("start", prompt_tokens), ("piece", text), ("done", stats),
+    request's event loop: ("start", prompt_tokens), ("piece", text, log-probabilities), ("done", stats),
     ("error", ApiError), and ("gone",) from the disconnect watcher."""
 
     params: _Params
@@ -368,20 +385,24 @@ class Engine:
         job.emit(("start", n_prompt))
         pieces = gen.stream(p.prompt, max_new_tokens=p.max_tokens or context,  # (the context stops it)
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
-                            stop=p.stop, raw=raw, speculative=self.speculative)
+                            stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs)
+        sent = 0  # log-probabilities handed on so far (each piece takes those of its tokens)
         try:
             for piece in pieces:
                 if job.cancelled.is_set():  # checked between tokens: the client has gone
                     pieces.close()
                     self.counts["cancelled"] += 1
                     return
-                job.emit(("piece", piece))
+                job.emit(("piece", piece, gen.last_logprobs[sent:]))
+                sent = len(gen.last_logprobs)
         except ValueError as e:  # arguments the request parser let through
             gen.reset()
             self.counts["failed"] += 1
             job.emit(("error", ApiError(400, str(e), param)))
             return
         self.counts["served"] += 1
+        if sent < len(gen.last_logprobs):  # (tokens whose text a stop string left out)
+            job.emit(("piece", "", gen.last_logprobs[sent:]))
         job.emit(("done", replace(gen.last_stats)))
 
 
@@ -404,33 +425,69 @@ def _timing(stats: GenerationStats, job: _Job) -> dict[str, Any]:
 
 
 class _Reply:
-    """OpenAI's objects for one request (ids, chunk and completion shapes)."""
+    """OpenAI's objects for one request (ids, chunk and completion shapes). With ``tokenizer``
+    (a request for log-probabilities) the chunks and the whole reply carry them."""
 
-    def __init__(self, kind: str, model: str) -> None:
+    def __init__(self, kind: str, model: str, tokenizer: Any = None) -> None:
         self.kind, self.model = kind, model
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.tokenizer = tokenizer
+        self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self._offset = 0  # completions' text_offset: characters of the reply before the next token
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    def _token(self, token: int) -> tuple[str, list[int] | None]:
+        """A token's text alone, and its UTF-8 bytes (None for part of a character)."""
+        text = self.tokenizer.decode([token])
+        return text, None if "\ufffd" in text else list(text.encode("utf-8"))
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        """The ``logprobs`` object of a choice for these tokens (None without a request)."""
+        if self.tokenizer is None:
+            return None
+        if self.kind == "chat":
+            content = []
+            for e in entries:
+                text, raw = self._token(e.token)
+                top = []
+                for i, lp in e.top:
+                    t, b = self._token(i)
+                    top.append({"token": t, "logprob": lp, "bytes": b})
+                content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(self._token(e.token)[0])
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({self._token(i)[0]: lp for i, lp in e.top})
+            out["text_offset"].append(self._offset)
+            self._offset += len(self._decoder.push(e.token))
+        return out
+
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
+              logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        lp = self.logprobs(logprobs) if logprobs else None
         if self.kind == "chat":
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def whole(self, text: str, stats: GenerationStats, job: _Job) -> dict[str, Any]:
+    def whole(self, text: str, stats: GenerationStats, job: _Job,
+              logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        lp = self.logprobs(logprobs or [])
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": _finish_reason(stats)}
             head = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(stats)}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": _finish_reason(stats)}
             head = self._head("text_completion")
         return {**head, "choices": [choice], "usage": _usage(stats), "dovetail": _timing(stats, job)}
 
@@ -532,17 +589,18 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
                 raise event[1]
             if event[0] == "gone":
                 return Response(status_code=499)  # nobody reads it
-            reply = _Reply(kind, model_id)
+            reply = _Reply(kind, model_id, generator.tokenizer if params.logprobs is not None else None)
             if params.stream:
                 handed_over = True
                 return _EventStream(_stream(job, reply), watcher.cancel)
-            text = []
+            text, entries = [], []
             while True:
                 event = await job.events.get()
                 if event[0] == "piece":
                     text.append(event[1])
+                    entries.extend(event[2])
                 elif event[0] == "done":
-                    return JSONResponse(reply.whole("".join(text), event[1], job))
+                    return JSONResponse(reply.whole("".join(text), event[1], job, entries))
                 elif event[0] == "error":
                     raise event[1]
                 else:
@@ -559,7 +617,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
             while True:
                 event = await job.events.get()
                 if event[0] == "piece":
-                    yield _sse(reply.chunk(event[1]))
+                    yield _sse(reply.chunk(event[1], logprobs=event[2]))
                 elif event[0] == "done":
                     stats = event[1]
                     yield _sse({**reply.chunk(None if reply.kind == "chat" else "", _finish_reason(stats)),
