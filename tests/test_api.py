@@ -146,6 +146,30 @@ def test_logprobs_are_the_targets(gen):
             gen.generate(prompt, max_new_tokens=2, logprobs=bad)
 
 
+def test_prompt_logprobs_and_token_id_prompts(gen):
+    """prompt_logprobs scores each prompt token given the ones before it: for a prompt that
+    is a prompt plus its greedy continuation, the continuation's scores equal generate's
+    logprobs (one prefill against decode steps: the same bits). raw=True takes token ids."""
+    text = "def add(a, b):"
+    ids = gen.encode_prompt(text, raw=True)
+    r = gen.generate(ids, raw=True, max_new_tokens=6, logprobs=3)
+    assert r.tokens == gen.generate(text, raw=True, max_new_tokens=6).tokens
+    full, scored = gen.prompt_logprobs(ids + r.tokens, raw=True, top=3)
+    assert full == ids + r.tokens and len(scored) == len(full)
+    assert scored[0].logprob is None and scored[0].top == [] and scored[0].token == ids[0]
+    assert scored[len(ids):] == r.logprobs
+    assert all(e.logprob <= 0 and len(e.top) == 3 for e in scored[1:])
+    # the prompt is left cached for a generation that follows
+    assert gen.generate(full, raw=True, max_new_tokens=2).stats.cached_prompt_tokens == len(full) - 1
+    for bad, match in (([-1], "token id -1 is outside"), ([gen.config.vocab_size], "outside the model's vocabulary"),
+                       ([1.5], "raw=True takes a string prompt or a non-empty list of token ids"),
+                       ([], "raw=True takes")):
+        with pytest.raises(ValueError, match=match):
+            gen.generate(bad, raw=True, max_new_tokens=1)
+    with pytest.raises(ValueError, match="top must be an integer"):
+        gen.prompt_logprobs(text, raw=True, top=21)
+
+
 def test_context_limit_is_a_clean_stop(default_gguf_path):
     import dovetail_ext
     g = dovetail_ext.load(default_gguf_path, context=48, threads=1)

@@ -48,6 +48,7 @@ def refs(gen):
         count_prompt_tokens=len(gen.encode_prompt(COUNT, raw=True)),
         chat_lp=gen.generate(CHAT, max_new_tokens=N, logprobs=3),
         count_lp=gen.generate(COUNT, max_new_tokens=N, raw=True, stop=["7"], logprobs=2),
+        count_scored=gen.prompt_logprobs(COUNT, raw=True, top=2),
     )
 
 
@@ -188,6 +189,34 @@ def test_logprobs_match_direct_generation(server, client, refs):
     assert got == lp.token_logprobs and "".join(c.choices[0].text for c in pieces) == ref.text
 
 
+def test_token_id_prompts_and_echo(server, client, refs):
+    """Completions take token ids as the prompt; echo returns the prompt before the
+    completion, and with logprobs scores it (the first token null; a scoring request may ask
+    for no new token, as evaluation harnesses do), whole and streamed."""
+    ids, scored = refs.count_scored
+    ref = refs.count_lp
+    r = client.completions.create(model=server.model, prompt=ids, max_tokens=N, temperature=0, stop="7")
+    assert r.choices[0].text == ref.text and r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model=server.model, prompt=[ids], max_tokens=0, temperature=0, echo=True,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == server.gen.tokenizer.decode(ids) and r.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[1:] == [e.logprob for e in scored[1:]]
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    r = client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0, echo=True,
+                                  logprobs=2, stop="7")
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == COUNT + ref.text
+    assert lp.token_logprobs == [None] + [e.logprob for e in scored[1:]] + [e.logprob for e in ref.logprobs]
+    assert lp.text_offset == sorted(lp.text_offset) and r.usage.completion_tokens == len(ref.tokens)
+    pieces = list(client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0,
+                                            echo=True, stop="7", stream=True))
+    assert "".join(c.choices[0].text for c in pieces) == COUNT + ref.text
+    plain = client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0, stop="7")
+    assert plain.choices[0].text == ref.text  # (echo off again)
+
+
 def test_seeded_sampling_matches_direct_generation(server, client, refs):
     for _ in range(2):
         r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0.8,
@@ -299,7 +328,11 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages",
      "context_length_exceeded"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt", None),
-    ("/v1/completions", {"prompt": [1, 2, 3]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": [1, 2, 10 ** 9]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": [1.5, 2]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": [[1], [2]]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": "ab", "max_tokens": 0}, 400, "max_tokens", None),
+    ("/v1/completions", {"prompt": "ab", "echo": "yes"}, 400, "echo", None),
     ("/v1/completions", {"prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "context_length_exceeded"),
     # Valid JSON that is not a request the engine can run: 400 naming the field, not a 500.
     ("/v1/completions", b'{"prompt": "a\\udc80b", "max_tokens": 3}', 400, "prompt", None),

@@ -12,6 +12,7 @@ The library prints nothing; the CLI does.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -69,7 +70,7 @@ class TokenLogprob:
     target's own (log-softmax of its logits: temperature 1, before top-k / top-p)."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it to condition on)
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -184,19 +185,62 @@ class Generator:
     # -- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
         """Token ids of a prompt: chat messages (or a string, as one user message) go
-        through the chat template; ``raw=True`` encodes a string as it is."""
+        through the chat template; ``raw=True`` encodes a string as it is, and takes a list
+        of token ids as they are."""
         if isinstance(prompt, str):
             if raw:
                 return self.tokenizer.encode(check_text(prompt))
             prompt = [{"role": "user", "content": prompt}]
         elif raw:
-            raise ValueError("raw=True takes a string prompt, not chat messages")
+            if isinstance(prompt, (Sequence, np.ndarray)) and len(prompt) and all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+                ids = [int(t) for t in prompt]
+                bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+                if bad is not None:
+                    raise ValueError(f"token id {bad} is outside the model's vocabulary of {self.config.vocab_size}")
+                return ids
+            raise ValueError("raw=True takes a string prompt or a non-empty list of token ids, not chat messages")
         if not isinstance(prompt, Sequence) or not prompt:
             raise ValueError("prompt must be a string or a non-empty list of chat messages")
         for i, m in enumerate(prompt):  # (the template's own text comes from the model file)
             if isinstance(m, dict) and isinstance(m.get("content"), str):
                 check_text(m["content"], f"messages[{i}].content" if len(prompt) > 1 else "the prompt")
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True))
+
+    def prompt_logprobs(self, prompt: Prompt, raw: bool = False,
+                        top: int = 0) -> tuple[list[int], list[TokenLogprob]]:
+        """Score a prompt under the target: its token ids, and for each token a
+        :class:`TokenLogprob` (its log-probability given the tokens before it, and the
+        ``top`` most likely tokens at that place; the first token's logprob is None). One pass
+        over the prompt (chunks of ``max_batch``), which also leaves it cached for a
+        generation that follows."""
+        top = as_int("top", top, lo=0)
+        if top > MAX_LOGPROBS:
+            raise ValueError(f"top must be an integer in [0, {MAX_LOGPROBS}], got {top}")
+        ids = self.encode_prompt(prompt, raw)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        if len(ids) > self.target.context:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.target.context} tokens")
+        out = [TokenLogprob(ids[0], None)]
+        with self._lock:
+            self._owner += 1
+            self._kv_tokens = []  # (every row's logits are needed: nothing cached is reused)
+            self._n_feat = 0
+            self.target.truncate(0)
+            with_features = self.draft is not None  # (kept for the draft, as a prefill keeps them)
+            for start in range(0, len(ids), self.target.max_batch):
+                part = ids[start:start + self.target.max_batch]
+                logits, f = self.target.forward(part, logit_rows=range(len(part)),
+                                                feature_rows=range(len(part)) if with_features else None)
+                self.target.commit()
+                if with_features:
+                    self._keep_features(f)
+                self._kv_tokens.extend(part)
+                for r in range(len(part)):
+                    if start + r + 1 < len(ids):
+                        out.append(token_logprob(logits[r], ids[start + r + 1], top))
+        return ids, out
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,

@@ -30,8 +30,11 @@ Log-probabilities (chat: ``logprobs`` / ``top_logprobs``; completions: ``logprob
 20 alternatives) are the target's own distribution at each step (temperature 1, before
 top-k / top-p); such a request decodes plainly (greedy: the same tokens).
 
+Completions take token-id prompts and ``echo`` (the prompt scored too with ``logprobs``;
+``max_tokens`` 0 allowed then: how evaluation harnesses score text).
+
 What it is not: no batching of concurrent requests; ``n`` must be 1; no tools, penalties,
-logit_bias, echo or suffix (rejected with 400 rather than silently ignored).
+logit_bias, echo in chat or suffix (rejected with 400 rather than silently ignored).
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class _Params:
     """What one request asks of the engine."""
 
     kind: str                       # "chat" or "completion"
-    prompt: Any                     # chat messages or a raw string
+    prompt: Any                     # chat messages, a raw string or token ids
     max_tokens: int | None          # None: up to the end of the context
     temperature: float = 1.0
     top_p: float = 1.0
@@ -119,9 +122,10 @@ class _Params:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None     # alternatives per token with log-probabilities; None: none
+    echo: bool = False              # completions: the prompt comes back before the completion
 
 
-def _parse(body: Any, kind: str, model_id: str) -> _Params:
+def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     """Validates a request body; raises :class:`ApiError` naming the offending field."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
@@ -143,8 +147,8 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
     n = get("n", _is_int, "an integer", 1)
     if n != 1:
         raise ApiError(400, f"only n=1 is supported, got n={n}", "n")
-    for key in ("frequency_penalty", "presence_penalty", "logit_bias", "echo",
-                "suffix", "best_of", "tools", "functions"):
+    for key in ("frequency_penalty", "presence_penalty", "logit_bias", "suffix", "best_of", "tools",
+                "functions") + (("echo",) if kind == "chat" else ()):
         v = body.get(key)
         if v not in (None, False, 0, "", [], {}) and not (key == "best_of" and v == 1):
             raise ApiError(400, f"'{key}' is not supported by this server", key, "unsupported_parameter")
@@ -158,18 +162,27 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     else:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string (or a list of one string)" if prompt is not None
-                           else "'prompt' is required", "prompt")
+        is_ids = isinstance(prompt, list) and all(_is_int(t) for t in prompt)
+        if not (isinstance(prompt, str) or is_ids):
+            raise ApiError(400, "'prompt' must be a string or a list of token ids (or a list of one of them)"
+                           if prompt is not None else "'prompt' is required", "prompt")
         if not prompt:
             raise ApiError(400, "'prompt' must not be empty", "prompt")
-        _utf8(prompt, "prompt")
+        if is_ids:
+            bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ApiError(400, f"'prompt' holds token id {bad}, outside the vocabulary of {vocab_size}",
+                               "prompt")
+        else:
+            _utf8(prompt, "prompt")
         max_key = "max_tokens"
+    echo = kind == "completion" and get("echo", lambda v: isinstance(v, bool), "a boolean", False)
     max_tokens = get(max_key, _is_int, "an integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'{max_key}' must be at least 1, got {max_tokens}", max_key)
+    if max_tokens is not None and max_tokens < (0 if echo else 1):
+        raise ApiError(400, f"'{max_key}' must be at least {0 if echo else 1}"
+                            f"{'' if echo else ' (0 only with echo)'}, got {max_tokens}", max_key)
     temperature = get("temperature", _is_num, "a number", 1.0)
     if not 0 <= temperature <= 2:
         raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
@@ -213,7 +226,7 @@ def _parse(body: Any, kind: str, model_id: str) -> _Params:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ApiError(400, f"'{key}' must be in [0, {MAX_LOGPROBS}], got {logprobs}", key)
     return _Params(kind, prompt, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
-                   stream, include_usage, logprobs)
+                   stream, include_usage, logprobs, echo)
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
@@ -264,9 +277,11 @@ def prompt_byte_limit(generator: Generator) -> int:
     return 4 * generator.target.context * max(longest, 1) + (64 << 10)
 
 
-def _prompt_bytes(prompt: str | list[dict[str, str]]) -> int:
+def _prompt_bytes(prompt: str | list[dict[str, str]] | list[int]) -> int:
     if isinstance(prompt, str):
         return len(prompt.encode("utf-8"))
+    if not isinstance(prompt[0], dict):
+        return 0  # token ids: the engine counts them exactly
     return sum(len(m["content"].encode("utf-8")) for m in prompt)
 
 
@@ -383,7 +398,13 @@ class Engine:
                 "context_length_exceeded")))
             return
         job.emit(("start", n_prompt))
-        pieces = gen.stream(p.prompt, max_new_tokens=p.max_tokens or context,  # (the context stops it)
+        if p.echo:  # the prompt first, scored when log-probabilities are asked for (it is then cached)
+            if p.logprobs is not None:
+                ids, scored = gen.prompt_logprobs(p.prompt, raw=True, top=p.logprobs)
+            else:
+                ids, scored = gen.encode_prompt(p.prompt, raw=True), []
+            job.emit(("piece", p.prompt if isinstance(p.prompt, str) else gen.tokenizer.decode(ids), scored))
+        pieces = gen.stream(p.prompt, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
                             stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs)
         sent = 0  # log-probabilities handed on so far (each piece takes those of its tokens)
@@ -459,10 +480,10 @@ class _Reply:
                 content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
             return {"content": content, "refusal": None}
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for e in entries:
+        for e in entries:  # (an echoed prompt's first token has no log-probability: null)
             out["tokens"].append(self._token(e.token)[0])
             out["token_logprobs"].append(e.logprob)
-            out["top_logprobs"].append({self._token(i)[0]: lp for i, lp in e.top})
+            out["top_logprobs"].append(None if e.logprob is None else {self._token(i)[0]: lp for i, lp in e.top})
             out["text_offset"].append(self._offset)
             self._offset += len(self._decoder.push(e.token))
         return out
@@ -573,7 +594,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
             body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError) as e:  # (JSONDecodeError, UnicodeDecodeError; nesting, huge ints)
             raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}") from None
-        params = _parse(body, kind, model_id)
+        params = _parse(body, kind, model_id, generator.config.vocab_size)
         n_bytes = _prompt_bytes(params.prompt)
         if n_bytes > max_prompt_bytes:  # refused before the engine spends time tokenizing it
             raise ApiError(400, f"the prompt has {n_bytes} bytes of text, more than the model's context of "
