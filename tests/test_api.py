@@ -170,6 +170,51 @@ def test_prompt_logprobs_and_token_id_prompts(gen):
         gen.prompt_logprobs(text, raw=True, top=21)
 
 
+def test_penalties_and_logit_bias(gen):
+    """presence / frequency penalties and logit bias change the logits before each greedy
+    choice exactly as OpenAI defines them: against a plain loop over the target engine that
+    applies the rule by hand; such calls decode plainly; bad values name themselves."""
+    prompt = "Describe the sea in two sentences."
+    ids = gen.encode_prompt(prompt)
+    space = gen.tokenizer.encode(" the")[0]
+    kw = dict(presence_penalty=0.7, frequency_penalty=1.3, logit_bias={space: 4.0, 11: -100})
+    r = gen.generate(prompt, max_new_tokens=16, **kw)
+    assert r.stats.mode == "plain"
+    gen.reset()
+    eng, counts, want = gen.target, {}, []
+    logits, _ = eng.forward(ids)
+    eng.commit()
+    for _ in range(16):
+        row = logits[0].astype(np.float32).copy()
+        for t, c in counts.items():
+            row[t] -= np.float32(0.7 + 1.3 * c)
+        row[space] += np.float32(4.0)
+        row[11] -= np.float32(100.0)
+        tok = int(np.argmax(row))
+        if tok in gen.eos_ids:
+            break
+        want.append(tok)
+        counts[tok] = counts.get(tok, 0) + 1
+        logits, _ = eng.forward([tok])
+        eng.commit()
+    eng.truncate(0)
+    gen.reset()
+    assert r.tokens == want
+    assert r.tokens != gen.generate(prompt, max_new_tokens=16).tokens  # (the adjustments bite)
+    assert 11 not in r.tokens
+    forced = gen.generate(prompt, max_new_tokens=4, logit_bias={space: 100})
+    assert forced.tokens == [space] * 4
+    zero = gen.generate(prompt, max_new_tokens=4, presence_penalty=0.0, logit_bias={space: 0})
+    assert zero.stats.mode != "plain"  # (adjustments that change nothing keep speculation)
+    for kw, match in ((dict(presence_penalty=2.5), "presence_penalty must be a number in"),
+                      (dict(frequency_penalty="1"), "frequency_penalty must be"),
+                      (dict(logit_bias={-1: 1.0}), "token id -1"),
+                      (dict(logit_bias={5: 101}), "bias of token 5"),
+                      (dict(logit_bias=[1]), "logit_bias must be a dict")):
+        with pytest.raises(ValueError, match=match):
+            gen.generate(prompt, max_new_tokens=1, **kw)
+
+
 def test_context_limit_is_a_clean_stop(default_gguf_path):
     import dovetail_ext
     g = dovetail_ext.load(default_gguf_path, context=48, threads=1)

@@ -49,6 +49,8 @@ def refs(gen):
         chat_lp=gen.generate(CHAT, max_new_tokens=N, logprobs=3),
         count_lp=gen.generate(COUNT, max_new_tokens=N, raw=True, stop=["7"], logprobs=2),
         count_scored=gen.prompt_logprobs(COUNT, raw=True, top=2),
+        adjusted=gen.generate(CHAT, max_new_tokens=N, presence_penalty=0.5, frequency_penalty=1.0,
+                              logit_bias={11: -100.0, 260: 3.0}),
     )
 
 
@@ -217,6 +219,14 @@ def test_token_id_prompts_and_echo(server, client, refs):
     assert plain.choices[0].text == ref.text  # (echo off again)
 
 
+def test_penalties_and_logit_bias_match_direct_generation(server, client, refs):
+    ref = refs.adjusted
+    assert ref.tokens != refs.chat.tokens  # (the adjustments bite)
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0,
+                                       presence_penalty=0.5, frequency_penalty=1.0, logit_bias={"11": -100, "260": 3})
+    assert r.choices[0].message.content == ref.text and r.model_extra["dovetail"]["mode"] == "plain"
+
+
 def test_seeded_sampling_matches_direct_generation(server, client, refs):
     for _ in range(2):
         r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0.8,
@@ -333,6 +343,12 @@ BAD = [
     ("/v1/completions", {"prompt": [[1], [2]]}, 400, "prompt", None),
     ("/v1/completions", {"prompt": "ab", "max_tokens": 0}, 400, "max_tokens", None),
     ("/v1/completions", {"prompt": "ab", "echo": "yes"}, 400, "echo", None),
+    ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 2.5}, 400, "presence_penalty", None),
+    ("/v1/chat/completions", {"messages": CHAT, "frequency_penalty": "1"}, 400, "frequency_penalty", None),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias", None),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias", None),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 200}}, 400, "logit_bias", None),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": [5]}, 400, "logit_bias", None),
     ("/v1/completions", {"prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "context_length_exceeded"),
     # Valid JSON that is not a request the engine can run: 400 naming the field, not a 500.
     ("/v1/completions", b'{"prompt": "a\\udc80b", "max_tokens": 3}', 400, "prompt", None),

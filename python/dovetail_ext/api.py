@@ -26,7 +26,7 @@ from .errors import as_bool, as_int, check_text
 from .formats import load_model_source
 from .formats.base import ModelSource
 from .lookup import LookupParams, NgramLookup
-from .sampling import SamplingParams, TokenChooser
+from .sampling import LogitAdjuster, SamplingParams, TokenChooser
 from .target import TargetEngine, check_device_name
 from .tree import AutoTree, TreeParams
 
@@ -247,7 +247,8 @@ class Generator:
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
                  tree: TreeParams | AutoTree | None = None, draft=None,
-                 logprobs: int | None = None) -> GenerationResult:
+                 logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: dict[int, float] | None = None) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
@@ -272,11 +273,17 @@ class Generator:
                 call then decodes plainly, since every step's whole distribution is read:
                 greedy, the same tokens as a speculative call; sampling, the same
                 distribution (a seed gives the sample plain decoding gives).
+            presence_penalty, frequency_penalty, logit_bias: OpenAI's adjustments of the
+                logits before each token is chosen (``sampling.LogitAdjuster``: penalties
+                in [-2, 2] over the tokens generated so far, biases in [-100, 100] by token
+                id). They change the distribution decoded from, so the call decodes
+                plainly; ``logprobs`` stay the target's own.
         """
         self.set_draft(draft)
         tokens: list[int] = []
+        adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
         text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                                 () if stop is None else stop, raw, tokens, speculative, tree, logprobs))
+                                 () if stop is None else stop, raw, tokens, speculative, tree, logprobs, adjust))
         return GenerationResult(text=text, tokens=tokens, stats=self.last_stats,
                                 logprobs=None if logprobs is None else list(self.last_logprobs))
 
@@ -284,13 +291,15 @@ class Generator:
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
                tree: TreeParams | AutoTree | None = None, draft=None,
-               logprobs: int | None = None) -> Iterator[str]:
+               logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: dict[int, float] | None = None) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
         call are in ``last_stats`` once the iterator is exhausted. With ``logprobs``,
         ``last_logprobs`` grows by one entry per token as the tokens are decoded."""
         self.set_draft(draft)
+        adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
         return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                         () if stop is None else stop, raw, [], speculative, tree, logprobs)
+                         () if stop is None else stop, raw, [], speculative, tree, logprobs, adjust)
 
     def set_draft(self, draft) -> None:
         """Attach a draft (a checkpoint path or a Draft bound to this generator's target);
@@ -323,7 +332,8 @@ class Generator:
 
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
              raw: bool, out_tokens: list[int], speculative: bool | None,
-             tree: TreeParams | AutoTree | None, logprobs: int | None = None) -> Iterator[str]:
+             tree: TreeParams | AutoTree | None, logprobs: int | None = None,
+             adjust: LogitAdjuster | None = None) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if logprobs is not None:
@@ -340,7 +350,10 @@ class Generator:
         if speculative and self.draft is None and self.lookup is None:
             raise ValueError("speculative=True needs a draft (load(..., draft=PATH) or Generator(..., draft=...)) "
                              "or prompt lookup (lookup=LookupParams())")
-        plain = speculative is False or logprobs is not None  # (logprobs: every step's distribution)
+        adjust = adjust if adjust is not None and adjust.active else None
+        # Plain decoding for logprobs (every step's distribution is read) and for adjusted logits
+        # (the distribution decoded from is no longer the target's, which speculation verifies).
+        plain = speculative is False or logprobs is not None or adjust is not None
         spec = self.draft is not None and not plain
         lookup_only = not spec and not plain and self.lookup is not None
         tree = tree or self.tree
@@ -374,7 +387,7 @@ class Generator:
             self._owner += 1
             run = self._owner
             logits = self._prefill(ids, stats, with_features=spec)
-            pending = [chooser(logits[0])]  # the target's own first token
+            pending = [chooser(logits[0] if adjust is None else adjust(logits[0]))]  # the first new token
             rows = [logits[0]]
             if spec:
                 from .speculative import Governor, SpecState, SpecTimes, TreeSelector, speculative_step
@@ -416,6 +429,8 @@ class Generator:
                     stats.stop_reason = "eos"
                     break
                 out_tokens.append(tok)
+                if adjust is not None:
+                    adjust.add(tok)
                 if logprobs is not None:
                     self.last_logprobs.append(token_logprob(rows[0], tok, logprobs))
                 piece, hit = stops.feed(decoder.push(tok))
@@ -471,7 +486,7 @@ class Generator:
                         logits, _ = self.target.forward([root])
                         self.target.commit()
                         self._kv_tokens.append(root)
-                        pending = [chooser(logits[0])]
+                        pending = [chooser(logits[0] if adjust is None else adjust(logits[0]))]
                         rows = [logits[0]]
                         if lookup_only:
                             times.record_step()

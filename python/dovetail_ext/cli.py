@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    _add_penalty_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="with --json: each token's log-probability under the model and its K most likely "
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=0)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    _add_penalty_args(c)
     c.add_argument("--json", action="store_true", help="one JSON object per turn instead of streamed text")
     c.add_argument("--quiet", action="store_true", help="no stats line after each reply")
     _add_decoding_args(c)
@@ -106,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--model", metavar="PATH", default=None)
     return ap
+
+
+def _add_penalty_args(p: argparse.ArgumentParser) -> None:
+    for name in ("presence", "frequency"):
+        p.add_argument(f"--{name}-penalty", type=float, default=0.0, metavar="X",
+                       help=f"OpenAI's {name} penalty over the tokens generated so far, in [-2, 2] (default 0; "
+                            "nonzero decodes plainly)")
 
 
 def _bench_prompts() -> tuple[str, ...]:
@@ -218,7 +227,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     gen = _load(args, tree=_tree_from_args(args))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
-              speculative=False if args.no_spec else None)
+              speculative=False if args.no_spec else None, presence_penalty=args.presence_penalty,
+              frequency_penalty=args.frequency_penalty)
     if args.json:
         res = gen.generate(messages, logprobs=args.logprobs, **kw)
         extra = {}
@@ -286,7 +296,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     gen = _load(args, tree=_tree_from_args(args))
     session = ChatSession(gen, system=args.system)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None)
+              top_k=args.top_k, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None,
+              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     tty = sys.stdin.isatty()
     if tty:
         try:

@@ -14,7 +14,8 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["SamplingParams", "target_dist", "target_probs", "TokenChooser", "accept_greedy", "accept_sampled"]
+__all__ = ["SamplingParams", "LogitAdjuster", "target_dist", "target_probs", "TokenChooser", "accept_greedy",
+           "accept_sampled"]
 
 
 # Weights exp(z) below exp(-87.3) (about 1e-38 of the most likely token's) are exactly 0:
@@ -116,6 +117,47 @@ def target_probs_by_full_sort(logits: np.ndarray, params: SamplingParams) -> np.
         p = np.where(p >= threshold, p, 0.0)
         p /= p.sum(axis=-1, keepdims=True)
     return p
+
+
+class LogitAdjuster:
+    """OpenAI's presence and frequency penalties and logit bias, applied to a row of logits
+    before the token is chosen: logits[t] += bias[t] - presence * (count[t] > 0) - frequency *
+    count[t], where count[t] is how often t was generated so far (``add`` each token).
+    Penalties are in [-2, 2]; biases in [-100, 100], keyed by token ids below ``vocab_size``."""
+
+    def __init__(self, vocab_size: int, presence: float = 0.0, frequency: float = 0.0,
+                 bias: dict | None = None) -> None:
+        for name, v in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if bias is None:
+            bias = {}
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+        for t, b in bias.items():
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size:
+                raise ValueError(f"logit_bias: token id {t!r} is not an integer in [0, {vocab_size})")
+            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias: the bias of token {t} must be a number in [-100, 100], got {b!r}")
+        self.presence, self.frequency = float(presence), float(frequency)
+        self.bias = {int(t): float(b) for t, b in bias.items()}
+        self.counts: dict[int, int] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything (a zero adjuster is skipped)."""
+        return bool(self.presence or self.frequency or any(self.bias.values()))
+
+    def add(self, token: int) -> None:
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        out = np.array(logits, dtype=np.float32)
+        for t, c in self.counts.items():
+            out[t] -= np.float32(self.presence + self.frequency * c)
+        for t, b in self.bias.items():
+            out[t] += np.float32(b)
+        return out
 
 
 class TokenChooser:

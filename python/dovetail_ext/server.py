@@ -33,8 +33,11 @@ top-k / top-p); such a request decodes plainly (greedy: the same tokens).
 Completions take token-id prompts and ``echo`` (the prompt scored too with ``logprobs``;
 ``max_tokens`` 0 allowed then: how evaluation harnesses score text).
 
-What it is not: no batching of concurrent requests; ``n`` must be 1; no tools, penalties,
-logit_bias, echo in chat or suffix (rejected with 400 rather than silently ignored).
+``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` adjust the logits as OpenAI
+does (such a request decodes plainly).
+
+What it is not: no batching of concurrent requests; ``n`` must be 1; no tools, echo in chat
+or suffix (rejected with 400 rather than silently ignored).
 """
 
 from __future__ import annotations
@@ -123,6 +126,9 @@ class _Params:
     include_usage: bool = False
     logprobs: int | None = None     # alternatives per token with log-probabilities; None: none
     echo: bool = False              # completions: the prompt comes back before the completion
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
@@ -147,8 +153,7 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     n = get("n", _is_int, "an integer", 1)
     if n != 1:
         raise ApiError(400, f"only n=1 is supported, got n={n}", "n")
-    for key in ("frequency_penalty", "presence_penalty", "logit_bias", "suffix", "best_of", "tools",
-                "functions") + (("echo",) if kind == "chat" else ()):
+    for key in ("suffix", "best_of", "tools", "functions") + (("echo",) if kind == "chat" else ()):
         v = body.get(key)
         if v not in (None, False, 0, "", [], {}) and not (key == "best_of" and v == 1):
             raise ApiError(400, f"'{key}' is not supported by this server", key, "unsupported_parameter")
@@ -225,8 +230,24 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
         key = "logprobs"
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ApiError(400, f"'{key}' must be in [0, {MAX_LOGPROBS}], got {logprobs}", key)
+    penalties = {}
+    for key in ("presence_penalty", "frequency_penalty"):
+        penalties[key] = get(key, _is_num, "a number", 0.0)
+        if not -2 <= penalties[key] <= 2:
+            raise ApiError(400, f"'{key}' must be in [-2, 2], got {penalties[key]}", key)
+    raw_bias = get("logit_bias", lambda v: isinstance(v, dict), "an object of token id -> bias", {})
+    bias = {}
+    for t, b in raw_bias.items():
+        if not (t.isascii() and t.isdigit() and int(t) < vocab_size):
+            raise ApiError(400, f"'logit_bias' key {json.dumps(t)[:40]} is not a token id in [0, {vocab_size})",
+                           "logit_bias")
+        if not (_is_num(b) and -100 <= b <= 100):
+            raise ApiError(400, f"'logit_bias' of token {t} must be a number in [-100, 100], got "
+                                f"{json.dumps(b)[:40]}", "logit_bias")
+        bias[int(t)] = float(b)
     return _Params(kind, prompt, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
-                   stream, include_usage, logprobs, echo)
+                   stream, include_usage, logprobs, echo, float(penalties["presence_penalty"]),
+                   float(penalties["frequency_penalty"]), bias)
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
@@ -406,7 +427,9 @@ class Engine:
             job.emit(("piece", p.prompt if isinstance(p.prompt, str) else gen.tokenizer.decode(ids), scored))
         pieces = gen.stream(p.prompt, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
-                            stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs)
+                            stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs,
+                            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                            logit_bias=p.logit_bias)
         sent = 0  # log-probabilities handed on so far (each piece takes those of its tokens)
         try:
             for piece in pieces:
