@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dovetail_ext import _core
+from dovetail_ext.api import TokenLogprob
 
 from dovetail_ext.sampling import SamplingParams, TokenChooser, target_dist, target_probs, target_probs_by_full_sort
 
@@ -168,6 +169,7 @@ def test_prompt_logprobs_and_token_id_prompts(gen):
             gen.generate(bad, raw=True, max_new_tokens=1)
     with pytest.raises(ValueError, match="top must be an integer"):
         gen.prompt_logprobs(text, raw=True, top=21)
+    assert gen.prompt_logprobs(ids[:1], raw=True, top=2) == (ids[:1], [TokenLogprob(ids[0], None)])
 
 
 def test_penalties_and_logit_bias(gen):

@@ -78,17 +78,23 @@ class TokenLogprob:
 MAX_LOGPROBS = 20
 
 
-def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
-    """``token``'s log-probability under one row of logits, and the k most likely tokens."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max()
-    lse = m + np.log(np.exp(x - m).sum())
-    top: list[tuple[int, float]] = []
+def token_logprobs(logits: np.ndarray, tokens, k: int) -> list[TokenLogprob]:
+    """Each row's token's log-probability under that row of logits [R, V] (float64
+    log-softmax), and the row's k most likely tokens (ties by id)."""
+    if not len(tokens):
+        return []
+    x = np.asarray(logits, dtype=np.float64).reshape(len(tokens), -1)
+    m = x.max(axis=1, keepdims=True)
+    lp = x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
+    tokens = np.asarray(tokens, dtype=np.int64)
+    chosen = lp[np.arange(len(tokens)), tokens]
     if k:
-        idx = np.argpartition(-x, k - 1)[:k]
-        idx = idx[np.lexsort((idx, -x[idx]))]  # most likely first; ties by id
-        top = [(int(i), float(x[i] - lse)) for i in idx]
-    return TokenLogprob(int(token), float(x[token] - lse), top)
+        idx = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(lp, idx, axis=1)
+        order = np.lexsort((idx, -vals), axis=1)  # most likely first; ties by id
+        idx, vals = np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    return [TokenLogprob(int(t), float(c), list(zip(idx[r].tolist(), vals[r].tolist())) if k else [])
+            for r, (t, c) in enumerate(zip(tokens.tolist(), chosen.tolist()))]
 
 
 @dataclass
@@ -237,9 +243,8 @@ class Generator:
                 if with_features:
                     self._keep_features(f)
                 self._kv_tokens.extend(part)
-                for r in range(len(part)):
-                    if start + r + 1 < len(ids):
-                        out.append(token_logprob(logits[r], ids[start + r + 1], top))
+                nxt = ids[start + 1:start + len(part) + 1]  # (the last row of the prompt predicts nothing in it)
+                out.extend(token_logprobs(logits[:len(nxt)], nxt, top))
         return ids, out
 
     # -- generation ----------------------------------------------------------------------
@@ -432,7 +437,7 @@ class Generator:
                 if adjust is not None:
                     adjust.add(tok)
                 if logprobs is not None:
-                    self.last_logprobs.append(token_logprob(rows[0], tok, logprobs))
+                    self.last_logprobs.extend(token_logprobs(rows[0], [tok], logprobs))
                 piece, hit = stops.feed(decoder.push(tok))
                 if piece:
                     yield piece

@@ -140,23 +140,24 @@ class LogitAdjuster:
             if isinstance(b, bool) or not isinstance(b, numbers.Real) or not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias: the bias of token {t} must be a number in [-100, 100], got {b!r}")
         self.presence, self.frequency = float(presence), float(frequency)
-        self.bias = {int(t): float(b) for t, b in bias.items()}
-        self.counts: dict[int, int] = {}
+        self.bias_ids = np.array([int(t) for t, b in bias.items() if b], dtype=np.int64)
+        self.bias_values = np.array([b for b in bias.values() if b], dtype=np.float32)
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
 
     @property
     def active(self) -> bool:
         """Whether it changes anything (a zero adjuster is skipped)."""
-        return bool(self.presence or self.frequency or any(self.bias.values()))
+        return bool(self.presence or self.frequency or self.bias_ids.size)
 
     def add(self, token: int) -> None:
-        self.counts[token] = self.counts.get(token, 0) + 1
+        self.counts[token] += 1
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         out = np.array(logits, dtype=np.float32)
-        for t, c in self.counts.items():
-            out[t] -= np.float32(self.presence + self.frequency * c)
-        for t, b in self.bias.items():
-            out[t] += np.float32(b)
+        if self.presence or self.frequency:
+            seen = np.flatnonzero(self.counts)
+            out[seen] -= (self.presence + self.frequency * self.counts[seen]).astype(np.float32)
+        out[self.bias_ids] += self.bias_values
         return out
 
 
