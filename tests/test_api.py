@@ -145,6 +145,9 @@ def test_logprobs_are_the_targets(gen):
     for bad in (-1, 21, 2.0, True, "3"):
         with pytest.raises(ValueError, match="logprobs must be an integer"):
             gen.generate(prompt, max_new_tokens=2, logprobs=bad)
+    for kw in (dict(logprobs=1), dict(frequency_penalty=0.5), dict(logit_bias={5: 1.0})):
+        with pytest.raises(ValueError, match="decode plainly: drop speculative=True"):
+            gen.generate(prompt, max_new_tokens=2, speculative=True, **kw)
 
 
 def test_prompt_logprobs_and_token_id_prompts(gen):

@@ -358,6 +358,9 @@ class Generator:
         adjust = adjust if adjust is not None and adjust.active else None
         # Plain decoding for logprobs (every step's distribution is read) and for adjusted logits
         # (the distribution decoded from is no longer the target's, which speculation verifies).
+        if speculative and (logprobs is not None or adjust is not None):
+            raise ValueError("logprobs and logit adjustments (penalties, logit_bias) decode plainly: "
+                             "drop speculative=True")
         plain = speculative is False or logprobs is not None or adjust is not None
         spec = self.draft is not None and not plain
         lookup_only = not spec and not plain and self.lookup is not None
