@@ -1,7 +1,6 @@
 """Multi-turn conversations on a :class:`~dovetail_ext.api.Generator`.
 
-    from dovetail_ext import load
-    from dovetail_ext.chat import ChatSession
+    from dovetail_ext import ChatSession, load
 
     chat = ChatSession(load(), system="You are terse.")
     print(chat.send("Name a prime.").text)
