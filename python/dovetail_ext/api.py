@@ -78,23 +78,29 @@ class TokenLogprob:
 MAX_LOGPROBS = 20
 
 
-def token_logprobs(logits: np.ndarray, tokens, k: int) -> list[TokenLogprob]:
-    """Each row's token's log-probability under that row of logits [R, V] (float64
-    log-softmax), and the row's k most likely tokens (ties by id)."""
-    if not len(tokens):
-        return []
+def pick_logprobs(logits: np.ndarray, tokens, k: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Under each row of logits [R, V] (float64 log-softmax): the log-probability of that
+    row's token [R], and the row's k most likely tokens and their log-probabilities [R, k],
+    most likely first (ties by id)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
     x = np.asarray(logits, dtype=np.float64).reshape(len(tokens), -1)
     m = x.max(axis=1, keepdims=True)
     lp = x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
-    tokens = np.asarray(tokens, dtype=np.int64)
     chosen = lp[np.arange(len(tokens)), tokens]
-    if k:
+    idx, vals = np.zeros((len(tokens), 0), np.int64), np.zeros((len(tokens), 0))
+    if k and len(tokens):
         idx = np.argpartition(-lp, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(lp, idx, axis=1)
-        order = np.lexsort((idx, -vals), axis=1)  # most likely first; ties by id
+        order = np.lexsort((idx, -vals), axis=1)
         idx, vals = np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
-    return [TokenLogprob(int(t), float(c), list(zip(idx[r].tolist(), vals[r].tolist())) if k else [])
-            for r, (t, c) in enumerate(zip(tokens.tolist(), chosen.tolist()))]
+    return chosen, idx, vals
+
+
+def token_logprobs(logits: np.ndarray, tokens, k: int) -> list[TokenLogprob]:
+    """:func:`pick_logprobs` as one :class:`TokenLogprob` per row."""
+    chosen, idx, vals = pick_logprobs(logits, tokens, k)
+    return [TokenLogprob(int(t), float(c), list(zip(i.tolist(), v.tolist())))
+            for t, c, i, v in zip(np.asarray(tokens).tolist(), chosen.tolist(), idx, vals)]
 
 
 @dataclass
@@ -224,28 +230,47 @@ class Generator:
         if top > MAX_LOGPROBS:
             raise ValueError(f"top must be an integer in [0, {MAX_LOGPROBS}], got {top}")
         ids = self.encode_prompt(prompt, raw)
+        chosen, idx, vals = self.score(ids, 1, top)
+        return ids, [TokenLogprob(ids[0], None)] + [
+            TokenLogprob(t, c, list(zip(i.tolist(), v.tolist())))
+            for t, c, i, v in zip(ids[1:], chosen.tolist(), idx, vals)]
+
+    def score(self, ids: Sequence[int], first: int = 1, top: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`pick_logprobs` for tokens ``ids[first:]``, each given the tokens before it:
+        one pass over ``ids`` from an empty cache (chunks of ``max_batch``; the LM head runs
+        only on the rows that predict a scored token), which leaves them cached for a
+        generation that follows. Returns log-probabilities [n] (float64) and the ``top`` most
+        likely tokens [n, top] with theirs, n = len(ids) - first."""
+        ids = [int(t) for t in ids]
         if not ids:
-            raise ValueError("the prompt encodes to no tokens")
+            raise ValueError("no tokens to score")
         if len(ids) > self.target.context:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.target.context} tokens")
-        out = [TokenLogprob(ids[0], None)]
+            raise ValueError(f"{len(ids)} tokens do not fit the context of {self.target.context} tokens")
+        first = as_int("first", first)
+        if first > len(ids):
+            raise ValueError(f"first must be in [1, {len(ids)}], got {first}")
+        parts = []
         with self._lock:
             self._owner += 1
-            self._kv_tokens = []  # (every row's logits are needed: nothing cached is reused)
+            self._kv_tokens = []  # (every scored row's logits are needed: nothing cached is reused)
             self._n_feat = 0
             self.target.truncate(0)
             with_features = self.draft is not None  # (kept for the draft, as a prefill keeps them)
             for start in range(0, len(ids), self.target.max_batch):
                 part = ids[start:start + self.target.max_batch]
-                logits, f = self.target.forward(part, logit_rows=range(len(part)),
+                # rows r predict ids[start + r + 1]: those in [first, len(ids)) are scored
+                rows = range(max(0, first - 1 - start), min(len(part), len(ids) - 1 - start))
+                logits, f = self.target.forward(part, logit_rows=rows,
                                                 feature_rows=range(len(part)) if with_features else None)
                 self.target.commit()
                 if with_features:
                     self._keep_features(f)
                 self._kv_tokens.extend(part)
-                nxt = ids[start + 1:start + len(part) + 1]  # (the last row of the prompt predicts nothing in it)
-                out.extend(token_logprobs(logits[:len(nxt)], nxt, top))
-        return ids, out
+                if len(rows):
+                    parts.append(pick_logprobs(logits, ids[start + rows.start + 1:start + rows.stop + 1], top))
+        if not parts:
+            return np.zeros(0), np.zeros((0, top), np.int64), np.zeros((0, top))
+        return tuple(np.concatenate(p) for p in zip(*parts))
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,

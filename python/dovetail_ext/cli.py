@@ -3,6 +3,7 @@
     dovetail generate "Explain RoPE in one paragraph"      # chat template, streamed
     dovetail generate --raw "def fib(n):" --max-new-tokens 64 --json
     dovetail chat --system "You are terse."                 # a conversation: /reset, /exit
+    dovetail perplexity wiki.test.raw --chunk 512          # as llama.cpp's llama-perplexity
     dovetail info
     dovetail bench --max-new-tokens 64                   # plain vs speculative on this machine
     dovetail train-draft --data sharegpt --self-distill 256 --out my-draft
@@ -74,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_decoding_args(c)
     _add_tree_args(c)
     _add_model_args(c)
+
+    pp = sub.add_parser("perplexity", help="perplexity of the model on a text file (chunks scored as llama.cpp's "
+                                           "llama-perplexity scores them)")
+    pp.add_argument("file", help="a UTF-8 text file ('-': standard input)")
+    pp.add_argument("--chunk", type=int, default=512,
+                    help="tokens per chunk; the second half of each is scored (default 512)")
+    pp.add_argument("--max-chunks", type=int, default=None, metavar="N", help="score at most N chunks")
+    pp.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    _add_model_args(pp)
 
     b = sub.add_parser("bench", help="plain vs speculative decoding on this machine: tokens/s, tau, their ratio")
     b.add_argument("--prompts", type=int, default=len(_bench_prompts()), metavar="N",
@@ -346,6 +356,41 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from .api import load
+    from .evaluate import perplexity
+
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    gen = load(args.model, draft=None, lookup=None, context=args.context or args.chunk, threads=args.threads,
+               weights=args.weights)
+    bar = None
+    if not args.json:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="chunk", desc="dovetail perplexity", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        r = perplexity(gen, text, chunk=args.chunk, max_chunks=args.max_chunks,
+                       progress=progress if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps({"model": gen.source.name, **r.as_dict()}))
+    else:
+        print(f"perplexity {r.perplexity:.4f} +/- {r.stderr:.4f} ({r.tokens} tokens scored in {r.chunks} chunks of "
+              f"{r.chunk}, of {r.text_tokens} in the text; {r.tokens_per_s:.0f} tok/s)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import BENCH_PROMPTS, format_report, run_benchmark
 
@@ -462,8 +507,8 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _cmd_generate, "chat": _cmd_chat, "bench": _cmd_bench, "serve": _cmd_serve,
-                "info": _cmd_info, "train-draft": _cmd_train_draft}[args.command](args)
+        return {"generate": _cmd_generate, "chat": _cmd_chat, "perplexity": _cmd_perplexity, "bench": _cmd_bench,
+                "serve": _cmd_serve, "info": _cmd_info, "train-draft": _cmd_train_draft}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
