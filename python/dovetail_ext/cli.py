@@ -45,13 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="the prompt (read from stdin when omitted or '-')")
     g.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     g.add_argument("--system", default=None, help="system message for the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
-    _add_penalty_args(g)
+    _add_sampling_args(g, max_new_tokens=256)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="with --json: each token's log-probability under the model and its K most likely "
@@ -63,13 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="a conversation: each line on stdin is a turn (/reset, /exit; a line "
                                     "ending in a backslash goes on to the next)")
     c.add_argument("--system", default=None, help="system message, kept through the whole conversation")
-    c.add_argument("--max-new-tokens", type=int, default=512, help="per reply (default 512)")
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
-    _add_penalty_args(c)
+    _add_sampling_args(c, max_new_tokens=512)
     c.add_argument("--json", action="store_true", help="one JSON object per turn instead of streamed text")
     c.add_argument("--quiet", action="store_true", help="no stats line after each reply")
     _add_decoding_args(c)
@@ -120,7 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _add_penalty_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The length, sampling, stop and penalty options of generate and chat."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     for name in ("presence", "frequency"):
         p.add_argument(f"--{name}-penalty", type=float, default=0.0, metavar="X",
                        help=f"OpenAI's {name} penalty over the tokens generated so far, in [-2, 2] (default 0; "
