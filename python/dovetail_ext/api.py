@@ -96,9 +96,16 @@ def pick_logprobs(logits: np.ndarray, tokens, k: int = 0) -> tuple[np.ndarray, n
     return chosen, idx, vals
 
 
-def token_logprobs(logits: np.ndarray, tokens, k: int) -> list[TokenLogprob]:
-    """:func:`pick_logprobs` as one :class:`TokenLogprob` per row."""
-    chosen, idx, vals = pick_logprobs(logits, tokens, k)
+def _logprob_count(what: str, k: Any) -> int:
+    """k in [0, MAX_LOGPROBS], or a ValueError naming ``what``."""
+    k = as_int(what, k, lo=0)
+    if k > MAX_LOGPROBS:
+        raise ValueError(f"{what} must be an integer in [0, {MAX_LOGPROBS}], got {k}")
+    return k
+
+
+def _token_logprobs(tokens, chosen: np.ndarray, idx: np.ndarray, vals: np.ndarray) -> list[TokenLogprob]:
+    """:func:`pick_logprobs`'s arrays as one :class:`TokenLogprob` per token."""
     return [TokenLogprob(int(t), float(c), list(zip(i.tolist(), v.tolist())))
             for t, c, i, v in zip(np.asarray(tokens).tolist(), chosen.tolist(), idx, vals)]
 
@@ -226,14 +233,8 @@ class Generator:
         ``top`` most likely tokens at that place; the first token's logprob is None). One pass
         over the prompt (chunks of ``max_batch``), which also leaves it cached for a
         generation that follows."""
-        top = as_int("top", top, lo=0)
-        if top > MAX_LOGPROBS:
-            raise ValueError(f"top must be an integer in [0, {MAX_LOGPROBS}], got {top}")
         ids = self.encode_prompt(prompt, raw)
-        chosen, idx, vals = self.score(ids, 1, top)
-        return ids, [TokenLogprob(ids[0], None)] + [
-            TokenLogprob(t, c, list(zip(i.tolist(), v.tolist())))
-            for t, c, i, v in zip(ids[1:], chosen.tolist(), idx, vals)]
+        return ids, [TokenLogprob(ids[0], None)] + _token_logprobs(ids[1:], *self.score(ids, 1, top))
 
     def score(self, ids: Sequence[int], first: int = 1, top: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`pick_logprobs` for tokens ``ids[first:]``, each given the tokens before it:
@@ -241,6 +242,7 @@ class Generator:
         only on the rows that predict a scored token), which leaves them cached for a
         generation that follows. Returns log-probabilities [n] (float64) and the ``top`` most
         likely tokens [n, top] with theirs, n = len(ids) - first."""
+        top = _logprob_count("top", top)
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("no tokens to score")
@@ -367,9 +369,7 @@ class Generator:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if logprobs is not None:
-            logprobs = as_int("logprobs", logprobs, lo=0)
-            if logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs}")
+            logprobs = _logprob_count("logprobs", logprobs)
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
@@ -465,7 +465,7 @@ class Generator:
                 if adjust is not None:
                     adjust.add(tok)
                 if logprobs is not None:
-                    self.last_logprobs.extend(token_logprobs(rows[0], [tok], logprobs))
+                    self.last_logprobs.extend(_token_logprobs([tok], *pick_logprobs(rows[0], [tok], logprobs)))
                 piece, hit = stops.feed(decoder.push(tok))
                 if piece:
                     yield piece
