@@ -175,7 +175,7 @@ def test_vs_llama_cpp(benchmark, request, threads, record, model, n_threads):
 
 def test_perplexity_vs_llama_cpp(benchmark, default_source, threads, record):
     """Perplexity of the default model on the 164 HumanEval prompts joined by newlines,
-    chunks of 512 with the second half scored (llama-perplexity's way), against llama.cpp fed
+    chunks of 512 with the tokens after the first half scored (llama-perplexity's way), against llama.cpp fed
     the same token ids (all logits, float64 log-softmax here). The chunk tokens per second
     of ours are recorded too; llama.cpp's are not comparable (it computes and copies every
     row's logits)."""
@@ -204,10 +204,10 @@ def test_perplexity_vs_llama_cpp(benchmark, default_source, threads, record):
         part = ids[c * chunk:(c + 1) * chunk]
         llm.reset()
         llm.eval(part)
-        x = np.asarray(llm.scores[:chunk], dtype=np.float64)[chunk // 2 - 1:chunk - 1]
+        x = np.asarray(llm.scores[:chunk], dtype=np.float64)[chunk // 2:chunk - 1]  # (llama-perplexity's rows)
         m = x.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
-        nll.extend(lse - x[np.arange(len(x)), part[chunk // 2:]])
+        nll.extend(lse - x[np.arange(len(x)), part[chunk // 2 + 1:]])
     theirs = math.exp(float(np.mean(nll)))
     benchmark.extra_info.update(perplexity=r.perplexity, llama_cpp_perplexity=theirs)
     if benchmark.enabled:

@@ -29,8 +29,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def test_perplexity_scores_the_second_half_of_each_chunk(gen):
     """Chunks of 200 tokens (two target calls of max_batch 128 each, the scored rows split
-    between them): the result is exp(mean NLL) of tokens 100..199 of each chunk, computed here
-    from the engine's logits of every row."""
+    between them): the result is exp(mean NLL) of tokens 101..199 of each chunk (llama-perplexity's
+    count), computed here from the engine's logits of every row."""
     r = perplexity(gen, TEXT, chunk=200, max_chunks=2)
     ids = gen.tokenizer.encode(TEXT, add_bos=False)
     nll = []
@@ -43,12 +43,12 @@ def test_perplexity_scores_the_second_half_of_each_chunk(gen):
             gen.target.commit()
             lp.append(_log_softmax(logits))
         lp = np.concatenate(lp)
-        nll += [-lp[j - 1, part[j]] for j in range(100, 200)]
+        nll += [-lp[j - 1, part[j]] for j in range(101, 200)]
     gen.reset()
-    assert (r.tokens, r.chunks, r.chunk, r.text_tokens) == (200, 2, 200, len(ids))
+    assert (r.tokens, r.chunks, r.chunk, r.text_tokens) == (198, 2, 200, len(ids))
     assert r.nll == pytest.approx(np.mean(nll), rel=1e-12)
     assert r.perplexity == pytest.approx(math.exp(np.mean(nll)), rel=1e-12)
-    assert r.stderr == pytest.approx(r.perplexity * np.std(nll, ddof=1) / math.sqrt(200), rel=1e-9)
+    assert r.stderr == pytest.approx(r.perplexity * np.std(nll, ddof=1) / math.sqrt(198), rel=1e-9)
     assert r.seconds > 0 and r.tokens_per_s > 0
 
 
@@ -62,7 +62,7 @@ def test_perplexity_against_the_fp32_reference(gen, default_source, torch_one_th
     with torch.no_grad():
         logits, _ = model.forward(torch.tensor(ids), None, None, model.new_cache(128))
     lp = _log_softmax(logits.numpy())
-    want = math.exp(-np.mean([lp[j - 1, ids[j]] for j in range(64, 128)]))
+    want = math.exp(-np.mean([lp[j - 1, ids[j]] for j in range(65, 128)]))
     r = perplexity(gen, TEXT, chunk=128, max_chunks=1)
     assert r.perplexity == pytest.approx(want, rel=0.01)
     shuffled = " ".join(np.random.default_rng(0).permutation(TEXT.split()).tolist())
@@ -105,10 +105,14 @@ def test_cli_perplexity(gen, default_gguf_path, tmp_path, monkeypatch, capsys):
     assert main(args + [str(f), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     want = perplexity(gen, TEXT, chunk=128, max_chunks=2)
-    assert out["perplexity"] == want.perplexity and out["tokens"] == 128 and out["chunks"] == 2
+    assert out["perplexity"] == want.perplexity and out["tokens"] == 126 and out["chunks"] == 2
     monkeypatch.setattr("sys.stdin", io.StringIO(TEXT))
     assert main(args + ["-"]) == 0
-    assert f"perplexity {want.perplexity:.4f} +/- {want.stderr:.4f} (128 tokens scored in 2 chunks of 128" \
+    assert f"perplexity {want.perplexity:.4f} +/- {want.stderr:.4f} (126 tokens scored in 2 chunks of 128" \
         in capsys.readouterr().out
     assert main(args + [str(tmp_path / "missing.txt")]) == 2
     assert "No such file" in capsys.readouterr().err
+    assert main(args[:-4] + ["--chunk", "0", str(f)]) == 2
+    assert "--chunk must be at least 4" in capsys.readouterr().err
+    assert main(args + ["--context", "64", str(f)]) == 2
+    assert "--chunk 128 exceeds --context 64" in capsys.readouterr().err

@@ -96,6 +96,11 @@ def pick_logprobs(logits: np.ndarray, tokens, k: int = 0) -> tuple[np.ndarray, n
     return chosen, idx, vals
 
 
+def _all_ints(values) -> bool:
+    """Whether every value is an integer (Python's or numpy's), not a bool."""
+    return all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in values)
+
+
 def _logprob_count(what: str, k: Any) -> int:
     """k in [0, MAX_LOGPROBS], or a ValueError naming ``what``."""
     k = as_int(what, k, lo=0)
@@ -211,13 +216,8 @@ class Generator:
                 return self.tokenizer.encode(check_text(prompt))
             prompt = [{"role": "user", "content": prompt}]
         elif raw:
-            if isinstance(prompt, (Sequence, np.ndarray)) and len(prompt) and all(
-                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-                ids = [int(t) for t in prompt]
-                bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
-                if bad is not None:
-                    raise ValueError(f"token id {bad} is outside the model's vocabulary of {self.config.vocab_size}")
-                return ids
+            if isinstance(prompt, (Sequence, np.ndarray)) and len(prompt) and _all_ints(prompt):
+                return self._checked_ids(prompt)
             raise ValueError("raw=True takes a string prompt or a non-empty list of token ids, not chat messages")
         if not isinstance(prompt, Sequence) or not prompt:
             raise ValueError("prompt must be a string or a non-empty list of chat messages")
@@ -225,6 +225,14 @@ class Generator:
             if isinstance(m, dict) and isinstance(m.get("content"), str):
                 check_text(m["content"], f"messages[{i}].content" if len(prompt) > 1 else "the prompt")
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True))
+
+    def _checked_ids(self, ids) -> list[int]:
+        """Token ids as ints, each in the vocabulary, or a ValueError naming the first that is not."""
+        ids = [int(t) for t in ids]
+        bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {self.config.vocab_size}")
+        return ids
 
     def prompt_logprobs(self, prompt: Prompt, raw: bool = False,
                         top: int = 0) -> tuple[list[int], list[TokenLogprob]]:
@@ -234,6 +242,8 @@ class Generator:
         over the prompt (chunks of ``max_batch``), which also leaves it cached for a
         generation that follows."""
         ids = self.encode_prompt(prompt, raw)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
         return ids, [TokenLogprob(ids[0], None)] + _token_logprobs(ids[1:], *self.score(ids, 1, top))
 
     def score(self, ids: Sequence[int], first: int = 1, top: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,7 +253,10 @@ class Generator:
         generation that follows. Returns log-probabilities [n] (float64) and the ``top`` most
         likely tokens [n, top] with theirs, n = len(ids) - first."""
         top = _logprob_count("top", top)
-        ids = [int(t) for t in ids]
+        if isinstance(ids, str) or not isinstance(ids, (Sequence, np.ndarray)) \
+                or (isinstance(ids, np.ndarray) and ids.ndim != 1) or not _all_ints(ids):
+            raise ValueError(f"ids must be a 1-D sequence of token ids (integers), got {type(ids).__name__}")
+        ids = self._checked_ids(ids)
         if not ids:
             raise ValueError("no tokens to score")
         if len(ids) > self.target.context:
@@ -257,6 +270,8 @@ class Generator:
             self._kv_tokens = []  # (every scored row's logits are needed: nothing cached is reused)
             self._n_feat = 0
             self.target.truncate(0)
+            if self.draft is not None:
+                self.draft.truncate(0)  # (its cache describes the last conversation, not this one)
             with_features = self.draft is not None  # (kept for the draft, as a prefill keeps them)
             for start in range(0, len(ids), self.target.max_batch):
                 part = ids[start:start + self.target.max_batch]
@@ -366,8 +381,7 @@ class Generator:
              raw: bool, out_tokens: list[int], speculative: bool | None,
              tree: TreeParams | AutoTree | None, logprobs: int | None = None,
              adjust: LogitAdjuster | None = None) -> Iterator[str]:
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
         if logprobs is not None:
             logprobs = _logprob_count("logprobs", logprobs)
         if isinstance(stop, str):

@@ -16,12 +16,21 @@ dropped (the system message stays), and ``last_dropped`` says how many.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .api import GenerationResult, Generator
 from .errors import as_int, check_text
 
 __all__ = ["ChatSession"]
+
+
+@dataclass
+class _Turn:
+    messages: list[dict[str, str]]  # the conversation sent, the new user message last
+    dropped: int                    # exchanges dropped to fit it
+    epoch: int
+    max_new_tokens: int
 
 
 class ChatSession:
@@ -44,6 +53,7 @@ class ChatSession:
         self.reply_room = None if reply_room is None else as_int("reply_room", reply_room)
         self._turns: list[dict[str, str]] = []  # user / assistant messages, alternating
         self.last_dropped = 0  # exchanges dropped to fit the last turn
+        self._epoch = 0  # bumped by each turn and reset: only the latest turn may join the history
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -53,12 +63,14 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the exchanges (the system message stays)."""
+        self._epoch += 1
         self._turns = []
         self.last_dropped = 0
 
-    def _fit(self, text: str, max_new_tokens: int) -> list[dict[str, str]]:
+    def _fit(self, text: str, max_new_tokens: int) -> tuple[list[dict[str, str]], int]:
         """The messages for the next turn, the oldest exchanges dropped until the rendered
-        prompt leaves the reply room in the context (the new message itself is never dropped)."""
+        prompt leaves the reply room in the context (the new message itself is never dropped),
+        and how many were dropped."""
         context = self.generator.target.context
         room = min(max_new_tokens, self.reply_room if self.reply_room is not None else context // 4)
         head = self.messages[:1] if self.system is not None else []
@@ -69,16 +81,17 @@ class ChatSession:
             if dropped * 2 >= len(self._turns) or len(self.generator.encode_prompt(msgs)) + room <= context:
                 break
             dropped += 1
-        self.last_dropped = dropped
-        return msgs
+        return msgs, dropped
 
-    def _prepare(self, text: str, max_new_tokens: int, kwargs: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
+    def _prepare(self, text: str, max_new_tokens: int, kwargs: dict[str, Any]) -> _Turn:
         if not isinstance(text, str):
             raise ValueError(f"the message must be a string, got {type(text).__name__}")
         if "raw" in kwargs:
             raise ValueError("a chat renders its messages through the chat template; raw= does not apply")
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
-        return self._fit(check_text(text, "the message"), max_new_tokens), max_new_tokens
+        msgs, dropped = self._fit(check_text(text, "the message"), max_new_tokens)
+        self._epoch += 1  # (a turn started before this one can no longer change the history)
+        return _Turn(msgs, dropped, self._epoch, max_new_tokens)
 
     def stream(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> Iterator[str]:
         """Send a user message and yield the reply's text as it is decoded; the other
@@ -87,31 +100,36 @@ class ChatSession:
         short (the iterator closed, or Ctrl-C) joins as far as it got. A turn that fails
         (a message longer than the context) leaves the history as it was. The turn's stats
         are in ``generator.last_stats`` once the iterator is exhausted."""
-        msgs, max_new_tokens = self._prepare(text, max_new_tokens, kwargs)
-        return self._turn(msgs, max_new_tokens, kwargs)
+        turn = self._prepare(text, max_new_tokens, kwargs)
+        return self._stream(turn, kwargs)
 
-    def _turn(self, msgs: list[dict[str, str]], max_new_tokens: int, kwargs: dict[str, Any]) -> Iterator[str]:
+    def _stream(self, turn: _Turn, kwargs: dict[str, Any]) -> Iterator[str]:
         pieces: list[str] = []
-        it = self.generator.stream(msgs, max_new_tokens=max_new_tokens, **kwargs)
+        it = self.generator.stream(turn.messages, max_new_tokens=turn.max_new_tokens, **kwargs)
         try:
             for piece in it:
                 pieces.append(piece)
                 yield piece
         except (GeneratorExit, KeyboardInterrupt):
             if pieces:
-                self._commit(msgs, "".join(pieces))
+                self._commit(turn, "".join(pieces))
             raise
         finally:
             it.close()
-        self._commit(msgs, "".join(pieces))
+        self._commit(turn, "".join(pieces))
 
     def send(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> GenerationResult:
         """:meth:`stream`, collected: the reply's text, its token ids and the turn's stats."""
-        msgs, max_new_tokens = self._prepare(text, max_new_tokens, kwargs)
-        result = self.generator.generate(msgs, max_new_tokens=max_new_tokens, **kwargs)
-        self._commit(msgs, result.text)
+        turn = self._prepare(text, max_new_tokens, kwargs)
+        result = self.generator.generate(turn.messages, max_new_tokens=turn.max_new_tokens, **kwargs)
+        self._commit(turn, result.text)
         return result
 
-    def _commit(self, msgs: list[dict[str, str]], reply: str) -> None:
-        self._turns = [dict(m) for m in msgs[1 if self.system is not None else 0:]] + \
+    def _commit(self, turn: _Turn, reply: str) -> None:
+        """The turn and its reply become the history, unless a later turn or a reset came
+        after it (a stream closed late, by the garbage collector)."""
+        if turn.epoch != self._epoch:
+            return
+        self._turns = [dict(m) for m in turn.messages[1 if self.system is not None else 0:]] + \
                       [{"role": "assistant", "content": reply}]
+        self.last_dropped = turn.dropped

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                                            "llama-perplexity scores them)")
     pp.add_argument("file", help="a UTF-8 text file ('-': standard input)")
     pp.add_argument("--chunk", type=int, default=512,
-                    help="tokens per chunk; the second half of each is scored (default 512)")
+                    help="tokens per chunk; those after its first half are scored (default 512)")
     pp.add_argument("--max-chunks", type=int, default=None, metavar="N", help="score at most N chunks")
     pp.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     _add_model_args(pp)
@@ -355,6 +355,10 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from .api import load
     from .evaluate import perplexity
 
+    if args.chunk < 4:
+        raise ValueError(f"--chunk must be at least 4, got {args.chunk}")
+    if args.context is not None and args.context < args.chunk:
+        raise ValueError(f"--chunk {args.chunk} exceeds --context {args.context}")
     if args.file == "-":
         text = sys.stdin.read()
     else:

@@ -2,8 +2,9 @@
 
 The text is tokenized as it is (no chat template) and cut into chunks of ``chunk`` tokens;
 each chunk runs from an empty cache (its first token replaced by BOS for a model whose
-tokenizer adds one), and only its second half is scored, so that every
-scored token sees at least ``chunk / 2`` tokens before it. Perplexity is
+tokenizer adds one), and only the tokens after its first half are scored (positions
+chunk/2 + 1 .. chunk - 1, as llama-perplexity counts them), so that every scored token sees
+more than ``chunk / 2`` tokens before it. Perplexity is
 exp(mean negative log-likelihood) over the scored tokens, with the standard error of that
 mean carried through (ppl x stderr of the NLL). A leftover shorter than a chunk is not
 scored.
@@ -38,7 +39,7 @@ class PerplexityResult:
     nll: float           # mean negative log-likelihood of the scored tokens, nats per token
     tokens: int          # tokens scored
     chunks: int
-    chunk: int           # tokens per chunk (the second half of each is scored)
+    chunk: int           # tokens per chunk (those after its first half are scored)
     text_tokens: int     # tokens in the whole text
     seconds: float
     tokens_per_s: float  # chunk tokens run per second (scored or not)
@@ -72,7 +73,7 @@ def perplexity(generator: Generator, text: str, chunk: int = 512, max_chunks: in
         total = min(total, as_int("max_chunks", max_chunks))
     if total < 1:
         raise ValueError(f"the text has {len(ids)} tokens: fewer than one chunk of {chunk}")
-    first = chunk // 2
+    first = chunk // 2 + 1  # (llama-perplexity: the logits of rows chunk/2 .. chunk-2)
     nll = np.empty((total, chunk - first), dtype=np.float64)
     t0 = time.perf_counter()
     for c in range(total):

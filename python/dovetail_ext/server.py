@@ -238,7 +238,7 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     raw_bias = get("logit_bias", lambda v: isinstance(v, dict), "an object of token id -> bias", {})
     bias = {}
     for t, b in raw_bias.items():
-        if not (t.isascii() and t.isdigit() and int(t) < vocab_size):
+        if not (t.isascii() and t.isdigit() and len(t) <= 10 and int(t) < vocab_size):
             raise ApiError(400, f"'logit_bias' key {json.dumps(t)[:40]} is not a token id in [0, {vocab_size})",
                            "logit_bias")
         if not (_is_num(b) and -100 <= b <= 100):
@@ -411,7 +411,7 @@ class Engine:
             job.emit(("error", ApiError(400, f"could not build the prompt: {e}", param)))
             return
         context = gen.target.context
-        if n_prompt >= context:
+        if n_prompt >= context + (p.echo and p.max_tokens == 0):  # (scoring alone needs no room for a new token)
             self.counts["failed"] += 1
             job.emit(("error", ApiError(
                 400, f"the prompt has {n_prompt} tokens and does not fit this model's context of "
@@ -430,15 +430,23 @@ class Engine:
                             stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                             logit_bias=p.logit_bias)
-        sent = 0  # log-probabilities handed on so far (each piece takes those of its tokens)
+        # Each piece takes the log-probabilities of the tokens whose text it completes: text held
+        # back (a possible stop string, part of a character) keeps its tokens' back too.
+        sent, emitted, ends, decoder = 0, 0, [], gen.tokenizer.stream_decoder()
         try:
             for piece in pieces:
                 if job.cancelled.is_set():  # checked between tokens: the client has gone
                     pieces.close()
                     self.counts["cancelled"] += 1
                     return
-                job.emit(("piece", piece, gen.last_logprobs[sent:]))
-                sent = len(gen.last_logprobs)
+                for e in gen.last_logprobs[len(ends):]:
+                    ends.append((ends[-1] if ends else 0) + len(decoder.push(e.token)))
+                emitted += len(piece)
+                done = sent
+                while done < len(ends) and ends[done] <= emitted:
+                    done += 1
+                job.emit(("piece", piece, gen.last_logprobs[sent:done]))
+                sent = done
         except ValueError as e:  # arguments the request parser let through
             gen.reset()
             self.counts["failed"] += 1
@@ -484,9 +492,15 @@ class _Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def _token(self, token: int) -> tuple[str, list[int] | None]:
-        """A token's text alone, and its UTF-8 bytes (None for part of a character)."""
-        text = self.tokenizer.decode([token])
-        return text, None if "\ufffd" in text else list(text.encode("utf-8"))
+        """A token's text and bytes (``Tokenizer.token_bytes``); a token that is part of a
+        character is written as its bytes, ``bytes:\\xe2\\x80``, as OpenAI writes them."""
+        raw = self.tokenizer.token_bytes(token)
+        if raw is None:
+            return self.tokenizer.decode([token]), None
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
         """The ``logprobs`` object of a choice for these tokens (None without a request)."""

@@ -32,6 +32,7 @@ GGUF vocabularies (``tokenizer.ggml.model``):
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -179,6 +180,22 @@ class _SentencePieceBackend:
         return i if i != self.sp.unk_id() or piece == self.sp.id_to_piece(i) else None
 
 
+@functools.cache
+def _byte_level_decoding() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte
+    in byte-level BPE pieces (printable Latin-1 bytes stand for themselves, the other bytes
+    for 256 + their rank among them)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 class StreamDecoder:
     """Turns generated token ids into text piece by piece, for streaming output.
 
@@ -300,6 +317,26 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary entry, or None when there is none."""
         return self._backend.piece_to_id(piece)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes ``token_id`` stands for, also when they are part of a character, with the
+        space a SentencePiece piece starts with: a byte-fallback piece (``<0xE2>``) is its
+        byte; a piece with ``▁`` is its text with spaces; another is the UTF-8 of its text when
+        that decodes whole, else a byte-level BPE piece read through GPT-2's byte alphabet;
+        None when none of these applies."""
+        piece = self.id_to_piece(token_id)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if "\u2581" in piece:
+            return piece.replace("\u2581", " ").encode("utf-8")
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        table = _byte_level_decoding()
+        if piece and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return None
 
     def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
         """A fresh :class:`StreamDecoder` over this tokenizer."""
