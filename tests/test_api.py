@@ -172,6 +172,19 @@ def test_prompt_logprobs_and_token_id_prompts(gen):
             gen.generate(bad, raw=True, max_new_tokens=1)
     with pytest.raises(ValueError, match="top must be an integer"):
         gen.prompt_logprobs(text, raw=True, top=21)
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        gen.prompt_logprobs("", raw=True)
+    for bad in ([1.9, 2.9], [True, 2], None, "hello", np.ones((2, 2), np.int64), [[1, 2]]):
+        with pytest.raises(ValueError, match="ids must be a 1-D sequence of token ids"):
+            gen.score(bad)
+    with pytest.raises(ValueError, match="token id 99999999 is outside"):
+        gen.score([1, 99999999])
+    np.testing.assert_array_equal(gen.score(np.array(ids))[0], gen.score(ids)[0])
+    # scoring starts the draft over: its cache described another conversation
+    gen.generate("Name a fruit.", max_new_tokens=4)
+    assert gen.draft.n_past > 0
+    gen.prompt_logprobs(text, raw=True)
+    assert gen.draft.n_past == 0
     assert gen.prompt_logprobs(ids[:1], raw=True, top=2) == (ids[:1], [TokenLogprob(ids[0], None)])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 
 from dovetail_ext.chat import ChatSession
@@ -66,6 +67,30 @@ def test_a_reply_cut_short_joins_the_history_as_far_as_it_got(gen):
     assert chat.messages == [{"role": "user", "content": "Count from one to twenty in words."},
                              {"role": "assistant", "content": got}]
     assert chat.send("Go on.", max_new_tokens=4).text  # the generator is free for the next turn
+
+
+def test_a_stream_closed_after_a_later_turn_changes_nothing(gen):
+    """A stream left open and closed later (by the garbage collector) does not write over the
+    turns that came after it, nor bring back a conversation that reset() cleared; a failed
+    turn leaves last_dropped as the last successful turn set it."""
+    chat = ChatSession(gen)
+    old = chat.stream("Name a fruit.", max_new_tokens=8)
+    next(old)
+    chat.send("Name a colour.", max_new_tokens=4)
+    after = chat.messages
+    old.close()
+    assert chat.messages == after and after[0]["content"] == "Name a colour."
+    old = chat.stream("Name a fruit.", max_new_tokens=8)
+    next(old)
+    chat.reset()
+    del old
+    assert chat.messages == []
+    chat.last_dropped = 3
+    with pytest.raises(ValueError, match="does not fit the context"):
+        chat.send("word " * 400)
+    assert chat.last_dropped == 3 and chat.messages == []
+    assert chat.send("Hi.", max_new_tokens=np.int64(2)).stats.new_tokens <= 2
+    assert gen.generate("Hi.", max_new_tokens=np.int64(2)).stats.new_tokens <= 2
 
 
 def test_bad_arguments_are_refused(gen):

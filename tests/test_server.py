@@ -191,6 +191,34 @@ def test_logprobs_match_direct_generation(server, client, refs):
     assert got == lp.token_logprobs and "".join(c.choices[0].text for c in pieces) == ref.text
 
 
+def test_streamed_logprobs_go_with_their_text(server, client):
+    """With a long stop string the server holds text back; each chunk carries the
+    log-probabilities of the tokens whose text it completes, no more."""
+    chunks = list(client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0,
+                                                 logprobs=True, stop=["zzzzzzzzzz"], stream=True))
+    text = tokens = ""
+    for c in chunks:
+        if not c.choices:
+            continue
+        text += c.choices[0].delta.content or ""
+        for e in (c.choices[0].logprobs.content if c.choices[0].logprobs else []):
+            tokens += e.token
+        assert text.startswith(tokens), (text, tokens)
+    assert tokens == text and len(text) > 10
+
+
+def test_logprobs_of_tokens_inside_a_character(server, client):
+    """Emoji split over byte tokens: their token strings are their bytes (bytes:\\x..), each
+    distinct, and the tokens' bytes join to the prompt."""
+    prompt = "Party: 🎉🎉 and 😀"
+    r = client.completions.create(model=server.model, prompt=prompt, max_tokens=0, echo=True, logprobs=5)
+    lp = r.choices[0].logprobs
+    raw = b"".join(bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+                   for t in lp.tokens)
+    assert raw.decode("utf-8") == prompt and any(t.startswith("bytes:\\x") for t in lp.tokens)
+    assert all(len(top) == 5 for top in lp.top_logprobs[1:])  # (distinct keys, none merged)
+
+
 def test_token_id_prompts_and_echo(server, client, refs):
     """Completions take token ids as the prompt; echo returns the prompt before the
     completion, and with logprobs scores it (the first token null; a scoring request may ask
@@ -217,6 +245,11 @@ def test_token_id_prompts_and_echo(server, client, refs):
     assert "".join(c.choices[0].text for c in pieces) == COUNT + ref.text
     plain = client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0, stop="7")
     assert plain.choices[0].text == ref.text  # (echo off again)
+    full = (ids * 600)[:server.gen.target.context]  # scoring alone may fill the whole context
+    r = client.completions.create(model=server.model, prompt=full, max_tokens=0, echo=True, logprobs=0)
+    assert len(r.choices[0].logprobs.token_logprobs) == len(full)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=server.model, prompt=full, max_tokens=1, echo=True)
 
 
 def test_penalties_and_logit_bias_match_direct_generation(server, client, refs):
@@ -349,6 +382,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias", None),
     ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 200}}, 400, "logit_bias", None),
     ("/v1/chat/completions", {"messages": CHAT, "logit_bias": [5]}, 400, "logit_bias", None),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"9" * 5000: 1}}, 400, "logit_bias", None),
     ("/v1/completions", {"prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "context_length_exceeded"),
     # Valid JSON that is not a request the engine can run: 400 naming the field, not a 500.
     ("/v1/completions", b'{"prompt": "a\\udc80b", "max_tokens": 3}', 400, "prompt", None),

@@ -165,6 +165,16 @@ def test_stream_decoder_holds_back_partial_utf8(ours: Tokenizer) -> None:
     assert dec.push(ids[0]) == "" and dec.flush() == "\ufffd"
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_to_the_text(ours: Tokenizer, text: str) -> None:
+    """Byte-level BPE: every token's bytes, parts of characters too, join to the text."""
+    ids = ours.encode(text)
+    assert b"".join(ours.token_bytes(i) for i in ids).decode("utf-8") == text
+    emoji = ours.encode("😀")
+    assert len(emoji) > 1 and all(ours.decode([i]) == "\ufffd" for i in emoji)
+    assert b"".join(ours.token_bytes(i) for i in emoji) == "😀".encode()
+
+
 # ------------------------------------------------------------------ SentencePiece
 
 def _spm_path() -> Path:
@@ -226,6 +236,16 @@ def test_sentencepiece_directory_matches_sentencepiece(spm_tok: Tokenizer, sp, t
     assert tok.encode(text, add_bos=False) == sp.encode(text)
     assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
     assert "".join(_stream(tok, sp.encode(text))) == sp.decode(sp.encode(text))
+
+
+@pytest.mark.parametrize("text", SPM_TEXTS)
+def test_sentencepiece_token_bytes(spm_tok: Tokenizer, sp, text: str) -> None:
+    """SentencePiece: byte-fallback pieces are their bytes and ▁ a space, so the tokens' bytes
+    join to SentencePiece's own decoding, with the space of its dummy prefix in front."""
+    ids = sp.encode(text)
+    joined = b"".join(spm_tok.token_bytes(i) for i in ids).decode("utf-8")
+    assert joined == (" " + sp.decode(ids) if ids else "")
+    assert spm_tok.token_bytes(1) == b"<s>"
 
 
 def test_sentencepiece_specials_in_text(spm_tok: Tokenizer, sp) -> None:

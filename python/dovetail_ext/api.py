@@ -415,7 +415,7 @@ class Generator:
             bad = max(ids)
             raise ValueError(f"the prompt encodes to token id {bad} ({self.tokenizer.decode([bad])!r}), outside the "
                              f"model's vocabulary of {self.config.vocab_size}: the tokenizer does not match the model")
-        if len(ids) >= self.target.context:
+        if len(ids) >= self.target.context and max_new_tokens > 0:  # (nothing to decode: the engine is not used)
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
                              f"{self.target.context} tokens (leave room for at least one new token; "
                              f"load with a larger context=)")
