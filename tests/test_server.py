@@ -44,6 +44,8 @@ def refs(gen):
         hi=gen.generate(SAY_HI, max_new_tokens=N).text,
         count_stop=gen.generate(COUNT, max_new_tokens=N, raw=True, stop=["7"]),
         sampled=gen.generate(CHAT, max_new_tokens=N, temperature=0.8, top_p=0.9, seed=7).text,
+        sampled_next=[gen.generate(CHAT, max_new_tokens=N, temperature=0.8, top_p=0.9, seed=seed).text
+                      for seed in (8, 9)],
         questions=[gen.generate(q, max_new_tokens=N).text for q in QUESTIONS],
         count_prompt_tokens=len(gen.encode_prompt(COUNT, raw=True)),
         chat_lp=gen.generate(CHAT, max_new_tokens=N, logprobs=3),
@@ -260,6 +262,30 @@ def test_penalties_and_logit_bias_match_direct_generation(server, client, refs):
     assert r.choices[0].message.content == ref.text and r.model_extra["dovetail"]["mode"] == "plain"
 
 
+def test_n_choices(server, client, refs):
+    """n choices come one after another: greedy ones equal; sampled choice i is the direct
+    generation with seed + i; usage counts the prompt once and every choice's tokens; streamed,
+    each choice's chunks carry its index and end with its own finish reason."""
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0, n=2,
+                                       logprobs=True)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.message.content for c in r.choices] == [refs.chat.text] * 2
+    assert r.usage.prompt_tokens == refs.chat.stats.prompt_tokens
+    assert r.usage.completion_tokens == 2 * refs.chat.stats.new_tokens
+    assert [len(c.logprobs.content) for c in r.choices] == [refs.chat.stats.new_tokens] * 2
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0.8,
+                                       top_p=0.9, seed=7, n=3)
+    assert [c.message.content for c in r.choices] == [refs.sampled] + refs.sampled_next
+    assert len({refs.sampled, *refs.sampled_next}) > 1  # (the seeds do differ)
+    chunks = list(client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0,
+                                            stop="7", n=2, stream=True, stream_options={"include_usage": True}))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == refs.count_stop.text
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens == 2 * len(refs.count_stop.tokens)
+
+
 def test_seeded_sampling_matches_direct_generation(server, client, refs):
     for _ in range(2):
         r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0.8,
@@ -354,7 +380,8 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", None),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", None),
     ("/v1/chat/completions", {"model": "gpt-4o", "messages": CHAT}, 404, "model", "model_not_found"),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", None),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 0}, 400, "n", None),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 17}, 400, "n", None),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -1}, 400, "max_tokens", None),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": "8"}, 400, "max_completion_tokens", None),
     ("/v1/chat/completions", {"messages": CHAT, "temperature": 3}, 400, "temperature", None),
@@ -415,8 +442,8 @@ def test_bad_requests_get_openai_errors(server, client):
         check_error_body(h.get("/v1/chat/completions"), 405)
         check_error_body(h.get("/v1/models/gpt-4o"), 404, "model", "model_not_found")
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=server.model, messages=CHAT, n=2)
-    assert e.value.status_code == 400 and "n=1" in e.value.message
+        client.chat.completions.create(model=server.model, messages=CHAT, n=17)
+    assert e.value.status_code == 400 and "'n' must be in [1, 16]" in e.value.message
     assert client.models.list().data[0].id == server.model  # still serving
 
 

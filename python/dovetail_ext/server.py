@@ -36,8 +36,10 @@ Completions take token-id prompts and ``echo`` (the prompt scored too with ``log
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` adjust the logits as OpenAI
 does (such a request decodes plainly).
 
-What it is not: no batching of concurrent requests; ``n`` must be 1; no tools, echo in chat
-or suffix (rejected with 400 rather than silently ignored).
+``n`` choices (up to 16) are generated one after another, choice i sampling with seed + i.
+
+What it is not: no batching of concurrent requests; no tools, echo in chat or suffix
+(rejected with 400 rather than silently ignored).
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class _Params:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1                      # choices, generated one after another (choice i: seed + i)
 
 
 def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
@@ -151,8 +154,8 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
         return v
 
     n = get("n", _is_int, "an integer", 1)
-    if n != 1:
-        raise ApiError(400, f"only n=1 is supported, got n={n}", "n")
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' must be in [1, {MAX_CHOICES}], got {n}", "n")
     for key in ("suffix", "best_of", "tools", "functions") + (("echo",) if kind == "chat" else ()):
         v = body.get(key)
         if v not in (None, False, 0, "", [], {}) and not (key == "best_of" and v == 1):
@@ -247,7 +250,7 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
         bias[int(t)] = float(b)
     return _Params(kind, prompt, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
                    stream, include_usage, logprobs, echo, float(penalties["presence_penalty"]),
-                   float(penalties["frequency_penalty"]), bias)
+                   float(penalties["frequency_penalty"]), bias, n)
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
@@ -285,6 +288,9 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
+#: The most choices (``n``) one request may ask for.
+MAX_CHOICES = 16
+
 #: Request bodies above this size are refused (413) while they are read.
 MAX_BODY_BYTES = 32 << 20
 
@@ -311,7 +317,8 @@ def _prompt_bytes(prompt: str | list[dict[str, str]] | list[int]) -> int:
 @dataclass
 class _Job:
     """One request on its way through the engine. Events go from the worker thread to the
-    request's event loop: ("start", prompt_tokens), ("piece", text, log-probabilities), ("done", stats),
+    request's event loop: ("start", prompt_tokens), ("piece", text, log-probabilities, choice),
+    ("choice", index, stats) at the end of each choice, ("done", [stats of each choice]),
     ("error", ApiError), and ("gone",) from the disconnect watcher."""
 
     params: _Params
@@ -419,14 +426,32 @@ class Engine:
                 "context_length_exceeded")))
             return
         job.emit(("start", n_prompt))
+        echo = None
         if p.echo:  # the prompt first, scored when log-probabilities are asked for (it is then cached)
             if p.logprobs is not None:
                 ids, scored = gen.prompt_logprobs(p.prompt, raw=True, top=p.logprobs)
             else:
                 ids, scored = gen.encode_prompt(p.prompt, raw=True), []
-            job.emit(("piece", p.prompt if isinstance(p.prompt, str) else gen.tokenizer.decode(ids), scored))
+            echo = (p.prompt if isinstance(p.prompt, str) else gen.tokenizer.decode(ids), scored)
+        choices = []
+        for index in range(p.n):  # one after another; choice i samples with seed + i
+            if echo is not None:
+                job.emit(("piece", echo[0], echo[1], index))
+            stats = self._choice(job, index, None if p.seed is None else p.seed + index, raw, param, context)
+            if stats is None:
+                return
+            choices.append(stats)
+            job.emit(("choice", index, stats))
+        self.counts["served"] += 1
+        job.emit(("done", choices))
+
+    def _choice(self, job: _Job, index: int, seed: int | None, raw: bool, param: str,
+                context: int) -> GenerationStats | None:
+        """One choice's generation, its pieces handed on as events; its stats, or None when it
+        ended the job (the client gone, or an argument refused)."""
+        gen, p = self.generator, job.params
         pieces = gen.stream(p.prompt, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
-                            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+                            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
                             stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                             logit_bias=p.logit_bias)
@@ -438,24 +463,23 @@ class Engine:
                 if job.cancelled.is_set():  # checked between tokens: the client has gone
                     pieces.close()
                     self.counts["cancelled"] += 1
-                    return
+                    return None
                 for e in gen.last_logprobs[len(ends):]:
                     ends.append((ends[-1] if ends else 0) + len(decoder.push(e.token)))
                 emitted += len(piece)
                 done = sent
                 while done < len(ends) and ends[done] <= emitted:
                     done += 1
-                job.emit(("piece", piece, gen.last_logprobs[sent:done]))
+                job.emit(("piece", piece, gen.last_logprobs[sent:done], index))
                 sent = done
         except ValueError as e:  # arguments the request parser let through
             gen.reset()
             self.counts["failed"] += 1
             job.emit(("error", ApiError(400, str(e), param)))
-            return
-        self.counts["served"] += 1
+            return None
         if sent < len(gen.last_logprobs):  # (tokens whose text a stop string left out)
-            job.emit(("piece", "", gen.last_logprobs[sent:]))
-        job.emit(("done", replace(gen.last_stats)))
+            job.emit(("piece", "", gen.last_logprobs[sent:], index))
+        return replace(gen.last_stats)
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -464,16 +488,23 @@ def _finish_reason(stats: GenerationStats) -> str:
     return "length" if stats.stop_reason in ("length", "context") else "stop"
 
 
-def _usage(stats: GenerationStats) -> dict[str, int]:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens}
+def _usage(choices: list[GenerationStats]) -> dict[str, int]:
+    """One prompt, the completion tokens of every choice."""
+    prompt, completion = choices[0].prompt_tokens, sum(s.new_tokens for s in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _timing(stats: GenerationStats, job: _Job) -> dict[str, Any]:
-    return {"mode": stats.mode, "tokens_per_s": stats.tokens_per_s, "acceptance_length": stats.acceptance_length,
-            "prefill_s": stats.prefill_s, "decode_s": stats.decode_s, "queue_s": job.started - job.submitted,
-            "cached_prompt_tokens": stats.cached_prompt_tokens, "target_calls": stats.target_calls,
-            "lookup_steps": stats.lookup_steps, "stop_reason": stats.stop_reason}
+def _timing(choices: list[GenerationStats], job: _Job) -> dict[str, Any]:
+    """The engine's numbers for a request: sums over its choices (one with n = 1), the first
+    choice's prompt caching, the last one's stop reason."""
+    new, decode_s = sum(s.new_tokens for s in choices), sum(s.decode_s for s in choices)
+    calls = sum(s.target_calls for s in choices)
+    return {"mode": choices[0].mode, "tokens_per_s": new / decode_s if decode_s > 0 else 0.0,
+            "acceptance_length": sum(s.acceptance_length * s.target_calls for s in choices) / calls if calls else 0.0,
+            "prefill_s": sum(s.prefill_s for s in choices), "decode_s": decode_s,
+            "queue_s": job.started - job.submitted, "cached_prompt_tokens": choices[0].cached_prompt_tokens,
+            "target_calls": calls, "lookup_steps": sum(s.lookup_steps for s in choices),
+            "stop_reason": choices[-1].stop_reason}
 
 
 class _Reply:
@@ -485,8 +516,8 @@ class _Reply:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.tokenizer = tokenizer
-        self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
-        self._offset = 0  # completions' text_offset: characters of the reply before the next token
+        # completions' text_offset, per choice: a decoder and the characters before its next token
+        self._offsets: dict[int, list] = {}
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -502,8 +533,8 @@ class _Reply:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
-    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
-        """The ``logprobs`` object of a choice for these tokens (None without a request)."""
+    def logprobs(self, entries: list[TokenLogprob], index: int = 0) -> dict[str, Any] | None:
+        """The ``logprobs`` object of choice ``index`` for these tokens (None without a request)."""
         if self.tokenizer is None:
             return None
         if self.kind == "chat":
@@ -517,41 +548,43 @@ class _Reply:
                 content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
             return {"content": content, "refusal": None}
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        at = self._offsets.setdefault(index, [self.tokenizer.stream_decoder(), 0])
         for e in entries:  # (an echoed prompt's first token has no log-probability: null)
             out["tokens"].append(self._token(e.token)[0])
             out["token_logprobs"].append(e.logprob)
             out["top_logprobs"].append(None if e.logprob is None else {self._token(i)[0]: lp for i, lp in e.top})
-            out["text_offset"].append(self._offset)
-            self._offset += len(self._decoder.push(e.token))
+            out["text_offset"].append(at[1])
+            at[1] += len(at[0].push(e.token))
         return out
 
     def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
-              logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        lp = self.logprobs(logprobs) if logprobs else None
+              logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
+        lp = self.logprobs(logprobs, index) if logprobs else None
         if self.kind == "chat":
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def whole(self, text: str, stats: GenerationStats, job: _Job,
-              logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        lp = self.logprobs(logprobs or [])
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                      "finish_reason": _finish_reason(stats)}
-            head = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": _finish_reason(stats)}
-            head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": _usage(stats), "dovetail": _timing(stats, job)}
+    def whole(self, texts: list[str], choices: list[GenerationStats], job: _Job,
+              logprobs: list[list[TokenLogprob]]) -> dict[str, Any]:
+        out = []
+        for index, (text, stats, lps) in enumerate(zip(texts, choices, logprobs)):
+            lp = self.logprobs(lps, index)
+            if self.kind == "chat":
+                out.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                            "finish_reason": _finish_reason(stats)})
+            else:
+                out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": _finish_reason(stats)})
+        head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        return {**head, "choices": out, "usage": _usage(choices), "dovetail": _timing(choices, job)}
 
-    def usage_chunk(self, stats: GenerationStats, job: _Job) -> dict[str, Any]:
+    def usage_chunk(self, choices: list[GenerationStats], job: _Job) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": _usage(stats), "dovetail": _timing(stats, job)}
+        return {**self._head(obj), "choices": [], "usage": _usage(choices), "dovetail": _timing(choices, job)}
 
 
 def _sse(obj: Any) -> bytes:
@@ -651,14 +684,16 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
             if params.stream:
                 handed_over = True
                 return _EventStream(_stream(job, reply), watcher.cancel)
-            text, entries = [], []
+            texts, entries = [[] for _ in range(params.n)], [[] for _ in range(params.n)]
             while True:
                 event = await job.events.get()
                 if event[0] == "piece":
-                    text.append(event[1])
-                    entries.extend(event[2])
+                    texts[event[3]].append(event[1])
+                    entries[event[3]].extend(event[2])
+                elif event[0] == "choice":
+                    continue
                 elif event[0] == "done":
-                    return JSONResponse(reply.whole("".join(text), event[1], job, entries))
+                    return JSONResponse(reply.whole(["".join(t) for t in texts], event[1], job, entries))
                 elif event[0] == "error":
                     raise event[1]
                 else:
@@ -671,17 +706,19 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         done = False
         try:
             if reply.kind == "chat":
-                yield _sse(reply.chunk("", role=True))
+                for index in range(job.params.n):
+                    yield _sse(reply.chunk("", role=True, index=index))
             while True:
                 event = await job.events.get()
                 if event[0] == "piece":
-                    yield _sse(reply.chunk(event[1], logprobs=event[2]))
+                    yield _sse(reply.chunk(event[1], logprobs=event[2], index=event[3]))
+                elif event[0] == "choice":  # one choice ends: its finish reason and numbers
+                    index, stats = event[1], event[2]
+                    yield _sse({**reply.chunk(None if reply.kind == "chat" else "", _finish_reason(stats),
+                                              index=index), "dovetail": _timing([stats], job)})
                 elif event[0] == "done":
-                    stats = event[1]
-                    yield _sse({**reply.chunk(None if reply.kind == "chat" else "", _finish_reason(stats)),
-                                "dovetail": _timing(stats, job)})
                     if job.params.include_usage:
-                        yield _sse(reply.usage_chunk(stats, job))
+                        yield _sse(reply.usage_chunk(event[1], job))
                     yield b"data: [DONE]\n\n"
                     done = True
                     return
