@@ -138,3 +138,45 @@ def test_cli_chat(gen, default_gguf_path, monkeypatch, capsys):
     assert main(base + ["--quiet"]) == 0
     out = capsys.readouterr()
     assert out.out == want[0] + "\n" and out.err == ""
+
+
+def test_cli_chat_at_a_terminal(default_gguf_path):
+    """`dovetail chat` on a terminal (a pseudo-terminal here): a banner, a "> " prompt with
+    line editing, the reply streamed, then /exit."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "dovetail_ext.cli", "chat", "--model", str(default_gguf_path),
+                             "--threads", "1", "--max-new-tokens", "8", "--quiet"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, since: int = 0, timeout: float = 60.0) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen[since:]:
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+
+    try:
+        read_until(b"> ")
+        assert b"dovetail chat:" in seen and b"/reset" in seen
+        start = len(seen)
+        os.write(master, b"Name a fruit.\n")
+        read_until(b"> ", start + len(b"Name a fruit."))
+        reply = seen[start:].decode(errors="replace")
+        assert "Name a fruit." in reply and len(reply.replace("Name a fruit.", "").strip(" >\r\n")) > 0
+        os.write(master, b"/exit\n")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
