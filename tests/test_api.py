@@ -409,6 +409,8 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
         assert msg in capsys.readouterr().err
     assert main(["serve", "--host", "", "--model", "/nonexistent.gguf"]) == 2
     assert "--host is empty" in capsys.readouterr().err
+    assert main(["serve", "--api-key", " ", "--model", "/nonexistent.gguf"]) == 2
+    assert "--api-key is empty" in capsys.readouterr().err
 
 
 def test_cli_streams_text(default_gguf_path):

@@ -519,3 +519,27 @@ def test_speculative_by_default_when_a_draft_is_loaded(server, client, refs, mon
     monkeypatch.setattr(server.engine, "speculative", False)  # what `dovetail serve --no-spec` sets
     r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0)
     assert r.choices[0].message.content == refs.chat.text and r.model_extra["dovetail"]["mode"] == "plain"
+
+
+def test_api_key(default_gguf_path):
+    """With an API key, every /v1 request needs 'Authorization: Bearer <key>' (401 otherwise,
+    with OpenAI's error shape, before the body is read); /health stays open."""
+    from starlette.testclient import TestClient
+    gen = dovetail_ext.load(default_gguf_path, context=128, threads=1, draft=None)
+    with pytest.raises(ValueError, match="api_key must be a non-empty string"):
+        create_app(gen, api_key=" ")
+    with TestClient(create_app(gen, api_key="s3cret")) as h:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}):
+            check_error_body(h.get("/v1/models", headers=headers), 401, None, "invalid_api_key")
+            check_error_body(h.post("/v1/completions", content=b"not json", headers=headers), 401, None,
+                             "invalid_api_key")
+        ok = {"Authorization": "Bearer s3cret"}
+        assert h.get("/v1/models", headers=ok).status_code == 200
+        r = h.post("/v1/completions", json={"prompt": COUNT, "max_tokens": 3, "temperature": 0}, headers=ok)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == gen.generate(COUNT, max_new_tokens=3,
+                                                                                          raw=True).text
+        assert h.get("/health").status_code == 200
+    c = openai.OpenAI(base_url="http://testserver/v1", api_key="s3cret", http_client=TestClient(
+        create_app(gen, api_key="s3cret")), max_retries=0)
+    assert c.models.list().data[0].object == "model"

@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_decoding_args(s)
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the model file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--api-key", default=os.environ.get("DOVETAIL_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $DOVETAIL_API_KEY; none)")
     _add_model_args(s)
 
     from .train import add_cli_arguments
@@ -424,6 +426,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if not args.host.strip():
         raise ValueError("--host is empty (an empty host would listen on every interface; say 0.0.0.0 for that)")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty (leave it out to serve without a key)")
     try:
         from .server import default_model_id, serve
     except ImportError as e:
@@ -436,8 +440,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "prompt-lookup" if gen.lookup is not None else "plain"
     print(f"dovetail: serving {model_id} ({mode} decoding, context {gen.target.context}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"dovetail: note: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
     serve(gen, host=args.host, port=args.port, model_id=model_id, speculative=False if args.no_spec else None,
-          log_level=args.log_level)
+          log_level=args.log_level, api_key=args.api_key)
     return 0
 
 

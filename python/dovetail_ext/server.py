@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import queue
 import threading
@@ -634,7 +635,8 @@ async def _watch_disconnect(receive: Receive, job: _Job) -> None:
             return
 
 
-def create_app(generator: Generator, model_id: str | None = None, speculative: bool | None = None) -> Starlette:
+def create_app(generator: Generator, model_id: str | None = None, speculative: bool | None = None,
+               api_key: str | None = None) -> Starlette:
     """The ASGI app serving ``generator``.
 
     Args:
@@ -643,10 +645,14 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         model_id: the name clients pass as ``model`` (default :func:`default_model_id`).
         speculative: None speculates when the generator has a draft (without one, by prompt
             lookup when the generator has it on); False never does.
+        api_key: when given, every ``/v1`` request must carry ``Authorization: Bearer
+            <api_key>`` (401 otherwise, before its body is read); ``/health`` stays open.
 
     The engine is ``app.state.engine`` (:class:`Engine`); it stops with the app's lifespan.
     """
     model_id = model_id or default_model_id(generator)
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be a non-empty string (or None: no key)")
     engine = Engine(generator, speculative)
     created = int(time.time())
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "dovetail"}
@@ -751,6 +757,19 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         return JSONResponse({"status": "ok", "model": model_id, "busy": engine.busy, "queued": engine.queued,
                              **engine.counts})
 
+    def keyed(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        """``handler`` behind the API key, when there is one (compared in constant time)."""
+        if api_key is None:
+            return handler
+
+        async def checked(request: Request) -> Response:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+                raise ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+            return await handler(request)
+        return checked
+
     async def api_error(request: Request, exc: Exception) -> Response:
         return exc.response() if isinstance(exc, ApiError) else _internal(exc).response()
 
@@ -765,10 +784,10 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
     app = Starlette(routes=[
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completion, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/chat/completions", keyed(chat), methods=["POST"]),
+        Route("/v1/completions", keyed(completion), methods=["POST"]),
+        Route("/v1/models", keyed(models), methods=["GET"]),
+        Route("/v1/models/{model:path}", keyed(model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ], exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: api_error},
         lifespan=lifespan)
@@ -778,8 +797,8 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
 
 
 def serve(generator: Generator, *, host: str = "127.0.0.1", port: int = 8000, model_id: str | None = None,
-          speculative: bool | None = None, log_level: str = "info") -> None:
+          speculative: bool | None = None, log_level: str = "info", api_key: str | None = None) -> None:
     """Serves ``generator`` with uvicorn until interrupted (blocks)."""
     import uvicorn
 
-    uvicorn.run(create_app(generator, model_id, speculative), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(generator, model_id, speculative, api_key), host=host, port=port, log_level=log_level)
