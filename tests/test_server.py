@@ -286,6 +286,22 @@ def test_n_choices(server, client, refs):
     assert chunks[-1].usage.completion_tokens == 2 * len(refs.count_stop.tokens)
 
 
+def test_several_prompts(server, client, refs):
+    """A completions request with several prompts (strings or token ids): their choices in
+    prompt order, n each; usage counts each prompt once; one prompt too long refuses the whole
+    request before any runs."""
+    ids = server.gen.tokenizer.encode(COUNT)
+    r = client.completions.create(model=server.model, prompt=[COUNT, ids], max_tokens=N, temperature=0, stop="7",
+                                  n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [refs.count_stop.text] * 4
+    assert r.usage.prompt_tokens == 2 * refs.count_prompt_tokens
+    assert r.usage.completion_tokens == 4 * len(refs.count_stop.tokens)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server.model, prompt=[COUNT, "word " * 600], max_tokens=2)
+    assert "prompt[1] has" in e.value.message and e.value.code == "context_length_exceeded"
+
+
 def test_seeded_sampling_matches_direct_generation(server, client, refs):
     for _ in range(2):
         r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0.8,
@@ -381,7 +397,11 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", None),
     ("/v1/chat/completions", {"model": "gpt-4o", "messages": CHAT}, 404, "model", "model_not_found"),
     ("/v1/chat/completions", {"messages": CHAT, "n": 0}, 400, "n", None),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 17}, 400, "n", None),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 65}, 400, "n", None),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 22}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": ["a", 5]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": [[1, 2], [1, 10 ** 9]]}, 400, "prompt", None),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -1}, 400, "max_tokens", None),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": "8"}, 400, "max_completion_tokens", None),
     ("/v1/chat/completions", {"messages": CHAT, "temperature": 3}, 400, "temperature", None),
@@ -400,7 +420,7 @@ BAD = [
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt", None),
     ("/v1/completions", {"prompt": [1, 2, 10 ** 9]}, 400, "prompt", None),
     ("/v1/completions", {"prompt": [1.5, 2]}, 400, "prompt", None),
-    ("/v1/completions", {"prompt": [[1], [2]]}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": [[1], []]}, 400, "prompt", None),
     ("/v1/completions", {"prompt": "ab", "max_tokens": 0}, 400, "max_tokens", None),
     ("/v1/completions", {"prompt": "ab", "echo": "yes"}, 400, "echo", None),
     ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 2.5}, 400, "presence_penalty", None),
@@ -442,8 +462,8 @@ def test_bad_requests_get_openai_errors(server, client):
         check_error_body(h.get("/v1/chat/completions"), 405)
         check_error_body(h.get("/v1/models/gpt-4o"), 404, "model", "model_not_found")
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=server.model, messages=CHAT, n=17)
-    assert e.value.status_code == 400 and "'n' must be in [1, 16]" in e.value.message
+        client.chat.completions.create(model=server.model, messages=CHAT, n=65)
+    assert e.value.status_code == 400 and "'n' must be in [1, 64]" in e.value.message
     assert client.models.list().data[0].id == server.model  # still serving
 
 

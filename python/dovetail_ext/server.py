@@ -36,7 +36,8 @@ Completions take token-id prompts and ``echo`` (the prompt scored too with ``log
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` adjust the logits as OpenAI
 does (such a request decodes plainly).
 
-``n`` choices (up to 16) are generated one after another, choice i sampling with seed + i.
+``n`` choices are generated one after another, the i-th of a prompt sampling with seed + i;
+completions take several prompts (choices in prompt order, n each); 64 choices at most.
 
 What it is not: no batching of concurrent requests; no tools, echo in chat or suffix
 (rejected with 400 rather than silently ignored).
@@ -118,7 +119,7 @@ class _Params:
     """What one request asks of the engine."""
 
     kind: str                       # "chat" or "completion"
-    prompt: Any                     # chat messages, a raw string or token ids
+    prompts: list[Any]              # chat: [messages]; completions: raw strings or token-id lists
     max_tokens: int | None          # None: up to the end of the context
     temperature: float = 1.0
     top_p: float = 1.0
@@ -167,25 +168,10 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
                        "unsupported_parameter")
 
     if kind == "chat":
-        prompt = _messages(body.get("messages"))
+        prompts = [_messages(body.get("messages"))]
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        is_ids = isinstance(prompt, list) and all(_is_int(t) for t in prompt)
-        if not (isinstance(prompt, str) or is_ids):
-            raise ApiError(400, "'prompt' must be a string or a list of token ids (or a list of one of them)"
-                           if prompt is not None else "'prompt' is required", "prompt")
-        if not prompt:
-            raise ApiError(400, "'prompt' must not be empty", "prompt")
-        if is_ids:
-            bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise ApiError(400, f"'prompt' holds token id {bad}, outside the vocabulary of {vocab_size}",
-                               "prompt")
-        else:
-            _utf8(prompt, "prompt")
+        prompts = _completion_prompts(body.get("prompt"), vocab_size)
         max_key = "max_tokens"
     echo = kind == "completion" and get("echo", lambda v: isinstance(v, bool), "a boolean", False)
     max_tokens = get(max_key, _is_int, "an integer")
@@ -249,9 +235,36 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
             raise ApiError(400, f"'logit_bias' of token {t} must be a number in [-100, 100], got "
                                 f"{json.dumps(b)[:40]}", "logit_bias")
         bias[int(t)] = float(b)
-    return _Params(kind, prompt, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
+    if len(prompts) * n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n = {n} asks for {len(prompts) * n} choices, more than "
+                            f"{MAX_CHOICES}", "prompt")
+    return _Params(kind, prompts, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
                    stream, include_usage, logprobs, echo, float(penalties["presence_penalty"]),
                    float(penalties["frequency_penalty"]), bias, n)
+
+
+def _completion_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    """A completions ``prompt``: a string, a list of token ids, or a list of several of either
+    (one choice each, in order); each is checked (UTF-8, ids in the vocabulary)."""
+    if prompt is None:
+        raise ApiError(400, "'prompt' is required", "prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        prompt = [prompt]
+    if not (isinstance(prompt, list) and prompt):
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
+    for k, one in enumerate(prompt):
+        where = "prompt" if len(prompt) == 1 else f"prompt[{k}]"
+        if isinstance(one, list) and one and all(_is_int(t) for t in one):
+            bad = next((t for t in one if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ApiError(400, f"'{where}' holds token id {bad}, outside the vocabulary of {vocab_size}", "prompt")
+        elif isinstance(one, str):
+            if not one:
+                raise ApiError(400, f"'{where}' must not be empty", "prompt")
+            _utf8(one, "prompt")
+        else:
+            raise ApiError(400, f"'{where}' must be a string or a non-empty list of token ids", "prompt")
+    return prompt
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
@@ -289,8 +302,8 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-#: The most choices (``n``) one request may ask for.
-MAX_CHOICES = 16
+#: The most choices one request may ask for (``n``, times the prompts of a completions request).
+MAX_CHOICES = 64
 
 #: Request bodies above this size are refused (413) while they are read.
 MAX_BODY_BYTES = 32 << 20
@@ -318,7 +331,7 @@ def _prompt_bytes(prompt: str | list[dict[str, str]] | list[int]) -> int:
 @dataclass
 class _Job:
     """One request on its way through the engine. Events go from the worker thread to the
-    request's event loop: ("start", prompt_tokens), ("piece", text, log-probabilities, choice),
+    request's event loop: ("start",), ("piece", text, log-probabilities, choice),
     ("choice", index, stats) at the end of each choice, ("done", [stats of each choice]),
     ("error", ApiError), and ("gone",) from the disconnect watcher."""
 
@@ -412,46 +425,51 @@ class Engine:
         gen, p = self.generator, job.params
         raw = p.kind == "completion"
         param = "messages" if p.kind == "chat" else "prompt"
-        try:
-            n_prompt = len(gen.encode_prompt(p.prompt, raw=raw))
-        except ValueError as e:
-            self.counts["failed"] += 1
-            job.emit(("error", ApiError(400, f"could not build the prompt: {e}", param)))
-            return
         context = gen.target.context
-        if n_prompt >= context + (p.echo and p.max_tokens == 0):  # (scoring alone needs no room for a new token)
-            self.counts["failed"] += 1
-            job.emit(("error", ApiError(
-                400, f"the prompt has {n_prompt} tokens and does not fit this model's context of "
-                     f"{context} tokens (which must also hold at least one new token)", param,
-                "context_length_exceeded")))
-            return
-        job.emit(("start", n_prompt))
-        echo = None
-        if p.echo:  # the prompt first, scored when log-probabilities are asked for (it is then cached)
-            if p.logprobs is not None:
-                ids, scored = gen.prompt_logprobs(p.prompt, raw=True, top=p.logprobs)
-            else:
-                ids, scored = gen.encode_prompt(p.prompt, raw=True), []
-            echo = (p.prompt if isinstance(p.prompt, str) else gen.tokenizer.decode(ids), scored)
-        choices = []
-        for index in range(p.n):  # one after another; choice i samples with seed + i
-            if echo is not None:
-                job.emit(("piece", echo[0], echo[1], index))
-            stats = self._choice(job, index, None if p.seed is None else p.seed + index, raw, param, context)
-            if stats is None:
+        for k, prompt in enumerate(p.prompts):  # (every prompt is checked before any is run)
+            where = param if len(p.prompts) == 1 else f"{param}[{k}]"
+            try:
+                n_prompt = len(gen.encode_prompt(prompt, raw=raw))
+            except ValueError as e:
+                self.counts["failed"] += 1
+                job.emit(("error", ApiError(400, f"could not build the {where}: {e}", param)))
                 return
-            choices.append(stats)
-            job.emit(("choice", index, stats))
+            if n_prompt >= context + (p.echo and p.max_tokens == 0):  # (scoring alone needs no room for a new token)
+                self.counts["failed"] += 1
+                job.emit(("error", ApiError(
+                    400, f"the {where} has {n_prompt} tokens and does not fit this model's context of "
+                         f"{context} tokens (which must also hold at least one new token)", param,
+                    "context_length_exceeded")))
+                return
+        job.emit(("start",))
+        choices = []
+        for prompt in p.prompts:
+            echo = None
+            if p.echo:  # the prompt first, scored when log-probabilities are asked for (it is then cached)
+                if p.logprobs is not None:
+                    ids, scored = gen.prompt_logprobs(prompt, raw=True, top=p.logprobs)
+                else:
+                    ids, scored = gen.encode_prompt(prompt, raw=True), []
+                echo = (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids), scored)
+            for i in range(p.n):  # one after another; the i-th choice of a prompt samples with seed + i
+                index = len(choices)
+                if echo is not None:
+                    job.emit(("piece", echo[0], echo[1], index))
+                stats = self._choice(job, prompt, index, None if p.seed is None else p.seed + i, raw, param,
+                                     context)
+                if stats is None:
+                    return
+                choices.append(stats)
+                job.emit(("choice", index, stats))
         self.counts["served"] += 1
         job.emit(("done", choices))
 
-    def _choice(self, job: _Job, index: int, seed: int | None, raw: bool, param: str,
+    def _choice(self, job: _Job, prompt: Any, index: int, seed: int | None, raw: bool, param: str,
                 context: int) -> GenerationStats | None:
         """One choice's generation, its pieces handed on as events; its stats, or None when it
         ended the job (the client gone, or an argument refused)."""
         gen, p = self.generator, job.params
-        pieces = gen.stream(p.prompt, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
+        pieces = gen.stream(prompt, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
                             stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
@@ -489,9 +507,9 @@ def _finish_reason(stats: GenerationStats) -> str:
     return "length" if stats.stop_reason in ("length", "context") else "stop"
 
 
-def _usage(choices: list[GenerationStats]) -> dict[str, int]:
-    """One prompt, the completion tokens of every choice."""
-    prompt, completion = choices[0].prompt_tokens, sum(s.new_tokens for s in choices)
+def _usage(choices: list[GenerationStats], n: int) -> dict[str, int]:
+    """Each prompt once (its n choices come in a row), the completion tokens of every choice."""
+    prompt, completion = sum(s.prompt_tokens for s in choices[::n]), sum(s.new_tokens for s in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -581,11 +599,12 @@ class _Reply:
             else:
                 out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": _finish_reason(stats)})
         head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
-        return {**head, "choices": out, "usage": _usage(choices), "dovetail": _timing(choices, job)}
+        return {**head, "choices": out, "usage": _usage(choices, job.params.n), "dovetail": _timing(choices, job)}
 
     def usage_chunk(self, choices: list[GenerationStats], job: _Job) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": _usage(choices), "dovetail": _timing(choices, job)}
+        return {**self._head(obj), "choices": [], "usage": _usage(choices, job.params.n),
+                "dovetail": _timing(choices, job)}
 
 
 def _sse(obj: Any) -> bytes:
@@ -671,7 +690,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         except (ValueError, RecursionError) as e:  # (JSONDecodeError, UnicodeDecodeError; nesting, huge ints)
             raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}") from None
         params = _parse(body, kind, model_id, generator.config.vocab_size)
-        n_bytes = _prompt_bytes(params.prompt)
+        n_bytes = max(_prompt_bytes(prompt) for prompt in params.prompts)
         if n_bytes > max_prompt_bytes:  # refused before the engine spends time tokenizing it
             raise ApiError(400, f"the prompt has {n_bytes} bytes of text, more than the model's context of "
                                 f"{generator.target.context} tokens can hold", "messages" if kind == "chat" else "prompt",
@@ -690,7 +709,8 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
             if params.stream:
                 handed_over = True
                 return _EventStream(_stream(job, reply), watcher.cancel)
-            texts, entries = [[] for _ in range(params.n)], [[] for _ in range(params.n)]
+            count = len(params.prompts) * params.n
+            texts, entries = [[] for _ in range(count)], [[] for _ in range(count)]
             while True:
                 event = await job.events.get()
                 if event[0] == "piece":
@@ -712,7 +732,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         done = False
         try:
             if reply.kind == "chat":
-                for index in range(job.params.n):
+                for index in range(len(job.params.prompts) * job.params.n):
                     yield _sse(reply.chunk("", role=True, index=index))
             while True:
                 event = await job.events.get()
