@@ -563,3 +563,21 @@ def test_api_key(default_gguf_path):
     c = openai.OpenAI(base_url="http://testserver/v1", api_key="s3cret", http_client=TestClient(
         create_app(gen, api_key="s3cret")), max_retries=0)
     assert c.models.list().data[0].object == "model"
+
+
+def test_echo_offsets_skip_an_added_bos(gen):
+    """For a model whose tokenizer puts BOS before a prompt, the echoed text has no BOS: its
+    text offsets start at the prompt's first character."""
+    from types import SimpleNamespace as NS
+
+    from dovetail_ext.api import TokenLogprob
+    from dovetail_ext.server import _Reply
+    tok = gen.tokenizer
+    ids = tok.encode("Hello world", add_bos=False)
+    bos = NS(add_bos=True, bos_id=1, stream_decoder=tok.stream_decoder, decode=tok.decode, token_bytes=tok.token_bytes)
+    entries = [TokenLogprob(1, None)] + [TokenLogprob(t, -1.0) for t in ids]
+    lp = _Reply("completion", "m", bos).logprobs(entries)
+    assert lp["text_offset"][:2] == [0, 0] and lp["text_offset"][-1] == len(tok.decode(ids[:-1]))
+    plain = NS(add_bos=False, bos_id=1, stream_decoder=tok.stream_decoder, decode=tok.decode,
+               token_bytes=tok.token_bytes)
+    assert _Reply("completion", "m", plain).logprobs(entries)["text_offset"][1] == len(tok.decode([1]))

@@ -568,11 +568,14 @@ class _Reply:
             return {"content": content, "refusal": None}
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         at = self._offsets.setdefault(index, [self.tokenizer.stream_decoder(), 0])
+        tok = self.tokenizer
         for e in entries:  # (an echoed prompt's first token has no log-probability: null)
             out["tokens"].append(self._token(e.token)[0])
             out["token_logprobs"].append(e.logprob)
             out["top_logprobs"].append(None if e.logprob is None else {self._token(i)[0]: lp for i, lp in e.top})
             out["text_offset"].append(at[1])
+            if e.logprob is None and tok.add_bos and e.token == tok.bos_id:
+                continue  # (the BOS the tokenizer put before an echoed prompt is not in its text)
             at[1] += len(at[0].push(e.token))
         return out
 
