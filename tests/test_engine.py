@@ -530,3 +530,66 @@ def test_bad_inputs_raise_clear_errors():
         TargetEngine(3, context=8)
     with pytest.raises(FileNotFoundError):
         TargetEngine("/nonexistent/model.gguf", context=8)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_sequences_decode_together_as_they_would_alone(isa, window):
+    """Several sequences in one engine: each prefilled on its own (select), then decoded one
+    token each per forward_sequences call, in changing subsets and orders; every logits row
+    equals, bit for bit, a one-token forward of the same sequence in an engine of its own
+    (one with a sliding window too). The selected sequence keeps its place for later calls."""
+    cfg = tiny_config(window=window) if window else tiny_config()
+    src = make_source(cfg, random_weights(cfg, seed=3), "q4_1")
+    multi = TargetEngine(src, context=64, threads=2, sequences=3)
+    alone = [TargetEngine(src, context=64, threads=2) for _ in range(3)]
+    rng = np.random.default_rng(0)
+    nxt = []
+    for s in range(3):
+        prompt = rng.integers(0, cfg.vocab_size, 4 + 3 * s).tolist()
+        multi.select(s)
+        a, _ = multi.forward(prompt)
+        multi.commit()
+        b, _ = alone[s].forward(prompt)
+        alone[s].commit()
+        np.testing.assert_array_equal(a, b)
+        nxt.append(int(np.argmax(a[0])))
+    assert multi.sequence == 2 and [multi.n_past_of(s) for s in range(3)] == [4, 7, 10]
+    for step, seqs in enumerate([[0, 1, 2], [2, 0], [1], [0, 2, 1], [1, 2, 0], [2, 1, 0], [0, 1, 2]]):
+        logits = multi.forward_sequences([nxt[s] for s in seqs], seqs)
+        for r, s in enumerate(seqs):
+            want, _ = alone[s].forward([nxt[s]])
+            alone[s].commit()
+            np.testing.assert_array_equal(logits[r], want[0])
+            nxt[s] = int(np.argmax(want[0]))
+    assert [multi.n_past_of(s) for s in range(3)] == [alone[s].n_past for s in range(3)]
+    multi.select(1)  # back to single-sequence calls on one of them
+    a, _ = multi.forward([nxt[1]])
+    b, _ = alone[1].forward([nxt[1]])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sequences_refuse_bad_calls():
+    cfg = tiny_config()
+    src = make_source(cfg, random_weights(cfg, seed=1), "f32")
+    e = TargetEngine(src, context=8, threads=1, sequences=2)
+    e.forward([1, 2])
+    with pytest.raises(ValueError, match="uncommitted rows"):
+        e.select(1)
+    with pytest.raises(ValueError, match="uncommitted rows"):
+        e.forward_sequences([1], [1])
+    e.commit()
+    for toks, seqs, match in (([1, 2], [1, 1], "appears twice"), ([1], [2], r"sequence 2 at index 0 outside \[0, 2\)"),
+                              ([1, 2], [0], "one length"), ([999], [0], "outside the vocabulary"),
+                              ([1.5], [0], "integer arrays")):
+        with pytest.raises(ValueError, match=match):
+            e.forward_sequences(toks, seqs)
+    with pytest.raises(ValueError, match="sequence 5 outside"):
+        e.select(5)
+    with pytest.raises(ValueError, match="sequences must be an integer >= 1"):
+        TargetEngine(src, context=8, sequences=0)
+    for _ in range(6):
+        e.forward_sequences([3], [0])
+    with pytest.raises(ValueError, match="context full: sequence 0 holds 8 of 8"):
+        e.forward_sequences([3, 4], [1, 0])
+    assert e.n_past_of(1) == 0 and e.n_past == 8  # (a refused call changes nothing)
+    assert e.kv_bytes == 2 * TargetEngine(src, context=8, threads=1).kv_bytes

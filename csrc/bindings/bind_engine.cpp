@@ -163,18 +163,45 @@ void bind_engine(py::module_& m) {
   py::class_<LlamaEngine>(m, "LlamaEngine",
       "Native LLaMA target engine (use dovetail_ext.target.TargetEngine, which builds it from a ModelSource).")
       .def(py::init([](const py::dict& cfg, const py::dict& weights, int64_t context, int64_t max_batch,
-                       int threads, const std::string& kv_dtype, int64_t first_layer) {
+                       int threads, const std::string& kv_dtype, int64_t first_layer, int64_t sequences) {
              LlamaParams p{get_int(cfg, "vocab_size"), get_int(cfg, "num_layers"), layer_dims(cfg), first_layer,
                            get_flag(cfg, "scale_embeddings")};
              if (cfg.contains("final_logit_softcapping")) p.final_softcap = get_float(cfg, "final_logit_softcapping");
              EngineOptions o = engine_options(context, max_batch, threads, kv_dtype);
+             o.sequences = sequences;
              std::vector<py::array> keep;
              WeightMap views = weight_map(weights, keep);
              py::gil_scoped_release nogil;
              return std::make_unique<LlamaEngine>(p, o, views);
            }),
            py::arg("config"), py::arg("weights"), py::arg("context"), py::arg("max_batch") = 128,
-           py::arg("threads") = 1, py::arg("kv_dtype") = "f32", py::arg("first_layer") = 0)
+           py::arg("threads") = 1, py::arg("kv_dtype") = "f32", py::arg("first_layer") = 0,
+           py::arg("sequences") = 1)
+      .def("forward_sequences", [](LlamaEngine& e, const py::handle& tok_obj, const py::handle& pos_obj,
+                                   const py::handle& seq_obj) {
+             auto tokens = int32_vector(tok_obj, "tokens");
+             auto positions = int32_vector(pos_obj, "positions");
+             auto seqs = row_list(seq_obj, "sequences");
+             const int64_t S = (int64_t)tokens.size();
+             DT_CHECK(positions.size() == S && (int64_t)seqs.size() == S,
+                      "tokens, positions and sequences must have one entry per row (got " + std::to_string(S) +
+                          ", " + std::to_string(positions.size()) + ", " + std::to_string(seqs.size()) + ")");
+             DT_CHECK(S <= e.options().max_batch, std::to_string(S) + " sequences exceed the engine's max_batch");
+             py::array_t<float> logits({S, e.params().vocab});
+             {
+               py::gil_scoped_release nogil;
+               e.forward_seqs(tokens.data(), positions.data(), seqs.data(), S, logits.mutable_data());
+             }
+             return logits;
+           },
+           py::arg("tokens"), py::arg("positions"), py::arg("sequences"),
+           "One token for each of S distinct sequences in one pass; returns logits [S, V]. Each row is "
+           "committed to its sequence at once.")
+      .def("select_sequence", [](LlamaEngine& e, int64_t s) { e.select(s); }, py::arg("sequence"),
+           "The sequence forward / commit / truncate / n_past act on (the selected one's rows committed).")
+      .def("n_past_of", &LlamaEngine::n_past_of, py::arg("sequence"))
+      .def_property_readonly("sequence", &LlamaEngine::sequence)
+      .def_property_readonly("sequences", &LlamaEngine::sequences)
       .def("forward", [](LlamaEngine& e, const py::handle& tok_obj, const py::handle& pos_obj,
                          const py::handle& anc_obj, const py::handle& logit_obj, const py::handle& feat_obj) {
              auto tokens = int32_vector(tok_obj, "tokens");
@@ -224,7 +251,7 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("threads", [](const LlamaEngine& e) { return e.options().threads; })
       .def_property_readonly("first_layer", [](const LlamaEngine& e) { return e.params().first_layer; })
       .def_property_readonly("weight_bytes", &LlamaEngine::weight_bytes)
-      .def_property_readonly("kv_bytes", [](const LlamaEngine& e) { return e.kv().bytes(); });
+      .def_property_readonly("kv_bytes", &LlamaEngine::kv_bytes);
 
   py::class_<DraftEngine>(m, "DraftEngine",
       "Native CPU Dovetail draft (use dovetail_ext.draft.Draft). Shares the target engine's embedding and LM head.")

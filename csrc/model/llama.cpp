@@ -72,13 +72,40 @@ void LlamaEngine::forward(const int32_t* tokens, const int32_t* positions, int64
     DT_CHECK(tokens[t] >= 0 && tokens[t] < p_.vocab, "token id " + std::to_string(tokens[t]) + " at index " +
                                                         std::to_string(t) + " is outside the vocabulary [0, " +
                                                         std::to_string(p_.vocab) + ")");
+  embed(tokens, T);
+  run(positions, T, anc, logit_rows, n_logits, logits, feature_rows, n_features, features);
+}
+
+void LlamaEngine::forward_seqs(const int32_t* tokens, const int32_t* positions, const int64_t* seqs, int64_t S,
+                               float* logits) {
+  std::lock_guard<std::mutex> lock(mu_);
+  DT_CHECK(p_.first_layer == 0, "this engine starts at layer " + std::to_string(p_.first_layer) +
+                                    ": sequences need every layer here");
+  stack_->check_seqs(positions, seqs, S);
+  for (int64_t t = 0; t < S; ++t)
+    DT_CHECK(tokens[t] >= 0 && tokens[t] < p_.vocab, "token id " + std::to_string(tokens[t]) + " at index " +
+                                                        std::to_string(t) + " is outside the vocabulary [0, " +
+                                                        std::to_string(p_.vocab) + ")");
   const int64_t D = p_.layer.dim;
-  for (int64_t t = 0; t < T; ++t) dequantize_row(*tok_embd_, tokens[t], x_.data() + t * D);  // x = Emb(tokens)
+  embed(tokens, S);
+  stack_->run_seqs(x_.data(), positions, seqs, S);
+  for (int64_t i = 0; i < S; ++i) rmsnorm(x_.data() + i * D, out_norm_.data(), rows_.data() + i * D, 1, D, p_.layer.eps);
+  stack_->linear_rows(*lm_head_, rows_.data(), S, logits, true);
+  if (p_.final_softcap > 0) softcap(logits, S * p_.vocab, p_.final_softcap);
+}
+
+void LlamaEngine::select(int64_t s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  stack_->select(s);
+}
+
+void LlamaEngine::embed(const int32_t* tokens, int64_t T) {  // x = Emb(tokens) (times sqrt(D) for Gemma)
+  const int64_t D = p_.layer.dim;
+  for (int64_t t = 0; t < T; ++t) dequantize_row(*tok_embd_, tokens[t], x_.data() + t * D);
   if (p_.scale_embeddings) {
     const float s = std::sqrt((float)D);
     for (int64_t i = 0; i < T * D; ++i) x_.data()[i] *= s;
   }
-  run(positions, T, anc, logit_rows, n_logits, logits, feature_rows, n_features, features);
 }
 
 void LlamaEngine::forward_hidden(const float* hidden, const int32_t* positions, int64_t T, const uint8_t* anc,

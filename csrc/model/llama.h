@@ -42,6 +42,13 @@ class LlamaEngine {
   void forward_hidden(const float* hidden, const int32_t* positions, int64_t T, const uint8_t* ancestors,
                       const int64_t* logit_rows, int64_t n_logits, float* logits,
                       const int64_t* feature_rows, int64_t n_features, float* features);
+  // One new token for each of S distinct sequences (EngineOptions::sequences), decoded in
+  // one pass over the weights: row r is token tokens[r] of sequence seqs[r] at positions[r];
+  // logits [S, vocab]; each row is committed to its sequence at once (LayerStack::run_seqs).
+  void forward_seqs(const int32_t* tokens, const int32_t* positions, const int64_t* seqs, int64_t S,
+                    float* logits);
+  // The sequence forward / commit / truncate / n_past act on (its rows committed first).
+  void select(int64_t s);
   // Keep batch rows `kept` (strictly increasing) of the last forward.
   void commit(const int64_t* kept, int64_t n);
   // Forget committed tokens past `n` (n <= n_past).
@@ -49,6 +56,10 @@ class LlamaEngine {
   void set_threads(int n);  // takes effect on the next forward
 
   int64_t n_past() const { return stack_->n_past(); }
+  int64_t n_past_of(int64_t s) const { return stack_->n_past_of(s); }
+  int64_t sequence() const { return stack_->selected(); }
+  int64_t sequences() const { return stack_->sequences(); }
+  size_t kv_bytes() const { return stack_->kv_bytes(); }
   int64_t pending() const { return stack_->pending(); }
   const LlamaParams& params() const { return p_; }
   const EngineOptions& options() const { return stack_->options(); }
@@ -67,6 +78,7 @@ class LlamaEngine {
            float* logits, const int64_t* feature_rows, int64_t n_features, float* features);
   void check_rows(const int32_t* positions, int64_t T, const uint8_t* anc, const int64_t* logit_rows,
                   int64_t n_logits, const int64_t* feature_rows, int64_t n_features) const;
+  void embed(const int32_t* tokens, int64_t T);
   std::mutex mu_;
   Buffer<float> x_, rows_;
 };

@@ -143,7 +143,11 @@ LayerStack::LayerStack(const LayerDims& d, std::vector<LayerWeights> layers, con
   DT_CHECK(o.max_batch >= 1 && o.max_batch <= 4096, "max_batch must be in [1, 4096], got " + std::to_string(o.max_batch));
   DT_CHECK(o.threads >= 1 && o.threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(o.threads));
   const int64_t D = d.dim, F = d.ffn, QD = d.heads * d.head_dim, KD = d.kv_heads * d.head_dim, B = o.max_batch;
+  DT_CHECK(o.sequences >= 1 && o.sequences <= 256, "sequences must be in [1, 256], got " + std::to_string(o.sequences));
   kv_ = KvCache((int64_t)layers_.size(), d.kv_heads, o.context, d.head_dim, o.kv_type);
+  spare_.resize((size_t)o.sequences);
+  for (int64_t s = 1; s < o.sequences; ++s)
+    spare_[s].kv = KvCache((int64_t)layers_.size(), d.kv_heads, o.context, d.head_dim, o.kv_type);
   DT_CHECK(std::isfinite(d.rope_mscale) && d.rope_mscale > 0, "rope_mscale must be a positive number");
   rope_tables(d.rope_theta, d.head_dim, o.context, cos_, sin_, d.rope_factors.empty() ? nullptr : d.rope_factors.data(),
               d.rope_mscale);
@@ -235,24 +239,19 @@ void LayerStack::add_post_normed(float* x, float* y, const std::vector<float>& p
   add_inplace(x, y, T * d_.dim);
 }
 
-void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_t* anc, bool append) {
-  const int64_t D = d_.dim, F = d_.ffn, H = d_.heads, KV = d_.kv_heads, Dh = d_.head_dim;
-  const int64_t QD = H * Dh, KD = KV * Dh;
-  if (!append) pending_ = 0;
-  const int64_t P = pending_, W = P + T, words = (W + 63) / 64;
-
-  // Ancestor sets as bitsets over the scratch rows (causal within the batch when none given).
-  uint64_t* bits = anc_bits_.data();
-  ancestor_bits(anc, T, P, words, bits);
-  std::copy(positions, positions + T, scratch_pos_.begin() + P);
-
+AttentionArgs LayerStack::attention_args(int64_t T, int64_t P, int64_t words) const {
   AttentionArgs aa;
-  aa.q = q_.data(); aa.kv_type = kv_.type(); aa.S = kv_.slots(); aa.n_past = n_past_; aa.n_prev = P; aa.T = T;
-  aa.H = H; aa.KV = KV; aa.Dh = Dh; aa.anc = bits; aa.anc_words = words; aa.out = att_.data();
-  aa.scratch = scores_.data();
+  aa.kv_type = kv_.type(); aa.S = kv_.slots(); aa.n_prev = P; aa.T = T;
+  aa.H = d_.heads; aa.KV = d_.kv_heads; aa.Dh = d_.head_dim; aa.anc_words = words;
   aa.softcap = d_.attn_softcap;
   aa.scale = d_.score_scale();
+  return aa;
+}
 
+template <class Attend>
+void LayerStack::layers(float* x, const int32_t* positions, int64_t T, Attend&& attend) {
+  const int64_t D = d_.dim, F = d_.ffn, H = d_.heads, KV = d_.kv_heads, Dh = d_.head_dim;
+  const int64_t QD = H * Dh, KD = KV * Dh;
   for (size_t l = 0; l < layers_.size(); ++l) {
     LayerWeights& L = layers_[l];
     // Attention block: x += Wo . attn(rope(Wq xn), rope(Wk xn), Wv xn); xn = rmsnorm(x)
@@ -292,13 +291,7 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
       rope_inplace(q_.data(), T, H, Dh, QD, positions, cos, sin);
       rope_inplace(k_.data(), T, KV, Dh, KD, positions, cos, sin);
     }
-    kv_.store((int64_t)l, n_past_ + P, k_.data(), v_.data(), T);
-    aa.k = kv_.k((int64_t)l);
-    aa.v = kv_.v((int64_t)l);
-    aa.window = L.local ? d_.window : 0;
-    aa.positions = positions;
-    aa.scratch_positions = scratch_pos_.data();
-    attention(aa, o_.threads);
+    attend((int64_t)l, L);  // K/V stored, att_ = attention(q_)
     linear_rows(L.wo, att_.data(), T, tmp_.data(), true);
     add_post_normed(x, tmp_.data(), L.extras.post_attn_norm, T);
     // FFN block: x += W_down (act(W_gate xn) * W_up xn), act SiLU or GELU; xn = rmsnorm(x)
@@ -315,7 +308,95 @@ void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_
     linear_rows(L.w_down, gate_.data(), T, tmp_.data(), true);
     add_post_normed(x, tmp_.data(), L.extras.post_ffn_norm, T);
   }
+}
+
+void LayerStack::run(float* x, const int32_t* positions, int64_t T, const uint8_t* anc, bool append) {
+  if (!append) pending_ = 0;
+  const int64_t P = pending_, W = P + T, words = (W + 63) / 64;
+
+  // Ancestor sets as bitsets over the scratch rows (causal within the batch when none given).
+  uint64_t* bits = anc_bits_.data();
+  ancestor_bits(anc, T, P, words, bits);
+  std::copy(positions, positions + T, scratch_pos_.begin() + P);
+
+  AttentionArgs aa = attention_args(T, P, words);
+  aa.q = q_.data(); aa.n_past = n_past_; aa.anc = bits; aa.out = att_.data(); aa.scratch = scores_.data();
+  aa.positions = positions;
+  aa.scratch_positions = scratch_pos_.data();
+  layers(x, positions, T, [&](int64_t l, const LayerWeights& L) {
+    kv_.store(l, n_past_ + P, k_.data(), v_.data(), T);
+    aa.k = kv_.k(l);
+    aa.v = kv_.v(l);
+    aa.window = L.local ? d_.window : 0;
+    attention(aa, o_.threads);
+  });
   pending_ = W;
+}
+
+void LayerStack::select(int64_t s) {
+  DT_CHECK(s >= 0 && s < sequences(), "sequence " + std::to_string(s) + " outside [0, " +
+                                          std::to_string(sequences()) + ")");
+  DT_CHECK(pending_ == 0, "sequence " + std::to_string(seq_) + " has " + std::to_string(pending_) +
+                              " uncommitted rows: commit or truncate before selecting another");
+  if (s == seq_) return;
+  std::swap(kv_, spare_[seq_].kv);  // the selected cache back to its place ...
+  spare_[seq_].n_past = n_past_;
+  std::swap(kv_, spare_[s].kv);     // ... and sequence s's in
+  n_past_ = spare_[s].n_past;
+  seq_ = s;
+}
+
+int64_t LayerStack::n_past_of(int64_t s) const {
+  DT_CHECK(s >= 0 && s < sequences(), "sequence " + std::to_string(s) + " outside [0, " +
+                                          std::to_string(sequences()) + ")");
+  return s == seq_ ? n_past_ : spare_[s].n_past;
+}
+
+size_t LayerStack::kv_bytes() const {
+  size_t total = kv_.bytes();
+  for (const Spare& sp : spare_) total += sp.kv.bytes();
+  return total;
+}
+
+void LayerStack::check_seqs(const int32_t* positions, const int64_t* seqs, int64_t S) const {
+  DT_CHECK(S >= 1, "forward_sequences needs at least one token");
+  DT_CHECK(S <= o_.max_batch, std::to_string(S) + " sequences exceed the engine's max_batch " +
+                                  std::to_string(o_.max_batch));
+  DT_CHECK(pending_ == 0, "sequence " + std::to_string(seq_) + " has uncommitted rows: commit or truncate first");
+  std::vector<bool> seen((size_t)sequences(), false);
+  for (int64_t r = 0; r < S; ++r) {
+    const int64_t s = seqs[r];
+    DT_CHECK(s >= 0 && s < sequences(), "sequence " + std::to_string(s) + " at index " + std::to_string(r) +
+                                            " outside [0, " + std::to_string(sequences()) + ")");
+    DT_CHECK(!seen[s], "sequence " + std::to_string(s) + " appears twice: one token per sequence and call");
+    seen[s] = true;
+    DT_CHECK(n_past_of(s) + 1 <= o_.context, "context full: sequence " + std::to_string(s) + " holds " +
+                                                 std::to_string(n_past_of(s)) + " of " + std::to_string(o_.context));
+    DT_CHECK(positions[r] >= 0 && positions[r] < o_.context,
+             "position " + std::to_string(positions[r]) + " at index " + std::to_string(r) +
+                 " is outside the context [0, " + std::to_string(o_.context) + ")");
+  }
+}
+
+void LayerStack::run_seqs(float* x, const int32_t* positions, const int64_t* seqs, int64_t S) {
+  const int64_t QD = d_.heads * d_.head_dim, KD = d_.kv_heads * d_.head_dim;
+  uint64_t* bits = anc_bits_.data();
+  bits[0] = 1;  // each row alone in its sequence's scratch: it sees itself
+  AttentionArgs aa = attention_args(1, 0, 1);
+  aa.anc = bits; aa.scratch = scores_.data(); aa.scratch_positions = scratch_pos_.data();
+  layers(x, positions, S, [&](int64_t l, const LayerWeights& L) {
+    aa.window = L.local ? d_.window : 0;
+    for (int64_t r = 0; r < S; ++r) {
+      const int64_t s = seqs[r], past = n_past_of(s);
+      KvCache& kv = s == seq_ ? kv_ : spare_[s].kv;
+      kv.store(l, past, k_.data() + r * KD, v_.data() + r * KD, 1);
+      scratch_pos_[0] = positions[r];
+      aa.q = q_.data() + r * QD; aa.out = att_.data() + r * QD; aa.positions = positions + r;
+      aa.k = kv.k(l); aa.v = kv.v(l); aa.n_past = past;
+      attention(aa, o_.threads);
+    }
+  });
+  for (int64_t r = 0; r < S; ++r) (seqs[r] == seq_ ? n_past_ : spare_[seqs[r]].n_past) += 1;
 }
 
 void LayerStack::commit(const int64_t* kept, int64_t n) {

@@ -56,6 +56,7 @@ struct EngineOptions {
   int64_t max_batch = 128;  // most scratch rows at once (one forward, or one tree)
   int threads = 1;
   KvType kv_type = KvType::F32;
+  int64_t sequences = 1;    // KV caches: independent sequences one call can decode together
 };
 
 // A tensor handed over by the loader: raw storage, [rows, cols] (cols = 1-D length).
@@ -131,6 +132,20 @@ class LayerStack {
   void truncate(int64_t n);
   void set_threads(int n);
 
+  // Sequences (EngineOptions::sequences): each has its own KV cache; the calls above act on
+  // the selected one. Selecting another needs the selected one's rows committed.
+  void select(int64_t s);
+  int64_t selected() const { return seq_; }
+  int64_t sequences() const { return (int64_t)spare_.size(); }
+  int64_t n_past_of(int64_t s) const;
+  size_t kv_bytes() const;
+  // One new token for each of S distinct sequences: row r belongs to sequence seqs[r] at
+  // positions[r], sees that sequence's committed prefix and itself, and is committed to it
+  // at once (its n_past grows by one). Each row's result is bit for bit the one a
+  // single-token forward on its sequence gives (batch invariance).
+  void check_seqs(const int32_t* positions, const int64_t* seqs, int64_t S) const;
+  void run_seqs(float* x, const int32_t* positions, const int64_t* seqs, int64_t S);
+
   int64_t n_past() const { return n_past_; }
   int64_t pending() const { return pending_; }
   const EngineOptions& options() const { return o_; }
@@ -144,11 +159,22 @@ class LayerStack {
  private:
   // x += y, y first RMS-normalized with post_norm when it is not empty (Gemma 3).
   void add_post_normed(float* x, float* y, const std::vector<float>& post_norm, int64_t T);
+  // Every layer over x [T, D]; attend(l, layer) stores the layer's K/V (rows of k_ / v_) and
+  // fills att_ from q_: the one step where sequences and trees differ.
+  template <class Attend>
+  void layers(float* x, const int32_t* positions, int64_t T, Attend&& attend);
+  AttentionArgs attention_args(int64_t T, int64_t P, int64_t words) const;
 
   LayerDims d_;
   EngineOptions o_;
   std::vector<LayerWeights> layers_;
-  KvCache kv_;
+  KvCache kv_;  // the selected sequence's
+  struct Spare {
+    KvCache kv;
+    int64_t n_past = 0;
+  };
+  std::vector<Spare> spare_;  // [s]: sequence s while another is selected (spare_[seq_] holds nothing)
+  int64_t seq_ = 0;
   std::vector<float> cos_, sin_, cos_local_, sin_local_;  // (the local tables: sliding-window layers)
   int64_t n_past_ = 0, pending_ = 0;
   Buffer<float> xn_, q_, k_, v_, att_, gate_, up_, tmp_, scores_, fused_;

@@ -81,12 +81,16 @@ class TargetEngine:
             token's result independently of the batch, so greedy speculation stays exact.
         device: where those layers run: ``"cuda"``, ``"cuda:N"``, or ``"emulated"`` (the
             device engine on the CPU with scalar kernels, for tests).
+        sequences: KV caches for that many independent sequences (``select`` picks the one
+            ``forward`` / ``commit`` / ``truncate`` / ``n_past`` act on;
+            ``forward_sequences`` decodes one token of several in one pass). Each costs a
+            full KV cache (``kv_bytes``).
     """
 
     def __init__(self, source: ModelSource | str | os.PathLike, *, context: int | None = None,
                  threads: int | None = None,
                  max_batch: int = 128, kv_dtype: str = "f32", gpu_layers: int = 0, device: str = "cuda",
-                 graphs: bool = True) -> None:
+                 graphs: bool = True, sequences: int = 1) -> None:
         if isinstance(source, (str, os.PathLike)):
             from .formats import load_model_source
             source = load_model_source(source)
@@ -119,12 +123,16 @@ class TargetEngine:
             raise ValueError(f"gpu_layers must be an integer in [0, {cfg.num_layers}) (at least one layer runs "
                              f"on the CPU), got {gpu_layers!r}")
         check_device_name(device, "offload device")  # (also when unused: a misspelt name is an error either way)
+        sequences = as_int("sequences", sequences)
+        if sequences > 1 and gpu_layers:
+            raise ValueError("sequences > 1 needs every layer on the CPU (gpu_layers 0)")
         if gpu_layers:
             backend, index = parse_device(device)
             if backend == "cpu":
                 raise ValueError("gpu_layers needs a device: 'cuda', 'cuda:N' or 'emulated'")
         self._engine = _core.LlamaEngine(asdict(cfg), weights, context=context, max_batch=max_batch,
-                                         threads=threads, kv_dtype=kv_dtype, first_layer=gpu_layers)
+                                         threads=threads, kv_dtype=kv_dtype, first_layer=gpu_layers,
+                                         sequences=sequences)
         self._prefix = None
         if gpu_layers:
             self._prefix = _core.DeviceTargetPrefix(asdict(cfg), weights, self._engine, layers=gpu_layers,
@@ -164,6 +172,50 @@ class TargetEngine:
             hidden = self._prefix.forward(tokens, positions, ancestors)
             return self._engine.forward_hidden(hidden, positions, ancestors, logit_rows, feature_rows)
         return self._engine.forward(tokens, positions, ancestors, logit_rows, feature_rows)
+
+    def forward_sequences(self, tokens, sequences, positions=None) -> np.ndarray:
+        """One new token for each of S distinct sequences, in one pass over the weights:
+        ``tokens[r]`` continues sequence ``sequences[r]`` (at ``positions[r]``, default that
+        sequence's ``n_past``). Returns logits float32 [S, V], each row bit for bit what a
+        one-token ``forward`` on its sequence gives; every row is committed to its sequence.
+        The selected sequence must have no uncommitted rows."""
+        seqs = np.asarray(sequences)
+        tokens = np.asarray(tokens)
+        if seqs.ndim != 1 or tokens.shape != seqs.shape or not np.issubdtype(seqs.dtype, np.integer) \
+                or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError("tokens and sequences must be 1-D integer arrays of one length")
+        if positions is None:
+            positions = [self._engine.n_past_of(int(s)) if 0 <= s < self.sequences else 0 for s in seqs.tolist()]
+        positions = np.asarray(positions)
+        if positions.shape != seqs.shape or not np.issubdtype(positions.dtype, np.integer):
+            raise ValueError("positions must be a 1-D integer array, one per sequence")
+        for name, arr in (("tokens", tokens), ("positions", positions)):
+            if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+                raise ValueError(f"{name} has values outside the int32 range")
+        return self._engine.forward_sequences(tokens.astype(np.int32), positions.astype(np.int32),
+                                              seqs.astype(np.int64))
+
+    def select(self, sequence: int) -> None:
+        """Make ``sequence`` the one ``forward`` / ``commit`` / ``truncate`` / ``n_past`` act on
+        (the selected one's rows committed or truncated first)."""
+        self._engine.select_sequence(as_int("sequence", sequence, lo=0))
+
+    @property
+    def sequence(self) -> int:
+        """The selected sequence."""
+        return self._engine.sequence
+
+    @property
+    def sequences(self) -> int:
+        return self._engine.sequences
+
+    def n_past_of(self, sequence: int) -> int:
+        return self._engine.n_past_of(as_int("sequence", sequence, lo=0))
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of every sequence's KV cache."""
+        return self._engine.kv_bytes
 
     def commit(self, kept=None) -> None:
         """Keep rows ``kept`` of the last forward (all rows when None), compacted after the prefix."""
