@@ -218,6 +218,66 @@ def test_perplexity_vs_llama_cpp(benchmark, default_source, threads, record):
     assert abs(r.nll - math.log(theirs)) < 0.02
 
 
+PARALLEL_PROMPTS = ["Name three colors.", "Write a haiku about rain.", "Explain RoPE in one paragraph.",
+                    "def fibonacci(n):", "What is the capital of France?", "List five fruits.",
+                    "Describe the sea in two sentences.", "Tell me a joke."]
+
+
+@pytest.mark.parametrize("sequences", [2, 4, 8])
+def test_parallel_sequences(benchmark, default_source, threads, record, sequences):
+    """Several conversations at once (``batching.SequenceBatcher``, a thread each, decode
+    steps joined into one pass over the weights) against the same prompts decoded one after
+    another by one plain generator: total new tokens per second, 64 greedy tokens each, the
+    two ways alternating over 3 rounds (medians). The outputs must be the same."""
+    import threading
+
+    import dovetail_ext
+    from dovetail_ext.batching import SequenceBatcher
+    n = 64 if benchmark.enabled else 4
+    prompts = PARALLEL_PROMPTS[:sequences]
+    plain = dovetail_ext.load(default_source.path, draft=None, lookup=None, context=512, threads=threads)
+    batcher = SequenceBatcher(TargetEngine(default_source, context=512, threads=threads, sequences=sequences))
+    gens = [batcher.generator(s) for s in range(sequences)]
+    got = {"plain": [], "together": []}
+    outputs = {}
+
+    def together():
+        out = [None] * sequences
+        start = threading.Barrier(sequences)
+
+        def run(i):
+            start.wait()
+            out[i] = gens[i].generate(prompts[i], max_new_tokens=n)
+            batcher.idle(i)
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(sequences)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        got["together"].append(sum(r.stats.new_tokens for r in out) / (time.perf_counter() - t0))
+        outputs["together"] = [r.tokens for r in out]
+
+    def one_by_one():
+        t0 = time.perf_counter()
+        res = [plain.generate(p, max_new_tokens=n, speculative=False) for p in prompts]
+        got["plain"].append(sum(r.stats.new_tokens for r in res) / (time.perf_counter() - t0))
+        outputs["plain"] = [r.tokens for r in res]
+
+    def run():
+        for _ in range(3 if benchmark.enabled else 1):
+            one_by_one()
+            together()
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    assert outputs["together"] == outputs["plain"]
+    med = {k: float(np.median(v)) for k, v in got.items()}
+    benchmark.extra_info.update(med, rows_per_call=batcher.rows / max(batcher.calls, 1))
+    if benchmark.enabled:
+        record("parallel", f"{sequences} sequences {threads}t", plain_tok_s=med["plain"],
+               together_tok_s=med["together"], ratio=med["together"] / med["plain"],
+               rows_per_call=batcher.rows / max(batcher.calls, 1))
+
+
 VERIFY_T = [1, 2, 4, 8, 16, 32, 64]
 
 

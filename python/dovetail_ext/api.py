@@ -604,7 +604,7 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | AutoTree | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
          overlap: bool = False, adaptive: bool | None = None, gpu_layers: int = 0,
-         offload_device: str = "cuda", lookup: LookupParams | None = LookupParams()) -> Generator:
+         offload_device: str = "cuda", lookup: LookupParams | None = LookupParams(), sequences: int = 1) -> Generator:
     """Load a model for generation.
 
     Args:
@@ -641,6 +641,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             3-4 tokens of the context occurred before, the up to 6 tokens that followed them
             are verified instead of a drafted tree, and the draft does not run for that
             step; lossless like any draft). ``None`` turns it off.
+        sequences: KV caches in the target for that many independent sequences (a server's
+            parallel requests, ``batching.SequenceBatcher``); the generator itself uses one.
         gpu_layers: run the target's first N layers on ``offload_device`` (partial offload;
             the rest on the CPU). Those layers compute in bf16, so the output is that of a
             slightly different target than the CPU-only one (and speculation is exact
@@ -649,7 +651,7 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
     check_device_name(draft_device, "draft_device")  # (also when no draft is loaded)
     source = load_model_source(model, weights=weights)
     target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch,
-                          gpu_layers=gpu_layers, device=offload_device)
+                          gpu_layers=gpu_layers, device=offload_device, sequences=sequences)
     drafter = None
     if isinstance(draft, str) and draft == "auto":
         from .models import packaged_draft_for

@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_decoding_args(s)
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the model file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="requests generated at once, their decode steps in one pass over the weights (default 1; "
+                        "above 1 they decode plainly, and each holds a KV cache of the context)")
     s.add_argument("--api-key", default=os.environ.get("DOVETAIL_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $DOVETAIL_API_KEY; none)")
     _add_model_args(s)
@@ -428,23 +431,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--host is empty (an empty host would listen on every interface; say 0.0.0.0 for that)")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty (leave it out to serve without a key)")
+    if not 1 <= args.parallel <= 64:
+        raise ValueError(f"--parallel must be in [1, 64], got {args.parallel}")
+    if args.parallel > 1 and args.gpu_layers:
+        raise ValueError("--parallel above 1 needs every layer on the CPU: drop --gpu-layers")
     try:
         from .server import default_model_id, serve
     except ImportError as e:
         raise ValueError(f"serving needs the [serve] extra ({e}); install it with: "
                          "pip install 'dovetail-ext[serve]'") from e
 
-    gen = _load(args)
+    if args.parallel > 1:  # (parallel requests decode plainly: no draft to load)
+        args.no_spec = True
+    gen = _load(args, sequences=args.parallel)
     model_id = args.model_id or default_model_id(gen)
     mode = "plain" if args.no_spec else "speculative" if gen.draft is not None else \
         "prompt-lookup" if gen.lookup is not None else "plain"
-    print(f"dovetail: serving {model_id} ({mode} decoding, context {gen.target.context}) on "
+    at_once = f", {args.parallel} requests at once" if args.parallel > 1 else ""
+    print(f"dovetail: serving {model_id} ({mode} decoding{at_once}, context {gen.target.context}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dovetail: note: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     serve(gen, host=args.host, port=args.port, model_id=model_id, speculative=False if args.no_spec else None,
-          log_level=args.log_level, api_key=args.api_key)
+          log_level=args.log_level, api_key=args.api_key, parallel=args.parallel)
     return 0
 
 

@@ -67,8 +67,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .api import MAX_LOGPROBS, GenerationStats, Generator, TokenLogprob
-from .errors import check_text
+from .errors import as_int, check_text
 from .sampling import SamplingParams
+from .target import TargetEngine
 
 __all__ = ["create_app", "serve", "default_model_id"]
 
@@ -349,25 +350,35 @@ class _Job:
 
 
 class Engine:
-    """Runs jobs one at a time, in arrival order, on one worker thread.
+    """Runs jobs in arrival order: one at a time on one worker thread, or with a
+    :class:`~dovetail_ext.batching.SequenceBatcher` one per sequence on as many workers, whose
+    decode steps the batcher joins into one engine call.
 
     ``history`` holds (job id, start, end) of recent jobs (``time.perf_counter``);
     ``counts`` the number of served, cancelled and failed jobs.
     """
 
-    def __init__(self, generator: Generator, speculative: bool | None = None) -> None:
-        self.generator = generator
-        self.speculative = speculative
+    def __init__(self, generator: Generator, speculative: bool | None = None, batcher: Any = None) -> None:
+        self.batcher = batcher
+        # (sequences decode plainly: speculation verifies trees per sequence, one call each)
+        self.generators = [generator] if batcher is None else \
+            [batcher.generator(s, generator.source) for s in range(batcher.engine.sequences)]
+        self.speculative = speculative if batcher is None else False
         self.counts = {"served": 0, "cancelled": 0, "failed": 0}
         self.history: deque[tuple[str, float, float]] = deque(maxlen=256)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._current: _Job | None = None
-        self._thread: threading.Thread | None = None
+        self._current: dict[int, _Job] = {}
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._current)
+
+    @property
+    def running(self) -> int:
+        """Jobs being generated now."""
+        return len(self._current)
 
     @property
     def queued(self) -> int:
@@ -375,39 +386,45 @@ class Engine:
 
     def submit(self, job: _Job) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="dovetail-engine", daemon=True)
-                self._thread.start()
+            if not self._threads or not all(t.is_alive() for t in self._threads):
+                self._threads = [threading.Thread(target=self._work, args=(i,), name=f"dovetail-engine-{i}",
+                                                  daemon=True) for i in range(len(self.generators))]
+                for t in self._threads:
+                    t.start()
         self._queue.put(job)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Cancels the running and waiting jobs and stops the worker."""
+        """Cancels the running and waiting jobs and stops the workers."""
         with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is None:
+            threads, self._threads = self._threads, []
+        if not threads:
             return
-        current = self._current
-        if current is not None:
+        for current in list(self._current.values()):
             current.cancelled.set()
-        self._queue.put(None)
-        thread.join(timeout)
+        for _ in threads:
+            self._queue.put(None)
+        for t in threads:
+            t.join(timeout)
 
-    def _work(self) -> None:
+    def _work(self, worker: int) -> None:
+        gen = self.generators[worker]
         while True:
             job = self._queue.get()
             if job is None:
                 break
-            self._current = job
+            self._current[worker] = job
             job.started = time.perf_counter()
             try:
-                self._run(job)
+                self._run(job, gen)
             except Exception as e:  # noqa: BLE001 - any failure is answered, and the worker goes on
-                self.generator.reset()  # the cache may describe a half-run step
-                self.counts["failed"] += 1
+                gen.reset()  # the cache may describe a half-run step
+                self._count("failed")
                 job.emit(("error", _internal(e)))
             finally:
+                if self.batcher is not None:
+                    self.batcher.idle(worker)  # (the other sequences' steps stop waiting for this one)
                 self.history.append((job.id, job.started, time.perf_counter()))
-                self._current = None
+                del self._current[worker]
         # Jobs left behind by close() get an answer instead of waiting for ever.
         while True:
             try:
@@ -418,11 +435,15 @@ class Engine:
                 job.emit(("error", ApiError(503, "the server is shutting down", type="server_error",
                                             code="shutting_down")))
 
-    def _run(self, job: _Job) -> None:
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.counts[outcome] += 1
+
+    def _run(self, job: _Job, gen: Generator) -> None:
         if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
+            self._count("cancelled")
             return
-        gen, p = self.generator, job.params
+        p = job.params
         raw = p.kind == "completion"
         param = "messages" if p.kind == "chat" else "prompt"
         context = gen.target.context
@@ -431,11 +452,11 @@ class Engine:
             try:
                 n_prompt = len(gen.encode_prompt(prompt, raw=raw))
             except ValueError as e:
-                self.counts["failed"] += 1
+                self._count("failed")
                 job.emit(("error", ApiError(400, f"could not build the {where}: {e}", param)))
                 return
             if n_prompt >= context + (p.echo and p.max_tokens == 0):  # (scoring alone needs no room for a new token)
-                self.counts["failed"] += 1
+                self._count("failed")
                 job.emit(("error", ApiError(
                     400, f"the {where} has {n_prompt} tokens and does not fit this model's context of "
                          f"{context} tokens (which must also hold at least one new token)", param,
@@ -455,20 +476,20 @@ class Engine:
                 index = len(choices)
                 if echo is not None:
                     job.emit(("piece", echo[0], echo[1], index))
-                stats = self._choice(job, prompt, index, None if p.seed is None else p.seed + i, raw, param,
+                stats = self._choice(job, gen, prompt, index, None if p.seed is None else p.seed + i, raw, param,
                                      context)
                 if stats is None:
                     return
                 choices.append(stats)
                 job.emit(("choice", index, stats))
-        self.counts["served"] += 1
+        self._count("served")
         job.emit(("done", choices))
 
-    def _choice(self, job: _Job, prompt: Any, index: int, seed: int | None, raw: bool, param: str,
+    def _choice(self, job: _Job, gen: Generator, prompt: Any, index: int, seed: int | None, raw: bool, param: str,
                 context: int) -> GenerationStats | None:
         """One choice's generation, its pieces handed on as events; its stats, or None when it
         ended the job (the client gone, or an argument refused)."""
-        gen, p = self.generator, job.params
+        p = job.params
         pieces = gen.stream(prompt, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
                             stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs,
@@ -481,7 +502,7 @@ class Engine:
             for piece in pieces:
                 if job.cancelled.is_set():  # checked between tokens: the client has gone
                     pieces.close()
-                    self.counts["cancelled"] += 1
+                    self._count("cancelled")
                     return None
                 for e in gen.last_logprobs[len(ends):]:
                     ends.append((ends[-1] if ends else 0) + len(decoder.push(e.token)))
@@ -493,7 +514,7 @@ class Engine:
                 sent = done
         except ValueError as e:  # arguments the request parser let through
             gen.reset()
-            self.counts["failed"] += 1
+            self._count("failed")
             job.emit(("error", ApiError(400, str(e), param)))
             return None
         if sent < len(gen.last_logprobs):  # (tokens whose text a stop string left out)
@@ -658,7 +679,7 @@ async def _watch_disconnect(receive: Receive, job: _Job) -> None:
 
 
 def create_app(generator: Generator, model_id: str | None = None, speculative: bool | None = None,
-               api_key: str | None = None) -> Starlette:
+               api_key: str | None = None, parallel: int = 1) -> Starlette:
     """The ASGI app serving ``generator``.
 
     Args:
@@ -669,13 +690,25 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
             lookup when the generator has it on); False never does.
         api_key: when given, every ``/v1`` request must carry ``Authorization: Bearer
             <api_key>`` (401 otherwise, before its body is read); ``/health`` stays open.
+        parallel: requests generated at once (default 1). Above 1 the generator's target
+            must hold that many sequences (``load(..., sequences=N)``): each request gets one,
+            and their decode steps run together, one pass over the weights for all
+            (``batching.SequenceBatcher``); they decode plainly.
 
     The engine is ``app.state.engine`` (:class:`Engine`); it stops with the app's lifespan.
     """
     model_id = model_id or default_model_id(generator)
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError("api_key must be a non-empty string (or None: no key)")
-    engine = Engine(generator, speculative)
+    parallel = as_int("parallel", parallel)
+    batcher = None
+    if parallel > 1:
+        from .batching import SequenceBatcher
+        if not isinstance(generator.target, TargetEngine) or generator.target.sequences != parallel:
+            raise ValueError(f"parallel={parallel} needs a generator whose target holds {parallel} sequences "
+                             f"(load(..., sequences={parallel})), not {getattr(generator.target, 'sequences', 1)}")
+        batcher = SequenceBatcher(generator.target)
+    engine = Engine(generator, speculative, batcher)
     created = int(time.time())
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "dovetail"}
 
@@ -777,7 +810,9 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         return JSONResponse(model_card)
 
     async def health(request: Request) -> Response:
+        batched = {} if batcher is None else {"batched_calls": batcher.calls, "batched_tokens": batcher.rows}
         return JSONResponse({"status": "ok", "model": model_id, "busy": engine.busy, "queued": engine.queued,
+                             "parallel": parallel, "running": engine.running, **batched,
                              **engine.counts})
 
     def keyed(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -820,8 +855,10 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
 
 
 def serve(generator: Generator, *, host: str = "127.0.0.1", port: int = 8000, model_id: str | None = None,
-          speculative: bool | None = None, log_level: str = "info", api_key: str | None = None) -> None:
+          speculative: bool | None = None, log_level: str = "info", api_key: str | None = None,
+          parallel: int = 1) -> None:
     """Serves ``generator`` with uvicorn until interrupted (blocks)."""
     import uvicorn
 
-    uvicorn.run(create_app(generator, model_id, speculative, api_key), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(generator, model_id, speculative, api_key, parallel), host=host, port=port,
+                log_level=log_level)

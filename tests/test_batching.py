@@ -1,0 +1,116 @@
+"""Several conversations decoding together on one engine (dovetail_ext.batching), and the
+server's parallel requests."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import dovetail_ext
+from dovetail_ext.batching import SequenceBatcher
+from dovetail_ext.target import TargetEngine
+
+PROMPTS = ["Name three colors.", "Write a haiku about rain.", "What is 2 + 2?", "def fibonacci(n):"]
+N = 16
+
+
+@pytest.fixture(scope="module")
+def plain(default_gguf_path):
+    return dovetail_ext.load(default_gguf_path, context=256, threads=2, draft=None, lookup=None)
+
+
+@pytest.fixture(scope="module")
+def batcher(default_gguf_path):
+    return SequenceBatcher(TargetEngine(default_gguf_path, context=256, threads=2, sequences=4), wait_s=0.05)
+
+
+def _together(gens, calls):
+    """Run calls[i](gens[i]) in one thread each, started together; their results."""
+    out = [None] * len(gens)
+    errors = []
+    start = threading.Barrier(len(gens))
+
+    def run(i):
+        try:
+            start.wait()
+            out[i] = calls[i](gens[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(gens))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return out
+
+
+def test_sequences_decoding_together_give_what_each_gives_alone(plain, batcher):
+    """Four threads, four sequences: greedy, seeded sampling, logprobs, penalties and stop
+    strings give exactly what a generator of their own gives; the steps were batched."""
+    gens = [batcher.generator(s) for s in range(4)]
+    kws = [dict(max_new_tokens=N), dict(max_new_tokens=N, temperature=0.8, top_p=0.9, seed=5),
+           dict(max_new_tokens=N, logprobs=2), dict(max_new_tokens=N, frequency_penalty=1.0, stop=["\n\n"])]
+    for rnd in range(2):  # (the second round reuses each sequence's cached prompt)
+        calls_before, rows_before = batcher.calls, batcher.rows
+        got = _together(gens, [lambda g, p=p, kw=kw: g.generate(p, **kw) for p, kw in zip(PROMPTS, kws)])
+        for p, kw, r in zip(PROMPTS, kws, got):
+            want = plain.generate(p, speculative=False, **kw)
+            assert r.tokens == want.tokens and r.text == want.text and r.stats.mode == "plain"
+            assert r.logprobs == want.logprobs
+        assert batcher.rows - rows_before >= sum(r.stats.target_calls for r in got) > 2 * N
+        assert batcher.calls - calls_before < batcher.rows - rows_before  # (several sequences per call)
+        if rnd:
+            assert all(r.stats.cached_prompt_tokens > 0 for r in got)
+        for s in range(4):
+            batcher.idle(s)
+
+
+def test_streams_and_a_lone_sequence(plain, batcher):
+    """Streams interleave; one sequence alone does not wait for idle ones."""
+    gens = [batcher.generator(s) for s in range(2)]
+    got = _together(gens, [lambda g, p=p: "".join(g.stream(p, max_new_tokens=N)) for p in PROMPTS[:2]])
+    assert got == [plain.generate(p, max_new_tokens=N, speculative=False).text for p in PROMPTS[:2]]
+    for s in range(2):
+        batcher.idle(s)
+    alone = batcher.generator(3).generate(PROMPTS[3], max_new_tokens=N)
+    assert alone.tokens == plain.generate(PROMPTS[3], max_new_tokens=N, speculative=False).tokens
+    batcher.idle(3)
+
+
+def test_bad_arguments(default_gguf_path, batcher):
+    with pytest.raises(ValueError, match="engine must be a TargetEngine"):
+        SequenceBatcher("model.gguf")
+    with pytest.raises(ValueError, match="wait_s"):
+        SequenceBatcher(batcher.engine, wait_s=-1)
+    with pytest.raises(ValueError, match=r"sequence 4 outside \[0, 4\)"):
+        batcher.target(4)
+    with pytest.raises(ValueError, match="speculative=True needs a draft"):
+        batcher.generator(0).generate("Hi", max_new_tokens=2, speculative=True)
+
+
+def test_server_parallel_requests(default_gguf_path, plain):
+    """create_app(parallel=2): two requests at once, each answered as a generator of its own
+    answers; /health counts the batched decode steps; a target with another sequence count
+    is refused."""
+    pytest.importorskip("httpx", reason="the test client uses httpx")
+    pytest.importorskip("starlette", reason="the server needs the [serve] extra (starlette)")
+    from starlette.testclient import TestClient
+
+    from dovetail_ext.server import create_app
+    with pytest.raises(ValueError, match="needs a generator whose target holds 2 sequences"):
+        create_app(plain, parallel=2)
+    gen = dovetail_ext.load(default_gguf_path, context=256, threads=2, draft=None, lookup=None, sequences=2)
+    with TestClient(create_app(gen, parallel=2)) as h:
+        def ask(prompt):
+            r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                     "max_tokens": N, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+        got = _together([None, None], [lambda _, p=p: ask(p) for p in PROMPTS[:2]])
+        assert got == [plain.generate(p, max_new_tokens=N, speculative=False).text for p in PROMPTS[:2]]
+        health = h.get("/health").json()
+        assert health["parallel"] == 2 and health["batched_tokens"] >= 2 * (N - 2)
+        assert health["batched_calls"] < health["batched_tokens"]
