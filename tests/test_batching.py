@@ -22,7 +22,7 @@ def plain(default_gguf_path):
 
 @pytest.fixture(scope="module")
 def batcher(default_gguf_path):
-    return SequenceBatcher(TargetEngine(default_gguf_path, context=256, threads=2, sequences=4), wait_s=0.05)
+    return SequenceBatcher(TargetEngine(default_gguf_path, context=256, threads=2, sequences=4), wait_s=0.5)
 
 
 def _together(gens, calls):
@@ -78,6 +78,40 @@ def test_streams_and_a_lone_sequence(plain, batcher):
     alone = batcher.generator(3).generate(PROMPTS[3], max_new_tokens=N)
     assert alone.tokens == plain.generate(PROMPTS[3], max_new_tokens=N, speculative=False).tokens
     batcher.idle(3)
+
+
+def test_a_failing_step_fails_alone(plain, batcher):
+    """A step the engine refuses (a token outside the vocabulary) raises in its own thread;
+    the step batched with it gets its logits."""
+    import numpy as np
+    ids = plain.encode_prompt(PROMPTS[0])
+    t0, t1 = batcher.target(0), batcher.target(1)
+    t1.truncate(0)
+    t1.forward(ids)
+    t1.commit()
+    t0.truncate(0)
+    t0.forward(ids)
+    t0.commit()
+    plain.target.reset()
+    plain.target.forward(ids + [7])
+    plain.target.commit()
+    want, _ = plain.target.forward([42])
+    plain.target.reset()
+    plain.reset()
+    _together([t0, t1], [lambda t: t.forward([7]), lambda t: t.forward([7])])  # (both now decoding)
+    seen = []
+    decode = batcher._decode
+    batcher._decode = lambda batch, seqs: seen.append(sorted(seqs)) or decode(batch, seqs)
+    try:
+        got = _together([t0, t1], [lambda t: pytest.raises(ValueError, t.forward, [10 ** 8]).value,
+                                    lambda t: t.forward([42])[0]])
+    finally:
+        del batcher._decode
+    assert "outside the vocabulary" in str(got[0])
+    np.testing.assert_array_equal(got[1], want)
+    assert seen[0] == [0, 1] and sorted(seen[1:]) == [[0], [1]]  # (the joint call, then each step alone)
+    for s in (0, 1):
+        batcher.idle(s)
 
 
 def test_bad_arguments(default_gguf_path, batcher):

@@ -74,8 +74,9 @@ class SequenceBatcher:
         return self._targets[s]
 
     def generator(self, sequence: int, source=None) -> Generator:
-        """A plain-decoding :class:`Generator` on sequence ``sequence`` (for one thread)."""
-        return Generator(source or self.engine.source, self.target(sequence), None, lookup=None)
+        """A plain-decoding :class:`Generator` on sequence ``sequence`` (for one thread); when
+        one of its generations ends, the other sequences' steps stop waiting for it."""
+        return _SequenceGenerator(source or self.engine.source, self.target(sequence), None, lookup=None)
 
     def idle(self, sequence: int) -> None:
         """Sequence ``sequence`` takes no decode steps for now (its generation ended): the
@@ -109,11 +110,7 @@ class SequenceBatcher:
         seqs = list(batch)
         self._cv.release()
         try:
-            with self.engine_lock:
-                logits = self.engine.forward_sequences([batch[s] for s in seqs], seqs)
-            results = {s: logits[r:r + 1] for r, s in enumerate(seqs)}
-        except BaseException as e:  # noqa: BLE001 - each waiting step raises it in its own thread
-            results = {s: e for s in seqs}
+            results = self._decode(batch, seqs)
         finally:
             self._cv.acquire()
         self._results.update(results)
@@ -121,6 +118,28 @@ class SequenceBatcher:
         self.rows += len(seqs)
         self._running = False
         self._cv.notify_all()
+
+    def _decode(self, batch: dict[int, int], seqs: list[int]) -> dict[int, Any]:
+        """Logits [1, V] (or the exception) of each sequence's step; a refused call is retried
+        one sequence at a time, so that only the step at fault fails."""
+        try:
+            with self.engine_lock:
+                logits = self.engine.forward_sequences([batch[s] for s in seqs], seqs)
+            return {s: logits[r:r + 1] for r, s in enumerate(seqs)}
+        except BaseException as e:  # noqa: BLE001 - raised in the thread of the step it belongs to
+            if len(seqs) == 1 or not isinstance(e, ValueError):
+                return {s: e for s in seqs}
+            return {s: self._decode(batch, [s])[s] for s in seqs}
+
+
+class _SequenceGenerator(Generator):
+    """A Generator on one sequence of a batcher: tells the batcher when a generation ends."""
+
+    def _run(self, *args: Any, **kwargs: Any):
+        try:
+            yield from super()._run(*args, **kwargs)
+        finally:
+            self.target._b.idle(self.target.sequence)
 
 
 class SequenceTarget:
