@@ -19,9 +19,11 @@ on; FastAPI's additions (pydantic request models, OpenAPI pages) would have to b
 here, since validation errors must come back in OpenAI's error shape rather than
 FastAPI's 422 body. uvicorn is the reference ASGI server from the same maintainers.
 
-One engine: a single worker thread takes requests from a FIFO queue and runs them one at
-a time, so native compute never blocks the event loop and requests are served in arrival
-order; text pieces come back to the event loop through an asyncio queue. Each request
+One engine: a worker thread takes requests from a FIFO queue and runs them one at a time,
+so native compute never blocks the event loop and requests are served in arrival order;
+text pieces come back to the event loop through an asyncio queue. With ``parallel`` N, N
+workers each run one request on a sequence of their own, and their decode steps are joined
+into one pass over the weights (``batching.SequenceBatcher``). Each request
 has a watcher on its ASGI receive channel: when the client goes away, the worker drops
 the generation at the next token (or skips it if it has not started) and takes the next
 request.
@@ -39,7 +41,7 @@ does (such a request decodes plainly).
 ``n`` choices are generated one after another, the i-th of a prompt sampling with seed + i;
 completions take several prompts (choices in prompt order, n each); 64 choices at most.
 
-What it is not: no batching of concurrent requests; no tools, echo in chat or suffix
+What it is not: no speculation for parallel requests; no tools, echo in chat or suffix
 (rejected with 400 rather than silently ignored).
 """
 
