@@ -411,6 +411,10 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     assert "--host is empty" in capsys.readouterr().err
     assert main(["serve", "--api-key", " ", "--model", "/nonexistent.gguf"]) == 2
     assert "--api-key is empty" in capsys.readouterr().err
+    assert main(["serve", "--parallel", "0", "--model", "/nonexistent.gguf"]) == 2
+    assert "--parallel must be in [1, 64]" in capsys.readouterr().err
+    assert main(["serve", "--parallel", "2", "--gpu-layers", "1", "--model", "/nonexistent.gguf"]) == 2
+    assert "drop --gpu-layers" in capsys.readouterr().err
 
 
 def test_cli_streams_text(default_gguf_path):
