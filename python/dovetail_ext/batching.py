@@ -108,16 +108,19 @@ class SequenceBatcher:
         batch, self._waiting = self._waiting, {}
         self._running = True
         seqs = list(batch)
+        results: dict[int, Any] = {}
         self._cv.release()
         try:
             results = self._decode(batch, seqs)
+        except BaseException as e:  # noqa: BLE001 - (whatever it is, every waiting step hears of it)
+            results = {s: e for s in seqs}
         finally:
             self._cv.acquire()
-        self._results.update(results)
-        self.calls += 1
-        self.rows += len(seqs)
-        self._running = False
-        self._cv.notify_all()
+            self._results.update(results)
+            self.calls += 1
+            self.rows += len(seqs)
+            self._running = False
+            self._cv.notify_all()
 
     def _decode(self, batch: dict[int, int], seqs: list[int]) -> dict[int, Any]:
         """Logits [1, V] (or the exception) of each sequence's step; a refused call is retried
