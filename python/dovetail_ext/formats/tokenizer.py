@@ -182,18 +182,8 @@ class _SentencePieceBackend:
 
 @functools.cache
 def _byte_level_decoding() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte
-    in byte-level BPE pieces (printable Latin-1 bytes stand for themselves, the other bytes
-    for 256 + their rank among them)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+    """GPT-2's byte alphabet (:func:`_bytes_to_unicode`) inverted: character -> byte."""
+    return {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class StreamDecoder:
