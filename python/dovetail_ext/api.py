@@ -272,17 +272,9 @@ class Generator:
             self.target.truncate(0)
             if self.draft is not None:
                 self.draft.truncate(0)  # (its cache describes the last conversation, not this one)
-            with_features = self.draft is not None  # (kept for the draft, as a prefill keeps them)
-            for start in range(0, len(ids), self.target.max_batch):
-                part = ids[start:start + self.target.max_batch]
-                # rows r predict ids[start + r + 1]: those in [first, len(ids)) are scored
-                rows = range(max(0, first - 1 - start), min(len(part), len(ids) - 1 - start))
-                logits, f = self.target.forward(part, logit_rows=rows,
-                                                feature_rows=range(len(part)) if with_features else None)
-                self.target.commit()
-                if with_features:
-                    self._keep_features(f)
-                self._kv_tokens.extend(part)
+            # rows r of the chunk at `start` predict ids[start + r + 1]: those in [first, len(ids)) are scored
+            scored = lambda start, n: range(max(0, first - 1 - start), min(n, len(ids) - 1 - start))  # noqa: E731
+            for start, rows, logits in self._feed(ids, 0, self.draft is not None, scored):  # (features: as a prefill)
                 if len(rows):
                     parts.append(pick_logprobs(logits, ids[start + rows.start + 1:start + rows.stop + 1], top))
         if not parts:
@@ -573,15 +565,24 @@ class Generator:
         self.target.truncate(common)
         stats.cached_prompt_tokens = common
         logits = None
-        chunk = self.target.max_batch
-        for start in range(common, len(ids), chunk):
-            part = ids[start:start + chunk]
-            logits, f = self.target.forward(part, feature_rows=np.arange(len(part)) if with_features else None)
+        for _, _, logits in self._feed(ids, common, with_features):
+            pass
+        return logits
+
+    def _feed(self, ids: list[int], start: int, with_features: bool, rows: Any = None) -> Iterator[tuple]:
+        """Run ids[start:] after the committed prefix in chunks of max_batch, each committed
+        (and its features kept with ``with_features``); yields (chunk start, its logit rows,
+        their logits) per chunk. ``rows(start, n)`` picks a chunk's logit rows (default: its
+        last)."""
+        for s in range(start, len(ids), self.target.max_batch):
+            part = ids[s:s + self.target.max_batch]
+            r = None if rows is None else rows(s, len(part))
+            logits, f = self.target.forward(part, logit_rows=r, feature_rows=range(len(part)) if with_features else None)
             self.target.commit()
             if with_features:
                 self._keep_features(f)
             self._kv_tokens.extend(part)
-        return logits
+            yield s, r, logits
 
     def _keep_features(self, rows: np.ndarray) -> None:
         """Append target features of newly committed rows (only while they stay aligned)."""
