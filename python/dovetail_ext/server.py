@@ -449,10 +449,12 @@ class Engine:
         raw = p.kind == "completion"
         param = "messages" if p.kind == "chat" else "prompt"
         context = gen.target.context
+        encoded = []  # each prompt's token ids, encoded once: the choices and the echo take them raw
         for k, prompt in enumerate(p.prompts):  # (every prompt is checked before any is run)
             where = param if len(p.prompts) == 1 else f"{param}[{k}]"
             try:
-                n_prompt = len(gen.encode_prompt(prompt, raw=raw))
+                encoded.append(gen.encode_prompt(prompt, raw=raw))
+                n_prompt = len(encoded[-1])
             except ValueError as e:
                 self._count("failed")
                 job.emit(("error", ApiError(400, f"could not build the {where}: {e}", param)))
@@ -466,20 +468,16 @@ class Engine:
                 return
         job.emit(("start",))
         choices = []
-        for prompt in p.prompts:
+        for prompt, ids in zip(p.prompts, encoded):
             echo = None
             if p.echo:  # the prompt first, scored when log-probabilities are asked for (it is then cached)
-                if p.logprobs is not None:
-                    ids, scored = gen.prompt_logprobs(prompt, raw=True, top=p.logprobs)
-                else:
-                    ids, scored = gen.encode_prompt(prompt, raw=True), []
+                scored = gen.prompt_logprobs(ids, raw=True, top=p.logprobs)[1] if p.logprobs is not None else []
                 echo = (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids), scored)
             for i in range(p.n):  # one after another; the i-th choice of a prompt samples with seed + i
                 index = len(choices)
                 if echo is not None:
                     job.emit(("piece", echo[0], echo[1], index))
-                stats = self._choice(job, gen, prompt, index, None if p.seed is None else p.seed + i, raw, param,
-                                     context)
+                stats = self._choice(job, gen, ids, index, None if p.seed is None else p.seed + i, param, context)
                 if stats is None:
                     return
                 choices.append(stats)
@@ -487,14 +485,15 @@ class Engine:
         self._count("served")
         job.emit(("done", choices))
 
-    def _choice(self, job: _Job, gen: Generator, prompt: Any, index: int, seed: int | None, raw: bool, param: str,
+    def _choice(self, job: _Job, gen: Generator, ids: list[int], index: int, seed: int | None, param: str,
                 context: int) -> GenerationStats | None:
-        """One choice's generation, its pieces handed on as events; its stats, or None when it
-        ended the job (the client gone, or an argument refused)."""
+        """One choice's generation from the prompt's token ids, its pieces handed on as
+        events; its stats, or None when it ended the job (the client gone, or an argument
+        refused)."""
         p = job.params
-        pieces = gen.stream(prompt, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
+        pieces = gen.stream(ids, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
-                            stop=p.stop, raw=raw, speculative=self.speculative, logprobs=p.logprobs,
+                            stop=p.stop, raw=True, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                             logit_bias=p.logit_bias)
         # Each piece takes the log-probabilities of the tokens whose text it completes: text held
