@@ -28,6 +28,7 @@ __all__ = ["ChatSession"]
 @dataclass
 class _Turn:
     messages: list[dict[str, str]]  # the conversation sent, the new user message last
+    ids: list[int]                  # its tokens, as the chat template renders it
     dropped: int                    # exchanges dropped to fit it
     epoch: int
     max_new_tokens: int
@@ -67,10 +68,10 @@ class ChatSession:
         self._turns = []
         self.last_dropped = 0
 
-    def _fit(self, text: str, max_new_tokens: int) -> tuple[list[dict[str, str]], int]:
+    def _fit(self, text: str, max_new_tokens: int) -> tuple[list[dict[str, str]], list[int], int]:
         """The messages for the next turn, the oldest exchanges dropped until the rendered
         prompt leaves the reply room in the context (the new message itself is never dropped),
-        and how many were dropped."""
+        their token ids, and how many were dropped."""
         context = self.generator.target.context
         room = min(max_new_tokens, self.reply_room if self.reply_room is not None else context // 4)
         head = self.messages[:1] if self.system is not None else []
@@ -78,10 +79,11 @@ class ChatSession:
         dropped = 0
         while True:
             msgs = head + self._turns[2 * dropped:] + [user]
-            if dropped * 2 >= len(self._turns) or len(self.generator.encode_prompt(msgs)) + room <= context:
+            ids = self.generator.encode_prompt(msgs)
+            if dropped * 2 >= len(self._turns) or len(ids) + room <= context:
                 break
             dropped += 1
-        return msgs, dropped
+        return msgs, ids, dropped
 
     def _prepare(self, text: str, max_new_tokens: int, kwargs: dict[str, Any]) -> _Turn:
         if not isinstance(text, str):
@@ -89,9 +91,9 @@ class ChatSession:
         if "raw" in kwargs:
             raise ValueError("a chat renders its messages through the chat template; raw= does not apply")
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
-        msgs, dropped = self._fit(check_text(text, "the message"), max_new_tokens)
+        msgs, ids, dropped = self._fit(check_text(text, "the message"), max_new_tokens)
         self._epoch += 1  # (a turn started before this one can no longer change the history)
-        return _Turn(msgs, dropped, self._epoch, max_new_tokens)
+        return _Turn(msgs, ids, dropped, self._epoch, max_new_tokens)
 
     def stream(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> Iterator[str]:
         """Send a user message and yield the reply's text as it is decoded; the other
@@ -105,7 +107,7 @@ class ChatSession:
 
     def _stream(self, turn: _Turn, kwargs: dict[str, Any]) -> Iterator[str]:
         pieces: list[str] = []
-        it = self.generator.stream(turn.messages, max_new_tokens=turn.max_new_tokens, **kwargs)
+        it = self.generator.stream(turn.ids, max_new_tokens=turn.max_new_tokens, raw=True, **kwargs)
         try:
             for piece in it:
                 pieces.append(piece)
@@ -121,7 +123,7 @@ class ChatSession:
     def send(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> GenerationResult:
         """:meth:`stream`, collected: the reply's text, its token ids and the turn's stats."""
         turn = self._prepare(text, max_new_tokens, kwargs)
-        result = self.generator.generate(turn.messages, max_new_tokens=turn.max_new_tokens, **kwargs)
+        result = self.generator.generate(turn.ids, max_new_tokens=turn.max_new_tokens, raw=True, **kwargs)
         self._commit(turn, result.text)
         return result
 
