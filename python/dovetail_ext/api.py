@@ -83,14 +83,16 @@ def pick_logprobs(logits: np.ndarray, tokens, k: int = 0) -> tuple[np.ndarray, n
     row's token [R], and the row's k most likely tokens and their log-probabilities [R, k],
     most likely first (ties by id)."""
     tokens = np.asarray(tokens, dtype=np.int64)
-    x = np.asarray(logits, dtype=np.float64).reshape(len(tokens), -1)
+    raw = np.asarray(logits).reshape(len(tokens), -1)
+    x = raw.astype(np.float64)
     m = x.max(axis=1, keepdims=True)
-    lp = x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
-    chosen = lp[np.arange(len(tokens)), tokens]
+    lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))  # (the one float64 pass over the row)
+    rows = np.arange(len(tokens))
+    chosen = x[rows, tokens] - lse[:, 0]
     idx, vals = np.zeros((len(tokens), 0), np.int64), np.zeros((len(tokens), 0))
     if k and len(tokens):
-        idx = np.argpartition(-lp, k - 1, axis=1)[:, :k]
-        vals = np.take_along_axis(lp, idx, axis=1)
+        idx = np.argpartition(-raw, k - 1, axis=1)[:, :k]  # (the logits' order is the log-probabilities')
+        vals = np.take_along_axis(x, idx, axis=1) - lse
         order = np.lexsort((idx, -vals), axis=1)
         idx, vals = np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
     return chosen, idx, vals
