@@ -266,3 +266,40 @@ def test_sampled_decode(benchmark, spec_gen, record, setting, monkeypatch):
            plain_vs_full_sort=rows["plain"]["tokens_per_s"] / base,
            speculative_vs_plain=rows["speculative"]["tokens_per_s"] / rows["plain"]["tokens_per_s"],
            tau=rows["speculative"]["acceptance_length"], draft=label)
+
+
+PERSON_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city", "skills"],
+                 "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
+                                "skills": {"type": "array", "items": {"type": "string"}, "maxItems": 4}}}
+PEOPLE = ["Ann, 31, a developer in Oslo who knows Python and SQL",
+          "Bob, 45, a carpenter from Lyon, good at joinery and drawing",
+          "Chen, 28, a nurse in Toronto who speaks English and Mandarin",
+          "Dara, 52, a pilot based in Dublin",
+          "Eve, 19, a student in Austin learning Rust, Go and C",
+          "Farid, 37, a chef in Marseille skilled at baking",
+          "Gita, 61, a retired teacher living in Pune who paints",
+          "Hugo, 24, a cyclist from Ghent"]
+
+
+def test_structured_output(benchmark, spec_gen, record):
+    """JSON that follows a schema (``Grammar.json``), greedy, prompt by prompt in rotating
+    order: plain decoding without a grammar (what the masks cost), plain and speculative
+    decoding under the grammar; the two constrained outputs must be identical."""
+    grammar_mod = pytest.importorskip("dovetail_ext.grammar")
+    pytest.importorskip("llguidance", reason="structured output needs the [grammar] extra (llguidance)")
+    gen, label = spec_gen
+    g = grammar_mod.Grammar.json(PERSON_SCHEMA)
+    prompts = [f"Describe {p} as a JSON object with name, age, city and skills." for p in PEOPLE]
+    n, prompts = (128, prompts) if benchmark.enabled else (16, prompts[:2])
+    modes = {"plain, no grammar": dict(speculative=False), "plain": dict(speculative=False, grammar=g),
+             "speculative": dict(speculative=True, grammar=g)}
+    results = _rotating(benchmark, gen, prompts, n, modes)
+    assert [r.tokens for r in results["speculative"]] == [r.tokens for r in results["plain"]]
+    rows = {mode: _summary(res) for mode, res in results.items()}
+    complete = sum(r.stats.stop_reason == "grammar" for r in results["plain"])
+    for mode, row in rows.items():
+        record("structured_output", mode, **row, draft=label)
+    record("structured_output", "ratio",
+           speculative_over_plain=rows["speculative"]["tokens_per_s"] / rows["plain"]["tokens_per_s"],
+           grammar_plain_over_free_plain=rows["plain"]["tokens_per_s"] / rows["plain, no grammar"]["tokens_per_s"],
+           complete_json=complete, prompts=len(prompts), outputs_identical=True)

@@ -53,7 +53,26 @@ def refs(gen):
         count_scored=gen.prompt_logprobs(COUNT, raw=True, top=2),
         adjusted=gen.generate(CHAT, max_new_tokens=N, presence_penalty=0.5, frequency_penalty=1.0,
                               logit_bias={11: -100.0, 260: 3.0}),
+        **_structured_refs(gen),
     )
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+JSON_ASK = [{"role": "user", "content": "Describe Ann, 31, as JSON."}]
+
+
+def _structured_refs(gen) -> dict:
+    """Direct generations under JSON grammars (when llguidance is installed)."""
+    try:
+        from dovetail_ext.grammar import Grammar
+        Grammar.json()
+    except ImportError:
+        return {"json_object": None, "json_schema": None}
+    return {"json_object": gen.generate(JSON_ASK, max_new_tokens=60, grammar=Grammar.json()),
+            "json_schema": gen.generate(JSON_ASK, max_new_tokens=60, grammar=Grammar.json(PERSON)),
+            "json_schema_text": gen.generate("Ann is 31. As JSON:", raw=True, max_new_tokens=60,
+                                             grammar=Grammar.json(PERSON))}
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +279,44 @@ def test_penalties_and_logit_bias_match_direct_generation(server, client, refs):
     r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0,
                                        presence_penalty=0.5, frequency_penalty=1.0, logit_bias={"11": -100, "260": 3})
     assert r.choices[0].message.content == ref.text and r.model_extra["dovetail"]["mode"] == "plain"
+
+
+def test_response_format_json(server, client, refs):
+    if refs.json_object is None:
+        pytest.skip("structured output needs the [grammar] extra (llguidance)")
+    r = client.chat.completions.create(model=server.model, messages=JSON_ASK, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content == refs.json_object.text
+    assert r.choices[0].finish_reason == finish_reason(refs.json_object)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = client.chat.completions.create(model=server.model, messages=JSON_ASK, max_tokens=60, temperature=0,
+                                       response_format=fmt)
+    assert r.choices[0].message.content == refs.json_schema.text and r.choices[0].finish_reason == "stop"
+    assert refs.json_schema.stats.stop_reason == "grammar" and set(json.loads(refs.json_schema.text)) == {"name", "age"}
+    pieces = client.chat.completions.create(model=server.model, messages=JSON_ASK, max_tokens=60, temperature=0,
+                                            response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == refs.json_schema.text
+    r = client.completions.create(model=server.model, prompt="Ann is 31. As JSON:", max_tokens=60, temperature=0,
+                                  extra_body={"response_format": fmt})
+    assert r.choices[0].text == refs.json_schema_text.text
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        for fmt in [{"type": "xml"}, "json", {"type": "json_schema"}, {"type": "json_schema", "json_schema": []},
+                    {"type": "json_schema", "json_schema": {"name": 5, "schema": PERSON}},
+                    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
+                    {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}]:
+            check_error_body(h.post("/v1/chat/completions", json={"messages": CHAT, "response_format": fmt}),
+                             400, "response_format")
+
+
+def test_response_format_without_llguidance(server, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "llguidance", None)
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        resp = h.post("/v1/chat/completions", json={"messages": CHAT, "response_format": {"type": "json_object"}})
+        check_error_body(resp, 400, "response_format", "unsupported_parameter")
+        assert "dovetail-ext[grammar]" in resp.json()["error"]["message"]
+        ok = h.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2,
+                                                  "response_format": {"type": "text"}})
+        assert ok.status_code == 200
 
 
 def test_n_choices(server, client, refs):

@@ -25,6 +25,7 @@ import numpy as np
 from .errors import as_bool, as_int, check_text
 from .formats import load_model_source
 from .formats.base import ModelSource
+from .grammar import Constraint, Grammar
 from .lookup import LookupParams, NgramLookup
 from .sampling import LogitAdjuster, SamplingParams, TokenChooser
 from .target import TargetEngine, check_device_name
@@ -45,7 +46,7 @@ class GenerationStats:
     decode_s: float = 0.0
     tokens_per_s: float = 0.0
     mode: str = "plain"    # "speculative" (a draft), or "lookup" (prompt lookup without a draft)
-    stop_reason: str = ""  # "eos", "stop", "length" or "context"
+    stop_reason: str = ""  # "eos", "stop", "length", "context" or "grammar"
     cached_prompt_tokens: int = 0
     target_calls: int = 0  # target forwards while decoding (prefill chunks not counted)
     acceptance_length: float = 0.0  # tokens emitted per target call while decoding (tau)
@@ -289,7 +290,7 @@ class Generator:
                  stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
                  tree: TreeParams | AutoTree | None = None, draft=None,
                  logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: dict[int, float] | None = None) -> GenerationResult:
+                 logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
@@ -319,12 +320,19 @@ class Generator:
                 in [-2, 2] over the tokens generated so far, biases in [-100, 100] by token
                 id). They change the distribution decoded from, so the call decodes
                 plainly; ``logprobs`` stay the target's own.
+            grammar: a :class:`~dovetail_ext.grammar.Grammar` the output must follow (JSON,
+                a JSON Schema, a regex, a choice, a Lark or GBNF grammar): tokens that cannot
+                continue it get probability 0 before sampling. Speculation stays lossless:
+                every verified node is judged by the target's logits masked by the grammar
+                after the path to it. ``logprobs`` stay the target's own. The output ends
+                where the grammar admits nothing more (``stop_reason == "grammar"``).
         """
         self.set_draft(draft)
         tokens: list[int] = []
         adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
         text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                                 () if stop is None else stop, raw, tokens, speculative, tree, logprobs, adjust))
+                                 () if stop is None else stop, raw, tokens, speculative, tree, logprobs, adjust,
+                                 grammar))
         return GenerationResult(text=text, tokens=tokens, stats=self.last_stats,
                                 logprobs=None if logprobs is None else list(self.last_logprobs))
 
@@ -333,14 +341,14 @@ class Generator:
                stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
                tree: TreeParams | AutoTree | None = None, draft=None,
                logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               logit_bias: dict[int, float] | None = None) -> Iterator[str]:
+               logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
         call are in ``last_stats`` once the iterator is exhausted. With ``logprobs``,
         ``last_logprobs`` grows by one entry per token as the tokens are decoded."""
         self.set_draft(draft)
         adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
         return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                         () if stop is None else stop, raw, [], speculative, tree, logprobs, adjust)
+                         () if stop is None else stop, raw, [], speculative, tree, logprobs, adjust, grammar)
 
     def set_draft(self, draft) -> None:
         """Attach a draft (a checkpoint path or a Draft bound to this generator's target);
@@ -374,7 +382,7 @@ class Generator:
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
              raw: bool, out_tokens: list[int], speculative: bool | None,
              tree: TreeParams | AutoTree | None, logprobs: int | None = None,
-             adjust: LogitAdjuster | None = None) -> Iterator[str]:
+             adjust: LogitAdjuster | None = None, grammar: Grammar | None = None) -> Iterator[str]:
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
         if logprobs is not None:
             logprobs = _logprob_count("logprobs", logprobs)
@@ -389,12 +397,22 @@ class Generator:
             raise ValueError("speculative=True needs a draft (load(..., draft=PATH) or Generator(..., draft=...)) "
                              "or prompt lookup (lookup=LookupParams())")
         adjust = adjust if adjust is not None and adjust.active else None
+        constraint = None if grammar is None else \
+            Constraint(grammar, self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
         # Plain decoding for logprobs (every step's distribution is read) and for adjusted logits
         # (the distribution decoded from is no longer the target's, which speculation verifies).
+        # A grammar's mask is applied at every verified node, so grammars speculate.
         if speculative and (logprobs is not None or adjust is not None):
             raise ValueError("logprobs and logit adjustments (penalties, logit_bias) decode plainly: "
                              "drop speculative=True")
         plain = speculative is False or logprobs is not None or adjust is not None
+
+        def pick(row: np.ndarray) -> int:  # the next token from one row of the target's logits
+            if adjust is not None:
+                row = adjust(row)
+            if constraint is not None:
+                row = constraint(row)
+            return chooser(row)
         spec = self.draft is not None and not plain
         lookup_only = not spec and not plain and self.lookup is not None
         tree = tree or self.tree
@@ -428,7 +446,7 @@ class Generator:
             self._owner += 1
             run = self._owner
             logits = self._prefill(ids, stats, with_features=spec)
-            pending = [chooser(logits[0] if adjust is None else adjust(logits[0]))]  # the first new token
+            pending = [pick(logits[0])]  # the first new token
             rows = [logits[0]]
             if spec:
                 from .speculative import Governor, SpecState, SpecTimes, TreeSelector, speculative_step
@@ -472,6 +490,8 @@ class Generator:
                 out_tokens.append(tok)
                 if adjust is not None:
                     adjust.add(tok)
+                if constraint is not None:
+                    constraint.consume(tok)
                 if logprobs is not None:
                     self.last_logprobs.extend(_token_logprobs([tok], *pick_logprobs(rows[0], [tok], logprobs)))
                 piece, hit = stops.feed(decoder.push(tok))
@@ -479,6 +499,9 @@ class Generator:
                     yield piece
                 if hit:
                     stats.stop_reason = "stop"
+                    break
+                if constraint is not None and constraint.stopped:
+                    stats.stop_reason = "grammar"
                     break
                 if len(out_tokens) >= max_new_tokens:
                     stats.stop_reason = "length"
@@ -499,7 +522,8 @@ class Generator:
                     shape = selector.shape() if selector is not None else tree
                     ts = time.perf_counter()
                     pending, committed = speculative_step(state, self.target, self.draft, shape, params, chooser,
-                                                          times, overlap=overlap, drafting=drafting, chain=chain)
+                                                          times, overlap=overlap, drafting=drafting, chain=chain,
+                                                          constraint=constraint)
                     drafted = drafting and not chain
                     if drafted:
                         stats.tree = f"{shape.top_k},{shape.depth},{shape.total_tokens}"
@@ -519,7 +543,8 @@ class Generator:
                     chain = lookup.propose(self._chain_room(max_new_tokens - len(out_tokens))) if lookup_only else None
                     if chain:
                         ts = time.perf_counter()
-                        accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False)
+                        accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False,
+                                                            constraint=constraint)
                         times.verify_s += time.perf_counter() - ts
                         times.record_step(len(chain), len(accepted), lookup=True)
                         self._kv_tokens.extend([root] + accepted)
@@ -527,7 +552,7 @@ class Generator:
                         logits, _ = self.target.forward([root])
                         self.target.commit()
                         self._kv_tokens.append(root)
-                        pending = [chooser(logits[0] if adjust is None else adjust(logits[0]))]
+                        pending = [pick(logits[0])]
                         rows = [logits[0]]
                         if lookup_only:
                             times.record_step()

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -125,6 +126,49 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         p.add_argument(f"--{name}-penalty", type=float, default=0.0, metavar="X",
                        help=f"OpenAI's {name} penalty over the tokens generated so far, in [-2, 2] (default 0; "
                             "nonzero decodes plainly)")
+    g = p.add_argument_group("structured output (needs llguidance: pip install 'dovetail-ext[grammar]'; "
+                             "decodes plainly)").add_mutually_exclusive_group()
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    g.add_argument("--json-schema", metavar="SCHEMA", default=None,
+                   help="the output is JSON following this JSON Schema: a file, or the schema's JSON text")
+    g.add_argument("--regex", metavar="PATTERN", default=None, help="the output matches this regular expression")
+    g.add_argument("--grammar", metavar="FILE", default=None, help="the output follows this GBNF or Lark grammar")
+
+
+def _grammar_from_args(args: argparse.Namespace):
+    """The Grammar the structured-output options ask for, or None."""
+    from .grammar import Grammar
+
+    try:
+        if args.json_object:
+            return Grammar.json()
+        if args.json_schema is not None:
+            text = args.json_schema
+            if not text.lstrip().startswith("{"):
+                text = _read_text(text, "--json-schema")
+            return Grammar.json(text)
+        if args.regex is not None:
+            return Grammar.regex(args.regex)
+        if args.grammar is not None:
+            return Grammar.gbnf(_read_text(args.grammar, "--grammar"))
+    except ImportError as e:  # (llguidance missing)
+        raise ValueError(str(e)) from e
+    return None
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{option}: cannot read {path!r}: {e}") from None
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The generate() arguments of the options added by _add_sampling_args and --no-spec."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                grammar=_grammar_from_args(args))
 
 
 def _bench_prompts() -> tuple[str, ...]:
@@ -234,11 +278,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
+    kw = dict(_sampling_kwargs(args), raw=args.raw)
     gen = _load(args, tree=_tree_from_args(args))
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
-              speculative=False if args.no_spec else None, presence_penalty=args.presence_penalty,
-              frequency_penalty=args.frequency_penalty)
     if args.json:
         res = gen.generate(messages, logprobs=args.logprobs, **kw)
         extra = {}
@@ -303,11 +344,9 @@ def _read_turn(tty: bool) -> str | None:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
+    kw = _sampling_kwargs(args)
     gen = _load(args, tree=_tree_from_args(args))
     session = ChatSession(gen, system=args.system)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None,
-              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     tty = sys.stdin.isatty()
     if tty:
         try:

@@ -188,14 +188,31 @@ class TokenChooser:
         return self.draw_from(support, probs[support])
 
 
-def accept_greedy(tree, logits: np.ndarray) -> tuple[np.ndarray, int]:
+def accept_greedy(tree, logits: np.ndarray, constraint=None) -> tuple[np.ndarray, int]:
     """Greedy verification of a tree against the target's logits [K, V] at its nodes.
 
     A drafted node is accepted when its token is the target's argmax at its parent and its
     parent is accepted; siblings hold distinct tokens, so the accepted nodes form one
     root-to-node path. Returns (path of node indices from the root, bonus token = the
     target's argmax after the path's last node).
+
+    With a ``constraint`` (:class:`~dovetail_ext.grammar.Constraint`, at the root) the
+    argmax at each node is taken among the tokens the grammar allows after the path to it,
+    which the walk consumes; the constraint is back at the root when this returns.
     """
+    if constraint is not None:
+        path, taken = [0], 0
+        try:
+            while True:
+                best = int(np.argmax(constraint(logits[path[-1]])))
+                child = next((int(c) for c in tree.children(path[-1]) if tree.tokens[c] == best), None)
+                if child is None:
+                    return np.asarray(path, dtype=np.int64), best
+                constraint.consume(best)
+                taken += 1
+                path.append(child)
+        finally:
+            constraint.rollback(taken)
     best = np.argmax(logits, axis=-1).tolist()
     # One pass in node order (a parent comes before its children): the accepted nodes form
     # one chain from the root, so the last one accepted ends the path.
@@ -207,7 +224,8 @@ def accept_greedy(tree, logits: np.ndarray) -> tuple[np.ndarray, int]:
     return np.asarray(path, dtype=np.int64), int(best[path[-1]])
 
 
-def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: TokenChooser) -> tuple[np.ndarray, int]:
+def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: TokenChooser,
+                   constraint=None) -> tuple[np.ndarray, int]:
     """Lossless verification for sampling (recursive rejection with deterministic drafts).
 
     At node u with target distribution p (temperature / top-k / top-p applied), try u's
@@ -216,27 +234,35 @@ def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: To
     norm(max(p - q, 0)), i.e. p with p(x) set to 0, renormalized, and the next child is
     tried against it. If no child is accepted (or u is a leaf) the bonus token is drawn from
     what remains of p. The emitted tokens then follow the target's distribution exactly.
+
+    With a ``constraint`` (at the root), p at each node is the distribution of the logits
+    masked by the grammar after the path to it (as in :func:`accept_greedy`).
     """
     u = 0
     path = [0]
-    while True:
-        ids, p = target_dist(logits[u], params)
-        moved = False
-        for c in tree.children(u):
-            x = int(tree.tokens[c])
-            k = int(np.searchsorted(ids, x))
-            px = float(p[k]) if k < len(ids) and ids[k] == x else 0.0
-            if chooser.rng.random() < px:
-                u, moved = int(c), True
-                path.append(u)
-                break
-            rest = p.sum() - px
-            if rest <= 0.0:  # p(x) was 1 up to rounding: nothing else can be drawn
-                u, moved = int(c), True
-                path.append(u)
-                break
-            if px:
-                p[k] = 0.0
-            p /= rest
-        if not moved:
-            return np.asarray(path, dtype=np.int64), chooser.draw_from(ids, p)
+    try:
+        while True:
+            ids, p = target_dist(logits[u] if constraint is None else constraint(logits[u]), params)
+            moved = False
+            for c in tree.children(u):
+                x = int(tree.tokens[c])
+                k = int(np.searchsorted(ids, x))
+                px = float(p[k]) if k < len(ids) and ids[k] == x else 0.0
+                if chooser.rng.random() < px:
+                    u, moved = int(c), True
+                    break
+                rest = p.sum() - px
+                if rest <= 0.0:  # p(x) was 1 up to rounding: nothing else can be drawn
+                    u, moved = int(c), True
+                    break
+                if px:
+                    p[k] = 0.0
+                p /= rest
+            if not moved:
+                return np.asarray(path, dtype=np.int64), chooser.draw_from(ids, p)
+            path.append(u)
+            if constraint is not None:
+                constraint.consume(int(tree.tokens[u]))
+    finally:
+        if constraint is not None:
+            constraint.rollback(len(path) - 1)

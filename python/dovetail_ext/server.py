@@ -38,6 +38,11 @@ Completions take token-id prompts and ``echo`` (the prompt scored too with ``log
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` adjust the logits as OpenAI
 does (such a request decodes plainly).
 
+``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+{"name": ..., "schema": {...}}}`` constrains the output to JSON (``grammar.Grammar.json``;
+needs the ``llguidance`` package; such a request decodes plainly); on the completions
+endpoint too.
+
 ``n`` choices are generated one after another, the i-th of a prompt sampling with seed + i;
 completions take several prompts (choices in prompt order, n each); 64 choices at most.
 
@@ -69,6 +74,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .api import MAX_LOGPROBS, GenerationStats, Generator, TokenLogprob
+from .grammar import Grammar
 from .errors import as_int, check_text
 from .sampling import SamplingParams
 from .target import TargetEngine
@@ -137,6 +143,7 @@ class _Params:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     n: int = 1                      # choices, generated one after another (choice i: seed + i)
+    grammar: Grammar | None = None  # response_format json_object / json_schema
 
 
 def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
@@ -165,10 +172,7 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
         v = body.get(key)
         if v not in (None, False, 0, "", [], {}) and not (key == "best_of" and v == 1):
             raise ApiError(400, f"'{key}' is not supported by this server", key, "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format",
-                       "unsupported_parameter")
+    grammar = _response_format(body.get("response_format"))
 
     if kind == "chat":
         prompts = [_messages(body.get("messages"))]
@@ -243,7 +247,40 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
                             f"{MAX_CHOICES}", "prompt")
     return _Params(kind, prompts, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
                    stream, include_usage, logprobs, echo, float(penalties["presence_penalty"]),
-                   float(penalties["frequency_penalty"]), bias, n)
+                   float(penalties["frequency_penalty"]), bias, n, grammar)
+
+
+def _response_format(fmt: Any) -> Grammar | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (no constraint), ``{"type":
+    "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}}}``; the last two become a :class:`Grammar` for the output."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}, "
+                            f"got {json.dumps(fmt)[:80]}", "response_format")
+    if fmt["type"] == "text":
+        return None
+    schema = None
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, "'response_format.json_schema' must be an object with the 'schema'",
+                           "response_format")
+        if not isinstance(spec.get("name", ""), str):
+            raise ApiError(400, "'response_format.json_schema.name' must be a string", "response_format")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, "'response_format.json_schema.schema' must be a JSON Schema object",
+                           "response_format")
+    try:
+        return Grammar.json(schema)
+    except ImportError as e:
+        raise ApiError(400, f"this server cannot constrain output: {e}", "response_format",
+                       "unsupported_parameter") from None
+    except ValueError as e:
+        raise ApiError(400, f"'response_format': {e}", "response_format") from None
 
 
 def _completion_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
@@ -495,7 +532,7 @@ class Engine:
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
                             stop=p.stop, raw=True, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                            logit_bias=p.logit_bias)
+                            logit_bias=p.logit_bias, grammar=p.grammar)
         # Each piece takes the log-probabilities of the tokens whose text it completes: text held
         # back (a possible stop string, part of a character) keeps its tokens' back too.
         sent, emitted, ends, decoder = 0, 0, [], gen.tokenizer.stream_decoder()
