@@ -299,6 +299,24 @@ def test_speculative_constrained_greedy_equals_plain(gen, random_draft_gen, gram
             assert plain.stats.stop_reason == "length"
 
 
+def test_forced_tokens_are_verified_as_chains(gen):
+    """A compact schema forces its keys: those tokens go to the target as chains (also with
+    prompt lookup off), and the output stays plain decoding's."""
+    g = Grammar.json(PERSON, compact=True)
+    plain = gen.generate(PROMPTS[0], max_new_tokens=80, grammar=g, speculative=False)
+    lookup, gen.lookup = gen.lookup, None
+    try:
+        r = gen.generate(PROMPTS[0], max_new_tokens=80, grammar=g)
+    finally:
+        gen.lookup = lookup
+    assert r.tokens == plain.tokens and r.stats.lookup_steps >= 3 and r.stats.lookup_accepted >= 3
+    c = Constraint(g, gen.tokenizer, gen.config.vocab_size, sorted(gen.eos_ids))
+    for t in gen.tokenizer.encode('{"name":"Ann"', add_bos=False):
+        c.consume(t)
+    assert gen.tokenizer.decode(c.forced(10)) == ',"age":'
+    assert c.forced(1) == c.forced(10)[:1]
+
+
 def test_constrained_output_ends_with_the_grammar(gen):
     r = gen.generate(PROMPTS[0], max_new_tokens=120, grammar=Grammar.json(PERSON))
     assert r.stats.stop_reason == "grammar" and follows_person(r.text)

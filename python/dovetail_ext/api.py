@@ -324,7 +324,8 @@ class Generator:
                 a JSON Schema, a regex, a choice, a Lark or GBNF grammar): tokens that cannot
                 continue it get probability 0 before sampling. Speculation stays lossless:
                 every verified node is judged by the target's logits masked by the grammar
-                after the path to it. ``logprobs`` stay the target's own. The output ends
+                after the path to it, and the tokens the grammar forces are verified as a
+                chain (like a prompt-lookup match). ``logprobs`` stay the target's own. The output ends
                 where the grammar admits nothing more (``stop_reason == "grammar"``).
         """
         self.set_draft(draft)
@@ -406,6 +407,13 @@ class Generator:
             raise ValueError("logprobs and logit adjustments (penalties, logit_bias) decode plainly: "
                              "drop speculative=True")
         plain = speculative is False or logprobs is not None or adjust is not None
+
+        def propose_chain(budget: int) -> list[int] | None:
+            """Tokens to verify after the root instead of a drafted tree: those the grammar
+            forces (where the text can go on one way only), else a prompt-lookup match."""
+            room = self._chain_room(budget)
+            forced = constraint.forced(room) if constraint is not None and room > 0 else None
+            return forced or (lookup.propose(room) if lookup is not None else None)
 
         def pick(row: np.ndarray) -> int:  # the next token from one row of the target's logits
             if adjust is not None:
@@ -516,8 +524,7 @@ class Generator:
                 stats.target_calls += 1
                 root = pending[-1]
                 if spec:
-                    chain = lookup.propose(self._chain_room(max_new_tokens - len(out_tokens))) \
-                        if lookup is not None and state.ready is None else None
+                    chain = propose_chain(max_new_tokens - len(out_tokens)) if state.ready is None else None
                     drafting = bool(chain) or governor is None or governor.drafting() or state.ready is not None
                     shape = selector.shape() if selector is not None else tree
                     ts = time.perf_counter()
@@ -540,7 +547,7 @@ class Generator:
                     self._keep_features(committed)
                     self._kv_tokens.extend([root] + pending[:-1])
                 else:
-                    chain = lookup.propose(self._chain_room(max_new_tokens - len(out_tokens))) if lookup_only else None
+                    chain = propose_chain(max_new_tokens - len(out_tokens)) if lookup_only else None
                     if chain:
                         ts = time.perf_counter()
                         accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False,

@@ -205,6 +205,12 @@ class Constraint:
             raise ValueError(f"{self.grammar!r}: no token of the vocabulary can continue the output")
         return np.where(ok, row, np.float32(-np.inf)).astype(np.float32, copy=False)
 
+    def forced(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that must come next: the tokenization of the bytes the
+        grammar forces from here (a schema's next key, say); empty where it branches. A
+        proposal to verify, not a choice: the target may spell the bytes otherwise."""
+        return self.matcher.compute_ff_tokens()[:limit]
+
     def rollback(self, tokens: int) -> None:
         """Undo the last ``tokens`` consumed."""
         if tokens and not self.matcher.rollback(int(tokens)):
