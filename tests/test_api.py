@@ -399,6 +399,9 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     assert info["model"]["layers"] == 30
     assert (info["model"]["activation"], info["model"]["sliding_window"], info["model"]["local_layers"]) == ("silu", 0, 0)
     assert info["cuda_cublas"] is None or info["cuda_cublas"].startswith("libcublas")
+    import importlib.util
+    for pkg in ("llguidance", "uvicorn", "torch"):  # versions of the optional packages, None where absent
+        assert (info["optional"][pkg] is not None) == (importlib.util.find_spec(pkg) is not None), pkg
     assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 2
     assert "no such model file" in capsys.readouterr().err
     # info: a model named but unreadable is in the JSON, and the exit status says so

