@@ -277,13 +277,16 @@ def test_target_probs_follows_the_full_sort_specification():
             logits = np.round(logits)  # ties, at the top-p boundary too
         params = SamplingParams(float(rng.choice([0.2, 0.7, 1.0, 1.7])),
                                 top_p=float(rng.choice([0.01, 0.5, 0.9, 0.97, 0.9999, 1.0])),
-                                top_k=int(rng.choice([0, 1, 7, 40, 5000])))
+                                top_k=int(rng.choice([0, 1, 7, 40, 5000])),
+                                min_p=float(rng.choice([0.0, 0.0, 0.05, 0.3])))
         got, want = target_probs(logits, params), target_probs_by_full_sort(logits, params)
         assert got.shape == want.shape, (trial, V, params)
         for g, w, row in zip(got.reshape(-1, V), want.reshape(-1, V), logits.reshape(-1, V)):
             assert abs(g.sum() - 1.0) < 1e-10
             z = (row.astype(np.float64) - row.max()) / params.temperature
             at_cutoff = set(np.flatnonzero(np.abs(z + 87.3) < 1e-3).tolist())  # exp's float32 range
+            if params.min_p:  # (min_p's floor, compared in another order of operations)
+                at_cutoff |= set(np.flatnonzero(np.abs(z - np.log(params.min_p)) < 1e-6).tolist())
             if (_support(g) ^ _support(w)) - at_cutoff:
                 near += 1
                 lo = target_probs_by_full_sort(row, replace(params, top_p=params.top_p * (1 - 1e-5)))
@@ -365,6 +368,30 @@ def test_token_chooser_native_draw_equals_the_python_draw():
         _core.sample(np.zeros(3, np.float32), 1.0, 0, 1.0, 1.0)
 
 
+def test_min_p_keeps_the_tokens_near_the_most_likely():
+    """min_p keeps exactly the tokens with p >= min_p * p_max at the temperature, before
+    top-k and top-p; the seeded draws of TokenChooser follow that distribution."""
+    from scipy import stats
+    logits = np.array([2.0, 1.9, 1.0, 0.2, -1.0, -np.inf, 1.5], dtype=np.float32)
+    for T, m, keep in [(1.0, 0.5, {0, 1, 6}), (1.0, 0.1, {0, 1, 2, 3, 6}), (2.0, 0.5, {0, 1, 2, 6}),
+                       (1.0, 1.0, {0}), (1.0, 0.0, {0, 1, 2, 3, 4, 6})]:
+        p = target_probs(logits, SamplingParams(T, min_p=m))
+        assert set(np.flatnonzero(p).tolist()) == keep, (T, m)
+        full = target_probs(logits, SamplingParams(T))
+        np.testing.assert_allclose(p[sorted(keep)], full[sorted(keep)] / full[sorted(keep)].sum(), rtol=1e-6)
+    params = SamplingParams(1.0, top_k=2, min_p=0.5, seed=3)  # min_p keeps 0, 1, 6; top-k 2 of them
+    assert set(np.flatnonzero(target_probs(logits, params)).tolist()) == {0, 1}
+    params = SamplingParams(1.0, min_p=0.3, seed=3)
+    ch = TokenChooser(params)
+    draws = np.bincount([ch(logits) for _ in range(20000)], minlength=7)
+    want = target_probs(logits, params)
+    assert draws[want == 0].sum() == 0
+    assert stats.chisquare(draws[want > 0], 20000 * want[want > 0]).pvalue > 1e-3
+    for bad in (-0.1, 1.5, "0.1", float("nan")):
+        with pytest.raises(ValueError, match="min_p"):
+            SamplingParams(1.0, min_p=bad)
+
+
 def test_token_chooser_distribution():
     from scipy import stats
     p = np.array([0.4, 0.3, 0.2, 0.1, 0.0])
@@ -391,6 +418,15 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     assert lp["tokens"] == out["tokens"] and [e["token"] for e in lp["logprobs"]] == out["tokens"]
     assert all(len(e["top"]) == 2 and e["top"][0]["token"] == e["token"] and e["logprob"] <= 0
                for e in lp["logprobs"])
+    assert main(["generate", "Name a fruit.", "--max-new-tokens", "8", "--json", "--threads", "1",
+                 "--temperature", "1.2", "--min-p", "0.2", "--seed", "5"]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    import dovetail_ext
+    g = dovetail_ext.load(default_gguf_path, context=256, threads=1)
+    assert sampled["tokens"] == g.generate("Name a fruit.", max_new_tokens=8, temperature=1.2, min_p=0.2,
+                                           seed=5).tokens
+    assert main(["generate", "x", "--temperature", "1", "--min-p", "2", "--model", str(default_gguf_path)]) == 2
+    assert "min_p must be in [0, 1]" in capsys.readouterr().err
     assert main(["generate", "Name a fruit.", "--logprobs", "2", "--model", "/nonexistent.gguf"]) == 2
     assert "--logprobs needs --json" in capsys.readouterr().err  # (before the model is read)
     assert main(["info", "--json"]) == 0

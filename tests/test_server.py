@@ -46,6 +46,7 @@ def refs(gen):
         sampled=gen.generate(CHAT, max_new_tokens=N, temperature=0.8, top_p=0.9, seed=7).text,
         sampled_next=[gen.generate(CHAT, max_new_tokens=N, temperature=0.8, top_p=0.9, seed=seed).text
                       for seed in (8, 9)],
+        sampled_min_p=gen.generate(CHAT, max_new_tokens=N, temperature=1.2, seed=5, min_p=0.2).text,
         questions=[gen.generate(q, max_new_tokens=N).text for q in QUESTIONS],
         count_prompt_tokens=len(gen.encode_prompt(COUNT, raw=True)),
         chat_lp=gen.generate(CHAT, max_new_tokens=N, logprobs=3),
@@ -364,6 +365,9 @@ def test_seeded_sampling_matches_direct_generation(server, client, refs):
         r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0.8,
                                            top_p=0.9, seed=7)
         assert r.choices[0].message.content == refs.sampled
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=1.2, seed=5,
+                                       extra_body={"min_p": 0.2})
+    assert r.choices[0].message.content == refs.sampled_min_p
 
 
 def test_greedy_matches_cli(server, client, capsys):
@@ -463,6 +467,8 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": "8"}, 400, "max_completion_tokens", None),
     ("/v1/chat/completions", {"messages": CHAT, "temperature": 3}, 400, "temperature", None),
     ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, 400, "top_p", None),
+    ("/v1/chat/completions", {"messages": CHAT, "min_p": 1.5}, 400, "min_p", None),
+    ("/v1/chat/completions", {"messages": CHAT, "min_p": "0.1"}, 400, "min_p", None),
     ("/v1/chat/completions", {"messages": CHAT, "seed": "7"}, 400, "seed", None),
     ("/v1/chat/completions", {"messages": CHAT, "stop": 7}, 400, "stop", None),
     ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "stream", None),

@@ -629,8 +629,10 @@ def _exact_first3(target, prompt, params, V):
                                                    False),
                                                   (SamplingParams(temperature=1.0, seed=13), True, False),
                                                   (SamplingParams(temperature=1.0, seed=14), False, True),
-                                                  (SamplingParams(temperature=1.0, seed=16), False, "chains")],
-                         ids=["t1.0", "t0.7-topp0.9-topk5", "t1.0-overlap", "t1.0-plain-steps", "t1.0-lookup-chains"])
+                                                  (SamplingParams(temperature=1.0, seed=16), False, "chains"),
+                                                  (SamplingParams(temperature=1.3, min_p=0.2, seed=17), False, False)],
+                         ids=["t1.0", "t0.7-topp0.9-topk5", "t1.0-overlap", "t1.0-plain-steps", "t1.0-lookup-chains",
+                              "t1.3-minp0.2"])
 def test_speculative_sampling_has_the_target_distribution(params, overlap, mixed):
     """End to end: the first three tokens under speculative sampling (a random draft that
     disagrees with the target) follow the target's own distribution (G-test, 50,000 draws);

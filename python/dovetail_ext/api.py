@@ -290,14 +290,17 @@ class Generator:
                  stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
                  tree: TreeParams | AutoTree | None = None, draft=None,
                  logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None) -> GenerationResult:
+                 logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None,
+                 min_p: float = 0.0) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
             prompt: a string (one user turn, or plain text with ``raw=True``) or chat
                 messages ``[{"role": ..., "content": ...}, ...]``.
             max_new_tokens: upper bound on generated tokens (0 returns at once).
-            temperature, top_p, top_k: applied to the target distribution.
+            temperature, top_p, top_k, min_p: applied to the target distribution (min_p
+                drops the tokens less likely than min_p times the most likely one, before
+                top-k and top-p; ``sampling.target_dist``).
             seed: seeds sampling; the same seed gives the same output.
             stop: strings that end generation; the text stops before them.
             raw: encode a string prompt without the chat template.
@@ -331,7 +334,7 @@ class Generator:
         self.set_draft(draft)
         tokens: list[int] = []
         adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
-        text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
+        text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed, min_p),
                                  () if stop is None else stop, raw, tokens, speculative, tree, logprobs, adjust,
                                  grammar))
         return GenerationResult(text=text, tokens=tokens, stats=self.last_stats,
@@ -342,13 +345,14 @@ class Generator:
                stop: Sequence[str] | None = None, raw: bool = False, speculative: bool | None = None,
                tree: TreeParams | AutoTree | None = None, draft=None,
                logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None) -> Iterator[str]:
+               logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None,
+               min_p: float = 0.0) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
         call are in ``last_stats`` once the iterator is exhausted. With ``logprobs``,
         ``last_logprobs`` grows by one entry per token as the tokens are decoded."""
         self.set_draft(draft)
         adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
-        return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed),
+        return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed, min_p),
                          () if stop is None else stop, raw, [], speculative, tree, logprobs, adjust, grammar)
 
     def set_draft(self, draft) -> None:

@@ -97,7 +97,7 @@ class ChatSession:
 
     def stream(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> Iterator[str]:
         """Send a user message and yield the reply's text as it is decoded; the other
-        arguments are :meth:`Generator.stream`'s (temperature, top_p, top_k, seed, stop,
+        arguments are :meth:`Generator.stream`'s (temperature, top_p, top_k, min_p, seed, stop,
         speculative, tree, logprobs, the penalties, logit_bias). The exchange joins the history when the reply ends; a reply cut
         short (the iterator closed, or Ctrl-C) joins as far as it got. A turn that fails
         (a message longer than the context) leaves the history as it was. The turn's stats

@@ -120,6 +120,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P times the most likely one (default 0: off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     for name in ("presence", "frequency"):
@@ -166,7 +168,7 @@ def _read_text(path: str, option: str) -> str:
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The generate() arguments of the options added by _add_sampling_args and --no-spec."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None,
+                top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 grammar=_grammar_from_args(args))
 

@@ -7,6 +7,7 @@ acceptance, so both sample from exactly one distribution.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -25,15 +26,16 @@ EXP_CUTOFF = -87.3
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 means greedy; top_k 0, top_p 1.0 and min_p 0.0 disable those filters."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):  # real numbers (numpy's too), stored as floats
+        for name in ("temperature", "top_p", "min_p"):  # real numbers (numpy's too), stored as floats
             v = getattr(self, name)
             try:
                 f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
@@ -55,6 +57,8 @@ class SamplingParams:
                                  "underflows float32)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) \
                 or not 0 <= self.top_k < 2 ** 63:
             raise ValueError(f"top_k must be an integer in [0, 2**63), got {self.top_k!r}")
@@ -74,15 +78,28 @@ def target_dist(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray,
     probs), the tokens of nonzero probability in increasing id order (int32) and their
     probabilities (float64), computed natively (``_core.sampling_dist``).
 
-    Weights e = exp((logits - max) / temperature) (float32, exactly 0 below exp(-87.3));
-    top_k keeps the top_k largest (ties at the k-th kept); top_p then keeps, from the most
-    likely down, each token whose preceding mass is below top_p, and every token tied with
-    the last one kept; the kept weights are renormalized. Only the head of the vocabulary is
-    sorted, so filtered sampling costs one vector pass over the logits.
+    min_p first drops the tokens whose probability is below min_p times the most likely
+    one's (:func:`min_p_cut`). Weights e = exp((logits - max) / temperature) (float32,
+    exactly 0 below exp(-87.3)); top_k keeps the top_k largest (ties at the k-th kept);
+    top_p then keeps, from the most likely down, each token whose preceding mass is below
+    top_p, and every token tied with the last one kept; the kept weights are renormalized.
+    Only the head of the vocabulary is sorted, so filtered sampling costs one vector pass
+    over the logits.
     """
     if params.greedy:
         raise ValueError("greedy decoding has no sampling distribution (temperature is 0)")
-    return _core.sampling_dist(np.asarray(logits, dtype=np.float32), params.temperature, params.top_k, params.top_p)
+    return _core.sampling_dist(min_p_cut(logits, params), params.temperature, params.top_k, params.top_p)
+
+
+def min_p_cut(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """``logits`` (float32) with -inf for the tokens whose probability at this temperature is
+    below ``min_p`` times the most likely one's: logit < max + temperature * ln(min_p),
+    compared in float64. The row itself when min_p is 0."""
+    x = np.asarray(logits, dtype=np.float32)
+    if not params.min_p or params.greedy:
+        return x
+    floor = float(x.max()) + params.temperature * math.log(params.min_p)
+    return np.where(x >= floor, x, np.float32(-np.inf))
 
 
 def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -105,6 +122,8 @@ def target_probs_by_full_sort(logits: np.ndarray, params: SamplingParams) -> np.
     exponent) and the baseline of the sampling benchmark; several times slower."""
     z = np.asarray(logits, dtype=np.float64) / params.temperature
     z = z - z.max(axis=-1, keepdims=True)
+    if params.min_p:  # p / p_max = exp(z) >= min_p
+        z = np.where(z >= math.log(params.min_p), z, -np.inf)
     if params.top_k and params.top_k < z.shape[-1]:
         kth = np.partition(z, -params.top_k, axis=-1)[..., -params.top_k, None]
         z = np.where(z >= kth, z, -np.inf)
@@ -172,7 +191,7 @@ class TokenChooser:
         if self.params.greedy:
             return int(np.argmax(logits))
         p = self.params  # target_dist and draw_from in one native call (the same token)
-        return _core.sample(np.asarray(logits, dtype=np.float32), p.temperature, p.top_k, p.top_p, self.rng.random())
+        return _core.sample(min_p_cut(logits, p), p.temperature, p.top_k, p.top_p, self.rng.random())
 
     def draw_from(self, ids: np.ndarray, probs: np.ndarray) -> int:
         """One token of a distribution given by its support (ids in increasing order, their

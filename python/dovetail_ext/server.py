@@ -134,6 +134,7 @@ class _Params:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -194,6 +195,9 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     top_k = get("top_k", _is_int, "an integer", 0)
     if top_k < 0:
         raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", "top_k")
+    min_p = get("min_p", _is_num, "a number", 0.0)
+    if not 0 <= min_p <= 1:
+        raise ApiError(400, f"'min_p' must be in [0, 1], got {min_p}", "min_p")
     seed = get("seed", _is_int, "an integer")
     if seed is not None and seed < 0:
         raise ApiError(400, f"'seed' must be >= 0, got {seed}", "seed")
@@ -207,7 +211,7 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     for s in stop:
         _utf8(s, "stop")
     try:  # the generator's own rules (a temperature too small to invert, top_k's range...)
-        SamplingParams(float(temperature), float(top_p), top_k, seed)
+        SamplingParams(float(temperature), float(top_p), top_k, seed, float(min_p))
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
     stream = get("stream", lambda v: isinstance(v, bool), "a boolean", False)
@@ -245,7 +249,7 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     if len(prompts) * n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n = {n} asks for {len(prompts) * n} choices, more than "
                             f"{MAX_CHOICES}", "prompt")
-    return _Params(kind, prompts, max_tokens, float(temperature), float(top_p), top_k, seed, stop,
+    return _Params(kind, prompts, max_tokens, float(temperature), float(top_p), top_k, seed, float(min_p), stop,
                    stream, include_usage, logprobs, echo, float(penalties["presence_penalty"]),
                    float(penalties["frequency_penalty"]), bias, n, grammar)
 
@@ -529,7 +533,7 @@ class Engine:
         refused)."""
         p = job.params
         pieces = gen.stream(ids, max_new_tokens=context if p.max_tokens is None else p.max_tokens,
-                            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
+                            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=seed,
                             stop=p.stop, raw=True, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                             logit_bias=p.logit_bias, grammar=p.grammar)
