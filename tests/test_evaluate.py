@@ -65,8 +65,11 @@ def test_perplexity_against_the_fp32_reference(gen, default_source, torch_one_th
     want = math.exp(-np.mean([lp[j - 1, ids[j]] for j in range(65, 128)]))
     r = perplexity(gen, TEXT, chunk=128, max_chunks=1)
     assert r.perplexity == pytest.approx(want, rel=0.01)
+    # The same number of chunks of each (a single chunk's perplexity moves with the text):
+    # 88 against 400-780 for shuffles of the README of 2026-11-27.
     shuffled = " ".join(np.random.default_rng(0).permutation(TEXT.split()).tolist())
-    assert perplexity(gen, shuffled, chunk=128, max_chunks=4).perplexity > 3 * r.perplexity
+    real = perplexity(gen, TEXT, chunk=128, max_chunks=8).perplexity
+    assert perplexity(gen, shuffled, chunk=128, max_chunks=8).perplexity > 2.5 * real
 
 
 def test_bos_starts_each_chunk_when_the_tokenizer_adds_one(gen, monkeypatch):
