@@ -61,6 +61,7 @@ def refs(gen):
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
 JSON_ASK = [{"role": "user", "content": "Describe Ann, 31, as JSON."}]
+TOOL_ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
 def _structured_refs(gen) -> dict:
@@ -69,8 +70,14 @@ def _structured_refs(gen) -> dict:
         from dovetail_ext.grammar import Grammar
         Grammar.json()
     except ImportError:
-        return {"json_object": None, "json_schema": None}
-    return {"json_object": gen.generate(JSON_ASK, max_new_tokens=60, grammar=Grammar.json()),
+        return {"json_object": None, "json_schema": None, "tool_call": None}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "strict": True,
+                                               "parameters": {"type": "object", "required": ["city"],
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    return {"tools": tools,
+            "tool_call": gen.generate(TOOL_ASK, max_new_tokens=60, tools=tools, tool_choice="required"),
+            "json_object": gen.generate(JSON_ASK, max_new_tokens=60, grammar=Grammar.json()),
             "json_schema": gen.generate(JSON_ASK, max_new_tokens=60, grammar=Grammar.json(PERSON)),
             "json_schema_text": gen.generate("Ann is 31. As JSON:", raw=True, max_new_tokens=60,
                                              grammar=Grammar.json(PERSON))}
@@ -307,6 +314,53 @@ def test_response_format_json(server, client, refs):
                     {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}]:
             check_error_body(h.post("/v1/chat/completions", json={"messages": CHAT, "response_format": fmt}),
                              400, "response_format")
+
+
+def test_tool_calls(server, client, refs):
+    if refs.tool_call is None:
+        pytest.skip("tool_choice 'required' needs the [grammar] extra (llguidance)")
+    want = [(c.name, c.arguments) for c in refs.tool_call.tool_calls]
+    assert len(want) == 1
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model=server.model, messages=TOOL_ASK, max_tokens=60, temperature=0,
+                                           tools=refs.tools, tool_choice=choice)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        assert [(t.function.name, t.function.arguments) for t in c.message.tool_calls] == want
+        assert c.message.tool_calls[0].type == "function" and c.message.tool_calls[0].id.startswith("call_")
+    chunks = list(client.chat.completions.create(model=server.model, messages=TOOL_ASK, max_tokens=60,
+                                                 temperature=0, tools=refs.tools, tool_choice="required",
+                                                 stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [t for d in deltas for t in (d.tool_calls or [])]
+    assert [(t.function.name, t.function.arguments) for t in calls] == want and calls[0].index == 0
+    assert "".join(d.content or "" for d in deltas) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # the conversation goes on with the call and its result in the history
+    call = r.choices[0].message.tool_calls[0]
+    history = TOOL_ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 3}'}]
+    r = client.chat.completions.create(model=server.model, messages=history, max_tokens=8, temperature=0,
+                                       tools=refs.tools)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        for body, param in [({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+                            ({"tools": refs.tools, "tool_choice": "always"}, "tool_choice"),
+                            ({"tools": refs.tools, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+                             "tool_choice"),
+                            ({"tool_choice": "required"}, "tool_choice"),
+                            ({"tools": refs.tools, "logprobs": True}, "logprobs"),
+                            ({"tools": refs.tools, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+                            ({"tools": refs.tools, "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, "response_format")]:
+            check_error_body(h.post("/v1/chat/completions", json={"messages": TOOL_ASK, **body}), 400, param)
+        bad_history = TOOL_ASK + [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}]
+        check_error_body(h.post("/v1/chat/completions", json={"messages": bad_history}), 400,
+                         "messages[1].tool_calls")
+        check_error_body(h.post("/v1/completions", json={"prompt": "x", "tools": refs.tools}), 400, "tools",
+                         "unsupported_parameter")
 
 
 def test_response_format_without_llguidance(server, monkeypatch):

@@ -26,6 +26,7 @@ from .errors import as_bool, as_int, check_text
 from .formats import load_model_source
 from .formats.base import ModelSource
 from .grammar import Constraint, Grammar
+from .tools import Tool, ToolCall, ToolCallFilter, parse_tool_choice, parse_tools, render_chat, tool_grammar
 from .lookup import LookupParams, NgramLookup
 from .sampling import LogitAdjuster, SamplingParams, TokenChooser
 from .target import TargetEngine, check_device_name
@@ -124,6 +125,7 @@ class GenerationResult:
     tokens: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
     logprobs: list[TokenLogprob] | None = None  # with logprobs=k: one per token of ``tokens``
+    tool_calls: list[ToolCall] = field(default_factory=list)  # with tools: the calls (``text``: the content)
 
 
 class _StopStrings:
@@ -197,6 +199,7 @@ class Generator:
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
         self.last_stats = GenerationStats()
         self.last_logprobs: list[TokenLogprob] = []  # the last call's, with logprobs=k
+        self.last_tool_calls: list[ToolCall] = []  # the last call's, with tools
         # Tokens whose K/V are committed in the target: always a prefix of what the engine
         # holds (shrunk before the engine is, grown after), so an interruption between the
         # two leaves it valid.
@@ -210,10 +213,11 @@ class Generator:
         self._owner = 0  # the call that owns the cache; a later call supersedes it
 
     # -- prompts -------------------------------------------------------------------------
-    def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, raw: bool = False, tools: Sequence[Tool] | None = None) -> list[int]:
         """Token ids of a prompt: chat messages (or a string, as one user message) go
-        through the chat template; ``raw=True`` encodes a string as it is, and takes a list
-        of token ids as they are."""
+        through the chat template, with ``tools`` (:func:`tools.render_chat`: also for
+        messages holding tool calls and results); ``raw=True`` encodes a string as it is,
+        and takes a list of token ids as they are."""
         if isinstance(prompt, str):
             if raw:
                 return self.tokenizer.encode(check_text(prompt))
@@ -227,6 +231,8 @@ class Generator:
         for i, m in enumerate(prompt):  # (the template's own text comes from the model file)
             if isinstance(m, dict) and isinstance(m.get("content"), str):
                 check_text(m["content"], f"messages[{i}].content" if len(prompt) > 1 else "the prompt")
+        if tools or any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in prompt):
+            return self.tokenizer.encode(render_chat(self.tokenizer, list(prompt), tools))
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True))
 
     def _checked_ids(self, ids) -> list[int]:
@@ -291,7 +297,8 @@ class Generator:
                  tree: TreeParams | AutoTree | None = None, draft=None,
                  logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None,
-                 min_p: float = 0.0) -> GenerationResult:
+                 min_p: float = 0.0, tools: list | None = None, tool_choice: Any = "auto",
+                 parallel_tool_calls: bool = False) -> GenerationResult:
         """Generate a completion; greedy when ``temperature`` is 0.
 
         Args:
@@ -330,15 +337,24 @@ class Generator:
                 after the path to it, and the tokens the grammar forces are verified as a
                 chain (like a prompt-lookup match). ``logprobs`` stay the target's own. The output ends
                 where the grammar admits nothing more (``stop_reason == "grammar"``).
+            tools, tool_choice: functions the model may call (OpenAI's ``tools`` list, or
+                :class:`~dovetail_ext.tools.Tool`), put in the chat prompt; the reply's
+                ``<tool_call>`` blocks become ``result.tool_calls`` and ``text`` is the
+                content before them. ``tool_choice`` "auto" (default), "none" (no tools),
+                "required" or ``{"type": "function", "function": {"name": ...}}`` (the
+                reply is constrained to calls: see :mod:`dovetail_ext.tools`): one call,
+                or one or more with ``parallel_tool_calls``.
         """
         self.set_draft(draft)
         tokens: list[int] = []
         adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
-        text = "".join(self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed, min_p),
-                                 () if stop is None else stop, raw, tokens, speculative, tree, logprobs, adjust,
-                                 grammar))
+        tools, grammar = self._tool_setup(tools, tool_choice, grammar, logprobs, parallel_tool_calls)
+        text = "".join(self._tool_text(self._run(
+            prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed, min_p),
+            () if stop is None else stop, raw, tokens, speculative, tree, logprobs, adjust, grammar, tools), tools))
         return GenerationResult(text=text, tokens=tokens, stats=self.last_stats,
-                                logprobs=None if logprobs is None else list(self.last_logprobs))
+                                logprobs=None if logprobs is None else list(self.last_logprobs),
+                                tool_calls=list(self.last_tool_calls))
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -346,14 +362,55 @@ class Generator:
                tree: TreeParams | AutoTree | None = None, draft=None,
                logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                logit_bias: dict[int, float] | None = None, grammar: Grammar | None = None,
-               min_p: float = 0.0) -> Iterator[str]:
+               min_p: float = 0.0, tools: list | None = None, tool_choice: Any = "auto",
+               parallel_tool_calls: bool = False) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are final; the stats of the
         call are in ``last_stats`` once the iterator is exhausted. With ``logprobs``,
-        ``last_logprobs`` grows by one entry per token as the tokens are decoded."""
+        ``last_logprobs`` grows by one entry per token as the tokens are decoded. With
+        ``tools`` it yields the content and leaves the calls in ``last_tool_calls``."""
         self.set_draft(draft)
         adjust = LogitAdjuster(self.config.vocab_size, presence_penalty, frequency_penalty, logit_bias)
-        return self._run(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed, min_p),
-                         () if stop is None else stop, raw, [], speculative, tree, logprobs, adjust, grammar)
+        tools, grammar = self._tool_setup(tools, tool_choice, grammar, logprobs, parallel_tool_calls)
+        return self._tool_text(self._run(
+            prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k, seed, min_p),
+            () if stop is None else stop, raw, [], speculative, tree, logprobs, adjust, grammar, tools), tools)
+
+    def _tool_setup(self, tools: Any, tool_choice: Any, grammar: Grammar | None, logprobs: int | None,
+                    parallel: bool) -> tuple[list[Tool] | None, Grammar | None]:
+        """The tools in play (None without them or with tool_choice "none") and the grammar
+        of the call (the caller's, or the one tool_choice asks for)."""
+        self.last_tool_calls = []
+        if tools is None:
+            if tool_choice not in ("auto", None):
+                raise ValueError("tool_choice needs tools")
+            return None, grammar
+        parsed = parse_tools(tools)
+        choice = parse_tool_choice(tool_choice, parsed)
+        if choice == "none":
+            return None, grammar
+        if logprobs is not None:
+            raise ValueError("logprobs are not given with tools")
+        forced = tool_grammar(parsed, choice, as_bool("parallel_tool_calls", parallel))
+        if forced is not None and grammar is not None:
+            raise ValueError(f"tool_choice {tool_choice!r} constrains the reply to calls: it takes no grammar")
+        return parsed, forced or grammar
+
+    def _tool_text(self, pieces: Iterator[str], tools: list[Tool] | None) -> Iterator[str]:
+        """The reply's content as it streams, its tool calls left in ``last_tool_calls``."""
+        if tools is None:
+            yield from pieces
+            return
+        calls = ToolCallFilter(tools)
+        try:
+            for piece in pieces:
+                out = calls.feed(piece)
+                if out:
+                    yield out
+        finally:
+            pieces.close()
+        rest, self.last_tool_calls = calls.finish()
+        if rest:
+            yield rest
 
     def set_draft(self, draft) -> None:
         """Attach a draft (a checkpoint path or a Draft bound to this generator's target);
@@ -387,7 +444,8 @@ class Generator:
     def _run(self, prompt: Prompt, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
              raw: bool, out_tokens: list[int], speculative: bool | None,
              tree: TreeParams | AutoTree | None, logprobs: int | None = None,
-             adjust: LogitAdjuster | None = None, grammar: Grammar | None = None) -> Iterator[str]:
+             adjust: LogitAdjuster | None = None, grammar: Grammar | None = None,
+             tools: Sequence[Tool] | None = None) -> Iterator[str]:
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
         if logprobs is not None:
             logprobs = _logprob_count("logprobs", logprobs)
@@ -432,7 +490,7 @@ class Generator:
             raise ValueError(f"tree must be TreeParams or AutoTree, got {tree!r}")
         if spec:
             self.draft.check_tree(tree)
-        ids = self.encode_prompt(prompt, raw)
+        ids = self.encode_prompt(prompt, raw, tools)
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
         if max(ids) >= self.config.vocab_size:

@@ -46,8 +46,14 @@ endpoint too.
 ``n`` choices are generated one after another, the i-th of a prompt sampling with seed + i;
 completions take several prompts (choices in prompt order, n each); 64 choices at most.
 
-What it is not: no speculation for parallel requests; no tools, echo in chat or suffix
-(rejected with 400 rather than silently ignored).
+Tools (chat): ``tools``, ``tool_choice`` ("auto", "none", "required" or a named function:
+the last two constrain the reply to calls), ``parallel_tool_calls`` (default false); the
+calls come back as ``message.tool_calls`` (streamed: one chunk per choice holding its calls
+whole) with ``finish_reason: "tool_calls"``; history may hold assistant ``tool_calls`` and
+``tool`` messages (:mod:`dovetail_ext.tools`).
+
+What it is not: no speculation for parallel requests; no echo in chat, suffix or legacy
+``functions`` (rejected with 400 rather than silently ignored).
 """
 
 from __future__ import annotations
@@ -75,13 +81,14 @@ from starlette.types import Receive, Scope, Send
 
 from .api import MAX_LOGPROBS, GenerationStats, Generator, TokenLogprob
 from .grammar import Grammar
+from .tools import Tool, ToolCall, parse_tool_choice, parse_tools, tool_grammar
 from .errors import as_int, check_text
 from .sampling import SamplingParams
 from .target import TargetEngine
 
 __all__ = ["create_app", "serve", "default_model_id"]
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -144,7 +151,10 @@ class _Params:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     n: int = 1                      # choices, generated one after another (choice i: seed + i)
-    grammar: Grammar | None = None  # response_format json_object / json_schema
+    grammar: Grammar | None = None  # response_format json_object / json_schema, or tool_choice's calls
+    tools: list[Tool] | None = None  # chat: the tools offered (None: none, or tool_choice "none")
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = False
 
 
 def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
@@ -169,7 +179,7 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     n = get("n", _is_int, "an integer", 1)
     if not 1 <= n <= MAX_CHOICES:
         raise ApiError(400, f"'n' must be in [1, {MAX_CHOICES}], got {n}", "n")
-    for key in ("suffix", "best_of", "tools", "functions") + (("echo",) if kind == "chat" else ()):
+    for key in ("suffix", "best_of", "functions") + (("echo",) if kind == "chat" else ("tools",)):
         v = body.get(key)
         if v not in (None, False, 0, "", [], {}) and not (key == "best_of" and v == 1):
             raise ApiError(400, f"'{key}' is not supported by this server", key, "unsupported_parameter")
@@ -249,9 +259,28 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     if len(prompts) * n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n = {n} asks for {len(prompts) * n} choices, more than "
                             f"{MAX_CHOICES}", "prompt")
+    tools, tool_choice, parallel = None, body.get("tool_choice", "auto"), False
+    if kind == "chat" and body.get("tools") is not None:
+        try:
+            tools = parse_tools(body["tools"])
+            choice = parse_tool_choice(tool_choice, tools)
+        except ValueError as e:
+            raise ApiError(400, str(e), "tool_choice" if "tool_choice" in str(e) else "tools") from None
+        parallel = get("parallel_tool_calls", lambda v: isinstance(v, bool), "a boolean", False)
+        if choice == "none":
+            tools = None
+        elif logprobs is not None:
+            raise ApiError(400, "'logprobs' are not given with tools", "logprobs")
+        elif choice != "auto":
+            if grammar is not None:
+                raise ApiError(400, f"tool_choice {json.dumps(tool_choice)} constrains the reply to tool calls: "
+                                    "drop response_format", "response_format")
+            grammar = tool_grammar(tools, choice, parallel)
+    elif body.get("tool_choice") not in (None, "none", "auto"):
+        raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
     return _Params(kind, prompts, max_tokens, float(temperature), float(top_p), top_k, seed, float(min_p), stop,
                    stream, include_usage, logprobs, echo, float(penalties["presence_penalty"]),
-                   float(penalties["frequency_penalty"]), bias, n, grammar)
+                   float(penalties["frequency_penalty"]), bias, n, grammar, tools, tool_choice, parallel)
 
 
 def _response_format(fmt: Any) -> Grammar | None:
@@ -311,6 +340,24 @@ def _completion_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
     return prompt
 
 
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, checked: ``[{"id", "type": "function",
+    "function": {"name", "arguments": JSON text}}]``."""
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be a list", where)
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)
+                and c.get("type", "function") == "function" and isinstance(c.get("id", ""), str)):
+            raise ApiError(400, f"{where}[{j}] must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                                "'arguments': JSON text}}}}", where)
+        _utf8(f["arguments"], where)
+        out.append({"id": c.get("id", ""), "type": "function",
+                    "function": {"name": f["name"], "arguments": f["arguments"]}})
+    return out
+
+
 def _messages(messages: Any) -> list[dict[str, str]]:
     """OpenAI chat messages -> the ``[{"role", "content"}]`` strings the chat template takes.
     Content may be a string or a list of text parts; ``developer`` is a system turn."""
@@ -342,7 +389,14 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
         _utf8(content, f"{where}.content")
-        out.append({"role": _ROLES[role], "content": content})
+        message: dict[str, Any] = {"role": _ROLES[role], "content": content}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool" and m.get("tool_call_id") is not None:
+            if not isinstance(m["tool_call_id"], str):
+                raise ApiError(400, f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
 
 
@@ -367,7 +421,8 @@ def _prompt_bytes(prompt: str | list[dict[str, str]] | list[int]) -> int:
         return len(prompt.encode("utf-8"))
     if not isinstance(prompt[0], dict):
         return 0  # token ids: the engine counts them exactly
-    return sum(len(m["content"].encode("utf-8")) for m in prompt)
+    return sum(len(m["content"].encode("utf-8")) + sum(len(c["function"]["arguments"].encode("utf-8"))
+                                                       for c in m.get("tool_calls", ())) for m in prompt)
 
 
 # -- the engine --------------------------------------------------------------------------
@@ -376,7 +431,8 @@ def _prompt_bytes(prompt: str | list[dict[str, str]] | list[int]) -> int:
 class _Job:
     """One request on its way through the engine. Events go from the worker thread to the
     request's event loop: ("start",), ("piece", text, log-probabilities, choice),
-    ("choice", index, stats) at the end of each choice, ("done", [stats of each choice]),
+    ("tools", index, [ToolCall]) when a choice called tools, ("choice", index, stats) at
+    the end of each choice, ("done", [stats of each choice]),
     ("error", ApiError), and ("gone",) from the disconnect watcher."""
 
     params: _Params
@@ -494,7 +550,7 @@ class Engine:
         for k, prompt in enumerate(p.prompts):  # (every prompt is checked before any is run)
             where = param if len(p.prompts) == 1 else f"{param}[{k}]"
             try:
-                encoded.append(gen.encode_prompt(prompt, raw=raw))
+                encoded.append(gen.encode_prompt(prompt, raw=raw, tools=p.tools))
                 n_prompt = len(encoded[-1])
             except ValueError as e:
                 self._count("failed")
@@ -536,7 +592,8 @@ class Engine:
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=seed,
                             stop=p.stop, raw=True, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                            logit_bias=p.logit_bias, grammar=p.grammar)
+                            logit_bias=p.logit_bias, grammar=None if p.tools else p.grammar, tools=p.tools,
+                            tool_choice=p.tool_choice, parallel_tool_calls=p.parallel_tool_calls)
         # Each piece takes the log-probabilities of the tokens whose text it completes: text held
         # back (a possible stop string, part of a character) keeps its tokens' back too.
         sent, emitted, ends, decoder = 0, 0, [], gen.tokenizer.stream_decoder()
@@ -561,13 +618,15 @@ class Engine:
             return None
         if sent < len(gen.last_logprobs):  # (tokens whose text a stop string left out)
             job.emit(("piece", "", gen.last_logprobs[sent:], index))
+        if gen.last_tool_calls:
+            job.emit(("tools", index, list(gen.last_tool_calls)))
         return replace(gen.last_stats)
 
 
 # -- responses ---------------------------------------------------------------------------
 
-def _finish_reason(stats: GenerationStats) -> str:
-    return "length" if stats.stop_reason in ("length", "context") else "stop"
+def _finish_reason(stats: GenerationStats, calls: bool = False) -> str:
+    return "tool_calls" if calls else "length" if stats.stop_reason in ("length", "context") else "stop"
 
 
 def _usage(choices: list[GenerationStats], n: int) -> dict[str, int]:
@@ -643,25 +702,32 @@ class _Reply:
         return out
 
     def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
-              logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
+              logprobs: list[TokenLogprob] | None = None, index: int = 0,
+              calls: list[ToolCall] | None = None) -> dict[str, Any]:
         lp = self.logprobs(logprobs, index) if logprobs else None
         if self.kind == "chat":
-            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if calls:  # each call whole, in one chunk
+                delta["tool_calls"] = [{"index": i, **c.spec()} for i, c in enumerate(calls)]
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
         choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def whole(self, texts: list[str], choices: list[GenerationStats], job: _Job,
-              logprobs: list[list[TokenLogprob]]) -> dict[str, Any]:
+              logprobs: list[list[TokenLogprob]], calls: dict[int, list[ToolCall]]) -> dict[str, Any]:
         out = []
         for index, (text, stats, lps) in enumerate(zip(texts, choices, logprobs)):
             lp = self.logprobs(lps, index)
             if self.kind == "chat":
-                out.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                            "finish_reason": _finish_reason(stats)})
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if index in calls:
+                    message["content"] = text or None
+                    message["tool_calls"] = [c.spec() for c in calls[index]]
+                out.append({"index": index, "message": message, "logprobs": lp,
+                            "finish_reason": _finish_reason(stats, index in calls)})
             else:
                 out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": _finish_reason(stats)})
         head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
@@ -768,7 +834,8 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         except (ValueError, RecursionError) as e:  # (JSONDecodeError, UnicodeDecodeError; nesting, huge ints)
             raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}") from None
         params = _parse(body, kind, model_id, generator.config.vocab_size)
-        n_bytes = max(_prompt_bytes(prompt) for prompt in params.prompts)
+        n_bytes = max(_prompt_bytes(prompt) for prompt in params.prompts) + \
+            sum(len(json.dumps(t.spec()).encode("utf-8")) for t in params.tools or ())
         if n_bytes > max_prompt_bytes:  # refused before the engine spends time tokenizing it
             raise ApiError(400, f"the prompt has {n_bytes} bytes of text, more than the model's context of "
                                 f"{generator.target.context} tokens can hold", "messages" if kind == "chat" else "prompt",
@@ -789,15 +856,18 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
                 return _EventStream(_stream(job, reply), watcher.cancel)
             count = len(params.prompts) * params.n
             texts, entries = [[] for _ in range(count)], [[] for _ in range(count)]
+            calls: dict[int, list[ToolCall]] = {}
             while True:
                 event = await job.events.get()
                 if event[0] == "piece":
                     texts[event[3]].append(event[1])
                     entries[event[3]].extend(event[2])
+                elif event[0] == "tools":
+                    calls[event[1]] = event[2]
                 elif event[0] == "choice":
                     continue
                 elif event[0] == "done":
-                    return JSONResponse(reply.whole(["".join(t) for t in texts], event[1], job, entries))
+                    return JSONResponse(reply.whole(["".join(t) for t in texts], event[1], job, entries, calls))
                 elif event[0] == "error":
                     raise event[1]
                 else:
@@ -808,6 +878,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
 
     async def _stream(job: _Job, reply: _Reply) -> AsyncIterator[bytes]:
         done = False
+        called: set[int] = set()  # choices that called tools
         try:
             if reply.kind == "chat":
                 for index in range(len(job.params.prompts) * job.params.n):
@@ -816,10 +887,14 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
                 event = await job.events.get()
                 if event[0] == "piece":
                     yield _sse(reply.chunk(event[1], logprobs=event[2], index=event[3]))
+                elif event[0] == "tools":
+                    called.add(event[1])
+                    yield _sse(reply.chunk(None, index=event[1], calls=event[2]))
                 elif event[0] == "choice":  # one choice ends: its finish reason and numbers
                     index, stats = event[1], event[2]
-                    yield _sse({**reply.chunk(None if reply.kind == "chat" else "", _finish_reason(stats),
-                                              index=index), "dovetail": _timing([stats], job)})
+                    yield _sse({**reply.chunk(None if reply.kind == "chat" else "",
+                                              _finish_reason(stats, index in called), index=index),
+                                "dovetail": _timing([stats], job)})
                 elif event[0] == "done":
                     if job.params.include_usage:
                         yield _sse(reply.usage_chunk(event[1], job))
