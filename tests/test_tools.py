@@ -213,3 +213,25 @@ def test_strict_tools_close_their_objects(gen):
     pytest.importorskip("llguidance", reason="constrained calls need the [grammar] extra (llguidance)")
     r = gen.generate(ASK, tools=[strict], tool_choice="required", max_new_tokens=80)
     assert len(r.tool_calls) == 1 and _valid_weather(r.tool_calls[0])
+
+
+TEMPLATE_WITH_TOOLS = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_jinja_template_with_tools_renders_calls_as_objects(default_source):
+    from dovetail_ext.formats.tokenizer import Tokenizer
+    base = default_source.tokenizer
+    tok = Tokenizer(base._backend, eos_ids=sorted(base.eos_ids), chat_template=TEMPLATE_WITH_TOOLS)
+    history = ASK + [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C"}]
+    text = render_chat(tok, history, parse_tools([WEATHER]))
+    assert text.startswith("<|im_start|>system\nTools:" + json.dumps(WEATHER) + "<|im_end|>")  # (trim_blocks)
+    # the arguments OpenAI sends as JSON text reach the template as an object (not a string twice encoded)
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
+    assert "<|im_start|>tool\n21 C<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
