@@ -12,8 +12,8 @@ from .errors import DraftMismatchError, FormatError, ModelNotFoundError
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "Generator", "GenerationStats", "TokenLogprob", "ChatSession", "Grammar", "LlamaConfig",
-           "FormatError", "ModelNotFoundError", "DraftMismatchError", "get_include", "get_library"]
+__all__ = ["__version__", "load", "Generator", "GenerationStats", "TokenLogprob", "ChatSession", "Grammar",
+           "LlamaConfig", "FormatError", "ModelNotFoundError", "DraftMismatchError", "get_include", "get_library"]
 
 _LAZY = {"load": "api", "Generator": "api", "GenerationStats": "api", "TokenLogprob": "api", "ChatSession": "chat",
          "Grammar": "grammar", "LlamaConfig": "config", "get_include": "capi", "get_library": "capi"}

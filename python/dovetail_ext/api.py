@@ -26,10 +26,10 @@ from .errors import as_bool, as_int, check_text
 from .formats import load_model_source
 from .formats.base import ModelSource
 from .grammar import Constraint, Grammar
-from .tools import Tool, ToolCall, ToolCallFilter, parse_tool_choice, parse_tools, render_chat, tool_grammar
 from .lookup import LookupParams, NgramLookup
 from .sampling import LogitAdjuster, SamplingParams, TokenChooser
 from .target import TargetEngine, check_device_name
+from .tools import Tool, ToolCall, ToolCallFilter, parse_tool_choice, parse_tools, render_chat, tool_grammar
 from .tree import AutoTree, TreeParams
 
 __all__ = ["load", "Generator", "GenerationResult", "GenerationStats", "TokenLogprob"]
@@ -335,8 +335,9 @@ class Generator:
                 continue it get probability 0 before sampling. Speculation stays lossless:
                 every verified node is judged by the target's logits masked by the grammar
                 after the path to it, and the tokens the grammar forces are verified as a
-                chain (like a prompt-lookup match). ``logprobs`` stay the target's own. The output ends
-                where the grammar admits nothing more (``stop_reason == "grammar"``).
+                chain (like a prompt-lookup match). ``logprobs`` stay the target's own.
+                The output ends where the grammar admits nothing more (``stop_reason ==
+                "grammar"``).
             tools, tool_choice: functions the model may call (OpenAI's ``tools`` list, or
                 :class:`~dovetail_ext.tools.Tool`), put in the chat prompt; the reply's
                 ``<tool_call>`` blocks become ``result.tool_calls`` and ``text`` is the

@@ -168,7 +168,8 @@ def _read_text(path: str, option: str) -> str:
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The generate() arguments of the options added by _add_sampling_args and --no-spec."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop, speculative=False if args.no_spec else None,
+                top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                speculative=False if args.no_spec else None,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 grammar=_grammar_from_args(args))
 
