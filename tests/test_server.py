@@ -345,6 +345,11 @@ def test_tool_calls(server, client, refs):
     r = client.chat.completions.create(model=server.model, messages=history, max_tokens=8, temperature=0,
                                        tools=refs.tools)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # tool_choice "auto" with a response format: the reply (no call can match JSON's grammar) is JSON
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = client.chat.completions.create(model=server.model, messages=JSON_ASK, max_tokens=60, temperature=0,
+                                       tools=refs.tools, response_format=fmt)
+    assert set(json.loads(r.choices[0].message.content)) == {"name", "age"}
     with httpx.Client(base_url=server.url, timeout=60) as h:
         for body, param in [({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
                             ({"tools": refs.tools, "tool_choice": "always"}, "tool_choice"),
@@ -354,7 +359,9 @@ def test_tool_calls(server, client, refs):
                             ({"tools": refs.tools, "logprobs": True}, "logprobs"),
                             ({"tools": refs.tools, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
                             ({"tools": refs.tools, "tool_choice": "required",
-                              "response_format": {"type": "json_object"}}, "response_format")]:
+                              "response_format": {"type": "json_object"}}, "response_format"),
+                            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                                "type": "objekt"}}}], "tool_choice": "required"}, "tools")]:
             check_error_body(h.post("/v1/chat/completions", json={"messages": TOOL_ASK, **body}), 400, param)
         bad_history = TOOL_ASK + [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}]
         check_error_body(h.post("/v1/chat/completions", json={"messages": bad_history}), 400,
@@ -369,6 +376,11 @@ def test_response_format_without_llguidance(server, monkeypatch):
         resp = h.post("/v1/chat/completions", json={"messages": CHAT, "response_format": {"type": "json_object"}})
         check_error_body(resp, 400, "response_format", "unsupported_parameter")
         assert "dovetail-ext[grammar]" in resp.json()["error"]["message"]
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        resp = h.post("/v1/chat/completions", json={"messages": CHAT, "tools": tools, "tool_choice": "required"})
+        check_error_body(resp, 400, "tool_choice", "unsupported_parameter")
+        ok = h.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "tools": tools})
+        assert ok.status_code == 200  # (tool_choice "auto" needs no grammar)
         ok = h.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2,
                                                   "response_format": {"type": "text"}})
         assert ok.status_code == 200

@@ -151,7 +151,7 @@ class _Params:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     n: int = 1                      # choices, generated one after another (choice i: seed + i)
-    grammar: Grammar | None = None  # response_format json_object / json_schema, or tool_choice's calls
+    grammar: Grammar | None = None  # response_format json_object / json_schema
     tools: list[Tool] | None = None  # chat: the tools offered (None: none, or tool_choice "none")
     tool_choice: Any = "auto"
     parallel_tool_calls: bool = False
@@ -275,7 +275,13 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
             if grammar is not None:
                 raise ApiError(400, f"tool_choice {json.dumps(tool_choice)} constrains the reply to tool calls: "
                                     "drop response_format", "response_format")
-            grammar = tool_grammar(tools, choice, parallel)
+            try:  # (the generator builds it again for each choice; a schema it refuses is refused here)
+                tool_grammar(tools, choice, parallel)
+            except ImportError as e:
+                raise ApiError(400, f"this server cannot constrain output: {e}", "tool_choice",
+                               "unsupported_parameter") from None
+            except ValueError as e:
+                raise ApiError(400, f"'tools': {e}", "tools") from None
     elif body.get("tool_choice") not in (None, "none", "auto"):
         raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
     return _Params(kind, prompts, max_tokens, float(temperature), float(top_p), top_k, seed, float(min_p), stop,
@@ -592,7 +598,7 @@ class Engine:
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=seed,
                             stop=p.stop, raw=True, speculative=self.speculative, logprobs=p.logprobs,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                            logit_bias=p.logit_bias, grammar=None if p.tools else p.grammar, tools=p.tools,
+                            logit_bias=p.logit_bias, grammar=p.grammar, tools=p.tools,
                             tool_choice=p.tool_choice, parallel_tool_calls=p.parallel_tool_calls)
         # Each piece takes the log-probabilities of the tokens whose text it completes: text held
         # back (a possible stop string, part of a character) keeps its tokens' back too.
