@@ -18,6 +18,7 @@ The token masks come from ``llguidance`` (an optional dependency: ``pip install
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from typing import Any, Sequence
 
@@ -117,8 +118,9 @@ class Grammar:
 
 
 # One llguidance tokenizer per (tokenizer, vocabulary size, EOS ids): building it reads
-# every token's bytes (~0.2 s for 49k tokens).
+# every token's bytes (~0.2 s for 49k tokens). The lock: generators on several threads.
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZERS_LOCK = threading.Lock()
 
 
 def token_table(tokenizer: Any, vocab_size: int) -> tuple[list[bytes], list[int]]:
@@ -143,26 +145,31 @@ def token_table(tokenizer: Any, vocab_size: int) -> tuple[list[bytes], list[int]
 
 def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> Any:
     llg = _llg()
-    key = (vocab_size, tuple(sorted(eos_ids)))
-    per = _TOKENIZERS.setdefault(tokenizer, {})
-    if key not in per:
-        tokens, special = token_table(tokenizer, vocab_size)
+    eos = tuple(sorted(eos_ids))
+    with _TOKENIZERS_LOCK:
+        per = _TOKENIZERS.setdefault(tokenizer, {})
+        if (vocab_size, eos) not in per:
+            per[vocab_size, eos] = _build_lltokenizer(llg, tokenizer, vocab_size, eos)
+        return per[vocab_size, eos]
 
-        class _Wrapped:  # what llguidance.TokenizerWrapper reads
-            eos_token_id = key[1][0]
-            bos_token_id = tokenizer.bos_id
-            special_token_ids = special
 
-            def __init__(self) -> None:
-                self.tokens = tokens
+def _build_lltokenizer(llg: Any, tokenizer: Any, vocab_size: int, eos: tuple[int, ...]) -> Any:
+    tokens, special = token_table(tokenizer, vocab_size)
 
-            def __call__(self, text: bytes | str) -> list[int]:
-                if isinstance(text, bytes):
-                    text = text.decode("utf-8", errors="replace")
-                return tokenizer.encode(text, add_bos=False)
+    class _Wrapped:  # what llguidance.TokenizerWrapper reads
+        eos_token_id = eos[0]
+        bos_token_id = tokenizer.bos_id
+        special_token_ids = special
 
-        per[key] = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped()), n_vocab=vocab_size, eos_token=list(key[1]))
-    return per[key]
+        def __init__(self) -> None:
+            self.tokens = tokens
+
+        def __call__(self, text: bytes | str) -> list[int]:
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", errors="replace")
+            return tokenizer.encode(text, add_bos=False)
+
+    return llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped()), n_vocab=vocab_size, eos_token=list(eos))
 
 
 class Constraint:
