@@ -148,3 +148,7 @@ def test_server_parallel_requests(default_gguf_path, plain):
         health = h.get("/health").json()
         assert health["parallel"] == 2 and health["batched_tokens"] >= 2 * (N - 2)
         assert health["batched_calls"] < health["batched_tokens"]
+        metrics = dict(line.rsplit(" ", 1) for line in h.get("/metrics").text.splitlines() if line[0] != "#")
+        assert float(metrics["dovetail_batched_calls_total"]) == health["batched_calls"]
+        assert float(metrics["dovetail_batched_tokens_total"]) == health["batched_tokens"]
+        assert float(metrics['dovetail_requests_total{outcome="served"}']) == 2

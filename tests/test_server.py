@@ -289,6 +289,39 @@ def test_penalties_and_logit_bias_match_direct_generation(server, client, refs):
     assert r.choices[0].message.content == ref.text and r.model_extra["dovetail"]["mode"] == "plain"
 
 
+def _scrape(h) -> dict[str, float]:
+    resp = h.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = {}
+    for line in resp.text.splitlines():
+        if line.startswith("#"):
+            assert line.startswith(("# HELP dovetail_", "# TYPE dovetail_")), line
+            continue
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    return values
+
+
+def test_metrics(server, client):
+    wait_idle(server)
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        before = _scrape(h)
+        r = client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0, n=2)
+        after = _scrape(h)
+    assert after['dovetail_requests_total{outcome="served"}'] == before['dovetail_requests_total{outcome="served"}'] + 1
+    assert after["dovetail_prompt_tokens_total"] - before["dovetail_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert after["dovetail_generation_tokens_total"] - before["dovetail_generation_tokens_total"] == \
+        r.usage.completion_tokens
+    calls = after["dovetail_target_calls_total"] - before["dovetail_target_calls_total"]
+    assert 0 < calls <= r.usage.completion_tokens
+    assert after["dovetail_decode_seconds_total"] > before["dovetail_decode_seconds_total"]
+    for name in ("request_seconds", "queue_seconds", "first_token_seconds"):
+        assert after[f"dovetail_{name}_count"] == before.get(f"dovetail_{name}_count", 0) + 1
+        buckets = [v for k, v in after.items() if k.startswith(f"dovetail_{name}_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == after[f"dovetail_{name}_count"]  # cumulative; +Inf last
+    assert after["dovetail_requests_running"] == 0 and after["dovetail_requests_queued"] == 0
+
+
 def test_response_format_json(server, client, refs):
     if refs.json_object is None:
         pytest.skip("structured output needs the [grammar] extra (llguidance)")

@@ -9,7 +9,7 @@
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true``
 sends server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``. Responses carry OpenAI's
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus). Responses carry OpenAI's
 ``usage`` and a ``dovetail`` object with the timing of the call (tokens_per_s,
 acceptance_length, mode, prefill_s, decode_s, queue_s, ...).
 
@@ -448,10 +448,77 @@ class _Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
+    first_piece: float = 0.0  # when the first text was handed on (0: not yet)
 
     def emit(self, event: tuple) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Metrics:
+    """Counters and latency histograms of served requests, written in Prometheus' text
+    format by :meth:`render` (``GET /metrics``)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+    COUNTERS = {"prompt_tokens": "prompt tokens of served requests (each prompt once)",
+                "cached_prompt_tokens": "prompt tokens whose K/V were reused from the call before",
+                "generation_tokens": "tokens generated for served requests",
+                "target_calls": "target model calls while decoding (generation tokens / calls = tau)",
+                "prefill_seconds": "seconds spent reading prompts",
+                "decode_seconds": "seconds spent generating"}
+    HISTOGRAMS = {"request_seconds": "from arrival to the last token",
+                  "queue_seconds": "from arrival to the start of generation",
+                  "first_token_seconds": "from arrival to the first text handed on"}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.totals = dict.fromkeys(self.COUNTERS, 0.0)
+        self.hist = {name: [[0] * len(self.BUCKETS), 0.0, 0] for name in self.HISTOGRAMS}
+
+    def record(self, job: _Job, choices: list[GenerationStats]) -> None:
+        """A served request: its choices' numbers and its latencies."""
+        now = time.perf_counter()
+        n = job.params.n
+        with self._lock:
+            t = self.totals
+            t["prompt_tokens"] += sum(c.prompt_tokens for c in choices[::n])
+            t["cached_prompt_tokens"] += sum(c.cached_prompt_tokens for c in choices[::n])
+            t["generation_tokens"] += sum(c.new_tokens for c in choices)
+            t["target_calls"] += sum(c.target_calls for c in choices)
+            t["prefill_seconds"] += sum(c.prefill_s for c in choices)
+            t["decode_seconds"] += sum(c.decode_s for c in choices)
+            self._observe("request_seconds", now - job.submitted)
+            self._observe("queue_seconds", job.started - job.submitted)
+            if job.first_piece:
+                self._observe("first_token_seconds", job.first_piece - job.submitted)
+
+    def _observe(self, name: str, seconds: float) -> None:
+        h = self.hist[name]
+        for i, edge in enumerate(self.BUCKETS):
+            if seconds <= edge:
+                h[0][i] += 1
+        h[1] += seconds
+        h[2] += 1
+
+    def render(self, gauges: dict[str, tuple[str, float]], counts: dict[str, int],
+               extra: dict[str, tuple[str, float]]) -> str:
+        """The text format: ``gauges`` and ``extra`` counters as name -> (help, value)."""
+        out = ["# HELP dovetail_requests_total requests by outcome", "# TYPE dovetail_requests_total counter"]
+        out += [f'dovetail_requests_total{{outcome="{k}"}} {v}' for k, v in counts.items()]
+        with self._lock:
+            counters = {**{k: (self.COUNTERS[k], v) for k, v in self.totals.items()}, **extra}
+            for name, (text, value) in counters.items():
+                out += [f"# HELP dovetail_{name}_total {text}", f"# TYPE dovetail_{name}_total counter",
+                        f"dovetail_{name}_total {value:g}"]
+            for name, (text, value) in gauges.items():
+                out += [f"# HELP dovetail_{name} {text}", f"# TYPE dovetail_{name} gauge", f"dovetail_{name} {value:g}"]
+            for name, text in self.HISTOGRAMS.items():
+                buckets, total, count = self.hist[name]
+                out += [f"# HELP dovetail_{name} {text}", f"# TYPE dovetail_{name} histogram"]
+                out += [f'dovetail_{name}_bucket{{le="{edge:g}"}} {c}' for edge, c in zip(self.BUCKETS, buckets)]
+                out += [f'dovetail_{name}_bucket{{le="+Inf"}} {count}', f"dovetail_{name}_sum {total:g}",
+                        f"dovetail_{name}_count {count}"]
+        return "\n".join(out) + "\n"
 
 
 class Engine:
@@ -460,7 +527,8 @@ class Engine:
     decode steps the batcher joins into one engine call.
 
     ``history`` holds (job id, start, end) of recent jobs (``time.perf_counter``);
-    ``counts`` the number of served, cancelled and failed jobs.
+    ``counts`` the number of served, cancelled and failed jobs; ``metrics`` the token counts
+    and latencies of the served ones (``GET /metrics``).
     """
 
     def __init__(self, generator: Generator, speculative: bool | None = None, batcher: Any = None) -> None:
@@ -470,6 +538,7 @@ class Engine:
             [batcher.generator(s, generator.source) for s in range(batcher.engine.sequences)]
         self.speculative = speculative if batcher is None else False
         self.counts = {"served": 0, "cancelled": 0, "failed": 0}
+        self.metrics = Metrics()
         self.history: deque[tuple[str, float, float]] = deque(maxlen=256)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._current: dict[int, _Job] = {}
@@ -586,6 +655,7 @@ class Engine:
                 choices.append(stats)
                 job.emit(("choice", index, stats))
         self._count("served")
+        self.metrics.record(job, choices)
         job.emit(("done", choices))
 
     def _choice(self, job: _Job, gen: Generator, ids: list[int], index: int, seed: int | None, param: str,
@@ -609,6 +679,8 @@ class Engine:
                     pieces.close()
                     self._count("cancelled")
                     return None
+                if not job.first_piece:
+                    job.first_piece = time.perf_counter()
                 for e in gen.last_logprobs[len(ends):]:
                     ends.append((ends[-1] if ends else 0) + len(decoder.push(e.token)))
                 emitted += len(piece)
@@ -932,6 +1004,15 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
                            "model_not_found")
         return JSONResponse(model_card)
 
+    async def metrics(request: Request) -> Response:
+        gauges = {"requests_running": ("requests being generated", engine.running),
+                  "requests_queued": ("requests waiting for the engine", engine.queued)}
+        extra = {} if batcher is None else {
+            "batched_calls": ("engine calls that decoded several sequences' tokens together", batcher.calls),
+            "batched_tokens": ("tokens decoded in those calls", batcher.rows)}
+        return Response(engine.metrics.render(gauges, engine.counts, extra),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def health(request: Request) -> Response:
         batched = {} if batcher is None else {"batched_calls": batcher.calls, "batched_tokens": batcher.rows}
         return JSONResponse({"status": "ok", "model": model_id, "busy": engine.busy, "queued": engine.queued,
@@ -970,6 +1051,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         Route("/v1/models", keyed(models), methods=["GET"]),
         Route("/v1/models/{model:path}", keyed(model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ], exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: api_error},
         lifespan=lifespan)
     app.state.engine = engine
