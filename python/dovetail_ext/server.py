@@ -875,7 +875,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         speculative: None speculates when the generator has a draft (without one, by prompt
             lookup when the generator has it on); False never does.
         api_key: when given, every ``/v1`` request must carry ``Authorization: Bearer
-            <api_key>`` (401 otherwise, before its body is read); ``/health`` stays open.
+            <api_key>`` (401 otherwise, before its body is read); ``/health`` and ``/metrics`` stay open.
         parallel: requests generated at once (default 1). Above 1 the generator's target
             must hold that many sequences (``load(..., sequences=N)``): each request gets one,
             and their decode steps run together, one pass over the weights for all
