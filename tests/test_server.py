@@ -721,7 +721,7 @@ def test_api_key(default_gguf_path):
         r = h.post("/v1/completions", json={"prompt": COUNT, "max_tokens": 3, "temperature": 0}, headers=ok)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == gen.generate(COUNT, max_new_tokens=3,
                                                                                           raw=True).text
-        assert h.get("/health").status_code == 200
+        assert h.get("/health").status_code == 200 and h.get("/metrics").status_code == 200
     c = openai.OpenAI(base_url="http://testserver/v1", api_key="s3cret", http_client=TestClient(
         create_app(gen, api_key="s3cret")), max_retries=0)
     assert c.models.list().data[0].object == "model"
