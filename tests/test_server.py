@@ -55,6 +55,8 @@ def refs(gen):
         adjusted=gen.generate(CHAT, max_new_tokens=N, presence_penalty=0.5, frequency_penalty=1.0,
                               logit_bias={11: -100.0, 260: 3.0}),
         **_structured_refs(gen),
+        embeddings=gen.embed(["The cat sat on the mat.", "Revenue grew."]),
+        embedding_tokens=sum(len(gen.tokenizer.encode(t)) for t in ["The cat sat on the mat.", "Revenue grew."]),
     )
 
 
@@ -300,6 +302,30 @@ def _scrape(h) -> dict[str, float]:
         name, value = line.rsplit(" ", 1)
         values[name] = float(value)
     return values
+
+
+def test_embeddings(server, client, refs):
+    import numpy as np
+    r = client.embeddings.create(model=server.model, input=["The cat sat on the mat.", "Revenue grew."])
+    got = np.array([d.embedding for d in r.data], dtype=np.float32)  # (the client asks for base64)
+    np.testing.assert_array_equal(got, refs.embeddings)
+    assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens == refs.embedding_tokens
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        resp = h.post("/v1/embeddings", json={"input": "The cat sat on the mat.", "encoding_format": "float",
+                                              "dimensions": refs.embeddings.shape[1]})
+        assert resp.status_code == 200
+        body = resp.json()
+        assert body["object"] == "list" and body["model"] == server.model
+        np.testing.assert_array_equal(np.array(body["data"][0]["embedding"], dtype=np.float32), refs.embeddings[0])
+        for bad, param, code in [({"input": []}, "input", None), ({"input": [""]}, "input", None),
+                                 ({}, "input", None), ({"input": "x", "encoding_format": "int8"}, "encoding_format",
+                                                       None),
+                                 ({"input": "x", "dimensions": 64}, "dimensions", None),
+                                 ({"input": [[1, 10 ** 9]]}, "input", None),
+                                 ({"input": "x " * 3000}, "input", None),
+                                 ({"input": "x", "model": "other"}, "model", "model_not_found")]:
+            resp = h.post("/v1/embeddings", json=bad)
+            check_error_body(resp, 404 if code else 400, param, code)
 
 
 def test_metrics(server, client):

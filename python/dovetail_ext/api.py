@@ -290,6 +290,57 @@ class Generator:
             return np.zeros(0), np.zeros((0, top), np.int64), np.zeros((0, top))
         return tuple(np.concatenate(p) for p in zip(*parts))
 
+    def embed(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], pooling: str = "mean",
+              normalize: bool = True) -> np.ndarray:
+        """Embeddings of texts: the target's final-norm hidden states over each input's
+        tokens (a string encoded as it is, no chat template; or a list of token ids),
+        pooled by ``"mean"`` (default) or ``"last"`` (the last token's), then scaled to unit
+        length with ``normalize``. One row [D] (float32) per input, in order; a single
+        string gives a [1, D] array too. Each input is read from an empty cache in chunks
+        of ``max_batch`` tokens (the LM head does not run); it must fit the context."""
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        normalize = as_bool("normalize", normalize)
+        if isinstance(inputs, str) or (isinstance(inputs, (Sequence, np.ndarray)) and len(inputs)
+                                       and _all_ints(inputs)):
+            inputs = [inputs]
+        if not isinstance(inputs, (Sequence, np.ndarray)) or not len(inputs):
+            raise ValueError("inputs must be a string, a list of token ids, or a non-empty list of either")
+        encoded = []
+        for k, one in enumerate(inputs):
+            ids = self.encode_prompt(one, raw=True) if isinstance(one, str) else None
+            if ids is None:
+                if not isinstance(one, (Sequence, np.ndarray)) or not len(one) or not _all_ints(one):
+                    raise ValueError(f"inputs[{k}] must be a non-empty string or list of token ids")
+                ids = self._checked_ids(one)
+            if not ids:
+                raise ValueError(f"inputs[{k}] encodes to no tokens")
+            if len(ids) > self.target.context:
+                raise ValueError(f"inputs[{k}] has {len(ids)} tokens, more than the context of "
+                                 f"{self.target.context} tokens")
+            encoded.append(ids)
+        out = np.zeros((len(encoded), self.config.hidden_size), dtype=np.float32)
+        with self._lock:
+            self._owner += 1
+            if self.draft is not None:
+                self.draft.truncate(0)  # (its cache describes the last conversation, not these texts)
+            for k, ids in enumerate(encoded):
+                self._kv_tokens, self._n_feat = [], 0
+                self.target.truncate(0)
+                total = np.zeros(self.config.hidden_size, dtype=np.float64)
+                for s in range(0, len(ids), self.target.max_batch):
+                    part = ids[s:s + self.target.max_batch]
+                    _, feats = self.target.forward(part, logit_rows=range(0), feature_rows=range(len(part)))
+                    self.target.commit()
+                    self._kv_tokens.extend(part)
+                    total += feats.sum(axis=0, dtype=np.float64)
+                    last = feats[-1]
+                v = total / len(ids) if pooling == "mean" else last.astype(np.float64)
+                if normalize:
+                    v = v / max(np.linalg.norm(v), 1e-12)
+                out[k] = v
+        return out
+
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,

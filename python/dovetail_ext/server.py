@@ -7,9 +7,10 @@
     r = client.chat.completions.create(model=client.models.list().data[0].id,
                                        messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
 
-Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true``
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true``
 sends server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus). Responses carry OpenAI's
+``POST /v1/embeddings`` (``Generator.embed``), ``GET /v1/models``, ``GET /v1/models/{id}``,
+``GET /health``, ``GET /metrics`` (Prometheus). Responses carry OpenAI's
 ``usage`` and a ``dovetail`` object with the timing of the call (tokens_per_s,
 acceptance_length, mode, prefill_s, decode_s, queue_s, ...).
 
@@ -59,6 +60,7 @@ What it is not: no speculation for parallel requests; no echo in chat, suffix or
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -134,7 +136,7 @@ def _utf8(v: str, param: str) -> str:
 class _Params:
     """What one request asks of the engine."""
 
-    kind: str                       # "chat" or "completion"
+    kind: str                       # "chat", "completion" or "embeddings"
     prompts: list[Any]              # chat: [messages]; completions: raw strings or token-id lists
     max_tokens: int | None          # None: up to the end of the context
     temperature: float = 1.0
@@ -155,10 +157,10 @@ class _Params:
     tools: list[Tool] | None = None  # chat: the tools offered (None: none, or tool_choice "none")
     tool_choice: Any = "auto"
     parallel_tool_calls: bool = False
+    encoding_format: str = "float"  # embeddings: "float" or "base64"
 
 
-def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
-    """Validates a request body; raises :class:`ApiError` naming the offending field."""
+def _check_model(body: Any, model_id: str) -> None:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
@@ -167,6 +169,11 @@ def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
     if model is not None and _utf8(model, "model") != model_id:
         raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_id}'",
                        "model", "model_not_found")
+
+
+def _parse(body: Any, kind: str, model_id: str, vocab_size: int) -> _Params:
+    """Validates a request body; raises :class:`ApiError` naming the offending field."""
+    _check_model(body, model_id)
 
     def get(key: str, check: Callable[[Any], bool], what: str, default: Any = None) -> Any:
         v = body.get(key)
@@ -322,28 +329,50 @@ def _response_format(fmt: Any) -> Grammar | None:
         raise ApiError(400, f"'response_format': {e}", "response_format") from None
 
 
-def _completion_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
-    """A completions ``prompt``: a string, a list of token ids, or a list of several of either
-    (one choice each, in order); each is checked (UTF-8, ids in the vocabulary)."""
+def _completion_prompts(prompt: Any, vocab_size: int, key: str = "prompt") -> list[str | list[int]]:
+    """A completions ``prompt`` (or an embeddings ``input``): a string, a list of token ids,
+    or a list of several of either (one choice each, in order); each is checked (UTF-8, ids
+    in the vocabulary)."""
     if prompt is None:
-        raise ApiError(400, "'prompt' is required", "prompt")
+        raise ApiError(400, f"'{key}' is required", key)
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
         prompt = [prompt]
     if not (isinstance(prompt, list) and prompt):
-        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
+        raise ApiError(400, f"'{key}' must be a string, a list of token ids, or a non-empty list of either", key)
     for k, one in enumerate(prompt):
-        where = "prompt" if len(prompt) == 1 else f"prompt[{k}]"
+        where = key if len(prompt) == 1 else f"{key}[{k}]"
         if isinstance(one, list) and one and all(_is_int(t) for t in one):
             bad = next((t for t in one if not 0 <= t < vocab_size), None)
             if bad is not None:
-                raise ApiError(400, f"'{where}' holds token id {bad}, outside the vocabulary of {vocab_size}", "prompt")
+                raise ApiError(400, f"'{where}' holds token id {bad}, outside the vocabulary of {vocab_size}", key)
         elif isinstance(one, str):
             if not one:
-                raise ApiError(400, f"'{where}' must not be empty", "prompt")
-            _utf8(one, "prompt")
+                raise ApiError(400, f"'{where}' must not be empty", key)
+            _utf8(one, key)
         else:
-            raise ApiError(400, f"'{where}' must be a string or a non-empty list of token ids", "prompt")
+            raise ApiError(400, f"'{where}' must be a string or a non-empty list of token ids", key)
     return prompt
+
+
+MAX_EMBEDDING_INPUTS = 2048  # (OpenAI's limit)
+
+
+def _parse_embeddings(body: Any, model_id: str, vocab_size: int, width: int) -> _Params:
+    """An embeddings request: ``input`` (as a completions prompt), ``encoding_format``
+    ("float" or "base64"), ``dimensions`` (only the model's own width)."""
+    _check_model(body, model_id)
+    inputs = _completion_prompts(body.get("input"), vocab_size, "input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"'input' holds {len(inputs)} inputs, more than {MAX_EMBEDDING_INPUTS}", "input")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, f"'encoding_format' must be 'float' or 'base64', got {json.dumps(fmt)[:40]}",
+                       "encoding_format")
+    dims = body.get("dimensions")
+    if dims is not None and (not _is_int(dims) or dims != width):
+        raise ApiError(400, f"'dimensions' must be this model's width, {width}, got {json.dumps(dims)[:40]}",
+                       "dimensions")
+    return _Params("embeddings", inputs, None, encoding_format=fmt)
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
@@ -618,6 +647,8 @@ class Engine:
             self._count("cancelled")
             return
         p = job.params
+        if p.kind == "embeddings":
+            return self._embed(job, gen)
         raw = p.kind == "completion"
         param = "messages" if p.kind == "chat" else "prompt"
         context = gen.target.context
@@ -657,6 +688,20 @@ class Engine:
         self._count("served")
         self.metrics.record(job, choices)
         job.emit(("done", choices))
+
+    def _embed(self, job: _Job, gen: Generator) -> None:
+        """An embeddings job: ("start",), then ("embeddings", vectors [n, D], prompt tokens)."""
+        try:
+            ids = [gen.encode_prompt(x, raw=True) for x in job.params.prompts]
+            vectors = gen.embed(ids)
+        except ValueError as e:
+            self._count("failed")
+            job.emit(("error", ApiError(400, str(e), "input")))
+            return
+        job.emit(("start",))
+        self._count("served")
+        self.metrics.record(job, [GenerationStats(prompt_tokens=sum(len(i) for i in ids))])
+        job.emit(("embeddings", vectors, sum(len(i) for i in ids)))
 
     def _choice(self, job: _Job, gen: Generator, ids: list[int], index: int, seed: int | None, param: str,
                 context: int) -> GenerationStats | None:
@@ -900,7 +945,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
 
     max_prompt_bytes = prompt_byte_limit(generator)
 
-    async def completions(request: Request, kind: str) -> Response:
+    async def read_body(request: Request) -> Any:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -908,9 +953,39 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
                 raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB", code="request_too_large")
             chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
+            return json.loads(b"".join(chunks))
         except (ValueError, RecursionError) as e:  # (JSONDecodeError, UnicodeDecodeError; nesting, huge ints)
             raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}") from None
+
+    async def embeddings(request: Request) -> Response:
+        params = _parse_embeddings(await read_body(request), model_id, generator.config.vocab_size,
+                                   generator.config.hidden_size)
+        n_bytes = max(_prompt_bytes(x) for x in params.prompts)
+        if n_bytes > max_prompt_bytes:
+            raise ApiError(400, f"an input has {n_bytes} bytes of text, more than the model's context of "
+                                f"{generator.target.context} tokens can hold", "input", "context_length_exceeded")
+        job = _Job(params, asyncio.get_running_loop())
+        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job))
+        try:
+            engine.submit(job)
+            while True:
+                event = await job.events.get()
+                if event[0] == "embeddings":
+                    vectors, tokens = event[1], event[2]
+                    data = [{"object": "embedding", "index": i,
+                             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                             if params.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+                    return JSONResponse({"object": "list", "data": data, "model": model_id,
+                                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+                if event[0] == "error":
+                    raise event[1]
+                if event[0] == "gone":
+                    return Response(status_code=499)
+        finally:
+            watcher.cancel()
+
+    async def completions(request: Request, kind: str) -> Response:
+        body = await read_body(request)
         params = _parse(body, kind, model_id, generator.config.vocab_size)
         n_bytes = max(_prompt_bytes(prompt) for prompt in params.prompts) + \
             sum(len(json.dumps(t.spec()).encode("utf-8")) for t in params.tools or ())
@@ -1048,6 +1123,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
     app = Starlette(routes=[
         Route("/v1/chat/completions", keyed(chat), methods=["POST"]),
         Route("/v1/completions", keyed(completion), methods=["POST"]),
+        Route("/v1/embeddings", keyed(embeddings), methods=["POST"]),
         Route("/v1/models", keyed(models), methods=["GET"]),
         Route("/v1/models/{model:path}", keyed(model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
