@@ -90,6 +90,9 @@ class ChatSession:
             raise ValueError(f"the message must be a string, got {type(text).__name__}")
         if "raw" in kwargs:
             raise ValueError("a chat renders its messages through the chat template; raw= does not apply")
+        if kwargs.get("tools") is not None or kwargs.get("tool_choice", "auto") != "auto":
+            raise ValueError("a ChatSession keeps no tool calls or results: call Generator.generate(messages, "
+                             "tools=...) with the conversation's messages")
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
         msgs, ids, dropped = self._fit(check_text(text, "the message"), max_new_tokens)
         self._epoch += 1  # (a turn started before this one can no longer change the history)
@@ -98,7 +101,8 @@ class ChatSession:
     def stream(self, text: str, max_new_tokens: int = 512, **kwargs: Any) -> Iterator[str]:
         """Send a user message and yield the reply's text as it is decoded; the other
         arguments are :meth:`Generator.stream`'s (temperature, top_p, top_k, min_p, seed, stop,
-        speculative, tree, logprobs, the penalties, logit_bias). The exchange joins the history when the reply ends; a reply cut
+        speculative, tree, logprobs, the penalties, logit_bias, grammar; not tools). The
+        exchange joins the history when the reply ends; a reply cut
         short (the iterator closed, or Ctrl-C) joins as far as it got. A turn that fails
         (a message longer than the context) leaves the history as it was. The turn's stats
         are in ``generator.last_stats`` once the iterator is exhausted."""
