@@ -49,9 +49,13 @@ def spec_gen(default_source, threads):
     return Generator(default_source, target, draft), label
 
 
-def _generate(gen, prompts, n, adaptive=None, lookup="default", tree=None, **kw):
+def _generate(gen, prompts, n, adaptive=None, lookup="default", tree=None, forced_chains=True, **kw):
     """gen.generate over the prompts with adaptive / lookup set for these calls only;
-    tree "auto" is AutoTree() (its selector carries over from prompt to prompt)."""
+    tree "auto" is AutoTree() (its selector carries over from prompt to prompt);
+    ``forced_chains=False``: a grammar's forced tokens are not proposed as chains."""
+    from unittest import mock
+
+    from dovetail_ext.grammar import Constraint
     from dovetail_ext.lookup import LookupParams
     from dovetail_ext.tree import AutoTree
     if tree is not None:
@@ -59,7 +63,8 @@ def _generate(gen, prompts, n, adaptive=None, lookup="default", tree=None, **kw)
     gen.adaptive = adaptive
     gen.lookup = LookupParams() if lookup == "default" else lookup
     try:
-        return [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
+        with mock.patch.object(Constraint, "forced", Constraint.forced if forced_chains else lambda self, limit: []):
+            return [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
     finally:
         gen.adaptive = None
         gen.lookup = LookupParams()
@@ -284,22 +289,32 @@ PEOPLE = ["Ann, 31, a developer in Oslo who knows Python and SQL",
 def test_structured_output(benchmark, spec_gen, record):
     """JSON that follows a schema (``Grammar.json``), greedy, prompt by prompt in rotating
     order: plain decoding without a grammar (what the masks cost), plain and speculative
-    decoding under the grammar; the two constrained outputs must be identical."""
+    decoding under the grammar, and the same with ``compact=True`` (no whitespace: the keys
+    are forced), speculative with and without the forced tokens proposed as chains. The
+    constrained outputs of each grammar must be identical."""
     grammar_mod = pytest.importorskip("dovetail_ext.grammar")
     pytest.importorskip("llguidance", reason="structured output needs the [grammar] extra (llguidance)")
     gen, label = spec_gen
-    g = grammar_mod.Grammar.json(PERSON_SCHEMA)
+    g, compact = grammar_mod.Grammar.json(PERSON_SCHEMA), grammar_mod.Grammar.json(PERSON_SCHEMA, compact=True)
     prompts = [f"Describe {p} as a JSON object with name, age, city and skills." for p in PEOPLE]
     n, prompts = (128, prompts) if benchmark.enabled else (16, prompts[:2])
     modes = {"plain, no grammar": dict(speculative=False), "plain": dict(speculative=False, grammar=g),
-             "speculative": dict(speculative=True, grammar=g)}
+             "speculative": dict(speculative=True, grammar=g),
+             "compact, plain": dict(speculative=False, grammar=compact),
+             "compact, speculative": dict(speculative=True, grammar=compact),
+             "compact, speculative, no forced chains": dict(speculative=True, grammar=compact, forced_chains=False)}
     results = _rotating(benchmark, gen, prompts, n, modes)
-    assert [r.tokens for r in results["speculative"]] == [r.tokens for r in results["plain"]]
+    tokens = {mode: [r.tokens for r in res] for mode, res in results.items()}
+    assert tokens["speculative"] == tokens["plain"]
+    assert tokens["compact, speculative"] == tokens["compact, plain"] == tokens["compact, speculative, no forced chains"]
     rows = {mode: _summary(res) for mode, res in results.items()}
     complete = sum(r.stats.stop_reason == "grammar" for r in results["plain"])
     for mode, row in rows.items():
         record("structured_output", mode, **row, draft=label)
+    tok_s = {mode: row["tokens_per_s"] for mode, row in rows.items()}
     record("structured_output", "ratio",
-           speculative_over_plain=rows["speculative"]["tokens_per_s"] / rows["plain"]["tokens_per_s"],
-           grammar_plain_over_free_plain=rows["plain"]["tokens_per_s"] / rows["plain, no grammar"]["tokens_per_s"],
+           speculative_over_plain=tok_s["speculative"] / tok_s["plain"],
+           grammar_plain_over_free_plain=tok_s["plain"] / tok_s["plain, no grammar"],
+           compact_speculative_over_plain=tok_s["compact, speculative"] / tok_s["compact, plain"],
+           forced_chains_gain=tok_s["compact, speculative"] / tok_s["compact, speculative, no forced chains"],
            complete_json=complete, prompts=len(prompts), outputs_identical=True)
