@@ -6,8 +6,9 @@ follows it token by token (``Generator.generate(..., grammar=Grammar.json(schema
 server's ``response_format``, ``dovetail generate --json-schema FILE``).
 
 The rule: before each token is chosen, every token that cannot continue a text of the
-grammar gets the logit -inf (EOS only where the text may end), then temperature, top-k and
-top-p apply as usual. Greedy decoding therefore picks the target's most likely token among
+grammar gets the logit -inf (EOS only where the text may end; where the grammar forces the
+next bytes, every token but the first of their tokenization by the tokenizer), then
+temperature, top-k, top-p and min-p apply as usual. Greedy decoding therefore picks the target's most likely token among
 those the grammar allows; sampling draws from the target distribution restricted to them.
 When the grammar admits nothing after the text so far (a JSON value closed), the output
 ends there (``stop_reason == "grammar"``).
