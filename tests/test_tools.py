@@ -235,3 +235,34 @@ def test_a_jinja_template_with_tools_renders_calls_as_objects(default_source):
     # the arguments OpenAI sends as JSON text reach the template as an object (not a string twice encoded)
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
     assert "<|im_start|>tool\n21 C<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_the_stream_filter_on_any_text():
+    """Whatever the text and however it is cut into pieces: what is shown never holds the
+    start of a call; without calls, shown + rest is the text; with calls, what is shown is
+    the text before the first block (hypothesis)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    tools = parse_tools([ADD])
+    call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    alphabet = st.sampled_from(["a", " ", "\n", "<", ">", "/", "tool", "_call", "<tool_call>", "</tool_call>", "{",
+                                "}", '"', call])
+
+    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.given(st.lists(alphabet, max_size=12), st.lists(st.integers(1, 9), min_size=1, max_size=30))
+    def check(parts, cuts):
+        text = "".join(parts)
+        f, shown, at, k = ToolCallFilter(tools), "", 0, 0
+        while at < len(text):
+            step = cuts[k % len(cuts)]
+            shown += f.feed(text[at:at + step])
+            at, k = at + step, k + 1
+        rest, calls = f.finish()
+        assert OPEN not in shown
+        want_content, want_calls = split_tool_calls(text, tools)
+        assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]
+        if calls:
+            assert shown == text[:text.index(OPEN)] and rest == ""
+        else:
+            assert shown + rest == text and want_content == text
+    check()
