@@ -10,8 +10,8 @@ import pytest
 
 from dovetail_ext import _core
 from dovetail_ext.api import TokenLogprob
-
 from dovetail_ext.sampling import SamplingParams, TokenChooser, target_dist, target_probs, target_probs_by_full_sort
+from dovetail_ext.tree import TreeParams
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +145,8 @@ def test_logprobs_are_the_targets(gen):
     for bad in (-1, 21, 2.0, True, "3"):
         with pytest.raises(ValueError, match="logprobs must be an integer"):
             gen.generate(prompt, max_new_tokens=2, logprobs=bad)
-    for kw in (dict(logprobs=1), dict(frequency_penalty=0.5), dict(logit_bias={5: 1.0})):
-        with pytest.raises(ValueError, match="decode plainly: drop speculative=True"):
-            gen.generate(prompt, max_new_tokens=2, speculative=True, **kw)
+    with pytest.raises(ValueError, match="decode plainly: drop speculative=True"):
+        gen.generate(prompt, max_new_tokens=2, speculative=True, logprobs=1)
 
 
 def test_prompt_logprobs_and_token_id_prompts(gen):
@@ -188,16 +187,22 @@ def test_prompt_logprobs_and_token_id_prompts(gen):
     assert gen.prompt_logprobs(ids[:1], raw=True, top=2) == (ids[:1], [TokenLogprob(ids[0], None)])
 
 
-def test_penalties_and_logit_bias(gen):
+def test_penalties_and_logit_bias(gen, random_draft_gen):
     """presence / frequency penalties and logit bias change the logits before each greedy
     choice exactly as OpenAI defines them: against a plain loop over the target engine that
-    applies the rule by hand; such calls decode plainly; bad values name themselves."""
+    applies the rule by hand, decoding plainly or speculatively (each verified node judged
+    by the logits adjusted as after its path); bad values name themselves."""
     prompt = "Describe the sea in two sentences."
     ids = gen.encode_prompt(prompt)
     space = gen.tokenizer.encode(" the")[0]
     kw = dict(presence_penalty=0.7, frequency_penalty=1.3, logit_bias={space: 4.0, 11: -100})
     r = gen.generate(prompt, max_new_tokens=16, **kw)
-    assert r.stats.mode == "plain"
+    assert r.stats.mode == "speculative"
+    assert gen.generate(prompt, max_new_tokens=16, speculative=False, **kw).tokens == r.tokens
+    for tree in (TreeParams(1, 4, 5), TreeParams(4, 4, 8)):
+        assert gen.generate(prompt, max_new_tokens=16, tree=tree, **kw).tokens == r.tokens
+    # a draft the target mostly rejects
+    assert random_draft_gen.generate(prompt, max_new_tokens=16, tree=TreeParams(3, 3, 6), **kw).tokens == r.tokens
     gen.reset()
     eng, counts, want = gen.target, {}, []
     logits, _ = eng.forward(ids)
@@ -223,7 +228,7 @@ def test_penalties_and_logit_bias(gen):
     forced = gen.generate(prompt, max_new_tokens=4, logit_bias={space: 100})
     assert forced.tokens == [space] * 4
     zero = gen.generate(prompt, max_new_tokens=4, presence_penalty=0.0, logit_bias={space: 0})
-    assert zero.stats.mode != "plain"  # (adjustments that change nothing keep speculation)
+    assert zero.tokens == gen.generate(prompt, max_new_tokens=4).tokens  # (adjustments that change nothing)
     for kw, match in ((dict(presence_penalty=2.5), "presence_penalty must be a number in"),
                       (dict(frequency_penalty="1"), "frequency_penalty must be"),
                       (dict(logit_bias={-1: 1.0}), "token id -1"),
@@ -514,3 +519,19 @@ def test_cli_bench_compares_plain_and_speculative(capsys, default_gguf_path):
     assert main(args + ["--tree-auto"]) == 0 and "tree chosen while decoding" in capsys.readouterr().out
     with pytest.raises(ValueError, match="at least one prompt"):
         run_benchmark(gen, [])
+
+
+def test_logit_adjuster_rolls_back():
+    from dovetail_ext.sampling import LogitAdjuster, LogitShaper
+    a = LogitAdjuster(8, presence=0.5, frequency=0.25, bias={3: 1.0})
+    row = np.zeros(8, np.float32)
+    for t in (1, 2, 1):
+        a.add(t)
+    before = a(row).copy()
+    shaper = LogitShaper(a)
+    for t in (4, 1, 4):
+        shaper.consume(t)
+    assert a(row)[4] == np.float32(-1.0) and a(row)[1] == np.float32(-1.25)
+    shaper.rollback(3)
+    np.testing.assert_array_equal(a(row), before)
+    np.testing.assert_array_equal(a.counts, np.bincount([1, 2, 1], minlength=8))

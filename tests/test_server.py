@@ -288,7 +288,7 @@ def test_penalties_and_logit_bias_match_direct_generation(server, client, refs):
     assert ref.tokens != refs.chat.tokens  # (the adjustments bite)
     r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=N, temperature=0,
                                        presence_penalty=0.5, frequency_penalty=1.0, logit_bias={"11": -100, "260": 3})
-    assert r.choices[0].message.content == ref.text and r.model_extra["dovetail"]["mode"] == "plain"
+    assert r.choices[0].message.content == ref.text and r.model_extra["dovetail"]["mode"] == ref.stats.mode
 
 
 def _scrape(h) -> dict[str, float]:

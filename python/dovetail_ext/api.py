@@ -27,7 +27,7 @@ from .formats import load_model_source
 from .formats.base import ModelSource
 from .grammar import Constraint, Grammar
 from .lookup import LookupParams, NgramLookup
-from .sampling import LogitAdjuster, SamplingParams, TokenChooser
+from .sampling import LogitAdjuster, LogitShaper, SamplingParams, TokenChooser
 from .target import TargetEngine, check_device_name
 from .tools import Tool, ToolCall, ToolCallFilter, parse_tool_choice, parse_tools, render_chat, tool_grammar
 from .tree import AutoTree, TreeParams
@@ -379,8 +379,8 @@ class Generator:
             presence_penalty, frequency_penalty, logit_bias: OpenAI's adjustments of the
                 logits before each token is chosen (``sampling.LogitAdjuster``: penalties
                 in [-2, 2] over the tokens generated so far, biases in [-100, 100] by token
-                id). They change the distribution decoded from, so the call decodes
-                plainly; ``logprobs`` stay the target's own.
+                id); ``logprobs`` stay the target's own. Speculation stays lossless: every
+                verified node is judged by the logits adjusted as after the path to it.
             grammar: a :class:`~dovetail_ext.grammar.Grammar` the output must follow (JSON,
                 a JSON Schema, a regex, a choice, a Lark or GBNF grammar): tokens that cannot
                 continue it get probability 0 before sampling. Speculation stays lossless:
@@ -514,13 +514,13 @@ class Generator:
         adjust = adjust if adjust is not None and adjust.active else None
         constraint = None if grammar is None else \
             Constraint(grammar, self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
-        # Plain decoding for logprobs (every step's distribution is read) and for adjusted logits
-        # (the distribution decoded from is no longer the target's, which speculation verifies).
-        # A grammar's mask is applied at every verified node, so grammars speculate.
-        if speculative and (logprobs is not None or adjust is not None):
-            raise ValueError("logprobs and logit adjustments (penalties, logit_bias) decode plainly: "
-                             "drop speculative=True")
-        plain = speculative is False or logprobs is not None or adjust is not None
+        # Penalties, logit bias and a grammar shape the logits at every verified node as they
+        # would in plain decoding there, so they speculate; logprobs decode plainly (every
+        # step's whole distribution is read).
+        shaper = LogitShaper(adjust, constraint) if adjust is not None or constraint is not None else None
+        if speculative and logprobs is not None:
+            raise ValueError("logprobs decode plainly: drop speculative=True")
+        plain = speculative is False or logprobs is not None
 
         def propose_chain(budget: int) -> list[int] | None:
             """Tokens to verify after the root instead of a drafted tree: those the grammar
@@ -530,11 +530,7 @@ class Generator:
             return forced or (lookup.propose(room) if lookup is not None else None)
 
         def pick(row: np.ndarray) -> int:  # the next token from one row of the target's logits
-            if adjust is not None:
-                row = adjust(row)
-            if constraint is not None:
-                row = constraint(row)
-            return chooser(row)
+            return chooser(row if shaper is None else shaper(row))
         spec = self.draft is not None and not plain
         lookup_only = not spec and not plain and self.lookup is not None
         tree = tree or self.tree
@@ -610,10 +606,8 @@ class Generator:
                     stats.stop_reason = "eos"
                     break
                 out_tokens.append(tok)
-                if adjust is not None:
-                    adjust.add(tok)
-                if constraint is not None:
-                    constraint.consume(tok)
+                if shaper is not None:
+                    shaper.consume(tok)
                 if logprobs is not None:
                     self.last_logprobs.extend(_token_logprobs([tok], *pick_logprobs(rows[0], [tok], logprobs)))
                 piece, hit = stops.feed(decoder.push(tok))
@@ -644,7 +638,7 @@ class Generator:
                     ts = time.perf_counter()
                     pending, committed = speculative_step(state, self.target, self.draft, shape, params, chooser,
                                                           times, overlap=overlap, drafting=drafting, chain=chain,
-                                                          constraint=constraint)
+                                                          shaper=shaper)
                     drafted = drafting and not chain
                     if drafted:
                         stats.tree = f"{shape.top_k},{shape.depth},{shape.total_tokens}"
@@ -665,7 +659,7 @@ class Generator:
                     if chain:
                         ts = time.perf_counter()
                         accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False,
-                                                            constraint=constraint)
+                                                            shaper=shaper)
                         times.verify_s += time.perf_counter() - ts
                         times.record_step(len(chain), len(accepted), lookup=True)
                         self._kv_tokens.extend([root] + accepted)

@@ -126,10 +126,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     for name in ("presence", "frequency"):
         p.add_argument(f"--{name}-penalty", type=float, default=0.0, metavar="X",
-                       help=f"OpenAI's {name} penalty over the tokens generated so far, in [-2, 2] (default 0; "
-                            "nonzero decodes plainly)")
-    g = p.add_argument_group("structured output (needs llguidance: pip install 'dovetail-ext[grammar]'; "
-                             "decodes plainly)").add_mutually_exclusive_group()
+                       help=f"OpenAI's {name} penalty over the tokens generated so far, in [-2, 2] (default 0)")
+    g = p.add_argument_group("structured output (needs llguidance: pip install 'dovetail-ext[grammar]')"
+                             ).add_mutually_exclusive_group()
     g.add_argument("--json-object", action="store_true", help="the output is a JSON object")
     g.add_argument("--json-schema", metavar="SCHEMA", default=None,
                    help="the output is JSON following this JSON Schema: a file, or the schema's JSON text")

@@ -15,8 +15,8 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["SamplingParams", "LogitAdjuster", "target_dist", "target_probs", "TokenChooser", "accept_greedy",
-           "accept_sampled"]
+__all__ = ["SamplingParams", "LogitAdjuster", "LogitShaper", "target_dist", "target_probs", "TokenChooser",
+           "accept_greedy", "accept_sampled"]
 
 
 # Weights exp(z) below exp(-87.3) (about 1e-38 of the most likely token's) are exactly 0:
@@ -162,6 +162,7 @@ class LogitAdjuster:
         self.bias_ids = np.array([int(t) for t, b in bias.items() if b], dtype=np.int64)
         self.bias_values = np.array([b for b in bias.values() if b], dtype=np.float32)
         self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self._added: list[int] = []
 
     @property
     def active(self) -> bool:
@@ -170,6 +171,12 @@ class LogitAdjuster:
 
     def add(self, token: int) -> None:
         self.counts[token] += 1
+        self._added.append(int(token))
+
+    def rollback(self, tokens: int) -> None:
+        """Undo the last ``tokens`` calls of :meth:`add`."""
+        for _ in range(tokens):
+            self.counts[self._added.pop()] -= 1
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         out = np.array(logits, dtype=np.float32)
@@ -178,6 +185,37 @@ class LogitAdjuster:
             out[seen] -= (self.presence + self.frequency * self.counts[seen]).astype(np.float32)
         out[self.bias_ids] += self.bias_values
         return out
+
+
+class LogitShaper:
+    """What a row of target logits becomes before a token is chosen, where that depends on
+    the tokens chosen before it: OpenAI's adjustments (:class:`LogitAdjuster`), then a
+    grammar's mask (:class:`~dovetail_ext.grammar.Constraint`). :meth:`consume` takes a
+    chosen token and :meth:`rollback` undoes the last ones, so that speculative acceptance
+    can walk a tree's paths and judge each node by the distribution plain decoding would
+    have there."""
+
+    def __init__(self, adjust: LogitAdjuster | None = None, constraint=None) -> None:
+        self.adjust, self.constraint = adjust, constraint
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.adjust is not None:
+            logits = self.adjust(logits)
+        if self.constraint is not None:
+            logits = self.constraint(logits)
+        return logits
+
+    def consume(self, token: int) -> None:
+        if self.adjust is not None:
+            self.adjust.add(token)
+        if self.constraint is not None:
+            self.constraint.consume(token)
+
+    def rollback(self, tokens: int) -> None:
+        if self.adjust is not None:
+            self.adjust.rollback(tokens)
+        if self.constraint is not None:
+            self.constraint.rollback(tokens)
 
 
 class TokenChooser:
@@ -207,7 +245,7 @@ class TokenChooser:
         return self.draw_from(support, probs[support])
 
 
-def accept_greedy(tree, logits: np.ndarray, constraint=None) -> tuple[np.ndarray, int]:
+def accept_greedy(tree, logits: np.ndarray, shaper=None) -> tuple[np.ndarray, int]:
     """Greedy verification of a tree against the target's logits [K, V] at its nodes.
 
     A drafted node is accepted when its token is the target's argmax at its parent and its
@@ -215,23 +253,24 @@ def accept_greedy(tree, logits: np.ndarray, constraint=None) -> tuple[np.ndarray
     root-to-node path. Returns (path of node indices from the root, bonus token = the
     target's argmax after the path's last node).
 
-    With a ``constraint`` (:class:`~dovetail_ext.grammar.Constraint`, at the root) the
-    argmax at each node is taken among the tokens the grammar allows after the path to it,
-    which the walk consumes; the constraint is back at the root when this returns.
+    With a ``shaper`` (:class:`LogitShaper`, at the root) the argmax at each node is taken
+    over the logits it shapes after the path to it (penalties counting the path's tokens,
+    a grammar's mask after them), which the walk consumes; the shaper is back at the root
+    when this returns.
     """
-    if constraint is not None:
+    if shaper is not None:
         path, taken = [0], 0
         try:
             while True:
-                best = int(np.argmax(constraint(logits[path[-1]])))
+                best = int(np.argmax(shaper(logits[path[-1]])))
                 child = next((int(c) for c in tree.children(path[-1]) if tree.tokens[c] == best), None)
                 if child is None:
                     return np.asarray(path, dtype=np.int64), best
-                constraint.consume(best)
+                shaper.consume(best)
                 taken += 1
                 path.append(child)
         finally:
-            constraint.rollback(taken)
+            shaper.rollback(taken)
     best = np.argmax(logits, axis=-1).tolist()
     # One pass in node order (a parent comes before its children): the accepted nodes form
     # one chain from the root, so the last one accepted ends the path.
@@ -244,7 +283,7 @@ def accept_greedy(tree, logits: np.ndarray, constraint=None) -> tuple[np.ndarray
 
 
 def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: TokenChooser,
-                   constraint=None) -> tuple[np.ndarray, int]:
+                   shaper=None) -> tuple[np.ndarray, int]:
     """Lossless verification for sampling (recursive rejection with deterministic drafts).
 
     At node u with target distribution p (temperature / top-k / top-p applied), try u's
@@ -254,14 +293,14 @@ def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: To
     tried against it. If no child is accepted (or u is a leaf) the bonus token is drawn from
     what remains of p. The emitted tokens then follow the target's distribution exactly.
 
-    With a ``constraint`` (at the root), p at each node is the distribution of the logits
-    masked by the grammar after the path to it (as in :func:`accept_greedy`).
+    With a ``shaper`` (at the root), p at each node is the distribution of the logits it
+    shapes after the path to it (as in :func:`accept_greedy`).
     """
     u = 0
     path = [0]
     try:
         while True:
-            ids, p = target_dist(logits[u] if constraint is None else constraint(logits[u]), params)
+            ids, p = target_dist(logits[u] if shaper is None else shaper(logits[u]), params)
             moved = False
             for c in tree.children(u):
                 x = int(tree.tokens[c])
@@ -280,8 +319,8 @@ def accept_sampled(tree, logits: np.ndarray, params: SamplingParams, chooser: To
             if not moved:
                 return np.asarray(path, dtype=np.int64), chooser.draw_from(ids, p)
             path.append(u)
-            if constraint is not None:
-                constraint.consume(int(tree.tokens[u]))
+            if shaper is not None:
+                shaper.consume(int(tree.tokens[u]))
     finally:
-        if constraint is not None:
-            constraint.rollback(len(path) - 1)
+        if shaper is not None:
+            shaper.rollback(len(path) - 1)

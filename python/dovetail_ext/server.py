@@ -37,7 +37,7 @@ Completions take token-id prompts and ``echo`` (the prompt scored too with ``log
 ``max_tokens`` 0 allowed then: how evaluation harnesses score text).
 
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` adjust the logits as OpenAI
-does (such a request decodes plainly).
+does (speculation stays on: each verified node is judged by the adjusted logits).
 
 ``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
 {"name": ..., "schema": {...}}}`` constrains the output to JSON (``grammar.Grammar.json``;

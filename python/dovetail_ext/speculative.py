@@ -295,25 +295,25 @@ class _Ahead(threading.Thread):
 def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, params: TreeParams,
                      sampling: SamplingParams, chooser: TokenChooser,
                      times: SpecTimes, overlap: bool = False, drafting: bool = True,
-                     chain: list[int] | None = None, constraint=None) -> tuple[list[int], np.ndarray]:
+                     chain: list[int] | None = None, shaper=None) -> tuple[list[int], np.ndarray]:
     """Run one step. Returns the tokens it emits (accepted drafted tokens + bonus) and the
     target features [len(path), D] of the positions it committed (the root and the
     accepted tokens). With ``drafting`` False (and no tree drafted ahead) the root is
     verified alone, a plain step; the draft takes its features in at the next drafting step.
     A ``chain`` of proposed tokens (prompt lookup, :mod:`.lookup`) is verified after the
     root instead of a drafted tree, the draft sitting the step out in the same way. A
-    ``constraint`` (:class:`~dovetail_ext.grammar.Constraint`) masks the target's logits at
-    every verified node by the grammar after the path to it (it is left at the root: the
-    caller consumes the emitted tokens)."""
+    ``shaper`` (:class:`~dovetail_ext.sampling.LogitShaper`: penalties, a grammar) shapes
+    the target's logits at every verified node after the path to it (it is left at the
+    root: the caller consumes the emitted tokens)."""
     t0 = time.perf_counter()
     if state.ready is None and chain:
-        return _chain_step(state, target, chain, sampling, chooser, times, t0, constraint)
+        return _chain_step(state, target, chain, sampling, chooser, times, t0, shaper)
     if not drafting and state.ready is None:
-        return _plain_step(state, target, chooser, times, t0, constraint)
+        return _plain_step(state, target, chooser, times, t0, shaper)
     state.join_backlog()
     room = target.context - target.n_past  # KV slots left for the tree
     if sampling.greedy and not overlap and state.ready is None and room >= params.total_tokens \
-            and constraint is None:
+            and shaper is None:
         step_greedy = getattr(draft, "step_greedy", None)  # (drafts in tests may lack it)
         native = step_greedy(state.features, state.next_tokens, params) if step_greedy else None
         if native is not None:  # the whole step in one native call
@@ -351,7 +351,7 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     if ahead is not None and ahead.error is not None:
         raise ahead.error
 
-    path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser, constraint)
+    path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser, shaper)
     # The draft consumes pairs (f_j, x_{j+1}) for the committed path: features of the path
     # rows, each followed by the next path token and finally the bonus (the new root).
     new_tokens = np.array(accepted + [bonus], dtype=np.int64)
@@ -383,12 +383,12 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
 
 
 def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, times: SpecTimes,
-                t0: float, constraint=None) -> tuple[list[int], np.ndarray]:
+                t0: float, shaper=None) -> tuple[list[int], np.ndarray]:
     """A step that does not draft: plain decoding of the root (the same call and the same
     choice as plain decoding), keeping its target features for the draft's next step."""
     logits, feats = target.forward([state.root], feature_rows=[0])
     t1 = time.perf_counter()
-    bonus = chooser(logits[0] if constraint is None else constraint(logits[0]))
+    bonus = chooser(logits[0] if shaper is None else shaper(logits[0]))
     target.commit()
     state.backlog.append((feats, np.array([bonus], dtype=np.int64)))
     state.root = bonus
@@ -400,7 +400,7 @@ def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, t
 
 def verify_chain(target: TargetEngine, root: int, chain: list[int], sampling: SamplingParams,
                  chooser: TokenChooser, features: bool = True,
-                 constraint=None) -> tuple[list[int], list[int], np.ndarray | None]:
+                 shaper=None) -> tuple[list[int], list[int], np.ndarray | None]:
     """Verify the root and a proposed chain in one target call (the chain must fit the KV
     room left), accept by the same rule as drafted trees (each chain token is a
     deterministic proposal) and commit. Returns (the accepted chain tokens, the emitted
@@ -412,28 +412,28 @@ def verify_chain(target: TargetEngine, root: int, chain: list[int], sampling: Sa
     rows = np.arange(tree.size)
     logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
                                    logit_rows=rows, feature_rows=rows if features else None)
-    path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser, constraint)
+    path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser, shaper)
     return accepted, accepted + [bonus], feats[path] if features else None
 
 
 def _accept_and_commit(target: TargetEngine, tree: Tree, logits: np.ndarray, sampling: SamplingParams,
-                       chooser: TokenChooser, constraint=None) -> tuple[np.ndarray, list[int], int]:
+                       chooser: TokenChooser, shaper=None) -> tuple[np.ndarray, list[int], int]:
     """Greedy or lossless sampled acceptance of a verified tree, and the target's commit of
     the accepted path. Returns (path of node indices, accepted drafted tokens, bonus)."""
     if sampling.greedy:
-        path, bonus = accept_greedy(tree, logits, constraint)
+        path, bonus = accept_greedy(tree, logits, shaper)
     else:
-        path, bonus = accept_sampled(tree, logits, sampling, chooser, constraint)
+        path, bonus = accept_sampled(tree, logits, sampling, chooser, shaper)
     target.commit(path)
     return path, tree.tokens[path[1:]].tolist(), bonus
 
 
 def _chain_step(state: SpecState, target: TargetEngine, chain: list[int], sampling: SamplingParams,
-                chooser: TokenChooser, times: SpecTimes, t0: float, constraint=None) -> tuple[list[int], np.ndarray]:
+                chooser: TokenChooser, times: SpecTimes, t0: float, shaper=None) -> tuple[list[int], np.ndarray]:
     """A step that verifies a proposed chain (:func:`verify_chain`) without the draft: its
     pairs wait in the backlog like a plain step's."""
     chain = list(chain)[:max(0, target.context - target.n_past - 1)]
-    accepted, emitted, feats = verify_chain(target, state.root, chain, sampling, chooser, constraint=constraint)
+    accepted, emitted, feats = verify_chain(target, state.root, chain, sampling, chooser, shaper=shaper)
     state.backlog.append((feats, np.array(emitted, dtype=np.int64)))
     state.root = emitted[-1]
     times.verify_s += time.perf_counter() - t0  # (with the acceptance: no draft time to set apart)
