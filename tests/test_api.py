@@ -113,15 +113,16 @@ def test_bad_arguments_name_themselves(gen, default_gguf_path):
     assert r.tokens == gen.generate("hi", max_new_tokens=3, temperature=0.7, top_k=5, seed=3).tokens
 
 
-def test_logprobs_are_the_targets(gen):
+def test_logprobs_are_the_targets(gen, random_draft_gen):
     """logprobs=k: each token's log-probability and its k most likely alternatives are the
     log-softmax of the target's own logits for that step (recomputed here in one prefill,
-    which gives the decode steps' rows bit for bit); greedy and seeded sampled tokens are
-    those of a call without logprobs decoding plainly; streams fill last_logprobs."""
+    which gives the decode steps' rows bit for bit), whether the call decodes plainly or
+    speculatively (each emitted token's row comes from the verification); greedy tokens are
+    those of a call without logprobs; streams fill last_logprobs."""
     prompt = "Name a fruit."
     r = gen.generate(prompt, max_new_tokens=8, logprobs=5)
-    assert r.stats.mode == "plain" and len(r.logprobs) == len(r.tokens) == 8
-    assert r.tokens == gen.generate(prompt, max_new_tokens=8).tokens  # (that one speculates)
+    assert r.stats.mode == "speculative" and len(r.logprobs) == len(r.tokens) == 8
+    assert r.tokens == gen.generate(prompt, max_new_tokens=8).tokens
     ids = gen.encode_prompt(prompt)
     gen.reset()
     logits, _ = gen.target.forward(ids + r.tokens[:-1], logit_rows=range(len(ids) - 1, len(ids) + 7))
@@ -135,18 +136,29 @@ def test_logprobs_are_the_targets(gen):
         assert [i for i, _ in e.top] == order.tolist()
         np.testing.assert_allclose([v for _, v in e.top], row[order], atol=1e-9)
         assert e.top[0] == (tok, e.logprob)  # greedy: the most likely token
-    sampled = gen.generate(prompt, max_new_tokens=8, temperature=0.9, seed=3, logprobs=0)
-    assert sampled.tokens == gen.generate(prompt, max_new_tokens=8, temperature=0.9, seed=3,
-                                          speculative=False).tokens
-    assert all(e.top == [] and e.logprob <= 0 for e in sampled.logprobs)
+    # speculative and plain logprobs are the same bits, with trees, lookup chains and rejections
+    code = "Write a Python function that returns the squares of a list of numbers."
+    plain = gen.generate(code, max_new_tokens=40, logprobs=3, speculative=False)
+    assert plain.stats.mode == "plain"
+    for g, tree in ((gen, None), (gen, TreeParams(4, 4, 8)), (random_draft_gen, TreeParams(3, 3, 6))):
+        spec = g.generate(code, max_new_tokens=40, logprobs=3, tree=tree)
+        assert spec.stats.mode == "speculative" and spec.tokens == plain.tokens and spec.logprobs == plain.logprobs
+    assert gen.generate(code, max_new_tokens=40, logprobs=3).stats.acceptance_length > 1.2  # (it did speculate)
+    # sampled: plain decoding with a seed gives the sample of a call without logprobs; either
+    # way the log-probabilities are the target's for the tokens drawn
+    kw = dict(max_new_tokens=8, temperature=0.9, seed=3)
+    sampled = gen.generate(prompt, logprobs=0, speculative=False, **kw)
+    assert sampled.tokens == gen.generate(prompt, speculative=False, **kw).tokens
+    for one in (sampled, gen.generate(prompt, logprobs=0, **kw)):
+        assert all(e.top == [] and e.logprob <= 0 for e in one.logprobs)
+        lp, _, _ = gen.score(ids + one.tokens, first=len(ids))
+        np.testing.assert_allclose([e.logprob for e in one.logprobs], lp, atol=1e-9)
     pieces = list(gen.stream(prompt, max_new_tokens=8, logprobs=5))
     assert "".join(pieces) == r.text and gen.last_logprobs == r.logprobs
     assert gen.generate(prompt, max_new_tokens=4).logprobs is None
     for bad in (-1, 21, 2.0, True, "3"):
         with pytest.raises(ValueError, match="logprobs must be an integer"):
             gen.generate(prompt, max_new_tokens=2, logprobs=bad)
-    with pytest.raises(ValueError, match="decode plainly: drop speculative=True"):
-        gen.generate(prompt, max_new_tokens=2, speculative=True, logprobs=1)
 
 
 def test_prompt_logprobs_and_token_id_prompts(gen):

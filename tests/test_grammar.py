@@ -343,17 +343,21 @@ def test_constrained_sampling_is_valid_and_seeded(gen):
 
 def test_logprobs_under_a_grammar_are_the_targets_own(gen):
     r = gen.generate(PROMPTS[0], max_new_tokens=12, grammar=Grammar.json(PERSON), logprobs=2)
-    assert r.stats.mode == "plain" and len(r.logprobs) == len(r.tokens)
+    assert r.stats.mode == "speculative" and len(r.logprobs) == len(r.tokens)
+    plain = gen.generate(PROMPTS[0], max_new_tokens=12, grammar=Grammar.json(PERSON), logprobs=2, speculative=False)
+    assert plain.tokens == r.tokens and plain.logprobs == r.logprobs
     ids = gen.encode_prompt(PROMPTS[0])
     lp, _, _ = gen.score(ids + r.tokens, first=len(ids))
-    np.testing.assert_allclose([e.logprob for e in r.logprobs], lp, atol=1e-4)
+    np.testing.assert_allclose([e.logprob for e in r.logprobs], lp, atol=1e-9)
 
 
 def test_bad_grammar_arguments(gen):
     with pytest.raises(ValueError, match="grammar must be a dovetail_ext.Grammar"):
         gen.generate("hi", grammar='{"type": "object"}')
-    with pytest.raises(ValueError, match="decode plainly"):
-        gen.generate("hi", grammar=Grammar.json(), logprobs=1, speculative=True)
+    c = Constraint(Grammar.json(), gen.tokenizer, gen.config.vocab_size, sorted(gen.eos_ids))
+    c.allowed = lambda: np.zeros(gen.config.vocab_size, dtype=bool)  # (a mask that allows nothing)
+    with pytest.raises(ValueError, match="no token of the vocabulary can continue"):
+        c(np.zeros(gen.config.vocab_size, np.float32))
 
 
 def test_chat_session_takes_a_grammar(gen):

@@ -333,6 +333,7 @@ def test_metrics(server, client):
     with httpx.Client(base_url=server.url, timeout=60) as h:
         before = _scrape(h)
         r = client.completions.create(model=server.model, prompt=COUNT, max_tokens=N, temperature=0, n=2)
+        wait_idle(server)  # (the reply can come before the worker has put the job down)
         after = _scrape(h)
     assert after['dovetail_requests_total{outcome="served"}'] == before['dovetail_requests_total{outcome="served"}'] + 1
     assert after["dovetail_prompt_tokens_total"] - before["dovetail_prompt_tokens_total"] == r.usage.prompt_tokens

@@ -372,10 +372,10 @@ class Generator:
             draft: a draft checkpoint path or a :class:`~dovetail_ext.draft.Draft` to use
                 from now on (replaces the generator's draft).
             logprobs: None (default), or k in [0, 20]: each token's log-probability under
-                the target and its k most likely alternatives (``result.logprobs``). The
-                call then decodes plainly, since every step's whole distribution is read:
-                greedy, the same tokens as a speculative call; sampling, the same
-                distribution (a seed gives the sample plain decoding gives).
+                the target and its k most likely alternatives (``result.logprobs``), from
+                the row each token was chosen from: a speculative call takes the rows of
+                its verifications (the same bits as plain decoding's, so greedy calls give
+                the same tokens and log-probabilities either way).
             presence_penalty, frequency_penalty, logit_bias: OpenAI's adjustments of the
                 logits before each token is chosen (``sampling.LogitAdjuster``: penalties
                 in [-2, 2] over the tokens generated so far, biases in [-100, 100] by token
@@ -515,12 +515,10 @@ class Generator:
         constraint = None if grammar is None else \
             Constraint(grammar, self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
         # Penalties, logit bias and a grammar shape the logits at every verified node as they
-        # would in plain decoding there, so they speculate; logprobs decode plainly (every
-        # step's whole distribution is read).
+        # would in plain decoding there, so they speculate; with logprobs, each emitted token's
+        # row comes back from the verification (the same bits as plain decoding's).
         shaper = LogitShaper(adjust, constraint) if adjust is not None or constraint is not None else None
-        if speculative and logprobs is not None:
-            raise ValueError("logprobs decode plainly: drop speculative=True")
-        plain = speculative is False or logprobs is not None
+        plain = speculative is False
 
         def propose_chain(budget: int) -> list[int] | None:
             """Tokens to verify after the root instead of a drafted tree: those the grammar
@@ -601,7 +599,7 @@ class Generator:
         stops = _StopStrings(stop)
         t1 = time.perf_counter()
         while not stats.stop_reason:
-            for tok in pending:
+            for i, tok in enumerate(pending):
                 if tok in self.eos_ids:
                     stats.stop_reason = "eos"
                     break
@@ -609,7 +607,7 @@ class Generator:
                 if shaper is not None:
                     shaper.consume(tok)
                 if logprobs is not None:
-                    self.last_logprobs.extend(_token_logprobs([tok], *pick_logprobs(rows[0], [tok], logprobs)))
+                    self.last_logprobs.extend(_token_logprobs([tok], *pick_logprobs(rows[i], [tok], logprobs)))
                 piece, hit = stops.feed(decoder.push(tok))
                 if piece:
                     yield piece
@@ -638,7 +636,7 @@ class Generator:
                     ts = time.perf_counter()
                     pending, committed = speculative_step(state, self.target, self.draft, shape, params, chooser,
                                                           times, overlap=overlap, drafting=drafting, chain=chain,
-                                                          shaper=shaper)
+                                                          shaper=shaper, rows=rows if logprobs is not None else None)
                     drafted = drafting and not chain
                     if drafted:
                         stats.tree = f"{shape.top_k},{shape.depth},{shape.total_tokens}"
@@ -659,7 +657,7 @@ class Generator:
                     if chain:
                         ts = time.perf_counter()
                         accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False,
-                                                            shaper=shaper)
+                                                            shaper=shaper, rows=rows)
                         times.verify_s += time.perf_counter() - ts
                         times.record_step(len(chain), len(accepted), lookup=True)
                         self._kv_tokens.extend([root] + accepted)

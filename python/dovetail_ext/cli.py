@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="with --json: each token's log-probability under the model and its K most likely "
-                        "alternatives (K in [0, 20]; decodes plainly)")
+                        "alternatives (K in [0, 20])")
     _add_decoding_args(g)
     _add_tree_args(g)
     _add_model_args(g)

@@ -31,7 +31,7 @@ request.
 
 Log-probabilities (chat: ``logprobs`` / ``top_logprobs``; completions: ``logprobs``, up to
 20 alternatives) are the target's own distribution at each step (temperature 1, before
-top-k / top-p); such a request decodes plainly (greedy: the same tokens).
+top-k / top-p), the same with or without speculation.
 
 Completions take token-id prompts and ``echo`` (the prompt scored too with ``logprobs``;
 ``max_tokens`` 0 allowed then: how evaluation harnesses score text).
@@ -41,8 +41,7 @@ does (speculation stays on: each verified node is judged by the adjusted logits)
 
 ``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
 {"name": ..., "schema": {...}}}`` constrains the output to JSON (``grammar.Grammar.json``;
-needs the ``llguidance`` package; such a request decodes plainly); on the completions
-endpoint too.
+needs the ``llguidance`` package; speculation stays on); on the completions endpoint too.
 
 ``n`` choices are generated one after another, the i-th of a prompt sampling with seed + i;
 completions take several prompts (choices in prompt order, n each); 64 choices at most.

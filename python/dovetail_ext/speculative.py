@@ -295,7 +295,8 @@ class _Ahead(threading.Thread):
 def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, params: TreeParams,
                      sampling: SamplingParams, chooser: TokenChooser,
                      times: SpecTimes, overlap: bool = False, drafting: bool = True,
-                     chain: list[int] | None = None, shaper=None) -> tuple[list[int], np.ndarray]:
+                     chain: list[int] | None = None, shaper=None,
+                     rows: list | None = None) -> tuple[list[int], np.ndarray]:
     """Run one step. Returns the tokens it emits (accepted drafted tokens + bonus) and the
     target features [len(path), D] of the positions it committed (the root and the
     accepted tokens). With ``drafting`` False (and no tree drafted ahead) the root is
@@ -304,16 +305,18 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     root instead of a drafted tree, the draft sitting the step out in the same way. A
     ``shaper`` (:class:`~dovetail_ext.sampling.LogitShaper`: penalties, a grammar) shapes
     the target's logits at every verified node after the path to it (it is left at the
-    root: the caller consumes the emitted tokens)."""
+    root: the caller consumes the emitted tokens). With a ``rows`` list, it is set to the
+    target's logits row each emitted token was chosen from (the same bits as plain
+    decoding's rows there: the kernels are batch invariant)."""
     t0 = time.perf_counter()
     if state.ready is None and chain:
-        return _chain_step(state, target, chain, sampling, chooser, times, t0, shaper)
+        return _chain_step(state, target, chain, sampling, chooser, times, t0, shaper, rows)
     if not drafting and state.ready is None:
-        return _plain_step(state, target, chooser, times, t0, shaper)
+        return _plain_step(state, target, chooser, times, t0, shaper, rows)
     state.join_backlog()
     room = target.context - target.n_past  # KV slots left for the tree
     if sampling.greedy and not overlap and state.ready is None and room >= params.total_tokens \
-            and shaper is None:
+            and shaper is None and rows is None:
         step_greedy = getattr(draft, "step_greedy", None)  # (drafts in tests may lack it)
         native = step_greedy(state.features, state.next_tokens, params) if step_greedy else None
         if native is not None:  # the whole step in one native call
@@ -339,9 +342,9 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
         if ahead is not None:
             ahead.start()
         # One target call over the whole tree: every node sees the prefix and its ancestors.
-        rows = np.arange(tree.size)
+        nodes = np.arange(tree.size)
         logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
-                                       logit_rows=rows, feature_rows=rows)
+                                       logit_rows=nodes, feature_rows=nodes)
     finally:
         if ahead is not None:  # the draft is never left running on its own
             tw = time.perf_counter()
@@ -352,6 +355,8 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
         raise ahead.error
 
     path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser, shaper)
+    if rows is not None:
+        rows[:] = list(logits[path])
     # The draft consumes pairs (f_j, x_{j+1}) for the committed path: features of the path
     # rows, each followed by the next path token and finally the bonus (the new root).
     new_tokens = np.array(accepted + [bonus], dtype=np.int64)
@@ -383,13 +388,15 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
 
 
 def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, times: SpecTimes,
-                t0: float, shaper=None) -> tuple[list[int], np.ndarray]:
+                t0: float, shaper=None, rows: list | None = None) -> tuple[list[int], np.ndarray]:
     """A step that does not draft: plain decoding of the root (the same call and the same
     choice as plain decoding), keeping its target features for the draft's next step."""
     logits, feats = target.forward([state.root], feature_rows=[0])
     t1 = time.perf_counter()
     bonus = chooser(logits[0] if shaper is None else shaper(logits[0]))
     target.commit()
+    if rows is not None:
+        rows[:] = [logits[0]]
     state.backlog.append((feats, np.array([bonus], dtype=np.int64)))
     state.root = bonus
     times.verify_s += t1 - t0
@@ -400,19 +407,22 @@ def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, t
 
 def verify_chain(target: TargetEngine, root: int, chain: list[int], sampling: SamplingParams,
                  chooser: TokenChooser, features: bool = True,
-                 shaper=None) -> tuple[list[int], list[int], np.ndarray | None]:
+                 shaper=None, rows: list | None = None) -> tuple[list[int], list[int], np.ndarray | None]:
     """Verify the root and a proposed chain in one target call (the chain must fit the KV
     room left), accept by the same rule as drafted trees (each chain token is a
     deterministic proposal) and commit. Returns (the accepted chain tokens, the emitted
-    tokens: those and the bonus, target features of the committed rows when ``features``)."""
+    tokens: those and the bonus, target features of the committed rows when ``features``);
+    ``rows`` as in :func:`speculative_step`."""
     if len(chain) + 1 > target.context - target.n_past:
         raise ValueError(f"a chain of {len(chain)} tokens after the root does not fit the "
                          f"{target.context - target.n_past} KV slots left")
     tree = build_tree([root, *chain], list(range(-1, len(chain))))
-    rows = np.arange(tree.size)
+    nodes = np.arange(tree.size)
     logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
-                                   logit_rows=rows, feature_rows=rows if features else None)
+                                   logit_rows=nodes, feature_rows=nodes if features else None)
     path, accepted, bonus = _accept_and_commit(target, tree, logits, sampling, chooser, shaper)
+    if rows is not None:
+        rows[:] = list(logits[path])
     return accepted, accepted + [bonus], feats[path] if features else None
 
 
@@ -429,11 +439,12 @@ def _accept_and_commit(target: TargetEngine, tree: Tree, logits: np.ndarray, sam
 
 
 def _chain_step(state: SpecState, target: TargetEngine, chain: list[int], sampling: SamplingParams,
-                chooser: TokenChooser, times: SpecTimes, t0: float, shaper=None) -> tuple[list[int], np.ndarray]:
+                chooser: TokenChooser, times: SpecTimes, t0: float, shaper=None,
+                rows: list | None = None) -> tuple[list[int], np.ndarray]:
     """A step that verifies a proposed chain (:func:`verify_chain`) without the draft: its
     pairs wait in the backlog like a plain step's."""
     chain = list(chain)[:max(0, target.context - target.n_past - 1)]
-    accepted, emitted, feats = verify_chain(target, state.root, chain, sampling, chooser, shaper=shaper)
+    accepted, emitted, feats = verify_chain(target, state.root, chain, sampling, chooser, shaper=shaper, rows=rows)
     state.backlog.append((feats, np.array(emitted, dtype=np.int64)))
     state.root = emitted[-1]
     times.verify_s += time.perf_counter() - t0  # (with the acceptance: no draft time to set apart)
