@@ -61,3 +61,25 @@ def test_bad_embedding_inputs(gen):
             gen.embed(bad)
     with pytest.raises(ValueError, match="pooling"):
         gen.embed("x", pooling="max")
+
+
+def test_cli_embed(gen, default_gguf_path, capsys, monkeypatch):
+    import io
+    import json
+
+    from dovetail_ext.cli import main
+    assert main(["embed", TEXTS[0], TEXTS[2], "--model", str(default_gguf_path), "--threads", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [x["index"] for x in lines] == [0, 1]
+    assert lines[0]["tokens"] == len(gen.tokenizer.encode(TEXTS[0]))
+    np.testing.assert_array_equal(np.array([x["embedding"] for x in lines], dtype=np.float32),
+                                  gen.embed([TEXTS[0], TEXTS[2]]))
+    monkeypatch.setattr("sys.stdin", io.StringIO(TEXTS[1] + "\n\n" + TEXTS[2] + "\n"))
+    assert main(["embed", "--pooling", "last", "--no-normalize", "--model", str(default_gguf_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2  # (the blank line is skipped)
+    np.testing.assert_array_equal(np.array(lines[0]["embedding"], dtype=np.float32),
+                                  gen.embed(TEXTS[1], pooling="last", normalize=False)[0])
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["embed", "--model", str(default_gguf_path)]) == 2
+    assert "no texts to embed" in capsys.readouterr().err

@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     _add_model_args(pp)
 
+    e = sub.add_parser("embed", help="embeddings of texts: one JSON line per text (pooled final hidden states)")
+    e.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: one per line of stdin)")
+    e.add_argument("--pooling", choices=["mean", "last"], default="mean",
+                   help="average the tokens' states, or take the last token's (default mean)")
+    e.add_argument("--no-normalize", action="store_true", help="leave the vectors unscaled (default: unit length)")
+    _add_model_args(e)
+
     b = sub.add_parser("bench", help="plain vs speculative decoding on this machine: tokens/s, tau, their ratio")
     b.add_argument("--prompts", type=int, default=len(_bench_prompts()), metavar="N",
                    help=f"how many of the {len(_bench_prompts())} built-in prompts (default all)")
@@ -397,6 +404,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no texts to embed (give them as arguments or one per line on stdin)")
+    gen = load(args.model, draft=None, lookup=None, context=args.context, threads=args.threads, weights=args.weights)
+    ids = [gen.encode_prompt(t, raw=True) for t in texts]
+    vectors = gen.embed(ids, pooling=args.pooling, normalize=not args.no_normalize)
+    for i, (t, v) in enumerate(zip(ids, vectors)):
+        # (9 significant digits: each float32 comes back exactly)
+        print(json.dumps({"index": i, "tokens": len(t), "embedding": [float(f"{x:.9g}") for x in v]}))
+    return 0
+
+
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     from .api import load
     from .evaluate import perplexity
@@ -590,7 +612,8 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _cmd_generate, "chat": _cmd_chat, "perplexity": _cmd_perplexity, "bench": _cmd_bench,
+        return {"generate": _cmd_generate, "chat": _cmd_chat, "perplexity": _cmd_perplexity, "embed": _cmd_embed,
+                "bench": _cmd_bench,
                 "serve": _cmd_serve, "info": _cmd_info, "train-draft": _cmd_train_draft}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
