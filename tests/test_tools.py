@@ -62,13 +62,23 @@ def test_calls_are_read_from_replies():
     cut = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n<tool_call>{"name": "ad'
     content, calls = split_tool_calls(cut, tools)
     assert content is None and [c.name for c in calls] == ["add"]
+    # a reply that is only the call's JSON (the Llama 3.x way), or a list of them
+    content, calls = split_tool_calls(' {"name": "add", "parameters": {"a": 1, "b": 2}}\n', tools)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 1, "b": 2})]
+    two = '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    assert [c.name for c in split_tool_calls(two, tools)[1]] == ["add", "get_weather"]
+    for plain in ('{"name": "sub", "parameters": {}}', '{"answer": 42}', '[1, 2]', '{"name": "add"'):
+        assert split_tool_calls(plain, tools) == (plain, [])
+    assert split_tool_calls('{"name": "add", "arguments": {}}', None)[1] == []  # (bare: only known tools)
 
 
 @pytest.mark.parametrize("text", [
     'Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
     "A plain answer with a < sign and <tool but no call.",
     '<tool_call>{"broken": </tool_call> and more',
-    "ends with a possible start <tool_c"])
+    "ends with a possible start <tool_c",
+    '{"name": "add", "parameters": {"a": 1, "b": 2}}',
+    '{"a": "JSON content, not a call"} <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'])
 def test_streamed_content_stops_where_a_call_begins(text):
     tools = parse_tools([ADD])
     for step in (1, 3, 7):
@@ -76,7 +86,7 @@ def test_streamed_content_stops_where_a_call_begins(text):
         shown = "".join(f.feed(text[i:i + step]) for i in range(0, len(text), step))
         rest, calls = f.finish()
         if calls:
-            assert shown == text[:text.index(OPEN)] and rest == "" and calls[0].name == "add"
+            assert shown + rest == (text[:text.index(OPEN)] if OPEN in text else "") and calls[0].name == "add"
         else:
             assert shown + rest == text
         # nothing that may begin a call is shown before it is known not to
@@ -261,8 +271,8 @@ def test_the_stream_filter_on_any_text():
         assert OPEN not in shown
         want_content, want_calls = split_tool_calls(text, tools)
         assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]
-        if calls:
-            assert shown == text[:text.index(OPEN)] and rest == ""
+        if calls:  # the content before the first block; none before a bare JSON call
+            assert shown + rest == (text[:text.index(OPEN)] if OPEN in text else "")
         else:
             assert shown + rest == text and want_content == text
     check()

@@ -7,6 +7,9 @@ A call is written as the Hermes / Qwen2.5 family of models writes it::
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
+and a reply that is nothing but such an object (or a list of them), as the Llama 3.x models
+write calls (with ``"parameters"`` for the arguments), is read as calls too.
+
 A model whose chat template takes ``tools`` (Qwen2.5, Qwen3, SmolLM3, Llama 3.1 ...) gets
 them through its template; for any other template the tools are described in the system
 message in the format above, assistant turns that called tools are written back in it and
@@ -153,10 +156,11 @@ def split_tool_calls(text: str, tools: Sequence[Tool] | None = None) -> tuple[st
     whose JSON is not ``{"name": ..., "arguments": {...}}`` naming one of ``tools`` (any
     name without ``tools``) makes the whole reply plain content."""
     start = text.find(OPEN)
-    if start < 0:
-        return text, []
-    calls = []
     names = None if tools is None else {t.name for t in tools}
+    if start < 0:
+        bare = _bare_calls(text, names)
+        return (None, bare) if bare else (text, [])
+    calls = []
     for m in _BLOCK.finditer(text, start):
         call = _read_call(m.group(1), names)
         if call is None:
@@ -166,6 +170,21 @@ def split_tool_calls(text: str, tools: Sequence[Tool] | None = None) -> tuple[st
         calls.append(call)
     content = text[:start].strip()
     return content or None, calls
+
+
+def _bare_calls(text: str, names: set[str] | None) -> list[ToolCall]:
+    """A whole reply that is a call's JSON object, or a list of them, without the blocks (as
+    the Llama 3.x models write calls); only for known tool names."""
+    body = text.strip()
+    if names is None or not body.startswith(("{", "[")):
+        return []
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return []
+    objs = obj if isinstance(obj, list) else [obj]
+    calls = [_read_call(json.dumps(o), names) for o in objs]
+    return calls if calls and all(c is not None for c in calls) else []
 
 
 def _read_call(block: str, names: set[str] | None) -> ToolCall | None:
@@ -263,6 +282,8 @@ class ToolCallFilter:
         self.text += piece
         if self._calling:
             return ""
+        if self._sent == 0 and self.tools and self.text.lstrip()[:1] in ("", "{", "["):
+            return ""  # (a reply that may be a bare JSON call is held until it ends)
         at = self.text.find(OPEN, self._sent)
         if at >= 0:
             self._calling = True
@@ -281,6 +302,8 @@ class ToolCallFilter:
         """(content not yet passed on, the calls). When the blocks do not parse as calls,
         all the rest is content."""
         _, calls = split_tool_calls(self.text, self.tools)
-        rest = "" if calls else self.text[self._sent:]
+        start = self.text.find(OPEN)
+        # with calls: the content before the first block (none before a bare JSON call)
+        rest = self.text[self._sent:] if not calls else self.text[self._sent:start] if start >= self._sent else ""
         self._sent = len(self.text)
         return rest, calls
