@@ -175,6 +175,24 @@ def test_auto_and_none(gen):
     assert none.tokens == gen.generate(ASK, max_new_tokens=20).tokens and none.tool_calls == []
 
 
+def test_the_calls_generate_returned_go_back_into_the_history(gen, default_source):
+    tools = parse_tools([WEATHER])
+    call = split_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+                            tools)[1][0]
+    as_objects = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": call.id, "content": "3 C"}]
+    as_dicts = ASK + [{"role": "assistant", "content": "", "tool_calls": [call.spec()]},
+                      {"role": "tool", "tool_call_id": call.id, "content": "3 C"}]
+    for tok in (default_source.tokenizer, _TemplateWithTools()):
+        assert render_chat(tok, as_objects, tools) == render_chat(tok, as_dicts, tools)
+    t = _TemplateWithTools()
+    render_chat(t, as_objects, tools)
+    assert t.seen[0][1]["content"] == "" and t.seen[0][1]["tool_calls"][0]["id"] == call.id
+    with pytest.raises(ValueError, match="a tool call in a message must be"):
+        render_chat(default_source.tokenizer, ASK + [{"role": "assistant", "content": "", "tool_calls": [5]}], tools)
+    assert gen.generate(as_objects, tools=tools, max_new_tokens=4).tokens
+
+
 def test_a_conversation_with_tool_results_goes_on(gen):
     history = ASK + [{"role": "assistant", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},

@@ -210,9 +210,19 @@ def _template_takes_tools(tokenizer: Any) -> bool:
     return "tools" in (tokenizer.chat_template or "")
 
 
-def _arguments(call: dict) -> Any:
+def _call_fields(call: Any) -> dict:
+    """The ``{"name", "arguments"}`` of a call in a message: OpenAI's shape, the bare
+    function, or a :class:`ToolCall` (what ``generate`` returned)."""
+    if isinstance(call, ToolCall):
+        return {"name": call.name, "arguments": call.arguments}
+    if not isinstance(call, dict):
+        raise ValueError(f"a tool call in a message must be an object or a ToolCall, got {type(call).__name__}")
+    return call.get("function", call)
+
+
+def _arguments(call: Any) -> Any:
     """A call's arguments as the templates take them: a dict (OpenAI sends JSON text)."""
-    args = call.get("function", call).get("arguments", {})
+    args = _call_fields(call).get("arguments", {})
     if isinstance(args, str):
         try:
             return json.loads(args)
@@ -236,10 +246,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[
     if _template_takes_tools(tokenizer):
         msgs = []
         for m in messages:
-            m = dict(m)
+            m = dict(m, content=m.get("content") or "")
             if m.get("tool_calls"):
-                m["tool_calls"] = [{"type": "function", "id": c.get("id"),
-                                    "function": {"name": c.get("function", c).get("name"),
+                m["tool_calls"] = [{"type": "function", "id": c.id if isinstance(c, ToolCall) else c.get("id"),
+                                    "function": {"name": _call_fields(c).get("name"),
                                                  "arguments": _arguments(c)}} for c in m["tool_calls"]]
             msgs.append(m)
         specs = [t.spec() for t in tools] if tools else None
@@ -248,7 +258,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[
     for m in messages:
         role, content = m["role"], m.get("content") or ""
         if role == "assistant" and m.get("tool_calls"):
-            blocks = [f"{OPEN}\n" + json.dumps({"name": c.get("function", c).get("name"),
+            blocks = [f"{OPEN}\n" + json.dumps({"name": _call_fields(c).get("name"),
                                                  "arguments": _arguments(c)}, ensure_ascii=False) + f"\n{CLOSE}"
                       for c in m["tool_calls"]]
             content = "\n".join(([content] if content else []) + blocks)
