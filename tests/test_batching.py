@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 import dovetail_ext
@@ -152,3 +153,7 @@ def test_server_parallel_requests(default_gguf_path, plain):
         assert float(metrics["dovetail_batched_calls_total"]) == health["batched_calls"]
         assert float(metrics["dovetail_batched_tokens_total"]) == health["batched_tokens"]
         assert float(metrics['dovetail_requests_total{outcome="served"}']) == 2
+        r = h.post("/v1/embeddings", json={"input": PROMPTS[:2], "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32),
+                                      plain.embed(PROMPTS[:2]))
