@@ -299,6 +299,15 @@ def test_speculative_constrained_greedy_equals_plain(gen, random_draft_gen, gram
             assert plain.stats.stop_reason == "length"
 
 
+def test_strict_json_takes_only_the_listed_properties(gen):
+    open_schema = {k: v for k, v in PERSON.items() if k != "additionalProperties"}
+    g = Grammar.json(open_schema, strict=True)
+    assert json.loads(g.source)["additionalProperties"] is False
+    for seed in range(3):
+        r = gen.generate(PROMPTS[1], max_new_tokens=160, grammar=g, temperature=1.0, seed=seed)
+        assert r.stats.stop_reason == "grammar" and follows_person(r.text), r.text
+
+
 def test_forced_tokens_are_verified_as_chains(gen):
     """A compact schema forces its keys: those tokens go to the target as chains (also with
     prompt lookup off), and the output stays plain decoding's."""

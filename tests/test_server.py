@@ -371,7 +371,8 @@ def test_response_format_json(server, client, refs):
         for fmt in [{"type": "xml"}, "json", {"type": "json_schema"}, {"type": "json_schema", "json_schema": []},
                     {"type": "json_schema", "json_schema": {"name": 5, "schema": PERSON}},
                     {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
-                    {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}]:
+                    {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+                    {"type": "json_schema", "json_schema": {"name": "x", "schema": PERSON, "strict": "yes"}}]:
             check_error_body(h.post("/v1/chat/completions", json={"messages": CHAT, "response_format": fmt}),
                              400, "response_format")
 

@@ -224,7 +224,7 @@ def test_tool_objects_are_taken_as_they_are():
 
 
 def test_strict_tools_close_their_objects(gen):
-    from dovetail_ext.tools import _closed
+    from dovetail_ext.grammar import closed_schema as _closed
     schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
                                                "c": {"type": "object", "additionalProperties": True}},
               "$defs": {"d": {"properties": {"e": {"type": "integer"}}}}}

@@ -42,6 +42,21 @@ def _llg():
     return llguidance
 
 
+def closed_schema(schema: Any) -> Any:
+    """A JSON Schema whose objects that do not say otherwise take no properties beyond those
+    they list (what OpenAI's ``strict`` mode asks for)."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_schema(v) if k not in ("properties", "$defs", "definitions") else
+           {name: closed_schema(s) for name, s in v.items()} if isinstance(v, dict) else v
+           for k, v in schema.items()}
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 class Grammar:
     """What the output may be, checked when it is made (a ValueError names the problem).
 
@@ -60,10 +75,12 @@ class Grammar:
         return f"Grammar.{self.kind}({src!r})"
 
     @classmethod
-    def json(cls, schema: dict | str | None = None, *, compact: bool = False) -> Grammar:
+    def json(cls, schema: dict | str | None = None, *, compact: bool = False, strict: bool = False) -> Grammar:
         """A JSON value following ``schema`` (a dict, or its JSON text); None: any JSON
         object (OpenAI's JSON mode). ``compact``: no whitespace between tokens; otherwise
-        runs of up to 64 whitespace characters are allowed where JSON allows them."""
+        runs of up to 64 whitespace characters are allowed where JSON allows them.
+        ``strict``: objects that do not say otherwise take no properties beyond those they
+        list (:func:`closed_schema`; OpenAI's strict mode)."""
         llg = _llg()
         if schema is None:
             schema = {"type": "object"}
@@ -74,6 +91,8 @@ class Grammar:
                 raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"a JSON schema is an object (a dict), got {type(schema).__name__}")
+        if strict:
+            schema = closed_schema(schema)
         options = {"whitespace_flexible": False} if compact else {"whitespace_pattern": JSON_WHITESPACE}
         try:
             spec = llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)

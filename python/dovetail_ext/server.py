@@ -319,8 +319,10 @@ def _response_format(fmt: Any) -> Grammar | None:
         if not isinstance(schema, (dict, bool)):
             raise ApiError(400, "'response_format.json_schema.schema' must be a JSON Schema object",
                            "response_format")
+        if not isinstance(spec.get("strict", False), bool):
+            raise ApiError(400, "'response_format.json_schema.strict' must be a boolean", "response_format")
     try:
-        return Grammar.json(schema)
+        return Grammar.json(schema, strict=fmt["type"] == "json_schema" and fmt["json_schema"].get("strict", False))
     except ImportError as e:
         raise ApiError(400, f"this server cannot constrain output: {e}", "response_format",
                        "unsupported_parameter") from None

@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .grammar import JSON_WHITESPACE, Grammar, closed_schema
+
 __all__ = ["Tool", "ToolCall", "parse_tools", "parse_tool_choice", "tool_grammar", "split_tool_calls",
            "render_chat", "ToolCallFilter"]
 
@@ -116,22 +118,8 @@ def parse_tool_choice(choice: Any, tools: Sequence[Tool]) -> str:
                      f"{{'name': ...}}}}, got {json.dumps(choice)[:80]}")
 
 
-def _closed(schema: Any) -> Any:
-    """A schema whose objects that do not say otherwise take no properties beyond those
-    they list (what OpenAI's ``strict`` asks for)."""
-    if isinstance(schema, list):
-        return [_closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _closed(v) if k not in ("properties", "$defs", "definitions") else
-           {name: _closed(s) for name, s in v.items()} if isinstance(v, dict) else v for k, v in schema.items()}
-    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
-        out["additionalProperties"] = False
-    return out
-
-
 def _call_schema(tool: Tool) -> dict[str, Any]:
-    params = _closed(tool.parameters) if tool.strict else tool.parameters
+    params = closed_schema(tool.parameters) if tool.strict else tool.parameters
     return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
             "properties": {"name": {"const": tool.name}, "arguments": params}}
 
@@ -142,8 +130,6 @@ def tool_grammar(tools: Sequence[Tool], choice: str, parallel: bool = False):
     "auto" and "none" (the reply is free)."""
     if choice in ("auto", "none"):
         return None
-    from .grammar import JSON_WHITESPACE, Grammar
-
     chosen = [t for t in tools if choice == "required" or t.name == choice]
     schema = {"anyOf": [_call_schema(t) for t in chosen], "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
     calls = 'call ("\\n" call)*' if parallel else "call"
