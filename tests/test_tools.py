@@ -29,6 +29,7 @@ def test_tools_and_tool_choice_are_checked():
     for bad, msg in [([], "non-empty list"), ({"a": 1}, "non-empty list"), ([5], r"tools\[0\] must be an object"),
                      ([{"type": "code", "function": {}}], r"tools\[0\] must be"),
                      ([{"type": "function", "function": {"name": "a b"}}], "name must be"),
+                     ([{"name": "f\n"}], "name must be"), ([{"name": "x" * 65}], "name must be"),
                      ([WEATHER, WEATHER], "two tools are named"),
                      ([{"name": "f", "parameters": [1]}], "parameters must be a JSON Schema"),
                      ([{"name": "f", "description": 3}], "description must be a string")]:

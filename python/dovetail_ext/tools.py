@@ -35,7 +35,7 @@ __all__ = ["Tool", "ToolCall", "parse_tools", "parse_tool_choice", "tool_grammar
            "render_chat", "ToolCallFilter"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
 
 
@@ -85,7 +85,7 @@ def parse_tools(tools: Any) -> list[Tool]:
                 raise ValueError(f"{where} must be {{'type': 'function', 'function': {{...}}}}")
             t = t["function"]
         name = t.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")
         desc = t.get("description", "")
         if not isinstance(desc, str):
