@@ -157,3 +157,58 @@ def test_server_parallel_requests(default_gguf_path, plain):
         assert r.status_code == 200, r.text
         np.testing.assert_array_equal(np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32),
                                       plain.embed(PROMPTS[:2]))
+
+
+def test_generator_sequences_keep_their_conversations(default_gguf_path):
+    """use_sequence: two conversations that take turns on a 2-sequence target (the shipped
+    draft speculating) are each read once, and each answer is a lone generator's."""
+    gen = dovetail_ext.load(default_gguf_path, context=512, threads=2, sequences=2)
+    lone = dovetail_ext.load(default_gguf_path, context=512, threads=2)
+    convs = [[{"role": "user", "content": "Name a fruit."}], [{"role": "user", "content": "Write a haiku about rain."}]]
+    for turn in range(2):
+        for s, conv in enumerate(convs):
+            gen.use_sequence(s)
+            assert gen.sequence == s
+            before = len(gen.cached_tokens())
+            r = gen.generate(conv, max_new_tokens=N)
+            assert r.stats.mode == "speculative" and r.tokens == lone.generate(conv, max_new_tokens=N).tokens
+            if turn:  # the conversation's earlier turn is still cached on its sequence
+                assert r.stats.cached_prompt_tokens >= before - 2 > 0
+            conv += [{"role": "assistant", "content": r.text}, {"role": "user", "content": "One more, please."}]
+    assert gen.cached_prefix(gen.encode_prompt(convs[0]), 0) > gen.cached_prefix(gen.encode_prompt(convs[0]), 1)
+    with pytest.raises(ValueError, match="sequence 2 is out of range: the target holds 2"):
+        gen.use_sequence(2)
+
+
+def test_server_cache_slots(default_gguf_path):
+    """create_app(cache_slots=2): conversations that take turns each continue on their slot
+    (their earlier turns cached), a third one takes the least recently used slot, and the
+    answers are a lone generator's."""
+    pytest.importorskip("httpx", reason="the test client uses httpx")
+    pytest.importorskip("starlette", reason="the server needs the [serve] extra (starlette)")
+    from starlette.testclient import TestClient
+
+    from dovetail_ext.server import create_app
+    lone = dovetail_ext.load(default_gguf_path, context=512, threads=2)
+    with pytest.raises(ValueError, match="cache_slots=2 needs a generator whose target holds 2 sequences"):
+        create_app(lone, cache_slots=2)
+    gen = dovetail_ext.load(default_gguf_path, context=512, threads=2, sequences=2)
+    with pytest.raises(ValueError, match="cache_slots above 1 is for parallel 1"):
+        create_app(gen, parallel=2, cache_slots=2)
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
+    with TestClient(create_app(gen, cache_slots=2)) as h:
+        def ask(conv):
+            r = h.post("/v1/chat/completions", json={"messages": conv, "max_tokens": N, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"], r.json()["dovetail"]["cached_prompt_tokens"]
+        for turn in range(2):
+            for conv in convs[:2]:
+                text, cached = ask(conv)
+                assert text == lone.generate(conv, max_new_tokens=N).text
+                n_before = len(lone.encode_prompt(conv[:-2])) if turn else 0  # (its last request)
+                assert cached >= n_before, (turn, cached, n_before)  # its own earlier turn, not the other's
+                conv += [{"role": "assistant", "content": text}, {"role": "user", "content": "One more, please."}]
+        slot0 = gen.sequence
+        ask(convs[2])  # a new conversation: the least recently used slot
+        assert gen.sequence != slot0
+        assert h.get("/health").json()["cache_slots"] == 2

@@ -211,6 +211,10 @@ class Generator:
         # landing between its acquisition and the ``with`` block cannot lock the thread out.
         self._lock = threading.RLock()
         self._owner = 0  # the call that owns the cache; a later call supersedes it
+        # With a target of several sequences (use_sequence): the one in use, and the cached
+        # conversation (_kv_tokens, _features, _n_feat) of each of the others.
+        self._sequence = 0
+        self._parked: dict[int, tuple[list[int], np.ndarray, int]] = {}
 
     # -- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, raw: bool = False, tools: Sequence[Tool] | None = None) -> list[int]:
@@ -729,6 +733,53 @@ class Generator:
         if self._n_feat == len(self._kv_tokens):
             self._features[self._n_feat:self._n_feat + len(rows)] = rows
             self._n_feat += len(rows)
+
+    @property
+    def sequence(self) -> int:
+        """The target sequence this generator decodes on (:meth:`use_sequence`)."""
+        return self._sequence
+
+    def cached_tokens(self, sequence: int | None = None) -> list[int]:
+        """The tokens of the conversation cached on ``sequence`` (default: the one in use)."""
+        if sequence is None or sequence == self._sequence:
+            return list(self._kv_tokens)
+        return list(self._parked.get(sequence, ([], None, 0))[0])
+
+    def cached_prefix(self, ids: Sequence[int], sequence: int | None = None) -> int:
+        """How many leading tokens of ``ids`` the conversation cached on ``sequence``
+        (default: the one in use) holds, i.e. would not be read again."""
+        n = 0
+        for a, b in zip(self.cached_tokens(sequence), ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def use_sequence(self, sequence: int) -> None:
+        """Decode on another sequence of the target (``load(..., sequences=N)``) from now on:
+        each sequence keeps its own cached conversation, so several conversations that take
+        turns are each read once (the server's ``--cache-slots``). The draft, which caches
+        one conversation, starts over on a switch. An unfinished generation is superseded."""
+        sequence = as_int("sequence", sequence, lo=0)
+        n = getattr(self.target, "sequences", 1)
+        if sequence >= n:
+            raise ValueError(f"sequence {sequence} is out of range: the target holds {n} sequences "
+                             "(load(..., sequences=N))")
+        with self._lock:
+            if sequence == self._sequence:
+                return
+            self._owner += 1
+            self.target.truncate(min(self.target.n_past, len(self._kv_tokens)))  # (rows left uncommitted)
+            self._parked[self._sequence] = (self._kv_tokens, self._features, self._n_feat)
+            self.target.select(sequence)
+            parked = self._parked.pop(sequence, None)
+            if parked is None:
+                self.target.truncate(0)
+                parked = ([], np.zeros_like(self._features), 0)
+            self._kv_tokens, self._features, self._n_feat = parked
+            self._sequence = sequence
+            if self.draft is not None:
+                self.draft.truncate(0)
 
     def reset(self) -> None:
         """Drop the cached conversation (an unfinished generation is superseded)."""

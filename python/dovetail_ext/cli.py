@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="requests generated at once, their decode steps in one pass over the weights (default 1; "
                         "above 1 they decode plainly, and each holds a KV cache of the context)")
+    s.add_argument("--cache-slots", type=int, default=1, metavar="K",
+                   help="conversations kept cached at once, each request going to the one it continues "
+                        "(default 1; each slot holds a KV cache of the context; not with --parallel)")
     s.add_argument("--api-key", default=os.environ.get("DOVETAIL_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $DOVETAIL_API_KEY; none)")
     _add_model_args(s)
@@ -498,6 +501,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--parallel must be in [1, 64], got {args.parallel}")
     if args.parallel > 1 and args.gpu_layers:
         raise ValueError("--parallel above 1 needs every layer on the CPU: drop --gpu-layers")
+    if not 1 <= args.cache_slots <= 64:
+        raise ValueError(f"--cache-slots must be in [1, 64], got {args.cache_slots}")
+    if args.cache_slots > 1 and (args.parallel > 1 or args.gpu_layers):
+        raise ValueError("--cache-slots above 1 takes neither --parallel nor --gpu-layers")
     try:
         from .server import default_model_id, serve
     except ImportError as e:
@@ -506,18 +513,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.parallel > 1:  # (parallel requests decode plainly: no draft to load)
         args.no_spec = True
-    gen = _load(args, sequences=args.parallel)
+    gen = _load(args, sequences=max(args.parallel, args.cache_slots))
     model_id = args.model_id or default_model_id(gen)
     mode = "plain" if args.no_spec else "speculative" if gen.draft is not None else \
         "prompt-lookup" if gen.lookup is not None else "plain"
-    at_once = f", {args.parallel} requests at once" if args.parallel > 1 else ""
+    at_once = f", {args.parallel} requests at once" if args.parallel > 1 else \
+        f", {args.cache_slots} conversations cached" if args.cache_slots > 1 else ""
     print(f"dovetail: serving {model_id} ({mode} decoding{at_once}, context {gen.target.context}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dovetail: note: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     serve(gen, host=args.host, port=args.port, model_id=model_id, speculative=False if args.no_spec else None,
-          log_level=args.log_level, api_key=args.api_key, parallel=args.parallel)
+          log_level=args.log_level, api_key=args.api_key, parallel=args.parallel, cache_slots=args.cache_slots)
     return 0
 
 

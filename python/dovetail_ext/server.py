@@ -561,8 +561,11 @@ class Engine:
     and latencies of the served ones (``GET /metrics``).
     """
 
-    def __init__(self, generator: Generator, speculative: bool | None = None, batcher: Any = None) -> None:
+    def __init__(self, generator: Generator, speculative: bool | None = None, batcher: Any = None,
+                 cache_slots: int = 1) -> None:
         self.batcher = batcher
+        self.cache_slots = cache_slots
+        self._slot_used: dict[int, float] = {}
         # (sequences decode plainly: speculation verifies trees per sequence, one call each)
         self.generators = [generator] if batcher is None else \
             [batcher.generator(s, generator.source) for s in range(batcher.engine.sequences)]
@@ -670,6 +673,8 @@ class Engine:
                          f"{context} tokens (which must also hold at least one new token)", param,
                     "context_length_exceeded")))
                 return
+        if self.cache_slots > 1:
+            self._pick_slot(gen, encoded[0])
         job.emit(("start",))
         choices = []
         for prompt, ids in zip(p.prompts, encoded):
@@ -689,6 +694,24 @@ class Engine:
         self._count("served")
         self.metrics.record(job, choices)
         job.emit(("done", choices))
+
+    def _pick_slot(self, gen: Generator, ids: list[int]) -> None:
+        """Move ``gen`` to the cache slot for a prompt: of the slots whose cached conversation
+        it would keep at least half of (an empty one, or one it continues), the one holding
+        the longest part of it (the most recently used on a tie); else the least recently
+        used slot, whose conversation it replaces."""
+        keep = {}
+        for s in range(self.cache_slots):
+            held = len(gen.cached_tokens(s))
+            common = gen.cached_prefix(ids, s)
+            if 2 * common >= held:
+                keep[s] = common
+        if keep:
+            slot = max(keep, key=lambda s: (keep[s], self._slot_used.get(s, 0.0)))
+        else:
+            slot = min(range(self.cache_slots), key=lambda s: self._slot_used.get(s, 0.0))
+        gen.use_sequence(slot)
+        self._slot_used[slot] = time.perf_counter()
 
     def _embed(self, job: _Job, gen: Generator) -> None:
         """An embeddings job: ("start",), then ("embeddings", vectors [n, D], prompt tokens)."""
@@ -911,7 +934,7 @@ async def _watch_disconnect(receive: Receive, job: _Job) -> None:
 
 
 def create_app(generator: Generator, model_id: str | None = None, speculative: bool | None = None,
-               api_key: str | None = None, parallel: int = 1) -> Starlette:
+               api_key: str | None = None, parallel: int = 1, cache_slots: int = 1) -> Starlette:
     """The ASGI app serving ``generator``.
 
     Args:
@@ -926,6 +949,11 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
             must hold that many sequences (``load(..., sequences=N)``): each request gets one,
             and their decode steps run together, one pass over the weights for all
             (``batching.SequenceBatcher``); they decode plainly.
+        cache_slots: conversations whose K/V stay cached at once (default 1; with parallel
+            1 only). Above 1 the generator's target must hold that many sequences: each
+            request goes to the slot holding the longest part of its prompt (a slot whose
+            conversation it continues), or else to an empty or the least recently used
+            slot, so conversations that take turns are each read once.
 
     The engine is ``app.state.engine`` (:class:`Engine`); it stops with the app's lifespan.
     """
@@ -933,6 +961,12 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError("api_key must be a non-empty string (or None: no key)")
     parallel = as_int("parallel", parallel)
+    cache_slots = as_int("cache_slots", cache_slots, lo=1)
+    if cache_slots > 1 and parallel > 1:
+        raise ValueError("cache_slots above 1 is for parallel 1 (parallel requests each keep a sequence)")
+    if cache_slots > 1 and getattr(generator.target, "sequences", 1) < cache_slots:
+        raise ValueError(f"cache_slots={cache_slots} needs a generator whose target holds {cache_slots} sequences "
+                         f"(load(..., sequences={cache_slots})), not {getattr(generator.target, 'sequences', 1)}")
     batcher = None
     if parallel > 1:
         from .batching import SequenceBatcher
@@ -940,7 +974,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
             raise ValueError(f"parallel={parallel} needs a generator whose target holds {parallel} sequences "
                              f"(load(..., sequences={parallel})), not {getattr(generator.target, 'sequences', 1)}")
         batcher = SequenceBatcher(generator.target)
-    engine = Engine(generator, speculative, batcher)
+    engine = Engine(generator, speculative, batcher, cache_slots)
     created = int(time.time())
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "dovetail"}
 
@@ -1092,7 +1126,7 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
     async def health(request: Request) -> Response:
         batched = {} if batcher is None else {"batched_calls": batcher.calls, "batched_tokens": batcher.rows}
         return JSONResponse({"status": "ok", "model": model_id, "busy": engine.busy, "queued": engine.queued,
-                             "parallel": parallel, "running": engine.running, **batched,
+                             "parallel": parallel, "cache_slots": cache_slots, "running": engine.running, **batched,
                              **engine.counts})
 
     def keyed(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -1138,9 +1172,9 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
 
 def serve(generator: Generator, *, host: str = "127.0.0.1", port: int = 8000, model_id: str | None = None,
           speculative: bool | None = None, log_level: str = "info", api_key: str | None = None,
-          parallel: int = 1) -> None:
+          parallel: int = 1, cache_slots: int = 1) -> None:
     """Serves ``generator`` with uvicorn until interrupted (blocks)."""
     import uvicorn
 
-    uvicorn.run(create_app(generator, model_id, speculative, api_key, parallel), host=host, port=port,
+    uvicorn.run(create_app(generator, model_id, speculative, api_key, parallel, cache_slots), host=host, port=port,
                 log_level=log_level)
