@@ -375,8 +375,10 @@ def test_chat_session_takes_a_grammar(gen):
     reply = s.send("Is the sky blue? Answer yes or no.", max_new_tokens=8, grammar=Grammar.choice(["yes", "no"]))
     assert reply.text in ("yes", "no") and reply.stats.stop_reason == "grammar"
     assert s.messages[-1] == {"role": "assistant", "content": reply.text}
-    with pytest.raises(ValueError, match="keeps no tool calls"):
+    with pytest.raises(ValueError, match="tools are given when it is made"):
         s.send("Weather?", tools=[{"name": "get_weather"}])
+    with pytest.raises(ValueError, match="tool_choice needs tools"):
+        s.send("Weather?", tool_choice="required")
 
 
 def test_cli_structured_output(tmp_path, default_gguf_path):

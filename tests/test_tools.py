@@ -295,3 +295,36 @@ def test_the_stream_filter_on_any_text():
         else:
             assert shown + rest == text and want_content == text
     check()
+
+
+def test_a_chat_session_with_tools(gen):
+    """ChatSession(tools=...): a reply's calls join the history, send_tool_results answers
+    them and the conversation goes on; each turn's prompt is what generate() would render
+    for the session's messages, and is read only from where the last one ended."""
+    pytest.importorskip("llguidance", reason="constrained calls need the [grammar] extra (llguidance)")
+    from dovetail_ext.chat import ChatSession
+    chat = ChatSession(gen, system="You are a weather bot.", tools=[WEATHER])
+    r = chat.send("What is the weather in Oslo?", tool_choice="required", max_new_tokens=80)
+    assert len(r.tool_calls) == 1 and _valid_weather(r.tool_calls[0])
+    last = chat.messages[-1]
+    assert last["role"] == "assistant" and last["tool_calls"] == [r.tool_calls[0].spec()]
+    with pytest.raises(ValueError, match="answer each call of the last reply once"):
+        chat.send_tool_results({"call_nope": "3 C"})
+    with pytest.raises(ValueError, match=r"results must be \{call id: text\}"):
+        chat.send_tool_results([(r.tool_calls[0].id, 3)])
+    before = chat.messages
+    follow = chat.send_tool_results({r.tool_calls[0].id: '{"temperature": 3, "sky": "snow"}'}, max_new_tokens=24)
+    msgs = chat.messages
+    assert msgs[:len(before)] == before and msgs[len(before)]["role"] == "tool"
+    assert msgs[-1] == {"role": "assistant", "content": follow.text, **(
+        {"tool_calls": [c.spec() for c in follow.tool_calls]} if follow.tool_calls else {})}
+    # the prompt was the session's messages with the tools, most of it cached
+    assert follow.stats.prompt_tokens == len(gen.encode_prompt(msgs[:-1], tools=parse_tools([WEATHER])))
+    assert follow.stats.cached_prompt_tokens > follow.stats.prompt_tokens // 2
+    if not follow.tool_calls:
+        with pytest.raises(ValueError, match="called no tools"):
+            chat.send_tool_results({"x": "y"})
+    pieces = "".join(chat.stream("Thanks! And in Paris?", tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}},
+                                 max_new_tokens=80))
+    assert pieces == "" and chat.messages[-1]["tool_calls"][0]["function"]["name"] == "get_weather"
