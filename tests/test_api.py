@@ -467,6 +467,10 @@ def test_cli_generate_json_and_info(capsys, default_gguf_path):
     assert "--host is empty" in capsys.readouterr().err
     assert main(["serve", "--api-key", " ", "--model", "/nonexistent.gguf"]) == 2
     assert "--api-key is empty" in capsys.readouterr().err
+    for extra, msg in ((["--cache-slots", "0"], "--cache-slots must be in [1, 64]"),
+                       (["--cache-slots", "2", "--parallel", "2"], "takes neither --parallel nor --gpu-layers")):
+        assert main(["serve", *extra, "--model", "/nonexistent.gguf"]) == 2
+        assert msg in capsys.readouterr().err
     assert main(["serve", "--parallel", "0", "--model", "/nonexistent.gguf"]) == 2
     assert "--parallel must be in [1, 64]" in capsys.readouterr().err
     assert main(["serve", "--parallel", "2", "--gpu-layers", "1", "--model", "/nonexistent.gguf"]) == 2
