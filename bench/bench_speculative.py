@@ -318,3 +318,66 @@ def test_structured_output(benchmark, spec_gen, record):
            compact_speculative_over_plain=tok_s["compact, speculative"] / tok_s["compact, plain"],
            forced_chains_gain=tok_s["compact, speculative"] / tok_s["compact, speculative, no forced chains"],
            complete_json=complete, prompts=len(prompts), outputs_identical=True)
+
+
+@pytest.mark.parametrize("setting", [dict(presence_penalty=0.3, frequency_penalty=0.3), dict(logprobs=2)],
+                         ids=["penalties", "logprobs"])
+def test_shaped_decode(benchmark, spec_gen, record, setting):
+    """Greedy decoding with OpenAI's penalties, or with log-probabilities, on HumanEval
+    prompts: plain against speculative (each verified node judged by the adjusted logits;
+    each token's log-probabilities taken from its verification row), prompt by prompt in
+    rotating order. Tokens, and log-probabilities, must be identical."""
+    gen, label = spec_gen
+    n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(1))
+    modes = {"plain": dict(setting, speculative=False), "speculative": dict(setting, speculative=True)}
+    results = _rotating(benchmark, gen, prompts, n, modes)
+    assert [r.tokens for r in results["speculative"]] == [r.tokens for r in results["plain"]]
+    assert [r.logprobs for r in results["speculative"]] == [r.logprobs for r in results["plain"]]
+    rows = {mode: _summary(res) for mode, res in results.items()}
+    name = ", ".join(f"{k}={v}" for k, v in setting.items())
+    record("shaped_decode", name, plain_tok_s=rows["plain"]["tokens_per_s"],
+           speculative_tok_s=rows["speculative"]["tokens_per_s"],
+           speculative_over_plain=rows["speculative"]["tokens_per_s"] / rows["plain"]["tokens_per_s"],
+           tau=rows["speculative"]["acceptance_length"], outputs_identical=True, draft=label)
+
+
+def test_cache_slots(benchmark, default_source, threads, record):
+    """Two conversations taking turns (4 turns each, distinct ~600-token system prompts, 32
+    greedy tokens a turn) on a 2-sequence target: each on its own sequence
+    (``Generator.use_sequence``, what ``--cache-slots 2`` does) against both on one, the two
+    ways alternating over 2 rounds. Prefill seconds and prompt tokens cached; the outputs
+    must be the same."""
+    import dovetail_ext
+    turns, n = (4, 32) if benchmark.enabled else (2, 4)
+    gen = dovetail_ext.load(default_source.path, context=2048, threads=threads, sequences=2)
+    system = "You are a careful assistant. " * 60
+    got = {1: [], 2: []}
+
+    def talk(slots):
+        convs = [[{"role": "system", "content": f"Topic: {t}. " + system}, {"role": "user", "content": q}]
+                 for t, q in (("fruit", "Name a fruit."), ("rain", "Write a haiku about rain."))]
+        prefill = cached = total = 0.0
+        tokens = []
+        for _ in range(turns):
+            for s, conv in enumerate(convs):
+                gen.use_sequence(s if slots == 2 else 0)
+                r = gen.generate(conv, max_new_tokens=n)
+                prefill, cached, total = prefill + r.stats.prefill_s, cached + r.stats.cached_prompt_tokens, \
+                    total + r.stats.prompt_tokens
+                tokens.append(r.tokens)
+                conv += [{"role": "assistant", "content": r.text}, {"role": "user", "content": "Tell me more."}]
+        for s in (0, 1):  # (the next round starts from empty caches)
+            gen.use_sequence(s)
+            gen.reset()
+        got[slots].append((prefill, cached / total, tokens))
+
+    def run():
+        for k in range(2):
+            for slots in ((1, 2) if k % 2 == 0 else (2, 1)):
+                talk(slots)
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    assert all(g[2] == got[1][0][2] for g in got[1] + got[2])
+    one, two = (sum(x[0] for x in got[s]) / len(got[s]) for s in (1, 2))  # (means over the rounds)
+    record("cache_slots", "two conversations taking turns", prefill_s_one_slot=one, prefill_s_two_slots=two,
+           prefill_ratio=one / two, cached_one_slot=got[1][0][1], cached_two_slots=got[2][0][1],
+           outputs_identical=True)
