@@ -279,12 +279,7 @@ class Generator:
             raise ValueError(f"first must be in [1, {len(ids)}], got {first}")
         parts = []
         with self._lock:
-            self._owner += 1
-            self._kv_tokens = []  # (every scored row's logits are needed: nothing cached is reused)
-            self._n_feat = 0
-            self.target.truncate(0)
-            if self.draft is not None:
-                self.draft.truncate(0)  # (its cache describes the last conversation, not this one)
+            self.reset()  # (every scored row's logits are needed: nothing cached is reused)
             # rows r of the chunk at `start` predict ids[start + r + 1]: those in [first, len(ids)) are scored
             scored = lambda start, n: range(max(0, first - 1 - start), min(n, len(ids) - 1 - start))  # noqa: E731
             for start, rows, logits in self._feed(ids, 0, self.draft is not None, scored):  # (features: as a prefill)
@@ -324,25 +319,15 @@ class Generator:
                                  f"{self.target.context} tokens")
             encoded.append(ids)
         out = np.zeros((len(encoded), self.config.hidden_size), dtype=np.float32)
+        no_logits = lambda start, n: range(0)  # noqa: E731
         with self._lock:
-            self._owner += 1
-            if self.draft is not None:
-                self.draft.truncate(0)  # (its cache describes the last conversation, not these texts)
             for k, ids in enumerate(encoded):
-                self._kv_tokens, self._n_feat = [], 0
-                self.target.truncate(0)
-                total = np.zeros(self.config.hidden_size, dtype=np.float64)
-                for s in range(0, len(ids), self.target.max_batch):
-                    part = ids[s:s + self.target.max_batch]
-                    _, feats = self.target.forward(part, logit_rows=range(0), feature_rows=range(len(part)))
-                    self.target.commit()
-                    self._kv_tokens.extend(part)
-                    total += feats.sum(axis=0, dtype=np.float64)
-                    last = feats[-1]
-                v = total / len(ids) if pooling == "mean" else last.astype(np.float64)
-                if normalize:
-                    v = v / max(np.linalg.norm(v), 1e-12)
-                out[k] = v
+                self.reset()
+                for _ in self._feed(ids, 0, True, no_logits):  # (the features land in self._features)
+                    pass
+                feats = self._features[:len(ids)].astype(np.float64)
+                v = feats.mean(axis=0) if pooling == "mean" else feats[-1]
+                out[k] = v / max(np.linalg.norm(v), 1e-12) if normalize else v
         return out
 
     # -- generation ----------------------------------------------------------------------
