@@ -169,7 +169,7 @@ def _bare_calls(text: str, names: set[str] | None) -> list[ToolCall]:
     except ValueError:
         return []
     objs = obj if isinstance(obj, list) else [obj]
-    calls = [_read_call(json.dumps(o), names) for o in objs]
+    calls = [_call_of(o, names) for o in objs]
     return calls if calls and all(c is not None for c in calls) else []
 
 
@@ -178,6 +178,12 @@ def _read_call(block: str, names: set[str] | None) -> ToolCall | None:
         obj = json.loads(block)
     except ValueError:
         return None
+    return _call_of(obj, names)
+
+
+def _call_of(obj: Any, names: set[str] | None) -> ToolCall | None:
+    """A call from a parsed ``{"name": ..., "arguments" or "parameters": {...}}`` naming one
+    of ``names`` (any name when None), or None."""
     if not isinstance(obj, dict):
         return None
     args = obj.get("arguments", obj.get("parameters"))
