@@ -992,13 +992,17 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
         except (ValueError, RecursionError) as e:  # (JSONDecodeError, UnicodeDecodeError; nesting, huge ints)
             raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}") from None
 
+    def refuse_oversized(n_bytes: int, param: str) -> None:
+        """A prompt whose text the context cannot hold is refused before the engine spends
+        time tokenizing it."""
+        if n_bytes > max_prompt_bytes:
+            raise ApiError(400, f"'{param}' holds {n_bytes} bytes of text, more than the model's context of "
+                                f"{generator.target.context} tokens can hold", param, "context_length_exceeded")
+
     async def embeddings(request: Request) -> Response:
         params = _parse_embeddings(await read_body(request), model_id, generator.config.vocab_size,
                                    generator.config.hidden_size)
-        n_bytes = max(_prompt_bytes(x) for x in params.prompts)
-        if n_bytes > max_prompt_bytes:
-            raise ApiError(400, f"an input has {n_bytes} bytes of text, more than the model's context of "
-                                f"{generator.target.context} tokens can hold", "input", "context_length_exceeded")
+        refuse_oversized(max(_prompt_bytes(x) for x in params.prompts), "input")
         job = _Job(params, asyncio.get_running_loop())
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job))
         try:
@@ -1022,12 +1026,9 @@ def create_app(generator: Generator, model_id: str | None = None, speculative: b
     async def completions(request: Request, kind: str) -> Response:
         body = await read_body(request)
         params = _parse(body, kind, model_id, generator.config.vocab_size)
-        n_bytes = max(_prompt_bytes(prompt) for prompt in params.prompts) + \
-            sum(len(json.dumps(t.spec()).encode("utf-8")) for t in params.tools or ())
-        if n_bytes > max_prompt_bytes:  # refused before the engine spends time tokenizing it
-            raise ApiError(400, f"the prompt has {n_bytes} bytes of text, more than the model's context of "
-                                f"{generator.target.context} tokens can hold", "messages" if kind == "chat" else "prompt",
-                           "context_length_exceeded")
+        refuse_oversized(max(_prompt_bytes(prompt) for prompt in params.prompts) +
+                         sum(len(json.dumps(t.spec()).encode("utf-8")) for t in params.tools or ()),
+                         "messages" if kind == "chat" else "prompt")
         job = _Job(params, asyncio.get_running_loop())
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job))
         handed_over = False
