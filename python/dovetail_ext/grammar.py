@@ -223,7 +223,7 @@ class Constraint:
         """Which tokens may come next, as booleans [vocab_size]."""
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         self._check()
-        return np.unpackbits(self._words.view(np.uint8), bitorder="little")[:self.vocab_size].astype(bool)
+        return np.unpackbits(self._words.view(np.uint8), bitorder="little")[:self.vocab_size].view(np.bool_)  # (0 / 1 bytes)
 
     def __call__(self, row: np.ndarray) -> np.ndarray:
         """``row`` with the logits of the tokens that may not come next set to -inf."""
