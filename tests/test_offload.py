@@ -32,7 +32,8 @@ needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU and a b
 # the test sequences and trees) and their own RoPE tables; Gemma 2's soft-capped scores
 # (and a 27B-like score scale) in every other layer local.
 VARIANTS = {"llama": {}, "scaled_rope": dict(rope_factors=True), "qwen2": dict(bias=True),
-            "qwen3": dict(qk_norm=True), "gemma3": dict(window=4), "gemma2": dict(window=4), "smollm3": {}}
+            "qwen3": dict(qk_norm=True), "gemma3": dict(window=4), "gemma2": dict(window=4), "smollm3": {},
+            "odd_width": dict(heads=6, head_dim=14, ffn=100)}
 ARCH_SOURCES = ["llama", "qwen2", "qwen3", "gemma3", "gemma2", "smollm3"]
 
 
@@ -46,7 +47,8 @@ def arch_source(name):
                                   query_pre_attn_scalar=24.0)
     if name == "smollm3":  # (its layers without RoPE: the device rotates them by cos 1, sin 0)
         cfg = dataclasses.replace(cfg, architecture="smollm3", nope_interval=2)
-    return make_source(cfg, random_weights(cfg, seed=1), "q8_0")
+    # hidden 84 and FFN 100 are not multiples of 8 (the CUDA GEMM's 16-byte loads): f32 matrices
+    return make_source(cfg, random_weights(cfg, seed=1), "f32" if name == "odd_width" else "q8_0")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def engines(source, gpu_layers=1, device="emulated", **kw):
             TargetEngine(source, context=256, threads=1, gpu_layers=gpu_layers, device=device, **kw))
 
 
-@pytest.mark.parametrize("which", ARCH_SOURCES + ["scaled_rope"])
+@pytest.mark.parametrize("which", ARCH_SOURCES + ["scaled_rope", "odd_width"])
 def test_offloaded_target_matches_the_cpu_target(which):
     source = arch_source(which)
     toks = np.random.default_rng(0).integers(0, 301, 11)
@@ -108,12 +110,16 @@ def test_offloaded_gemma_layers_are_the_cpu_layers(arch):
         assert 1.5 * right < rms(off, logits(dataclasses.replace(cfg, **wrong))), wrong
 
 
+@pytest.mark.parametrize("device", ["emulated", pytest.param("cuda", marks=[pytest.mark.cuda, needs_gpu])])
 @pytest.mark.parametrize("which", ARCH_SOURCES)
-def test_offloaded_target_is_batch_invariant(which):
-    """Logits of a token are bitwise the same in a prefill chunk, alone, or inside a tree."""
-    _, off = engines(arch_source(which), 2)
-    toks = np.random.default_rng(1).integers(0, 301, 8)
-    whole, _ = off.forward(toks, logit_rows=range(8))
+def test_offloaded_target_is_batch_invariant(which, device):
+    """Logits of a token are bitwise the same in a prefill chunk, alone, or inside a tree.
+    80 tokens: the CUDA attention cuts each token's keys in chunks of 32 by their place in
+    its list of visible keys, and the tree's true branch sits at scratch slots 0, 3, 4, 6
+    (list places 62-65), across the chunk boundary at 64."""
+    _, off = engines(arch_source(which), 2, device=device)
+    toks = np.random.default_rng(1).integers(0, 301, 80)
+    whole, _ = off.forward(toks, logit_rows=range(80))
     off.reset()
     alone = []
     for t in toks:
@@ -122,11 +128,15 @@ def test_offloaded_target_is_batch_invariant(which):
         alone.append(lg[0])
     np.testing.assert_array_equal(np.array(alone), whole)
     # a tree: the true continuation as one branch among siblings
-    off.truncate(5)
-    anc = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=bool)
-    tree_toks = [toks[5], 7, toks[6], toks[7]]
-    lg, _ = off.forward(tree_toks, positions=[5, 6, 6, 7], ancestors=anc, logit_rows=range(4))
-    np.testing.assert_array_equal(lg[[0, 2, 3]], whole[5:8])
+    off.truncate(62)
+    parents = [-1, 0, 1, 0, 3, 4, 4]
+    anc = np.eye(7, dtype=bool)
+    for r, p in enumerate(parents):
+        if p >= 0:
+            anc[r] |= anc[p]
+    tree_toks = [toks[62], 7, 9, toks[63], toks[64], 11, toks[65]]
+    lg, _ = off.forward(tree_toks, positions=[62, 63, 64, 63, 64, 65, 65], ancestors=anc, logit_rows=range(7))
+    np.testing.assert_array_equal(lg[[0, 3, 4, 6]], whole[62:66])
 
 
 def test_commit_keeps_both_sides_in_step(source):
@@ -193,7 +203,7 @@ def test_offload_arguments(source):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("which", ARCH_SOURCES)
+@pytest.mark.parametrize("which", ARCH_SOURCES + ["odd_width"])
 def test_cuda_offload_matches_emulated_and_stays_exact(which):
     source = arch_source(which)
     _, emu = engines(source, 2)
@@ -210,7 +220,7 @@ def test_cuda_offload_matches_emulated_and_stays_exact(which):
         lg, _ = gpu.forward([t]); gpu.commit()
         alone.append(lg[0])
     np.testing.assert_array_equal(np.array(alone), whole)  # the device GEMM is batch invariant
-    draft = random_draft(source, gpu)
+    draft = random_draft(source, gpu, **({"weights_dtype": "f32"} if which == "odd_width" else {}))
     truth = plain_greedy(gpu, [5, 17, 3], 30)
     for params in SHAPES:
         state = start_state(gpu, draft, [5, 17, 3], truth[0])

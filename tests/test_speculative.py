@@ -28,9 +28,9 @@ def tiny_target(vocab=301, seed=1, dtype="q8_0", context=256, embd_scale=1.0, wi
     return src, TargetEngine(src, context=context, threads=1)  # tiny: threads would only add sync cost
 
 
-def random_draft(src, target, seed=0, std=0.2, layers=1):
+def random_draft(src, target, seed=0, std=0.2, layers=1, **kw):
     return Draft.from_module(DovetailDraft.random(DraftConfig.for_target(src, num_layers=layers), seed=seed, std=std),
-                             target)
+                             target, **kw)
 
 
 def plain_greedy(target, prompt, n):

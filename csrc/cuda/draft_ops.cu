@@ -15,6 +15,7 @@
 #include <library_types.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -208,47 +209,136 @@ __global__ void qkv_prep_kernel(RopeStoreArgs a) {
   }
 }
 
-// One warp per (token, head): keys in order, the 32 lanes split the head dimension.
-__global__ void attention_kernel(AttentionCall a) {
-  const int lane = threadIdx.x % 32;
-  const int item = blockIdx.x * kAttnWarps + threadIdx.x / 32;
-  if (item >= a.T * a.H) return;
-  const int t = item / a.H, h = item % a.H, G = a.H / a.KV, n_past = *a.n_past;
+// Eight bf16 values (one 16-byte load) as floats, in order.
+__device__ inline void bf16x8_to_fp32(const uint4 v, float* f) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(u[i] << 16);
+    f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+
+// One block of kAttnSplit warps per (token, head). The token's visible keys (the committed
+// prefix, then its visible scratch rows in slot order) form a list, cut in chunks of 32 by a
+// key's place in that list, as the CPU kernels do: the chunks are the same whether the
+// token's ancestors are committed or in the batch, so its output does not depend on the batch
+// (batch invariance). Chunk c goes to warp c % kAttnSplit, one key per lane: the lane's
+// score (one FMA chain over the head dimension), the chunk's max and weights, then the values
+// in list order with the lanes splitting the head dimension, folded into the warp's running
+// record [m, l, acc]. Keys outside the sliding window keep their places with weight zero; a
+// chunk without a seen key is skipped (its record is empty). The warps' records are merged
+// in warp order. Dynamic shared memory: (P + T) ints for the visible scratch slots.
+constexpr int kAttnSplit = 4;
+constexpr int kAttnChunk = 32;
+
+__device__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__global__ void __launch_bounds__(32 * kAttnSplit) attention_kernel(AttentionCall a) {
+  extern __shared__ int vis[];  // the token's visible scratch slots, in slot order
+  __shared__ float q_s[32 * kMaxDhPerLane];
+  __shared__ float rec_m[kAttnSplit], rec_l[kAttnSplit];
+  __shared__ float rec_acc[kAttnSplit][32 * kMaxDhPerLane];
+  __shared__ int n_vis;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int t = blockIdx.x / a.H, h = blockIdx.x % a.H, G = a.H / a.KV, n_past = *a.n_past;
   const float* q = a.q + (size_t)t * a.ld + (size_t)h * a.Dh;
+  for (int i = threadIdx.x; i < a.Dh; i += blockDim.x) q_s[i] = q[i];
+  const uint64_t* bits = a.bits + (size_t)t * a.words;
+  if (warp == 0) {  // the scratch slots 0 .. P + t the token sees, compacted in order
+    const int ns = a.P + t + 1;
+    int count = 0;
+    for (int base = 0; base < ns; base += 32) {
+      const int sl = base + lane;
+      const bool seen = sl < ns && bit_set(bits, sl);
+      const unsigned mask = __ballot_sync(0xffffffffu, seen);
+      if (seen) vis[count + __popc(mask & ((1u << lane) - 1u))] = sl;
+      count += __popc(mask);
+    }
+    if (lane == 0) n_vis = count;
+  }
+  __syncthreads();
   const bf16_t* kh = a.k_cache + (size_t)(h / G) * a.S * a.Dh;
   const bf16_t* vh = a.v_cache + (size_t)(h / G) * a.S * a.Dh;
-  const uint64_t* bits = a.bits + (size_t)t * a.words;
-  float qr[kMaxDhPerLane], acc[kMaxDhPerLane];
-  for (int c = 0; c < kMaxDhPerLane; ++c) {
-    const int i = lane + 32 * c;
-    qr[c] = i < a.Dh ? q[i] : 0.0f;
-    acc[c] = 0.0f;
-  }
-  OnlineSoftmax sm;
-  const int last = n_past + a.P + t, pos = a.window ? a.positions[t] : 0;
-  // (a window starts at committed slot pos - window + 1: the keys before it are skipped)
-  for (int j = a.window ? max(0, min(n_past, pos - a.window + 1)) : 0; j <= last; ++j) {
-    if (j >= n_past && !bit_set(bits, j - n_past)) continue;
-    if (!dev::in_window(a.window, pos, j, n_past, a.positions)) continue;
-    const bf16_t* kr = kh + (size_t)j * a.Dh;
-    float s = 0.0f;
-    for (int c = 0; c < kMaxDhPerLane; ++c) {
-      const int i = lane + 32 * c;
-      if (i < a.Dh) s += qr[c] * bf16_to_fp32(kr[i]);
+  const int n = n_past + n_vis, pos = a.window ? a.positions[t] : 0;
+  const bool vec = a.Dh % 8 == 0 && reinterpret_cast<uintptr_t>(kh) % 16 == 0;
+  // (the prefix's keys below the window's first committed slot are all unseen: skip their chunks)
+  const int first = a.window ? max(0, min(n_past, pos - a.window + 1)) : 0;
+  const int c0 = first / kAttnChunk, c_end = (n + kAttnChunk - 1) / kAttnChunk;
+  float m = -INFINITY, l = 0.0f, acc[kMaxDhPerLane];
+#pragma unroll
+  for (int c = 0; c < kMaxDhPerLane; ++c) acc[c] = 0.0f;
+  for (int c = c0 + ((warp - c0 % kAttnSplit) + kAttnSplit) % kAttnSplit; c < c_end; c += kAttnSplit) {
+    const int i = c * kAttnChunk + lane;
+    const int j = i < n_past ? i : i < n ? n_past + vis[i - n_past] : -1;  // the key's slot
+    float s = -INFINITY;
+    if (j >= 0 && dev::in_window(a.window, pos, j, n_past, a.positions)) {
+      const bf16_t* kr = kh + (size_t)j * a.Dh;
+      float d = 0.0f;
+      if (vec) {
+        for (int e0 = 0; e0 < a.Dh; e0 += 8) {
+          float kf[8];
+          bf16x8_to_fp32(*reinterpret_cast<const uint4*>(kr + e0), kf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) d = fmaf(q_s[e0 + e], kf[e], d);
+        }
+      } else {
+        for (int e = 0; e < a.Dh; ++e) d = fmaf(q_s[e], bf16_to_fp32(kr[e]), d);
+      }
+      s = dev::softcap_score(d * a.scale, a.softcap);
     }
-    s = warp_sum(s);
-    float scale, p;
-    sm.add(dev::softcap_score(s * a.scale, a.softcap), scale, p);
-    const bf16_t* vr = vh + (size_t)j * a.Dh;
-    for (int c = 0; c < kMaxDhPerLane; ++c) {
-      const int i = lane + 32 * c;
-      if (i < a.Dh) acc[c] = acc[c] * scale + p * bf16_to_fp32(vr[i]);
+    const float mc = warp_max(s);
+    if (mc == -INFINITY) continue;  // no seen key in this chunk (the same on every lane)
+    const float m2 = fmaxf(m, mc), alpha = expf(m - m2);  // exp(-inf) = 0 on the first chunk
+    const float p = s == -INFINITY ? 0.0f : expf(s - m2);
+    l = l * alpha + warp_sum(p);
+#pragma unroll
+    for (int e = 0; e < kMaxDhPerLane; ++e) acc[e] *= alpha;
+    for (int k = 0; k < kAttnChunk; ++k) {
+      const float pk = __shfl_sync(0xffffffffu, p, k);
+      const int jk = __shfl_sync(0xffffffffu, j, k);
+      if (pk == 0.0f) continue;  // the same on every lane
+      const bf16_t* vr = vh + (size_t)jk * a.Dh;
+#pragma unroll
+      for (int e = 0; e < kMaxDhPerLane; ++e) {
+        const int d = lane + 32 * e;
+        if (d < a.Dh) acc[e] = fmaf(pk, bf16_to_fp32(vr[d]), acc[e]);
+      }
+    }
+    m = m2;
+  }
+  if (lane == 0) rec_m[warp] = m, rec_l[warp] = l;
+#pragma unroll
+  for (int e = 0; e < kMaxDhPerLane; ++e) {
+    const int d = lane + 32 * e;
+    if (d < a.Dh) rec_acc[warp][d] = acc[e];
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  float M = -INFINITY;
+  for (int w = 0; w < kAttnSplit; ++w)
+    if (rec_l[w] > 0.0f) M = fmaxf(M, rec_m[w]);
+  float L = 0.0f;
+#pragma unroll
+  for (int e = 0; e < kMaxDhPerLane; ++e) acc[e] = 0.0f;
+  for (int w = 0; w < kAttnSplit; ++w) {
+    if (!(rec_l[w] > 0.0f)) continue;
+    const float f = expf(rec_m[w] - M);
+    L = fmaf(rec_l[w], f, L);
+#pragma unroll
+    for (int e = 0; e < kMaxDhPerLane; ++e) {
+      const int d = lane + 32 * e;
+      if (d < a.Dh) acc[e] = fmaf(rec_acc[w][d], f, acc[e]);
     }
   }
   bf16_t* out = a.out + (size_t)t * a.H * a.Dh + (size_t)h * a.Dh;
-  for (int c = 0; c < kMaxDhPerLane; ++c) {
-    const int i = lane + 32 * c;
-    if (i < a.Dh) out[i] = fp32_to_bf16(acc[c] / sm.l);
+#pragma unroll
+  for (int e = 0; e < kMaxDhPerLane; ++e) {
+    const int d = lane + 32 * e;
+    if (d < a.Dh) out[d] = fp32_to_bf16(acc[e] / L);
   }
 }
 
@@ -284,9 +374,56 @@ __global__ void gather_kernel(const float* __restrict__ src, const int32_t* __re
   }
 }
 
-// One warp per output (m, n): lanes take k = lane, lane + 32, ... in order, then a fixed
-// shuffle tree; the order depends on K alone, so a row's result does not depend on M.
+// Row-invariant GEMM, y[M, N] (+)= x[M, K] w[N, K]^T: each output's reduction order depends
+// on K alone, never on M or on the row's place in the batch, so a token's result is the same
+// bits in any batch (the target prefix's batch invariance).
+//
+// Vector kernel (K a multiple of 8, x and w 16-byte aligned): one warp per column n and group
+// of kGemmRows rows; lane l takes the 8-element chunks l, l + 32, ... of the K axis (16-byte
+// loads), each chunk's 8 products accumulated in order, then a fixed shuffle tree. A weight
+// chunk is loaded once for the group's rows.
 constexpr int kGemmWarps = 8;
+constexpr int kGemmRows = 4;
+
+
+__global__ void gemm_invariant_vec_kernel(int M, int N, int K, const bf16_t* __restrict__ x,
+                                          const bf16_t* __restrict__ w, float* __restrict__ y, int ldy,
+                                          bool accumulate) {
+  const long groups = (M + kGemmRows - 1) / kGemmRows;
+  const long item = (long)blockIdx.x * kGemmWarps + threadIdx.x / 32;
+  if (item >= groups * N) return;  // whole warps: item is the same on every lane
+  const int lane = threadIdx.x % 32, n = (int)(item % N), m0 = (int)(item / N) * kGemmRows;
+  const int chunks = K / 8;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * K);
+  float acc[kGemmRows];
+#pragma unroll
+  for (int r = 0; r < kGemmRows; ++r) acc[r] = 0.0f;
+  for (int c = lane; c < chunks; c += 32) {
+    float wf[8];
+    bf16x8_to_fp32(__ldg(wr + c), wf);
+#pragma unroll
+    for (int r = 0; r < kGemmRows; ++r) {
+      if (m0 + r >= M) break;  // the same on every lane
+      float xf[8];
+      bf16x8_to_fp32(*(reinterpret_cast<const uint4*>(x + (size_t)(m0 + r) * K) + c), xf);
+      float s = acc[r];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s = fmaf(xf[e], wf[e], s);
+      acc[r] = s;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kGemmRows; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0 && m0 + r < M) {
+      float& out = y[(size_t)(m0 + r) * ldy + n];
+      out = accumulate ? out + v : v;
+    }
+  }
+}
+
+// Any K or alignment: one warp per output (m, n), lanes take k = lane, lane + 32, ... in
+// order, then the same shuffle tree.
 __global__ void gemm_invariant_kernel(int M, int N, int K, const bf16_t* __restrict__ x,
                                       const bf16_t* __restrict__ w, float* __restrict__ y, int ldy,
                                       bool accumulate) {
@@ -543,9 +680,17 @@ class CudaOps final : public DeviceOps {
   }
   void gemm_invariant(int M, int N, int K, const bf16_t* x, const bf16_t* w, float* y, int ldy,
                       bool accumulate) override {
-    const long outputs = (long)M * N;
-    gemm_invariant_kernel<<<blocks_for(outputs, kGemmWarps), 32 * kGemmWarps, 0, compute_>>>(M, N, K, x, w, y, ldy,
-                                                                                            accumulate);
+    // The kernel is chosen by K and the buffers' alignment alone, so a row's result still
+    // does not depend on M.
+    const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+    if (vec) {
+      const long items = (long)(M + kGemmRows - 1) / kGemmRows * N;
+      gemm_invariant_vec_kernel<<<blocks_for(items, kGemmWarps), 32 * kGemmWarps, 0, compute_>>>(M, N, K, x, w, y,
+                                                                                                ldy, accumulate);
+    } else {
+      gemm_invariant_kernel<<<blocks_for((long)M * N, kGemmWarps), 32 * kGemmWarps, 0, compute_>>>(M, N, K, x, w, y,
+                                                                                                  ldy, accumulate);
+    }
     after_launch("gemm_invariant");
   }
   void embed(const bf16_t* table, const int32_t* tokens, int T, int D, float scale, float* out) override {
@@ -584,7 +729,7 @@ class CudaOps final : public DeviceOps {
   }
   void attention(const AttentionCall& a) override {
     // (head_dim <= 32 * kMaxDhPerLane: the engine refuses larger heads at construction)
-    attention_kernel<<<blocks_for((long)a.T * a.H, kAttnWarps), 32 * kAttnWarps, 0, compute_>>>(a);
+    attention_kernel<<<(unsigned)(a.T * a.H), 32 * kAttnSplit, sizeof(int) * (size_t)(a.P + a.T), compute_>>>(a);
     after_launch("attention");
   }
   void glu(const float* gu, int T, int F, bool gelu, bf16_t* out) override {
