@@ -9,6 +9,7 @@ an oracle built from the token table alone.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -324,6 +325,36 @@ def test_forced_tokens_are_verified_as_chains(gen):
         c.consume(t)
     assert gen.tokenizer.decode(c.forced(10)) == ',"age":'
     assert c.forced(1) == c.forced(10)[:1]
+
+
+def _def_solve() -> Grammar:
+    """Free text up to the first "def", then a function named solve: a grammar that binds only
+    after its trigger (the model's own choice there is another name)."""
+    g = Grammar.lark('start: TEXT | lead " solve(" ARGS ")"\nlead[lazy]: /(.|\\n)*def/\n'
+                     'ARGS: /[a-z_]{1,12}/\nTEXT: /(.|\\n)*/ & ~/(.|\\n)*def(.|\\n)*/\n')
+    g.free_until = "def"
+    return g
+
+
+@pytest.mark.parametrize("speculative", [None, False])
+def test_a_grammar_free_until_its_trigger_decodes_as_if_constrained_throughout(gen, speculative):
+    """With ``free_until`` decoding runs unconstrained until the trigger is out, then goes on
+    under the grammar from the same place: the tokens are those of decoding under the grammar
+    from the start, and the stats count the whole call."""
+    prompt = "Write a Python function that reverses a string."
+    free = gen.generate(prompt, max_new_tokens=40, speculative=speculative)
+    assert "def " in free.text and "def solve(" not in free.text  # the model's own name
+    lazy = gen.generate(prompt, max_new_tokens=40, grammar=_def_solve(), speculative=speculative)
+    whole = _def_solve()
+    whole.free_until = None
+    ref = gen.generate(prompt, max_new_tokens=40, grammar=whole, speculative=speculative)
+    assert lazy.tokens == ref.tokens and lazy.text == ref.text
+    assert re.search(r"def solve\([a-z_]{1,12}\)$", lazy.text), lazy.text
+    assert lazy.stats.stop_reason == "grammar" and lazy.stats.new_tokens == len(lazy.tokens)
+    assert lazy.stats.prompt_tokens == ref.stats.prompt_tokens and lazy.stats.target_calls >= 2
+    assert "".join(gen.stream(prompt, max_new_tokens=40, grammar=_def_solve(), speculative=speculative)) == lazy.text
+    short = gen.generate(prompt, max_new_tokens=3, grammar=_def_solve(), speculative=speculative)
+    assert short.tokens == free.tokens[:3] and short.stats.stop_reason == "length"  # (before the trigger)
 
 
 def test_constrained_output_ends_with_the_grammar(gen):

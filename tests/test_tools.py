@@ -176,6 +176,56 @@ def test_auto_and_none(gen):
     assert none.tokens == gen.generate(ASK, max_new_tokens=20).tokens and none.tool_calls == []
 
 
+def test_auto_replies_are_free_until_a_call_opens(gen):
+    """tool_choice "auto": any text, or text then calls that follow the tools' schemas. The
+    grammar binds from the opening tag on; before it the reply decodes unmasked."""
+    pytest.importorskip("llguidance", reason="constrained calls need the [grammar] extra (llguidance)")
+    from dovetail_ext.grammar import Constraint
+    from dovetail_ext.tools import tool_grammar
+    tools = parse_tools([WEATHER, ADD])
+    eos = sorted(gen.eos_ids)
+    tok = gen.tokenizer
+
+    def walk(grammar, text):
+        c = Constraint(grammar, tok, gen.config.vocab_size, eos)
+        for t in tok.encode(text, add_bos=False):
+            assert c.allowed()[t], (text, tok.decode([t]))
+            c.consume(t)
+        return c
+
+    single, several = tool_grammar(tools, "auto"), tool_grammar(tools, "auto", parallel=True)
+    assert single.free_until == several.free_until == OPEN
+    c = walk(single, "Paris is sunny today.\nNo <tool> is needed: see {\"a\": 1}.")
+    assert c.allowed()[eos[0]] and c.allowed().sum() > 0.99 * tok.vocab_size  # free text, which may end
+    c = walk(single, "Let me check.\n" + OPEN)
+    opening = {tok.decode([int(t)]) for t in c.allowed().nonzero()[0]}
+    assert opening and all(s.startswith("\n") for s in opening) and not c.allowed()[eos[0]]
+    call = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    for t in tok.encode(call, add_bos=False):
+        assert c.allowed()[t]
+        c.consume(t)
+    assert c.stopped  # one call: the reply ends
+    c = walk(several, "Two calls:\n" + OPEN + call + "\n" + OPEN + '\n{"name": "add", "arguments": {"a": 1, "b": 2}}')
+    bad = Constraint(single, tok, gen.config.vocab_size, eos)
+    for t in tok.encode(OPEN + '\n{"name": "', add_bos=False):
+        bad.consume(t)
+    assert not bad.allowed()[tok.encode("lookup", add_bos=False)[0]]  # only the tools' names
+    r = gen.generate(ASK, tools=[WEATHER], max_new_tokens=40)
+    assert r.tokens == gen.generate(ASK, tools=[WEATHER], max_new_tokens=40, speculative=False).tokens
+
+
+def test_auto_without_llguidance_reads_calls_from_free_replies(monkeypatch):
+    import dovetail_ext.grammar as grammar_module
+    from dovetail_ext.tools import tool_grammar
+
+    def missing():
+        raise ImportError("llguidance is not installed")
+    monkeypatch.setattr(grammar_module, "_llg", missing)
+    assert tool_grammar(parse_tools([WEATHER]), "auto") is None
+    with pytest.raises(ImportError):
+        tool_grammar(parse_tools([WEATHER]), "required")
+
+
 def test_the_calls_generate_returned_go_back_into_the_history(gen, default_source):
     tools = parse_tools([WEATHER])
     call = split_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',

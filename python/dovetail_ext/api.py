@@ -65,6 +65,23 @@ class GenerationStats:
         return asdict(self)
 
 
+def _joined_stats(first: GenerationStats, second: GenerationStats) -> GenerationStats:
+    """One call's stats from its free part and the part under the grammar after the trigger
+    (whose prefill of the text so far counts as decoding, and as one target call)."""
+    calls = first.target_calls + 1 + second.target_calls
+    decode_s = first.decode_s + second.prefill_s + second.decode_s
+    sums = {k: getattr(first, k) + getattr(second, k)
+            for k in ("draft_s", "verify_s", "accept_s", "plain_steps", "ahead_tries", "ahead_hits",
+                      "lookup_steps", "lookup_accepted")}
+    return GenerationStats(
+        prompt_tokens=first.prompt_tokens, new_tokens=second.new_tokens, prefill_s=first.prefill_s,
+        decode_s=decode_s, tokens_per_s=second.new_tokens / decode_s if decode_s > 0 else 0.0, mode=first.mode,
+        stop_reason=second.stop_reason, cached_prompt_tokens=first.cached_prompt_tokens, target_calls=calls,
+        acceptance_length=(first.acceptance_length * first.target_calls + 1
+                           + second.acceptance_length * second.target_calls) / calls,
+        tree=second.tree or first.tree, **sums)
+
+
 @dataclass
 class TokenLogprob:
     """One generated token under the target: its log-probability and the ``top`` most likely
@@ -384,7 +401,9 @@ class Generator:
                 content before them. ``tool_choice`` "auto" (default), "none" (no tools),
                 "required" or ``{"type": "function", "function": {"name": ...}}`` (the
                 reply is constrained to calls: see :mod:`dovetail_ext.tools`): one call,
-                or one or more with ``parallel_tool_calls``.
+                or one or more with ``parallel_tool_calls``. With "auto" and llguidance
+                installed, a call the reply opens follows the tools' schemas too (the text
+                before it decodes unmasked: ``Grammar.free_until``).
         """
         self.set_draft(draft)
         tokens: list[int] = []
@@ -431,10 +450,12 @@ class Generator:
             return None, grammar
         if logprobs is not None:
             raise ValueError("logprobs are not given with tools")
-        forced = tool_grammar(parsed, choice, as_bool("parallel_tool_calls", parallel))
-        if forced is not None and grammar is not None:
-            raise ValueError(f"tool_choice {tool_choice!r} constrains the reply to calls: it takes no grammar")
-        return parsed, forced or grammar
+        parallel = as_bool("parallel_tool_calls", parallel)
+        if grammar is not None:
+            if choice != "auto":
+                raise ValueError(f"tool_choice {tool_choice!r} constrains the reply to calls: it takes no grammar")
+            return parsed, grammar  # the caller's grammar rules the reply; calls in it are still read
+        return parsed, tool_grammar(parsed, choice, parallel)
 
     def _tool_text(self, pieces: Iterator[str], tools: list[Tool] | None) -> Iterator[str]:
         """The reply's content as it streams, its tool calls left in ``last_tool_calls``."""
@@ -486,7 +507,18 @@ class Generator:
              raw: bool, out_tokens: list[int], speculative: bool | None,
              tree: TreeParams | AutoTree | None, logprobs: int | None = None,
              adjust: LogitAdjuster | None = None, grammar: Grammar | None = None,
-             tools: Sequence[Tool] | None = None) -> Iterator[str]:
+             tools: Sequence[Tool] | None = None, _resume: tuple | None = None) -> Iterator[str]:
+        """Decode after ``prompt``, yielding the text as it is final.
+
+        A grammar with ``free_until`` (the tool-call grammar of tool_choice "auto") decodes in
+        two parts. First without masks, so the fast unconstrained steps serve, each emitted
+        token checked against the grammar as it comes out. At the first token the grammar
+        refuses, or once the trigger text is out, decoding restarts from there under the
+        grammar (``_resume``: the grammar's state, the stream decoder and stop-string state,
+        and the first part's stats). Every token kept from the first part is one the grammar
+        allows, so greedy output is that of masked decoding throughout, and a sample drawn
+        again under the mask where the grammar refused the first draw has the masked
+        distribution."""
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
         if logprobs is not None:
             logprobs = _logprob_count("logprobs", logprobs)
@@ -501,8 +533,14 @@ class Generator:
             raise ValueError("speculative=True needs a draft (load(..., draft=PATH) or Generator(..., draft=...)) "
                              "or prompt lookup (lookup=LookupParams())")
         adjust = adjust if adjust is not None and adjust.active else None
-        constraint = None if grammar is None else \
-            Constraint(grammar, self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
+        trigger = grammar.free_until if grammar is not None and _resume is None else None
+        if _resume is not None:
+            constraint = _resume[0]
+        elif grammar is not None:
+            constraint = Constraint(grammar, self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
+        else:
+            constraint = None
+        watch, constraint = (constraint, None) if trigger else (None, constraint)  # first part: checked, not masked
         # Penalties, logit bias and a grammar shape the logits at every verified node as they
         # would in plain decoding there, so they speculate; with logprobs, each emitted token's
         # row comes back from the verification (the same bits as plain decoding's).
@@ -584,20 +622,27 @@ class Generator:
                 lookup = NgramLookup(ids + pending, self.lookup)
         stats.prefill_s = time.perf_counter() - t0
 
-        decoder = self.tokenizer.stream_decoder()
-        stops = _StopStrings(stop)
+        decoder, stops = _resume[1] if _resume is not None else (self.tokenizer.stream_decoder(), _StopStrings(stop))
+        recent = ""  # with a trigger: the end of the text, where it would appear
+        resume = False
         t1 = time.perf_counter()
         while not stats.stop_reason:
             for i, tok in enumerate(pending):
+                if watch is not None and not watch.allowed()[tok]:
+                    resume = True  # the grammar refuses it: from here on, decode under the grammar
+                    break
                 if tok in self.eos_ids:
                     stats.stop_reason = "eos"
                     break
                 out_tokens.append(tok)
+                if watch is not None:
+                    watch.consume(tok)
                 if shaper is not None:
                     shaper.consume(tok)
                 if logprobs is not None:
                     self.last_logprobs.extend(_token_logprobs([tok], *pick_logprobs(rows[i], [tok], logprobs)))
-                piece, hit = stops.feed(decoder.push(tok))
+                text = decoder.push(tok)
+                piece, hit = stops.feed(text)
                 if piece:
                     yield piece
                 if hit:
@@ -609,7 +654,14 @@ class Generator:
                 if len(out_tokens) >= max_new_tokens:
                     stats.stop_reason = "length"
                     break
-            if stats.stop_reason:
+                if trigger:
+                    recent = (recent + text)[-2 * len(trigger) - 16:]
+                    if trigger in recent:
+                        resume = True  # (the tokens after this one were chosen without the grammar: dropped)
+                        break
+            if resume and len(ids) + len(out_tokens) >= self.target.context:
+                stats.stop_reason, resume = "context", False
+            if stats.stop_reason or resume:
                 break
             with self._lock:
                 self._check_owner(run)
@@ -660,6 +712,14 @@ class Generator:
                             times.record_step()
                     if lookup_only:
                         lookup.extend(pending)
+        if resume:
+            stats.new_tokens = len(out_tokens)
+            stats.decode_s = time.perf_counter() - t1
+            self._finish_stats(stats, spec or lookup_only, times if spec or lookup_only else None,
+                               governor.plain_steps - plain_before if spec and governor is not None else 0)
+            yield from self._run(ids + out_tokens, max_new_tokens, params, stop, True, out_tokens, speculative,
+                                 tree, None, adjust, grammar, None, _resume=(watch, (decoder, stops), stats))
+            return
         if stats.stop_reason != "stop":
             tail, hit = stops.feed(decoder.flush())
             tail = tail + ("" if hit else stops.flush())
@@ -667,13 +727,20 @@ class Generator:
                 yield tail
         stats.new_tokens = len(out_tokens)
         stats.decode_s = time.perf_counter() - t1
+        self._finish_stats(stats, spec or lookup_only, times if spec or lookup_only else None,
+                           governor.plain_steps - plain_before if spec and governor is not None else 0)
+        if _resume is not None:  # the stats of the whole call: the free part's, then this part's
+            self.last_stats = _joined_stats(_resume[2], stats)
+
+    @staticmethod
+    def _finish_stats(stats: GenerationStats, stepped: bool, times: Any, plain_steps: int) -> None:
         stats.tokens_per_s = stats.new_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
-        if (spec or lookup_only) and times.steps:
+        if stepped and times.steps:
             stats.acceptance_length = sum(times.history) / times.steps
             stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
             stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
             stats.lookup_steps, stats.lookup_accepted = times.lookup_steps, times.lookup_accepted
-            stats.plain_steps = governor.plain_steps - plain_before if spec and governor is not None else 0
+            stats.plain_steps = plain_steps
         elif stats.target_calls:
             stats.acceptance_length = 1.0
 

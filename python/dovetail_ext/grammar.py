@@ -62,6 +62,10 @@ class Grammar:
 
     Build it with :meth:`json`, :meth:`regex`, :meth:`choice`, :meth:`lark` or :meth:`gbnf`.
     A Grammar holds no decoding state: one may serve any number of generations.
+
+    ``free_until``: a text before which the grammar allows any text (the tool-call grammar
+    of tool_choice "auto" sets it to ``<tool_call>``). Decoding then runs unconstrained, at
+    full speed, until that text is out, and under the grammar from there on.
     """
 
     def __init__(self, kind: str, source: str, spec: str) -> None:
@@ -69,6 +73,7 @@ class Grammar:
         if problem and not problem.startswith("WARNING"):
             raise ValueError(f"invalid {kind} grammar: {problem.strip()}")
         self.kind, self.source, self.spec = kind, source, spec
+        self.free_until: str | None = None
 
     def __repr__(self) -> str:
         src = self.source if len(self.source) <= 60 else self.source[:57] + "..."

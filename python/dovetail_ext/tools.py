@@ -125,16 +125,36 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
 
 
 def tool_grammar(tools: Sequence[Tool], choice: str, parallel: bool = False):
-    """The Grammar of a reply that calls tools: "required", any of ``tools``; a tool's
-    name, that one; one call, or with ``parallel`` one or more, one per line. None for
-    "auto" and "none" (the reply is free)."""
-    if choice in ("auto", "none"):
+    """The Grammar of a reply to ``tools`` under ``choice``:
+
+    - "required": calls of any of ``tools``; a tool's name: calls of that one;
+    - "auto": free text without a call block, or text, then calls (a lazy grammar: the text
+      is free until ``<tool_call>``, and from there on the calls follow the tools' schemas).
+      None where llguidance is not installed: the reply is then free and its calls are read
+      as they come;
+    - "none": None (free text).
+
+    One call, or with ``parallel`` one or more, one per line."""
+    if choice == "none":
         return None
-    chosen = [t for t in tools if choice == "required" or t.name == choice]
+    if choice == "auto":
+        try:
+            from .grammar import _llg
+            _llg()
+        except ImportError:
+            return None
+    chosen = [t for t in tools if choice in ("required", "auto") or t.name == choice]
     schema = {"anyOf": [_call_schema(t) for t in chosen], "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-    calls = 'call ("\\n" call)*' if parallel else "call"
-    return Grammar.lark(f"start: {calls}\ncall: {json.dumps(OPEN + chr(10))} %json {json.dumps(schema)} "
-                        f"{json.dumps(chr(10) + CLOSE)}\n")
+    body = f"call: {json.dumps(chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + CLOSE)}\n"
+    calls = f'call ({json.dumps(chr(10) + OPEN)} call)*' if parallel else "call"
+    if choice != "auto":
+        return Grammar.lark(f"start: {json.dumps(OPEN)} {calls}\n{body}")
+    # The text before a call: the shortest text ending in the opening tag (a lazy lexeme);
+    # a reply without a call: any text in which the tag does not occur.
+    grammar = Grammar.lark(f"start: TEXT | lead {calls}\nlead[lazy]: /(.|\\n)*{OPEN}/\n{body}"
+                           f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{OPEN}(.|\\n)*/\n")
+    grammar.free_until = OPEN  # (up to the tag the text is free: decoding runs unconstrained until it is out)
+    return grammar
 
 
 def split_tool_calls(text: str, tools: Sequence[Tool] | None = None) -> tuple[str | None, list[ToolCall]]:
