@@ -357,6 +357,33 @@ def test_a_grammar_free_until_its_trigger_decodes_as_if_constrained_throughout(g
     assert short.tokens == free.tokens[:3] and short.stats.stop_reason == "length"  # (before the trigger)
 
 
+def test_sampling_free_until_a_refusal_has_the_masked_distribution(gen):
+    """A draw of the free part that the grammar refuses is drawn again under the mask (from
+    the same random stream, not the same number): the first token's distribution is the
+    masked one, p(t) / p(allowed). Here the grammar refuses every "e", about half the mass;
+    with the refused draw's number reused, this fails (p ~ 1e-12)."""
+    from dovetail_ext.target import TargetEngine
+    g = Grammar.lark("start: TEXT\nTEXT: /[^e]*/")
+    g.free_until = "\x00"  # (never out: only refusals end the free part)
+    prompt = "Name a fruit."
+    logits, _ = TargetEngine(gen.target.source, context=256, threads=1).forward(gen.encode_prompt(prompt))
+    p = np.exp(logits[0].astype(np.float64) - logits[0].max())
+    allowed = Constraint(g, gen.tokenizer, gen.config.vocab_size, sorted(gen.eos_ids)).allowed()
+    assert 0.3 < p[~allowed].sum() / p.sum() < 0.7
+    q = np.where(allowed, p, 0.0)
+    q /= q.sum()
+    n = 1000
+    draws = np.array([gen.generate(prompt, max_new_tokens=1, temperature=1.0, seed=10_000 + s, grammar=g).tokens[0]
+                      for s in range(n)])
+    assert allowed[draws].all()
+    top = [int(t) for t in np.argsort(-q)[:8] if q[t] * n >= 10]
+    observed = [int((draws == t).sum()) for t in top]
+    expected = [q[t] * n for t in top]
+    observed.append(n - sum(observed))
+    expected.append(n - sum(expected))
+    assert stats.chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+
+
 def test_constrained_output_ends_with_the_grammar(gen):
     r = gen.generate(PROMPTS[0], max_new_tokens=120, grammar=Grammar.json(PERSON))
     assert r.stats.stop_reason == "grammar" and follows_person(r.text)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -63,6 +63,18 @@ class GenerationStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _Resume(NamedTuple):
+    """What the part of a call under a ``free_until`` grammar takes over from the free part:
+    the grammar's state (at the restart point), the text decoder and stop-string state, the
+    token chooser (its random stream goes on: a draw the grammar refused is not reused), and
+    the free part's stats."""
+    constraint: Constraint
+    decoder: Any
+    stops: _StopStrings
+    chooser: TokenChooser
+    stats: GenerationStats
 
 
 def _joined_stats(first: GenerationStats, second: GenerationStats) -> GenerationStats:
@@ -507,15 +519,14 @@ class Generator:
              raw: bool, out_tokens: list[int], speculative: bool | None,
              tree: TreeParams | AutoTree | None, logprobs: int | None = None,
              adjust: LogitAdjuster | None = None, grammar: Grammar | None = None,
-             tools: Sequence[Tool] | None = None, _resume: tuple | None = None) -> Iterator[str]:
+             tools: Sequence[Tool] | None = None, _resume: _Resume | None = None) -> Iterator[str]:
         """Decode after ``prompt``, yielding the text as it is final.
 
         A grammar with ``free_until`` (the tool-call grammar of tool_choice "auto") decodes in
         two parts. First without masks, so the fast unconstrained steps serve, each emitted
         token checked against the grammar as it comes out. At the first token the grammar
         refuses, or once the trigger text is out, decoding restarts from there under the
-        grammar (``_resume``: the grammar's state, the stream decoder and stop-string state,
-        and the first part's stats). Every token kept from the first part is one the grammar
+        grammar (``_resume``: what the second part takes over from the first). Every token kept from the first part is one the grammar
         allows, so greedy output is that of masked decoding throughout, and a sample drawn
         again under the mask where the grammar refused the first draw has the masked
         distribution."""
@@ -533,9 +544,9 @@ class Generator:
             raise ValueError("speculative=True needs a draft (load(..., draft=PATH) or Generator(..., draft=...)) "
                              "or prompt lookup (lookup=LookupParams())")
         adjust = adjust if adjust is not None and adjust.active else None
-        trigger = grammar.free_until if grammar is not None and _resume is None else None
+        trigger = getattr(grammar, "free_until", None) if _resume is None else None  # (a non-Grammar: refused below)
         if _resume is not None:
-            constraint = _resume[0]
+            constraint = _resume.constraint
         elif grammar is not None:
             constraint = Constraint(grammar, self.tokenizer, self.config.vocab_size, sorted(self.eos_ids))
         else:
@@ -584,7 +595,7 @@ class Generator:
             return
 
         t0 = time.perf_counter()
-        chooser = TokenChooser(params)
+        chooser = _resume.chooser if _resume is not None else TokenChooser(params)  # (one random stream per call)
         with self._lock:
             self._owner += 1
             run = self._owner
@@ -622,7 +633,8 @@ class Generator:
                 lookup = NgramLookup(ids + pending, self.lookup)
         stats.prefill_s = time.perf_counter() - t0
 
-        decoder, stops = _resume[1] if _resume is not None else (self.tokenizer.stream_decoder(), _StopStrings(stop))
+        decoder, stops = (_resume.decoder, _resume.stops) if _resume is not None else \
+            (self.tokenizer.stream_decoder(), _StopStrings(stop))
         recent = ""  # with a trigger: the end of the text, where it would appear
         resume = False
         t1 = time.perf_counter()
@@ -718,7 +730,7 @@ class Generator:
             self._finish_stats(stats, spec or lookup_only, times if spec or lookup_only else None,
                                governor.plain_steps - plain_before if spec and governor is not None else 0)
             yield from self._run(ids + out_tokens, max_new_tokens, params, stop, True, out_tokens, speculative,
-                                 tree, None, adjust, grammar, None, _resume=(watch, (decoder, stops), stats))
+                                 tree, None, adjust, grammar, None, _resume=_Resume(watch, decoder, stops, chooser, stats))
             return
         if stats.stop_reason != "stop":
             tail, hit = stops.feed(decoder.flush())
@@ -730,7 +742,7 @@ class Generator:
         self._finish_stats(stats, spec or lookup_only, times if spec or lookup_only else None,
                            governor.plain_steps - plain_before if spec and governor is not None else 0)
         if _resume is not None:  # the stats of the whole call: the free part's, then this part's
-            self.last_stats = _joined_stats(_resume[2], stats)
+            self.last_stats = _joined_stats(_resume.stats, stats)
 
     @staticmethod
     def _finish_stats(stats: GenerationStats, stepped: bool, times: Any, plain_steps: int) -> None:
