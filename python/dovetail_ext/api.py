@@ -526,10 +526,10 @@ class Generator:
         two parts. First without masks, so the fast unconstrained steps serve, each emitted
         token checked against the grammar as it comes out. At the first token the grammar
         refuses, or once the trigger text is out, decoding restarts from there under the
-        grammar (``_resume``: what the second part takes over from the first). Every token kept from the first part is one the grammar
-        allows, so greedy output is that of masked decoding throughout, and a sample drawn
-        again under the mask where the grammar refused the first draw has the masked
-        distribution."""
+        grammar (``_resume``: what the second part takes over from the first). Every token
+        kept from the first part is one the grammar allows, so greedy output is that of
+        masked decoding throughout, and a sample drawn again under the mask where the
+        grammar refused the first draw has the masked distribution."""
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, lo=0)
         if logprobs is not None:
             logprobs = _logprob_count("logprobs", logprobs)
@@ -724,11 +724,22 @@ class Generator:
                             times.record_step()
                     if lookup_only:
                         lookup.extend(pending)
-        if resume:
+
+        def finish() -> None:
             stats.new_tokens = len(out_tokens)
             stats.decode_s = time.perf_counter() - t1
-            self._finish_stats(stats, spec or lookup_only, times if spec or lookup_only else None,
-                               governor.plain_steps - plain_before if spec and governor is not None else 0)
+            stats.tokens_per_s = stats.new_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
+            if (spec or lookup_only) and times.steps:
+                stats.acceptance_length = sum(times.history) / times.steps
+                stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
+                stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
+                stats.lookup_steps, stats.lookup_accepted = times.lookup_steps, times.lookup_accepted
+                stats.plain_steps = governor.plain_steps - plain_before if spec and governor is not None else 0
+            elif stats.target_calls:
+                stats.acceptance_length = 1.0
+
+        if resume:
+            finish()
             yield from self._run(ids + out_tokens, max_new_tokens, params, stop, True, out_tokens, speculative,
                                  tree, None, adjust, grammar, None, _resume=_Resume(watch, decoder, stops, chooser, stats))
             return
@@ -737,24 +748,9 @@ class Generator:
             tail = tail + ("" if hit else stops.flush())
             if tail:
                 yield tail
-        stats.new_tokens = len(out_tokens)
-        stats.decode_s = time.perf_counter() - t1
-        self._finish_stats(stats, spec or lookup_only, times if spec or lookup_only else None,
-                           governor.plain_steps - plain_before if spec and governor is not None else 0)
+        finish()
         if _resume is not None:  # the stats of the whole call: the free part's, then this part's
             self.last_stats = _joined_stats(_resume.stats, stats)
-
-    @staticmethod
-    def _finish_stats(stats: GenerationStats, stepped: bool, times: Any, plain_steps: int) -> None:
-        stats.tokens_per_s = stats.new_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
-        if stepped and times.steps:
-            stats.acceptance_length = sum(times.history) / times.steps
-            stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
-            stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
-            stats.lookup_steps, stats.lookup_accepted = times.lookup_steps, times.lookup_accepted
-            stats.plain_steps = plain_steps
-        elif stats.target_calls:
-            stats.acceptance_length = 1.0
 
     def _prefill(self, ids: list[int], stats: GenerationStats, with_features: bool = False) -> np.ndarray:
         """Commit the prompt's K/V, reusing the common prefix with the last call; returns
