@@ -30,3 +30,7 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     assert sweep == [(t, m, tree) for t in (1, 2) for m, tree in
                      (("cpu-plain", "-"), ("gpu-spec", "1:1:2"), ("gpu-spec", "2:2:4"))]
     assert all(r["identical_to_plain"] for r in result["sweep"])
+    # The figure of the modes draws from that JSON (bench/plot_gpu.py).
+    import plot_gpu
+    assert plot_gpu.main(["plot_gpu.py", str(tmp_path / "modes.png"), str(tmp_path / "gpu_suite.json")]) == 0
+    assert (tmp_path / "modes.png").stat().st_size > 10_000
