@@ -13,7 +13,8 @@
 #    kernel; racecheck and synccheck on this project's kernels);
 # 4. bench: bench/gpu_suite.py on the default model: tokens/s of CPU plain, CPU
 #    speculative, GPU-draft speculative (with and without CUDA graphs, with overlap),
-#    offloaded target; the CUDA-vs-CPU draft agreement; bytes per step;
+#    offloaded target; the CUDA-vs-CPU draft agreement; bytes per step; and the figure of
+#    the modes (bench/plot_gpu.py, where matplotlib is installed);
 # and writes OUT_DIR/summary.md with each step's result (logs beside it).
 #
 # Environment: STEPS (default "build tests sanitizer bench") picks steps; CUDA_ARCH sets
@@ -104,6 +105,8 @@ fi
 if want bench; then
   if timeout "$LIMIT" $PY bench/gpu_suite.py --out "$OUT" > "$OUT/bench.log" 2>&1; then
     status benchmark "ok (gpu_suite.md, gpu_suite.json)"
+    $PY bench/plot_gpu.py "$OUT/modes.png" "$OUT/gpu_suite.json" > /dev/null 2>&1 &&
+      status figure "modes.png (bench/plot_gpu.py)"
   else
     status benchmark "FAILED, timed out or outputs differ (bench.log)"
   fi
