@@ -63,9 +63,11 @@ class Grammar:
     Build it with :meth:`json`, :meth:`regex`, :meth:`choice`, :meth:`lark` or :meth:`gbnf`.
     A Grammar holds no decoding state: one may serve any number of generations.
 
-    ``free_until``: a text before which the grammar allows any text (the tool-call grammar
-    of tool_choice "auto" sets it to ``<tool_call>``). Decoding then runs unconstrained, at
-    full speed, until that text is out, and under the grammar from there on.
+    ``free_until``: a text before which the grammar allows (nearly) any text; the tool-call
+    grammar of tool_choice "auto" sets it to ``<tool_call>``. Decoding then runs without
+    masks, on the fast native steps, checking each token it emits, until that text is out or
+    the grammar refuses a token; from there it goes on under the grammar. The output is
+    that of masked decoding throughout (for sampling: the masked distribution).
     """
 
     def __init__(self, kind: str, source: str, spec: str) -> None:
