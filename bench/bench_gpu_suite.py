@@ -15,11 +15,14 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     import gpu_suite
     from dovetail_ext import _core
     device = "cuda" if _core.cuda_compiled() and _core.cuda_device_count() > 0 else "emulated"
-    rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--gpu-layers", "2",
+    rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--gpu-layers", "1,2",
                          "--sweep-threads", "1,2", "--sweep-trees", "1:1:2,2:2:4", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert rc == 0 and all(m["identical_to_plain"] for m in result["modes"])
     modes = {m["mode"]: m for m in result["modes"]}
+    # Each offload count gives a plain and a speculative row, compared with its own plain row.
+    assert [(m["mode"], m["gpu_layers"]) for m in result["modes"] if "gpu_layers" in m] == \
+        [("offload-plain", 1), ("offload-spec", 1), ("offload-plain", 2), ("offload-spec", 2)]
     assert set(modes) == {"cpu-plain", "cpu-spec", "cpu-spec-python", "gpu-spec", "gpu-spec-eager",
                           "gpu-spec-python", "gpu-spec-overlap", "offload-plain", "offload-spec"}
     # Per step the device draft takes the accepted features in and gives token ids back.

@@ -9,7 +9,8 @@ Modes, in one process, on the same target engine, prompts and thread count, gree
   gpu-spec-eager   speculative, draft on the GPU without graphs
   gpu-spec-python  gpu-spec with each step through Python
   gpu-spec-overlap speculative, draft on the GPU drafting the next tree during verification
-  offload-plain    plain decoding, the target's first N layers on the GPU (--gpu-layers)
+  offload-plain    plain decoding, the target's first N layers on the GPU (--gpu-layers N[,N...];
+                   by default half of them, and all but one)
   offload-spec     the same target, speculative with the draft on the GPU
 
 For each: tokens/s, the ratio to cpu-plain, the acceptance length tau, draft / verify time,
@@ -85,8 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the target's default)")
     ap.add_argument("--device", default="cuda", help="draft device for the gpu modes: cuda, cuda:N or emulated")
     ap.add_argument("--draft", default=None, help="draft checkpoint (default: the shipped draft)")
-    ap.add_argument("--gpu-layers", type=int, default=None,
-                    help="target layers on the GPU in the offload modes (default: half of them)")
+    ap.add_argument("--gpu-layers", default="",
+                    help="target layers on the GPU in the offload modes, one or more, e.g. 15,29 "
+                         "(default: half of them, and all but one)")
     ap.add_argument("--sweep-threads", default="", help="CPU thread counts for the sweep table, e.g. 4,8,16")
     ap.add_argument("--sweep-trees", default="",
                     help="trees for the sweep table as top_k:depth:total_tokens, e.g. 1:1:2,1:3:4,4:4:8")
@@ -94,10 +96,13 @@ def main(argv=None) -> int:
     try:
         sweep_threads = [int(t) for t in args.sweep_threads.split(",") if t]
         sweep_trees = [tuple(int(v) for v in t.split(":")) for t in args.sweep_trees.split(",") if t]
-        if any(len(t) != 3 for t in sweep_trees) or any(t < 1 for t in sweep_threads):
+        offload_layers = [int(n) for n in args.gpu_layers.split(",") if n]
+        if any(len(t) != 3 for t in sweep_trees) or any(t < 1 for t in sweep_threads) or \
+                any(n < 1 for n in offload_layers):
             raise ValueError
     except ValueError:
-        ap.error("--sweep-threads takes positive integers and --sweep-trees top_k:depth:total_tokens triples")
+        ap.error("--sweep-threads and --gpu-layers take positive integers, --sweep-trees "
+                 "top_k:depth:total_tokens triples")
 
     from dovetail_ext import _core
     from dovetail_ext.api import Generator
@@ -152,14 +157,22 @@ def main(argv=None) -> int:
     rows += [run(mode, d) for mode, d in dev_drafts.items()]
     rows.append(run("gpu-spec-python", dev_drafts["gpu-spec"]))
     rows.append(run("gpu-spec-overlap", dev_drafts["gpu-spec"]))
-    n_off = args.gpu_layers if args.gpu_layers is not None else source.config.num_layers // 2
-    offloaded = TargetEngine(source, context=1024, gpu_layers=n_off, device=args.device,
-                             **({"threads": args.threads} if args.threads else {}))
-    off_draft = Draft.load(draft_path, offloaded, device=args.device)
-    rows += [run("offload-plain", None, offloaded), run("offload-spec", off_draft, offloaded)]
+    layers = source.config.num_layers
+    offload_layers = offload_layers or sorted({max(1, layers // 2), layers - 1})
+    refs = {}  # each offloaded target's plain decoding: the reference of its speculative mode
+    for n_off in offload_layers:
+        offloaded = TargetEngine(source, context=1024, gpu_layers=n_off, device=args.device,
+                                 **({"threads": args.threads} if args.threads else {}))
+        off_draft = Draft.load(draft_path, offloaded, device=args.device)
+        pair = [run("offload-plain", None, offloaded), run("offload-spec", off_draft, offloaded)]
+        for r in pair:
+            r["gpu_layers"] = n_off
+        refs[n_off] = pair[0]
+        rows += pair
+        del offloaded, off_draft  # (one offloaded target on the device at a time)
     base = rows[0]
     for r in rows:  # each against plain decoding of its own target
-        ref = rows[-2] if r["mode"].startswith("offload") else base
+        ref = refs[r["gpu_layers"]] if "gpu_layers" in r else base
         r["ratio_vs_cpu_plain"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["identical_to_plain"] = r["outputs"] == ref["outputs"]
     base_outputs = base["outputs"]
@@ -190,12 +203,12 @@ def main(argv=None) -> int:
               "device": dev_drafts["gpu-spec"]._engine.device_name, "backend": dev_drafts["gpu-spec"]._engine.backend,
               "cuda_compiled": _core.cuda_compiled(), "cublas": _core.cuda_cublas(), "draft": str(draft_path),
               "tree": str(tree),
-              "prompts": len(ps), "max_new_tokens": args.tokens, "gpu_layers": n_off, "draft_agreement": agree,
+              "prompts": len(ps), "max_new_tokens": args.tokens, "gpu_layers": offload_layers, "draft_agreement": agree,
               "modes": rows, "sweep": sweep}
     lines = [f"# Dovetail GPU suite, {result['date']}", "",
              f"Device: {result['device']} ({result['backend']}); CPU threads {result['threads']}; "
              f"{len(ps)} HumanEval prompts, greedy, {args.tokens} new tokens, tree {tree}; offload modes: "
-             f"{n_off} of {source.config.num_layers} target layers on the device.", "",
+             f"{' and '.join(map(str, offload_layers))} of {layers} target layers on the device.", "",
              "| mode | tok/s | vs cpu-plain | tau (speculative steps) | spec steps | bytes/step h2d / d2h | ahead used | identical |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -203,7 +216,8 @@ def main(argv=None) -> int:
         ahead = f"{r['ahead_hit_rate']:.0%}" if r["mode"].endswith("overlap") else ""
         share = f"{r['spec_share']:.0%}" if "spec" in r["mode"] else ""
         tau = f"{r['tau']:.2f}" + (f" ({r['tau_spec']:.2f})" if r["tau_spec"] else "")
-        lines.append(f"| {r['mode']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_cpu_plain']:.2f}x | {tau} | "
+        mode = r["mode"] + (f" ({r['gpu_layers']} layers)" if "gpu_layers" in r else "")
+        lines.append(f"| {mode} | {r['tokens_per_s']:.1f} | {r['ratio_vs_cpu_plain']:.2f}x | {tau} | "
                      f"{share} | {b} | {ahead} | {'yes' if r['identical_to_plain'] else 'NO'} |")
     lines += ["", "Draft agreement (CUDA vs CPU draft, same inputs): " +
               ", ".join(f"{k} {v:.3g}" for k, v in agree.items()), ""]

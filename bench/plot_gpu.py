@@ -3,7 +3,7 @@
     python bench/plot_gpu.py OUT.png RUN.json [RUN.json ...]
 
 Each file is one process (its own CPU plain baseline); its modes are drawn as bars of the
-ratio to that baseline, grouped by file and labelled with the run's offloaded layers.
+ratio to that baseline, one panel per file, offload modes labelled with their GPU layers.
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ def main(argv: list[str]) -> int:
         ax.axhline(1.0, color="#555555", lw=0.8)
         ax.axhline(PAPER, color="#c44e52", lw=0.8, ls="--")
         ax.text(len(modes) - 0.5, PAPER + 0.03, f"paper's {PAPER}x", ha="right", fontsize=7, color="#c44e52")
-        ax.set_xticks(range(len(modes)), [LABELS.get(m["mode"], m["mode"]) for m in modes], fontsize=7)
+        ax.set_xticks(range(len(modes)), [LABELS.get(m["mode"], m["mode"]) +
+                                          (f"\n({m['gpu_layers']} layers)" if "gpu_layers" in m else "")
+                                          for m in modes], fontsize=7)
         plain = next(m for m in modes if m["mode"] == "cpu-plain")["tokens_per_s"]
-        ax.set_title(f"{run['device']}, {run['threads']} CPU threads, offload: {run['gpu_layers']} layers on the GPU\n"
+        n = run["gpu_layers"]
+        offload = ", ".join(map(str, n)) if isinstance(n, list) else n
+        ax.set_title(f"{run['device']}, {run['threads']} CPU threads, offload: {offload} layers on the GPU\n"
                      f"(CPU plain {plain:.0f} tok/s; {run['date']})", fontsize=9)
     axes[0][0].set_ylabel("tokens/s vs CPU plain decoding")
     fig.tight_layout()
