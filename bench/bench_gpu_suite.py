@@ -37,3 +37,11 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     import plot_gpu
     assert plot_gpu.main(["plot_gpu.py", str(tmp_path / "modes.png"), str(tmp_path / "gpu_suite.json")]) == 0
     assert (tmp_path / "modes.png").stat().st_size > 10_000
+    # The sweep on an offloaded target: its plain rows and speculative rows, all its own outputs.
+    rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--gpu-layers", "2",
+                         "--sweep-gpu-layers", "2", "--sweep-threads", "2", "--sweep-trees", "1:1:2",
+                         "--out", str(tmp_path / "offload")])
+    sweep = json.loads((tmp_path / "offload" / "gpu_suite.json").read_text())["sweep"]
+    assert rc == 0 and [(r["mode"], r["gpu_layers"], r["tree"]) for r in sweep] == \
+        [("offload-plain", 2, "-"), ("offload-spec", 2, "1:1:2")]
+    assert all(r["identical_to_plain"] for r in sweep)

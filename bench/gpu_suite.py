@@ -20,7 +20,7 @@ so its reference is offload-plain). Also the CUDA draft's agreement with the CPU
 the same inputs.
 
   python bench/gpu_suite.py --out DIR [--prompts 8] [--tokens 128] [--threads N]
-      [--sweep-threads 4,8,16] [--sweep-trees 1:1:2,1:3:4,4:4:8]
+      [--sweep-threads 4,8,16] [--sweep-trees 1:1:2,1:3:4,4:4:8] [--sweep-gpu-layers N]
 
 The main modes run as users get them: greedy speculation is adaptive (it decodes plainly
 while speculative steps measure slower), and the "spec steps" column says which share of
@@ -28,7 +28,8 @@ target calls were speculative. The sweep adds a second table: plain decoding at 
 thread count, and the GPU-draft speculative mode at each thread count and tree
 (top_k:depth:total_tokens) with speculation fixed on (every step drafts), so that each row
 shows what that tree costs and returns; each is compared with plain decoding at the same
-thread count and with the fastest plain decoding.
+thread count and with the fastest plain decoding. With --sweep-gpu-layers N the sweep runs on
+the target with its first N layers on the GPU instead (offload-plain / offload-spec rows).
   python bench/gpu_suite.py --device emulated --prompts 1 --tokens 8   (no GPU: a smoke run)
 """
 
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
                     help="target layers on the GPU in the offload modes, one or more, e.g. 15,29 "
                          "(default: half of them, and all but one)")
     ap.add_argument("--sweep-threads", default="", help="CPU thread counts for the sweep table, e.g. 4,8,16")
+    ap.add_argument("--sweep-gpu-layers", type=int, default=0,
+                    help="run the sweep on the target with this many layers on the GPU (default 0: the CPU target)")
     ap.add_argument("--sweep-trees", default="",
                     help="trees for the sweep table as top_k:depth:total_tokens, e.g. 1:1:2,1:3:4,4:4:8")
     args = ap.parse_args(argv)
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
         sweep_trees = [tuple(int(v) for v in t.split(":")) for t in args.sweep_trees.split(",") if t]
         offload_layers = [int(n) for n in args.gpu_layers.split(",") if n]
         if any(len(t) != 3 for t in sweep_trees) or any(t < 1 for t in sweep_threads) or \
-                any(n < 1 for n in offload_layers):
+                any(n < 1 for n in offload_layers) or args.sweep_gpu_layers < 0:
             raise ValueError
     except ValueError:
         ap.error("--sweep-threads and --gpu-layers take positive integers, --sweep-trees "
@@ -176,24 +179,38 @@ def main(argv=None) -> int:
         r["ratio_vs_cpu_plain"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["identical_to_plain"] = r["outputs"] == ref["outputs"]
     base_outputs = base["outputs"]
+    ref_outputs = {n: r["outputs"] for n, r in refs.items()}
     for r in rows:
         r.pop("outputs")
 
     sweep = []
     if sweep_threads or sweep_trees:
-        threads0 = target.threads
+        n_sw = args.sweep_gpu_layers
+        if n_sw:  # the sweep on an offloaded target (its plain decoding the reference of its rows)
+            sw_target = TargetEngine(source, context=1024, gpu_layers=n_sw, device=args.device,
+                                     **({"threads": args.threads} if args.threads else {}))
+            sw_draft = Draft.load(draft_path, sw_target, device=args.device)
+            sw_plain, sw_spec = "offload-plain", "offload-spec"
+        else:
+            sw_target, sw_draft, sw_plain, sw_spec = target, dev_drafts["gpu-spec"], "cpu-plain", "gpu-spec"
+        reference = ref_outputs.get(n_sw) if n_sw else base_outputs
+        threads0 = sw_target.threads
         for th in sweep_threads or [threads0]:
-            target.threads = th
-            plain = run("cpu-plain", None)
-            sweep.append(dict(plain, threads=th, tree="-", identical_to_plain=plain["outputs"] == base_outputs))
+            sw_target.threads = th
+            plain = run(sw_plain, None, sw_target)
+            reference = reference if reference is not None else plain["outputs"]
+            sweep.append(dict(plain, threads=th, tree="-", identical_to_plain=plain["outputs"] == reference))
             for t in sweep_trees or [(tree.top_k, tree.depth, tree.total_tokens)]:
                 tp = TreeParams(top_k=t[0], depth=t[1], total_tokens=t[2])
-                r = run("gpu-spec", dev_drafts["gpu-spec"], tree=tp, adaptive=False)
+                r = run(sw_spec, sw_draft, sw_target, tree=tp, adaptive=False)
                 r.update(threads=th, tree=":".join(map(str, t)), identical_to_plain=r["outputs"] == plain["outputs"],
                          ratio_vs_plain_same_threads=r["tokens_per_s"] / plain["tokens_per_s"])
                 sweep.append(r)
-        target.threads = threads0
-        best = max(r["tokens_per_s"] for r in sweep if r["mode"] == "cpu-plain")
+            if n_sw:
+                for r in sweep[-1 - len(sweep_trees or [0]):]:
+                    r["gpu_layers"] = n_sw
+        sw_target.threads = threads0
+        best = max(r["tokens_per_s"] for r in sweep if r["mode"].endswith("plain"))
         for r in sweep:
             r.pop("outputs")
             r["ratio_vs_best_plain"] = r["tokens_per_s"] / best
@@ -222,7 +239,8 @@ def main(argv=None) -> int:
     lines += ["", "Draft agreement (CUDA vs CPU draft, same inputs): " +
               ", ".join(f"{k} {v:.3g}" for k, v in agree.items()), ""]
     if sweep:
-        lines += ["Sweep: CPU threads x tree (top_k:depth:total_tokens), GPU draft, speculation on at every step; "
+        on = f"the target with {args.sweep_gpu_layers} layers on the GPU, " if args.sweep_gpu_layers else ""
+        lines += [f"Sweep: CPU threads x tree (top_k:depth:total_tokens), {on}GPU draft, speculation on at every step; "
                   "ratios against plain decoding "
                   "at the same thread count and against the fastest plain decoding.", "",
                   "| threads | mode | tree | tok/s | vs plain, same threads | vs fastest plain | tau | ms/step: draft | "
