@@ -144,6 +144,19 @@ def test_logprobs_are_the_targets(gen, random_draft_gen):
         spec = g.generate(code, max_new_tokens=40, logprobs=3, tree=tree)
         assert spec.stats.mode == "speculative" and spec.tokens == plain.tokens and spec.logprobs == plain.logprobs
     assert gen.generate(code, max_new_tokens=40, logprobs=3).stats.acceptance_length > 1.2  # (it did speculate)
+    # greedy steps in one native call hand back the rows they chose from: the same as Python's steps
+    calls = []
+    native_step = gen.draft.step_greedy
+    gen.draft.step_greedy = lambda *a, **k: calls.append(a) or native_step(*a, **k)
+    try:
+        native = gen.generate(code, max_new_tokens=40, logprobs=3)
+        gen.draft.native_greedy = False
+        python_steps = gen.generate(code, max_new_tokens=40, logprobs=3)
+    finally:
+        gen.draft.native_greedy = True
+        del gen.draft.step_greedy
+    assert calls and all(a[3] is True for a in calls)  # (rows asked for)
+    assert native.tokens == python_steps.tokens == plain.tokens and native.logprobs == python_steps.logprobs
     # sampled: plain decoding with a seed gives the sample of a call without logprobs; either
     # way the log-probabilities are the target's for the tokens drawn
     kw = dict(max_new_tokens=8, temperature=0.9, seed=3)

@@ -328,25 +328,31 @@ void bind_engine(py::module_& m) {
            }),
            py::arg("target"), py::arg("draft"), py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
       .def("step", [](GreedySpeculator& g, const py::handle& feat_obj, const py::handle& tok_obj, int64_t top_k,
-                      int64_t depth, int64_t total_tokens, double min_score) {
+                      int64_t depth, int64_t total_tokens, double min_score, bool rows) -> py::tuple {
              const StepInputs in(g, feat_obj, tok_obj);
              GreedyStep r;
              {
                py::gil_scoped_release nogil;
-               r = g.step(in.feats.data(), in.tokens.data(), in.n, TreeShape{top_k, depth, total_tokens, min_score});
+               r = g.step(in.feats.data(), in.tokens.data(), in.n, TreeShape{top_k, depth, total_tokens, min_score},
+                          rows);
              }
              const int64_t m = (int64_t)r.emitted.size(), D = m ? (int64_t)r.features.size() / m : 0;
              py::array_t<int64_t> emitted(m);
              std::copy(r.emitted.begin(), r.emitted.end(), emitted.mutable_data());
              py::array_t<float> out({m, D});
              std::copy(r.features.begin(), r.features.end(), out.mutable_data());
-             return py::make_tuple(emitted, out, r.tree_size, r.draft_s, r.verify_s, r.accept_s);
+             if (!rows) return py::make_tuple(emitted, out, r.tree_size, r.draft_s, r.verify_s, r.accept_s);
+             const int64_t V = m ? (int64_t)r.rows.size() / m : 0;
+             py::array_t<float> logits({m, V});
+             std::copy(r.rows.begin(), r.rows.end(), logits.mutable_data());
+             return py::make_tuple(emitted, out, r.tree_size, r.draft_s, r.verify_s, r.accept_s, logits);
            },
            py::arg("features"), py::arg("next_tokens"), py::arg("top_k"), py::arg("depth"), py::arg("total_tokens"),
-           py::arg("min_score"),
+           py::arg("min_score"), py::arg("rows") = false,
            "One step: feed the draft the pairs (features [n, D], next_tokens [n], the last being the root), grow "
            "a tree, verify it on the target, commit the accepted path. Returns (emitted tokens: accepted + bonus, "
-           "target features of the committed rows, tree size, draft / verify / accept seconds).")
+           "target features of the committed rows, tree size, draft / verify / accept seconds); with rows=True "
+           "also the target's logits row each emitted token was chosen from [len(emitted), V].")
       .def("propose", [](GreedySpeculator& g, const py::handle& feat_obj, const py::handle& tok_obj, int64_t top_k,
                          int64_t depth, int64_t total_tokens, double min_score) {
              const StepInputs in(g, feat_obj, tok_obj);

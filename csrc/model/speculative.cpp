@@ -273,7 +273,7 @@ DraftTree GreedySpeculator::grow(int32_t root, const TreeShape& shape) {
 }
 
 GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tokens, int64_t n,
-                                  const TreeShape& shape) {
+                                  const TreeShape& shape, bool want_rows) {
   std::lock_guard<std::mutex> lock(mu_);
   const auto t0 = Clock::now();
   GreedyStep out;
@@ -304,14 +304,14 @@ GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tok
   }
   if (tree.tokens.empty()) tree = propose_locked(features, next_tokens, n, shape);
   const auto t1 = Clock::now();
-  verify_and_commit(tree, out);
+  verify_and_commit(tree, out, want_rows);
   if (lookup_) expect_n_past_ = target_.n_past();
   out.draft_s = out.lookup ? 0.0 : seconds(t0, t1);
   out.verify_s += out.lookup ? seconds(t0, t1) : 0.0;
   return out;
 }
 
-void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out) {
+void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out, bool want_rows) {
   const auto t1 = Clock::now();
   // 4. One target call over the tree: each node sees the prefix and its ancestors.
   const int64_t K = (int64_t)tree.tokens.size(), V = target_.params().vocab, D = target_.params().layer.dim;
@@ -347,6 +347,11 @@ void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out)
   out.features.resize(path.size() * D);
   for (size_t i = 0; i < path.size(); ++i)
     std::memcpy(&out.features[i * D], &target_feats_[path[i] * D], sizeof(float) * D);
+  if (want_rows) {  // emitted token i was chosen from path node i's row
+    out.rows.resize(path.size() * V);
+    for (size_t i = 0; i < path.size(); ++i)
+      std::memcpy(&out.rows[i * V], &logits_[path[i] * V], sizeof(float) * V);
+  }
   out.tree_size = K;
   out.verify_s = seconds(t1, t2);
   out.accept_s = seconds(t2, Clock::now());

@@ -71,6 +71,9 @@ struct GreedyStep {
   int64_t tree_size = 0;
   double draft_s = 0.0, verify_s = 0.0, accept_s = 0.0;
   bool lookup = false;  // the step verified a prompt-lookup chain (the draft did not run)
+  // With want_rows: the target's logits row each emitted token was chosen from
+  // [emitted.size(), V] (the API's log-probabilities); empty otherwise.
+  std::vector<float> rows;
 };
 
 class GreedySpeculator {
@@ -92,7 +95,8 @@ class GreedySpeculator {
   // held back for it, to go in before the next drafting step's. A chain step emits up to
   // max_tokens + 1 tokens. A target whose n_past is not where the last step left it means
   // a new sequence: the context and the held pairs are dropped (reset() does it at once).
-  GreedyStep step(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
+  GreedyStep step(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape,
+                  bool want_rows = false);
 
   // Prompt lookup for step(): params, or nullptr to turn it off (the default). Resets.
   void set_lookup(const LookupParams* params);
@@ -109,7 +113,7 @@ class GreedySpeculator {
   DraftTree propose_locked(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
   DraftTree grow(int32_t root, const TreeShape& shape);
   // Step 4 on a tree: one target call, greedy acceptance, the commit; fills out.
-  void verify_and_commit(const DraftTree& tree, GreedyStep& out);
+  void verify_and_commit(const DraftTree& tree, GreedyStep& out, bool want_rows);
   void reset_locked();
 
   LlamaEngine& target_;

@@ -253,18 +253,19 @@ class Draft:
         self._hist_len = e - s
         return self._grow(int(tokens[-1]), e - s - 1, ids[0], logp[0], params)
 
-    def step_greedy(self, features: np.ndarray, tokens: np.ndarray,
-                    params: TreeParams) -> tuple[np.ndarray, np.ndarray, int, float, float, float] | None:
+    def step_greedy(self, features: np.ndarray, tokens: np.ndarray, params: TreeParams,
+                    rows: bool = False) -> tuple | None:
         """A whole greedy step in one native call: :meth:`propose`, the target's verification
         of the tree, greedy acceptance and the target's commit (the same trees and tokens as
         those steps in Python). Returns (emitted tokens: accepted + bonus, target features of
-        the committed rows, tree size, draft / verify / accept seconds), or None where the
-        native step does not apply (a partly offloaded target, or native_greedy off)."""
+        the committed rows, tree size, draft / verify / accept seconds), with ``rows`` also
+        the target's logits row each emitted token was chosen from [len(emitted), V]; or None
+        where the native step does not apply (a partly offloaded target, or native_greedy off)."""
         if self._native is None or not self.native_greedy:
             return None
         self._last = None  # no tree for predraft
         return self._native.step(np.ascontiguousarray(features, dtype=np.float32), tokens, params.top_k,
-                                 params.depth, params.total_tokens, params.min_score)
+                                 params.depth, params.total_tokens, params.min_score, rows)
 
     def _root_k(self, params: TreeParams) -> int:
         """Successors asked for at the root: top_k, plus the runner-up that only

@@ -316,11 +316,13 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     state.join_backlog()
     room = target.context - target.n_past  # KV slots left for the tree
     if sampling.greedy and not overlap and state.ready is None and room >= params.total_tokens \
-            and shaper is None and rows is None:
+            and shaper is None:
         step_greedy = getattr(draft, "step_greedy", None)  # (drafts in tests may lack it)
-        native = step_greedy(state.features, state.next_tokens, params) if step_greedy else None
+        native = step_greedy(state.features, state.next_tokens, params, rows is not None) if step_greedy else None
         if native is not None:  # the whole step in one native call
-            emitted, feats, size, draft_s, verify_s, _ = native
+            emitted, feats, size, draft_s, verify_s = native[:5]
+            if rows is not None:
+                rows[:] = list(native[6])
             state.features, state.next_tokens, state.root = feats, emitted, int(emitted[-1])
             times.draft_s += draft_s
             times.verify_s += verify_s
