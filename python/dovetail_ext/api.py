@@ -756,12 +756,7 @@ class Generator:
         """Commit the prompt's K/V, reusing the common prefix with the last call; returns
         the logits [1, V] after the last prompt token. With ``with_features`` the target
         features of every prompt row are kept for the draft."""
-        common = 0
-        for a, b in zip(self._kv_tokens, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1, self.target.n_past)  # one token at least must run for its logits
+        common = min(self.cached_prefix(ids), len(ids) - 1, self.target.n_past)  # one token at least must run
         if with_features:
             common = min(common, self._n_feat)
         self._kv_tokens = list(ids[:common])
@@ -801,15 +796,18 @@ class Generator:
 
     def cached_tokens(self, sequence: int | None = None) -> list[int]:
         """The tokens of the conversation cached on ``sequence`` (default: the one in use)."""
+        return list(self._cached(sequence))
+
+    def _cached(self, sequence: int | None) -> list[int]:
         if sequence is None or sequence == self._sequence:
-            return list(self._kv_tokens)
-        return list(self._parked.get(sequence, ([], None, 0))[0])
+            return self._kv_tokens
+        return self._parked.get(sequence, ([], None, 0))[0]
 
     def cached_prefix(self, ids: Sequence[int], sequence: int | None = None) -> int:
         """How many leading tokens of ``ids`` the conversation cached on ``sequence``
         (default: the one in use) holds, i.e. would not be read again."""
         n = 0
-        for a, b in zip(self.cached_tokens(sequence), ids):
+        for a, b in zip(self._cached(sequence), ids):
             if a != b:
                 break
             n += 1
