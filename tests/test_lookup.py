@@ -1,8 +1,11 @@
-"""Prompt lookup (``dovetail_ext.lookup``): the n-gram index against a brute-force search,
-its parameters, and speculative decoding with lookup chains through the public API (greedy
-output unchanged, the chains used and counted)."""
+"""Prompt and corpus lookup (``dovetail_ext.lookup``): the n-gram index and the corpus's
+suffix-array search against brute-force twins, their parameters and files, and speculative
+decoding with lookup chains through the public API and the CLI (greedy output unchanged,
+the chains used and counted)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -170,3 +173,209 @@ def test_native_speculator_lookup_equals_plain(gen):
     from types import SimpleNamespace
     with pytest.raises(ValueError, match="lookup max_n"):  # the native check, for callers without LookupParams
         spec.set_lookup(SimpleNamespace(min_n=3, max_n=65, max_tokens=6))
+
+
+# ---- corpus lookup ----------------------------------------------------------------------
+
+from dovetail_ext.errors import FormatError  # noqa: E402
+from dovetail_ext.lookup import CorpusParams, TokenCorpus  # noqa: E402
+
+
+def corpus_brute_force(corpus: list[int], ctx: list[int], p: CorpusParams, limit: int) -> list[int]:
+    """The twin of the native search: every occurrence of each suffix of the context,
+    counted directly."""
+    N = len(corpus)
+    for n in range(min(p.max_n, len(ctx)), p.min_n - 1, -1):
+        # positions right after an occurrence that has a next token
+        pos = [i + n for i in range(N - n) if corpus[i:i + n] == ctx[len(ctx) - n:]]
+        if len(pos) >= p.min_count:
+            break
+    else:
+        return []
+    chain: list[int] = []
+    while len(chain) < min(limit, p.max_tokens):
+        pos = [i for i in pos if i < N]
+        if len(pos) < p.min_count:
+            break
+        counts: dict[int, int] = {}
+        for i in pos:
+            counts[corpus[i]] = counts.get(corpus[i], 0) + 1
+        tok = min(counts, key=lambda t: (-counts[t], t))
+        if counts[tok] < p.min_count or counts[tok] < p.min_frac * len(pos):
+            break
+        chain.append(tok)
+        pos = [i + 1 for i in pos if corpus[i] == tok]
+    return chain
+
+
+def test_corpus_equals_brute_force_search():
+    """Random corpora with repeated phrases, random contexts (some taken from the corpus,
+    some not) and awkward parameters: the native suffix-array search gives the twin's chain."""
+    rng = np.random.default_rng(1)
+    nonempty = 0
+    for trial in range(250):
+        min_n = int(rng.integers(1, 4))
+        p = CorpusParams(min_n=min_n, max_n=min_n + int(rng.integers(0, 5)), max_tokens=int(rng.integers(1, 7)),
+                         min_count=int(rng.integers(1, 5)), min_frac=float(rng.choice([0.0, 0.3, 0.5, 0.6, 1.0])))
+        vocab = int(rng.choice([2, 3, 7, 40]))
+        phrases = [rng.integers(0, vocab, int(rng.integers(2, 9))).tolist() for _ in range(4)]
+        corpus: list[int] = []
+        for _ in range(int(rng.integers(0, 30))):
+            corpus += phrases[int(rng.integers(0, 4))] if rng.random() < 0.7 else [int(rng.integers(0, vocab))]
+        tc = TokenCorpus(corpus, p)
+        assert len(tc) == len(corpus) and tc.tokens.tolist() == corpus
+        for _ in range(8):
+            if corpus and rng.random() < 0.7:
+                s = int(rng.integers(0, len(corpus)))
+                ctx = corpus[s:s + int(rng.integers(1, 10))]
+            else:
+                ctx = rng.integers(0, vocab + 1, int(rng.integers(0, 6))).tolist()
+            limit = int(rng.integers(0, 8))
+            want = corpus_brute_force(corpus, ctx, p, limit)
+            assert tc.propose(ctx, limit) == want, (trial, corpus, ctx, limit, p)
+            assert tc.propose(ctx) == corpus_brute_force(corpus, ctx, p, p.max_tokens)
+            nonempty += bool(want)
+    assert nonempty > 300, nonempty  # the cases are not all empty chains
+
+
+def test_corpus_examples_and_parameters():
+    # "1 2" occurs 3 times: twice followed by 3 4, once by 3 9; min_frac 0.6 takes 3 (3/3),
+    # then 4 (2/3), then stops at what follows "3 4" (5 once, 6 once: below min_count 2)
+    corpus = [1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 6, 0, 1, 2, 3, 9]
+    tc = TokenCorpus(corpus, CorpusParams(min_n=2, max_n=3, max_tokens=4, min_count=2, min_frac=0.6))
+    assert tc.propose([7, 1, 2]) == [3, 4]
+    assert tc.propose([7, 1, 2], limit=1) == [3]
+    assert tc.propose([7, 5, 8]) == []             # no suffix occurred min_count times
+    assert tc.propose([]) == [] and tc.propose([1, 2], limit=0) == []
+    strict = TokenCorpus(corpus, CorpusParams(min_n=2, max_n=3, max_tokens=4, min_count=2, min_frac=0.7))
+    assert strict.propose([1, 2]) == [3]           # 4 after "1 2 3" is 2 of 3 < 0.7
+    assert TokenCorpus([], CorpusParams()).propose([1, 2, 3]) == []
+    for bad in (dict(min_n=0), dict(max_n=1, min_n=2), dict(max_tokens=0), dict(max_tokens=65), dict(min_count=0),
+                dict(min_frac=1.5), dict(min_frac=-0.1), dict(min_frac=True), dict(min_frac="0.5"), dict(max_n=65)):
+        with pytest.raises(ValueError, match="corpus"):
+            CorpusParams(**bad)
+    for bad_tokens, what in (([[1, 2]], "1-D"), ([1.5, 2.0], "integers"), ([-1, 2], r"\[0, 2\^31\)"),
+                             ([2 ** 31], r"\[0, 2\^31\)")):
+        with pytest.raises(ValueError, match=what):
+            TokenCorpus(np.array(bad_tokens))
+    with pytest.raises(ValueError, match="context token ids"):
+        tc.propose([1, -2])
+    with pytest.raises(ValueError, match="corpus params must be CorpusParams"):
+        TokenCorpus([1, 2], params=(2, 6))
+
+
+def test_lookup_prefers_the_context_then_the_corpus():
+    corpus = [5, 6, 7, 8] * 4
+    look = NgramLookup([1, 2, 3, 4, 1, 2, 3], LookupParams(), corpus=TokenCorpus(corpus))
+    assert look.propose() == [4, 1, 2, 3, 4, 1] and not look.from_corpus   # the context repeats
+    look.extend([9, 5, 6])
+    assert look.propose() == [7, 8, 5, 6] and look.from_corpus              # only the corpus knows "5 6"
+    assert look.propose(limit=2) == [7, 8]
+    look.extend([0])
+    assert look.propose() == [] and not look.from_corpus
+    with pytest.raises(ValueError, match="corpus must be a TokenCorpus"):
+        NgramLookup([1], LookupParams(), corpus=[5, 6, 7])
+
+
+def test_corpus_file_round_trip_and_bad_files(tmp_path, default_source):
+    from dovetail_ext.draft_model import TargetSignature
+    sig = TargetSignature.from_source(default_source)
+    small = TokenCorpus([3, 1, 4, 1, 5, 9, 2, 6], target=sig, card={"note": "pi"})
+    small.save(tmp_path / "a.safetensors")
+    back = TokenCorpus.load(tmp_path / "a.safetensors", CorpusParams(min_count=1))
+    assert back.tokens.tolist() == [3, 1, 4, 1, 5, 9, 2, 6] and back.card == {"note": "pi"}
+    assert back.target == sig and back.params == CorpusParams(min_count=1)
+    back.check_target(default_source)
+    wide = TokenCorpus([70000, 1, 2 ** 31 - 1])  # ids past uint16 are kept as int32
+    wide.save(tmp_path / "w.safetensors")
+    assert TokenCorpus.load(tmp_path / "w.safetensors").tokens.tolist() == [70000, 1, 2 ** 31 - 1]
+    assert TokenCorpus.load(tmp_path / "w.safetensors").target is None
+    other = TokenCorpus([1, 2], target=TargetSignature("llama", 576, 49152, "0" * 64))
+    with pytest.raises(ValueError, match="made for another target: embedding_sha256"):
+        other.check_target(default_source)
+    with pytest.raises(FileNotFoundError, match="no corpus file"):
+        TokenCorpus.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(FormatError, match="not a readable corpus"):
+        TokenCorpus.load(tmp_path / "junk.safetensors")
+    from safetensors.numpy import save_file
+    save_file({"tokens": np.arange(3, dtype=np.int32)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(FormatError, match="not a dovetail corpus"):
+        TokenCorpus.load(tmp_path / "plain.safetensors")
+    save_file({"tokens": np.arange(3, dtype=np.int32)}, str(tmp_path / "v2.safetensors"),
+              metadata={"format": "dovetail-corpus", "version": "2"})
+    with pytest.raises(FormatError, match="version '2' is not supported"):
+        TokenCorpus.load(tmp_path / "v2.safetensors")
+    save_file({"tokens": np.zeros((2, 2), dtype=np.int32)}, str(tmp_path / "2d.safetensors"),
+              metadata={"format": "dovetail-corpus", "version": "1"})
+    with pytest.raises(FormatError, match="1-D uint16 or int32"):
+        TokenCorpus.load(tmp_path / "2d.safetensors")
+
+
+def _own_text_corpus(gen, prompts, n=64):
+    """A corpus of the target's greedy replies to other prompts (what build-corpus makes)."""
+    toks: list[int] = []
+    for p in prompts:
+        toks += gen.generate(p, max_new_tokens=n, speculative=False).tokens + [2]
+    return TokenCorpus(toks, CorpusParams(min_count=1, min_frac=0.5))
+
+
+CORPUS_PROMPTS = ["Write a Python function that returns the squares of a list of numbers.",
+                  "Write a Python function that returns the even numbers of a list.",
+                  "Write a Python function that sums the numbers of a list."]
+
+
+@pytest.mark.parametrize("with_draft", [True, False], ids=["draft", "lookup-only"])
+def test_greedy_with_corpus_equals_plain(gen, with_draft):
+    """Corpus chains are verified (and tokens of them accepted) where the context has no
+    match, with a draft and in lookup mode alike, and the output is plain greedy decoding's."""
+    corpus = _own_text_corpus(gen, CORPUS_PROMPTS[:2])
+    g = gen if with_draft else dovetail_ext.api.Generator(gen.source, gen.target)
+    g.corpus = corpus
+    try:
+        steps = accepted = 0
+        for prompt in CORPUS_PROMPTS[1:]:
+            plain = g.generate(prompt, max_new_tokens=64, speculative=False)
+            spec = g.generate(prompt, max_new_tokens=64)
+            assert spec.tokens == plain.tokens, prompt
+            assert spec.stats.corpus_steps <= spec.stats.lookup_steps
+            assert spec.stats.corpus_accepted <= spec.stats.lookup_accepted
+            steps += spec.stats.corpus_steps
+            accepted += spec.stats.corpus_accepted
+        assert steps >= 3 and accepted >= 3, (steps, accepted)  # (the second prompt is in the corpus)
+    finally:
+        g.corpus = None
+    with pytest.raises(ValueError, match="corpus must be a TokenCorpus or None"):
+        dovetail_ext.api.Generator(gen.source, gen.target, None, corpus=[1, 2, 3])
+
+
+def test_cli_build_corpus_and_generate_with_it(tmp_path, capsys, default_gguf_path, default_source):
+    """build-corpus writes the target's replies with a card; generate takes the file with
+    --corpus (greedy tokens those of --no-spec), refuses a corpus of another target, and
+    --no-corpus leaves it out."""
+    from dovetail_ext.cli import main
+    from dovetail_ext.draft_model import TargetSignature
+    out = tmp_path / "c.safetensors"
+    assert main(["build-corpus", "--data", "python-functions", "--max-prompts", "2", "--max-new-tokens", "12",
+                 "--threads", "1", "--out", str(out), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["sources"][0]["replies"] == 2 and card["command"].startswith("dovetail build-corpus")
+    corpus = TokenCorpus.load(out)
+    assert len(corpus) == card["tokens"] <= 2 * 13 and corpus.tokens.tolist().count(2) == 2  # end token after each
+    assert corpus.target == TargetSignature.from_source(default_source)
+    ask = ["generate", "Name a fruit.", "--max-new-tokens", "12", "--json", "--threads", "1"]
+    assert main(ask + ["--corpus", str(out)]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert main(ask + ["--no-spec"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == spec["tokens"]
+    assert main(ask + ["--no-corpus"]) == 0
+    assert json.loads(capsys.readouterr().out)["corpus_steps"] == 0
+    TokenCorpus([1, 2, 3], target=TargetSignature("llama", 576, 49152, "f" * 64)).save(tmp_path / "other.safetensors")
+    assert main(ask + ["--corpus", str(tmp_path / "other.safetensors")]) == 2
+    assert "the corpus was made for another target" in capsys.readouterr().err
+    assert main(["build-corpus", "--out", str(tmp_path / "c.npy"), "--max-prompts", "1"]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+    assert main(["build-corpus", "--out", str(tmp_path / "no" / "c.safetensors")]) == 2
+    assert "no directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="corpus must be 'auto', a corpus file, a TokenCorpus or None"):
+        dovetail_ext.load(default_gguf_path, context=64, threads=1, corpus=3)

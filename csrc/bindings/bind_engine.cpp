@@ -379,9 +379,40 @@ void bind_engine(py::module_& m) {
            "Prompt lookup in step() (params with min_n, max_n, max_tokens, e.g. dovetail_ext.lookup.LookupParams), "
            "or None (off, the default): a step whose context repeats verifies the chain that followed, and the "
            "draft takes its pairs in at its next step. Resets.")
+      .def("set_corpus", [](GreedySpeculator& g, std::shared_ptr<TokenCorpus> c) { g.set_corpus(std::move(c)); },
+           py::arg("corpus").none(true),
+           "A TokenCorpus for the lookup where the context has no match, or None (kept across set_lookup).")
       .def("reset", &GreedySpeculator::reset, "Drop the lookup context and the pairs held back for the draft.")
       .def_property_readonly("lookup_steps", &GreedySpeculator::lookup_steps,
-                             "Steps so far that verified a prompt-lookup chain.");
+                             "Steps so far that verified a prompt-lookup chain.")
+      .def_property_readonly("corpus_steps", &GreedySpeculator::corpus_steps,
+                             "Those of them whose chain came from the corpus.");
+
+  py::class_<TokenCorpus, std::shared_ptr<TokenCorpus>>(m, "TokenCorpus",
+      "A body of tokens indexed for corpus lookup (dovetail_ext.lookup.TokenCorpus wraps it).")
+      .def(py::init([](const py::handle& tok_obj, int64_t min_n, int64_t max_n, int64_t max_tokens,
+                       int64_t min_count, double min_frac) {
+             auto t = as_array<int32_t>(tok_obj, "tokens");
+             check_shape(t, {-1}, "tokens");
+             std::vector<int32_t> v(t.data(), t.data() + t.shape(0));
+             py::gil_scoped_release nogil;
+             return std::make_shared<TokenCorpus>(std::move(v), CorpusParams{min_n, max_n, max_tokens, min_count, min_frac});
+           }),
+           py::arg("tokens"), py::arg("min_n"), py::arg("max_n"), py::arg("max_tokens"), py::arg("min_count"),
+           py::arg("min_frac"))
+      .def("propose", [](const TokenCorpus& c, const py::handle& ctx_obj, int64_t limit) {
+             auto ctx = as_array<int32_t>(ctx_obj, "context");
+             check_shape(ctx, {-1}, "context");
+             std::vector<int32_t> out(c.params().max_tokens);
+             const int64_t k = c.propose(ctx.data(), ctx.shape(0), limit, out.data());
+             return py::array_t<int32_t>(k, out.data());
+           },
+           py::arg("context"), py::arg("limit"),
+           "The chain for a context (int32, at most min(limit, max_tokens) tokens; empty: no suffix qualified).")
+      .def_property_readonly("tokens", [](const TokenCorpus& c) {
+             return py::array_t<int32_t>((py::ssize_t)c.tokens().size(), c.tokens().data());
+           })
+      .def("__len__", [](const TokenCorpus& c) { return c.tokens().size(); });
 
   py::class_<NgramLookup>(m, "NgramLookup",
       "The context's n-grams and where each last continued (dovetail_ext.lookup.NgramLookup wraps it).")
@@ -402,6 +433,11 @@ void bind_engine(py::module_& m) {
            },
            py::arg("limit"), "The chain (int32, at most min(limit, max_tokens) tokens; empty: no match).")
       .def("clear", &NgramLookup::clear)
+      .def("set_corpus", [](NgramLookup& l, std::shared_ptr<TokenCorpus> c) { l.set_corpus(std::move(c)); },
+           py::arg("corpus").none(true),
+           "A TokenCorpus whose chain a context without a match proposes instead, or None.")
+      .def_property_readonly("last_from_corpus", &NgramLookup::last_from_corpus,
+                             "Whether the last chain proposed came from the corpus.")
       .def_property_readonly("tokens", [](const NgramLookup& l) {
              return py::array_t<int32_t>((py::ssize_t)l.tokens().size(), l.tokens().data());
            });

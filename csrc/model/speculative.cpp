@@ -294,6 +294,7 @@ GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tok
       for (int64_t i = 0; i <= c; ++i) tree.parents.push_back(i - 1);
       out.lookup = true;
       ++lookup_steps_;
+      if (lookup_->last_from_corpus()) ++corpus_steps_;
     } else if (!held_tokens_.empty()) {  // the held pairs first, then this step's
       held_features_.insert(held_features_.end(), features, features + n * D);
       held_tokens_.insert(held_tokens_.end(), next_tokens, next_tokens + n);
@@ -365,7 +366,14 @@ void GreedySpeculator::set_lookup(const LookupParams* params) {
                " exceeds the target's max_batch " + std::to_string(target_.options().max_batch) +
                " minus the chain's root");
   lookup_ = params ? std::make_unique<NgramLookup>(*params) : nullptr;
+  if (lookup_) lookup_->set_corpus(corpus_);
   reset_locked();
+}
+
+void GreedySpeculator::set_corpus(std::shared_ptr<const TokenCorpus> corpus) {
+  std::lock_guard<std::mutex> lock(mu_);
+  corpus_ = std::move(corpus);
+  if (lookup_) lookup_->set_corpus(corpus_);
 }
 
 void GreedySpeculator::reset() {

@@ -100,9 +100,12 @@ class GreedySpeculator {
 
   // Prompt lookup for step(): params, or nullptr to turn it off (the default). Resets.
   void set_lookup(const LookupParams* params);
+  // A corpus for the lookup (TokenCorpus), or nullptr; kept across set_lookup and reset.
+  void set_corpus(std::shared_ptr<const TokenCorpus> corpus);
   void reset();
   const LookupParams* lookup_params() const { return lookup_ ? &lookup_->params() : nullptr; }
   int64_t lookup_steps() const { return lookup_steps_; }
+  int64_t corpus_steps() const { return corpus_steps_; }  // those of them with a corpus chain
 
   int64_t dim() const { return draft_->dim(); }
 
@@ -130,9 +133,10 @@ class GreedySpeculator {
   // Prompt lookup: the context's n-grams, the pairs held back for the draft, and where the
   // target's n_past was after the last step.
   std::unique_ptr<NgramLookup> lookup_;
+  std::shared_ptr<const TokenCorpus> corpus_;
   std::vector<float> held_features_;
   std::vector<int32_t> held_tokens_, chain_;
-  int64_t expect_n_past_ = -1, lookup_steps_ = 0;
+  int64_t expect_n_past_ = -1, lookup_steps_ = 0, corpus_steps_ = 0;
 };
 
 }  // namespace dovetail

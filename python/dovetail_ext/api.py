@@ -26,7 +26,7 @@ from .errors import as_bool, as_int, check_text
 from .formats import load_model_source
 from .formats.base import ModelSource
 from .grammar import Constraint, Grammar
-from .lookup import LookupParams, NgramLookup
+from .lookup import LookupParams, NgramLookup, TokenCorpus
 from .sampling import LogitAdjuster, LogitShaper, SamplingParams, TokenChooser
 from .target import TargetEngine, check_device_name
 from .tools import Tool, ToolCall, ToolCallFilter, parse_tool_choice, parse_tools, render_chat, tool_grammar
@@ -60,6 +60,8 @@ class GenerationStats:
     ahead_hits: int = 0    # ... and used (verification agreed with the draft's guess)
     lookup_steps: int = 0     # speculative steps that verified a prompt-lookup chain ...
     lookup_accepted: int = 0  # ... and the chain tokens accepted in them
+    corpus_steps: int = 0     # those of the chains that came from the corpus ...
+    corpus_accepted: int = 0  # ... and their tokens accepted
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,7 +86,7 @@ def _joined_stats(first: GenerationStats, second: GenerationStats) -> Generation
     decode_s = first.decode_s + second.prefill_s + second.decode_s
     sums = {k: getattr(first, k) + getattr(second, k)
             for k in ("draft_s", "verify_s", "accept_s", "plain_steps", "ahead_tries", "ahead_hits",
-                      "lookup_steps", "lookup_accepted")}
+                      "lookup_steps", "lookup_accepted", "corpus_steps", "corpus_accepted")}
     return GenerationStats(
         prompt_tokens=first.prompt_tokens, new_tokens=second.new_tokens, prefill_s=first.prefill_s,
         decode_s=decode_s, tokens_per_s=second.new_tokens / decode_s if decode_s > 0 else 0.0, mode=first.mode,
@@ -199,7 +201,8 @@ class Generator:
 
     def __init__(self, source: ModelSource, target: TargetEngine, draft=None,
                  tree: TreeParams | AutoTree | None = None, overlap: bool = False,
-                 adaptive: bool | None = None, lookup: LookupParams | None = LookupParams()) -> None:
+                 adaptive: bool | None = None, lookup: LookupParams | None = LookupParams(),
+                 corpus: TokenCorpus | None = None) -> None:
         self.source = source
         self.target = target
         self.draft = draft
@@ -211,6 +214,11 @@ class Generator:
         if lookup is not None and not isinstance(lookup, LookupParams):
             raise ValueError(f"lookup must be LookupParams or None, got {lookup!r}")
         self.lookup = lookup
+        # Where the context has no match, a chain from a corpus of the target's own text
+        # (lookup.TokenCorpus); None: none. Used only where lookup is on.
+        if corpus is not None and not isinstance(corpus, TokenCorpus):
+            raise ValueError(f"corpus must be a TokenCorpus or None, got {type(corpus).__name__}")
+        self.corpus = corpus
         # Draft the next tree while the target verifies (speculative.py). Off unless asked
         # for: on the CPU the two share the cores, and with a GPU draft it measured slower
         # too (the guesses held on 22-29% of steps; bench/results/gpu-*).
@@ -558,12 +566,20 @@ class Generator:
         shaper = LogitShaper(adjust, constraint) if adjust is not None or constraint is not None else None
         plain = speculative is False
 
+        corpus_counts = [0, 0]  # corpus chains verified, their tokens accepted
+
         def propose_chain(budget: int) -> list[int] | None:
             """Tokens to verify after the root instead of a drafted tree: those the grammar
-            forces (where the text can go on one way only), else a prompt-lookup match."""
+            forces (where the text can go on one way only), else a prompt-lookup match (in
+            the context, else in the corpus)."""
             room = self._chain_room(budget)
             forced = constraint.forced(room) if constraint is not None and room > 0 else None
             return forced or (lookup.propose(room) if lookup is not None else None)
+
+        def count_corpus(chain: list[int] | None, accepted: int) -> None:
+            if chain and lookup.from_corpus:
+                corpus_counts[0] += 1
+                corpus_counts[1] += accepted
 
         def pick(row: np.ndarray) -> int:  # the next token from one row of the target's logits
             return chooser(row if shaper is None else shaper(row))
@@ -612,7 +628,7 @@ class Generator:
                                   next_tokens=np.array(ids[done + 1:] + pending, dtype=np.int64))
                 times = SpecTimes()
                 overlap = self.overlap
-                lookup = NgramLookup(ids + pending, self.lookup) if self.lookup is not None else None
+                lookup = NgramLookup(ids + pending, self.lookup, self.corpus) if self.lookup is not None else None
                 adaptive = self.adaptive if self.adaptive is not None else params.greedy
                 governor = None
                 if adaptive:  # one governor per (draft, tree): its measurements carry over
@@ -630,7 +646,7 @@ class Generator:
             elif lookup_only:
                 from .speculative import SpecTimes, verify_chain
                 times = SpecTimes()
-                lookup = NgramLookup(ids + pending, self.lookup)
+                lookup = NgramLookup(ids + pending, self.lookup, self.corpus)
         stats.prefill_s = time.perf_counter() - t0
 
         decoder, stops = (_resume.decoder, _resume.stops) if _resume is not None else \
@@ -691,6 +707,7 @@ class Generator:
                                                           times, overlap=overlap, drafting=drafting, chain=chain,
                                                           shaper=shaper, rows=rows if logprobs is not None else None)
                     drafted = drafting and not chain
+                    count_corpus(chain, len(pending) - 1)
                     if drafted:
                         stats.tree = f"{shape.top_k},{shape.depth},{shape.total_tokens}"
                         if selector is not None:
@@ -713,6 +730,7 @@ class Generator:
                                                             shaper=shaper, rows=rows)
                         times.verify_s += time.perf_counter() - ts
                         times.record_step(len(chain), len(accepted), lookup=True)
+                        count_corpus(chain, len(accepted))
                         self._kv_tokens.extend([root] + accepted)
                     else:
                         logits, _ = self.target.forward([root])
@@ -734,6 +752,7 @@ class Generator:
                 stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
                 stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
                 stats.lookup_steps, stats.lookup_accepted = times.lookup_steps, times.lookup_accepted
+                stats.corpus_steps, stats.corpus_accepted = corpus_counts
                 stats.plain_steps = governor.plain_steps - plain_before if spec and governor is not None else 0
             elif stats.target_calls:
                 stats.acceptance_length = 1.0
@@ -854,7 +873,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
          threads: int | None = None, weights: str = "auto", kv_dtype: str = "f32", max_batch: int = 128,
          tree: TreeParams | AutoTree | None = None, draft_weights: str | None = None, draft_device: str = "cpu",
          overlap: bool = False, adaptive: bool | None = None, gpu_layers: int = 0,
-         offload_device: str = "cuda", lookup: LookupParams | None = LookupParams(), sequences: int = 1) -> Generator:
+         offload_device: str = "cuda", lookup: LookupParams | None = LookupParams(), sequences: int = 1,
+         corpus: str | Path | TokenCorpus | None = "auto") -> Generator:
     """Load a model for generation.
 
     Args:
@@ -891,6 +911,11 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
             3-4 tokens of the context occurred before, the up to 6 tokens that followed them
             are verified instead of a drafted tree, and the draft does not run for that
             step; lossless like any draft). ``None`` turns it off.
+        corpus: corpus lookup where the context has no match (``lookup.TokenCorpus``: a
+            chain the target's own text usually went on with; lossless too). ``"auto"`` (the
+            default) takes the corpus shipped for this exact model if there is one (the
+            default model has one); a corpus file (``dovetail build-corpus``; one made for
+            another target is refused) or a ``TokenCorpus``; ``None``: none.
         sequences: KV caches in the target for that many independent sequences (a server's
             parallel requests, ``batching.SequenceBatcher``); the generator itself uses one.
         gpu_layers: run the target's first N layers on ``offload_device`` (partial offload;
@@ -903,11 +928,21 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
     target = TargetEngine(source, context=context, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch,
                           gpu_layers=gpu_layers, device=offload_device, sequences=sequences)
     drafter = None
-    if isinstance(draft, str) and draft == "auto":
-        from .models import packaged_draft_for
-        draft = packaged_draft_for(source)
+    auto_draft, auto_corpus = (isinstance(x, str) and x == "auto" for x in (draft, corpus))
+    if auto_draft or auto_corpus:
+        from .models import packaged_corpus_for, packaged_draft_for
+        packaged = packaged_draft_for(source)
+        draft = packaged if auto_draft else draft
+        corpus = packaged_corpus_for(source, packaged) if auto_corpus and packaged is not None else \
+            (None if auto_corpus else corpus)
+    if corpus is not None and not isinstance(corpus, TokenCorpus):
+        if not isinstance(corpus, (str, Path)):
+            raise ValueError(f"corpus must be 'auto', a corpus file, a TokenCorpus or None, got {corpus!r}")
+        corpus = TokenCorpus.load(corpus)
+    if corpus is not None:
+        corpus.check_target(source)
     if draft is not None:
         from .draft import DEFAULT_DRAFT_WEIGHTS, Draft
         drafter = Draft.load(draft, target, weights_dtype=draft_weights or DEFAULT_DRAFT_WEIGHTS, max_batch=max_batch,
                              device=draft_device)
-    return Generator(source, target, drafter, tree, overlap=overlap, adaptive=adaptive, lookup=lookup)
+    return Generator(source, target, drafter, tree, overlap=overlap, adaptive=adaptive, lookup=lookup, corpus=corpus)

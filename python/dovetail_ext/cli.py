@@ -118,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-draft", help="train a draft model for a target (needs PyTorch)")
     add_cli_arguments(t)
 
+    from .corpus import add_cli_arguments as add_corpus_arguments
+
+    bc = sub.add_parser("build-corpus", help="a corpus of the target's own replies, for corpus lookup")
+    add_corpus_arguments(bc)
+
     i = sub.add_parser("info", help="version, CPU kernel path, CUDA, model summary")
     i.add_argument("--json", action="store_true")
     i.add_argument("--model", metavar="PATH", default=None)
@@ -235,6 +240,10 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
                    help="speculative steps verify a chain copied from the context (prompt lookup) when its "
                         "last 3-4 tokens occurred before, instead of running the draft (default: on)")
+    p.add_argument("--corpus", metavar="FILE", default=None,
+                   help="corpus lookup where the context has no match: a corpus file (dovetail build-corpus) "
+                        "made for this model (default 'auto': the corpus shipped for this model, if there is one)")
+    p.add_argument("--no-corpus", action="store_true", help="no corpus lookup")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="decode plainly while speculation measures slower than plain steps (default: on "
                         "for greedy decoding, off for sampling so that --seed stays reproducible)")
@@ -251,7 +260,8 @@ def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     return dict(weights=args.weights, draft_device=args.draft_device or "cpu", gpu_layers=args.gpu_layers,
                 offload_device=args.offload_device or "cuda", overlap=args.overlap, adaptive=args.adaptive,
-                lookup=LookupParams() if args.lookup and not args.no_spec else None)
+                lookup=LookupParams() if args.lookup and not args.no_spec else None,
+                corpus=None if args.no_corpus or args.no_spec or not args.lookup else args.corpus or "auto")
 
 
 def _load(args: argparse.Namespace, **kw: Any):
@@ -319,7 +329,8 @@ def _stats_line(s, args: argparse.Namespace) -> str:
     if s.ahead_tries:
         spec += f", trees drafted ahead used {s.ahead_hits}/{s.ahead_tries}"
     if s.lookup_steps:
-        spec += f", {s.lookup_steps} prompt-lookup steps ({s.lookup_accepted} tokens accepted)"
+        spec += f", {s.lookup_steps} prompt-lookup steps ({s.lookup_accepted} tokens accepted"
+        spec += f"; {s.corpus_steps} from the corpus, {s.corpus_accepted} accepted)" if s.corpus_steps else ")"
     if s.plain_steps:
         spec += f", {s.plain_steps} plain steps (adaptive: timing plain decoding, or while speculation " \
                 "measured slower)"
@@ -413,7 +424,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ValueError("no texts to embed (give them as arguments or one per line on stdin)")
-    gen = load(args.model, draft=None, lookup=None, context=args.context, threads=args.threads, weights=args.weights)
+    gen = load(args.model, draft=None, lookup=None, corpus=None, context=args.context, threads=args.threads, weights=args.weights)
     ids = [gen.encode_prompt(t, raw=True) for t in texts]
     vectors = gen.embed(ids, pooling=args.pooling, normalize=not args.no_normalize)
     for i, (t, v) in enumerate(zip(ids, vectors)):
@@ -435,7 +446,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     else:
         with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
-    gen = load(args.model, draft=None, lookup=None, context=args.context or args.chunk, threads=args.threads,
+    gen = load(args.model, draft=None, lookup=None, corpus=None, context=args.context or args.chunk, threads=args.threads,
                weights=args.weights)
     bar = None
     if not args.json:
@@ -617,12 +628,19 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_build_corpus(args: argparse.Namespace) -> int:
+    from .corpus import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"generate": _cmd_generate, "chat": _cmd_chat, "perplexity": _cmd_perplexity, "embed": _cmd_embed,
                 "bench": _cmd_bench,
-                "serve": _cmd_serve, "info": _cmd_info, "train-draft": _cmd_train_draft}[args.command](args)
+                "serve": _cmd_serve, "info": _cmd_info, "train-draft": _cmd_train_draft,
+                "build-corpus": _cmd_build_corpus}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

