@@ -303,6 +303,11 @@ class LookupParams(ctypes.Structure):
                 ("max_tokens", ctypes.c_int64)]
 
 
+class CorpusParams(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("min_n", ctypes.c_int64), ("max_n", ctypes.c_int64),
+                ("max_tokens", ctypes.c_int64), ("min_count", ctypes.c_int64), ("min_frac", ctypes.c_double)]
+
+
 class DraftConfig(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), *[(n, ctypes.c_int64) for n in _DIMS], *_OPTS]
 
@@ -357,6 +362,8 @@ class CApi:
             "dt_lookup_params_init": ([P], None),
             "dt_speculator_set_lookup": ([P, P], ctypes.c_int),
             "dt_speculator_reset": ([P], ctypes.c_int),
+            "dt_corpus_params_init": ([P], None),
+            "dt_speculator_set_corpus": ([P, I32P, i64, P], ctypes.c_int),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(lib, name)
@@ -645,6 +652,16 @@ def lookup_params(lib: CApi, min_n=3, max_n=4, max_tokens=6) -> LookupParams:
     return p
 
 
+def corpus_params(lib: CApi, **kw) -> CorpusParams:
+    p = CorpusParams()
+    lib.dt_corpus_params_init(ctypes.byref(p))
+    assert (p.struct_size, p.min_n, p.max_n, p.max_tokens, p.min_count, p.min_frac) == \
+        (ctypes.sizeof(CorpusParams), 2, 6, 4, 3, 0.6)
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
 def c_spec_step(lib, h, D, feats, toks, shape, room=None):
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     toks = np.asarray(toks, dtype=np.int32)
@@ -657,15 +674,19 @@ def c_spec_step(lib, h, D, feats, toks, shape, room=None):
     return st, emitted[:max(n.value, 0)], out[:max(n.value, 0)]
 
 
-@pytest.mark.parametrize("shape_args,lookup", [((1, 1, 2, 0.0), None), ((3, 3, 6, 0.0), None),
-                                               ((4, 4, 12, 0.01), None), ((1, 1, 2, 0.0), (1, 3, 5)),
-                                               ((3, 3, 6, 0.0), (2, 2, 8))], ids=str)
-def test_speculator_emits_the_greedy_tokens(lib, shape_args, lookup):
+@pytest.mark.parametrize("shape_args,lookup,corpus", [((1, 1, 2, 0.0), None, False), ((3, 3, 6, 0.0), None, False),
+                                                      ((4, 4, 12, 0.01), None, False),
+                                                      ((1, 1, 2, 0.0), (1, 3, 5), False),
+                                                      ((3, 3, 6, 0.0), (2, 2, 8), False),
+                                                      ((1, 1, 2, 0.0), (4, 4, 5), True)], ids=str)
+def test_speculator_emits_the_greedy_tokens(lib, shape_args, lookup, corpus):
     """dt_speculator_step from the C API: the target's plain greedy tokens, and the same
     steps (tokens and features) as the Python binding's GreedySpeculator on the same weights;
     the speculator keeps working after its target and draft handles are destroyed. With
     prompt lookup on (dt_speculator_set_lookup), some steps verify lookup chains (longer
-    than depth + 1 tokens at times) and the tokens are still the greedy ones."""
+    than depth + 1 tokens at times) and the tokens are still the greedy ones. With a corpus
+    (dt_speculator_set_corpus) holding greedy text of the same target, where the context
+    has no match of 4 tokens, corpus chains are verified too."""
     cfg, weights = tiny_target_weights("q8_0", tied=True)
     ct, pt = CTarget(lib, cfg, weights, context=96, max_batch=16), py_target(cfg, weights, context=96, max_batch=16)
     dw = draft_weights(cfg)
@@ -700,6 +721,12 @@ def test_speculator_emits_the_greedy_tokens(lib, shape_args, lookup):
         pt.commit(np.arange(1))
         truth.append(int(np.argmax(l[0])))
     pt.truncate(7)
+    if corpus:
+        # the target's greedy text after another prompt, and the end of this one's: min_count 1
+        body = np.array(truth[10:] + [0] + truth[:12], dtype=np.int32)
+        cp = corpus_params(lib, min_count=1, min_n=2, max_n=3)
+        assert lib.dt_speculator_set_corpus(hs, ptr(body, I32P), len(body), ctypes.byref(cp)) == 0, lib.error()
+        py_spec.set_corpus(_core.TokenCorpus(body, 2, 3, 4, 1, 0.6))
     out, toks = [truth[0]], np.append(prompt[1:], truth[0])
     f_c, t_py = feats, toks
     longest = 0
@@ -718,6 +745,7 @@ def test_speculator_emits_the_greedy_tokens(lib, shape_args, lookup):
     if lookup is not None:
         assert py_spec.lookup_steps > 0, "no lookup chain was verified"
         assert longest > shape_args[1] + 1, longest  # a chain step emitted more than a tree can
+        assert (py_spec.corpus_steps > 0) == corpus, py_spec.corpus_steps
         assert lib.dt_speculator_reset(hs) == 0 and lib.dt_speculator_set_lookup(hs, None) == 0
     lib.dt_speculator_destroy(hs)
 
@@ -756,6 +784,24 @@ def test_speculator_refuses_bad_input(lib):
     for bad, msg in [((0, 4, 6), "min_n"), ((3, 2, 6), "max_n"), ((3, 65, 6), "max_n"), ((3, 4, 0), "max_tokens")]:
         lp = lookup_params(lib, *bad)
         assert lib.dt_speculator_set_lookup(hs, ctypes.byref(lp)) == ST["DT_ERR_INVALID"] and msg in lib.error()
+    cp = corpus_params(lib)
+    body = np.array([1, 2, 3], dtype=np.int32)
+    assert lib.dt_speculator_set_corpus(None, ptr(body, I32P), 3, ctypes.byref(cp)) == ST["DT_ERR_NULL"]
+    assert lib.dt_speculator_set_corpus(hs, None, 3, ctypes.byref(cp)) == ST["DT_ERR_NULL"]
+    assert lib.dt_speculator_set_corpus(hs, ptr(body, I32P), 3, None) == ST["DT_ERR_NULL"]
+    assert lib.dt_speculator_set_corpus(hs, ptr(body, I32P), -1, ctypes.byref(cp)) == ST["DT_ERR_INVALID"]
+    cp.struct_size = 4
+    assert lib.dt_speculator_set_corpus(hs, ptr(body, I32P), 3, ctypes.byref(cp)) == ST["DT_ERR_INVALID"]
+    assert "struct_size" in lib.error()
+    for bad, msg in [(dict(min_n=0), "min_n"), (dict(max_n=1, min_n=2), "max_n"), (dict(max_tokens=65), "max_tokens"),
+                     (dict(min_count=0), "min_count"), (dict(min_frac=1.5), "min_frac")]:
+        cp = corpus_params(lib, **bad)
+        assert lib.dt_speculator_set_corpus(hs, ptr(body, I32P), 3, ctypes.byref(cp)) == ST["DT_ERR_INVALID"]
+        assert msg in lib.error(), lib.error()
+    neg = np.array([1, -5], dtype=np.int32)
+    assert lib.dt_speculator_set_corpus(hs, ptr(neg, I32P), 2, ctypes.byref(corpus_params(lib))) == ST["DT_ERR_INVALID"]
+    assert "negative" in lib.error()
+    assert lib.dt_speculator_set_corpus(hs, None, 0, None) == 0, lib.error()  # removes it
     lib.dt_speculator_destroy(hs)
     lib.dt_speculator_destroy(None)
     lib.dt_draft_destroy(hd)

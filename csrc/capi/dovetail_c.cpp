@@ -592,6 +592,41 @@ dt_status dt_speculator_set_lookup(dt_speculator* spec, const dt_lookup_params* 
   });
 }
 
+void dt_corpus_params_init(dt_corpus_params* params) noexcept {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof(dt_corpus_params);
+  const dovetail::CorpusParams d;
+  params->min_n = d.min_n;
+  params->max_n = d.max_n;
+  params->max_tokens = d.max_tokens;
+  params->min_count = d.min_count;
+  params->min_frac = d.min_frac;
+}
+
+dt_status dt_speculator_set_corpus(dt_speculator* spec, const int32_t* tokens, int64_t n,
+                                   const dt_corpus_params* params) noexcept {
+  return guarded(__func__, [&] {
+    need(spec, "speculator handle");
+    if (!tokens) {
+      if (n != 0) fail(DT_ERR_NULL, "tokens is NULL with n " + std::to_string(n));
+      std::lock_guard<std::mutex> lock(spec->mu);
+      return spec->spec->set_corpus(nullptr);
+    }
+    need(params, "params");
+    if (params->struct_size != sizeof(dt_corpus_params))
+      fail(DT_ERR_INVALID, "params->struct_size is " + std::to_string(params->struct_size) + ", expected " +
+                               std::to_string(sizeof(dt_corpus_params)) +
+                               " (initialise it with dt_corpus_params_init)");
+    if (n < 0) fail(DT_ERR_INVALID, "n must be >= 0, got " + std::to_string(n));
+    const dovetail::CorpusParams p{params->min_n, params->max_n, params->max_tokens, params->min_count,
+                                   params->min_frac};
+    auto corpus = std::make_shared<const dovetail::TokenCorpus>(std::vector<int32_t>(tokens, tokens + n), p);
+    std::lock_guard<std::mutex> lock(spec->mu);
+    spec->spec->set_corpus(std::move(corpus));
+  });
+}
+
 dt_status dt_speculator_reset(dt_speculator* spec) noexcept {
   return guarded(__func__, [&] {
     need(spec, "speculator handle");

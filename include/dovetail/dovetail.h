@@ -337,6 +337,29 @@ DT_API void dt_lookup_params_init(dt_lookup_params* params) DT_NOEXCEPT;
 DT_API dt_status dt_speculator_set_lookup(dt_speculator* spec, const dt_lookup_params* params) DT_NOEXCEPT;
 DT_API dt_status dt_speculator_reset(dt_speculator* spec) DT_NOEXCEPT;
 
+/* Corpus lookup: where the context has no match, a lookup step verifies the chain that
+ * most occurrences of the context's longest matching suffix went on with in a fixed body
+ * of tokens (typically the target's own replies: dovetail build-corpus writes one; its
+ * "tokens" tensor is what to pass). A chain grows while at least min_count occurrences,
+ * and at least min_frac of those that go on, agree on the next token. It needs prompt
+ * lookup on (dt_speculator_set_lookup); the corpus stays across set_lookup and reset.
+ * The tokens are copied and indexed (about a second per million tokens). Fill the struct
+ * with dt_corpus_params_init first (defaults: min_n 2, max_n 6, max_tokens 4, min_count 3,
+ * min_frac 0.6). */
+typedef struct dt_corpus_params {
+  uint32_t struct_size; /* sizeof(dt_corpus_params), set by dt_corpus_params_init */
+  int64_t min_n;        /* shortest suffix matched, >= 1 */
+  int64_t max_n;        /* longest suffix matched, min_n .. 64 */
+  int64_t max_tokens;   /* the longest corpus chain, 1 .. 64 (and at most the lookup's) */
+  int64_t min_count;    /* occurrences that must agree, >= 1 */
+  double min_frac;      /* share of the occurrences going on that must agree, 0 .. 1 */
+} dt_corpus_params;
+
+DT_API void dt_corpus_params_init(dt_corpus_params* params) DT_NOEXCEPT;
+/* `tokens` NULL (n 0) removes the corpus; token ids must be >= 0. */
+DT_API dt_status dt_speculator_set_corpus(dt_speculator* spec, const int32_t* tokens, int64_t n,
+                                          const dt_corpus_params* params) DT_NOEXCEPT;
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
