@@ -37,7 +37,8 @@ def spec_gen(default_source, threads):
     from dovetail_ext.api import Generator
     from dovetail_ext.draft import Draft
     from dovetail_ext.draft_model import DovetailDraft, DraftConfig
-    from dovetail_ext.models import packaged_draft_for
+    from dovetail_ext.lookup import TokenCorpus
+    from dovetail_ext.models import packaged_corpus_for, packaged_draft_for
     from dovetail_ext.target import TargetEngine
     target = TargetEngine(default_source, context=1024, threads=threads)
     path = os.environ.get("DOVETAIL_BENCH_DRAFT") or packaged_draft_for(default_source)
@@ -46,11 +47,14 @@ def spec_gen(default_source, threads):
     else:
         module = DovetailDraft.random(DraftConfig.for_target(default_source), seed=0, std=0.05)
         draft, label = Draft.from_module(module, target), "untrained"
-    return Generator(default_source, target, draft), label
+    corpus_path = os.environ.get("DOVETAIL_BENCH_CORPUS") or packaged_corpus_for(default_source)
+    corpus = TokenCorpus.load(corpus_path) if corpus_path else None
+    return Generator(default_source, target, draft, corpus=corpus), label
 
 
-def _generate(gen, prompts, n, adaptive=None, lookup="default", tree=None, forced_chains=True, **kw):
-    """gen.generate over the prompts with adaptive / lookup set for these calls only;
+def _generate(gen, prompts, n, adaptive=None, lookup="default", tree=None, forced_chains=True, corpus="default",
+              **kw):
+    """gen.generate over the prompts with adaptive / lookup / corpus set for these calls only;
     tree "auto" is AutoTree() (its selector carries over from prompt to prompt);
     ``forced_chains=False``: a grammar's forced tokens are not proposed as chains."""
     from unittest import mock
@@ -62,12 +66,14 @@ def _generate(gen, prompts, n, adaptive=None, lookup="default", tree=None, force
         kw["tree"] = AutoTree() if tree == "auto" else tree
     gen.adaptive = adaptive
     gen.lookup = LookupParams() if lookup == "default" else lookup
+    shipped, gen.corpus = gen.corpus, gen.corpus if corpus == "default" else corpus
     try:
         with mock.patch.object(Constraint, "forced", Constraint.forced if forced_chains else lambda self, limit: []):
             return [gen.generate(p, max_new_tokens=n, **kw) for p in prompts]
     finally:
         gen.adaptive = None
         gen.lookup = LookupParams()
+        gen.corpus = shipped
 
 
 def _rotating(benchmark, gen, prompts, n, modes, passes=1):
@@ -97,14 +103,18 @@ def _summary(results):
                 verify_s=sum(r.stats.verify_s for r in results),
                 plain_steps=sum(r.stats.plain_steps for r in results),
                 lookup_steps=sum(r.stats.lookup_steps for r in results),
-                lookup_accepted=sum(r.stats.lookup_accepted for r in results))
+                lookup_accepted=sum(r.stats.lookup_accepted for r in results),
+                corpus_steps=sum(r.stats.corpus_steps for r in results),
+                corpus_accepted=sum(r.stats.corpus_accepted for r in results))
 
 
 # plain; speculative as generate() does it by default (greedy: adaptive, plain steps while
-# speculation measures slower; prompt lookup on); every step drafting or verifying a lookup
-# chain; the draft alone (adaptive).
+# speculation measures slower; prompt lookup on, with the shipped corpus); every step
+# drafting or verifying a lookup chain; without the corpus (prompt lookup in the context
+# only); the draft alone (adaptive).
 DECODE_MODES = {"plain": dict(speculative=False), "speculative": dict(speculative=True),
                 "speculative-fixed": dict(speculative=True, adaptive=False),
+                "speculative-no-corpus": dict(speculative=True, corpus=None),
                 "speculative-no-lookup": dict(speculative=True, lookup=None),
                 "speculative-auto-tree": dict(speculative=True, tree="auto")}
 
@@ -201,6 +211,28 @@ def test_extra_model_lookup(benchmark, extra_source, threads, record):
     for mode, res in results.items():
         assert [r.tokens for r in res] == [r.tokens for r in results["plain"]], f"{mode} changed the output"
         record("extra_model_lookup", mode, **rows[mode], model=extra_source.name, prompts="HumanEval",
+               ratio_vs_plain=rows[mode]["tokens_per_s"] / rows["plain"]["tokens_per_s"])
+
+
+def test_corpus_without_draft(benchmark, spec_gen, record):
+    """The default model without its draft: plain decoding, prompt lookup in the context
+    alone, and prompt lookup with the shipped corpus of the model's own replies (what
+    ``dovetail build-corpus`` makes for a model without a trained draft), prompt by prompt
+    in rotating order on HumanEval; every output must equal plain decoding's."""
+    from dovetail_ext.api import Generator
+    shipped, _ = spec_gen
+    if shipped.corpus is None:
+        pytest.skip("no corpus is shipped for the default model")
+    gen = Generator(shipped.source, shipped.target, None, corpus=shipped.corpus)
+    n, prompts = (128, humaneval_prompts(N_PROMPTS)) if benchmark.enabled else (8, humaneval_prompts(1))
+    modes = {"plain": dict(speculative=False), "lookup": dict(speculative=True, corpus=None),
+             "lookup-corpus": dict(speculative=True)}
+    results = _rotating(benchmark, gen, prompts, n, modes)
+    rows = {mode: _summary(res) for mode, res in results.items()}
+    for mode, res in results.items():
+        assert [r.tokens for r in res] == [r.tokens for r in results["plain"]], f"{mode} changed the output"
+        benchmark.extra_info[mode] = rows[mode]
+        record("corpus_without_draft", mode, **rows[mode], prompts="HumanEval",
                ratio_vs_plain=rows[mode]["tokens_per_s"] / rows["plain"]["tokens_per_s"])
 
 

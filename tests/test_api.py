@@ -522,11 +522,13 @@ def test_cli_bench_compares_plain_and_speculative(capsys, default_gguf_path):
     assert plain["new_tokens"] == spec["new_tokens"] and spec["tau"] >= 1.0 and plain["tau"] == 1.0
     assert rep["speculative_over_plain"] == pytest.approx(spec["tokens_per_s"] / plain["tokens_per_s"])
     assert spec["draft_ms_per_step"] > 0 and spec["verify_ms_per_step"] > 0
+    assert rep["corpus"]["tokens"] > 1_000_000 and 0 <= spec["corpus_steps"] <= spec["lookup_steps"]
     assert main(args + ["--temperature", "0.7", "--top-p", "0.9"]) == 0
     text = capsys.readouterr().out
     assert "speculative / plain" in text and "sampling T=0.7" in text and "seed=0" in text
     assert main(args + ["--no-spec", "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)["modes"]) == {"plain"}
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["modes"]) == {"plain"} and rep["corpus"] is None
     assert main(["bench", "--prompts", str(len(BENCH_PROMPTS) + 1)]) == 2
     assert "--prompts must be in" in capsys.readouterr().err
     import dovetail_ext

@@ -656,7 +656,7 @@ def corpus_params(lib: CApi, **kw) -> CorpusParams:
     p = CorpusParams()
     lib.dt_corpus_params_init(ctypes.byref(p))
     assert (p.struct_size, p.min_n, p.max_n, p.max_tokens, p.min_count, p.min_frac) == \
-        (ctypes.sizeof(CorpusParams), 2, 6, 4, 3, 0.6)
+        (ctypes.sizeof(CorpusParams), 3, 6, 4, 4, 0.7)
     for k, v in kw.items():
         setattr(p, k, v)
     return p

@@ -222,6 +222,9 @@ def test_corpus_equals_brute_force_search():
         corpus: list[int] = []
         for _ in range(int(rng.integers(0, 30))):
             corpus += phrases[int(rng.integers(0, 4))] if rng.random() < 0.7 else [int(rng.integers(0, vocab))]
+        # ids packed three to a 64-bit key below 2^21 - 1, compared one by one above
+        base = int(rng.choice([0, 0, 2 ** 21 - 42, 2 ** 21, 2 ** 31 - 50]))
+        corpus = [t + base for t in corpus]
         tc = TokenCorpus(corpus, p)
         assert len(tc) == len(corpus) and tc.tokens.tolist() == corpus
         for _ in range(8):
@@ -229,7 +232,7 @@ def test_corpus_equals_brute_force_search():
                 s = int(rng.integers(0, len(corpus)))
                 ctx = corpus[s:s + int(rng.integers(1, 10))]
             else:
-                ctx = rng.integers(0, vocab + 1, int(rng.integers(0, 6))).tolist()
+                ctx = (rng.integers(0, vocab + 1, int(rng.integers(0, 6))) + base).tolist()
             limit = int(rng.integers(0, 8))
             want = corpus_brute_force(corpus, ctx, p, limit)
             assert tc.propose(ctx, limit) == want, (trial, corpus, ctx, limit, p)
@@ -266,7 +269,8 @@ def test_corpus_examples_and_parameters():
 
 def test_lookup_prefers_the_context_then_the_corpus():
     corpus = [5, 6, 7, 8] * 4
-    look = NgramLookup([1, 2, 3, 4, 1, 2, 3], LookupParams(), corpus=TokenCorpus(corpus))
+    look = NgramLookup([1, 2, 3, 4, 1, 2, 3], LookupParams(),
+                       corpus=TokenCorpus(corpus, CorpusParams(min_n=2, min_count=3)))
     assert look.propose() == [4, 1, 2, 3, 4, 1] and not look.from_corpus   # the context repeats
     look.extend([9, 5, 6])
     assert look.propose() == [7, 8, 5, 6] and look.from_corpus              # only the corpus knows "5 6"

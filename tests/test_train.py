@@ -644,3 +644,23 @@ def test_shipped_default_draft_matches_the_default_model(default_source):
     assert card["command"].startswith("dovetail train-draft") and card["data"]["source"] == "sharegpt"
     assert 0 < card["metrics"]["val_top1"] < 1 and len(card["metrics"]["val_tau_chain_depth_1_to_7"]) == 7
 
+
+
+def test_shipped_corpus_matches_the_default_model(default_source):
+    """The corpus shipped next to the default draft: made by build-corpus for the default
+    model (its signature is checked), over a million tokens, taken by load() by default."""
+    import dovetail_ext
+    from dovetail_ext.lookup import CORPUS_FILE, TokenCorpus
+    from dovetail_ext.models import packaged_corpus_for
+
+    d = Path(dovetail_ext.__file__).parent / "drafts" / "smollm2-135m-instruct"
+    assert packaged_corpus_for(default_source) == d / CORPUS_FILE
+    corpus = TokenCorpus.load(d / CORPUS_FILE)
+    corpus.check_target(default_source)
+    assert len(corpus) > 1_000_000 and corpus.card["tokens"] == len(corpus)
+    assert corpus.card["command"].startswith("dovetail build-corpus")
+    assert {s["source"] for s in corpus.card["sources"]} == {"python-functions", "sharegpt"}
+    assert int(corpus.tokens.max()) < default_source.config.vocab_size
+    gen = dovetail_ext.load(context=64, threads=1)
+    assert gen.corpus is not None and len(gen.corpus) == len(corpus)
+    assert dovetail_ext.load(context=64, threads=1, corpus=None).corpus is None

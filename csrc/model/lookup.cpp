@@ -20,17 +20,43 @@ TokenCorpus::TokenCorpus(std::vector<int32_t> tokens, const CorpusParams& p)
   DT_CHECK(tokens_.size() < (size_t)INT32_MAX, "corpus holds too many tokens: " + std::to_string(tokens_.size()));
   for (size_t i = 0; i < tokens_.size(); ++i)
     DT_CHECK(tokens_[i] >= 0, "corpus token " + std::to_string(i) + " is negative: " + std::to_string(tokens_[i]));
-  const int64_t K = p.max_n + p.max_tokens;
-  order_.resize(tokens_.size());
-  for (size_t i = 0; i < order_.size(); ++i) order_[i] = (int32_t)i;
-  std::sort(order_.begin(), order_.end(), [&](int32_t a, int32_t b) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t x = at(a, k), y = at(b, k);
-      if (x != y) return x < y;
-      if (x < 0) break;
-    }
-    return a < b;  // equal windows: by position, so the order is the same on every run
-  });
+  const int64_t K = p.max_n + p.max_tokens, N = (int64_t)tokens_.size();
+  order_.resize(N);
+  // Windows compared from offset k0 on, token by token (-1 past the end sorts first);
+  // equal windows by position, so the order is the same on every run.
+  const auto window_less = [&](int64_t k0) {
+    return [this, K, k0](int32_t a, int32_t b) {
+      for (int64_t k = k0; k < K; ++k) {
+        const int32_t x = at(a, k), y = at(b, k);
+        if (x != y) return x < y;
+        if (x < 0) break;
+      }
+      return a < b;
+    };
+  };
+  const int32_t top = N ? *std::max_element(tokens_.begin(), tokens_.end()) : 0;
+  if (top >= (1 << 21) - 1) {  // ids too wide to pack: compare windows directly
+    for (int64_t i = 0; i < N; ++i) order_[i] = (int32_t)i;
+    std::sort(order_.begin(), order_.end(), window_less(0));
+    return;
+  }
+  // The first three tokens of each window packed in 21 bits each (id + 1; 0 past the end)
+  // sort as one integer; only windows that share them are compared further.
+  std::vector<std::pair<uint64_t, int32_t>> keyed(N);
+  for (int64_t i = 0; i < N; ++i) {
+    uint64_t key = 0;
+    for (int64_t k = 0; k < 3; ++k) key = (key << 21) | (uint64_t)(k < K ? at((int32_t)i, k) + 1 : 0);
+    keyed[i] = {key, (int32_t)i};
+  }
+  std::sort(keyed.begin(), keyed.end());
+  for (int64_t i = 0; i < N; ++i) order_[i] = keyed[i].second;
+  const auto rest = window_less(3);
+  for (int64_t i = 0; i < N;) {
+    int64_t j = i + 1;
+    while (j < N && keyed[j].first == keyed[i].first) ++j;
+    if (j - i > 1 && K > 3) std::sort(order_.begin() + i, order_.begin() + j, rest);
+    i = j;
+  }
 }
 
 std::pair<int64_t, int64_t> TokenCorpus::range(const int32_t* q, int64_t n, int64_t lo, int64_t hi) const {

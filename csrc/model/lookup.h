@@ -16,8 +16,8 @@ struct LookupParams {
 };
 
 struct CorpusParams {
-  int64_t min_n = 2, max_n = 6, max_tokens = 4, min_count = 3;
-  double min_frac = 0.6;
+  int64_t min_n = 3, max_n = 6, max_tokens = 4, min_count = 4;
+  double min_frac = 0.7;
 };
 
 // Corpus lookup: draft tokens from a fixed body of text (typically the target's own replies

@@ -343,9 +343,9 @@ DT_API dt_status dt_speculator_reset(dt_speculator* spec) DT_NOEXCEPT;
  * "tokens" tensor is what to pass). A chain grows while at least min_count occurrences,
  * and at least min_frac of those that go on, agree on the next token. It needs prompt
  * lookup on (dt_speculator_set_lookup); the corpus stays across set_lookup and reset.
- * The tokens are copied and indexed (about a second per million tokens). Fill the struct
- * with dt_corpus_params_init first (defaults: min_n 2, max_n 6, max_tokens 4, min_count 3,
- * min_frac 0.6). */
+ * The tokens are copied and indexed (0.16 s for 1.3M tokens on a 2-core CPU). Fill the struct
+ * with dt_corpus_params_init first (defaults: min_n 3, max_n 6, max_tokens 4, min_count 4,
+ * min_frac 0.7). */
 typedef struct dt_corpus_params {
   uint32_t struct_size; /* sizeof(dt_corpus_params), set by dt_corpus_params_init */
   int64_t min_n;        /* shortest suffix matched, >= 1 */

@@ -63,7 +63,7 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
         seed = 0  # seeded sampling: the same draws in both modes
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     totals = {m: dict(tokens=0, seconds=0.0, calls=0, stepped=0.0, plain_steps=0, lookup_steps=0, lookup_accepted=0,
-                      draft_s=0.0, verify_s=0.0, prefill_s=0.0, prompt_tokens=0) for m in modes}
+                      corpus_steps=0, corpus_accepted=0, draft_s=0.0, verify_s=0.0, prefill_s=0.0, prompt_tokens=0) for m in modes}
     outputs: dict[str, list[list[int]]] = {m: [] for m in modes}
     total, done = len(prompts) * repeat * len(modes), 0
     last_tree = ""  # the shape of the last drafting step (an AutoTree's choice at the end)
@@ -82,6 +82,8 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
                 t["plain_steps"] += s.plain_steps
                 t["lookup_steps"] += s.lookup_steps
                 t["lookup_accepted"] += s.lookup_accepted
+                t["corpus_steps"] += s.corpus_steps
+                t["corpus_accepted"] += s.corpus_accepted
                 t["draft_s"] += s.draft_s
                 t["verify_s"] += s.verify_s
                 t["prefill_s"] += s.prefill_s
@@ -104,6 +106,9 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
              min_prob=gen.tree.min_prob),
         "lookup": None if gen.lookup is None else dict(min_n=gen.lookup.min_n, max_n=gen.lookup.max_n,
                                                        max_tokens=gen.lookup.max_tokens),
+        "corpus": None if gen.corpus is None or gen.lookup is None else
+        dict(tokens=len(gen.corpus), **{k: getattr(gen.corpus.params, k) for k in
+                                        ("min_n", "max_n", "max_tokens", "min_count", "min_frac")}),
         "sampling": dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
         "prompts": len(prompts), "repeat": repeat, "max_new_tokens": max_new_tokens,
         "modes": {},
@@ -119,6 +124,7 @@ def run_benchmark(gen, prompts: Sequence[str] | None = None, max_new_tokens: int
             "prefill_tokens_per_s": t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] > 0 else 0.0,
             **({"plain_steps": t["plain_steps"], "lookup_steps": t["lookup_steps"],
                 "lookup_tokens_accepted": t["lookup_accepted"],
+                "corpus_steps": t["corpus_steps"], "corpus_tokens_accepted": t["corpus_accepted"],
                 "draft_ms_per_step": 1e3 * t["draft_s"] / drafting_steps,
                 "verify_ms_per_step": 1e3 * t["verify_s"] / steps} if mode != "plain" else {}),
         }
@@ -149,8 +155,10 @@ def format_report(report: dict[str, Any]) -> str:
     spec = report["modes"].get(fast) if fast else None
     if spec and spec["lookup_steps"]:
         lines.append(f"  ({spec['lookup_steps']} of {spec['target_calls']} speculative steps verified a prompt-lookup "
-                     f"chain, {spec['lookup_tokens_accepted']} of its tokens accepted; the draft ms are per "
-                     f"drafting step)")
+                     f"chain, {spec['lookup_tokens_accepted']} of its tokens accepted"
+                     + (f"; {spec['corpus_steps']} of the chains came from the corpus, "
+                        f"{spec['corpus_tokens_accepted']} tokens accepted" if spec["corpus_steps"] else "")
+                     + "; the draft ms are per drafting step)")
     if "speculative_over_plain" in report:
         same = report["outputs_identical"]
         if fast != "speculative":

@@ -43,11 +43,17 @@ class LookupParams:
     max_tokens: int = 6
 
     def __post_init__(self) -> None:
-        check_positive_ints("lookup", self, ("min_n", "max_n", "max_tokens"))
-        if self.max_n < self.min_n:
-            raise ValueError(f"lookup max_n ({self.max_n}) must be at least min_n ({self.min_n})")
-        if self.max_n > 64:
-            raise ValueError(f"lookup max_n must be at most 64, got {self.max_n}")
+        _check_suffix_lengths("lookup", self, ("max_tokens",))
+
+
+def _check_suffix_lengths(what: str, params, more: tuple[str, ...]) -> None:
+    """ValueError naming ``what`` unless min_n, max_n and ``more`` are positive integers
+    and min_n <= max_n <= 64."""
+    check_positive_ints(what, params, ("min_n", "max_n") + more)
+    if params.max_n < params.min_n:
+        raise ValueError(f"{what} max_n ({params.max_n}) must be at least min_n ({params.min_n})")
+    if params.max_n > 64:
+        raise ValueError(f"{what} max_n must be at most 64, got {params.max_n}")
 
 
 @dataclass(frozen=True)
@@ -59,18 +65,16 @@ class CorpusParams:
     least ``min_frac`` of those that go on agree, and only those go on; ``max_tokens``:
     the longest chain."""
 
-    min_n: int = 2
+    min_n: int = 3
     max_n: int = 6
     max_tokens: int = 4
-    min_count: int = 3
-    min_frac: float = 0.6
+    min_count: int = 4
+    min_frac: float = 0.7
 
     def __post_init__(self) -> None:
-        check_positive_ints("corpus", self, ("min_n", "max_n", "max_tokens", "min_count"))
-        if self.max_n < self.min_n:
-            raise ValueError(f"corpus max_n ({self.max_n}) must be at least min_n ({self.min_n})")
-        if self.max_n > 64 or self.max_tokens > 64:
-            raise ValueError(f"corpus max_n and max_tokens must be at most 64, got {self.max_n} and {self.max_tokens}")
+        _check_suffix_lengths("corpus", self, ("max_tokens", "min_count"))
+        if self.max_tokens > 64:
+            raise ValueError(f"corpus max_tokens must be at most 64, got {self.max_tokens}")
         f = self.min_frac
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0.0 <= f <= 1.0:
             raise ValueError(f"corpus min_frac must be a number in [0, 1], got {f!r}")
@@ -79,7 +83,7 @@ class CorpusParams:
 
 class TokenCorpus:
     """A body of tokens indexed for corpus lookup (the native ``_core.TokenCorpus``: its
-    windows of ``max_n + max_tokens`` tokens sorted once, about a second per million tokens).
+    windows of ``max_n + max_tokens`` tokens sorted once: 0.16 s for 1.3M tokens on 2 cores).
 
     Args:
         tokens: the corpus, documents joined (an end token between them keeps a match from
