@@ -664,3 +664,4 @@ def test_shipped_corpus_matches_the_default_model(default_source):
     gen = dovetail_ext.load(context=64, threads=1)
     assert gen.corpus is not None and len(gen.corpus) == len(corpus)
     assert dovetail_ext.load(context=64, threads=1, corpus=None).corpus is None
+    assert dovetail_ext.load(context=64, threads=1, lookup=None).corpus is None  # only the lookup uses it

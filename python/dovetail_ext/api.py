@@ -929,6 +929,8 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
                           gpu_layers=gpu_layers, device=offload_device, sequences=sequences)
     drafter = None
     auto_draft, auto_corpus = (isinstance(x, str) and x == "auto" for x in (draft, corpus))
+    if auto_corpus and lookup is None:  # (a corpus is only used by the lookup)
+        auto_corpus, corpus = False, None
     if auto_draft or auto_corpus:
         from .models import packaged_corpus_for, packaged_draft_for
         packaged = packaged_draft_for(source)
