@@ -320,6 +320,15 @@ def test_forced_tokens_are_verified_as_chains(gen):
     finally:
         gen.lookup = lookup
     assert r.tokens == plain.tokens and r.stats.lookup_steps >= 3 and r.stats.lookup_accepted >= 3
+    assert r.stats.corpus_steps == 0  # forced chains are not the corpus's
+    # with a corpus holding the answer, its chains and the forced ones are told apart
+    from dovetail_ext.lookup import CorpusParams, TokenCorpus
+    shipped, gen.corpus = gen.corpus, TokenCorpus(plain.tokens * 2, CorpusParams(min_n=2, min_count=2, min_frac=0.5))
+    try:
+        both = gen.generate(PROMPTS[0], max_new_tokens=80, grammar=g)
+    finally:
+        gen.corpus = shipped
+    assert both.tokens == plain.tokens and 0 < both.stats.corpus_steps < both.stats.lookup_steps
     c = Constraint(g, gen.tokenizer, gen.config.vocab_size, sorted(gen.eos_ids))
     for t in gen.tokenizer.encode('{"name":"Ann"', add_bos=False):
         c.consume(t)

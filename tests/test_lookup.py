@@ -335,7 +335,7 @@ def test_greedy_with_corpus_equals_plain(gen, with_draft):
     match, with a draft and in lookup mode alike, and the output is plain greedy decoding's."""
     corpus = _own_text_corpus(gen, CORPUS_PROMPTS[:2])
     g = gen if with_draft else dovetail_ext.api.Generator(gen.source, gen.target)
-    g.corpus = corpus
+    before, g.corpus = g.corpus, corpus
     try:
         steps = accepted = 0
         for prompt in CORPUS_PROMPTS[1:]:
@@ -348,7 +348,7 @@ def test_greedy_with_corpus_equals_plain(gen, with_draft):
             accepted += spec.stats.corpus_accepted
         assert steps >= 3 and accepted >= 3, (steps, accepted)  # (the second prompt is in the corpus)
     finally:
-        g.corpus = None
+        g.corpus = before
     with pytest.raises(ValueError, match="corpus must be a TokenCorpus or None"):
         dovetail_ext.api.Generator(gen.source, gen.target, None, corpus=[1, 2, 3])
 

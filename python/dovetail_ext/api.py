@@ -566,7 +566,7 @@ class Generator:
         shaper = LogitShaper(adjust, constraint) if adjust is not None or constraint is not None else None
         plain = speculative is False
 
-        corpus_counts = [0, 0]  # corpus chains verified, their tokens accepted
+        corpus_counts = [0, 0, False]  # corpus chains verified, their tokens accepted; the last chain's source
 
         def propose_chain(budget: int) -> list[int] | None:
             """Tokens to verify after the root instead of a drafted tree: those the grammar
@@ -574,10 +574,12 @@ class Generator:
             the context, else in the corpus)."""
             room = self._chain_room(budget)
             forced = constraint.forced(room) if constraint is not None and room > 0 else None
-            return forced or (lookup.propose(room) if lookup is not None else None)
+            chain = forced or (lookup.propose(room) if lookup is not None else None)
+            corpus_counts[2] = bool(chain) and not forced and lookup.from_corpus
+            return chain
 
         def count_corpus(chain: list[int] | None, accepted: int) -> None:
-            if chain and lookup.from_corpus:
+            if chain and corpus_counts[2]:
                 corpus_counts[0] += 1
                 corpus_counts[1] += accepted
 
@@ -752,7 +754,7 @@ class Generator:
                 stats.draft_s, stats.verify_s, stats.accept_s = times.draft_s, times.verify_s, times.accept_s
                 stats.ahead_tries, stats.ahead_hits = times.ahead_tries, times.ahead_hits
                 stats.lookup_steps, stats.lookup_accepted = times.lookup_steps, times.lookup_accepted
-                stats.corpus_steps, stats.corpus_accepted = corpus_counts
+                stats.corpus_steps, stats.corpus_accepted = corpus_counts[:2]
                 stats.plain_steps = governor.plain_steps - plain_before if spec and governor is not None else 0
             elif stats.target_calls:
                 stats.acceptance_length = 1.0
