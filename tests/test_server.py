@@ -144,7 +144,7 @@ def test_chat_matches_direct_generation(server, client, refs):
     timing = r.model_extra["dovetail"]
     # (no draft: prompt lookup alone, the generator's default)
     assert timing["mode"] == "lookup" and timing["tokens_per_s"] > 0 and timing["acceptance_length"] >= 1.0
-    assert 0 <= timing["lookup_steps"] <= timing["target_calls"]
+    assert 0 <= timing["corpus_steps"] <= timing["lookup_steps"] <= timing["target_calls"]
     # max_completion_tokens is the newer name for the same bound
     r2 = client.chat.completions.create(model=server.model, messages=CHAT, max_completion_tokens=4, temperature=0)
     assert r2.usage.completion_tokens == 4 and r2.choices[0].finish_reason == "length"

@@ -792,7 +792,7 @@ def _timing(choices: list[GenerationStats], job: _Job) -> dict[str, Any]:
             "prefill_s": sum(s.prefill_s for s in choices), "decode_s": decode_s,
             "queue_s": job.started - job.submitted, "cached_prompt_tokens": choices[0].cached_prompt_tokens,
             "target_calls": calls, "lookup_steps": sum(s.lookup_steps for s in choices),
-            "stop_reason": choices[-1].stop_reason}
+            "corpus_steps": sum(s.corpus_steps for s in choices), "stop_reason": choices[-1].stop_reason}
 
 
 class _Reply:
