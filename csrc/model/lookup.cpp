@@ -7,12 +7,20 @@
 
 namespace dovetail {
 
+namespace {
+// ValueError naming `what` unless 1 <= min_n <= max_n <= 64 (the suffix lengths matched).
+void check_suffix_lengths(const char* what, int64_t min_n, int64_t max_n) {
+  const std::string w = what;
+  DT_CHECK(min_n >= 1, w + " min_n must be a positive integer, got " + std::to_string(min_n));
+  DT_CHECK(max_n >= min_n, w + " max_n (" + std::to_string(max_n) + ") must be at least min_n (" +
+                               std::to_string(min_n) + ")");
+  DT_CHECK(max_n <= 64, w + " max_n must be at most 64, got " + std::to_string(max_n));
+}
+}  // namespace
+
 TokenCorpus::TokenCorpus(std::vector<int32_t> tokens, const CorpusParams& p)
     : params_(p), tokens_(std::move(tokens)) {
-  DT_CHECK(p.min_n >= 1, "corpus min_n must be a positive integer, got " + std::to_string(p.min_n));
-  DT_CHECK(p.max_n >= p.min_n, "corpus max_n (" + std::to_string(p.max_n) + ") must be at least min_n (" +
-                                   std::to_string(p.min_n) + ")");
-  DT_CHECK(p.max_n <= 64, "corpus max_n must be at most 64, got " + std::to_string(p.max_n));
+  check_suffix_lengths("corpus", p.min_n, p.max_n);
   DT_CHECK(p.max_tokens >= 1 && p.max_tokens <= 64,
            "corpus max_tokens must be in [1, 64], got " + std::to_string(p.max_tokens));
   DT_CHECK(p.min_count >= 1, "corpus min_count must be a positive integer, got " + std::to_string(p.min_count));
@@ -113,10 +121,7 @@ int64_t TokenCorpus::propose(const int32_t* ctx, int64_t n, int64_t limit, int32
 }
 
 NgramLookup::NgramLookup(const LookupParams& p) : params_(p) {
-  DT_CHECK(p.min_n >= 1, "lookup min_n must be a positive integer, got " + std::to_string(p.min_n));
-  DT_CHECK(p.max_n >= p.min_n, "lookup max_n (" + std::to_string(p.max_n) + ") must be at least min_n (" +
-                                   std::to_string(p.min_n) + ")");
-  DT_CHECK(p.max_n <= 64, "lookup max_n must be at most 64, got " + std::to_string(p.max_n));
+  check_suffix_lengths("lookup", p.min_n, p.max_n);
   DT_CHECK(p.max_tokens >= 1, "lookup max_tokens must be a positive integer, got " + std::to_string(p.max_tokens));
 }
 

@@ -931,14 +931,15 @@ def load(model: str | Path | None = None, *, draft: str | Path | None = "auto", 
                           gpu_layers=gpu_layers, device=offload_device, sequences=sequences)
     drafter = None
     auto_draft, auto_corpus = (isinstance(x, str) and x == "auto" for x in (draft, corpus))
-    if auto_corpus and lookup is None:  # (a corpus is only used by the lookup)
-        auto_corpus, corpus = False, None
-    if auto_draft or auto_corpus:
+    if auto_corpus:
+        corpus = None  # unless one is shipped, and only where the lookup (its only user) is on
+    if auto_draft or (auto_corpus and lookup is not None):
         from .models import packaged_corpus_for, packaged_draft_for
         packaged = packaged_draft_for(source)
-        draft = packaged if auto_draft else draft
-        corpus = packaged_corpus_for(source, packaged) if auto_corpus and packaged is not None else \
-            (None if auto_corpus else corpus)
+        if auto_draft:
+            draft = packaged
+        if auto_corpus and lookup is not None and packaged is not None:
+            corpus = packaged_corpus_for(source, packaged)
     if corpus is not None and not isinstance(corpus, TokenCorpus):
         if not isinstance(corpus, (str, Path)):
             raise ValueError(f"corpus must be 'auto', a corpus file, a TokenCorpus or None, got {corpus!r}")

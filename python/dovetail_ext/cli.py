@@ -424,7 +424,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ValueError("no texts to embed (give them as arguments or one per line on stdin)")
-    gen = load(args.model, draft=None, lookup=None, corpus=None, context=args.context, threads=args.threads, weights=args.weights)
+    gen = load(args.model, draft=None, lookup=None, context=args.context, threads=args.threads, weights=args.weights)
     ids = [gen.encode_prompt(t, raw=True) for t in texts]
     vectors = gen.embed(ids, pooling=args.pooling, normalize=not args.no_normalize)
     for i, (t, v) in enumerate(zip(ids, vectors)):
@@ -446,7 +446,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     else:
         with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
-    gen = load(args.model, draft=None, lookup=None, corpus=None, context=args.context or args.chunk, threads=args.threads,
+    gen = load(args.model, draft=None, lookup=None, context=args.context or args.chunk, threads=args.threads,
                weights=args.weights)
     bar = None
     if not args.json:
