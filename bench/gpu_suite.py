@@ -200,8 +200,8 @@ def main(argv=None) -> int:
             plain = run(sw_plain, None, sw_target)
             reference = reference if reference is not None else plain["outputs"]
             sweep.append(dict(plain, threads=th, tree="-", identical_to_plain=plain["outputs"] == reference))
-            for t in sweep_trees or [(tree.top_k, tree.depth, tree.total_tokens)]:
-                tp = TreeParams(top_k=t[0], depth=t[1], total_tokens=t[2])
+            for t in sweep_trees or [(tree.top_k, tree.depth, tree.total_tokens, tree.min_prob)]:
+                tp = TreeParams(*t)
                 r = run(sw_spec, sw_draft, sw_target, tree=tp, adaptive=False)
                 r.update(threads=th, tree=":".join(map(str, t)), identical_to_plain=r["outputs"] == plain["outputs"],
                          ratio_vs_plain_same_threads=r["tokens_per_s"] / plain["tokens_per_s"])

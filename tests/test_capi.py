@@ -29,6 +29,7 @@ import pytest
 import dovetail_ext
 from dovetail_ext import _core, capi
 from dovetail_ext.quant import quantize
+from dovetail_ext.tree import TreeParams
 from native_helpers import random_weights, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -639,7 +640,9 @@ def test_draft_matches_binding(lib, reduced):
 def tree_shape(lib: CApi, top_k=1, depth=1, total_tokens=2, min_prob=0.0) -> TreeShape:
     s = TreeShape()
     lib.dt_tree_shape_init(ctypes.byref(s))
-    assert (s.struct_size, s.top_k, s.depth, s.total_tokens, s.min_prob) == (ctypes.sizeof(TreeShape), 1, 1, 2, 0.0)
+    d = TreeParams()  # dt_tree_shape_init gives the Python defaults
+    assert (s.struct_size, s.top_k, s.depth, s.total_tokens, s.min_prob) == \
+        (ctypes.sizeof(TreeShape), d.top_k, d.depth, d.total_tokens, d.min_prob)
     s.top_k, s.depth, s.total_tokens, s.min_prob = top_k, depth, total_tokens, min_prob
     return s
 

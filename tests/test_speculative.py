@@ -471,7 +471,7 @@ def test_auto_tree_and_selector_reject_bad_settings():
     with pytest.raises(ValueError, match="AutoTree shapes"):
         AutoTree(shapes=TreeParams())
     with pytest.raises(ValueError, match="AutoTree start"):
-        AutoTree(start=6)
+        AutoTree(start=len(AutoTree().shapes))  # one past the last shape
     for kw in (dict(interval=0), dict(probe_len=0)):
         with pytest.raises(ValueError, match="AutoTree"):
             AutoTree(**kw)

@@ -510,10 +510,10 @@ void dt_tree_shape_init(dt_tree_shape* shape) noexcept {
   if (!shape) return;
   std::memset(shape, 0, sizeof *shape);
   shape->struct_size = sizeof(dt_tree_shape);
-  shape->top_k = 1;
+  shape->top_k = 2;  // the Python TreeParams() defaults
   shape->depth = 1;
-  shape->total_tokens = 2;
-  shape->min_prob = 0.0;
+  shape->total_tokens = 3;
+  shape->min_prob = 0.1;
 }
 
 dt_status dt_speculator_create(dt_target* target, dt_draft* draft, dt_speculator** out) noexcept {

@@ -17,6 +17,7 @@
 // a partly offloaded target, the context's last slots); this one removes the interpreter
 // from the common greedy step.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -54,9 +55,9 @@ class DraftCalls {
   virtual int64_t vocab() const = 0;
 };
 
-struct TreeShape {
-  int64_t top_k = 1, depth = 1, total_tokens = 2;
-  double min_score = -std::numeric_limits<double>::infinity();  // log(min_prob)
+struct TreeShape {  // defaults: the Python TreeParams() (min_prob 0.1)
+  int64_t top_k = 2, depth = 1, total_tokens = 3;
+  double min_score = std::log(0.1);  // log(min_prob); -inf keeps every candidate
 };
 
 // A drafted tree: root first, a parent always before its child.

@@ -273,7 +273,7 @@ int main(int argc, char** argv) {
     tokens[i] = (int32_t)v;
   }
   if (!load_container(argv[arg], &c)) return 1;
-  dt_tree_shape_init(&shape); /* the default tree: the root and one drafted token */
+  dt_tree_shape_init(&shape); /* the default tree: the root and the draft's two best guesses */
   if (c.cfg.context < n_prompt + n_new) {
     fprintf(stderr, "greedy: %d prompt + %ld new tokens exceed the model's context of %" PRId64 "\n", n_prompt,
             n_new, c.cfg.context);

@@ -284,8 +284,8 @@ DT_API void dt_draft_destroy(dt_draft* draft) DT_NOEXCEPT;
  * not during a step. */
 typedef struct dt_speculator dt_speculator;
 
-/* Fill it with dt_tree_shape_init first (defaults: top_k 1, depth 1, total_tokens 2,
- * min_prob 0). */
+/* Fill it with dt_tree_shape_init first (defaults, those of the Python TreeParams: top_k 2,
+ * depth 1, total_tokens 3, min_prob 0.1). */
 typedef struct dt_tree_shape {
   uint32_t struct_size; /* sizeof(dt_tree_shape), set by dt_tree_shape_init */
   int64_t top_k;        /* candidates kept per level, 1..256 (and at most the draft's vocabulary) */

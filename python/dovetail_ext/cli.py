@@ -194,12 +194,16 @@ def _bench_prompts() -> tuple[str, ...]:
 
 
 def _add_tree_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tree-topk", type=int, default=None, help="candidates kept per tree level (default 1)")
-    p.add_argument("--tree-depth", type=int, default=None, help="drafted levels of the tree (default 1)")
+    from .tree import TreeParams
+    d = TreeParams()
+    p.add_argument("--tree-topk", type=int, default=None,
+                   help=f"candidates kept per tree level (default {d.top_k})")
+    p.add_argument("--tree-depth", type=int, default=None, help=f"drafted levels of the tree (default {d.depth})")
     p.add_argument("--tree-tokens", type=int, default=None,
-                   help="tree size including the root, verified in one target call (default 2)")
+                   help=f"tree size including the root, verified in one target call (default {d.total_tokens})")
     p.add_argument("--tree-min-prob", type=float, default=None,
-                   help="drop drafted tokens whose probability under the draft is below this (default 0)")
+                   help=f"drop drafted tokens whose probability under the draft is below this "
+                        f"(default {d.min_prob:g})")
     p.add_argument("--tree-auto", action="store_true",
                    help="choose the tree shape while decoding, by measured speed, from (1,1,2) up to "
                         "(10,7,16) (pays where extra verified tokens cost little: bf16 / f16 weights, "
