@@ -1,5 +1,5 @@
-// Row-wise and element-wise ops (RMSNorm, RoPE, SwiGLU, GeGLU). Each row is reduced
-// sequentially in a fixed order, so results do not depend on how many rows there are.
+// Row-wise and element-wise ops (RMSNorm, RoPE, SwiGLU, GeGLU). Each row is reduced in a
+// fixed order, so results do not depend on how many rows there are.
 #include <cmath>
 
 #include "common/cpu_features.h"
@@ -10,12 +10,28 @@
 
 namespace dovetail {
 
+// A row's sum of squares in 16 lanes (element i goes to lane i % 16), the lanes then added
+// in order. The lanes are independent, so the compiler vectorizes the loop at any vector
+// width with the same bits; a single running sum was a chain of D dependent additions
+// (0.6 us per 576-wide row, ~4% of a 4-token target call, run while the other threads wait).
+namespace {
+float sum_squares(const float* x, int64_t D) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= D; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l] * x[i + l];
+  for (int l = 0; i < D; ++i, ++l) acc[l] += x[i] * x[i];
+  float ss = 0.0f;
+  for (int l = 0; l < kLanes; ++l) ss += acc[l];
+  return ss;
+}
+}  // namespace
+
 void rmsnorm(const float* x, const float* w, float* y, int64_t T, int64_t D, float eps) {
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = x + t * D;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / (float)D + eps);
+    const float inv = 1.0f / std::sqrt(sum_squares(xr, D) / (float)D + eps);
     float* yr = y + t * D;
     for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * w[i];
   }
