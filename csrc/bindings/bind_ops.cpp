@@ -119,9 +119,14 @@ void bind_ops(py::module_& m) {
         quantize_acts(x.data(), T, K, qa, 1);
         py::array_t<int8_t> q({T, K});
         py::array_t<float> d({T, K / 32}), ds({T, K / 32});
-        std::memcpy(q.mutable_data(), qa.q.data(), T * K);
-        std::memcpy(d.mutable_data(), qa.d.data(), T * (K / 32) * 4);
-        std::memcpy(ds.mutable_data(), qa.ds.data(), T * (K / 32) * 4);
+        const int64_t nb = K / 32;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t b = 0; b < nb; ++b) {  // from the tiles back to rows
+            const int64_t slot = act_slot(t, b, nb);
+            std::memcpy(q.mutable_data() + t * K + b * 32, qa.qi.data() + slot * 32, 32);
+            d.mutable_data()[t * nb + b] = qa.di[slot];
+            ds.mutable_data()[t * nb + b] = qa.dsi[slot];
+          }
         return py::make_tuple(q, d, ds);
       }, py::arg("x"), "Per-32-block int8 activation quantization: (q [T,K], d [T,K/32], d*sum(q) [T,K/32]).");
 

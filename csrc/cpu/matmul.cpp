@@ -63,15 +63,14 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
   for (int64_t r = r0; r < r1; ++r) {
     unpack_row_scalar(w, r, codes, dw, cw);
     for (int64_t t = 0; t < T; ++t) {
-      const int8_t* q = qa->q.data() + t * K;
-      const float* da = qa->d.data() + t * nb;
-      const float* ds = qa->ds.data() + t * nb;
       float acc = 0.0f, corr = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
+        const int64_t slot = act_slot(t, b, nb);
+        const int8_t* q = qa->qi.data() + slot * kQBlock;
         int32_t isum = 0;
-        for (int i = 0; i < kQBlock; ++i) isum += (int32_t)codes[b * kQBlock + i] * q[b * kQBlock + i];
-        acc += da[b] * dw[b] * (float)isum;
-        corr += cw[b] * ds[b];
+        for (int i = 0; i < kQBlock; ++i) isum += (int32_t)codes[b * kQBlock + i] * q[i];
+        acc += qa->di[slot] * dw[b] * (float)isum;
+        corr += cw[b] * qa->dsi[slot];
       }
       y[t * ldy + r] = acc + corr;
     }

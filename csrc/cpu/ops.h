@@ -51,10 +51,10 @@ void convert_gguf_rows(GgufBlocks src, const uint8_t* in, int64_t rows, int64_t 
 PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n);
 
 // Activations quantized to int8 per block of 32 (for integer dot products against
-// quantized weights): q = rint(x * 127/amax), d = amax/127, ds = d * sum(q) per block.
-// The same values also come interleaved by tiles of kActTile tokens, for the panel kernels:
-// for tile g, block b, token i of the tile: 32 bytes of q at qi + ((g*nb + b)*kActTile + i)*32,
-// d and ds at di / dsi[(g*nb + b)*kActTile + i] (tokens past T are zero).
+// quantized weights): q = rint(x * 127/amax), d = amax/127, ds = d * sum(q) per block,
+// interleaved by tiles of kActTile tokens for the panel kernels: for tile g, block b, token
+// i of the tile, 32 bytes of q at qi + ((g*nb + b)*kActTile + i)*32, d and ds at
+// di / dsi[(g*nb + b)*kActTile + i] (act_slot; tokens past T are zero).
 //
 // For bf16 weights the activations are instead rounded to bf16 (nearest even, as
 // fp32_to_bf16) and kept as column pairs: b[t * K2 + j] holds columns 2j (low half) and
@@ -63,14 +63,14 @@ constexpr int kActTile = 8;
 struct QActs {
   int64_t T = 0, K = 0, K2 = 0;
   Buffer<uint32_t> b;  // [T, K2] bf16 pairs
-  Buffer<int8_t> q;    // [T, K]
-  Buffer<float> d;     // [T, K/32]
-  Buffer<float> ds;    // [T, K/32]
-  Buffer<int8_t> qi;   // [ceil(T/8), K/32, 8, 32]
-  Buffer<float> di;    // [ceil(T/8), K/32, 8]
-  Buffer<float> dsi;   // [ceil(T/8), K/32, 8]
+  Buffer<int8_t> qi;   // [ceil(T/8), K/32, 8, 32] codes
+  Buffer<float> di;    // [ceil(T/8), K/32, 8] scales d
+  Buffer<float> dsi;   // [ceil(T/8), K/32, 8] d * sum(codes)
   void reserve(int64_t max_T, int64_t max_K);
 };
+inline int64_t act_slot(int64_t t, int64_t b, int64_t nb) {
+  return ((t / kActTile) * nb + b) * kActTile + t % kActTile;
+}
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads);
 void bf16_acts(const float* x, int64_t T, int64_t K, QActs& out);
 // k floats x[i * stride] -> k2 >= ceil(k / 2) bf16 pairs (fp32_to_bf16: nearest even, NaN

@@ -94,10 +94,6 @@ PackedWeight select_rows(const PackedWeight& w, const int32_t* rows, int64_t n) 
 }
 
 void QActs::reserve(int64_t max_T, int64_t max_K) {
-  const size_t n = (size_t)(max_T * max_K), nb = (size_t)(max_T * ((max_K + kQBlock - 1) / kQBlock));
-  if (q.size() < n) q.resize(n);
-  if (d.size() < nb) d.resize(nb);
-  if (ds.size() < nb) ds.resize(nb);
   const int64_t tiles = (max_T + kActTile - 1) / kActTile, nbk = (max_K + kQBlock - 1) / kQBlock;
   const size_t ni = (size_t)(tiles * nbk * kActTile);
   if (qi.size() < ni * kQBlock) qi.resize(ni * kQBlock);
@@ -139,21 +135,18 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
   parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t b = 0; b < nb; ++b) {
-      int8_t* q = out.q.data() + t * K + b * kQBlock;
-      float& d = out.d[t * nb + b];
-      const int sum = block(x + t * K + b * kQBlock, q, &d);
-      out.ds[t * nb + b] = d * (float)sum;
-      const int64_t slot = ((t / kActTile) * nb + b) * kActTile + t % kActTile;
-      std::memcpy(out.qi.data() + slot * kQBlock, q, kQBlock);
+      const int64_t slot = act_slot(t, b, nb);
+      float d;
+      const int sum = block(x + t * K + b * kQBlock, out.qi.data() + slot * kQBlock, &d);
       out.di[slot] = d;
-      out.dsi[slot] = out.ds[t * nb + b];
+      out.dsi[slot] = d * (float)sum;
     }
   }
   });
   // Zero the tail of the last tile: its unused token slots are computed and discarded.
   for (int64_t t = T; t % kActTile != 0; ++t)
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t slot = ((t / kActTile) * nb + b) * kActTile + t % kActTile;
+      const int64_t slot = act_slot(t, b, nb);
       std::memset(out.qi.data() + slot * kQBlock, 0, kQBlock);
       out.di[slot] = out.dsi[slot] = 0.0f;
     }
