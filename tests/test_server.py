@@ -341,6 +341,12 @@ def test_metrics(server, client):
         r.usage.completion_tokens
     calls = after["dovetail_target_calls_total"] - before["dovetail_target_calls_total"]
     assert 0 < calls <= r.usage.completion_tokens
+    delta = {k: after[f"dovetail_{k}_total"] - before[f"dovetail_{k}_total"]
+             for k in ("lookup_steps", "lookup_accepted", "corpus_steps", "corpus_accepted")}
+    timing = r.model_extra["dovetail"]  # the same request's own counts
+    assert (delta["lookup_steps"], delta["corpus_steps"]) == (timing["lookup_steps"], timing["corpus_steps"])
+    assert 0 <= delta["corpus_steps"] <= delta["lookup_steps"] <= calls
+    assert 0 <= delta["corpus_accepted"] <= delta["lookup_accepted"]
     assert after["dovetail_decode_seconds_total"] > before["dovetail_decode_seconds_total"]
     for name in ("request_seconds", "queue_seconds", "first_token_seconds"):
         assert after[f"dovetail_{name}_count"] == before.get(f"dovetail_{name}_count", 0) + 1

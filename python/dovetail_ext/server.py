@@ -494,6 +494,10 @@ class Metrics:
                 "cached_prompt_tokens": "prompt tokens whose K/V were reused from the call before",
                 "generation_tokens": "tokens generated for served requests",
                 "target_calls": "target model calls while decoding (generation tokens / calls = tau)",
+                "lookup_steps": "target calls that verified a chain copied from the context or the corpus",
+                "lookup_accepted": "chain tokens those calls accepted",
+                "corpus_steps": "of the lookup steps, chains from the corpus",
+                "corpus_accepted": "corpus chain tokens accepted",
                 "prefill_seconds": "seconds spent reading prompts",
                 "decode_seconds": "seconds spent generating"}
     HISTOGRAMS = {"request_seconds": "from arrival to the last token",
@@ -515,6 +519,8 @@ class Metrics:
             t["cached_prompt_tokens"] += sum(c.cached_prompt_tokens for c in choices[::n])
             t["generation_tokens"] += sum(c.new_tokens for c in choices)
             t["target_calls"] += sum(c.target_calls for c in choices)
+            for name in ("lookup_steps", "lookup_accepted", "corpus_steps", "corpus_accepted"):
+                t[name] += sum(getattr(c, name) for c in choices)
             t["prefill_seconds"] += sum(c.prefill_s for c in choices)
             t["decode_seconds"] += sum(c.decode_s for c in choices)
             self._observe("request_seconds", now - job.submitted)
