@@ -534,6 +534,33 @@ def test_config_round_trip_and_validation(target):
         TargetSignature.from_source(dataclasses.replace(target, weights={}))
 
 
+def test_signature_hash_remembered_only_while_the_embedding_cannot_change(target):
+    """A read-only embedding (a memory map of the model file) is hashed once per weight;
+    new data, or data that may be written in place, is hashed again."""
+    import hashlib
+
+    def plain_hash(w):
+        h = hashlib.sha256(f"{w.dtype}:{list(w.shape)}:".encode())
+        h.update(np.ascontiguousarray(w.data).view(np.uint8))
+        return h.hexdigest()
+
+    src = make_source(target.config, random_weights(target.config))
+    w = src.weights["token_embd"]
+    w.data = np.array(w.data)
+    w.data.flags.writeable = False
+    first = TargetSignature.from_source(src).embedding_sha256
+    assert first == plain_hash(w) == TargetSignature.from_source(src).embedding_sha256
+    changed = np.array(w.data)  # another array, one bit different
+    changed.view(np.uint8).reshape(-1)[0] ^= 1
+    changed.flags.writeable = False
+    w.data = changed
+    assert TargetSignature.from_source(src).embedding_sha256 == plain_hash(w) != first
+    w.data = np.array(w.data)  # writeable: changed in place, hashed again
+    TargetSignature.from_source(src)
+    w.data.view(np.uint8).reshape(-1)[0] ^= 1
+    assert TargetSignature.from_source(src).embedding_sha256 == plain_hash(w) == first
+
+
 # ----------------------------------------------------------------------------------------
 # Reduced draft vocabulary (vocab_map)
 

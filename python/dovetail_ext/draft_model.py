@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -102,11 +103,26 @@ def _check_keys(owner: str, d: Any, required: set[str], optional: set[str] = fro
         raise ValueError(f"{owner}: missing keys {missing}, unknown keys {unknown}")
 
 
+# id(weight) -> (weak references to it and to its data, sha256): loading a model with its
+# draft and corpus checks the signature three times, 25-30 ms of hashing each for the
+# default model. Only read-only data (a memory map of the model file) is remembered: it
+# cannot change under the hash.
+_EMBEDDING_HASHES: dict[int, tuple[weakref.ref, weakref.ref, str]] = {}
+
+
 def _embedding_sha256(w: Weight) -> str:
     """sha256 of a stored embedding: its dtype and shape, then its raw bytes as stored."""
+    key = id(w)
+    hit = _EMBEDDING_HASHES.get(key)
+    read_only = isinstance(w.data, np.ndarray) and not w.data.flags.writeable
+    if hit is not None and hit[0]() is w and hit[1]() is w.data and read_only:
+        return hit[2]
     h = hashlib.sha256(f"{w.dtype}:{list(w.shape)}:".encode())
     h.update(np.ascontiguousarray(w.data).view(np.uint8))
-    return h.hexdigest()
+    sha = h.hexdigest()
+    if read_only:
+        _EMBEDDING_HASHES[key] = (weakref.ref(w, lambda _: _EMBEDDING_HASHES.pop(key, None)), weakref.ref(w.data), sha)
+    return sha
 
 
 @dataclass(frozen=True)
