@@ -68,7 +68,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -485,6 +485,38 @@ class _Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+# A prompt continues a slot's conversation when it holds all of it but this many tokens (the
+# reply's last tokens can encode differently once it is text in the next prompt).
+CONTINUE_SLACK = 8
+
+
+def choose_slot(slots: Sequence[tuple[int, int]], last_used: Sequence[float]) -> int:
+    """The cache slot for a prompt, from each slot's (tokens held, tokens of the prompt it
+    holds) and the time it was last used:
+
+    1. a slot whose conversation the prompt continues (it holds all of it but
+       ``CONTINUE_SLACK`` tokens, and at least half), the longest such;
+    2. else an empty slot, so that a new conversation does not push out one that is
+       going on (two conversations may share a system prompt and a short first turn);
+    3. else a slot whose conversation the prompt would keep at least half of (the same
+       conversation with its last turn edited), the one holding most of it;
+    4. else the least recently used slot, whose conversation it replaces.
+
+    Ties go to the most recently used slot (rules 1 and 3) or the lowest index (rule 2)."""
+    idx = range(len(slots))
+    cont = [s for s in idx if slots[s][0] > 0 and slots[s][1] >= slots[s][0] - CONTINUE_SLACK
+            and 2 * slots[s][1] >= slots[s][0]]
+    if cont:
+        return max(cont, key=lambda s: (slots[s][1], last_used[s]))
+    empty = [s for s in idx if slots[s][0] == 0]
+    if empty:
+        return empty[0]
+    keep = [s for s in idx if 2 * slots[s][1] >= slots[s][0]]
+    if keep:
+        return max(keep, key=lambda s: (slots[s][1], last_used[s]))
+    return min(idx, key=lambda s: last_used[s])
+
+
 class Metrics:
     """Counters and latency histograms of served requests, written in Prometheus' text
     format by :meth:`render` (``GET /metrics``)."""
@@ -702,20 +734,10 @@ class Engine:
         job.emit(("done", choices))
 
     def _pick_slot(self, gen: Generator, ids: list[int]) -> None:
-        """Move ``gen`` to the cache slot for a prompt: of the slots whose cached conversation
-        it would keep at least half of (an empty one, or one it continues), the one holding
-        the longest part of it (the most recently used on a tie); else the least recently
-        used slot, whose conversation it replaces."""
-        keep = {}
-        for s in range(self.cache_slots):
-            held = len(gen.cached_tokens(s))
-            common = gen.cached_prefix(ids, s)
-            if 2 * common >= held:
-                keep[s] = common
-        if keep:
-            slot = max(keep, key=lambda s: (keep[s], self._slot_used.get(s, 0.0)))
-        else:
-            slot = min(range(self.cache_slots), key=lambda s: self._slot_used.get(s, 0.0))
+        """Move ``gen`` to the cache slot for a prompt (:func:`choose_slot`)."""
+        slots = range(self.cache_slots)
+        slot = choose_slot([(len(gen.cached_tokens(s)), gen.cached_prefix(ids, s)) for s in slots],
+                           [self._slot_used.get(s, 0.0) for s in slots])
         gen.use_sequence(slot)
         self._slot_used[slot] = time.perf_counter()
 
