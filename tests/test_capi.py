@@ -93,6 +93,11 @@ def c_draft_weights(default_gguf_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def c_corpus(default_gguf_path, tmp_path_factory) -> Path:
+    return capi.export_c_corpus(tmp_path_factory.mktemp("capi") / "smollm2-corpus.dtw", default_gguf_path)
+
+
+@pytest.fixture(scope="module")
 def generator(default_gguf_path):
     return dovetail_ext.load(default_gguf_path, threads=1)
 
@@ -155,6 +160,28 @@ def test_example_speculative_matches_python(greedy_bin, c_weights, c_draft_weigh
     assert 0 < int(steps) < len(want.tokens) and float(per_step) > 1.0  # drafted tokens were accepted
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_example_corpus_matches_python(greedy_bin, c_weights, c_draft_weights, c_corpus, generator, prompt):
+    """greedy -d DRAFT -c CORPUS: the shipped corpus exported to the container and set with
+    dt_speculator_set_corpus; the same ids as greedy decoding in Python."""
+    from dovetail_ext.lookup import TokenCorpus
+    from dovetail_ext.models import packaged_corpus_for
+    ids = generator.encode_prompt(prompt, raw=True)
+    want = generator.generate(prompt, raw=True, max_new_tokens=24, speculative=False)
+    r = subprocess.run([str(greedy_bin), "-d", str(c_draft_weights), "-c", str(c_corpus), str(c_weights), "24",
+                        *map(str, ids)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [int(t) for t in r.stdout.split()] == want.tokens
+    shipped = TokenCorpus.load(packaged_corpus_for(generator.source))
+    assert f"corpus of {len(shipped)} tokens" in r.stderr
+
+
+def test_example_refuses_a_container_without_a_corpus(greedy_bin, c_weights, c_draft_weights):
+    r = subprocess.run([str(greedy_bin), "-d", str(c_draft_weights), "-c", str(c_draft_weights), str(c_weights),
+                        "4", "1", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "not a corpus container" in r.stderr, r.stderr
+
+
 def test_example_threads_and_chunked_prefill(greedy_bin, c_weights, generator):
     # 2 threads, and a prompt longer than max_batch (128) so that the prefill is chunked.
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
@@ -180,6 +207,8 @@ def test_example_refuses_bad_input(greedy_bin, c_weights, generator, tmp_path):
         ([str(c_weights), "4", "99999999"], 1, "DT_ERR_INVALID: dt_target_forward: token id 99999999"),
         ([str(c_weights), "9999999", "1"], 2, "exceed the model's context"),
         (["-l", "2", str(c_weights), "4", "1"], 2, "-l takes 0"),
+        (["-c", str(c_weights), str(c_weights), "4", "1"], 2, "-c needs a draft"),
+        (["-d", str(c_weights), "-l", "0", "-c", str(c_weights), str(c_weights), "4", "1"], 2, "-c needs a draft"),
     ]:
         r = subprocess.run([str(greedy_bin), *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == code and message in r.stderr, (args, r.returncode, r.stderr)
@@ -202,8 +231,11 @@ def test_export_cli_writes_nothing_it_cannot_finish(tmp_path, capsys, llama_gguf
     out = tmp_path / "o.dtw"
     for args, msg in [([str(out), "--draft-out", str(tmp_path / "d.dtw")], "no draft ships for"),
                       ([str(model)], "is the model itself"), ([str(tmp_path)], "not a file name"),
-                      ([str(out), "--draft-out", str(out)], "is the target's output file too"),
+                      ([str(out), "--draft-out", str(out)], "is another output file too"),
+                      ([str(out), "--corpus-out", str(out)], "is another output file too"),
                       ([str(out), "--draft", str(tmp_path)], "give --draft-out FILE too"),
+                      ([str(out), "--corpus", str(tmp_path)], "give --corpus-out FILE too"),
+                      ([str(out), "--corpus-out", str(tmp_path / "c.dtw")], "no corpus ships for"),
                       ([str(model / "x.dtw")], "cannot write")]:
         assert main([*args, "--model", str(model)]) == 1, args
         assert msg in capsys.readouterr().err, args

@@ -1,14 +1,15 @@
 /* greedy.c: greedy decoding through the dovetail C API, without Python; with a draft
- * (-d), greedy speculative decoding (dt_speculator_step, with prompt lookup unless -l 0),
- * which prints the same ids.
+ * (-d), greedy speculative decoding (dt_speculator_step, with prompt lookup unless -l 0,
+ * and corpus lookup with -c), which prints the same ids.
  *
  * Reads the weight containers written by `python -m dovetail_ext.export_c_weights FILE
- * [--draft-out DRAFT_FILE]` (layout in python/dovetail_ext/capi.py), builds a target engine
- * (and a draft and a speculator), runs the prompt token ids and prints the greedy
+ * [--draft-out DRAFT_FILE] [--corpus-out CORPUS_FILE]` (layout in
+ * python/dovetail_ext/capi.py), builds a target engine (and a draft, a speculator and its
+ * corpus), runs the prompt token ids and prints the greedy
  * continuation's ids on one line, stopping early at an end-of-sequence id (which is not
  * printed). No tokenizer: ids in, ids out.
  *
- *   greedy [-t THREADS] [-d DRAFT] [-l 0|1] WEIGHTS N_NEW ID [ID ...]
+ *   greedy [-t THREADS] [-d DRAFT] [-l 0|1] [-c CORPUS] WEIGHTS N_NEW ID [ID ...]
  *
  * Build (C99, or as C++):
  *   INC=$(python -c 'import dovetail_ext; print(dovetail_ext.get_include())')
@@ -23,7 +24,7 @@
 #include <string.h>
 
 #define MAX_EOS 8
-#define VOCAB_MAP_CODE 32 /* the container's int32 vocab_map of a draft (not a dt_dtype) */
+#define VOCAB_MAP_CODE 32 /* the container's int32 ids: a draft's vocab_map, a corpus (not a dt_dtype) */
 
 typedef struct {
   unsigned char* bytes; /* the whole file */
@@ -217,6 +218,19 @@ static const int32_t* take_vocab_map(container* c, int64_t* n) {
   return map;
 }
 
+/* A corpus container's token ids (int32 `corpus_tokens`); NULL (with a message) if it has none. */
+static const int32_t* corpus_tokens(const container* c, const char* path, int64_t* n) {
+  uint32_t i;
+  for (i = 0; i < c->n_weights; ++i)
+    if (c->weights[i].dtype == VOCAB_MAP_CODE && strcmp(c->weights[i].name, "corpus_tokens") == 0 &&
+        c->weights[i].ndim == 1 && c->weights[i].nbytes == 4 * (uint64_t)c->weights[i].shape[0]) {
+      *n = c->weights[i].shape[0];
+      return (const int32_t*)c->weights[i].data; /* 64-byte aligned in the file buffer */
+    }
+  fprintf(stderr, "greedy: %s: not a corpus container (no int32 corpus_tokens)\n", path);
+  return NULL;
+}
+
 static int is_eos(const container* c, int32_t id) {
   uint32_t e;
   for (e = 0; e < c->n_eos; ++e)
@@ -225,14 +239,14 @@ static int is_eos(const container* c, int32_t id) {
 }
 
 int main(int argc, char** argv) {
-  container c, dc;
+  container c, dc, cc;
   dt_target* target = NULL;
   dt_draft* draft = NULL;
   dt_speculator* spec = NULL;
   int32_t *tokens, *next_tokens = NULL, *emitted = NULL;
   float *logits, *features = NULL, *step_features = NULL;
   long threads = 1, n_new, v, use_lookup = 1;
-  const char* draft_path = NULL;
+  const char *draft_path = NULL, *corpus_path = NULL;
   int arg = 1, i, n_prompt;
   int64_t start, last_row, n_past, printed = 0, steps = 0, n_pairs, m, pair_rows;
   int32_t next;
@@ -248,6 +262,8 @@ int main(int argc, char** argv) {
       }
     } else if (argv[arg][1] == 'd') {
       draft_path = argv[arg + 1];
+    } else if (argv[arg][1] == 'c') {
+      corpus_path = argv[arg + 1];
     } else if (argv[arg][1] == 'l') {
       if (!parse_long(argv[arg + 1], 0, 1, &use_lookup)) {
         fprintf(stderr, "greedy: -l takes 0 (no prompt lookup) or 1\n");
@@ -259,7 +275,11 @@ int main(int argc, char** argv) {
     arg += 2;
   }
   if (argc - arg < 3 || !parse_long(argv[arg + 1], 0, 1L << 24, &n_new)) {
-    fprintf(stderr, "usage: greedy [-t THREADS] [-d DRAFT] [-l 0|1] WEIGHTS N_NEW ID [ID ...]\n");
+    fprintf(stderr, "usage: greedy [-t THREADS] [-d DRAFT] [-l 0|1] [-c CORPUS] WEIGHTS N_NEW ID [ID ...]\n");
+    return 2;
+  }
+  if (corpus_path && (!draft_path || !use_lookup)) {
+    fprintf(stderr, "greedy: -c needs a draft (-d) and prompt lookup on (not -l 0)\n");
     return 2;
   }
   n_prompt = argc - arg - 2;
@@ -309,6 +329,22 @@ int main(int argc, char** argv) {
     check(dt_speculator_create(target, draft, &spec), "dt_speculator_create");
     dt_lookup_params_init(&lookup); /* steps whose context repeats verify a copied chain */
     if (use_lookup) check(dt_speculator_set_lookup(spec, &lookup), "dt_speculator_set_lookup");
+    if (corpus_path) { /* where the context has no match, a chain from the corpus */
+      dt_corpus_params cparams;
+      int64_t n_corpus;
+      const int32_t* corpus;
+      if (!load_container(corpus_path, &cc)) return 1;
+      if (cc.cfg.vocab_size != c.cfg.vocab_size) {
+        fprintf(stderr, "greedy: %s: a corpus for a vocabulary of %" PRId64 ", not this model's %" PRId64 "\n",
+                corpus_path, cc.cfg.vocab_size, c.cfg.vocab_size);
+        return 1;
+      }
+      if (!(corpus = corpus_tokens(&cc, corpus_path, &n_corpus))) return 1;
+      dt_corpus_params_init(&cparams);
+      check(dt_speculator_set_corpus(spec, corpus, n_corpus, &cparams), "dt_speculator_set_corpus");
+      free_container(&cc); /* the speculator holds its own copy */
+      fprintf(stderr, "greedy: corpus of %" PRId64 " tokens\n", n_corpus);
+    }
     /* A step's pairs come in through one pair of buffers and its output goes to the other;
      * they swap after each step. A step emits at most max(depth, max_tokens) + 1 tokens. */
     pair_rows = (shape.depth > lookup.max_tokens ? shape.depth : lookup.max_tokens) + 1;

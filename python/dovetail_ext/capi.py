@@ -51,6 +51,10 @@ are the ``dt_weight`` draft names with matrices in ``DEFAULT_DRAFT_WEIGHTS`` (q4
 the Python package runs the draft on the CPU) and, for a reduced draft vocabulary, ``vocab_map``: int32 target token
 ids with the container-only dtype code 32 (not a ``dt_dtype``: pass it to
 ``dt_draft_create`` as the vocab_map, not as a weight).
+
+A corpus for corpus lookup (:func:`export_c_corpus`) uses it too: the target's header and
+one tensor, ``corpus_tokens``, int32 token ids with the same code 32, for
+``dt_speculator_set_corpus``.
 """
 
 from __future__ import annotations
@@ -257,6 +261,40 @@ def draft_container(source: Any, draft: str | Path = "auto"
         q = quantize(arr, "f32" if arr.ndim == 1 else DEFAULT_DRAFT_WEIGHTS)
         tensors.append((name, C_DTYPE_CODES[q.dtype], tuple(q.shape), np.ascontiguousarray(q.data)))
     return _fixed_header(source.config.vocab_size, config, 0, -1, []), tensors
+
+
+def export_c_corpus(out: str | Path, model: str | Path | None = None, corpus: str | Path = "auto") -> Path:
+    """Write a token corpus (:class:`dovetail_ext.lookup.TokenCorpus` file) into the C
+    weight container (see the module doc), for ``dt_speculator_set_corpus``.
+
+    Args:
+        out: the file to write (replaced atomically).
+        model: the corpus's target (GGUF file or Hugging Face directory; None: the default model).
+        corpus: a corpus file, or ``"auto"``: the corpus shipped for the model.
+    Raises:
+        FileNotFoundError: no corpus ships for the model (with ``"auto"``), or no such file.
+        FormatError: not a corpus file.
+        ValueError: the corpus was made for another target.
+    """
+    from .formats import load_model_source
+
+    return write_container(out, *corpus_container(load_model_source(model), corpus))
+
+
+def corpus_container(source: Any, corpus: str | Path = "auto"
+                     ) -> tuple[bytes, list[tuple[str, int, tuple[int, ...], np.ndarray]]]:
+    """The container contents of a corpus for a loaded target (:func:`export_c_corpus`)."""
+    from .lookup import TokenCorpus
+    from .models import packaged_corpus_for
+
+    path = packaged_corpus_for(source) if str(corpus) == "auto" else corpus
+    if not path:
+        raise FileNotFoundError(f"no corpus ships for {source.name or source.path}; pass a corpus file")
+    tc = TokenCorpus.load(path)
+    tc.check_target(source)
+    tokens = np.ascontiguousarray(tc.tokens, dtype=np.int32)
+    return _fixed_header(source.config.vocab_size, source.config, 0, -1, []), \
+        [("corpus_tokens", C_VOCAB_MAP_CODE, tokens.shape, tokens)]
 
 
 def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[int]) -> bytes:
