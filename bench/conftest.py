@@ -88,13 +88,16 @@ def pytest_sessionfinish(session, exitstatus):
 def _add_ratios(groups: dict) -> None:
     """Speculative vs plain from the same run; whether their outputs were identical."""
     spec = groups.get("speculative", {})
+
+    def same(a: dict, b: dict) -> bool:  # (both outputs recorded, and equal)
+        return a.get("outputs_sha256") is not None and a.get("outputs_sha256") == b.get("outputs_sha256")
     if "plain" in spec and "speculative" in spec:
         a, b = spec["plain"], spec["speculative"]
         spec["ratio"] = {"speculative_over_plain": b["tokens_per_s"] / a["tokens_per_s"],
-                         "outputs_identical": a.get("tokens") == b.get("tokens")}
+                         "outputs_identical": same(a, b)}
         for other in [m for m in spec if m not in ("plain", "speculative", "ratio")]:
             spec["ratio"][f"{other}_over_plain"] = spec[other]["tokens_per_s"] / a["tokens_per_s"]
-            spec["ratio"][f"{other}_outputs_identical"] = a.get("tokens") == spec[other].get("tokens")
+            spec["ratio"][f"{other}_outputs_identical"] = same(a, spec[other])
 
 
 def _cpu_name() -> str:
