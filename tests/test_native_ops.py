@@ -95,10 +95,10 @@ def test_bf16_activation_rounding_on_every_isa():
     assert np.isinf(round_bf16(x[2:3])[0, 0]) and np.isnan(ref[1]).all()
 
 
-@pytest.mark.parametrize("T,K", [(1, 32), (7, 256), (9, 96), (3, 576)])
+@pytest.mark.parametrize("T,K", [(1, 32), (7, 256), (9, 96), (3, 576), (2, 544), (5, 1536), (1, 1056)])
 def test_quantize_acts_bitwise_twin(T, K):
     """On every ISA path: bit for bit the NumPy twin (round half to even, all-zero blocks,
-    large and tiny magnitudes)."""
+    large and tiny magnitudes; rows of 1 to 48 blocks, the AVX-512 path taking 16 at a time)."""
     rng = np.random.default_rng(K + T)
     x = _rand(rng, T, K)
     x[0, :32] = np.array([127.0, 2.5, -3.5, 0.5, -0.5, 1.5, -126.5, 126.5] * 4, np.float32)  # exact halves
@@ -118,8 +118,9 @@ def test_quantize_acts_bitwise_twin(T, K):
 def test_quantize_acts_simd_equals_scalar_on_nan_and_inf():
     """Non-finite activations (never valid, but never a crash): every ISA path gives the
     scalar path's codes and scales."""
-    x = np.random.default_rng(4).standard_normal((3, 96)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((3, 608)).astype(np.float32)  # 19 blocks a row
     x[0, 3], x[1, 40], x[2, 70], x[2, 71] = np.nan, np.inf, -np.inf, np.nan
+    x[0, 600], x[1, 512:544] = np.inf, np.nan  # in the second group of 16 blocks; a block all NaN
     with use_isa("scalar"):
         ref = _core.quantize_acts(x)
     for name in _core.supported_isas():

@@ -234,6 +234,9 @@ void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int
 }  // namespace avx2
 namespace avx512 {
 int quantize_block(const float* x, int8_t* q, float* d);
+// The nb blocks of one row, each as quantize_block: block b's codes to q + b * q_stride,
+// its scale to d[b * stride] and scale * sum of codes to ds[b * stride].
+void quantize_row(const float* x, int64_t nb, int8_t* q, int64_t q_stride, float* d, float* ds, int64_t stride);
 // n floats -> n bf16 (fp32_to_bf16 bit for bit), stored as n / 2 column pairs (n even).
 void round_bf16(const float* x, int64_t n, uint32_t* out);
 bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double* lanes);

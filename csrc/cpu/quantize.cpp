@@ -132,8 +132,15 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
     case Isa::Avx2: block = avx2::quantize_block; break;
     case Isa::Scalar: break;
   }
+  const bool rows512 = active_isa() == Isa::Avx512;
   parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
+    if (rows512) {  // the row's blocks together (the same bits as block by block)
+      const int64_t s0 = act_slot(t, 0, nb);
+      avx512::quantize_row(x + t * K, nb, out.qi.data() + s0 * kQBlock, kActTile * kQBlock, out.di.data() + s0,
+                           out.dsi.data() + s0, kActTile);
+      continue;
+    }
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t slot = act_slot(t, b, nb);
       float d;
