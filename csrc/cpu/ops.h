@@ -233,7 +233,6 @@ void attention_chunk(const AttentionArgs& a, int64_t kvh, int64_t c, float* part
 void attention_merge(const AttentionArgs& a, float* parts, int64_t nc, const int64_t* counts);
 }  // namespace avx2
 namespace avx512 {
-int quantize_block(const float* x, int8_t* q, float* d);
 // The nb blocks of one row, each as quantize_block: block b's codes to q + b * q_stride,
 // its scale to d[b * stride] and scale * sum of codes to ds[b * stride].
 void quantize_row(const float* x, int64_t nb, int8_t* q, int64_t q_stride, float* d, float* ds, int64_t stride);

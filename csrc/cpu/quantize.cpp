@@ -126,13 +126,9 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
   out.T = T;
   out.K = K;
   const int64_t nb = K / kQBlock;
-  int (*block)(const float*, int8_t*, float*) = scalar::quantize_block;
-  switch (active_isa()) {
-    case Isa::Avx512: block = avx512::quantize_block; break;
-    case Isa::Avx2: block = avx2::quantize_block; break;
-    case Isa::Scalar: break;
-  }
-  const bool rows512 = active_isa() == Isa::Avx512;
+  const bool rows512 = active_isa() == Isa::Avx512;  // whole rows (avx512::quantize_row), else block by block
+  int (*block)(const float*, int8_t*, float*) =
+      active_isa() == Isa::Avx2 ? avx2::quantize_block : scalar::quantize_block;
   parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     if (rows512) {  // the row's blocks together (the same bits as block by block)

@@ -224,27 +224,6 @@ void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t
     linear_float<WType::F32>(w, x, qa, T, y, ldy, r0, r1);
 }
 
-// Activation quantization (scalar::quantize_block's twin, bit for bit). max_ps returns its
-// second operand when either is NaN, so NaN inputs are skipped in the max as std::fmax does,
-// and a NaN product clamps to -127 as fmin(127, fmax(-127, NaN)) does.
-int quantize_block(const float* x, int8_t* q, float* d) {
-  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
-  __m512 m = _mm512_max_ps(_mm512_abs_ps(a), _mm512_setzero_ps());
-  m = _mm512_max_ps(_mm512_abs_ps(b), m);
-  const float amax = _mm512_reduce_max_ps(m);
-  *d = amax / 127.0f;
-  const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  auto codes = [&](__m512 v) {
-    v = _mm512_roundscale_ps(_mm512_mul_ps(v, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
-  };
-  const __m512i ia = codes(a), ib = codes(b);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(ia));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(ib));
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
-}
-
 namespace {
 
 // v[j] -> lane j: the maximum (floats without NaN) or the sum (int32) of each of 16
@@ -285,9 +264,11 @@ inline __m512i sum_of_each(__m512i* v) {
 
 }  // namespace
 
-// quantize_block's steps for 16 blocks at a time, the horizontal maxima and sums taken
-// together and the two divisions made as vectors (IEEE division, lane by lane: the same
-// bits).
+// Activation quantization (scalar::quantize_block's twin, bit for bit), 16 blocks at a
+// time: the horizontal maxima and sums taken together, the two divisions made as vectors
+// (IEEE division, lane by lane). max_ps returns its second operand when either is NaN, so
+// NaN inputs are skipped in the max as std::fmax does, and a NaN product clamps to -127 as
+// fmin(127, fmax(-127, NaN)) does.
 void quantize_row(const float* x, int64_t nb, int8_t* q, int64_t q_stride, float* d, float* ds, int64_t stride) {
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), zero = _mm512_setzero_ps();
   for (int64_t g = 0; g < nb; g += 16) {
