@@ -200,35 +200,43 @@ static int parse_long(const char* s, long lo, long hi, long* out) {
   return 1;
 }
 
-/* A draft container's vocab_map (int32 target ids), taken out of its weight list. */
-static const int32_t* take_vocab_map(container* c, int64_t* n) {
-  uint32_t i, kept = 0;
-  const int32_t* map = NULL;
+/* The container's int32 id tensor `name` (code 32, one dimension, 4 bytes an id): its ids
+ * (64-byte aligned in the file buffer) and count, and its index in the weight list; NULL and
+ * -1 if it has none. */
+static const int32_t* find_ids(const container* c, const char* name, int64_t* n, int64_t* index) {
+  uint32_t i;
   *n = 0;
+  *index = -1;
   for (i = 0; i < c->n_weights; ++i) {
-    if (c->weights[i].dtype == VOCAB_MAP_CODE && strcmp(c->weights[i].name, "vocab_map") == 0 &&
-        c->weights[i].ndim == 1) {
-      map = (const int32_t*)c->weights[i].data; /* 64-byte aligned in the file buffer */
-      *n = c->weights[i].shape[0];
-    } else {
-      c->weights[kept++] = c->weights[i];
+    const dt_weight* w = &c->weights[i];
+    if (w->dtype == VOCAB_MAP_CODE && strcmp(w->name, name) == 0 && w->ndim == 1 && w->shape[0] >= 0 &&
+        w->nbytes == 4 * (uint64_t)w->shape[0]) {
+      *n = w->shape[0];
+      *index = i;
+      return (const int32_t*)w->data;
     }
   }
-  c->n_weights = kept;
+  return NULL;
+}
+
+/* A draft container's vocab_map (int32 target ids), taken out of its weight list. */
+static const int32_t* take_vocab_map(container* c, int64_t* n) {
+  int64_t index;
+  const int32_t* map = find_ids(c, "vocab_map", n, &index);
+  uint32_t i;
+  if (map) {
+    for (i = (uint32_t)index; i + 1 < c->n_weights; ++i) c->weights[i] = c->weights[i + 1];
+    --c->n_weights;
+  }
   return map;
 }
 
 /* A corpus container's token ids (int32 `corpus_tokens`); NULL (with a message) if it has none. */
 static const int32_t* corpus_tokens(const container* c, const char* path, int64_t* n) {
-  uint32_t i;
-  for (i = 0; i < c->n_weights; ++i)
-    if (c->weights[i].dtype == VOCAB_MAP_CODE && strcmp(c->weights[i].name, "corpus_tokens") == 0 &&
-        c->weights[i].ndim == 1 && c->weights[i].nbytes == 4 * (uint64_t)c->weights[i].shape[0]) {
-      *n = c->weights[i].shape[0];
-      return (const int32_t*)c->weights[i].data; /* 64-byte aligned in the file buffer */
-    }
-  fprintf(stderr, "greedy: %s: not a corpus container (no int32 corpus_tokens)\n", path);
-  return NULL;
+  int64_t index;
+  const int32_t* ids = find_ids(c, "corpus_tokens", n, &index);
+  if (!ids) fprintf(stderr, "greedy: %s: not a corpus container (no int32 corpus_tokens)\n", path);
+  return ids;
 }
 
 static int is_eos(const container* c, int32_t id) {
