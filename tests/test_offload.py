@@ -177,6 +177,14 @@ def test_greedy_speculation_with_an_offloaded_target_equals_its_plain_decoding(w
     assert out[:30] == truth
 
 
+def test_native_greedy_verification_leaves_an_offloaded_target_to_forward(source):
+    """verify_greedy answers None for a partly offloaded target: its callers verify through
+    forward, which runs the device layers first."""
+    cpu, off = engines(source, 1)
+    assert off.verify_greedy([1, 2], [-1, 0]) is None and off.n_past == 0
+    assert cpu.verify_greedy([1, 2], [-1, 0]) is not None
+
+
 def test_offload_arguments(source):
     for bad in (-1, 3, 1.5, True):
         with pytest.raises(ValueError, match="gpu_layers must be an integer in"):

@@ -313,6 +313,91 @@ def test_native_greedy_step_rejects_bad_input():
     assert target.n_past == 31 and draft.n_past == 0  # nothing changed
 
 
+def _planted_tree(target, rng, K, vocab):
+    """A random tree of K nodes after the committed prefix whose nodes often hold the
+    target's argmax at their parent (so paths get accepted), siblings distinct."""
+    parents = random_tree(rng, K)
+    tokens = rng.integers(0, vocab, K)
+    depths = tree_depths(parents)
+    n0 = target.n_past
+    for d in range(1, int(depths.max()) + 1):  # level by level: a node's argmax depends on its path
+        logits, _ = target.forward(tokens, n0 + depths, tree_ancestors(parents), logit_rows=np.arange(K))
+        target.truncate(n0)
+        best = logits.argmax(-1)
+        for u in np.flatnonzero(depths == d - 1):
+            kids = np.flatnonzero(parents == u)
+            if len(kids) and rng.random() < 0.8:
+                tokens[rng.choice(kids)] = best[u]
+        for u in range(K):  # siblings distinct (a repeat gets a token no sibling holds)
+            kids = np.flatnonzero(parents == u)
+            for i, c in enumerate(kids):
+                while tokens[c] in tokens[kids[:i]]:
+                    tokens[c] = (tokens[c] + 1) % vocab
+    return tokens, parents
+
+
+def test_native_greedy_verification_equals_forward_accept_commit():
+    """TargetEngine.verify_greedy (one native call) gives what forward, accept_greedy and
+    commit give: the emitted tokens, the committed rows' features and logits rows bit for
+    bit, and the same cache after (the next call's logits agree bitwise)."""
+    vocab = 301
+    _, target = tiny_target(vocab=vocab)
+    rng = np.random.default_rng(11)
+    accepted = []
+    for trial in range(40):
+        target.reset()
+        target.forward(rng.integers(0, vocab, int(rng.integers(1, 20)))); target.commit()
+        K = int(rng.integers(1, 14))
+        tokens, parents = _planted_tree(target, rng, K, vocab)
+        n0 = target.n_past
+        tree = build_tree(tokens, parents)
+        logits, feats = target.forward(tree.tokens, tree.positions(n0), tree.ancestors,
+                                       logit_rows=np.arange(K), feature_rows=np.arange(K))
+        path, bonus = accept_greedy(tree, logits)
+        target.commit(path)
+        after_ref, _ = target.forward([7])
+        target.truncate(n0)
+        with_rows = bool(trial % 2)
+        emitted, f, seconds, rows = target.verify_greedy(tokens, parents, features=True, rows=with_rows)
+        assert emitted == tokens[path[1:]].tolist() + [bonus]
+        assert target.n_past == n0 + len(path) and seconds >= 0
+        np.testing.assert_array_equal(f, feats[path])
+        if with_rows:
+            np.testing.assert_array_equal(rows, logits[path])
+        else:
+            assert rows is None
+        after, _ = target.forward([7])
+        np.testing.assert_array_equal(after, after_ref)
+        target.truncate(n0)
+        _, f, _, _ = target.verify_greedy(tokens, parents, features=False)
+        assert f is None and target.n_past == n0 + len(path)
+        accepted.append(len(path) - 1)
+    assert max(accepted) >= 3 and min(accepted) == 0  # long paths and rejected roots both met
+
+
+def test_native_greedy_verification_rejects_bad_input():
+    _, target = tiny_target(vocab=301, context=32)
+    target.forward([1, 2, 3]); target.commit()
+    bad = [
+        (([1, 2], [-1]), "2 tokens but 1 parents"),
+        (([1, 2, 3], [-1, 2, 0]), "must be an earlier node"),
+        (([1, 2], [0, 0]), "root"),
+        (([], []), "at least its root"),
+        (([1, 99999], [-1, 0]), "token"),
+        (([1.5, 2.0], [-1, 0]), "tokens must be integers"),
+        (([1, 2], [-1.0, 0.0]), "parents must be integers"),
+        (([1, 2**40], [-1, 0]), "int32"),
+        ((list(range(30)), list(range(-1, 29))), "context full"),
+    ]
+    for (tokens, parents), match in bad:
+        with pytest.raises(ValueError, match=match):
+            target.verify_greedy(tokens, parents)
+        assert target.n_past == 3  # nothing changed
+    _, big = tiny_target(vocab=301, context=256)
+    with pytest.raises(ValueError, match="max_batch"):
+        big.verify_greedy(list(range(200)), list(range(-1, 199)))
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
 def test_greedy_with_plain_steps_interleaved_equals_plain(overlap):
     """Steps that do not draft (the adaptive governor's plain steps) in any pattern between

@@ -156,6 +156,23 @@ struct StepInputs {
   }
 };
 
+// A greedy step's outputs as arrays: emitted [m] (int64), features [m, D] and rows [m, V]
+// (empty when not asked for).
+struct StepArrays {
+  py::array_t<int64_t> emitted;
+  py::array_t<float> features, rows;
+  explicit StepArrays(const GreedyStep& r) {
+    const int64_t m = (int64_t)r.emitted.size();
+    const int64_t D = m ? (int64_t)r.features.size() / m : 0, V = m ? (int64_t)r.rows.size() / m : 0;
+    emitted = py::array_t<int64_t>(m);
+    std::copy(r.emitted.begin(), r.emitted.end(), emitted.mutable_data());
+    features = py::array_t<float>({m, D});
+    std::copy(r.features.begin(), r.features.end(), features.mutable_data());
+    rows = py::array_t<float>({m, V});
+    std::copy(r.rows.begin(), r.rows.end(), rows.mutable_data());
+  }
+};
+
 }  // namespace
 
 
@@ -316,6 +333,33 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("weight_bytes", &DraftEngine::weight_bytes)
       .def_property_readonly("draft_vocab", &DraftEngine::draft_vocab);
 
+  py::class_<GreedyVerifier>(m, "GreedyVerifier",
+      "Greedy verification of a tree on the target: one call, the acceptance and the commit (see "
+      "dovetail_ext.target.TargetEngine.verify_greedy). Holds a reference to the engine.")
+      .def(py::init([](LlamaEngine& target) { return std::make_unique<GreedyVerifier>(target); }),
+           py::arg("target"), py::keep_alive<1, 2>())
+      .def("verify", [](GreedyVerifier& v, const py::handle& tok_obj, const py::handle& par_obj, bool features,
+                        bool rows) -> py::tuple {
+             DraftTree tree;
+             const auto toks = int32_vector(tok_obj, "tokens");
+             tree.tokens.assign(toks.data(), toks.data() + toks.size());
+             tree.parents = row_list(par_obj, "parents");
+             GreedyStep r;
+             {
+               py::gil_scoped_release nogil;
+               v.run(tree, r, rows, features);
+             }
+             const StepArrays a(r);
+             return py::make_tuple(a.emitted, features ? py::object(a.features) : py::none(), r.verify_s, r.accept_s,
+                                   rows ? py::object(a.rows) : py::none());
+           },
+           py::arg("tokens"), py::arg("parents"), py::arg("features") = true, py::arg("rows") = false,
+           "Verify a tree (tokens [K], parents [K]: -1 for the root, which comes first, then each parent before "
+           "its children) after the committed prefix in one target call, accept greedily and commit the "
+           "accepted path. Returns (emitted tokens: the accepted ones and the bonus, target features of the "
+           "committed rows [len(emitted), D] or None, verify / accept seconds, the logits row each emitted "
+           "token was chosen from [len(emitted), V] or None).");
+
   py::class_<GreedySpeculator>(m, "GreedySpeculator",
       "Greedy speculative decoding, one native call per step, with the CPU draft or a device draft (see "
       "dovetail_ext.speculative). Holds references to both engines.")
@@ -336,16 +380,9 @@ void bind_engine(py::module_& m) {
                r = g.step(in.feats.data(), in.tokens.data(), in.n, TreeShape{top_k, depth, total_tokens, min_score},
                           rows);
              }
-             const int64_t m = (int64_t)r.emitted.size(), D = m ? (int64_t)r.features.size() / m : 0;
-             py::array_t<int64_t> emitted(m);
-             std::copy(r.emitted.begin(), r.emitted.end(), emitted.mutable_data());
-             py::array_t<float> out({m, D});
-             std::copy(r.features.begin(), r.features.end(), out.mutable_data());
-             if (!rows) return py::make_tuple(emitted, out, r.tree_size, r.draft_s, r.verify_s, r.accept_s);
-             const int64_t V = m ? (int64_t)r.rows.size() / m : 0;
-             py::array_t<float> logits({m, V});
-             std::copy(r.rows.begin(), r.rows.end(), logits.mutable_data());
-             return py::make_tuple(emitted, out, r.tree_size, r.draft_s, r.verify_s, r.accept_s, logits);
+             const StepArrays a(r);
+             if (!rows) return py::make_tuple(a.emitted, a.features, r.tree_size, r.draft_s, r.verify_s, r.accept_s);
+             return py::make_tuple(a.emitted, a.features, r.tree_size, r.draft_s, r.verify_s, r.accept_s, a.rows);
            },
            py::arg("features"), py::arg("next_tokens"), py::arg("top_k"), py::arg("depth"), py::arg("total_tokens"),
            py::arg("min_score"), py::arg("rows") = false,

@@ -132,13 +132,13 @@ void check_pair(const LlamaEngine& target, const DraftCalls& draft) {
 }  // namespace
 
 GreedySpeculator::GreedySpeculator(LlamaEngine& target, DraftEngine& draft)
-    : target_(target), draft_(std::make_unique<CpuDraftCalls>(draft)) {
+    : target_(target), draft_(std::make_unique<CpuDraftCalls>(draft)), verifier_(target) {
   check_pair(target, *draft_);
   DT_CHECK(draft.embedding() == target.token_embedding().get(), "the draft was built for another target engine");
 }
 
 GreedySpeculator::GreedySpeculator(LlamaEngine& target, DeviceDraftEngine& draft)
-    : target_(target), draft_(std::make_unique<DeviceDraftCalls>(draft)) {
+    : target_(target), draft_(std::make_unique<DeviceDraftCalls>(draft)), verifier_(target) {
   check_pair(target, *draft_);
 }
 
@@ -305,17 +305,26 @@ GreedyStep GreedySpeculator::step(const float* features, const int32_t* next_tok
   }
   if (tree.tokens.empty()) tree = propose_locked(features, next_tokens, n, shape);
   const auto t1 = Clock::now();
-  verify_and_commit(tree, out, want_rows);
+  verifier_.run(tree, out, want_rows);
   if (lookup_) expect_n_past_ = target_.n_past();
   out.draft_s = out.lookup ? 0.0 : seconds(t0, t1);
   out.verify_s += out.lookup ? seconds(t0, t1) : 0.0;
   return out;
 }
 
-void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out, bool want_rows) {
+void GreedyVerifier::run(const DraftTree& tree, GreedyStep& out, bool want_rows, bool want_features) {
+  std::lock_guard<std::mutex> lock(mu_);
   const auto t1 = Clock::now();
-  // 4. One target call over the tree: each node sees the prefix and its ancestors.
   const int64_t K = (int64_t)tree.tokens.size(), V = target_.params().vocab, D = target_.params().layer.dim;
+  DT_CHECK(K >= 1, "a tree to verify needs at least its root");
+  DT_CHECK((int64_t)tree.parents.size() == K, "tree has " + std::to_string(K) + " tokens but " +
+                                                  std::to_string(tree.parents.size()) + " parents");
+  DT_CHECK(tree.parents[0] == -1, "the tree's first node must be its root (parent -1)");
+  for (int64_t i = 1; i < K; ++i)
+    DT_CHECK(tree.parents[i] >= 0 && tree.parents[i] < i,
+             "parent " + std::to_string(tree.parents[i]) + " of tree node " + std::to_string(i) +
+                 " must be an earlier node");
+  // One target call over the tree: each node sees the prefix and its ancestors.
   std::vector<int32_t> depth(K, 0);
   anc_.assign(K * K, 0);
   positions_.resize(K);
@@ -331,28 +340,28 @@ void GreedySpeculator::verify_and_commit(const DraftTree& tree, GreedyStep& out,
   rows_.resize(K);
   std::iota(rows_.begin(), rows_.end(), 0);
   logits_.resize(K * V);
-  target_feats_.resize(K * D);
-  target_.forward(tree.tokens.data(), positions_.data(), K, anc_.data(), rows_.data(), K, logits_.data(), rows_.data(),
-                  K, target_feats_.data());
+  feats_.resize(want_features ? K * D : 0);
+  target_.forward(tree.tokens.data(), positions_.data(), K, anc_.data(), rows_.data(), K, logits_.data(),
+                  want_features ? rows_.data() : nullptr, want_features ? K : 0,
+                  want_features ? feats_.data() : nullptr);
   const auto t2 = Clock::now();
   // Acceptance in node order (a parent before its children): the accepted nodes form one
   // chain from the root, so the last one accepted ends the path.
-  std::vector<int64_t> best(K);
-  argmax_rows(logits_.data(), K, V, best.data());
+  best_.resize(K);
+  argmax_rows(logits_.data(), K, V, best_.data());
   std::vector<int64_t> path = {0};
   for (int64_t c = 1; c < K; ++c)
-    if (tree.parents[c] == path.back() && tree.tokens[c] == best[path.back()]) path.push_back(c);
+    if (tree.parents[c] == path.back() && tree.tokens[c] == best_[path.back()]) path.push_back(c);
   target_.commit(path.data(), (int64_t)path.size());
+  out.emitted.clear();
   for (size_t i = 1; i < path.size(); ++i) out.emitted.push_back(tree.tokens[path[i]]);
-  out.emitted.push_back((int32_t)best[path.back()]);
-  out.features.resize(path.size() * D);
-  for (size_t i = 0; i < path.size(); ++i)
-    std::memcpy(&out.features[i * D], &target_feats_[path[i] * D], sizeof(float) * D);
-  if (want_rows) {  // emitted token i was chosen from path node i's row
-    out.rows.resize(path.size() * V);
-    for (size_t i = 0; i < path.size(); ++i)
-      std::memcpy(&out.rows[i * V], &logits_[path[i] * V], sizeof(float) * V);
-  }
+  out.emitted.push_back((int32_t)best_[path.back()]);
+  out.features.resize(want_features ? path.size() * D : 0);
+  for (size_t i = 0; want_features && i < path.size(); ++i)
+    std::memcpy(&out.features[i * D], &feats_[path[i] * D], sizeof(float) * D);
+  out.rows.resize(want_rows ? path.size() * V : 0);
+  for (size_t i = 0; want_rows && i < path.size(); ++i)  // emitted token i was chosen from path node i's row
+    std::memcpy(&out.rows[i * V], &logits_[path[i] * V], sizeof(float) * V);
   out.tree_size = K;
   out.verify_s = seconds(t1, t2);
   out.accept_s = seconds(t2, Clock::now());

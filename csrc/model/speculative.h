@@ -77,6 +77,28 @@ struct GreedyStep {
   std::vector<float> rows;
 };
 
+// Step 4 of a greedy step, on its own: one target call over a tree (a drafted tree, a
+// prompt-lookup chain, or the root alone), greedy acceptance, and the commit of the accepted
+// path. The Python orchestrator verifies lookup chains and plain greedy steps through it, so
+// no logits row leaves native code unless asked for. Scratch is kept across calls.
+class GreedyVerifier {
+ public:
+  explicit GreedyVerifier(LlamaEngine& target) : target_(target) {}
+  // Fills out.emitted (the accepted drafted tokens, then the bonus token), out.tree_size,
+  // the verify / accept seconds, out.features with want_features, out.rows with want_rows.
+  // The tree's parents must come before their children, the root first; the target needs
+  // room for the whole tree.
+  void run(const DraftTree& tree, GreedyStep& out, bool want_rows, bool want_features = true);
+
+ private:
+  LlamaEngine& target_;
+  std::mutex mu_;
+  std::vector<float> logits_, feats_;
+  std::vector<int32_t> positions_;
+  std::vector<int64_t> rows_, best_;
+  std::vector<uint8_t> anc_;
+};
+
 class GreedySpeculator {
  public:
   // Both engines must outlive the speculator; the draft must belong to the target.
@@ -116,18 +138,17 @@ class GreedySpeculator {
              int64_t pairs) const;
   DraftTree propose_locked(const float* features, const int32_t* next_tokens, int64_t n, const TreeShape& shape);
   DraftTree grow(int32_t root, const TreeShape& shape);
-  // Step 4 on a tree: one target call, greedy acceptance, the commit; fills out.
-  void verify_and_commit(const DraftTree& tree, GreedyStep& out, bool want_rows);
   void reset_locked();
 
   LlamaEngine& target_;
   std::unique_ptr<DraftCalls> draft_;
+  GreedyVerifier verifier_;  // step 4
   std::mutex mu_;
   int64_t root_row_ = 0, hist_rows_ = 0;  // the root's history row; rows in the history
   std::vector<int32_t> root_ids_;
   std::vector<float> root_logp_;
-  // Scratch for draft and target calls, reused across steps.
-  std::vector<float> logits_, target_feats_, logp_;
+  // Scratch for draft calls, reused across steps.
+  std::vector<float> logp_;
   std::vector<int32_t> ids_, positions_;
   std::vector<int64_t> rows_;
   std::vector<uint8_t> anc_;

@@ -735,11 +735,16 @@ class Generator:
                         count_corpus(chain, len(accepted))
                         self._kv_tokens.extend([root] + accepted)
                     else:
-                        logits, _ = self.target.forward([root])
-                        self.target.commit()
+                        native = self.target.verify_greedy([root], [-1], False, logprobs is not None) \
+                            if params.greedy and shaper is None else None
+                        if native is not None:  # the call, the argmax and the commit in one native call
+                            pending, rows = native[0], native[3]
+                        else:
+                            logits, _ = self.target.forward([root])
+                            self.target.commit()
+                            pending = [pick(logits[0])]
+                            rows = [logits[0]]
                         self._kv_tokens.append(root)
-                        pending = [pick(logits[0])]
-                        rows = [logits[0]]
                         if lookup_only:
                             times.record_step()
                     if lookup_only:

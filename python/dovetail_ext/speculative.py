@@ -393,10 +393,16 @@ def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, t
                 t0: float, shaper=None, rows: list | None = None) -> tuple[list[int], np.ndarray]:
     """A step that does not draft: plain decoding of the root (the same call and the same
     choice as plain decoding), keeping its target features for the draft's next step."""
-    logits, feats = target.forward([state.root], feature_rows=[0])
-    t1 = time.perf_counter()
-    bonus = chooser(logits[0] if shaper is None else shaper(logits[0]))
-    target.commit()
+    native = target.verify_greedy([state.root], [-1], True, rows is not None) \
+        if chooser.params.greedy and shaper is None else None
+    if native is not None:  # the call, the argmax and the commit in one native call
+        (bonus,), feats, _, logits = native
+        t1 = time.perf_counter()
+    else:
+        logits, feats = target.forward([state.root], feature_rows=[0])
+        t1 = time.perf_counter()
+        bonus = chooser(logits[0] if shaper is None else shaper(logits[0]))
+        target.commit()
     if rows is not None:
         rows[:] = [logits[0]]
     state.backlog.append((feats, np.array([bonus], dtype=np.int64)))
@@ -418,7 +424,15 @@ def verify_chain(target: TargetEngine, root: int, chain: list[int], sampling: Sa
     if len(chain) + 1 > target.context - target.n_past:
         raise ValueError(f"a chain of {len(chain)} tokens after the root does not fit the "
                          f"{target.context - target.n_past} KV slots left")
-    tree = build_tree([root, *chain], list(range(-1, len(chain))))
+    tokens, parents = [root, *chain], list(range(-1, len(chain)))
+    native = target.verify_greedy(tokens, parents, features, rows is not None) \
+        if sampling.greedy and shaper is None else None
+    if native is not None:  # the call, the acceptance and the commit in one native call
+        emitted, feats, _, logits = native
+        if rows is not None:
+            rows[:] = list(logits)
+        return emitted[:-1], emitted, feats
+    tree = build_tree(tokens, parents)
     nodes = np.arange(tree.size)
     logits, feats = target.forward(tree.tokens, tree.positions(target.n_past), tree.ancestors,
                                    logit_rows=nodes, feature_rows=nodes if features else None)

@@ -23,6 +23,13 @@ from .formats.base import ModelSource
 __all__ = ["TargetEngine", "check_device_name", "default_threads", "parse_device"]
 
 
+def _check_int32(**arrays: np.ndarray) -> None:
+    """ValueError naming the first integer array with values outside the int32 range."""
+    for name, arr in arrays.items():
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{name} has values outside the int32 range")
+
+
 def _device_index(device) -> int | None:
     """The CUDA index of "cuda" / "cuda:N" (0 for "cuda"); None for the other names."""
     if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
@@ -134,6 +141,7 @@ class TargetEngine:
                                          threads=threads, kv_dtype=kv_dtype, first_layer=gpu_layers,
                                          sequences=sequences)
         self._prefix = None
+        self._verifier = None  # verify_greedy's native state, made on first use
         if gpu_layers:
             self._prefix = _core.DeviceTargetPrefix(asdict(cfg), weights, self._engine, layers=gpu_layers,
                                                     context=context, max_batch=max_batch, backend=backend,
@@ -160,9 +168,7 @@ class TargetEngine:
         if positions is None:
             positions = self.n_past + np.arange(T)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        for name, arr in (("tokens", tokens), ("positions", positions)):
-            if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
-                raise ValueError(f"{name} has values outside the int32 range")
+        _check_int32(tokens=tokens, positions=positions)
         if logit_rows is None:
             logit_rows = [T - 1] if T else []
         tokens, positions = tokens.astype(np.int32), positions.astype(np.int32)
@@ -172,6 +178,39 @@ class TargetEngine:
             hidden = self._prefix.forward(tokens, positions, ancestors)
             return self._engine.forward_hidden(hidden, positions, ancestors, logit_rows, feature_rows)
         return self._engine.forward(tokens, positions, ancestors, logit_rows, feature_rows)
+
+    def verify_greedy(self, tokens, parents, features: bool = True,
+                      rows: bool = False) -> tuple[list[int], np.ndarray | None, float, np.ndarray | None] | None:
+        """Verify a tree of tokens after the committed prefix in one call, accept it greedily
+        and commit the accepted path, all in native code: the same call, acceptance and
+        commit as :meth:`forward` followed by :func:`dovetail_ext.sampling.accept_greedy` and
+        :meth:`commit`, without the logits leaving the engine.
+
+        Args:
+            tokens: int [K], the root first.
+            parents: int [K], -1 for the root, each parent before its children.
+            features: return the target features of the committed rows.
+            rows: return the logits row each emitted token was chosen from.
+
+        Returns:
+            (emitted tokens: the accepted tree tokens and the bonus token, features
+            [len(emitted), D] or None, the seconds the target call took, rows
+            [len(emitted), V] or None); or None with a partly offloaded target, which
+            verifies through :meth:`forward`.
+        """
+        if self._prefix is not None:
+            return None
+        if self._verifier is None:
+            self._verifier = _core.GreedyVerifier(self._engine)
+        tokens = np.asarray(tokens).reshape(-1)
+        parents = np.asarray(parents).reshape(-1)
+        for name, arr in (("tokens", tokens), ("parents", parents)):
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{name} must be integers, got {arr.dtype}")
+        _check_int32(tokens=tokens)
+        emitted, feats, verify_s, _, logits = self._verifier.verify(tokens.astype(np.int32), parents.astype(np.int64),
+                                                                  features, rows)
+        return emitted.tolist(), feats, verify_s, logits
 
     def forward_sequences(self, tokens, sequences, positions=None) -> np.ndarray:
         """One new token for each of S distinct sequences, in one pass over the weights:
@@ -189,9 +228,7 @@ class TargetEngine:
         positions = np.asarray(positions)
         if positions.shape != seqs.shape or not np.issubdtype(positions.dtype, np.integer):
             raise ValueError("positions must be a 1-D integer array, one per sequence")
-        for name, arr in (("tokens", tokens), ("positions", positions)):
-            if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
-                raise ValueError(f"{name} has values outside the int32 range")
+        _check_int32(tokens=tokens, positions=positions)
         return self._engine.forward_sequences(tokens.astype(np.int32), positions.astype(np.int32),
                                               seqs.astype(np.int64))
 
