@@ -45,6 +45,7 @@ inline void load_codes8(const uint8_t* bp, int half, __m256i* c) {
 template <WType WT, int TT>
 inline void half_block(const uint8_t* bp, int half, const int8_t* qb, const float* db, const float* dsb, __m256* acc) {
   const int64_t cb = panel_code_bytes(WT);
+  if (half == 0) prefetch_ahead(bp, panel_block_bytes(WT));  // (the second half reads the same lines)
   __m256i c[8];
   load_codes8<WT>(bp, half, c);
   const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bp + cb + 16 * half)));
@@ -136,8 +137,11 @@ inline void float_tile(const PackedWeight& w, int64_t p, const float* x, const Q
   __m256 acc[TT][2][2];  // [token][rows 0-7 / 8-15][even / odd step]
   for (int i = 0; i < TT; ++i)
     for (int h = 0; h < 2; ++h) acc[i][h][0] = acc[i][h][1] = _mm256_setzero_ps();
+  constexpr int64_t step_bytes = WT == WType::F16 ? 32 : 64;  // one column, or a bf16 column pair
+  const uint8_t* stream = w.data.data() + p * steps * step_bytes;
   for (int64_t j = 0; j < steps; ++j) {
     const int par = (int)(j & 1);
+    prefetch_ahead(stream + j * step_bytes, step_bytes);
     if constexpr (WT == WType::BF16) {
       const uint16_t* panel = float_panel<uint16_t>(w, p) + j * 2 * kPanel;
       __m256 wlo[2], whi[2];

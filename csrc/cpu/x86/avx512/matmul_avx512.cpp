@@ -72,6 +72,7 @@ inline void load_codes(const uint8_t* bp, __m512i* c) {
 template <WType WT, int TT>
 inline void panel_block(const uint8_t* bp, const int8_t* qb, const float* db, const float* dsb, __m512* acc) {
   const int64_t cb = panel_code_bytes(WT);
+  prefetch_ahead(bp, panel_block_bytes(WT));
   __m512i c[8];
   load_codes<WT>(bp, c);
   const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(bp + cb)));
@@ -172,7 +173,9 @@ inline void float_tile(const void* panel, int64_t steps, const X* x, float* y, i
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
   int64_t k = 0;
+  constexpr int64_t step_bytes = WT == WType::F16 ? 32 : 64;
   for (; k + 2 <= steps; k += 2) {
+    prefetch_ahead(static_cast<const uint8_t*>(panel) + k * step_bytes, 2 * step_bytes);
     const __m512 w0 = load_step<WT>(panel, k), w1 = load_step<WT>(panel, k + 1);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; ++i) {
