@@ -28,6 +28,7 @@ from .formats.base import ModelSource
 from .grammar import Constraint, Grammar
 from .lookup import LookupParams, NgramLookup, TokenCorpus
 from .sampling import LogitAdjuster, LogitShaper, SamplingParams, TokenChooser
+from .speculative import native_greedy
 from .target import TargetEngine, check_device_name
 from .tools import Tool, ToolCall, ToolCallFilter, parse_tool_choice, parse_tools, render_chat, tool_grammar
 from .tree import AutoTree, TreeParams
@@ -735,8 +736,8 @@ class Generator:
                         count_corpus(chain, len(accepted))
                         self._kv_tokens.extend([root] + accepted)
                     else:
-                        native = self.target.verify_greedy([root], [-1], False, logprobs is not None) \
-                            if params.greedy and shaper is None else None
+                        native = native_greedy(self.target, [root], [-1], params, shaper, False,
+                                               logprobs is not None)
                         if native is not None:  # the call, the argmax and the commit in one native call
                             pending, rows = native[0], native[3]
                         else:

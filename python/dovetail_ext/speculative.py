@@ -41,7 +41,7 @@ from .sampling import SamplingParams, TokenChooser, accept_greedy, accept_sample
 from .target import TargetEngine
 from .tree import AutoTree, Tree, TreeParams, build_tree
 
-__all__ = ["SpecState", "SpecTimes", "Governor", "TreeSelector", "speculative_step", "verify_chain"]
+__all__ = ["SpecState", "SpecTimes", "Governor", "TreeSelector", "speculative_step", "verify_chain", "native_greedy"]
 
 
 @dataclass
@@ -389,12 +389,24 @@ def speculative_step(state: SpecState, target: TargetEngine, draft: Draft, param
     return accepted + [bonus], feats[path]
 
 
+def native_greedy(target, tokens, parents, sampling: SamplingParams, shaper, features: bool,
+                  rows: bool) -> tuple | None:
+    """The tree verified, accepted and committed in one native call
+    (:meth:`~dovetail_ext.target.TargetEngine.verify_greedy`) where that gives what the
+    Python path would: greedy, nothing shaping the logits, and a target that has it (a
+    sequence of a :class:`~dovetail_ext.batching.SequenceBatcher` has not: its one-token
+    steps join the batch through ``forward``). None where the caller verifies in Python."""
+    verify = getattr(target, "verify_greedy", None)
+    if verify is None or not sampling.greedy or shaper is not None:
+        return None
+    return verify(tokens, parents, features, rows)
+
+
 def _plain_step(state: SpecState, target: TargetEngine, chooser: TokenChooser, times: SpecTimes,
                 t0: float, shaper=None, rows: list | None = None) -> tuple[list[int], np.ndarray]:
     """A step that does not draft: plain decoding of the root (the same call and the same
     choice as plain decoding), keeping its target features for the draft's next step."""
-    native = target.verify_greedy([state.root], [-1], True, rows is not None) \
-        if chooser.params.greedy and shaper is None else None
+    native = native_greedy(target, [state.root], [-1], chooser.params, shaper, True, rows is not None)
     if native is not None:  # the call, the argmax and the commit in one native call
         (bonus,), feats, _, logits = native
         t1 = time.perf_counter()
@@ -425,8 +437,7 @@ def verify_chain(target: TargetEngine, root: int, chain: list[int], sampling: Sa
         raise ValueError(f"a chain of {len(chain)} tokens after the root does not fit the "
                          f"{target.context - target.n_past} KV slots left")
     tokens, parents = [root, *chain], list(range(-1, len(chain)))
-    native = target.verify_greedy(tokens, parents, features, rows is not None) \
-        if sampling.greedy and shaper is None else None
+    native = native_greedy(target, tokens, parents, sampling, shaper, features, rows is not None)
     if native is not None:  # the call, the acceptance and the commit in one native call
         emitted, feats, _, logits = native
         if rows is not None:
