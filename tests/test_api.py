@@ -144,6 +144,12 @@ def test_logprobs_are_the_targets(gen, random_draft_gen):
         spec = g.generate(code, max_new_tokens=40, logprobs=3, tree=tree)
         assert spec.stats.mode == "speculative" and spec.tokens == plain.tokens and spec.logprobs == plain.logprobs
     assert gen.generate(code, max_new_tokens=40, logprobs=3).stats.acceptance_length > 1.2  # (it did speculate)
+    # without a draft (prompt lookup alone: native plain steps, chains verified natively)
+    import dovetail_ext
+    lookup_only = dovetail_ext.load(gen.source.path, draft=None, context=256, threads=2)
+    one = lookup_only.generate(code, max_new_tokens=40, logprobs=3)
+    assert one.stats.mode == "lookup" and one.stats.lookup_steps > 0 and one.stats.target_calls > one.stats.lookup_steps
+    assert one.tokens == plain.tokens and one.logprobs == plain.logprobs
     # greedy steps in one native call hand back the rows they chose from: the same as Python's steps
     calls = []
     native_step = gen.draft.step_greedy

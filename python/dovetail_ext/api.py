@@ -730,7 +730,7 @@ class Generator:
                     if chain:
                         ts = time.perf_counter()
                         accepted, pending, _ = verify_chain(self.target, root, chain, params, chooser, features=False,
-                                                            shaper=shaper, rows=rows)
+                                                            shaper=shaper, rows=rows if logprobs is not None else None)
                         times.verify_s += time.perf_counter() - ts
                         times.record_step(len(chain), len(accepted), lookup=True)
                         count_corpus(chain, len(accepted))
@@ -739,7 +739,7 @@ class Generator:
                         native = native_greedy(self.target, [root], [-1], params, shaper, False,
                                                logprobs is not None)
                         if native is not None:  # the call, the argmax and the commit in one native call
-                            pending, rows = native[0], native[3]
+                            pending, rows = native[0], [] if native[3] is None else list(native[3])
                         else:
                             logits, _ = self.target.forward([root])
                             self.target.commit()
