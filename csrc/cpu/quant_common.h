@@ -31,9 +31,9 @@ inline int64_t panel_block_bytes(WType t) { return kPanel * gguf_unit_bytes(t); 
 
 // The SIMD kernels read a matrix's block panels as one stream, and ask for the bytes
 // kPrefetchAhead ahead of the block they start (prefetchnta: __builtin_prefetch with no
-// temporal locality). Measured in bench/KERNELS.md: a whole target call 0.93x the time at
-// T = 1, 0.83x at T = 4 and 0.72x at T = 16 with 3 KB. A prefetch never faults, so the
-// addresses past a matrix's end are harmless.
+// temporal locality). Measured in bench/KERNELS.md: with 3 KB a whole target call took
+// 0.95x the time at T = 1, 0.78x at T = 4 and 0.65x at T = 16. A prefetch never faults, so
+// the addresses past a matrix's end are harmless.
 constexpr int64_t kPrefetchAhead = 3072;
 inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + kPrefetchAhead + o, 0, 0);
