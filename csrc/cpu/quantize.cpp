@@ -120,31 +120,38 @@ int quantize_block(const float* xb, int8_t* q, float* d) {
 
 }  // namespace scalar
 
+namespace {
+
+// avx512::quantize_row's contract over a block kernel, one block after another.
+template <int (*Block)(const float*, int8_t*, float*)>
+void row_by_blocks(const float* x, int64_t nb, int8_t* q, int64_t q_stride, float* d, float* ds, int64_t stride) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const int sum = Block(x + b * kQBlock, q + b * q_stride, &d[b * stride]);
+    ds[b * stride] = d[b * stride] * (float)sum;
+  }
+}
+
+}  // namespace
+
 void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthreads) {
   DT_CHECK(K % kQBlock == 0, "activation length must be a multiple of 32, got " + std::to_string(K));
   out.reserve(T, K);
   out.T = T;
   out.K = K;
   const int64_t nb = K / kQBlock;
-  const bool rows512 = active_isa() == Isa::Avx512;  // whole rows (avx512::quantize_row), else block by block
-  int (*block)(const float*, int8_t*, float*) =
-      active_isa() == Isa::Avx2 ? avx2::quantize_block : scalar::quantize_block;
-  parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    if (rows512) {  // the row's blocks together (the same bits as block by block)
-      const int64_t s0 = act_slot(t, 0, nb);
-      avx512::quantize_row(x + t * K, nb, out.qi.data() + s0 * kQBlock, kActTile * kQBlock, out.di.data() + s0,
-                           out.dsi.data() + s0, kActTile);
-      continue;
-    }
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t slot = act_slot(t, b, nb);
-      float d;
-      const int sum = block(x + t * K + b * kQBlock, out.qi.data() + slot * kQBlock, &d);
-      out.di[slot] = d;
-      out.dsi[slot] = d * (float)sum;
-    }
+  // One row at a time: AVX-512 takes a row's blocks together (the same bits as block by block).
+  void (*row)(const float*, int64_t, int8_t*, int64_t, float*, float*, int64_t) = row_by_blocks<scalar::quantize_block>;
+  switch (active_isa()) {
+    case Isa::Avx512: row = avx512::quantize_row; break;
+    case Isa::Avx2: row = row_by_blocks<avx2::quantize_block>; break;
+    case Isa::Scalar: break;
   }
+  parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {  // block b of row t sits kActTile slots after block b - 1
+      const int64_t s0 = act_slot(t, 0, nb);
+      row(x + t * K, nb, out.qi.data() + s0 * kQBlock, kActTile * kQBlock, out.di.data() + s0, out.dsi.data() + s0,
+          kActTile);
+    }
   });
   // Zero the tail of the last tile: its unused token slots are computed and discarded.
   for (int64_t t = T; t % kActTile != 0; ++t)
