@@ -244,10 +244,8 @@ def draft_container(source: Any, draft: str | Path = "auto"
     from .models import packaged_draft_for
     from .quant import quantize
 
-    path = packaged_draft_for(source) if str(draft) == "auto" else draft
-    if not path:
-        raise FileNotFoundError(f"no draft ships for {source.name or source.path}; pass a checkpoint directory")
-    config, weights = load_draft_weights(path)
+    config, weights = load_draft_weights(_given_or_shipped(source, draft, packaged_draft_for, "draft",
+                                                           "a checkpoint directory"))
     diff = config.target.differences(TargetSignature.from_source(source))
     if diff:
         raise DraftMismatchError(f"this draft was trained for another target model ({'; '.join(diff)})")
@@ -287,14 +285,20 @@ def corpus_container(source: Any, corpus: str | Path = "auto"
     from .lookup import TokenCorpus
     from .models import packaged_corpus_for
 
-    path = packaged_corpus_for(source) if str(corpus) == "auto" else corpus
-    if not path:
-        raise FileNotFoundError(f"no corpus ships for {source.name or source.path}; pass a corpus file")
-    tc = TokenCorpus.load(path)
+    tc = TokenCorpus.load(_given_or_shipped(source, corpus, packaged_corpus_for, "corpus", "a corpus file"))
     tc.check_target(source)
     tokens = np.ascontiguousarray(tc.tokens, dtype=np.int32)
     return _fixed_header(source.config.vocab_size, source.config, 0, -1, []), \
         [("corpus_tokens", C_VOCAB_MAP_CODE, tokens.shape, tokens)]
+
+
+def _given_or_shipped(source: Any, given: str | Path, shipped_for, what: str, hint: str) -> str | Path:
+    """``given``, or with ``"auto"`` the file ``shipped_for(source)`` finds; FileNotFoundError
+    naming ``what`` when nothing ships for the model."""
+    path = shipped_for(source) if str(given) == "auto" else given
+    if not path:
+        raise FileNotFoundError(f"no {what} ships for {source.name or source.path}; pass {hint}")
+    return path
 
 
 def _fixed_header(vocab_size: int, shape, max_context: int, bos: int, eos: list[int]) -> bytes:
