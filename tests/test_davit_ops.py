@@ -73,7 +73,7 @@ def test_channel_attention_matches_reference(isa, case):
     assert_derived(y, ref64, ref32, what=f"channel {case} on {isa}")
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
 def test_simd_paths_agree_with_scalar(isa):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 10, 12, 40, generator=gen)
@@ -386,7 +386,7 @@ def test_linear_tile_bf16(isa, m, k, n):
     assert_derived(y, ref64, ref32, what=f"bf16 linear {m}x{k}x{n} on {isa}")
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx512", "avx512bf16"])
 @pytest.mark.parametrize("case", [(2, 9, 16, 40, 5, 4), (1, 15, 13, 96, 3, 7)], ids=lambda c: "x".join(map(str, c)))
 def test_window_attention_bf16(isa, case):
     """bf16 projections: error against the float64 op within 2x PyTorch's own bf16 matmuls."""
@@ -401,7 +401,7 @@ def test_window_attention_bf16(isa, case):
     assert_derived(y, ref64, torch_bf16, factor=2.0, what=f"bf16 window {case} on {isa}")
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx512", "avx512bf16"])
 @pytest.mark.parametrize("case", [(3, 97, 36, 3), (2, 196, 384, 12), (1, 800, 96, 3)],
                          ids=lambda c: "x".join(map(str, c)))
 def test_channel_attention_bf16(isa, case):

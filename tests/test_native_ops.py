@@ -145,9 +145,9 @@ def test_dequantize_row(dtype):
 @pytest.mark.parametrize("T,K,N", [(1, 32, 1), (3, 97, 7), (9, 162, 33), (17, 576, 100), (8, 1538, 19)])
 def test_float_linear_same_bits_on_every_isa(dtype, T, K, N):
     """Float weights: every ISA path gives the scalar path's bits (the same two FMA chains
-    per output; for bf16 the AVX-512 kernel's vdpbf16ps and the FMA emulation of its
-    rounding elsewhere), for odd K, padded pairs, partial panels and token tiles; values in
-    the normal range (vdpbf16ps flushes denormals, the emulation does not)."""
+    per output; for bf16 vdpbf16ps on the avx512bf16 path and the same sums as two FMAs
+    on every other path), for odd K, padded pairs, partial panels and token tiles; values in
+    the normal range (vdpbf16ps flushes denormals, the FMAs do not)."""
     rng = np.random.default_rng(T + K + N)
     x = _rand(rng, T, K, scale=float(rng.uniform(0.01, 100.0)))
     pw = _packed(quantize(_rand(rng, N, K, scale=K ** -0.5), dtype))

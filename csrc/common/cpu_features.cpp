@@ -32,8 +32,8 @@ bool supports(const CpuFeatures& f, Isa isa) {
     case Isa::Scalar: return true;
     case Isa::Avx2: return f.avx2 && f.fma && f.f16c;
     case Isa::Avx512:
-      return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni &&
-             f.avx512bf16 && f.avx2 && f.fma && f.f16c;
+      return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni && f.avx2 && f.fma && f.f16c;
+    case Isa::Avx512Bf16: return supports(f, Isa::Avx512) && f.avx512bf16;
   }
   return false;
 }
@@ -68,6 +68,7 @@ const CpuFeatures& cpu_features() {
 
 Isa best_isa() {
   const auto& f = cpu_features();
+  if (supports(f, Isa::Avx512Bf16)) return Isa::Avx512Bf16;
   if (supports(f, Isa::Avx512)) return Isa::Avx512;
   if (supports(f, Isa::Avx2)) return Isa::Avx2;
   return Isa::Scalar;
@@ -75,7 +76,7 @@ Isa best_isa() {
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> out;
-  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
     if (supports(cpu_features(), i)) out.push_back(i);
   return out;
 }
@@ -93,6 +94,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Bf16: return "avx512bf16";
   }
   return "unknown";
 }
@@ -101,7 +103,8 @@ Isa isa_from_name(const std::string& name) {
   if (name == "scalar") return Isa::Scalar;
   if (name == "avx2") return Isa::Avx2;
   if (name == "avx512") return Isa::Avx512;
-  throw_value_error("unknown ISA path '" + name + "': expected scalar, avx2 or avx512");
+  if (name == "avx512bf16") return Isa::Avx512Bf16;
+  throw_value_error("unknown ISA path '" + name + "': expected scalar, avx2, avx512 or avx512bf16");
 }
 
 }  // namespace dovetail

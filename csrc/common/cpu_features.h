@@ -9,7 +9,13 @@
 
 namespace dovetail {
 
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// Avx512: the AVX-512 kernels (F, BW, VL, DQ and VNNI: Skylake-SP's successors from Cascade
+// Lake on, Ice Lake, Zen 4), bf16 dot products by two FMAs with vdpbf16ps's arithmetic.
+// Avx512Bf16: the same kernels with vdpbf16ps itself (Cooper Lake, Sapphire Rapids, Zen 4).
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+
+// The AVX-512 kernel family, with or without the native bf16 dot product.
+inline bool is_avx512(Isa isa) { return isa == Isa::Avx512 || isa == Isa::Avx512Bf16; }
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;

@@ -40,7 +40,7 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 }  // namespace scalar
 
 void attention(const AttentionArgs& a, int nthreads) {
-  const bool rows512 = active_isa() == Isa::Avx512;
+  const bool rows512 = is_avx512(active_isa());
   const bool rows256 = active_isa() == Isa::Avx2 && a.Dh % 8 == 0;
   if (rows512 || rows256) {
     const int64_t G = a.H / a.KV, rows = a.T * G, nt = std::max(nthreads, 1), c0 = a.n_past / kKChunk;

@@ -67,7 +67,10 @@ const Kernels& kernels();  // the active ISA's table
   void transpose(const float*, long, int, int, float*, long);
 namespace scalar { DOVETAIL_DAVIT_ISA_DECLS }
 namespace avx2 { DOVETAIL_DAVIT_ISA_DECLS }
-namespace avx512 { DOVETAIL_DAVIT_ISA_DECLS }
+namespace avx512 {
+DOVETAIL_DAVIT_ISA_DECLS
+void gemm_tile_dpbf16(const GemmTile&);  // gemm_tile_bf16 through vdpbf16ps (Isa::Avx512Bf16)
+}
 #undef DOVETAIL_DAVIT_ISA_DECLS
 
 // Threads used by the DaViT drivers (default: OMP_NUM_THREADS, else all hardware threads).

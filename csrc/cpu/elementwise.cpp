@@ -72,7 +72,8 @@ void rope_tables(double theta, int64_t Dh, int64_t S, std::vector<float>& cos_ta
 
 void swiglu(const float* g, const float* u, float* out, int64_t n) {
   switch (active_isa()) {
-    case Isa::Avx512: return avx512::swiglu(g, u, out, n);
+    case Isa::Avx512:
+    case Isa::Avx512Bf16: return avx512::swiglu(g, u, out, n);
     case Isa::Avx2: return avx2::swiglu(g, u, out, n);
     case Isa::Scalar: break;
   }
@@ -81,7 +82,8 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
 
 void geglu(const float* g, const float* u, float* out, int64_t n) {
   switch (active_isa()) {
-    case Isa::Avx512: return avx512::geglu(g, u, out, n);
+    case Isa::Avx512:
+    case Isa::Avx512Bf16: return avx512::geglu(g, u, out, n);
     case Isa::Avx2: return avx2::geglu(g, u, out, n);
     case Isa::Scalar: break;
   }
@@ -91,7 +93,8 @@ void geglu(const float* g, const float* u, float* out, int64_t n) {
 
 void softcap(float* x, int64_t n, float cap) {
   switch (active_isa()) {
-    case Isa::Avx512: return avx512::softcap(x, n, cap);
+    case Isa::Avx512:
+    case Isa::Avx512Bf16: return avx512::softcap(x, n, cap);
     case Isa::Avx2: return avx2::softcap(x, n, cap);
     case Isa::Scalar: break;
   }

@@ -92,6 +92,7 @@ void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, f
   Fn fn = scalar::linear_rows;
   switch (active_isa()) {
     case Isa::Avx512: fn = avx512::linear_rows; break;
+    case Isa::Avx512Bf16: fn = avx512::linear_rows_dpbf16; break;
     case Isa::Avx2: fn = avx2::linear_rows; break;
     case Isa::Scalar: break;
   }

@@ -246,8 +246,12 @@ int64_t argmax(const float* x, int64_t n);
 void swiglu(const float* g, const float* u, float* out, int64_t n);
 void geglu(const float* g, const float* u, float* out, int64_t n);
 void softcap(float* x, int64_t n, float cap);
+// bf16 weights: linear_rows runs vdpbf16ps's sums as two FMAs (Isa::Avx512), and
+// linear_rows_dpbf16 runs vdpbf16ps (Isa::Avx512Bf16); the other types are the same in both.
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
+void linear_rows_dpbf16(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                        int64_t ldy, int64_t r0, int64_t r1);
 // Query rows r0..r1 (at most 16) of KV head kvh, row r = (token r / G, head kvh * G + r % G),
 // G = H / KV: every key chunk in order (attention_impl.h).
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1);

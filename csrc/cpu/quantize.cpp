@@ -142,7 +142,8 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
   // One row at a time: AVX-512 takes a row's blocks together (the same bits as block by block).
   void (*row)(const float*, int64_t, int8_t*, int64_t, float*, float*, int64_t) = row_by_blocks<scalar::quantize_block>;
   switch (active_isa()) {
-    case Isa::Avx512: row = avx512::quantize_row; break;
+    case Isa::Avx512:
+    case Isa::Avx512Bf16: row = avx512::quantize_row; break;
     case Isa::Avx2: row = row_by_blocks<avx2::quantize_block>; break;
     case Isa::Scalar: break;
   }
@@ -164,7 +165,7 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
 
 void bf16_pair_row(const float* x, int64_t stride, int64_t k, uint32_t* out, int64_t k2) {
   int64_t j = 0;
-  if (stride == 1 && active_isa() == Isa::Avx512) {
+  if (stride == 1 && is_avx512(active_isa())) {
     avx512::round_bf16(x, k / 2 * 2, out);
     j = k / 2;
   }

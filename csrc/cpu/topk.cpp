@@ -46,7 +46,8 @@ void argmax_rows(const float* x, int64_t n, int64_t V, int64_t* out) {
   for (int64_t r = 0; r < n; ++r) {
     const float* row = x + r * V;
     switch (isa) {
-      case Isa::Avx512: out[r] = avx512::argmax(row, V); continue;
+      case Isa::Avx512:
+      case Isa::Avx512Bf16: out[r] = avx512::argmax(row, V); continue;
       case Isa::Avx2: out[r] = avx2::argmax(row, V); continue;
       case Isa::Scalar: break;
     }

@@ -150,11 +150,13 @@ void gemm_tile_impl(const GemmTile& t) {
   }
 }
 
-// ---- bf16 tile: vdpbf16ps on bf16 pairs, fp32 sums -------------------------------------------
+// ---- bf16 tile: vdpbf16ps on bf16 pairs, fp32 sums (or its sums as two FMAs) --------------
 namespace {
 
 // MR rows x NV*16 columns; a16 holds the MR rows' activations as bf16 pairs (k2 per row).
-template <int MR, int NV>
+// kDp: vdpbf16ps; otherwise each weight vector is split into fp32 halves once per pair
+// step and every row's pair likewise (x86::dot_bf16_split).
+template <int MR, int NV, bool kDp>
 void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
   const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
   __m512 acc[MR][NV];
@@ -169,43 +171,66 @@ void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, 
     bp[v] = t.b16 + (j / kPanel) * t.b16_panel + (j % kPanel) * 2;
   }
   for (int kp = 0; kp < k2; ++kp) {
-    __m512bh bv[NV];
+    __m512i bv[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
-      bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(v == NV - 1 ? last : (__mmask16)0xFFFF, bp[v] + kp * 2 * kPanel);
+      bv[v] = _mm512_maskz_loadu_epi32(v == NV - 1 ? last : (__mmask16)0xFFFF, bp[v] + kp * 2 * kPanel);
+    if constexpr (kDp) {
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a16[i * k2 + kp]);
+      for (int i = 0; i < MR; ++i) {
+        const __m512i av = _mm512_set1_epi32((int)a16[i * k2 + kp]);
 #pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = x86::dot_bf16(acc[i][v], av, bv[v]);
+      }
+    } else {
+      x86::Bf16Halves bh[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) bh[v] = x86::split_bf16(bv[v]);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const x86::Bf16Halves ah = x86::split_bf16(_mm512_set1_epi32((int)a16[i * k2 + kp]));
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[i][v] = x86::dot_bf16_split(acc[i][v], ah, bh[v]);
+      }
     }
   }
   store_tile<MR, NV>(t, acc, i0, j0, last);
 }
 
-template <int MR>
+// Up to 64 columns. Without vdpbf16ps, 32 at a time: the split halves need the registers.
+template <int MR, bool kDp>
 void micro_bf16_cols(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
-  switch ((nr + 15) / 16) {
-    case 4: micro_bf16<MR, 4>(nr, t, a16, k2, i0, j0); break;
-    case 3: micro_bf16<MR, 3>(nr, t, a16, k2, i0, j0); break;
-    case 2: micro_bf16<MR, 2>(nr, t, a16, k2, i0, j0); break;
-    default: micro_bf16<MR, 1>(nr, t, a16, k2, i0, j0); break;
+  if constexpr (!kDp) {
+    if (nr > 32) {
+      micro_bf16<MR, 2, false>(32, t, a16, k2, i0, j0);
+      micro_bf16_cols<MR, false>(nr - 32, t, a16, k2, i0, j0 + 32);
+    } else if (nr > 16) {
+      micro_bf16<MR, 2, false>(nr, t, a16, k2, i0, j0);
+    } else {
+      micro_bf16<MR, 1, false>(nr, t, a16, k2, i0, j0);
+    }
+  } else {
+    switch ((nr + 15) / 16) {
+      case 4: micro_bf16<MR, 4, true>(nr, t, a16, k2, i0, j0); break;
+      case 3: micro_bf16<MR, 3, true>(nr, t, a16, k2, i0, j0); break;
+      case 2: micro_bf16<MR, 2, true>(nr, t, a16, k2, i0, j0); break;
+      default: micro_bf16<MR, 1, true>(nr, t, a16, k2, i0, j0); break;
+    }
   }
 }
 
-template <int R>
+template <int R, bool kDp>
 void bf16_row_tail(int rows, int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
   if constexpr (R > 0) {
     if (rows == R)
-      micro_bf16_cols<R>(nr, t, a16, k2, i0, j0);
+      micro_bf16_cols<R, kDp>(nr, t, a16, k2, i0, j0);
     else
-      bf16_row_tail<R - 1>(rows, nr, t, a16, k2, i0, j0);
+      bf16_row_tail<R - 1, kDp>(rows, nr, t, a16, k2, i0, j0);
   }
 }
 
-}  // namespace
-
-void gemm_tile_bf16(const GemmTile& t) {
+template <bool kDp>
+void gemm_tile_bf16_impl(const GemmTile& t) {
   constexpr int MR = kMR, NR = 64;
   const int k2 = (t.k + 1) / 2;
   thread_local std::vector<uint32_t> a16;
@@ -216,12 +241,17 @@ void gemm_tile_bf16(const GemmTile& t) {
     for (int j0 = 0; j0 < t.n; j0 += NR) {
       const int nr = std::min(NR, t.n - j0);
       if (mr == MR)
-        micro_bf16_cols<MR>(nr, t, a16.data(), k2, i0, j0);
+        micro_bf16_cols<MR, kDp>(nr, t, a16.data(), k2, i0, j0);
       else
-        bf16_row_tail<MR - 1>(mr, nr, t, a16.data(), k2, i0, j0);
+        bf16_row_tail<MR - 1, kDp>(mr, nr, t, a16.data(), k2, i0, j0);
     }
   }
 }
+
+}  // namespace
+
+void gemm_tile_bf16(const GemmTile& t) { gemm_tile_bf16_impl<false>(t); }
+void gemm_tile_dpbf16(const GemmTile& t) { gemm_tile_bf16_impl<true>(t); }
 
 void gemm_tile(const GemmTile& t) {
   if (t.a_cs == 1)

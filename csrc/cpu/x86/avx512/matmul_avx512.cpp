@@ -1,5 +1,6 @@
-// AVX-512 (F/BW/VL/VNNI/BF16) linear kernels. Quantized weights: unsigned codes x int8
-// activations with vpdpbusd over 16-row panels; bf16 weights: vdpbf16ps over 16-row panels;
+// AVX-512 (F/BW/VL/VNNI) linear kernels. Quantized weights: unsigned codes x int8
+// activations with vpdpbusd over 16-row panels; bf16 weights: vdpbf16ps over 16-row panels
+// (linear_rows_dpbf16), or its sums as two FMAs where the CPU lacks it (linear_rows);
 // f32 / f16 weights: fp32 FMAs over 16-row panels.
 #include <immintrin.h>
 
@@ -143,7 +144,8 @@ void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, i
 // Float weights over 16-row panels (quant_common.h). One step is a column (f32, f16: one
 // FMA per token with the token's x[k] broadcast; f16 columns converted once per tile) or a
 // column pair (bf16: one vdpbf16ps per token with the token's bf16 pair broadcast, 2 x 16
-// products). Even and odd steps go to two sums (two independent chains per output, as in
+// products; without kDp, the same sums as two FMAs, the weight pairs split once per step).
+// Even and odd steps go to two sums (two independent chains per output, as in
 // scalar::linear_float), added at the end. A tile of up to kTT tokens shares each weight
 // load. The broadcasts are folded into the instructions' memory operands.
 inline __m512 fma_bcast(__m512 acc, __m512 w, const float* x) {
@@ -164,10 +166,17 @@ inline __m512 load_step(const void* panel, int64_t k) {
     return _mm512_load_ps(static_cast<const float*>(panel) + k * kPanel);
 }
 
+// The bf16 step without vdpbf16ps: the token's pair broadcast and split, two FMAs.
+inline __m512 fma_bcast(__m512 acc, const x86::Bf16Halves& w, const uint32_t* x) {
+  return x86::dot_bf16_split(acc, w, x86::split_bf16(_mm512_set1_epi32((int)*x)));
+}
+
 // X: float (f32, f16) or uint32_t (bf16 pairs); steps: K columns, or K2 pairs (even).
-template <WType WT, int TT, typename X>
+// kDp: bf16 through vdpbf16ps (ignored for f32 and f16).
+template <WType WT, int TT, bool kDp, typename X>
 inline void float_tile(const void* panel, int64_t steps, const X* x, float* y, int64_t ldy, int64_t n0,
                        __mmask16 m) {
+  constexpr bool kSplit = WT == WType::BF16 && !kDp;
   // (Every loop over the tile is unrolled: a rolled one makes GCC keep the sums on the stack.)
   __m512 even[TT], odd[TT];
 #pragma GCC unroll 8
@@ -177,22 +186,38 @@ inline void float_tile(const void* panel, int64_t steps, const X* x, float* y, i
   for (; k + 2 <= steps; k += 2) {
     prefetch_ahead(static_cast<const uint8_t*>(panel) + k * step_bytes, 2 * step_bytes);
     const __m512 w0 = load_step<WT>(panel, k), w1 = load_step<WT>(panel, k + 1);
+    if constexpr (kSplit) {
+      const x86::Bf16Halves h0 = x86::split_bf16(_mm512_castps_si512(w0)),
+                            h1 = x86::split_bf16(_mm512_castps_si512(w1));
 #pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) {
-      even[i] = fma_bcast(even[i], w0, x + i * steps + k);
-      odd[i] = fma_bcast(odd[i], w1, x + i * steps + k + 1);
+      for (int i = 0; i < TT; ++i) {
+        even[i] = fma_bcast(even[i], h0, x + i * steps + k);
+        odd[i] = fma_bcast(odd[i], h1, x + i * steps + k + 1);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) {
+        even[i] = fma_bcast(even[i], w0, x + i * steps + k);
+        odd[i] = fma_bcast(odd[i], w1, x + i * steps + k + 1);
+      }
     }
   }
   if (k < steps) {
     const __m512 w0 = load_step<WT>(panel, k);
+    if constexpr (kSplit) {
+      const x86::Bf16Halves h0 = x86::split_bf16(_mm512_castps_si512(w0));
 #pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], w0, x + i * steps + k);
+      for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], h0, x + i * steps + k);
+    } else {
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], w0, x + i * steps + k);
+    }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) _mm512_mask_storeu_ps(y + i * ldy + n0, m, _mm512_add_ps(even[i], odd[i]));
 }
 
-template <WType WT>
+template <WType WT, bool kDp>
 void linear_float(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
   using E = std::conditional_t<WT == WType::F32, float, uint16_t>;      // stored element
@@ -207,7 +232,7 @@ void linear_float(const PackedWeight& w, const float* x, const QActs* qa, int64_
     const E* panel = float_panel<E>(w, p);
     const int64_t n0 = p * kPanel, valid = std::min<int64_t>(kPanel, w.rows - n0);
     const __mmask16 m = (__mmask16)((1u << valid) - 1);
-#define DT_TILE(TT, t) float_tile<WT, TT>(panel, steps, xs + (t) * steps, y + (t) * ldy, ldy, n0, m)
+#define DT_TILE(TT, t) float_tile<WT, TT, kDp>(panel, steps, xs + (t) * steps, y + (t) * ldy, ldy, n0, m)
     DT_TOKEN_TILES(T, DT_TILE);
 #undef DT_TILE
   }
@@ -215,16 +240,31 @@ void linear_float(const PackedWeight& w, const float* x, const QActs* qa, int64_
 
 }  // namespace
 
-void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
-                 int64_t ldy, int64_t r0, int64_t r1) {
+namespace {
+
+template <bool kDp>
+void linear_rows_impl(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                      int64_t ldy, int64_t r0, int64_t r1) {
   if (is_quantized(w.type))
     linear_quant(w, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::BF16)
-    linear_float<WType::BF16>(w, x, qa, T, y, ldy, r0, r1);
+    linear_float<WType::BF16, kDp>(w, x, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::F16)
-    linear_float<WType::F16>(w, x, qa, T, y, ldy, r0, r1);
+    linear_float<WType::F16, false>(w, x, qa, T, y, ldy, r0, r1);
   else
-    linear_float<WType::F32>(w, x, qa, T, y, ldy, r0, r1);
+    linear_float<WType::F32, false>(w, x, qa, T, y, ldy, r0, r1);
+}
+
+}  // namespace
+
+void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1) {
+  linear_rows_impl<false>(w, x, qa, T, y, ldy, r0, r1);
+}
+
+void linear_rows_dpbf16(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                        int64_t ldy, int64_t r0, int64_t r1) {
+  linear_rows_impl<true>(w, x, qa, T, y, ldy, r0, r1);
 }
 
 namespace {
