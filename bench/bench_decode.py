@@ -278,6 +278,41 @@ def test_parallel_sequences(benchmark, default_source, threads, record, sequence
                rows_per_call=batcher.rows / max(batcher.calls, 1))
 
 
+def test_isa_paths(benchmark, default_source, threads, record):
+    """Plain greedy decoding of the default model on every kernel path this CPU has except
+    scalar (``_core.supported_isas``), the paths alternating round by round in one process:
+    tokens/s and the ratio to the AVX2 path. Records whether each path's greedy tokens are
+    the AVX2 path's (the paths sum in the same order, but nothing requires bit equality
+    across ISAs)."""
+    from dovetail_ext import _core
+    paths = [p for p in _core.supported_isas() if p != "scalar"]
+    if "avx2" not in paths:
+        pytest.skip(f"this CPU has no AVX2 path to compare with (paths: {_core.supported_isas()})")
+    ids = _prompt_ids(default_source)
+    eng = TargetEngine(default_source, context=1024, threads=threads)
+    n, rounds = (NEW_TOKENS, 3) if benchmark.enabled else (4, 1)
+    tps = {p: [] for p in paths}
+    outs = {}
+    before = _core.get_isa()
+
+    def run():
+        try:
+            for r in range(rounds):
+                for p in paths[r % len(paths):] + paths[:r % len(paths)]:
+                    _core.set_isa(p)
+                    t, outs[p] = _native_decode(eng, ids, n)
+                    tps[p].append(t)
+        finally:
+            _core.set_isa(before)
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    med = {p: float(np.median(v)) for p, v in tps.items()}
+    benchmark.extra_info.update({f"{p}_tok_s": round(v, 1) for p, v in med.items()})
+    if benchmark.enabled:
+        for p, v in med.items():
+            record("isa_paths", p, tok_s=v, ratio_vs_avx2=v / med["avx2"], same_tokens_as_avx2=outs[p] == outs["avx2"],
+                   new_tokens=n, threads=threads)
+
+
 VERIFY_T = [1, 2, 4, 8, 16, 32, 64]
 
 
