@@ -23,10 +23,10 @@ inline __m512 exp_ps(__m512 x) {
 
 // bf16 pair dot products: 16 lanes of 32-bit pairs, the low half element 2j and the high
 // half element 2j + 1 of each. vdpbf16ps's arithmetic is acc += a[2j+1] b[2j+1], then
-// acc += a[2j] b[2j], each product exact in fp32. dot_bf16 is the instruction itself
-// (Isa::Avx512Bf16; it also treats denormals as zero); where the CPU lacks it, the pairs are
-// split into fp32 halves once (split_bf16) and dot_bf16_split runs the same sums as two FMAs,
-// scalar's and AVX2's arithmetic bit for bit.
+// acc += a[2j] b[2j], each product exact in fp32. dot_bf16 on pairs is the instruction itself
+// (Isa::Avx512Bf16; it also treats denormals as zero). Where the CPU lacks it, the pairs are
+// split into fp32 halves once (split_bf16) and dot_bf16 on halves runs the same sums as two
+// FMAs: scalar's and AVX2's arithmetic bit for bit. bf16_operand<native> gives the form.
 struct Bf16Halves {
   __m512 hi, lo;  // elements 2j + 1 and 2j as fp32
 };
@@ -34,7 +34,14 @@ inline Bf16Halves split_bf16(__m512i pairs) {
   return {_mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xffff0000u))),
           _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16))};
 }
-inline __m512 dot_bf16_split(__m512 acc, const Bf16Halves& a, const Bf16Halves& b) {
+template <bool kNative>
+inline auto bf16_operand(__m512i pairs) {
+  if constexpr (kNative)
+    return pairs;
+  else
+    return split_bf16(pairs);
+}
+inline __m512 dot_bf16(__m512 acc, const Bf16Halves& a, const Bf16Halves& b) {
   return _mm512_fmadd_ps(a.lo, b.lo, _mm512_fmadd_ps(a.hi, b.hi, acc));
 }
 inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {  // vdpbf16ps (no compiler flag needed)

@@ -155,7 +155,7 @@ namespace {
 
 // MR rows x NV*16 columns; a16 holds the MR rows' activations as bf16 pairs (k2 per row).
 // kDp: vdpbf16ps; otherwise each weight vector is split into fp32 halves once per pair
-// step and every row's pair likewise (x86::dot_bf16_split).
+// step and every row's pair likewise (x86::bf16_operand).
 template <int MR, int NV, bool kDp>
 void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
   const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
@@ -171,27 +171,16 @@ void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, 
     bp[v] = t.b16 + (j / kPanel) * t.b16_panel + (j % kPanel) * 2;
   }
   for (int kp = 0; kp < k2; ++kp) {
-    __m512i bv[NV];
+    decltype(x86::bf16_operand<kDp>(_mm512_setzero_si512())) bv[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
-      bv[v] = _mm512_maskz_loadu_epi32(v == NV - 1 ? last : (__mmask16)0xFFFF, bp[v] + kp * 2 * kPanel);
-    if constexpr (kDp) {
+      bv[v] = x86::bf16_operand<kDp>(
+          _mm512_maskz_loadu_epi32(v == NV - 1 ? last : (__mmask16)0xFFFF, bp[v] + kp * 2 * kPanel));
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const __m512i av = _mm512_set1_epi32((int)a16[i * k2 + kp]);
+    for (int i = 0; i < MR; ++i) {
+      const auto av = x86::bf16_operand<kDp>(_mm512_set1_epi32((int)a16[i * k2 + kp]));
 #pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) acc[i][v] = x86::dot_bf16(acc[i][v], av, bv[v]);
-      }
-    } else {
-      x86::Bf16Halves bh[NV];
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) bh[v] = x86::split_bf16(bv[v]);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const x86::Bf16Halves ah = x86::split_bf16(_mm512_set1_epi32((int)a16[i * k2 + kp]));
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) acc[i][v] = x86::dot_bf16_split(acc[i][v], ah, bh[v]);
-      }
+      for (int v = 0; v < NV; ++v) acc[i][v] = x86::dot_bf16(acc[i][v], av, bv[v]);
     }
   }
   store_tile<MR, NV>(t, acc, i0, j0, last);

@@ -166,9 +166,17 @@ inline __m512 load_step(const void* panel, int64_t k) {
     return _mm512_load_ps(static_cast<const float*>(panel) + k * kPanel);
 }
 
-// The bf16 step without vdpbf16ps: the token's pair broadcast and split, two FMAs.
+// The bf16 step without vdpbf16ps: the weight pairs split once (weight_step<true>), the
+// token's pair broadcast and split, two FMAs.
 inline __m512 fma_bcast(__m512 acc, const x86::Bf16Halves& w, const uint32_t* x) {
-  return x86::dot_bf16_split(acc, w, x86::split_bf16(_mm512_set1_epi32((int)*x)));
+  return x86::dot_bf16(acc, w, x86::split_bf16(_mm512_set1_epi32((int)*x)));
+}
+template <bool kSplit>
+inline auto weight_step(__m512 w) {
+  if constexpr (kSplit)
+    return x86::split_bf16(_mm512_castps_si512(w));
+  else
+    return w;
 }
 
 // X: float (f32, f16) or uint32_t (bf16 pairs); steps: K columns, or K2 pairs (even).
@@ -185,33 +193,18 @@ inline void float_tile(const void* panel, int64_t steps, const X* x, float* y, i
   constexpr int64_t step_bytes = WT == WType::F16 ? 32 : 64;
   for (; k + 2 <= steps; k += 2) {
     prefetch_ahead(static_cast<const uint8_t*>(panel) + k * step_bytes, 2 * step_bytes);
-    const __m512 w0 = load_step<WT>(panel, k), w1 = load_step<WT>(panel, k + 1);
-    if constexpr (kSplit) {
-      const x86::Bf16Halves h0 = x86::split_bf16(_mm512_castps_si512(w0)),
-                            h1 = x86::split_bf16(_mm512_castps_si512(w1));
+    const auto w0 = weight_step<kSplit>(load_step<WT>(panel, k));
+    const auto w1 = weight_step<kSplit>(load_step<WT>(panel, k + 1));
 #pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) {
-        even[i] = fma_bcast(even[i], h0, x + i * steps + k);
-        odd[i] = fma_bcast(odd[i], h1, x + i * steps + k + 1);
-      }
-    } else {
-#pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) {
-        even[i] = fma_bcast(even[i], w0, x + i * steps + k);
-        odd[i] = fma_bcast(odd[i], w1, x + i * steps + k + 1);
-      }
+    for (int i = 0; i < TT; ++i) {
+      even[i] = fma_bcast(even[i], w0, x + i * steps + k);
+      odd[i] = fma_bcast(odd[i], w1, x + i * steps + k + 1);
     }
   }
   if (k < steps) {
-    const __m512 w0 = load_step<WT>(panel, k);
-    if constexpr (kSplit) {
-      const x86::Bf16Halves h0 = x86::split_bf16(_mm512_castps_si512(w0));
+    const auto w0 = weight_step<kSplit>(load_step<WT>(panel, k));
 #pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], h0, x + i * steps + k);
-    } else {
-#pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], w0, x + i * steps + k);
-    }
+    for (int i = 0; i < TT; ++i) even[i] = fma_bcast(even[i], w0, x + i * steps + k);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) _mm512_mask_storeu_ps(y + i * ldy + n0, m, _mm512_add_ps(even[i], odd[i]));
