@@ -73,10 +73,12 @@ def bf16_source(default_source):
 def pytest_sessionfinish(session, exitstatus):
     if not _records or session.config.getoption("benchmark_disable", False):
         return
-    RESULTS.mkdir(exist_ok=True)
+    # DOVETAIL_BENCH_OUT keeps another machine's figures apart from latest.json.
+    path = Path(os.environ.get("DOVETAIL_BENCH_OUT") or RESULTS / "latest.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from dovetail_ext import _core
     out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
-           "cpu": _cpu_name(), "threads": THREADS, "groups": _records}
-    path = RESULTS / "latest.json"
+           "cpu": _cpu_name(), "cpu_path": _core.get_isa(), "threads": THREADS, "groups": _records}
     old = json.loads(path.read_text()) if path.exists() else {"groups": {}}
     old_groups = old.get("groups", {})
     old_groups.update(_records)  # a partial run keeps the other groups' last figures
