@@ -74,33 +74,47 @@ inline void half_block(const uint8_t* bp, int half, const int8_t* qb, const floa
   }
 }
 
+// Rows r0 .. r0 + valid - 1 (one half of panel p) for the TT tokens of activation tile g
+// from sub on: exactly TT tokens' work, so a short tail of tokens costs only its own.
 template <WType WT, int TT>
-inline void panel_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t g, float* y, int64_t ldy) {
-  const int64_t nb = w.cols / kQBlock, pb = panel_block_bytes(WT), n0 = p * kPanel;
+inline void half_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t g, int half, int64_t sub,
+                      int64_t r0, int64_t valid, float* y, int64_t ldy) {
+  const int64_t nb = w.cols / kQBlock, pb = panel_block_bytes(WT);
   constexpr int64_t qs = kActTile * kQBlock;
+  __m256 even[TT], odd[TT];
+  for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm256_setzero_ps();
+  const uint8_t* bp = block_panel(w, p, 0);
+  const int8_t* qb = qa->qi.data() + g * nb * qs + sub * kQBlock;
+  const float* db = qa->di.data() + g * nb * kActTile + sub;
+  const float* dsb = qa->dsi.data() + g * nb * kActTile + sub;
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
+    half_block<WT, TT>(bp + (b + 1) * pb, half, qb + (b + 1) * qs, db + (b + 1) * kActTile,
+                       dsb + (b + 1) * kActTile, odd);
+  }
+  if (b < nb) half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
+  alignas(32) float out[8];
+  for (int64_t i = 0; i < TT; ++i) {
+    _mm256_store_ps(out, _mm256_add_ps(even[i], odd[i]));
+    std::memcpy(y + (g * kActTile + sub + i) * ldy + r0, out, sizeof(float) * valid);
+  }
+}
+
+template <WType WT>
+inline void panel_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t g, float* y, int64_t ldy) {
+  const int64_t n0 = p * kPanel;
   for (int half = 0; half < 2; ++half) {
     const int64_t r0 = n0 + 8 * half, valid = std::min<int64_t>(8, w.rows - r0);
     if (valid <= 0) break;
-    for (int64_t sub = 0; sub < kActTile; sub += TT) {  // token sub-tiles of the activation tile
-      const int64_t tt = std::min<int64_t>(TT, qa->T - g * kActTile - sub);
+    for (int64_t sub = 0; sub < kActTile; sub += kTT2) {  // token sub-tiles of the activation tile
+      const int64_t tt = std::min<int64_t>(kTT2, qa->T - g * kActTile - sub);
       if (tt <= 0) break;
-      __m256 even[TT], odd[TT];
-      for (int i = 0; i < TT; ++i) even[i] = odd[i] = _mm256_setzero_ps();
-      const uint8_t* bp = block_panel(w, p, 0);
-      const int8_t* qb = qa->qi.data() + g * nb * qs + sub * kQBlock;
-      const float* db = qa->di.data() + g * nb * kActTile + sub;
-      const float* dsb = qa->dsi.data() + g * nb * kActTile + sub;
-      int64_t b = 0;
-      for (; b + 2 <= nb; b += 2) {
-        half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
-        half_block<WT, TT>(bp + (b + 1) * pb, half, qb + (b + 1) * qs, db + (b + 1) * kActTile,
-                           dsb + (b + 1) * kActTile, odd);
-      }
-      if (b < nb) half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
-      alignas(32) float out[8];
-      for (int64_t i = 0; i < tt; ++i) {
-        _mm256_store_ps(out, _mm256_add_ps(even[i], odd[i]));
-        std::memcpy(y + (g * kActTile + sub + i) * ldy + r0, out, sizeof(float) * valid);
+      switch (tt) {
+        case 1: half_tile<WT, 1>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
+        case 2: half_tile<WT, 2>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
+        case 3: half_tile<WT, 3>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
+        default: half_tile<WT, kTT2>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
       }
     }
   }
@@ -111,7 +125,7 @@ void linear_panels(const PackedWeight& w, const QActs* qa, int64_t T, float* y, 
   static_assert(kActTile % kTT2 == 0, "token sub-tiles must divide the activation tile");
   const int64_t tiles = (T + kActTile - 1) / kActTile;
   for (int64_t p = p0; p < p1; ++p)
-    for (int64_t g = 0; g < tiles; ++g) panel_tile<WT, kTT2>(w, qa, p, g, y, ldy);
+    for (int64_t g = 0; g < tiles; ++g) panel_tile<WT>(w, qa, p, g, y, ldy);
 }
 
 void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy,
