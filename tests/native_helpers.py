@@ -13,7 +13,7 @@ from dovetail_ext.config import LlamaConfig
 from dovetail_ext.formats.base import ModelSource, expected_weight_shapes
 from dovetail_ext.quant import quantize
 
-ALL_ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+ALL_ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512bf16")
 
 
 def isa_params() -> list:

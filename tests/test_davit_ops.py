@@ -73,7 +73,7 @@ def test_channel_attention_matches_reference(isa, case):
     assert_derived(y, ref64, ref32, what=f"channel {case} on {isa}")
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("isa", ["avx2", "avxvnni", "avx512", "avx512bf16"])
 def test_simd_paths_agree_with_scalar(isa):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 10, 12, 40, generator=gen)

@@ -158,6 +158,29 @@ def test_float_linear_same_bits_on_every_isa(dtype, T, K, N):
             np.testing.assert_array_equal(_core.linear(x, pw, threads=2), ref, err_msg=name)
 
 
+@pytest.mark.skipif("avxvnni" not in _core.supported_isas(), reason="CPU lacks avxvnni (AVX-VNNI or AVX512_VNNI + VL)")
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("T,K,N", [(1, 32, 1), (2, 96, 9), (3, 160, 17), (4, 576, 100), (5, 64, 8), (9, 1568, 23),
+                                   (17, 288, 40)])
+def test_vnni_sums_are_avx2s(dtype, T, K, N):
+    """The avxvnni path's vpdpbusd block sums equal the avx2 path's pmaddubsw sums (both
+    exact), so its outputs are the avx2 path's bit for bit: token sub-tiles of 1 to 4 and
+    their tails, partial panels and halves, odd block counts, saturation-prone extremes
+    (codes 0 and 15 / -128 and 127 against activations of +-127)."""
+    rng = np.random.default_rng(T * 7 + K + N)
+    x = _rand(rng, T, K)
+    x[0, :32] = np.where(np.arange(32) % 2, 1.0, -1.0) * 50.0  # a block quantized to +-127
+    w = _rand(rng, N, K, scale=K ** -0.5)
+    w[0, :32] = np.where(np.arange(32) % 2, 1.0, -1.0)  # a block at both ends of the code range
+    pw = _packed(quantize(w, dtype))
+    with use_isa("avx2"):
+        ref = _core.linear(x, pw, threads=2)
+    with use_isa("avxvnni"):
+        got = _core.linear(x, pw, threads=2)
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(_core.linear(x[T - 1:], pw, threads=1), ref[T - 1:])  # alone, one thread
+
+
 @pytest.mark.parametrize("T,D", [(1, 8), (3, 97), (4, 576)])
 def test_rmsnorm(T, D):
     rng = np.random.default_rng(D)

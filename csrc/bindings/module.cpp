@@ -60,7 +60,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("cpu_features", [] {
     const auto& f = cpu_features();
     py::dict d;
-    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["avxvnni"] = f.avxvnni;
     d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
     d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
     return d;
@@ -72,7 +72,7 @@ PYBIND11_MODULE(_core, m) {
   }, "Kernel paths this CPU can run, slowest first.");
   m.def("get_isa", [] { return std::string(isa_name(active_isa())); }, "The kernel path in use.");
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("name"),
-        "Force a kernel path: 'scalar', 'avx2' or 'avx512' (ValueError if unsupported here).");
+        "Force a kernel path: 'scalar', 'avx2', 'avxvnni', 'avx512' or 'avx512bf16' (ValueError if unsupported here).");
   m.def("pool_stats", [] {
         const ThreadPool::Stats s = ThreadPool::instance().stats();
         py::dict d;

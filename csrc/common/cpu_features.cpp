@@ -17,6 +17,7 @@ CpuFeatures detect() {
   f.avx2 = __builtin_cpu_supports("avx2");
   f.fma = __builtin_cpu_supports("fma");
   f.f16c = __builtin_cpu_supports("f16c");
+  f.avxvnni = __builtin_cpu_supports("avxvnni");
   f.avx512f = __builtin_cpu_supports("avx512f");
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vl = __builtin_cpu_supports("avx512vl");
@@ -31,6 +32,7 @@ bool supports(const CpuFeatures& f, Isa isa) {
   switch (isa) {
     case Isa::Scalar: return true;
     case Isa::Avx2: return f.avx2 && f.fma && f.f16c;
+    case Isa::AvxVnni: return supports(f, Isa::Avx2) && (f.avxvnni || (f.avx512vnni && f.avx512vl));
     case Isa::Avx512:
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni && f.avx2 && f.fma && f.f16c;
     case Isa::Avx512Bf16: return supports(f, Isa::Avx512) && f.avx512bf16;
@@ -70,13 +72,14 @@ Isa best_isa() {
   const auto& f = cpu_features();
   if (supports(f, Isa::Avx512Bf16)) return Isa::Avx512Bf16;
   if (supports(f, Isa::Avx512)) return Isa::Avx512;
+  if (supports(f, Isa::AvxVnni)) return Isa::AvxVnni;
   if (supports(f, Isa::Avx2)) return Isa::Avx2;
   return Isa::Scalar;
 }
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> out;
-  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
+  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Avx512Bf16})
     if (supports(cpu_features(), i)) out.push_back(i);
   return out;
 }
@@ -93,6 +96,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
+    case Isa::AvxVnni: return "avxvnni";
     case Isa::Avx512: return "avx512";
     case Isa::Avx512Bf16: return "avx512bf16";
   }
@@ -102,9 +106,10 @@ const char* isa_name(Isa isa) {
 Isa isa_from_name(const std::string& name) {
   if (name == "scalar") return Isa::Scalar;
   if (name == "avx2") return Isa::Avx2;
+  if (name == "avxvnni") return Isa::AvxVnni;
   if (name == "avx512") return Isa::Avx512;
   if (name == "avx512bf16") return Isa::Avx512Bf16;
-  throw_value_error("unknown ISA path '" + name + "': expected scalar, avx2, avx512 or avx512bf16");
+  throw_value_error("unknown ISA path '" + name + "': expected scalar, avx2, avxvnni, avx512 or avx512bf16");
 }
 
 }  // namespace dovetail

@@ -41,7 +41,7 @@ void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores) 
 
 void attention(const AttentionArgs& a, int nthreads) {
   const bool rows512 = is_avx512(active_isa());
-  const bool rows256 = active_isa() == Isa::Avx2 && a.Dh % 8 == 0;
+  const bool rows256 = is_avx2(active_isa()) && a.Dh % 8 == 0;
   if (rows512 || rows256) {
     const int64_t G = a.H / a.KV, rows = a.T * G, nt = std::max(nthreads, 1), c0 = a.n_past / kKChunk;
     const bool tiny = a.T * a.H * (a.n_past + a.n_prev + a.T) * a.Dh < (1 << 15);
@@ -85,7 +85,7 @@ void attention(const AttentionArgs& a, int nthreads) {
     return;
   }
   using Fn = void (*)(const AttentionArgs&, int64_t, int64_t, float*);
-  const Fn fn = active_isa() == Isa::Avx2 ? avx2::attention_one : scalar::attention_one;  // (AVX2: Dh % 8 != 0)
+  const Fn fn = is_avx2(active_isa()) ? avx2::attention_one : scalar::attention_one;  // (AVX2: Dh % 8 != 0)
   // One (token, head) per item; each chunk uses its own slice of the score scratch.
   const int64_t work = a.T * a.H, stride = attention_stride(a.n_past + a.n_prev + a.T);
   const bool tiny = work * stride * a.Dh < (1 << 15);  // not worth another thread

@@ -74,7 +74,8 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
   switch (active_isa()) {
     case Isa::Avx512:
     case Isa::Avx512Bf16: return avx512::swiglu(g, u, out, n);
-    case Isa::Avx2: return avx2::swiglu(g, u, out, n);
+    case Isa::Avx2:
+    case Isa::AvxVnni: return avx2::swiglu(g, u, out, n);
     case Isa::Scalar: break;
   }
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
@@ -84,7 +85,8 @@ void geglu(const float* g, const float* u, float* out, int64_t n) {
   switch (active_isa()) {
     case Isa::Avx512:
     case Isa::Avx512Bf16: return avx512::geglu(g, u, out, n);
-    case Isa::Avx2: return avx2::geglu(g, u, out, n);
+    case Isa::Avx2:
+    case Isa::AvxVnni: return avx2::geglu(g, u, out, n);
     case Isa::Scalar: break;
   }
   for (int64_t i = 0; i < n; ++i)
@@ -95,7 +97,8 @@ void softcap(float* x, int64_t n, float cap) {
   switch (active_isa()) {
     case Isa::Avx512:
     case Isa::Avx512Bf16: return avx512::softcap(x, n, cap);
-    case Isa::Avx2: return avx2::softcap(x, n, cap);
+    case Isa::Avx2:
+    case Isa::AvxVnni: return avx2::softcap(x, n, cap);
     case Isa::Scalar: break;
   }
   const float k = softcap_k(cap);

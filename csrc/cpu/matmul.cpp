@@ -94,6 +94,8 @@ void linear(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, f
     case Isa::Avx512: fn = avx512::linear_rows; break;
     case Isa::Avx512Bf16: fn = avx512::linear_rows_dpbf16; break;
     case Isa::Avx2: fn = avx2::linear_rows; break;
+    // (the VEX form where the CPU has AVX-VNNI, else the EVEX form of AVX512_VNNI + VL)
+    case Isa::AvxVnni: fn = cpu_features().avxvnni ? avx2::linear_rows_vnni : avx2::linear_rows_vnni_evex; break;
     case Isa::Scalar: break;
   }
   // Rows are split in contiguous chunks of whole panels so each thread

@@ -224,8 +224,15 @@ void swiglu(const float* g, const float* u, float* out, int64_t n);
 void geglu(const float* g, const float* u, float* out, int64_t n);
 void softcap(float* x, int64_t n, float cap);
 int64_t argmax(const float* x, int64_t n);
+// Quantized weights: pmaddubsw block sums (Isa::Avx2), or vpdpbusd on 256-bit registers
+// (Isa::AvxVnni): linear_rows_vnni in AVX-VNNI's VEX encoding, linear_rows_vnni_evex in
+// AVX512_VNNI + VL's. The same sums, so the same bits; float weights the same in all three.
 void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
                  int64_t ldy, int64_t r0, int64_t r1);
+void linear_rows_vnni(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                      int64_t ldy, int64_t r0, int64_t r1);
+void linear_rows_vnni_evex(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                           int64_t ldy, int64_t r0, int64_t r1);
 void attention_one(const AttentionArgs& a, int64_t t, int64_t h, float* scores);
 // As avx512::attention_rows / attention_chunk / attention_merge; Dh a multiple of 8.
 void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t r0, int64_t r1);

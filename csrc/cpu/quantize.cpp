@@ -144,7 +144,8 @@ void quantize_acts(const float* x, int64_t T, int64_t K, QActs& out, int nthread
   switch (active_isa()) {
     case Isa::Avx512:
     case Isa::Avx512Bf16: row = avx512::quantize_row; break;
-    case Isa::Avx2: row = row_by_blocks<avx2::quantize_block>; break;
+    case Isa::Avx2:
+    case Isa::AvxVnni: row = row_by_blocks<avx2::quantize_block>; break;
     case Isa::Scalar: break;
   }
   parallel_range(T * K > 16384 ? nthreads : 1, T, 1, [&](int64_t t0, int64_t t1) {

@@ -19,7 +19,8 @@ bool exp_shift_sum(const float* x, int64_t n, float m, float s, float* e, double
   switch (active_isa()) {
     case Isa::Avx512:
     case Isa::Avx512Bf16: return avx512::exp_shift_sum(x, n, m, s, e, lanes);
-    case Isa::Avx2: return avx2::exp_shift_sum(x, n, m, s, e, lanes);
+    case Isa::Avx2:
+    case Isa::AvxVnni: return avx2::exp_shift_sum(x, n, m, s, e, lanes);
     case Isa::Scalar: break;
   }
   bool ok = true;

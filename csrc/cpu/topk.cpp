@@ -48,7 +48,8 @@ void argmax_rows(const float* x, int64_t n, int64_t V, int64_t* out) {
     switch (isa) {
       case Isa::Avx512:
       case Isa::Avx512Bf16: out[r] = avx512::argmax(row, V); continue;
-      case Isa::Avx2: out[r] = avx2::argmax(row, V); continue;
+      case Isa::Avx2:
+      case Isa::AvxVnni: out[r] = avx2::argmax(row, V); continue;
       case Isa::Scalar: break;
     }
     int64_t best = 0;

@@ -17,14 +17,33 @@ namespace dovetail::avx2 {
 namespace {
 
 // Quantized weights, panel layout (quant_common.h), 8 rows per register (a panel is two
-// halves). For block b and token t the exact integer block sums of 8 rows come from
-// pmaddubsw over the 8 code dwords with the token's dword broadcast:
-//   q4: codes <= 15, so the eight 16-bit pair sums add up without saturating (<= 30480);
-//   q8_0: signed weights |w| x sign(a, w) (pairs <= 32512), widened per dword.
+// halves). For block b and token t the exact integer block sums of 8 rows come from the
+// 8 code dwords with the token's dword broadcast, by one of three integer dot products
+// (Dot); all three give the same sums, so the same bits:
+//   Maddubs (AVX2): pmaddubsw; q4: codes <= 15, so the eight 16-bit pair sums add up
+//     without saturating (<= 30480); q8_0: signed weights |w| x sign(a, w) (pairs <= 32512),
+//     widened per dword;
+//   VnniVex / VnniEvex (Isa::AvxVnni): vpdpbusd on 256-bit registers, 4 products a lane
+//     summed into 32 bits (q8_0: |w| x sign(a, w) as above). VEX is AVX-VNNI's encoding,
+//     EVEX that of AVX512_VNNI + VL; the instruction and its results are the same.
 // Then, per output lane (one sequence whatever T or the tile: batch invariance):
 //   acc[b & 1] = fma(float(isum), dw * da[t, b], acc[b & 1]);  q4: acc[b & 1] += cw * ds[t, b]
 // and y = acc[0] + acc[1].
 constexpr int kTT2 = 4;
+
+enum class Dot { Maddubs, VnniVex, VnniEvex };
+
+// acc += vpdpbusd(u, s): per 32-bit lane, the four unsigned bytes of u times the four
+// signed bytes of s. Inline assembly picks the encoding (the compiler flags of this file
+// are AVX2's); "x" keeps the operands in ymm0-15, which both encodings reach.
+template <Dot D>
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+  if constexpr (D == Dot::VnniVex)
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  else
+    asm("%{evex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  return acc;
+}
 
 template <WType WT>
 inline void load_codes8(const uint8_t* bp, int half, __m256i* c) {
@@ -42,29 +61,48 @@ inline void load_codes8(const uint8_t* bp, int half, __m256i* c) {
   }
 }
 
-template <WType WT, int TT>
+// The exact integer sums of one block of 8 rows (codes c, q8_0: signed) and one token's
+// 32 activation bytes q.
+template <WType WT, Dot D>
+inline __m256i block_isum(const __m256i* c, const int32_t* q) {
+  if constexpr (D == Dot::Maddubs) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if constexpr (WT == WType::Q8_0) {
+      __m256i isum = _mm256_setzero_si256();
+      for (int s = 0; s < 8; ++s) {
+        const __m256i a = _mm256_set1_epi32(q[s]);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(c[s], c[s]), _mm256_sign_epi8(a, c[s]));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+      }
+      return isum;
+    } else {
+      __m256i p = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(q[0]));
+      for (int s = 1; s < 8; ++s) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[s], _mm256_set1_epi32(q[s])));
+      return _mm256_madd_epi16(p, ones);
+    }
+  } else {
+    // Two chains (even and odd dwords), added at the end: integer sums, exact in any order.
+    __m256i s2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int s = 0; s < 8; ++s) {
+      const __m256i a = _mm256_set1_epi32(q[s]);
+      if constexpr (WT == WType::Q8_0)
+        s2[s & 1] = dpbusd<D>(s2[s & 1], _mm256_sign_epi8(c[s], c[s]), _mm256_sign_epi8(a, c[s]));
+      else
+        s2[s & 1] = dpbusd<D>(s2[s & 1], c[s], a);
+    }
+    return _mm256_add_epi32(s2[0], s2[1]);
+  }
+}
+
+template <WType WT, Dot D, int TT>
 inline void half_block(const uint8_t* bp, int half, const int8_t* qb, const float* db, const float* dsb, __m256* acc) {
   const int64_t cb = panel_code_bytes(WT);
   if (half == 0) prefetch_ahead(bp, panel_block_bytes(WT));  // (the second half reads the same lines)
   __m256i c[8];
   load_codes8<WT>(bp, half, c);
   const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bp + cb + 16 * half)));
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int i = 0; i < TT; ++i) {
-    const int32_t* q = reinterpret_cast<const int32_t*>(qb + i * kQBlock);
-    __m256i isum;
-    if constexpr (WT == WType::Q8_0) {
-      isum = _mm256_setzero_si256();
-      for (int s = 0; s < 8; ++s) {
-        const __m256i a = _mm256_set1_epi32(q[s]);
-        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(c[s], c[s]), _mm256_sign_epi8(a, c[s]));
-        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
-      }
-    } else {
-      __m256i p = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(q[0]));
-      for (int s = 1; s < 8; ++s) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[s], _mm256_set1_epi32(q[s])));
-      isum = _mm256_madd_epi16(p, ones);
-    }
+    const __m256i isum = block_isum<WT, D>(c, reinterpret_cast<const int32_t*>(qb + i * kQBlock));
     acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(db[i])), acc[i]);
     if constexpr (WT != WType::Q8_0) {
       const __m256 cw = WT == WType::Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bp + cb + 32 + 16 * half)))
@@ -76,7 +114,7 @@ inline void half_block(const uint8_t* bp, int half, const int8_t* qb, const floa
 
 // Rows r0 .. r0 + valid - 1 (one half of panel p) for the TT tokens of activation tile g
 // from sub on: exactly TT tokens' work, so a short tail of tokens costs only its own.
-template <WType WT, int TT>
+template <WType WT, Dot D, int TT>
 inline void half_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t g, int half, int64_t sub,
                       int64_t r0, int64_t valid, float* y, int64_t ldy) {
   const int64_t nb = w.cols / kQBlock, pb = panel_block_bytes(WT);
@@ -89,11 +127,11 @@ inline void half_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t
   const float* dsb = qa->dsi.data() + g * nb * kActTile + sub;
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
-    half_block<WT, TT>(bp + (b + 1) * pb, half, qb + (b + 1) * qs, db + (b + 1) * kActTile,
-                       dsb + (b + 1) * kActTile, odd);
+    half_block<WT, D, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
+    half_block<WT, D, TT>(bp + (b + 1) * pb, half, qb + (b + 1) * qs, db + (b + 1) * kActTile,
+                          dsb + (b + 1) * kActTile, odd);
   }
-  if (b < nb) half_block<WT, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
+  if (b < nb) half_block<WT, D, TT>(bp + b * pb, half, qb + b * qs, db + b * kActTile, dsb + b * kActTile, even);
   alignas(32) float out[8];
   for (int64_t i = 0; i < TT; ++i) {
     _mm256_store_ps(out, _mm256_add_ps(even[i], odd[i]));
@@ -101,7 +139,7 @@ inline void half_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t
   }
 }
 
-template <WType WT>
+template <WType WT, Dot D>
 inline void panel_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_t g, float* y, int64_t ldy) {
   const int64_t n0 = p * kPanel;
   for (int half = 0; half < 2; ++half) {
@@ -111,30 +149,31 @@ inline void panel_tile(const PackedWeight& w, const QActs* qa, int64_t p, int64_
       const int64_t tt = std::min<int64_t>(kTT2, qa->T - g * kActTile - sub);
       if (tt <= 0) break;
       switch (tt) {
-        case 1: half_tile<WT, 1>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
-        case 2: half_tile<WT, 2>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
-        case 3: half_tile<WT, 3>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
-        default: half_tile<WT, kTT2>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
+        case 1: half_tile<WT, D, 1>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
+        case 2: half_tile<WT, D, 2>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
+        case 3: half_tile<WT, D, 3>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
+        default: half_tile<WT, D, kTT2>(w, qa, p, g, half, sub, r0, valid, y, ldy); break;
       }
     }
   }
 }
 
-template <WType WT>
+template <WType WT, Dot D>
 void linear_panels(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy, int64_t p0, int64_t p1) {
   static_assert(kActTile % kTT2 == 0, "token sub-tiles must divide the activation tile");
   const int64_t tiles = (T + kActTile - 1) / kActTile;
   for (int64_t p = p0; p < p1; ++p)
-    for (int64_t g = 0; g < tiles; ++g) panel_tile<WT>(w, qa, p, g, y, ldy);
+    for (int64_t g = 0; g < tiles; ++g) panel_tile<WT, D>(w, qa, p, g, y, ldy);
 }
 
+template <Dot D>
 void linear_quant(const PackedWeight& w, const QActs* qa, int64_t T, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
   const int64_t p0 = r0 / kPanel, p1 = panel_count(r1);  // whole panels (see linear())
   switch (w.type) {
-    case WType::Q8_0: linear_panels<WType::Q8_0>(w, qa, T, y, ldy, p0, p1); break;
-    case WType::Q4_0: linear_panels<WType::Q4_0>(w, qa, T, y, ldy, p0, p1); break;
-    default: linear_panels<WType::Q4_1>(w, qa, T, y, ldy, p0, p1); break;
+    case WType::Q8_0: linear_panels<WType::Q8_0, D>(w, qa, T, y, ldy, p0, p1); break;
+    case WType::Q4_0: linear_panels<WType::Q4_0, D>(w, qa, T, y, ldy, p0, p1); break;
+    default: linear_panels<WType::Q4_1, D>(w, qa, T, y, ldy, p0, p1); break;
   }
 }
 
@@ -205,18 +244,32 @@ void linear_float(const PackedWeight& w, const float* x, const QActs* qa, int64_
   }
 }
 
-}  // namespace
-
-void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
-                 int64_t ldy, int64_t r0, int64_t r1) {
+template <Dot D>
+void linear_rows_with(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y, int64_t ldy,
+                      int64_t r0, int64_t r1) {
   if (is_quantized(w.type))
-    linear_quant(w, qa, T, y, ldy, r0, r1);
+    linear_quant<D>(w, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::BF16)
     linear_float<WType::BF16>(w, x, qa, T, y, ldy, r0, r1);
   else if (w.type == WType::F16)
     linear_float<WType::F16>(w, x, qa, T, y, ldy, r0, r1);
   else
     linear_float<WType::F32>(w, x, qa, T, y, ldy, r0, r1);
+}
+
+}  // namespace
+
+void linear_rows(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1) {
+  linear_rows_with<Dot::Maddubs>(w, x, qa, T, y, ldy, r0, r1);
+}
+void linear_rows_vnni(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                      int64_t ldy, int64_t r0, int64_t r1) {
+  linear_rows_with<Dot::VnniVex>(w, x, qa, T, y, ldy, r0, r1);
+}
+void linear_rows_vnni_evex(const PackedWeight& w, const float* x, const QActs* qa, int64_t T, float* y,
+                           int64_t ldy, int64_t r0, int64_t r1) {
+  linear_rows_with<Dot::VnniEvex>(w, x, qa, T, y, ldy, r0, r1);
 }
 
 // Activation quantization (scalar::quantize_block's twin, bit for bit; NaN handling as in
