@@ -386,6 +386,23 @@ def test_linear_tile_bf16(isa, m, k, n):
     assert_derived(y, ref64, ref32, what=f"bf16 linear {m}x{k}x{n} on {isa}")
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx512bf16"])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 17), (6, 64, 64), (13, 97, 33), (50, 64, 65), (97, 130, 100)])
+def test_linear_tile_bf16_same_bits_as_scalar(isa, m, k, n):
+    """The AVX-512 bf16 tiles (the pair sums as two FMAs, or vdpbf16ps) give the scalar
+    tile's bits: row tails, column tails past 16, 32 and 64, odd k (a padded pair); values
+    in the normal range (vdpbf16ps flushes denormals)."""
+    rng = np.random.default_rng(m * 5 + k + n)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32) * k ** -0.5
+    b = rng.standard_normal(n, dtype=np.float32)
+    packed = _core.davit_pack_linear(w, b, bf16=True)
+    with isa_path("scalar"):
+        want = _core.davit_linear(x, packed)
+    with isa_path(isa):
+        np.testing.assert_array_equal(_core.davit_linear(x, packed), want)
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx512", "avx512bf16"])
 @pytest.mark.parametrize("case", [(2, 9, 16, 40, 5, 4), (1, 15, 13, 96, 3, 7)], ids=lambda c: "x".join(map(str, c)))
 def test_window_attention_bf16(isa, case):

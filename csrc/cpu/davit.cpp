@@ -77,10 +77,13 @@ void gemm_tile_bf16(const GemmTile& t) {
     const float* r = t.res ? t.res[i] : nullptr;
     for (int j = 0; j < t.n; ++j) {
       const uint16_t* b = t.b16 + (j / kPanel) * t.b16_panel + (j % kPanel) * 2;
+      // vdpbf16ps's arithmetic per pair: the odd element's product first, each one fused
+      // (a product of two bf16 values is exact in fp32), as the vector tiles sum.
       float acc = 0.f;
       for (int k = 0; k < t.k; k += 2) {
         const float a1 = k + 1 < t.k ? bf(a[(k + 1) * t.a_cs]) : 0.f;
-        acc += bf(a[k * t.a_cs]) * bw(b[(k / 2) * 2 * kPanel]) + a1 * bw(b[(k / 2) * 2 * kPanel + 1]);
+        acc = std::fma(a1, bw(b[(k / 2) * 2 * kPanel + 1]), acc);
+        acc = std::fma(bf(a[k * t.a_cs]), bw(b[(k / 2) * 2 * kPanel]), acc);
       }
       if (t.bias) acc += t.bias[j];
       if (r) acc += r[j];
