@@ -153,11 +153,12 @@ void gemm_tile_impl(const GemmTile& t) {
 // ---- bf16 tile: vdpbf16ps on bf16 pairs, fp32 sums (or its sums as two FMAs) --------------
 namespace {
 
-// MR rows x NV*16 columns; a16 holds the MR rows' activations as bf16 pairs (k2 per row).
-// kDp: vdpbf16ps; otherwise each weight vector is split into fp32 halves once per pair
-// step and every row's pair likewise (x86::bf16_operand).
+// MR rows x NV*16 columns. kDp: vdpbf16ps, a holds the MR rows' activations as bf16 pairs
+// (k2 per row). Otherwise a holds the pairs split into fp32 halves once per row block, per
+// row the odd elements' k2 then the even elements' k2, and each weight vector is split once
+// per pair step: per row and vector two FMAs with the halves broadcast, x86::dot_bf16's sums.
 template <int MR, int NV, bool kDp>
-void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+void micro_bf16(int nr, const GemmTile& t, const uint32_t* a, int k2, int i0, int j0) {
   const __mmask16 last = tail_mask(nr - 16 * (NV - 1));
   __m512 acc[MR][NV];
 #pragma GCC unroll 16
@@ -170,6 +171,7 @@ void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, 
     const int j = j0 + 16 * v;
     bp[v] = t.b16 + (j / kPanel) * t.b16_panel + (j % kPanel) * 2;
   }
+  const float* ah = reinterpret_cast<const float*>(a);
   for (int kp = 0; kp < k2; ++kp) {
     decltype(x86::bf16_operand<kDp>(_mm512_setzero_si512())) bv[NV];
 #pragma GCC unroll 16
@@ -178,9 +180,18 @@ void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, 
           _mm512_maskz_loadu_epi32(v == NV - 1 ? last : (__mmask16)0xFFFF, bp[v] + kp * 2 * kPanel));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const auto av = x86::bf16_operand<kDp>(_mm512_set1_epi32((int)a16[i * k2 + kp]));
+      if constexpr (kDp) {
+        const __m512i av = _mm512_set1_epi32((int)a[i * k2 + kp]);
 #pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[i][v] = x86::dot_bf16(acc[i][v], av, bv[v]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = x86::dot_bf16(acc[i][v], av, bv[v]);
+      } else {
+        const float* h = ah + 2 * i * k2 + kp;  // (h[k2]: the pair's even element)
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+          acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(h[0]), bv[v].hi, acc[i][v]);
+          acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(h[k2]), bv[v].lo, acc[i][v]);
+        }
+      }
     }
   }
   store_tile<MR, NV>(t, acc, i0, j0, last);
@@ -188,33 +199,33 @@ void micro_bf16(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, 
 
 // Up to 64 columns. Without vdpbf16ps, 32 at a time: the split halves need the registers.
 template <int MR, bool kDp>
-void micro_bf16_cols(int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+void micro_bf16_cols(int nr, const GemmTile& t, const uint32_t* a, int k2, int i0, int j0) {
   if constexpr (!kDp) {
     if (nr > 32) {
-      micro_bf16<MR, 2, false>(32, t, a16, k2, i0, j0);
-      micro_bf16_cols<MR, false>(nr - 32, t, a16, k2, i0, j0 + 32);
+      micro_bf16<MR, 2, false>(32, t, a, k2, i0, j0);
+      micro_bf16_cols<MR, false>(nr - 32, t, a, k2, i0, j0 + 32);
     } else if (nr > 16) {
-      micro_bf16<MR, 2, false>(nr, t, a16, k2, i0, j0);
+      micro_bf16<MR, 2, false>(nr, t, a, k2, i0, j0);
     } else {
-      micro_bf16<MR, 1, false>(nr, t, a16, k2, i0, j0);
+      micro_bf16<MR, 1, false>(nr, t, a, k2, i0, j0);
     }
   } else {
     switch ((nr + 15) / 16) {
-      case 4: micro_bf16<MR, 4, true>(nr, t, a16, k2, i0, j0); break;
-      case 3: micro_bf16<MR, 3, true>(nr, t, a16, k2, i0, j0); break;
-      case 2: micro_bf16<MR, 2, true>(nr, t, a16, k2, i0, j0); break;
-      default: micro_bf16<MR, 1, true>(nr, t, a16, k2, i0, j0); break;
+      case 4: micro_bf16<MR, 4, true>(nr, t, a, k2, i0, j0); break;
+      case 3: micro_bf16<MR, 3, true>(nr, t, a, k2, i0, j0); break;
+      case 2: micro_bf16<MR, 2, true>(nr, t, a, k2, i0, j0); break;
+      default: micro_bf16<MR, 1, true>(nr, t, a, k2, i0, j0); break;
     }
   }
 }
 
 template <int R, bool kDp>
-void bf16_row_tail(int rows, int nr, const GemmTile& t, const uint32_t* a16, int k2, int i0, int j0) {
+void bf16_row_tail(int rows, int nr, const GemmTile& t, const uint32_t* a, int k2, int i0, int j0) {
   if constexpr (R > 0) {
     if (rows == R)
-      micro_bf16_cols<R, kDp>(nr, t, a16, k2, i0, j0);
+      micro_bf16_cols<R, kDp>(nr, t, a, k2, i0, j0);
     else
-      bf16_row_tail<R - 1, kDp>(rows, nr, t, a16, k2, i0, j0);
+      bf16_row_tail<R - 1, kDp>(rows, nr, t, a, k2, i0, j0);
   }
 }
 
@@ -222,11 +233,23 @@ template <bool kDp>
 void gemm_tile_bf16_impl(const GemmTile& t) {
   constexpr int MR = kMR, NR = 64;
   const int k2 = (t.k + 1) / 2;
+  // kDp: the bf16 pairs; otherwise their fp32 halves (two 32-bit words a pair).
   thread_local std::vector<uint32_t> a16;
-  if (a16.size() < (size_t)MR * k2) a16.resize((size_t)MR * k2);
+  const size_t words = (size_t)MR * k2 * (kDp ? 1 : 2);
+  if (a16.size() < words) a16.resize(words);
   for (int i0 = 0; i0 < t.m; i0 += MR) {
     const int mr = std::min(MR, t.m - i0);
-    for (int i = 0; i < mr; ++i) bf16_pair_row(t.a[i0 + i], t.a_cs, t.k, a16.data() + (size_t)i * k2, k2);
+    for (int i = 0; i < mr; ++i) {
+      uint32_t* row = a16.data() + (size_t)i * k2 * (kDp ? 1 : 2);
+      bf16_pair_row(t.a[i0 + i], t.a_cs, t.k, row, k2);
+      if constexpr (!kDp)  // in place: the odd elements' halves stay at [0, k2), the even go to [k2, 2 k2)
+        for (int j = 0; j < k2; j += 16) {
+          const __mmask16 m = tail_mask(std::min(16, k2 - j));
+          const x86::Bf16Halves h = x86::split_bf16(_mm512_maskz_loadu_epi32(m, row + j));
+          _mm512_mask_storeu_ps(row + j, m, h.hi);
+          _mm512_mask_storeu_ps(row + k2 + j, m, h.lo);
+        }
+    }
     for (int j0 = 0; j0 < t.n; j0 += NR) {
       const int nr = std::min(NR, t.n - j0);
       if (mr == MR)
