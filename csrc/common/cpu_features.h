@@ -11,8 +11,8 @@ namespace dovetail {
 
 // AvxVnni: the AVX2 kernels with 256-bit vpdpbusd for the quantized dot products (AVX-VNNI:
 // Alder Lake and later Intel client CPUs; the same instruction in its EVEX form where the
-// CPU has AVX512_VNNI and AVX512VL instead). Its
-// integer block sums are those of pmaddubsw, so its results are the AVX2 path's, bit for bit.
+// CPU has AVX512_VNNI and AVX512VL instead, which the tests run). Its integer block sums
+// are those of pmaddubsw, so its results are the AVX2 path's, bit for bit.
 // Avx512: the AVX-512 kernels (F, BW, VL, DQ and VNNI: Skylake-SP's successors from Cascade
 // Lake on, Ice Lake, Zen 4), bf16 dot products by two FMAs with vdpbf16ps's arithmetic.
 // Avx512Bf16: the same kernels with vdpbf16ps itself (Cooper Lake, Sapphire Rapids, Zen 4).
