@@ -151,16 +151,20 @@ const Kernels& kernels() {
       // AVX2 has no bf16 dot product: the bf16 option runs the scalar tile there.
       {avx2::gemm_tile, scalar::gemm_tile_bf16, avx2::softmax_rows, avx2::layer_norm_row, avx2::cpe_row,
        avx2::transpose},
-      // AVX-VNNI: only the quantized linear differs from AVX2; DaViT runs in floats.
-      {avx2::gemm_tile, scalar::gemm_tile_bf16, avx2::softmax_rows, avx2::layer_norm_row, avx2::cpe_row,
-       avx2::transpose},
       // Without vdpbf16ps: its sums as two FMAs.
       {avx512::gemm_tile, avx512::gemm_tile_bf16, avx512::softmax_rows, avx512::layer_norm_row,
        avx512::cpe_row, avx512::transpose},
       {avx512::gemm_tile, avx512::gemm_tile_dpbf16, avx512::softmax_rows, avx512::layer_norm_row,
        avx512::cpe_row, avx512::transpose},
   };
-  return tables[static_cast<int>(active_isa())];
+  switch (active_isa()) {
+    case Isa::Avx2:
+    case Isa::AvxVnni: return tables[1];  // (AVX-VNNI changes only the quantized linear)
+    case Isa::Avx512: return tables[2];
+    case Isa::Avx512Bf16: return tables[3];
+    case Isa::Scalar: break;
+  }
+  return tables[0];
 }
 
 namespace {
