@@ -166,7 +166,7 @@ def test_vnni_sums_are_avx2s(dtype, T, K, N):
     """The avxvnni path's vpdpbusd block sums equal the avx2 path's pmaddubsw sums (both
     exact), so its outputs are the avx2 path's bit for bit: token sub-tiles of 1 to 4 and
     their tails, partial panels and halves, odd block counts, saturation-prone extremes
-    (codes 0 and 15 / -128 and 127 against activations of +-127)."""
+    (q4 codes 0 and 15, q8_0 codes -127 and 127, against activations of +-127)."""
     rng = np.random.default_rng(T * 7 + K + N)
     x = _rand(rng, T, K)
     x[0, :32] = np.where(np.arange(32) % 2, 1.0, -1.0) * 50.0  # a block quantized to +-127
