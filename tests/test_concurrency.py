@@ -331,12 +331,15 @@ def test_interrupt_main_during_generate(default_gguf_path):
     del fresh
     gen.set_draft(draft)
     # The interrupt lands at fractions of the whole generation's measured time, so it comes
-    # mid-generation however fast the kernels are.
+    # mid-generation however fast the kernels are. The faster of two runs is the measure: a
+    # run slowed by a first use or a busy machine would put the interrupt after the end.
     runs = []
     for spec in (False, True):
-        start = time.perf_counter()
-        gen.generate(prompt, max_new_tokens=400, speculative=spec, tree=TREE)
-        full = time.perf_counter() - start
+        full = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            gen.generate(prompt, max_new_tokens=400, speculative=spec, tree=TREE)
+            full = min(full, time.perf_counter() - start)
         assert full > 0.1, "the generation is too short to interrupt"
         runs += [(spec, 0.15 * full), (spec, 0.5 * full)]
     for spec, delay in runs:
