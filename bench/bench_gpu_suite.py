@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -39,9 +41,29 @@ def test_gpu_suite_smoke(tmp_path, default_source):
     assert (tmp_path / "modes.png").stat().st_size > 10_000
     # The sweep on an offloaded target: its plain rows and speculative rows, all its own outputs.
     rc = gpu_suite.main(["--device", device, "--prompts", "1", "--tokens", "8", "--gpu-layers", "2",
-                         "--sweep-gpu-layers", "2", "--sweep-threads", "2", "--sweep-trees", "1:1:2",
+                         "--sweep-gpu-layers", "2", "--sweep-threads", "2", "--sweep-trees", "1:1:2,2:1:3:0.1",
                          "--out", str(tmp_path / "offload")])
     sweep = json.loads((tmp_path / "offload" / "gpu_suite.json").read_text())["sweep"]
     assert rc == 0 and [(r["mode"], r["gpu_layers"], r["tree"]) for r in sweep] == \
-        [("offload-plain", 2, "-"), ("offload-spec", 2, "1:1:2")]
+        [("offload-plain", 2, "-"), ("offload-spec", 2, "1:1:2"), ("offload-spec", 2, "2:1:3:0.1")]
     assert all(r["identical_to_plain"] for r in sweep)
+    for bad in ("1:2", "1:1:2:0.1:5", "a:1:2"):  # a tree is top_k:depth:total_tokens[:min_prob]
+        with pytest.raises(SystemExit):
+            gpu_suite.main(["--device", device, "--sweep-trees", bad])
+
+
+def test_device_profile_smoke(tmp_path, default_source):
+    """bench/device_profile.py: call times split into the device prefix and the CPU's rest
+    per batch size (with a GPU also its kernels, through torch's profiler)."""
+    import device_profile
+    from dovetail_ext import _core
+    gpu = _core.cuda_compiled() and _core.cuda_device_count() > 0
+    rc = device_profile.main(["--device", "cuda" if gpu else "emulated", "--gpu-layers", "2", "--batch", "1,3",
+                              "--calls", "2", "--context", "40", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "device_profile.json").read_text())
+    assert rc == 0 and result["gpu_layers"] == 2 and [r["T"] for r in result["rows"]] == [1, 3]
+    for r in result["rows"]:
+        assert 0 < r["prefix_ms"] < r["call_ms"] and 0 < r["cpu_rest_ms"] < r["call_ms"]
+        assert (r["kernels_per_call"] > 0) == gpu
+    with pytest.raises(SystemExit):
+        device_profile.main(["--batch", "0"])

@@ -20,7 +20,7 @@ so its reference is offload-plain). Also the CUDA draft's agreement with the CPU
 the same inputs.
 
   python bench/gpu_suite.py --out DIR [--prompts 8] [--tokens 128] [--threads N]
-      [--sweep-threads 4,8,16] [--sweep-trees 1:1:2,1:3:4,4:4:8] [--sweep-gpu-layers N]
+      [--sweep-threads 4,8,16] [--sweep-trees 1:1:2,2:1:3:0.1,4:4:8] [--sweep-gpu-layers N]
 
 The main modes run as users get them: greedy speculation is adaptive (it decodes plainly
 while speculative steps measure slower), and the "spec steps" column says which share of
@@ -94,18 +94,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-gpu-layers", type=int, default=0,
                     help="run the sweep on the target with this many layers on the GPU (default 0: the CPU target)")
     ap.add_argument("--sweep-trees", default="",
-                    help="trees for the sweep table as top_k:depth:total_tokens, e.g. 1:1:2,1:3:4,4:4:8")
+                    help="trees for the sweep table as top_k:depth:total_tokens[:min_prob], e.g. 1:1:2,2:1:3:0.1,4:4:8")
     args = ap.parse_args(argv)
     try:
         sweep_threads = [int(t) for t in args.sweep_threads.split(",") if t]
-        sweep_trees = [tuple(int(v) for v in t.split(":")) for t in args.sweep_trees.split(",") if t]
+        sweep_trees = [tuple(float(v) if i == 3 else int(v) for i, v in enumerate(t.split(":")))
+                       for t in args.sweep_trees.split(",") if t]
         offload_layers = [int(n) for n in args.gpu_layers.split(",") if n]
-        if any(len(t) != 3 for t in sweep_trees) or any(t < 1 for t in sweep_threads) or \
+        if any(len(t) not in (3, 4) for t in sweep_trees) or any(t < 1 for t in sweep_threads) or \
                 any(n < 1 for n in offload_layers) or args.sweep_gpu_layers < 0:
             raise ValueError
     except ValueError:
         ap.error("--sweep-threads and --gpu-layers take positive integers, --sweep-trees "
-                 "top_k:depth:total_tokens triples")
+                 "top_k:depth:total_tokens[:min_prob] fields")
 
     from dovetail_ext import _core
     from dovetail_ext.api import Generator

@@ -15,9 +15,11 @@
 #    speculative, GPU-draft speculative (with and without CUDA graphs, with overlap),
 #    offloaded target; the CUDA-vs-CPU draft agreement; bytes per step; and the figure of
 #    the modes (bench/plot_gpu.py, where matplotlib is installed);
+# 5. profile: bench/device_profile.py: an offloaded target's call (all layers but one on the
+#    GPU) split into the device prefix and the CPU's rest, and its kernels timed one by one;
 # and writes OUT_DIR/summary.md with each step's result (logs beside it).
 #
-# Environment: STEPS (default "build tests sanitizer bench") picks steps; CUDA_ARCH sets
+# Environment: STEPS (default "build tests sanitizer bench profile") picks steps; CUDA_ARCH sets
 # CMAKE_CUDA_ARCHITECTURES (e.g. 90 on an H100/H200: one architecture builds faster);
 # PYTHON names the interpreter; SAN_TOOLS (default "memcheck racecheck synccheck") picks the
 # compute-sanitizer tools. Each step runs under a time limit (STEP_TIMEOUT seconds,
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/gpu-$(date +%Y-%m-%d)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-build tests sanitizer bench}
+STEPS=${STEPS:-build tests sanitizer bench profile}
 LIMIT=${STEP_TIMEOUT:-600}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 status() { echo "| $1 | $2 |" >> "$OUT/summary.md"; }
@@ -109,6 +111,14 @@ if want bench; then
       status figure "modes.png (bench/plot_gpu.py)"
   else
     status benchmark "FAILED, timed out or outputs differ (bench.log)"
+  fi
+fi
+# 5. kernel profile of the offloaded target
+if want profile; then
+  if timeout "$LIMIT" $PY bench/device_profile.py --out "$OUT" > "$OUT/profile.log" 2>&1; then
+    status "kernel profile" "ok (device_profile.md, device_profile.json)"
+  else
+    status "kernel profile" "FAILED or timed out (profile.log)"
   fi
 fi
 cat "$OUT/summary.md"
