@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     rows = []
     lines = [f"# Offloaded target, {n_off} of {source.config.num_layers} layers on {args.device}, "
              f"{target.threads} CPU threads, {n0} cached tokens, {args.calls} calls per batch", "",
-             "| T | call ms | device prefix ms | CPU rest ms | device kernels per call | kernel ms per call (sum) |",
-             "|---|---|---|---|---|---|"]
+             "| T | call ms | device prefix ms | CPU rest ms | device kernels per call | kernel ms per call (sum) | "
+             "SM clock MHz |", "|---|---|---|---|---|---|---|"]
     kernel_tables = {}
     for T in batches:
         toks = rng.integers(0, V, T).astype(np.int32)
@@ -93,12 +93,17 @@ def main(argv=None) -> int:
         table = sorted(((n, c / args.calls, us / max(c, 1), us / args.calls) for n, (c, us) in per.items()),
                        key=lambda r: -r[3])
         kernel_tables[T] = table
+        try:  # the SM clock just after the calls (MHz; NVML through torch), where it can be read
+            clock = torch.cuda.clock_rate() if profiled else None
+        except Exception:  # noqa: BLE001 (no NVML)
+            clock = None
         med = lambda xs: 1e3 * float(np.median(xs))  # noqa: E731
         row = {"T": T, "call_ms": med(whole), "prefix_ms": med(dev), "cpu_rest_ms": med(rest),
-               "kernels_per_call": sum(r[1] for r in table), "kernel_ms_per_call": sum(r[3] for r in table) / 1e3,
+               "sm_clock_mhz": clock, "kernels_per_call": sum(r[1] for r in table), "kernel_ms_per_call": sum(r[3] for r in table) / 1e3,
                "kernels": [{"name": n, "per_call": c, "mean_us": m, "us_per_call": t} for n, c, m, t in table]}
         rows.append(row)
         kern = f"{row['kernels_per_call']:.0f} | {row['kernel_ms_per_call']:.3f}" if profiled else "- | -"
+        kern += f" | {clock if clock is not None else '-'}"
         lines.append(f"| {T} | {row['call_ms']:.3f} | {row['prefix_ms']:.3f} | {row['cpu_rest_ms']:.3f} | {kern} |")
     for T, table in kernel_tables.items() if profiled else ():
         lines += ["", f"Kernels at T = {T}:", "", "| kernel | per call | mean us | us per call |", "|---|---|---|---|"]
