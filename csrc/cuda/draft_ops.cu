@@ -228,9 +228,12 @@ __device__ inline void bf16x8_to_fp32(const uint4 v, float* f) {
 // in list order with the lanes splitting the head dimension, folded into the warp's running
 // record [m, l, acc]. Keys outside the sliding window keep their places with weight zero; a
 // chunk without a seen key is skipped (its record is empty). The warps' records are merged
-// in warp order. Dynamic shared memory: (P + T) ints for the visible scratch slots.
-constexpr int kAttnSplit = 4;
+// in warp order. At decoding sizes the kernel waits on memory latency, not bandwidth: a key's
+// row and eight keys' values are each loaded at once before their FMAs (in the same order).
+// Dynamic shared memory: (P + T) ints for the visible scratch slots.
+constexpr int kAttnSplit = 8;
 constexpr int kAttnChunk = 32;
+constexpr int kAttnLoads = 8;  // loads issued together: a key's eight 16-byte pieces, eight keys' values
 
 __device__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -278,12 +281,20 @@ __global__ void __launch_bounds__(32 * kAttnSplit) attention_kernel(AttentionCal
     if (j >= 0 && dev::in_window(a.window, pos, j, n_past, a.positions)) {
       const bf16_t* kr = kh + (size_t)j * a.Dh;
       float d = 0.0f;
-      if (vec) {
-        for (int e0 = 0; e0 < a.Dh; e0 += 8) {
-          float kf[8];
-          bf16x8_to_fp32(*reinterpret_cast<const uint4*>(kr + e0), kf);
+      if (vec) {  // up to eight 16-byte loads in flight, then their FMAs in order
+        for (int e0 = 0; e0 < a.Dh; e0 += 8 * kAttnLoads) {
+          uint4 kv[kAttnLoads];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) d = fmaf(q_s[e0 + e], kf[e], d);
+          for (int u = 0; u < kAttnLoads; ++u)
+            kv[u] = e0 + 8 * u < a.Dh ? *reinterpret_cast<const uint4*>(kr + e0 + 8 * u) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+          for (int u = 0; u < kAttnLoads; ++u) {
+            if (e0 + 8 * u >= a.Dh) break;
+            float kf[8];
+            bf16x8_to_fp32(kv[u], kf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) d = fmaf(q_s[e0 + 8 * u + e], kf[e], d);
+          }
         }
       } else {
         for (int e = 0; e < a.Dh; ++e) d = fmaf(q_s[e], bf16_to_fp32(kr[e]), d);
@@ -297,15 +308,25 @@ __global__ void __launch_bounds__(32 * kAttnSplit) attention_kernel(AttentionCal
     l = l * alpha + warp_sum(p);
 #pragma unroll
     for (int e = 0; e < kMaxDhPerLane; ++e) acc[e] *= alpha;
-    for (int k = 0; k < kAttnChunk; ++k) {
-      const float pk = __shfl_sync(0xffffffffu, p, k);
-      const int jk = __shfl_sync(0xffffffffu, j, k);
-      if (pk == 0.0f) continue;  // the same on every lane
-      const bf16_t* vr = vh + (size_t)jk * a.Dh;
 #pragma unroll
-      for (int e = 0; e < kMaxDhPerLane; ++e) {
-        const int d = lane + 32 * e;
-        if (d < a.Dh) acc[e] = fmaf(pk, bf16_to_fp32(vr[d]), acc[e]);
+    for (int k0 = 0; k0 < kAttnChunk; k0 += kAttnLoads) {  // the values of kAttnLoads keys loaded at once
+      float pk[kAttnLoads], vf[kAttnLoads][kMaxDhPerLane];
+#pragma unroll
+      for (int u = 0; u < kAttnLoads; ++u) {
+        pk[u] = __shfl_sync(0xffffffffu, p, k0 + u);
+        const int jk = __shfl_sync(0xffffffffu, j, k0 + u);
+        const bf16_t* vr = vh + (size_t)max(jk, 0) * a.Dh;  // (pk 0: not read)
+#pragma unroll
+        for (int e = 0; e < kMaxDhPerLane; ++e) {
+          const int d = lane + 32 * e;
+          vf[u][e] = pk[u] != 0.0f && d < a.Dh ? bf16_to_fp32(vr[d]) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kAttnLoads; ++u) {
+        if (pk[u] == 0.0f) continue;  // the same on every lane
+#pragma unroll
+        for (int e = 0; e < kMaxDhPerLane; ++e) acc[e] = fmaf(pk[u], vf[u][e], acc[e]);
       }
     }
     m = m2;
