@@ -228,8 +228,9 @@ __device__ inline void bf16x8_to_fp32(const uint4 v, float* f) {
 // in list order with the lanes splitting the head dimension, folded into the warp's running
 // record [m, l, acc]. Keys outside the sliding window keep their places with weight zero; a
 // chunk without a seen key is skipped (its record is empty). The warps' records are merged
-// in warp order. At decoding sizes the kernel waits on memory latency, not bandwidth: a key's
-// row and eight keys' values are each loaded at once before their FMAs (in the same order).
+// in warp order. At decoding sizes the kernel moves little data and its time is its chain of
+// dependent steps, so a key's row and eight keys' values are each loaded at once before
+// their FMAs (in the same order).
 // Dynamic shared memory: (P + T) ints for the visible scratch slots.
 constexpr int kAttnSplit = 8;
 constexpr int kAttnChunk = 32;
